@@ -1,0 +1,552 @@
+//! The public engine: keyspaces of sharded timelines, the append and read
+//! API, background maintenance, statistics.
+
+use crate::config::{Config, Durability, Keyspace};
+use crate::error::{Error, Result};
+use crate::format;
+use crate::index::table::hash_id;
+use crate::io::{default_io, Io, OpenMode};
+use crate::shard::Shard;
+use crate::Record;
+use parking_lot::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// A timeline: a keyspace and an id in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TimelineId {
+    pub keyspace: Keyspace,
+    pub id: u64,
+}
+
+impl TimelineId {
+    pub fn store(id: u64) -> Self {
+        TimelineId { keyspace: Keyspace::Store, id }
+    }
+    pub fn sync(id: u64) -> Self {
+        TimelineId { keyspace: Keyspace::Sync, id }
+    }
+}
+
+/// A per-timeline sequence number: 1, 2, 3, ... with no gaps.
+pub type SeqId = u64;
+
+/// Scan direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Ascending from `from`.
+    Forward,
+    /// Descending from `from` (newest-first history paging; `u64::MAX` = from the newest).
+    Backward,
+}
+
+/// Per-keyspace statistics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyspaceStats {
+    pub timelines: u64,
+    pub records: u64,
+    pub payload_bytes: u64,
+    /// Payload plus record headers, as appended.
+    pub record_bytes: u64,
+    /// Every byte written to files (log, sealed copies, indexes, headers).
+    pub bytes_written: u64,
+    pub sealed_segments: u64,
+    pub dropped_segments: u64,
+    /// Segment files the keyspace holds now.
+    pub files: u64,
+    /// In-memory index bytes (timeline tables and sealed-segment fences).
+    pub index_bytes: u64,
+    pub fsyncs: u64,
+}
+
+impl KeyspaceStats {
+    /// bytes written / (payload + record header bytes).
+    pub fn write_amplification(&self) -> f64 {
+        if self.record_bytes == 0 {
+            0.0
+        } else {
+            self.bytes_written as f64 / self.record_bytes as f64
+        }
+    }
+}
+
+/// Engine statistics.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub store: KeyspaceStats,
+    pub sync: KeyspaceStats,
+}
+
+impl Stats {
+    pub fn total(&self) -> KeyspaceStats {
+        let (a, b) = (&self.store, &self.sync);
+        KeyspaceStats {
+            timelines: a.timelines + b.timelines,
+            records: a.records + b.records,
+            payload_bytes: a.payload_bytes + b.payload_bytes,
+            record_bytes: a.record_bytes + b.record_bytes,
+            bytes_written: a.bytes_written + b.bytes_written,
+            sealed_segments: a.sealed_segments + b.sealed_segments,
+            dropped_segments: a.dropped_segments + b.dropped_segments,
+            files: a.files + b.files,
+            index_bytes: a.index_bytes + b.index_bytes,
+            fsyncs: a.fsyncs + b.fsyncs,
+        }
+    }
+    pub fn keyspace(&self, ks: Keyspace) -> &KeyspaceStats {
+        match ks {
+            Keyspace::Store => &self.store,
+            Keyspace::Sync => &self.sync,
+        }
+    }
+}
+
+/// What one maintenance pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Maintenance {
+    pub rolled: usize,
+    pub sealed: usize,
+    pub dropped: usize,
+}
+
+/// Appends handed to the OS whose durability is still pending: keep many in
+/// flight from one thread, then [`wait`](AppendTicket::wait) (group commit).
+#[derive(Debug)]
+#[must_use = "an append is not durable until its ticket is waited on"]
+pub struct AppendTicket {
+    seqs: Vec<SeqId>,
+    waits: Vec<(Arc<Shard>, u64)>,
+}
+
+impl AppendTicket {
+    /// The SeqIds assigned, in the order of the items appended.
+    pub fn seqs(&self) -> &[SeqId] {
+        &self.seqs
+    }
+    /// True once an fdatasync covering every append of the ticket completed.
+    pub fn is_durable(&self) -> bool {
+        self.waits.iter().all(|(s, lsn)| s.commit.is_synced(*lsn))
+    }
+    /// Block until durable (leading a shared fdatasync if none is running).
+    pub fn wait(self) -> Result<Vec<SeqId>> {
+        for (s, lsn) in &self.waits {
+            s.wait_durable(*lsn)?;
+        }
+        Ok(self.seqs)
+    }
+}
+
+struct KeyspaceState {
+    shards: Vec<Arc<Shard>>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    cfg: Config,
+    io: Arc<dyn Io>,
+    keyspaces: [KeyspaceState; 2],
+    closed: AtomicBool,
+    wake: crossbeam_channel::Sender<()>,
+    maint_thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// The Timeline store. Cheap to clone; usable from many threads at once.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Engine({})", self.inner.dir.display())
+    }
+}
+
+const META_FILE: &str = "engine.meta";
+const META_MAGIC: [u8; 8] = *b"TMLNMETA";
+
+/// `engine.meta := magic:[u8;8] version:u16 shards:u32 reserved:u16 crc32:u32` (20 bytes)
+fn encode_meta(shards: u32) -> Vec<u8> {
+    let mut b = Vec::with_capacity(20);
+    b.extend_from_slice(&META_MAGIC);
+    b.extend_from_slice(&format::FORMAT_VERSION.to_le_bytes());
+    b.extend_from_slice(&shards.to_le_bytes());
+    b.extend_from_slice(&[0, 0]);
+    let c = crc32fast::hash(&b);
+    b.extend_from_slice(&c.to_le_bytes());
+    b
+}
+
+fn decode_meta(path: &Path, b: &[u8]) -> Result<u32> {
+    let bad = |what: &str| Error::corruption(path, 0, what.to_string());
+    if b.len() != 20 || b.get(..8) != Some(&META_MAGIC[..]) {
+        return Err(bad("bad engine.meta magic or length"));
+    }
+    let stored = format::get_u32(b, 16).map_err(|e| bad(&e.to_string()))?;
+    if crc32fast::hash(b.get(..16).unwrap_or_default()) != stored {
+        return Err(bad("engine.meta checksum mismatch"));
+    }
+    let v = format::get_u16(b, 8).map_err(|e| bad(&e.to_string()))?;
+    if v != format::FORMAT_VERSION {
+        return Err(Error::UnsupportedVersion { path: path.to_path_buf(), found: v, supported: format::FORMAT_VERSION });
+    }
+    let shards = format::get_u32(b, 10).map_err(|e| bad(&e.to_string()))?;
+    if shards == 0 || shards > 4096 {
+        return Err(bad("engine.meta shard count out of range"));
+    }
+    Ok(shards)
+}
+
+impl Engine {
+    /// Open the engine in `dir`, creating it if empty, recovering it otherwise.
+    pub fn open(dir: impl AsRef<Path>, cfg: Config) -> Result<Engine> {
+        let dir = dir.as_ref().to_path_buf();
+        for ks in Keyspace::ALL {
+            let k = cfg.keyspace(ks);
+            if k.segment_bytes < 64 << 10 || k.segment_bytes > 1 << 30 {
+                return Err(Error::InvalidArgument(format!("{}: segment_bytes must be in 64 KiB..=1 GiB", ks.name())));
+            }
+            if cfg.max_payload as u64 + 4096 > k.segment_bytes {
+                return Err(Error::InvalidArgument(format!("max_payload must be smaller than the {} segment size", ks.name())));
+            }
+        }
+        if cfg.shards == 0 || cfg.shards > 4096 {
+            return Err(Error::InvalidArgument("shards must be in 1..=4096".into()));
+        }
+        let io = cfg.io.clone().unwrap_or_else(default_io);
+        io.create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let meta_path = dir.join(META_FILE);
+        let shards = match io.open(&meta_path, OpenMode::Existing) {
+            Ok(f) => {
+                let len = f.len().map_err(|e| Error::io(&meta_path, e))? as usize;
+                let mut b = vec![0u8; len.min(64)];
+                f.read_at(&mut b, 0).map_err(|e| Error::io(&meta_path, e))?;
+                decode_meta(&meta_path, &b)? as usize
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let tmp = dir.join("engine.meta.tmp");
+                let _ = io.remove_file(&tmp);
+                let f = io.open(&tmp, OpenMode::CreateNew).map_err(|e| Error::io(&tmp, e))?;
+                f.write_at(&encode_meta(cfg.shards as u32), 0).map_err(|e| Error::io(&tmp, e))?;
+                f.sync_data().map_err(|e| Error::io(&tmp, e))?;
+                io.rename(&tmp, &meta_path).map_err(|e| Error::io(&tmp, e))?;
+                io.sync_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+                cfg.shards
+            }
+            Err(e) => return Err(Error::io(&meta_path, e)),
+        };
+        let open_ks = |ks: Keyspace| -> Result<KeyspaceState> {
+            let kdir = dir.join(ks.name());
+            let mut v = Vec::with_capacity(shards);
+            for s in 0..shards {
+                v.push(Arc::new(Shard::open(
+                    ks,
+                    s,
+                    kdir.join(format!("{s:03}")),
+                    cfg.keyspace(ks).clone(),
+                    io.clone(),
+                    cfg.clock.clone(),
+                )?));
+            }
+            Ok(KeyspaceState { shards: v })
+        };
+        let keyspaces = [open_ks(Keyspace::Store)?, open_ks(Keyspace::Sync)?];
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                dir,
+                cfg,
+                io,
+                keyspaces,
+                closed: AtomicBool::new(false),
+                wake: tx,
+                maint_thread: Mutex::new(None),
+            }),
+        };
+        if engine.inner.cfg.background {
+            let weak = Arc::downgrade(&engine.inner);
+            let interval = engine.inner.cfg.maintenance_interval;
+            let h = std::thread::Builder::new()
+                .name("timeline-maint".into())
+                .spawn(move || loop {
+                    let woke = rx.recv_timeout(interval);
+                    if matches!(woke, Err(crossbeam_channel::RecvTimeoutError::Disconnected)) {
+                        return;
+                    }
+                    let Some(inner) = weak.upgrade() else { return };
+                    if inner.closed.load(Ordering::Acquire) {
+                        return;
+                    }
+                    if let Err(e) = (Engine { inner }).maintain() {
+                        tracing::warn!(error = %e, "maintenance pass failed");
+                    }
+                })
+                .map_err(|e| Error::io("<thread>", e))?;
+            *engine.inner.maint_thread.lock() = Some(h);
+        } else {
+            // Recovery may have left full segments to seal.
+            for ks in &engine.inner.keyspaces {
+                for s in &ks.shards {
+                    s.seal_pending()?;
+                }
+            }
+        }
+        Ok(engine)
+    }
+
+    /// The file backend in use ("io_uring", "std", "mem").
+    pub fn io_name(&self) -> &'static str {
+        self.inner.io.name()
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.cfg
+    }
+
+    fn shard(&self, tl: TimelineId) -> &Arc<Shard> {
+        let shards = &self.inner.keyspaces[tl.keyspace.index()].shards;
+        &shards[(hash_id(tl.id) >> 32) as usize % shards.len()]
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            Err(Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn check_payload(&self, p: &[u8]) -> Result<()> {
+        if p.len() > self.inner.cfg.max_payload {
+            return Err(Error::PayloadTooLarge { len: p.len(), max: self.inner.cfg.max_payload });
+        }
+        Ok(())
+    }
+
+    /// Append one payload with the default durability (group commit).
+    pub fn append(&self, tl: TimelineId, payload: &[u8]) -> Result<SeqId> {
+        self.append_with(tl, payload, Durability::GroupCommit)
+    }
+
+    /// Append one payload with the given durability.
+    pub fn append_with(&self, tl: TimelineId, payload: &[u8], d: Durability) -> Result<SeqId> {
+        let v = self.append_batch(&[(tl, payload)], d)?;
+        v.first().copied().ok_or_else(|| Error::InvalidArgument("empty append".into()))
+    }
+
+    /// Append to many timelines in one call; SeqIds come back in item order.
+    /// Items of one shard are written with one write; the batch is not atomic
+    /// across shards (on error, some shards may hold their part).
+    pub fn append_batch(&self, items: &[(TimelineId, &[u8])], d: Durability) -> Result<Vec<SeqId>> {
+        let t = self.append_inner(items, d)?;
+        match d {
+            Durability::GroupCommit => t.wait(),
+            _ => Ok(t.seqs),
+        }
+    }
+
+    /// Append and return at once (the bytes are with the OS); the ticket
+    /// makes them durable with a shared fdatasync. Keep many tickets in
+    /// flight from one thread to get group-commit throughput without a
+    /// thread per append.
+    pub fn append_async(&self, items: &[(TimelineId, &[u8])]) -> Result<AppendTicket> {
+        self.append_inner(items, Durability::Buffered)
+    }
+
+    fn append_inner(&self, items: &[(TimelineId, &[u8])], d: Durability) -> Result<AppendTicket> {
+        self.check_open()?;
+        for (_, p) in items {
+            self.check_payload(p)?;
+        }
+        let mut seqs = vec![0u64; items.len()];
+        let mut waits = Vec::new();
+        // Group by shard, keeping item order within a shard.
+        let single_shard = items.windows(2).all(|w| Arc::ptr_eq(self.shard(w[0].0), self.shard(w[1].0)));
+        let mut froze_any = false;
+        if single_shard {
+            if let Some((tl, _)) = items.first() {
+                let shard = self.shard(*tl);
+                let list: Vec<(u64, &[u8])> = items.iter().map(|(t, p)| (t.id, *p)).collect();
+                let mut out = Vec::with_capacity(items.len());
+                let (lsn, froze) = shard.append(&list, &mut out, d)?;
+                froze_any |= froze;
+                seqs.copy_from_slice(&out);
+                waits.push((shard.clone(), lsn));
+            }
+        } else {
+            let mut groups: Vec<(Arc<Shard>, Vec<usize>)> = Vec::new();
+            for (i, (tl, _)) in items.iter().enumerate() {
+                let s = self.shard(*tl);
+                match groups.iter_mut().find(|(g, _)| Arc::ptr_eq(g, s)) {
+                    Some((_, v)) => v.push(i),
+                    None => groups.push((s.clone(), vec![i])),
+                }
+            }
+            for (shard, idxs) in groups {
+                let list: Vec<(u64, &[u8])> = idxs.iter().map(|&i| (items[i].0.id, items[i].1)).collect();
+                let mut out = Vec::with_capacity(list.len());
+                let (lsn, froze) = shard.append(&list, &mut out, d)?;
+                froze_any |= froze;
+                for (k, &i) in idxs.iter().enumerate() {
+                    seqs[i] = out[k];
+                }
+                waits.push((shard, lsn));
+            }
+        }
+        if froze_any {
+            if self.inner.cfg.background {
+                let _ = self.inner.wake.try_send(());
+            } else {
+                for (s, _) in &waits {
+                    s.seal_pending()?;
+                }
+            }
+        }
+        Ok(AppendTicket { seqs, waits })
+    }
+
+    /// One record, or `None` if the timeline has no such seq yet.
+    /// `Err(Truncated)` if retention dropped it.
+    pub fn get(&self, tl: TimelineId, seq: SeqId) -> Result<Option<Record>> {
+        if seq == 0 {
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity(1);
+        self.shard(tl).range(tl.id, seq, seq, &mut out)?;
+        Ok(out.pop())
+    }
+
+    /// Up to `limit` records from `from` (inclusive) in `dir` order.
+    /// Forward from below the first retained seq is `Err(Truncated)`: a
+    /// reader is never silently moved ahead. Backward stops at the first
+    /// retained record.
+    pub fn scan(&self, tl: TimelineId, from: SeqId, limit: usize, dir: Direction) -> Result<Vec<Record>> {
+        let mut out = Vec::with_capacity(limit.min(1024));
+        if limit == 0 {
+            return Ok(out);
+        }
+        let shard = self.shard(tl);
+        match dir {
+            Direction::Forward => {
+                let lo = from.max(1);
+                let hi = lo.saturating_add(limit as u64 - 1);
+                shard.range(tl.id, lo, hi, &mut out)?;
+            }
+            Direction::Backward => {
+                let hi = from.min(shard.last_seq(tl.id));
+                if hi == 0 {
+                    return Ok(out);
+                }
+                let mut lo = hi.saturating_sub(limit as u64 - 1).max(1);
+                let first = shard.first_retained(tl.id)?;
+                lo = lo.max(first);
+                if lo <= hi {
+                    match shard.range(tl.id, lo, hi, &mut out) {
+                        Err(Error::Truncated { .. }) => {
+                            // Retention moved on between the two calls: retry once from the new start.
+                            out.clear();
+                            let first = shard.first_retained(tl.id)?;
+                            if first <= hi {
+                                shard.range(tl.id, lo.max(first), hi, &mut out)?;
+                            }
+                        }
+                        r => r?,
+                    }
+                }
+                out.reverse();
+            }
+        }
+        Ok(out)
+    }
+
+    /// The newest SeqId of a timeline (0 if empty).
+    pub fn last_seq(&self, tl: TimelineId) -> SeqId {
+        self.shard(tl).last_seq(tl.id)
+    }
+
+    /// The oldest SeqId retention kept (1 if nothing was dropped; last + 1 if
+    /// everything was). A device whose checkpoint is below this must roam.
+    pub fn first_retained_seq(&self, tl: TimelineId) -> Result<SeqId> {
+        self.shard(tl).first_retained(tl.id)
+    }
+
+    /// Roll segments whose time window passed, seal full ones, drop expired
+    /// ones. The background thread calls this; tests call it directly.
+    pub fn maintain(&self) -> Result<Maintenance> {
+        let mut m = Maintenance::default();
+        for ks in &self.inner.keyspaces {
+            for s in &ks.shards {
+                if s.roll_if_due()? {
+                    m.rolled += 1;
+                }
+                m.sealed += s.seal_pending()?;
+                m.dropped += s.drop_expired()?;
+            }
+        }
+        Ok(m)
+    }
+
+    /// Make every append so far durable.
+    pub fn sync(&self) -> Result<()> {
+        for ks in &self.inner.keyspaces {
+            for s in &ks.shards {
+                s.sync_all()?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn stats(&self) -> Stats {
+        let mut st = Stats::default();
+        for (i, ks) in self.inner.keyspaces.iter().enumerate() {
+            let k = if i == 0 { &mut st.store } else { &mut st.sync };
+            for s in &ks.shards {
+                let x = &s.stats;
+                k.timelines += s.table.len() as u64;
+                k.records += x.records.load(Ordering::Relaxed);
+                k.payload_bytes += x.payload_bytes.load(Ordering::Relaxed);
+                k.record_bytes += x.record_bytes.load(Ordering::Relaxed);
+                k.bytes_written += x.bytes_written.load(Ordering::Relaxed);
+                k.sealed_segments += x.sealed_segments.load(Ordering::Relaxed);
+                k.dropped_segments += x.dropped_segments.load(Ordering::Relaxed);
+                k.files += s.file_count() as u64;
+                k.index_bytes += s.memory_bytes() as u64;
+                k.fsyncs += s.commit.sync_count();
+            }
+        }
+        st
+    }
+
+    /// Stop background work and make everything appended durable.
+    pub fn close(self) -> Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&self) -> Result<()> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let _ = self.inner.wake.try_send(());
+        if let Some(h) = self.inner.maint_thread.lock().take() {
+            let _ = h.join();
+        }
+        self.sync()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Last handle gone without close(): still make appended data durable.
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            for ks in &self.keyspaces {
+                for s in &ks.shards {
+                    if let Err(e) = s.sync_all() {
+                        tracing::warn!(error = %e, "sync on drop failed");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! The engine's error type: one enum for the engine layer, with fields that
+//! say where a problem was found.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the engine.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An operating-system I/O error (a full disk is `ErrorKind::StorageFull`).
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Bytes on disk failed a check: bad magic, bad length, checksum mismatch.
+    #[error("corruption in {path} at offset {offset}: {what}")]
+    Corruption {
+        path: PathBuf,
+        offset: u64,
+        what: String,
+    },
+    /// A file carries a format version this build does not read.
+    #[error("{path}: unsupported format version {found} (this build reads {supported})")]
+    UnsupportedVersion {
+        path: PathBuf,
+        found: u16,
+        supported: u16,
+    },
+    /// A payload larger than `Config::max_payload`.
+    #[error("payload of {len} bytes exceeds the limit of {max} bytes")]
+    PayloadTooLarge { len: usize, max: usize },
+    /// The caller asked for SeqIds that retention (TTL) already dropped; the
+    /// reader must fall back to roaming from `first_retained`.
+    #[error("timeline {timeline}: seq {requested} is below the first retained seq {first_retained}")]
+    Truncated {
+        timeline: u64,
+        requested: u64,
+        first_retained: u64,
+    },
+    /// An argument outside its domain (seq 0, an empty batch where one is needed, ...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// An earlier write failed; the shard refuses further appends until the
+    /// engine is reopened, so nothing acknowledged is put at risk.
+    #[error("shard {shard} of keyspace {keyspace} is poisoned by an earlier I/O failure: {reason}")]
+    Poisoned {
+        keyspace: &'static str,
+        shard: usize,
+        reason: String,
+    },
+    /// The engine is shutting down.
+    #[error("engine is closed")]
+    Closed,
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+    pub(crate) fn corruption(path: impl Into<PathBuf>, offset: u64, what: impl Into<String>) -> Self {
+        Error::Corruption {
+            path: path.into(),
+            offset,
+            what: what.into(),
+        }
+    }
+    /// True for errors that mean the data on disk is damaged.
+    pub fn is_corruption(&self) -> bool {
+        matches!(self, Error::Corruption { .. } | Error::UnsupportedVersion { .. })
+    }
+}

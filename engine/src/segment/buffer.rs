@@ -1,0 +1,129 @@
+//! The in-memory copy of an active (log) segment: one writer appends, any
+//! number of readers read the published prefix without taking a lock.
+//!
+//! Memory-ordering rule: the writer copies bytes into the unpublished tail,
+//! then stores the new length with `Release`; a reader loads the length with
+//! `Acquire` and only ever reads below it, so every byte it reads was written
+//! before the length that covers it was published. Bytes below the published
+//! length are never written again.
+
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// A fixed-capacity, append-only byte buffer with a published length.
+pub struct AppendBuf {
+    bytes: Box<[UnsafeCell<u8>]>,
+    published: AtomicUsize,
+}
+
+// SAFETY: the only mutation is `write_tail`, which the owner calls from one
+// thread at a time (the shard writer holds its mutex; `&mut`-free by design so
+// readers can share the buffer) and which only touches bytes at or above the
+// published length; readers only touch bytes below it (see the module doc).
+#[allow(unsafe_code)]
+unsafe impl Sync for AppendBuf {}
+
+impl std::fmt::Debug for AppendBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AppendBuf({}/{})", self.len(), self.capacity())
+    }
+}
+
+impl AppendBuf {
+    /// A zeroed buffer (the allocator hands out untouched pages, so capacity
+    /// costs no RSS until written).
+    pub fn with_capacity(cap: usize) -> Self {
+        let bytes: Box<[u8]> = vec![0u8; cap].into_boxed_slice();
+        // UnsafeCell<u8> has the same layout as u8 (repr(transparent)).
+        let raw = Box::into_raw(bytes) as *mut [UnsafeCell<u8>];
+        // SAFETY: same size and alignment, and the pointer came from Box::into_raw.
+        #[allow(unsafe_code)]
+        let bytes = unsafe { Box::from_raw(raw) };
+        AppendBuf {
+            bytes,
+            published: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Published length.
+    pub fn len(&self) -> usize {
+        self.published.load(Ordering::Acquire)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The published prefix.
+    pub fn published(&self) -> &[u8] {
+        let n = self.len();
+        // SAFETY: bytes below the published length are immutable from now on
+        // (module doc), and `n <= capacity` because `publish` checks it.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::slice::from_raw_parts(self.bytes.as_ptr() as *const u8, n)
+        }
+    }
+
+    /// Copy `src` to `at`, which must be at or above the published length.
+    /// Only the single writer may call this (see the `Sync` impl).
+    pub fn write_tail(&self, at: usize, src: &[u8]) {
+        assert!(at >= self.len(), "write below the published length");
+        let end = at.checked_add(src.len()).expect("overflow");
+        assert!(end <= self.capacity(), "write past capacity");
+        // SAFETY: [at, end) is inside the allocation (checked above) and at
+        // or above the published length, so no reader looks at it and the
+        // single writer is us.
+        #[allow(unsafe_code)]
+        unsafe {
+            let dst = (self.bytes.as_ptr() as *mut u8).add(at);
+            std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len());
+        }
+    }
+
+    /// Make everything below `len` visible to readers.
+    pub fn publish(&self, len: usize) {
+        assert!(len <= self.capacity() && len >= self.len());
+        self.published.store(len, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn readers_see_only_published_bytes() {
+        let b = Arc::new(AppendBuf::with_capacity(1 << 16));
+        let w = b.clone();
+        let t = std::thread::spawn(move || {
+            let mut at = 0;
+            for i in 0..4096u32 {
+                let chunk = [i as u8; 16];
+                w.write_tail(at, &chunk);
+                at += 16;
+                w.publish(at);
+            }
+        });
+        for _ in 0..1000 {
+            let s = b.published();
+            for (i, c) in s.chunks(16).enumerate() {
+                assert!(c.iter().all(|&x| x == i as u8));
+            }
+        }
+        t.join().unwrap();
+        assert_eq!(b.len(), 1 << 16);
+    }
+
+    #[test]
+    #[should_panic]
+    fn write_past_capacity_panics_in_the_writer() {
+        let b = AppendBuf::with_capacity(8);
+        b.write_tail(4, &[0; 8]);
+    }
+}

@@ -1,0 +1,127 @@
+//! A sealed segment: immutable, memory-mapped, with a sorted index block.
+
+use crate::error::{Error, Result};
+use crate::format::segment::{Footer, IndexEntry, SegmentHeader, SegmentKind, ENTRY_LEN};
+use crate::format::{get_u32, FormatError};
+use crate::io::Mapping;
+use std::path::PathBuf;
+
+/// Every this many index entries, one timeline id is kept in memory, so a
+/// lookup is a search in a small in-memory array and then in one short
+/// stretch of the mapped index (one or two pages).
+const FENCE_EVERY: usize = 64;
+
+#[derive(Debug)]
+pub struct SealedSeg {
+    pub gen: u32,
+    pub path: PathBuf,
+    pub kind: SegmentKind,
+    pub footer: Footer,
+    pub created_ms: u64,
+    map: Mapping,
+    fences: Vec<u64>,
+}
+
+impl SealedSeg {
+    /// Validate header, footer and index CRC of a mapped sealed file.
+    pub fn open(gen: u32, path: PathBuf, map: Mapping) -> Result<SealedSeg> {
+        let ferr = |off: u64, e: FormatError| match e {
+            FormatError::UnsupportedVersion(v) => Error::UnsupportedVersion {
+                path: path.clone(),
+                found: v,
+                supported: crate::format::FORMAT_VERSION,
+            },
+            e => Error::corruption(path.clone(), off, e.to_string()),
+        };
+        let header = SegmentHeader::decode(&map).map_err(|e| ferr(0, e))?;
+        if header.gen != gen {
+            return Err(Error::corruption(path.clone(), 16, format!("header names segment {} not {gen}", header.gen)));
+        }
+        let footer = Footer::decode_from_file(&map).map_err(|e| ferr(map.len().saturating_sub(64) as u64, e))?;
+        let idx = map
+            .get(footer.index_off as usize..(footer.index_off + footer.index_len()) as usize)
+            .ok_or_else(|| Error::corruption(path.clone(), footer.index_off, "index out of bounds"))?;
+        let actual = crc32fast::hash(idx);
+        if actual != footer.index_crc {
+            return Err(Error::corruption(
+                path.clone(),
+                footer.index_off,
+                format!("index checksum mismatch: stored {:#010x}, computed {actual:#010x}", footer.index_crc),
+            ));
+        }
+        let entries = footer.entries as usize;
+        let mut fences = Vec::with_capacity(entries / FENCE_EVERY + 1);
+        let mut prev = None;
+        for i in (0..entries).step_by(FENCE_EVERY) {
+            let t = IndexEntry::timeline_at(idx, i).map_err(|e| ferr(footer.index_off, e))?;
+            if prev.is_some_and(|p| p >= t) {
+                return Err(Error::corruption(path.clone(), footer.index_off, "index not sorted"));
+            }
+            prev = Some(t);
+            fences.push(t);
+        }
+        Ok(SealedSeg { gen, path, kind: header.kind, footer, created_ms: header.created_ms, map, fences })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
+    fn index(&self) -> &[u8] {
+        let f = &self.footer;
+        self.map
+            .get(f.index_off as usize..(f.index_off + f.index_len()) as usize)
+            .unwrap_or_default()
+    }
+
+    /// The index entry of `timeline`, if it has records here.
+    pub fn lookup(&self, timeline: u64) -> Result<Option<IndexEntry>> {
+        let idx = self.index();
+        let n = self.footer.entries as usize;
+        // Fence block: the last fence <= timeline.
+        let block = match self.fences.partition_point(|&f| f <= timeline) {
+            0 => return Ok(None),
+            b => b - 1,
+        };
+        let mut lo = block * FENCE_EVERY;
+        let mut hi = (lo + FENCE_EVERY).min(n);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            let t = IndexEntry::timeline_at(idx, mid).map_err(|e| self.cerr(e))?;
+            match t.cmp(&timeline) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => {
+                    return IndexEntry::decode_at(idx, mid).map(Some).map_err(|e| self.cerr(e));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Offset of the `k`th sparse entry (record `first_seq + 16k` of a run).
+    pub fn sparse(&self, at: usize) -> Result<u32> {
+        let idx = self.index();
+        get_u32(idx, self.footer.entries as usize * ENTRY_LEN + at * 4).map_err(|e| self.cerr(e))
+    }
+
+    /// Every index entry, in timeline order (recovery).
+    pub fn entries(&self) -> impl Iterator<Item = Result<IndexEntry>> + '_ {
+        let idx = self.index();
+        (0..self.footer.entries as usize).map(move |i| IndexEntry::decode_at(idx, i).map_err(|e| self.cerr(e)))
+    }
+
+    fn cerr(&self, e: FormatError) -> Error {
+        Error::corruption(self.path.clone(), self.footer.index_off, e.to_string())
+    }
+
+    /// In-memory bytes this segment costs (fences), for `index_bytes`.
+    pub fn memory_bytes(&self) -> usize {
+        self.fences.capacity() * 8 + std::mem::size_of::<Self>()
+    }
+
+    /// Mapped bytes of the on-disk index (page cache, not heap).
+    pub fn index_len(&self) -> u64 {
+        self.footer.index_len()
+    }
+}

@@ -1,0 +1,674 @@
+//! One shard of one keyspace: a writer, an active log segment, frozen and
+//! sealed segments, and the timeline table. Timelines map to shards by hash,
+//! so a shard's state is shared by many timelines and none is per timeline.
+
+use crate::clock::Clock;
+use crate::commit::Commit;
+use crate::config::{Durability, Keyspace, KeyspaceConfig};
+use crate::error::{Error, Result};
+use crate::format::record::{self, decode, decode_header, is_local, RecordHeader, CROSS};
+use crate::format::segment::{SegmentHeader, SegmentKind, HEADER_LEN};
+use crate::format::{self, FileName, NONE, SPARSE_EVERY};
+use crate::index::{Pos, TimelineTable};
+use crate::io::{Io, OpenMode};
+use crate::segment::{build_sealed, collect, AppendBuf, LogSeg, SealOutput, SealedSeg, SegRef, SegSet, Step};
+use crate::Record;
+use hashbrown::HashMap;
+use parking_lot::{Mutex, RwLock};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Counters kept per shard (summed per keyspace in `Stats`).
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    /// Every byte this shard wrote to a file: records, headers, sealed copies, indexes.
+    pub bytes_written: AtomicU64,
+    pub payload_bytes: AtomicU64,
+    /// Payload plus record headers as first appended.
+    pub record_bytes: AtomicU64,
+    pub records: AtomicU64,
+    pub sealed_segments: AtomicU64,
+    pub dropped_segments: AtomicU64,
+}
+
+struct Writer {
+    active: Arc<LogSeg>,
+    next_gen: u32,
+    /// Shard LSN: bytes written to this shard's log files since open.
+    lsn: u64,
+    scratch: Vec<u8>,
+    /// Per timeline slot touched by the batch in progress: (seq, pos, the
+    /// anchor a following record would carry).
+    pending: HashMap<u32, (u64, Pos, u32)>,
+    updates: Vec<(u32, u64, u32)>,
+}
+
+pub(crate) struct Shard {
+    pub ks: Keyspace,
+    pub id: usize,
+    pub dir: PathBuf,
+    cfg: KeyspaceConfig,
+    io: Arc<dyn Io>,
+    clock: Arc<dyn Clock>,
+    pub table: TimelineTable,
+    segs: RwLock<Arc<SegSet>>,
+    writer: Mutex<Writer>,
+    pub commit: Commit,
+    maint: Mutex<()>,
+    pub stats: ShardStats,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Shard({}/{})", self.ks.name(), self.id)
+    }
+}
+
+fn ioe(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |e| Error::io(path, e)
+}
+
+impl Shard {
+    fn seg_path(&self, gen: u32) -> PathBuf {
+        self.dir.join(format::seg_file_name(gen))
+    }
+
+    fn ttl_ms(&self) -> Option<u64> {
+        self.cfg.ttl.map(|t| t.as_millis() as u64)
+    }
+
+    pub fn segs(&self) -> Arc<SegSet> {
+        self.segs.read().clone()
+    }
+
+    fn check_poison(&self) -> Result<()> {
+        match self.commit.failure() {
+            Some(reason) => Err(Error::Poisoned { keyspace: self.ks.name(), shard: self.id, reason }),
+            None => Ok(()),
+        }
+    }
+
+    fn new_log_seg(io: &dyn Io, dir: &Path, ks: Keyspace, shard: usize, gen: u32, now: u64, cap: usize) -> Result<Arc<LogSeg>> {
+        let path = dir.join(format::log_file_name(gen));
+        let file = io.open(&path, OpenMode::CreateNew).map_err(ioe(&path))?;
+        let header = SegmentHeader { kind: SegmentKind::Log, keyspace: ks as u8, shard: shard as u32, gen, created_ms: now };
+        let hb = header.encode();
+        file.write_at(&hb, 0).map_err(ioe(&path))?;
+        // The new name must survive a power cut before any record in it is
+        // acknowledged (KAFKA-3968).
+        io.sync_dir(dir).map_err(ioe(dir))?;
+        let buf = AppendBuf::with_capacity(cap);
+        buf.write_tail(0, &hb);
+        buf.publish(HEADER_LEN);
+        Ok(Arc::new(LogSeg {
+            gen,
+            created_ms: now,
+            path,
+            file,
+            buf,
+            max_ts: AtomicU64::new(0),
+            min_ts: AtomicU64::new(u64::MAX),
+            records: AtomicU64::new(0),
+        }))
+    }
+
+    // ----------------------------------------------------------------- write
+
+    /// Append `items` (timeline id, payload) in order; pushes each SeqId to
+    /// `seqs`. Returns the shard LSN just past the last byte written and
+    /// whether a segment was frozen (and needs sealing).
+    pub fn append(&self, items: &[(u64, &[u8])], seqs: &mut Vec<u64>, durability: Durability) -> Result<(u64, bool)> {
+        let mut w = self.writer.lock();
+        self.check_poison()?;
+        let now = self.clock.now_ms();
+        let mut froze = false;
+        if self.time_roll_due(&w.active, now) {
+            self.roll(&mut w, now)?;
+            froze = true;
+        }
+        let mut start = w.active.buf.len();
+        w.scratch.clear();
+        w.pending.clear();
+        w.updates.clear();
+        for &(id, payload) in items {
+            let rl = record::encoded_len(payload.len());
+            if start + w.scratch.len() + rl > w.active.buf.capacity() {
+                self.flush(&mut w, start, durability)?;
+                self.roll(&mut w, now)?;
+                froze = true;
+                start = w.active.buf.len();
+                if start + rl > w.active.buf.capacity() {
+                    return Err(Error::PayloadTooLarge { len: payload.len(), max: w.active.buf.capacity() - start - record::RECORD_HEADER_LEN });
+                }
+            }
+            let idx = self.table.find_or_insert(id);
+            let gen = w.active.gen;
+            let (last, prev_pos, next_anchor) = match w.pending.get(&idx) {
+                Some(&p) => p,
+                None => {
+                    let (last, pos) = self.table.with(idx, |m| m.snapshot());
+                    let na = if pos.gen == gen { anchor_after(w.active.buf.published(), pos.off, &w.active.path)? } else { NONE };
+                    (last, pos, na)
+                }
+            };
+            let seq = last + 1;
+            let (prev, anchor) = if prev_pos.gen == gen {
+                (prev_pos.off, next_anchor)
+            } else if prev_pos == Pos::NONE {
+                (NONE, NONE)
+            } else {
+                (CROSS | prev_pos.off, prev_pos.gen)
+            };
+            let off = (start + w.scratch.len()) as u32;
+            let h = RecordHeader { len: payload.len() as u32, timeline: id, seq, ts_ms: now, prev, anchor };
+            record::encode_to_vec(&h, payload, &mut w.scratch);
+            let na = if seq % SPARSE_EVERY == 0 {
+                off
+            } else if !is_local(prev) {
+                NONE
+            } else {
+                anchor
+            };
+            w.pending.insert(idx, (seq, Pos { gen, off }, na));
+            w.updates.push((idx, seq, off));
+            seqs.push(seq);
+            self.stats.payload_bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
+            self.stats.record_bytes.fetch_add(rl as u64, Ordering::Relaxed);
+        }
+        self.flush(&mut w, start, durability)?;
+        Ok((w.lsn, froze))
+    }
+
+    /// Write the scratch buffer at `start`, then publish it to readers.
+    fn flush(&self, w: &mut Writer, start: usize, durability: Durability) -> Result<()> {
+        if w.scratch.is_empty() {
+            return Ok(());
+        }
+        let seg = w.active.clone();
+        let r = match durability {
+            Durability::Sync => seg.file.write_and_sync(&w.scratch, start as u64),
+            _ => seg.file.write_at(&w.scratch, start as u64),
+        };
+        if let Err(e) = r {
+            if durability == Durability::Sync && e.kind() != std::io::ErrorKind::StorageFull {
+                // We cannot tell whether the write or the sync failed: treat as a failed sync.
+                self.commit.mark_failed(format!("write+fdatasync failed: {e}"));
+            }
+            // Nothing was published: the bytes past `start` are garbage that
+            // the next write overwrites or recovery truncates.
+            return Err(Error::io(&seg.path, e));
+        }
+        seg.buf.write_tail(start, &w.scratch);
+        seg.buf.publish(start + w.scratch.len());
+        let now = self.clock.now_ms();
+        seg.note_ts(now);
+        seg.records.fetch_add(w.updates.len() as u64, Ordering::Relaxed);
+        self.stats.records.fetch_add(w.updates.len() as u64, Ordering::Relaxed);
+        for &(idx, seq, off) in &w.updates {
+            self.table.with(idx, |m| m.publish(seq, Pos { gen: seg.gen, off }));
+        }
+        w.lsn += w.scratch.len() as u64;
+        self.stats.bytes_written.fetch_add(w.scratch.len() as u64, Ordering::Relaxed);
+        self.commit.written(&seg.file, w.lsn);
+        if durability == Durability::Sync {
+            self.commit.mark_synced(w.lsn);
+        }
+        w.scratch.clear();
+        w.updates.clear();
+        Ok(())
+    }
+
+    fn time_roll_due(&self, active: &LogSeg, now: u64) -> bool {
+        active.records.load(Ordering::Relaxed) > 0
+            && now >= active.created_ms.saturating_add(self.cfg.segment_window.as_millis() as u64)
+    }
+
+    /// Freeze the active segment and start a new one.
+    fn roll(&self, w: &mut Writer, now: u64) -> Result<()> {
+        let old = w.active.clone();
+        if !self.commit.is_synced(w.lsn) {
+            if let Err(e) = old.file.sync_data() {
+                self.commit.mark_failed(format!("fdatasync failed: {e}"));
+                return Err(Error::io(&old.path, e));
+            }
+        }
+        self.commit.mark_synced(w.lsn);
+        let gen = w.next_gen;
+        let new = Self::new_log_seg(&*self.io, &self.dir, self.ks, self.id, gen, now, self.cfg.segment_bytes as usize)?;
+        w.next_gen += 1;
+        w.lsn += HEADER_LEN as u64;
+        self.stats.bytes_written.fetch_add(HEADER_LEN as u64, Ordering::Relaxed);
+        self.commit.written(&new.file, w.lsn);
+        w.active = new.clone();
+        let mut s = (*self.segs()).clone();
+        s.active = new;
+        if old.records.load(Ordering::Relaxed) > 0 {
+            s.frozen.push(old);
+        } else {
+            let _ = self.io.remove_file(&old.path);
+        }
+        *self.segs.write() = Arc::new(s);
+        Ok(())
+    }
+
+    /// Roll the active segment if its time window has passed (so it can be
+    /// sealed and, later, expire).
+    pub fn roll_if_due(&self) -> Result<bool> {
+        let mut w = self.writer.lock();
+        let now = self.clock.now_ms();
+        if self.time_roll_due(&w.active, now) {
+            self.check_poison()?;
+            self.roll(&mut w, now)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Make everything written so far durable.
+    pub fn sync_all(&self) -> Result<()> {
+        let lsn = self.writer.lock().lsn;
+        self.commit
+            .wait(lsn)
+            .map_err(|reason| Error::Poisoned { keyspace: self.ks.name(), shard: self.id, reason })
+    }
+
+    pub fn wait_durable(&self, lsn: u64) -> Result<()> {
+        self.commit
+            .wait(lsn)
+            .map_err(|reason| Error::Poisoned { keyspace: self.ks.name(), shard: self.id, reason })
+    }
+
+    // ------------------------------------------------------- seal and expire
+
+    /// Seal every frozen segment, oldest first.
+    pub fn seal_pending(&self) -> Result<usize> {
+        let _g = self.maint.lock();
+        let mut n = 0;
+        while let Some(f) = self.segs().frozen.first().cloned() {
+            self.seal_one(&f)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn seal_one(&self, f: &Arc<LogSeg>) -> Result<()> {
+        let bytes = f.buf.published();
+        let header = SegmentHeader { kind: SegmentKind::Log, keyspace: self.ks as u8, shard: self.id as u32, gen: f.gen, created_ms: f.created_ms };
+        let (out, _footer) =
+            build_sealed(bytes, header, self.cfg.regroup).map_err(|e| Error::corruption(&f.path, 0, e.to_string()))?;
+        let seg_path = self.seg_path(f.gen);
+        match &out {
+            SealOutput::Grouped(v) => {
+                let tmp = self.dir.join(format::tmp_file_name(f.gen));
+                let _ = self.io.remove_file(&tmp);
+                let file = self.io.open(&tmp, OpenMode::CreateNew).map_err(ioe(&tmp))?;
+                for (i, chunk) in v.chunks(8 << 20).enumerate() {
+                    file.write_at(chunk, (i * (8 << 20)) as u64).map_err(ioe(&tmp))?;
+                }
+                file.sync_data().map_err(ioe(&tmp))?;
+                self.io.rename(&tmp, &seg_path).map_err(ioe(&tmp))?;
+                self.io.sync_dir(&self.dir).map_err(ioe(&self.dir))?;
+                self.stats.bytes_written.fetch_add(v.len() as u64, Ordering::Relaxed);
+            }
+            SealOutput::Appendix(v) => {
+                f.file.write_at(v, bytes.len() as u64).map_err(ioe(&f.path))?;
+                f.file.sync_data().map_err(ioe(&f.path))?;
+                self.io.rename(&f.path, &seg_path).map_err(ioe(&f.path))?;
+                self.io.sync_dir(&self.dir).map_err(ioe(&self.dir))?;
+                self.stats.bytes_written.fetch_add(v.len() as u64, Ordering::Relaxed);
+            }
+        }
+        let file = self.io.open(&seg_path, OpenMode::Existing).map_err(ioe(&seg_path))?;
+        let map = file.map().map_err(ioe(&seg_path))?;
+        let sealed = Arc::new(SealedSeg::open(f.gen, seg_path, map)?);
+        {
+            let mut g = self.segs.write();
+            let mut s = (**g).clone();
+            s.frozen.retain(|x| x.gen != f.gen);
+            let at = s.sealed.partition_point(|x| x.gen < f.gen);
+            s.sealed.insert(at, sealed);
+            *g = Arc::new(s);
+        }
+        if let SealOutput::Grouped(_) = out {
+            // A stale .log beside a valid .seg is removed by recovery, so no
+            // directory sync is needed here.
+            self.io.remove_file(&f.path).map_err(ioe(&f.path))?;
+        }
+        self.stats.sealed_segments.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Drop sealed segments whose newest record is older than the TTL. Only
+    /// a prefix (oldest first) is dropped, so every timeline's retained
+    /// records stay one unbroken range.
+    pub fn drop_expired(&self) -> Result<usize> {
+        let Some(ttl) = self.ttl_ms() else { return Ok(0) };
+        let _g = self.maint.lock();
+        let now = self.clock.now_ms();
+        let dropped: Vec<Arc<SealedSeg>> = {
+            let mut g = self.segs.write();
+            let n = g.sealed.iter().take_while(|s| s.footer.max_ts.saturating_add(ttl) <= now).count();
+            if n == 0 {
+                return Ok(0);
+            }
+            let mut s = (**g).clone();
+            let dropped = s.sealed.drain(..n).collect();
+            *g = Arc::new(s);
+            dropped
+        };
+        for s in &dropped {
+            self.io.remove_file(&s.path).map_err(ioe(&s.path))?;
+        }
+        self.io.sync_dir(&self.dir).map_err(ioe(&self.dir))?;
+        self.stats.dropped_segments.fetch_add(dropped.len() as u64, Ordering::Relaxed);
+        Ok(dropped.len())
+    }
+
+    // ------------------------------------------------------------------ read
+
+    pub fn last_seq(&self, id: u64) -> u64 {
+        self.table.snapshot(id).map(|(l, _)| l).unwrap_or(0)
+    }
+
+    /// Records with seq in `[lo, hi]` (clamped to the last seq), ascending.
+    /// `Err(Truncated)` if retention dropped any of them.
+    pub fn range(&self, id: u64, lo: u64, hi: u64, out: &mut Vec<Record>) -> Result<()> {
+        let Some((last, pos)) = self.table.snapshot(id) else { return Ok(()) };
+        let hi = hi.min(last);
+        if lo > hi || lo == 0 {
+            return Ok(());
+        }
+        let segs = self.segs();
+        let mut gen = pos.gen;
+        let mut head = Some(pos.off);
+        let mut chunks: Vec<Vec<Record>> = Vec::new();
+        let mut buf = Vec::with_capacity((hi - lo + 1).min(1024) as usize);
+        let mut need_hi = hi;
+        let mut first_known = last + 1;
+        loop {
+            let Some(seg) = segs.find(gen) else {
+                // Retention dropped this segment and everything before it.
+                return Err(Error::Truncated { timeline: id, requested: lo, first_retained: first_known });
+            };
+            let step = collect(&seg, id, if matches!(seg, SegRef::Log(_)) { head } else { None }, lo, need_hi, &mut buf)?;
+            if !buf.is_empty() {
+                chunks.push(std::mem::take(&mut buf));
+            }
+            match step {
+                Step::Done => break,
+                Step::Continue { first_seq, prev_gen, prev_head } => {
+                    if prev_gen == NONE || first_seq <= lo {
+                        break;
+                    }
+                    need_hi = need_hi.min(first_seq - 1);
+                    first_known = first_seq;
+                    gen = prev_gen;
+                    head = Some(prev_head);
+                }
+            }
+        }
+        for c in chunks.into_iter().rev() {
+            out.extend(c);
+        }
+        Ok(())
+    }
+
+    /// The first seq still retained (1 if nothing was dropped; last + 1 if
+    /// everything was).
+    pub fn first_retained(&self, id: u64) -> Result<u64> {
+        let Some((last, pos)) = self.table.snapshot(id) else { return Ok(1) };
+        if last == 0 {
+            return Ok(1);
+        }
+        let segs = self.segs();
+        let mut gen = pos.gen;
+        let mut head = Some(pos.off);
+        let mut first = last + 1;
+        loop {
+            let Some(seg) = segs.find(gen) else { return Ok(first) };
+            let (f, prev, prev_head) = match &seg {
+                SegRef::Sealed(s) => match s.lookup(id)? {
+                    Some(e) => (e.first_seq, e.prev_gen, NONE),
+                    None => return Err(Error::corruption(&s.path, s.footer.index_off, format!("timeline {id} missing from index"))),
+                },
+                SegRef::Log(l) => chain_start(l, id, head.unwrap_or(NONE))?,
+            };
+            first = f;
+            if prev == NONE {
+                return Ok(first);
+            }
+            gen = prev;
+            head = Some(prev_head);
+        }
+    }
+
+    // -------------------------------------------------------------- recovery
+
+    /// Open (or create) the shard in `dir`, recovering whatever is there.
+    pub fn open(
+        ks: Keyspace,
+        id: usize,
+        dir: PathBuf,
+        cfg: KeyspaceConfig,
+        io: Arc<dyn Io>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Shard> {
+        io.create_dir_all(&dir).map_err(ioe(&dir))?;
+        let mut logs = BTreeSet::new();
+        let mut segs = BTreeSet::new();
+        for name in io.list_dir(&dir).map_err(ioe(&dir))? {
+            match format::parse_file_name(&name) {
+                Some(FileName::Temp) => {
+                    let p = dir.join(&name);
+                    io.remove_file(&p).map_err(ioe(&p))?;
+                }
+                Some(FileName::Log(g)) => {
+                    logs.insert(g);
+                }
+                Some(FileName::Sealed(g)) => {
+                    segs.insert(g);
+                }
+                None => tracing::warn!(file = %name, "ignoring unknown file in shard directory"),
+            }
+        }
+        let table = TimelineTable::new();
+        let mut sealed = Vec::new();
+        for &g in &segs {
+            let path = dir.join(format::seg_file_name(g));
+            let file = io.open(&path, OpenMode::Existing).map_err(ioe(&path))?;
+            let map = file.map().map_err(ioe(&path))?;
+            match SealedSeg::open(g, path.clone(), map) {
+                Ok(s) => {
+                    if logs.remove(&g) {
+                        let lp = dir.join(format::log_file_name(g));
+                        io.remove_file(&lp).map_err(ioe(&lp))?;
+                    }
+                    sealed.push(Arc::new(s));
+                }
+                Err(e) if logs.contains(&g) => {
+                    // Sealing was interrupted; the log still holds the truth.
+                    tracing::warn!(error = %e, "discarding incomplete sealed segment");
+                    io.remove_file(&path).map_err(ioe(&path))?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        for s in &sealed {
+            for e in s.entries() {
+                let e = e?;
+                let idx = table.find_or_insert(e.timeline);
+                table.with(idx, |m| m.publish(e.last_seq, Pos { gen: s.gen, off: e.loc }));
+            }
+        }
+        let max_gen = logs.iter().chain(segs.iter()).copied().max();
+        let mut next_gen = max_gen.map(|g| g + 1).unwrap_or(0);
+        let mut frozen = Vec::new();
+        let mut active = None;
+        let log_gens: Vec<u32> = logs.iter().copied().collect();
+        for (i, &g) in log_gens.iter().enumerate() {
+            let is_last = i + 1 == log_gens.len();
+            if let Some(seg) = recover_log(&*io, &dir, g, &table, cfg.segment_bytes as usize)? {
+                if is_last {
+                    active = Some(seg);
+                } else {
+                    frozen.push(seg);
+                }
+            }
+        }
+        let now = clock.now_ms();
+        let active = match active {
+            Some(a) if a.buf.capacity() - a.buf.len() > 4096 => a,
+            other => {
+                if let Some(a) = other {
+                    frozen.push(a);
+                }
+                let a = Self::new_log_seg(&*io, &dir, ks, id, next_gen, now, cfg.segment_bytes as usize)?;
+                next_gen += 1;
+                a
+            }
+        };
+        // Whatever recovery found is what readers will now see: make it durable.
+        active.file.sync_data().map_err(ioe(&active.path))?;
+        let lsn = active.buf.len() as u64;
+        let commit = Commit::new(active.file.clone(), lsn);
+        Ok(Shard {
+            ks,
+            id,
+            dir,
+            cfg,
+            io,
+            clock,
+            table,
+            segs: RwLock::new(Arc::new(SegSet { active: active.clone(), frozen, sealed })),
+            writer: Mutex::new(Writer {
+                active,
+                next_gen,
+                lsn,
+                scratch: Vec::with_capacity(64 << 10),
+                pending: HashMap::new(),
+                updates: Vec::new(),
+            }),
+            commit,
+            maint: Mutex::new(()),
+            stats: ShardStats::default(),
+        })
+    }
+
+    /// Files in this shard's directory that the engine holds.
+    pub fn file_count(&self) -> usize {
+        let s = self.segs();
+        1 + s.frozen.len() + s.sealed.len()
+    }
+
+    pub fn memory_bytes(&self) -> usize {
+        let s = self.segs();
+        self.table.memory_bytes() + s.sealed.iter().map(|x| x.memory_bytes()).sum::<usize>()
+    }
+}
+
+/// The anchor a record following the one at `off` would carry.
+fn anchor_after(bytes: &[u8], off: u32, path: &Path) -> Result<u32> {
+    let h = decode_header(bytes.get(off as usize..).unwrap_or_default())
+        .map_err(|e| Error::corruption(path, off as u64, e.to_string()))?;
+    Ok(if h.seq % SPARSE_EVERY == 0 {
+        off
+    } else if !is_local(h.prev) {
+        NONE
+    } else {
+        h.anchor
+    })
+}
+
+/// First seq of the timeline in a log segment, its previous segment and the
+/// head offset there.
+fn chain_start(l: &LogSeg, id: u64, head: u32) -> Result<(u64, u32, u32)> {
+    let bytes = l.buf.published();
+    let mut cur = head;
+    loop {
+        let h = decode_header(bytes.get(cur as usize..).unwrap_or_default())
+            .map_err(|e| Error::corruption(&l.path, cur as u64, e.to_string()))?;
+        if h.timeline != id {
+            return Err(Error::corruption(&l.path, cur as u64, "chain leads to another timeline"));
+        }
+        if !is_local(h.prev) {
+            return Ok(match crate::segment::continue_from(&h) {
+                Step::Continue { first_seq, prev_gen, prev_head } => (first_seq, prev_gen, prev_head),
+                Step::Done => (h.seq, NONE, NONE),
+            });
+        }
+        // Jump by anchors when they lead further back.
+        cur = if h.anchor != NONE && h.anchor < h.prev { h.anchor } else { h.prev };
+    }
+}
+
+/// Rebuild one log segment from its file: every record that verifies, in
+/// order, up to the first that does not (a torn tail), which is cut off.
+fn recover_log(io: &dyn Io, dir: &Path, gen: u32, table: &TimelineTable, cap: usize) -> Result<Option<Arc<LogSeg>>> {
+    let path = dir.join(format::log_file_name(gen));
+    let file = io.open(&path, OpenMode::Existing).map_err(ioe(&path))?;
+    let len = file.len().map_err(ioe(&path))? as usize;
+    if len < HEADER_LEN {
+        // Torn at creation: no record can have been acknowledged in it.
+        tracing::warn!(file = %path.display(), len, "removing log segment torn before its header");
+        drop(file);
+        io.remove_file(&path).map_err(ioe(&path))?;
+        return Ok(None);
+    }
+    let mut bytes = vec![0u8; len];
+    file.read_at(&mut bytes, 0).map_err(ioe(&path))?;
+    let header = SegmentHeader::decode(&bytes).map_err(|e| match e {
+        format::FormatError::UnsupportedVersion(v) => {
+            Error::UnsupportedVersion { path: path.clone(), found: v, supported: format::FORMAT_VERSION }
+        }
+        e => Error::corruption(&path, 0, e.to_string()),
+    })?;
+    if header.gen != gen || header.kind != SegmentKind::Log {
+        return Err(Error::corruption(&path, 0, "header does not match file name"));
+    }
+    let mut off = HEADER_LEN;
+    let (mut min_ts, mut max_ts, mut records) = (u64::MAX, 0u64, 0u64);
+    while off < len {
+        let Ok((h, _)) = decode(bytes.get(off..).unwrap_or_default()) else { break };
+        let idx = table.find_or_insert(h.timeline);
+        let (last, pos) = table.with(idx, |m| m.snapshot());
+        let linked = if !is_local(h.prev) {
+            // First record here: either continues a known timeline from an
+            // older segment, or the timeline's older segments were dropped by TTL.
+            pos.gen != gen && (h.seq == last + 1 || (last == 0 && pos == Pos::NONE))
+        } else {
+            pos.gen == gen && pos.off == h.prev && h.seq == last + 1
+        };
+        if !linked {
+            return Err(Error::corruption(
+                &path,
+                off as u64,
+                format!("record of timeline {} seq {} does not follow seq {last}", h.timeline, h.seq),
+            ));
+        }
+        table.with(idx, |m| m.publish(h.seq, Pos { gen, off: off as u32 }));
+        min_ts = min_ts.min(h.ts_ms);
+        max_ts = max_ts.max(h.ts_ms);
+        records += 1;
+        off += h.encoded_len();
+    }
+    if off < len {
+        tracing::warn!(file = %path.display(), valid = off, len, "truncating torn or corrupt tail");
+        file.set_len(off as u64).map_err(ioe(&path))?;
+        file.sync_data().map_err(ioe(&path))?;
+    }
+    let buf = AppendBuf::with_capacity(cap.max(off));
+    buf.write_tail(0, bytes.get(..off).unwrap_or_default());
+    buf.publish(off);
+    Ok(Some(Arc::new(LogSeg {
+        gen,
+        created_ms: header.created_ms,
+        path,
+        file,
+        buf,
+        max_ts: AtomicU64::new(max_ts),
+        min_ts: AtomicU64::new(min_ts),
+        records: AtomicU64::new(records),
+    })))
+}
