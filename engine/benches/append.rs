@@ -1,1 +1,41 @@
-fn main() {}
+//! The append path: single and 64-item batch appends, buffered, on the
+//! in-memory backend (isolates engine CPU cost from the disk) and on a real
+//! temp dir.
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use rand::{Rng, SeedableRng};
+use std::sync::Arc;
+use timeline_engine::io::{MemIo, StdIo};
+use timeline_engine::{Config, Durability, Engine, TimelineId};
+
+fn engine(mem: bool, dir: &std::path::Path) -> Engine {
+    let mut cfg = Config::default();
+    cfg.io = Some(if mem { Arc::new(MemIo::new()) } else { Arc::new(StdIo) });
+    Engine::open(dir, cfg).expect("open")
+}
+
+fn append(c: &mut Criterion) {
+    let payload = [9u8; 100];
+    for mem in [true, false] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let e = engine(mem, tmp.path());
+        let name = if mem { "mem" } else { "disk" };
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
+        let mut g = c.benchmark_group(format!("append_{name}"));
+        g.throughput(Throughput::Elements(1));
+        g.bench_function("single_100B", |b| {
+            b.iter(|| e.append_with(TimelineId::store(rng.gen_range(0..100_000)), &payload, Durability::Buffered))
+        });
+        g.throughput(Throughput::Elements(64));
+        g.bench_function("batch64_100B", |b| {
+            b.iter_batched(
+                || (0..64).map(|_| (TimelineId::store(rng.gen_range(0..100_000)), &payload[..])).collect::<Vec<_>>(),
+                |items| e.append_batch(&items, Durability::Buffered),
+                BatchSize::SmallInput,
+            )
+        });
+        g.finish();
+    }
+}
+
+criterion_group!(benches, append);
+criterion_main!(benches);

@@ -8,6 +8,7 @@ use crate::config::{Durability, Keyspace, KeyspaceConfig};
 use crate::error::{Error, Result};
 use crate::format::record::{self, decode, decode_header, is_local, RecordHeader, CROSS};
 use crate::format::segment::{SegmentHeader, SegmentKind, HEADER_LEN};
+use crate::format::checkpoint::{self, CkptEntry};
 use crate::format::{self, FileName, NONE, SPARSE_EVERY};
 use crate::index::{Pos, TimelineTable};
 use crate::io::{Io, OpenMode};
@@ -57,6 +58,8 @@ pub(crate) struct Shard {
     writer: Mutex<Writer>,
     pub commit: Commit,
     maint: Mutex<()>,
+    /// Generation the newest index checkpoint covers, and footer entries sealed since.
+    ckpt: Mutex<(Option<u32>, u64)>,
     pub stats: ShardStats,
 }
 
@@ -287,16 +290,25 @@ impl Shard {
         let _g = self.maint.lock();
         let mut n = 0;
         while let Some(f) = self.segs().frozen.first().cloned() {
-            self.seal_one(&f)?;
+            let entries = self.seal_one(&f)?;
             n += 1;
+            let due = {
+                let mut c = self.ckpt.lock();
+                c.1 += entries;
+                c.1 >= (self.table.len() as u64).max(CHECKPOINT_MIN_ENTRIES)
+            };
+            if due {
+                self.write_checkpoint()?;
+            }
         }
         Ok(n)
     }
 
-    fn seal_one(&self, f: &Arc<LogSeg>) -> Result<()> {
+    /// Seal one frozen segment; returns its number of index entries.
+    fn seal_one(&self, f: &Arc<LogSeg>) -> Result<u64> {
         let bytes = f.buf.published();
         let header = SegmentHeader { kind: SegmentKind::Log, keyspace: self.ks as u8, shard: self.id as u32, gen: f.gen, created_ms: f.created_ms };
-        let (out, _footer) =
+        let (out, footer) =
             build_sealed(bytes, header, self.cfg.regroup).map_err(|e| Error::corruption(&f.path, 0, e.to_string()))?;
         let seg_path = self.seg_path(f.gen);
         match &out {
@@ -337,6 +349,55 @@ impl Shard {
             self.io.remove_file(&f.path).map_err(ioe(&f.path))?;
         }
         self.stats.sealed_segments.fetch_add(1, Ordering::Relaxed);
+        Ok(footer.entries as u64)
+    }
+
+    /// Write an index checkpoint covering every sealed segment: the previous
+    /// checkpoint merged with the index entries of segments sealed since.
+    /// Caller holds the maintenance lock.
+    fn write_checkpoint(&self) -> Result<()> {
+        let segs = self.segs();
+        let Some(upto) = segs.sealed.last().map(|s| s.gen) else { return Ok(()) };
+        let prev = self.ckpt.lock().0;
+        if prev == Some(upto) {
+            return Ok(());
+        }
+        let mut entries = match prev {
+            Some(g) => read_checkpoint(&*self.io, &self.dir, g)?,
+            None => Vec::new(),
+        };
+        for s in segs.sealed.iter().filter(|s| prev.is_none_or(|p| s.gen > p)) {
+            for e in s.entries() {
+                let e = e?;
+                entries.push(CkptEntry { timeline: e.timeline, last_seq: e.last_seq, gen: s.gen, loc: e.loc });
+            }
+        }
+        // Stable sort keeps generation order within a timeline: keep the newest.
+        entries.sort_by_key(|e| e.timeline);
+        let mut merged: Vec<CkptEntry> = Vec::with_capacity(entries.len());
+        for e in entries {
+            match merged.last_mut() {
+                Some(l) if l.timeline == e.timeline => *l = e,
+                _ => merged.push(e),
+            }
+        }
+        let bytes = checkpoint::encode(upto, &merged);
+        let tmp = self.dir.join(format!("{}.tmp", checkpoint::file_name(upto)));
+        let path = self.dir.join(checkpoint::file_name(upto));
+        let _ = self.io.remove_file(&tmp);
+        let file = self.io.open(&tmp, OpenMode::CreateNew).map_err(ioe(&tmp))?;
+        for (i, chunk) in bytes.chunks(8 << 20).enumerate() {
+            file.write_at(chunk, (i * (8 << 20)) as u64).map_err(ioe(&tmp))?;
+        }
+        file.sync_data().map_err(ioe(&tmp))?;
+        self.io.rename(&tmp, &path).map_err(ioe(&tmp))?;
+        self.io.sync_dir(&self.dir).map_err(ioe(&self.dir))?;
+        self.stats.bytes_written.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        if let Some(g) = prev {
+            let old = self.dir.join(checkpoint::file_name(g));
+            self.io.remove_file(&old).map_err(ioe(&old))?;
+        }
+        *self.ckpt.lock() = (Some(upto), 0);
         Ok(())
     }
 
@@ -347,6 +408,12 @@ impl Shard {
         let Some(ttl) = self.ttl_ms() else { return Ok(0) };
         let _g = self.maint.lock();
         let now = self.clock.now_ms();
+        if !self.segs().sealed.first().is_some_and(|s| s.footer.max_ts.saturating_add(ttl) <= now) {
+            return Ok(0);
+        }
+        // The checkpoint must remember every timeline of the segments about
+        // to go (its last seq above all): recovery can no longer read them.
+        self.write_checkpoint()?;
         let dropped: Vec<Arc<SealedSeg>> = {
             let mut g = self.segs.write();
             let n = g.sealed.iter().take_while(|s| s.footer.max_ts.saturating_add(ttl) <= now).count();
@@ -458,6 +525,7 @@ impl Shard {
         io.create_dir_all(&dir).map_err(ioe(&dir))?;
         let mut logs = BTreeSet::new();
         let mut segs = BTreeSet::new();
+        let mut ckpts = BTreeSet::new();
         for name in io.list_dir(&dir).map_err(ioe(&dir))? {
             match format::parse_file_name(&name) {
                 Some(FileName::Temp) => {
@@ -469,6 +537,9 @@ impl Shard {
                 }
                 Some(FileName::Sealed(g)) => {
                     segs.insert(g);
+                }
+                Some(FileName::Checkpoint(g)) => {
+                    ckpts.insert(g);
                 }
                 None => tracing::warn!(file = %name, "ignoring unknown file in shard directory"),
             }
@@ -495,14 +566,29 @@ impl Shard {
                 Err(e) => return Err(e),
             }
         }
-        for s in &sealed {
+        // The newest checkpoint is the starting point; older ones are leftovers
+        // of an interrupted cleanup.
+        let ckpt_gen = ckpts.last().copied();
+        for &g in ckpts.iter().rev().skip(1) {
+            let p = dir.join(checkpoint::file_name(g));
+            io.remove_file(&p).map_err(ioe(&p))?;
+        }
+        if let Some(g) = ckpt_gen {
+            for e in read_checkpoint(&*io, &dir, g)? {
+                let idx = table.find_or_insert(e.timeline);
+                table.with(idx, |m| m.publish(e.last_seq, Pos { gen: e.gen, off: e.loc }));
+            }
+        }
+        let mut entries_since = 0u64;
+        for s in sealed.iter().filter(|s| ckpt_gen.is_none_or(|c| s.gen > c)) {
+            entries_since += s.footer.entries as u64;
             for e in s.entries() {
                 let e = e?;
                 let idx = table.find_or_insert(e.timeline);
                 table.with(idx, |m| m.publish(e.last_seq, Pos { gen: s.gen, off: e.loc }));
             }
         }
-        let max_gen = logs.iter().chain(segs.iter()).copied().max();
+        let max_gen = logs.iter().chain(segs.iter()).chain(ckpts.iter()).copied().max();
         let mut next_gen = max_gen.map(|g| g + 1).unwrap_or(0);
         let mut frozen = Vec::new();
         let mut active = None;
@@ -552,6 +638,7 @@ impl Shard {
             }),
             commit,
             maint: Mutex::new(()),
+            ckpt: Mutex::new((ckpt_gen, entries_since)),
             stats: ShardStats::default(),
         })
     }
@@ -566,6 +653,29 @@ impl Shard {
         let s = self.segs();
         self.table.memory_bytes() + s.sealed.iter().map(|x| x.memory_bytes()).sum::<usize>()
     }
+}
+
+/// Sealing writes a checkpoint once this many index entries (or as many as
+/// the shard has timelines, if more) were sealed since the last one, so
+/// recovery replays at most about that many entries plus the active logs.
+const CHECKPOINT_MIN_ENTRIES: u64 = 100_000;
+
+fn read_checkpoint(io: &dyn Io, dir: &Path, gen: u32) -> Result<Vec<CkptEntry>> {
+    let path = dir.join(checkpoint::file_name(gen));
+    let f = io.open(&path, OpenMode::Existing).map_err(ioe(&path))?;
+    let len = f.len().map_err(ioe(&path))? as usize;
+    let mut b = vec![0u8; len];
+    f.read_at(&mut b, 0).map_err(ioe(&path))?;
+    let (g, entries) = checkpoint::decode(&b).map_err(|e| match e {
+        format::FormatError::UnsupportedVersion(v) => {
+            Error::UnsupportedVersion { path: path.clone(), found: v, supported: format::FORMAT_VERSION }
+        }
+        e => Error::corruption(&path, 0, e.to_string()),
+    })?;
+    if g != gen {
+        return Err(Error::corruption(&path, 12, "checkpoint generation does not match its name"));
+    }
+    Ok(entries)
 }
 
 /// The anchor a record following the one at `off` would carry.

@@ -6,6 +6,7 @@
 //! path and turn it into `Error::Corruption`.
 #![deny(clippy::indexing_slicing)]
 
+pub mod checkpoint;
 pub mod record;
 pub mod segment;
 
@@ -66,6 +67,8 @@ pub fn tmp_file_name(gen: u32) -> String {
 pub enum FileName {
     Log(u32),
     Sealed(u32),
+    /// Index checkpoint covering sealed segments up to this generation.
+    Checkpoint(u32),
     Temp,
 }
 
@@ -73,6 +76,9 @@ pub enum FileName {
 pub fn parse_file_name(name: &str) -> Option<FileName> {
     if name.ends_with(".tmp") {
         return Some(FileName::Temp);
+    }
+    if let Some(g) = checkpoint::parse_file_name(name) {
+        return Some(FileName::Checkpoint(g));
     }
     let (stem, ext) = name.split_once('.')?;
     if stem.len() != 10 || !stem.bytes().all(|b| b.is_ascii_digit()) {
