@@ -9,7 +9,11 @@ use timeline_engine::{Config, Durability, Engine, TimelineId};
 
 fn engine(mem: bool, dir: &std::path::Path) -> Engine {
     let mut cfg = Config::default();
-    cfg.io = Some(if mem { Arc::new(MemIo::new()) } else { Arc::new(StdIo) });
+    cfg.io = Some(if mem {
+        Arc::new(MemIo::new())
+    } else {
+        Arc::new(StdIo)
+    });
     Engine::open(dir, cfg).expect("open")
 }
 
@@ -23,12 +27,22 @@ fn append(c: &mut Criterion) {
         let mut g = c.benchmark_group(format!("append_{name}"));
         g.throughput(Throughput::Elements(1));
         g.bench_function("single_100B", |b| {
-            b.iter(|| e.append_with(TimelineId::store(rng.gen_range(0..100_000)), &payload, Durability::Buffered))
+            b.iter(|| {
+                e.append_with(
+                    TimelineId::store(rng.gen_range(0..100_000)),
+                    &payload,
+                    Durability::Buffered,
+                )
+            })
         });
         g.throughput(Throughput::Elements(64));
         g.bench_function("batch64_100B", |b| {
             b.iter_batched(
-                || (0..64).map(|_| (TimelineId::store(rng.gen_range(0..100_000)), &payload[..])).collect::<Vec<_>>(),
+                || {
+                    (0..64)
+                        .map(|_| (TimelineId::store(rng.gen_range(0..100_000)), &payload[..]))
+                        .collect::<Vec<_>>()
+                },
                 |items| e.append_batch(&items, Durability::Buffered),
                 BatchSize::SmallInput,
             )

@@ -36,7 +36,10 @@ impl Commit {
         Commit {
             current: Mutex::new((file, lsn)),
             synced: AtomicU64::new(lsn),
-            state: Mutex::new(SyncState { syncing: false, failed: None }),
+            state: Mutex::new(SyncState {
+                syncing: false,
+                failed: None,
+            }),
             cv: Condvar::new(),
             syncs: AtomicU64::new(0),
         }

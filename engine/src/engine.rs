@@ -23,10 +23,16 @@ pub struct TimelineId {
 
 impl TimelineId {
     pub fn store(id: u64) -> Self {
-        TimelineId { keyspace: Keyspace::Store, id }
+        TimelineId {
+            keyspace: Keyspace::Store,
+            id,
+        }
     }
     pub fn sync(id: u64) -> Self {
-        TimelineId { keyspace: Keyspace::Sync, id }
+        TimelineId {
+            keyspace: Keyspace::Sync,
+            id,
+        }
     }
 }
 
@@ -190,7 +196,11 @@ fn decode_meta(path: &Path, b: &[u8]) -> Result<u32> {
     }
     let v = format::get_u16(b, 8).map_err(|e| bad(&e.to_string()))?;
     if v != format::FORMAT_VERSION {
-        return Err(Error::UnsupportedVersion { path: path.to_path_buf(), found: v, supported: format::FORMAT_VERSION });
+        return Err(Error::UnsupportedVersion {
+            path: path.to_path_buf(),
+            found: v,
+            supported: format::FORMAT_VERSION,
+        });
     }
     let shards = format::get_u32(b, 10).map_err(|e| bad(&e.to_string()))?;
     if shards == 0 || shards > 4096 {
@@ -206,10 +216,16 @@ impl Engine {
         for ks in Keyspace::ALL {
             let k = cfg.keyspace(ks);
             if k.segment_bytes < 64 << 10 || k.segment_bytes > 1 << 30 {
-                return Err(Error::InvalidArgument(format!("{}: segment_bytes must be in 64 KiB..=1 GiB", ks.name())));
+                return Err(Error::InvalidArgument(format!(
+                    "{}: segment_bytes must be in 64 KiB..=1 GiB",
+                    ks.name()
+                )));
             }
             if cfg.max_payload as u64 + 4096 > k.segment_bytes {
-                return Err(Error::InvalidArgument(format!("max_payload must be smaller than the {} segment size", ks.name())));
+                return Err(Error::InvalidArgument(format!(
+                    "max_payload must be smaller than the {} segment size",
+                    ks.name()
+                )));
             }
         }
         if cfg.shards == 0 || cfg.shards > 4096 {
@@ -228,10 +244,14 @@ impl Engine {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let tmp = dir.join("engine.meta.tmp");
                 let _ = io.remove_file(&tmp);
-                let f = io.open(&tmp, OpenMode::CreateNew).map_err(|e| Error::io(&tmp, e))?;
-                f.write_at(&encode_meta(cfg.shards as u32), 0).map_err(|e| Error::io(&tmp, e))?;
+                let f = io
+                    .open(&tmp, OpenMode::CreateNew)
+                    .map_err(|e| Error::io(&tmp, e))?;
+                f.write_at(&encode_meta(cfg.shards as u32), 0)
+                    .map_err(|e| Error::io(&tmp, e))?;
                 f.sync_data().map_err(|e| Error::io(&tmp, e))?;
-                io.rename(&tmp, &meta_path).map_err(|e| Error::io(&tmp, e))?;
+                io.rename(&tmp, &meta_path)
+                    .map_err(|e| Error::io(&tmp, e))?;
                 io.sync_dir(&dir).map_err(|e| Error::io(&dir, e))?;
                 cfg.shards
             }
@@ -320,7 +340,10 @@ impl Engine {
 
     fn check_payload(&self, p: &[u8]) -> Result<()> {
         if p.len() > self.inner.cfg.max_payload {
-            return Err(Error::PayloadTooLarge { len: p.len(), max: self.inner.cfg.max_payload });
+            return Err(Error::PayloadTooLarge {
+                len: p.len(),
+                max: self.inner.cfg.max_payload,
+            });
         }
         Ok(())
     }
@@ -333,7 +356,9 @@ impl Engine {
     /// Append one payload with the given durability.
     pub fn append_with(&self, tl: TimelineId, payload: &[u8], d: Durability) -> Result<SeqId> {
         let v = self.append_batch(&[(tl, payload)], d)?;
-        v.first().copied().ok_or_else(|| Error::InvalidArgument("empty append".into()))
+        v.first()
+            .copied()
+            .ok_or_else(|| Error::InvalidArgument("empty append".into()))
     }
 
     /// Append to many timelines in one call; SeqIds come back in item order.
@@ -363,7 +388,9 @@ impl Engine {
         let mut seqs = vec![0u64; items.len()];
         let mut waits = Vec::new();
         // Group by shard, keeping item order within a shard.
-        let single_shard = items.windows(2).all(|w| Arc::ptr_eq(self.shard(w[0].0), self.shard(w[1].0)));
+        let single_shard = items
+            .windows(2)
+            .all(|w| Arc::ptr_eq(self.shard(w[0].0), self.shard(w[1].0)));
         let mut froze_any = false;
         if single_shard {
             if let Some((tl, _)) = items.first() {
@@ -385,7 +412,8 @@ impl Engine {
                 }
             }
             for (shard, idxs) in groups {
-                let list: Vec<(u64, &[u8])> = idxs.iter().map(|&i| (items[i].0.id, items[i].1)).collect();
+                let list: Vec<(u64, &[u8])> =
+                    idxs.iter().map(|&i| (items[i].0.id, items[i].1)).collect();
                 let mut out = Vec::with_capacity(list.len());
                 let (lsn, froze) = shard.append(&list, &mut out, d)?;
                 froze_any |= froze;
@@ -422,7 +450,13 @@ impl Engine {
     /// Forward from below the first retained seq is `Err(Truncated)`: a
     /// reader is never silently moved ahead. Backward stops at the first
     /// retained record.
-    pub fn scan(&self, tl: TimelineId, from: SeqId, limit: usize, dir: Direction) -> Result<Vec<Record>> {
+    pub fn scan(
+        &self,
+        tl: TimelineId,
+        from: SeqId,
+        limit: usize,
+        dir: Direction,
+    ) -> Result<Vec<Record>> {
         let mut out = Vec::with_capacity(limit.min(1024));
         if limit == 0 {
             return Ok(out);

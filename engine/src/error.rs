@@ -35,7 +35,9 @@ pub enum Error {
     PayloadTooLarge { len: usize, max: usize },
     /// The caller asked for SeqIds that retention (TTL) already dropped; the
     /// reader must fall back to roaming from `first_retained`.
-    #[error("timeline {timeline}: seq {requested} is below the first retained seq {first_retained}")]
+    #[error(
+        "timeline {timeline}: seq {requested} is below the first retained seq {first_retained}"
+    )]
     Truncated {
         timeline: u64,
         requested: u64,
@@ -46,7 +48,9 @@ pub enum Error {
     InvalidArgument(String),
     /// An earlier write failed; the shard refuses further appends until the
     /// engine is reopened, so nothing acknowledged is put at risk.
-    #[error("shard {shard} of keyspace {keyspace} is poisoned by an earlier I/O failure: {reason}")]
+    #[error(
+        "shard {shard} of keyspace {keyspace} is poisoned by an earlier I/O failure: {reason}"
+    )]
     Poisoned {
         keyspace: &'static str,
         shard: usize,
@@ -64,7 +68,11 @@ impl Error {
             source,
         }
     }
-    pub(crate) fn corruption(path: impl Into<PathBuf>, offset: u64, what: impl Into<String>) -> Self {
+    pub(crate) fn corruption(
+        path: impl Into<PathBuf>,
+        offset: u64,
+        what: impl Into<String>,
+    ) -> Self {
         Error::Corruption {
             path: path.into(),
             offset,
@@ -73,6 +81,9 @@ impl Error {
     }
     /// True for errors that mean the data on disk is damaged.
     pub fn is_corruption(&self) -> bool {
-        matches!(self, Error::Corruption { .. } | Error::UnsupportedVersion { .. })
+        matches!(
+            self,
+            Error::Corruption { .. } | Error::UnsupportedVersion { .. }
+        )
     }
 }

@@ -29,7 +29,9 @@ mod shard;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{Config, Durability, Keyspace, KeyspaceConfig};
-pub use engine::{AppendTicket, Direction, Engine, KeyspaceStats, Maintenance, SeqId, Stats, TimelineId};
+pub use engine::{
+    AppendTicket, Direction, Engine, KeyspaceStats, Maintenance, SeqId, Stats, TimelineId,
+};
 pub use error::{Error, Result};
 
 /// One record as a reader gets it.

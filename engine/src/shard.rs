@@ -6,13 +6,15 @@ use crate::clock::Clock;
 use crate::commit::Commit;
 use crate::config::{Durability, Keyspace, KeyspaceConfig};
 use crate::error::{Error, Result};
+use crate::format::checkpoint::{self, CkptEntry};
 use crate::format::record::{self, decode, decode_header, is_local, RecordHeader, CROSS};
 use crate::format::segment::{SegmentHeader, SegmentKind, HEADER_LEN};
-use crate::format::checkpoint::{self, CkptEntry};
 use crate::format::{self, FileName, NONE, SPARSE_EVERY};
 use crate::index::{Pos, TimelineTable};
 use crate::io::{Io, OpenMode};
-use crate::segment::{build_sealed, collect, AppendBuf, LogSeg, SealOutput, SealedSeg, SegRef, SegSet, Step};
+use crate::segment::{
+    build_sealed, collect, AppendBuf, LogSeg, SealOutput, SealedSeg, SegRef, SegSet, Step,
+};
 use crate::Record;
 use hashbrown::HashMap;
 use parking_lot::{Mutex, RwLock};
@@ -44,6 +46,7 @@ struct Writer {
     /// anchor a following record would carry).
     pending: HashMap<u32, (u64, Pos, u32)>,
     updates: Vec<(u32, u64, u32)>,
+    idxs: Vec<u32>,
 }
 
 pub(crate) struct Shard {
@@ -88,15 +91,33 @@ impl Shard {
 
     fn check_poison(&self) -> Result<()> {
         match self.commit.failure() {
-            Some(reason) => Err(Error::Poisoned { keyspace: self.ks.name(), shard: self.id, reason }),
+            Some(reason) => Err(Error::Poisoned {
+                keyspace: self.ks.name(),
+                shard: self.id,
+                reason,
+            }),
             None => Ok(()),
         }
     }
 
-    fn new_log_seg(io: &dyn Io, dir: &Path, ks: Keyspace, shard: usize, gen: u32, now: u64, cap: usize) -> Result<Arc<LogSeg>> {
+    fn new_log_seg(
+        io: &dyn Io,
+        dir: &Path,
+        ks: Keyspace,
+        shard: usize,
+        gen: u32,
+        now: u64,
+        cap: usize,
+    ) -> Result<Arc<LogSeg>> {
         let path = dir.join(format::log_file_name(gen));
         let file = io.open(&path, OpenMode::CreateNew).map_err(ioe(&path))?;
-        let header = SegmentHeader { kind: SegmentKind::Log, keyspace: ks as u8, shard: shard as u32, gen, created_ms: now };
+        let header = SegmentHeader {
+            kind: SegmentKind::Log,
+            keyspace: ks as u8,
+            shard: shard as u32,
+            gen,
+            created_ms: now,
+        };
         let hb = header.encode();
         file.write_at(&hb, 0).map_err(ioe(&path))?;
         // The new name must survive a power cut before any record in it is
@@ -122,7 +143,12 @@ impl Shard {
     /// Append `items` (timeline id, payload) in order; pushes each SeqId to
     /// `seqs`. Returns the shard LSN just past the last byte written and
     /// whether a segment was frozen (and needs sealing).
-    pub fn append(&self, items: &[(u64, &[u8])], seqs: &mut Vec<u64>, durability: Durability) -> Result<(u64, bool)> {
+    pub fn append(
+        &self,
+        items: &[(u64, &[u8])],
+        seqs: &mut Vec<u64>,
+        durability: Durability,
+    ) -> Result<(u64, bool)> {
         let mut w = self.writer.lock();
         self.check_poison()?;
         let now = self.clock.now_ms();
@@ -135,7 +161,11 @@ impl Shard {
         w.scratch.clear();
         w.pending.clear();
         w.updates.clear();
-        for &(id, payload) in items {
+        let mut idxs = std::mem::take(&mut w.idxs);
+        let mut payload_bytes = 0u64;
+        self.table
+            .resolve_batch(items.iter().map(|(id, _)| *id), &mut idxs);
+        for (k, &(id, payload)) in items.iter().enumerate() {
             let rl = record::encoded_len(payload.len());
             if start + w.scratch.len() + rl > w.active.buf.capacity() {
                 self.flush(&mut w, start, durability)?;
@@ -143,16 +173,23 @@ impl Shard {
                 froze = true;
                 start = w.active.buf.len();
                 if start + rl > w.active.buf.capacity() {
-                    return Err(Error::PayloadTooLarge { len: payload.len(), max: w.active.buf.capacity() - start - record::RECORD_HEADER_LEN });
+                    return Err(Error::PayloadTooLarge {
+                        len: payload.len(),
+                        max: w.active.buf.capacity() - start - record::RECORD_HEADER_LEN,
+                    });
                 }
             }
-            let idx = self.table.find_or_insert(id);
+            let idx = idxs[k];
             let gen = w.active.gen;
             let (last, prev_pos, next_anchor) = match w.pending.get(&idx) {
                 Some(&p) => p,
                 None => {
                     let (last, pos) = self.table.with(idx, |m| m.snapshot());
-                    let na = if pos.gen == gen { anchor_after(w.active.buf.published(), pos.off, &w.active.path)? } else { NONE };
+                    let na = if pos.gen == gen {
+                        anchor_after(w.active.buf.published(), pos.off, &w.active.path)?
+                    } else {
+                        NONE
+                    };
                     (last, pos, na)
                 }
             };
@@ -165,9 +202,16 @@ impl Shard {
                 (CROSS | prev_pos.off, prev_pos.gen)
             };
             let off = (start + w.scratch.len()) as u32;
-            let h = RecordHeader { len: payload.len() as u32, timeline: id, seq, ts_ms: now, prev, anchor };
+            let h = RecordHeader {
+                len: payload.len() as u32,
+                timeline: id,
+                seq,
+                ts_ms: now,
+                prev,
+                anchor,
+            };
             record::encode_to_vec(&h, payload, &mut w.scratch);
-            let na = if seq % SPARSE_EVERY == 0 {
+            let na = if seq.is_multiple_of(SPARSE_EVERY) {
                 off
             } else if !is_local(prev) {
                 NONE
@@ -177,10 +221,18 @@ impl Shard {
             w.pending.insert(idx, (seq, Pos { gen, off }, na));
             w.updates.push((idx, seq, off));
             seqs.push(seq);
-            self.stats.payload_bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
-            self.stats.record_bytes.fetch_add(rl as u64, Ordering::Relaxed);
+            payload_bytes += payload.len() as u64;
         }
+        w.idxs = idxs;
         self.flush(&mut w, start, durability)?;
+        // Counted once the whole batch is written (a failed write counts nothing).
+        self.stats
+            .payload_bytes
+            .fetch_add(payload_bytes, Ordering::Relaxed);
+        self.stats.record_bytes.fetch_add(
+            payload_bytes + (items.len() * record::RECORD_HEADER_LEN) as u64,
+            Ordering::Relaxed,
+        );
         Ok((w.lsn, froze))
     }
 
@@ -197,7 +249,8 @@ impl Shard {
         if let Err(e) = r {
             if durability == Durability::Sync && e.kind() != std::io::ErrorKind::StorageFull {
                 // We cannot tell whether the write or the sync failed: treat as a failed sync.
-                self.commit.mark_failed(format!("write+fdatasync failed: {e}"));
+                self.commit
+                    .mark_failed(format!("write+fdatasync failed: {e}"));
             }
             // Nothing was published: the bytes past `start` are garbage that
             // the next write overwrites or recovery truncates.
@@ -207,13 +260,21 @@ impl Shard {
         seg.buf.publish(start + w.scratch.len());
         let now = self.clock.now_ms();
         seg.note_ts(now);
-        seg.records.fetch_add(w.updates.len() as u64, Ordering::Relaxed);
-        self.stats.records.fetch_add(w.updates.len() as u64, Ordering::Relaxed);
-        for &(idx, seq, off) in &w.updates {
-            self.table.with(idx, |m| m.publish(seq, Pos { gen: seg.gen, off }));
+        seg.records
+            .fetch_add(w.updates.len() as u64, Ordering::Relaxed);
+        self.stats
+            .records
+            .fetch_add(w.updates.len() as u64, Ordering::Relaxed);
+        {
+            let t = self.table.read();
+            for &(idx, seq, off) in &w.updates {
+                t.meta(idx).publish(seq, Pos { gen: seg.gen, off });
+            }
         }
         w.lsn += w.scratch.len() as u64;
-        self.stats.bytes_written.fetch_add(w.scratch.len() as u64, Ordering::Relaxed);
+        self.stats
+            .bytes_written
+            .fetch_add(w.scratch.len() as u64, Ordering::Relaxed);
         self.commit.written(&seg.file, w.lsn);
         if durability == Durability::Sync {
             self.commit.mark_synced(w.lsn);
@@ -225,7 +286,10 @@ impl Shard {
 
     fn time_roll_due(&self, active: &LogSeg, now: u64) -> bool {
         active.records.load(Ordering::Relaxed) > 0
-            && now >= active.created_ms.saturating_add(self.cfg.segment_window.as_millis() as u64)
+            && now
+                >= active
+                    .created_ms
+                    .saturating_add(self.cfg.segment_window.as_millis() as u64)
     }
 
     /// Freeze the active segment and start a new one.
@@ -239,10 +303,20 @@ impl Shard {
         }
         self.commit.mark_synced(w.lsn);
         let gen = w.next_gen;
-        let new = Self::new_log_seg(&*self.io, &self.dir, self.ks, self.id, gen, now, self.cfg.segment_bytes as usize)?;
+        let new = Self::new_log_seg(
+            &*self.io,
+            &self.dir,
+            self.ks,
+            self.id,
+            gen,
+            now,
+            self.cfg.segment_bytes as usize,
+        )?;
         w.next_gen += 1;
         w.lsn += HEADER_LEN as u64;
-        self.stats.bytes_written.fetch_add(HEADER_LEN as u64, Ordering::Relaxed);
+        self.stats
+            .bytes_written
+            .fetch_add(HEADER_LEN as u64, Ordering::Relaxed);
         self.commit.written(&new.file, w.lsn);
         w.active = new.clone();
         let mut s = (*self.segs()).clone();
@@ -272,15 +346,19 @@ impl Shard {
     /// Make everything written so far durable.
     pub fn sync_all(&self) -> Result<()> {
         let lsn = self.writer.lock().lsn;
-        self.commit
-            .wait(lsn)
-            .map_err(|reason| Error::Poisoned { keyspace: self.ks.name(), shard: self.id, reason })
+        self.commit.wait(lsn).map_err(|reason| Error::Poisoned {
+            keyspace: self.ks.name(),
+            shard: self.id,
+            reason,
+        })
     }
 
     pub fn wait_durable(&self, lsn: u64) -> Result<()> {
-        self.commit
-            .wait(lsn)
-            .map_err(|reason| Error::Poisoned { keyspace: self.ks.name(), shard: self.id, reason })
+        self.commit.wait(lsn).map_err(|reason| Error::Poisoned {
+            keyspace: self.ks.name(),
+            shard: self.id,
+            reason,
+        })
     }
 
     // ------------------------------------------------------- seal and expire
@@ -307,9 +385,15 @@ impl Shard {
     /// Seal one frozen segment; returns its number of index entries.
     fn seal_one(&self, f: &Arc<LogSeg>) -> Result<u64> {
         let bytes = f.buf.published();
-        let header = SegmentHeader { kind: SegmentKind::Log, keyspace: self.ks as u8, shard: self.id as u32, gen: f.gen, created_ms: f.created_ms };
-        let (out, footer) =
-            build_sealed(bytes, header, self.cfg.regroup).map_err(|e| Error::corruption(&f.path, 0, e.to_string()))?;
+        let header = SegmentHeader {
+            kind: SegmentKind::Log,
+            keyspace: self.ks as u8,
+            shard: self.id as u32,
+            gen: f.gen,
+            created_ms: f.created_ms,
+        };
+        let (out, footer) = build_sealed(bytes, header, self.cfg.regroup)
+            .map_err(|e| Error::corruption(&f.path, 0, e.to_string()))?;
         let seg_path = self.seg_path(f.gen);
         match &out {
             SealOutput::Grouped(v) => {
@@ -317,22 +401,32 @@ impl Shard {
                 let _ = self.io.remove_file(&tmp);
                 let file = self.io.open(&tmp, OpenMode::CreateNew).map_err(ioe(&tmp))?;
                 for (i, chunk) in v.chunks(8 << 20).enumerate() {
-                    file.write_at(chunk, (i * (8 << 20)) as u64).map_err(ioe(&tmp))?;
+                    file.write_at(chunk, (i * (8 << 20)) as u64)
+                        .map_err(ioe(&tmp))?;
                 }
                 file.sync_data().map_err(ioe(&tmp))?;
                 self.io.rename(&tmp, &seg_path).map_err(ioe(&tmp))?;
                 self.io.sync_dir(&self.dir).map_err(ioe(&self.dir))?;
-                self.stats.bytes_written.fetch_add(v.len() as u64, Ordering::Relaxed);
+                self.stats
+                    .bytes_written
+                    .fetch_add(v.len() as u64, Ordering::Relaxed);
             }
             SealOutput::Appendix(v) => {
-                f.file.write_at(v, bytes.len() as u64).map_err(ioe(&f.path))?;
+                f.file
+                    .write_at(v, bytes.len() as u64)
+                    .map_err(ioe(&f.path))?;
                 f.file.sync_data().map_err(ioe(&f.path))?;
                 self.io.rename(&f.path, &seg_path).map_err(ioe(&f.path))?;
                 self.io.sync_dir(&self.dir).map_err(ioe(&self.dir))?;
-                self.stats.bytes_written.fetch_add(v.len() as u64, Ordering::Relaxed);
+                self.stats
+                    .bytes_written
+                    .fetch_add(v.len() as u64, Ordering::Relaxed);
             }
         }
-        let file = self.io.open(&seg_path, OpenMode::Existing).map_err(ioe(&seg_path))?;
+        let file = self
+            .io
+            .open(&seg_path, OpenMode::Existing)
+            .map_err(ioe(&seg_path))?;
         let map = file.map().map_err(ioe(&seg_path))?;
         let sealed = Arc::new(SealedSeg::open(f.gen, seg_path, map)?);
         {
@@ -357,7 +451,9 @@ impl Shard {
     /// Caller holds the maintenance lock.
     fn write_checkpoint(&self) -> Result<()> {
         let segs = self.segs();
-        let Some(upto) = segs.sealed.last().map(|s| s.gen) else { return Ok(()) };
+        let Some(upto) = segs.sealed.last().map(|s| s.gen) else {
+            return Ok(());
+        };
         let prev = self.ckpt.lock().0;
         if prev == Some(upto) {
             return Ok(());
@@ -366,10 +462,19 @@ impl Shard {
             Some(g) => read_checkpoint(&*self.io, &self.dir, g)?,
             None => Vec::new(),
         };
-        for s in segs.sealed.iter().filter(|s| prev.is_none_or(|p| s.gen > p)) {
+        for s in segs
+            .sealed
+            .iter()
+            .filter(|s| prev.is_none_or(|p| s.gen > p))
+        {
             for e in s.entries() {
                 let e = e?;
-                entries.push(CkptEntry { timeline: e.timeline, last_seq: e.last_seq, gen: s.gen, loc: e.loc });
+                entries.push(CkptEntry {
+                    timeline: e.timeline,
+                    last_seq: e.last_seq,
+                    gen: s.gen,
+                    loc: e.loc,
+                });
             }
         }
         // Stable sort keeps generation order within a timeline: keep the newest.
@@ -382,17 +487,22 @@ impl Shard {
             }
         }
         let bytes = checkpoint::encode(upto, &merged);
-        let tmp = self.dir.join(format!("{}.tmp", checkpoint::file_name(upto)));
+        let tmp = self
+            .dir
+            .join(format!("{}.tmp", checkpoint::file_name(upto)));
         let path = self.dir.join(checkpoint::file_name(upto));
         let _ = self.io.remove_file(&tmp);
         let file = self.io.open(&tmp, OpenMode::CreateNew).map_err(ioe(&tmp))?;
         for (i, chunk) in bytes.chunks(8 << 20).enumerate() {
-            file.write_at(chunk, (i * (8 << 20)) as u64).map_err(ioe(&tmp))?;
+            file.write_at(chunk, (i * (8 << 20)) as u64)
+                .map_err(ioe(&tmp))?;
         }
         file.sync_data().map_err(ioe(&tmp))?;
         self.io.rename(&tmp, &path).map_err(ioe(&tmp))?;
         self.io.sync_dir(&self.dir).map_err(ioe(&self.dir))?;
-        self.stats.bytes_written.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.stats
+            .bytes_written
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         if let Some(g) = prev {
             let old = self.dir.join(checkpoint::file_name(g));
             self.io.remove_file(&old).map_err(ioe(&old))?;
@@ -405,10 +515,17 @@ impl Shard {
     /// a prefix (oldest first) is dropped, so every timeline's retained
     /// records stay one unbroken range.
     pub fn drop_expired(&self) -> Result<usize> {
-        let Some(ttl) = self.ttl_ms() else { return Ok(0) };
+        let Some(ttl) = self.ttl_ms() else {
+            return Ok(0);
+        };
         let _g = self.maint.lock();
         let now = self.clock.now_ms();
-        if !self.segs().sealed.first().is_some_and(|s| s.footer.max_ts.saturating_add(ttl) <= now) {
+        if self
+            .segs()
+            .sealed
+            .first()
+            .is_none_or(|s| s.footer.max_ts.saturating_add(ttl) > now)
+        {
             return Ok(0);
         }
         // The checkpoint must remember every timeline of the segments about
@@ -416,7 +533,11 @@ impl Shard {
         self.write_checkpoint()?;
         let dropped: Vec<Arc<SealedSeg>> = {
             let mut g = self.segs.write();
-            let n = g.sealed.iter().take_while(|s| s.footer.max_ts.saturating_add(ttl) <= now).count();
+            let n = g
+                .sealed
+                .iter()
+                .take_while(|s| s.footer.max_ts.saturating_add(ttl) <= now)
+                .count();
             if n == 0 {
                 return Ok(0);
             }
@@ -429,7 +550,9 @@ impl Shard {
             self.io.remove_file(&s.path).map_err(ioe(&s.path))?;
         }
         self.io.sync_dir(&self.dir).map_err(ioe(&self.dir))?;
-        self.stats.dropped_segments.fetch_add(dropped.len() as u64, Ordering::Relaxed);
+        self.stats
+            .dropped_segments
+            .fetch_add(dropped.len() as u64, Ordering::Relaxed);
         Ok(dropped.len())
     }
 
@@ -442,7 +565,9 @@ impl Shard {
     /// Records with seq in `[lo, hi]` (clamped to the last seq), ascending.
     /// `Err(Truncated)` if retention dropped any of them.
     pub fn range(&self, id: u64, lo: u64, hi: u64, out: &mut Vec<Record>) -> Result<()> {
-        let Some((last, pos)) = self.table.snapshot(id) else { return Ok(()) };
+        let Some((last, pos)) = self.table.snapshot(id) else {
+            return Ok(());
+        };
         let hi = hi.min(last);
         if lo > hi || lo == 0 {
             return Ok(());
@@ -457,15 +582,34 @@ impl Shard {
         loop {
             let Some(seg) = segs.find(gen) else {
                 // Retention dropped this segment and everything before it.
-                return Err(Error::Truncated { timeline: id, requested: lo, first_retained: first_known });
+                return Err(Error::Truncated {
+                    timeline: id,
+                    requested: lo,
+                    first_retained: first_known,
+                });
             };
-            let step = collect(&seg, id, if matches!(seg, SegRef::Log(_)) { head } else { None }, lo, need_hi, &mut buf)?;
+            let step = collect(
+                &seg,
+                id,
+                if matches!(seg, SegRef::Log(_)) {
+                    head
+                } else {
+                    None
+                },
+                lo,
+                need_hi,
+                &mut buf,
+            )?;
             if !buf.is_empty() {
                 chunks.push(std::mem::take(&mut buf));
             }
             match step {
                 Step::Done => break,
-                Step::Continue { first_seq, prev_gen, prev_head } => {
+                Step::Continue {
+                    first_seq,
+                    prev_gen,
+                    prev_head,
+                } => {
                     if prev_gen == NONE || first_seq <= lo {
                         break;
                     }
@@ -485,7 +629,9 @@ impl Shard {
     /// The first seq still retained (1 if nothing was dropped; last + 1 if
     /// everything was).
     pub fn first_retained(&self, id: u64) -> Result<u64> {
-        let Some((last, pos)) = self.table.snapshot(id) else { return Ok(1) };
+        let Some((last, pos)) = self.table.snapshot(id) else {
+            return Ok(1);
+        };
         if last == 0 {
             return Ok(1);
         }
@@ -494,11 +640,19 @@ impl Shard {
         let mut head = Some(pos.off);
         let mut first = last + 1;
         loop {
-            let Some(seg) = segs.find(gen) else { return Ok(first) };
+            let Some(seg) = segs.find(gen) else {
+                return Ok(first);
+            };
             let (f, prev, prev_head) = match &seg {
                 SegRef::Sealed(s) => match s.lookup(id)? {
                     Some(e) => (e.first_seq, e.prev_gen, NONE),
-                    None => return Err(Error::corruption(&s.path, s.footer.index_off, format!("timeline {id} missing from index"))),
+                    None => {
+                        return Err(Error::corruption(
+                            &s.path,
+                            s.footer.index_off,
+                            format!("timeline {id} missing from index"),
+                        ))
+                    }
                 },
                 SegRef::Log(l) => chain_start(l, id, head.unwrap_or(NONE))?,
             };
@@ -576,7 +730,15 @@ impl Shard {
         if let Some(g) = ckpt_gen {
             for e in read_checkpoint(&*io, &dir, g)? {
                 let idx = table.find_or_insert(e.timeline);
-                table.with(idx, |m| m.publish(e.last_seq, Pos { gen: e.gen, off: e.loc }));
+                table.with(idx, |m| {
+                    m.publish(
+                        e.last_seq,
+                        Pos {
+                            gen: e.gen,
+                            off: e.loc,
+                        },
+                    )
+                });
             }
         }
         let mut entries_since = 0u64;
@@ -585,10 +747,23 @@ impl Shard {
             for e in s.entries() {
                 let e = e?;
                 let idx = table.find_or_insert(e.timeline);
-                table.with(idx, |m| m.publish(e.last_seq, Pos { gen: s.gen, off: e.loc }));
+                table.with(idx, |m| {
+                    m.publish(
+                        e.last_seq,
+                        Pos {
+                            gen: s.gen,
+                            off: e.loc,
+                        },
+                    )
+                });
             }
         }
-        let max_gen = logs.iter().chain(segs.iter()).chain(ckpts.iter()).copied().max();
+        let max_gen = logs
+            .iter()
+            .chain(segs.iter())
+            .chain(ckpts.iter())
+            .copied()
+            .max();
         let mut next_gen = max_gen.map(|g| g + 1).unwrap_or(0);
         let mut frozen = Vec::new();
         let mut active = None;
@@ -610,7 +785,15 @@ impl Shard {
                 if let Some(a) = other {
                     frozen.push(a);
                 }
-                let a = Self::new_log_seg(&*io, &dir, ks, id, next_gen, now, cfg.segment_bytes as usize)?;
+                let a = Self::new_log_seg(
+                    &*io,
+                    &dir,
+                    ks,
+                    id,
+                    next_gen,
+                    now,
+                    cfg.segment_bytes as usize,
+                )?;
                 next_gen += 1;
                 a
             }
@@ -627,7 +810,11 @@ impl Shard {
             io,
             clock,
             table,
-            segs: RwLock::new(Arc::new(SegSet { active: active.clone(), frozen, sealed })),
+            segs: RwLock::new(Arc::new(SegSet {
+                active: active.clone(),
+                frozen,
+                sealed,
+            })),
             writer: Mutex::new(Writer {
                 active,
                 next_gen,
@@ -635,6 +822,7 @@ impl Shard {
                 scratch: Vec::with_capacity(64 << 10),
                 pending: HashMap::new(),
                 updates: Vec::new(),
+                idxs: Vec::new(),
             }),
             commit,
             maint: Mutex::new(()),
@@ -667,13 +855,19 @@ fn read_checkpoint(io: &dyn Io, dir: &Path, gen: u32) -> Result<Vec<CkptEntry>> 
     let mut b = vec![0u8; len];
     f.read_at(&mut b, 0).map_err(ioe(&path))?;
     let (g, entries) = checkpoint::decode(&b).map_err(|e| match e {
-        format::FormatError::UnsupportedVersion(v) => {
-            Error::UnsupportedVersion { path: path.clone(), found: v, supported: format::FORMAT_VERSION }
-        }
+        format::FormatError::UnsupportedVersion(v) => Error::UnsupportedVersion {
+            path: path.clone(),
+            found: v,
+            supported: format::FORMAT_VERSION,
+        },
         e => Error::corruption(&path, 0, e.to_string()),
     })?;
     if g != gen {
-        return Err(Error::corruption(&path, 12, "checkpoint generation does not match its name"));
+        return Err(Error::corruption(
+            &path,
+            12,
+            "checkpoint generation does not match its name",
+        ));
     }
     Ok(entries)
 }
@@ -682,7 +876,7 @@ fn read_checkpoint(io: &dyn Io, dir: &Path, gen: u32) -> Result<Vec<CkptEntry>> 
 fn anchor_after(bytes: &[u8], off: u32, path: &Path) -> Result<u32> {
     let h = decode_header(bytes.get(off as usize..).unwrap_or_default())
         .map_err(|e| Error::corruption(path, off as u64, e.to_string()))?;
-    Ok(if h.seq % SPARSE_EVERY == 0 {
+    Ok(if h.seq.is_multiple_of(SPARSE_EVERY) {
         off
     } else if !is_local(h.prev) {
         NONE
@@ -700,22 +894,40 @@ fn chain_start(l: &LogSeg, id: u64, head: u32) -> Result<(u64, u32, u32)> {
         let h = decode_header(bytes.get(cur as usize..).unwrap_or_default())
             .map_err(|e| Error::corruption(&l.path, cur as u64, e.to_string()))?;
         if h.timeline != id {
-            return Err(Error::corruption(&l.path, cur as u64, "chain leads to another timeline"));
+            return Err(Error::corruption(
+                &l.path,
+                cur as u64,
+                "chain leads to another timeline",
+            ));
         }
         if !is_local(h.prev) {
             return Ok(match crate::segment::continue_from(&h) {
-                Step::Continue { first_seq, prev_gen, prev_head } => (first_seq, prev_gen, prev_head),
+                Step::Continue {
+                    first_seq,
+                    prev_gen,
+                    prev_head,
+                } => (first_seq, prev_gen, prev_head),
                 Step::Done => (h.seq, NONE, NONE),
             });
         }
         // Jump by anchors when they lead further back.
-        cur = if h.anchor != NONE && h.anchor < h.prev { h.anchor } else { h.prev };
+        cur = if h.anchor != NONE && h.anchor < h.prev {
+            h.anchor
+        } else {
+            h.prev
+        };
     }
 }
 
 /// Rebuild one log segment from its file: every record that verifies, in
 /// order, up to the first that does not (a torn tail), which is cut off.
-fn recover_log(io: &dyn Io, dir: &Path, gen: u32, table: &TimelineTable, cap: usize) -> Result<Option<Arc<LogSeg>>> {
+fn recover_log(
+    io: &dyn Io,
+    dir: &Path,
+    gen: u32,
+    table: &TimelineTable,
+    cap: usize,
+) -> Result<Option<Arc<LogSeg>>> {
     let path = dir.join(format::log_file_name(gen));
     let file = io.open(&path, OpenMode::Existing).map_err(ioe(&path))?;
     let len = file.len().map_err(ioe(&path))? as usize;
@@ -729,18 +941,26 @@ fn recover_log(io: &dyn Io, dir: &Path, gen: u32, table: &TimelineTable, cap: us
     let mut bytes = vec![0u8; len];
     file.read_at(&mut bytes, 0).map_err(ioe(&path))?;
     let header = SegmentHeader::decode(&bytes).map_err(|e| match e {
-        format::FormatError::UnsupportedVersion(v) => {
-            Error::UnsupportedVersion { path: path.clone(), found: v, supported: format::FORMAT_VERSION }
-        }
+        format::FormatError::UnsupportedVersion(v) => Error::UnsupportedVersion {
+            path: path.clone(),
+            found: v,
+            supported: format::FORMAT_VERSION,
+        },
         e => Error::corruption(&path, 0, e.to_string()),
     })?;
     if header.gen != gen || header.kind != SegmentKind::Log {
-        return Err(Error::corruption(&path, 0, "header does not match file name"));
+        return Err(Error::corruption(
+            &path,
+            0,
+            "header does not match file name",
+        ));
     }
     let mut off = HEADER_LEN;
     let (mut min_ts, mut max_ts, mut records) = (u64::MAX, 0u64, 0u64);
     while off < len {
-        let Ok((h, _)) = decode(bytes.get(off..).unwrap_or_default()) else { break };
+        let Ok((h, _)) = decode(bytes.get(off..).unwrap_or_default()) else {
+            break;
+        };
         let idx = table.find_or_insert(h.timeline);
         let (last, pos) = table.with(idx, |m| m.snapshot());
         let linked = if !is_local(h.prev) {
@@ -754,10 +974,21 @@ fn recover_log(io: &dyn Io, dir: &Path, gen: u32, table: &TimelineTable, cap: us
             return Err(Error::corruption(
                 &path,
                 off as u64,
-                format!("record of timeline {} seq {} does not follow seq {last}", h.timeline, h.seq),
+                format!(
+                    "record of timeline {} seq {} does not follow seq {last}",
+                    h.timeline, h.seq
+                ),
             ));
         }
-        table.with(idx, |m| m.publish(h.seq, Pos { gen, off: off as u32 }));
+        table.with(idx, |m| {
+            m.publish(
+                h.seq,
+                Pos {
+                    gen,
+                    off: off as u32,
+                },
+            )
+        });
         min_ts = min_ts.min(h.ts_ms);
         max_ts = max_ts.max(h.ts_ms);
         records += 1;

@@ -1,4 +1,5 @@
 //! Basic behaviour of the public API on a real directory.
+#![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 use timeline_engine::*;
@@ -22,7 +23,11 @@ fn append_get_scan_reopen() {
         for i in 0..5000u64 {
             let t = i * 7 % 50;
             let p = format!("msg-{t}-{i}").into_bytes();
-            let ks = if t % 2 == 0 { TimelineId::store(t) } else { TimelineId::sync(t) };
+            let ks = if t % 2 == 0 {
+                TimelineId::store(t)
+            } else {
+                TimelineId::sync(t)
+            };
             let seq = e.append_with(ks, &p, Durability::Buffered).unwrap();
             expect[t as usize].push(p);
             assert_eq!(seq, expect[t as usize].len() as u64);
@@ -39,7 +44,11 @@ fn append_get_scan_reopen() {
 fn check(e: &Engine, expect: &[Vec<Vec<u8>>]) {
     for (t, msgs) in expect.iter().enumerate() {
         let t = t as u64;
-        let tl = if t % 2 == 0 { TimelineId::store(t) } else { TimelineId::sync(t) };
+        let tl = if t % 2 == 0 {
+            TimelineId::store(t)
+        } else {
+            TimelineId::sync(t)
+        };
         assert_eq!(e.last_seq(tl), msgs.len() as u64);
         assert_eq!(e.first_retained_seq(tl).unwrap(), 1);
         for (i, m) in msgs.iter().enumerate() {

@@ -16,18 +16,44 @@ const DIR: &str = "/model";
 
 #[derive(Debug, Clone)]
 enum Op {
-    Append { tl: TimelineId, len: usize, durable: bool },
-    Batch { items: Vec<(TimelineId, usize)>, durable: bool },
-    Get { tl: TimelineId, seq: u64 },
-    Scan { tl: TimelineId, from: u64, limit: usize, forward: bool },
+    Append {
+        tl: TimelineId,
+        len: usize,
+        durable: bool,
+    },
+    Batch {
+        items: Vec<(TimelineId, usize)>,
+        durable: bool,
+    },
+    Get {
+        tl: TimelineId,
+        seq: u64,
+    },
+    Scan {
+        tl: TimelineId,
+        from: u64,
+        limit: usize,
+        forward: bool,
+    },
     Sync,
     Reopen,
-    Crash { torn: bool, seed: u64 },
-    Advance { ms: u64 },
+    Crash {
+        torn: bool,
+        seed: u64,
+    },
+    Advance {
+        ms: u64,
+    },
 }
 
 fn tl_strategy() -> impl Strategy<Value = TimelineId> {
-    (any::<bool>(), 0u64..6).prop_map(|(s, id)| if s { TimelineId::sync(id) } else { TimelineId::store(id) })
+    (any::<bool>(), 0u64..6).prop_map(|(s, id)| {
+        if s {
+            TimelineId::sync(id)
+        } else {
+            TimelineId::store(id)
+        }
+    })
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
@@ -108,8 +134,16 @@ impl World {
         let e = self.engine.clone().unwrap();
         for (tl, m) in self.model.iter_mut() {
             let last = e.last_seq(*tl) as usize;
-            assert!(last >= m.durable, "{tl:?}: lost durable appends: last {last}, durable {}", m.durable);
-            assert!(last <= m.recs.len(), "{tl:?}: invented records: last {last} > {}", m.recs.len());
+            assert!(
+                last >= m.durable,
+                "{tl:?}: lost durable appends: last {last}, durable {}",
+                m.durable
+            );
+            assert!(
+                last <= m.recs.len(),
+                "{tl:?}: invented records: last {last} > {}",
+                m.recs.len()
+            );
             m.recs.truncate(last);
             m.durable = last;
         }
@@ -121,7 +155,10 @@ impl World {
         let m = self.model.entry(tl).or_default();
         assert_eq!(e.last_seq(tl), m.recs.len() as u64, "{tl:?} last_seq");
         let first = e.first_retained_seq(tl).unwrap();
-        assert!(first >= m.first_retained.max(1), "{tl:?}: first_retained went backwards");
+        assert!(
+            first >= m.first_retained.max(1),
+            "{tl:?}: first_retained went backwards"
+        );
         assert!(first <= m.recs.len() as u64 + 1);
         if tl.keyspace == Keyspace::Store {
             assert_eq!(first, 1, "store keyspace dropped data");
@@ -129,7 +166,11 @@ impl World {
         // Nothing younger than the TTL may be gone.
         for (i, (_, ts)) in m.recs.iter().enumerate() {
             if (i as u64 + 1) < first {
-                assert!(ts + TTL_MS <= now, "{tl:?}: seq {} dropped before its TTL", i + 1);
+                assert!(
+                    ts + TTL_MS <= now,
+                    "{tl:?}: seq {} dropped before its TTL",
+                    i + 1
+                );
             }
         }
         m.first_retained = first;
@@ -139,7 +180,12 @@ impl World {
 fn run(ops: Vec<Op>) {
     let mem = MemIo::new();
     let clock = ManualClock::new(1_700_000_000_000);
-    let mut w = World { mem, clock, engine: None, model: BTreeMap::new() };
+    let mut w = World {
+        mem,
+        clock,
+        engine: None,
+        model: BTreeMap::new(),
+    };
     w.reopen();
     for op in ops {
         match op {
@@ -147,7 +193,11 @@ fn run(ops: Vec<Op>) {
                 let m = w.model.entry(tl).or_default();
                 let seq = m.recs.len() as u64 + 1;
                 let p = payload(tl, seq, len);
-                let d = if durable { Durability::GroupCommit } else { Durability::Buffered };
+                let d = if durable {
+                    Durability::GroupCommit
+                } else {
+                    Durability::Buffered
+                };
                 let got = w.engine().append_with(tl, &p, d).unwrap();
                 assert_eq!(got, seq, "{tl:?}: SeqIds must be consecutive");
                 let m = w.model.get_mut(&tl).unwrap();
@@ -165,8 +215,15 @@ fn run(ops: Vec<Op>) {
                     *n += 1;
                     payloads.push((*tl, *n, payload(*tl, *n, *len)));
                 }
-                let refs: Vec<(TimelineId, &[u8])> = payloads.iter().map(|(t, _, p)| (*t, p.as_slice())).collect();
-                let d = if durable { Durability::GroupCommit } else { Durability::Buffered };
+                let refs: Vec<(TimelineId, &[u8])> = payloads
+                    .iter()
+                    .map(|(t, _, p)| (*t, p.as_slice()))
+                    .collect();
+                let d = if durable {
+                    Durability::GroupCommit
+                } else {
+                    Durability::Buffered
+                };
                 let seqs = w.engine().append_batch(&refs, d).unwrap();
                 for ((tl, want, p), got) in payloads.into_iter().zip(seqs) {
                     assert_eq!(got, want, "{tl:?}: batch SeqIds");
@@ -184,15 +241,27 @@ fn run(ops: Vec<Op>) {
                 if seq == 0 || seq > m.recs.len() as u64 {
                     assert!(matches!(r, Ok(None)), "{tl:?} get {seq}: {r:?}");
                 } else if seq < m.first_retained {
-                    assert!(matches!(r, Err(Error::Truncated { .. })), "{tl:?} get {seq}: {r:?}");
+                    assert!(
+                        matches!(r, Err(Error::Truncated { .. })),
+                        "{tl:?} get {seq}: {r:?}"
+                    );
                 } else {
                     let r = r.unwrap().unwrap();
                     assert_eq!(r.seq, seq);
-                    assert_eq!(r.payload, m.recs[seq as usize - 1].0, "{tl:?} seq {seq} payload");
+                    assert_eq!(
+                        r.payload,
+                        m.recs[seq as usize - 1].0,
+                        "{tl:?} seq {seq} payload"
+                    );
                     assert_eq!(r.timestamp_ms, m.recs[seq as usize - 1].1);
                 }
             }
-            Op::Scan { tl, from, limit, forward } => {
+            Op::Scan {
+                tl,
+                from,
+                limit,
+                forward,
+            } => {
                 w.check_timeline(tl);
                 let m = &w.model[&tl];
                 let last = m.recs.len() as u64;
@@ -202,23 +271,38 @@ fn run(ops: Vec<Op>) {
                     let lo = from.max(1);
                     if lo < first && lo <= last {
                         match r {
-                            Err(Error::Truncated { first_retained, .. }) => assert_eq!(first_retained, first),
-                            other => panic!("{tl:?} scan from {from}: expected Truncated, got {other:?}"),
+                            Err(Error::Truncated { first_retained, .. }) => {
+                                assert_eq!(first_retained, first)
+                            }
+                            other => {
+                                panic!("{tl:?} scan from {from}: expected Truncated, got {other:?}")
+                            }
                         }
                     } else {
                         let r = r.unwrap();
                         let want: Vec<u64> = (lo..=last).take(limit).collect();
-                        assert_eq!(r.iter().map(|x| x.seq).collect::<Vec<_>>(), want, "{tl:?} fwd from {from}");
+                        assert_eq!(
+                            r.iter().map(|x| x.seq).collect::<Vec<_>>(),
+                            want,
+                            "{tl:?} fwd from {from}"
+                        );
                         for x in &r {
                             assert_eq!(x.payload, m.recs[x.seq as usize - 1].0);
                         }
                     }
                 } else {
                     let from = if from == 0 { u64::MAX } else { from };
-                    let r = w.engine().scan(tl, from, limit, Direction::Backward).unwrap();
+                    let r = w
+                        .engine()
+                        .scan(tl, from, limit, Direction::Backward)
+                        .unwrap();
                     let hi = from.min(last);
                     let want: Vec<u64> = (first.max(1)..=hi).rev().take(limit).collect();
-                    assert_eq!(r.iter().map(|x| x.seq).collect::<Vec<_>>(), want, "{tl:?} back from {from}");
+                    assert_eq!(
+                        r.iter().map(|x| x.seq).collect::<Vec<_>>(),
+                        want,
+                        "{tl:?} back from {from}"
+                    );
                     for x in &r {
                         assert_eq!(x.payload, m.recs[x.seq as usize - 1].0);
                     }
@@ -239,7 +323,11 @@ fn run(ops: Vec<Op>) {
             }
             Op::Crash { torn, seed } => {
                 let image = w.mem.crash();
-                image.set_faults(MemFaults { torn_tail_on_crash: torn, seed, ..MemFaults::default() });
+                image.set_faults(MemFaults {
+                    torn_tail_on_crash: torn,
+                    seed,
+                    ..MemFaults::default()
+                });
                 let image = if torn { image.crash() } else { image };
                 // The old engine keeps writing into the old image only; drop it.
                 let old = w.engine.take().unwrap();
@@ -268,8 +356,14 @@ fn run(ops: Vec<Op>) {
         w.check_timeline(tl);
         let m = &w.model[&tl];
         let first = m.first_retained;
-        let all = w.engine().scan(tl, first, 100_000, Direction::Forward).unwrap();
-        assert_eq!(all.len() as u64, (m.recs.len() as u64 + 1).saturating_sub(first));
+        let all = w
+            .engine()
+            .scan(tl, first, 100_000, Direction::Forward)
+            .unwrap();
+        assert_eq!(
+            all.len() as u64,
+            (m.recs.len() as u64 + 1).saturating_sub(first)
+        );
         for x in all {
             assert_eq!(x.payload, m.recs[x.seq as usize - 1].0);
         }

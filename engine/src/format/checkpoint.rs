@@ -59,7 +59,10 @@ pub fn encode(gen: u32, entries: &[CkptEntry]) -> Vec<u8> {
 /// Decode and verify a whole checkpoint file: (gen, entries).
 pub fn decode(b: &[u8]) -> Result<(u32, Vec<CkptEntry>), FormatError> {
     if b.len() < HEADER_LEN + 4 {
-        return Err(FormatError::Truncated { need: HEADER_LEN + 4, have: b.len() });
+        return Err(FormatError::Truncated {
+            need: HEADER_LEN + 4,
+            have: b.len(),
+        });
     }
     if b.get(..8) != Some(&MAGIC[..]) {
         return Err(FormatError::BadMagic);
@@ -68,7 +71,10 @@ pub fn decode(b: &[u8]) -> Result<(u32, Vec<CkptEntry>), FormatError> {
     let stored = get_u32(b, b.len() - 4)?;
     let actual = crc32fast::hash(body);
     if stored != actual {
-        return Err(FormatError::BadChecksum { expected: stored, actual });
+        return Err(FormatError::BadChecksum {
+            expected: stored,
+            actual,
+        });
     }
     let v = get_u16(b, 8)?;
     if v != FORMAT_VERSION {
@@ -94,6 +100,7 @@ pub fn decode(b: &[u8]) -> Result<(u32, Vec<CkptEntry>), FormatError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

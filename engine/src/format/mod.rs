@@ -27,9 +27,15 @@ pub const SPARSE_EVERY: u64 = 16;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FormatError {
     /// Fewer bytes than the structure needs.
-    Truncated { need: usize, have: usize },
+    Truncated {
+        need: usize,
+        have: usize,
+    },
     BadMagic,
-    BadChecksum { expected: u32, actual: u32 },
+    BadChecksum {
+        expected: u32,
+        actual: u32,
+    },
     UnsupportedVersion(u16),
     /// A field holds a value no writer produces.
     BadField(&'static str),
@@ -38,10 +44,15 @@ pub enum FormatError {
 impl std::fmt::Display for FormatError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            FormatError::Truncated { need, have } => write!(f, "truncated: need {need} bytes, have {have}"),
+            FormatError::Truncated { need, have } => {
+                write!(f, "truncated: need {need} bytes, have {have}")
+            }
             FormatError::BadMagic => write!(f, "bad magic"),
             FormatError::BadChecksum { expected, actual } => {
-                write!(f, "checksum mismatch: stored {expected:#010x}, computed {actual:#010x}")
+                write!(
+                    f,
+                    "checksum mismatch: stored {expected:#010x}, computed {actual:#010x}"
+                )
             }
             FormatError::UnsupportedVersion(v) => write!(f, "unsupported format version {v}"),
             FormatError::BadField(w) => write!(f, "invalid field: {w}"),
@@ -94,31 +105,44 @@ pub fn parse_file_name(name: &str) -> Option<FileName> {
 
 // Little-endian field access with checked bounds.
 pub(crate) fn get_u16(b: &[u8], at: usize) -> Result<u16, FormatError> {
-    let s = b.get(at..at + 2).ok_or(FormatError::Truncated { need: at + 2, have: b.len() })?;
+    let s = b.get(at..at + 2).ok_or(FormatError::Truncated {
+        need: at + 2,
+        have: b.len(),
+    })?;
     let mut a = [0u8; 2];
     a.copy_from_slice(s);
     Ok(u16::from_le_bytes(a))
 }
 pub(crate) fn get_u32(b: &[u8], at: usize) -> Result<u32, FormatError> {
-    let s = b.get(at..at + 4).ok_or(FormatError::Truncated { need: at + 4, have: b.len() })?;
+    let s = b.get(at..at + 4).ok_or(FormatError::Truncated {
+        need: at + 4,
+        have: b.len(),
+    })?;
     let mut a = [0u8; 4];
     a.copy_from_slice(s);
     Ok(u32::from_le_bytes(a))
 }
 pub(crate) fn get_u64(b: &[u8], at: usize) -> Result<u64, FormatError> {
-    let s = b.get(at..at + 8).ok_or(FormatError::Truncated { need: at + 8, have: b.len() })?;
+    let s = b.get(at..at + 8).ok_or(FormatError::Truncated {
+        need: at + 8,
+        have: b.len(),
+    })?;
     let mut a = [0u8; 8];
     a.copy_from_slice(s);
     Ok(u64::from_le_bytes(a))
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     #[test]
     fn file_names_round_trip() {
         assert_eq!(parse_file_name(&log_file_name(7)), Some(FileName::Log(7)));
-        assert_eq!(parse_file_name(&seg_file_name(u32::MAX - 1)), Some(FileName::Sealed(u32::MAX - 1)));
+        assert_eq!(
+            parse_file_name(&seg_file_name(u32::MAX - 1)),
+            Some(FileName::Sealed(u32::MAX - 1))
+        );
         assert_eq!(parse_file_name(&tmp_file_name(3)), Some(FileName::Temp));
         assert_eq!(parse_file_name("notes.txt"), None);
         assert_eq!(parse_file_name("12.log"), None);

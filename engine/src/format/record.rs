@@ -53,6 +53,8 @@ pub fn encoded_len(payload_len: usize) -> usize {
     RECORD_HEADER_LEN + payload_len
 }
 
+// Encoders fill buffers they sized themselves; only decoders face untrusted bytes.
+#[allow(clippy::indexing_slicing)]
 /// Encode a record into `out` (which must be exactly `encoded_len(payload.len())`
 /// bytes long; the caller owns the buffer).
 pub fn encode_into(h: &RecordHeader, payload: &[u8], out: &mut [u8]) {
@@ -94,7 +96,10 @@ pub fn decode_header(b: &[u8]) -> Result<RecordHeader, FormatError> {
     };
     let need = h.encoded_len();
     if b.len() < need {
-        return Err(FormatError::Truncated { need, have: b.len() });
+        return Err(FormatError::Truncated {
+            need,
+            have: b.len(),
+        });
     }
     Ok(h)
 }
@@ -104,16 +109,28 @@ pub fn decode(b: &[u8]) -> Result<(RecordHeader, &[u8]), FormatError> {
     let h = decode_header(b)?;
     let end = h.encoded_len();
     let stored = get_u32(b, 0)?;
-    let body = b.get(4..end).ok_or(FormatError::Truncated { need: end, have: b.len() })?;
+    let body = b.get(4..end).ok_or(FormatError::Truncated {
+        need: end,
+        have: b.len(),
+    })?;
     let actual = crc32fast::hash(body);
     if actual != stored {
-        return Err(FormatError::BadChecksum { expected: stored, actual });
+        return Err(FormatError::BadChecksum {
+            expected: stored,
+            actual,
+        });
     }
-    let payload = b.get(RECORD_HEADER_LEN..end).ok_or(FormatError::Truncated { need: end, have: b.len() })?;
+    let payload = b
+        .get(RECORD_HEADER_LEN..end)
+        .ok_or(FormatError::Truncated {
+            need: end,
+            have: b.len(),
+        })?;
     Ok((h, payload))
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

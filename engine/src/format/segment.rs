@@ -50,6 +50,7 @@ pub struct SegmentHeader {
 }
 
 impl SegmentHeader {
+    #[allow(clippy::indexing_slicing)] // fixed-size array, constant ranges
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[0..8].copy_from_slice(&HEADER_MAGIC);
@@ -65,14 +66,20 @@ impl SegmentHeader {
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, FormatError> {
-        let h = b.get(..HEADER_LEN).ok_or(FormatError::Truncated { need: HEADER_LEN, have: b.len() })?;
+        let h = b.get(..HEADER_LEN).ok_or(FormatError::Truncated {
+            need: HEADER_LEN,
+            have: b.len(),
+        })?;
         if h.get(0..8) != Some(&HEADER_MAGIC[..]) {
             return Err(FormatError::BadMagic);
         }
         let stored = get_u32(h, 60)?;
         let actual = crc32fast::hash(h.get(..60).unwrap_or_default());
         if stored != actual {
-            return Err(FormatError::BadChecksum { expected: stored, actual });
+            return Err(FormatError::BadChecksum {
+                expected: stored,
+                actual,
+            });
         }
         let version = get_u16(h, 8)?;
         if version != FORMAT_VERSION {
@@ -152,6 +159,7 @@ impl Footer {
         self.entries as u64 * ENTRY_LEN as u64 + self.sparse_count as u64 * 4
     }
 
+    #[allow(clippy::indexing_slicing)] // fixed-size array, constant ranges
     pub fn encode(&self) -> [u8; FOOTER_LEN] {
         let mut b = [0u8; FOOTER_LEN];
         b[0..8].copy_from_slice(&FOOTER_MAGIC);
@@ -173,7 +181,10 @@ impl Footer {
     pub fn decode_from_file(file: &[u8]) -> Result<Self, FormatError> {
         let n = file.len();
         if n < HEADER_LEN + FOOTER_LEN {
-            return Err(FormatError::Truncated { need: HEADER_LEN + FOOTER_LEN, have: n });
+            return Err(FormatError::Truncated {
+                need: HEADER_LEN + FOOTER_LEN,
+                have: n,
+            });
         }
         let b = file.get(n - FOOTER_LEN..).unwrap_or_default();
         if b.get(0..8) != Some(&FOOTER_MAGIC[..]) {
@@ -182,7 +193,10 @@ impl Footer {
         let stored = get_u32(b, 60)?;
         let actual = crc32fast::hash(b.get(..60).unwrap_or_default());
         if stored != actual {
-            return Err(FormatError::BadChecksum { expected: stored, actual });
+            return Err(FormatError::BadChecksum {
+                expected: stored,
+                actual,
+            });
         }
         let f = Footer {
             index_off: get_u64(b, 8)?,
@@ -205,12 +219,19 @@ impl Footer {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 
     #[test]
     fn header_round_trip_and_checks() {
-        let h = SegmentHeader { kind: SegmentKind::Grouped, keyspace: 1, shard: 3, gen: 42, created_ms: 99 };
+        let h = SegmentHeader {
+            kind: SegmentKind::Grouped,
+            keyspace: 1,
+            shard: 3,
+            gen: 42,
+            created_ms: 99,
+        };
         let mut b = h.encode();
         assert_eq!(SegmentHeader::decode(&b), Ok(h));
         b[5] ^= 1;
@@ -219,13 +240,24 @@ mod tests {
         b[8] = 9; // version 9, CRC recomputed so only the version is wrong
         let c = crc32fast::hash(&b[..60]);
         b[60..64].copy_from_slice(&c.to_le_bytes());
-        assert_eq!(SegmentHeader::decode(&b), Err(FormatError::UnsupportedVersion(9)));
+        assert_eq!(
+            SegmentHeader::decode(&b),
+            Err(FormatError::UnsupportedVersion(9))
+        );
         assert!(SegmentHeader::decode(&b[..10]).is_err());
     }
 
     #[test]
     fn footer_round_trip_and_bounds() {
-        let f = Footer { index_off: 64, entries: 2, sparse_count: 3, records: 5, min_ts: 1, max_ts: 2, index_crc: 7 };
+        let f = Footer {
+            index_off: 64,
+            entries: 2,
+            sparse_count: 3,
+            records: 5,
+            min_ts: 1,
+            max_ts: 2,
+            index_crc: 7,
+        };
         let mut file = vec![0u8; 64];
         file.extend(vec![0u8; f.index_len() as usize]);
         file.extend_from_slice(&f.encode());
@@ -239,7 +271,15 @@ mod tests {
 
     #[test]
     fn entry_round_trip() {
-        let e = IndexEntry { timeline: 1, first_seq: 2, last_seq: 3, loc: 4, prev_gen: 5, sparse_start: 6, run_len: 7 };
+        let e = IndexEntry {
+            timeline: 1,
+            first_seq: 2,
+            last_seq: 3,
+            loc: 4,
+            prev_gen: 5,
+            sparse_start: 6,
+            run_len: 7,
+        };
         let mut v = Vec::new();
         e.encode_to(&mut v);
         e.encode_to(&mut v);

@@ -11,12 +11,18 @@ pub struct Pos {
 }
 
 impl Pos {
-    pub const NONE: Pos = Pos { gen: u32::MAX, off: u32::MAX };
+    pub const NONE: Pos = Pos {
+        gen: u32::MAX,
+        off: u32::MAX,
+    };
     pub fn pack(self) -> u64 {
         ((self.gen as u64) << 32) | self.off as u64
     }
     pub fn unpack(v: u64) -> Pos {
-        Pos { gen: (v >> 32) as u32, off: v as u32 }
+        Pos {
+            gen: (v >> 32) as u32,
+            off: v as u32,
+        }
     }
 }
 
@@ -91,7 +97,11 @@ impl Default for TimelineTable {
 impl TimelineTable {
     pub fn new() -> Self {
         TimelineTable {
-            inner: RwLock::new(Inner { table: HashTable::new(), chunks: Vec::new(), len: 0 }),
+            inner: RwLock::new(Inner {
+                table: HashTable::new(),
+                chunks: Vec::new(),
+                len: 0,
+            }),
         }
     }
 
@@ -106,14 +116,18 @@ impl TimelineTable {
     /// (last_seq, pos) of a timeline, or None if the shard never saw it.
     pub fn snapshot(&self, id: u64) -> Option<(u64, Pos)> {
         let g = self.inner.read();
-        let idx = *g.table.find(hash_id(id), |&i| meta_at(&g.chunks, i).id == id)?;
+        let idx = *g
+            .table
+            .find(hash_id(id), |&i| meta_at(&g.chunks, i).id == id)?;
         Some(meta_at(&g.chunks, idx).snapshot())
     }
 
     /// Index of a timeline's slot, if present.
     pub fn find(&self, id: u64) -> Option<u32> {
         let g = self.inner.read();
-        g.table.find(hash_id(id), |&i| meta_at(&g.chunks, i).id == id).copied()
+        g.table
+            .find(hash_id(id), |&i| meta_at(&g.chunks, i).id == id)
+            .copied()
     }
 
     /// Index of a timeline's slot, inserting an empty one if absent. Only the
@@ -128,19 +142,62 @@ impl TimelineTable {
             return i;
         }
         let idx = g.len;
-        if idx % CHUNK == 0 {
+        if idx.is_multiple_of(CHUNK) {
             let chunk: Box<[Meta]> = (0..CHUNK)
-                .map(|_| Meta { id: 0, last_seq: AtomicU64::new(0), pos: AtomicU64::new(Pos::NONE.pack()) })
+                .map(|_| Meta {
+                    id: 0,
+                    last_seq: AtomicU64::new(0),
+                    pos: AtomicU64::new(Pos::NONE.pack()),
+                })
                 .collect();
             g.chunks.push(chunk);
         }
         let Inner { table, chunks, len } = &mut *g;
-        if let Some(m) = chunks.get_mut(idx / CHUNK).and_then(|c| c.get_mut(idx % CHUNK)) {
+        if let Some(m) = chunks
+            .get_mut(idx / CHUNK)
+            .and_then(|c| c.get_mut(idx % CHUNK))
+        {
             m.id = id;
         }
         *len += 1;
         table.insert_unique(h, idx as u32, |&i| hash_id(meta_at(chunks, i).id));
         idx as u32
+    }
+
+    /// Slot indices for many ids at once (inserting missing ones): one read
+    /// lock for the lookups, one write lock only if some id is new.
+    pub fn resolve_batch(&self, ids: impl Iterator<Item = u64> + Clone, out: &mut Vec<u32>) {
+        out.clear();
+        let mut missing = false;
+        {
+            let g = self.inner.read();
+            for id in ids.clone() {
+                match g
+                    .table
+                    .find(hash_id(id), |&i| meta_at(&g.chunks, i).id == id)
+                {
+                    Some(&i) => out.push(i),
+                    None => {
+                        missing = true;
+                        out.push(u32::MAX);
+                    }
+                }
+            }
+        }
+        if missing {
+            for (slot, id) in out.iter_mut().zip(ids) {
+                if *slot == u32::MAX {
+                    *slot = self.find_or_insert(id);
+                }
+            }
+        }
+    }
+
+    /// A read guard for many meta accesses in a row.
+    pub fn read(&self) -> TableRead<'_> {
+        TableRead {
+            g: self.inner.read(),
+        }
     }
 
     /// Run `f` on the meta at `idx` (from `find`/`find_or_insert`).
@@ -165,8 +222,25 @@ impl TimelineTable {
         let slots = g.table.capacity();
         // hashbrown: buckets are the next power of two above capacity * 8/7;
         // each holds a u32 and a control byte (+ 16 trailing control bytes).
-        let buckets = if slots == 0 { 0 } else { (slots * 8 / 7).next_power_of_two() };
-        buckets * 5 + g.chunks.len() * CHUNK * std::mem::size_of::<Meta>() + g.chunks.capacity() * 16
+        let buckets = if slots == 0 {
+            0
+        } else {
+            (slots * 8 / 7).next_power_of_two()
+        };
+        buckets * 5
+            + g.chunks.len() * CHUNK * std::mem::size_of::<Meta>()
+            + g.chunks.capacity() * 16
+    }
+}
+
+/// Shared access to a table's metas (see [`TimelineTable::read`]).
+pub struct TableRead<'a> {
+    g: parking_lot::RwLockReadGuard<'a, Inner>,
+}
+
+impl TableRead<'_> {
+    pub fn meta(&self, idx: u32) -> &Meta {
+        meta_at(&self.g.chunks, idx)
     }
 }
 
@@ -178,6 +252,7 @@ fn meta_at(chunks: &[Box<[Meta]>], idx: u32) -> &Meta {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 
@@ -191,7 +266,15 @@ mod tests {
         }
         for (k, id) in (0..10_000u64).enumerate() {
             assert_eq!(t.find_or_insert(id * 7919), idxs[k]);
-            t.with(idxs[k], |m| m.publish(id + 1, Pos { gen: 1, off: id as u32 }));
+            t.with(idxs[k], |m| {
+                m.publish(
+                    id + 1,
+                    Pos {
+                        gen: 1,
+                        off: id as u32,
+                    },
+                )
+            });
         }
         assert_eq!(t.len(), 10_000);
         assert_eq!(t.snapshot(7919 * 3), Some((4, Pos { gen: 1, off: 3 })));
@@ -201,7 +284,10 @@ mod tests {
 
     #[test]
     fn pos_packing() {
-        let p = Pos { gen: 7, off: 0xdead_beef };
+        let p = Pos {
+            gen: 7,
+            off: 0xdead_beef,
+        };
         assert_eq!(Pos::unpack(p.pack()), p);
         assert_eq!(Pos::unpack(Pos::NONE.pack()), Pos::NONE);
     }

@@ -272,10 +272,7 @@ impl Drop for UringFile {
     fn drop(&mut self) {
         let key = self as *const UringFile as usize;
         let mut files = self.shared.files.lock();
-        if files
-            .get(&key)
-            .is_some_and(|w| w.as_ptr() as usize == key)
-        {
+        if files.get(&key).is_some_and(|w| w.as_ptr() as usize == key) {
             files.remove(&key);
         }
     }

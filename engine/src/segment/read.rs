@@ -4,7 +4,7 @@
 //! part of `[lo, hi]` it holds, in seq order, and says whether the range goes
 //! on in an older segment ([`Step::Continue`]) or is complete ([`Step::Done`]).
 
-use super::{SegRef, SealedSeg};
+use super::{SealedSeg, SegRef};
 use crate::error::{Error, Result};
 use crate::format::record::{decode, decode_header, is_local, RecordHeader, CROSS};
 use crate::format::segment::SegmentKind;
@@ -20,42 +20,85 @@ pub enum Step {
     /// Records before `first_seq` are in segment `prev_gen` (`NONE`: there
     /// are none: the timeline starts at `first_seq`), the newest of them at
     /// `prev_head` when that segment is a log segment (else `NONE`).
-    Continue { first_seq: u64, prev_gen: u32, prev_head: u32 },
+    Continue {
+        first_seq: u64,
+        prev_gen: u32,
+        prev_head: u32,
+    },
 }
 
 /// Push the records of `timeline` with seq in `[lo, hi]` held by `seg` to
 /// `out`, in ascending seq order. `head` is the offset of the timeline's
 /// newest record in `seg` when the caller knows it (log segments); for sealed
 /// segments the index says.
-pub(crate) fn collect(seg: &SegRef, timeline: u64, head: Option<u32>, lo: u64, hi: u64, out: &mut Vec<Record>) -> Result<Step> {
+pub(crate) fn collect(
+    seg: &SegRef,
+    timeline: u64,
+    head: Option<u32>,
+    lo: u64,
+    hi: u64,
+    out: &mut Vec<Record>,
+) -> Result<Step> {
     match seg {
         SegRef::Log(l) => {
-            let head = head
-                .filter(|&h| h != NONE)
-                .ok_or_else(|| Error::corruption(l.path.clone(), 0, "log segment reached without a head offset"))?;
+            let head = head.filter(|&h| h != NONE).ok_or_else(|| {
+                Error::corruption(
+                    l.path.clone(),
+                    0,
+                    "log segment reached without a head offset",
+                )
+            })?;
             // Bytes in an active segment were written by this process (or
             // verified by recovery): skip per-record CRC work on the hot path.
-            collect_chain(l.buf.published(), &l.path, timeline, head, lo, hi, false, out)
+            collect_chain(
+                l.buf.published(),
+                &l.path,
+                timeline,
+                head,
+                lo,
+                hi,
+                false,
+                out,
+            )
         }
         SegRef::Sealed(s) => collect_sealed(s, timeline, lo, hi, out),
     }
 }
 
-fn collect_sealed(s: &SealedSeg, timeline: u64, lo: u64, hi: u64, out: &mut Vec<Record>) -> Result<Step> {
+fn collect_sealed(
+    s: &SealedSeg,
+    timeline: u64,
+    lo: u64,
+    hi: u64,
+    out: &mut Vec<Record>,
+) -> Result<Step> {
     let Some(e) = s.lookup(timeline)? else {
         return Err(Error::corruption(
             s.path.clone(),
             s.footer.index_off,
-            format!("timeline {timeline} should have records in this segment but the index has none"),
+            format!(
+                "timeline {timeline} should have records in this segment but the index has none"
+            ),
         ));
     };
     if hi < e.first_seq {
-        return Ok(Step::Continue { first_seq: e.first_seq, prev_gen: e.prev_gen, prev_head: NONE });
+        return Ok(Step::Continue {
+            first_seq: e.first_seq,
+            prev_gen: e.prev_gen,
+            prev_head: NONE,
+        });
     }
     match s.kind {
-        SegmentKind::Log => {
-            collect_chain(s.bytes(), &s.path, timeline, e.loc, lo, hi.min(e.last_seq), true, out)
-        }
+        SegmentKind::Log => collect_chain(
+            s.bytes(),
+            &s.path,
+            timeline,
+            e.loc,
+            lo,
+            hi.min(e.last_seq),
+            true,
+            out,
+        ),
         SegmentKind::Grouped => {
             let bytes = s.bytes();
             let from = lo.max(e.first_seq);
@@ -66,20 +109,32 @@ fn collect_sealed(s: &SealedSeg, timeline: u64, lo: u64, hi: u64, out: &mut Vec<
             let mut expect = e.first_seq + k * SPARSE_EVERY;
             while expect <= to {
                 if off >= run_end {
-                    return Err(Error::corruption(s.path.clone(), off as u64, "run ends before its last seq"));
+                    return Err(Error::corruption(
+                        s.path.clone(),
+                        off as u64,
+                        "run ends before its last seq",
+                    ));
                 }
                 let (h, payload) = verified(bytes, &s.path, off)?;
                 if h.timeline != timeline || h.seq != expect {
                     return Err(bad_link(&s.path, off, timeline, expect, &h));
                 }
                 if h.seq >= from {
-                    out.push(Record { seq: h.seq, timestamp_ms: h.ts_ms, payload: payload.to_vec() });
+                    out.push(Record {
+                        seq: h.seq,
+                        timestamp_ms: h.ts_ms,
+                        payload: payload.to_vec(),
+                    });
                 }
                 off += h.encoded_len();
                 expect += 1;
             }
             if lo < e.first_seq {
-                Ok(Step::Continue { first_seq: e.first_seq, prev_gen: e.prev_gen, prev_head: NONE })
+                Ok(Step::Continue {
+                    first_seq: e.first_seq,
+                    prev_gen: e.prev_gen,
+                    prev_head: NONE,
+                })
             } else {
                 Ok(Step::Done)
             }
@@ -88,7 +143,9 @@ fn collect_sealed(s: &SealedSeg, timeline: u64, lo: u64, hi: u64, out: &mut Vec<
 }
 
 fn verified<'a>(bytes: &'a [u8], path: &Path, off: usize) -> Result<(RecordHeader, &'a [u8])> {
-    let b = bytes.get(off..).ok_or_else(|| Error::corruption(path, off as u64, "record offset past end of segment"))?;
+    let b = bytes
+        .get(off..)
+        .ok_or_else(|| Error::corruption(path, off as u64, "record offset past end of segment"))?;
     decode(b).map_err(|e| Error::corruption(path, off as u64, e.to_string()))
 }
 
@@ -103,16 +160,27 @@ fn bad_link(path: &Path, off: usize, timeline: u64, seq: u64, h: &RecordHeader) 
     Error::corruption(
         path,
         off as u64,
-        format!("expected timeline {timeline} seq {seq}, found timeline {} seq {}", h.timeline, h.seq),
+        format!(
+            "expected timeline {timeline} seq {seq}, found timeline {} seq {}",
+            h.timeline, h.seq
+        ),
     )
 }
 
 /// The step after a timeline's first record in a log segment.
 pub(crate) fn continue_from(h: &RecordHeader) -> Step {
     if h.prev == NONE {
-        Step::Continue { first_seq: h.seq, prev_gen: NONE, prev_head: NONE }
+        Step::Continue {
+            first_seq: h.seq,
+            prev_gen: NONE,
+            prev_head: NONE,
+        }
     } else {
-        Step::Continue { first_seq: h.seq, prev_gen: h.anchor, prev_head: h.prev & !CROSS }
+        Step::Continue {
+            first_seq: h.seq,
+            prev_gen: h.anchor,
+            prev_head: h.prev & !CROSS,
+        }
     }
 }
 
@@ -174,10 +242,18 @@ fn collect_chain(
             let s = cur as usize + crate::format::RECORD_HEADER_LEN;
             bytes.get(s..s + h.len as usize).unwrap_or_default()
         };
-        out.push(Record { seq: h.seq, timestamp_ms: h.ts_ms, payload: payload.to_vec() });
+        out.push(Record {
+            seq: h.seq,
+            timestamp_ms: h.ts_ms,
+            payload: payload.to_vec(),
+        });
         if !is_local(h.prev) {
             out[start..].reverse();
-            return Ok(if h.seq > lo { continue_from(&h) } else { Step::Done });
+            return Ok(if h.seq > lo {
+                continue_from(&h)
+            } else {
+                Step::Done
+            });
         }
         cur = h.prev;
         h = header_at(bytes, path, cur)?;

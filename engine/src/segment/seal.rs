@@ -2,7 +2,9 @@
 //! bytes out; the shard does the file work.
 
 use crate::format::record::{decode_header, is_local};
-use crate::format::segment::{Footer, IndexEntry, SegmentHeader, SegmentKind, FOOTER_LEN, HEADER_LEN};
+use crate::format::segment::{
+    Footer, IndexEntry, SegmentHeader, SegmentKind, FOOTER_LEN, HEADER_LEN,
+};
 use crate::format::{FormatError, NONE, SPARSE_EVERY};
 
 /// What sealing produces.
@@ -27,7 +29,11 @@ struct Loc {
 
 /// Build the sealed form of the log segment `log` (its whole published
 /// content, header included). `regroup` picks the layout.
-pub(crate) fn build_sealed(log: &[u8], header: SegmentHeader, regroup: bool) -> Result<(SealOutput, Footer), FormatError> {
+pub(crate) fn build_sealed(
+    log: &[u8],
+    header: SegmentHeader,
+    regroup: bool,
+) -> Result<(SealOutput, Footer), FormatError> {
     let mut locs = Vec::new();
     let mut off = HEADER_LEN;
     let (mut min_ts, mut max_ts) = (u64::MAX, 0u64);
@@ -57,7 +63,13 @@ pub(crate) fn build_sealed(log: &[u8], header: SegmentHeader, regroup: bool) -> 
     let mut out = Vec::new();
     if regroup {
         out.reserve(log.len() + log.len() / 8);
-        out.extend_from_slice(&SegmentHeader { kind: SegmentKind::Grouped, ..header }.encode());
+        out.extend_from_slice(
+            &SegmentHeader {
+                kind: SegmentKind::Grouped,
+                ..header
+            }
+            .encode(),
+        );
     }
     let mut i = 0;
     while i < order.len() {
@@ -68,14 +80,20 @@ pub(crate) fn build_sealed(log: &[u8], header: SegmentHeader, regroup: bool) -> 
         }
         let last = locs[order[j - 1] as usize];
         if is_local(first.prev) || last.seq - first.seq + 1 != (j - i) as u64 {
-            return Err(FormatError::BadField("timeline records not consecutive within segment"));
+            return Err(FormatError::BadField(
+                "timeline records not consecutive within segment",
+            ));
         }
         let mut e = IndexEntry {
             timeline: first.timeline,
             first_seq: first.seq,
             last_seq: last.seq,
             loc: last.off,
-            prev_gen: if first.prev == NONE { NONE } else { first.anchor },
+            prev_gen: if first.prev == NONE {
+                NONE
+            } else {
+                first.anchor
+            },
             sparse_start: 0,
             run_len: 0,
         };
@@ -84,7 +102,7 @@ pub(crate) fn build_sealed(log: &[u8], header: SegmentHeader, regroup: bool) -> 
             e.sparse_start = sparse.len() as u32;
             for (k, &r) in order[i..j].iter().enumerate() {
                 let l = locs[r as usize];
-                if k as u64 % SPARSE_EVERY == 0 {
+                if (k as u64).is_multiple_of(SPARSE_EVERY) {
                     sparse.push(out.len() as u32);
                 }
                 out.extend_from_slice(&log[l.off as usize..(l.off + l.len) as usize]);
@@ -114,5 +132,12 @@ pub(crate) fn build_sealed(log: &[u8], header: SegmentHeader, regroup: bool) -> 
     out.extend_from_slice(&index);
     out.extend_from_slice(&footer.encode());
     debug_assert!(out.len() >= FOOTER_LEN);
-    Ok((if regroup { SealOutput::Grouped(out) } else { SealOutput::Appendix(out) }, footer))
+    Ok((
+        if regroup {
+            SealOutput::Grouped(out)
+        } else {
+            SealOutput::Appendix(out)
+        },
+        footer,
+    ))
 }

@@ -35,18 +35,28 @@ impl SealedSeg {
         };
         let header = SegmentHeader::decode(&map).map_err(|e| ferr(0, e))?;
         if header.gen != gen {
-            return Err(Error::corruption(path.clone(), 16, format!("header names segment {} not {gen}", header.gen)));
+            return Err(Error::corruption(
+                path.clone(),
+                16,
+                format!("header names segment {} not {gen}", header.gen),
+            ));
         }
-        let footer = Footer::decode_from_file(&map).map_err(|e| ferr(map.len().saturating_sub(64) as u64, e))?;
+        let footer = Footer::decode_from_file(&map)
+            .map_err(|e| ferr(map.len().saturating_sub(64) as u64, e))?;
         let idx = map
             .get(footer.index_off as usize..(footer.index_off + footer.index_len()) as usize)
-            .ok_or_else(|| Error::corruption(path.clone(), footer.index_off, "index out of bounds"))?;
+            .ok_or_else(|| {
+                Error::corruption(path.clone(), footer.index_off, "index out of bounds")
+            })?;
         let actual = crc32fast::hash(idx);
         if actual != footer.index_crc {
             return Err(Error::corruption(
                 path.clone(),
                 footer.index_off,
-                format!("index checksum mismatch: stored {:#010x}, computed {actual:#010x}", footer.index_crc),
+                format!(
+                    "index checksum mismatch: stored {:#010x}, computed {actual:#010x}",
+                    footer.index_crc
+                ),
             ));
         }
         let entries = footer.entries as usize;
@@ -55,12 +65,24 @@ impl SealedSeg {
         for i in (0..entries).step_by(FENCE_EVERY) {
             let t = IndexEntry::timeline_at(idx, i).map_err(|e| ferr(footer.index_off, e))?;
             if prev.is_some_and(|p| p >= t) {
-                return Err(Error::corruption(path.clone(), footer.index_off, "index not sorted"));
+                return Err(Error::corruption(
+                    path.clone(),
+                    footer.index_off,
+                    "index not sorted",
+                ));
             }
             prev = Some(t);
             fences.push(t);
         }
-        Ok(SealedSeg { gen, path, kind: header.kind, footer, created_ms: header.created_ms, map, fences })
+        Ok(SealedSeg {
+            gen,
+            path,
+            kind: header.kind,
+            footer,
+            created_ms: header.created_ms,
+            map,
+            fences,
+        })
     }
 
     pub fn bytes(&self) -> &[u8] {
@@ -92,7 +114,9 @@ impl SealedSeg {
                 std::cmp::Ordering::Less => lo = mid + 1,
                 std::cmp::Ordering::Greater => hi = mid,
                 std::cmp::Ordering::Equal => {
-                    return IndexEntry::decode_at(idx, mid).map(Some).map_err(|e| self.cerr(e));
+                    return IndexEntry::decode_at(idx, mid)
+                        .map(Some)
+                        .map_err(|e| self.cerr(e));
                 }
             }
         }
@@ -108,7 +132,8 @@ impl SealedSeg {
     /// Every index entry, in timeline order (recovery).
     pub fn entries(&self) -> impl Iterator<Item = Result<IndexEntry>> + '_ {
         let idx = self.index();
-        (0..self.footer.entries as usize).map(move |i| IndexEntry::decode_at(idx, i).map_err(|e| self.cerr(e)))
+        (0..self.footer.entries as usize)
+            .map(move |i| IndexEntry::decode_at(idx, i).map_err(|e| self.cerr(e)))
     }
 
     fn cerr(&self, e: FormatError) -> Error {
