@@ -427,8 +427,14 @@ impl Engine {
             if self.inner.cfg.background {
                 let _ = self.inner.wake.try_send(());
             } else {
+                // The append itself succeeded: a sealing failure must not turn
+                // it into an error (the caller would retry and store it twice).
+                // The frozen segment stays readable in memory and sealing is
+                // retried by the next roll or `maintain`.
                 for (s, _) in &waits {
-                    s.seal_pending()?;
+                    if let Err(e) = s.seal_pending() {
+                        tracing::warn!(error = %e, "sealing failed; will retry");
+                    }
                 }
             }
         }

@@ -1,1 +1,138 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests and the `crash-child` binary.
+
+use std::path::Path;
+use timeline_engine::{Config, Keyspace, TimelineId};
+
+/// Number of timelines per keyspace the crash test writes to.
+pub const CRASH_TIMELINES: u64 = 200;
+
+/// The keyspace byte used in ack logs and payloads.
+pub fn ks_byte(ks: Keyspace) -> u8 {
+    match ks {
+        Keyspace::Store => 0,
+        Keyspace::Sync => 1,
+    }
+}
+
+/// The timeline for a keyspace byte (0 = store, anything else = sync).
+pub fn timeline(ks: u8, id: u64) -> TimelineId {
+    if ks == 0 {
+        TimelineId::store(id)
+    } else {
+        TimelineId::sync(id)
+    }
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The payload of record `seq` of timeline `tl` in keyspace `ks`: a readable
+/// prefix naming all three, then 0..300 bytes of pseudo-random filler whose
+/// length and content are derived from them. Deterministic, so a reader can
+/// check the exact bytes of any record.
+pub fn payload(ks: u8, tl: u64, seq: u64) -> Vec<u8> {
+    let mut h = splitmix(splitmix(splitmix(ks as u64) ^ tl) ^ seq);
+    let len = (h % 300) as usize;
+    let mut v = format!("k{ks}t{tl}s{seq}|").into_bytes();
+    v.reserve(len);
+    while v.len() < len + 16 {
+        h = splitmix(h);
+        v.extend_from_slice(&h.to_le_bytes());
+    }
+    let prefix = format!("k{ks}t{tl}s{seq}|").len();
+    v.truncate(prefix + len);
+    v
+}
+
+/// The configuration of the crash test (child and parent open the same
+/// directory with it; the parent sets `background = false`).
+pub fn crash_cfg(background: bool) -> Config {
+    let mut c = Config::default();
+    c.background = background;
+    c.shards = 2;
+    c.store.segment_bytes = 256 << 10;
+    c.sync.segment_bytes = 256 << 10;
+    c.max_payload = 4096;
+    c.maintenance_interval = std::time::Duration::from_millis(20);
+    c
+}
+
+/// One acknowledged append as the crash child logs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ack {
+    pub ks: u8,
+    pub tl: u64,
+    pub seq: u64,
+}
+
+/// Format acks as lines `ks tl seq\n`.
+pub fn format_acks(acks: &[Ack], out: &mut Vec<u8>) {
+    use std::io::Write;
+    for a in acks {
+        let _ = writeln!(out, "{} {} {}", a.ks, a.tl, a.seq);
+    }
+}
+
+/// Parse an ack log, ignoring a torn (unterminated) last line. Panics on a
+/// malformed complete line: the child writes whole lines only.
+pub fn parse_acks(path: &Path) -> Vec<Ack> {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let complete = match bytes.iter().rposition(|&b| b == b'\n') {
+        Some(i) => &bytes[..=i],
+        None => &[][..],
+    };
+    let text = std::str::from_utf8(complete).expect("ack log is not UTF-8");
+    text.lines()
+        .map(|l| {
+            let mut it = l
+                .split(' ')
+                .map(|x| x.parse::<u64>().expect("bad ack line"));
+            let (ks, tl, seq) = (it.next(), it.next(), it.next());
+            match (ks, tl, seq, it.next()) {
+                (Some(ks), Some(tl), Some(seq), None) => Ack {
+                    ks: ks as u8,
+                    tl,
+                    seq,
+                },
+                _ => panic!("malformed ack line {l:?}"),
+            }
+        })
+        .collect()
+}
+
+/// Number of entries in a directory, recursively counting files only.
+pub fn count_files(dir: &Path) -> usize {
+    let mut n = 0;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                n += count_files(&p);
+            } else {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_is_deterministic_and_bounded() {
+        for s in 1..500 {
+            let p = payload(1, 7, s);
+            assert_eq!(p, payload(1, 7, s));
+            let prefix = format!("k1t7s{s}|");
+            assert!(p.starts_with(prefix.as_bytes()));
+            assert!(p.len() < prefix.len() + 300);
+        }
+        assert_ne!(payload(0, 7, 3), payload(1, 7, 3));
+    }
+}

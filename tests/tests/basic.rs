@@ -23,7 +23,7 @@ fn append_get_scan_reopen() {
         for i in 0..5000u64 {
             let t = i * 7 % 50;
             let p = format!("msg-{t}-{i}").into_bytes();
-            let ks = if t % 2 == 0 {
+            let ks = if t.is_multiple_of(2) {
                 TimelineId::store(t)
             } else {
                 TimelineId::sync(t)
@@ -44,7 +44,7 @@ fn append_get_scan_reopen() {
 fn check(e: &Engine, expect: &[Vec<Vec<u8>>]) {
     for (t, msgs) in expect.iter().enumerate() {
         let t = t as u64;
-        let tl = if t % 2 == 0 {
+        let tl = if t.is_multiple_of(2) {
             TimelineId::store(t)
         } else {
             TimelineId::sync(t)

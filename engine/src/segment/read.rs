@@ -149,7 +149,12 @@ fn verified<'a>(bytes: &'a [u8], path: &Path, off: usize) -> Result<(RecordHeade
     decode(b).map_err(|e| Error::corruption(path, off as u64, e.to_string()))
 }
 
-fn header_at(bytes: &[u8], path: &Path, off: u32) -> Result<RecordHeader> {
+/// The header at `off`; with `verify`, only after the whole record passed its
+/// CRC, because a walk steers by the header's seq and links.
+fn header_at(bytes: &[u8], path: &Path, off: u32, verify: bool) -> Result<RecordHeader> {
+    if verify {
+        return verified(bytes, path, off as usize).map(|(h, _)| h);
+    }
     let b = bytes
         .get(off as usize..)
         .ok_or_else(|| Error::corruption(path, off as u64, "record offset past end of segment"))?;
@@ -198,7 +203,7 @@ fn collect_chain(
     out: &mut Vec<Record>,
 ) -> Result<Step> {
     let mut cur = head;
-    let mut h = header_at(bytes, path, cur)?;
+    let mut h = header_at(bytes, path, cur, verify)?;
     if h.timeline != timeline {
         return Err(bad_link(path, cur as usize, timeline, hi, &h));
     }
@@ -208,7 +213,7 @@ fn collect_chain(
             return Ok(continue_from(&h));
         }
         let next = if h.anchor != NONE && is_local(h.prev) {
-            let a = header_at(bytes, path, h.anchor)?;
+            let a = header_at(bytes, path, h.anchor, verify)?;
             if a.seq >= hi && a.seq < h.seq {
                 Some((h.anchor, a))
             } else {
@@ -219,7 +224,7 @@ fn collect_chain(
         };
         let (n, nh) = match next {
             Some(x) => x,
-            None => (h.prev, header_at(bytes, path, h.prev)?),
+            None => (h.prev, header_at(bytes, path, h.prev, verify)?),
         };
         if nh.timeline != timeline || nh.seq >= h.seq {
             return Err(bad_link(path, n as usize, timeline, h.seq - 1, &nh));
@@ -236,12 +241,9 @@ fn collect_chain(
         if h.seq < lo {
             break;
         }
-        let payload = if verify {
-            verified(bytes, path, cur as usize)?.1
-        } else {
-            let s = cur as usize + crate::format::RECORD_HEADER_LEN;
-            bytes.get(s..s + h.len as usize).unwrap_or_default()
-        };
+        // Verified already by `header_at` when `verify` is set.
+        let s = cur as usize + crate::format::RECORD_HEADER_LEN;
+        let payload = bytes.get(s..s + h.len as usize).unwrap_or_default();
         out.push(Record {
             seq: h.seq,
             timestamp_ms: h.ts_ms,
@@ -256,7 +258,7 @@ fn collect_chain(
             });
         }
         cur = h.prev;
-        h = header_at(bytes, path, cur)?;
+        h = header_at(bytes, path, cur, verify)?;
         expect -= 1;
     }
     out[start..].reverse();
