@@ -1,0 +1,84 @@
+//! Machine and process facts read from `/proc`: peak RSS, cores, memory.
+
+use std::path::Path;
+
+/// The machine a run happened on.
+#[derive(Debug, Clone, Copy)]
+pub struct Machine {
+    pub cores: usize,
+    pub mem_bytes: u64,
+}
+
+impl Machine {
+    pub fn detect() -> Machine {
+        Machine {
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            mem_bytes: proc_kb("/proc/meminfo", "MemTotal:").unwrap_or(0) * 1024,
+        }
+    }
+
+    /// One line for the human output.
+    pub fn describe(&self) -> String {
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split(':').nth(1))
+                    .map(|m| m.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown cpu".into());
+        format!(
+            "machine: {} cores ({}), {:.1} GiB RAM, linux {}",
+            self.cores,
+            cpu,
+            self.mem_bytes as f64 / (1u64 << 30) as f64,
+            kernel.trim()
+        )
+    }
+}
+
+/// Peak resident set size of this process (VmHWM), in bytes.
+pub fn peak_rss_bytes() -> u64 {
+    proc_kb("/proc/self/status", "VmHWM:").unwrap_or(0) * 1024
+}
+
+/// Current (anonymous, file-backed) resident bytes: file-backed pages are
+/// mapped segment files, which the page cache could drop.
+pub fn rss_split() -> (u64, u64) {
+    let f = "/proc/self/status";
+    (
+        proc_kb(f, "RssAnon:").unwrap_or(0) * 1024,
+        proc_kb(f, "RssFile:").unwrap_or(0) * 1024,
+    )
+}
+
+/// A `Key:   123 kB` value from a /proc file.
+fn proc_kb(file: &str, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(file).ok()?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
+    line.get(key.len()..)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Regular files under `dir`, recursively.
+pub fn count_files(dir: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in rd.flatten() {
+        match e.file_type() {
+            Ok(t) if t.is_dir() => n += count_files(&e.path()),
+            Ok(t) if t.is_file() => n += 1,
+            _ => {}
+        }
+    }
+    n
+}

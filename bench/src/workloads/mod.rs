@@ -1,0 +1,197 @@
+//! The workloads and what they share: data directory, engine setup,
+//! timeline choice, payload bytes.
+
+pub mod append;
+pub mod read;
+pub mod reopen;
+
+use crate::report::ResultLine;
+use crate::{DurabilityArg, Flags, IoArg, KeyspaceArg, Result};
+use rand::rngs::SmallRng;
+use rand::{Rng, RngCore, SeedableRng};
+use rand_distr::{Distribution, Zipf};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use timeline_engine::io::Io;
+use timeline_engine::{Config, Durability, Engine, Keyspace, KeyspaceConfig, TimelineId};
+
+/// The data directory of a run: the given `--dir`, or a fresh temporary one
+/// removed on drop unless `--keep`.
+pub struct DataDir {
+    pub path: PathBuf,
+    remove: bool,
+}
+
+impl DataDir {
+    pub fn new(flags: &Flags) -> Result<DataDir> {
+        if let Some(d) = &flags.dir {
+            std::fs::create_dir_all(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
+            return Ok(DataDir {
+                path: d.clone(),
+                remove: false,
+            });
+        }
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let path =
+            std::env::temp_dir().join(format!("timeline-bench-{}-{nanos:09}", std::process::id()));
+        std::fs::create_dir(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+        if flags.keep {
+            eprintln!("data directory: {} (kept)", path.display());
+        }
+        Ok(DataDir {
+            path,
+            remove: !flags.keep,
+        })
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        if self.remove {
+            if let Err(e) = std::fs::remove_dir_all(&self.path) {
+                eprintln!("warning: could not remove {}: {e}", self.path.display());
+            }
+        }
+    }
+}
+
+pub fn io_backend(flags: &Flags) -> Result<Arc<dyn Io>> {
+    Ok(match flags.io {
+        IoArg::Auto => timeline_engine::io::default_io(),
+        IoArg::Std => Arc::new(timeline_engine::io::StdIo),
+        IoArg::Uring => match timeline_engine::io::UringIo::try_new() {
+            Some(u) => Arc::new(u),
+            None => return Err("--io uring: io_uring is not available on this machine".into()),
+        },
+    })
+}
+
+pub fn engine_config(flags: &Flags) -> Result<Config> {
+    let seg = flags
+        .segment_mb
+        .checked_shl(20)
+        .filter(|_| flags.segment_mb <= 1024)
+        .ok_or("--segment-mb too large")?;
+    Ok(Config {
+        background: true,
+        shards: flags.shards,
+        io: Some(io_backend(flags)?),
+        store: KeyspaceConfig {
+            segment_bytes: seg,
+            ..KeyspaceConfig::store()
+        },
+        sync: KeyspaceConfig {
+            segment_bytes: seg,
+            ..KeyspaceConfig::sync()
+        },
+        ..Default::default()
+    })
+}
+
+/// Open the engine, returning it and the wall time `Engine::open` took.
+pub fn open_engine(flags: &Flags, dir: &Path) -> Result<(Engine, f64)> {
+    let cfg = engine_config(flags)?;
+    let t = Instant::now();
+    let e =
+        Engine::open(dir, cfg).map_err(|e| format!("opening engine in {}: {e}", dir.display()))?;
+    Ok((e, t.elapsed().as_secs_f64()))
+}
+
+pub fn keyspace(flags: &Flags) -> Keyspace {
+    match flags.keyspace {
+        KeyspaceArg::Store => Keyspace::Store,
+        KeyspaceArg::Sync => Keyspace::Sync,
+    }
+}
+
+pub fn timeline(ks: Keyspace, id: u64) -> TimelineId {
+    TimelineId { keyspace: ks, id }
+}
+
+pub fn durability(flags: &Flags) -> Durability {
+    match flags.durability {
+        DurabilityArg::None => Durability::Buffered,
+        DurabilityArg::Group => Durability::GroupCommit,
+        DurabilityArg::Sync => Durability::Sync,
+    }
+}
+
+/// A per-thread RNG derived from the seed.
+pub fn rng_for(seed: u64, stream: u64) -> SmallRng {
+    SmallRng::seed_from_u64(seed ^ stream.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// Picks an index in `0..n`: uniformly, or Zipf-skewed (index 0 hottest).
+#[derive(Debug, Clone)]
+pub enum Picker {
+    Uniform(u64),
+    Zipf(Zipf<f64>, u64),
+}
+
+impl Picker {
+    pub fn new(n: u64, zipf: Option<f64>) -> Result<Picker> {
+        Ok(match zipf {
+            None => Picker::Uniform(n),
+            Some(s) => Picker::Zipf(Zipf::new(n, s).map_err(|e| format!("--zipf {s}: {e}"))?, n),
+        })
+    }
+
+    #[inline]
+    pub fn pick(&self, rng: &mut SmallRng) -> u64 {
+        match self {
+            Picker::Uniform(n) => rng.gen_range(0..*n),
+            Picker::Zipf(z, n) => (z.sample(rng) as u64).clamp(1, *n) - 1,
+        }
+    }
+}
+
+/// Random payload bytes generated once; each message is a slice of
+/// `payload` bytes at a random offset.
+pub struct Payloads {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl Payloads {
+    pub fn new(len: usize, seed: u64) -> Payloads {
+        let mut buf = vec![0u8; (4 << 20) + len];
+        rng_for(seed, u64::MAX).fill_bytes(&mut buf);
+        Payloads { buf, len }
+    }
+
+    #[inline]
+    pub fn pick(&self, rng: &mut SmallRng) -> &[u8] {
+        let off = rng.gen_range(0..=self.buf.len() - self.len);
+        &self.buf[off..off + self.len]
+    }
+}
+
+/// The fields every result line shares.
+pub fn base_line(flags: &Flags, workload: &str, engine: &Engine) -> ResultLine {
+    ResultLine {
+        workload: workload.into(),
+        target: "engine".into(),
+        durability: durability(flags).name().into(),
+        threads: flags.threads,
+        payload: flags.payload,
+        keyspace: keyspace(flags).name().into(),
+        shards: engine.config().shards,
+        io: engine.io_name().into(),
+        seed: flags.seed,
+        timelines: Some(flags.timelines),
+        zipf: flags.zipf,
+        ..Default::default()
+    }
+}
+
+/// Split `total` into `parts` near-equal shares.
+pub fn split(total: u64, parts: usize) -> Vec<u64> {
+    let p = parts as u64;
+    (0..p)
+        .map(|i| total / p + u64::from(i < total % p))
+        .collect()
+}
