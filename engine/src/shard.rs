@@ -41,11 +41,11 @@ struct Writer {
     next_gen: u32,
     /// Shard LSN: bytes written to this shard's log files since open.
     lsn: u64,
-    scratch: Vec<u8>,
     /// Per timeline slot touched by the batch in progress: (seq, pos, the
     /// anchor a following record would carry).
     pending: HashMap<u32, (u64, Pos, u32)>,
-    updates: Vec<(u32, u64, u32)>,
+    /// (slot, seq, offset, next anchor) to publish once the bytes are written.
+    updates: Vec<(u32, u64, u32, u32)>,
     idxs: Vec<u32>,
 }
 
@@ -158,7 +158,7 @@ impl Shard {
             froze = true;
         }
         let mut start = w.active.buf.len();
-        w.scratch.clear();
+        let mut cursor = start;
         w.pending.clear();
         w.updates.clear();
         let mut idxs = std::mem::take(&mut w.idxs);
@@ -167,11 +167,12 @@ impl Shard {
             .resolve_batch(items.iter().map(|(id, _)| *id), &mut idxs);
         for (k, &(id, payload)) in items.iter().enumerate() {
             let rl = record::encoded_len(payload.len());
-            if start + w.scratch.len() + rl > w.active.buf.capacity() {
-                self.flush(&mut w, start, durability)?;
+            if cursor + rl > w.active.buf.capacity() {
+                self.flush(&mut w, start, cursor, durability)?;
                 self.roll(&mut w, now)?;
                 froze = true;
                 start = w.active.buf.len();
+                cursor = start;
                 if start + rl > w.active.buf.capacity() {
                     return Err(Error::PayloadTooLarge {
                         len: payload.len(),
@@ -183,15 +184,7 @@ impl Shard {
             let gen = w.active.gen;
             let (last, prev_pos, next_anchor) = match w.pending.get(&idx) {
                 Some(&p) => p,
-                None => {
-                    let (last, pos) = self.table.with(idx, |m| m.snapshot());
-                    let na = if pos.gen == gen {
-                        anchor_after(w.active.buf.published(), pos.off, &w.active.path)?
-                    } else {
-                        NONE
-                    };
-                    (last, pos, na)
-                }
+                None => self.table.with(idx, |m| m.writer_state()),
             };
             let seq = last + 1;
             let (prev, anchor) = if prev_pos.gen == gen {
@@ -201,7 +194,7 @@ impl Shard {
             } else {
                 (CROSS | prev_pos.off, prev_pos.gen)
             };
-            let off = (start + w.scratch.len()) as u32;
+            let off = cursor as u32;
             let h = RecordHeader {
                 len: payload.len() as u32,
                 timeline: id,
@@ -210,7 +203,12 @@ impl Shard {
                 prev,
                 anchor,
             };
-            record::encode_to_vec(&h, payload, &mut w.scratch);
+            // Encode straight into the active buffer's unpublished tail: no
+            // scratch copy; readers cannot see it until `flush` publishes.
+            w.active
+                .buf
+                .stage_with(cursor, rl, |dst| record::encode_into(&h, payload, dst));
+            cursor += rl;
             let na = if seq.is_multiple_of(SPARSE_EVERY) {
                 off
             } else if !is_local(prev) {
@@ -219,12 +217,12 @@ impl Shard {
                 anchor
             };
             w.pending.insert(idx, (seq, Pos { gen, off }, na));
-            w.updates.push((idx, seq, off));
+            w.updates.push((idx, seq, off, na));
             seqs.push(seq);
             payload_bytes += payload.len() as u64;
         }
         w.idxs = idxs;
-        self.flush(&mut w, start, durability)?;
+        self.flush(&mut w, start, cursor, durability)?;
         // Counted once the whole batch is written (a failed write counts nothing).
         self.stats
             .payload_bytes
@@ -236,15 +234,23 @@ impl Shard {
         Ok((w.lsn, froze))
     }
 
-    /// Write the scratch buffer at `start`, then publish it to readers.
-    fn flush(&self, w: &mut Writer, start: usize, durability: Durability) -> Result<()> {
-        if w.scratch.is_empty() {
+    /// Write the staged bytes `[start, end)` of the active buffer to its
+    /// file, then publish them to readers.
+    fn flush(
+        &self,
+        w: &mut Writer,
+        start: usize,
+        end: usize,
+        durability: Durability,
+    ) -> Result<()> {
+        if end == start {
             return Ok(());
         }
         let seg = w.active.clone();
+        let bytes = seg.buf.staged(start, end);
         let r = match durability {
-            Durability::Sync => seg.file.write_and_sync(&w.scratch, start as u64),
-            _ => seg.file.write_at(&w.scratch, start as u64),
+            Durability::Sync => seg.file.write_and_sync(bytes, start as u64),
+            _ => seg.file.write_at(bytes, start as u64),
         };
         if let Err(e) = r {
             if durability == Durability::Sync && e.kind() != std::io::ErrorKind::StorageFull {
@@ -256,8 +262,7 @@ impl Shard {
             // the next write overwrites or recovery truncates.
             return Err(Error::io(&seg.path, e));
         }
-        seg.buf.write_tail(start, &w.scratch);
-        seg.buf.publish(start + w.scratch.len());
+        seg.buf.publish(end);
         let now = self.clock.now_ms();
         seg.note_ts(now);
         seg.records
@@ -267,19 +272,19 @@ impl Shard {
             .fetch_add(w.updates.len() as u64, Ordering::Relaxed);
         {
             let t = self.table.read();
-            for &(idx, seq, off) in &w.updates {
-                t.meta(idx).publish(seq, Pos { gen: seg.gen, off });
+            for &(idx, seq, off, na) in &w.updates {
+                t.meta(idx)
+                    .publish_with_anchor(seq, Pos { gen: seg.gen, off }, na);
             }
         }
-        w.lsn += w.scratch.len() as u64;
+        w.lsn += (end - start) as u64;
         self.stats
             .bytes_written
-            .fetch_add(w.scratch.len() as u64, Ordering::Relaxed);
+            .fetch_add((end - start) as u64, Ordering::Relaxed);
         self.commit.written(&seg.file, w.lsn);
         if durability == Durability::Sync {
             self.commit.mark_synced(w.lsn);
         }
-        w.scratch.clear();
         w.updates.clear();
         Ok(())
     }
@@ -819,7 +824,6 @@ impl Shard {
                 active,
                 next_gen,
                 lsn,
-                scratch: Vec::with_capacity(64 << 10),
                 pending: HashMap::new(),
                 updates: Vec::new(),
                 idxs: Vec::new(),
@@ -870,19 +874,6 @@ fn read_checkpoint(io: &dyn Io, dir: &Path, gen: u32) -> Result<Vec<CkptEntry>> 
         ));
     }
     Ok(entries)
-}
-
-/// The anchor a record following the one at `off` would carry.
-fn anchor_after(bytes: &[u8], off: u32, path: &Path) -> Result<u32> {
-    let h = decode_header(bytes.get(off as usize..).unwrap_or_default())
-        .map_err(|e| Error::corruption(path, off as u64, e.to_string()))?;
-    Ok(if h.seq.is_multiple_of(SPARSE_EVERY) {
-        off
-    } else if !is_local(h.prev) {
-        NONE
-    } else {
-        h.anchor
-    })
 }
 
 /// First seq of the timeline in a log segment, its previous segment and the
@@ -980,13 +971,21 @@ fn recover_log(
                 ),
             ));
         }
+        let na = if h.seq.is_multiple_of(SPARSE_EVERY) {
+            off as u32
+        } else if !is_local(h.prev) {
+            NONE
+        } else {
+            h.anchor
+        };
         table.with(idx, |m| {
-            m.publish(
+            m.publish_with_anchor(
                 h.seq,
                 Pos {
                     gen,
                     off: off as u32,
                 },
+                na,
             )
         });
         min_ts = min_ts.min(h.ts_ms);

@@ -76,10 +76,22 @@ pub fn encode_into(h: &RecordHeader, payload: &[u8], out: &mut [u8]) {
 
 /// Append an encoded record to a `Vec`.
 pub fn encode_to_vec(h: &RecordHeader, payload: &[u8], out: &mut Vec<u8>) {
+    // One pass over the bytes, no zeroing first.
     let start = out.len();
-    out.resize(start + encoded_len(payload.len()), 0);
-    #[allow(clippy::indexing_slicing)] // just resized to fit
-    encode_into(h, payload, &mut out[start..]);
+    out.reserve(encoded_len(payload.len()));
+    out.extend_from_slice(&[0u8; 4]);
+    out.extend_from_slice(&h.len.to_le_bytes());
+    out.extend_from_slice(&h.timeline.to_le_bytes());
+    out.extend_from_slice(&h.seq.to_le_bytes());
+    out.extend_from_slice(&h.ts_ms.to_le_bytes());
+    out.extend_from_slice(&h.prev.to_le_bytes());
+    out.extend_from_slice(&h.anchor.to_le_bytes());
+    out.extend_from_slice(payload);
+    #[allow(clippy::indexing_slicing)] // `start + 4 <= out.len()`: just extended
+    {
+        let crc = crc32fast::hash(&out[start + 4..]);
+        out[start..start + 4].copy_from_slice(&crc.to_le_bytes());
+    }
 }
 
 /// Decode the header at the start of `b` without checking the CRC (used to

@@ -1,6 +1,6 @@
 use hashbrown::HashTable;
 use parking_lot::RwLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// Where a timeline's newest record is: segment generation and byte offset
 /// in it, packed in a u64 so readers load it atomically.
@@ -39,6 +39,11 @@ pub struct Meta {
     pub id: u64,
     pub last_seq: AtomicU64,
     pub pos: AtomicU64,
+    /// Writer-only: the `anchor` the timeline's next record carries if it
+    /// lands in the same segment as `pos` (see `format::record`). Kept here
+    /// so an append need not read its predecessor's header (a cache miss
+    /// per message; measured 16% of W1 time).
+    pub next_anchor: AtomicU32,
 }
 
 impl Meta {
@@ -51,6 +56,16 @@ impl Meta {
     pub fn publish(&self, last_seq: u64, pos: Pos) {
         self.pos.store(pos.pack(), Ordering::Release);
         self.last_seq.store(last_seq, Ordering::Release);
+    }
+    /// Publish and remember the next record's anchor (writer only).
+    pub fn publish_with_anchor(&self, last_seq: u64, pos: Pos, next_anchor: u32) {
+        self.next_anchor.store(next_anchor, Ordering::Relaxed);
+        self.publish(last_seq, pos);
+    }
+    /// The writer's view: (last_seq, pos, next_anchor).
+    pub fn writer_state(&self) -> (u64, Pos, u32) {
+        let (l, p) = self.snapshot();
+        (l, p, self.next_anchor.load(Ordering::Relaxed))
     }
 }
 
@@ -148,6 +163,7 @@ impl TimelineTable {
                     id: 0,
                     last_seq: AtomicU64::new(0),
                     pos: AtomicU64::new(Pos::NONE.pack()),
+                    next_anchor: AtomicU32::new(u32::MAX),
                 })
                 .collect();
             g.chunks.push(chunk);

@@ -85,6 +85,40 @@ impl AppendBuf {
         }
     }
 
+    /// Let the single writer fill `[at, at + len)` in place (at or above the
+    /// published length): `f` gets exclusive access to exactly that range.
+    pub fn stage_with<R>(&self, at: usize, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        assert!(at >= self.len(), "stage below the published length");
+        let end = at.checked_add(len).expect("overflow");
+        assert!(end <= self.capacity(), "stage past capacity");
+        // SAFETY: the range is inside the allocation and at or above the
+        // published length, so no reader looks at it; the single writer (see
+        // the `Sync` impl) holds no other reference into it while `f` runs,
+        // and the `&mut` does not outlive `f`.
+        #[allow(unsafe_code)]
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut((self.bytes.as_ptr() as *mut u8).add(at), len)
+        };
+        f(dst)
+    }
+
+    /// The writer's view of staged, not yet published bytes `[from, to)`
+    /// (to hand them to the file before publishing).
+    pub fn staged(&self, from: usize, to: usize) -> &[u8] {
+        assert!(
+            from <= to && to <= self.capacity(),
+            "staged range out of bounds"
+        );
+        // SAFETY: in bounds (checked); bytes below `to` are written only by
+        // the single writer, who calls this between staging and publishing,
+        // so nothing mutates them while the returned slice lives (the writer
+        // does not stage below `to` again: staging only moves forward).
+        #[allow(unsafe_code)]
+        unsafe {
+            std::slice::from_raw_parts((self.bytes.as_ptr() as *const u8).add(from), to - from)
+        }
+    }
+
     /// Make everything below `len` visible to readers.
     pub fn publish(&self, len: usize) {
         assert!(len <= self.capacity() && len >= self.len());
