@@ -63,6 +63,11 @@ impl Commit {
         self.cv.notify_all();
     }
 
+    /// Count an fdatasync issued outside `wait` (own-sync appends, rolls).
+    pub fn count_sync(&self) {
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn mark_failed(&self, why: String) {
         let mut st = self.state.lock();
         st.failed.get_or_insert(why);

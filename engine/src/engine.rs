@@ -273,6 +273,9 @@ impl Engine {
             Ok(KeyspaceState { shards: v })
         };
         let keyspaces = [open_ks(Keyspace::Store)?, open_ks(Keyspace::Sync)?];
+        // The directory's shard count wins over the requested one.
+        let mut cfg = cfg;
+        cfg.shards = shards;
         let (tx, rx) = crossbeam_channel::bounded(1);
         let engine = Engine {
             inner: Arc::new(Inner {
@@ -518,7 +521,7 @@ impl Engine {
         let mut m = Maintenance::default();
         for ks in &self.inner.keyspaces {
             for s in &ks.shards {
-                if s.roll_if_due()? {
+                if s.roll_if_due(false)? {
                     m.rolled += 1;
                 }
                 m.sealed += s.seal_pending()?;
@@ -526,6 +529,36 @@ impl Engine {
             }
         }
         Ok(m)
+    }
+
+    /// Seal everything now: roll every active segment that holds records and
+    /// seal it (benchmarks use this to measure the full write amplification
+    /// of data that has gone through its whole life; a running system lets
+    /// segments fill or time out).
+    pub fn seal_active(&self) -> Result<Maintenance> {
+        let mut m = Maintenance::default();
+        for ks in &self.inner.keyspaces {
+            for s in &ks.shards {
+                if s.roll_if_due(true)? {
+                    m.rolled += 1;
+                }
+                m.sealed += s.seal_pending()?;
+            }
+        }
+        Ok(m)
+    }
+
+    /// Timelines the keyspace knows and the sum of their last SeqIds (=
+    /// messages ever appended to it, including expired ones), from the
+    /// in-memory index: O(timelines).
+    pub fn census(&self, ks: Keyspace) -> (u64, u64) {
+        let mut t = (0, 0);
+        for s in &self.inner.keyspaces[ks.index()].shards {
+            let (n, sum) = s.census();
+            t.0 += n;
+            t.1 += sum;
+        }
+        t
     }
 
     /// Make every append so far durable.

@@ -283,6 +283,7 @@ impl Shard {
             .fetch_add((end - start) as u64, Ordering::Relaxed);
         self.commit.written(&seg.file, w.lsn);
         if durability == Durability::Sync {
+            self.commit.count_sync();
             self.commit.mark_synced(w.lsn);
         }
         w.updates.clear();
@@ -305,6 +306,7 @@ impl Shard {
                 self.commit.mark_failed(format!("fdatasync failed: {e}"));
                 return Err(Error::io(&old.path, e));
             }
+            self.commit.count_sync();
         }
         self.commit.mark_synced(w.lsn);
         let gen = w.next_gen;
@@ -337,10 +339,12 @@ impl Shard {
 
     /// Roll the active segment if its time window has passed (so it can be
     /// sealed and, later, expire).
-    pub fn roll_if_due(&self) -> Result<bool> {
+    /// With `force`, roll any active segment that holds records.
+    pub fn roll_if_due(&self, force: bool) -> Result<bool> {
         let mut w = self.writer.lock();
         let now = self.clock.now_ms();
-        if self.time_roll_due(&w.active, now) {
+        let has_records = w.active.records.load(Ordering::Relaxed) > 0;
+        if (force && has_records) || self.time_roll_due(&w.active, now) {
             self.check_poison()?;
             self.roll(&mut w, now)?;
             return Ok(true);
@@ -562,6 +566,17 @@ impl Shard {
     }
 
     // ------------------------------------------------------------------ read
+
+    /// (timelines, sum of their last SeqIds): what the shard holds by
+    /// number, whatever process appended it.
+    pub fn census(&self) -> (u64, u64) {
+        let (mut n, mut sum) = (0u64, 0u64);
+        self.table.for_each(|_, last, _| {
+            n += 1;
+            sum += last;
+        });
+        (n, sum)
+    }
 
     pub fn last_seq(&self, id: u64) -> u64 {
         self.table.snapshot(id).map(|(l, _)| l).unwrap_or(0)

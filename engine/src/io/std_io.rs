@@ -51,6 +51,11 @@ pub(crate) fn map_file(file: &File) -> io::Result<Mapping> {
     // `Corruption` error, not undefined behaviour in safe code that indexes it.
     #[allow(unsafe_code)]
     let m = unsafe { memmap2::Mmap::map(file)? };
+    // Reads of a sealed segment are point lookups and short runs: without
+    // this, each cold fault reads ~128 KiB around it, and each warm one maps
+    // up to 64 KiB of neighbours (measured: 1,000 newest-20 pages made
+    // 190 MB of the mapping resident; see docs/benchmarks.md).
+    m.advise(memmap2::Advice::Random)?;
     Ok(Mapping::from_mmap(m))
 }
 
