@@ -55,6 +55,12 @@ impl Commit {
         c.1 = lsn;
     }
 
+    /// The file holding the newest bytes and the LSN just past them.
+    pub fn current(&self) -> (Arc<dyn IoFile>, u64) {
+        let c = self.current.lock();
+        (c.0.clone(), c.1)
+    }
+
     /// Everything up to `lsn` is durable (a roll synced the old file, or an
     /// append did its own sync).
     pub fn mark_synced(&self, lsn: u64) {

@@ -89,7 +89,7 @@ impl Shard {
         self.segs.read().clone()
     }
 
-    fn check_poison(&self) -> Result<()> {
+    pub fn check_poison(&self) -> Result<()> {
         match self.commit.failure() {
             Some(reason) => Err(Error::Poisoned {
                 keyspace: self.ks.name(),
@@ -406,19 +406,7 @@ impl Shard {
         let seg_path = self.seg_path(f.gen);
         match &out {
             SealOutput::Grouped(v) => {
-                let tmp = self.dir.join(format::tmp_file_name(f.gen));
-                let _ = self.io.remove_file(&tmp);
-                let file = self.io.open(&tmp, OpenMode::CreateNew).map_err(ioe(&tmp))?;
-                for (i, chunk) in v.chunks(8 << 20).enumerate() {
-                    file.write_at(chunk, (i * (8 << 20)) as u64)
-                        .map_err(ioe(&tmp))?;
-                }
-                file.sync_data().map_err(ioe(&tmp))?;
-                self.io.rename(&tmp, &seg_path).map_err(ioe(&tmp))?;
-                self.io.sync_dir(&self.dir).map_err(ioe(&self.dir))?;
-                self.stats
-                    .bytes_written
-                    .fetch_add(v.len() as u64, Ordering::Relaxed);
+                self.write_new_file(&format::tmp_file_name(f.gen), &seg_path, v)?;
             }
             SealOutput::Appendix(v) => {
                 f.file
@@ -453,6 +441,27 @@ impl Shard {
         }
         self.stats.sealed_segments.fetch_add(1, Ordering::Relaxed);
         Ok(footer.entries as u64)
+    }
+
+    /// Create `path` with `bytes` so that a crash leaves either no file or
+    /// the whole file: write under the temporary name `tmp` (removed by
+    /// recovery), fdatasync, rename, fsync the directory.
+    fn write_new_file(&self, tmp: &str, path: &Path, bytes: &[u8]) -> Result<()> {
+        const CHUNK: usize = 8 << 20;
+        let tmp = self.dir.join(tmp);
+        let _ = self.io.remove_file(&tmp);
+        let file = self.io.open(&tmp, OpenMode::CreateNew).map_err(ioe(&tmp))?;
+        for (i, chunk) in bytes.chunks(CHUNK).enumerate() {
+            file.write_at(chunk, (i * CHUNK) as u64)
+                .map_err(ioe(&tmp))?;
+        }
+        file.sync_data().map_err(ioe(&tmp))?;
+        self.io.rename(&tmp, path).map_err(ioe(&tmp))?;
+        self.io.sync_dir(&self.dir).map_err(ioe(&self.dir))?;
+        self.stats
+            .bytes_written
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Write an index checkpoint covering every sealed segment: the previous
@@ -496,22 +505,12 @@ impl Shard {
             }
         }
         let bytes = checkpoint::encode(upto, &merged);
-        let tmp = self
-            .dir
-            .join(format!("{}.tmp", checkpoint::file_name(upto)));
         let path = self.dir.join(checkpoint::file_name(upto));
-        let _ = self.io.remove_file(&tmp);
-        let file = self.io.open(&tmp, OpenMode::CreateNew).map_err(ioe(&tmp))?;
-        for (i, chunk) in bytes.chunks(8 << 20).enumerate() {
-            file.write_at(chunk, (i * (8 << 20)) as u64)
-                .map_err(ioe(&tmp))?;
-        }
-        file.sync_data().map_err(ioe(&tmp))?;
-        self.io.rename(&tmp, &path).map_err(ioe(&tmp))?;
-        self.io.sync_dir(&self.dir).map_err(ioe(&self.dir))?;
-        self.stats
-            .bytes_written
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.write_new_file(
+            &format!("{}.tmp", checkpoint::file_name(upto)),
+            &path,
+            &bytes,
+        )?;
         if let Some(g) = prev {
             let old = self.dir.join(checkpoint::file_name(g));
             self.io.remove_file(&old).map_err(ioe(&old))?;

@@ -8,14 +8,12 @@
 //! small pool (creating one when the pool is empty), waits for every completion
 //! it submitted, and puts the ring back.
 
-use super::std_io::{list_dir_std, map_file, open_std, sync_dir_std};
+use super::std_io::{list_dir_std, open_std, sync_dir_std, StdFile};
 use super::{Io, IoFile, Mapping, OpenMode};
 use io_uring::{opcode, squeue, types, IoUring};
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::{Arc, Weak};
@@ -36,14 +34,14 @@ pub struct UringIo {
 
 /// A file opened through [`UringIo`]: a std `File` plus the shared ring pool.
 pub struct UringFile {
-    file: File,
+    plain: StdFile,
     shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for UringFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UringFile")
-            .field("fd", &self.file.as_raw_fd())
+            .field("fd", &self.plain.file.as_raw_fd())
             .finish()
     }
 }
@@ -247,17 +245,6 @@ impl Shared {
         Ok(results)
     }
 
-    fn fdatasync(&self, fd: RawFd) -> io::Result<()> {
-        loop {
-            let res = self.run(&[Op::Fdatasync { fd }])?;
-            let r = res.first().copied().unwrap_or(-libc::EIO);
-            if r == -libc::EINTR || r == -libc::EAGAIN {
-                continue;
-            }
-            return cqe_result(r).map(|_| ());
-        }
-    }
-
     /// The `UringFile` behind `f`, if this backend opened it.
     fn lookup(&self, f: &Arc<dyn IoFile>) -> Option<Arc<UringFile>> {
         let key = Arc::as_ptr(f) as *const () as usize;
@@ -299,32 +286,33 @@ impl IoFile for UringFile {
     /// W1 with 64-message batches ran at 0.13M msg/s through the ring against
     /// 1.16M msg/s with pwrite (docs/benchmarks.md, "io_uring"). The ring is
     /// used where it saves work: a write linked with its fdatasync, and many
-    /// fdatasyncs in one submission.
+    /// fdatasyncs in one submission. A lone fdatasync is a plain syscall for
+    /// the same reason (through the ring it too runs on an io-wq worker).
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        self.plain.write_at(buf, offset)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        self.plain.read_at(buf, offset)
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        self.plain.len()
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.file.set_len(len)
+        self.plain.set_len(len)
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        self.shared.fdatasync(self.file.as_raw_fd())
+        self.plain.sync_data()
     }
 
     fn write_and_sync(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         if buf.is_empty() {
             return self.sync_data();
         }
-        let fd = self.file.as_raw_fd();
+        let fd = self.plain.file.as_raw_fd();
         let first = &buf[..buf.len().min(MAX_WRITE_CHUNK)];
         // The fdatasync is linked to the write: it starts only after the
         // write completed in full (a failed or short write cancels it).
@@ -349,13 +337,13 @@ impl IoFile for UringFile {
         }
         // Short write (or a buffer larger than one op): finish with plain
         // writes, then a separate fdatasync.
-        self.file
-            .write_all_at(&buf[written..], offset + written as u64)?;
+        self.plain
+            .write_at(&buf[written..], offset + written as u64)?;
         self.sync_data()
     }
 
     fn map(&self) -> io::Result<Mapping> {
-        map_file(&self.file)
+        self.plain.map()
     }
 }
 
@@ -371,7 +359,9 @@ impl Io for UringIo {
     }
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn IoFile>> {
         let f = Arc::new(UringFile {
-            file: open_std(path, mode)?,
+            plain: StdFile {
+                file: open_std(path, mode)?,
+            },
             shared: Arc::clone(&self.shared),
         });
         self.shared
@@ -411,7 +401,7 @@ impl Io for UringIo {
             let ops: Vec<Op<'_>> = chunk
                 .iter()
                 .map(|u| Op::Fdatasync {
-                    fd: u.file.as_raw_fd(),
+                    fd: u.plain.file.as_raw_fd(),
                 })
                 .collect();
             match self.shared.run(&ops) {
