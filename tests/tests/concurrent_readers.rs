@@ -18,7 +18,7 @@ fn payload(tl: TimelineId, seq: u64) -> Vec<u8> {
 }
 
 fn tl(i: u64) -> TimelineId {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         TimelineId::store(i / 2)
     } else {
         TimelineId::sync(i / 2)
