@@ -170,6 +170,10 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+/// Frozen (full, not yet sealed) segments a shard may hold before appenders
+/// seal inline.
+const MAX_FROZEN_PER_SHARD: usize = 2;
+
 const META_FILE: &str = "engine.meta";
 const META_MAGIC: [u8; 8] = *b"TMLNMETA";
 
@@ -427,7 +431,13 @@ impl Engine {
             }
         }
         if froze_any {
-            if self.inner.cfg.background {
+            // Backpressure: frozen segments hold `segment_bytes` of memory
+            // each until sealed; if the background sealer falls this far
+            // behind, the appender that froze one seals inline.
+            let behind = waits
+                .iter()
+                .any(|(s, _)| s.segs().frozen.len() > MAX_FROZEN_PER_SHARD);
+            if self.inner.cfg.background && !behind {
                 let _ = self.inner.wake.try_send(());
             } else {
                 // The append itself succeeded: a sealing failure must not turn
