@@ -492,20 +492,26 @@ impl Engine {
                 if hi == 0 {
                     return Ok(out);
                 }
-                let mut lo = hi.saturating_sub(limit as u64 - 1).max(1);
-                let first = shard.first_retained(tl.id)?;
-                lo = lo.max(first);
-                if lo <= hi {
+                let lo = hi.saturating_sub(limit as u64 - 1).max(1);
+                // No up-front retention check (that walks every segment of the
+                // timeline, costly for long store histories): try the page, and
+                // if retention cut into it, the error says where data starts.
+                let mut lo = lo;
+                loop {
                     match shard.range(tl.id, lo, hi, &mut out) {
-                        Err(Error::Truncated { .. }) => {
-                            // Retention moved on between the two calls: retry once from the new start.
+                        // Retention may move on again between tries; it only
+                        // moves forward, so this ends.
+                        Err(Error::Truncated { first_retained, .. }) if first_retained > lo => {
                             out.clear();
-                            let first = shard.first_retained(tl.id)?;
-                            if first <= hi {
-                                shard.range(tl.id, lo.max(first), hi, &mut out)?;
+                            if first_retained > hi {
+                                break;
                             }
+                            lo = first_retained;
                         }
-                        r => r?,
+                        r => {
+                            r?;
+                            break;
+                        }
                     }
                 }
                 out.reverse();
