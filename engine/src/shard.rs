@@ -425,7 +425,13 @@ impl Shard {
             .open(&seg_path, OpenMode::Existing)
             .map_err(ioe(&seg_path))?;
         let map = file.map().map_err(ioe(&seg_path))?;
-        let sealed = Arc::new(SealedSeg::open(f.gen, seg_path, map)?);
+        let sealed = Arc::new(SealedSeg::open(
+            self.ks as u8,
+            self.id as u32,
+            f.gen,
+            seg_path,
+            map,
+        )?);
         {
             let mut g = self.segs.write();
             let mut s = (**g).clone();
@@ -723,7 +729,7 @@ impl Shard {
             let path = dir.join(format::seg_file_name(g));
             let file = io.open(&path, OpenMode::Existing).map_err(ioe(&path))?;
             let map = file.map().map_err(ioe(&path))?;
-            match SealedSeg::open(g, path.clone(), map) {
+            match SealedSeg::open(ks as u8, id as u32, g, path.clone(), map) {
                 Ok(s) => {
                     if logs.remove(&g) {
                         let lp = dir.join(format::log_file_name(g));
@@ -789,7 +795,9 @@ impl Shard {
         let log_gens: Vec<u32> = logs.iter().copied().collect();
         for (i, &g) in log_gens.iter().enumerate() {
             let is_last = i + 1 == log_gens.len();
-            if let Some(seg) = recover_log(&*io, &dir, g, &table, cfg.segment_bytes as usize)? {
+            if let Some(seg) =
+                recover_log(&*io, &dir, (ks, id), g, &table, cfg.segment_bytes as usize)?
+            {
                 if is_last {
                     active = Some(seg);
                 } else {
@@ -929,6 +937,7 @@ fn chain_start(l: &LogSeg, id: u64, head: u32) -> Result<(u64, u32, u32)> {
 fn recover_log(
     io: &dyn Io,
     dir: &Path,
+    (ks, shard): (Keyspace, usize),
     gen: u32,
     table: &TimelineTable,
     cap: usize,
@@ -953,11 +962,18 @@ fn recover_log(
         },
         e => Error::corruption(&path, 0, e.to_string()),
     })?;
-    if header.gen != gen || header.kind != SegmentKind::Log {
+    if header.gen != gen
+        || header.kind != SegmentKind::Log
+        || header.keyspace != ks as u8
+        || header.shard != shard as u32
+    {
         return Err(Error::corruption(
             &path,
             0,
-            "header does not match file name",
+            format!(
+                "header (keyspace {}, shard {}, segment {}) does not match where the file is",
+                header.keyspace, header.shard, header.gen
+            ),
         ));
     }
     let mut off = HEADER_LEN;

@@ -322,13 +322,14 @@ fn run(ops: Vec<Op>) {
                 }
             }
             Op::Crash { torn, seed } => {
-                let image = w.mem.crash();
-                image.set_faults(MemFaults {
+                // Torn tails must be armed before the power cut: the image
+                // `crash()` returns has no unsynced bytes left to tear.
+                w.mem.set_faults(MemFaults {
                     torn_tail_on_crash: torn,
                     seed,
                     ..MemFaults::default()
                 });
-                let image = if torn { image.crash() } else { image };
+                let image = w.mem.crash();
                 // The old engine keeps writing into the old image only; drop it.
                 let old = w.engine.take().unwrap();
                 w.mem = image;

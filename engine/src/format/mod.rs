@@ -105,28 +105,34 @@ pub fn parse_file_name(name: &str) -> Option<FileName> {
 
 // Little-endian field access with checked bounds.
 pub(crate) fn get_u16(b: &[u8], at: usize) -> Result<u16, FormatError> {
-    let s = b.get(at..at + 2).ok_or(FormatError::Truncated {
-        need: at + 2,
-        have: b.len(),
-    })?;
+    let s = b
+        .get(at..at.saturating_add(2))
+        .ok_or(FormatError::Truncated {
+            need: at.saturating_add(2),
+            have: b.len(),
+        })?;
     let mut a = [0u8; 2];
     a.copy_from_slice(s);
     Ok(u16::from_le_bytes(a))
 }
 pub(crate) fn get_u32(b: &[u8], at: usize) -> Result<u32, FormatError> {
-    let s = b.get(at..at + 4).ok_or(FormatError::Truncated {
-        need: at + 4,
-        have: b.len(),
-    })?;
+    let s = b
+        .get(at..at.saturating_add(4))
+        .ok_or(FormatError::Truncated {
+            need: at.saturating_add(4),
+            have: b.len(),
+        })?;
     let mut a = [0u8; 4];
     a.copy_from_slice(s);
     Ok(u32::from_le_bytes(a))
 }
 pub(crate) fn get_u64(b: &[u8], at: usize) -> Result<u64, FormatError> {
-    let s = b.get(at..at + 8).ok_or(FormatError::Truncated {
-        need: at + 8,
-        have: b.len(),
-    })?;
+    let s = b
+        .get(at..at.saturating_add(8))
+        .ok_or(FormatError::Truncated {
+            need: at.saturating_add(8),
+            have: b.len(),
+        })?;
     let mut a = [0u8; 8];
     a.copy_from_slice(s);
     Ok(u64::from_le_bytes(a))

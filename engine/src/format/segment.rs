@@ -124,7 +124,9 @@ impl IndexEntry {
     }
     /// Decode entry `i` of an index region.
     pub fn decode_at(index: &[u8], i: usize) -> Result<Self, FormatError> {
-        let at = i * ENTRY_LEN;
+        let at = i
+            .checked_mul(ENTRY_LEN)
+            .ok_or(FormatError::BadField("index position"))?;
         Ok(IndexEntry {
             timeline: get_u64(index, at)?,
             first_seq: get_u64(index, at + 8)?,
@@ -137,7 +139,11 @@ impl IndexEntry {
     }
     /// Only the timeline id of entry `i` (binary search touches nothing else).
     pub fn timeline_at(index: &[u8], i: usize) -> Result<u64, FormatError> {
-        get_u64(index, i * ENTRY_LEN)
+        get_u64(
+            index,
+            i.checked_mul(ENTRY_LEN)
+                .ok_or(FormatError::BadField("index position"))?,
+        )
     }
 }
 

@@ -24,7 +24,16 @@ pub struct SealedSeg {
 
 impl SealedSeg {
     /// Validate header, footer and index CRC of a mapped sealed file.
-    pub fn open(gen: u32, path: PathBuf, map: Mapping) -> Result<SealedSeg> {
+    /// `keyspace`, `shard` and `gen` are where the file was found: a
+    /// segment copied into the wrong directory verifies byte for byte, so
+    /// its header must also say it belongs here.
+    pub fn open(
+        keyspace: u8,
+        shard: u32,
+        gen: u32,
+        path: PathBuf,
+        map: Mapping,
+    ) -> Result<SealedSeg> {
         let ferr = |off: u64, e: FormatError| match e {
             FormatError::UnsupportedVersion(v) => Error::UnsupportedVersion {
                 path: path.clone(),
@@ -34,11 +43,14 @@ impl SealedSeg {
             e => Error::corruption(path.clone(), off, e.to_string()),
         };
         let header = SegmentHeader::decode(&map).map_err(|e| ferr(0, e))?;
-        if header.gen != gen {
+        if (header.keyspace, header.shard, header.gen) != (keyspace, shard, gen) {
             return Err(Error::corruption(
                 path.clone(),
-                16,
-                format!("header names segment {} not {gen}", header.gen),
+                11,
+                format!(
+                    "header names keyspace {} shard {} segment {}, but the file is keyspace {keyspace} shard {shard} segment {gen}",
+                    header.keyspace, header.shard, header.gen
+                ),
             ));
         }
         let footer = Footer::decode_from_file(&map)
