@@ -210,8 +210,8 @@ enum Damage {
     Zero { file: u8, offset: u32, len: u16 },
     Delete { file: u8 },
     /// Copy `len` bytes from one place in the image to another (a misdirected
-    /// write: valid records where they do not belong). Only within one shard
-    /// directory unless `FUZZ_CROSS_COPY` is set.
+    /// write: valid records where they do not belong), within or across shard
+    /// directories (`FUZZ_SAME_DIR_ONLY=1` keeps copies within one).
     CopyRange { from: u8, from_off: u32, to: u8, to_off: u32, len: u16 },
     /// Replace a file's content with another file's (a restore of the wrong
     /// file). Same rule for shard directories as `CopyRange`.
@@ -412,7 +412,7 @@ fn check_reads(e: &Engine, tl: TimelineId, recs: &[Vec<u8>], scans: &[(u8, u8)])
 fuzz_target!(|input: Input| {
     let p = pristine();
     let mem = p.image.crash();
-    let cross_copy = std::env::var_os("FUZZ_CROSS_COPY").is_some();
+    let cross_copy = std::env::var_os("FUZZ_SAME_DIR_ONLY").is_none();
     let verbose = std::env::var_os("FUZZ_VERBOSE").is_some();
     for d in input.damage.iter().take(16) {
         if verbose {
