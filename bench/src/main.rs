@@ -6,7 +6,11 @@
 //!
 //! The workloads, units and output fields are defined in the project's
 //! `workload.md`; this binary implements them for `--target engine` (the
-//! engine linked in-process). Implemented so far:
+//! engine linked in-process) and, for `append` and `read`, `--target
+//! rocksdb`: RocksDB used as a timeline store (key = timeline id ‖ seq),
+//! the general-purpose KV baseline, built only with the optional `rocksdb`
+//! cargo feature (see `workloads/rocksdb.rs` for the build command, options
+//! and how its figures map onto the engine's). Implemented so far:
 //!
 //! - **`append` (W1)**: `--messages` appends of `--payload`-byte random
 //!   payloads to `--timelines` timelines (uniform, or Zipf with `--zipf S`),
@@ -18,6 +22,9 @@
 //!   messages/s, per-batch latency, bytes written (after `Engine::sync`),
 //!   write amplification, peak RSS, index bytes, files. `ops` counts
 //!   messages (a batch counts its messages); `calls` counts batches.
+//!   `disk_write_bytes` is the kernel's count (/proc/self/io `write_bytes`)
+//!   over the timed section plus the final sync, taken the same way for every
+//!   target, unlike `bytes_written`, which is the target's own count.
 //! - **`read` (W2)**: loads the data with W1 first (same flags; reported
 //!   as a `phase: "load"` line) unless `--dir` already holds data for the
 //!   keyspace, then `--reads` range reads of `--read-len` records from a random
@@ -126,7 +133,7 @@ pub enum Entries {
 /// The one flag vocabulary every subcommand accepts.
 #[derive(Args, Debug, Clone)]
 pub struct Flags {
-    /// What to benchmark (only `engine` is implemented).
+    /// What to benchmark: `engine`, or `rocksdb` for append/read (needs the `rocksdb` feature).
     #[arg(long, value_enum, default_value = "engine")]
     pub target: Target,
     /// Data directory (default: a fresh temporary directory, removed at the end unless --keep).
@@ -226,21 +233,41 @@ fn run(cli: Cli) -> Result<i32> {
     if matches!(cli.cmd, Cmd::Fanout(_) | Cmd::Im(_) | Cmd::FanoutSweep(_)) {
         return Err(format!("{name}: not implemented yet (issue 3)").into());
     }
-    if flags.target != Target::Engine {
-        let t = flags
-            .target
-            .to_possible_value()
-            .map(|v| v.get_name().to_string())
-            .unwrap_or_default();
-        return Err(format!("--target {t}: not implemented yet (only --target engine is)").into());
+    let rocksdb_workload = matches!(cli.cmd, Cmd::Append(_) | Cmd::Read(_));
+    match flags.target {
+        Target::Engine => {}
+        Target::Rocksdb if rocksdb_workload => {
+            if !cfg!(feature = "rocksdb") {
+                return Err("--target rocksdb: built without the `rocksdb` feature: \
+                     cargo run --release -p timeline-bench --features rocksdb -- ... \
+                     (with ROCKSDB_LIB_DIR=/usr/lib/x86_64-linux-gnu to link Debian's \
+                     librocksdb-dev instead of compiling RocksDB; see \
+                     bench/src/workloads/rocksdb.rs)"
+                    .into());
+            }
+        }
+        t => {
+            let t = t
+                .to_possible_value()
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default();
+            return Err(format!(
+                "{name} --target {t}: not implemented yet (engine: every workload; rocksdb: append, read)"
+            )
+            .into());
+        }
     }
     flags.validate()?;
     let machine = sysinfo::Machine::detect();
     let mut rep = report::Reporter::new(flags.json, machine);
-    let errors = match &cli.cmd {
-        Cmd::Append(f) => workloads::append::run(f, &mut rep)?,
-        Cmd::Read(f) => workloads::read::run(f, &mut rep)?,
-        Cmd::Reopen(f) => workloads::reopen::run(f, &mut rep)?,
+    let errors = match (&cli.cmd, flags.target) {
+        #[cfg(feature = "rocksdb")]
+        (Cmd::Append(f), Target::Rocksdb) => workloads::rocksdb::append(f, &mut rep)?,
+        #[cfg(feature = "rocksdb")]
+        (Cmd::Read(f), Target::Rocksdb) => workloads::rocksdb::read(f, &mut rep)?,
+        (Cmd::Append(f), _) => workloads::append::run(f, &mut rep)?,
+        (Cmd::Read(f), _) => workloads::read::run(f, &mut rep)?,
+        (Cmd::Reopen(f), _) => workloads::reopen::run(f, &mut rep)?,
         _ => 0,
     };
     rep.finish();

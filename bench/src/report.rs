@@ -1,6 +1,6 @@
 //! Result lines: one JSON object per line with `--json`, else an aligned table.
 
-use crate::sysinfo::Machine;
+use crate::sysinfo::{DiskIo, Machine};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
@@ -52,6 +52,28 @@ pub struct ResultLine {
     /// bytes_written / payload_bytes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes_per_payload_byte: Option<f64>,
+    /// `write_bytes` from /proc/self/io over the timed section plus the
+    /// final sync (engine) or memtable flush (rocksdb): the same kernel
+    /// figure for every in-process target, unlike `bytes_written`, which is
+    /// each target's own count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_write_bytes: Option<u64>,
+    /// `cancelled_write_bytes` from /proc/self/io over the same span: dirty
+    /// pages of files deleted or truncated before writeback.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_cancelled_write_bytes: Option<u64>,
+    /// disk_write_bytes / payload_bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_bytes_per_payload_byte: Option<f64>,
+    /// rocksdb: WAL bytes (`rocksdb.wal.bytes`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wal_bytes: Option<u64>,
+    /// rocksdb: SST bytes written by memtable flushes (`rocksdb.flush.write.bytes`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flush_bytes: Option<u64>,
+    /// rocksdb: SST bytes written by compactions (`rocksdb.compact.write.bytes`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compaction_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sealed_segments: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -112,6 +134,22 @@ impl ResultLine {
         self.p99_us = Some(us(h.value_at_quantile(0.99)));
         self.p999_us = Some(us(h.value_at_quantile(0.999)));
         self.max_us = Some(us(h.max()));
+    }
+
+    /// Fill the `disk_*` fields from /proc/self/io counters taken before and
+    /// after (call after `payload_bytes` is set).
+    pub fn set_disk_io(&mut self, before: DiskIo, after: DiskIo) {
+        let w = after.write_bytes.saturating_sub(before.write_bytes);
+        self.disk_write_bytes = Some(w);
+        self.disk_cancelled_write_bytes = Some(
+            after
+                .cancelled_write_bytes
+                .saturating_sub(before.cancelled_write_bytes),
+        );
+        if let Some(p) = self.payload_bytes.filter(|&p| p > 0) {
+            self.disk_bytes_per_payload_byte =
+                Some((w as f64 / p as f64 * 1000.0).round() / 1000.0);
+        }
     }
 
     fn label(&self) -> String {
@@ -254,6 +292,15 @@ impl Reporter {
                     p,
                     l.bytes_per_payload_byte.unwrap_or(0.0)
                 ));
+            }
+            if let (Some(d), Some(c)) = (l.disk_write_bytes, l.disk_cancelled_write_bytes) {
+                notes.push(format!(
+                    "disk write_bytes {d} (cancelled {c}), {:.2} bytes/payload byte",
+                    l.disk_bytes_per_payload_byte.unwrap_or(0.0)
+                ));
+            }
+            if let (Some(w), Some(f), Some(c)) = (l.wal_bytes, l.flush_bytes, l.compaction_bytes) {
+                notes.push(format!("wal {w}, flush {f}, compaction {c}"));
             }
             if let Some(f) = l.fsyncs {
                 notes.push(format!("fsyncs {f}"));

@@ -56,6 +56,34 @@ pub fn rss_split() -> (u64, u64) {
     )
 }
 
+/// This process's storage write counters from `/proc/self/io` (all its
+/// threads, including exited ones and a RocksDB's background threads).
+/// `write_bytes` counts pages the process dirtied (or wrote directly), at the
+/// moment they are dirtied, whether or not writeback has happened yet;
+/// `cancelled_write_bytes` counts dirty pages that were dropped before being
+/// written back (a file truncated or deleted while still in the page cache).
+/// All zero when the kernel has no task I/O accounting.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DiskIo {
+    pub write_bytes: u64,
+    pub cancelled_write_bytes: u64,
+}
+
+impl DiskIo {
+    pub fn now() -> DiskIo {
+        let s = std::fs::read_to_string("/proc/self/io").unwrap_or_default();
+        let field = |key: &str| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        DiskIo {
+            write_bytes: field("write_bytes:"),
+            cancelled_write_bytes: field("cancelled_write_bytes:"),
+        }
+    }
+}
+
 /// A `Key:   123 kB` value from a /proc file.
 fn proc_kb(file: &str, key: &str) -> Option<u64> {
     let s = std::fs::read_to_string(file).ok()?;

@@ -61,7 +61,8 @@ fn readers_see_consistent_prefixes_while_segments_roll_and_seal() {
                         (tl(i), p)
                     })
                     .collect();
-                let refs: Vec<(TimelineId, &[u8])> = items.iter().map(|(t, p)| (*t, p.as_slice())).collect();
+                let refs: Vec<(TimelineId, &[u8])> =
+                    items.iter().map(|(t, p)| (*t, p.as_slice())).collect();
                 let seqs = e.append_batch(&refs, Durability::Buffered).unwrap();
                 for (&i, s) in batch.iter().zip(seqs) {
                     assert_eq!(s, next[i as usize], "writer got a non-consecutive seq");
@@ -86,7 +87,10 @@ fn readers_see_consistent_prefixes_while_segments_roll_and_seal() {
                 let t = tl(i);
                 let floor = acked[i as usize].load(Ordering::Acquire);
                 let last = e.last_seq(t);
-                assert!(last >= floor, "last_seq {last} below an acknowledged seq {floor}");
+                assert!(
+                    last >= floor,
+                    "last_seq {last} below an acknowledged seq {floor}"
+                );
                 if last == 0 {
                     continue;
                 }
@@ -95,11 +99,19 @@ fn readers_see_consistent_prefixes_while_segments_roll_and_seal() {
                 assert!(!fwd.is_empty());
                 for (k, rec) in fwd.iter().enumerate() {
                     assert_eq!(rec.seq, from + k as u64, "{t:?}: gap in forward scan");
-                    assert_eq!(rec.payload, payload(t, rec.seq), "{t:?} seq {}: wrong bytes", rec.seq);
+                    assert_eq!(
+                        rec.payload,
+                        payload(t, rec.seq),
+                        "{t:?} seq {}: wrong bytes",
+                        rec.seq
+                    );
                 }
                 let back = e.scan(t, u64::MAX, 25, Direction::Backward).unwrap();
                 let top = back[0].seq;
-                assert!(top >= last, "{t:?}: newest page starts at {top}, below last_seq {last}");
+                assert!(
+                    top >= last,
+                    "{t:?}: newest page starts at {top}, below last_seq {last}"
+                );
                 for (k, rec) in back.iter().enumerate() {
                     assert_eq!(rec.seq, top - k as u64, "{t:?}: gap in backward scan");
                     assert_eq!(rec.payload, payload(t, rec.seq));
@@ -118,7 +130,10 @@ fn readers_see_consistent_prefixes_while_segments_roll_and_seal() {
     let reads: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
     let st = engine.stats();
     assert!(reads > 1000, "readers made too little progress: {reads}");
-    assert!(st.store.sealed_segments > 2 && st.sync.sealed_segments > 2, "no sealing happened: {st:?}");
+    assert!(
+        st.store.sealed_segments > 2 && st.sync.sealed_segments > 2,
+        "no sealing happened: {st:?}"
+    );
     // Everything acknowledged is there after a clean reopen too.
     engine.close().unwrap();
     let mut cfg = Config::default();

@@ -5,7 +5,7 @@ use super::{
     Picker,
 };
 use crate::report::{new_histogram, Reporter, ResultLine};
-use crate::sysinfo::{count_files, peak_rss_bytes};
+use crate::sysinfo::{count_files, peak_rss_bytes, DiskIo};
 use crate::{DurabilityArg, Flags, Result};
 use hdrhistogram::Histogram;
 use std::collections::VecDeque;
@@ -35,12 +35,14 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
         durability(flags).name(),
         engine.io_name()
     );
+    let io0 = DiskIo::now();
     let load = load(flags, &engine)?;
     eprintln!("append: timed section {:.3} s; syncing", load.secs);
     let t = Instant::now();
     engine.sync()?;
     let sync_secs = t.elapsed().as_secs_f64();
     let mut line = result_line(flags, &engine, &load, "append");
+    line.set_disk_io(io0, DiskIo::now());
     line.sync_secs = Some(sync_secs);
     let (a, f) = crate::sysinfo::rss_split();
     line.rss_anon_bytes = Some(a);

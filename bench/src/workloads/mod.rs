@@ -4,6 +4,8 @@
 pub mod append;
 pub mod read;
 pub mod reopen;
+#[cfg(feature = "rocksdb")]
+pub mod rocksdb;
 
 use crate::report::ResultLine;
 use crate::{DurabilityArg, Flags, IoArg, KeyspaceArg, Result};

@@ -3,7 +3,7 @@
 use super::append::{self, rate};
 use super::{base_line, keyspace, open_engine, rng_for, split, timeline, DataDir, Picker};
 use crate::report::{new_histogram, Reporter};
-use crate::sysinfo::{count_files, peak_rss_bytes};
+use crate::sysinfo::{count_files, peak_rss_bytes, DiskIo};
 use crate::{Flags, Result};
 use hdrhistogram::Histogram;
 use rand::Rng;
@@ -31,9 +31,11 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
             flags.threads,
             super::durability(flags).name()
         );
+        let io0 = DiskIo::now();
         let load = append::load(flags, &engine)?;
         engine.sync()?;
         let mut line = append::result_line(flags, &engine, &load, "append");
+        line.set_disk_io(io0, DiskIo::now());
         line.phase = Some("load".into());
         line.files = Some(count_files(&dir.path));
         rep.push(line)?;
@@ -202,7 +204,7 @@ fn reads(
 }
 
 /// `None` if the page is what a read of `len` from `from` must return.
-fn check_page(
+pub(crate) fn check_page(
     page: &[Record],
     dirn: Direction,
     from: u64,
