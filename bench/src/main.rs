@@ -207,6 +207,15 @@ pub struct Flags {
     /// The keyspace W1/W2 write to.
     #[arg(long, value_enum, default_value = "store")]
     pub keyspace: KeyspaceArg,
+    /// Regroup sealed segments per timeline (`on`/`off`), overriding the
+    /// keyspace default (store: on, sync: off).
+    #[arg(long, value_parser = clap::builder::BoolishValueParser::new())]
+    pub regroup: Option<bool>,
+    /// After the load, roll and seal every active segment (untimed, reported
+    /// as `seal_secs`): write amplification then covers the data's whole
+    /// life, and `read` reads sealed segments instead of in-memory ones.
+    #[arg(long)]
+    pub seal: bool,
 }
 
 fn main() {

@@ -97,6 +97,10 @@ pub struct ResultLine {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sync_secs: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub seal_secs: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub regroup: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub close_secs: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub errors: Option<u64>,

@@ -41,7 +41,9 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
     let t = Instant::now();
     engine.sync()?;
     let sync_secs = t.elapsed().as_secs_f64();
+    let seal_secs = super::seal_if_asked(flags, &engine)?;
     let mut line = result_line(flags, &engine, &load, "append");
+    line.seal_secs = seal_secs;
     line.set_disk_io(io0, DiskIo::now());
     line.sync_secs = Some(sync_secs);
     let (a, f) = crate::sysinfo::rss_split();

@@ -84,14 +84,28 @@ pub fn engine_config(flags: &Flags) -> Result<Config> {
         io: Some(io_backend(flags)?),
         store: KeyspaceConfig {
             segment_bytes: seg,
+            regroup: flags.regroup.unwrap_or(true),
             ..KeyspaceConfig::store()
         },
         sync: KeyspaceConfig {
             segment_bytes: seg,
+            regroup: flags.regroup.unwrap_or(false),
             ..KeyspaceConfig::sync()
         },
         ..Default::default()
     })
+}
+
+/// With `--seal`, roll and seal every active segment; returns the seconds it took.
+pub fn seal_if_asked(flags: &Flags, engine: &Engine) -> Result<Option<f64>> {
+    if !flags.seal {
+        return Ok(None);
+    }
+    let t = Instant::now();
+    let m = engine.seal_active()?;
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!("sealed {} segment(s) in {secs:.3} s", m.sealed);
+    Ok(Some(secs))
 }
 
 /// Open the engine, returning it and the wall time `Engine::open` took.
@@ -182,6 +196,7 @@ pub fn base_line(flags: &Flags, workload: &str, engine: &Engine) -> ResultLine {
         payload: flags.payload,
         keyspace: keyspace(flags).name().into(),
         shards: engine.config().shards,
+        regroup: Some(engine.config().keyspace(keyspace(flags)).regroup),
         io: engine.io_name().into(),
         seed: flags.seed,
         timelines: Some(flags.timelines),

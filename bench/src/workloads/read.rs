@@ -34,7 +34,9 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
         let io0 = DiskIo::now();
         let load = append::load(flags, &engine)?;
         engine.sync()?;
+        let seal_secs = super::seal_if_asked(flags, &engine)?;
         let mut line = append::result_line(flags, &engine, &load, "append");
+        line.seal_secs = seal_secs;
         line.set_disk_io(io0, DiskIo::now());
         line.phase = Some("load".into());
         line.files = Some(count_files(&dir.path));

@@ -91,7 +91,18 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
     line.secs = open_secs;
     line.ops_per_sec = rate(1, open_secs);
     line.open_secs = Some(open_secs);
-    line.messages = Some(messages);
+    // Messages held: the sum of every timeline's last SeqId across both
+    // keyspaces, from the engine's own index (not only ids 0..--timelines).
+    let (_, store_msgs) = engine.census(timeline_engine::Keyspace::Store);
+    let (_, sync_msgs) = engine.census(timeline_engine::Keyspace::Sync);
+    if store_msgs + sync_msgs != messages {
+        eprintln!(
+            "reopen: ids 0..{} hold {messages} of {} messages",
+            flags.timelines,
+            store_msgs + sync_msgs
+        );
+    }
+    line.messages = Some(store_msgs + sync_msgs);
     line.timelines = Some(st.total().timelines);
     line.timelines_with_data = Some(with_data.len() as u64);
     line.index_bytes = Some(st.total().index_bytes);
