@@ -7,8 +7,13 @@
 //! fdatasync outside every lock, publishes the LSN as synced and wakes the
 //! followers; everyone whose LSN that covers returns. So concurrent appenders,
 //! and appends kept in flight through tickets, share one sync.
+//!
+//! A segment roll does not sync the old file on the append path (a 64 MiB
+//! fdatasync there was the append path's p999): the old file is *retired*
+//! with its end LSN, and the next sync covers it too, all files in one
+//! `Io::sync_many` (one io_uring submission).
 
-use crate::io::IoFile;
+use crate::io::{Io, IoFile};
 use parking_lot::{Condvar, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,9 +27,19 @@ struct SyncState {
 }
 
 #[derive(Debug)]
-pub struct Commit {
+struct Files {
     /// The file that holds the newest bytes, and the LSN just past them.
-    current: Mutex<(Arc<dyn IoFile>, u64)>,
+    current: Arc<dyn IoFile>,
+    lsn: u64,
+    /// Older files of the shard with bytes not yet covered by a sync, and
+    /// the LSN just past their last byte.
+    retired: Vec<(Arc<dyn IoFile>, u64)>,
+}
+
+#[derive(Debug)]
+pub struct Commit {
+    io: Arc<dyn Io>,
+    files: Mutex<Files>,
     synced: AtomicU64,
     state: Mutex<SyncState>,
     cv: Condvar,
@@ -32,9 +47,14 @@ pub struct Commit {
 }
 
 impl Commit {
-    pub fn new(file: Arc<dyn IoFile>, lsn: u64) -> Self {
+    pub fn new(io: Arc<dyn Io>, file: Arc<dyn IoFile>, lsn: u64) -> Self {
         Commit {
-            current: Mutex::new((file, lsn)),
+            io,
+            files: Mutex::new(Files {
+                current: file,
+                lsn,
+                retired: Vec::new(),
+            }),
             synced: AtomicU64::new(lsn),
             state: Mutex::new(SyncState {
                 syncing: false,
@@ -46,25 +66,44 @@ impl Commit {
     }
 
     /// Record that bytes up to `lsn` have been written to `file` (the writer
-    /// calls this after each pwrite, holding the shard writer lock).
+    /// calls this after each pwrite and after a roll, holding the shard
+    /// writer lock). A new file retires the old one until a sync covers it.
     pub fn written(&self, file: &Arc<dyn IoFile>, lsn: u64) {
-        let mut c = self.current.lock();
-        if !Arc::ptr_eq(&c.0, file) {
-            c.0 = file.clone();
+        let mut f = self.files.lock();
+        if !Arc::ptr_eq(&f.current, file) {
+            let old = std::mem::replace(&mut f.current, file.clone());
+            if !self.is_synced(f.lsn) {
+                let end = f.lsn;
+                f.retired.push((old, end));
+            }
         }
-        c.1 = lsn;
+        f.lsn = lsn;
     }
 
-    /// The file holding the newest bytes and the LSN just past them.
-    pub fn current(&self) -> (Arc<dyn IoFile>, u64) {
-        let c = self.current.lock();
-        (c.0.clone(), c.1)
+    /// Every file with bytes a sync must cover, and the LSN it then covers.
+    pub fn pending(&self) -> (Vec<Arc<dyn IoFile>>, u64) {
+        let f = self.files.lock();
+        let mut v: Vec<Arc<dyn IoFile>> = f.retired.iter().map(|(x, _)| x.clone()).collect();
+        v.push(f.current.clone());
+        (v, f.lsn)
+    }
+
+    /// fdatasync retired files (before an own-sync append may claim its LSN).
+    pub fn sync_retired(&self) -> std::io::Result<()> {
+        let (files, _) = self.pending();
+        if files.len() > 1 {
+            let retired = &files[..files.len() - 1];
+            self.io.sync_many(retired)?;
+            self.count_sync();
+        }
+        Ok(())
     }
 
     /// Everything up to `lsn` is durable (a roll synced the old file, or an
     /// append did its own sync).
     pub fn mark_synced(&self, lsn: u64) {
         self.synced.fetch_max(lsn, Ordering::AcqRel);
+        self.files.lock().retired.retain(|(_, end)| *end > lsn);
         let _g = self.state.lock();
         self.cv.notify_all();
     }
@@ -112,12 +151,15 @@ impl Commit {
             }
             st.syncing = true;
             drop(st);
-            let (file, target) = {
-                let c = self.current.lock();
-                (c.0.clone(), c.1)
+            let (files, target) = self.pending();
+            let r = match files.as_slice() {
+                [one] => one.sync_data(),
+                many => self.io.sync_many(many),
             };
-            let r = file.sync_data();
             self.syncs.fetch_add(1, Ordering::Relaxed);
+            if r.is_ok() {
+                self.files.lock().retired.retain(|(_, end)| *end > target);
+            }
             let mut st = self.state.lock();
             st.syncing = false;
             match r {

@@ -586,9 +586,9 @@ impl Engine {
         for ks in &self.inner.keyspaces {
             for s in &ks.shards {
                 s.check_poison()?;
-                let (file, lsn) = s.commit.current();
+                let (f, lsn) = s.commit.pending();
                 if !s.commit.is_synced(lsn) {
-                    files.push(file);
+                    files.extend(f);
                     marks.push((s, lsn));
                 }
             }

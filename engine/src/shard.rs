@@ -61,6 +61,10 @@ pub(crate) struct Shard {
     writer: Mutex<Writer>,
     pub commit: Commit,
     maint: Mutex<()>,
+    /// A retired active buffer to reuse at the next roll: its pages are
+    /// already faulted in (fresh 64 MiB buffers cost page faults, and with
+    /// huge pages, multi-millisecond stalls, on the append path).
+    spare: Mutex<Option<Arc<AppendBuf>>>,
     /// Generation the newest index checkpoint covers, and footer entries sealed since.
     ckpt: Mutex<(Option<u32>, u64)>,
     pub stats: ShardStats,
@@ -108,6 +112,7 @@ impl Shard {
         gen: u32,
         now: u64,
         cap: usize,
+        spare: Option<Arc<AppendBuf>>,
     ) -> Result<Arc<LogSeg>> {
         let path = dir.join(format::log_file_name(gen));
         let file = io.open(&path, OpenMode::CreateNew).map_err(ioe(&path))?;
@@ -123,7 +128,10 @@ impl Shard {
         // The new name must survive a power cut before any record in it is
         // acknowledged (KAFKA-3968).
         io.sync_dir(dir).map_err(ioe(dir))?;
-        let buf = AppendBuf::with_capacity(cap);
+        let buf = match spare {
+            Some(b) => b,
+            None => Arc::new(AppendBuf::with_capacity(cap).map_err(ioe(&path))?),
+        };
         buf.write_tail(0, &hb);
         buf.publish(HEADER_LEN);
         Ok(Arc::new(LogSeg {
@@ -249,7 +257,10 @@ impl Shard {
         let seg = w.active.clone();
         let bytes = seg.buf.staged(start, end);
         let r = match durability {
-            Durability::Sync => seg.file.write_and_sync(bytes, start as u64),
+            Durability::Sync => self
+                .commit
+                .sync_retired()
+                .and_then(|()| seg.file.write_and_sync(bytes, start as u64)),
             _ => seg.file.write_at(bytes, start as u64),
         };
         if let Err(e) = r {
@@ -301,14 +312,8 @@ impl Shard {
     /// Freeze the active segment and start a new one.
     fn roll(&self, w: &mut Writer, now: u64) -> Result<()> {
         let old = w.active.clone();
-        if !self.commit.is_synced(w.lsn) {
-            if let Err(e) = old.file.sync_data() {
-                self.commit.mark_failed(format!("fdatasync failed: {e}"));
-                return Err(Error::io(&old.path, e));
-            }
-            self.commit.count_sync();
-        }
-        self.commit.mark_synced(w.lsn);
+        // No fdatasync here: `commit.written` below retires the old file and
+        // the next sync (group commit, `Engine::sync`, or sealing) covers it.
         let gen = w.next_gen;
         let new = Self::new_log_seg(
             &*self.io,
@@ -318,6 +323,7 @@ impl Shard {
             gen,
             now,
             self.cfg.segment_bytes as usize,
+            self.take_spare(),
         )?;
         w.next_gen += 1;
         w.lsn += HEADER_LEN as u64;
@@ -335,6 +341,23 @@ impl Shard {
         }
         *self.segs.write() = Arc::new(s);
         Ok(())
+    }
+
+    /// The spare buffer, if no reader holds it any more.
+    fn take_spare(&self) -> Option<Arc<AppendBuf>> {
+        let mut slot = self.spare.lock();
+        let mut b = slot.take()?;
+        match Arc::get_mut(&mut b) {
+            Some(buf) => {
+                buf.reset();
+                Some(b)
+            }
+            None => {
+                // A reader still has it: keep it for next time.
+                *slot = Some(b);
+                None
+            }
+        }
     }
 
     /// Roll the active segment if its time window has passed (so it can be
@@ -439,6 +462,11 @@ impl Shard {
             let at = s.sealed.partition_point(|x| x.gen < f.gen);
             s.sealed.insert(at, sealed);
             *g = Arc::new(s);
+        }
+        // Keep the sealed segment's buffer for the next roll, once readers
+        // still holding the old segment set let go of it.
+        if f.buf.capacity() == self.cfg.segment_bytes as usize {
+            *self.spare.lock() = Some(f.buf.clone());
         }
         if let SealOutput::Grouped(_) = out {
             // A stale .log beside a valid .seg is removed by recovery, so no
@@ -820,6 +848,7 @@ impl Shard {
                     next_gen,
                     now,
                     cfg.segment_bytes as usize,
+                    None,
                 )?;
                 next_gen += 1;
                 a
@@ -828,7 +857,7 @@ impl Shard {
         // Whatever recovery found is what readers will now see: make it durable.
         active.file.sync_data().map_err(ioe(&active.path))?;
         let lsn = active.buf.len() as u64;
-        let commit = Commit::new(active.file.clone(), lsn);
+        let commit = Commit::new(io.clone(), active.file.clone(), lsn);
         Ok(Shard {
             ks,
             id,
@@ -852,6 +881,7 @@ impl Shard {
             }),
             commit,
             maint: Mutex::new(()),
+            spare: Mutex::new(None),
             ckpt: Mutex::new((ckpt_gen, entries_since)),
             stats: ShardStats::default(),
         })
@@ -1028,7 +1058,7 @@ fn recover_log(
         file.set_len(off as u64).map_err(ioe(&path))?;
         file.sync_data().map_err(ioe(&path))?;
     }
-    let buf = AppendBuf::with_capacity(cap.max(off));
+    let buf = Arc::new(AppendBuf::with_capacity(cap.max(off)).map_err(ioe(&path))?);
     buf.write_tail(0, bytes.get(..off).unwrap_or_default());
     buf.publish(off);
     Ok(Some(Arc::new(LogSeg {

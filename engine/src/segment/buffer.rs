@@ -7,19 +7,24 @@
 //! before the length that covers it was published. Bytes below the published
 //! length are never written again.
 
-use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A fixed-capacity, append-only byte buffer with a published length.
 pub struct AppendBuf {
-    bytes: Box<[UnsafeCell<u8>]>,
+    /// Owns the anonymous mapping; never touched after construction (all
+    /// access goes through `ptr`), only unmapped on drop.
+    _map: memmap2::MmapMut,
+    ptr: *mut u8,
+    cap: usize,
     published: AtomicUsize,
 }
 
-// SAFETY: the only mutation is `write_tail`, which the owner calls from one
-// thread at a time (the shard writer holds its mutex; `&mut`-free by design so
-// readers can share the buffer) and which only touches bytes at or above the
-// published length; readers only touch bytes below it (see the module doc).
+// SAFETY: the buffer owns its mapping (so it may move between threads); the
+// only mutation is staging by the single writer (the shard writer holds its
+// mutex) at or above the published length, and readers only touch bytes
+// below it (see the module doc).
+#[allow(unsafe_code)]
+unsafe impl Send for AppendBuf {}
 #[allow(unsafe_code)]
 unsafe impl Sync for AppendBuf {}
 
@@ -30,23 +35,31 @@ impl std::fmt::Debug for AppendBuf {
 }
 
 impl AppendBuf {
-    /// A zeroed buffer (the allocator hands out untouched pages, so capacity
-    /// costs no RSS until written).
-    pub fn with_capacity(cap: usize) -> Self {
-        let bytes: Box<[u8]> = vec![0u8; cap].into_boxed_slice();
-        // UnsafeCell<u8> has the same layout as u8 (repr(transparent)).
-        let raw = Box::into_raw(bytes) as *mut [UnsafeCell<u8>];
-        // SAFETY: same size and alignment, and the pointer came from Box::into_raw.
-        #[allow(unsafe_code)]
-        let bytes = unsafe { Box::from_raw(raw) };
-        AppendBuf {
-            bytes,
+    /// A zeroed buffer in an anonymous mapping: capacity costs no RSS until
+    /// written. It is advised for transparent huge pages: reads of the
+    /// active segment follow record links all over it, and with 4 KiB pages
+    /// most hops were TLB misses (docs/benchmarks.md, "W2").
+    pub fn with_capacity(cap: usize) -> std::io::Result<Self> {
+        let mut map = memmap2::MmapMut::map_anon(cap.max(1))?;
+        // Advice only; a kernel without THP just ignores the hint's effect.
+        let _ = map.advise(memmap2::Advice::HugePage);
+        let ptr = map.as_mut_ptr();
+        Ok(AppendBuf {
+            _map: map,
+            ptr,
+            cap,
             published: AtomicUsize::new(0),
-        }
+        })
+    }
+
+    /// Empty the buffer for reuse (its pages stay mapped and faulted in:
+    /// a recycled buffer costs no page faults). `&mut`: nobody else holds it.
+    pub fn reset(&mut self) {
+        *self.published.get_mut() = 0;
     }
 
     pub fn capacity(&self) -> usize {
-        self.bytes.len()
+        self.cap
     }
 
     /// Published length.
@@ -65,7 +78,7 @@ impl AppendBuf {
         // (module doc), and `n <= capacity` because `publish` checks it.
         #[allow(unsafe_code)]
         unsafe {
-            std::slice::from_raw_parts(self.bytes.as_ptr() as *const u8, n)
+            std::slice::from_raw_parts(self.ptr as *const u8, n)
         }
     }
 
@@ -80,7 +93,7 @@ impl AppendBuf {
         // single writer is us.
         #[allow(unsafe_code)]
         unsafe {
-            let dst = (self.bytes.as_ptr() as *mut u8).add(at);
+            let dst = self.ptr.add(at);
             std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len());
         }
     }
@@ -96,9 +109,7 @@ impl AppendBuf {
         // the `Sync` impl) holds no other reference into it while `f` runs,
         // and the `&mut` does not outlive `f`.
         #[allow(unsafe_code)]
-        let dst = unsafe {
-            std::slice::from_raw_parts_mut((self.bytes.as_ptr() as *mut u8).add(at), len)
-        };
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), len) };
         f(dst)
     }
 
@@ -115,7 +126,7 @@ impl AppendBuf {
         // does not stage below `to` again: staging only moves forward).
         #[allow(unsafe_code)]
         unsafe {
-            std::slice::from_raw_parts((self.bytes.as_ptr() as *const u8).add(from), to - from)
+            std::slice::from_raw_parts(self.ptr.add(from) as *const u8, to - from)
         }
     }
 
@@ -134,7 +145,7 @@ mod tests {
 
     #[test]
     fn readers_see_only_published_bytes() {
-        let b = Arc::new(AppendBuf::with_capacity(1 << 16));
+        let b = Arc::new(AppendBuf::with_capacity(1 << 16).unwrap());
         let w = b.clone();
         let t = std::thread::spawn(move || {
             let mut at = 0;
@@ -158,7 +169,7 @@ mod tests {
     #[test]
     #[should_panic]
     fn write_past_capacity_panics_in_the_writer() {
-        let b = AppendBuf::with_capacity(8);
+        let b = AppendBuf::with_capacity(8).unwrap();
         b.write_tail(4, &[0; 8]);
     }
 }

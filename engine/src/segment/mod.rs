@@ -25,7 +25,7 @@ pub struct LogSeg {
     pub created_ms: u64,
     pub path: PathBuf,
     pub file: Arc<dyn IoFile>,
-    pub buf: AppendBuf,
+    pub buf: Arc<AppendBuf>,
     /// Newest record timestamp (for TTL of the segment once sealed).
     pub max_ts: AtomicU64,
     pub min_ts: AtomicU64,
