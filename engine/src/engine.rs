@@ -261,22 +261,46 @@ impl Engine {
             }
             Err(e) => return Err(Error::io(&meta_path, e)),
         };
-        let open_ks = |ks: Keyspace| -> Result<KeyspaceState> {
-            let kdir = dir.join(ks.name());
+        // Shards recover independently: spread them over the cores
+        // (recovery is CPU-bound once the files are in the page cache).
+        let jobs: Vec<(Keyspace, usize)> = Keyspace::ALL
+            .iter()
+            .flat_map(|&ks| (0..shards).map(move |s| (ks, s)))
+            .collect();
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(jobs.len());
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let opened: Mutex<Vec<Option<Result<Shard>>>> =
+            Mutex::new((0..jobs.len()).map(|_| None).collect());
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(ks, s)) = jobs.get(k) else { return };
+                    let r = Shard::open(
+                        ks,
+                        s,
+                        dir.join(ks.name()).join(format!("{s:03}")),
+                        cfg.keyspace(ks).clone(),
+                        io.clone(),
+                        cfg.clock.clone(),
+                    );
+                    opened.lock()[k] = Some(r);
+                });
+            }
+        });
+        let mut opened = opened.into_inner().into_iter();
+        let mut take_ks = || -> Result<KeyspaceState> {
             let mut v = Vec::with_capacity(shards);
-            for s in 0..shards {
-                v.push(Arc::new(Shard::open(
-                    ks,
-                    s,
-                    kdir.join(format!("{s:03}")),
-                    cfg.keyspace(ks).clone(),
-                    io.clone(),
-                    cfg.clock.clone(),
-                )?));
+            for _ in 0..shards {
+                let r = opened.next().flatten().ok_or(Error::Closed)?;
+                v.push(Arc::new(r?));
             }
             Ok(KeyspaceState { shards: v })
         };
-        let keyspaces = [open_ks(Keyspace::Store)?, open_ks(Keyspace::Sync)?];
+        let keyspaces = [take_ks()?, take_ks()?];
         // The directory's shard count wins over the requested one.
         let mut cfg = cfg;
         cfg.shards = shards;

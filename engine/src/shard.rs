@@ -519,7 +519,7 @@ impl Shard {
             .iter()
             .filter(|s| prev.is_none_or(|p| s.gen > p))
         {
-            for e in s.entries() {
+            for e in s.entries()? {
                 let e = e?;
                 entries.push(CkptEntry {
                     timeline: e.timeline,
@@ -758,6 +758,13 @@ impl Shard {
             let file = io.open(&path, OpenMode::Existing).map_err(ioe(&path))?;
             let map = file.map().map_err(ioe(&path))?;
             match SealedSeg::open(ks as u8, id as u32, g, path.clone(), map) {
+                // With the log still there, only a fully verified sealed
+                // copy may replace it.
+                Ok(s) if logs.contains(&g) && s.verify_index().is_err() => {
+                    tracing::warn!(file = %path.display(), "discarding sealed segment with a damaged index; resealing from its log");
+                    drop(s);
+                    io.remove_file(&path).map_err(ioe(&path))?;
+                }
                 Ok(s) => {
                     if logs.remove(&g) {
                         let lp = dir.join(format::log_file_name(g));
@@ -781,7 +788,9 @@ impl Shard {
             io.remove_file(&p).map_err(ioe(&p))?;
         }
         if let Some(g) = ckpt_gen {
-            for e in read_checkpoint(&*io, &dir, g)? {
+            let entries = read_checkpoint(&*io, &dir, g)?;
+            table.reserve(entries.len());
+            for e in entries {
                 let idx = table.find_or_insert(e.timeline);
                 table.with(idx, |m| {
                     m.publish(
@@ -797,7 +806,7 @@ impl Shard {
         let mut entries_since = 0u64;
         for s in sealed.iter().filter(|s| ckpt_gen.is_none_or(|c| s.gen > c)) {
             entries_since += s.footer.entries as u64;
-            for e in s.entries() {
+            for e in s.entries()? {
                 let e = e?;
                 let idx = table.find_or_insert(e.timeline);
                 table.with(idx, |m| {
@@ -982,8 +991,12 @@ fn recover_log(
         io.remove_file(&path).map_err(ioe(&path))?;
         return Ok(None);
     }
-    let mut bytes = vec![0u8; len];
-    file.read_at(&mut bytes, 0).map_err(ioe(&path))?;
+    // Read straight into the buffer the segment will keep (no second copy);
+    // it is published only up to the last record that verifies.
+    let buf = Arc::new(AppendBuf::with_capacity(cap.max(len)).map_err(ioe(&path))?);
+    buf.stage_with(0, len, |dst| file.read_at(dst, 0))
+        .map_err(ioe(&path))?;
+    let bytes = buf.staged(0, len);
     let header = SegmentHeader::decode(&bytes).map_err(|e| match e {
         format::FormatError::UnsupportedVersion(v) => Error::UnsupportedVersion {
             path: path.clone(),
@@ -1058,8 +1071,6 @@ fn recover_log(
         file.set_len(off as u64).map_err(ioe(&path))?;
         file.sync_data().map_err(ioe(&path))?;
     }
-    let buf = Arc::new(AppendBuf::with_capacity(cap.max(off)).map_err(ioe(&path))?);
-    buf.write_tail(0, bytes.get(..off).unwrap_or_default());
     buf.publish(off);
     Ok(Some(Arc::new(LogSeg {
         gen,

@@ -180,6 +180,13 @@ impl TimelineTable {
         idx as u32
     }
 
+    /// Make room for `n` more timelines (recovery knows how many are coming).
+    pub fn reserve(&self, n: usize) {
+        let mut g = self.inner.write();
+        let Inner { table, chunks, .. } = &mut *g;
+        table.reserve(n, |&i| hash_id(meta_at(chunks, i).id));
+    }
+
     /// Slot indices for many ids at once (inserting missing ones): one read
     /// lock for the lookups, one write lock only if some id is new.
     pub fn resolve_batch(&self, ids: impl Iterator<Item = u64> + Clone, out: &mut Vec<u32>) {

@@ -5,6 +5,7 @@ use crate::format::segment::{Footer, IndexEntry, SegmentHeader, SegmentKind, ENT
 use crate::format::{get_u32, FormatError};
 use crate::io::Mapping;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 /// Every this many index entries, one timeline id is kept in memory, so a
 /// lookup is a search in a small in-memory array and then in one short
@@ -19,11 +20,12 @@ pub struct SealedSeg {
     pub footer: Footer,
     pub created_ms: u64,
     map: Mapping,
-    fences: Vec<u64>,
+    fences: OnceLock<Result<Vec<u64>, String>>,
 }
 
 impl SealedSeg {
-    /// Validate header, footer and index CRC of a mapped sealed file.
+    /// Validate header and footer of a mapped sealed file (the index is
+    /// verified on first use: see `fences`).
     /// `keyspace`, `shard` and `gen` are where the file was found: a
     /// segment copied into the wrong directory verifies byte for byte, so
     /// its header must also say it belongs here.
@@ -55,37 +57,6 @@ impl SealedSeg {
         }
         let footer = Footer::decode_from_file(&map)
             .map_err(|e| ferr(map.len().saturating_sub(64) as u64, e))?;
-        let idx = map
-            .get(footer.index_off as usize..(footer.index_off + footer.index_len()) as usize)
-            .ok_or_else(|| {
-                Error::corruption(path.clone(), footer.index_off, "index out of bounds")
-            })?;
-        let actual = crc32fast::hash(idx);
-        if actual != footer.index_crc {
-            return Err(Error::corruption(
-                path.clone(),
-                footer.index_off,
-                format!(
-                    "index checksum mismatch: stored {:#010x}, computed {actual:#010x}",
-                    footer.index_crc
-                ),
-            ));
-        }
-        let entries = footer.entries as usize;
-        let mut fences = Vec::with_capacity(entries / FENCE_EVERY + 1);
-        let mut prev = None;
-        for i in (0..entries).step_by(FENCE_EVERY) {
-            let t = IndexEntry::timeline_at(idx, i).map_err(|e| ferr(footer.index_off, e))?;
-            if prev.is_some_and(|p| p >= t) {
-                return Err(Error::corruption(
-                    path.clone(),
-                    footer.index_off,
-                    "index not sorted",
-                ));
-            }
-            prev = Some(t);
-            fences.push(t);
-        }
         Ok(SealedSeg {
             gen,
             path,
@@ -93,8 +64,53 @@ impl SealedSeg {
             footer,
             created_ms: header.created_ms,
             map,
-            fences,
+            fences: OnceLock::new(),
         })
+    }
+
+    /// Verify the index (CRC, sort order) and build the fences, once, on
+    /// first use. Opening a segment reads only its header and footer, so
+    /// recovery does not read every sealed index from disk (after a power
+    /// cut the page cache is cold: that was seconds for 10M messages); a
+    /// damaged index is a `Corruption` error for the reads that need it.
+    fn fences(&self) -> Result<&[u64]> {
+        let r = self.fences.get_or_init(|| {
+            let f = &self.footer;
+            let idx = self.index();
+            let actual = crc32fast::hash(idx);
+            if actual != f.index_crc {
+                return Err(format!(
+                    "index checksum mismatch: stored {:#010x}, computed {actual:#010x}",
+                    f.index_crc
+                ));
+            }
+            let entries = f.entries as usize;
+            let mut fences = Vec::with_capacity(entries / FENCE_EVERY + 1);
+            let mut prev = None;
+            for i in (0..entries).step_by(FENCE_EVERY) {
+                let t = IndexEntry::timeline_at(idx, i).map_err(|e| e.to_string())?;
+                if prev.is_some_and(|p| p >= t) {
+                    return Err("index not sorted".to_string());
+                }
+                prev = Some(t);
+                fences.push(t);
+            }
+            Ok(fences)
+        });
+        match r {
+            Ok(f) => Ok(f),
+            Err(what) => Err(Error::corruption(
+                self.path.clone(),
+                self.footer.index_off,
+                what.clone(),
+            )),
+        }
+    }
+
+    /// Check the whole index now (recovery does before trusting a sealed
+    /// segment over its log).
+    pub fn verify_index(&self) -> Result<()> {
+        self.fences().map(|_| ())
     }
 
     pub fn bytes(&self) -> &[u8] {
@@ -113,7 +129,7 @@ impl SealedSeg {
         let idx = self.index();
         let n = self.footer.entries as usize;
         // Fence block: the last fence <= timeline.
-        let block = match self.fences.partition_point(|&f| f <= timeline) {
+        let block = match self.fences()?.partition_point(|&f| f <= timeline) {
             0 => return Ok(None),
             b => b - 1,
         };
@@ -137,15 +153,17 @@ impl SealedSeg {
 
     /// Offset of the `k`th sparse entry (record `first_seq + 16k` of a run).
     pub fn sparse(&self, at: usize) -> Result<u32> {
+        self.fences()?;
         let idx = self.index();
         get_u32(idx, self.footer.entries as usize * ENTRY_LEN + at * 4).map_err(|e| self.cerr(e))
     }
 
     /// Every index entry, in timeline order (recovery).
-    pub fn entries(&self) -> impl Iterator<Item = Result<IndexEntry>> + '_ {
+    pub fn entries(&self) -> Result<impl Iterator<Item = Result<IndexEntry>> + '_> {
+        self.fences()?;
         let idx = self.index();
-        (0..self.footer.entries as usize)
-            .map(move |i| IndexEntry::decode_at(idx, i).map_err(|e| self.cerr(e)))
+        Ok((0..self.footer.entries as usize)
+            .map(move |i| IndexEntry::decode_at(idx, i).map_err(|e| self.cerr(e))))
     }
 
     fn cerr(&self, e: FormatError) -> Error {
@@ -154,7 +172,11 @@ impl SealedSeg {
 
     /// In-memory bytes this segment costs (fences), for `index_bytes`.
     pub fn memory_bytes(&self) -> usize {
-        self.fences.capacity() * 8 + std::mem::size_of::<Self>()
+        let fences = match self.fences.get() {
+            Some(Ok(f)) => f.capacity() * 8,
+            _ => 0,
+        };
+        fences + std::mem::size_of::<Self>()
     }
 
     /// Mapped bytes of the on-disk index (page cache, not heap).
