@@ -104,6 +104,7 @@ impl Shard {
         }
     }
 
+    #[allow(clippy::too_many_arguments)] // a constructor of one value; a params struct would only rename them
     fn new_log_seg(
         io: &dyn Io,
         dir: &Path,
@@ -997,7 +998,7 @@ fn recover_log(
     buf.stage_with(0, len, |dst| file.read_at(dst, 0))
         .map_err(ioe(&path))?;
     let bytes = buf.staged(0, len);
-    let header = SegmentHeader::decode(&bytes).map_err(|e| match e {
+    let header = SegmentHeader::decode(bytes).map_err(|e| match e {
         format::FormatError::UnsupportedVersion(v) => Error::UnsupportedVersion {
             path: path.clone(),
             found: v,
