@@ -5,14 +5,8 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use rand::{Rng, SeedableRng};
 use timeline_engine::{Config, Durability, Engine, TimelineId};
 
-fn engine(mem: bool, dir: &std::path::Path) -> Engine {
-    let mut cfg = Config::default();
-    cfg.io = Some(if mem {
-        Arc::new(MemIo::new())
-    } else {
-        Arc::new(StdIo)
-    });
-    Engine::open(dir, cfg).expect("open")
+fn engine(dir: &std::path::Path) -> Engine {
+    Engine::open(dir, Config::default()).expect("open")
 }
 
 fn append(c: &mut Criterion) {
