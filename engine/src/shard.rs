@@ -1028,10 +1028,29 @@ fn recover_log(
         };
         let idx = table.find_or_insert(h.timeline);
         let (last, pos) = table.with(idx, |m| m.snapshot());
-        let linked = if !is_local(h.prev) {
-            // First record here: either continues a known timeline from an
-            // older segment, or the timeline's older segments were dropped by TTL.
-            pos.gen != gen && (h.seq == last + 1 || (last == 0 && pos == Pos::NONE))
+        if h.prev != NONE && !is_local(h.prev) && pos.gen != gen && h.seq > last + 1 {
+            // The timeline's previous records were in an older log segment
+            // whose unsynced tail a power cut took, while the kernel had
+            // already written back these later pages. A roll does not sync
+            // the old segment, but every completed sync covers all older
+            // segments first (commit.rs), so nothing from here on was ever
+            // acknowledged as durable: this is a torn tail too.
+            tracing::warn!(
+                file = %path.display(),
+                offset = off,
+                timeline = h.timeline,
+                "records of an older segment were lost in a power cut; cutting this log here"
+            );
+            break;
+        }
+        let linked = if h.prev == NONE {
+            // The timeline's first record ever.
+            last == 0 && pos == Pos::NONE
+        } else if !is_local(h.prev) {
+            // First record here of a timeline continued from an older
+            // segment (which may since have expired: the checkpoint keeps
+            // its last seq).
+            pos.gen != gen && h.seq == last + 1
         } else {
             pos.gen == gen && pos.off == h.prev && h.seq == last + 1
         };
