@@ -336,6 +336,8 @@ impl Engine {
                 })
                 .map_err(|e| Error::io("<thread>", e))?;
             *engine.inner.maint_thread.lock() = Some(h);
+            // First pass now: seal what recovery left, prefault the buffers.
+            let _ = engine.inner.wake.try_send(());
         } else {
             // Recovery may have left full segments to seal.
             for ks in &engine.inner.keyspaces {
@@ -423,13 +425,15 @@ impl Engine {
             .windows(2)
             .all(|w| Arc::ptr_eq(self.shard(w[0].0), self.shard(w[1].0)));
         let mut froze_any = false;
+        let mut wake_any = false;
         if single_shard {
             if let Some((tl, _)) = items.first() {
                 let shard = self.shard(*tl);
                 let list: Vec<(u64, &[u8])> = items.iter().map(|(t, p)| (t.id, *p)).collect();
                 let mut out = Vec::with_capacity(items.len());
-                let (lsn, froze) = shard.append(&list, &mut out, d)?;
+                let (lsn, froze, wake) = shard.append(&list, &mut out, d)?;
                 froze_any |= froze;
+                wake_any |= wake;
                 seqs.copy_from_slice(&out);
                 waits.push((shard.clone(), lsn));
             }
@@ -446,8 +450,9 @@ impl Engine {
                 let list: Vec<(u64, &[u8])> =
                     idxs.iter().map(|&i| (items[i].0.id, items[i].1)).collect();
                 let mut out = Vec::with_capacity(list.len());
-                let (lsn, froze) = shard.append(&list, &mut out, d)?;
+                let (lsn, froze, wake) = shard.append(&list, &mut out, d)?;
                 froze_any |= froze;
+                wake_any |= wake;
                 for (k, &i) in idxs.iter().enumerate() {
                     seqs[i] = out[k];
                 }
@@ -474,6 +479,9 @@ impl Engine {
                     }
                 }
             }
+        }
+        if wake_any && !froze_any && self.inner.cfg.background {
+            let _ = self.inner.wake.try_send(());
         }
         Ok(AppendTicket { seqs, waits })
     }
@@ -559,6 +567,14 @@ impl Engine {
     /// ones. The background thread calls this; tests call it directly.
     pub fn maintain(&self) -> Result<Maintenance> {
         let mut m = Maintenance::default();
+        if self.inner.cfg.background {
+            // Cheap and latency-critical for appenders: before sealing.
+            for ks in &self.inner.keyspaces {
+                for s in &ks.shards {
+                    s.prefault_ahead();
+                }
+            }
+        }
         for ks in &self.inner.keyspaces {
             for s in &ks.shards {
                 if s.roll_if_due(false)? {

@@ -157,7 +157,7 @@ impl Shard {
         items: &[(u64, &[u8])],
         seqs: &mut Vec<u64>,
         durability: Durability,
-    ) -> Result<(u64, bool)> {
+    ) -> Result<(u64, bool, bool)> {
         let mut w = self.writer.lock();
         self.check_poison()?;
         let now = self.clock.now_ms();
@@ -240,7 +240,33 @@ impl Shard {
             payload_bytes + (items.len() * record::RECORD_HEADER_LEN) as u64,
             Ordering::Relaxed,
         );
-        Ok((w.lsn, froze))
+        let b = &w.active.buf;
+        let wants_prefault = b.prefaulted() < (b.len() + PREFAULT_LEAD / 2).min(b.capacity());
+        Ok((w.lsn, froze, wants_prefault))
+    }
+
+    /// Populate the active buffer's pages ahead of the writer, and prepare a
+    /// populated spare buffer for the next roll once the active one is half
+    /// full (the maintenance thread calls this; see `AppendBuf::prefault_to`).
+    pub fn prefault_ahead(&self) {
+        let segs = self.segs();
+        let b = &segs.active.buf;
+        if b.len() <= HEADER_LEN {
+            // Not written yet: an idle shard costs no memory.
+            return;
+        }
+        b.prefault_to(b.len() + PREFAULT_LEAD);
+        let cap = self.cfg.segment_bytes as usize;
+        if b.len() > b.capacity() / 2 && self.spare.lock().is_none() {
+            if let Ok(mut n) = AppendBuf::with_capacity(cap) {
+                n.prefault_to(cap);
+                n.reset();
+                let mut slot = self.spare.lock();
+                if slot.is_none() {
+                    *slot = Some(Arc::new(n));
+                }
+            }
+        }
     }
 
     /// Write the staged bytes `[start, end)` of the active buffer to its
@@ -908,6 +934,10 @@ impl Shard {
         self.table.memory_bytes() + s.sealed.iter().map(|x| x.memory_bytes()).sum::<usize>()
     }
 }
+
+/// How far ahead of the writer the maintenance thread populates the active
+/// buffer's pages.
+const PREFAULT_LEAD: usize = 32 << 20;
 
 /// Sealing writes a checkpoint once this many index entries (or as many as
 /// the shard has timelines, if more) were sealed since the last one, so

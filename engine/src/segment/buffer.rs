@@ -17,6 +17,8 @@ pub struct AppendBuf {
     ptr: *mut u8,
     cap: usize,
     published: AtomicUsize,
+    /// Bytes from the start already populated by `prefault_to`.
+    prefaulted: AtomicUsize,
 }
 
 // SAFETY: the buffer owns its mapping (so it may move between threads); the
@@ -49,13 +51,39 @@ impl AppendBuf {
             ptr,
             cap,
             published: AtomicUsize::new(0),
+            prefaulted: AtomicUsize::new(0),
         })
+    }
+
+    /// How far `prefault_to` has populated the buffer.
+    pub fn prefaulted(&self) -> usize {
+        self.prefaulted.load(Ordering::Relaxed)
+    }
+
+    /// Populate the page tables of `[prefaulted, to)` (MADV_POPULATE_WRITE):
+    /// the kernel allocates and zeroes those pages now, on the caller's
+    /// thread, instead of in the writer's page faults (measured: 35% of W1's
+    /// CPU on fresh buffers). It never changes the buffer's contents, so it
+    /// may run while the writer stages bytes in the same range. One caller
+    /// at a time (the maintenance thread).
+    pub fn prefault_to(&self, to: usize) {
+        let from = self.prefaulted();
+        let to = to.min(self.cap);
+        if to <= from {
+            return;
+        }
+        // Best effort: an old kernel without MADV_POPULATE_WRITE just leaves
+        // the faults to the writer.
+        let _ = self._map.advise_range(memmap2::Advice::PopulateWrite, from, to - from);
+        self.prefaulted.store(to, Ordering::Relaxed);
     }
 
     /// Empty the buffer for reuse (its pages stay mapped and faulted in:
     /// a recycled buffer costs no page faults). `&mut`: nobody else holds it.
     pub fn reset(&mut self) {
         *self.published.get_mut() = 0;
+        // A recycled buffer's pages are all still mapped.
+        *self.prefaulted.get_mut() = self.cap;
     }
 
     pub fn capacity(&self) -> usize {
