@@ -30,8 +30,8 @@ fn older_segment_torn_newer_segment_kept() {
     for seed in 0..60u64 {
         let mem = MemIo::new();
         let e = Engine::open("/wb", cfg(&mem)).unwrap();
-        let mut durable = vec![0u64; 8];
-        let mut written = vec![0u64; 8];
+        let mut durable = [0u64; 8];
+        let mut written = [0u64; 8];
         // Durable prefix.
         for i in 0..40u64 {
             let t = i % 8;

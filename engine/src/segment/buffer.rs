@@ -74,7 +74,9 @@ impl AppendBuf {
         }
         // Best effort: an old kernel without MADV_POPULATE_WRITE just leaves
         // the faults to the writer.
-        let _ = self._map.advise_range(memmap2::Advice::PopulateWrite, from, to - from);
+        let _ = self
+            ._map
+            .advise_range(memmap2::Advice::PopulateWrite, from, to - from);
         self.prefaulted.store(to, Ordering::Relaxed);
     }
 
