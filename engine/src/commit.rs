@@ -85,7 +85,20 @@ impl Commit {
         let f = self.files.lock();
         let mut v: Vec<Arc<dyn IoFile>> = f.retired.iter().map(|(x, _)| x.clone()).collect();
         v.push(f.current.clone());
-        (v, f.lsn)
+        let target = f.retired.iter().map(|(_, end)| *end).fold(f.lsn, u64::max);
+        (v, target)
+    }
+
+    /// Log files recovery kept (full or not yet sealed) whose bytes may
+    /// still be only in the page cache (a kill -9 does not flush them): the
+    /// first sync must cover them too, or an append acknowledged on top of
+    /// them could outlive them in a power cut.
+    pub fn retire_recovered(&self, files: Vec<Arc<dyn IoFile>>) {
+        let mut f = self.files.lock();
+        // End just past the current LSN: not yet synced, and covered by the
+        // next sync whatever it covers.
+        let end = f.lsn + 1;
+        f.retired.extend(files.into_iter().map(|x| (x, end)));
     }
 
     /// fdatasync retired files (before an own-sync append may claim its LSN).

@@ -24,7 +24,7 @@ pub mod error;
 pub mod format;
 pub mod index;
 pub mod io;
-pub mod segment;
+pub(crate) mod segment;
 mod shard;
 
 pub use clock::{Clock, ManualClock, SystemClock};

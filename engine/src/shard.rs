@@ -166,6 +166,20 @@ impl Shard {
             self.roll(&mut w, now)?;
             froze = true;
         }
+        // A batch that fits in a fresh segment but not in what is left of
+        // this one rolls first, so that it is written (or fails) whole: an
+        // error after part of it became visible would make the caller retry
+        // and store that part twice. Only a batch larger than a segment is
+        // split across a roll.
+        let need: usize = items
+            .iter()
+            .map(|(_, p)| record::encoded_len(p.len()))
+            .sum();
+        let cap = w.active.buf.capacity();
+        if w.active.buf.len() + need > cap && HEADER_LEN + need <= cap {
+            self.roll(&mut w, now)?;
+            froze = true;
+        }
         let mut start = w.active.buf.len();
         let mut cursor = start;
         w.pending.clear();
@@ -341,7 +355,11 @@ impl Shard {
         let old = w.active.clone();
         // No fdatasync here: `commit.written` below retires the old file and
         // the next sync (group commit, `Engine::sync`, or sealing) covers it.
+        // Consume the generation first: a roll that fails half way (disk
+        // full after creating the file) must not make every later roll
+        // collide with the file it left behind.
         let gen = w.next_gen;
+        w.next_gen += 1;
         let new = Self::new_log_seg(
             &*self.io,
             &self.dir,
@@ -352,7 +370,6 @@ impl Shard {
             self.cfg.segment_bytes as usize,
             self.take_spare(),
         )?;
-        w.next_gen += 1;
         w.lsn += HEADER_LEN as u64;
         self.stats
             .bytes_written
@@ -441,6 +458,19 @@ impl Shard {
         Ok(n)
     }
 
+    fn exists(&self, path: &Path) -> Result<bool> {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        Ok(self
+            .io
+            .list_dir(&self.dir)
+            .map_err(ioe(&self.dir))?
+            .iter()
+            .any(|n| n == name))
+    }
+
     /// Seal one frozen segment; returns its number of index entries.
     fn seal_one(&self, f: &Arc<LogSeg>) -> Result<u64> {
         let bytes = f.buf.published();
@@ -458,11 +488,22 @@ impl Shard {
             SealOutput::Grouped(v) => {
                 self.write_new_file(&format::tmp_file_name(f.gen), &seg_path, v)?;
             }
+            // A previous attempt got as far as the rename: only the rest is left.
+            SealOutput::Appendix(_) if !self.exists(&f.path)? => {}
             SealOutput::Appendix(v) => {
+                // A failed write may have left garbage past the published end;
+                // the footer must be the file's last bytes.
+                f.file.set_len(bytes.len() as u64).map_err(ioe(&f.path))?;
                 f.file
                     .write_at(v, bytes.len() as u64)
                     .map_err(ioe(&f.path))?;
-                f.file.sync_data().map_err(ioe(&f.path))?;
+                if let Err(e) = f.file.sync_data() {
+                    // The log's dirty pages may be gone (fsyncgate): nothing
+                    // later may be acknowledged on top of them.
+                    self.commit
+                        .mark_failed(format!("fdatasync failed while sealing: {e}"));
+                    return Err(Error::io(&f.path, e));
+                }
                 self.io.rename(&f.path, &seg_path).map_err(ioe(&f.path))?;
                 self.io.sync_dir(&self.dir).map_err(ioe(&self.dir))?;
                 self.stats
@@ -498,7 +539,12 @@ impl Shard {
         if let SealOutput::Grouped(_) = out {
             // A stale .log beside a valid .seg is removed by recovery, so no
             // directory sync is needed here.
-            self.io.remove_file(&f.path).map_err(ioe(&f.path))?;
+            match self.io.remove_file(&f.path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::io(&f.path, e))
+                }
+                _ => {}
+            }
         }
         self.stats.sealed_segments.fetch_add(1, Ordering::Relaxed);
         Ok(footer.entries as u64)
@@ -894,6 +940,7 @@ impl Shard {
         active.file.sync_data().map_err(ioe(&active.path))?;
         let lsn = active.buf.len() as u64;
         let commit = Commit::new(io.clone(), active.file.clone(), lsn);
+        commit.retire_recovered(frozen.iter().map(|f| f.file.clone()).collect());
         Ok(Shard {
             ks,
             id,

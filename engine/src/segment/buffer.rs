@@ -97,10 +97,6 @@ impl AppendBuf {
         self.published.load(Ordering::Acquire)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The published prefix.
     pub fn published(&self) -> &[u8] {
         let n = self.len();

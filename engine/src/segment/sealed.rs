@@ -18,7 +18,6 @@ pub struct SealedSeg {
     pub path: PathBuf,
     pub kind: SegmentKind,
     pub footer: Footer,
-    pub created_ms: u64,
     map: Mapping,
     fences: OnceLock<Result<Vec<u64>, String>>,
 }
@@ -62,7 +61,6 @@ impl SealedSeg {
             path,
             kind: header.kind,
             footer,
-            created_ms: header.created_ms,
             map,
             fences: OnceLock::new(),
         })
@@ -177,10 +175,5 @@ impl SealedSeg {
             _ => 0,
         };
         fences + std::mem::size_of::<Self>()
-    }
-
-    /// Mapped bytes of the on-disk index (page cache, not heap).
-    pub fn index_len(&self) -> u64 {
-        self.footer.index_len()
     }
 }
