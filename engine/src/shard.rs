@@ -209,7 +209,11 @@ impl Shard {
                 Some(&p) => p,
                 None => self.table.with(idx, |m| m.writer_state()),
             };
-            let seq = last + 1;
+            // Only a forged checkpoint or index could put a timeline at the
+            // end of the seq space; refuse rather than wrap.
+            let seq = last.checked_add(1).ok_or_else(|| {
+                Error::InvalidArgument(format!("timeline {id} has no SeqIds left"))
+            })?;
             let (prev, anchor) = if prev_pos.gen == gen {
                 (prev_pos.off, next_anchor)
             } else if prev_pos == Pos::NONE {
@@ -1075,6 +1079,18 @@ fn recover_log(
     buf.stage_with(0, len, |dst| file.read_at(dst, 0))
         .map_err(ioe(&path))?;
     let bytes = buf.staged(0, len);
+    if bytes
+        .get(..HEADER_LEN)
+        .is_some_and(|h| h.iter().all(|&b| b == 0))
+    {
+        // The header page never reached the disk (a power cut after the
+        // directory fsync; the file's first fdatasync would have written it),
+        // so nothing in this file was ever acknowledged as durable.
+        tracing::warn!(file = %path.display(), len, "removing log segment whose header never reached the disk");
+        drop(file);
+        io.remove_file(&path).map_err(ioe(&path))?;
+        return Ok(None);
+    }
     let header = SegmentHeader::decode(bytes).map_err(|e| match e {
         format::FormatError::UnsupportedVersion(v) => Error::UnsupportedVersion {
             path: path.clone(),
@@ -1105,7 +1121,7 @@ fn recover_log(
         };
         let idx = table.find_or_insert(h.timeline);
         let (last, pos) = table.with(idx, |m| m.snapshot());
-        if h.prev != NONE && !is_local(h.prev) && pos.gen != gen && h.seq > last + 1 {
+        if h.prev != NONE && !is_local(h.prev) && pos.gen != gen && h.seq > last.saturating_add(1) {
             // The timeline's previous records were in an older log segment
             // whose unsynced tail a power cut took, while the kernel had
             // already written back these later pages. A roll does not sync
@@ -1127,9 +1143,9 @@ fn recover_log(
             // First record here of a timeline continued from an older
             // segment (which may since have expired: the checkpoint keeps
             // its last seq).
-            pos.gen != gen && h.seq == last + 1
+            pos.gen != gen && Some(h.seq) == last.checked_add(1)
         } else {
-            pos.gen == gen && pos.off == h.prev && h.seq == last + 1
+            pos.gen == gen && pos.off == h.prev && Some(h.seq) == last.checked_add(1)
         };
         if !linked {
             return Err(Error::corruption(
