@@ -150,8 +150,9 @@ impl Shard {
     // ----------------------------------------------------------------- write
 
     /// Append `items` (timeline id, payload) in order; pushes each SeqId to
-    /// `seqs`. Returns the shard LSN just past the last byte written and
-    /// whether a segment was frozen (and needs sealing).
+    /// `seqs`. Returns the shard LSN just past the last byte written, whether
+    /// a segment was frozen (and needs sealing), and whether the maintenance
+    /// thread should populate the active buffer further ahead.
     pub fn append(
         &self,
         items: &[(u64, &[u8])],
