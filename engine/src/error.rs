@@ -79,6 +79,23 @@ impl Error {
             what: what.into(),
         }
     }
+    /// A decode failure found at `offset` of `path`: an unknown version is
+    /// `UnsupportedVersion`, anything else `Corruption`.
+    pub(crate) fn format(
+        path: impl Into<PathBuf>,
+        offset: u64,
+        e: crate::format::FormatError,
+    ) -> Self {
+        match e {
+            crate::format::FormatError::UnsupportedVersion(found) => Error::UnsupportedVersion {
+                path: path.into(),
+                found,
+                supported: crate::format::FORMAT_VERSION,
+            },
+            e => Error::corruption(path, offset, e.to_string()),
+        }
+    }
+
     /// True for errors that mean the data on disk is damaged.
     pub fn is_corruption(&self) -> bool {
         matches!(

@@ -1002,14 +1002,7 @@ fn read_checkpoint(io: &dyn Io, dir: &Path, gen: u32) -> Result<Vec<CkptEntry>> 
     let len = f.len().map_err(ioe(&path))? as usize;
     let mut b = vec![0u8; len];
     f.read_at(&mut b, 0).map_err(ioe(&path))?;
-    let (g, entries) = checkpoint::decode(&b).map_err(|e| match e {
-        format::FormatError::UnsupportedVersion(v) => Error::UnsupportedVersion {
-            path: path.clone(),
-            found: v,
-            supported: format::FORMAT_VERSION,
-        },
-        e => Error::corruption(&path, 0, e.to_string()),
-    })?;
+    let (g, entries) = checkpoint::decode(&b).map_err(|e| Error::format(&path, 0, e))?;
     if g != gen {
         return Err(Error::corruption(
             &path,
@@ -1092,14 +1085,7 @@ fn recover_log(
         io.remove_file(&path).map_err(ioe(&path))?;
         return Ok(None);
     }
-    let header = SegmentHeader::decode(bytes).map_err(|e| match e {
-        format::FormatError::UnsupportedVersion(v) => Error::UnsupportedVersion {
-            path: path.clone(),
-            found: v,
-            supported: format::FORMAT_VERSION,
-        },
-        e => Error::corruption(&path, 0, e.to_string()),
-    })?;
+    let header = SegmentHeader::decode(bytes).map_err(|e| Error::format(&path, 0, e))?;
     if header.gen != gen
         || header.kind != SegmentKind::Log
         || header.keyspace != ks as u8

@@ -1,10 +1,10 @@
 //! W1 `append`.
 
 use super::{
-    base_line, durability, keyspace, open_engine, rng_for, split, timeline, DataDir, Payloads,
-    Picker,
+    base_line, durability, keyspace, open_engine, rng_for, timed_threads, timeline, DataDir,
+    Payloads, Picker,
 };
-use crate::report::{new_histogram, Reporter, ResultLine};
+use crate::report::{Reporter, ResultLine};
 use crate::sysinfo::{count_files, peak_rss_bytes, DiskIo};
 use crate::{DurabilityArg, Flags, Result};
 use hdrhistogram::Histogram;
@@ -113,51 +113,17 @@ pub fn round3(x: f64) -> f64 {
 pub fn load(flags: &Flags, engine: &Engine) -> Result<Load> {
     let payloads = Payloads::new(flags.payload, flags.seed);
     let picker = Picker::new(flags.timelines, flags.zipf)?;
-    let shares = split(flags.messages, flags.threads);
-    let barrier = std::sync::Barrier::new(flags.threads);
-    type Out = (Histogram<u64>, u64, Instant, Instant);
-    let results: Vec<Result<Out>> = std::thread::scope(|s| {
-        let handles: Vec<_> = shares
-            .iter()
-            .enumerate()
-            .map(|(t, &n)| {
-                let (payloads, picker, barrier) = (&payloads, &picker, &barrier);
-                s.spawn(move || -> Result<Out> {
-                    let mut hist = new_histogram()?;
-                    barrier.wait();
-                    let start = Instant::now();
-                    let calls =
-                        append_thread(flags, engine, payloads, picker, t as u64, n, &mut hist)?;
-                    Ok((hist, calls, start, Instant::now()))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err("append thread panicked".into()))
-            })
-            .collect()
-    });
-    let mut hist = new_histogram()?;
-    let (mut calls, mut first, mut last) = (0u64, None::<Instant>, None::<Instant>);
-    for r in results {
-        let (h, c, a, b) = r?;
-        hist.add(&h)?;
-        calls += c;
-        first = Some(first.map_or(a, |f| f.min(a)));
-        last = Some(last.map_or(b, |l| l.max(b)));
-    }
-    let secs = match (first, last) {
-        (Some(a), Some(b)) => b.duration_since(a).as_secs_f64(),
-        _ => 0.0,
-    };
+    let t = timed_threads(flags, flags.messages, |thread, n, hist| {
+        Ok((
+            append_thread(flags, engine, &payloads, &picker, thread, n, hist)?,
+            0,
+        ))
+    })?;
     Ok(Load {
         messages: flags.messages,
-        calls,
-        secs,
-        hist,
+        calls: t.counts.0,
+        secs: t.secs,
+        hist: t.hist,
     })
 }
 

@@ -7,8 +7,9 @@ pub mod reopen;
 #[cfg(feature = "rocksdb")]
 pub mod rocksdb;
 
-use crate::report::ResultLine;
+use crate::report::{new_histogram, ResultLine};
 use crate::{DurabilityArg, Flags, IoArg, KeyspaceArg, Result};
+use hdrhistogram::Histogram;
 use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_distr::{Distribution, Zipf};
@@ -211,4 +212,65 @@ pub fn split(total: u64, parts: usize) -> Vec<u64> {
     (0..p)
         .map(|i| total / p + u64::from(i < total % p))
         .collect()
+}
+
+/// What `timed_threads` measured.
+pub struct Timed {
+    pub hist: Histogram<u64>,
+    /// Sums of the two counts the threads return.
+    pub counts: (u64, u64),
+    /// Wall time from the first thread's start to the last one's end.
+    pub secs: f64,
+}
+
+/// Run `f(thread, share, &mut histogram)` on `flags.threads` threads, each
+/// with its share of `total`, all released together by a barrier; `f`
+/// returns two counts (calls, records, errors: whatever the workload counts).
+pub fn timed_threads<F>(flags: &Flags, total: u64, f: F) -> Result<Timed>
+where
+    F: Fn(u64, u64, &mut Histogram<u64>) -> Result<(u64, u64)> + Sync,
+{
+    let barrier = std::sync::Barrier::new(flags.threads);
+    type Out = (Histogram<u64>, (u64, u64), Instant, Instant);
+    let results: Vec<Result<Out>> = std::thread::scope(|s| {
+        let handles: Vec<_> = split(total, flags.threads)
+            .into_iter()
+            .enumerate()
+            .map(|(t, share)| {
+                let (f, barrier) = (&f, &barrier);
+                s.spawn(move || -> Result<Out> {
+                    let mut hist = new_histogram()?;
+                    barrier.wait();
+                    let start = Instant::now();
+                    let counts = f(t as u64, share, &mut hist)?;
+                    Ok((hist, counts, start, Instant::now()))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("worker thread panicked".into()))
+            })
+            .collect()
+    });
+    let mut out = Timed {
+        hist: new_histogram()?,
+        counts: (0, 0),
+        secs: 0.0,
+    };
+    let (mut first, mut last) = (None::<Instant>, None::<Instant>);
+    for r in results {
+        let (h, (a, b), start, end) = r?;
+        out.hist.add(&h)?;
+        out.counts.0 += a;
+        out.counts.1 += b;
+        first = Some(first.map_or(start, |f| f.min(start)));
+        last = Some(last.map_or(end, |l| l.max(end)));
+    }
+    if let (Some(a), Some(b)) = (first, last) {
+        out.secs = b.duration_since(a).as_secs_f64();
+    }
+    Ok(out)
 }

@@ -1,15 +1,15 @@
 //! W2 `read`: range reads, forward and newest-first, after a W1 load.
 
 use super::append::{self, rate};
-use super::{base_line, keyspace, open_engine, rng_for, split, timeline, DataDir, Picker};
-use crate::report::{new_histogram, Reporter};
+use super::{base_line, keyspace, open_engine, rng_for, timed_threads, timeline, DataDir, Picker};
+use crate::report::Reporter;
 use crate::sysinfo::{count_files, peak_rss_bytes, DiskIo};
 use crate::{Flags, Result};
 use hdrhistogram::Histogram;
 use rand::Rng;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
-use timeline_engine::{Direction, Engine, Keyspace, Record};
+use timeline_engine::{Direction, Record};
 
 /// Verification errors printed to stderr before going quiet.
 const MAX_PRINTED_ERRORS: u64 = 10;
@@ -91,7 +91,9 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
         (Direction::Forward, "forward", fwd),
         (Direction::Backward, "backward", flags.reads / 2),
     ] {
-        let r = reads(flags, &engine, ks, &tls, dirn, n, expect_payload)?;
+        let r = reads(flags, &tls, dirn, n, expect_payload, |id, from, len, d| {
+            Ok(engine.scan(timeline(ks, id), from, len, d)?)
+        })?;
         errors += r.errors;
         let mut line = base_line(flags, "read", &engine);
         line.direction = Some(name.into());
@@ -113,96 +115,73 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
     Ok(errors)
 }
 
-struct Reads {
-    hist: Histogram<u64>,
-    records: u64,
-    errors: u64,
-    secs: f64,
+pub(crate) struct Reads {
+    pub hist: Histogram<u64>,
+    pub records: u64,
+    pub errors: u64,
+    pub secs: f64,
 }
 
-fn reads(
+/// `n` timed range reads over `flags.threads` threads: a random timeline
+/// of `tls` (id, last seq) and a random start in it, `--read-len` records in
+/// direction `dirn` through `scan(id, from, len, dirn)`, each page checked.
+/// Both targets run this with the same seeds, so they read the same pages.
+pub(crate) fn reads<S>(
     flags: &Flags,
-    engine: &Engine,
-    ks: Keyspace,
     tls: &[(u64, u64)],
     dirn: Direction,
     n: u64,
     expect_payload: Option<usize>,
-) -> Result<Reads> {
+    scan: S,
+) -> Result<Reads>
+where
+    S: Fn(u64, u64, usize, Direction) -> Result<Vec<Record>> + Sync,
+{
     let picker = Picker::new(tls.len() as u64, flags.zipf)?;
-    let barrier = std::sync::Barrier::new(flags.threads);
     let printed = AtomicU64::new(0);
     let stream = if dirn == Direction::Forward {
         1000
     } else {
         2000
     };
-    type Out = (Histogram<u64>, u64, u64, Instant, Instant);
-    let results: Vec<Result<Out>> = std::thread::scope(|s| {
-        let handles: Vec<_> = split(n, flags.threads)
-            .into_iter()
-            .enumerate()
-            .map(|(t, share)| {
-                let (picker, barrier, printed) = (&picker, &barrier, &printed);
-                s.spawn(move || -> Result<Out> {
-                    let mut rng = rng_for(flags.seed, stream + t as u64);
-                    let mut hist = new_histogram()?;
-                    let (mut records, mut errors) = (0u64, 0u64);
-                    barrier.wait();
-                    let start = Instant::now();
-                    for _ in 0..share {
-                        let (id, last) = tls[picker.pick(&mut rng) as usize];
-                        let tl = timeline(ks, id);
-                        let from = rng.gen_range(1..=last);
-                        let arg = if dirn == Direction::Backward && from == last { u64::MAX } else { from };
-                        let t0 = Instant::now();
-                        let res = engine.scan(tl, arg, flags.read_len, dirn);
-                        hist.saturating_record(t0.elapsed().as_nanos() as u64);
-                        let problem = match res {
-                            Ok(page) => {
-                                records += page.len() as u64;
-                                check_page(&page, dirn, from, last, flags.read_len, expect_payload)
-                            }
-                            Err(e) => Some(format!("scan failed: {e}")),
-                        };
-                        if let Some(p) = problem {
-                            errors += 1;
-                            if printed.fetch_add(1, Ordering::Relaxed) < MAX_PRINTED_ERRORS {
-                                eprintln!("read error: timeline {id} ({last} records), from {arg} {dirn:?}: {p}");
-                            }
-                        }
-                    }
-                    Ok((hist, records, errors, start, Instant::now()))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err("read thread panicked".into()))
-            })
-            .collect()
-    });
-    let mut out = Reads {
-        hist: new_histogram()?,
-        records: 0,
-        errors: 0,
-        secs: 0.0,
-    };
-    let (mut first, mut end) = (None::<Instant>, None::<Instant>);
-    for r in results {
-        let (h, rec, err, a, b) = r?;
-        out.hist.add(&h)?;
-        out.records += rec;
-        out.errors += err;
-        first = Some(first.map_or(a, |f| f.min(a)));
-        end = Some(end.map_or(b, |l| l.max(b)));
-    }
-    if let (Some(a), Some(b)) = (first, end) {
-        out.secs = b.duration_since(a).as_secs_f64();
-    }
-    Ok(out)
+    let t = timed_threads(flags, n, |thread, share, hist| {
+        let mut rng = rng_for(flags.seed, stream + thread);
+        let (mut records, mut errors) = (0u64, 0u64);
+        for _ in 0..share {
+            let (id, last) = tls[picker.pick(&mut rng) as usize];
+            let from = rng.gen_range(1..=last);
+            let arg = if dirn == Direction::Backward && from == last {
+                u64::MAX
+            } else {
+                from
+            };
+            let t0 = Instant::now();
+            let res = scan(id, arg, flags.read_len, dirn);
+            hist.saturating_record(t0.elapsed().as_nanos() as u64);
+            let problem = match res {
+                Ok(page) => {
+                    records += page.len() as u64;
+                    check_page(&page, dirn, from, last, flags.read_len, expect_payload)
+                }
+                Err(e) => Some(format!("scan failed: {e}")),
+            };
+            if let Some(p) = problem {
+                errors += 1;
+                if printed.fetch_add(1, Ordering::Relaxed) < MAX_PRINTED_ERRORS {
+                    eprintln!(
+                        "read error: timeline {id} ({last} records), from {arg} {dirn:?}: {p}"
+                    );
+                }
+            }
+        }
+        Ok((records, errors))
+    })?;
+    Ok(Reads {
+        hist: t.hist,
+        records: t.counts.0,
+        errors: t.counts.1,
+        secs: t.secs,
+    })
 }
 
 /// `None` if the page is what a read of `len` from `from` must return.

@@ -66,21 +66,18 @@
 //!   (RocksDB's default Env).
 
 use super::append::{rate, round3, Load};
-use super::read::check_page;
-use super::{durability, keyspace, rng_for, split, DataDir, Payloads, Picker};
-use crate::report::{new_histogram, Reporter, ResultLine};
+use super::read::reads;
+use super::{durability, keyspace, rng_for, timed_threads, DataDir, Payloads, Picker};
+use crate::report::{Reporter, ResultLine};
 use crate::sysinfo::{count_files, peak_rss_bytes, DiskIo};
 use crate::{DurabilityArg, Flags, Result};
 use hdrhistogram::Histogram;
-use rand::Rng;
 use rocksdb::{BlockBasedOptions, Cache, DBCompressionType, Options, WriteBatch, WriteOptions, DB};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use timeline_engine::{Direction, Record};
 
-/// Verification errors printed to stderr before going quiet.
-const MAX_PRINTED_ERRORS: u64 = 10;
 /// Key bytes per message: timeline id and seq, both u64 big-endian.
 const KEY_BYTES: u64 = 16;
 /// How long to wait for background compactions after the final flush.
@@ -324,49 +321,17 @@ pub fn append(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
 fn load(flags: &Flags, r: &Rocks) -> Result<Load> {
     let payloads = Payloads::new(flags.payload, flags.seed);
     let picker = Picker::new(flags.timelines, flags.zipf)?;
-    let barrier = std::sync::Barrier::new(flags.threads);
-    type Out = (Histogram<u64>, u64, Instant, Instant);
-    let results: Vec<Result<Out>> = std::thread::scope(|s| {
-        let handles: Vec<_> = split(flags.messages, flags.threads)
-            .into_iter()
-            .enumerate()
-            .map(|(t, n)| {
-                let (payloads, picker, barrier) = (&payloads, &picker, &barrier);
-                s.spawn(move || -> Result<Out> {
-                    let mut hist = new_histogram()?;
-                    barrier.wait();
-                    let start = Instant::now();
-                    let calls = append_thread(flags, r, payloads, picker, t as u64, n, &mut hist)?;
-                    Ok((hist, calls, start, Instant::now()))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err("append thread panicked".into()))
-            })
-            .collect()
-    });
-    let mut hist = new_histogram()?;
-    let (mut calls, mut first, mut last) = (0u64, None::<Instant>, None::<Instant>);
-    for res in results {
-        let (h, c, a, b) = res?;
-        hist.add(&h)?;
-        calls += c;
-        first = Some(first.map_or(a, |f| f.min(a)));
-        last = Some(last.map_or(b, |l| l.max(b)));
-    }
-    let secs = match (first, last) {
-        (Some(a), Some(b)) => b.duration_since(a).as_secs_f64(),
-        _ => 0.0,
-    };
+    let t = timed_threads(flags, flags.messages, |thread, n, hist| {
+        Ok((
+            append_thread(flags, r, &payloads, &picker, thread, n, hist)?,
+            0,
+        ))
+    })?;
     Ok(Load {
         messages: flags.messages,
-        calls,
-        secs,
-        hist,
+        calls: t.counts.0,
+        secs: t.secs,
+        hist: t.hist,
     })
 }
 
@@ -482,7 +447,9 @@ pub fn read(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
         (Direction::Forward, "forward", fwd),
         (Direction::Backward, "backward", flags.reads / 2),
     ] {
-        let res = reads(flags, &r, &tls, dirn, n, expect_payload)?;
+        let res = reads(flags, &tls, dirn, n, expect_payload, |id, from, len, d| {
+            scan(&r, id, from, len, d)
+        })?;
         errors += res.errors;
         let mut line = base_line(flags, "read");
         line.direction = Some(name.into());
@@ -500,13 +467,6 @@ pub fn read(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
         rep.push(line)?;
     }
     Ok(errors)
-}
-
-struct Reads {
-    hist: Histogram<u64>,
-    records: u64,
-    errors: u64,
-    secs: f64,
 }
 
 /// One range read, as a server would do it: a fresh iterator, positioned
@@ -537,92 +497,4 @@ fn scan(r: &Rocks, tl: u64, from: u64, len: usize, dirn: Direction) -> Result<Ve
     }
     it.status()?;
     Ok(page)
-}
-
-fn reads(
-    flags: &Flags,
-    r: &Rocks,
-    tls: &[(u64, u64)],
-    dirn: Direction,
-    n: u64,
-    expect_payload: Option<usize>,
-) -> Result<Reads> {
-    let picker = Picker::new(tls.len() as u64, flags.zipf)?;
-    let barrier = std::sync::Barrier::new(flags.threads);
-    let printed = AtomicU64::new(0);
-    // The same streams as the engine target's reads: the same pages.
-    let stream = if dirn == Direction::Forward {
-        1000
-    } else {
-        2000
-    };
-    type Out = (Histogram<u64>, u64, u64, Instant, Instant);
-    let results: Vec<Result<Out>> = std::thread::scope(|s| {
-        let handles: Vec<_> = split(n, flags.threads)
-            .into_iter()
-            .enumerate()
-            .map(|(t, share)| {
-                let (picker, barrier, printed) = (&picker, &barrier, &printed);
-                s.spawn(move || -> Result<Out> {
-                    let mut rng = rng_for(flags.seed, stream + t as u64);
-                    let mut hist = new_histogram()?;
-                    let (mut records, mut errors) = (0u64, 0u64);
-                    barrier.wait();
-                    let start = Instant::now();
-                    for _ in 0..share {
-                        let (id, last) = tls[picker.pick(&mut rng) as usize];
-                        let from = rng.gen_range(1..=last);
-                        let arg = if dirn == Direction::Backward && from == last {
-                            u64::MAX
-                        } else {
-                            from
-                        };
-                        let t0 = Instant::now();
-                        let res = scan(r, id, arg, flags.read_len, dirn);
-                        hist.saturating_record(t0.elapsed().as_nanos() as u64);
-                        let problem = match res {
-                            Ok(page) => {
-                                records += page.len() as u64;
-                                check_page(&page, dirn, from, last, flags.read_len, expect_payload)
-                            }
-                            Err(e) => Some(format!("scan failed: {e}")),
-                        };
-                        if let Some(p) = problem {
-                            errors += 1;
-                            if printed.fetch_add(1, Ordering::Relaxed) < MAX_PRINTED_ERRORS {
-                                eprintln!("read error: timeline {id} ({last} records), from {arg} {dirn:?}: {p}");
-                            }
-                        }
-                    }
-                    Ok((hist, records, errors, start, Instant::now()))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err("read thread panicked".into()))
-            })
-            .collect()
-    });
-    let mut out = Reads {
-        hist: new_histogram()?,
-        records: 0,
-        errors: 0,
-        secs: 0.0,
-    };
-    let (mut first, mut end) = (None::<Instant>, None::<Instant>);
-    for res in results {
-        let (h, rec, err, a, b) = res?;
-        out.hist.add(&h)?;
-        out.records += rec;
-        out.errors += err;
-        first = Some(first.map_or(a, |f| f.min(a)));
-        end = Some(end.map_or(b, |l| l.max(b)));
-    }
-    if let (Some(a), Some(b)) = (first, end) {
-        out.secs = b.duration_since(a).as_secs_f64();
-    }
-    Ok(out)
 }

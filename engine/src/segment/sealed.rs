@@ -35,14 +35,7 @@ impl SealedSeg {
         path: PathBuf,
         map: Mapping,
     ) -> Result<SealedSeg> {
-        let ferr = |off: u64, e: FormatError| match e {
-            FormatError::UnsupportedVersion(v) => Error::UnsupportedVersion {
-                path: path.clone(),
-                found: v,
-                supported: crate::format::FORMAT_VERSION,
-            },
-            e => Error::corruption(path.clone(), off, e.to_string()),
-        };
+        let ferr = |off: u64, e: FormatError| Error::format(path.clone(), off, e);
         let header = SegmentHeader::decode(&map).map_err(|e| ferr(0, e))?;
         if (header.keyspace, header.shard, header.gen) != (keyspace, shard, gen) {
             return Err(Error::corruption(
