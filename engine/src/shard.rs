@@ -381,14 +381,23 @@ impl Shard {
             .fetch_add(HEADER_LEN as u64, Ordering::Relaxed);
         self.commit.written(&new.file, w.lsn);
         w.active = new.clone();
-        let mut s = (*self.segs()).clone();
-        s.active = new;
-        if old.records.load(Ordering::Relaxed) > 0 {
-            s.frozen.push(old);
-        } else {
+        let empty = old.records.load(Ordering::Relaxed) == 0;
+        {
+            // Read-modify-write under the write lock: sealing and expiry
+            // swap the set concurrently, and a copy taken before their swap
+            // would undo it (a sealed segment back among the frozen ones,
+            // out of order: found by tests/tests/concurrent_readers.rs).
+            let mut g = self.segs.write();
+            let mut s = (**g).clone();
+            s.active = new;
+            if !empty {
+                s.frozen.push(old.clone());
+            }
+            *g = Arc::new(s);
+        }
+        if empty {
             let _ = self.io.remove_file(&old.path);
         }
-        *self.segs.write() = Arc::new(s);
         Ok(())
     }
 
