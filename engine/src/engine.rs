@@ -359,8 +359,21 @@ impl Engine {
     }
 
     fn shard(&self, tl: TimelineId) -> &Arc<Shard> {
-        let shards = &self.inner.keyspaces[tl.keyspace.index()].shards;
-        &shards[(hash_id(tl.id) >> 32) as usize % shards.len()]
+        &self.inner.keyspaces[tl.keyspace.index()].shards[self.shard_index(tl)]
+    }
+
+    /// Which shard of its keyspace holds `tl` (`0..shard_count()`). Both
+    /// keyspaces have the same shard count and hash, so `store(x)` and
+    /// `sync(x)` land on the same index: the IM layer gives each index one
+    /// writer thread.
+    pub fn shard_index(&self, tl: TimelineId) -> usize {
+        let n = self.inner.keyspaces[tl.keyspace.index()].shards.len();
+        (hash_id(tl.id) >> 32) as usize % n
+    }
+
+    /// Shards per keyspace.
+    pub fn shard_count(&self) -> usize {
+        self.inner.keyspaces[0].shards.len()
     }
 
     fn check_open(&self) -> Result<()> {

@@ -1,0 +1,206 @@
+//! A bounded multi-producer mailbox for one consumer thread.
+//!
+//! * Producers never lose a wake-up: a push followed by [`Signal::notify`]
+//!   either finds the consumer awake (it will see the item on its next pass)
+//!   or wakes it. The consumer may serve several mailboxes with one
+//!   [`Signal`].
+//! * When the queue is full, [`Mailbox::push`] blocks the producer until the
+//!   consumer makes room (backpressure: nothing is dropped).
+//!   [`Mailbox::try_push`] hands the item back instead (workers use it for
+//!   worker-to-worker traffic, where blocking could deadlock two workers that
+//!   feed each other).
+//!
+//! Memory ordering: every decision to sleep or to wake is made with a
+//! read-modify-write on one atomic (RMWs on one location are totally ordered
+//! and always read the latest value), never with a plain load racing a store
+//! on another location, which is the lost-wake-up pattern.
+
+use crate::sync::{self, ArrayQueue, AtomicBool, AtomicUsize, Condvar, Mutex, Ordering};
+
+const EMPTY: usize = 0;
+const NOTIFIED: usize = 1;
+const PARKED: usize = 2;
+
+/// A wake-up token for one consumer: `notify` before `wait` makes `wait`
+/// return at once (like `Thread::unpark`), so a notification is never lost.
+pub(crate) struct Signal {
+    state: AtomicUsize,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl Default for Signal {
+    fn default() -> Self {
+        Signal {
+            state: AtomicUsize::new(EMPTY),
+            lock: Mutex::new(()),
+            cv: Condvar::new(),
+        }
+    }
+}
+
+impl Signal {
+    /// Wake the consumer (or leave a token for its next `wait`).
+    pub(crate) fn notify(&self) {
+        // AcqRel: the producer's push happens-before the consumer's return
+        // from `wait` (it acquires this swap's value).
+        if self.state.swap(NOTIFIED, Ordering::AcqRel) == PARKED {
+            // The consumer holds `lock` from its PARKED CAS until the condvar
+            // releases it, so taking the lock here means it is waiting.
+            let _g = sync::lock(&self.lock);
+            self.cv.notify_one();
+        }
+    }
+
+    /// Sleep until notified (returns at once if a token is pending).
+    pub(crate) fn wait(&self) {
+        if self
+            .state
+            .compare_exchange(NOTIFIED, EMPTY, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            return;
+        }
+        let mut g = sync::lock(&self.lock);
+        match self
+            .state
+            .compare_exchange(EMPTY, PARKED, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => {}
+            Err(_) => {
+                // A notify slipped in: consume it.
+                self.state.swap(EMPTY, Ordering::AcqRel);
+                return;
+            }
+        }
+        loop {
+            g = sync::wait(&self.cv, g);
+            if self
+                .state
+                .compare_exchange(NOTIFIED, EMPTY, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return;
+            }
+            // Spurious wake-up: still PARKED.
+        }
+    }
+}
+
+/// Why a push did not take.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum PushError<T> {
+    Full(T),
+    Closed(T),
+}
+
+pub(crate) struct Mailbox<T> {
+    queue: ArrayQueue<T>,
+    consumer: sync::Arc<Signal>,
+    /// Producers blocked in `push` on a full queue.
+    waiting: AtomicUsize,
+    space_lock: Mutex<()>,
+    space: Condvar,
+    closed: AtomicBool,
+}
+
+impl<T> Mailbox<T> {
+    pub(crate) fn new(capacity: usize, consumer: sync::Arc<Signal>) -> Self {
+        Mailbox {
+            queue: ArrayQueue::new(capacity.max(1)),
+            consumer,
+            waiting: AtomicUsize::new(0),
+            space_lock: Mutex::new(()),
+            space: Condvar::new(),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Push without blocking; a full or closed mailbox hands the item back.
+    pub(crate) fn try_push(&self, t: T) -> Result<(), PushError<T>> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(PushError::Closed(t));
+        }
+        match self.queue.push(t) {
+            Ok(()) => {
+                self.consumer.notify();
+                Ok(())
+            }
+            Err(t) => Err(PushError::Full(t)),
+        }
+    }
+
+    /// Push, waiting while the mailbox is full (backpressure). Fails only
+    /// once the mailbox is closed.
+    pub(crate) fn push(&self, mut t: T) -> Result<(), T> {
+        loop {
+            match self.try_push(t) {
+                Ok(()) => return Ok(()),
+                Err(PushError::Closed(x)) => return Err(x),
+                Err(PushError::Full(x)) => t = x,
+            }
+            let g = sync::lock(&self.space_lock);
+            // Announce before retrying: either the retry sees the consumer's
+            // pop, or the consumer's RMW in `made_room` sees this one (both
+            // are RMWs on `waiting`, so one of them comes second and reads
+            // the other) and it notifies under `space_lock`, which we hold
+            // until `wait` releases it.
+            self.waiting.fetch_add(1, Ordering::AcqRel);
+            let retry = if self.closed.load(Ordering::Acquire) {
+                Err(t)
+            } else {
+                self.queue.push(t)
+            };
+            match retry {
+                Ok(()) => {
+                    self.waiting.fetch_sub(1, Ordering::AcqRel);
+                    drop(g);
+                    self.consumer.notify();
+                    return Ok(());
+                }
+                Err(x) => {
+                    t = x;
+                    if self.closed.load(Ordering::Acquire) {
+                        self.waiting.fetch_sub(1, Ordering::AcqRel);
+                        return Err(t);
+                    }
+                    let g = sync::wait(&self.space, g);
+                    self.waiting.fetch_sub(1, Ordering::AcqRel);
+                    drop(g);
+                }
+            }
+        }
+    }
+
+    /// Take one item (consumer side). Call [`made_room`](Self::made_room)
+    /// after a run of pops so blocked producers can go on.
+    pub(crate) fn pop(&self) -> Option<T> {
+        self.queue.pop()
+    }
+
+    /// Wake producers blocked on a full queue, if any.
+    pub(crate) fn made_room(&self) {
+        // An RMW, not a load: see `push`.
+        if self.waiting.fetch_add(0, Ordering::AcqRel) > 0 {
+            let _g = sync::lock(&self.space_lock);
+            self.space.notify_all();
+        }
+    }
+
+    /// Refuse further pushes; wake the consumer and every blocked producer.
+    /// Items already queued stay poppable.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.consumer.notify();
+        let _g = sync::lock(&self.space_lock);
+        self.space.notify_all();
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.queue.len()
+    }
+}

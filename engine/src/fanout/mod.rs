@@ -1,0 +1,11 @@
+//! The lock-free hand-off between fan-out workers: bounded mailboxes with
+//! backpressure ([`mailbox`]) and the marks readers and recovery trust
+//! ([`watermark`]). Everything here is built on the [`crate::sync`] facade
+//! and model-checked by the `loom` tests (`RUSTFLAGS="--cfg loom" cargo test
+//! -p timeline-engine --release loom`).
+
+pub(crate) mod mailbox;
+pub(crate) mod watermark;
+
+#[cfg(all(test, loom))]
+mod loom_tests;

@@ -1,0 +1,128 @@
+//! In-memory conversation and user state: membership intervals, fan-out
+//! mode, visibility watermarks, read markers. Rebuilt on open from the
+//! catalog timelines. Sharded like the timelines (one `RwLock` per shard,
+//! never one per conversation or user); each shard's entries are changed by
+//! the worker that owns the shard, and read by any thread.
+
+use super::entry::ConvKind;
+use super::{ConvId, UserId};
+use crate::fanout::watermark::Watermark;
+use hashbrown::{HashMap, HashSet};
+use parking_lot::RwLock;
+
+/// A member's stays in a conversation: `[join, leave]` seq ranges, inclusive
+/// (a member receives its own join and removal events); `leave` is
+/// `u64::MAX` while it is a member.
+pub(crate) type Intervals = Vec<(u64, u64)>;
+
+pub(crate) fn covers(iv: &Intervals, seq: u64) -> bool {
+    iv.iter().any(|&(a, b)| a <= seq && seq <= b)
+}
+
+pub(crate) fn is_current(iv: &Intervals) -> bool {
+    iv.last().is_some_and(|&(_, b)| b == u64::MAX)
+}
+
+pub(crate) struct Conv {
+    pub kind: ConvKind,
+    /// Everyone who was ever a member.
+    pub members: HashMap<UserId, Intervals>,
+    pub current: usize,
+    /// 0: write fan-out; else read fan-out from this seq on (a group that
+    /// grew past the hybrid threshold; it never switches back).
+    pub read_since: u64,
+    /// Current members grouped by the shard of their sync timeline.
+    pub recipients: Vec<Vec<UserId>>,
+    /// Store seqs at or below this are durable and fanned out to the store.
+    pub visible: Watermark,
+    pub recalled: HashSet<u64>,
+}
+
+impl Conv {
+    pub(crate) fn new(kind: ConvKind, shards: usize) -> Self {
+        Conv {
+            kind,
+            members: HashMap::new(),
+            current: 0,
+            read_since: 0,
+            recipients: vec![Vec::new(); shards],
+            visible: Watermark::new(0),
+            recalled: HashSet::new(),
+        }
+    }
+
+    pub(crate) fn is_write_fanout(&self, seq: u64) -> bool {
+        self.read_since == 0 || seq < self.read_since
+    }
+
+    /// Members at `seq` (recovery re-drives old batches with these).
+    pub(crate) fn members_at(&self, seq: u64) -> Vec<UserId> {
+        let mut v: Vec<UserId> = self
+            .members
+            .iter()
+            .filter(|(_, iv)| covers(iv, seq))
+            .map(|(&u, _)| u)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct User {
+    /// Sync seqs at or below this are durable and may be returned.
+    pub visible: Watermark,
+    /// Every conversation the user was ever in, in join order.
+    pub convs: Vec<ConvId>,
+    pub read: HashMap<ConvId, u64>,
+    pub deleted: HashSet<(ConvId, u64)>,
+}
+
+pub(crate) struct Directory {
+    pub convs: Vec<RwLock<HashMap<ConvId, Conv>>>,
+    pub users: Vec<RwLock<HashMap<UserId, User>>>,
+}
+
+impl Directory {
+    pub(crate) fn new(shards: usize) -> Self {
+        Directory {
+            convs: (0..shards).map(|_| RwLock::new(HashMap::new())).collect(),
+            users: (0..shards).map(|_| RwLock::new(HashMap::new())).collect(),
+        }
+    }
+}
+
+/// Apply one membership change (`add` or remove of `user` at `at`) to a
+/// conversation and to the user's conversation list. Returns false if it
+/// was already applied (recovery replays idempotently).
+pub(crate) fn apply_member(
+    conv: &mut Conv,
+    conv_id: ConvId,
+    user: UserId,
+    user_shard: usize,
+    at: u64,
+    add: bool,
+    users: &RwLock<HashMap<UserId, User>>,
+) -> bool {
+    let iv = conv.members.entry(user).or_default();
+    if add {
+        if is_current(iv) || iv.iter().any(|&(a, _)| a == at) {
+            return false;
+        }
+        let first = iv.is_empty();
+        iv.push((at, u64::MAX));
+        conv.current += 1;
+        conv.recipients[user_shard].push(user);
+        if first {
+            users.write().entry(user).or_default().convs.push(conv_id);
+        }
+    } else {
+        match iv.last_mut() {
+            Some(last) if last.1 == u64::MAX => last.1 = at,
+            _ => return false,
+        }
+        conv.current -= 1;
+        conv.recipients[user_shard].retain(|&u| u != user);
+    }
+    true
+}

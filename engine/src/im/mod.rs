@@ -1,0 +1,677 @@
+//! The IM message layer on top of the engine: conversations and membership,
+//! send = store then sync, write / read / hybrid fan-out through per-shard
+//! workers connected by lock-free bounded mailboxes, checkpoint-based
+//! multi-device sync with no device state on the server, roaming history,
+//! read markers, recall and delete, and push subscriptions.
+//!
+//! ```no_run
+//! use timeline_engine::im::{ConvKind, Im, ImConfig};
+//! use timeline_engine::Config;
+//! let im = Im::open("/tmp/im", Config::default(), ImConfig::default())?;
+//! im.create_conversation(1, ConvKind::Direct, &[10, 20])?;
+//! let ack = im.send(1, 10, 777, b"hi")?;                // stored, then fanned out
+//! let page = im.sync(20, 0, 100, &[])?;                  // any device, any checkpoint
+//! assert_eq!(page.entries.last().unwrap().entry.conv_seq, ack.seq);
+//! # Ok::<(), timeline_engine::im::ImError>(())
+//! ```
+//!
+//! Layout and the reasoning behind it: `docs/design.md`, "IM layer".
+
+mod directory;
+pub mod entry;
+mod error;
+mod read;
+mod recovery;
+mod subscribe;
+mod worker;
+
+pub use entry::{ConvKind, EventKind};
+pub use error::{ImError, Result};
+pub use subscribe::{Push, Subscription};
+
+use crate::config::{Config, Durability};
+use crate::engine::{Engine, SeqId, TimelineId};
+use crate::fanout::mailbox::{Mailbox, Signal};
+use crate::fanout::watermark::CompletionWindow;
+use directory::Directory;
+use parking_lot::Mutex;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use worker::{Delivery, Request};
+
+pub type UserId = u64;
+pub type ConvId = u64;
+
+/// Conversation and user ids are below 2^63; the top half of the store
+/// keyspace's ids belongs to the IM layer's own timelines.
+pub const MAX_ID: u64 = (1 << 63) - 1;
+const CATALOG_BASE: u64 = 1 << 63;
+const JOURNAL_BASE: u64 = (1 << 63) | (1 << 62);
+
+/// What a sync timeline entry holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EntryMode {
+    /// The whole message (one read per sync page; more bytes written).
+    #[default]
+    Copy,
+    /// `(conversation, seq)`, read back from the store at sync time.
+    Reference,
+}
+
+/// IM layer settings.
+#[derive(Debug, Clone)]
+pub struct ImConfig {
+    /// Groups with more members than this use read fan-out (default 500).
+    pub hybrid_threshold: usize,
+    pub entries: EntryMode,
+    /// Durability of every store and sync write the layer makes, and so of
+    /// an acknowledged send (default: group commit).
+    pub durability: Durability,
+    /// Requests (and worker-to-worker deliveries) a worker's mailbox holds
+    /// before senders wait.
+    pub queue_capacity: usize,
+    /// Requests one worker turns into one engine write.
+    pub max_batch: usize,
+    /// Pushes a subscriber may have queued before it is told to resync.
+    pub subscriber_capacity: usize,
+    /// How long a `(conversation, sender, client_msg_id)` is remembered for
+    /// idempotent retries (default: the sync TTL). Costs about 64 bytes per
+    /// message sent within the window, and open time to rebuild it.
+    pub dedup_window: Option<Duration>,
+}
+
+impl Default for ImConfig {
+    fn default() -> Self {
+        ImConfig {
+            hybrid_threshold: 500,
+            entries: EntryMode::Copy,
+            durability: Durability::GroupCommit,
+            queue_capacity: 4096,
+            max_batch: 512,
+            subscriber_capacity: 1024,
+            dedup_window: None,
+        }
+    }
+}
+
+/// A send's acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendAck {
+    pub conv: ConvId,
+    pub seq: SeqId,
+    /// A retry of an earlier send: nothing new was written.
+    pub duplicate: bool,
+}
+
+/// What an entry of a conversation (or of a user's sync timeline) says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    Message(Vec<u8>),
+    /// A message its sender recalled (the payload is withheld).
+    Recalled,
+    /// A message this user deleted for itself.
+    Deleted,
+    Created {
+        kind: ConvKind,
+        members: Vec<UserId>,
+    },
+    MemberAdded(UserId),
+    MemberRemoved(UserId),
+    /// The event that recalled message `target`.
+    Recall {
+        target: SeqId,
+    },
+    /// Sync only: the user read the conversation through `conv_seq`.
+    ReadMarker,
+    /// Sync only: the user deleted message `conv_seq` for itself.
+    DeletedMarker,
+}
+
+impl Body {
+    /// The members of a `Created` body.
+    pub(crate) fn created_members(&self) -> Option<Vec<UserId>> {
+        match self {
+            Body::Created { members, .. } => Some(members.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// One conversation entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub conv: ConvId,
+    pub conv_seq: SeqId,
+    pub sender: UserId,
+    pub timestamp_ms: u64,
+    pub body: Body,
+}
+
+/// An entry of a user's sync timeline: its sync seq and what it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncEntry {
+    pub seq: SeqId,
+    pub entry: Entry,
+}
+
+/// New entries of one read-fan-out group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupPage {
+    pub conv: ConvId,
+    pub entries: Vec<Entry>,
+    /// The device's new checkpoint for this group.
+    pub checkpoint: SeqId,
+    pub has_more: bool,
+}
+
+/// The answer to [`Im::sync`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SyncReply {
+    pub entries: Vec<SyncEntry>,
+    pub checkpoint: SeqId,
+    pub has_more: bool,
+    /// `Some(first_retained)`: the checkpoint fell below what the TTL kept.
+    /// Nothing was returned; roam the conversations with [`Im::history`],
+    /// then sync again from `first_retained - 1`.
+    pub truncated: Option<SeqId>,
+    pub groups: Vec<GroupPage>,
+}
+
+/// Where a history page starts (exclusive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryFrom {
+    /// Newest-first, from just below this seq (`u64::MAX`: from the newest).
+    Before(SeqId),
+    /// Oldest-first, from just above this seq.
+    After(SeqId),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryPage {
+    pub entries: Vec<Entry>,
+    pub has_more: bool,
+}
+
+/// One line of [`Im::conversations`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvSummary {
+    pub conv: ConvId,
+    pub kind: ConvKind,
+    /// The newest seq this user can see (its removal event if it left).
+    pub last_seq: SeqId,
+    pub read_seq: SeqId,
+    /// `last_seq - read_seq`, never negative.
+    pub unread: u64,
+    pub member: bool,
+    pub read_fanout: bool,
+}
+
+/// Counters for benchmarks: storage operations the layer issued.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImStats {
+    /// Conversation entries stored (messages and events).
+    pub stored: u64,
+    pub messages: u64,
+    /// Entries written to sync timelines (write fan-out deliveries, read
+    /// markers, delete markers).
+    pub sync_writes: u64,
+    /// Messages made visible to a receiver through a group's store timeline.
+    pub read_fanout_deliveries: u64,
+    pub sync_calls: u64,
+    /// Range reads of sync timelines.
+    pub sync_reads: u64,
+    /// Range or point reads of store timelines (reference entries, group
+    /// pages, history).
+    pub store_reads: u64,
+    /// Read-fan-out groups checked for news by a sync (each would be a read
+    /// of the group's timeline without the in-memory watermark).
+    pub group_polls: u64,
+    /// Writes to journal and catalog timelines (bookkeeping).
+    pub meta_writes: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    stored: AtomicU64,
+    messages: AtomicU64,
+    sync_writes: AtomicU64,
+    read_fanout_deliveries: AtomicU64,
+    sync_calls: AtomicU64,
+    sync_reads: AtomicU64,
+    store_reads: AtomicU64,
+    group_polls: AtomicU64,
+    meta_writes: AtomicU64,
+}
+
+pub(crate) fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// A request handed to a worker; [`wait`](Pending::wait) for its answer.
+#[must_use = "the request is not acknowledged until waited on"]
+pub struct Pending<T>(crossbeam_channel::Receiver<Result<T>>);
+
+impl<T> Pending<T> {
+    pub fn wait(self) -> Result<T> {
+        self.0.recv().unwrap_or(Err(ImError::Closed))
+    }
+    /// The answer if it is there.
+    pub fn try_wait(&self) -> Option<Result<T>> {
+        self.0.try_recv().ok()
+    }
+}
+
+pub(crate) type Reply<T> = crossbeam_channel::Sender<Result<T>>;
+
+fn pending<T>() -> (Reply<T>, Pending<T>) {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    (tx, Pending(rx))
+}
+
+pub(crate) struct WorkerLink {
+    pub requests: Mailbox<Request>,
+    pub deliveries: Mailbox<Delivery>,
+    pub signal: crate::sync::Arc<Signal>,
+    pub window: CompletionWindow,
+}
+
+pub(crate) struct Shared {
+    pub engine: Engine,
+    pub cfg: ImConfig,
+    pub dir: Directory,
+    pub shards: usize,
+    pub workers: Vec<WorkerLink>,
+    pub journal: Vec<u64>,
+    pub catalog: Vec<u64>,
+    pub subs: subscribe::Subscribers,
+    pub stats: Counters,
+    pub recalls: AtomicUsize,
+    /// Workers that still own unfinished batches (shutdown).
+    pub busy_workers: AtomicUsize,
+    pub closing: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn conv_shard(&self, conv: ConvId) -> usize {
+        self.engine.shard_index(TimelineId::store(conv))
+    }
+    pub(crate) fn user_shard(&self, user: UserId) -> usize {
+        self.engine.shard_index(TimelineId::sync(user))
+    }
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.engine.config().clock.now_ms()
+    }
+}
+
+/// The IM layer. Cheap to share (`Arc<Im>`); every method may be called
+/// from many threads at once.
+pub struct Im {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Im {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Im({:?})", self.shared.engine)
+    }
+}
+
+/// The id, in `base`'s range, of the first timeline that lands on `shard`.
+fn id_on_shard(engine: &Engine, base: u64, shard: usize) -> u64 {
+    (0..)
+        .map(|k| base + k)
+        .find(|&id| engine.shard_index(TimelineId::store(id)) == shard)
+        .unwrap_or(base)
+}
+
+fn check_id(what: &str, id: u64) -> Result<()> {
+    if id > MAX_ID {
+        return Err(ImError::InvalidArgument(format!(
+            "{what} id {id} is above {MAX_ID} (the top half is reserved)"
+        )));
+    }
+    Ok(())
+}
+
+impl Im {
+    /// Open the engine in `dir` and the IM layer on it: replay the catalogs,
+    /// complete any fan-out a crash interrupted, start one worker per shard.
+    pub fn open(dir: impl AsRef<Path>, engine_cfg: Config, cfg: ImConfig) -> Result<Im> {
+        if cfg.queue_capacity == 0 || cfg.max_batch == 0 || cfg.subscriber_capacity == 0 {
+            return Err(ImError::InvalidArgument(
+                "queue_capacity, max_batch and subscriber_capacity must be positive".into(),
+            ));
+        }
+        let engine = Engine::open(dir, engine_cfg)?;
+        let shards = engine.shard_count();
+        let journal = (0..shards)
+            .map(|p| id_on_shard(&engine, JOURNAL_BASE, p))
+            .collect();
+        let catalog = (0..shards)
+            .map(|p| id_on_shard(&engine, CATALOG_BASE, p))
+            .collect();
+        let mut shared = Shared {
+            engine,
+            dir: Directory::new(shards),
+            shards,
+            workers: Vec::new(),
+            journal,
+            catalog,
+            subs: subscribe::Subscribers::new(shards, cfg.subscriber_capacity),
+            stats: Counters::default(),
+            recalls: AtomicUsize::new(0),
+            busy_workers: AtomicUsize::new(shards),
+            closing: AtomicBool::new(false),
+            cfg,
+        };
+        let states = recovery::recover(&shared)?;
+        shared.workers = states
+            .iter()
+            .map(|st| {
+                let signal = crate::sync::Arc::new(Signal::default());
+                WorkerLink {
+                    requests: Mailbox::new(shared.cfg.queue_capacity, signal.clone()),
+                    deliveries: Mailbox::new(shared.cfg.queue_capacity, signal.clone()),
+                    signal,
+                    window: CompletionWindow::new(st.next_batch - 1),
+                }
+            })
+            .collect();
+        let shared = Arc::new(shared);
+        let mut threads = Vec::with_capacity(shards);
+        for (p, st) in states.into_iter().enumerate() {
+            let sh = shared.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("im-worker-{p}"))
+                .spawn(move || worker::run(sh, p, st))
+                .map_err(|e| crate::Error::io("im-worker", e))?;
+            threads.push(h);
+        }
+        Ok(Im {
+            shared,
+            threads: Mutex::new(threads),
+        })
+    }
+
+    /// The engine underneath (raw timeline access, stats, maintenance).
+    pub fn engine(&self) -> &Engine {
+        &self.shared.engine
+    }
+
+    pub fn config(&self) -> &ImConfig {
+        &self.shared.cfg
+    }
+
+    fn to_conv_worker(&self, conv: ConvId, r: Request) -> Result<()> {
+        let p = self.shared.conv_shard(conv);
+        self.submit(p, r)
+    }
+
+    fn submit(&self, p: usize, r: Request) -> Result<()> {
+        if self.shared.closing.load(Ordering::Acquire) {
+            return Err(ImError::Closed);
+        }
+        self.shared.workers[p]
+            .requests
+            .push(r)
+            .map_err(|_| ImError::Closed)
+    }
+
+    /// Create a conversation with its first members (a direct one has
+    /// exactly two). Returns the seq of its `Created` event (1).
+    pub fn create_conversation(
+        &self,
+        conv: ConvId,
+        kind: ConvKind,
+        members: &[UserId],
+    ) -> Result<SeqId> {
+        check_id("conversation", conv)?;
+        for &m in members {
+            check_id("user", m)?;
+        }
+        let mut ms = members.to_vec();
+        ms.sort_unstable();
+        ms.dedup();
+        if kind == ConvKind::Direct && ms.len() != 2 {
+            return Err(ImError::InvalidArgument(
+                "a direct conversation has exactly two members".into(),
+            ));
+        }
+        if ms.is_empty() {
+            return Err(ImError::InvalidArgument(
+                "a conversation needs members".into(),
+            ));
+        }
+        let (tx, rx) = pending();
+        self.to_conv_worker(
+            conv,
+            Request::Create {
+                conv,
+                kind,
+                members: ms,
+                reply: tx,
+            },
+        )?;
+        rx.wait()
+    }
+
+    /// Add `user` to a group; returns the seq of the `MemberAdded` event (the
+    /// first seq the user receives).
+    pub fn add_member(&self, conv: ConvId, user: UserId) -> Result<SeqId> {
+        self.member_op(conv, user, true)
+    }
+
+    /// Remove `user` from a group; returns the seq of the `MemberRemoved`
+    /// event (the last seq the user receives).
+    pub fn remove_member(&self, conv: ConvId, user: UserId) -> Result<SeqId> {
+        self.member_op(conv, user, false)
+    }
+
+    fn member_op(&self, conv: ConvId, user: UserId, add: bool) -> Result<SeqId> {
+        check_id("user", user)?;
+        let (tx, rx) = pending();
+        self.to_conv_worker(
+            conv,
+            Request::Member {
+                conv,
+                user,
+                add,
+                reply: tx,
+            },
+        )?;
+        rx.wait()
+    }
+
+    /// Send a message: stored in the conversation's timeline (durable per
+    /// `ImConfig::durability`), then one entry in every member's sync
+    /// timeline (write fan-out) or none (read fan-out), then pushed. Returns
+    /// once all of that is done. A retry with the same `client_msg_id` returns
+    /// the original seq and writes nothing.
+    pub fn send(
+        &self,
+        conv: ConvId,
+        sender: UserId,
+        client_msg_id: u64,
+        payload: &[u8],
+    ) -> Result<SendAck> {
+        self.send_async(conv, sender, client_msg_id, payload)?
+            .wait()
+    }
+
+    /// [`send`](Self::send) without waiting: keep many in flight from one
+    /// thread. Blocks only while the conversation's worker is full
+    /// (backpressure).
+    pub fn send_async(
+        &self,
+        conv: ConvId,
+        sender: UserId,
+        client_msg_id: u64,
+        payload: &[u8],
+    ) -> Result<Pending<SendAck>> {
+        let max = self.shared.engine.config().max_payload - entry::STORE_HEADER - 64;
+        if payload.len() > max {
+            return Err(ImError::InvalidArgument(format!(
+                "payload of {} bytes exceeds the limit of {max}",
+                payload.len()
+            )));
+        }
+        let (tx, rx) = pending();
+        self.to_conv_worker(
+            conv,
+            Request::Send {
+                conv,
+                sender,
+                cmid: client_msg_id,
+                payload: payload.to_vec(),
+                reply: tx,
+            },
+        )?;
+        Ok(rx)
+    }
+
+    /// Recall `user`'s message `target` for everyone: an appended event,
+    /// fanned out like a message; history and sync report the message as
+    /// recalled from then on.
+    pub fn recall(&self, conv: ConvId, user: UserId, target: SeqId) -> Result<SeqId> {
+        let (tx, rx) = pending();
+        self.to_conv_worker(
+            conv,
+            Request::Recall {
+                conv,
+                user,
+                target,
+                reply: tx,
+            },
+        )?;
+        rx.wait()
+    }
+
+    /// Mark `conv` read through `seq` for `user`: a sync entry, so the
+    /// user's other devices learn it by syncing. Returns the marker (never
+    /// lowered, never above the conversation's last seq).
+    pub fn mark_read(&self, user: UserId, conv: ConvId, seq: SeqId) -> Result<SeqId> {
+        check_id("user", user)?;
+        let (tx, rx) = pending();
+        let p = self.shared.user_shard(user);
+        self.submit(
+            p,
+            Request::UserMark {
+                user,
+                conv,
+                seq,
+                delete: false,
+                reply: tx,
+            },
+        )?;
+        rx.wait()
+    }
+
+    /// Delete message `seq` of `conv` for `user` only (its devices learn it
+    /// by syncing; history shows it as deleted to this user).
+    pub fn delete_for_user(&self, user: UserId, conv: ConvId, seq: SeqId) -> Result<SeqId> {
+        check_id("user", user)?;
+        let (tx, rx) = pending();
+        let p = self.shared.user_shard(user);
+        self.submit(
+            p,
+            Request::UserMark {
+                user,
+                conv,
+                seq,
+                delete: true,
+                reply: tx,
+            },
+        )?;
+        rx.wait()
+    }
+
+    /// Entries of `user`'s sync timeline after `checkpoint` (at most
+    /// `limit`), and the new entries of its read-fan-out groups after the
+    /// per-group checkpoints the device sent (a group the device does not
+    /// list starts where the user's read-fan-out range in it starts).
+    pub fn sync(
+        &self,
+        user: UserId,
+        checkpoint: SeqId,
+        limit: usize,
+        group_checkpoints: &[(ConvId, SeqId)],
+    ) -> Result<SyncReply> {
+        read::sync(&self.shared, user, checkpoint, limit, group_checkpoints)
+    }
+
+    /// A page of `conv`'s history as `user` may see it (its membership
+    /// ranges only).
+    pub fn history(
+        &self,
+        conv: ConvId,
+        user: UserId,
+        from: HistoryFrom,
+        limit: usize,
+    ) -> Result<HistoryPage> {
+        read::history(&self.shared, conv, user, from, limit)
+    }
+
+    /// `user`'s conversations with their last seq and unread count.
+    pub fn conversations(&self, user: UserId) -> Result<Vec<ConvSummary>> {
+        read::conversations(&self.shared, user)
+    }
+
+    /// Members of `conv` now.
+    pub fn members(&self, conv: ConvId) -> Result<Vec<UserId>> {
+        read::members(&self.shared, conv)
+    }
+
+    /// Push delivery for `user`'s online devices: every new sync entry and
+    /// read-fan-out group entry, once durable. Never blocks senders: when
+    /// the subscriber falls `subscriber_capacity` behind it gets
+    /// [`Push::Resync`] and should sync from its checkpoint.
+    pub fn subscribe(&self, user: UserId) -> Subscription {
+        self.shared
+            .subs
+            .subscribe(user, self.shared.user_shard(user))
+    }
+
+    pub fn stats(&self) -> ImStats {
+        let c = &self.shared.stats;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ImStats {
+            stored: g(&c.stored),
+            messages: g(&c.messages),
+            sync_writes: g(&c.sync_writes),
+            read_fanout_deliveries: g(&c.read_fanout_deliveries),
+            sync_calls: g(&c.sync_calls),
+            sync_reads: g(&c.sync_reads),
+            store_reads: g(&c.store_reads),
+            group_polls: g(&c.group_polls),
+            meta_writes: g(&c.meta_writes),
+        }
+    }
+
+    /// Finish every accepted request, stop the workers, close the engine.
+    pub fn close(self) -> Result<()> {
+        self.shutdown();
+        self.shared.engine.sync()?;
+        Ok(())
+    }
+
+    fn shutdown(&self) {
+        if self.shared.closing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for w in &self.shared.workers {
+            w.requests.close();
+        }
+        for h in self.threads.lock().drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Im {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

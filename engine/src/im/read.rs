@@ -1,0 +1,327 @@
+//! The read side: sync, history, conversation lists. Readers never take a
+//! worker's path: they read the engine directly, bounded by the watermarks
+//! the workers publish once data is durable.
+
+use super::directory::{covers, is_current};
+use super::entry::{ConvKind, EventKind, StoreEntry, SyncRecord};
+use super::{
+    bump, Body, ConvId, ConvSummary, Entry, GroupPage, HistoryFrom, HistoryPage, ImError, Result,
+    Shared, SyncEntry, SyncReply, UserId,
+};
+use crate::engine::{Direction, SeqId, TimelineId};
+use crate::{Error, Record};
+use std::sync::atomic::Ordering;
+
+/// Most entries one call returns.
+pub const MAX_PAGE: usize = 10_000;
+
+pub(crate) fn body_of(e: &StoreEntry<'_>) -> Body {
+    match e.kind {
+        EventKind::Message => Body::Message(e.body.to_vec()),
+        EventKind::Created => Body::Created {
+            kind: ConvKind::from_u8(e.arg as u8).unwrap_or(ConvKind::Group),
+            members: e
+                .body
+                .chunks_exact(8)
+                .map(|c| {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(c);
+                    u64::from_le_bytes(a)
+                })
+                .collect(),
+        },
+        EventKind::MemberAdded => Body::MemberAdded(e.arg),
+        EventKind::MemberRemoved => Body::MemberRemoved(e.arg),
+        EventKind::Recall => Body::Recall { target: e.arg },
+    }
+}
+
+/// Mark recalled messages and the user's deletions.
+fn finish(sh: &Shared, user: UserId, deleted_any: bool, mut e: Entry) -> Entry {
+    if matches!(e.body, Body::Message(_)) {
+        if sh.recalls.load(Ordering::Acquire) > 0 {
+            let p = sh.conv_shard(e.conv);
+            if sh.dir.convs[p]
+                .read()
+                .get(&e.conv)
+                .is_some_and(|c| c.recalled.contains(&e.conv_seq))
+            {
+                e.body = Body::Recalled;
+            }
+        }
+        if deleted_any {
+            let q = sh.user_shard(user);
+            if sh.dir.users[q]
+                .read()
+                .get(&user)
+                .is_some_and(|u| u.deleted.contains(&(e.conv, e.conv_seq)))
+            {
+                e.body = Body::Deleted;
+            }
+        }
+    }
+    e
+}
+
+fn store_entry(conv: ConvId, rec: &Record) -> Result<Entry> {
+    let se = StoreEntry::decode(&rec.payload)?;
+    Ok(Entry {
+        conv,
+        conv_seq: rec.seq,
+        sender: se.sender,
+        timestamp_ms: rec.timestamp_ms,
+        body: body_of(&se),
+    })
+}
+
+fn sync_entry(sh: &Shared, user: UserId, rec: &Record) -> Result<Entry> {
+    Ok(match SyncRecord::decode(&rec.payload)? {
+        SyncRecord::Copy {
+            conv,
+            seq,
+            ts_ms,
+            entry,
+        } => Entry {
+            conv,
+            conv_seq: seq,
+            sender: entry.sender,
+            timestamp_ms: ts_ms,
+            body: body_of(&entry),
+        },
+        SyncRecord::Ref { conv, seq } => {
+            bump(&sh.stats.store_reads, 1);
+            let r = sh
+                .engine
+                .get(TimelineId::store(conv), seq)?
+                .ok_or_else(|| {
+                    ImError::Engine(Error::InvalidArgument(format!(
+                        "sync entry {} of user {user} points at missing store entry {conv}/{seq}",
+                        rec.seq
+                    )))
+                })?;
+            store_entry(conv, &r)?
+        }
+        SyncRecord::ReadMarker { conv, seq } => Entry {
+            conv,
+            conv_seq: seq,
+            sender: user,
+            timestamp_ms: rec.timestamp_ms,
+            body: Body::ReadMarker,
+        },
+        SyncRecord::Deleted { conv, seq } => Entry {
+            conv,
+            conv_seq: seq,
+            sender: user,
+            timestamp_ms: rec.timestamp_ms,
+            body: Body::DeletedMarker,
+        },
+    })
+}
+
+pub(crate) fn sync(
+    sh: &Shared,
+    user: UserId,
+    checkpoint: SeqId,
+    limit: usize,
+    groups: &[(ConvId, SeqId)],
+) -> Result<SyncReply> {
+    bump(&sh.stats.sync_calls, 1);
+    let limit = limit.min(MAX_PAGE);
+    let q = sh.user_shard(user);
+    let mut reply = SyncReply {
+        checkpoint,
+        ..Default::default()
+    };
+    let (visible, convs, deleted_any) = match sh.dir.users[q].read().get(&user) {
+        Some(u) => (u.visible.get(), u.convs.clone(), !u.deleted.is_empty()),
+        None => return Ok(reply),
+    };
+    if checkpoint < visible {
+        let tl = TimelineId::sync(user);
+        let first = sh.engine.first_retained_seq(tl)?;
+        if checkpoint + 1 < first {
+            reply.truncated = Some(first);
+            reply.has_more = true;
+        } else if limit > 0 {
+            let n = (visible - checkpoint).min(limit as u64) as usize;
+            bump(&sh.stats.sync_reads, 1);
+            match sh.engine.scan(tl, checkpoint + 1, n, Direction::Forward) {
+                Err(Error::Truncated { first_retained, .. }) => {
+                    reply.truncated = Some(first_retained);
+                }
+                r => {
+                    for rec in r? {
+                        let e = sync_entry(sh, user, &rec)?;
+                        reply.checkpoint = rec.seq;
+                        reply.entries.push(SyncEntry {
+                            seq: rec.seq,
+                            entry: finish(sh, user, deleted_any, e),
+                        });
+                    }
+                }
+            }
+        }
+        reply.has_more = reply.checkpoint < visible;
+    }
+    for conv in convs {
+        let p = sh.conv_shard(conv);
+        let (iv, lo, hi) = {
+            let g = sh.dir.convs[p].read();
+            let Some(c) = g.get(&conv) else { continue };
+            if c.read_since == 0 {
+                continue;
+            }
+            bump(&sh.stats.group_polls, 1);
+            let Some(iv) = c.members.get(&user) else {
+                continue;
+            };
+            // The user's read-fan-out range: from its first stay that
+            // reaches the switch, to its last seq (or the watermark).
+            let Some(lo) = iv
+                .iter()
+                .filter(|&&(_, b)| b >= c.read_since)
+                .map(|&(a, _)| a.max(c.read_since))
+                .min()
+            else {
+                continue;
+            };
+            let hi = c.visible.get().min(iv.last().map_or(0, |l| l.1));
+            (iv.clone(), lo, hi)
+        };
+        let cp = groups
+            .iter()
+            .find(|g| g.0 == conv)
+            .map_or(lo - 1, |g| g.1)
+            .max(lo - 1);
+        if cp >= hi || limit == 0 {
+            continue;
+        }
+        let n = (hi - cp).min(limit as u64) as usize;
+        bump(&sh.stats.store_reads, 1);
+        let recs = sh
+            .engine
+            .scan(TimelineId::store(conv), cp + 1, n, Direction::Forward)?;
+        let mut page = GroupPage {
+            conv,
+            entries: Vec::with_capacity(recs.len()),
+            checkpoint: cp,
+            has_more: false,
+        };
+        for rec in &recs {
+            page.checkpoint = rec.seq;
+            if covers(&iv, rec.seq) {
+                let e = store_entry(conv, rec)?;
+                page.entries.push(finish(sh, user, deleted_any, e));
+            }
+        }
+        page.has_more = page.checkpoint < hi;
+        reply.groups.push(page);
+    }
+    Ok(reply)
+}
+
+pub(crate) fn history(
+    sh: &Shared,
+    conv: ConvId,
+    user: UserId,
+    from: HistoryFrom,
+    limit: usize,
+) -> Result<HistoryPage> {
+    let limit = limit.min(MAX_PAGE);
+    let p = sh.conv_shard(conv);
+    let (iv, hi_bound) = {
+        let g = sh.dir.convs[p].read();
+        let c = g.get(&conv).ok_or(ImError::NoSuchConversation(conv))?;
+        let iv = c
+            .members
+            .get(&user)
+            .cloned()
+            .ok_or(ImError::NotMember { conv, user })?;
+        let hi = c.visible.get().min(iv.last().map_or(0, |l| l.1));
+        (iv, hi)
+    };
+    let deleted_any = sh.dir.users[sh.user_shard(user)]
+        .read()
+        .get(&user)
+        .is_some_and(|u| !u.deleted.is_empty());
+    let lo_bound = iv.first().map_or(1, |f| f.0);
+    let mut page = HistoryPage {
+        entries: Vec::new(),
+        has_more: false,
+    };
+    if limit == 0 {
+        return Ok(page);
+    }
+    let tl = TimelineId::store(conv);
+    let (recs, dir_fwd) = match from {
+        HistoryFrom::Before(s) => {
+            let hi = s.saturating_sub(1).min(hi_bound);
+            if hi < lo_bound {
+                return Ok(page);
+            }
+            let n = ((hi - lo_bound + 1).min(limit as u64)) as usize;
+            (sh.engine.scan(tl, hi, n, Direction::Backward)?, false)
+        }
+        HistoryFrom::After(s) => {
+            let lo = s.saturating_add(1).max(lo_bound);
+            if lo > hi_bound {
+                return Ok(page);
+            }
+            let n = ((hi_bound - lo + 1).min(limit as u64)) as usize;
+            (sh.engine.scan(tl, lo, n, Direction::Forward)?, true)
+        }
+    };
+    bump(&sh.stats.store_reads, 1);
+    let mut edge = None;
+    for rec in &recs {
+        edge = Some(rec.seq);
+        if covers(&iv, rec.seq) {
+            let e = store_entry(conv, rec)?;
+            page.entries.push(finish(sh, user, deleted_any, e));
+        }
+    }
+    page.has_more = match edge {
+        Some(e) if dir_fwd => e < hi_bound,
+        Some(e) => e > lo_bound,
+        None => false,
+    };
+    Ok(page)
+}
+
+pub(crate) fn conversations(sh: &Shared, user: UserId) -> Result<Vec<ConvSummary>> {
+    let q = sh.user_shard(user);
+    let (convs, read) = match sh.dir.users[q].read().get(&user) {
+        Some(u) => (u.convs.clone(), u.read.clone()),
+        None => return Ok(Vec::new()),
+    };
+    let mut out = Vec::with_capacity(convs.len());
+    for conv in convs {
+        let p = sh.conv_shard(conv);
+        let g = sh.dir.convs[p].read();
+        let Some(c) = g.get(&conv) else { continue };
+        let Some(iv) = c.members.get(&user) else {
+            continue;
+        };
+        let last_seq = c.visible.get().min(iv.last().map_or(0, |l| l.1));
+        let read_seq = read.get(&conv).copied().unwrap_or(0);
+        out.push(ConvSummary {
+            conv,
+            kind: c.kind,
+            last_seq,
+            read_seq,
+            unread: last_seq.saturating_sub(read_seq),
+            member: is_current(iv),
+            read_fanout: c.read_since != 0,
+        });
+    }
+    Ok(out)
+}
+
+pub(crate) fn members(sh: &Shared, conv: ConvId) -> Result<Vec<UserId>> {
+    let p = sh.conv_shard(conv);
+    let g = sh.dir.convs[p].read();
+    let c = g.get(&conv).ok_or(ImError::NoSuchConversation(conv))?;
+    let mut v: Vec<UserId> = c.recipients.iter().flatten().copied().collect();
+    v.sort_unstable();
+    Ok(v)
+}

@@ -1,0 +1,1134 @@
+//! One worker per shard. Worker `p` is the only writer of shard `p`'s
+//! conversation timelines, journal and catalog (store keyspace) and of its
+//! users' sync timelines (sync keyspace). A send travels:
+//!
+//! 1. caller → the conversation's worker (`requests` mailbox; blocks when
+//!    full: backpressure);
+//! 2. that worker writes a batch: journal intent + conversation records +
+//!    catalog records in one engine write, durable per the configured
+//!    durability; publishes the conversations' watermarks;
+//! 3. it hands one `Delivery` per receiving shard to that shard's worker
+//!    (`deliveries` mailbox, never blocking: a full mailbox keeps the
+//!    delivery in a local FIFO outbox, since two workers blocked on each
+//!    other's full mailboxes would deadlock);
+//! 4. each receiving worker appends the sync entries (one engine write per
+//!    drained set), makes them durable, publishes its users' watermarks,
+//!    pushes to subscribers and arrives on the batch's latch;
+//! 5. the last arrival acknowledges the senders and marks the batch done in
+//!    the owner's completion window; the owner journals "done" marks.
+
+use super::directory::{self, covers, is_current};
+use super::entry::{
+    CatalogRecord, ConvKind, EventKind, IntentOp, JournalRecord, StoreEntry, SyncRecord,
+};
+use super::subscribe::Push;
+use super::{
+    bump, Body, ConvId, Entry, EntryMode, ImError, Reply, Result, SendAck, Shared, SyncEntry,
+    UserId,
+};
+use crate::config::Durability;
+use crate::engine::{SeqId, TimelineId};
+use crate::fanout::mailbox::PushError;
+use crate::fanout::watermark::Latch;
+use hashbrown::HashMap;
+use parking_lot::Mutex;
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub(crate) enum Request {
+    Send {
+        conv: ConvId,
+        sender: UserId,
+        cmid: u64,
+        payload: Vec<u8>,
+        reply: Reply<SendAck>,
+    },
+    Create {
+        conv: ConvId,
+        kind: ConvKind,
+        members: Vec<UserId>,
+        reply: Reply<SeqId>,
+    },
+    Member {
+        conv: ConvId,
+        user: UserId,
+        add: bool,
+        reply: Reply<SeqId>,
+    },
+    Recall {
+        conv: ConvId,
+        user: UserId,
+        target: SeqId,
+        reply: Reply<SeqId>,
+    },
+    /// Read marker or delete-for-me: handled by the user's worker.
+    UserMark {
+        user: UserId,
+        conv: ConvId,
+        seq: SeqId,
+        delete: bool,
+        reply: Reply<SeqId>,
+    },
+}
+
+enum Ack {
+    Send(Reply<SendAck>, SendAck),
+    Seq(Reply<SeqId>, SeqId),
+}
+
+impl Ack {
+    fn send(self, failed: Option<&str>) {
+        match self {
+            Ack::Send(r, a) => {
+                let _ = r.send(match failed {
+                    Some(why) if !a.duplicate => Err(ImError::FanoutFailed {
+                        conv: a.conv,
+                        seq: a.seq,
+                        reason: why.to_string(),
+                    }),
+                    _ => Ok(a),
+                });
+            }
+            Ack::Seq(r, s) => {
+                let _ = r.send(match failed {
+                    Some(why) => Err(ImError::FanoutFailed {
+                        conv: 0,
+                        seq: s,
+                        reason: why.to_string(),
+                    }),
+                    None => Ok(s),
+                });
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct BatchState {
+    completed: bool,
+    failed: Option<String>,
+    acks: Vec<Ack>,
+}
+
+/// A read-fan-out entry to push to a group's online members at completion.
+struct GroupPush {
+    members: Vec<UserId>,
+    entry: Entry,
+}
+
+/// One fan-out batch: what one worker wrote with one engine write.
+pub(crate) struct Batch {
+    owner: usize,
+    no: u64,
+    latch: Latch,
+    state: Mutex<BatchState>,
+    group_push: Vec<GroupPush>,
+}
+
+/// The part of a batch one receiving shard must write.
+pub(crate) struct Delivery {
+    batch: Arc<Batch>,
+    items: Vec<Item>,
+}
+
+struct Item {
+    record: Arc<Vec<u8>>,
+    recipients: Vec<UserId>,
+    /// For push (built only while someone is subscribed).
+    entry: Option<Arc<Entry>>,
+}
+
+/// Worker-local state (recovery builds it).
+pub(crate) struct WorkerState {
+    pub next_batch: u64,
+    pub dedup: HashMap<(ConvId, UserId, u64), (SeqId, u64)>,
+    pub dedup_order: VecDeque<(u64, (ConvId, UserId, u64))>,
+    pub last_done_written: u64,
+    inflight: HashMap<u64, Arc<Batch>>,
+    backlog: VecDeque<Request>,
+    outbox: VecDeque<(usize, Delivery)>,
+    last_done_ms: u64,
+    last_prune_ms: u64,
+}
+
+impl WorkerState {
+    pub(crate) fn new(next_batch: u64) -> Self {
+        WorkerState {
+            next_batch,
+            dedup: HashMap::new(),
+            dedup_order: VecDeque::new(),
+            last_done_written: next_batch - 1,
+            inflight: HashMap::new(),
+            backlog: VecDeque::new(),
+            outbox: VecDeque::new(),
+            last_done_ms: 0,
+            last_prune_ms: 0,
+        }
+    }
+}
+
+/// Largest engine write the workers build (sync deliveries are split).
+const MAX_WRITE_BYTES: usize = 8 << 20;
+
+pub(crate) fn run(sh: Arc<Shared>, p: usize, mut st: WorkerState) {
+    let me = &sh.workers[p];
+    let mut dels: Vec<Delivery> = Vec::new();
+    let mut released = false;
+    loop {
+        let mut progress = flush_outbox(&sh, &mut st);
+        while dels.len() < 256 {
+            match me.deliveries.pop() {
+                Some(d) => dels.push(d),
+                None => break,
+            }
+        }
+        if !dels.is_empty() {
+            me.deliveries.made_room();
+            deliver(&sh, p, &mut dels);
+            progress = true;
+        }
+        if st.outbox.is_empty() && me.window.has_room(st.next_batch) {
+            while st.backlog.len() < sh.cfg.max_batch {
+                match me.requests.pop() {
+                    Some(r) => st.backlog.push_back(r),
+                    None => break,
+                }
+            }
+            if !st.backlog.is_empty() {
+                me.requests.made_room();
+                handle_requests(&sh, p, &mut st);
+                progress = true;
+            }
+        }
+        housekeeping(&sh, p, &mut st, !progress);
+        if progress {
+            continue;
+        }
+        if me.requests.is_closed()
+            && me.requests.len() == 0
+            && st.backlog.is_empty()
+            && st.outbox.is_empty()
+            && me.window.done() + 1 == st.next_batch
+        {
+            if !released {
+                released = true;
+                if sh.busy_workers.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    for w in &sh.workers {
+                        w.signal.notify();
+                    }
+                }
+            }
+            if sh.busy_workers.load(Ordering::Acquire) == 0 && me.deliveries.len() == 0 {
+                housekeeping(&sh, p, &mut st, true);
+                return;
+            }
+        }
+        if st.outbox.is_empty() {
+            me.signal.wait();
+        } else {
+            // A receiving worker is full: it drains on its own; retry soon.
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+}
+
+fn flush_outbox(sh: &Shared, st: &mut WorkerState) -> bool {
+    let mut any = false;
+    while let Some((q, d)) = st.outbox.pop_front() {
+        match sh.workers[q].deliveries.try_push(d) {
+            Ok(()) => any = true,
+            Err(PushError::Full(d)) | Err(PushError::Closed(d)) => {
+                st.outbox.push_front((q, d));
+                break;
+            }
+        }
+    }
+    any
+}
+
+/// Done marks and dedup expiry.
+fn housekeeping(sh: &Shared, p: usize, st: &mut WorkerState, idle: bool) {
+    let done = sh.workers[p].window.done();
+    let now = sh.now_ms();
+    if done > st.last_done_written && (idle || now >= st.last_done_ms + 50) {
+        let mut b = Vec::with_capacity(9);
+        JournalRecord::Done { batch: done }.encode_into(&mut b);
+        // A hint for recovery (less to re-check); losing it is harmless.
+        match sh
+            .engine
+            .append_with(TimelineId::store(sh.journal[p]), &b, Durability::Buffered)
+        {
+            Ok(_) => {
+                bump(&sh.stats.meta_writes, 1);
+                st.last_done_written = done;
+                st.last_done_ms = now;
+            }
+            Err(e) => tracing::warn!(error = %e, "journal done mark failed"),
+        }
+        st.inflight.retain(|&n, _| n > done);
+    }
+    if now >= st.last_prune_ms + 1000 {
+        st.last_prune_ms = now;
+        let window = sh
+            .cfg
+            .dedup_window
+            .or(sh.engine.config().sync.ttl)
+            .map(|d| d.as_millis() as u64);
+        if let Some(w) = window {
+            while let Some(&(ts, key)) = st.dedup_order.front() {
+                if ts.saturating_add(w) >= now {
+                    break;
+                }
+                st.dedup_order.pop_front();
+                st.dedup.remove(&key);
+            }
+        }
+    }
+}
+
+/// A conversation operation of a batch, validated, with its seq.
+struct Op {
+    conv: ConvId,
+    seq: SeqId,
+    kind: EventKind,
+    sender: UserId,
+    cmid: u64,
+    arg: u64,
+    body: Vec<u8>,
+    ack: Option<Ack>,
+    /// Membership change: (user, add).
+    member: Option<(UserId, bool)>,
+    created: Option<(ConvKind, Vec<UserId>)>,
+}
+
+fn handle_requests(sh: &Shared, p: usize, st: &mut WorkerState) {
+    let mut run: Vec<Op> = Vec::new();
+    let mut extra: Vec<Ack> = Vec::new();
+    let mut marks = Vec::new();
+    let mut next_seq: HashMap<ConvId, SeqId> = HashMap::new();
+    let mut run_bytes = 0usize;
+    while let Some(r) = st.backlog.pop_front() {
+        match r {
+            Request::UserMark {
+                user,
+                conv,
+                seq,
+                delete,
+                reply,
+            } => marks.push((user, conv, seq, delete, reply)),
+            Request::Send {
+                conv,
+                sender,
+                cmid,
+                payload,
+                reply,
+            } => {
+                if let Err(e) = check_member(sh, p, conv, sender) {
+                    let _ = reply.send(Err(e));
+                    continue;
+                }
+                let key = (conv, sender, cmid);
+                if let Some(&(seq, batch)) = st.dedup.get(&key) {
+                    let ack = Ack::Send(
+                        reply,
+                        SendAck {
+                            conv,
+                            seq,
+                            duplicate: true,
+                        },
+                    );
+                    if batch == st.next_batch {
+                        extra.push(ack); // retried within this very batch
+                    } else {
+                        ack_when_done(sh, p, st, batch, ack);
+                    }
+                    continue;
+                }
+                let seq = take_seq(sh, &mut next_seq, conv);
+                st.dedup.insert(key, (seq, st.next_batch));
+                st.dedup_order.push_back((sh.now_ms(), key));
+                run_bytes += payload.len();
+                run.push(Op {
+                    conv,
+                    seq,
+                    kind: EventKind::Message,
+                    sender,
+                    cmid,
+                    arg: 0,
+                    body: payload,
+                    ack: Some(Ack::Send(
+                        reply,
+                        SendAck {
+                            conv,
+                            seq,
+                            duplicate: false,
+                        },
+                    )),
+                    member: None,
+                    created: None,
+                });
+            }
+            Request::Recall {
+                conv,
+                user,
+                target,
+                reply,
+            } => match check_recall(sh, p, conv, user, target) {
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+                Ok(()) => {
+                    let seq = take_seq(sh, &mut next_seq, conv);
+                    run.push(Op {
+                        conv,
+                        seq,
+                        kind: EventKind::Recall,
+                        sender: user,
+                        cmid: 0,
+                        arg: target,
+                        body: Vec::new(),
+                        ack: Some(Ack::Seq(reply, seq)),
+                        member: None,
+                        created: None,
+                    });
+                }
+            },
+            r @ (Request::Create { .. } | Request::Member { .. }) => {
+                // Membership changes are batches of their own: every op
+                // before them fans out to the old members, every op after
+                // to the new ones.
+                if !run.is_empty() || !extra.is_empty() {
+                    write_batch(
+                        sh,
+                        p,
+                        st,
+                        std::mem::take(&mut run),
+                        std::mem::take(&mut extra),
+                    );
+                    next_seq.clear();
+                    run_bytes = 0;
+                }
+                if !sh.workers[p].window.has_room(st.next_batch) {
+                    st.backlog.push_front(r);
+                    break;
+                }
+                if let Some(op) = membership_op(sh, p, r) {
+                    write_batch(sh, p, st, vec![op], Vec::new());
+                }
+                next_seq.clear();
+                if !sh.workers[p].window.has_room(st.next_batch) {
+                    break;
+                }
+            }
+        }
+        if run.len() >= sh.cfg.max_batch || run_bytes >= MAX_WRITE_BYTES / 2 {
+            write_batch(
+                sh,
+                p,
+                st,
+                std::mem::take(&mut run),
+                std::mem::take(&mut extra),
+            );
+            next_seq.clear();
+            run_bytes = 0;
+            if !sh.workers[p].window.has_room(st.next_batch) {
+                break;
+            }
+        }
+    }
+    if !run.is_empty() || !extra.is_empty() {
+        write_batch(sh, p, st, run, extra);
+    }
+    if !marks.is_empty() {
+        user_marks(sh, p, marks);
+    }
+}
+
+fn take_seq(sh: &Shared, next: &mut HashMap<ConvId, SeqId>, conv: ConvId) -> SeqId {
+    let s = next
+        .entry(conv)
+        .or_insert_with(|| sh.engine.last_seq(TimelineId::store(conv)) + 1);
+    let seq = *s;
+    *s += 1;
+    seq
+}
+
+fn check_member(sh: &Shared, p: usize, conv: ConvId, user: UserId) -> Result<()> {
+    let convs = sh.dir.convs[p].read();
+    let c = convs.get(&conv).ok_or(ImError::NoSuchConversation(conv))?;
+    match c.members.get(&user) {
+        Some(iv) if is_current(iv) => Ok(()),
+        _ => Err(ImError::NotMember { conv, user }),
+    }
+}
+
+fn check_recall(sh: &Shared, p: usize, conv: ConvId, user: UserId, target: SeqId) -> Result<()> {
+    check_member(sh, p, conv, user)?;
+    if sh.dir.convs[p]
+        .read()
+        .get(&conv)
+        .is_some_and(|c| c.recalled.contains(&target))
+    {
+        return Err(ImError::InvalidArgument(format!(
+            "message {target} is already recalled"
+        )));
+    }
+    let rec = sh
+        .engine
+        .get(TimelineId::store(conv), target)?
+        .ok_or_else(|| ImError::InvalidArgument(format!("no message {target} in {conv}")))?;
+    let e = StoreEntry::decode(&rec.payload)?;
+    if e.kind != EventKind::Message || e.sender != user {
+        return Err(ImError::InvalidArgument(format!(
+            "seq {target} is not a message of user {user}"
+        )));
+    }
+    Ok(())
+}
+
+/// Validate a create or membership request into its op (or answer it).
+fn membership_op(sh: &Shared, p: usize, r: Request) -> Option<Op> {
+    let convs = sh.dir.convs[p].read();
+    match r {
+        Request::Create {
+            conv,
+            kind,
+            members,
+            reply,
+        } => {
+            let last = sh.engine.last_seq(TimelineId::store(conv));
+            if convs.contains_key(&conv) {
+                let _ = reply.send(Err(ImError::ConversationExists(conv)));
+                return None;
+            }
+            if last != 0 {
+                let _ = reply.send(Err(ImError::InvalidArgument(format!(
+                    "store timeline {conv} already holds records not written by the IM layer"
+                ))));
+                return None;
+            }
+            let mut body = Vec::with_capacity(members.len() * 8);
+            for m in &members {
+                body.extend_from_slice(&m.to_le_bytes());
+            }
+            Some(Op {
+                conv,
+                seq: 1,
+                kind: EventKind::Created,
+                sender: 0,
+                cmid: 0,
+                arg: kind as u64,
+                body,
+                ack: Some(Ack::Seq(reply, 1)),
+                member: None,
+                created: Some((kind, members)),
+            })
+        }
+        Request::Member {
+            conv,
+            user,
+            add,
+            reply,
+        } => {
+            let Some(c) = convs.get(&conv) else {
+                let _ = reply.send(Err(ImError::NoSuchConversation(conv)));
+                return None;
+            };
+            if c.kind == ConvKind::Direct {
+                let _ = reply.send(Err(ImError::InvalidArgument(
+                    "members of a direct conversation cannot change".into(),
+                )));
+                return None;
+            }
+            let current = c.members.get(&user).is_some_and(is_current);
+            if add && current {
+                let _ = reply.send(Err(ImError::AlreadyMember { conv, user }));
+                return None;
+            }
+            if !add && !current {
+                let _ = reply.send(Err(ImError::NotMember { conv, user }));
+                return None;
+            }
+            let seq = sh.engine.last_seq(TimelineId::store(conv)) + 1;
+            Some(Op {
+                conv,
+                seq,
+                kind: if add {
+                    EventKind::MemberAdded
+                } else {
+                    EventKind::MemberRemoved
+                },
+                sender: 0,
+                cmid: 0,
+                arg: user,
+                body: Vec::new(),
+                ack: Some(Ack::Seq(reply, seq)),
+                member: Some((user, add)),
+                created: None,
+            })
+        }
+        other => {
+            // Not a membership request: unreachable by construction.
+            drop(other);
+            None
+        }
+    }
+}
+
+/// Answer `ack` once batch `batch` is done (now, if it already is).
+fn ack_when_done(sh: &Shared, p: usize, st: &WorkerState, batch: u64, ack: Ack) {
+    if batch <= sh.workers[p].window.done() {
+        return ack.send(None);
+    }
+    match st.inflight.get(&batch) {
+        Some(b) => {
+            let mut s = b.state.lock();
+            if s.completed {
+                drop(s);
+                ack.send(None);
+            } else {
+                s.acks.push(ack);
+            }
+        }
+        None => ack.send(None),
+    }
+}
+
+fn write_engine(sh: &Shared, items: &[(TimelineId, &[u8])]) -> crate::Result<Vec<SeqId>> {
+    sh.engine.append_batch(items, sh.cfg.durability)
+}
+
+/// The catalog records an op implies, given its conversation's mode after it.
+fn catalog_records(op: &Op, read_since: u64, out: &mut Vec<Vec<u8>>) {
+    let mut put = |r: CatalogRecord| {
+        let mut b = Vec::with_capacity(48);
+        r.encode_into(&mut b);
+        out.push(b);
+    };
+    if let Some((kind, members)) = &op.created {
+        for &m in members {
+            put(CatalogRecord::Member {
+                conv: op.conv,
+                user: m,
+                at: op.seq,
+                add: true,
+                kind: *kind,
+                read_since,
+            });
+        }
+    }
+    if let Some((user, add)) = op.member {
+        put(CatalogRecord::Member {
+            conv: op.conv,
+            user,
+            at: op.seq,
+            add,
+            kind: ConvKind::Group,
+            read_since,
+        });
+    }
+    if op.kind == EventKind::Recall {
+        put(CatalogRecord::Recall {
+            conv: op.conv,
+            target: op.arg,
+            at: op.seq,
+        });
+    }
+}
+
+/// The read-fan-out start a membership op leaves its conversation with.
+fn read_since_after(sh: &Shared, p: usize, op: &Op) -> u64 {
+    let t = sh.cfg.hybrid_threshold;
+    if let Some((ConvKind::Group, members)) = &op.created {
+        return if members.len() > t { op.seq + 1 } else { 0 };
+    }
+    let convs = sh.dir.convs[p].read();
+    let Some(c) = convs.get(&op.conv) else {
+        return 0;
+    };
+    if c.read_since != 0 {
+        return c.read_since;
+    }
+    match op.member {
+        Some((_, true)) if c.kind == ConvKind::Group && c.current + 1 > t => op.seq + 1,
+        _ => 0,
+    }
+}
+
+/// Apply a written op to the directory (membership, mode, recalls).
+pub(crate) fn apply_op(sh: &Shared, p: usize, op_conv: ConvId, rec: &CatalogRecord) {
+    let mut convs = sh.dir.convs[p].write();
+    match *rec {
+        CatalogRecord::Member {
+            conv,
+            user,
+            at,
+            add,
+            kind,
+            read_since,
+        } => {
+            debug_assert_eq!(conv, op_conv);
+            let c = convs
+                .entry(conv)
+                .or_insert_with(|| directory::Conv::new(kind, sh.shards));
+            let q = sh.user_shard(user);
+            directory::apply_member(c, conv, user, q, at, add, &sh.dir.users[q]);
+            if read_since != 0 && c.read_since == 0 {
+                c.read_since = read_since;
+            }
+        }
+        CatalogRecord::Recall { conv, target, .. } => {
+            if let Some(c) = convs.get_mut(&conv) {
+                if c.recalled.insert(target) {
+                    sh.recalls.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn write_batch(sh: &Shared, p: usize, st: &mut WorkerState, ops: Vec<Op>, extra: Vec<Ack>) {
+    let no = st.next_batch;
+    st.next_batch += 1;
+    let now = sh.now_ms();
+    // 1. One engine write: intent, conversation records, catalog records.
+    let intent = JournalRecord::Intent {
+        batch: no,
+        ops: ops
+            .iter()
+            .map(|o| IntentOp {
+                conv: o.conv,
+                seq: o.seq,
+                kind: o.kind,
+                sender: o.sender,
+                cmid: o.cmid,
+                arg: o.arg,
+            })
+            .collect(),
+    };
+    let mut ib = Vec::new();
+    intent.encode_into(&mut ib);
+    let stored: Vec<Vec<u8>> = ops
+        .iter()
+        .map(|o| {
+            let e = StoreEntry {
+                kind: o.kind,
+                sender: o.sender,
+                cmid: o.cmid,
+                arg: o.arg,
+                body: &o.body,
+            };
+            let mut b = Vec::with_capacity(e.encoded_len());
+            e.encode_into(&mut b);
+            b
+        })
+        .collect();
+    let mut cat = Vec::new();
+    let mut cat_for_op = Vec::with_capacity(ops.len());
+    for o in &ops {
+        let before = cat.len();
+        if o.created.is_some() || o.member.is_some() || o.kind == EventKind::Recall {
+            catalog_records(o, read_since_after(sh, p, o), &mut cat);
+        }
+        cat_for_op.push(before..cat.len());
+    }
+    let mut items: Vec<(TimelineId, &[u8])> = Vec::with_capacity(1 + ops.len() + cat.len());
+    if !ops.is_empty() {
+        items.push((TimelineId::store(sh.journal[p]), &ib));
+    }
+    for (o, b) in ops.iter().zip(&stored) {
+        items.push((TimelineId::store(o.conv), b));
+    }
+    for b in &cat {
+        items.push((TimelineId::store(sh.catalog[p]), b));
+    }
+    let res = if items.is_empty() {
+        Ok(Vec::new())
+    } else {
+        write_engine(sh, &items)
+    };
+    let res = res.map_err(ImError::from).and_then(|seqs| {
+        // The worker is the only writer of these timelines: the engine must
+        // have assigned exactly the seqs the intent announced.
+        for (k, o) in ops.iter().enumerate() {
+            if seqs.get(1 + k) != Some(&o.seq) {
+                return Err(ImError::InvalidArgument(format!(
+                    "conversation {} was appended to outside the IM layer",
+                    o.conv
+                )));
+            }
+        }
+        Ok(())
+    });
+    if let Err(e) = res {
+        let why = e.to_string();
+        for o in ops {
+            if o.kind == EventKind::Message {
+                st.dedup.remove(&(o.conv, o.sender, o.cmid));
+            }
+            if let Some(a) = o.ack {
+                match a {
+                    Ack::Send(r, _) => {
+                        let _ = r.send(Err(ImError::InvalidArgument(why.clone())));
+                    }
+                    Ack::Seq(r, _) => {
+                        let _ = r.send(Err(ImError::InvalidArgument(why.clone())));
+                    }
+                }
+            }
+        }
+        for a in extra {
+            a.send(Some(&why));
+        }
+        sh.workers[p].window.complete(no);
+        return;
+    }
+    bump(&sh.stats.meta_writes, 1 + cat.len() as u64);
+    bump(&sh.stats.stored, ops.len() as u64);
+    // 2. Durable: apply to the directory, then publish the watermarks.
+    let mut removed: Vec<(ConvId, UserId)> = Vec::new();
+    for (o, range) in ops.iter().zip(&cat_for_op) {
+        for b in &cat[range.clone()] {
+            if let Ok(rec) = CatalogRecord::decode(b) {
+                apply_op(sh, p, o.conv, &rec);
+            }
+        }
+        if let Some((u, false)) = o.member {
+            removed.push((o.conv, u));
+        }
+    }
+    let subs = sh.subs.any();
+    let mut per_shard: Vec<Vec<Item>> = (0..sh.shards).map(|_| Vec::new()).collect();
+    let mut group_push = Vec::new();
+    let mut read_deliveries = 0u64;
+    let mut messages = 0u64;
+    {
+        let convs = sh.dir.convs[p].read();
+        for (o, b) in ops.iter().zip(&stored) {
+            let Some(c) = convs.get(&o.conv) else {
+                continue;
+            };
+            c.visible.publish(o.seq);
+            if o.kind == EventKind::Message {
+                messages += 1;
+            }
+            let entry = subs.then(|| {
+                Arc::new(Entry {
+                    conv: o.conv,
+                    conv_seq: o.seq,
+                    sender: o.sender,
+                    timestamp_ms: now,
+                    body: body_of(o),
+                })
+            });
+            if !c.is_write_fanout(o.seq) {
+                read_deliveries += c.current as u64;
+                if subs {
+                    if let Some(e) = &entry {
+                        group_push.push(GroupPush {
+                            members: c.recipients.iter().flatten().copied().collect(),
+                            entry: (**e).clone(),
+                        });
+                    }
+                }
+                continue;
+            }
+            let mut rb = Vec::new();
+            match sh.cfg.entries {
+                EntryMode::Copy => {
+                    let se = StoreEntry::decode(b).unwrap_or(StoreEntry {
+                        kind: o.kind,
+                        sender: o.sender,
+                        cmid: o.cmid,
+                        arg: o.arg,
+                        body: &o.body,
+                    });
+                    SyncRecord::Copy {
+                        conv: o.conv,
+                        seq: o.seq,
+                        ts_ms: now,
+                        entry: se,
+                    }
+                    .encode_into(&mut rb)
+                }
+                EntryMode::Reference => SyncRecord::Ref {
+                    conv: o.conv,
+                    seq: o.seq,
+                }
+                .encode_into(&mut rb),
+            }
+            let rb = Arc::new(rb);
+            for (q, users) in c.recipients.iter().enumerate() {
+                let mut rcpt = users.clone();
+                for &(rc, u) in &removed {
+                    if rc == o.conv && sh.user_shard(u) == q && o.member.is_some() {
+                        rcpt.push(u); // the removed member receives its removal
+                    }
+                }
+                if rcpt.is_empty() {
+                    continue;
+                }
+                per_shard[q].push(Item {
+                    record: rb.clone(),
+                    recipients: rcpt,
+                    entry: if subs { entry.clone() } else { None },
+                });
+            }
+        }
+    }
+    bump(&sh.stats.messages, messages);
+    bump(&sh.stats.read_fanout_deliveries, read_deliveries);
+    let targets = per_shard.iter().filter(|v| !v.is_empty()).count();
+    let mut acks: Vec<Ack> = ops.into_iter().filter_map(|o| o.ack).collect();
+    acks.extend(extra);
+    let batch = Arc::new(Batch {
+        owner: p,
+        no,
+        latch: Latch::new(targets + 1),
+        state: Mutex::new(BatchState {
+            acks,
+            ..Default::default()
+        }),
+        group_push,
+    });
+    st.inflight.insert(no, batch.clone());
+    // 3. Hand the deliveries over; our own shard's inline.
+    for (q, items) in per_shard.into_iter().enumerate() {
+        if items.is_empty() {
+            continue;
+        }
+        let d = Delivery {
+            batch: batch.clone(),
+            items,
+        };
+        if q == p {
+            deliver(sh, p, &mut vec![d]);
+        } else if st.outbox.is_empty() {
+            match sh.workers[q].deliveries.try_push(d) {
+                Ok(()) => {}
+                Err(PushError::Full(d)) | Err(PushError::Closed(d)) => st.outbox.push_back((q, d)),
+            }
+        } else {
+            st.outbox.push_back((q, d));
+        }
+    }
+    if batch.latch.arrive() {
+        finish_batch(sh, &batch);
+    }
+}
+
+fn body_of(o: &Op) -> Body {
+    match o.kind {
+        EventKind::Message => Body::Message(o.body.clone()),
+        EventKind::Created => Body::Created {
+            kind: o.created.as_ref().map_or(ConvKind::Group, |c| c.0),
+            members: o.created.as_ref().map_or_else(Vec::new, |c| c.1.clone()),
+        },
+        EventKind::MemberAdded => Body::MemberAdded(o.arg),
+        EventKind::MemberRemoved => Body::MemberRemoved(o.arg),
+        EventKind::Recall => Body::Recall { target: o.arg },
+    }
+}
+
+fn finish_batch(sh: &Shared, b: &Batch) {
+    let (acks, failed) = {
+        let mut s = b.state.lock();
+        s.completed = true;
+        (std::mem::take(&mut s.acks), s.failed.clone())
+    };
+    for gp in &b.group_push {
+        for &u in &gp.members {
+            sh.subs.push(sh.user_shard(u), u, || Push::Group {
+                user: u,
+                entry: gp.entry.clone(),
+            });
+        }
+    }
+    let w = &sh.workers[b.owner];
+    w.window.complete(b.no);
+    w.signal.notify();
+    for a in acks {
+        a.send(failed.as_deref());
+    }
+}
+
+/// Append the sync entries of `dels` (all for shard `q`), make them
+/// durable, publish, push, arrive.
+fn deliver(sh: &Shared, q: usize, dels: &mut Vec<Delivery>) {
+    let mut items: Vec<(TimelineId, &[u8])> = Vec::new();
+    let mut owners: Vec<(UserId, Option<&Arc<Entry>>)> = Vec::new();
+    let mut bytes = 0usize;
+    let mut failed: Option<String> = None;
+    let flush = |items: &mut Vec<(TimelineId, &[u8])>,
+                 owners: &mut Vec<(UserId, Option<&Arc<Entry>>)>,
+                 failed: &mut Option<String>| {
+        if items.is_empty() {
+            return;
+        }
+        match write_engine(sh, items) {
+            Ok(seqs) => {
+                bump(&sh.stats.sync_writes, seqs.len() as u64);
+                let users = sh.dir.users[q].read();
+                for (&(u, _), &seq) in owners.iter().zip(&seqs) {
+                    if let Some(us) = users.get(&u) {
+                        us.visible.publish(seq);
+                    }
+                }
+                drop(users);
+                if sh.subs.any() {
+                    for (&(u, e), &seq) in owners.iter().zip(&seqs) {
+                        if let Some(e) = e {
+                            sh.subs.push(q, u, || Push::Entry {
+                                user: u,
+                                entry: SyncEntry {
+                                    seq,
+                                    entry: (**e).clone(),
+                                },
+                            });
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "sync delivery failed");
+                *failed = Some(e.to_string());
+            }
+        }
+        items.clear();
+        owners.clear();
+    };
+    for d in dels.iter() {
+        for it in &d.items {
+            for &u in &it.recipients {
+                items.push((TimelineId::sync(u), &it.record[..]));
+                owners.push((u, it.entry.as_ref()));
+                bytes += it.record.len() + 64;
+                if bytes >= MAX_WRITE_BYTES {
+                    flush(&mut items, &mut owners, &mut failed);
+                    bytes = 0;
+                }
+            }
+        }
+    }
+    flush(&mut items, &mut owners, &mut failed);
+    drop(items);
+    drop(owners);
+    for d in dels.drain(..) {
+        if let Some(f) = &failed {
+            d.batch.state.lock().failed = Some(f.clone());
+        }
+        if d.batch.latch.arrive() {
+            finish_batch(sh, &d.batch);
+        }
+    }
+}
+
+/// Read markers and deletes-for-me of users owned by shard `q`.
+fn user_marks(sh: &Shared, q: usize, marks: Vec<(UserId, ConvId, SeqId, bool, Reply<SeqId>)>) {
+    for (user, conv, seq, delete, reply) in marks {
+        let r = user_mark(sh, q, user, conv, seq, delete);
+        let _ = reply.send(r);
+    }
+}
+
+fn user_mark(
+    sh: &Shared,
+    q: usize,
+    user: UserId,
+    conv: ConvId,
+    seq: SeqId,
+    delete: bool,
+) -> Result<SeqId> {
+    let p = sh.conv_shard(conv);
+    let (visible, iv) = {
+        let convs = sh.dir.convs[p].read();
+        let c = convs.get(&conv).ok_or(ImError::NoSuchConversation(conv))?;
+        let iv = c
+            .members
+            .get(&user)
+            .cloned()
+            .ok_or(ImError::NotMember { conv, user })?;
+        (c.visible.get(), iv)
+    };
+    let upper = visible.min(iv.last().map_or(0, |l| l.1));
+    let target = if delete {
+        if seq == 0 || seq > upper || !covers(&iv, seq) {
+            return Err(ImError::InvalidArgument(format!(
+                "user {user} cannot see seq {seq} of conversation {conv}"
+            )));
+        }
+        seq
+    } else {
+        let old = sh.dir.users[q]
+            .read()
+            .get(&user)
+            .and_then(|u| u.read.get(&conv).copied())
+            .unwrap_or(0);
+        let new = seq.min(upper).max(old);
+        if new == old {
+            return Ok(old);
+        }
+        new
+    };
+    let cat = if delete {
+        CatalogRecord::Delete {
+            user,
+            conv,
+            seq: target,
+        }
+    } else {
+        CatalogRecord::ReadMark {
+            user,
+            conv,
+            seq: target,
+        }
+    };
+    let mut cb = Vec::with_capacity(32);
+    cat.encode_into(&mut cb);
+    write_engine(sh, &[(TimelineId::store(sh.catalog[q]), &cb)])?;
+    let rec = if delete {
+        SyncRecord::Deleted { conv, seq: target }
+    } else {
+        SyncRecord::ReadMarker { conv, seq: target }
+    };
+    let mut sb = Vec::with_capacity(17);
+    rec.encode_into(&mut sb);
+    let s = write_engine(sh, &[(TimelineId::sync(user), &sb)])?;
+    bump(&sh.stats.meta_writes, 1);
+    bump(&sh.stats.sync_writes, 1);
+    let sync_seq = s.first().copied().unwrap_or(0);
+    {
+        let mut users = sh.dir.users[q].write();
+        let u = users.entry(user).or_default();
+        if delete {
+            u.deleted.insert((conv, target));
+        } else {
+            u.read.insert(conv, target);
+        }
+        u.visible.publish(sync_seq);
+    }
+    if sh.subs.any() {
+        let entry = Entry {
+            conv,
+            conv_seq: target,
+            sender: user,
+            timestamp_ms: sh.now_ms(),
+            body: if delete {
+                Body::DeletedMarker
+            } else {
+                Body::ReadMarker
+            },
+        };
+        sh.subs.push(q, user, || Push::Entry {
+            user,
+            entry: SyncEntry {
+                seq: sync_seq,
+                entry: entry.clone(),
+            },
+        });
+    }
+    Ok(target)
+}

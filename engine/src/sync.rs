@@ -1,0 +1,66 @@
+//! The synchronisation facade: every primitive the lock-free fan-out code
+//! ([`crate::fanout`]) uses comes from here. Under `RUSTFLAGS="--cfg loom"`
+//! these are [loom]'s model-checked versions, so the production code, not a
+//! copy of it, is what the loom tests explore (tokio's `loom/` pattern).
+//!
+//! The bounded queue is crossbeam's `ArrayQueue` in production. Under loom it
+//! is a mutex around a `VecDeque` with the same capacity semantics: loom cannot
+//! see inside crossbeam, so the model treats the queue as what crossbeam
+//! guarantees (a linearizable bounded MPMC queue) and checks the protocol built
+//! around it (wake-ups, backpressure, close, watermarks).
+
+#[cfg(loom)]
+pub(crate) use loom::sync::{
+    atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    Arc, Condvar, Mutex, MutexGuard,
+};
+#[cfg(not(loom))]
+pub(crate) use std::sync::{
+    atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    Arc, Condvar, Mutex, MutexGuard,
+};
+
+#[cfg(not(loom))]
+pub(crate) use crossbeam::queue::ArrayQueue;
+
+/// Under loom: a bounded FIFO with `ArrayQueue`'s API, built on loom's mutex.
+#[cfg(loom)]
+pub(crate) struct ArrayQueue<T> {
+    q: Mutex<std::collections::VecDeque<T>>,
+    cap: usize,
+}
+
+#[cfg(loom)]
+impl<T> ArrayQueue<T> {
+    pub(crate) fn new(cap: usize) -> Self {
+        ArrayQueue {
+            q: Mutex::new(std::collections::VecDeque::new()),
+            cap,
+        }
+    }
+    pub(crate) fn push(&self, t: T) -> Result<(), T> {
+        let mut q = self.q.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= self.cap {
+            return Err(t);
+        }
+        q.push_back(t);
+        Ok(())
+    }
+    pub(crate) fn pop(&self) -> Option<T> {
+        self.q.lock().unwrap_or_else(|e| e.into_inner()).pop_front()
+    }
+    pub(crate) fn len(&self) -> usize {
+        self.q.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// Wait on a facade condvar, tolerating poison like [`lock`].
+pub(crate) fn wait<'a, T>(cv: &Condvar, g: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    cv.wait(g).unwrap_or_else(|e| e.into_inner())
+}
+
+/// Lock a facade mutex; a poisoned lock (a panicking holder) is still usable
+/// here because every critical section in `fanout` leaves its data consistent.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
