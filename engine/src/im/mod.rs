@@ -177,6 +177,9 @@ pub struct SyncReply {
     /// Nothing was returned; roam the conversations with [`Im::history`],
     /// then sync again from `first_retained - 1`.
     pub truncated: Option<SeqId>,
+    /// Read-fan-out groups with new entries; only filled once the sync
+    /// timeline is drained (`has_more` false), so that a group that switched
+    /// from write to read fan-out reaches the device in seq order.
     pub groups: Vec<GroupPage>,
 }
 

@@ -163,6 +163,13 @@ pub(crate) fn sync(
         }
         reply.has_more = reply.checkpoint < visible;
     }
+    if reply.has_more || reply.truncated.is_some() {
+        // Groups are served once the sync timeline is drained: a group that
+        // switched to read fan-out may still have earlier (write fan-out)
+        // entries in this user's sync timeline, and a device must get each
+        // conversation's entries in seq order.
+        return Ok(reply);
+    }
     for conv in convs {
         let p = sh.conv_shard(conv);
         let (iv, lo, hi) = {

@@ -728,10 +728,13 @@ fn write_batch(sh: &Shared, p: usize, st: &mut WorkerState, ops: Vec<Op>, extra:
         .collect();
     let mut cat = Vec::new();
     let mut cat_for_op = Vec::with_capacity(ops.len());
+    let mut switches = false;
     for o in &ops {
         let before = cat.len();
         if o.created.is_some() || o.member.is_some() || o.kind == EventKind::Recall {
-            catalog_records(o, read_since_after(sh, p, o), &mut cat);
+            let rs = read_since_after(sh, p, o);
+            switches |= rs != 0 && !is_read_fanout(sh, p, o.conv);
+            catalog_records(o, rs, &mut cat);
         }
         cat_for_op.push(before..cat.len());
     }
@@ -918,6 +921,26 @@ fn write_batch(sh: &Shared, p: usize, st: &mut WorkerState, ops: Vec<Op>, extra:
     if batch.latch.arrive() {
         finish_batch(sh, &batch);
     }
+    if switches {
+        // The conversation turns to read fan-out with this batch: its later
+        // entries are read from the store, so they must not become visible
+        // before this batch's (write fan-out) entries are in every member's
+        // sync timeline, or a device could see them out of order. Rare (once
+        // per group), so the owner simply waits; receiving workers never
+        // wait on it, so this cannot deadlock.
+        while sh.workers[p].window.done() < no {
+            if !flush_outbox(sh, st) {
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        }
+    }
+}
+
+fn is_read_fanout(sh: &Shared, p: usize, conv: ConvId) -> bool {
+    sh.dir.convs[p]
+        .read()
+        .get(&conv)
+        .is_some_and(|c| c.read_since != 0)
 }
 
 fn body_of(o: &Op) -> Body {

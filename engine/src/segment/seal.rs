@@ -54,9 +54,17 @@ pub(crate) fn build_sealed(
     if locs.is_empty() {
         min_ts = 0;
     }
-    // Stable: a timeline's records keep arrival (= seq) order.
-    let mut order: Vec<u32> = (0..locs.len() as u32).collect();
-    order.sort_by_key(|&i| locs.get(i as usize).map(|l| l.timeline).unwrap_or_default());
+    // (timeline, arrival index) pairs are unique, so an unstable sort of the
+    // pairs keeps a timeline's records in arrival (= seq) order; sorting the
+    // keys inline, not indices into `locs`, avoids a cache miss per compare
+    // (this sort was 18% of a small-record sync-keyspace load).
+    let mut keyed: Vec<(u64, u32)> = locs
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.timeline, i as u32))
+        .collect();
+    keyed.sort_unstable();
+    let order: Vec<u32> = keyed.into_iter().map(|(_, i)| i).collect();
 
     let mut entries: Vec<IndexEntry> = Vec::new();
     let mut sparse: Vec<u32> = Vec::new();
