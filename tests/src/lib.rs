@@ -136,3 +136,50 @@ mod tests {
         assert_ne!(payload(0, 7, 3), payload(1, 7, 3));
     }
 }
+
+/// The IM crash test's layout: direct conversations, write-fan-out groups,
+/// read-fan-out groups (more members than [`IM_CRASH_THRESHOLD`]) and one
+/// group whose membership the child keeps changing. `(conv, kind, members)`.
+pub fn im_crash_convs() -> Vec<(u64, timeline_engine::im::ConvKind, Vec<u64>)> {
+    use timeline_engine::im::ConvKind;
+    let mut v = Vec::new();
+    for i in 0..4u64 {
+        v.push((1 + i, ConvKind::Direct, vec![100 + i, 101 + i]));
+    }
+    for i in 0..4u64 {
+        v.push((
+            10 + i,
+            ConvKind::Group,
+            (0..4).map(|k| 100 + i * 2 + k).collect(),
+        ));
+    }
+    for i in 0..2u64 {
+        v.push((
+            20 + i,
+            ConvKind::Group,
+            (0..10).map(|k| 100 + i + k).collect(),
+        ));
+    }
+    v.push((IM_CRASH_CHURN, ConvKind::Group, vec![100, 101, 102]));
+    v
+}
+
+/// Groups above this many members use read fan-out in the IM crash test.
+pub const IM_CRASH_THRESHOLD: usize = 6;
+/// The group whose membership changes while messages are sent.
+pub const IM_CRASH_CHURN: u64 = 30;
+/// Users the churn group adds and removes.
+pub const IM_CRASH_CHURNERS: [u64; 3] = [103, 104, 105];
+
+/// Engine and IM configuration of the IM crash test (child and parent).
+pub fn im_crash_cfg() -> (Config, timeline_engine::im::ImConfig) {
+    let mut c = crash_cfg(true);
+    c.shards = 3;
+    let ic = timeline_engine::im::ImConfig {
+        hybrid_threshold: IM_CRASH_THRESHOLD,
+        durability: timeline_engine::Durability::GroupCommit,
+        max_batch: 64,
+        ..Default::default()
+    };
+    (c, ic)
+}

@@ -21,14 +21,34 @@ const TTL_MS: u64 = 8_000;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Create { conv: u64, members: Vec<u64> },
-    Add { conv: u64, user: u64 },
-    Remove { conv: u64, user: u64 },
-    Send { conv: u64, sender: u64 },
-    Retry { pick: usize },
-    Sync { user: u64, device: usize, limit: usize },
+    Create {
+        conv: u64,
+        members: Vec<u64>,
+    },
+    Add {
+        conv: u64,
+        user: u64,
+    },
+    Remove {
+        conv: u64,
+        user: u64,
+    },
+    Send {
+        conv: u64,
+        sender: u64,
+    },
+    Retry {
+        pick: usize,
+    },
+    Sync {
+        user: u64,
+        device: usize,
+        limit: usize,
+    },
     Restart,
-    Advance { ms: u64 },
+    Advance {
+        ms: u64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -65,13 +85,20 @@ struct MConv {
 
 impl MConv {
     fn current(&self) -> usize {
-        self.members.values().filter(|iv| iv.last().is_some_and(|l| l.1 == u64::MAX)).count()
+        self.members
+            .values()
+            .filter(|iv| iv.last().is_some_and(|l| l.1 == u64::MAX))
+            .count()
     }
     fn is_member(&self, u: u64) -> bool {
-        self.members.get(&u).is_some_and(|iv| iv.last().is_some_and(|l| l.1 == u64::MAX))
+        self.members
+            .get(&u)
+            .is_some_and(|iv| iv.last().is_some_and(|l| l.1 == u64::MAX))
     }
     fn addressed(&self, u: u64, seq: u64) -> bool {
-        self.members.get(&u).is_some_and(|iv| iv.iter().any(|&(a, b)| a <= seq && seq <= b))
+        self.members
+            .get(&u)
+            .is_some_and(|iv| iv.iter().any(|&(a, b)| a <= seq && seq <= b))
     }
     fn next_addressed(&self, u: u64, after: u64) -> Option<u64> {
         (after + 1..=self.entries.len() as u64).find(|&s| self.addressed(u, s))
@@ -119,18 +146,37 @@ impl World {
         self.im.as_ref().unwrap()
     }
 
-    fn accept(&self, user: u64, dev: &mut Device, e: &Entry, roaming: bool) -> Result<(), TestCaseError> {
+    fn accept(
+        &self,
+        user: u64,
+        dev: &mut Device,
+        e: &Entry,
+        roaming: bool,
+    ) -> Result<(), TestCaseError> {
         if matches!(e.body, Body::ReadMarker | Body::DeletedMarker) {
             return Ok(());
         }
         let c = &self.convs[&e.conv];
         let last = dev.last.get(&e.conv).copied().unwrap_or(0);
         if e.conv_seq <= last {
-            prop_assert!(dev.roamed && !roaming, "user {user} got {}/{} twice (last {last})", e.conv, e.conv_seq);
+            prop_assert!(
+                dev.roamed && !roaming,
+                "user {user} got {}/{} twice (last {last})",
+                e.conv,
+                e.conv_seq
+            );
             return Ok(());
         }
         let want = c.next_addressed(user, last);
-        prop_assert_eq!(Some(e.conv_seq), want, "user {} conv {}: after {} got {:?}", user, e.conv, last, e);
+        prop_assert_eq!(
+            Some(e.conv_seq),
+            want,
+            "user {} conv {}: after {} got {:?}",
+            user,
+            e.conv,
+            last,
+            e
+        );
         let m = &c.entries[e.conv_seq as usize - 1];
         let ok = match (m, &e.body) {
             (MEntry::Created, Body::Created { .. }) => true,
@@ -139,18 +185,33 @@ impl World {
             (MEntry::Msg(p), Body::Message(q)) => p == q,
             _ => false,
         };
-        prop_assert!(ok, "content of {}/{}: model {:?}, got {:?}", e.conv, e.conv_seq, m, e.body);
+        prop_assert!(
+            ok,
+            "content of {}/{}: model {:?}, got {:?}",
+            e.conv,
+            e.conv_seq,
+            m,
+            e.body
+        );
         dev.last.insert(e.conv, e.conv_seq);
         Ok(())
     }
 
     fn roam(&self, user: u64, dev: &mut Device) -> Result<(), TestCaseError> {
-        let mut convs: Vec<u64> = self.convs.iter().filter(|(_, c)| c.members.contains_key(&user)).map(|(&k, _)| k).collect();
+        let mut convs: Vec<u64> = self
+            .convs
+            .iter()
+            .filter(|(_, c)| c.members.contains_key(&user))
+            .map(|(&k, _)| k)
+            .collect();
         convs.sort();
         for conv in convs {
             for _ in 0..1000 {
                 let last = dev.last.get(&conv).copied().unwrap_or(0);
-                let page = self.im().history(conv, user, HistoryFrom::After(last), 3).unwrap();
+                let page = self
+                    .im()
+                    .history(conv, user, HistoryFrom::After(last), 3)
+                    .unwrap();
                 for e in &page.entries {
                     self.accept(user, dev, e, true)?;
                 }
@@ -163,7 +224,11 @@ impl World {
     }
 
     fn sync(&mut self, user: u64, device: usize, limit: usize) -> Result<(), TestCaseError> {
-        let mut dev = self.devices.get(&(user, device)).cloned().unwrap_or_default();
+        let mut dev = self
+            .devices
+            .get(&(user, device))
+            .cloned()
+            .unwrap_or_default();
         for _ in 0..10_000 {
             let groups: Vec<(u64, u64)> = dev.last.iter().map(|(&c, &s)| (c, s)).collect();
             let r = self.im().sync(user, dev.cp, limit, &groups).unwrap();
@@ -202,14 +267,21 @@ impl World {
                 let mut ms = members.clone();
                 ms.sort();
                 ms.dedup();
-                let kind = if ms.len() == 2 && conv % 2 == 0 { ConvKind::Direct } else { ConvKind::Group };
+                let kind = if ms.len() == 2 && conv % 2 == 0 {
+                    ConvKind::Direct
+                } else {
+                    ConvKind::Group
+                };
                 let r = self.im().create_conversation(*conv, kind, &ms);
                 if self.convs.contains_key(conv) {
                     prop_assert!(matches!(r, Err(ImError::ConversationExists(_))), "{r:?}");
                     return Ok(());
                 }
                 prop_assert_eq!(r.unwrap(), 1);
-                let mut c = MConv { group: kind == ConvKind::Group, ..Default::default() };
+                let mut c = MConv {
+                    group: kind == ConvKind::Group,
+                    ..Default::default()
+                };
                 c.entries.push(MEntry::Created);
                 for m in ms {
                     c.members.insert(m, vec![(1, u64::MAX)]);
@@ -221,7 +293,11 @@ impl World {
             }
             Op::Add { conv, user } | Op::Remove { conv, user } => {
                 let add = matches!(op, Op::Add { .. });
-                let r = if add { self.im().add_member(*conv, *user) } else { self.im().remove_member(*conv, *user) };
+                let r = if add {
+                    self.im().add_member(*conv, *user)
+                } else {
+                    self.im().remove_member(*conv, *user)
+                };
                 let Some(c) = self.convs.get_mut(conv) else {
                     prop_assert!(matches!(r, Err(ImError::NoSuchConversation(_))), "{r:?}");
                     return Ok(());
@@ -270,11 +346,17 @@ impl World {
                 match self.im().send(conv, sender, cmid, &payload) {
                     Ok(a) => prop_assert_eq!((a.seq, a.duplicate), (seq, true)),
                     // A sender that left can no longer send, not even a retry.
-                    Err(ImError::NotMember { .. }) => prop_assert!(!self.convs[&conv].is_member(sender)),
+                    Err(ImError::NotMember { .. }) => {
+                        prop_assert!(!self.convs[&conv].is_member(sender))
+                    }
                     Err(e) => prop_assert!(false, "retry failed: {e}"),
                 }
             }
-            Op::Sync { user, device, limit } => self.sync(*user, *device, *limit)?,
+            Op::Sync {
+                user,
+                device,
+                limit,
+            } => self.sync(*user, *device, *limit)?,
             Op::Restart => {
                 self.im.take().unwrap().close().unwrap();
                 self.im = Some(open(self.dir.path(), &self.clock));
