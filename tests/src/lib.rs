@@ -120,23 +120,6 @@ pub fn count_files(dir: &Path) -> usize {
     n
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn payload_is_deterministic_and_bounded() {
-        for s in 1..500 {
-            let p = payload(1, 7, s);
-            assert_eq!(p, payload(1, 7, s));
-            let prefix = format!("k1t7s{s}|");
-            assert!(p.starts_with(prefix.as_bytes()));
-            assert!(p.len() < prefix.len() + 300);
-        }
-        assert_ne!(payload(0, 7, 3), payload(1, 7, 3));
-    }
-}
-
 /// The IM crash test's layout: direct conversations, write-fan-out groups,
 /// read-fan-out groups (more members than [`IM_CRASH_THRESHOLD`]) and one
 /// group whose membership the child keeps changing. `(conv, kind, members)`.
@@ -182,4 +165,21 @@ pub fn im_crash_cfg() -> (Config, timeline_engine::im::ImConfig) {
         ..Default::default()
     };
     (c, ic)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_is_deterministic_and_bounded() {
+        for s in 1..500 {
+            let p = payload(1, 7, s);
+            assert_eq!(p, payload(1, 7, s));
+            let prefix = format!("k1t7s{s}|");
+            assert!(p.starts_with(prefix.as_bytes()));
+            assert!(p.len() < prefix.len() + 300);
+        }
+        assert_ne!(payload(0, 7, 3), payload(1, 7, 3));
+    }
 }
