@@ -188,3 +188,56 @@ fn loom_window_never_loses_an_advance() {
         assert!(w.has_room(2 + super::watermark::WINDOW));
     });
 }
+
+#[test]
+fn loom_workers_feeding_each_other_never_deadlock() {
+    // The worker protocol: deliveries to another worker use `try_push`; a
+    // full mailbox keeps the item in a local outbox while the worker keeps
+    // draining its own mailbox. Two workers with capacity-1 mailboxes each
+    // send two items to the other: with blocking pushes both could block on
+    // each other's full mailbox; with the outbox both always finish.
+    use super::mailbox::PushError;
+    model(|| {
+        let sigs = [Arc::new(Signal::default()), Arc::new(Signal::default())];
+        let boxes = Arc::new([
+            Mailbox::new(1, sigs[0].clone()),
+            Mailbox::new(1, sigs[1].clone()),
+        ]);
+        let hs: Vec<_> = (0..2usize)
+            .map(|me| {
+                let (boxes, sig) = (boxes.clone(), sigs[me].clone());
+                thread::spawn(move || {
+                    let other = 1 - me;
+                    let mut outbox: Vec<u32> = vec![2, 1];
+                    let mut got = 0;
+                    while got < 2 || !outbox.is_empty() {
+                        let mut progress = false;
+                        if let Some(x) = outbox.pop() {
+                            match boxes[other].try_push(x) {
+                                Ok(()) => progress = true,
+                                Err(PushError::Full(x)) | Err(PushError::Closed(x)) => {
+                                    outbox.push(x)
+                                }
+                            }
+                        }
+                        while boxes[me].pop().is_some() {
+                            got += 1;
+                            progress = true;
+                        }
+                        boxes[me].made_room();
+                        if !progress {
+                            if outbox.is_empty() {
+                                sig.wait();
+                            } else {
+                                thread::yield_now();
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+    });
+}
