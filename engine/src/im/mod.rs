@@ -330,6 +330,19 @@ fn id_on_shard(engine: &Engine, base: u64, shard: usize) -> u64 {
         .unwrap_or(base)
 }
 
+/// The IM layer's own timelines in `engine` (one catalog and one journal per
+/// shard, in the store keyspace): for tools and fuzzers that damage them.
+pub fn reserved_timelines(engine: &Engine) -> Vec<TimelineId> {
+    (0..engine.shard_count())
+        .flat_map(|p| {
+            [
+                TimelineId::store(id_on_shard(engine, CATALOG_BASE, p)),
+                TimelineId::store(id_on_shard(engine, JOURNAL_BASE, p)),
+            ]
+        })
+        .collect()
+}
+
 fn check_id(what: &str, id: u64) -> Result<()> {
     if id > MAX_ID {
         return Err(ImError::InvalidArgument(format!(
