@@ -5,12 +5,12 @@
 //! ```
 //!
 //! The workloads, units and output fields are defined in the project's
-//! `workload.md`; this binary implements them for `--target engine` (the
+//! `workload.md`; this binary implements them all for `--target engine` (the
 //! engine linked in-process) and, for `append` and `read`, `--target
 //! rocksdb`: RocksDB used as a timeline store (key = timeline id ‖ seq),
 //! the general-purpose KV baseline, built only with the optional `rocksdb`
 //! cargo feature (see `workloads/rocksdb.rs` for the build command, options
-//! and how its figures map onto the engine's). Implemented so far:
+//! and how its figures map onto the engine's). The workloads:
 //!
 //! - **`append` (W1)**: `--messages` appends of `--payload`-byte random
 //!   payloads to `--timelines` timelines (uniform, or Zipf with `--zipf S`),
@@ -39,18 +39,154 @@
 //!   ids `0..--timelines` of `--keyspace` (the engine cannot list timelines,
 //!   so this assumes W1's id space), then spot-checks pages of up to 1,000
 //!   timelines (`errors`).
-//! - `fanout` (W3), `im` (W4), `fanout-sweep` (W5): not implemented yet.
+//! - **`fanout` (W3)**, **`im` (W4)**, **`fanout-sweep` (W5)**: the IM
+//!   workloads, on the IM layer `timeline_engine::im` (`--target engine`
+//!   only), described below.
+//!
+//! # The IM workloads (W3, W4, W5)
+//!
+//! Shared by the three (`workloads/imkit.rs`):
+//!
+//! - **Configuration.** `--durability none|group|sync` is
+//!   `ImConfig::durability` = `Buffered` / `GroupCommit` / `Sync` (the
+//!   durability of every store and sync write, so of an acknowledged send);
+//!   `--entries copy|reference` is `ImConfig::entries`. `--fanout-mode`
+//!   sets `ImConfig::hybrid_threshold` (groups with more members than it use
+//!   read fan-out): `write` = `usize::MAX` (never), `read` = 0 (every group;
+//!   a group's `Created` event, seq 1, is still written to every member,
+//!   read fan-out starts at seq 2), `hybrid` = `--hybrid-threshold` (500).
+//!   Direct (1:1) conversations always use write fan-out.
+//! - **Setup** (untimed, `setup_secs`): the conversations are created by an
+//!   `Im` opened with reference entries, which is then closed and reopened
+//!   with the run's configuration. With copy entries every member's sync
+//!   timeline would get a copy of the `Created` event and its whole member
+//!   list (8 n^2 bytes for an n-member group: 3.2 GB for one group of
+//!   20,000); a group's fan-out mode is recorded at creation and survives the
+//!   reopen. Groups that start in read fan-out are created one at a time
+//!   (see `imkit::setup` for the IM-layer deadlock this avoids).
+//! - **Sends** are `Im::send_async` from `--threads` sender threads, each
+//!   keeping up to `--in-flight` (default 256) sends outstanding; with
+//!   `--rate N` (an extension, messages/s over all threads, 0 = unlimited)
+//!   the senders are paced. `p50_us`/`p99_us`/`p999_us` are per send: from
+//!   the `send_async` call to the sender seeing its ack, and the IM layer
+//!   acks a send only once it is stored and every member's sync entry is
+//!   durable (per `--durability`) and visible, so for write fan-out it is
+//!   "append to visible in the last receiver's sync timeline". Without
+//!   `--rate` the senders saturate the layer and these latencies are mostly
+//!   queueing (about in-flight / throughput).
+//! - **Units.** `ops` = `messages` = messages sent (timed).
+//!   `deliveries` = one per receiving member per message, the sender
+//!   included (its sync timeline gets the entry too, for its other devices),
+//!   taken from the layer's counters: sync entries written plus members
+//!   reached through a read-fan-out group's store timeline
+//!   (`ImStats::sync_writes + read_fanout_deliveries`); W3 and W5 check it
+//!   equals messages x members. `storage_writes_per_message` = (store
+//!   entries + sync entries written) / messages; journal and catalog writes
+//!   are separate (`meta_writes_per_message`). `writes_per_delivery` =
+//!   storage writes / deliveries. `reads_per_delivery` = (sync-timeline
+//!   range reads + store reads + read-fan-out group polls) / messages
+//!   returned to devices, `storage_reads_per_delivery` the same without the
+//!   polls (a poll is answered by an in-memory watermark; the IM layer counts
+//!   it as the read it would be without one). `bytes_written` = engine bytes
+//!   written, both keyspaces, over the timed section (after `Engine::sync`);
+//!   `write_amplification` = bytes written / record bytes appended (the
+//!   engine's definition); `bytes_per_payload_byte` = bytes written /
+//!   (messages x `--payload`), which includes the fan-out.
+//! - **Devices** keep their own checkpoints (sync timeline seq, plus one per
+//!   read-fan-out group) and call `Im::sync`; they start where setup left
+//!   them. Every message a device receives must be the next seq of its
+//!   conversation (no gap, no duplicate), and after the run every checked
+//!   device must end each conversation at exactly 1 + the acknowledged
+//!   sends; `errors` counts violations (and failed sends), and the exit
+//!   status is 2 if there are any.
+//!
+//! **`fanout` (W3).** `--groups` G messages (default 10,000) to groups of
+//! `--fanout` M members (default 200) drawn at random among `--timelines` T
+//! users (default 100,000). min(G, 10,000) groups are created, and message i
+//! goes to group i mod that (so by default each group receives one message;
+//! a larger G reuses them round-robin), from a random member. The timed
+//! section runs from the first send to the last ack; `messages_per_sec` is
+//! group messages/s, `deliveries_per_sec` deliveries/s. Afterwards up to
+//! 1,000 random receivers sync everything from their post-setup checkpoint
+//! and must get exactly their groups' messages (`errors`).
+//!
+//! **`im` (W4).** `--users` U users (default 100,000), each with
+//! `--devices` D devices ("1-3": uniform per user; or "2").
+//! Conversations: U direct (1:1) ones between random pairs (each user in
+//! two on average); U/10 small groups (3-20 members, uniform), U/400 medium
+//! ones (21-500, log-uniform), U/20,000 large ones (at least one; sizes
+//! log-spaced from 501 to 20,000); members at random, sizes capped at U.
+//! Groups above `--hybrid-threshold` H (default 500) use read fan-out.
+//! Activity: each message goes to a direct conversation with probability
+//! 0.65, a small group 0.30, a medium one 0.049, a large one 0.001, and
+//! within the class to a Zipf-chosen conversation (exponent `--zipf`,
+//! default 1.0; the hottest are random ones), from a random member: about
+//! 20 deliveries per message at U = 100,000 (printed on stderr).
+//! `--messages` N (default 2,000,000) are sent (payload: the send time in
+//! the first 8 bytes, then random bytes).
+//! Reads, concurrent with the sends: a device is *online* if it was picked,
+//! in random order, until the online devices' expected share of deliveries
+//! reaches 10 per message sent (so, each online device reading everything
+//! its user receives, the message-level read:write ratio is ~10:1;
+//! `read_write_ratio` reports the measured entries read / messages). An
+//! online device syncs when notified: when a send is acked the sender flags
+//! the online devices of the conversation's members (standing in for a push
+//! notification), and `--threads` device threads sync each flagged device
+//! (pages of 100, following `has_more`). `sync_ops` counts every sync call,
+//! `entries_read` the messages returned. **Visible latency** (`visible_*`):
+//! latency probes are one member of each of the 8 hottest conversations of
+//! each class (their first device); one probe thread syncs them in a tight
+//! loop (20 us pause after a pass that found nothing), so append -> visible
+//! is measured without a poll interval: for every message a probe receives,
+//! now minus the send time carried in the payload, which overstates the true
+//! figure by at most one pass over the probes. **Push latency** (`push_*`):
+//! the first `--push` probe users (extension, default 16, 0 = none) also
+//! subscribe (`Im::subscribe`), one thread each, and record send -> push
+//! received; `push_resyncs` counts overflows. After the run every online
+//! device and 1,000 offline users' first devices catch up and are checked.
+//!
+//! **`fanout-sweep` (W5).** For each size S in `--sizes` (default 2, 5, 10,
+//! 20, 50, 100, 200, 500, 1,000, 2,000, 5,000, 10,000, 20,000) and each mode
+//! (write, read, hybrid; or only `--fanout-mode`), one result line from a
+//! fresh `Im` in a fresh subdirectory (removed after the point unless
+//! `--keep`): max(5,000, S) users, round(4 x users / S) groups of S random
+//! members (so every user is in about 4 groups at every size). Phase A
+//! (timed): `--messages` per point (default: 2,000,000 / S clamped to
+//! 200..=100,000 where the groups use write fan-out, 100,000 where they use
+//! read fan-out, whose cost per message does not grow with S), round-robin over the groups from random members,
+//! pipelined as above: `messages_per_sec`, `deliveries_per_sec`, latency,
+//! `storage_writes_per_message`, bytes. Then 1,000 random *observed* users
+//! (one device each) catch up, untimed: devices read everything and are
+//! checked until 1,000,000 messages were read back, the others move their
+//! checkpoints to the end. Phase B, the read model:
+//! min(200, messages) times, one message is sent to a random group and
+//! acked, then every observed member of that group syncs once (it was
+//! notified) and must receive exactly that message. So each member reads
+//! each message once, and each sync of a user in K groups polls all of its
+//! read-fan-out groups: write fan-out costs one sync-timeline read per
+//! delivery, read fan-out one store read plus K polls. `reads_per_delivery`
+//! and `storage_reads_per_delivery` come from phase B's counters,
+//! `sync_ops_per_sec` is phase B's syncs per second spent in `sync`, and
+//! `read_write_ratio` = reads per message (reads_per_delivery x S, every
+//! member reading) / storage writes per message. `bench/plot_sweep.py`
+//! draws the `--json` lines as an SVG (docs/fanout-sweep.svg).
 //!
 //! Every subcommand accepts the whole flag vocabulary; a flag a workload
 //! does not use is ignored. Engine flags: `--shards` (4), `--segment-mb`
 //! (64, both keyspaces), `--io std|uring|auto`, `--keyspace store|sync`
 //! (where W1/W2 write), `--dir` (default: a fresh directory under /tmp,
-//! removed at the end unless `--keep`; a given `--dir` is never removed).
+//! removed at the end unless `--keep`; a given `--dir` is never removed,
+//! but W5's per-point subdirectories in it are, unless `--keep`).
+//! `--in-flight` defaults to 1 for W1 and 256 for W3-W5. Extensions beyond
+//! `workload.md`'s vocabulary: `--rate` (W3, W4) and `--push` (W4), above.
 //!
-//! Output: a machine line and an aligned table on stdout, or with `--json`
-//! one JSON object per result line and nothing else on stdout (progress goes
-//! to stderr). Every line carries `cores` and `mem_bytes`. Latencies are
-//! measured in nanoseconds and reported in microseconds.
+//! Output: a machine line and an aligned table on stdout (for the IM
+//! workloads a second table: deliveries/s, sync ops/s, writes per message
+//! and per delivery, reads per delivery, read:write ratio, visible and push
+//! latency), or with `--json` one JSON object per result line and nothing
+//! else on stdout (progress goes to stderr). Every line carries `cores` and
+//! `mem_bytes`. Latencies are measured in nanoseconds and reported in
+//! microseconds.
 
 mod report;
 mod sysinfo;
@@ -163,15 +299,26 @@ pub struct Flags {
     pub pipeline: Option<usize>,
     #[arg(long, default_value_t = 100_000)]
     pub timelines: u64,
-    #[arg(long, default_value_t = 2_000_000)]
+    /// Messages to send (W1/W4: total, default 2,000,000; W5: per point,
+    /// default 2,000,000 / group size clamped to 200..=100,000, or 100,000
+    /// for read fan-out).
+    #[arg(long = "messages", value_name = "N")]
+    pub messages_arg: Option<u64>,
+    /// `--messages` resolved with the workload's default (`Flags::resolve`).
+    #[arg(skip)]
     pub messages: u64,
     /// Zipf exponent for timeline choice (uniform if absent).
     #[arg(long)]
     pub zipf: Option<f64>,
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
-    /// Appends in flight per thread (group durability: async tickets).
-    #[arg(long, default_value_t = 1)]
+    /// Appends in flight per thread (W1 with group durability: async
+    /// tickets; default 1), or sends in flight per sender thread (W3, W4, W5;
+    /// default 256).
+    #[arg(long = "in-flight", value_name = "N")]
+    pub in_flight_arg: Option<usize>,
+    /// `--in-flight` resolved with the workload's default.
+    #[arg(skip)]
     pub in_flight: usize,
     #[arg(long, default_value_t = 200_000)]
     pub reads: u64,
@@ -196,6 +343,15 @@ pub struct Flags {
     pub hybrid_threshold: Option<usize>,
     #[arg(long, value_delimiter = ',')]
     pub sizes: Option<Vec<u64>>,
+    /// Extension (W3, W4): total send rate in messages/s over all sender
+    /// threads; 0 = as fast as possible.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Extension (W4): users (of the latency probes) subscribed to push;
+    /// 0 = no subscriber at all (push costs the IM layer work per delivery
+    /// as soon as anyone subscribes).
+    #[arg(long, default_value_t = 16)]
+    pub push: usize,
     /// Engine shards per keyspace (fixed when a directory is created).
     #[arg(long, default_value_t = 4)]
     pub shards: usize,
@@ -239,9 +395,9 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::FanoutSweep(f) => ("fanout-sweep", f),
         Cmd::Reopen(f) => ("reopen", f),
     };
-    if matches!(cli.cmd, Cmd::Fanout(_) | Cmd::Im(_) | Cmd::FanoutSweep(_)) {
-        return Err(format!("{name}: not implemented yet (issue 3)").into());
-    }
+    let mut flags = flags.clone();
+    flags.resolve(&cli.cmd);
+    let flags = &flags;
     let rocksdb_workload = matches!(cli.cmd, Cmd::Append(_) | Cmd::Read(_));
     match flags.target {
         Target::Engine => {}
@@ -271,13 +427,15 @@ fn run(cli: Cli) -> Result<i32> {
     let mut rep = report::Reporter::new(flags.json, machine);
     let errors = match (&cli.cmd, flags.target) {
         #[cfg(feature = "rocksdb")]
-        (Cmd::Append(f), Target::Rocksdb) => workloads::rocksdb::append(f, &mut rep)?,
+        (Cmd::Append(_), Target::Rocksdb) => workloads::rocksdb::append(flags, &mut rep)?,
         #[cfg(feature = "rocksdb")]
-        (Cmd::Read(f), Target::Rocksdb) => workloads::rocksdb::read(f, &mut rep)?,
-        (Cmd::Append(f), _) => workloads::append::run(f, &mut rep)?,
-        (Cmd::Read(f), _) => workloads::read::run(f, &mut rep)?,
-        (Cmd::Reopen(f), _) => workloads::reopen::run(f, &mut rep)?,
-        _ => 0,
+        (Cmd::Read(_), Target::Rocksdb) => workloads::rocksdb::read(flags, &mut rep)?,
+        (Cmd::Append(_), _) => workloads::append::run(flags, &mut rep)?,
+        (Cmd::Read(_), _) => workloads::read::run(flags, &mut rep)?,
+        (Cmd::Reopen(_), _) => workloads::reopen::run(flags, &mut rep)?,
+        (Cmd::Fanout(_), _) => workloads::fanout::run(flags, &mut rep)?,
+        (Cmd::Im(_), _) => workloads::im::run(flags, &mut rep)?,
+        (Cmd::FanoutSweep(_), _) => workloads::sweep::run(flags, &mut rep)?,
     };
     rep.finish();
     if errors > 0 {
@@ -288,6 +446,18 @@ fn run(cli: Cli) -> Result<i32> {
 }
 
 impl Flags {
+    /// Fill in the defaults that depend on the workload.
+    fn resolve(&mut self, cmd: &Cmd) {
+        let im = matches!(cmd, Cmd::Fanout(_) | Cmd::Im(_) | Cmd::FanoutSweep(_));
+        // W5's per-point default depends on the group size: 0 here, and
+        // `workloads::sweep` reads `messages_arg` itself.
+        self.messages = self.messages_arg.unwrap_or(match cmd {
+            Cmd::FanoutSweep(_) => 0,
+            _ => 2_000_000,
+        });
+        self.in_flight = self.in_flight_arg.unwrap_or(if im { 256 } else { 1 });
+    }
+
     fn validate(&self) -> Result<()> {
         if self.threads == 0 || self.batch == 0 || self.in_flight == 0 || self.timelines == 0 {
             return Err(

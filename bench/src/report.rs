@@ -117,6 +117,107 @@ pub struct ResultLine {
     pub read_len: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zipf: Option<f64>,
+    // ---- IM workloads (W3 `fanout`, W4 `im`, W5 `fanout-sweep`) ----
+    /// write / read / hybrid (W3, W5); W4 is always hybrid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fanout_mode: Option<String>,
+    /// copy / reference: what a sync timeline entry holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entries: Option<String>,
+    /// Members per group (W3: `--fanout`; W5: the point's size).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_size: Option<u64>,
+    /// Conversations created (W3, W5: groups; W4: direct + groups).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub groups: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub users: Option<u64>,
+    /// W4: devices over all users.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub devices: Option<u64>,
+    /// W4: devices that sync during the timed section (probes included);
+    /// W5: the observed devices of the read phase.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub online_devices: Option<u64>,
+    /// Groups with more members than this use read fan-out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hybrid_threshold: Option<u64>,
+    /// `--rate`: the target send rate (messages/s), when limited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate: Option<u64>,
+    /// Untimed: creating the conversations and reopening (see `imkit::setup`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub setup_secs: Option<f64>,
+    /// One per receiving member (the sender included) per message: sync
+    /// entries written by write fan-out plus members reached through a
+    /// read-fan-out group's store timeline (ImStats `sync_writes +
+    /// read_fanout_deliveries` over the timed section).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deliveries: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deliveries_per_sec: Option<f64>,
+    /// `Im::sync` calls (W4: timed section, every device; W5: the read phase).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync_ops: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync_ops_per_sec: Option<f64>,
+    /// Messages returned to devices by `sync` (one per device per message).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entries_read: Option<u64>,
+    /// W4: entries_read / messages (message-level read:write, target ~10);
+    /// W5: storage reads per message / storage writes per message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_write_ratio: Option<f64>,
+    /// (store entries + sync entries written) / messages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage_writes_per_message: Option<f64>,
+    /// Journal and catalog writes / messages (bookkeeping, not in the above).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub meta_writes_per_message: Option<f64>,
+    /// (store entries + sync entries written) / deliveries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub writes_per_delivery: Option<f64>,
+    /// (sync reads + store reads + group polls) / entries read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reads_per_delivery: Option<f64>,
+    /// (sync reads + store reads) / entries read: engine reads only, group
+    /// polls (answered by the in-memory watermark) left out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage_reads_per_delivery: Option<f64>,
+    /// ImStats counters over the measured section.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stored: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync_writes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync_reads: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_reads: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_polls: Option<u64>,
+    /// Append (send call) -> visible to a syncing latency-probe device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub visible_p50_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub visible_p99_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub visible_p999_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub visible_max_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub visible_samples: Option<u64>,
+    /// Append (send call) -> push received by a subscribed probe user.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub push_p50_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub push_p99_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub push_p999_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub push_samples: Option<u64>,
+    /// `Push::Resync`s received (pushes dropped for a slow subscriber).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub push_resyncs: Option<u64>,
     pub threads: usize,
     pub payload: usize,
     pub keyspace: String,
@@ -127,17 +228,44 @@ pub struct ResultLine {
     pub mem_bytes: u64,
 }
 
+/// Nanoseconds to microseconds, rounded to the nanosecond.
+fn us(ns: u64) -> f64 {
+    (ns as f64 / 1000.0 * 1000.0).round() / 1000.0
+}
+
 impl ResultLine {
     /// Fill p50/p99/p999/max from a nanosecond histogram.
     pub fn set_latency(&mut self, h: &Histogram<u64>) {
         if h.is_empty() {
             return;
         }
-        let us = |ns: u64| (ns as f64 / 1000.0 * 1000.0).round() / 1000.0;
         self.p50_us = Some(us(h.value_at_quantile(0.5)));
         self.p99_us = Some(us(h.value_at_quantile(0.99)));
         self.p999_us = Some(us(h.value_at_quantile(0.999)));
         self.max_us = Some(us(h.max()));
+    }
+
+    /// Fill the `visible_*` fields from a nanosecond histogram.
+    pub fn set_visible_latency(&mut self, h: &Histogram<u64>) {
+        self.visible_samples = Some(h.len());
+        if h.is_empty() {
+            return;
+        }
+        self.visible_p50_us = Some(us(h.value_at_quantile(0.5)));
+        self.visible_p99_us = Some(us(h.value_at_quantile(0.99)));
+        self.visible_p999_us = Some(us(h.value_at_quantile(0.999)));
+        self.visible_max_us = Some(us(h.max()));
+    }
+
+    /// Fill the `push_*` fields from a nanosecond histogram.
+    pub fn set_push_latency(&mut self, h: &Histogram<u64>) {
+        self.push_samples = Some(h.len());
+        if h.is_empty() {
+            return;
+        }
+        self.push_p50_us = Some(us(h.value_at_quantile(0.5)));
+        self.push_p99_us = Some(us(h.value_at_quantile(0.99)));
+        self.push_p999_us = Some(us(h.value_at_quantile(0.999)));
     }
 
     /// Fill the `disk_*` fields from /proc/self/io counters taken before and
@@ -163,6 +291,12 @@ impl ResultLine {
         }
         if let Some(d) = &self.direction {
             s = format!("{s} {d}");
+        }
+        if let Some(m) = &self.fanout_mode {
+            s = format!("{s} {m}");
+        }
+        if let Some(g) = self.group_size {
+            s = format!("{s} {g}");
         }
         s
     }
@@ -258,32 +392,45 @@ impl Reporter {
                 ]
             })
             .collect();
-        let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
-        for r in &rows {
-            for (i, c) in r.iter().enumerate() {
-                w[i] = w[i].max(c.len());
-            }
-        }
-        let fmt_row = |cells: &[String]| {
-            cells
+        print_table(&head, &rows, 2);
+        if self.lines.iter().any(|l| l.deliveries.is_some()) {
+            println!();
+            let head = [
+                "workload",
+                "deliveries/s",
+                "sync ops/s",
+                "writes/msg",
+                "writes/deliv",
+                "reads/deliv",
+                "R:W",
+                "vis p50",
+                "vis p99",
+                "vis p999",
+                "push p50",
+                "push p99",
+            ];
+            let rows: Vec<Vec<String>> = self
+                .lines
                 .iter()
-                .enumerate()
-                .map(|(i, c)| {
-                    if i < 2 {
-                        format!("{c:<width$}", width = w[i])
-                    } else {
-                        format!("{c:>width$}", width = w[i])
-                    }
+                .filter(|l| l.deliveries.is_some())
+                .map(|l| {
+                    vec![
+                        l.label(),
+                        opt_f(l.deliveries_per_sec, 0),
+                        opt_f(l.sync_ops_per_sec, 0),
+                        opt_f(l.storage_writes_per_message, 2),
+                        opt_f(l.writes_per_delivery, 3),
+                        opt_f(l.reads_per_delivery, 3),
+                        opt_f(l.read_write_ratio, 2),
+                        opt_f(l.visible_p50_us, 1),
+                        opt_f(l.visible_p99_us, 1),
+                        opt_f(l.visible_p999_us, 1),
+                        opt_f(l.push_p50_us, 1),
+                        opt_f(l.push_p99_us, 1),
+                    ]
                 })
-                .collect::<Vec<_>>()
-                .join("  ")
-        };
-        println!(
-            "{}",
-            fmt_row(&head.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-        );
-        for r in &rows {
-            println!("{}", fmt_row(r));
+                .collect();
+            print_table(&head, &rows, 1);
         }
         for l in &self.lines {
             let mut notes = Vec::new();
@@ -312,6 +459,21 @@ impl Reporter {
             if let Some(e) = l.errors {
                 notes.push(format!("errors {e}"));
             }
+            if let Some(d) = l.deliveries {
+                notes.push(format!("deliveries {d}"));
+            }
+            if let (Some(n), Some(e)) = (l.sync_ops, l.entries_read) {
+                notes.push(format!("{n} syncs returned {e} messages"));
+            }
+            if let (Some(v), Some(p)) = (l.visible_samples, l.push_samples) {
+                notes.push(format!(
+                    "latency samples: visible {v}, push {p} ({} resyncs)",
+                    l.push_resyncs.unwrap_or(0)
+                ));
+            }
+            if let Some(s) = l.setup_secs {
+                notes.push(format!("setup {s:.3} s (untimed)"));
+            }
             if let Some(t) = l.timelines_with_data {
                 notes.push(format!("timelines with data {t}"));
             }
@@ -330,5 +492,36 @@ impl Reporter {
                 println!("  {}: {}", l.label(), notes.join(", "));
             }
         }
+    }
+}
+
+/// An aligned table: the first `left` columns left-aligned, the rest right.
+fn print_table(head: &[&str], rows: &[Vec<String>], left: usize) {
+    let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let fmt_row = |cells: &[String]| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i < left {
+                    format!("{c:<width$}", width = w[i])
+                } else {
+                    format!("{c:>width$}", width = w[i])
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    println!(
+        "{}",
+        fmt_row(&head.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    );
+    for r in rows {
+        println!("{}", fmt_row(r));
     }
 }

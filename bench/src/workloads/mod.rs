@@ -2,10 +2,14 @@
 //! timeline choice, payload bytes.
 
 pub mod append;
+pub mod fanout;
+pub mod im;
+pub mod imkit;
 pub mod read;
 pub mod reopen;
 #[cfg(feature = "rocksdb")]
 pub mod rocksdb;
+pub mod sweep;
 
 use crate::report::{new_histogram, ResultLine};
 use crate::{DurabilityArg, Flags, IoArg, KeyspaceArg, Result};

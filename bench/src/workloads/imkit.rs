@@ -1,0 +1,615 @@
+//! What the IM workloads (W3 `fanout`, W4 `im`, W5 `fanout-sweep`) share:
+//! the IM layer's configuration from the flags, conversation setup,
+//! pipelined sends, devices that keep their own checkpoints and check what
+//! `sync` returns, and counter snapshots.
+//!
+//! **Setup** ([`setup`]) is untimed and goes through a detour: the
+//! conversations are created by an `Im` opened with reference entries and
+//! buffered durability, which is closed and reopened with the entries and
+//! durability of the run. The reason is the `Created` event: it carries the
+//! member list and is fanned out (write fan-out, whatever the group's mode:
+//! a read-fan-out group switches at seq 2) to every member's sync timeline,
+//! so with copy entries creating an n-member group writes n copies of an
+//! 8n-byte list, 8n^2 bytes: 3.2 GB for one 20,000-member group, 3.2 GB for
+//! W3's 10,000 groups of 200. With reference entries each copy is a small
+//! `(conversation, seq)` record. The measured sends then use the configured
+//! entry mode; a group's fan-out mode is fixed at creation (the catalog
+//! records it), so reopening keeps it. Devices start at the sync checkpoint
+//! reached after setup (and at seq 1, the `Created` event, in read-fan-out
+//! groups), as a device that saw the group being created would; they never
+//! read the `Created` events.
+
+use super::{durability, engine_config, rng_for};
+use crate::report::ResultLine;
+use crate::{Entries, FanoutMode, Flags, Result};
+use hdrhistogram::Histogram;
+use rand::Rng;
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+use timeline_engine::im::{
+    Body, ConvId, ConvKind, EntryMode, Im, ImConfig, ImError, ImStats, Pending, SendAck, UserId,
+};
+use timeline_engine::{Durability, SeqId, Stats, TimelineId};
+
+/// Threads calling the (blocking) `create_conversation` during setup.
+const SETUP_THREADS: usize = 8;
+/// Most entries one verification sync asks for (the layer's maximum page).
+pub const CATCH_UP_PAGE: usize = 10_000;
+/// Verification errors printed to stderr before going quiet.
+const MAX_PRINTED_ERRORS: u64 = 10;
+
+pub fn entry_mode(flags: &Flags) -> EntryMode {
+    match flags.entries.unwrap_or(Entries::Copy) {
+        Entries::Copy => EntryMode::Copy,
+        Entries::Reference => EntryMode::Reference,
+    }
+}
+
+pub fn entries_name(e: EntryMode) -> &'static str {
+    match e {
+        EntryMode::Copy => "copy",
+        EntryMode::Reference => "reference",
+    }
+}
+
+pub fn mode_name(m: FanoutMode) -> &'static str {
+    match m {
+        FanoutMode::Write => "write",
+        FanoutMode::Read => "read",
+        FanoutMode::Hybrid => "hybrid",
+    }
+}
+
+/// `--hybrid-threshold`, default 500.
+pub fn hybrid_threshold(flags: &Flags) -> usize {
+    flags.hybrid_threshold.unwrap_or(500)
+}
+
+/// The `ImConfig::hybrid_threshold` of a fan-out mode: groups with more
+/// members than it use read fan-out, so `write` = never, `read` = every
+/// group (of at least one member), `hybrid` = `--hybrid-threshold`.
+pub fn threshold_for(mode: FanoutMode, flags: &Flags) -> usize {
+    match mode {
+        FanoutMode::Write => usize::MAX,
+        FanoutMode::Read => 0,
+        FanoutMode::Hybrid => hybrid_threshold(flags),
+    }
+}
+
+/// The IM configuration of a measured run: `--durability` maps to the
+/// durability of every store and sync write the layer makes.
+pub fn im_config(flags: &Flags, threshold: usize) -> ImConfig {
+    ImConfig {
+        hybrid_threshold: threshold,
+        entries: entry_mode(flags),
+        durability: durability(flags),
+        ..ImConfig::default()
+    }
+}
+
+/// A conversation to create.
+pub struct ConvSpec {
+    pub id: ConvId,
+    pub kind: ConvKind,
+    pub members: Vec<UserId>,
+}
+
+/// Create `convs` and reopen (see the module doc); returns the IM layer
+/// configured for the run and the seconds setup took.
+pub fn setup(flags: &Flags, dir: &Path, convs: &[ConvSpec], threshold: usize) -> Result<(Im, f64)> {
+    let t = Instant::now();
+    let setup_cfg = ImConfig {
+        hybrid_threshold: threshold,
+        entries: EntryMode::Reference,
+        durability: Durability::Buffered,
+        ..ImConfig::default()
+    };
+    let im = Im::open(dir, engine_config(flags)?, setup_cfg)?;
+    // Groups created above the threshold switch to read fan-out at seq 2,
+    // and the worker creating one waits until the `Created` event reached
+    // every member (design.md, "Hybrid fan-out"). Two workers waiting like
+    // that at once deadlock (each waits for a delivery the other would
+    // have to write), so those groups are created one at a time, after
+    // the others (which are created by SETUP_THREADS threads at once).
+    let switches = |c: &ConvSpec| c.kind == ConvKind::Group && c.members.len() > threshold;
+    let (read_groups, others): (Vec<&ConvSpec>, Vec<&ConvSpec>) =
+        convs.iter().partition(|c| switches(c));
+    let create = |c: &ConvSpec| -> Result<()> {
+        im.create_conversation(c.id, c.kind, &c.members)
+            .map_err(|e| format!("creating conversation {}: {e}", c.id))?;
+        Ok(())
+    };
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| -> Result<()> {
+        let handles: Vec<_> = (0..SETUP_THREADS)
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(c) = others.get(i) else {
+                            return Ok(());
+                        };
+                        create(c)?;
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join()
+                .unwrap_or_else(|_| Err("setup thread panicked".into()))?;
+        }
+        Ok(())
+    })?;
+    for c in read_groups {
+        create(c)?;
+    }
+    let created = t.elapsed().as_secs_f64();
+    im.close()?;
+    let t2 = Instant::now();
+    let im = Im::open(dir, engine_config(flags)?, im_config(flags, threshold))?;
+    eprintln!(
+        "setup: {} conversations created in {created:.3} s, reopened in {:.3} s",
+        convs.len(),
+        t2.elapsed().as_secs_f64()
+    );
+    Ok((im, t.elapsed().as_secs_f64()))
+}
+
+/// `n` distinct random users of `0..users`.
+pub fn random_members(rng: &mut impl Rng, users: u64, n: usize) -> Vec<UserId> {
+    rand::seq::index::sample(rng, users as usize, n)
+        .into_iter()
+        .map(|u| u as UserId)
+        .collect()
+}
+
+/// Nanoseconds since `base`, the run's shared clock origin.
+#[inline]
+pub fn ns_since(base: Instant) -> u64 {
+    base.elapsed().as_nanos() as u64
+}
+
+/// Write the send time into a payload's first 8 bytes.
+#[inline]
+pub fn stamp(payload: &mut [u8], ns: u64) {
+    if let Some(h) = payload.get_mut(..8) {
+        h.copy_from_slice(&ns.to_le_bytes());
+    }
+}
+
+/// The send time a payload carries.
+#[inline]
+pub fn stamp_of(payload: &[u8]) -> Option<u64> {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(payload.get(..8)?);
+    Some(u64::from_le_bytes(a))
+}
+
+/// Counts verification errors, printing the first few.
+#[derive(Default)]
+pub struct Errors {
+    n: AtomicU64,
+}
+
+impl Errors {
+    pub fn report(&self, what: &str, msg: impl FnOnce() -> String) {
+        if self.n.fetch_add(1, Ordering::Relaxed) < MAX_PRINTED_ERRORS {
+            eprintln!("{what} error: {}", msg());
+        }
+    }
+    pub fn count(&self) -> u64 {
+        self.n.load(Ordering::Relaxed)
+    }
+}
+
+/// One sender thread's sends in flight. Latency is from the `send_async`
+/// call to the moment the sender sees the ack: the sender looks for acks
+/// (all of them, not only the oldest) whenever its window is full, or
+/// before it sleeps when rate-limited, so a figure can overstate the true
+/// ack time by the time it takes to issue one send.
+pub struct Inflight {
+    q: VecDeque<(Instant, usize, Pending<SendAck>)>,
+    cap: usize,
+}
+
+impl Inflight {
+    pub fn new(cap: usize) -> Self {
+        Inflight {
+            q: VecDeque::with_capacity(cap.max(1)),
+            cap: cap.max(1),
+        }
+    }
+
+    pub fn push(&mut self, t0: Instant, tag: usize, p: Pending<SendAck>) {
+        self.q.push_back((t0, tag, p));
+    }
+
+    /// Make room for one more send: collect every ack that is there; if
+    /// the window is still full, wait for the oldest.
+    pub fn make_room(
+        &mut self,
+        hist: &mut Histogram<u64>,
+        done: &mut impl FnMut(usize, std::result::Result<SendAck, ImError>),
+    ) {
+        if self.q.len() < self.cap {
+            return;
+        }
+        self.collect_ready(hist, done);
+        if self.q.len() >= self.cap {
+            if let Some((t0, tag, p)) = self.q.pop_front() {
+                let r = p.wait();
+                hist.saturating_record(t0.elapsed().as_nanos() as u64);
+                done(tag, r);
+            }
+        }
+    }
+
+    /// Take every ack that is already there.
+    pub fn collect_ready(
+        &mut self,
+        hist: &mut Histogram<u64>,
+        done: &mut impl FnMut(usize, std::result::Result<SendAck, ImError>),
+    ) {
+        let now = Instant::now();
+        self.q.retain(|(t0, tag, p)| match p.try_wait() {
+            Some(r) => {
+                hist.saturating_record(now.duration_since(*t0).as_nanos() as u64);
+                done(*tag, r);
+                false
+            }
+            None => true,
+        });
+    }
+
+    /// Wait for every send still in flight.
+    pub fn drain(
+        &mut self,
+        hist: &mut Histogram<u64>,
+        done: &mut impl FnMut(usize, std::result::Result<SendAck, ImError>),
+    ) {
+        while let Some((t0, tag, p)) = self.q.pop_front() {
+            let r = p.wait();
+            hist.saturating_record(t0.elapsed().as_nanos() as u64);
+            done(tag, r);
+        }
+    }
+}
+
+/// Paces one sender thread at `per_sec` messages/s (0: no pacing): message
+/// `k` is due at `start + k / per_sec`; a sender behind schedule sends at
+/// once (bursts), one ahead sleeps.
+pub struct Pacer {
+    start: Instant,
+    interval_ns: f64,
+}
+
+impl Pacer {
+    pub fn new(per_sec: f64) -> Self {
+        Pacer {
+            start: Instant::now(),
+            interval_ns: if per_sec > 0.0 { 1e9 / per_sec } else { 0.0 },
+        }
+    }
+
+    pub fn limited(&self) -> bool {
+        self.interval_ns > 0.0
+    }
+
+    /// How long until message `k` is due (zero if it is).
+    pub fn wait_for(&self, k: u64) -> std::time::Duration {
+        let due = std::time::Duration::from_nanos((k as f64 * self.interval_ns) as u64);
+        due.saturating_sub(self.start.elapsed())
+    }
+}
+
+/// What a device did in one or more syncs.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SyncCount {
+    pub calls: u64,
+    /// Messages returned.
+    pub entries: u64,
+}
+
+impl std::ops::AddAssign for SyncCount {
+    fn add_assign(&mut self, o: SyncCount) {
+        self.calls += o.calls;
+        self.entries += o.entries;
+    }
+}
+
+/// A device: the only state is its own checkpoints, as a client keeps them
+/// (the server keeps none). It checks that every conversation's messages
+/// arrive in seq order with no gap and no duplicate.
+#[derive(Debug, Clone)]
+pub struct Device {
+    pub user: UserId,
+    /// Sync timeline checkpoint.
+    pub cp: SeqId,
+    /// Checkpoints in the user's read-fan-out groups.
+    pub groups: Vec<(ConvId, SeqId)>,
+    /// Last seq seen per conversation, sorted by conversation.
+    pub last: Vec<(ConvId, SeqId)>,
+}
+
+impl Device {
+    /// A device of `user` that has seen everything up to now: the sync
+    /// timeline's last seq, and the `Created` event (seq 1) of each of
+    /// `convs`; `read_groups` are those of them that use read fan-out.
+    pub fn caught_up(im: &Im, user: UserId, convs: &[ConvId], read_groups: &[ConvId]) -> Device {
+        let mut last: Vec<(ConvId, SeqId)> = convs.iter().map(|&c| (c, 1)).collect();
+        last.sort_unstable();
+        last.dedup();
+        Device {
+            user,
+            cp: im.engine().last_seq(TimelineId::sync(user)),
+            groups: read_groups.iter().map(|&c| (c, 1)).collect(),
+            last,
+        }
+    }
+
+    /// Sync until nothing more is pending, `limit` entries per page (each
+    /// page is one `sync` call); `on_msg` sees each message's payload.
+    pub fn sync(
+        &mut self,
+        im: &Im,
+        limit: usize,
+        errors: &Errors,
+        mut on_msg: impl FnMut(&[u8]),
+    ) -> Result<SyncCount> {
+        let mut n = SyncCount::default();
+        loop {
+            let r = im.sync(self.user, self.cp, limit, &self.groups)?;
+            n.calls += 1;
+            if let Some(first) = r.truncated {
+                errors.report("sync", || {
+                    format!(
+                        "user {}: checkpoint {} truncated (first retained {first})",
+                        self.user, self.cp
+                    )
+                });
+                return Ok(n);
+            }
+            let mut more = r.has_more;
+            for e in &r.entries {
+                self.take(
+                    e.entry.conv,
+                    e.entry.conv_seq,
+                    &e.entry.body,
+                    errors,
+                    &mut n,
+                    &mut on_msg,
+                );
+            }
+            if r.checkpoint > self.cp {
+                self.cp = r.checkpoint;
+            }
+            for g in &r.groups {
+                for e in &g.entries {
+                    self.take(g.conv, e.conv_seq, &e.body, errors, &mut n, &mut on_msg);
+                }
+                match self.groups.iter_mut().find(|x| x.0 == g.conv) {
+                    Some(x) => x.1 = x.1.max(g.checkpoint),
+                    None => self.groups.push((g.conv, g.checkpoint)),
+                }
+                more |= g.has_more;
+            }
+            if !more || limit == 0 {
+                return Ok(n);
+            }
+        }
+    }
+
+    fn take(
+        &mut self,
+        conv: ConvId,
+        seq: SeqId,
+        body: &Body,
+        errors: &Errors,
+        n: &mut SyncCount,
+        on_msg: &mut impl FnMut(&[u8]),
+    ) {
+        let user = self.user;
+        let Body::Message(p) = body else {
+            let kind = match body {
+                Body::Created { .. } => "Created",
+                Body::MemberAdded(_) => "MemberAdded",
+                Body::MemberRemoved(_) => "MemberRemoved",
+                Body::Recall { .. } => "Recall",
+                Body::Recalled => "Recalled",
+                Body::Deleted => "Deleted",
+                Body::ReadMarker => "ReadMarker",
+                Body::DeletedMarker => "DeletedMarker",
+                Body::Message(_) => "Message",
+            };
+            errors.report("sync", || {
+                format!("user {user}: unexpected {kind} entry {conv}/{seq}")
+            });
+            return;
+        };
+        match self.last.binary_search_by_key(&conv, |x| x.0) {
+            Ok(i) => {
+                let last = self.last[i].1;
+                if seq != last + 1 {
+                    errors.report("sync", || {
+                        format!(
+                            "user {user}: conversation {conv} seq {seq} after {last} ({})",
+                            if seq <= last { "duplicate" } else { "gap" }
+                        )
+                    });
+                }
+                self.last[i].1 = last.max(seq);
+            }
+            Err(_) => errors.report("sync", || {
+                format!("user {user}: message {conv}/{seq} of a conversation it is not in")
+            }),
+        }
+        n.entries += 1;
+        on_msg(p);
+    }
+
+    /// Skip to now without reading: the sync timeline's last seq, and
+    /// `1 + acked` in every conversation (what a full catch-up reaches).
+    pub fn fast_forward(&mut self, im: &Im, acked: &[AtomicU64]) {
+        let end = |c: ConvId| {
+            1 + acked
+                .get(c as usize)
+                .map_or(0, |a| a.load(Ordering::Relaxed))
+        };
+        self.cp = im.engine().last_seq(TimelineId::sync(self.user));
+        for g in &mut self.groups {
+            g.1 = end(g.0);
+        }
+        for l in &mut self.last {
+            l.1 = end(l.0);
+        }
+    }
+
+    /// After a full catch-up: every conversation must end at `1 + acked`.
+    pub fn check_complete(&self, acked: &[AtomicU64], errors: &Errors) {
+        for &(conv, last) in &self.last {
+            let want = 1 + acked
+                .get(conv as usize)
+                .map_or(0, |a| a.load(Ordering::Relaxed));
+            if last != want {
+                errors.report("verify", || {
+                    format!(
+                        "user {}: conversation {conv} ends at seq {last}, expected {want}",
+                        self.user
+                    )
+                });
+            }
+        }
+    }
+}
+
+/// Counter snapshot: the IM layer's and the engine's.
+pub struct Snap {
+    pub im: ImStats,
+    pub eng: Stats,
+}
+
+pub fn snap(im: &Im) -> Snap {
+    Snap {
+        im: im.stats(),
+        eng: im.engine().stats(),
+    }
+}
+
+/// Counters between two snapshots.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Delta {
+    pub stored: u64,
+    pub messages: u64,
+    pub sync_writes: u64,
+    pub read_fanout_deliveries: u64,
+    pub sync_reads: u64,
+    pub store_reads: u64,
+    pub group_polls: u64,
+    pub meta_writes: u64,
+    pub bytes_written: u64,
+    pub record_bytes: u64,
+    pub fsyncs: u64,
+}
+
+impl Delta {
+    pub fn between(a: &Snap, b: &Snap) -> Delta {
+        let (x, y) = (&a.im, &b.im);
+        let (ea, eb) = (a.eng.total(), b.eng.total());
+        Delta {
+            stored: y.stored - x.stored,
+            messages: y.messages - x.messages,
+            sync_writes: y.sync_writes - x.sync_writes,
+            read_fanout_deliveries: y.read_fanout_deliveries - x.read_fanout_deliveries,
+            sync_reads: y.sync_reads - x.sync_reads,
+            store_reads: y.store_reads - x.store_reads,
+            group_polls: y.group_polls - x.group_polls,
+            meta_writes: y.meta_writes - x.meta_writes,
+            bytes_written: eb.bytes_written.saturating_sub(ea.bytes_written),
+            record_bytes: eb.record_bytes.saturating_sub(ea.record_bytes),
+            fsyncs: eb.fsyncs.saturating_sub(ea.fsyncs),
+        }
+    }
+
+    /// One per receiving member per message (the sender included).
+    pub fn deliveries(&self) -> u64 {
+        self.sync_writes + self.read_fanout_deliveries
+    }
+
+    /// Store entries plus sync entries written.
+    pub fn storage_writes(&self) -> u64 {
+        self.stored + self.sync_writes
+    }
+
+    /// Read operations a sync issued (group polls included).
+    pub fn reads(&self) -> u64 {
+        self.sync_reads + self.store_reads + self.group_polls
+    }
+}
+
+pub fn ratio(a: u64, b: u64) -> Option<f64> {
+    (b > 0).then(|| round4(a as f64 / b as f64))
+}
+
+pub fn round4(x: f64) -> f64 {
+    (x * 10_000.0).round() / 10_000.0
+}
+
+/// The fields every IM result line shares, on top of `base_line`.
+pub fn im_line(flags: &Flags, workload: &str, im: &Im) -> ResultLine {
+    let mut l = super::base_line(flags, workload, im.engine());
+    l.keyspace = "store+sync".into();
+    l.regroup = None;
+    l.timelines = None;
+    l.zipf = None;
+    l.entries = Some(entries_name(im.config().entries).into());
+    l.in_flight = Some(flags.in_flight);
+    l
+}
+
+/// Check the layer counted `messages` messages.
+pub fn check_messages(d: &Delta, messages: u64, errors: &Errors) {
+    if d.messages != messages {
+        errors.report("verify", || {
+            format!(
+                "the IM layer counted {} messages, {messages} were sent",
+                d.messages
+            )
+        });
+    }
+}
+
+/// Fill the write-side fields from the counters of the timed section
+/// (taken after `Engine::sync`): messages, deliveries, storage writes,
+/// bytes, write amplification.
+pub fn set_write_fields(l: &mut ResultLine, d: &Delta, messages: u64, secs: f64, payload: usize) {
+    let rate = super::append::rate;
+    l.ops = messages;
+    l.secs = secs;
+    l.ops_per_sec = rate(messages, secs);
+    l.messages = Some(messages);
+    l.messages_per_sec = Some(rate(messages, secs));
+    l.deliveries = Some(d.deliveries());
+    l.deliveries_per_sec = Some(rate(d.deliveries(), secs));
+    l.storage_writes_per_message = ratio(d.storage_writes(), messages);
+    l.meta_writes_per_message = ratio(d.meta_writes, messages);
+    l.writes_per_delivery = ratio(d.storage_writes(), d.deliveries());
+    l.stored = Some(d.stored);
+    l.sync_writes = Some(d.sync_writes);
+    let payload_bytes = messages * payload as u64;
+    l.payload_bytes = Some(payload_bytes);
+    l.bytes_written = Some(d.bytes_written);
+    l.bytes_written_total = Some(d.bytes_written);
+    l.record_bytes = Some(d.record_bytes);
+    l.write_amplification =
+        ratio(d.bytes_written, d.record_bytes).map(|x| (x * 1000.0).round() / 1000.0);
+    l.bytes_per_payload_byte =
+        ratio(d.bytes_written, payload_bytes).map(|x| (x * 1000.0).round() / 1000.0);
+    l.fsyncs = Some(d.fsyncs);
+}
+
+/// A per-thread RNG for IM setup and senders (streams apart from W1/W2's).
+pub fn rng(seed: u64, stream: u64) -> rand::rngs::SmallRng {
+    rng_for(seed, 0x1_0000 + stream)
+}
