@@ -52,8 +52,7 @@ fn direct_conversation_syncs_both_users_and_their_devices() {
                 1,
                 1,
                 Body::Created {
-                    kind: ConvKind::Direct,
-                    members: vec![10, 20]
+                    kind: ConvKind::Direct
                 }
             ),
             (1, 2, Body::Message(b"hello".to_vec())),
@@ -278,4 +277,34 @@ fn push_reaches_two_devices_and_overflow_asks_for_resync() {
     assert_eq!(got.len(), 5, "{got:?}");
     assert_eq!(got[4], Push::Resync);
     im.close().unwrap();
+}
+
+/// Regression: a worker that created a group above the hybrid threshold
+/// waited for that batch's fan-out without delivering what other workers
+/// sent it, so two workers doing so at once waited on each other forever
+/// (found by the W3 benchmark with 8 threads creating read-fan-out groups).
+#[test]
+fn concurrent_switches_to_read_fanout_do_not_deadlock() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg();
+    c.shards = 4;
+    let im = std::sync::Arc::new(Im::open(dir.path(), c, im_cfg(2)).unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    for t in 0..8u64 {
+        let (im, tx) = (im.clone(), tx.clone());
+        std::thread::spawn(move || {
+            for g in 0..25u64 {
+                let conv = 1000 + t * 100 + g;
+                let members: Vec<u64> = (0..6).map(|k| (t * 7 + g * 13 + k * 101) % 300).collect();
+                im.create_conversation(conv, ConvKind::Group, &members)
+                    .unwrap();
+                im.send(conv, members[0], 1, b"x").unwrap();
+            }
+            tx.send(()).unwrap();
+        });
+    }
+    for _ in 0..8 {
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("workers deadlocked");
+    }
 }

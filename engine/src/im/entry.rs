@@ -142,6 +142,27 @@ impl<'a> StoreEntry<'a> {
     }
 }
 
+/// The initial members in a `Created` record's body (whole `u64`s only).
+pub fn created_members(body: &[u8]) -> Vec<UserId> {
+    body.chunks_exact(8)
+        .map(|c| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(c);
+            u64::from_le_bytes(a)
+        })
+        .collect()
+}
+
+/// The body a sync copy of `e` carries: all of it, except a `Created`
+/// record's member list (O(members) bytes in each of O(members) timelines).
+pub fn sync_body<'a>(e: &StoreEntry<'a>) -> &'a [u8] {
+    if e.kind == EventKind::Created {
+        &[]
+    } else {
+        e.body
+    }
+}
+
 /// A record of a user's sync timeline:
 /// `tag:u8 conv:u64 seq:u64` then, for tag 1 (copy), `ts_ms:u64` and the
 /// conversation's [`StoreEntry`] bytes. Tags: 1 copy, 2 reference (read the

@@ -114,9 +114,11 @@ pub enum Body {
     Recalled,
     /// A message this user deleted for itself.
     Deleted,
+    /// The conversation was created. Its first members are in the store
+    /// record (and in [`Im::members`]); entries leave the list out, since
+    /// copying it into every member's sync timeline would cost O(members²).
     Created {
         kind: ConvKind,
-        members: Vec<UserId>,
     },
     MemberAdded(UserId),
     MemberRemoved(UserId),
@@ -128,16 +130,6 @@ pub enum Body {
     ReadMarker,
     /// Sync only: the user deleted message `conv_seq` for itself.
     DeletedMarker,
-}
-
-impl Body {
-    /// The members of a `Created` body.
-    pub(crate) fn created_members(&self) -> Option<Vec<UserId>> {
-        match self {
-            Body::Created { members, .. } => Some(members.clone()),
-            _ => None,
-        }
-    }
 }
 
 /// One conversation entry.

@@ -20,15 +20,6 @@ pub(crate) fn body_of(e: &StoreEntry<'_>) -> Body {
         EventKind::Message => Body::Message(e.body.to_vec()),
         EventKind::Created => Body::Created {
             kind: ConvKind::from_u8(e.arg as u8).unwrap_or(ConvKind::Group),
-            members: e
-                .body
-                .chunks_exact(8)
-                .map(|c| {
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(c);
-                    u64::from_le_bytes(a)
-                })
-                .collect(),
         },
         EventKind::MemberAdded => Body::MemberAdded(e.arg),
         EventKind::MemberRemoved => Body::MemberRemoved(e.arg),
@@ -138,16 +129,17 @@ pub(crate) fn sync(
     };
     if checkpoint < visible {
         let tl = TimelineId::sync(user);
-        let first = sh.engine.first_retained_seq(tl)?;
-        if checkpoint + 1 < first {
-            reply.truncated = Some(first);
-            reply.has_more = true;
-        } else if limit > 0 {
+        // No up-front `first_retained_seq` (it walks the timeline's chain
+        // back through its segments): a forward scan from below what the TTL
+        // kept fails with `Truncated` and says where the data starts.
+        if limit > 0 {
             let n = (visible - checkpoint).min(limit as u64) as usize;
             bump(&sh.stats.sync_reads, 1);
             match sh.engine.scan(tl, checkpoint + 1, n, Direction::Forward) {
                 Err(Error::Truncated { first_retained, .. }) => {
                     reply.truncated = Some(first_retained);
+                    reply.has_more = true;
+                    return Ok(reply);
                 }
                 r => {
                     for rec in r? {

@@ -208,7 +208,10 @@ fn complete(sh: &Shared, p: usize, pending: &[PendingBatch]) -> Result<()> {
                     conv: o.conv,
                     seq: o.seq,
                     ts_ms: rec.timestamp_ms,
-                    entry: se,
+                    entry: StoreEntry {
+                        body: super::entry::sync_body(&se),
+                        ..se
+                    },
                 },
                 EntryMode::Reference => SyncRecord::Ref {
                     conv: o.conv,
@@ -288,9 +291,7 @@ fn repair_catalog(sh: &Shared, p: usize, o: &IntentOp, se: &StoreEntry<'_>) -> R
             EventKind::Created if c.is_none() => {
                 let kind = super::entry::ConvKind::from_u8(o.arg as u8)
                     .unwrap_or(super::entry::ConvKind::Group);
-                let members: Vec<UserId> = super::read::body_of(se)
-                    .created_members()
-                    .unwrap_or_default();
+                let members: Vec<UserId> = super::entry::created_members(se.body);
                 let rs = if kind == super::entry::ConvKind::Group && members.len() > t {
                     o.seq + 1
                 } else {

@@ -19,7 +19,7 @@
 
 use super::directory::{self, covers, is_current};
 use super::entry::{
-    CatalogRecord, ConvKind, EventKind, IntentOp, JournalRecord, StoreEntry, SyncRecord,
+    self, CatalogRecord, ConvKind, EventKind, IntentOp, JournalRecord, StoreEntry, SyncRecord,
 };
 use super::subscribe::Push;
 use super::{
@@ -842,13 +842,14 @@ fn write_batch(sh: &Shared, p: usize, st: &mut WorkerState, ops: Vec<Op>, extra:
             let mut rb = Vec::new();
             match sh.cfg.entries {
                 EntryMode::Copy => {
-                    let se = StoreEntry::decode(b).unwrap_or(StoreEntry {
+                    let mut se = StoreEntry::decode(b).unwrap_or(StoreEntry {
                         kind: o.kind,
                         sender: o.sender,
                         cmid: o.cmid,
                         arg: o.arg,
                         body: &o.body,
                     });
+                    se.body = entry::sync_body(&se);
                     SyncRecord::Copy {
                         conv: o.conv,
                         seq: o.seq,
@@ -926,10 +927,26 @@ fn write_batch(sh: &Shared, p: usize, st: &mut WorkerState, ops: Vec<Op>, extra:
         // entries are read from the store, so they must not become visible
         // before this batch's (write fan-out) entries are in every member's
         // sync timeline, or a device could see them out of order. Rare (once
-        // per group), so the owner simply waits; receiving workers never
-        // wait on it, so this cannot deadlock.
-        while sh.workers[p].window.done() < no {
-            if !flush_outbox(sh, st) {
+        // per group), so the owner waits, but keeps flushing its outbox and
+        // delivering what other workers send it: two workers waiting like
+        // this at once each need the other's deliveries (a deadlock the
+        // W3 benchmark found when the wait only flushed the outbox).
+        let me = &sh.workers[p];
+        let mut dels = Vec::new();
+        while me.window.done() < no {
+            let mut progress = flush_outbox(sh, st);
+            while dels.len() < 256 {
+                match me.deliveries.pop() {
+                    Some(d) => dels.push(d),
+                    None => break,
+                }
+            }
+            if !dels.is_empty() {
+                me.deliveries.made_room();
+                deliver(sh, p, &mut dels);
+                progress = true;
+            }
+            if !progress {
                 std::thread::sleep(Duration::from_micros(20));
             }
         }
@@ -948,7 +965,6 @@ fn body_of(o: &Op) -> Body {
         EventKind::Message => Body::Message(o.body.clone()),
         EventKind::Created => Body::Created {
             kind: o.created.as_ref().map_or(ConvKind::Group, |c| c.0),
-            members: o.created.as_ref().map_or_else(Vec::new, |c| c.1.clone()),
         },
         EventKind::MemberAdded => Body::MemberAdded(o.arg),
         EventKind::MemberRemoved => Body::MemberRemoved(o.arg),
