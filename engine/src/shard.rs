@@ -46,7 +46,7 @@ struct Writer {
     pending: HashMap<u32, (u64, Pos, u32)>,
     /// (slot, seq, offset, next anchor) to publish once the bytes are written.
     updates: Vec<(u32, u64, u32, u32)>,
-    idxs: Vec<u32>,
+    idxs: Vec<(u32, (u64, Pos, u32))>,
 }
 
 pub(crate) struct Shard {
@@ -188,7 +188,7 @@ impl Shard {
         let mut idxs = std::mem::take(&mut w.idxs);
         let mut payload_bytes = 0u64;
         self.table
-            .resolve_batch(items.iter().map(|(id, _)| *id), &mut idxs);
+            .resolve_batch_state(items.iter().map(|(id, _)| *id), &mut idxs);
         for (k, &(id, payload)) in items.iter().enumerate() {
             let rl = record::encoded_len(payload.len());
             if cursor + rl > w.active.buf.capacity() {
@@ -204,11 +204,13 @@ impl Shard {
                     });
                 }
             }
-            let idx = idxs[k];
+            let (idx, state) = idxs[k];
             let gen = w.active.gen;
+            // A timeline appended to earlier in this batch: its state is
+            // still pending (the table is updated after the flush).
             let (last, prev_pos, next_anchor) = match w.pending.get(&idx) {
                 Some(&p) => p,
-                None => self.table.with(idx, |m| m.writer_state()),
+                None => state,
             };
             // Only a forged checkpoint or index could put a timeline at the
             // end of the seq space; refuse rather than wrap.

@@ -9,6 +9,11 @@ use super::{ConvId, UserId};
 use crate::fanout::watermark::Watermark;
 use hashbrown::{HashMap, HashSet};
 use parking_lot::RwLock;
+use std::sync::Arc;
+
+/// A current member and its sync timeline's watermark (shared with its
+/// [`User`]: a delivery publishes through it without a map lookup).
+pub(crate) type Recipient = (UserId, Arc<Watermark>);
 
 /// A member's stays in a conversation: `[join, leave]` seq ranges, inclusive
 /// (a member receives its own join and removal events); `leave` is
@@ -31,8 +36,9 @@ pub(crate) struct Conv {
     /// 0: write fan-out; else read fan-out from this seq on (a group that
     /// grew past the hybrid threshold; it never switches back).
     pub read_since: u64,
-    /// Current members grouped by the shard of their sync timeline.
-    pub recipients: Vec<Vec<UserId>>,
+    /// Current members grouped by the shard of their sync timeline; a
+    /// delivery holds the `Arc` (copy-on-write on membership changes).
+    pub recipients: Vec<Arc<Vec<Recipient>>>,
     /// Store seqs at or below this are durable and fanned out to the store.
     pub visible: Watermark,
     pub recalled: HashSet<u64>,
@@ -45,7 +51,7 @@ impl Conv {
             members: HashMap::new(),
             current: 0,
             read_since: 0,
-            recipients: vec![Vec::new(); shards],
+            recipients: vec![Arc::new(Vec::new()); shards],
             visible: Watermark::new(0),
             recalled: HashSet::new(),
         }
@@ -71,9 +77,11 @@ impl Conv {
 #[derive(Default)]
 pub(crate) struct User {
     /// Sync seqs at or below this are durable and may be returned.
-    pub visible: Watermark,
+    pub visible: Arc<Watermark>,
     /// Every conversation the user was ever in, in join order.
     pub convs: Vec<ConvId>,
+    /// The read-fan-out groups among them (each sync polls these only).
+    pub read_groups: Vec<ConvId>,
     pub read: HashMap<ConvId, u64>,
     pub deleted: HashSet<(ConvId, u64)>,
 }
@@ -112,17 +120,22 @@ pub(crate) fn apply_member(
         let first = iv.is_empty();
         iv.push((at, u64::MAX));
         conv.current += 1;
-        conv.recipients[user_shard].push(user);
-        if first {
-            users.write().entry(user).or_default().convs.push(conv_id);
-        }
+        let wm = {
+            let mut g = users.write();
+            let u = g.entry(user).or_default();
+            if first {
+                u.convs.push(conv_id);
+            }
+            u.visible.clone()
+        };
+        Arc::make_mut(&mut conv.recipients[user_shard]).push((user, wm));
     } else {
         match iv.last_mut() {
             Some(last) if last.1 == u64::MAX => last.1 = at,
             _ => return false,
         }
         conv.current -= 1;
-        conv.recipients[user_shard].retain(|&u| u != user);
+        Arc::make_mut(&mut conv.recipients[user_shard]).retain(|r| r.0 != user);
     }
     true
 }

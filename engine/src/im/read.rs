@@ -124,7 +124,7 @@ pub(crate) fn sync(
         ..Default::default()
     };
     let (visible, convs, deleted_any) = match sh.dir.users[q].read().get(&user) {
-        Some(u) => (u.visible.get(), u.convs.clone(), !u.deleted.is_empty()),
+        Some(u) => (u.visible.get(), u.read_groups.clone(), !u.deleted.is_empty()),
         None => return Ok(reply),
     };
     if checkpoint < visible {
@@ -320,7 +320,11 @@ pub(crate) fn members(sh: &Shared, conv: ConvId) -> Result<Vec<UserId>> {
     let p = sh.conv_shard(conv);
     let g = sh.dir.convs[p].read();
     let c = g.get(&conv).ok_or(ImError::NoSuchConversation(conv))?;
-    let mut v: Vec<UserId> = c.recipients.iter().flatten().copied().collect();
+    let mut v: Vec<UserId> = c
+        .recipients
+        .iter()
+        .flat_map(|v| v.iter().map(|r| r.0))
+        .collect();
     v.sort_unstable();
     Ok(v)
 }

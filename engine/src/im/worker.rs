@@ -135,7 +135,7 @@ pub(crate) struct Delivery {
 
 struct Item {
     record: Arc<Vec<u8>>,
-    recipients: Vec<UserId>,
+    recipients: Arc<Vec<directory::Recipient>>,
     /// For push (built only while someone is subscribed).
     entry: Option<Arc<Entry>>,
 }
@@ -675,8 +675,21 @@ pub(crate) fn apply_op(sh: &Shared, p: usize, op_conv: ConvId, rec: &CatalogReco
                 .or_insert_with(|| directory::Conv::new(kind, sh.shards));
             let q = sh.user_shard(user);
             directory::apply_member(c, conv, user, q, at, add, &sh.dir.users[q]);
+            let mark_read_group = |u: UserId| {
+                let mut g = sh.dir.users[sh.user_shard(u)].write();
+                let us = g.entry(u).or_default();
+                if !us.read_groups.contains(&conv) {
+                    us.read_groups.push(conv);
+                }
+            };
             if read_since != 0 && c.read_since == 0 {
+                // The switch: every current member now reads this group.
                 c.read_since = read_since;
+                for r in c.recipients.iter().flat_map(|v| v.iter()) {
+                    mark_read_group(r.0);
+                }
+            } else if c.read_since != 0 && add {
+                mark_read_group(user);
             }
         }
         CatalogRecord::Recall { conv, target, .. } => {
@@ -832,7 +845,11 @@ fn write_batch(sh: &Shared, p: usize, st: &mut WorkerState, ops: Vec<Op>, extra:
                 if subs {
                     if let Some(e) = &entry {
                         group_push.push(GroupPush {
-                            members: c.recipients.iter().flatten().copied().collect(),
+                            members: c
+                                .recipients
+                                .iter()
+                                .flat_map(|v| v.iter().map(|r| r.0))
+                                .collect(),
                             entry: (**e).clone(),
                         });
                     }
@@ -869,7 +886,10 @@ fn write_batch(sh: &Shared, p: usize, st: &mut WorkerState, ops: Vec<Op>, extra:
                 let mut rcpt = users.clone();
                 for &(rc, u) in &removed {
                     if rc == o.conv && sh.user_shard(u) == q && o.member.is_some() {
-                        rcpt.push(u); // the removed member receives its removal
+                        // The removed member receives its removal.
+                        if let Some(us) = sh.dir.users[q].read().get(&u) {
+                            Arc::make_mut(&mut rcpt).push((u, us.visible.clone()));
+                        }
                     }
                 }
                 if rcpt.is_empty() {
@@ -997,12 +1017,13 @@ fn finish_batch(sh: &Shared, b: &Batch) {
 /// Append the sync entries of `dels` (all for shard `q`), make them
 /// durable, publish, push, arrive.
 fn deliver(sh: &Shared, q: usize, dels: &mut Vec<Delivery>) {
+    type Owner<'a> = (&'a directory::Recipient, Option<&'a Arc<Entry>>);
     let mut items: Vec<(TimelineId, &[u8])> = Vec::new();
-    let mut owners: Vec<(UserId, Option<&Arc<Entry>>)> = Vec::new();
+    let mut owners: Vec<Owner<'_>> = Vec::new();
     let mut bytes = 0usize;
     let mut failed: Option<String> = None;
     let flush = |items: &mut Vec<(TimelineId, &[u8])>,
-                 owners: &mut Vec<(UserId, Option<&Arc<Entry>>)>,
+                 owners: &mut Vec<Owner<'_>>,
                  failed: &mut Option<String>| {
         if items.is_empty() {
             return;
@@ -1010,15 +1031,12 @@ fn deliver(sh: &Shared, q: usize, dels: &mut Vec<Delivery>) {
         match write_engine(sh, items) {
             Ok(seqs) => {
                 bump(&sh.stats.sync_writes, seqs.len() as u64);
-                let users = sh.dir.users[q].read();
-                for (&(u, _), &seq) in owners.iter().zip(&seqs) {
-                    if let Some(us) = users.get(&u) {
-                        us.visible.publish(seq);
-                    }
+                for (&(r, _), &seq) in owners.iter().zip(&seqs) {
+                    r.1.publish(seq);
                 }
-                drop(users);
                 if sh.subs.any() {
-                    for (&(u, e), &seq) in owners.iter().zip(&seqs) {
+                    for (&((u, _), e), &seq) in owners.iter().zip(&seqs) {
+                        let u = *u;
                         if let Some(e) = e {
                             sh.subs.push(q, u, || Push::Entry {
                                 user: u,
@@ -1041,9 +1059,9 @@ fn deliver(sh: &Shared, q: usize, dels: &mut Vec<Delivery>) {
     };
     for d in dels.iter() {
         for it in &d.items {
-            for &u in &it.recipients {
-                items.push((TimelineId::sync(u), &it.record[..]));
-                owners.push((u, it.entry.as_ref()));
+            for r in it.recipients.iter() {
+                items.push((TimelineId::sync(r.0), &it.record[..]));
+                owners.push((r, it.entry.as_ref()));
                 bytes += it.record.len() + 64;
                 if bytes >= MAX_WRITE_BYTES {
                     flush(&mut items, &mut owners, &mut failed);
