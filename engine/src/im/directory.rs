@@ -51,7 +51,7 @@ impl Conv {
             members: HashMap::new(),
             current: 0,
             read_since: 0,
-            recipients: vec![Arc::new(Vec::new()); shards],
+            recipients: (0..shards).map(|_| Arc::new(Vec::new())).collect(),
             visible: Watermark::new(0),
             recalled: HashSet::new(),
         }

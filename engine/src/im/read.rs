@@ -124,7 +124,11 @@ pub(crate) fn sync(
         ..Default::default()
     };
     let (visible, convs, deleted_any) = match sh.dir.users[q].read().get(&user) {
-        Some(u) => (u.visible.get(), u.read_groups.clone(), !u.deleted.is_empty()),
+        Some(u) => (
+            u.visible.get(),
+            u.read_groups.clone(),
+            !u.deleted.is_empty(),
+        ),
         None => return Ok(reply),
     };
     if checkpoint < visible {
