@@ -1,0 +1,58 @@
+//! The binary protocol, as a sans-I/O codec: decode from `&[u8]`, encode
+//! into a buffer the caller owns, report `encoded_len()`. No sockets, no
+//! async; the server, the client and the fuzz targets share it.
+//!
+//! All integers are little-endian, everywhere. Byte grids, the handshake,
+//! pipelining and push semantics, the code tables and limits:
+//! `docs/protocol.md`.
+//!
+//! ```text
+//! frame  = len:u32 opcode:u16 flags:u16 request_id:u64 body:[u8; len]
+//! ```
+//!
+//! Reading a connection (server side):
+//!
+//! ```
+//! use timeline_server::protocol::{self, ErrorReply, Request, RequestFrame, Response};
+//!
+//! let mut wire = Vec::new();
+//! Request::Ping(b"hi").encode_frame(1, &mut wire);       // what a client sent
+//! let mut out = Vec::new();
+//! let mut at = 0;
+//! while let Some((frame, used)) = protocol::decode(&wire[at..], protocol::DEFAULT_MAX_FRAME)? {
+//!     at += used;
+//!     match RequestFrame::decode(&frame) {
+//!         Ok(RequestFrame { id, request: Request::Ping(d) }) => {
+//!             Response::Ping(d.to_vec()).encode_frame(id, &mut out)
+//!         }
+//!         Ok(_) => {}
+//!         // Not fatal: answer with the frame's own id and opcode, read on.
+//!         Err(e) => ErrorReply::from(&e).encode_frame(frame.header.request_id, frame.header.opcode, &mut out),
+//!     }
+//! }
+//! # assert_eq!(at, wire.len());
+//! # Ok::<(), protocol::ProtocolError>(())
+//! ```
+
+// Nothing reachable from the network may panic: every slice is taken
+// through checked accessors (`get`, `split_at_checked`).
+#![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::panic)]
+
+pub mod codes;
+mod error;
+pub mod frame;
+pub mod msg;
+pub mod token;
+mod wire;
+
+#[cfg(test)]
+mod tests;
+
+pub use codes::{ErrorCode, Opcode, RETIRED_ERRORS, RETIRED_OPCODES};
+pub use error::ProtocolError;
+pub use frame::{decode, flags, peek_len, Frame, FrameKind, Header, DEFAULT_MAX_FRAME, HEADER_LEN};
+pub use msg::{
+    decode_push_body, encode_push_body, encode_push_frame, push_body_len, ErrorReply, Hello,
+    HelloReply, Identity, Request, RequestFrame, Response, ServerMsg, HELLO_MAGIC,
+    PROTOCOL_VERSION,
+};
