@@ -58,12 +58,8 @@
 //!   Direct (1:1) conversations always use write fan-out.
 //! - **Setup** (untimed, `setup_secs`): the conversations are created by an
 //!   `Im` opened with reference entries, which is then closed and reopened
-//!   with the run's configuration. With copy entries every member's sync
-//!   timeline would get a copy of the `Created` event and its whole member
-//!   list (8 n^2 bytes for an n-member group: 3.2 GB for one group of
-//!   20,000); a group's fan-out mode is recorded at creation and survives the
-//!   reopen. Groups that start in read fan-out are created one at a time
-//!   (see `imkit::setup` for the IM-layer deadlock this avoids).
+//!   with the run's configuration, so the timed section starts from a freshly
+//!   opened layer (see `imkit` for the history of this detour).
 //! - **Sends** are `Im::send_async` from `--threads` sender threads, each
 //!   keeping up to `--in-flight` (default 256) sends outstanding; with
 //!   `--rate N` (an extension, messages/s over all threads, 0 = unlimited)
