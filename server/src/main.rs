@@ -1,0 +1,169 @@
+//! `timeline-server`: the timeline engine and its IM layer over TCP.
+//!
+//! `cargo run --release -p timeline-server` serves `./data` on
+//! `127.0.0.1:7420` with auth off (everything allowed: the benchmark
+//! default). SIGINT/SIGTERM: stop accepting, answer what was read, make
+//! acknowledged data durable, exit 0. Logs go to stderr (`RUST_LOG`).
+
+use clap::{Parser, ValueEnum};
+use std::path::PathBuf;
+use std::time::Duration;
+use timeline_engine::im::{EntryMode, ImConfig};
+use timeline_engine::{Config, Durability, KeyspaceConfig};
+use timeline_server::ServerConfig;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DurabilityArg {
+    None,
+    Group,
+    Sync,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum EntriesArg {
+    Copy,
+    Reference,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "timeline-server",
+    version,
+    about = "The timeline engine over TCP"
+)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7420")]
+    listen: String,
+    /// Data directory (created if missing).
+    #[arg(long, default_value = "./data")]
+    data_dir: PathBuf,
+    /// Engine shards per keyspace (fixed when the directory is created).
+    #[arg(long, default_value_t = 4)]
+    shards: usize,
+    /// Durability of APPENDs that ask for the default, and of every IM write.
+    #[arg(long, value_enum, default_value = "group")]
+    durability: DurabilityArg,
+    /// TTL of the sync keyspace in seconds (0: keep forever).
+    #[arg(long, default_value_t = 7 * 24 * 3600)]
+    sync_ttl: u64,
+    /// TTL of the store keyspace in seconds (0: keep forever).
+    #[arg(long, default_value_t = 0)]
+    store_ttl: u64,
+    /// Groups with more members than this use read fan-out.
+    #[arg(long, default_value_t = 500)]
+    hybrid_threshold: usize,
+    /// Sync entries carry the message (copy) or point to it (reference).
+    #[arg(long, value_enum, default_value = "copy")]
+    entries: EntriesArg,
+    /// Largest frame a client may send, in bytes.
+    #[arg(long, default_value_t = 16 << 20)]
+    max_frame: usize,
+    /// Largest payload of one record, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_payload: usize,
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Close connections idle this many seconds.
+    #[arg(long, default_value_t = 300)]
+    idle_timeout: u64,
+    /// Disconnect a client that takes no reply for this many seconds.
+    #[arg(long, default_value_t = 30)]
+    write_timeout: u64,
+    /// Replies and pushes a connection may have waiting to be written.
+    #[arg(long, default_value_t = 4096)]
+    max_queued_replies: usize,
+    /// Require a signed token in HELLO (the secret comes from
+    /// $TIMELINE_SECRET or --secret-file).
+    #[arg(long)]
+    auth: bool,
+    /// File holding the HMAC secret (with --auth).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+}
+
+fn ttl(secs: u64) -> Option<Duration> {
+    (secs > 0).then(|| Duration::from_secs(secs))
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let a = Args::parse();
+    if let Err(e) = run(a) {
+        eprintln!("timeline-server: error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let d = match a.durability {
+        DurabilityArg::None => Durability::Buffered,
+        DurabilityArg::Group => Durability::GroupCommit,
+        DurabilityArg::Sync => Durability::Sync,
+    };
+    let secret = if a.auth {
+        let s = match (&a.secret_file, std::env::var("TIMELINE_SECRET")) {
+            (Some(f), _) => std::fs::read(f)?,
+            (None, Ok(s)) => s.into_bytes(),
+            (None, Err(_)) => {
+                return Err("--auth needs a secret: $TIMELINE_SECRET or --secret-file".into())
+            }
+        };
+        if s.len() < 16 {
+            return Err("the auth secret must be at least 16 bytes".into());
+        }
+        Some(s)
+    } else {
+        None
+    };
+    let mut engine = Config::default();
+    engine.shards = a.shards;
+    engine.max_payload = a.max_payload;
+    engine.store = KeyspaceConfig::store().with_ttl(ttl(a.store_ttl));
+    if a.store_ttl == 0 {
+        engine.store.segment_window = KeyspaceConfig::store().segment_window;
+    }
+    engine.sync = KeyspaceConfig::sync().with_ttl(ttl(a.sync_ttl));
+    let im = ImConfig {
+        hybrid_threshold: a.hybrid_threshold,
+        entries: match a.entries {
+            EntriesArg::Copy => EntryMode::Copy,
+            EntriesArg::Reference => EntryMode::Reference,
+        },
+        durability: d,
+        ..ImConfig::default()
+    };
+    let cfg = ServerConfig {
+        listen: a.listen,
+        data_dir: a.data_dir,
+        engine,
+        im,
+        default_durability: d,
+        auth_secret: secret,
+        max_frame: a.max_frame,
+        max_connections: a.max_connections,
+        idle_timeout: Duration::from_secs(a.idle_timeout.max(1)),
+        write_timeout: Duration::from_secs(a.write_timeout.max(1)),
+        max_queued_replies: a.max_queued_replies,
+    };
+    tracing::info!(
+        data_dir = %cfg.data_dir.display(),
+        auth = cfg.auth_secret.is_some(),
+        durability = d.name(),
+        "starting"
+    );
+    let server = timeline_server::start(cfg)?;
+    // Print the bound address on stdout (scripts starting on port 0 read it).
+    println!("listening {}", server.local_addr());
+    let stop = server.stop_flag();
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    server.wait()?;
+    Ok(())
+}
