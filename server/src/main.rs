@@ -59,8 +59,10 @@ struct Args {
     /// Largest frame a client may send, in bytes.
     #[arg(long, default_value_t = 16 << 20)]
     max_frame: usize,
-    /// Largest payload of one record, in bytes.
-    #[arg(long, default_value_t = 1 << 20)]
+    /// Largest payload of one record, in bytes (64 KiB: IM messages are
+    /// small, and a SYNC/HISTORY page holds at most max-frame / max-payload
+    /// entries so that any reply fits a frame).
+    #[arg(long, default_value_t = 64 << 10)]
     max_payload: usize,
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,

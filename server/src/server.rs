@@ -61,7 +61,10 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: "127.0.0.1:7420".into(),
             data_dir: "./data".into(),
-            engine: Config::default(),
+            engine: Config {
+                max_payload: 64 << 10,
+                ..Config::default()
+            },
             im: ImConfig::default(),
             default_durability: Durability::GroupCommit,
             auth_secret: None,
@@ -352,9 +355,10 @@ fn reader(
     let mut last_input = Instant::now();
     let mut chunk = vec![0u8; 64 << 10];
     loop {
-        // Decode and execute every whole frame in the buffer.
+        // Decode and execute every whole frame in the buffer (also when
+        // stopping: a shutdown answers every request already read).
         loop {
-            if sh.stop.load(Ordering::Acquire) || dead.load(Ordering::Acquire) {
+            if dead.load(Ordering::Acquire) {
                 return Ok(());
             }
             let frame = match protocol::decode(&buf[start..], sh.cfg.max_frame) {
@@ -386,6 +390,9 @@ fn reader(
         if start > 0 {
             buf.drain(..start);
             start = 0;
+        }
+        if sh.stop.load(Ordering::Acquire) {
+            return Ok(());
         }
         match stream.read(&mut chunk) {
             Ok(0) => return Ok(()), // the client closed
@@ -660,11 +667,14 @@ fn execute(
             from,
             limit,
             direction,
-        } => Response::Scan(
-            engine
-                .scan(timeline, from, (limit as usize).min(100_000), direction)
-                .map_err(ee)?,
-        ),
+        } => Response::Scan(scan(
+            engine,
+            conn.client_max,
+            timeline,
+            from,
+            limit,
+            direction,
+        )?),
         Request::LastSeq { timeline } => Response::LastSeq(engine.last_seq(timeline)),
         Request::Send {
             conv,
@@ -683,7 +693,7 @@ fn execute(
             limit,
             groups,
         } => Response::Sync(
-            im.sync(user, checkpoint, limit as usize, &groups)
+            im.sync(user, checkpoint, page_limit(sh, conn, limit), &groups)
                 .map_err(ie)?,
         ),
         Request::History {
@@ -691,7 +701,10 @@ fn execute(
             user,
             from,
             limit,
-        } => Response::History(im.history(conv, user, from, limit as usize).map_err(ie)?),
+        } => Response::History(
+            im.history(conv, user, from, page_limit(sh, conn, limit))
+                .map_err(ie)?,
+        ),
         Request::Conversations { user } => {
             Response::Conversations(im.conversations(user).map_err(ie)?)
         }
@@ -772,6 +785,59 @@ fn execute(
     }
     resp.encode_frame(id, &mut b);
     Ok(Some(Out::Frame(b)))
+}
+
+/// Entries a SYNC or HISTORY page may hold so that its reply fits the
+/// client's frame limit even if every entry has the largest payload (the IM
+/// layer pages by count; a client asking for more gets `has_more`).
+fn page_limit(sh: &Shared, conn: &Conn, asked: u32) -> usize {
+    let per = sh.cfg.engine.max_payload + 128;
+    (asked as usize).min((conn.client_max / per).max(1))
+}
+
+/// A SCAN read in pages, refused with RESPONSE_TOO_LARGE as soon as the
+/// records exceed what the client accepts (never built whole first).
+fn scan(
+    engine: &Engine,
+    client_max: usize,
+    timeline: timeline_engine::TimelineId,
+    from: u64,
+    limit: u32,
+    direction: timeline_engine::Direction,
+) -> Result<Vec<timeline_engine::Record>, ErrorReply> {
+    use timeline_engine::Direction;
+    let mut out: Vec<timeline_engine::Record> = Vec::new();
+    let mut bytes = 64usize;
+    let mut next = from;
+    let mut left = limit as usize;
+    while left > 0 {
+        let want = left.min(1024);
+        let page = engine
+            .scan(timeline, next, want, direction)
+            .map_err(|e| ErrorReply::from(&e))?;
+        let Some(last) = page.last() else { break };
+        let n = page.len();
+        next = match direction {
+            Direction::Forward => last.seq.saturating_add(1),
+            Direction::Backward => last.seq.saturating_sub(1),
+        };
+        for r in page {
+            bytes += r.payload.len() + 24;
+            if bytes > client_max {
+                return Err(ErrorReply::new(
+                    ErrorCode::RESPONSE_TOO_LARGE,
+                    client_max as u64,
+                    "the records asked for exceed the client's frame limit: ask for fewer",
+                ));
+            }
+            out.push(r);
+        }
+        left -= n;
+        if n < want || next == 0 {
+            break;
+        }
+    }
+    Ok(out)
 }
 
 /// Offer a subscription's pushes to the connection without ever blocking:

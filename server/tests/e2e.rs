@@ -802,3 +802,44 @@ fn unsafe_free_kill(pid: u32, sig: i32) {
         .unwrap();
     assert!(st.success());
 }
+
+#[test]
+fn random_bytes_never_take_the_server_down() {
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir().unwrap();
+    let srv = server(dir.path());
+    let addr = srv.local_addr();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for round in 0..64 {
+        let mut s = TcpStream::connect(addr).unwrap();
+        if round % 2 == 0 {
+            s.write_all(&hello_bytes(1, &[])).unwrap();
+        }
+        // Valid-looking headers with random opcodes, flags and bodies, or
+        // plain noise.
+        let mut b = Vec::new();
+        for _ in 0..rng.gen_range(1..8) {
+            if rng.gen_bool(0.5) {
+                let body: Vec<u8> = (0..rng.gen_range(0..64)).map(|_| rng.gen()).collect();
+                b.extend_from_slice(&(body.len() as u32).to_le_bytes());
+                b.extend_from_slice(&rng.gen_range(0u16..0x50).to_le_bytes());
+                b.extend_from_slice(&rng.gen_range(0u16..8).to_le_bytes());
+                b.extend_from_slice(&rng.gen::<u64>().to_le_bytes());
+                b.extend_from_slice(&body);
+            } else {
+                b.extend((0..rng.gen_range(1..40)).map(|_| rng.gen::<u8>()));
+            }
+        }
+        let _ = s.write_all(&b);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut sink = Vec::new();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.read_to_end(&mut sink);
+    }
+    let mut c = Client::connect(addr, &[]).unwrap();
+    assert_eq!(
+        c.call(&Request::Ping(b"alive")).unwrap(),
+        Response::Ping(b"alive".to_vec())
+    );
+    srv.shutdown().unwrap();
+}
