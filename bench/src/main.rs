@@ -6,11 +6,40 @@
 //!
 //! The workloads, units and output fields are defined in the project's
 //! `workload.md`; this binary implements them all for `--target engine` (the
-//! engine linked in-process) and, for `append` and `read`, `--target
-//! rocksdb`: RocksDB used as a timeline store (key = timeline id ‖ seq),
-//! the general-purpose KV baseline, built only with the optional `rocksdb`
-//! cargo feature (see `workloads/rocksdb.rs` for the build command, options
-//! and how its figures map onto the engine's). The workloads:
+//! engine linked in-process), and:
+//!
+//! - `--target server` for `append`, `read` and `im`: the same workloads
+//!   over TCP against `timeline-server` (`--addr HOST:PORT`, or without it
+//!   the `timeline-server` binary next to this one is started on a free
+//!   loopback port and stopped with SIGTERM at the end), through
+//!   `--connections` (default 4) pipelining connections with `--pipeline`
+//!   (default 16) requests in flight each; the extension `--refill`
+//!   (default 1) says when a connection queues more: 1 is a sliding window
+//!   (one more request per reply), the pipeline depth means whole batches.
+//!   See `workloads/server.rs`
+//!   (W1, W2) and `workloads/server_im.rs` (W4, a simplified version of the
+//!   in-process run: what it does is listed there).
+//! - `--target redis` for `append` and `read`: W1/W2 on Redis Streams (one
+//!   stream per timeline, `XADD` / `XRANGE` / `XREVRANGE`), the baseline of
+//!   the server target, with the same load shape; the bench starts
+//!   `redis-server` (`apt-get install -y redis-server`) on a free loopback
+//!   port with `--save ""` and `--appendonly no` for `--durability none`
+//!   (`yes` + `appendfsync everysec` / `always` for `group` / `sync`). See
+//!   `workloads/redis.rs`.
+//! - `--target rocksdb` for `append` and `read`: RocksDB used as a timeline
+//!   store (key = timeline id ‖ seq), the general-purpose KV baseline, built
+//!   only with the optional `rocksdb` cargo feature (see
+//!   `workloads/rocksdb.rs` for the build command, options and how its
+//!   figures map onto the engine's).
+//!
+//! Result lines of the network targets carry `connections`, `pipeline`,
+//! `refill`, `server_cpu_secs` and `client_cpu_secs` (CPU of the server
+//! process and of the bench over the timed section, from /proc), and their
+//! `peak_rss_bytes` and `disk_write_bytes` are the server process's (when
+//! the bench started it; the bench's own RSS is `client_peak_rss_bytes`).
+//! `threads` is the number of connections.
+//!
+//! The workloads:
 //!
 //! - **`append` (W1)**: `--messages` appends of `--payload`-byte random
 //!   payloads to `--timelines` timelines (uniform, or Zipf with `--zipf S`),
@@ -173,8 +202,15 @@
 //! (where W1/W2 write), `--dir` (default: a fresh directory under /tmp,
 //! removed at the end unless `--keep`; a given `--dir` is never removed,
 //! but W5's per-point subdirectories in it are, unless `--keep`).
-//! `--in-flight` defaults to 1 for W1 and 256 for W3-W5. Extensions beyond
-//! `workload.md`'s vocabulary: `--rate` (W3, W4) and `--push` (W4), above.
+//! `--in-flight` defaults to 1 for W1 and 256 for W3-W5. With `--target
+//! server` the data directory is the spawned server's, `--shards` is passed
+//! to it, the other engine flags are ignored (the server runs its engine
+//! defaults), and `--in-flight` is not used (`--pipeline` is). Extensions
+//! beyond `workload.md`'s vocabulary: `--rate` (W3, W4) and `--push` (W4),
+//! above, and `--refill` (network targets). Environment:
+//! `TIMELINE_BENCH_REDIS_CLIENT=crate` makes `--target redis` read replies
+//! with the `redis` crate's parser instead of the bench's lean RESP reader
+//! (`workloads/resp.rs` says why the lean one is the default).
 //!
 //! Output: a machine line and an aligned table on stdout (for the IM
 //! workloads a second table: deliveries/s, sync ops/s, writes per message
@@ -265,7 +301,9 @@ pub enum Entries {
 /// The one flag vocabulary every subcommand accepts.
 #[derive(Args, Debug, Clone)]
 pub struct Flags {
-    /// What to benchmark: `engine`, or `rocksdb` for append/read (needs the `rocksdb` feature).
+    /// What to benchmark: `engine`; `server` (append, read, im over TCP);
+    /// `rocksdb` (append, read; needs the `rocksdb` feature) or `redis`
+    /// (append, read on Redis Streams).
     #[arg(long, value_enum, default_value = "engine")]
     pub target: Target,
     /// Data directory (default: a fresh temporary directory, removed at the end unless --keep).
@@ -286,13 +324,23 @@ pub struct Flags {
     /// One JSON object per result line on stdout.
     #[arg(long)]
     pub json: bool,
-    /// Server address (--target server).
+    /// Address of a running timeline-server (--target server); without it
+    /// the bench starts one on a free loopback port.
     #[arg(long)]
     pub addr: Option<String>,
+    /// Connections to the server (--target server, redis; default 4), each
+    /// driven by its own client thread.
     #[arg(long)]
     pub connections: Option<usize>,
+    /// Requests kept in flight per connection (--target server, redis;
+    /// default 16).
     #[arg(long)]
     pub pipeline: Option<usize>,
+    /// Extension (--target server, redis): queue more requests once at most
+    /// `pipeline - N` are in flight (1, the default: a sliding window, one
+    /// more request per reply; N = --pipeline: whole batches).
+    #[arg(long)]
+    pub refill: Option<usize>,
     #[arg(long, default_value_t = 100_000)]
     pub timelines: u64,
     /// Messages to send (W1/W4: total, default 2,000,000; W5: per point,
@@ -397,6 +445,8 @@ fn run(cli: Cli) -> Result<i32> {
     let rocksdb_workload = matches!(cli.cmd, Cmd::Append(_) | Cmd::Read(_));
     match flags.target {
         Target::Engine => {}
+        Target::Server if matches!(cli.cmd, Cmd::Append(_) | Cmd::Read(_) | Cmd::Im(_)) => {}
+        Target::Redis if rocksdb_workload => {}
         Target::Rocksdb if rocksdb_workload => {
             if !cfg!(feature = "rocksdb") {
                 return Err("--target rocksdb: built without the `rocksdb` feature: \
@@ -413,7 +463,7 @@ fn run(cli: Cli) -> Result<i32> {
                 .map(|v| v.get_name().to_string())
                 .unwrap_or_default();
             return Err(format!(
-                "{name} --target {t}: not implemented yet (engine: every workload; rocksdb: append, read)"
+                "{name} --target {t}: not implemented (engine: every workload; server: append, read, im; rocksdb, redis: append, read)"
             )
             .into());
         }
@@ -426,6 +476,11 @@ fn run(cli: Cli) -> Result<i32> {
         (Cmd::Append(_), Target::Rocksdb) => workloads::rocksdb::append(flags, &mut rep)?,
         #[cfg(feature = "rocksdb")]
         (Cmd::Read(_), Target::Rocksdb) => workloads::rocksdb::read(flags, &mut rep)?,
+        (Cmd::Append(_), Target::Server) => workloads::server::append(flags, &mut rep)?,
+        (Cmd::Read(_), Target::Server) => workloads::server::read(flags, &mut rep)?,
+        (Cmd::Im(_), Target::Server) => workloads::server_im::run(flags, &mut rep)?,
+        (Cmd::Append(_), Target::Redis) => workloads::redis::append(flags, &mut rep)?,
+        (Cmd::Read(_), Target::Redis) => workloads::redis::read(flags, &mut rep)?,
         (Cmd::Append(_), _) => workloads::append::run(flags, &mut rep)?,
         (Cmd::Read(_), _) => workloads::read::run(flags, &mut rep)?,
         (Cmd::Reopen(_), _) => workloads::reopen::run(flags, &mut rep)?,
@@ -459,6 +514,9 @@ impl Flags {
             return Err(
                 "--threads, --batch, --in-flight and --timelines must be at least 1".into(),
             );
+        }
+        if self.connections == Some(0) || self.pipeline == Some(0) || self.refill == Some(0) {
+            return Err("--connections, --pipeline and --refill must be at least 1".into());
         }
         if self.read_len == 0 {
             return Err("--read-len must be at least 1".into());

@@ -115,6 +115,36 @@ pub struct ResultLine {
     pub in_flight: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub read_len: Option<usize>,
+    // ---- network targets (`--target server`, `--target redis`) ----
+    /// Client connections (each driven by one client thread).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections: Option<usize>,
+    /// Requests kept in flight per connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<usize>,
+    /// A connection queues more requests once at most `pipeline - refill`
+    /// are in flight (1: a sliding window; `pipeline`: whole batches).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refill: Option<usize>,
+    /// CPU seconds (user + system) the target's process (timeline-server,
+    /// redis-server) used over the timed section; only for a process the
+    /// bench started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_secs: Option<f64>,
+    /// CPU seconds the bench process (the clients) used over the timed section.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cpu_secs: Option<f64>,
+    /// Peak RSS of the bench process (for network targets `peak_rss_bytes`
+    /// is the server process's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_peak_rss_bytes: Option<u64>,
+    /// redis: the reply reader of the timed loops (`resp-lean` or
+    /// `redis-crate`, see `workloads/resp.rs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    /// redis: the `appendfsync` policy (`no` = appendonly off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub appendfsync: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zipf: Option<f64>,
     // ---- IM workloads (W3 `fanout`, W4 `im`, W5 `fanout-sweep`) ----
@@ -455,6 +485,23 @@ impl Reporter {
             }
             if let Some(f) = l.fsyncs {
                 notes.push(format!("fsyncs {f}"));
+            }
+            if let (Some(c), Some(p)) = (l.connections, l.pipeline) {
+                notes.push(format!(
+                    "{c} connection(s) x pipeline {p} (refill {})",
+                    l.refill.unwrap_or(1)
+                ));
+            }
+            if let Some(a) = &l.appendfsync {
+                notes.push(format!("appendfsync {a}"));
+            }
+            if let Some(c) = &l.client {
+                notes.push(format!("client {c}"));
+            }
+            match (l.server_cpu_secs, l.client_cpu_secs) {
+                (Some(s), Some(c)) => notes.push(format!("cpu: server {s:.2} s, client {c:.2} s")),
+                (None, Some(c)) => notes.push(format!("cpu: client {c:.2} s")),
+                _ => {}
             }
             if let Some(e) = l.errors {
                 notes.push(format!("errors {e}"));

@@ -71,7 +71,13 @@ pub struct DiskIo {
 
 impl DiskIo {
     pub fn now() -> DiskIo {
-        let s = std::fs::read_to_string("/proc/self/io").unwrap_or_default();
+        DiskIo::of(None)
+    }
+
+    /// The counters of process `pid` (`None`: this process). Zero if they
+    /// cannot be read (another user's process, no task I/O accounting).
+    pub fn of(pid: Option<u32>) -> DiskIo {
+        let s = std::fs::read_to_string(proc_path(pid, "io")).unwrap_or_default();
         let field = |key: &str| {
             s.lines()
                 .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
@@ -82,6 +88,41 @@ impl DiskIo {
             cancelled_write_bytes: field("cancelled_write_bytes:"),
         }
     }
+}
+
+fn proc_path(pid: Option<u32>, file: &str) -> String {
+    match pid {
+        Some(p) => format!("/proc/{p}/{file}"),
+        None => format!("/proc/self/{file}"),
+    }
+}
+
+/// Peak resident set size (VmHWM) of process `pid` (`None`: this one).
+pub fn peak_rss_of(pid: Option<u32>) -> u64 {
+    proc_kb(&proc_path(pid, "status"), "VmHWM:").unwrap_or(0) * 1024
+}
+
+/// Clock ticks per second of `/proc/PID/stat`'s times (`USER_HZ`, 100 on
+/// every Linux architecture the project runs on; reading `sysconf` would
+/// need `unsafe`).
+const USER_HZ: f64 = 100.0;
+
+/// CPU seconds (user + system, all threads, exited ones included) process
+/// `pid` has used so far (`None`: this one); 0 if unreadable. Resolution:
+/// 10 ms.
+pub fn cpu_secs(pid: Option<u32>) -> f64 {
+    let Ok(s) = std::fs::read_to_string(proc_path(pid, "stat")) else {
+        return 0.0;
+    };
+    // The command name (field 2) is in parentheses and may hold spaces:
+    // count fields from the last ')'. utime and stime are fields 14, 15.
+    let Some(rest) = s.rfind(')').and_then(|i| s.get(i + 1..)) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // `rest` starts at field 3 (state): field n is at index n - 3.
+    (tick(11) + tick(12)) as f64 / USER_HZ
 }
 
 /// A `Key:   123 kB` value from a /proc file.

@@ -33,19 +33,19 @@ const LARGE: (usize, usize) = (501, 20_000);
 /// Share of the messages each class receives (direct, small, medium, large).
 pub const SHARES: [f64; 4] = [0.65, 0.30, 0.049, 0.001];
 /// Zipf exponent of activity within a class (`--zipf` overrides).
-const DEFAULT_ZIPF: f64 = 1.0;
+pub(crate) const DEFAULT_ZIPF: f64 = 1.0;
 /// Target message-level read:write ratio: online devices are added until
 /// their expected reads per message sent reach it.
-const READ_RATIO: f64 = 10.0;
+pub(crate) const READ_RATIO: f64 = 10.0;
 /// Latency probes: one member of each of the hottest conversations of
 /// every class.
-const PROBES_PER_CLASS: usize = 8;
+pub(crate) const PROBES_PER_CLASS: usize = 8;
 /// Entries per `sync` page a device asks for.
-const DEVICE_PAGE: usize = 100;
+pub(crate) const DEVICE_PAGE: usize = 100;
 /// A device thread that found no device to sync sleeps this long.
-const IDLE_SLEEP: Duration = Duration::from_micros(100);
+pub(crate) const IDLE_SLEEP: Duration = Duration::from_micros(100);
 /// The probe thread's pause after a pass that found nothing.
-const PROBE_SLEEP: Duration = Duration::from_micros(20);
+pub(crate) const PROBE_SLEEP: Duration = Duration::from_micros(20);
 /// Offline users whose first device catches up and is checked at the end.
 const VERIFY_OFFLINE_USERS: usize = 1_000;
 
@@ -65,20 +65,20 @@ fn parse_devices(s: &str) -> Result<(u8, u8)> {
 }
 
 /// The conversations of a run.
-struct World {
-    users: u64,
+pub(crate) struct World {
+    pub users: u64,
     /// Devices per user.
-    devices: Vec<u8>,
+    pub devices: Vec<u8>,
     /// Members of each conversation (index = conversation id).
-    members: Vec<Vec<UserId>>,
+    pub members: Vec<Vec<UserId>>,
     /// Conversation ids of each class, hottest first.
-    classes: [Vec<ConvId>; 4],
-    read_fanout: Vec<bool>,
+    pub classes: [Vec<ConvId>; 4],
+    pub read_fanout: Vec<bool>,
     /// Each conversation's probability of receiving a given message.
-    weight: Vec<f64>,
+    pub weight: Vec<f64>,
 }
 
-fn build_world(flags: &Flags) -> Result<World> {
+pub(crate) fn build_world(flags: &Flags) -> Result<World> {
     let users = flags.users.unwrap_or(100_000);
     if users < 3 {
         return Err("--users must be at least 3".into());
@@ -156,11 +156,36 @@ fn join<T>(r: std::thread::Result<Result<T>>) -> Result<T> {
     r.unwrap_or_else(|_| Err("thread panicked".into()))
 }
 
-/// `timeline-bench im`: returns the number of verification errors.
-pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
-    if flags.payload < 8 {
-        return Err("im: --payload must be at least 8 (the send time travels in it)".into());
+/// The conversations, devices, latency probes, online devices and the
+/// offline users checked at the end: everything a W4 run decides before
+/// it starts (shared with W4 over TCP, `server_im`).
+pub(crate) struct Plan {
+    pub w: World,
+    pub zipf: f64,
+    pub h: usize,
+    /// Conversations of each user.
+    pub user_convs: Vec<Vec<ConvId>>,
+    pub total_devices: u64,
+    pub probe_users: Vec<UserId>,
+    /// Users of the online devices (a user may appear more than once).
+    pub online_ids: Vec<UserId>,
+    pub offline_sample: Vec<UserId>,
+    /// Expected message-level read:write ratio of the online devices.
+    pub ratio: f64,
+}
+
+impl Plan {
+    /// The read-fan-out groups of user `u`.
+    pub fn read_groups(&self, u: UserId) -> Vec<ConvId> {
+        self.user_convs[u as usize]
+            .iter()
+            .copied()
+            .filter(|&c| self.w.read_fanout[c as usize])
+            .collect()
     }
+}
+
+pub(crate) fn plan(flags: &Flags) -> Result<Plan> {
     let zipf = flags.zipf.unwrap_or(DEFAULT_ZIPF);
     let w = build_world(flags)?;
     let h = imkit::hybrid_threshold(flags);
@@ -171,13 +196,6 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
             user_convs[u as usize].push(c as ConvId);
         }
     }
-    let read_groups = |u: UserId| -> Vec<ConvId> {
-        user_convs[u as usize]
-            .iter()
-            .copied()
-            .filter(|&c| w.read_fanout[c as usize])
-            .collect()
-    };
     let memberships: usize = w.members.iter().map(|m| m.len()).sum();
     let total_devices: u64 = w.devices.iter().map(|&d| d as u64).sum();
     let deliveries_per_msg: f64 = w
@@ -248,6 +266,39 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
         });
     drop(all);
 
+    Ok(Plan {
+        w,
+        zipf,
+        h,
+        user_convs,
+        total_devices,
+        probe_users,
+        online_ids,
+        offline_sample,
+        ratio,
+    })
+}
+
+/// `timeline-bench im`: returns the number of verification errors.
+pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
+    if flags.payload < 8 {
+        return Err("im: --payload must be at least 8 (the send time travels in it)".into());
+    }
+    let p = plan(flags)?;
+    let read_groups = |u: UserId| p.read_groups(u);
+    let Plan {
+        w,
+        zipf,
+        h,
+        user_convs,
+        total_devices,
+        probe_users,
+        online_ids,
+        offline_sample,
+        ratio,
+    } = &p;
+    let (zipf, h, total_devices, ratio) = (*zipf, *h, *total_devices, *ratio);
+    let users = w.users;
     let specs: Vec<ConvSpec> = w
         .members
         .iter()

@@ -29,7 +29,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 use timeline_engine::im::{
-    Body, ConvId, ConvKind, EntryMode, Im, ImConfig, ImError, ImStats, Pending, SendAck, UserId,
+    Body, ConvId, ConvKind, EntryMode, Im, ImConfig, ImError, ImStats, Pending, SendAck, SyncReply,
+    UserId,
 };
 use timeline_engine::{Durability, SeqId, Stats, TimelineId};
 
@@ -361,44 +362,57 @@ impl Device {
         let mut n = SyncCount::default();
         loop {
             let r = im.sync(self.user, self.cp, limit, &self.groups)?;
-            n.calls += 1;
-            if let Some(first) = r.truncated {
-                errors.report("sync", || {
-                    format!(
-                        "user {}: checkpoint {} truncated (first retained {first})",
-                        self.user, self.cp
-                    )
-                });
-                return Ok(n);
-            }
-            let mut more = r.has_more;
-            for e in &r.entries {
-                self.take(
-                    e.entry.conv,
-                    e.entry.conv_seq,
-                    &e.entry.body,
-                    errors,
-                    &mut n,
-                    &mut on_msg,
-                );
-            }
-            if r.checkpoint > self.cp {
-                self.cp = r.checkpoint;
-            }
-            for g in &r.groups {
-                for e in &g.entries {
-                    self.take(g.conv, e.conv_seq, &e.body, errors, &mut n, &mut on_msg);
-                }
-                match self.groups.iter_mut().find(|x| x.0 == g.conv) {
-                    Some(x) => x.1 = x.1.max(g.checkpoint),
-                    None => self.groups.push((g.conv, g.checkpoint)),
-                }
-                more |= g.has_more;
-            }
-            if !more || limit == 0 {
+            if !self.apply(&r, errors, &mut n, &mut on_msg) || limit == 0 {
                 return Ok(n);
             }
         }
+    }
+
+    /// Take one sync reply (counted as one call in `n`): check and count
+    /// its messages, move the checkpoints. Returns whether more is pending
+    /// (false after a truncated checkpoint, which is an error here).
+    pub fn apply(
+        &mut self,
+        r: &SyncReply,
+        errors: &Errors,
+        n: &mut SyncCount,
+        mut on_msg: impl FnMut(&[u8]),
+    ) -> bool {
+        n.calls += 1;
+        if let Some(first) = r.truncated {
+            errors.report("sync", || {
+                format!(
+                    "user {}: checkpoint {} truncated (first retained {first})",
+                    self.user, self.cp
+                )
+            });
+            return false;
+        }
+        let mut more = r.has_more;
+        for e in &r.entries {
+            self.take(
+                e.entry.conv,
+                e.entry.conv_seq,
+                &e.entry.body,
+                errors,
+                n,
+                &mut on_msg,
+            );
+        }
+        if r.checkpoint > self.cp {
+            self.cp = r.checkpoint;
+        }
+        for g in &r.groups {
+            for e in &g.entries {
+                self.take(g.conv, e.conv_seq, &e.body, errors, n, &mut on_msg);
+            }
+            match self.groups.iter_mut().find(|x| x.0 == g.conv) {
+                Some(x) => x.1 = x.1.max(g.checkpoint),
+                None => self.groups.push((g.conv, g.checkpoint)),
+            }
+            more |= g.has_more;
+        }
+        more
     }
 
     fn take(

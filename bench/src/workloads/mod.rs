@@ -5,10 +5,15 @@ pub mod append;
 pub mod fanout;
 pub mod im;
 pub mod imkit;
+pub mod net;
 pub mod read;
+pub mod redis;
 pub mod reopen;
+pub mod resp;
 #[cfg(feature = "rocksdb")]
 pub mod rocksdb;
+pub mod server;
+pub mod server_im;
 pub mod sweep;
 
 use crate::report::{new_histogram, ResultLine};
