@@ -308,3 +308,32 @@ fn concurrent_switches_to_read_fanout_do_not_deadlock() {
             .expect("workers deadlocked");
     }
 }
+
+/// Regression: a group whose member list did not fit in one record (8 bytes
+/// per member; 20,000 members with the server's 64 KiB payload limit) could
+/// not be created.
+#[test]
+fn a_group_larger_than_one_record_is_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg();
+    c.max_payload = 1024; // 115 members per record
+    let im = Im::open(dir.path(), c, im_cfg(50)).unwrap();
+    let members: Vec<u64> = (1..=400).collect();
+    assert_eq!(
+        im.create_conversation(5, ConvKind::Group, &members)
+            .unwrap(),
+        1
+    );
+    assert_eq!(im.members(5).unwrap(), members);
+    let a = im.send(5, 400, 1, b"to everyone").unwrap();
+    for u in [1, 200, 400] {
+        let s = im.sync(u, 0, 1000, &[]).unwrap();
+        let got: Vec<u64> = s
+            .groups
+            .iter()
+            .flat_map(|g| g.entries.iter().map(|e| e.conv_seq))
+            .collect();
+        assert!(got.contains(&a.seq), "user {u}: {got:?}");
+    }
+    im.close().unwrap();
+}

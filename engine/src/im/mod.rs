@@ -429,7 +429,9 @@ impl Im {
     }
 
     /// Create a conversation with its first members (a direct one has
-    /// exactly two). Returns the seq of its `Created` event (1).
+    /// exactly two). Returns the seq of its `Created` event (1). Members
+    /// beyond what one record holds (`max_payload / 8`) are added right after
+    /// as `MemberAdded` events.
     pub fn create_conversation(
         &self,
         conv: ConvId,
@@ -453,6 +455,15 @@ impl Im {
                 "a conversation needs members".into(),
             ));
         }
+        // The `Created` record lists the first members; a list longer than
+        // one record holds goes on as `MemberAdded` events (each durable on
+        // its own: a crash part way leaves a group with the first members).
+        let fit = (self.shared.engine.config().max_payload - entry::STORE_HEADER - 64) / 8;
+        let rest = if ms.len() > fit.max(2) {
+            ms.split_off(fit.max(2))
+        } else {
+            Vec::new()
+        };
         let (tx, rx) = pending();
         self.to_conv_worker(
             conv,
@@ -463,7 +474,11 @@ impl Im {
                 reply: tx,
             },
         )?;
-        rx.wait()
+        let seq = rx.wait()?;
+        for u in rest {
+            self.add_member(conv, u)?;
+        }
+        Ok(seq)
     }
 
     /// Add `user` to a group; returns the seq of the `MemberAdded` event (the
