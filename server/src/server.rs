@@ -295,8 +295,51 @@ enum Out {
         batch: bool,
         ticket: AppendTicket,
     },
+    /// A run of pipelined single APPENDs written as one batch: one reply
+    /// each, in order, once the ticket's fdatasync is done.
+    AppendMany { ids: Vec<u64>, ticket: AppendTicket },
     /// Close after writing what came before (a fatal error was queued).
     Close,
+}
+
+/// The reader's side of the queue to the writer. Finished frames of one
+/// pass over the input are concatenated and handed over as one item (one
+/// channel operation and one writer wake-up per pass, not per reply);
+/// anything deferred goes after what came before it, so order is kept.
+struct Outbox<'a> {
+    tx: &'a Sender<Out>,
+    bytes: Vec<u8>,
+}
+
+impl Outbox<'_> {
+    /// Queue `o` behind everything before it; `Err` once the writer is gone.
+    fn send(&mut self, o: Out) -> Result<(), ()> {
+        match o {
+            Out::Frame(b) => {
+                if self.bytes.is_empty() {
+                    self.bytes = b;
+                } else {
+                    self.bytes.extend_from_slice(&b);
+                }
+                if self.bytes.len() >= 256 << 10 {
+                    self.flush()?;
+                }
+                Ok(())
+            }
+            other => {
+                self.flush()?;
+                self.tx.send(other).map_err(|_| ())
+            }
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), ()> {
+        if self.bytes.is_empty() {
+            return Ok(());
+        }
+        let b = std::mem::take(&mut self.bytes);
+        self.tx.send(Out::Frame(b)).map_err(|_| ())
+    }
 }
 
 struct Conn {
@@ -354,12 +397,25 @@ fn reader(
     let mut start = 0usize;
     let mut last_input = Instant::now();
     let mut chunk = vec![0u8; 64 << 10];
+    let mut out = Outbox {
+        tx,
+        bytes: Vec::new(),
+    };
     loop {
         // Decode and execute every whole frame in the buffer (also when
         // stopping: a shutdown answers every request already read).
         loop {
             if dead.load(Ordering::Acquire) {
                 return Ok(());
+            }
+            // Pipelined single APPENDs become one engine batch.
+            match append_run(sh, conn, &buf[start..], &mut out) {
+                Ok(0) => {}
+                Ok(used) => {
+                    start += used;
+                    continue;
+                }
+                Err(()) => return Ok(()),
             }
             let frame = match protocol::decode(&buf[start..], sh.cfg.max_frame) {
                 Ok(Some(f)) => f,
@@ -374,18 +430,21 @@ fn reader(
                         _ => (0, Opcode(0)),
                     };
                     ErrorReply::from(&e).encode_frame(id, op, &mut b);
-                    let _ = tx.send(Out::Frame(b));
-                    let _ = tx.send(Out::Close);
+                    let _ = out.send(Out::Frame(b));
+                    let _ = out.send(Out::Close);
                     return Ok(());
                 }
             };
             let (f, used) = frame;
             start += used;
             sh.counters.requests.fetch_add(1, Ordering::Relaxed);
-            if !handle(sh, conn, &f, tx) {
-                let _ = tx.send(Out::Close);
+            if !handle(sh, conn, &f, &mut out) {
+                let _ = out.send(Out::Close);
                 return Ok(());
             }
+        }
+        if out.flush().is_err() {
+            return Ok(());
         }
         if start > 0 {
             buf.drain(..start);
@@ -411,8 +470,8 @@ fn reader(
                         Opcode(0),
                         &mut b,
                     );
-                    let _ = tx.send(Out::Frame(b));
-                    let _ = tx.send(Out::Close);
+                    let _ = out.send(Out::Frame(b));
+                    let _ = out.send(Out::Close);
                     return Ok(());
                 }
             }
@@ -459,6 +518,19 @@ fn writer(stream: TcpStream, rx: Receiver<Out>, dead: Arc<AtomicBool>) {
                 Ok(a) => Response::Send(a).encode_frame(id, &mut b),
                 Err(e) => ErrorReply::from(&e).encode_frame(id, Opcode::SEND, &mut b),
             },
+            Out::AppendMany { ids, ticket } => match ticket.wait() {
+                Ok(seqs) => {
+                    for (id, s) in ids.iter().zip(seqs) {
+                        Response::Append(s).encode_frame(*id, &mut b);
+                    }
+                }
+                Err(e) => {
+                    let r = ErrorReply::from(&e);
+                    for id in ids {
+                        r.clone().encode_frame(id, Opcode::APPEND, &mut b);
+                    }
+                }
+            },
             Out::Append { id, batch, ticket } => {
                 let op = if batch {
                     Opcode::APPEND_BATCH
@@ -479,6 +551,90 @@ fn writer(stream: TcpStream, rx: Receiver<Out>, dead: Arc<AtomicBool>) {
     }
 }
 
+/// If the input starts with two or more pipelined single APPENDs of the
+/// same (non-`sync`) durability, write them with one `append_batch` (one
+/// engine write, one shared fdatasync: the server's answer to a pipelining
+/// client) and queue their replies; returns the bytes consumed (0: nothing
+/// coalesced, handle the next frame on its own). Anything unusual (an
+/// oversized payload, a frame that does not decode, auth) ends the run and
+/// goes through the normal path, so errors stay per request.
+fn append_run(sh: &Shared, conn: &Conn, input: &[u8], out: &mut Outbox<'_>) -> Result<usize, ()> {
+    if !matches!(
+        conn.id,
+        Some(Identity::Anonymous) | Some(Identity::Admin(_))
+    ) {
+        return Ok(0);
+    }
+    let max_payload = sh.im.engine().config().max_payload;
+    let mut pos = 0;
+    let mut ids = Vec::new();
+    let mut items = Vec::new();
+    let mut dur = None;
+    while ids.len() < 4096 {
+        let Ok(Some((f, used))) = protocol::decode(&input[pos..], sh.cfg.max_frame) else {
+            break;
+        };
+        if f.header.opcode != Opcode::APPEND {
+            break;
+        }
+        let Ok(RequestFrame {
+            id,
+            request:
+                Request::Append {
+                    timeline,
+                    durability: d,
+                    payload,
+                },
+        }) = RequestFrame::decode(&f)
+        else {
+            break;
+        };
+        let d = durability(sh, d);
+        if d == Durability::Sync || payload.len() > max_payload || dur.is_some_and(|x| x != d) {
+            break;
+        }
+        dur = Some(d);
+        ids.push(id);
+        items.push((timeline, payload));
+        pos += used;
+    }
+    if ids.len() < 2 {
+        return Ok(0);
+    }
+    sh.counters
+        .requests
+        .fetch_add(ids.len() as u64, Ordering::Relaxed);
+    let engine = sh.im.engine();
+    match dur {
+        Some(Durability::GroupCommit) => match engine.append_async(&items) {
+            Ok(ticket) => out.send(Out::AppendMany { ids, ticket })?,
+            Err(e) => append_errors(&ids, &e, out)?,
+        },
+        _ => match engine.append_batch(&items, Durability::Buffered) {
+            Ok(seqs) => {
+                let mut b = Vec::with_capacity(ids.len() * 24);
+                for (id, s) in ids.iter().zip(seqs) {
+                    Response::Append(s).encode_frame(*id, &mut b);
+                }
+                out.send(Out::Frame(b))?;
+            }
+            Err(e) => append_errors(&ids, &e, out)?,
+        },
+    }
+    Ok(pos)
+}
+
+/// Every APPEND of a failed run gets the error (nothing is retried: a batch
+/// is not atomic across shards, so a retry could store some twice).
+fn append_errors(ids: &[u64], e: &timeline_engine::Error, out: &mut Outbox<'_>) -> Result<(), ()> {
+    let r = ErrorReply::from(e);
+    let mut b = Vec::new();
+    for &id in ids {
+        r.clone().encode_frame(id, Opcode::APPEND, &mut b);
+    }
+    out.send(Out::Frame(b))
+}
+
 fn error_frame(id: u64, op: Opcode, e: ErrorReply) -> Out {
     let mut b = Vec::new();
     e.encode_frame(id, op, &mut b);
@@ -486,7 +642,7 @@ fn error_frame(id: u64, op: Opcode, e: ErrorReply) -> Out {
 }
 
 /// Execute one frame; false = close the connection after what is queued.
-fn handle(sh: &Arc<Shared>, conn: &mut Conn, f: &protocol::Frame<'_>, tx: &Sender<Out>) -> bool {
+fn handle(sh: &Arc<Shared>, conn: &mut Conn, f: &protocol::Frame<'_>, tx: &mut Outbox<'_>) -> bool {
     let (id, op) = (f.header.request_id, f.header.opcode);
     let req = match RequestFrame::decode(f) {
         Ok(r) => r,
@@ -622,7 +778,7 @@ fn execute(
     conn: &mut Conn,
     id: u64,
     r: Request<'_>,
-    tx: &Sender<Out>,
+    tx: &mut Outbox<'_>,
 ) -> Result<Option<Out>, ErrorReply> {
     let im = &sh.im;
     let engine: &Engine = im.engine();
@@ -743,11 +899,12 @@ fn execute(
             let mut b = Vec::new();
             Response::Subscribe.encode_frame(id, &mut b);
             tx.send(Out::Frame(b))
+                .and_then(|()| tx.flush())
                 .map_err(|_| ErrorReply::new(ErrorCode::CLOSED, 0, "connection closing"))?;
             let sub = im.subscribe(user);
             let stop = Arc::new(AtomicBool::new(false));
             let h = {
-                let (tx, stop) = (tx.clone(), stop.clone());
+                let (tx, stop) = (tx.tx.clone(), stop.clone());
                 let sh = sh.clone();
                 std::thread::Builder::new()
                     .name("push".into())
