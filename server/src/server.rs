@@ -503,6 +503,19 @@ fn writer(stream: TcpStream, rx: Receiver<Out>, dead: Arc<AtomicBool>) {
             }
         };
         b.clear();
+        // About to wait for an acknowledgement: first let the client have
+        // the replies before it (they are not delayed behind a fan-out or
+        // an fdatasync).
+        let ready = match &item {
+            Out::Send { pending, .. } => pending.is_ready(),
+            Out::Append { ticket, .. } | Out::AppendMany { ticket, .. } => ticket.is_durable(),
+            _ => true,
+        };
+        if !ready {
+            if let Err(e) = w.flush() {
+                return fail(e);
+            }
+        }
         match item {
             Out::Frame(f) => {
                 if let Err(e) = w.write_all(&f) {

@@ -257,6 +257,10 @@ impl<T> Pending<T> {
     pub fn try_wait(&self) -> Option<Result<T>> {
         self.0.try_recv().ok()
     }
+    /// True once the answer is there (`wait` will not block).
+    pub fn is_ready(&self) -> bool {
+        !self.0.is_empty()
+    }
 }
 
 pub(crate) type Reply<T> = crossbeam_channel::Sender<Result<T>>;
