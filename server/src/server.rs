@@ -283,6 +283,9 @@ fn refuse(mut stream: TcpStream, max: usize) {
     let _ = stream.write_all(&b);
 }
 
+/// Subscriptions one connection may hold (each has a forwarding thread).
+const MAX_SUBSCRIPTIONS: usize = 16;
+
 /// What the reader hands the writer, in request order.
 enum Out {
     /// A finished frame (reply, error or push).
@@ -309,6 +312,9 @@ enum Out {
 struct Outbox<'a> {
     tx: &'a Sender<Out>,
     bytes: Vec<u8>,
+    /// Bytes handed to the writer and not yet written (shared with it and
+    /// the push forwarders): the per-connection output bound in bytes.
+    queued: &'a Arc<AtomicUsize>,
 }
 
 impl Outbox<'_> {
@@ -338,9 +344,14 @@ impl Outbox<'_> {
             return Ok(());
         }
         let b = std::mem::take(&mut self.bytes);
+        self.queued.fetch_add(b.len(), Ordering::AcqRel);
         self.tx.send(Out::Frame(b)).map_err(|_| ())
     }
 }
+
+/// Output a connection may have queued before the server stops reading its
+/// requests (on top of the one reply being built).
+const MAX_QUEUED_BYTES: usize = 4 << 20;
 
 struct Conn {
     id: Option<Identity>,
@@ -364,18 +375,19 @@ fn connection(stream: TcpStream, sh: &Arc<Shared>) -> std::io::Result<()> {
     stream.set_write_timeout(Some(sh.cfg.write_timeout))?;
     let (tx, rx) = bounded::<Out>(sh.cfg.max_queued_replies.max(1));
     let dead = Arc::new(AtomicBool::new(false));
+    let queued = Arc::new(AtomicUsize::new(0));
     let writer = {
-        let (w, dead) = (stream.try_clone()?, dead.clone());
+        let (w, dead, queued) = (stream.try_clone()?, dead.clone(), queued.clone());
         std::thread::Builder::new()
             .name("conn-writer".into())
-            .spawn(move || writer(w, rx, dead))?
+            .spawn(move || writer(w, rx, dead, queued))?
     };
     let mut conn = Conn {
         id: None,
         client_max: protocol::DEFAULT_MAX_FRAME,
         subs: Vec::new(),
     };
-    let r = reader(&stream, sh, &tx, &dead, &mut conn);
+    let r = reader(&stream, sh, &tx, &dead, &queued, &mut conn);
     for (_, stop, h) in conn.subs.drain(..) {
         stop.store(true, Ordering::Release);
         let _ = h.join();
@@ -391,6 +403,7 @@ fn reader(
     sh: &Arc<Shared>,
     tx: &Sender<Out>,
     dead: &AtomicBool,
+    queued: &Arc<AtomicUsize>,
     conn: &mut Conn,
 ) -> std::io::Result<()> {
     let mut buf: Vec<u8> = Vec::with_capacity(64 << 10);
@@ -400,6 +413,7 @@ fn reader(
     let mut out = Outbox {
         tx,
         bytes: Vec::new(),
+        queued,
     };
     loop {
         // Decode and execute every whole frame in the buffer (also when
@@ -453,6 +467,14 @@ fn reader(
         if sh.stop.load(Ordering::Acquire) {
             return Ok(());
         }
+        // Backpressure in bytes: a client that does not read its replies is
+        // not read either (its requests wait in the socket).
+        while queued.load(Ordering::Acquire) > MAX_QUEUED_BYTES {
+            if dead.load(Ordering::Acquire) || sh.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         match stream.read(&mut chunk) {
             Ok(0) => return Ok(()), // the client closed
             Ok(n) => {
@@ -481,7 +503,7 @@ fn reader(
     }
 }
 
-fn writer(stream: TcpStream, rx: Receiver<Out>, dead: Arc<AtomicBool>) {
+fn writer(stream: TcpStream, rx: Receiver<Out>, dead: Arc<AtomicBool>, queued: Arc<AtomicUsize>) {
     let mut w = BufWriter::with_capacity(256 << 10, stream);
     let mut b = Vec::with_capacity(64 << 10);
     let fail = |e: std::io::Error| {
@@ -521,6 +543,7 @@ fn writer(stream: TcpStream, rx: Receiver<Out>, dead: Arc<AtomicBool>) {
                 if let Err(e) = w.write_all(&f) {
                     return fail(e);
                 }
+                queued.fetch_sub(f.len(), Ordering::AcqRel);
                 continue;
             }
             Out::Close => {
@@ -673,7 +696,9 @@ fn handle(sh: &Arc<Shared>, conn: &mut Conn, f: &protocol::Frame<'_>, tx: &mut O
                 Ok((identity, reply)) => {
                     conn.id = Some(identity);
                     if h.max_frame != 0 {
-                        conn.client_max = h.max_frame as usize;
+                        // Never above the server's own limit: reply sizing
+                        // (SCAN, SYNC pages) trusts this number.
+                        conn.client_max = (h.max_frame as usize).min(sh.cfg.max_frame);
                     }
                     let mut b = Vec::new();
                     Response::Hello(reply).encode_frame(id, &mut b);
@@ -901,6 +926,13 @@ fn execute(
         }
         Request::Members { conv } => Response::Members(im.members(conv).map_err(ie)?),
         Request::Subscribe { user } => {
+            if conn.subs.len() >= MAX_SUBSCRIPTIONS {
+                return Err(ErrorReply::new(
+                    ErrorCode::INVALID_ARGUMENT,
+                    MAX_SUBSCRIPTIONS as u64,
+                    format!("at most {MAX_SUBSCRIPTIONS} subscriptions per connection"),
+                ));
+            }
             if conn.subs.iter().any(|s| s.0 == id) {
                 return Err(ErrorReply::new(
                     ErrorCode::INVALID_ARGUMENT,
@@ -917,11 +949,12 @@ fn execute(
             let sub = im.subscribe(user);
             let stop = Arc::new(AtomicBool::new(false));
             let h = {
+                let queued = tx.queued.clone();
                 let (tx, stop) = (tx.tx.clone(), stop.clone());
                 let sh = sh.clone();
                 std::thread::Builder::new()
                     .name("push".into())
-                    .spawn(move || forward(sub, id, tx, stop, sh))
+                    .spawn(move || forward(sub, id, tx, stop, sh, queued))
                     .map_err(|e| ErrorReply::new(ErrorCode::INTERNAL, 0, e.to_string()))?
             };
             conn.subs.push((id, stop, h));
@@ -1018,6 +1051,7 @@ fn forward(
     tx: Sender<Out>,
     stop: Arc<AtomicBool>,
     sh: Arc<Shared>,
+    queued: Arc<AtomicUsize>,
 ) {
     let mut owe_resync = false;
     while !stop.load(Ordering::Acquire) && !sh.stop.load(Ordering::Acquire) {
@@ -1029,9 +1063,18 @@ fn forward(
         let Some(p) = p else { continue };
         let mut b = Vec::new();
         encode_push_frame(id, &p, &mut b);
-        match tx.try_send(Out::Frame(b)) {
+        let len = b.len();
+        // Counted before the send (the writer subtracts once written).
+        let full = queued.fetch_add(len, Ordering::AcqRel) > MAX_QUEUED_BYTES;
+        let r = if full {
+            Err(TrySendError::Full(Out::Frame(b)))
+        } else {
+            tx.try_send(Out::Frame(b))
+        };
+        match r {
             Ok(()) => owe_resync = false,
             Err(TrySendError::Full(_)) => {
+                queued.fetch_sub(len, Ordering::AcqRel);
                 owe_resync = true;
                 std::thread::sleep(Duration::from_millis(5));
             }

@@ -843,3 +843,69 @@ fn random_bytes_never_take_the_server_down() {
     );
     srv.shutdown().unwrap();
 }
+
+/// Review regression: output was bounded in replies, not bytes, so a client
+/// pipelining large PINGs without reading made the server hold up to
+/// 4,096 × (frame size) bytes for it. Now the server stops reading such a
+/// client after a few MiB.
+#[test]
+fn a_client_that_does_not_read_is_not_read_either() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = server(dir.path());
+    let mut s = TcpStream::connect(srv.local_addr()).unwrap();
+    s.write_all(&hello_bytes(1, &[])).unwrap();
+    assert!(matches!(
+        read_frame(&mut s),
+        Some(ServerMsg::Reply { id: 1, .. })
+    ));
+    let body = vec![7u8; 60 << 10];
+    let ping = frame(2, Request::Ping(&body));
+    s.set_nonblocking(true).unwrap();
+    let (mut sent, mut stalled_since) = (0usize, None);
+    while sent < (256 << 20) {
+        match s.write(&ping[sent % ping.len()..]) {
+            Ok(n) => {
+                sent += n;
+                stalled_since = None;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let t = *stalled_since.get_or_insert_with(std::time::Instant::now);
+                if t.elapsed() > Duration::from_millis(500) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(
+        sent < (64 << 20),
+        "the server took {} MiB from a client that reads nothing",
+        sent >> 20
+    );
+    drop(s);
+    let mut c = Client::connect(srv.local_addr(), &[]).unwrap();
+    assert_eq!(
+        c.call(&Request::Ping(b"ok")).unwrap(),
+        Response::Ping(b"ok".to_vec())
+    );
+    srv.shutdown().unwrap();
+}
+
+#[test]
+fn subscriptions_per_connection_are_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = server(dir.path());
+    let mut c = Client::connect(srv.local_addr(), &[]).unwrap();
+    for _ in 0..16 {
+        assert_eq!(
+            c.call(&Request::Subscribe { user: 1 }).unwrap(),
+            Response::Subscribe
+        );
+    }
+    assert_eq!(
+        code(c.call(&Request::Subscribe { user: 1 })),
+        ErrorCode::INVALID_ARGUMENT
+    );
+    srv.shutdown().unwrap();
+}

@@ -337,3 +337,32 @@ fn a_group_larger_than_one_record_is_created() {
     }
     im.close().unwrap();
 }
+
+/// Review regression: a retry in the same batch as its original was
+/// acknowledged with the original's seq even when that batch was never
+/// written (here: the disk is full).
+#[test]
+fn a_retry_never_succeeds_where_its_original_failed() {
+    use timeline_engine::io::{MemFaults, MemIo};
+    let mem = MemIo::new();
+    let mut c = cfg();
+    c.io = Some(std::sync::Arc::new(mem.clone()));
+    let im = Im::open("/mem", c, im_cfg(500)).unwrap();
+    im.create_conversation(4, ConvKind::Direct, &[1, 2])
+        .unwrap();
+    mem.set_faults(MemFaults {
+        fail_writes_after_bytes: Some(mem.bytes_written()),
+        ..Default::default()
+    });
+    for round in 0..20 {
+        let a = im.send_async(4, 1, round, b"m").unwrap();
+        let b = im.send_async(4, 1, round, b"m").unwrap();
+        let (a, b) = (a.wait(), b.wait());
+        assert!(a.is_err(), "{a:?}");
+        assert!(
+            b.is_err(),
+            "a retry was acknowledged for a send that failed: {b:?}"
+        );
+    }
+    drop(im);
+}

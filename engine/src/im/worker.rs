@@ -82,8 +82,10 @@ impl Ack {
     fn send(self, failed: Option<&str>) {
         match self {
             Ack::Send(r, a) => {
+                // A retry shares its original's fate: never an Ok for a
+                // message whose fan-out failed.
                 let _ = r.send(match failed {
-                    Some(why) if !a.duplicate => Err(ImError::FanoutFailed {
+                    Some(why) => Err(ImError::FanoutFailed {
                         conv: a.conv,
                         seq: a.seq,
                         reason: why.to_string(),
@@ -100,6 +102,19 @@ impl Ack {
                     }),
                     None => Ok(s),
                 });
+            }
+        }
+    }
+
+    /// The batch was not written: the request failed as a whole.
+    fn fail(self, why: &str) {
+        let e = || ImError::InvalidArgument(why.to_string());
+        match self {
+            Ack::Send(r, _) => {
+                let _ = r.send(Err(e()));
+            }
+            Ack::Seq(r, _) => {
+                let _ = r.send(Err(e()));
             }
         }
     }
@@ -786,18 +801,13 @@ fn write_batch(sh: &Shared, p: usize, st: &mut WorkerState, ops: Vec<Op>, extra:
                 st.dedup.remove(&(o.conv, o.sender, o.cmid));
             }
             if let Some(a) = o.ack {
-                match a {
-                    Ack::Send(r, _) => {
-                        let _ = r.send(Err(ImError::InvalidArgument(why.clone())));
-                    }
-                    Ack::Seq(r, _) => {
-                        let _ = r.send(Err(ImError::InvalidArgument(why.clone())));
-                    }
-                }
+                a.fail(&why);
             }
         }
+        // Retries of this batch's sends were not written either (review:
+        // they used to be acknowledged with the seq that was never stored).
         for a in extra {
-            a.send(Some(&why));
+            a.fail(&why);
         }
         sh.workers[p].window.complete(no);
         return;
