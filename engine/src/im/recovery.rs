@@ -150,7 +150,13 @@ fn scan_journal(sh: &Shared, p: usize) -> Result<(WorkerState, Vec<PendingBatch>
     }
     pending.reverse(); // oldest first
     keys.reverse();
-    let mut st = WorkerState::new(max_batch + 1);
+    // A damaged journal could claim the last batch number.
+    let next = max_batch.checked_add(1).ok_or_else(|| {
+        super::ImError::InvalidArgument(format!(
+            "journal of shard {p} claims batch {max_batch}: damaged"
+        ))
+    })?;
+    let mut st = WorkerState::new(next);
     st.dedup = dedup;
     st.dedup_order = keys.into();
     Ok((st, pending))
@@ -288,7 +294,10 @@ fn repair_catalog(sh: &Shared, p: usize, o: &IntentOp, se: &StoreEntry<'_>) -> R
         let g = sh.dir.convs[p].read();
         let c = g.get(&o.conv);
         match o.kind {
-            EventKind::Created if c.is_none() => {
+            EventKind::Created => {
+                // A torn write can keep the `Created` record and only some of
+                // its members' catalog records: add the missing ones (review:
+                // this used to run only when no member record survived).
                 let kind = super::entry::ConvKind::from_u8(o.arg as u8)
                     .unwrap_or(super::entry::ConvKind::Group);
                 let members: Vec<UserId> = super::entry::created_members(se.body);
@@ -297,8 +306,13 @@ fn repair_catalog(sh: &Shared, p: usize, o: &IntentOp, se: &StoreEntry<'_>) -> R
                 } else {
                     0
                 };
+                let has = |m: &UserId| {
+                    c.and_then(|c| c.members.get(m))
+                        .is_some_and(|iv| iv.iter().any(|&(a, _)| a == o.seq))
+                };
                 members
                     .into_iter()
+                    .filter(|m| !has(m))
                     .map(|m| CatalogRecord::Member {
                         conv: o.conv,
                         user: m,
