@@ -4,7 +4,7 @@ use super::imkit::{
     self, im_line, mode_name, random_members, set_write_fields, ConvSpec, Delta, Device, Errors,
     Inflight, Pacer,
 };
-use super::{split, timed_threads, DataDir, Payloads};
+use super::{timed_threads, DataDir, Payloads};
 use crate::report::Reporter;
 use crate::sysinfo::{count_files, peak_rss_bytes, DiskIo};
 use crate::{FanoutMode, Flags, Result};
@@ -95,14 +95,7 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
     let acked: Vec<AtomicU64> = (0..n_groups).map(|_| AtomicU64::new(0)).collect();
     let errors = Errors::default();
     let payloads = Payloads::new(flags.payload, flags.seed);
-    let offsets: Vec<u64> = split(messages, flags.threads)
-        .iter()
-        .scan(0, |acc, &n| {
-            let o = *acc;
-            *acc += n;
-            Some(o)
-        })
-        .collect();
+    let offsets: Vec<u64> = super::offsets(messages, flags.threads);
     let per_thread_rate = flags.rate as f64 / flags.threads as f64;
     im.engine().sync()?;
     let before = imkit::snap(&im);

@@ -7,7 +7,7 @@ use super::imkit::{
     self, im_line, ns_since, random_members, set_write_fields, stamp, stamp_of, ConvSpec, Delta,
     Device, Errors, Inflight, Pacer, SyncCount,
 };
-use super::{split, timed_threads, DataDir, Payloads, Picker};
+use super::{timed_threads, DataDir, Payloads, Picker};
 use crate::report::{new_histogram, Reporter};
 use crate::sysinfo::{count_files, peak_rss_bytes, DiskIo};
 use crate::{Flags, Result};
@@ -362,14 +362,7 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
         .iter()
         .map(|c| Picker::new(c.len() as u64, Some(zipf)))
         .collect::<Result<_>>()?;
-    let offsets: Vec<u64> = split(flags.messages, flags.threads)
-        .iter()
-        .scan(0, |acc, &n| {
-            let o = *acc;
-            *acc += n;
-            Some(o)
-        })
-        .collect();
+    let offsets: Vec<u64> = super::offsets(flags.messages, flags.threads);
     let per_thread_rate = flags.rate as f64 / flags.threads as f64;
     let stop = AtomicBool::new(false);
     let base = Instant::now();

@@ -223,6 +223,19 @@ pub fn split(total: u64, parts: usize) -> Vec<u64> {
         .collect()
 }
 
+/// Offsets of each connection's share of `total` (the first message
+/// number of each), for ids that must be unique across connections.
+pub fn offsets(total: u64, parts: usize) -> Vec<u64> {
+    split(total, parts)
+        .iter()
+        .scan(0, |acc, &n| {
+            let o = *acc;
+            *acc += n;
+            Some(o)
+        })
+        .collect()
+}
+
 /// What `timed_threads` measured.
 pub struct Timed {
     pub hist: Histogram<u64>,

@@ -5,7 +5,6 @@
 //! writes, peak RSS of the server process).
 
 use super::append::round3;
-use super::split;
 use crate::report::ResultLine;
 use crate::sysinfo::{cpu_secs, peak_rss_bytes, peak_rss_of, DiskIo};
 use crate::{Flags, Result};
@@ -272,17 +271,4 @@ impl Meter {
             l.peak_rss_bytes = Some(peak_rss_of(Some(p)));
         }
     }
-}
-
-/// Offsets of each connection's share of `total` (the first message
-/// number of each), for ids that must be unique across connections.
-pub fn offsets(total: u64, parts: usize) -> Vec<u64> {
-    split(total, parts)
-        .iter()
-        .scan(0, |acc, &n| {
-            let o = *acc;
-            *acc += n;
-            Some(o)
-        })
-        .collect()
 }

@@ -54,9 +54,9 @@
 use super::append::rate;
 use super::im::{plan, Plan, DEVICE_PAGE, IDLE_SLEEP, PROBE_SLEEP, SHARES};
 use super::imkit::{self, ns_since, stamp, stamp_of, Device, Errors, Pacer, SyncCount};
-use super::net::{drive, offsets, Meter, Pipelined, Shape};
+use super::net::{drive, Meter, Pipelined, Shape};
 use super::server::{stat, stats, Target};
-use super::{split, timed_threads, Payloads, Picker};
+use super::{offsets, split, timed_threads, Payloads, Picker};
 use crate::report::{new_histogram, Reporter};
 use crate::{Entries, Flags, Result};
 use hdrhistogram::Histogram;

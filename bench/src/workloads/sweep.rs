@@ -5,7 +5,7 @@ use super::imkit::{
     self, im_line, mode_name, random_members, set_write_fields, ConvSpec, Delta, Device, Errors,
     Inflight, SyncCount,
 };
-use super::{split, timed_threads, DataDir, Payloads};
+use super::{timed_threads, DataDir, Payloads};
 use crate::report::Reporter;
 use crate::sysinfo::{peak_rss_bytes, DiskIo};
 use crate::{FanoutMode, Flags, Result};
@@ -152,14 +152,7 @@ fn point(
     let acked: Vec<AtomicU64> = (0..n_groups).map(|_| AtomicU64::new(0)).collect();
     let errors = Errors::default();
     let payloads = Payloads::new(flags.payload, flags.seed);
-    let offsets: Vec<u64> = split(messages, flags.threads)
-        .iter()
-        .scan(0, |acc, &n| {
-            let o = *acc;
-            *acc += n;
-            Some(o)
-        })
-        .collect();
+    let offsets: Vec<u64> = super::offsets(messages, flags.threads);
     im.engine().sync()?;
     let a0 = imkit::snap(&im);
     let io0 = DiskIo::now();

@@ -580,35 +580,27 @@ impl Im {
     /// user's other devices learn it by syncing. Returns the marker (never
     /// lowered, never above the conversation's last seq).
     pub fn mark_read(&self, user: UserId, conv: ConvId, seq: SeqId) -> Result<SeqId> {
-        check_id("user", user)?;
-        let (tx, rx) = pending();
-        let p = self.shared.user_shard(user);
-        self.submit(
-            p,
-            Request::UserMark {
-                user,
-                conv,
-                seq,
-                delete: false,
-                reply: tx,
-            },
-        )?;
-        rx.wait()
+        self.user_mark(user, conv, seq, false)
     }
 
     /// Delete message `seq` of `conv` for `user` only (its devices learn it
     /// by syncing; history shows it as deleted to this user).
     pub fn delete_for_user(&self, user: UserId, conv: ConvId, seq: SeqId) -> Result<SeqId> {
+        self.user_mark(user, conv, seq, true)
+    }
+
+    /// Read markers and deletes-for-me go to the user's worker (it owns the
+    /// user's sync timeline).
+    fn user_mark(&self, user: UserId, conv: ConvId, seq: SeqId, delete: bool) -> Result<SeqId> {
         check_id("user", user)?;
         let (tx, rx) = pending();
-        let p = self.shared.user_shard(user);
         self.submit(
-            p,
+            self.shared.user_shard(user),
             Request::UserMark {
                 user,
                 conv,
                 seq,
-                delete: true,
+                delete,
                 reply: tx,
             },
         )?;
