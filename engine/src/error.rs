@@ -96,6 +96,56 @@ impl Error {
         }
     }
 
+    /// An equal error to hand to a second waiter (`std::io::Error` is not
+    /// `Clone`; the copy keeps its kind and message, which is what a client's
+    /// error code and text are made of).
+    pub fn duplicate(&self) -> Error {
+        match self {
+            Error::Io { path, source } => Error::Io {
+                path: path.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            Error::Corruption { path, offset, what } => Error::Corruption {
+                path: path.clone(),
+                offset: *offset,
+                what: what.clone(),
+            },
+            Error::UnsupportedVersion {
+                path,
+                found,
+                supported,
+            } => Error::UnsupportedVersion {
+                path: path.clone(),
+                found: *found,
+                supported: *supported,
+            },
+            Error::PayloadTooLarge { len, max } => Error::PayloadTooLarge {
+                len: *len,
+                max: *max,
+            },
+            Error::Truncated {
+                timeline,
+                requested,
+                first_retained,
+            } => Error::Truncated {
+                timeline: *timeline,
+                requested: *requested,
+                first_retained: *first_retained,
+            },
+            Error::InvalidArgument(s) => Error::InvalidArgument(s.clone()),
+            Error::Poisoned {
+                keyspace,
+                shard,
+                reason,
+            } => Error::Poisoned {
+                keyspace,
+                shard: *shard,
+                reason: reason.clone(),
+            },
+            Error::Closed => Error::Closed,
+        }
+    }
+
     /// True for errors that mean the data on disk is damaged.
     pub fn is_corruption(&self) -> bool {
         matches!(

@@ -59,6 +59,30 @@ pub(crate) fn wait<'a, T>(cv: &Condvar, g: MutexGuard<'a, T>) -> MutexGuard<'a, 
     cv.wait(g).unwrap_or_else(|e| e.into_inner())
 }
 
+/// Wait on a facade condvar for at most `d`. Under loom it returns at once
+/// (a timed wait may always time out early, so callers must already cope
+/// with that; loom has no clock to model the wait itself).
+#[cfg(not(loom))]
+pub(crate) fn wait_timeout<'a, T>(
+    cv: &Condvar,
+    g: MutexGuard<'a, T>,
+    d: std::time::Duration,
+) -> MutexGuard<'a, T> {
+    match cv.wait_timeout(g, d) {
+        Ok((g, _)) => g,
+        Err(e) => e.into_inner().0,
+    }
+}
+
+#[cfg(loom)]
+pub(crate) fn wait_timeout<'a, T>(
+    _cv: &Condvar,
+    g: MutexGuard<'a, T>,
+    _d: std::time::Duration,
+) -> MutexGuard<'a, T> {
+    g
+}
+
 /// Lock a facade mutex; a poisoned lock (a panicking holder) is still usable
 /// here because every critical section in `fanout` leaves its data consistent.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -54,6 +54,15 @@ impl Signal {
 
     /// Sleep until notified (returns at once if a token is pending).
     pub(crate) fn wait(&self) {
+        self.wait_inner(None)
+    }
+
+    /// Sleep until notified or until `d` has passed (a retry timer).
+    pub(crate) fn wait_timeout(&self, d: std::time::Duration) {
+        self.wait_inner(Some(d))
+    }
+
+    fn wait_inner(&self, timeout: Option<std::time::Duration>) {
         if self
             .state
             .compare_exchange(NOTIFIED, EMPTY, Ordering::AcqRel, Ordering::Acquire)
@@ -74,7 +83,22 @@ impl Signal {
             }
         }
         loop {
-            g = sync::wait(&self.cv, g);
+            g = match timeout {
+                None => sync::wait(&self.cv, g),
+                Some(d) => {
+                    let g = sync::wait_timeout(&self.cv, g, d);
+                    // Timed out (or woke): leave PARKED either way. A failed
+                    // CAS means a notify came in: consume its token below.
+                    if self
+                        .state
+                        .compare_exchange(PARKED, EMPTY, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                    {
+                        return;
+                    }
+                    g
+                }
+            };
             if self
                 .state
                 .compare_exchange(NOTIFIED, EMPTY, Ordering::AcqRel, Ordering::Acquire)

@@ -23,9 +23,14 @@ pub enum ImError {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     /// The message was stored at `seq` (it is in the conversation's history)
-    /// but delivering it to sync timelines failed; reopening completes the
-    /// fan-out from the journal.
-    #[error("conversation {conv} seq {seq} was stored but its fan-out failed: {reason}")]
+    /// but writing it to its members' sync timelines failed for now (a full
+    /// disk, an I/O error). The delivery is not dropped: the layer retries
+    /// it on its own until it is durable (and recovery re-drives it after a
+    /// crash). Retry with the same `client_msg_id` to learn when it is done:
+    /// the retry answers this error again while delivery is pending, then
+    /// `Ok` with `duplicate: true` and the same seq. Never resend under a
+    /// new id: that would store the message twice.
+    #[error("conversation {conv} seq {seq} was stored; delivery to its members' sync timelines is pending and retried: {reason}")]
     FanoutFailed {
         conv: ConvId,
         seq: u64,
@@ -34,4 +39,31 @@ pub enum ImError {
     /// The IM layer is shutting down.
     #[error("IM layer is closed")]
     Closed,
+}
+
+impl ImError {
+    /// An equal error for a second waiter (see [`crate::Error::duplicate`]).
+    pub fn duplicate(&self) -> ImError {
+        match self {
+            ImError::Engine(e) => ImError::Engine(e.duplicate()),
+            ImError::Corrupt(e) => ImError::Corrupt(e.clone()),
+            ImError::NoSuchConversation(c) => ImError::NoSuchConversation(*c),
+            ImError::ConversationExists(c) => ImError::ConversationExists(*c),
+            ImError::NotMember { conv, user } => ImError::NotMember {
+                conv: *conv,
+                user: *user,
+            },
+            ImError::AlreadyMember { conv, user } => ImError::AlreadyMember {
+                conv: *conv,
+                user: *user,
+            },
+            ImError::InvalidArgument(s) => ImError::InvalidArgument(s.clone()),
+            ImError::FanoutFailed { conv, seq, reason } => ImError::FanoutFailed {
+                conv: *conv,
+                seq: *seq,
+                reason: reason.clone(),
+            },
+            ImError::Closed => ImError::Closed,
+        }
+    }
 }

@@ -290,6 +290,11 @@ pub(crate) struct Shared {
     pub recalls: AtomicUsize,
     /// Workers that still own unfinished batches (shutdown).
     pub busy_workers: AtomicUsize,
+    /// Workers whose last sync write failed and who are retrying it.
+    pub stalled: AtomicUsize,
+    /// The error of the latest such failure (what queued requests are
+    /// answered with while a stall lasts).
+    pub last_stall: Mutex<Option<ImError>>,
     pub closing: AtomicBool,
 }
 
@@ -376,6 +381,8 @@ impl Im {
             stats: Counters::default(),
             recalls: AtomicUsize::new(0),
             busy_workers: AtomicUsize::new(shards),
+            stalled: AtomicUsize::new(0),
+            last_stall: Mutex::new(None),
             closing: AtomicBool::new(false),
             cfg,
         };

@@ -16,6 +16,17 @@
 //!    pushes to subscribers and arrives on the batch's latch;
 //! 5. the last arrival acknowledges the senders and marks the batch done in
 //!    the owner's completion window; the owner journals "done" marks.
+//!
+//! A sync write that fails (a full disk, an I/O error) never drops its
+//! delivery: the receiving worker keeps it, and every delivery after it, in
+//! its FIFO of undelivered work (so each user's entries stay in order) and
+//! retries on a backoff timer until the write succeeds. Until then the
+//! batches involved are *deferred*: their senders are answered at once with
+//! `FanoutFailed` (stored, delivery pending), the batch does not finish, so
+//! the journal's done mark stays below it and recovery re-drives it after a
+//! crash. While any worker is stalled, an owner that cannot start a batch
+//! answers queued requests with the stall's error instead of letting their
+//! senders block.
 
 use super::directory::{self, covers, is_current};
 use super::entry::{
@@ -35,7 +46,7 @@ use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub(crate) enum Request {
     Send {
@@ -78,13 +89,31 @@ enum Ack {
     Seq(Reply<SeqId>, SeqId),
 }
 
+impl Request {
+    /// Answer without doing anything (the layer cannot take it now).
+    fn reject(self, e: &ImError) {
+        match self {
+            Request::Send { reply, .. } => {
+                let _ = reply.send(Err(e.duplicate()));
+            }
+            Request::Create { reply, .. }
+            | Request::Member { reply, .. }
+            | Request::Recall { reply, .. }
+            | Request::UserMark { reply, .. } => {
+                let _ = reply.send(Err(e.duplicate()));
+            }
+        }
+    }
+}
+
 impl Ack {
-    fn send(self, failed: Option<&str>) {
+    /// Answer a stored op: `pending` says its delivery is not durable yet.
+    fn send(self, pending: Option<&str>) {
         match self {
             Ack::Send(r, a) => {
                 // A retry shares its original's fate: never an Ok for a
-                // message whose fan-out failed.
-                let _ = r.send(match failed {
+                // message whose fan-out is not durable.
+                let _ = r.send(match pending {
                     Some(why) => Err(ImError::FanoutFailed {
                         conv: a.conv,
                         seq: a.seq,
@@ -94,7 +123,7 @@ impl Ack {
                 });
             }
             Ack::Seq(r, s) => {
-                let _ = r.send(match failed {
+                let _ = r.send(match pending {
                     Some(why) => Err(ImError::FanoutFailed {
                         conv: 0,
                         seq: s,
@@ -106,15 +135,15 @@ impl Ack {
         }
     }
 
-    /// The batch was not written: the request failed as a whole.
-    fn fail(self, why: &str) {
-        let e = || ImError::InvalidArgument(why.to_string());
+    /// The batch was not written: the request failed as a whole, with the
+    /// engine's own error (a full disk stays `StorageFull`).
+    fn fail(self, e: &ImError) {
         match self {
             Ack::Send(r, _) => {
-                let _ = r.send(Err(e()));
+                let _ = r.send(Err(e.duplicate()));
             }
             Ack::Seq(r, _) => {
-                let _ = r.send(Err(e()));
+                let _ = r.send(Err(e.duplicate()));
             }
         }
     }
@@ -122,8 +151,12 @@ impl Ack {
 
 #[derive(Default)]
 struct BatchState {
+    /// Every delivery is durable; the acks went out as `Ok`.
     completed: bool,
-    failed: Option<String>,
+    /// A delivery failed and is being retried: the acks went out as
+    /// pending (`FanoutFailed`), and so does every later retry's, until
+    /// `completed`.
+    deferred: Option<String>,
     acks: Vec<Ack>,
 }
 
@@ -146,7 +179,32 @@ pub(crate) struct Batch {
 pub(crate) struct Delivery {
     batch: Arc<Batch>,
     items: Vec<Item>,
+    /// `(item, recipient)` of the first entry not yet durable.
+    next: (usize, usize),
 }
+
+impl Delivery {
+    fn new(batch: Arc<Batch>, items: Vec<Item>) -> Self {
+        Delivery {
+            batch,
+            items,
+            next: (0, 0),
+        }
+    }
+    fn is_written(&self) -> bool {
+        self.next.0 >= self.items.len()
+    }
+}
+
+/// A receiving worker whose last sync write failed.
+struct Stall {
+    retry_at: Instant,
+    backoff: Duration,
+    reason: String,
+}
+
+const FIRST_RETRY: Duration = Duration::from_millis(2);
+const MAX_RETRY: Duration = Duration::from_millis(500);
 
 struct Item {
     record: Arc<Vec<u8>>,
@@ -164,6 +222,9 @@ pub(crate) struct WorkerState {
     inflight: HashMap<u64, Arc<Batch>>,
     backlog: VecDeque<Request>,
     outbox: VecDeque<(usize, Delivery)>,
+    /// Deliveries to this shard not yet durable, in arrival order.
+    undelivered: VecDeque<Delivery>,
+    stall: Option<Stall>,
     last_done_ms: u64,
     last_prune_ms: u64,
 }
@@ -178,6 +239,8 @@ impl WorkerState {
             inflight: HashMap::new(),
             backlog: VecDeque::new(),
             outbox: VecDeque::new(),
+            undelivered: VecDeque::new(),
+            stall: None,
             last_done_ms: 0,
             last_prune_ms: 0,
         }
@@ -189,21 +252,9 @@ const MAX_WRITE_BYTES: usize = 8 << 20;
 
 pub(crate) fn run(sh: Arc<Shared>, p: usize, mut st: WorkerState) {
     let me = &sh.workers[p];
-    let mut dels: Vec<Delivery> = Vec::new();
     let mut released = false;
     loop {
-        let mut progress = flush_outbox(&sh, &mut st);
-        while dels.len() < 256 {
-            match me.deliveries.pop() {
-                Some(d) => dels.push(d),
-                None => break,
-            }
-        }
-        if !dels.is_empty() {
-            me.deliveries.made_room();
-            deliver(&sh, p, &mut dels);
-            progress = true;
-        }
+        let mut progress = pump(&sh, p, &mut st);
         if st.outbox.is_empty() && me.window.has_room(st.next_batch) {
             while st.backlog.len() < sh.cfg.max_batch {
                 match me.requests.pop() {
@@ -216,6 +267,8 @@ pub(crate) fn run(sh: Arc<Shared>, p: usize, mut st: WorkerState) {
                 handle_requests(&sh, p, &mut st);
                 progress = true;
             }
+        } else {
+            progress |= reject_while_stalled(&sh, p, &mut st);
         }
         housekeeping(&sh, p, &mut st, !progress);
         if progress {
@@ -225,7 +278,8 @@ pub(crate) fn run(sh: Arc<Shared>, p: usize, mut st: WorkerState) {
             && me.requests.len() == 0
             && st.backlog.is_empty()
             && st.outbox.is_empty()
-            && me.window.done() + 1 == st.next_batch
+            && (me.window.done() + 1 == st.next_batch || unfinished_are_deferred(&st))
+            && (st.undelivered.is_empty() || st.stall.is_some())
         {
             if !released {
                 released = true;
@@ -237,15 +291,125 @@ pub(crate) fn run(sh: Arc<Shared>, p: usize, mut st: WorkerState) {
             }
             if sh.busy_workers.load(Ordering::Acquire) == 0 && me.deliveries.len() == 0 {
                 housekeeping(&sh, p, &mut st, true);
+                if !st.undelivered.is_empty() {
+                    // Their batches have no done mark: the next open
+                    // re-drives them from the journal.
+                    tracing::warn!(
+                        shard = p,
+                        deliveries = st.undelivered.len(),
+                        "closing with sync deliveries pending; recovery completes them"
+                    );
+                }
                 return;
             }
         }
-        if st.outbox.is_empty() {
-            me.signal.wait();
-        } else {
-            // A receiving worker is full: it drains on its own; retry soon.
-            std::thread::sleep(Duration::from_micros(50));
+        idle_wait(&sh, p, &st);
+    }
+}
+
+/// Sleep until there is work: a wake-up, or the stall's retry time.
+fn idle_wait(sh: &Shared, p: usize, st: &WorkerState) {
+    let me = &sh.workers[p];
+    if !st.outbox.is_empty() {
+        // A receiving worker is full: it drains on its own; retry soon.
+        std::thread::sleep(Duration::from_micros(50));
+    } else if let Some(s) = &st.stall {
+        me.signal
+            .wait_timeout(s.retry_at.saturating_duration_since(Instant::now()));
+    } else {
+        me.signal.wait();
+    }
+}
+
+/// The one delivery-draining step (the main loop and the fan-out-switch
+/// wait both use it): hand the outbox on, take the deliveries other workers
+/// sent, write what is due. True if anything moved.
+fn pump(sh: &Shared, p: usize, st: &mut WorkerState) -> bool {
+    let me = &sh.workers[p];
+    let mut progress = flush_outbox(sh, st);
+    let mut popped = 0;
+    while popped < 256 {
+        match me.deliveries.pop() {
+            Some(d) => {
+                st.undelivered.push_back(d);
+                popped += 1;
+            }
+            None => break,
         }
+    }
+    if popped > 0 {
+        me.deliveries.made_room();
+        progress = true;
+    }
+    progress | write_due(sh, p, st)
+}
+
+/// Write the undelivered FIFO now unless a stall's retry time is ahead
+/// (then only defer what just arrived behind it).
+fn write_due(sh: &Shared, q: usize, st: &mut WorkerState) -> bool {
+    if st.undelivered.is_empty() {
+        return false;
+    }
+    match &st.stall {
+        Some(s) if Instant::now() < s.retry_at => {
+            let why = s.reason.clone();
+            for d in &st.undelivered {
+                defer(&d.batch, &why);
+            }
+            false
+        }
+        _ => write_deliveries(sh, q, st),
+    }
+}
+
+/// Every batch this owner started and has not seen finish is deferred (its
+/// delivery waits on a stalled worker): nothing more can finish before
+/// shutdown, and recovery will.
+fn unfinished_are_deferred(st: &WorkerState) -> bool {
+    st.inflight.values().all(|b| {
+        let s = b.state.lock();
+        s.completed || s.deferred.is_some()
+    })
+}
+
+/// While some worker cannot write, an owner with no room for a new batch
+/// answers its queued requests with that worker's error rather than
+/// leaving their senders blocked until the disk has room again.
+fn reject_while_stalled(sh: &Shared, p: usize, st: &mut WorkerState) -> bool {
+    if sh.stalled.load(Ordering::Acquire) == 0 {
+        return false;
+    }
+    let Some(e) = sh.last_stall.lock().as_ref().map(ImError::duplicate) else {
+        return false;
+    };
+    let me = &sh.workers[p];
+    let mut any = false;
+    // Bounded: senders may keep queueing while this runs.
+    for _ in 0..st.backlog.len() + sh.cfg.queue_capacity {
+        let Some(r) = st.backlog.pop_front().or_else(|| me.requests.pop()) else {
+            break;
+        };
+        r.reject(&e);
+        any = true;
+    }
+    if any {
+        me.requests.made_room();
+    }
+    any
+}
+
+/// Mark `b` deferred (once) and tell its waiting senders.
+fn defer(b: &Batch, why: &str) {
+    let acks = {
+        let mut s = b.state.lock();
+        if s.completed || s.deferred.is_some() {
+            return;
+        }
+        s.deferred = Some(why.to_string());
+        std::mem::take(&mut s.acks)
+    };
+    for a in acks {
+        a.send(Some(why));
     }
 }
 
@@ -603,6 +767,11 @@ fn ack_when_done(sh: &Shared, p: usize, st: &WorkerState, batch: u64, ack: Ack) 
             if s.completed {
                 drop(s);
                 ack.send(None);
+            } else if let Some(why) = s.deferred.clone() {
+                // Stored, delivery still pending: say so now, not when the
+                // disk has room again.
+                drop(s);
+                ack.send(Some(&why));
             } else {
                 s.acks.push(ack);
             }
@@ -795,19 +964,18 @@ fn write_batch(sh: &Shared, p: usize, st: &mut WorkerState, ops: Vec<Op>, extra:
         Ok(())
     });
     if let Err(e) = res {
-        let why = e.to_string();
         for o in ops {
             if o.kind == EventKind::Message {
                 st.dedup.remove(&(o.conv, o.sender, o.cmid));
             }
             if let Some(a) = o.ack {
-                a.fail(&why);
+                a.fail(&e);
             }
         }
-        // Retries of this batch's sends were not written either (review:
-        // they used to be acknowledged with the seq that was never stored).
+        // Retries of this batch's sends were not written either (they used
+        // to be acknowledged with the seq that was never stored).
         for a in extra {
-            a.fail(&why);
+            a.fail(&e);
         }
         sh.workers[p].window.complete(no);
         return;
@@ -934,12 +1102,10 @@ fn write_batch(sh: &Shared, p: usize, st: &mut WorkerState, ops: Vec<Op>, extra:
         if items.is_empty() {
             continue;
         }
-        let d = Delivery {
-            batch: batch.clone(),
-            items,
-        };
+        let d = Delivery::new(batch.clone(), items);
         if q == p {
-            deliver(sh, p, &mut vec![d]);
+            st.undelivered.push_back(d);
+            write_due(sh, p, st);
         } else if st.outbox.is_empty() {
             match sh.workers[q].deliveries.try_push(d) {
                 Ok(()) => {}
@@ -961,24 +1127,17 @@ fn write_batch(sh: &Shared, p: usize, st: &mut WorkerState, ops: Vec<Op>, extra:
         // delivering what other workers send it: two workers waiting like
         // this at once each need the other's deliveries (a deadlock the
         // W3 benchmark found when the wait only flushed the outbox).
-        let me = &sh.workers[p];
-        let mut dels = Vec::new();
-        while me.window.done() < no {
-            let mut progress = flush_outbox(sh, st);
-            while dels.len() < 256 {
-                match me.deliveries.pop() {
-                    Some(d) => dels.push(d),
-                    None => break,
-                }
+        // If the batch is deferred (a stall), the wait lasts until the
+        // disk has room; requests meanwhile get the stall's error, and a
+        // shutdown leaves the batch to recovery.
+        while sh.workers[p].window.done() < no {
+            if pump(sh, p, st) | reject_while_stalled(sh, p, st) {
+                continue;
             }
-            if !dels.is_empty() {
-                me.deliveries.made_room();
-                deliver(sh, p, &mut dels);
-                progress = true;
+            if sh.closing.load(Ordering::Acquire) && batch.state.lock().deferred.is_some() {
+                break;
             }
-            if !progress {
-                std::thread::sleep(Duration::from_micros(20));
-            }
+            idle_wait(sh, p, st);
         }
     }
 }
@@ -1003,10 +1162,10 @@ fn body_of(o: &Op) -> Body {
 }
 
 fn finish_batch(sh: &Shared, b: &Batch) {
-    let (acks, failed) = {
+    let acks = {
         let mut s = b.state.lock();
         s.completed = true;
-        (std::mem::take(&mut s.acks), s.failed.clone())
+        std::mem::take(&mut s.acks)
     };
     for gp in &b.group_push {
         for &u in &gp.members {
@@ -1020,77 +1179,119 @@ fn finish_batch(sh: &Shared, b: &Batch) {
     w.window.complete(b.no);
     w.signal.notify();
     for a in acks {
-        a.send(failed.as_deref());
+        a.send(None);
     }
 }
 
-/// Append the sync entries of `dels` (all for shard `q`), make them
-/// durable, publish, push, arrive.
-fn deliver(sh: &Shared, q: usize, dels: &mut Vec<Delivery>) {
+/// Write the undelivered FIFO of shard `q` front to back, one engine write
+/// per `MAX_WRITE_BYTES`: publish, push, and arrive on each batch whose
+/// delivery is complete. Stops at the first failed write and stalls (the
+/// entries not written stay queued, in order). True if anything was written.
+fn write_deliveries(sh: &Shared, q: usize, st: &mut WorkerState) -> bool {
     type Owner<'a> = (&'a directory::Recipient, Option<&'a Arc<Entry>>);
-    let mut items: Vec<(TimelineId, &[u8])> = Vec::new();
-    let mut owners: Vec<Owner<'_>> = Vec::new();
-    let mut bytes = 0usize;
-    let mut failed: Option<String> = None;
-    let flush = |items: &mut Vec<(TimelineId, &[u8])>,
-                 owners: &mut Vec<Owner<'_>>,
-                 failed: &mut Option<String>| {
-        if items.is_empty() {
-            return;
-        }
-        match write_engine(sh, items) {
-            Ok(seqs) => {
-                bump(&sh.stats.sync_writes, seqs.len() as u64);
-                for (&(r, _), &seq) in owners.iter().zip(&seqs) {
-                    r.1.publish(seq);
-                }
-                if sh.subs.any() {
-                    for (&((u, _), e), &seq) in owners.iter().zip(&seqs) {
-                        let u = *u;
-                        if let Some(e) = e {
-                            sh.subs.push(q, u, || Push::Entry {
-                                user: u,
-                                entry: SyncEntry {
-                                    seq,
-                                    entry: (**e).clone(),
-                                },
-                            });
+    let mut wrote = false;
+    while !st.undelivered.is_empty() {
+        // `ends[k]`: where delivery k stands once this write is durable.
+        let mut ends: Vec<(usize, usize)> = Vec::new();
+        let res = {
+            let mut items: Vec<(TimelineId, &[u8])> = Vec::new();
+            let mut owners: Vec<Owner<'_>> = Vec::new();
+            let mut bytes = 0usize;
+            'build: for d in &st.undelivered {
+                let (mut i, mut r) = d.next;
+                while let Some(it) = d.items.get(i) {
+                    while let Some(rc) = it.recipients.get(r) {
+                        if bytes >= MAX_WRITE_BYTES {
+                            ends.push((i, r));
+                            break 'build;
                         }
+                        items.push((TimelineId::sync(rc.0), &it.record[..]));
+                        owners.push((rc, it.entry.as_ref()));
+                        bytes += it.record.len() + 64;
+                        r += 1;
                     }
+                    i += 1;
+                    r = 0;
                 }
+                ends.push((i, 0));
             }
-            Err(e) => {
-                tracing::error!(error = %e, "sync delivery failed");
-                *failed = Some(e.to_string());
+            if items.is_empty() {
+                Ok(()) // only finished deliveries left: pop them below
+            } else {
+                write_engine(sh, &items).map(|seqs| publish(sh, q, &owners, &seqs))
             }
+        };
+        if let Err(e) = res {
+            stall(sh, st, e);
+            return wrote;
         }
-        items.clear();
-        owners.clear();
-    };
-    for d in dels.iter() {
-        for it in &d.items {
-            for r in it.recipients.iter() {
-                items.push((TimelineId::sync(r.0), &it.record[..]));
-                owners.push((r, it.entry.as_ref()));
-                bytes += it.record.len() + 64;
-                if bytes >= MAX_WRITE_BYTES {
-                    flush(&mut items, &mut owners, &mut failed);
-                    bytes = 0;
+        wrote = true;
+        if st.stall.take().is_some() {
+            sh.stalled.fetch_sub(1, Ordering::AcqRel);
+            tracing::info!(shard = q, "sync deliveries resumed");
+        }
+        for (d, end) in st.undelivered.iter_mut().zip(ends) {
+            d.next = end;
+        }
+        while st.undelivered.front().is_some_and(Delivery::is_written) {
+            if let Some(d) = st.undelivered.pop_front() {
+                if d.batch.latch.arrive() {
+                    finish_batch(sh, &d.batch);
                 }
             }
         }
     }
-    flush(&mut items, &mut owners, &mut failed);
-    drop(items);
-    drop(owners);
-    for d in dels.drain(..) {
-        if let Some(f) = &failed {
-            d.batch.state.lock().failed = Some(f.clone());
-        }
-        if d.batch.latch.arrive() {
-            finish_batch(sh, &d.batch);
+    wrote
+}
+
+/// Sync entries just made durable: raise each user's watermark, push.
+fn publish(
+    sh: &Shared,
+    q: usize,
+    owners: &[(&directory::Recipient, Option<&Arc<Entry>>)],
+    seqs: &[SeqId],
+) {
+    bump(&sh.stats.sync_writes, seqs.len() as u64);
+    for (&(r, _), &seq) in owners.iter().zip(seqs) {
+        r.1.publish(seq);
+    }
+    if sh.subs.any() {
+        for (&((u, _), e), &seq) in owners.iter().zip(seqs) {
+            let u = *u;
+            if let Some(e) = e {
+                sh.subs.push(q, u, || Push::Entry {
+                    user: u,
+                    entry: SyncEntry {
+                        seq,
+                        entry: (**e).clone(),
+                    },
+                });
+            }
         }
     }
+}
+
+/// A sync write failed: keep everything queued, retry after a backoff,
+/// and tell the senders of every queued batch that delivery is pending.
+fn stall(sh: &Shared, st: &mut WorkerState, e: crate::Error) {
+    let backoff = st
+        .stall
+        .as_ref()
+        .map_or(FIRST_RETRY, |s| (s.backoff * 2).min(MAX_RETRY));
+    if st.stall.is_none() {
+        sh.stalled.fetch_add(1, Ordering::AcqRel);
+        tracing::error!(error = %e, "sync delivery failed; retrying until it is durable");
+    }
+    let reason = e.to_string();
+    *sh.last_stall.lock() = Some(ImError::Engine(e));
+    for d in &st.undelivered {
+        defer(&d.batch, &reason);
+    }
+    st.stall = Some(Stall {
+        retry_at: Instant::now() + backoff,
+        backoff,
+        reason,
+    });
 }
 
 /// Read markers and deletes-for-me of users owned by shard `q`.

@@ -161,9 +161,10 @@ code_table!(ErrorCode {
     NOT_MEMBER = 302,
     /// `arg` = the user.
     ALREADY_MEMBER = 303,
-    /// The message is stored at seq `arg` (it is in the history) but its
-    /// fan-out failed; the server completes it when reopened. Do not resend
-    /// under a new client message id.
+    /// The message is stored at seq `arg` (it is in the history); its
+    /// delivery to the members' sync timelines is pending and the server
+    /// retries it by itself. Retry with the same client message id to learn
+    /// when it is done; never resend under a new one.
     FANOUT_FAILED = 304,
 });
 
