@@ -69,7 +69,7 @@
 //!   so this assumes W1's id space), then spot-checks pages of up to 1,000
 //!   timelines (`errors`).
 //! - **`fanout` (W3)**, **`im` (W4)**, **`fanout-sweep` (W5)**: the IM
-//!   workloads, on the IM layer `timeline_engine::im` (`--target engine`
+//!   workloads, on the IM layer `timeline_im` (`--target engine`
 //!   only), described below.
 //!
 //! # The IM workloads (W3, W4, W5)

@@ -21,14 +21,11 @@ mod commit;
 pub mod config;
 mod engine;
 pub mod error;
-pub(crate) mod fanout;
 pub mod format;
-pub mod im;
 pub mod index;
 pub mod io;
 pub(crate) mod segment;
 mod shard;
-pub(crate) mod sync;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{Config, Durability, Keyspace, KeyspaceConfig};

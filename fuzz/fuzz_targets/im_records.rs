@@ -7,8 +7,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use std::sync::Arc;
-use timeline_engine::im::entry::{CatalogRecord, JournalRecord, StoreEntry, SyncRecord};
-use timeline_engine::im::{reserved_timelines, ConvKind, HistoryFrom, Im, ImConfig};
+use timeline_im::entry::{CatalogRecord, JournalRecord, StoreEntry, SyncRecord};
+use timeline_im::{reserved_timelines, ConvKind, HistoryFrom, Im, ImConfig};
 use timeline_engine::io::MemIo;
 use timeline_engine::*;
 

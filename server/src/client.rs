@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
-use timeline_engine::im::Push;
+use timeline_im::Push;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

@@ -8,7 +8,7 @@
 use clap::{Parser, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
-use timeline_engine::im::{EntryMode, ImConfig};
+use timeline_im::{EntryMode, ImConfig};
 use timeline_engine::{Config, Durability, KeyspaceConfig};
 use timeline_server::ServerConfig;
 

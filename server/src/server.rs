@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use timeline_engine::im::{Im, ImConfig, Pending, Push, SendAck};
+use timeline_im::{Im, ImConfig, Pending, Push, SendAck};
 use timeline_engine::{AppendTicket, Config, Durability, Engine};
 
 /// Server settings (the binary's flags).
@@ -85,7 +85,7 @@ pub enum ServerError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Im(#[from] timeline_engine::im::ImError),
+    Im(#[from] timeline_im::ImError),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -169,7 +169,7 @@ impl ServerHandle {
             Err(s) => {
                 s.im.engine()
                     .sync()
-                    .map_err(timeline_engine::im::ImError::from)?
+                    .map_err(timeline_im::ImError::from)?
             }
         }
         tracing::info!("server stopped; acknowledged data is durable");
@@ -820,7 +820,7 @@ fn execute(
 ) -> Result<Option<Out>, ErrorReply> {
     let im = &sh.im;
     let engine: &Engine = im.engine();
-    let ie = |e: timeline_engine::im::ImError| ErrorReply::from(&e);
+    let ie = |e: timeline_im::ImError| ErrorReply::from(&e);
     let ee = |e: timeline_engine::Error| ErrorReply::from(&e);
     let resp = match r {
         Request::Hello(_) => return Err(ErrorReply::new(ErrorCode::INVALID_ARGUMENT, 0, "HELLO")),
@@ -1046,7 +1046,7 @@ fn scan(
 /// Offer a subscription's pushes to the connection without ever blocking:
 /// a full output queue drops the push and owes the client one `resync`.
 fn forward(
-    sub: timeline_engine::im::Subscription,
+    sub: timeline_im::Subscription,
     id: u64,
     tx: Sender<Out>,
     stop: Arc<AtomicBool>,

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use timeline_engine::im::{Body, ConvKind, HistoryFrom, Push};
+use timeline_im::{Body, ConvKind, HistoryFrom, Push};
 use timeline_engine::{Direction, Durability, TimelineId};
 use timeline_server::protocol::token::{self, Claims, Role};
 use timeline_server::protocol::{

@@ -123,8 +123,8 @@ pub fn count_files(dir: &Path) -> usize {
 /// The IM crash test's layout: direct conversations, write-fan-out groups,
 /// read-fan-out groups (more members than [`IM_CRASH_THRESHOLD`]) and one
 /// group whose membership the child keeps changing. `(conv, kind, members)`.
-pub fn im_crash_convs() -> Vec<(u64, timeline_engine::im::ConvKind, Vec<u64>)> {
-    use timeline_engine::im::ConvKind;
+pub fn im_crash_convs() -> Vec<(u64, timeline_im::ConvKind, Vec<u64>)> {
+    use timeline_im::ConvKind;
     let mut v = Vec::new();
     for i in 0..4u64 {
         v.push((1 + i, ConvKind::Direct, vec![100 + i, 101 + i]));
@@ -155,10 +155,10 @@ pub const IM_CRASH_CHURN: u64 = 30;
 pub const IM_CRASH_CHURNERS: [u64; 3] = [103, 104, 105];
 
 /// Engine and IM configuration of the IM crash test (child and parent).
-pub fn im_crash_cfg() -> (Config, timeline_engine::im::ImConfig) {
+pub fn im_crash_cfg() -> (Config, timeline_im::ImConfig) {
     let mut c = crash_cfg(true);
     c.shards = 3;
-    let ic = timeline_engine::im::ImConfig {
+    let ic = timeline_im::ImConfig {
         hybrid_threshold: IM_CRASH_THRESHOLD,
         durability: timeline_engine::Durability::GroupCommit,
         max_batch: 64,

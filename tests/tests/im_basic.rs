@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
-use timeline_engine::im::*;
+use timeline_im::*;
 use timeline_engine::{Config, Durability};
 
 fn cfg() -> Config {

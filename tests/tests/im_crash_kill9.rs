@@ -18,8 +18,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use timeline_engine::im::entry::{EventKind, StoreEntry, SyncRecord};
-use timeline_engine::im::Im;
+use timeline_im::entry::{EventKind, StoreEntry, SyncRecord};
+use timeline_im::Im;
 use timeline_engine::{Direction, Engine, TimelineId};
 use timeline_tests::{im_crash_cfg, im_crash_convs, IM_CRASH_THRESHOLD};
 

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use timeline_engine::im::*;
+use timeline_im::*;
 use timeline_engine::io::{MemFaults, MemIo};
 use timeline_engine::{Config, Durability, Error};
 

@@ -11,7 +11,7 @@ use proptest::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
-use timeline_engine::im::*;
+use timeline_im::*;
 use timeline_engine::{Config, Durability, KeyspaceConfig, ManualClock};
 
 const USERS: u64 = 5;

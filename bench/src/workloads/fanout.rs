@@ -12,7 +12,7 @@ use rand::Rng;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
-use timeline_engine::im::{ConvId, ConvKind, UserId};
+use timeline_im::{ConvId, ConvKind, UserId};
 
 /// Most groups created: `--groups` messages beyond this go round-robin to
 /// the same groups (each group receives `--groups / MAX_GROUPS` messages).

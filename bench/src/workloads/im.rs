@@ -16,7 +16,7 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use timeline_engine::im::{ConvId, ConvKind, Push, UserId};
+use timeline_im::{ConvId, ConvKind, Push, UserId};
 
 /// Direct conversations per user (each has two members: every user is in
 /// two on average).
@@ -440,7 +440,7 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
                                 None
                             }
                         };
-                        if let Some(timeline_engine::im::Body::Message(m)) = body {
+                        if let Some(timeline_im::Body::Message(m)) = body {
                             if let Some(ts) = stamp_of(m) {
                                 hist.saturating_record(now.saturating_sub(ts));
                             }

@@ -28,7 +28,7 @@ use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
-use timeline_engine::im::{
+use timeline_im::{
     Body, ConvId, ConvKind, EntryMode, Im, ImConfig, ImError, ImStats, Pending, SendAck, SyncReply,
     UserId,
 };

@@ -13,7 +13,7 @@ use rand::Rng;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
-use timeline_engine::im::{ConvId, ConvKind, UserId};
+use timeline_im::{ConvId, ConvKind, UserId};
 
 /// Group sizes swept by default (log steps from 2 to 20,000).
 pub const DEFAULT_SIZES: [u64; 13] = [

@@ -4,7 +4,7 @@
 use super::codes::{ErrorCode, Opcode};
 use super::msg::ErrorReply;
 use super::token::TokenError;
-use timeline_engine::im::ImError;
+use timeline_im::ImError;
 
 /// A frame or body that does not decode.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

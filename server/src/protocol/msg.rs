@@ -18,7 +18,7 @@ use super::wire::{
     list_len, Put, Reader, Wire, R,
 };
 use super::ProtocolError;
-use timeline_engine::im::{
+use timeline_im::{
     ConvId, ConvKind, ConvSummary, Entry, HistoryFrom, HistoryPage, Push, SendAck, SyncEntry,
     SyncReply, UserId,
 };

@@ -6,7 +6,7 @@
 use super::*;
 use proptest::collection::vec;
 use proptest::prelude::*;
-use timeline_engine::im::{
+use timeline_im::{
     Body, ConvKind, ConvSummary, Entry, GroupPage, HistoryFrom, HistoryPage, Push, SendAck,
     SyncEntry, SyncReply,
 };

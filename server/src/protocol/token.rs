@@ -17,7 +17,7 @@
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use timeline_engine::im::UserId;
+use timeline_im::UserId;
 
 type HmacSha256 = Hmac<Sha256>;
 

@@ -15,7 +15,7 @@
 //! fields 0. A list's count is checked against the bytes left before
 //! anything is allocated, so a 4-byte count cannot ask for gigabytes.
 
-use timeline_engine::im::{Body, ConvKind, ConvSummary, Entry, GroupPage, SendAck, SyncEntry};
+use timeline_im::{Body, ConvKind, ConvSummary, Entry, GroupPage, SendAck, SyncEntry};
 use timeline_engine::{Direction, Durability, Keyspace, Record, TimelineId};
 
 /// Why a body failed to decode (becomes `ProtocolError::Malformed`).

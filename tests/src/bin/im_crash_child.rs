@@ -23,7 +23,7 @@ use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::sync::{Arc, Mutex};
-use timeline_engine::im::{Im, ImError, Pending, SendAck};
+use timeline_im::{Im, ImError, Pending, SendAck};
 use timeline_tests::{im_crash_cfg, im_crash_convs, IM_CRASH_CHURN, IM_CRASH_CHURNERS};
 
 fn log_line(log: &Mutex<File>, line: String) {

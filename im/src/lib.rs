@@ -1,36 +1,44 @@
-//! The IM message layer on top of the engine: conversations and membership,
+//! `timeline_im`: the IM message layer on top of the timeline engine
+//! (`timeline_engine`'s public API only): conversations and membership,
 //! send = store then sync, write / read / hybrid fan-out through per-shard
 //! workers connected by lock-free bounded mailboxes, checkpoint-based
 //! multi-device sync with no device state on the server, roaming history,
 //! read markers, recall and delete, and push subscriptions.
 //!
 //! ```no_run
-//! use timeline_engine::im::{ConvKind, Im, ImConfig};
+//! use timeline_im::{ConvKind, Im, ImConfig};
 //! use timeline_engine::Config;
 //! let im = Im::open("/tmp/im", Config::default(), ImConfig::default())?;
 //! im.create_conversation(1, ConvKind::Direct, &[10, 20])?;
 //! let ack = im.send(1, 10, 777, b"hi")?;                // stored, then fanned out
 //! let page = im.sync(20, 0, 100, &[])?;                  // any device, any checkpoint
 //! assert_eq!(page.entries.last().unwrap().entry.conv_seq, ack.seq);
-//! # Ok::<(), timeline_engine::im::ImError>(())
+//! # Ok::<(), timeline_im::ImError>(())
 //! ```
 //!
+//! Modules: `worker` (the write path: one worker per shard), `read` (sync,
+//! history, lists), `recovery` (open: catalog replay, dedup rebuild,
+//! interrupted fan-outs), `directory` (in-memory membership), `entry` (the
+//! IM records' bytes), `subscribe` (push), `fanout/` (mailboxes, watermarks,
+//! latch, completion window) on the `sync` facade that loom swaps in.
 //! Layout and the reasoning behind it: `docs/design.md`, "IM layer".
 
 mod directory;
 pub mod entry;
 mod error;
+mod fanout;
 mod read;
 mod recovery;
 mod subscribe;
+mod sync;
 mod worker;
 
 pub use entry::{ConvKind, EventKind};
 pub use error::{ImError, Result};
 pub use subscribe::{Push, Subscription};
 
-use crate::config::{Config, Durability};
-use crate::engine::{Engine, SeqId, TimelineId};
+use timeline_engine::{Config, Durability};
+use timeline_engine::{Engine, SeqId, TimelineId};
 use crate::fanout::mailbox::{Mailbox, Signal};
 use crate::fanout::watermark::CompletionWindow;
 use directory::Directory;
@@ -406,7 +414,7 @@ impl Im {
             let h = std::thread::Builder::new()
                 .name(format!("im-worker-{p}"))
                 .spawn(move || worker::run(sh, p, st))
-                .map_err(|e| crate::Error::io("im-worker", e))?;
+                .map_err(|e| timeline_engine::Error::io("im-worker", e))?;
             threads.push(h);
         }
         Ok(Im {

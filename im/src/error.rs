@@ -1,6 +1,6 @@
 //! The IM layer's error type.
 
-use super::{ConvId, UserId};
+use crate::{ConvId, UserId};
 
 pub type Result<T, E = ImError> = std::result::Result<T, E>;
 
@@ -8,10 +8,10 @@ pub type Result<T, E = ImError> = std::result::Result<T, E>;
 pub enum ImError {
     /// The storage engine failed (I/O, corruption, a poisoned shard, ...).
     #[error(transparent)]
-    Engine(#[from] crate::Error),
+    Engine(#[from] timeline_engine::Error),
     /// An IM record failed to decode: a damaged file or a foreign record.
     #[error("{0}")]
-    Corrupt(#[from] super::entry::DecodeError),
+    Corrupt(#[from] crate::entry::DecodeError),
     #[error("conversation {0} does not exist")]
     NoSuchConversation(ConvId),
     #[error("conversation {0} already exists")]
@@ -42,7 +42,7 @@ pub enum ImError {
 }
 
 impl ImError {
-    /// An equal error for a second waiter (see [`crate::Error::duplicate`]).
+    /// An equal error for a second waiter (see [`timeline_engine::Error::duplicate`]).
     pub fn duplicate(&self) -> ImError {
         match self {
             ImError::Engine(e) => ImError::Engine(e.duplicate()),

@@ -2,14 +2,14 @@
 //! worker's path: they read the engine directly, bounded by the watermarks
 //! the workers publish once data is durable.
 
-use super::directory::{covers, is_current};
-use super::entry::{ConvKind, EventKind, StoreEntry, SyncRecord};
-use super::{
+use crate::directory::{covers, is_current};
+use crate::entry::{ConvKind, EventKind, StoreEntry, SyncRecord};
+use crate::{
     bump, Body, ConvId, ConvSummary, Entry, GroupPage, HistoryFrom, HistoryPage, ImError, Result,
     Shared, SyncEntry, SyncReply, UserId,
 };
-use crate::engine::{Direction, SeqId, TimelineId};
-use crate::{Error, Record};
+use timeline_engine::{Direction, SeqId, TimelineId};
+use timeline_engine::{Error, Record};
 use std::sync::atomic::Ordering;
 
 /// Most entries one call returns.

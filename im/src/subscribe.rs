@@ -2,7 +2,7 @@
 //! subscriber that falls behind is told to resync from its checkpoint
 //! instead of slowing senders or growing memory.
 
-use super::{Entry, SyncEntry, UserId};
+use crate::{Entry, SyncEntry, UserId};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use hashbrown::HashMap;
 use parking_lot::Mutex;

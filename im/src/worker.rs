@@ -28,17 +28,17 @@
 //! answers queued requests with the stall's error instead of letting their
 //! senders block.
 
-use super::directory::{self, covers, is_current};
-use super::entry::{
+use crate::directory::{self, covers, is_current};
+use crate::entry::{
     self, CatalogRecord, ConvKind, EventKind, IntentOp, JournalRecord, StoreEntry, SyncRecord,
 };
-use super::subscribe::Push;
-use super::{
+use crate::subscribe::Push;
+use crate::{
     bump, Body, ConvId, Entry, EntryMode, ImError, Reply, Result, SendAck, Shared, SyncEntry,
     UserId,
 };
-use crate::config::Durability;
-use crate::engine::{SeqId, TimelineId};
+use timeline_engine::Durability;
+use timeline_engine::{SeqId, TimelineId};
 use crate::fanout::mailbox::PushError;
 use crate::fanout::watermark::Latch;
 use hashbrown::HashMap;
@@ -780,7 +780,7 @@ fn ack_when_done(sh: &Shared, p: usize, st: &WorkerState, batch: u64, ack: Ack) 
     }
 }
 
-fn write_engine(sh: &Shared, items: &[(TimelineId, &[u8])]) -> crate::Result<Vec<SeqId>> {
+fn write_engine(sh: &Shared, items: &[(TimelineId, &[u8])]) -> timeline_engine::Result<Vec<SeqId>> {
     sh.engine.append_batch(items, sh.cfg.durability)
 }
 
@@ -1273,7 +1273,7 @@ fn publish(
 
 /// A sync write failed: keep everything queued, retry after a backoff,
 /// and tell the senders of every queued batch that delivery is pending.
-fn stall(sh: &Shared, st: &mut WorkerState, e: crate::Error) {
+fn stall(sh: &Shared, st: &mut WorkerState, e: timeline_engine::Error) {
     let backoff = st
         .stall
         .as_ref()

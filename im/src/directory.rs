@@ -4,8 +4,8 @@
 //! never one per conversation or user); each shard's entries are changed by
 //! the worker that owns the shard, and read by any thread.
 
-use super::entry::ConvKind;
-use super::{ConvId, UserId};
+use crate::entry::ConvKind;
+use crate::{ConvId, UserId};
 use crate::fanout::watermark::Watermark;
 use hashbrown::{HashMap, HashSet};
 use parking_lot::RwLock;

@@ -2,7 +2,7 @@
 //! backpressure ([`mailbox`]) and the marks readers and recovery trust
 //! ([`watermark`]). Everything here is built on the [`crate::sync`] facade
 //! and model-checked by the `loom` tests (`RUSTFLAGS="--cfg loom" cargo test
-//! -p timeline-engine --release loom`).
+//! -p timeline-im --release loom`).
 
 pub(crate) mod mailbox;
 pub(crate) mod watermark;

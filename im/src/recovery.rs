@@ -13,11 +13,11 @@
 //!   the entries of one conversation a crash left out of a user's sync
 //!   timeline are a suffix of that conversation's entries there.
 
-use super::directory::covers;
-use super::entry::{CatalogRecord, EventKind, IntentOp, JournalRecord, StoreEntry, SyncRecord};
-use super::worker::{apply_op, WorkerState};
-use super::{ConvId, EntryMode, Result, Shared, UserId};
-use crate::engine::{Direction, TimelineId};
+use crate::directory::covers;
+use crate::entry::{CatalogRecord, EventKind, IntentOp, JournalRecord, StoreEntry, SyncRecord};
+use crate::worker::{apply_op, WorkerState};
+use crate::{ConvId, EntryMode, Result, Shared, UserId};
+use timeline_engine::{Direction, TimelineId};
 use hashbrown::{HashMap, HashSet};
 
 const PAGE: usize = 1024;
@@ -152,7 +152,7 @@ fn scan_journal(sh: &Shared, p: usize) -> Result<(WorkerState, Vec<PendingBatch>
     keys.reverse();
     // A damaged journal could claim the last batch number.
     let next = max_batch.checked_add(1).ok_or_else(|| {
-        super::ImError::InvalidArgument(format!(
+        crate::ImError::InvalidArgument(format!(
             "journal of shard {p} claims batch {max_batch}: damaged"
         ))
     })?;
@@ -215,7 +215,7 @@ fn complete(sh: &Shared, p: usize, pending: &[PendingBatch]) -> Result<()> {
                     seq: o.seq,
                     ts_ms: rec.timestamp_ms,
                     entry: StoreEntry {
-                        body: super::entry::sync_body(&se),
+                        body: crate::entry::sync_body(&se),
                         ..se
                     },
                 },
@@ -263,7 +263,7 @@ fn recent_entries(sh: &Shared, user: UserId, since_ms: u64) -> Result<HashSet<(C
     loop {
         let recs = match sh.engine.scan(tl, cursor, PAGE, Direction::Backward) {
             Ok(r) => r,
-            Err(crate::Error::Truncated { .. }) => break,
+            Err(timeline_engine::Error::Truncated { .. }) => break,
             Err(e) => return Err(e.into()),
         };
         let Some(oldest) = recs.last() else { break };
@@ -298,10 +298,10 @@ fn repair_catalog(sh: &Shared, p: usize, o: &IntentOp, se: &StoreEntry<'_>) -> R
                 // A torn write can keep the `Created` record and only some of
                 // its members' catalog records: add the missing ones (review:
                 // this used to run only when no member record survived).
-                let kind = super::entry::ConvKind::from_u8(o.arg as u8)
-                    .unwrap_or(super::entry::ConvKind::Group);
-                let members: Vec<UserId> = super::entry::created_members(se.body);
-                let rs = if kind == super::entry::ConvKind::Group && members.len() > t {
+                let kind = crate::entry::ConvKind::from_u8(o.arg as u8)
+                    .unwrap_or(crate::entry::ConvKind::Group);
+                let members: Vec<UserId> = crate::entry::created_members(se.body);
+                let rs = if kind == crate::entry::ConvKind::Group && members.len() > t {
                     o.seq + 1
                 } else {
                     0

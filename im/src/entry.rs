@@ -2,7 +2,7 @@
 //! caller's buffer, decode from a slice, every length checked first.
 //! Little-endian, like the engine. Byte grids: `docs/design.md`, "IM layer".
 
-use super::{ConvId, UserId};
+use crate::{ConvId, UserId};
 
 /// A malformed IM record (a damaged file or a foreign record in an IM
 /// timeline); never a panic.
