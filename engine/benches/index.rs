@@ -5,6 +5,7 @@ use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 use timeline_engine::index::{Pos, TimelineTable};
 use timeline_engine::io::MemIo;
+use timeline_engine::Keyspace;
 use timeline_engine::{Config, Direction, Durability, Engine, TimelineId};
 
 fn table(c: &mut Criterion) {
@@ -25,7 +26,7 @@ fn sealed_get(c: &mut Criterion) {
     let mut cfg = Config::default();
     cfg.io = Some(Arc::new(MemIo::new()));
     cfg.background = false;
-    cfg.store.segment_bytes = 16 << 20;
+    cfg.keyspace_mut(Keyspace::STORE).segment_bytes = 16 << 20;
     let e = Engine::open("/bench", cfg).expect("open");
     let payload = [1u8; 100];
     let items: Vec<(TimelineId, &[u8])> = (0..1000u64)

@@ -29,31 +29,34 @@ impl Durability {
     }
 }
 
-/// The keyspaces: each has its own directory, segments and retention.
+/// A keyspace's id: the byte segment headers carry. A keyspace is a set of
+/// timelines with its own directory, segments, retention and layout; the
+/// engine opens whatever keyspaces [`Config::keyspaces`] lists and never
+/// branches on which one it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Keyspace {
-    /// Conversation history, kept forever by default.
-    Store = 0,
-    /// Per-receiver sync timelines, kept for a TTL (default 7 days).
-    Sync = 1,
-}
+pub struct Keyspace(pub u8);
 
 impl Keyspace {
-    pub const ALL: [Keyspace; 2] = [Keyspace::Store, Keyspace::Sync];
-    pub fn name(self) -> &'static str {
-        match self {
-            Keyspace::Store => "store",
-            Keyspace::Sync => "sync",
-        }
-    }
-    pub fn index(self) -> usize {
-        self as usize
+    /// The default configuration's keyspace that keeps everything
+    /// (conversation history: the IM *store*), in `DIR/store/`.
+    pub const STORE: Keyspace = Keyspace(0);
+    /// The default configuration's TTL keyspace (per-receiver *sync*
+    /// timelines), in `DIR/sync/`.
+    pub const SYNC: Keyspace = Keyspace(1);
+}
+
+impl std::fmt::Display for Keyspace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "keyspace {}", self.0)
     }
 }
 
 /// Per-keyspace settings.
 #[derive(Debug, Clone)]
 pub struct KeyspaceConfig {
+    pub id: Keyspace,
+    /// Its directory under the engine's (`[a-z0-9_-]+`, unique).
+    pub name: String,
     /// Records older than this are dropped with their segment; `None` keeps all.
     pub ttl: Option<Duration>,
     /// A segment is sealed once it reaches this many bytes (max 1 GiB).
@@ -63,26 +66,40 @@ pub struct KeyspaceConfig {
     pub segment_window: Duration,
     /// Rewrite sealed segments so each timeline's records are contiguous
     /// (doubles bytes written; makes cold range reads one contiguous read).
+    /// `false` keeps sealed segments in log (arrival) order.
     pub regroup: bool,
 }
 
 impl KeyspaceConfig {
-    pub fn store() -> Self {
+    /// A keyspace that keeps everything, regrouped on seal.
+    pub fn keep_all(id: Keyspace, name: &str) -> Self {
         KeyspaceConfig {
+            id,
+            name: name.to_string(),
             ttl: None,
             segment_bytes: 64 << 20,
             segment_window: Duration::from_secs(3600),
             regroup: true,
         }
     }
-    pub fn sync() -> Self {
-        let ttl = Duration::from_secs(7 * 24 * 3600);
+    /// A keyspace whose records expire after `ttl`, in log order.
+    pub fn expiring(id: Keyspace, name: &str, ttl: Duration) -> Self {
         KeyspaceConfig {
+            id,
+            name: name.to_string(),
             ttl: Some(ttl),
             segment_bytes: 64 << 20,
             segment_window: ttl / 8,
             regroup: false,
         }
+    }
+    /// The default configuration's `store` keyspace.
+    pub fn store() -> Self {
+        Self::keep_all(Keyspace::STORE, "store")
+    }
+    /// The default configuration's `sync` keyspace (7-day TTL).
+    pub fn sync() -> Self {
+        Self::expiring(Keyspace::SYNC, "sync", Duration::from_secs(7 * 24 * 3600))
     }
     /// Set a TTL and a window of TTL / 8.
     pub fn with_ttl(mut self, ttl: Option<Duration>) -> Self {
@@ -100,8 +117,10 @@ pub struct Config {
     /// Timelines are spread over this many shards per keyspace, each with its
     /// own writer, active segment and file. Fixed when a directory is created.
     pub shards: usize,
-    pub store: KeyspaceConfig,
-    pub sync: KeyspaceConfig,
+    /// The keyspaces to open (default: [`KeyspaceConfig::store`] and
+    /// [`KeyspaceConfig::sync`]). Every keyspace directory found on disk
+    /// must be listed: opening refuses rather than ignore data.
+    pub keyspaces: Vec<KeyspaceConfig>,
     /// Largest accepted payload in bytes.
     pub max_payload: usize,
     /// File backend; `None` picks io_uring when available, else pread/pwrite.
@@ -119,8 +138,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             shards: 4,
-            store: KeyspaceConfig::store(),
-            sync: KeyspaceConfig::sync(),
+            keyspaces: vec![KeyspaceConfig::store(), KeyspaceConfig::sync()],
             max_payload: 1 << 20,
             io: None,
             clock: Arc::new(SystemClock),
@@ -131,10 +149,25 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The settings of keyspace `ks`.
+    ///
+    /// # Panics
+    /// If the configuration has no such keyspace (a programming error:
+    /// [`Engine::open`](crate::Engine::open) refuses such a timeline with
+    /// `InvalidArgument`, this accessor is for code that built the config).
     pub fn keyspace(&self, ks: Keyspace) -> &KeyspaceConfig {
-        match ks {
-            Keyspace::Store => &self.store,
-            Keyspace::Sync => &self.sync,
-        }
+        self.find(ks)
+            .unwrap_or_else(|| panic!("no {ks} in this configuration"))
+    }
+    /// Mutable settings of keyspace `ks` (panics like [`keyspace`](Self::keyspace)).
+    pub fn keyspace_mut(&mut self, ks: Keyspace) -> &mut KeyspaceConfig {
+        self.keyspaces
+            .iter_mut()
+            .find(|k| k.id == ks)
+            .unwrap_or_else(|| panic!("no {ks} in this configuration"))
+    }
+    /// The settings of keyspace `ks`, if configured.
+    pub fn find(&self, ks: Keyspace) -> Option<&KeyspaceConfig> {
+        self.keyspaces.iter().find(|k| k.id == ks)
     }
 }

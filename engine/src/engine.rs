@@ -1,7 +1,7 @@
 //! The public engine: keyspaces of sharded timelines, the append and read
 //! API, background maintenance, statistics.
 
-use crate::config::{Config, Durability, Keyspace};
+use crate::config::{Config, Durability, Keyspace, KeyspaceConfig};
 use crate::error::{Error, Result};
 use crate::format;
 use crate::index::table::hash_id;
@@ -22,17 +22,16 @@ pub struct TimelineId {
 }
 
 impl TimelineId {
-    pub fn store(id: u64) -> Self {
-        TimelineId {
-            keyspace: Keyspace::Store,
-            id,
-        }
+    pub fn new(keyspace: Keyspace, id: u64) -> Self {
+        TimelineId { keyspace, id }
     }
+    /// Timeline `id` of [`Keyspace::STORE`] (the default configuration's).
+    pub fn store(id: u64) -> Self {
+        Self::new(Keyspace::STORE, id)
+    }
+    /// Timeline `id` of [`Keyspace::SYNC`] (the default configuration's).
     pub fn sync(id: u64) -> Self {
-        TimelineId {
-            keyspace: Keyspace::Sync,
-            id,
-        }
+        Self::new(Keyspace::SYNC, id)
     }
 }
 
@@ -51,6 +50,8 @@ pub enum Direction {
 /// Per-keyspace statistics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyspaceStats {
+    /// The keyspace's directory name (empty in [`Stats::total`]).
+    pub name: String,
     pub timelines: u64,
     pub records: u64,
     pub payload_bytes: u64,
@@ -78,34 +79,36 @@ impl KeyspaceStats {
     }
 }
 
-/// Engine statistics.
+/// Engine statistics: one entry per configured keyspace, in config order.
 #[derive(Debug, Clone, Default)]
 pub struct Stats {
-    pub store: KeyspaceStats,
-    pub sync: KeyspaceStats,
+    pub keyspaces: Vec<(Keyspace, KeyspaceStats)>,
 }
 
 impl Stats {
     pub fn total(&self) -> KeyspaceStats {
-        let (a, b) = (&self.store, &self.sync);
-        KeyspaceStats {
-            timelines: a.timelines + b.timelines,
-            records: a.records + b.records,
-            payload_bytes: a.payload_bytes + b.payload_bytes,
-            record_bytes: a.record_bytes + b.record_bytes,
-            bytes_written: a.bytes_written + b.bytes_written,
-            sealed_segments: a.sealed_segments + b.sealed_segments,
-            dropped_segments: a.dropped_segments + b.dropped_segments,
-            files: a.files + b.files,
-            index_bytes: a.index_bytes + b.index_bytes,
-            fsyncs: a.fsyncs + b.fsyncs,
+        let mut t = KeyspaceStats::default();
+        for (_, k) in &self.keyspaces {
+            t.timelines += k.timelines;
+            t.records += k.records;
+            t.payload_bytes += k.payload_bytes;
+            t.record_bytes += k.record_bytes;
+            t.bytes_written += k.bytes_written;
+            t.sealed_segments += k.sealed_segments;
+            t.dropped_segments += k.dropped_segments;
+            t.files += k.files;
+            t.index_bytes += k.index_bytes;
+            t.fsyncs += k.fsyncs;
         }
+        t
     }
-    pub fn keyspace(&self, ks: Keyspace) -> &KeyspaceStats {
-        match ks {
-            Keyspace::Store => &self.store,
-            Keyspace::Sync => &self.sync,
-        }
+    /// The statistics of `ks` (all zero if it is not configured).
+    pub fn keyspace(&self, ks: Keyspace) -> KeyspaceStats {
+        self.keyspaces
+            .iter()
+            .find(|(k, _)| *k == ks)
+            .map(|(_, s)| s.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -133,7 +136,7 @@ impl AppendTicket {
     }
     /// True once an fdatasync covering every append of the ticket completed.
     pub fn is_durable(&self) -> bool {
-        self.waits.iter().all(|(s, lsn)| s.commit.is_synced(*lsn))
+        self.waits.iter().all(|(s, lsn)| s.is_durable(*lsn))
     }
     /// Block until durable (leading a shared fdatasync if none is running).
     pub fn wait(self) -> Result<Vec<SeqId>> {
@@ -145,6 +148,8 @@ impl AppendTicket {
 }
 
 struct KeyspaceState {
+    id: Keyspace,
+    name: String,
     shards: Vec<Arc<Shard>>,
 }
 
@@ -152,7 +157,9 @@ struct Inner {
     dir: PathBuf,
     cfg: Config,
     io: Arc<dyn Io>,
-    keyspaces: [KeyspaceState; 2],
+    keyspaces: Vec<KeyspaceState>,
+    /// Keyspace id -> index into `keyspaces`.
+    slot: [Option<u8>; 256],
     closed: AtomicBool,
     wake: crossbeam_channel::Sender<()>,
     maint_thread: Mutex<Option<JoinHandle<()>>>,
@@ -174,70 +181,87 @@ impl std::fmt::Debug for Engine {
 /// seal inline.
 const MAX_FROZEN_PER_SHARD: usize = 2;
 
-const META_FILE: &str = "engine.meta";
-const META_MAGIC: [u8; 8] = *b"TMLNMETA";
-
-/// `engine.meta := magic:[u8;8] version:u16 shards:u32 reserved:u16 crc32:u32` (20 bytes)
-fn encode_meta(shards: u32) -> Vec<u8> {
-    let mut b = Vec::with_capacity(20);
-    b.extend_from_slice(&META_MAGIC);
-    b.extend_from_slice(&format::FORMAT_VERSION.to_le_bytes());
-    b.extend_from_slice(&shards.to_le_bytes());
-    b.extend_from_slice(&[0, 0]);
-    let c = crc32fast::hash(&b);
-    b.extend_from_slice(&c.to_le_bytes());
-    b
+fn decode_meta(path: &Path, b: &[u8]) -> Result<u32> {
+    format::meta::decode(b).map_err(|e| Error::format(path, 0, e))
 }
 
-fn decode_meta(path: &Path, b: &[u8]) -> Result<u32> {
-    let bad = |what: &str| Error::corruption(path, 0, what.to_string());
-    if b.len() != 20 || b.get(..8) != Some(&META_MAGIC[..]) {
-        return Err(bad("bad engine.meta magic or length"));
+/// A configuration the engine can open: at least one keyspace, unique ids
+/// and directory names, segment sizes in range.
+fn check_config(cfg: &Config) -> Result<()> {
+    if cfg.keyspaces.is_empty() {
+        return Err(Error::InvalidArgument("no keyspace configured".into()));
     }
-    let stored = format::get_u32(b, 16).map_err(|e| bad(&e.to_string()))?;
-    if crc32fast::hash(b.get(..16).unwrap_or_default()) != stored {
-        return Err(bad("engine.meta checksum mismatch"));
+    for (i, k) in cfg.keyspaces.iter().enumerate() {
+        let valid_name = !k.name.is_empty()
+            && k.name.len() <= 64
+            && k.name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if !valid_name {
+            return Err(Error::InvalidArgument(format!(
+                "keyspace name {:?} must be 1-64 of [a-z0-9_-]",
+                k.name
+            )));
+        }
+        if let Some(o) = cfg.keyspaces[..i]
+            .iter()
+            .find(|o| o.id == k.id || o.name == k.name)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "keyspaces {:?} ({}) and {:?} ({}) share an id or a name",
+                o.name, o.id.0, k.name, k.id.0
+            )));
+        }
+        if k.segment_bytes < 64 << 10 || k.segment_bytes > 1 << 30 {
+            return Err(Error::InvalidArgument(format!(
+                "{}: segment_bytes must be in 64 KiB..=1 GiB",
+                k.name
+            )));
+        }
+        if cfg.max_payload as u64 + 4096 > k.segment_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "max_payload must be smaller than the {} segment size",
+                k.name
+            )));
+        }
     }
-    let v = format::get_u16(b, 8).map_err(|e| bad(&e.to_string()))?;
-    if v != format::FORMAT_VERSION {
-        return Err(Error::UnsupportedVersion {
-            path: path.to_path_buf(),
-            found: v,
-            supported: format::FORMAT_VERSION,
-        });
+    if cfg.shards == 0 || cfg.shards > 4096 {
+        return Err(Error::InvalidArgument("shards must be in 1..=4096".into()));
     }
-    let shards = format::get_u32(b, 10).map_err(|e| bad(&e.to_string()))?;
-    if shards == 0 || shards > 4096 {
-        return Err(bad("engine.meta shard count out of range"));
+    Ok(())
+}
+
+/// Refuse to open a directory holding segments of a keyspace the
+/// configuration does not list (they would silently disappear).
+fn check_no_unlisted_keyspace(io: &dyn Io, dir: &Path, cfg: &Config) -> Result<()> {
+    let names = io.list_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for n in names {
+        if cfg.keyspaces.iter().any(|k| k.name == n) {
+            continue;
+        }
+        let shard0 = dir.join(&n).join("000");
+        let holds_segments = io
+            .list_dir(&shard0)
+            .is_ok_and(|f| f.iter().any(|f| format::parse_file_name(f).is_some()));
+        if holds_segments {
+            return Err(Error::InvalidArgument(format!(
+                "{} holds keyspace data, but no configured keyspace is named {n:?}",
+                dir.join(&n).display()
+            )));
+        }
     }
-    Ok(shards)
+    Ok(())
 }
 
 impl Engine {
     /// Open the engine in `dir`, creating it if empty, recovering it otherwise.
     pub fn open(dir: impl AsRef<Path>, cfg: Config) -> Result<Engine> {
         let dir = dir.as_ref().to_path_buf();
-        for ks in Keyspace::ALL {
-            let k = cfg.keyspace(ks);
-            if k.segment_bytes < 64 << 10 || k.segment_bytes > 1 << 30 {
-                return Err(Error::InvalidArgument(format!(
-                    "{}: segment_bytes must be in 64 KiB..=1 GiB",
-                    ks.name()
-                )));
-            }
-            if cfg.max_payload as u64 + 4096 > k.segment_bytes {
-                return Err(Error::InvalidArgument(format!(
-                    "max_payload must be smaller than the {} segment size",
-                    ks.name()
-                )));
-            }
-        }
-        if cfg.shards == 0 || cfg.shards > 4096 {
-            return Err(Error::InvalidArgument("shards must be in 1..=4096".into()));
-        }
+        check_config(&cfg)?;
         let io = cfg.io.clone().unwrap_or_else(default_io);
         io.create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        let meta_path = dir.join(META_FILE);
+        check_no_unlisted_keyspace(io.as_ref(), &dir, &cfg)?;
+        let meta_path = dir.join(format::meta::META_FILE);
         let shards = match io.open(&meta_path, OpenMode::Existing) {
             Ok(f) => {
                 let len = f.len().map_err(|e| Error::io(&meta_path, e))? as usize;
@@ -251,7 +275,7 @@ impl Engine {
                 let f = io
                     .open(&tmp, OpenMode::CreateNew)
                     .map_err(|e| Error::io(&tmp, e))?;
-                f.write_at(&encode_meta(cfg.shards as u32), 0)
+                f.write_at(&format::meta::encode(cfg.shards as u32), 0)
                     .map_err(|e| Error::io(&tmp, e))?;
                 f.sync_data().map_err(|e| Error::io(&tmp, e))?;
                 io.rename(&tmp, &meta_path)
@@ -263,9 +287,10 @@ impl Engine {
         };
         // Shards recover independently: spread them over the cores
         // (recovery is CPU-bound once the files are in the page cache).
-        let jobs: Vec<(Keyspace, usize)> = Keyspace::ALL
+        let jobs: Vec<(&KeyspaceConfig, usize)> = cfg
+            .keyspaces
             .iter()
-            .flat_map(|&ks| (0..shards).map(move |s| (ks, s)))
+            .flat_map(|k| (0..shards).map(move |s| (k, s)))
             .collect();
         let workers = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -280,10 +305,9 @@ impl Engine {
                     let k = next.fetch_add(1, Ordering::Relaxed);
                     let Some(&(ks, s)) = jobs.get(k) else { return };
                     let r = Shard::open(
-                        ks,
                         s,
-                        dir.join(ks.name()).join(format!("{s:03}")),
-                        cfg.keyspace(ks).clone(),
+                        dir.join(&ks.name).join(format!("{s:03}")),
+                        ks.clone(),
                         io.clone(),
                         cfg.clock.clone(),
                     );
@@ -292,15 +316,21 @@ impl Engine {
             }
         });
         let mut opened = opened.into_inner().into_iter();
-        let mut take_ks = || -> Result<KeyspaceState> {
+        let mut keyspaces = Vec::with_capacity(cfg.keyspaces.len());
+        let mut slot = [None; 256];
+        for (i, k) in cfg.keyspaces.iter().enumerate() {
             let mut v = Vec::with_capacity(shards);
             for _ in 0..shards {
                 let r = opened.next().flatten().ok_or(Error::Closed)?;
                 v.push(Arc::new(r?));
             }
-            Ok(KeyspaceState { shards: v })
-        };
-        let keyspaces = [take_ks()?, take_ks()?];
+            slot[k.id.0 as usize] = Some(i as u8);
+            keyspaces.push(KeyspaceState {
+                id: k.id,
+                name: k.name.clone(),
+                shards: v,
+            });
+        }
         // The directory's shard count wins over the requested one.
         let mut cfg = cfg;
         cfg.shards = shards;
@@ -311,6 +341,7 @@ impl Engine {
                 cfg,
                 io,
                 keyspaces,
+                slot,
                 closed: AtomicBool::new(false),
                 wake: tx,
                 maint_thread: Mutex::new(None),
@@ -358,22 +389,34 @@ impl Engine {
         &self.inner.cfg
     }
 
-    fn shard(&self, tl: TimelineId) -> &Arc<Shard> {
-        &self.inner.keyspaces[tl.keyspace.index()].shards[self.shard_index(tl)]
+    fn keyspace(&self, ks: Keyspace) -> Result<&KeyspaceState> {
+        self.inner.slot[ks.0 as usize]
+            .and_then(|i| self.inner.keyspaces.get(i as usize))
+            .ok_or_else(|| Error::InvalidArgument(format!("{ks} is not configured")))
     }
 
-    /// Which shard of its keyspace holds `tl` (`0..shard_count()`). Both
-    /// keyspaces have the same shard count and hash, so `store(x)` and
-    /// `sync(x)` land on the same index: the IM layer gives each index one
-    /// writer thread.
+    fn shard(&self, tl: TimelineId) -> Result<&Arc<Shard>> {
+        let ks = self.keyspace(tl.keyspace)?;
+        ks.shards
+            .get(self.shard_index(tl))
+            .ok_or_else(|| Error::InvalidArgument(format!("{} has no shards", ks.name)))
+    }
+
+    /// Which shard of its keyspace holds `tl` (`0..shard_count()`). Every
+    /// keyspace has the same shard count and hash, so timeline `x` lands on
+    /// the same index in each: a caller can give each index one writer.
     pub fn shard_index(&self, tl: TimelineId) -> usize {
-        let n = self.inner.keyspaces[tl.keyspace.index()].shards.len();
-        (hash_id(tl.id) >> 32) as usize % n
+        (hash_id(tl.id) >> 32) as usize % self.shard_count()
     }
 
     /// Shards per keyspace.
     pub fn shard_count(&self) -> usize {
-        self.inner.keyspaces[0].shards.len()
+        self.inner.cfg.shards
+    }
+
+    /// The keyspaces this engine opened, in config order.
+    pub fn keyspaces(&self) -> impl Iterator<Item = (Keyspace, &str)> {
+        self.inner.keyspaces.iter().map(|k| (k.id, k.name.as_str()))
     }
 
     fn check_open(&self) -> Result<()> {
@@ -434,14 +477,15 @@ impl Engine {
         let mut seqs = vec![0u64; items.len()];
         let mut waits = Vec::new();
         // Group by shard, keeping item order within a shard.
-        let single_shard = items
-            .windows(2)
-            .all(|w| Arc::ptr_eq(self.shard(w[0].0), self.shard(w[1].0)));
+        let single_shard = items.windows(2).all(|w| {
+            w[0].0.keyspace == w[1].0.keyspace
+                && self.shard_index(w[0].0) == self.shard_index(w[1].0)
+        });
         let mut froze_any = false;
         let mut wake_any = false;
         if single_shard {
             if let Some((tl, _)) = items.first() {
-                let shard = self.shard(*tl);
+                let shard = self.shard(*tl)?;
                 let list: Vec<(u64, &[u8])> = items.iter().map(|(t, p)| (t.id, *p)).collect();
                 let mut out = Vec::with_capacity(items.len());
                 let (lsn, froze, wake) = shard.append(&list, &mut out, d)?;
@@ -453,7 +497,7 @@ impl Engine {
         } else {
             let mut groups: Vec<(Arc<Shard>, Vec<usize>)> = Vec::new();
             for (i, (tl, _)) in items.iter().enumerate() {
-                let s = self.shard(*tl);
+                let s = self.shard(*tl)?;
                 match groups.iter_mut().find(|(g, _)| Arc::ptr_eq(g, s)) {
                     Some((_, v)) => v.push(i),
                     None => groups.push((s.clone(), vec![i])),
@@ -506,7 +550,7 @@ impl Engine {
             return Ok(None);
         }
         let mut out = Vec::with_capacity(1);
-        self.shard(tl).range(tl.id, seq, seq, &mut out)?;
+        self.shard(tl)?.range(tl.id, seq, seq, &mut out)?;
         Ok(out.pop())
     }
 
@@ -525,7 +569,7 @@ impl Engine {
         if limit == 0 {
             return Ok(out);
         }
-        let shard = self.shard(tl);
+        let shard = self.shard(tl)?;
         match dir {
             Direction::Forward => {
                 let lo = from.max(1);
@@ -565,15 +609,16 @@ impl Engine {
         Ok(out)
     }
 
-    /// The newest SeqId of a timeline (0 if empty).
+    /// The newest SeqId of a timeline (0 if empty, or if its keyspace is
+    /// not configured: such a timeline holds nothing).
     pub fn last_seq(&self, tl: TimelineId) -> SeqId {
-        self.shard(tl).last_seq(tl.id)
+        self.shard(tl).map_or(0, |s| s.last_seq(tl.id))
     }
 
     /// The oldest SeqId retention kept (1 if nothing was dropped; last + 1 if
     /// everything was). A device whose checkpoint is below this must roam.
     pub fn first_retained_seq(&self, tl: TimelineId) -> Result<SeqId> {
-        self.shard(tl).first_retained(tl.id)
+        self.shard(tl)?.first_retained(tl.id)
     }
 
     /// Roll segments whose time window passed, seal full ones, drop expired
@@ -622,7 +667,8 @@ impl Engine {
     /// in-memory index: O(timelines).
     pub fn census(&self, ks: Keyspace) -> (u64, u64) {
         let mut t = (0, 0);
-        for s in &self.inner.keyspaces[ks.index()].shards {
+        let shards = self.keyspace(ks).map_or(&[][..], |k| &k.shards[..]);
+        for s in shards {
             let (n, sum) = s.census();
             t.0 += n;
             t.1 += sum;
@@ -639,8 +685,7 @@ impl Engine {
         for ks in &self.inner.keyspaces {
             for s in &ks.shards {
                 s.check_poison()?;
-                let (f, lsn) = s.commit.pending();
-                if !s.commit.is_synced(lsn) {
+                if let Some((f, lsn)) = s.unsynced() {
                     files.extend(f);
                     marks.push((s, lsn));
                 }
@@ -649,34 +694,27 @@ impl Engine {
         if let Err(e) = self.inner.io.sync_many(&files) {
             // Which file failed is unknown: none of them can vouch for its data.
             for (s, _) in &marks {
-                s.commit.mark_failed(format!("fdatasync failed: {e}"));
+                s.note_sync_failed(format!("fdatasync failed: {e}"));
             }
             return Err(Error::io(&self.inner.dir, e));
         }
         for (s, lsn) in marks {
-            s.commit.count_sync();
-            s.commit.mark_synced(lsn);
+            s.note_synced(lsn);
         }
         Ok(())
     }
 
     pub fn stats(&self) -> Stats {
         let mut st = Stats::default();
-        for (i, ks) in self.inner.keyspaces.iter().enumerate() {
-            let k = if i == 0 { &mut st.store } else { &mut st.sync };
+        for ks in &self.inner.keyspaces {
+            let mut k = KeyspaceStats {
+                name: ks.name.clone(),
+                ..Default::default()
+            };
             for s in &ks.shards {
-                let x = &s.stats;
-                k.timelines += s.table.len() as u64;
-                k.records += x.records.load(Ordering::Relaxed);
-                k.payload_bytes += x.payload_bytes.load(Ordering::Relaxed);
-                k.record_bytes += x.record_bytes.load(Ordering::Relaxed);
-                k.bytes_written += x.bytes_written.load(Ordering::Relaxed);
-                k.sealed_segments += x.sealed_segments.load(Ordering::Relaxed);
-                k.dropped_segments += x.dropped_segments.load(Ordering::Relaxed);
-                k.files += s.file_count() as u64;
-                k.index_bytes += s.memory_bytes() as u64;
-                k.fsyncs += s.commit.sync_count();
+                s.add_stats(&mut k);
             }
+            st.keyspaces.push((ks.id, k));
         }
         st
     }

@@ -52,7 +52,7 @@ pub enum Error {
         "shard {shard} of keyspace {keyspace} is poisoned by an earlier I/O failure: {reason}"
     )]
     Poisoned {
-        keyspace: &'static str,
+        keyspace: String,
         shard: usize,
         reason: String,
     },
@@ -139,7 +139,7 @@ impl Error {
                 shard,
                 reason,
             } => Error::Poisoned {
-                keyspace,
+                keyspace: keyspace.clone(),
                 shard: *shard,
                 reason: reason.clone(),
             },

@@ -10,6 +10,7 @@
 //! - every read returns exactly the model's bytes.
 #![no_main]
 
+use timeline_engine::Keyspace;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use std::sync::Arc;
@@ -42,11 +43,11 @@ fn config(mem: &MemIo, clock: &ManualClock) -> Config {
     c.background = false;
     c.shards = 1;
     c.max_payload = 4096;
-    c.store.segment_bytes = 64 << 10;
-    c.store.segment_window = Duration::from_secs(10);
-    c.sync = KeyspaceConfig::sync().with_ttl(None);
-    c.sync.segment_bytes = 64 << 10;
-    c.sync.segment_window = Duration::from_secs(10);
+    c.keyspace_mut(Keyspace::STORE).segment_bytes = 64 << 10;
+    c.keyspace_mut(Keyspace::STORE).segment_window = Duration::from_secs(10);
+    *c.keyspace_mut(Keyspace::SYNC) = KeyspaceConfig::sync().with_ttl(None);
+    c.keyspace_mut(Keyspace::SYNC).segment_bytes = 64 << 10;
+    c.keyspace_mut(Keyspace::SYNC).segment_window = Duration::from_secs(10);
     c
 }
 

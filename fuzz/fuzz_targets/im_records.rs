@@ -5,6 +5,7 @@
 //! must return a value or an error: never a panic, never a hang.
 #![no_main]
 
+use timeline_engine::Keyspace;
 use libfuzzer_sys::fuzz_target;
 use std::sync::Arc;
 use timeline_im::entry::{CatalogRecord, JournalRecord, StoreEntry, SyncRecord};
@@ -21,8 +22,8 @@ fn config(mem: &MemIo) -> Config {
     c.background = false;
     c.shards = 2;
     c.max_payload = 4096;
-    c.store.segment_bytes = 64 << 10;
-    c.sync.segment_bytes = 64 << 10;
+    c.keyspace_mut(Keyspace::STORE).segment_bytes = 64 << 10;
+    c.keyspace_mut(Keyspace::SYNC).segment_bytes = 64 << 10;
     c
 }
 

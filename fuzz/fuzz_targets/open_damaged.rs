@@ -17,6 +17,7 @@
 //!   and still holds what it acknowledged.
 #![no_main]
 
+use timeline_engine::Keyspace;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use std::collections::BTreeMap;
@@ -37,9 +38,9 @@ fn config(mem: &MemIo, clock: &ManualClock) -> Config {
     c.background = false;
     c.shards = 1;
     c.max_payload = 4096;
-    c.store.segment_bytes = 64 << 10;
-    c.sync = KeyspaceConfig::sync().with_ttl(Some(Duration::from_millis(TTL_MS)));
-    c.sync.segment_bytes = 64 << 10;
+    c.keyspace_mut(Keyspace::STORE).segment_bytes = 64 << 10;
+    *c.keyspace_mut(Keyspace::SYNC) = KeyspaceConfig::sync().with_ttl(Some(Duration::from_millis(TTL_MS)));
+    c.keyspace_mut(Keyspace::SYNC).segment_bytes = 64 << 10;
     c
 }
 

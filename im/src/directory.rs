@@ -5,8 +5,8 @@
 //! the worker that owns the shard, and read by any thread.
 
 use crate::entry::ConvKind;
-use crate::{ConvId, UserId};
 use crate::fanout::watermark::Watermark;
+use crate::{ConvId, UserId};
 use hashbrown::{HashMap, HashSet};
 use parking_lot::RwLock;
 use std::sync::Arc;

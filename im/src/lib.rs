@@ -37,8 +37,6 @@ pub use entry::{ConvKind, EventKind};
 pub use error::{ImError, Result};
 pub use subscribe::{Push, Subscription};
 
-use timeline_engine::{Config, Durability};
-use timeline_engine::{Engine, SeqId, TimelineId};
 use crate::fanout::mailbox::{Mailbox, Signal};
 use crate::fanout::watermark::CompletionWindow;
 use directory::Directory;
@@ -48,6 +46,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
+use timeline_engine::{Config, Durability, Keyspace};
+use timeline_engine::{Engine, SeqId, TimelineId};
 use worker::{Delivery, Request};
 
 pub type UserId = u64;
@@ -369,6 +369,13 @@ impl Im {
             return Err(ImError::InvalidArgument(
                 "queue_capacity, max_batch and subscriber_capacity must be positive".into(),
             ));
+        }
+        for (ks, what) in [(Keyspace::STORE, "store"), (Keyspace::SYNC, "sync")] {
+            if engine_cfg.find(ks).is_none() {
+                return Err(ImError::InvalidArgument(format!(
+                    "the IM layer needs the {what} keyspace ({ks}) in the engine configuration"
+                )));
+            }
         }
         let engine = Engine::open(dir, engine_cfg)?;
         let shards = engine.shard_count();

@@ -8,9 +8,9 @@ use crate::{
     bump, Body, ConvId, ConvSummary, Entry, GroupPage, HistoryFrom, HistoryPage, ImError, Result,
     Shared, SyncEntry, SyncReply, UserId,
 };
+use std::sync::atomic::Ordering;
 use timeline_engine::{Direction, SeqId, TimelineId};
 use timeline_engine::{Error, Record};
-use std::sync::atomic::Ordering;
 
 /// Most entries one call returns.
 pub const MAX_PAGE: usize = 10_000;

@@ -17,8 +17,9 @@ use crate::directory::covers;
 use crate::entry::{CatalogRecord, EventKind, IntentOp, JournalRecord, StoreEntry, SyncRecord};
 use crate::worker::{apply_op, WorkerState};
 use crate::{ConvId, EntryMode, Result, Shared, UserId};
-use timeline_engine::{Direction, TimelineId};
 use hashbrown::{HashMap, HashSet};
+use timeline_engine::Keyspace;
+use timeline_engine::{Direction, TimelineId};
 
 const PAGE: usize = 1024;
 /// Sync entries of a batch are appended after its intent; allow this much
@@ -94,7 +95,7 @@ fn scan_journal(sh: &Shared, p: usize) -> Result<(WorkerState, Vec<PendingBatch>
     let window = sh
         .cfg
         .dedup_window
-        .or(sh.engine.config().sync.ttl)
+        .or(sh.engine.config().keyspace(Keyspace::SYNC).ttl)
         .map_or(u64::MAX, |d| d.as_millis() as u64);
     let floor = now.saturating_sub(window);
     let mut done: Option<u64> = None;

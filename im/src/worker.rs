@@ -32,21 +32,22 @@ use crate::directory::{self, covers, is_current};
 use crate::entry::{
     self, CatalogRecord, ConvKind, EventKind, IntentOp, JournalRecord, StoreEntry, SyncRecord,
 };
+use crate::fanout::mailbox::PushError;
+use crate::fanout::watermark::Latch;
 use crate::subscribe::Push;
 use crate::{
     bump, Body, ConvId, Entry, EntryMode, ImError, Reply, Result, SendAck, Shared, SyncEntry,
     UserId,
 };
-use timeline_engine::Durability;
-use timeline_engine::{SeqId, TimelineId};
-use crate::fanout::mailbox::PushError;
-use crate::fanout::watermark::Latch;
 use hashbrown::HashMap;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use timeline_engine::Durability;
+use timeline_engine::Keyspace;
+use timeline_engine::{SeqId, TimelineId};
 
 pub(crate) enum Request {
     Send {
@@ -225,6 +226,7 @@ pub(crate) struct WorkerState {
     /// Deliveries to this shard not yet durable, in arrival order.
     undelivered: VecDeque<Delivery>,
     stall: Option<Stall>,
+    done_mark_failing: bool,
     last_done_ms: u64,
     last_prune_ms: u64,
 }
@@ -241,6 +243,7 @@ impl WorkerState {
             outbox: VecDeque::new(),
             undelivered: VecDeque::new(),
             stall: None,
+            done_mark_failing: false,
             last_done_ms: 0,
             last_prune_ms: 0,
         }
@@ -389,8 +392,26 @@ fn reject_while_stalled(sh: &Shared, p: usize, st: &mut WorkerState) -> bool {
         let Some(r) = st.backlog.pop_front().or_else(|| me.requests.pop()) else {
             break;
         };
-        r.reject(&e);
         any = true;
+        let stored = match &r {
+            Request::Send {
+                conv, sender, cmid, ..
+            } => st.dedup.get(&(*conv, *sender, *cmid)).copied(),
+            _ => None,
+        };
+        match (r, stored) {
+            // A retry of a stored message is never told "not stored": it
+            // gets its seq (delivered) or FanoutFailed (still pending).
+            (Request::Send { conv, reply, .. }, Some((seq, batch))) => {
+                let ack = SendAck {
+                    conv,
+                    seq,
+                    duplicate: true,
+                };
+                ack_when_done(sh, p, st, batch, Ack::Send(reply, ack));
+            }
+            (r, _) => r.reject(&e),
+        }
     }
     if any {
         me.requests.made_room();
@@ -441,10 +462,17 @@ fn housekeeping(sh: &Shared, p: usize, st: &mut WorkerState, idle: bool) {
         {
             Ok(_) => {
                 bump(&sh.stats.meta_writes, 1);
+                st.done_mark_failing = false;
                 st.last_done_written = done;
                 st.last_done_ms = now;
             }
-            Err(e) => tracing::warn!(error = %e, "journal done mark failed"),
+            Err(e) => {
+                // Retried at the next pass; say so once per failing spell.
+                if !st.done_mark_failing {
+                    tracing::warn!(error = %e, "journal done mark failed; retrying");
+                }
+                st.done_mark_failing = true;
+            }
         }
         st.inflight.retain(|&n, _| n > done);
     }
@@ -453,7 +481,7 @@ fn housekeeping(sh: &Shared, p: usize, st: &mut WorkerState, idle: bool) {
         let window = sh
             .cfg
             .dedup_window
-            .or(sh.engine.config().sync.ttl)
+            .or(sh.engine.config().keyspace(Keyspace::SYNC).ttl)
             .map(|d| d.as_millis() as u64);
         if let Some(w) = window {
             while let Some(&(ts, key)) = st.dedup_order.front() {

@@ -8,8 +8,8 @@
 use clap::{Parser, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
-use timeline_im::{EntryMode, ImConfig};
 use timeline_engine::{Config, Durability, KeyspaceConfig};
+use timeline_im::{EntryMode, ImConfig};
 use timeline_server::ServerConfig;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -127,11 +127,11 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut engine = Config::default();
     engine.shards = a.shards;
     engine.max_payload = a.max_payload;
-    engine.store = KeyspaceConfig::store().with_ttl(ttl(a.store_ttl));
+    let mut store = KeyspaceConfig::store().with_ttl(ttl(a.store_ttl));
     if a.store_ttl == 0 {
-        engine.store.segment_window = KeyspaceConfig::store().segment_window;
+        store.segment_window = KeyspaceConfig::store().segment_window;
     }
-    engine.sync = KeyspaceConfig::sync().with_ttl(ttl(a.sync_ttl));
+    engine.keyspaces = vec![store, KeyspaceConfig::sync().with_ttl(ttl(a.sync_ttl))];
     let im = ImConfig {
         hybrid_threshold: a.hybrid_threshold,
         entries: match a.entries {

@@ -30,8 +30,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use timeline_im::{Im, ImConfig, Pending, Push, SendAck};
+use timeline_engine::Keyspace;
 use timeline_engine::{AppendTicket, Config, Durability, Engine};
+use timeline_im::{Im, ImConfig, Pending, Push, SendAck};
 
 /// Server settings (the binary's flags).
 #[derive(Debug, Clone)]
@@ -166,11 +167,7 @@ impl ServerHandle {
         // Every connection thread is done: this is the last reference.
         match Arc::try_unwrap(shared) {
             Ok(s) => s.im.close()?,
-            Err(s) => {
-                s.im.engine()
-                    .sync()
-                    .map_err(timeline_im::ImError::from)?
-            }
+            Err(s) => s.im.engine().sync().map_err(timeline_im::ImError::from)?,
         }
         tracing::info!("server stopped; acknowledged data is durable");
         Ok(())
@@ -1088,6 +1085,7 @@ fn stats(sh: &Shared) -> Vec<(String, u64)> {
     let im = sh.im.stats();
     let c = &sh.counters;
     let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let (store, sync) = (st.keyspace(Keyspace::STORE), st.keyspace(Keyspace::SYNC));
     vec![
         ("connections_total".into(), g(&c.connections)),
         (
@@ -1097,10 +1095,10 @@ fn stats(sh: &Shared) -> Vec<(String, u64)> {
         ("connections_refused".into(), g(&c.refused)),
         ("requests".into(), g(&c.requests)),
         ("request_errors".into(), g(&c.errors)),
-        ("store_records".into(), st.store.records),
-        ("store_bytes_written".into(), st.store.bytes_written),
-        ("sync_records".into(), st.sync.records),
-        ("sync_bytes_written".into(), st.sync.bytes_written),
+        ("store_records".into(), store.records),
+        ("store_bytes_written".into(), store.bytes_written),
+        ("sync_records".into(), sync.records),
+        ("sync_bytes_written".into(), sync.bytes_written),
         ("fsyncs".into(), st.total().fsyncs),
         ("im_messages".into(), im.messages),
         ("im_sync_writes".into(), im.sync_writes),

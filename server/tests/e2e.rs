@@ -8,8 +8,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use timeline_engine::{Direction, Durability, Keyspace, TimelineId};
 use timeline_im::{Body, ConvKind, HistoryFrom, Push};
-use timeline_engine::{Direction, Durability, TimelineId};
 use timeline_server::protocol::token::{self, Claims, Role};
 use timeline_server::protocol::{
     self, ErrorCode, Hello, Opcode, Request, RequestFrame, Response, ServerMsg,
@@ -21,8 +21,8 @@ fn config(dir: &std::path::Path) -> ServerConfig {
     c.listen = "127.0.0.1:0".into();
     c.data_dir = dir.to_path_buf();
     c.engine.shards = 2;
-    c.engine.store.segment_bytes = 1 << 20;
-    c.engine.sync.segment_bytes = 1 << 20;
+    c.engine.keyspace_mut(Keyspace::STORE).segment_bytes = 1 << 20;
+    c.engine.keyspace_mut(Keyspace::SYNC).segment_bytes = 1 << 20;
     c.max_frame = 1 << 20;
     c.engine.max_payload = 64 << 10;
     c

@@ -6,12 +6,9 @@ use timeline_engine::{Config, Keyspace, TimelineId};
 /// Number of timelines per keyspace the crash test writes to.
 pub const CRASH_TIMELINES: u64 = 200;
 
-/// The keyspace byte used in ack logs and payloads.
+/// The keyspace byte used in ack logs and payloads (its id).
 pub fn ks_byte(ks: Keyspace) -> u8 {
-    match ks {
-        Keyspace::Store => 0,
-        Keyspace::Sync => 1,
-    }
+    ks.0
 }
 
 /// The timeline for a keyspace byte (0 = store, anything else = sync).
@@ -54,8 +51,8 @@ pub fn crash_cfg(background: bool) -> Config {
     let mut c = Config::default();
     c.background = background;
     c.shards = 2;
-    c.store.segment_bytes = 256 << 10;
-    c.sync.segment_bytes = 256 << 10;
+    c.keyspace_mut(Keyspace::STORE).segment_bytes = 256 << 10;
+    c.keyspace_mut(Keyspace::SYNC).segment_bytes = 256 << 10;
     c.max_payload = 4096;
     c.maintenance_interval = std::time::Duration::from_millis(20);
     c

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use timeline_engine::io::{MemFaults, MemIo};
+use timeline_engine::Keyspace;
 use timeline_engine::{Config, Direction, Durability, Engine, Error, TimelineId};
 use timeline_tests::{payload, timeline};
 
@@ -19,8 +20,8 @@ fn cfg(mem: &MemIo) -> Config {
     let mut c = Config::default();
     c.background = false;
     c.shards = 2;
-    c.store.segment_bytes = 64 << 10;
-    c.sync.segment_bytes = 64 << 10;
+    c.keyspace_mut(Keyspace::STORE).segment_bytes = 64 << 10;
+    c.keyspace_mut(Keyspace::SYNC).segment_bytes = 64 << 10;
     c.max_payload = 1024;
     c.io = Some(Arc::new(mem.clone()));
     c

@@ -2,14 +2,15 @@
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
+use timeline_engine::Keyspace;
 use timeline_engine::*;
 
 fn small_cfg() -> Config {
     let mut c = Config::default();
     c.background = false;
     c.shards = 2;
-    c.store.segment_bytes = 64 << 10;
-    c.sync.segment_bytes = 64 << 10;
+    c.keyspace_mut(Keyspace::STORE).segment_bytes = 64 << 10;
+    c.keyspace_mut(Keyspace::SYNC).segment_bytes = 64 << 10;
     c.max_payload = 1024;
     c
 }
@@ -33,7 +34,7 @@ fn append_get_scan_reopen() {
             assert_eq!(seq, expect[t as usize].len() as u64);
         }
         let st = e.stats();
-        assert!(st.store.sealed_segments > 0, "{st:?}");
+        assert!(st.keyspace(Keyspace::STORE).sealed_segments > 0, "{st:?}");
         check(&e, &expect);
         e.close().unwrap();
     }
@@ -73,7 +74,10 @@ fn ttl_drops_old_segments_and_reports_truncation() {
     let clock = ManualClock::new(1_000_000);
     let mut c = small_cfg();
     c.clock = std::sync::Arc::new(clock.clone());
-    c.sync = c.sync.clone().with_ttl(Some(Duration::from_secs(80)));
+    *c.keyspace_mut(Keyspace::SYNC) = c
+        .keyspace(Keyspace::SYNC)
+        .clone()
+        .with_ttl(Some(Duration::from_secs(80)));
     let e = Engine::open(dir.path(), c).unwrap();
     let tl = TimelineId::sync(9);
     for _ in 0..100 {

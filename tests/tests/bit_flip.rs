@@ -21,15 +21,21 @@ fn root() -> PathBuf {
 }
 
 fn shard_dir(ks: Keyspace) -> PathBuf {
-    root().join(ks.name()).join("000")
+    root()
+        .join(if ks == Keyspace::STORE {
+            "store"
+        } else {
+            "sync"
+        })
+        .join("000")
 }
 
 fn cfg(mem: &MemIo) -> Config {
     let mut c = Config::default();
     c.background = false;
     c.shards = 1;
-    c.store.segment_bytes = 64 << 10;
-    c.sync.segment_bytes = 64 << 10;
+    c.keyspace_mut(Keyspace::STORE).segment_bytes = 64 << 10;
+    c.keyspace_mut(Keyspace::SYNC).segment_bytes = 64 << 10;
     c.max_payload = 1024;
     c.io = Some(Arc::new(mem.clone()));
     c
@@ -67,7 +73,8 @@ fn build(records_per_timeline: u64) -> (MemIo, Vec<(u8, u64, u64)>) {
     }
     let st = e.stats();
     assert!(
-        st.store.sealed_segments >= 2 && st.sync.sealed_segments >= 2,
+        st.keyspace(Keyspace::STORE).sealed_segments >= 2
+            && st.keyspace(Keyspace::SYNC).sealed_segments >= 2,
         "{st:?}"
     );
     e.close().unwrap();
@@ -142,14 +149,14 @@ fn check_timeline(e: &Engine, ks: u8, tl: u64, last: u64) {
 /// Store keyspace: sealed segments are regrouped (`SegmentKind::Grouped`).
 #[test]
 fn flipped_record_in_grouped_sealed_segment_is_corruption() {
-    flip_sealed_records(Keyspace::Store);
+    flip_sealed_records(Keyspace::STORE);
 }
 
 /// Sync keyspace: sealed segments keep the log layout with an index appended
 /// (`SegmentKind::Log`, `regroup = false`).
 #[test]
 fn flipped_record_in_log_layout_sealed_segment_is_corruption() {
-    flip_sealed_records(Keyspace::Sync);
+    flip_sealed_records(Keyspace::SYNC);
 }
 
 /// Flip every bit of a few records' headers (and some payload bits) in a
@@ -249,7 +256,7 @@ fn flip_sealed_records(only: Keyspace) {
 #[test]
 fn flipped_sealed_index_or_footer_fails_open() {
     let (base, _) = build(60);
-    for ks in Keyspace::ALL {
+    for ks in [Keyspace::STORE, Keyspace::SYNC] {
         let path = sealed_files(&base, ks)[0].clone();
         let bytes = read_file(&base, &path);
         let footer = Footer::decode_from_file(&bytes).unwrap();
@@ -282,7 +289,7 @@ fn flipped_sealed_index_or_footer_fails_open() {
 #[test]
 fn flipped_active_log_record_cuts_the_tail_there() {
     let (base, _) = build(60);
-    for ks in Keyspace::ALL {
+    for ks in [Keyspace::STORE, Keyspace::SYNC] {
         let k = ks_byte(ks);
         let path = active_log(&base, ks);
         let bytes = read_file(&base, &path);
@@ -354,15 +361,15 @@ fn crc32fast_hash(b: &[u8]) -> u32 {
 fn unknown_format_version_is_unsupported_version() {
     let (base, _) = build(60);
     // The CRC helper agrees with the engine's own header encoding.
-    let seg = sealed_files(&base, Keyspace::Store)[0].clone();
+    let seg = sealed_files(&base, Keyspace::STORE)[0].clone();
     let bytes = read_file(&base, &seg);
     assert_eq!(with_version(bytes[..64].to_vec(), 1), bytes[..64].to_vec());
 
     let mut targets = vec![
-        sealed_files(&base, Keyspace::Store)[0].clone(),
-        sealed_files(&base, Keyspace::Sync)[0].clone(),
-        active_log(&base, Keyspace::Store),
-        active_log(&base, Keyspace::Sync),
+        sealed_files(&base, Keyspace::STORE)[0].clone(),
+        sealed_files(&base, Keyspace::SYNC)[0].clone(),
+        active_log(&base, Keyspace::STORE),
+        active_log(&base, Keyspace::SYNC),
     ];
     targets.push(root().join("engine.meta"));
     for (i, path) in targets.iter().enumerate() {
@@ -400,7 +407,7 @@ fn unknown_format_version_is_unsupported_version() {
 #[test]
 fn truncated_sealed_file_is_corruption() {
     let (base, _) = build(60);
-    for ks in Keyspace::ALL {
+    for ks in [Keyspace::STORE, Keyspace::SYNC] {
         let path = sealed_files(&base, ks)[0].clone();
         let n = base.file_len(&path).unwrap();
         let footer = Footer::decode_from_file(&read_file(&base, &path)).unwrap();
@@ -456,7 +463,7 @@ proptest! {
                                           sealed in any::<bool>(), sync_ks in any::<bool>(), gen in 0u32..200) {
         let (base, lasts) = small_base();
         let img = base.crash();
-        let ks = if sync_ks { Keyspace::Sync } else { Keyspace::Store };
+        let ks = if sync_ks { Keyspace::SYNC } else { Keyspace::STORE };
         let name = format!("{:010}.{}", 1000 + gen, if sealed { "seg" } else { "log" });
         add_file(&img, &shard_dir(ks).join(&name), &bytes);
         match open(&img) {
@@ -477,7 +484,7 @@ proptest! {
     fn garbage_after_a_valid_log_header(bytes in proptest::collection::vec(any::<u8>(), 0..3000), sync_ks in any::<bool>()) {
         let (base, lasts) = small_base();
         let img = base.crash();
-        let ks = if sync_ks { Keyspace::Sync } else { Keyspace::Store };
+        let ks = if sync_ks { Keyspace::SYNC } else { Keyspace::STORE };
         let active = active_log(&img, ks);
         let header = read_file(&img, &active)[..HEADER_LEN].to_vec();
         let gen: u32 = active.file_stem().unwrap().to_str().unwrap().parse().unwrap();
@@ -503,7 +510,7 @@ proptest! {
         small in any::<bool>(), body in proptest::collection::vec(any::<u8>(), 0..600), sync_ks in any::<bool>()) {
         let (base, _) = small_base();
         let img = base.crash();
-        let ks = if sync_ks { Keyspace::Sync } else { Keyspace::Store };
+        let ks = if sync_ks { Keyspace::SYNC } else { Keyspace::STORE };
         let path = sealed_files(&img, ks)[0].clone();
         let orig = read_file(&img, &path);
         let mut entries = entries;
@@ -547,7 +554,7 @@ proptest! {
 fn headers_decode_in_the_fixtures() {
     // Sanity for the helpers above: records() walks every record of a log.
     let (base, _) = small_base();
-    let path = active_log(base, Keyspace::Store);
+    let path = active_log(base, Keyspace::STORE);
     let bytes = read_file(base, &path);
     let recs = records(&bytes, bytes.len());
     assert!(!recs.is_empty());

@@ -6,13 +6,14 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use timeline_engine::Keyspace;
 use timeline_engine::*;
 
 const TIMELINES: u64 = 64;
 
 fn payload(tl: TimelineId, seq: u64) -> Vec<u8> {
     let len = (tl.id * 31 + seq * 7) % 200;
-    let mut v = format!("{}:{}:{}|", tl.keyspace as u8, tl.id, seq).into_bytes();
+    let mut v = format!("{}:{}:{}|", tl.keyspace.0, tl.id, seq).into_bytes();
     v.extend((0..len).map(|i| (i as u8) ^ (seq as u8)));
     v
 }
@@ -30,8 +31,8 @@ fn readers_see_consistent_prefixes_while_segments_roll_and_seal() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Config::default();
     cfg.shards = 2;
-    cfg.store.segment_bytes = 128 << 10;
-    cfg.sync.segment_bytes = 128 << 10;
+    cfg.keyspace_mut(Keyspace::STORE).segment_bytes = 128 << 10;
+    cfg.keyspace_mut(Keyspace::SYNC).segment_bytes = 128 << 10;
     cfg.max_payload = 4096;
     cfg.maintenance_interval = Duration::from_millis(5);
     let engine = Engine::open(dir.path(), cfg).unwrap();
@@ -131,7 +132,8 @@ fn readers_see_consistent_prefixes_while_segments_roll_and_seal() {
     let st = engine.stats();
     assert!(reads > 1000, "readers made too little progress: {reads}");
     assert!(
-        st.store.sealed_segments > 2 && st.sync.sealed_segments > 2,
+        st.keyspace(Keyspace::STORE).sealed_segments > 2
+            && st.keyspace(Keyspace::SYNC).sealed_segments > 2,
         "no sealing happened: {st:?}"
     );
     // Everything acknowledged is there after a clean reopen too.

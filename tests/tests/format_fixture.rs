@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use timeline_engine::Keyspace;
 use timeline_engine::*;
 
 const START_MS: u64 = 1_700_000_000_000;
@@ -23,15 +24,23 @@ fn cfg(clock: &ManualClock) -> Config {
     c.shards = 2;
     c.clock = Arc::new(clock.clone());
     c.max_payload = 1024;
-    c.store.segment_bytes = 64 << 10;
-    c.store.segment_window = Duration::from_secs(10);
-    c.sync = KeyspaceConfig::sync().with_ttl(Some(Duration::from_secs(80)));
-    c.sync.segment_bytes = 64 << 10;
+    c.keyspace_mut(Keyspace::STORE).segment_bytes = 64 << 10;
+    c.keyspace_mut(Keyspace::STORE).segment_window = Duration::from_secs(10);
+    *c.keyspace_mut(Keyspace::SYNC) =
+        KeyspaceConfig::sync().with_ttl(Some(Duration::from_secs(80)));
+    c.keyspace_mut(Keyspace::SYNC).segment_bytes = 64 << 10;
     c
 }
 
 fn payload(tl: TimelineId, seq: u64) -> Vec<u8> {
-    let mut v = format!("v1 {:?} {} {seq} ", tl.keyspace, tl.id).into_bytes();
+    // The fixture was written when keyspaces were an enum printed as
+    // `Store` / `Sync`: its payloads keep those names.
+    let name = if tl.keyspace == Keyspace::STORE {
+        "Store"
+    } else {
+        "Sync"
+    };
+    let mut v = format!("v1 {name} {} {seq} ", tl.id).into_bytes();
     v.extend((0..(seq * 7 + tl.id) % 300).map(|i| (i as u8).wrapping_mul(31) ^ seq as u8));
     v
 }

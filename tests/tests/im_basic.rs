@@ -4,14 +4,15 @@
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
-use timeline_im::*;
+use timeline_engine::Keyspace;
 use timeline_engine::{Config, Durability};
+use timeline_im::*;
 
 fn cfg() -> Config {
     let mut c = Config::default();
     c.shards = 3;
-    c.store.segment_bytes = 256 << 10;
-    c.sync.segment_bytes = 256 << 10;
+    c.keyspace_mut(Keyspace::STORE).segment_bytes = 256 << 10;
+    c.keyspace_mut(Keyspace::SYNC).segment_bytes = 256 << 10;
     c.max_payload = 4096;
     c
 }

@@ -18,9 +18,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use timeline_engine::{Direction, Engine, TimelineId};
 use timeline_im::entry::{EventKind, StoreEntry, SyncRecord};
 use timeline_im::Im;
-use timeline_engine::{Direction, Engine, TimelineId};
 use timeline_tests::{im_crash_cfg, im_crash_convs, IM_CRASH_THRESHOLD};
 
 const CYCLES: usize = 12;

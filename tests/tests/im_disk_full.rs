@@ -15,9 +15,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use timeline_im::*;
 use timeline_engine::io::{MemFaults, MemIo};
+use timeline_engine::Keyspace;
 use timeline_engine::{Config, Durability, Error};
+use timeline_im::*;
 
 const GROUP: ConvId = 1;
 const DIRECT: ConvId = 2;
@@ -32,8 +33,8 @@ fn cfg(mem: &MemIo) -> Config {
     let mut c = Config::default();
     c.background = false;
     c.shards = 3;
-    c.store.segment_bytes = 64 << 10;
-    c.sync.segment_bytes = 64 << 10;
+    c.keyspace_mut(Keyspace::STORE).segment_bytes = 64 << 10;
+    c.keyspace_mut(Keyspace::SYNC).segment_bytes = 64 << 10;
     c.max_payload = 1024;
     c.io = Some(Arc::new(mem.clone()));
     c
@@ -87,7 +88,9 @@ fn body(conv: ConvId, sender: UserId, cmid: u64) -> Vec<u8> {
 fn fill(im: &Im, next_cmid: &mut u64) -> Vec<Sent> {
     let mut out = Vec::new();
     let mut refusals = 0;
-    while refusals < 6 && out.len() < 5_000 {
+    // Long enough past the first refusal to fill an owner's window of
+    // in-flight batches (24), so requests meet the stalled-worker path.
+    while refusals < 40 && out.len() < 5_000 {
         *next_cmid += 1;
         let cmid = *next_cmid;
         let conv = if cmid.is_multiple_of(3) {
@@ -113,6 +116,9 @@ fn fill(im: &Im, next_cmid: &mut u64) -> Vec<Sent> {
                 "cmid {cmid}: a full disk must answer StorageFull or FanoutFailed, got {e:?}"
             ),
         };
+        if !matches!(outcome, Outcome::Acked(_)) {
+            retry_stored_while_full(im, &out);
+        }
         out.push(Sent {
             conv,
             sender,
@@ -121,6 +127,26 @@ fn fill(im: &Im, next_cmid: &mut u64) -> Vec<Sent> {
         });
     }
     out
+}
+
+/// While the disk refuses writes, a retry of a message that is stored must
+/// still answer with its seq (acked, or FanoutFailed while pending), never
+/// `StorageFull` ("not stored").
+fn retry_stored_while_full(im: &Im, sent: &[Sent]) {
+    for s in sent.iter().rev().take(3) {
+        let seq = match s.outcome {
+            Outcome::Acked(q) | Outcome::Pending(q) => q,
+            Outcome::NotStored => continue,
+        };
+        match im.send(s.conv, s.sender, s.cmid, &body(s.conv, s.sender, s.cmid)) {
+            Ok(a) => assert!(a.duplicate && a.seq == seq, "cmid {}: {a:?}", s.cmid),
+            Err(ImError::FanoutFailed { seq: got, .. }) => assert_eq!(got, seq),
+            Err(e) => panic!(
+                "cmid {} (stored at {seq}): retry on a full disk said {e:?}",
+                s.cmid
+            ),
+        }
+    }
 }
 
 /// Retry every unacknowledged send with its own cmid until it is acked
@@ -158,7 +184,14 @@ fn settle(im: &Im, sent: &mut [Sent]) {
                     std::thread::sleep(Duration::from_millis(5));
                     continue;
                 }
-                (Err(e), _) => panic!("cmid {}: retry with room failed: {e:?}", s.cmid),
+                // Not stored: STORAGE_FULL says "retry later" (until the
+                // stalled delivery's next retry finds the room).
+                (Err(e), Outcome::NotStored) if is_storage_full(&e) => {
+                    assert!(Instant::now() < deadline, "cmid {}: never stored", s.cmid);
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                (Err(e), o) => panic!("cmid {} ({o:?}): retry with room failed: {e:?}", s.cmid),
             }
             break;
         }

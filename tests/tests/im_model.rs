@@ -11,8 +11,9 @@ use proptest::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
-use timeline_im::*;
+use timeline_engine::Keyspace;
 use timeline_engine::{Config, Durability, KeyspaceConfig, ManualClock};
+use timeline_im::*;
 
 const USERS: u64 = 5;
 const CONVS: u64 = 4;
@@ -128,9 +129,10 @@ fn open(dir: &std::path::Path, clock: &ManualClock) -> Im {
     c.background = false;
     c.clock = Arc::new(clock.clone());
     c.max_payload = 4096;
-    c.store.segment_bytes = 64 << 10;
-    c.sync = KeyspaceConfig::sync().with_ttl(Some(Duration::from_millis(TTL_MS)));
-    c.sync.segment_bytes = 64 << 10;
+    c.keyspace_mut(Keyspace::STORE).segment_bytes = 64 << 10;
+    *c.keyspace_mut(Keyspace::SYNC) =
+        KeyspaceConfig::sync().with_ttl(Some(Duration::from_millis(TTL_MS)));
+    c.keyspace_mut(Keyspace::SYNC).segment_bytes = 64 << 10;
     let ic = ImConfig {
         hybrid_threshold: THRESHOLD,
         durability: Durability::Buffered,

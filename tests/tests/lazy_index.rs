@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use timeline_engine::format::segment::{Footer, FOOTER_LEN};
 use timeline_engine::io::{Io, MemIo, OpenMode};
+use timeline_engine::Keyspace;
 use timeline_engine::*;
 
 #[test]
@@ -20,7 +21,8 @@ fn damaged_index_of_a_checkpointed_segment_fails_reads_not_open() {
     c.clock = Arc::new(clock.clone());
     c.background = false;
     c.shards = 1;
-    c.sync = KeyspaceConfig::sync().with_ttl(Some(Duration::from_secs(80)));
+    *c.keyspace_mut(Keyspace::SYNC) =
+        KeyspaceConfig::sync().with_ttl(Some(Duration::from_secs(80)));
     let e = Engine::open("/li", c.clone()).unwrap();
     // Three sealed sync segments, 10 s apart; then expire the first, which
     // writes a checkpoint covering all three.

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use timeline_engine::io::{MemFaults, MemIo};
+use timeline_engine::Keyspace;
 use timeline_engine::*;
 
 const TTL_MS: u64 = 80_000;
@@ -83,7 +84,7 @@ struct ModelTl {
 }
 
 fn payload(tl: TimelineId, seq: u64, len: usize) -> Vec<u8> {
-    let mut x = tl.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seq ^ ((tl.keyspace as u64) << 60);
+    let mut x = tl.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seq ^ ((tl.keyspace.0 as u64) << 60);
     (0..len)
         .map(|_| {
             x ^= x << 13;
@@ -101,9 +102,10 @@ fn config(mem: &MemIo, clock: &ManualClock) -> Config {
     c.background = false;
     c.shards = 2;
     c.max_payload = 4096;
-    c.store.segment_bytes = 64 << 10;
-    c.sync = KeyspaceConfig::sync().with_ttl(Some(Duration::from_millis(TTL_MS)));
-    c.sync.segment_bytes = 64 << 10;
+    c.keyspace_mut(Keyspace::STORE).segment_bytes = 64 << 10;
+    *c.keyspace_mut(Keyspace::SYNC) =
+        KeyspaceConfig::sync().with_ttl(Some(Duration::from_millis(TTL_MS)));
+    c.keyspace_mut(Keyspace::SYNC).segment_bytes = 64 << 10;
     c
 }
 
@@ -160,7 +162,7 @@ impl World {
             "{tl:?}: first_retained went backwards"
         );
         assert!(first <= m.recs.len() as u64 + 1);
-        if tl.keyspace == Keyspace::Store {
+        if tl.keyspace == Keyspace::STORE {
             assert_eq!(first, 1, "store keyspace dropped data");
         }
         // Nothing younger than the TTL may be gone.

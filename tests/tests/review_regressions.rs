@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 use timeline_engine::io::{MemFaults, MemIo};
+use timeline_engine::Keyspace;
 use timeline_engine::*;
 
 fn cfg(mem: &MemIo, background: bool) -> Config {
@@ -15,8 +16,8 @@ fn cfg(mem: &MemIo, background: bool) -> Config {
     c.background = background;
     c.maintenance_interval = Duration::from_secs(3600);
     c.shards = 1;
-    c.store.segment_bytes = 64 << 10;
-    c.sync.segment_bytes = 64 << 10;
+    c.keyspace_mut(Keyspace::STORE).segment_bytes = 64 << 10;
+    c.keyspace_mut(Keyspace::SYNC).segment_bytes = 64 << 10;
     c.max_payload = 1024;
     c
 }

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
+use timeline_engine::Keyspace;
 use timeline_engine::{Config, Durability, Engine, TimelineId};
 use timeline_tests::count_files;
 
@@ -67,8 +68,8 @@ fn a_million_timelines_cost_no_files_fds_or_mappings() {
     // (about 56 MB of records spread over 2 x 4 shards).
     let mut cfg = Config::default();
     cfg.background = false;
-    cfg.store.segment_bytes = 64 << 20;
-    cfg.sync.segment_bytes = 64 << 20;
+    cfg.keyspace_mut(Keyspace::STORE).segment_bytes = 64 << 20;
+    cfg.keyspace_mut(Keyspace::SYNC).segment_bytes = 64 << 20;
     let e = Engine::open(dir.path(), cfg).unwrap();
     let mut messages = fill(&e, 0, 1_000);
     let small = snapshot(dir.path());

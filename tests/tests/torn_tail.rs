@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use timeline_engine::io::{MemFaults, MemIo};
+use timeline_engine::Keyspace;
 use timeline_engine::{Config, Direction, Durability, Engine, Error, TimelineId};
 use timeline_tests::{payload, timeline};
 
@@ -20,8 +21,8 @@ fn cfg(mem: &MemIo, seg: u64) -> Config {
     let mut c = Config::default();
     c.background = false;
     c.shards = 2;
-    c.store.segment_bytes = seg;
-    c.sync.segment_bytes = seg;
+    c.keyspace_mut(Keyspace::STORE).segment_bytes = seg;
+    c.keyspace_mut(Keyspace::SYNC).segment_bytes = seg;
     c.max_payload = 1024;
     c.io = Some(Arc::new(mem.clone()));
     c

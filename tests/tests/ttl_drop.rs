@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use timeline_engine::format::{parse_file_name, FileName};
+use timeline_engine::Keyspace;
 use timeline_engine::{Config, Direction, Durability, Engine, Error, ManualClock, TimelineId};
 use timeline_tests::payload;
 
@@ -21,11 +22,14 @@ fn cfg(clock: &ManualClock) -> Config {
     let mut c = Config::default();
     c.background = false;
     c.shards = SHARDS;
-    c.store.segment_bytes = 4 << 20;
-    c.sync.segment_bytes = 4 << 20;
+    c.keyspace_mut(Keyspace::STORE).segment_bytes = 4 << 20;
+    c.keyspace_mut(Keyspace::SYNC).segment_bytes = 4 << 20;
     c.max_payload = 1024;
     c.clock = Arc::new(clock.clone());
-    c.sync = c.sync.clone().with_ttl(Some(Duration::from_secs(TTL_S)));
+    *c.keyspace_mut(Keyspace::SYNC) = c
+        .keyspace(Keyspace::SYNC)
+        .clone()
+        .with_ttl(Some(Duration::from_secs(TTL_S)));
     c
 }
 
@@ -186,8 +190,11 @@ fn ttl_drops_expired_segments_and_survives_reopen() {
         7 * SHARDS,
         "rounds 0..=6 expired in each sync shard"
     );
-    assert_eq!(e.stats().sync.dropped_segments, dropped as u64);
-    assert_eq!(e.stats().store.dropped_segments, 0);
+    assert_eq!(
+        e.stats().keyspace(Keyspace::SYNC).dropped_segments,
+        dropped as u64
+    );
+    assert_eq!(e.stats().keyspace(Keyspace::STORE).dropped_segments, 0);
     e.close().unwrap();
 
     // Reopen: same retention view.

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 use timeline_engine::io::{MemFaults, MemIo};
+use timeline_engine::Keyspace;
 use timeline_engine::*;
 
 fn cfg(mem: &MemIo) -> Config {
@@ -19,7 +20,7 @@ fn cfg(mem: &MemIo) -> Config {
     c.background = true;
     c.maintenance_interval = Duration::from_secs(3600);
     c.shards = 1;
-    c.store.segment_bytes = 64 << 10;
+    c.keyspace_mut(Keyspace::STORE).segment_bytes = 64 << 10;
     c.max_payload = 1024;
     c
 }
@@ -54,9 +55,9 @@ fn older_segment_torn_newer_segment_kept() {
             written[t as usize] = s;
         }
         assert!(
-            e.stats().store.files >= 3,
+            e.stats().keyspace(Keyspace::STORE).files >= 3,
             "expected a roll: {:?}",
-            e.stats().store
+            e.stats().keyspace(Keyspace::STORE)
         );
         mem.set_faults(MemFaults {
             torn_tail_on_crash: true,

@@ -28,11 +28,11 @@ use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
+use timeline_engine::{Durability, SeqId, Stats, TimelineId};
 use timeline_im::{
     Body, ConvId, ConvKind, EntryMode, Im, ImConfig, ImError, ImStats, Pending, SendAck, SyncReply,
     UserId,
 };
-use timeline_engine::{Durability, SeqId, Stats, TimelineId};
 
 /// Threads calling the (blocking) `create_conversation` during setup.
 const SETUP_THREADS: usize = 8;

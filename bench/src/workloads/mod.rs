@@ -92,16 +92,18 @@ pub fn engine_config(flags: &Flags) -> Result<Config> {
         background: true,
         shards: flags.shards,
         io: Some(io_backend(flags)?),
-        store: KeyspaceConfig {
-            segment_bytes: seg,
-            regroup: flags.regroup.unwrap_or(true),
-            ..KeyspaceConfig::store()
-        },
-        sync: KeyspaceConfig {
-            segment_bytes: seg,
-            regroup: flags.regroup.unwrap_or(false),
-            ..KeyspaceConfig::sync()
-        },
+        keyspaces: vec![
+            KeyspaceConfig {
+                segment_bytes: seg,
+                regroup: flags.regroup.unwrap_or(true),
+                ..KeyspaceConfig::store()
+            },
+            KeyspaceConfig {
+                segment_bytes: seg,
+                regroup: flags.regroup.unwrap_or(false),
+                ..KeyspaceConfig::sync()
+            },
+        ],
         ..Default::default()
     })
 }
@@ -129,8 +131,17 @@ pub fn open_engine(flags: &Flags, dir: &Path) -> Result<(Engine, f64)> {
 
 pub fn keyspace(flags: &Flags) -> Keyspace {
     match flags.keyspace {
-        KeyspaceArg::Store => Keyspace::Store,
-        KeyspaceArg::Sync => Keyspace::Sync,
+        KeyspaceArg::Store => Keyspace::STORE,
+        KeyspaceArg::Sync => Keyspace::SYNC,
+    }
+}
+
+/// The name the JSON output gives a keyspace (its directory name).
+pub fn ks_name(ks: Keyspace) -> &'static str {
+    match ks {
+        Keyspace::STORE => "store",
+        Keyspace::SYNC => "sync",
+        _ => "other",
     }
 }
 
@@ -204,7 +215,7 @@ pub fn base_line(flags: &Flags, workload: &str, engine: &Engine) -> ResultLine {
         durability: durability(flags).name().into(),
         threads: flags.threads,
         payload: flags.payload,
-        keyspace: keyspace(flags).name().into(),
+        keyspace: ks_name(keyspace(flags)).into(),
         shards: engine.config().shards,
         regroup: Some(engine.config().keyspace(keyspace(flags)).regroup),
         io: engine.io_name().into(),

@@ -1,7 +1,9 @@
 //! W2 `read`: range reads, forward and newest-first, after a W1 load.
 
 use super::append::{self, rate};
-use super::{base_line, keyspace, open_engine, rng_for, timed_threads, timeline, DataDir, Picker};
+use super::{
+    base_line, keyspace, ks_name, open_engine, rng_for, timed_threads, timeline, DataDir, Picker,
+};
 use crate::report::Reporter;
 use crate::sysinfo::{count_files, peak_rss_bytes, DiskIo};
 use crate::{Flags, Result};
@@ -45,7 +47,7 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
         eprintln!(
             "read: {} holds {existing} {} timelines (opened in {open_secs:.3} s); skipping the load",
             dir.path.display(),
-            ks.name()
+            ks_name(ks)
         );
     }
 
@@ -60,7 +62,7 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
     if tls.is_empty() {
         return Err(format!(
             "no {} timeline among ids 0..{} has data (the engine reports {existing}); is --timelines right?",
-            ks.name(),
+            ks_name(ks),
             flags.timelines
         )
         .into());

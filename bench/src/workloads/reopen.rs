@@ -1,7 +1,7 @@
 //! `reopen`: recovery time of an existing directory.
 
 use super::append::rate;
-use super::{base_line, keyspace, open_engine, rng_for, timeline};
+use super::{base_line, keyspace, ks_name, open_engine, rng_for, timeline};
 use crate::report::Reporter;
 use crate::sysinfo::{count_files, peak_rss_bytes};
 use crate::{Flags, Result};
@@ -47,7 +47,7 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
             "reopen: warning: only {} of the {} {} timelines have ids in 0..{}; `messages` undercounts",
             with_data.len(),
             st.keyspace(ks).timelines,
-            ks.name(),
+            ks_name(ks),
             flags.timelines
         );
     }
@@ -93,8 +93,8 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
     line.open_secs = Some(open_secs);
     // Messages held: the sum of every timeline's last SeqId across both
     // keyspaces, from the engine's own index (not only ids 0..--timelines).
-    let (_, store_msgs) = engine.census(timeline_engine::Keyspace::Store);
-    let (_, sync_msgs) = engine.census(timeline_engine::Keyspace::Sync);
+    let (_, store_msgs) = engine.census(timeline_engine::Keyspace::STORE);
+    let (_, sync_msgs) = engine.census(timeline_engine::Keyspace::SYNC);
     if store_msgs + sync_msgs != messages {
         eprintln!(
             "reopen: ids 0..{} hold {messages} of {} messages",

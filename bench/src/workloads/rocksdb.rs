@@ -67,7 +67,7 @@
 
 use super::append::{rate, round3, Load};
 use super::read::reads;
-use super::{durability, keyspace, rng_for, timed_threads, DataDir, Payloads, Picker};
+use super::{durability, keyspace, ks_name, rng_for, timed_threads, DataDir, Payloads, Picker};
 use crate::report::{Reporter, ResultLine};
 use crate::sysinfo::{count_files, peak_rss_bytes, DiskIo};
 use crate::{DurabilityArg, Flags, Result};
@@ -231,7 +231,7 @@ fn base_line(flags: &Flags, workload: &str) -> ResultLine {
         durability: durability(flags).name().into(),
         threads: flags.threads,
         payload: flags.payload,
-        keyspace: keyspace(flags).name().into(),
+        keyspace: ks_name(keyspace(flags)).into(),
         shards: 1,
         io: "posix".into(),
         seed: flags.seed,

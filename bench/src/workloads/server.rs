@@ -57,7 +57,9 @@ use super::append::{rate, Load};
 pub use super::imkit::Errors;
 use super::net::{drive, Counts, Meter, Pipelined, Proc, Shape};
 use super::read::check_page;
-use super::{durability, keyspace, rng_for, timed_threads, timeline, DataDir, Payloads, Picker};
+use super::{
+    durability, keyspace, ks_name, rng_for, timed_threads, timeline, DataDir, Payloads, Picker,
+};
 use crate::report::{Reporter, ResultLine};
 use crate::{Flags, Result};
 use rand::rngs::SmallRng;
@@ -178,7 +180,7 @@ pub fn base_line(flags: &Flags, workload: &str, t: &Target, shape: &Shape) -> Re
         target: "server".into(),
         durability: durability(flags).name().into(),
         payload: flags.payload,
-        keyspace: keyspace(flags).name().into(),
+        keyspace: ks_name(keyspace(flags)).into(),
         // What the bench asked a server it started for; 0: unknown.
         shards: if t.spawned() { flags.shards } else { 0 },
         io: "server".into(),
@@ -409,7 +411,7 @@ fn append_phase(flags: &Flags, t: &Target, shape: &Shape, errors: &Errors) -> Re
         });
     }
     let d = |k: &str| stat(&s1, k).saturating_sub(stat(&s0, k));
-    let written = d(&format!("{}_bytes_written", ks.name()));
+    let written = d(&format!("{}_bytes_written", ks_name(ks)));
     line.ops = ld.messages;
     line.secs = ld.secs;
     line.ops_per_sec = rate(ld.messages, ld.secs);
@@ -525,7 +527,7 @@ pub fn read(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
     } else {
         eprintln!(
             "read: the server holds data in {existing} {} timelines; skipping the load",
-            ks.name()
+            ks_name(ks)
         );
     }
     let tls: Vec<(u64, u64)> = last_seqs(&mut admin, ks, flags.timelines)?
@@ -537,7 +539,7 @@ pub fn read(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
     if tls.is_empty() {
         return Err(format!(
             "no {} timeline among ids 0..{} has data",
-            ks.name(),
+            ks_name(ks),
             flags.timelines
         )
         .into());

@@ -66,8 +66,8 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use timeline_im::{Body, ConvId, ConvKind, Push, UserId};
 use timeline_engine::TimelineId;
+use timeline_im::{Body, ConvId, ConvKind, Push, UserId};
 use timeline_server::protocol::{Request, Response};
 use timeline_server::{Client, ClientError};
 

@@ -7,6 +7,7 @@
 #![deny(clippy::indexing_slicing)]
 
 pub mod checkpoint;
+pub mod meta;
 pub mod record;
 pub mod segment;
 

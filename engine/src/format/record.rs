@@ -27,6 +27,23 @@ pub fn is_local(prev: u32) -> bool {
     prev & CROSS == 0
 }
 
+/// The sparse-anchor rule: the `anchor` the *next* record of a timeline
+/// carries, given this record's `seq`, its offset `off` and its own `prev`
+/// and `anchor` links. A record whose seq is a multiple of
+/// [`SPARSE_EVERY`](super::SPARSE_EVERY) is the anchor; a timeline's first
+/// record in a segment (non-local `prev`) starts with none; otherwise the
+/// anchor is inherited. The writer and recovery both use this one rule.
+#[inline]
+pub fn next_anchor(seq: u64, off: u32, prev: u32, anchor: u32) -> u32 {
+    if seq.is_multiple_of(super::SPARSE_EVERY) {
+        off
+    } else if !is_local(prev) {
+        super::NONE
+    } else {
+        anchor
+    }
+}
+
 /// Bytes before the payload.
 pub const RECORD_HEADER_LEN: usize = 40;
 

@@ -1,6 +1,13 @@
 //! The in-memory copy of an active (log) segment: one writer appends, any
 //! number of readers read the published prefix without taking a lock.
 //!
+//! The single-writer rule is in the types: readers share an
+//! `Arc<AppendBuf>`, whose methods only read below the published length;
+//! every write goes through the one [`Tail`] made with the buffer, which is
+//! not `Clone` and writes through `&mut self`, so a second writer, or a
+//! write while the writer still holds a view of its staged bytes, does not
+//! compile.
+//!
 //! Memory-ordering rule: the writer copies bytes into the unpublished tail,
 //! then stores the new length with `Release`; a reader loads the length with
 //! `Acquire` and only ever reads below it, so every byte it reads was written
@@ -8,6 +15,7 @@
 //! length are never written again.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// A fixed-capacity, append-only byte buffer with a published length.
 pub struct AppendBuf {
@@ -22,9 +30,9 @@ pub struct AppendBuf {
 }
 
 // SAFETY: the buffer owns its mapping (so it may move between threads); the
-// only mutation is staging by the single writer (the shard writer holds its
-// mutex) at or above the published length, and readers only touch bytes
-// below it (see the module doc).
+// only mutation is staging through its one `Tail` (not `Clone`, `&mut self`)
+// at or above the published length, and readers only touch bytes below it
+// (see the module doc).
 #[allow(unsafe_code)]
 unsafe impl Send for AppendBuf {}
 #[allow(unsafe_code)]
@@ -41,7 +49,7 @@ impl AppendBuf {
     /// written. It is advised for transparent huge pages: reads of the
     /// active segment follow record links all over it, and with 4 KiB pages
     /// most hops were TLB misses (docs/benchmarks.md, "W2").
-    pub fn with_capacity(cap: usize) -> std::io::Result<Self> {
+    fn with_capacity(cap: usize) -> std::io::Result<Self> {
         let mut map = memmap2::MmapMut::map_anon(cap.max(1))?;
         // Advice only; a kernel without THP just ignores the hint's effect.
         let _ = map.advise(memmap2::Advice::HugePage);
@@ -80,14 +88,6 @@ impl AppendBuf {
         self.prefaulted.store(to, Ordering::Relaxed);
     }
 
-    /// Empty the buffer for reuse (its pages stay mapped and faulted in:
-    /// a recycled buffer costs no page faults). `&mut`: nobody else holds it.
-    pub fn reset(&mut self) {
-        *self.published.get_mut() = 0;
-        // A recycled buffer's pages are all still mapped.
-        *self.prefaulted.get_mut() = self.cap;
-    }
-
     pub fn capacity(&self) -> usize {
         self.cap
     }
@@ -107,35 +107,74 @@ impl AppendBuf {
             std::slice::from_raw_parts(self.ptr as *const u8, n)
         }
     }
+}
+
+/// The one writer of an [`AppendBuf`]: made with it, never cloned.
+pub struct Tail(Arc<AppendBuf>);
+
+impl std::fmt::Debug for Tail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tail({:?})", self.0)
+    }
+}
+
+impl Tail {
+    /// A new buffer (see [`AppendBuf`]) and its writer.
+    pub fn with_capacity(cap: usize) -> std::io::Result<Tail> {
+        Ok(Tail(Arc::new(AppendBuf::with_capacity(cap)?)))
+    }
+
+    /// The buffer, as readers see it.
+    pub fn buf(&self) -> &Arc<AppendBuf> {
+        &self.0
+    }
+
+    /// Give up writing: the buffer becomes a plain shared one.
+    pub fn into_buf(self) -> Arc<AppendBuf> {
+        self.0
+    }
+
+    /// Writing to `buf` again, emptied for reuse (its pages stay mapped and
+    /// faulted in: a recycled buffer costs no page faults). Only if nothing
+    /// else holds it, so no other `Tail` (or reader) can exist; otherwise
+    /// it is handed back.
+    pub fn reclaim(mut buf: Arc<AppendBuf>) -> Result<Tail, Arc<AppendBuf>> {
+        let Some(b) = Arc::get_mut(&mut buf) else {
+            return Err(buf);
+        };
+        *b.published.get_mut() = 0;
+        // A recycled buffer's pages are all still mapped.
+        *b.prefaulted.get_mut() = b.cap;
+        Ok(Tail(buf))
+    }
 
     /// Copy `src` to `at`, which must be at or above the published length.
-    /// Only the single writer may call this (see the `Sync` impl).
-    pub fn write_tail(&self, at: usize, src: &[u8]) {
-        assert!(at >= self.len(), "write below the published length");
+    pub fn write(&mut self, at: usize, src: &[u8]) {
+        assert!(at >= self.0.len(), "write below the published length");
         let end = at.checked_add(src.len()).expect("overflow");
-        assert!(end <= self.capacity(), "write past capacity");
+        assert!(end <= self.0.capacity(), "write past capacity");
         // SAFETY: [at, end) is inside the allocation (checked above) and at
-        // or above the published length, so no reader looks at it and the
-        // single writer is us.
+        // or above the published length, so no reader looks at it, and this
+        // `Tail` (the only writer, borrowed mutably) is us.
         #[allow(unsafe_code)]
         unsafe {
-            let dst = self.ptr.add(at);
+            let dst = self.0.ptr.add(at);
             std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len());
         }
     }
 
     /// Let the single writer fill `[at, at + len)` in place (at or above the
     /// published length): `f` gets exclusive access to exactly that range.
-    pub fn stage_with<R>(&self, at: usize, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
-        assert!(at >= self.len(), "stage below the published length");
+    pub fn stage_with<R>(&mut self, at: usize, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        assert!(at >= self.0.len(), "stage below the published length");
         let end = at.checked_add(len).expect("overflow");
-        assert!(end <= self.capacity(), "stage past capacity");
+        assert!(end <= self.0.capacity(), "stage past capacity");
         // SAFETY: the range is inside the allocation and at or above the
-        // published length, so no reader looks at it; the single writer (see
-        // the `Sync` impl) holds no other reference into it while `f` runs,
-        // and the `&mut` does not outlive `f`.
+        // published length, so no reader looks at it; `&mut self` means the
+        // writer holds no other view into it (no `staged` slice) while `f`
+        // runs, and the `&mut` does not outlive `f`.
         #[allow(unsafe_code)]
-        let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), len) };
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.0.ptr.add(at), len) };
         f(dst)
     }
 
@@ -143,23 +182,22 @@ impl AppendBuf {
     /// (to hand them to the file before publishing).
     pub fn staged(&self, from: usize, to: usize) -> &[u8] {
         assert!(
-            from <= to && to <= self.capacity(),
+            from <= to && to <= self.0.capacity(),
             "staged range out of bounds"
         );
-        // SAFETY: in bounds (checked); bytes below `to` are written only by
-        // the single writer, who calls this between staging and publishing,
-        // so nothing mutates them while the returned slice lives (the writer
-        // does not stage below `to` again: staging only moves forward).
+        // SAFETY: in bounds (checked); bytes are written only through this
+        // `Tail`'s `&mut self` methods, which cannot run while the returned
+        // slice (borrowing `self`) lives.
         #[allow(unsafe_code)]
         unsafe {
-            std::slice::from_raw_parts(self.ptr.add(from) as *const u8, to - from)
+            std::slice::from_raw_parts(self.0.ptr.add(from) as *const u8, to - from)
         }
     }
 
     /// Make everything below `len` visible to readers.
-    pub fn publish(&self, len: usize) {
-        assert!(len <= self.capacity() && len >= self.len());
-        self.published.store(len, Ordering::Release);
+    pub fn publish(&mut self, len: usize) {
+        assert!(len <= self.0.capacity() && len >= self.0.len());
+        self.0.published.store(len, Ordering::Release);
     }
 }
 
@@ -167,17 +205,16 @@ impl AppendBuf {
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     #[test]
     fn readers_see_only_published_bytes() {
-        let b = Arc::new(AppendBuf::with_capacity(1 << 16).unwrap());
-        let w = b.clone();
+        let mut w = Tail::with_capacity(1 << 16).unwrap();
+        let b = w.buf().clone();
         let t = std::thread::spawn(move || {
             let mut at = 0;
             for i in 0..4096u32 {
                 let chunk = [i as u8; 16];
-                w.write_tail(at, &chunk);
+                w.write(at, &chunk);
                 at += 16;
                 w.publish(at);
             }
@@ -195,7 +232,7 @@ mod tests {
     #[test]
     #[should_panic]
     fn write_past_capacity_panics_in_the_writer() {
-        let b = AppendBuf::with_capacity(8).unwrap();
-        b.write_tail(4, &[0; 8]);
+        let mut b = Tail::with_capacity(8).unwrap();
+        b.write(4, &[0; 8]);
     }
 }

@@ -7,7 +7,7 @@ mod read;
 mod seal;
 mod sealed;
 
-pub use buffer::AppendBuf;
+pub use buffer::{AppendBuf, Tail};
 pub(crate) use read::{collect, continue_from, Step};
 pub(crate) use seal::{build_sealed, SealOutput};
 pub(crate) use sealed::SealedSeg;

@@ -12,8 +12,8 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use timeline_im::{Body, ConvKind, Entry, HistoryFrom, Push};
 use timeline_engine::{Direction, Durability, TimelineId};
+use timeline_im::{Body, ConvKind, Entry, HistoryFrom, Push};
 use timeline_server::protocol::token::{self, Claims, Role};
 use timeline_server::protocol::{Request, Response};
 use timeline_server::{Client, ClientError};

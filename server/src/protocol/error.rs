@@ -159,7 +159,7 @@ mod tests {
             ),
             (
                 E::Poisoned {
-                    keyspace: "store",
+                    keyspace: "store".to_string(),
                     shard: 1,
                     reason: "x".into(),
                 },

@@ -18,11 +18,11 @@ use super::wire::{
     list_len, Put, Reader, Wire, R,
 };
 use super::ProtocolError;
+use timeline_engine::{Direction, Durability, Record, SeqId, TimelineId};
 use timeline_im::{
     ConvId, ConvKind, ConvSummary, Entry, HistoryFrom, HistoryPage, Push, SendAck, SyncEntry,
     SyncReply, UserId,
 };
-use timeline_engine::{Direction, Durability, Record, SeqId, TimelineId};
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u16 = 1;

@@ -6,11 +6,11 @@
 use super::*;
 use proptest::collection::vec;
 use proptest::prelude::*;
+use timeline_engine::{Direction, Durability, Record, TimelineId};
 use timeline_im::{
     Body, ConvKind, ConvSummary, Entry, GroupPage, HistoryFrom, HistoryPage, Push, SendAck,
     SyncEntry, SyncReply,
 };
-use timeline_engine::{Direction, Durability, Record, TimelineId};
 
 // -- strategies --------------------------------------------------------------
 

@@ -15,8 +15,8 @@
 //! fields 0. A list's count is checked against the bytes left before
 //! anything is allocated, so a 4-byte count cannot ask for gigabytes.
 
-use timeline_im::{Body, ConvKind, ConvSummary, Entry, GroupPage, SendAck, SyncEntry};
 use timeline_engine::{Direction, Durability, Keyspace, Record, TimelineId};
+use timeline_im::{Body, ConvKind, ConvSummary, Entry, GroupPage, SendAck, SyncEntry};
 
 /// Why a body failed to decode (becomes `ProtocolError::Malformed`).
 pub(crate) type Why = &'static str;
@@ -190,11 +190,10 @@ impl<'a> Wire<'a> for (u64, u64) {
 
 // -- small enums -----------------------------------------------------------
 
+/// The wire names a keyspace by its engine id; the server serves the
+/// default configuration's two (0 store, 1 sync) and refuses other codes.
 pub(crate) fn keyspace_code(k: Keyspace) -> u8 {
-    match k {
-        Keyspace::Store => 0,
-        Keyspace::Sync => 1,
-    }
+    k.0
 }
 
 /// `timeline = keyspace:u8 (0 store, 1 sync) id:u64`.
@@ -209,8 +208,8 @@ impl<'a> Wire<'a> for TimelineId {
     }
     fn decode(r: &mut Reader<'a>) -> R<Self> {
         let keyspace = match r.u8()? {
-            0 => Keyspace::Store,
-            1 => Keyspace::Sync,
+            0 => Keyspace::STORE,
+            1 => Keyspace::SYNC,
             _ => return Err("unknown keyspace"),
         };
         Ok(TimelineId {
