@@ -73,7 +73,7 @@ struct ModelTl {
 fn payload(t: TimelineId, seq: u64, len: usize, nonce: u64) -> Vec<u8> {
     let mut x = t.id.wrapping_mul(0x9E37_79B9_7F4A_7C15)
         ^ seq.wrapping_mul(0xD1B5_4A32_D192_ED03)
-        ^ ((t.keyspace as u64) << 62)
+        ^ ((t.keyspace.0 as u64) << 62)
         ^ nonce.wrapping_mul(0xA24B_AED4_963E_E407);
     x |= 1;
     (0..len)

@@ -58,7 +58,7 @@ fn timelines() -> Vec<TimelineId> {
 fn payload(tl: TimelineId, seq: u64, salt: u64) -> Vec<u8> {
     let mut x = tl.id.wrapping_mul(0x9E37_79B9_7F4A_7C15)
         ^ seq.wrapping_mul(0xD1B5_4A32_D192_ED03)
-        ^ ((tl.keyspace as u64) << 62)
+        ^ ((tl.keyspace.0 as u64) << 62)
         ^ salt;
     x |= 1;
     let len = ((tl.id % 7) * 211 + seq * 37 + salt) % 1400 + (seq % 3);

@@ -48,7 +48,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use timeline_engine::{Config, Durability, Keyspace};
 use timeline_engine::{Engine, SeqId, TimelineId};
-use worker::{Delivery, Request};
+use worker::{Delivery, Mark, MemberChange, Request, Worker};
 
 pub type UserId = u64;
 pub type ConvId = u64;
@@ -420,7 +420,7 @@ impl Im {
             let sh = shared.clone();
             let h = std::thread::Builder::new()
                 .name(format!("im-worker-{p}"))
-                .spawn(move || worker::run(sh, p, st))
+                .spawn(move || Worker::new(sh, p, st).run())
                 .map_err(|e| timeline_engine::Error::io("im-worker", e))?;
             threads.push(h);
         }
@@ -510,16 +510,16 @@ impl Im {
     /// Add `user` to a group; returns the seq of the `MemberAdded` event (the
     /// first seq the user receives).
     pub fn add_member(&self, conv: ConvId, user: UserId) -> Result<SeqId> {
-        self.member_op(conv, user, true)
+        self.member_op(conv, user, MemberChange::Add)
     }
 
     /// Remove `user` from a group; returns the seq of the `MemberRemoved`
     /// event (the last seq the user receives).
     pub fn remove_member(&self, conv: ConvId, user: UserId) -> Result<SeqId> {
-        self.member_op(conv, user, false)
+        self.member_op(conv, user, MemberChange::Remove)
     }
 
-    fn member_op(&self, conv: ConvId, user: UserId, add: bool) -> Result<SeqId> {
+    fn member_op(&self, conv: ConvId, user: UserId, change: MemberChange) -> Result<SeqId> {
         check_id("user", user)?;
         let (tx, rx) = pending();
         self.to_conv_worker(
@@ -527,7 +527,7 @@ impl Im {
             Request::Member {
                 conv,
                 user,
-                add,
+                change,
                 reply: tx,
             },
         )?;
@@ -602,18 +602,18 @@ impl Im {
     /// user's other devices learn it by syncing. Returns the marker (never
     /// lowered, never above the conversation's last seq).
     pub fn mark_read(&self, user: UserId, conv: ConvId, seq: SeqId) -> Result<SeqId> {
-        self.user_mark(user, conv, seq, false)
+        self.user_mark(user, conv, seq, Mark::Read)
     }
 
     /// Delete message `seq` of `conv` for `user` only (its devices learn it
     /// by syncing; history shows it as deleted to this user).
     pub fn delete_for_user(&self, user: UserId, conv: ConvId, seq: SeqId) -> Result<SeqId> {
-        self.user_mark(user, conv, seq, true)
+        self.user_mark(user, conv, seq, Mark::Delete)
     }
 
     /// Read markers and deletes-for-me go to the user's worker (it owns the
     /// user's sync timeline).
-    fn user_mark(&self, user: UserId, conv: ConvId, seq: SeqId, delete: bool) -> Result<SeqId> {
+    fn user_mark(&self, user: UserId, conv: ConvId, seq: SeqId, mark: Mark) -> Result<SeqId> {
         check_id("user", user)?;
         let (tx, rx) = pending();
         self.submit(
@@ -622,7 +622,7 @@ impl Im {
                 user,
                 conv,
                 seq,
-                delete,
+                mark,
                 reply: tx,
             },
         )?;

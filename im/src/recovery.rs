@@ -15,7 +15,7 @@
 
 use crate::directory::covers;
 use crate::entry::{CatalogRecord, EventKind, IntentOp, JournalRecord, StoreEntry, SyncRecord};
-use crate::worker::{apply_op, WorkerState};
+use crate::worker::{apply_op, Recovered};
 use crate::{ConvId, EntryMode, Result, Shared, UserId};
 use hashbrown::{HashMap, HashSet};
 use timeline_engine::Keyspace;
@@ -26,7 +26,7 @@ const PAGE: usize = 1024;
 /// clock disagreement when looking back for them.
 const CLOCK_SLACK_MS: u64 = 60_000;
 
-pub(crate) fn recover(sh: &Shared) -> Result<Vec<WorkerState>> {
+pub(crate) fn recover(sh: &Shared) -> Result<Vec<Recovered>> {
     for p in 0..sh.shards {
         replay_catalog(sh, p)?;
     }
@@ -89,7 +89,7 @@ struct PendingBatch {
 
 /// Walk the journal newest-first: the intents after the last `done` mark
 /// (to complete), and, within the dedup window, every send's idempotency key.
-fn scan_journal(sh: &Shared, p: usize) -> Result<(WorkerState, Vec<PendingBatch>)> {
+fn scan_journal(sh: &Shared, p: usize) -> Result<(Recovered, Vec<PendingBatch>)> {
     let tl = TimelineId::store(sh.journal[p]);
     let now = sh.now_ms();
     let window = sh
@@ -157,7 +157,7 @@ fn scan_journal(sh: &Shared, p: usize) -> Result<(WorkerState, Vec<PendingBatch>
             "journal of shard {p} claims batch {max_batch}: damaged"
         ))
     })?;
-    let mut st = WorkerState::new(next);
+    let mut st = Recovered::new(next);
     st.dedup = dedup;
     st.dedup_order = keys.into();
     Ok((st, pending))
