@@ -1,6 +1,7 @@
 //! Engine configuration.
 
 use crate::clock::{Clock, SystemClock};
+use crate::error::{Error, Result};
 use crate::io::Io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -149,6 +150,52 @@ impl Default for Config {
 }
 
 impl Config {
+    /// A configuration the engine can open: at least one keyspace, unique ids
+    /// and directory names, segment sizes in range.
+    pub fn validate(&self) -> Result<()> {
+        if self.keyspaces.is_empty() {
+            return Err(Error::InvalidArgument("no keyspace configured".into()));
+        }
+        for (i, k) in self.keyspaces.iter().enumerate() {
+            let valid_name = !k.name.is_empty()
+                && k.name.len() <= 64
+                && k.name.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+                });
+            if !valid_name {
+                return Err(Error::InvalidArgument(format!(
+                    "keyspace name {:?} must be 1-64 of [a-z0-9_-]",
+                    k.name
+                )));
+            }
+            if let Some(o) = self.keyspaces[..i]
+                .iter()
+                .find(|o| o.id == k.id || o.name == k.name)
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "keyspaces {:?} ({}) and {:?} ({}) share an id or a name",
+                    o.name, o.id.0, k.name, k.id.0
+                )));
+            }
+            if k.segment_bytes < 64 << 10 || k.segment_bytes > 1 << 30 {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: segment_bytes must be in 64 KiB..=1 GiB",
+                    k.name
+                )));
+            }
+            if self.max_payload as u64 + 4096 > k.segment_bytes {
+                return Err(Error::InvalidArgument(format!(
+                    "max_payload must be smaller than the {} segment size",
+                    k.name
+                )));
+            }
+        }
+        if self.shards == 0 || self.shards > 4096 {
+            return Err(Error::InvalidArgument("shards must be in 1..=4096".into()));
+        }
+        Ok(())
+    }
+
     /// The settings of keyspace `ks`.
     ///
     /// # Panics

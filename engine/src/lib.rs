@@ -26,6 +26,7 @@ pub mod index;
 pub mod io;
 pub(crate) mod segment;
 mod shard;
+mod stats;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{Config, Durability, Keyspace, KeyspaceConfig};

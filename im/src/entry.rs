@@ -3,6 +3,7 @@
 //! Little-endian, like the engine. Byte grids: `docs/design.md`, "IM layer".
 
 use crate::{ConvId, UserId};
+use bytes::{Buf, BufMut};
 
 /// A malformed IM record (a damaged file or a foreign record in an IM
 /// timeline); never a panic.
@@ -13,35 +14,26 @@ pub struct DecodeError {
     pub why: &'static str,
 }
 
+/// A cursor over one IM record: `bytes::Buf`'s checked little-endian reads
+/// (the workspace's one byte-order helper), with the record's name for
+/// errors.
 struct Reader<'a> {
     b: &'a [u8],
     what: &'static str,
 }
 
 impl<'a> Reader<'a> {
-    fn bytes(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        if self.b.len() < n {
-            return Err(DecodeError {
-                what: self.what,
-                why: "truncated",
-            });
-        }
-        let (h, t) = self.b.split_at(n);
-        self.b = t;
-        Ok(h)
+    fn truncated(&self) -> DecodeError {
+        self.bad("truncated")
     }
     fn u8(&mut self) -> Result<u8, DecodeError> {
-        Ok(self.bytes(1)?[0])
+        self.b.try_get_u8().map_err(|_| self.truncated())
     }
     fn u32(&mut self) -> Result<u32, DecodeError> {
-        let mut a = [0u8; 4];
-        a.copy_from_slice(self.bytes(4)?);
-        Ok(u32::from_le_bytes(a))
+        self.b.try_get_u32_le().map_err(|_| self.truncated())
     }
     fn u64(&mut self) -> Result<u64, DecodeError> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.bytes(8)?);
-        Ok(u64::from_le_bytes(a))
+        self.b.try_get_u64_le().map_err(|_| self.truncated())
     }
     fn bad(&self, why: &'static str) -> DecodeError {
         DecodeError {
@@ -124,9 +116,9 @@ impl<'a> StoreEntry<'a> {
     }
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         out.push(self.kind as u8);
-        out.extend_from_slice(&self.sender.to_le_bytes());
-        out.extend_from_slice(&self.cmid.to_le_bytes());
-        out.extend_from_slice(&self.arg.to_le_bytes());
+        out.put_u64_le(self.sender);
+        out.put_u64_le(self.cmid);
+        out.put_u64_le(self.arg);
         out.extend_from_slice(self.body);
     }
     pub fn decode(b: &'a [u8]) -> Result<Self, DecodeError> {
@@ -143,14 +135,12 @@ impl<'a> StoreEntry<'a> {
 }
 
 /// The initial members in a `Created` record's body (whole `u64`s only).
-pub fn created_members(body: &[u8]) -> Vec<UserId> {
-    body.chunks_exact(8)
-        .map(|c| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(c);
-            u64::from_le_bytes(a)
-        })
-        .collect()
+pub fn created_members(mut body: &[u8]) -> Vec<UserId> {
+    let mut v = Vec::with_capacity(body.len() / 8);
+    while let Ok(m) = body.try_get_u64_le() {
+        v.push(m);
+    }
+    v
 }
 
 /// The body a sync copy of `e` carries: all of it, except a `Created`
@@ -199,10 +189,10 @@ impl<'a> SyncRecord<'a> {
             SyncRecord::Deleted { conv, seq } => (4, conv, seq),
         };
         out.push(tag);
-        out.extend_from_slice(&conv.to_le_bytes());
-        out.extend_from_slice(&seq.to_le_bytes());
+        out.put_u64_le(conv);
+        out.put_u64_le(seq);
         if let SyncRecord::Copy { ts_ms, entry, .. } = self {
-            out.extend_from_slice(&ts_ms.to_le_bytes());
+            out.put_u64_le(*ts_ms);
             entry.encode_into(out);
         }
     }
@@ -262,20 +252,20 @@ impl JournalRecord {
             JournalRecord::Intent { batch, ops } => {
                 out.reserve(13 + ops.len() * INTENT_OP);
                 out.push(1);
-                out.extend_from_slice(&batch.to_le_bytes());
-                out.extend_from_slice(&(ops.len() as u32).to_le_bytes());
+                out.put_u64_le(*batch);
+                out.put_u32_le(ops.len() as u32);
                 for o in ops {
-                    out.extend_from_slice(&o.conv.to_le_bytes());
-                    out.extend_from_slice(&o.seq.to_le_bytes());
+                    out.put_u64_le(o.conv);
+                    out.put_u64_le(o.seq);
                     out.push(o.kind as u8);
-                    out.extend_from_slice(&o.sender.to_le_bytes());
-                    out.extend_from_slice(&o.cmid.to_le_bytes());
-                    out.extend_from_slice(&o.arg.to_le_bytes());
+                    out.put_u64_le(o.sender);
+                    out.put_u64_le(o.cmid);
+                    out.put_u64_le(o.arg);
                 }
             }
             JournalRecord::Done { batch } => {
                 out.push(2);
-                out.extend_from_slice(&batch.to_le_bytes());
+                out.put_u64_le(*batch);
             }
         }
     }
@@ -350,7 +340,7 @@ pub enum CatalogRecord {
 impl CatalogRecord {
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         fn put(out: &mut Vec<u8>, v: u64) {
-            out.extend_from_slice(&v.to_le_bytes());
+            out.put_u64_le(v);
         }
         match *self {
             CatalogRecord::Member {
@@ -362,12 +352,12 @@ impl CatalogRecord {
                 read_since,
             } => {
                 out.push(1);
-                out.extend_from_slice(&conv.to_le_bytes());
-                out.extend_from_slice(&user.to_le_bytes());
-                out.extend_from_slice(&at.to_le_bytes());
+                out.put_u64_le(conv);
+                out.put_u64_le(user);
+                out.put_u64_le(at);
                 out.push(if add { 1 } else { 2 });
                 out.push(kind as u8);
-                out.extend_from_slice(&read_since.to_le_bytes());
+                out.put_u64_le(read_since);
             }
             CatalogRecord::Recall { conv, target, at } => {
                 out.push(2);

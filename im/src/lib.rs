@@ -31,6 +31,7 @@ mod read;
 mod recovery;
 mod subscribe;
 mod sync;
+mod types;
 mod worker;
 
 pub use entry::{ConvKind, EventKind};
@@ -45,8 +46,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
-use timeline_engine::{Config, Durability, Keyspace};
+use timeline_engine::{Config, Keyspace};
 use timeline_engine::{Engine, SeqId, TimelineId};
 use worker::{Delivery, Mark, MemberChange, Request, Worker};
 
@@ -59,199 +59,7 @@ pub const MAX_ID: u64 = (1 << 63) - 1;
 const CATALOG_BASE: u64 = 1 << 63;
 const JOURNAL_BASE: u64 = (1 << 63) | (1 << 62);
 
-/// What a sync timeline entry holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum EntryMode {
-    /// The whole message (one read per sync page; more bytes written).
-    #[default]
-    Copy,
-    /// `(conversation, seq)`, read back from the store at sync time.
-    Reference,
-}
-
-/// IM layer settings.
-#[derive(Debug, Clone)]
-pub struct ImConfig {
-    /// Groups with more members than this use read fan-out (default 500).
-    pub hybrid_threshold: usize,
-    pub entries: EntryMode,
-    /// Durability of every store and sync write the layer makes, and so of
-    /// an acknowledged send (default: group commit).
-    pub durability: Durability,
-    /// Requests (and worker-to-worker deliveries) a worker's mailbox holds
-    /// before senders wait.
-    pub queue_capacity: usize,
-    /// Requests one worker turns into one engine write.
-    pub max_batch: usize,
-    /// Pushes a subscriber may have queued before it is told to resync.
-    pub subscriber_capacity: usize,
-    /// How long a `(conversation, sender, client_msg_id)` is remembered for
-    /// idempotent retries (default: the sync TTL). Costs about 64 bytes per
-    /// message sent within the window, and open time to rebuild it.
-    pub dedup_window: Option<Duration>,
-}
-
-impl Default for ImConfig {
-    fn default() -> Self {
-        ImConfig {
-            hybrid_threshold: 500,
-            entries: EntryMode::Copy,
-            durability: Durability::GroupCommit,
-            queue_capacity: 4096,
-            max_batch: 512,
-            subscriber_capacity: 1024,
-            dedup_window: None,
-        }
-    }
-}
-
-/// A send's acknowledgement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SendAck {
-    pub conv: ConvId,
-    pub seq: SeqId,
-    /// A retry of an earlier send: nothing new was written.
-    pub duplicate: bool,
-}
-
-/// What an entry of a conversation (or of a user's sync timeline) says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Body {
-    Message(Vec<u8>),
-    /// A message its sender recalled (the payload is withheld).
-    Recalled,
-    /// A message this user deleted for itself.
-    Deleted,
-    /// The conversation was created. Its first members are in the store
-    /// record (and in [`Im::members`]); entries leave the list out, since
-    /// copying it into every member's sync timeline would cost O(members²).
-    Created {
-        kind: ConvKind,
-    },
-    MemberAdded(UserId),
-    MemberRemoved(UserId),
-    /// The event that recalled message `target`.
-    Recall {
-        target: SeqId,
-    },
-    /// Sync only: the user read the conversation through `conv_seq`.
-    ReadMarker,
-    /// Sync only: the user deleted message `conv_seq` for itself.
-    DeletedMarker,
-}
-
-/// One conversation entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    pub conv: ConvId,
-    pub conv_seq: SeqId,
-    pub sender: UserId,
-    pub timestamp_ms: u64,
-    pub body: Body,
-}
-
-/// An entry of a user's sync timeline: its sync seq and what it carries.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SyncEntry {
-    pub seq: SeqId,
-    pub entry: Entry,
-}
-
-/// New entries of one read-fan-out group.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GroupPage {
-    pub conv: ConvId,
-    pub entries: Vec<Entry>,
-    /// The device's new checkpoint for this group.
-    pub checkpoint: SeqId,
-    pub has_more: bool,
-}
-
-/// The answer to [`Im::sync`].
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct SyncReply {
-    pub entries: Vec<SyncEntry>,
-    pub checkpoint: SeqId,
-    pub has_more: bool,
-    /// `Some(first_retained)`: the checkpoint fell below what the TTL kept.
-    /// Nothing was returned; roam the conversations with [`Im::history`],
-    /// then sync again from `first_retained - 1`.
-    pub truncated: Option<SeqId>,
-    /// Read-fan-out groups with new entries; only filled once the sync
-    /// timeline is drained (`has_more` false), so that a group that switched
-    /// from write to read fan-out reaches the device in seq order.
-    pub groups: Vec<GroupPage>,
-}
-
-/// Where a history page starts (exclusive).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HistoryFrom {
-    /// Newest-first, from just below this seq (`u64::MAX`: from the newest).
-    Before(SeqId),
-    /// Oldest-first, from just above this seq.
-    After(SeqId),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HistoryPage {
-    pub entries: Vec<Entry>,
-    pub has_more: bool,
-}
-
-/// One line of [`Im::conversations`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConvSummary {
-    pub conv: ConvId,
-    pub kind: ConvKind,
-    /// The newest seq this user can see (its removal event if it left).
-    pub last_seq: SeqId,
-    pub read_seq: SeqId,
-    /// `last_seq - read_seq`, never negative.
-    pub unread: u64,
-    pub member: bool,
-    pub read_fanout: bool,
-}
-
-/// Counters for benchmarks: storage operations the layer issued.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ImStats {
-    /// Conversation entries stored (messages and events).
-    pub stored: u64,
-    pub messages: u64,
-    /// Entries written to sync timelines (write fan-out deliveries, read
-    /// markers, delete markers).
-    pub sync_writes: u64,
-    /// Messages made visible to a receiver through a group's store timeline.
-    pub read_fanout_deliveries: u64,
-    pub sync_calls: u64,
-    /// Range reads of sync timelines.
-    pub sync_reads: u64,
-    /// Range or point reads of store timelines (reference entries, group
-    /// pages, history).
-    pub store_reads: u64,
-    /// Read-fan-out groups checked for news by a sync (each would be a read
-    /// of the group's timeline without the in-memory watermark).
-    pub group_polls: u64,
-    /// Writes to journal and catalog timelines (bookkeeping).
-    pub meta_writes: u64,
-}
-
-#[derive(Default)]
-pub(crate) struct Counters {
-    stored: AtomicU64,
-    messages: AtomicU64,
-    sync_writes: AtomicU64,
-    read_fanout_deliveries: AtomicU64,
-    sync_calls: AtomicU64,
-    sync_reads: AtomicU64,
-    store_reads: AtomicU64,
-    group_polls: AtomicU64,
-    meta_writes: AtomicU64,
-}
-
-pub(crate) fn bump(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
-}
+pub use types::*;
 
 /// A request handed to a worker; [`wait`](Pending::wait) for its answer.
 #[must_use = "the request is not acknowledged until waited on"]
@@ -439,6 +247,12 @@ impl Im {
         &self.shared.cfg
     }
 
+    /// The largest body a store record can carry: the engine's payload
+    /// limit less the record header and room for its sync copy's header.
+    fn max_body(&self) -> usize {
+        self.shared.engine.config().max_payload - entry::STORE_HEADER - 64
+    }
+
     fn to_conv_worker(&self, conv: ConvId, r: Request) -> Result<()> {
         let p = self.shared.conv_shard(conv);
         self.submit(p, r)
@@ -484,7 +298,7 @@ impl Im {
         // The `Created` record lists the first members; a list longer than
         // one record holds goes on as `MemberAdded` events (each durable on
         // its own: a crash part way leaves a group with the first members).
-        let fit = (self.shared.engine.config().max_payload - entry::STORE_HEADER - 64) / 8;
+        let fit = self.max_body() / 8;
         let rest = if ms.len() > fit.max(2) {
             ms.split_off(fit.max(2))
         } else {
@@ -560,7 +374,7 @@ impl Im {
         client_msg_id: u64,
         payload: &[u8],
     ) -> Result<Pending<SendAck>> {
-        let max = self.shared.engine.config().max_payload - entry::STORE_HEADER - 64;
+        let max = self.max_body();
         if payload.len() > max {
             return Err(ImError::InvalidArgument(format!(
                 "payload of {} bytes exceeds the limit of {max}",

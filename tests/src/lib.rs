@@ -1,4 +1,7 @@
-//! Helpers shared by the integration tests and the `crash-child` binary.
+//! Helpers shared by the integration tests, the crash-test child binaries
+//! and the fuzz targets; [`model`] is the engine's one model world.
+
+pub mod model;
 
 use std::path::Path;
 use timeline_engine::{Config, Keyspace, TimelineId};

@@ -6,6 +6,8 @@
 //! path and turn it into `Error::Corruption`.
 #![deny(clippy::indexing_slicing)]
 
+use bytes::Buf;
+
 pub mod checkpoint;
 pub mod meta;
 pub mod record;
@@ -104,39 +106,30 @@ pub fn parse_file_name(name: &str) -> Option<FileName> {
     }
 }
 
-// Little-endian field access with checked bounds.
+// Little-endian field access with checked bounds, on `bytes::Buf` (the
+// workspace's one byte-order helper): a short input is `Truncated`, never a
+// panic.
+fn get_at<T>(
+    b: &[u8],
+    at: usize,
+    width: usize,
+    read: impl FnOnce(&mut &[u8]) -> Result<T, bytes::TryGetError>,
+) -> Result<T, FormatError> {
+    let truncated = FormatError::Truncated {
+        need: at.saturating_add(width),
+        have: b.len(),
+    };
+    let mut rest = b.get(at..).ok_or_else(|| truncated.clone())?;
+    read(&mut rest).map_err(|_| truncated)
+}
 pub(crate) fn get_u16(b: &[u8], at: usize) -> Result<u16, FormatError> {
-    let s = b
-        .get(at..at.saturating_add(2))
-        .ok_or(FormatError::Truncated {
-            need: at.saturating_add(2),
-            have: b.len(),
-        })?;
-    let mut a = [0u8; 2];
-    a.copy_from_slice(s);
-    Ok(u16::from_le_bytes(a))
+    get_at(b, at, 2, |r| r.try_get_u16_le())
 }
 pub(crate) fn get_u32(b: &[u8], at: usize) -> Result<u32, FormatError> {
-    let s = b
-        .get(at..at.saturating_add(4))
-        .ok_or(FormatError::Truncated {
-            need: at.saturating_add(4),
-            have: b.len(),
-        })?;
-    let mut a = [0u8; 4];
-    a.copy_from_slice(s);
-    Ok(u32::from_le_bytes(a))
+    get_at(b, at, 4, |r| r.try_get_u32_le())
 }
 pub(crate) fn get_u64(b: &[u8], at: usize) -> Result<u64, FormatError> {
-    let s = b
-        .get(at..at.saturating_add(8))
-        .ok_or(FormatError::Truncated {
-            need: at.saturating_add(8),
-            have: b.len(),
-        })?;
-    let mut a = [0u8; 8];
-    a.copy_from_slice(s);
-    Ok(u64::from_le_bytes(a))
+    get_at(b, at, 8, |r| r.try_get_u64_le())
 }
 
 #[cfg(test)]

@@ -187,37 +187,9 @@ impl TimelineTable {
         table.reserve(n, |&i| hash_id(meta_at(chunks, i).id));
     }
 
-    /// Slot indices for many ids at once (inserting missing ones): one read
-    /// lock for the lookups, one write lock only if some id is new.
-    pub fn resolve_batch(&self, ids: impl Iterator<Item = u64> + Clone, out: &mut Vec<u32>) {
-        out.clear();
-        let mut missing = false;
-        {
-            let g = self.inner.read();
-            for id in ids.clone() {
-                match g
-                    .table
-                    .find(hash_id(id), |&i| meta_at(&g.chunks, i).id == id)
-                {
-                    Some(&i) => out.push(i),
-                    None => {
-                        missing = true;
-                        out.push(u32::MAX);
-                    }
-                }
-            }
-        }
-        if missing {
-            for (slot, id) in out.iter_mut().zip(ids) {
-                if *slot == u32::MAX {
-                    *slot = self.find_or_insert(id);
-                }
-            }
-        }
-    }
-
-    /// [`resolve_batch`](Self::resolve_batch) plus each timeline's
-    /// [`Meta::writer_state`], read under the same lock acquisition (the
+    /// Slot indices for many ids at once (inserting missing ones: one read
+    /// lock for the lookups, one write lock only if some id is new), with
+    /// each timeline's [`Meta::writer_state`] read under the same lock (the
     /// append path used to take the lock again per record to read it; 13%
     /// of a fan-out profile). Only the shard's writer changes the state, and
     /// it holds the writer lock, so the values stay current.

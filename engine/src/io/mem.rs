@@ -1,3 +1,7 @@
+//! The in-memory file system. One file by design: the file model, the two
+//! namespaces (live and as of the last directory sync) and the power-cut
+//! image belong together; a third of it is its tests.
+//!
 //! In-memory file system for tests that models what a power cut leaves.
 //!
 //! Every file has the bytes reads see now (`data`) and the bytes as of its

@@ -165,27 +165,18 @@ impl Recovery {
     /// room), make what readers will see durable, and build the shard.
     fn build(self) -> Result<Shard> {
         let Recovery {
-            id,
-            dir,
-            cfg,
-            io,
-            clock,
-            table,
-            logs,
-            segs,
-            ckpts,
-            sealed,
-            ckpt_gen,
-            entries_since,
-        } = self;
+            logs, segs, ckpts, ..
+        } = &self;
+        let (io, dir, cfg, table) = (&self.io, &self.dir, &self.cfg, &self.table);
+        let id = self.id;
         let ks = cfg.id;
-        let max_gen = logs.iter().chain(&segs).chain(&ckpts).copied().max();
+        let max_gen = logs.iter().chain(segs).chain(ckpts).copied().max();
         let mut next_gen = max_gen.map(|g| g + 1).unwrap_or(0);
         let mut frozen = Vec::new();
         let mut active: Option<(Arc<LogSeg>, Tail)> = None;
         let cap = cfg.segment_bytes as usize;
-        for &g in &logs {
-            let Some(seg) = recover_log(&*io, &dir, (ks, id), g, &table, cap)? else {
+        for &g in logs {
+            let Some(seg) = recover_log(&**io, dir, (ks, id), g, table, cap)? else {
                 continue;
             };
             // Only the newest log may stay the active one.
@@ -195,12 +186,12 @@ impl Recovery {
                 frozen.push(seg.0);
             }
         }
-        let now = clock.now_ms();
+        let now = self.clock.now_ms();
         let (active, tail) = match active {
             Some((a, t)) if a.buf.capacity() - a.buf.len() > 4096 => (a, t),
             other => {
                 frozen.extend(other.map(|(a, _)| a));
-                let a = Shard::new_log_seg(&*io, &dir, ks, id, next_gen, now, cap, None)?;
+                let a = Shard::new_log_seg(&**io, dir, ks, id, next_gen, now, cap, None)?;
                 next_gen += 1;
                 a
             }
@@ -212,15 +203,15 @@ impl Recovery {
         Ok(Shard {
             ks,
             id,
-            dir,
-            cfg,
-            io,
-            clock,
-            table,
+            dir: self.dir,
+            cfg: self.cfg,
+            io: self.io,
+            clock: self.clock,
+            table: self.table,
             segs: RwLock::new(Arc::new(SegSet {
                 active: active.clone(),
                 frozen,
-                sealed,
+                sealed: self.sealed,
             })),
             writer: Mutex::new(Writer {
                 active,
@@ -234,7 +225,7 @@ impl Recovery {
             commit,
             maint: Mutex::new(()),
             spare: Mutex::new(None),
-            ckpt: Mutex::new((ckpt_gen, entries_since)),
+            ckpt: Mutex::new((self.ckpt_gen, self.entries_since)),
             stats: ShardStats::default(),
         })
     }

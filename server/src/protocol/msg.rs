@@ -18,6 +18,7 @@ use super::wire::{
     list_len, Put, Reader, Wire, R,
 };
 use super::ProtocolError;
+use bytes::BufMut;
 use timeline_engine::{Direction, Durability, Record, SeqId, TimelineId};
 use timeline_im::{
     ConvId, ConvKind, ConvSummary, Entry, HistoryFrom, HistoryPage, Push, SendAck, SyncEntry,
@@ -177,7 +178,7 @@ fn put_history_from(b: &mut Vec<u8>, f: HistoryFrom) {
         HistoryFrom::After(s) => (1, s),
     };
     b.put_u8(tag);
-    b.put_u64(seq);
+    b.put_u64_le(seq);
 }
 
 impl<'a> Request<'a> {
@@ -241,9 +242,9 @@ impl<'a> Request<'a> {
             // magic:[u8;4] version:u16 max_frame:u32 token:bytes
             Request::Hello(h) => {
                 b.extend_from_slice(&HELLO_MAGIC);
-                b.put_u16(h.version);
-                b.put_u32(h.max_frame);
-                b.put_bytes(h.token);
+                b.put_u16_le(h.version);
+                b.put_u32_le(h.max_frame);
+                b.put_blob(h.token);
             }
             // data: the rest of the body
             Request::Ping(d) => b.extend_from_slice(d),
@@ -256,7 +257,7 @@ impl<'a> Request<'a> {
             } => {
                 timeline.encode(b);
                 b.put_u8(durability_code(*durability));
-                b.put_bytes(payload);
+                b.put_blob(payload);
             }
             // durability:u8 items:list<timeline payload:bytes>
             Request::AppendBatch { durability, items } => {
@@ -266,7 +267,7 @@ impl<'a> Request<'a> {
             // timeline seq:u64
             Request::Get { timeline, seq } => {
                 timeline.encode(b);
-                b.put_u64(*seq);
+                b.put_u64_le(*seq);
             }
             // timeline from:u64 limit:u32 direction:u8
             Request::Scan {
@@ -276,8 +277,8 @@ impl<'a> Request<'a> {
                 direction,
             } => {
                 timeline.encode(b);
-                b.put_u64(*from);
-                b.put_u32(*limit);
+                b.put_u64_le(*from);
+                b.put_u32_le(*limit);
                 b.put_u8(direction_code(*direction));
             }
             // timeline
@@ -289,10 +290,10 @@ impl<'a> Request<'a> {
                 client_msg_id,
                 payload,
             } => {
-                b.put_u64(*conv);
-                b.put_u64(*sender);
-                b.put_u64(*client_msg_id);
-                b.put_bytes(payload);
+                b.put_u64_le(*conv);
+                b.put_u64_le(*sender);
+                b.put_u64_le(*client_msg_id);
+                b.put_blob(payload);
             }
             // user:u64 checkpoint:u64 limit:u32 groups:list<conv:u64 checkpoint:u64>
             Request::Sync {
@@ -301,9 +302,9 @@ impl<'a> Request<'a> {
                 limit,
                 groups,
             } => {
-                b.put_u64(*user);
-                b.put_u64(*checkpoint);
-                b.put_u32(*limit);
+                b.put_u64_le(*user);
+                b.put_u64_le(*checkpoint);
+                b.put_u32_le(*limit);
                 b.put_list(groups);
             }
             // conv:u64 user:u64 from:u8 seq:u64 limit:u32
@@ -313,24 +314,24 @@ impl<'a> Request<'a> {
                 from,
                 limit,
             } => {
-                b.put_u64(*conv);
-                b.put_u64(*user);
+                b.put_u64_le(*conv);
+                b.put_u64_le(*user);
                 put_history_from(b, *from);
-                b.put_u32(*limit);
+                b.put_u32_le(*limit);
             }
             // user:u64
-            Request::Conversations { user } => b.put_u64(*user),
+            Request::Conversations { user } => b.put_u64_le(*user),
             // user:u64 conv:u64 seq:u64
             Request::MarkRead { user, conv, seq } | Request::DeleteForUser { user, conv, seq } => {
-                b.put_u64(*user);
-                b.put_u64(*conv);
-                b.put_u64(*seq);
+                b.put_u64_le(*user);
+                b.put_u64_le(*conv);
+                b.put_u64_le(*seq);
             }
             // conv:u64 user:u64 target:u64
             Request::Recall { conv, user, target } => {
-                b.put_u64(*conv);
-                b.put_u64(*user);
-                b.put_u64(*target);
+                b.put_u64_le(*conv);
+                b.put_u64_le(*user);
+                b.put_u64_le(*target);
             }
             // conv:u64 kind:u8 members:list<u64>
             Request::CreateConversation {
@@ -338,21 +339,21 @@ impl<'a> Request<'a> {
                 kind,
                 members,
             } => {
-                b.put_u64(*conv);
+                b.put_u64_le(*conv);
                 b.put_u8(conv_kind_code(*kind));
                 b.put_list(members);
             }
             // conv:u64 user:u64
             Request::AddMember { conv, user } | Request::RemoveMember { conv, user } => {
-                b.put_u64(*conv);
-                b.put_u64(*user);
+                b.put_u64_le(*conv);
+                b.put_u64_le(*user);
             }
             // conv:u64
-            Request::Members { conv } => b.put_u64(*conv),
+            Request::Members { conv } => b.put_u64_le(*conv),
             // user:u64
-            Request::Subscribe { user } => b.put_u64(*user),
+            Request::Subscribe { user } => b.put_u64_le(*user),
             // subscription:u64
-            Request::Unsubscribe { subscription } => b.put_u64(*subscription),
+            Request::Unsubscribe { subscription } => b.put_u64_le(*subscription),
         }
     }
 
@@ -618,15 +619,15 @@ impl Response {
         match self {
             // version:u16 max_frame:u32 identity:u8 (0 anonymous, 1 user, 2 admin) user:u64
             Response::Hello(h) => {
-                b.put_u16(h.version);
-                b.put_u32(h.max_frame);
+                b.put_u16_le(h.version);
+                b.put_u32_le(h.max_frame);
                 let (tag, user) = match h.identity {
                     Identity::Anonymous => (IDENTITY_ANONYMOUS, 0),
                     Identity::User(u) => (IDENTITY_USER, u),
                     Identity::Admin(u) => (IDENTITY_ADMIN, u),
                 };
                 b.put_u8(tag);
-                b.put_u64(user);
+                b.put_u64_le(user);
             }
             // data: the rest of the body
             Response::Ping(d) => b.extend_from_slice(d),
@@ -640,7 +641,7 @@ impl Response {
             | Response::DeleteForUser(s)
             | Response::CreateConversation(s)
             | Response::AddMember(s)
-            | Response::RemoveMember(s) => b.put_u64(*s),
+            | Response::RemoveMember(s) => b.put_u64_le(*s),
             // list<u64>
             Response::AppendBatch(seqs) => b.put_list(seqs),
             // found:bool [record]
@@ -657,7 +658,7 @@ impl Response {
             // checkpoint:u64 flags:u8 first_retained:u64 entries:list<sync_entry>
             // groups:list<group_page>
             Response::Sync(s) => {
-                b.put_u64(s.checkpoint);
+                b.put_u64_le(s.checkpoint);
                 let mut f = 0;
                 if s.has_more {
                     f |= SYNC_HAS_MORE;
@@ -666,7 +667,7 @@ impl Response {
                     f |= SYNC_TRUNCATED;
                 }
                 b.put_u8(f);
-                b.put_u64(s.truncated.unwrap_or(0));
+                b.put_u64_le(s.truncated.unwrap_or(0));
                 b.put_list(&s.entries);
                 b.put_list(&s.groups);
             }
@@ -809,9 +810,9 @@ impl ErrorReply {
 
     /// `code:u16 arg:u64 message:str`
     pub fn encode_body(&self, b: &mut Vec<u8>) {
-        b.put_u16(self.code.0);
-        b.put_u64(self.arg);
-        b.put_bytes(self.message.as_bytes());
+        b.put_u16_le(self.code.0);
+        b.put_u64_le(self.arg);
+        b.put_blob(self.message.as_bytes());
     }
 
     /// Append the error frame answering request `request_id` of `opcode`
@@ -864,12 +865,12 @@ pub fn encode_push_body(p: &Push, b: &mut Vec<u8>) {
     match p {
         Push::Entry { user, entry } => {
             b.put_u8(PUSH_ENTRY);
-            b.put_u64(*user);
+            b.put_u64_le(*user);
             entry.encode(b);
         }
         Push::Group { user, entry } => {
             b.put_u8(PUSH_GROUP);
-            b.put_u64(*user);
+            b.put_u64_le(*user);
             entry.encode(b);
         }
         Push::Resync => b.put_u8(PUSH_RESYNC),

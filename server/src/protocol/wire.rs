@@ -15,6 +15,7 @@
 //! fields 0. A list's count is checked against the bytes left before
 //! anything is allocated, so a 4-byte count cannot ask for gigabytes.
 
+use bytes::{Buf, BufMut};
 use timeline_engine::{Direction, Durability, Keyspace, Record, TimelineId};
 use timeline_im::{Body, ConvKind, ConvSummary, Entry, GroupPage, SendAck, SyncEntry};
 
@@ -22,7 +23,11 @@ use timeline_im::{Body, ConvKind, ConvSummary, Entry, GroupPage, SendAck, SyncEn
 pub(crate) type Why = &'static str;
 pub(crate) type R<T> = Result<T, Why>;
 
-/// A cursor over a body. Every read checks the length first.
+const TRUNCATED: Why = "truncated body";
+
+/// A cursor over a body: the protocol's shapes (bool, str, lists, the end)
+/// over `bytes::Buf`'s checked little-endian reads, which fail rather than
+/// panic on a short body.
 pub(crate) struct Reader<'a> {
     b: &'a [u8],
 }
@@ -32,26 +37,26 @@ impl<'a> Reader<'a> {
         Reader { b }
     }
     pub(crate) fn take(&mut self, n: usize) -> R<&'a [u8]> {
-        let (h, t) = self.b.split_at_checked(n).ok_or("truncated body")?;
+        let (h, t) = self.b.split_at_checked(n).ok_or(TRUNCATED)?;
         self.b = t;
         Ok(h)
     }
     fn array<const N: usize>(&mut self) -> R<[u8; N]> {
         let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N)?);
+        self.b.try_copy_to_slice(&mut a).map_err(|_| TRUNCATED)?;
         Ok(a)
     }
     pub(crate) fn u8(&mut self) -> R<u8> {
-        Ok(u8::from_le_bytes(self.array()?))
+        self.b.try_get_u8().map_err(|_| TRUNCATED)
     }
     pub(crate) fn u16(&mut self) -> R<u16> {
-        Ok(u16::from_le_bytes(self.array()?))
+        self.b.try_get_u16_le().map_err(|_| TRUNCATED)
     }
     pub(crate) fn u32(&mut self) -> R<u32> {
-        Ok(u32::from_le_bytes(self.array()?))
+        self.b.try_get_u32_le().map_err(|_| TRUNCATED)
     }
     pub(crate) fn u64(&mut self) -> R<u64> {
-        Ok(u64::from_le_bytes(self.array()?))
+        self.b.try_get_u64_le().map_err(|_| TRUNCATED)
     }
     pub(crate) fn magic(&mut self) -> R<[u8; 4]> {
         self.array()
@@ -100,41 +105,26 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Writing fields into a caller's buffer.
+/// Writing the protocol's shapes into a caller's buffer; integers go
+/// through `bytes::BufMut`'s `put_*_le` (little-endian, stated once here).
 pub(crate) trait Put {
-    fn put_u8(&mut self, v: u8);
-    fn put_u16(&mut self, v: u16);
-    fn put_u32(&mut self, v: u32);
-    fn put_u64(&mut self, v: u64);
     fn put_bool(&mut self, v: bool);
-    fn put_bytes(&mut self, v: &[u8]);
+    fn put_blob(&mut self, v: &[u8]);
     fn put_list<'a, T: Wire<'a>>(&mut self, v: &[T]);
 }
 
 impl Put for Vec<u8> {
-    fn put_u8(&mut self, v: u8) {
-        self.push(v);
-    }
-    fn put_u16(&mut self, v: u16) {
-        self.extend_from_slice(&v.to_le_bytes());
-    }
-    fn put_u32(&mut self, v: u32) {
-        self.extend_from_slice(&v.to_le_bytes());
-    }
-    fn put_u64(&mut self, v: u64) {
-        self.extend_from_slice(&v.to_le_bytes());
-    }
     fn put_bool(&mut self, v: bool) {
         self.push(u8::from(v));
     }
-    fn put_bytes(&mut self, v: &[u8]) {
+    fn put_blob(&mut self, v: &[u8]) {
         // Above u32::MAX the frame is above every limit too: the peer
         // rejects it by its header before reading this field.
-        self.put_u32(u32::try_from(v.len()).unwrap_or(u32::MAX));
+        self.put_u32_le(u32::try_from(v.len()).unwrap_or(u32::MAX));
         self.extend_from_slice(v);
     }
     fn put_list<'a, T: Wire<'a>>(&mut self, v: &[T]) {
-        self.put_u32(u32::try_from(v.len()).unwrap_or(u32::MAX));
+        self.put_u32_le(u32::try_from(v.len()).unwrap_or(u32::MAX));
         for x in v {
             x.encode(self);
         }
@@ -166,7 +156,7 @@ impl<'a> Wire<'a> for u64 {
         8
     }
     fn encode(&self, b: &mut Vec<u8>) {
-        b.put_u64(*self);
+        b.put_u64_le(*self);
     }
     fn decode(r: &mut Reader<'a>) -> R<Self> {
         r.u64()
@@ -180,8 +170,8 @@ impl<'a> Wire<'a> for (u64, u64) {
         16
     }
     fn encode(&self, b: &mut Vec<u8>) {
-        b.put_u64(self.0);
-        b.put_u64(self.1);
+        b.put_u64_le(self.0);
+        b.put_u64_le(self.1);
     }
     fn decode(r: &mut Reader<'a>) -> R<Self> {
         Ok((r.u64()?, r.u64()?))
@@ -204,7 +194,7 @@ impl<'a> Wire<'a> for TimelineId {
     }
     fn encode(&self, b: &mut Vec<u8>) {
         b.put_u8(keyspace_code(self.keyspace));
-        b.put_u64(self.id);
+        b.put_u64_le(self.id);
     }
     fn decode(r: &mut Reader<'a>) -> R<Self> {
         let keyspace = match r.u8()? {
@@ -283,7 +273,7 @@ impl<'a> Wire<'a> for (TimelineId, &'a [u8]) {
     }
     fn encode(&self, b: &mut Vec<u8>) {
         self.0.encode(b);
-        b.put_bytes(self.1);
+        b.put_blob(self.1);
     }
     fn decode(r: &mut Reader<'a>) -> R<Self> {
         Ok((TimelineId::decode(r)?, r.bytes()?))
@@ -297,9 +287,9 @@ impl<'a> Wire<'a> for Record {
         16 + bytes_len(&self.payload)
     }
     fn encode(&self, b: &mut Vec<u8>) {
-        b.put_u64(self.seq);
-        b.put_u64(self.timestamp_ms);
-        b.put_bytes(&self.payload);
+        b.put_u64_le(self.seq);
+        b.put_u64_le(self.timestamp_ms);
+        b.put_blob(&self.payload);
     }
     fn decode(r: &mut Reader<'a>) -> R<Self> {
         Ok(Record {
@@ -327,7 +317,7 @@ impl<'a> Wire<'a> for Body {
         match self {
             Body::Message(p) => {
                 b.put_u8(1);
-                b.put_bytes(p);
+                b.put_blob(p);
             }
             Body::Recalled => b.put_u8(2),
             Body::Deleted => b.put_u8(3),
@@ -337,15 +327,15 @@ impl<'a> Wire<'a> for Body {
             }
             Body::MemberAdded(u) => {
                 b.put_u8(5);
-                b.put_u64(*u);
+                b.put_u64_le(*u);
             }
             Body::MemberRemoved(u) => {
                 b.put_u8(6);
-                b.put_u64(*u);
+                b.put_u64_le(*u);
             }
             Body::Recall { target } => {
                 b.put_u8(7);
-                b.put_u64(*target);
+                b.put_u64_le(*target);
             }
             Body::ReadMarker => b.put_u8(8),
             Body::DeletedMarker => b.put_u8(9),
@@ -376,10 +366,10 @@ impl<'a> Wire<'a> for Entry {
         32 + self.body.encoded_len()
     }
     fn encode(&self, b: &mut Vec<u8>) {
-        b.put_u64(self.conv);
-        b.put_u64(self.conv_seq);
-        b.put_u64(self.sender);
-        b.put_u64(self.timestamp_ms);
+        b.put_u64_le(self.conv);
+        b.put_u64_le(self.conv_seq);
+        b.put_u64_le(self.sender);
+        b.put_u64_le(self.timestamp_ms);
         self.body.encode(b);
     }
     fn decode(r: &mut Reader<'a>) -> R<Self> {
@@ -400,7 +390,7 @@ impl<'a> Wire<'a> for SyncEntry {
         8 + self.entry.encoded_len()
     }
     fn encode(&self, b: &mut Vec<u8>) {
-        b.put_u64(self.seq);
+        b.put_u64_le(self.seq);
         self.entry.encode(b);
     }
     fn decode(r: &mut Reader<'a>) -> R<Self> {
@@ -418,8 +408,8 @@ impl<'a> Wire<'a> for GroupPage {
         17 + list_len(&self.entries)
     }
     fn encode(&self, b: &mut Vec<u8>) {
-        b.put_u64(self.conv);
-        b.put_u64(self.checkpoint);
+        b.put_u64_le(self.conv);
+        b.put_u64_le(self.checkpoint);
         b.put_bool(self.has_more);
         b.put_list(&self.entries);
     }
@@ -444,11 +434,11 @@ impl<'a> Wire<'a> for ConvSummary {
         34
     }
     fn encode(&self, b: &mut Vec<u8>) {
-        b.put_u64(self.conv);
+        b.put_u64_le(self.conv);
         b.put_u8(conv_kind_code(self.kind));
-        b.put_u64(self.last_seq);
-        b.put_u64(self.read_seq);
-        b.put_u64(self.unread);
+        b.put_u64_le(self.last_seq);
+        b.put_u64_le(self.read_seq);
+        b.put_u64_le(self.unread);
         let mut f = 0;
         if self.member {
             f |= SUMMARY_MEMBER;
@@ -485,8 +475,8 @@ impl<'a> Wire<'a> for SendAck {
         17
     }
     fn encode(&self, b: &mut Vec<u8>) {
-        b.put_u64(self.conv);
-        b.put_u64(self.seq);
+        b.put_u64_le(self.conv);
+        b.put_u64_le(self.seq);
         b.put_bool(self.duplicate);
     }
     fn decode(r: &mut Reader<'a>) -> R<Self> {
@@ -505,8 +495,8 @@ impl<'a> Wire<'a> for (String, u64) {
         bytes_len(self.0.as_bytes()) + 8
     }
     fn encode(&self, b: &mut Vec<u8>) {
-        b.put_bytes(self.0.as_bytes());
-        b.put_u64(self.1);
+        b.put_blob(self.0.as_bytes());
+        b.put_u64_le(self.1);
     }
     fn decode(r: &mut Reader<'a>) -> R<Self> {
         Ok((r.str()?.to_owned(), r.u64()?))
@@ -521,7 +511,7 @@ mod tests {
     #[test]
     fn a_huge_count_is_refused_before_allocating() {
         let mut b = Vec::new();
-        b.put_u32(u32::MAX);
+        b.put_u32_le(u32::MAX);
         b.extend_from_slice(&[0; 15]);
         assert_eq!(
             Reader::new(&b).list::<u64>(),
@@ -529,7 +519,7 @@ mod tests {
         );
         // One u64 fits in 15 bytes; the leftover 7 are trailing.
         let mut b = Vec::new();
-        b.put_u32(1);
+        b.put_u32_le(1);
         b.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0, 9]);
         let mut r = Reader::new(&b);
         assert_eq!(r.list::<u64>().unwrap(), vec![1]);

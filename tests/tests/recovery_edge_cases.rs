@@ -1,8 +1,10 @@
-//! Regressions found in review: (a) log segments recovery kept as frozen were
-//! never synced, so a group-committed append chained on them could be lost in
-//! a power cut; (b) a roll that failed half way (disk full) left a file that
-//! made every later roll fail; (c) log-kind sealing after a torn write put the
-//! footer before leftover garbage and wedged sealing and reopen.
+//! Edge cases of recovery and rolling that once lost or wedged data, one
+//! regression test each: log segments that recovery keeps as frozen are
+//! synced before anything chained on them is acknowledged (they were not,
+//! so a group-committed append could be lost in a power cut); a roll that
+//! fails half way (disk full) leaves no file that makes later rolls fail; a
+//! log-kind seal after a torn write stops at the last valid record (it put
+//! the footer before leftover garbage, wedging sealing and reopen).
 #![allow(clippy::unwrap_used)]
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +28,7 @@ fn cfg(mem: &MemIo, background: bool) -> Config {
 /// registered as retired; an acknowledged append chained on it is cut by
 /// the torn-tail rule after a power cut.
 #[test]
-fn a_recovered_frozen_log_not_synced() {
+fn recovered_frozen_logs_are_synced_before_appends_chained_on_them() {
     let mut lost = 0;
     let runs = 40;
     for _ in 0..runs {
@@ -64,7 +66,7 @@ fn a_recovered_frozen_log_not_synced() {
 /// B: a roll whose new-file header write fails leaves the file behind and
 /// does not advance next_gen: every later roll fails with AlreadyExists.
 #[test]
-fn b_failed_roll_wedges_shard() {
+fn a_roll_that_fails_half_way_does_not_wedge_later_rolls() {
     let mem = MemIo::new();
     let e = Engine::open("/b", cfg(&mem, false)).unwrap();
     let tl = TimelineId::store(1);
@@ -95,7 +97,7 @@ fn b_failed_roll_wedges_shard() {
 /// published end of the log; log-kind sealing appends the index at the
 /// published end, so the garbage trails the footer.
 #[test]
-fn c_log_kind_seal_after_torn_write() {
+fn a_log_kind_seal_after_a_torn_write_ignores_the_garbage() {
     let mem = MemIo::new();
     let e = Engine::open("/c", cfg(&mem, false)).unwrap();
     let tl = TimelineId::sync(1);
