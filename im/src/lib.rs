@@ -314,11 +314,29 @@ impl Im {
                 reply: tx,
             },
         )?;
-        let seq = rx.wait()?;
+        // A pending fan-out (FanoutFailed) means stored: the rest of the
+        // members still go in, and the caller learns it at the end.
+        let mut pending_fanout = None;
+        let mut stored = |r: Result<SeqId>| match r {
+            Err(e @ ImError::FanoutFailed { .. }) => {
+                pending_fanout.get_or_insert(e);
+                Ok(())
+            }
+            r => r.map(drop),
+        };
+        let first = rx.wait();
+        let seq = match &first {
+            Ok(s) | Err(ImError::FanoutFailed { seq: s, .. }) => *s,
+            Err(_) => return first,
+        };
+        stored(first)?;
         for u in rest {
-            self.add_member(conv, u)?;
+            stored(self.add_member(conv, u))?;
         }
-        Ok(seq)
+        match pending_fanout {
+            Some(e) => Err(e),
+            None => Ok(seq),
+        }
     }
 
     /// Add `user` to a group; returns the seq of the `MemberAdded` event (the

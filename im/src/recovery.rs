@@ -151,12 +151,18 @@ fn scan_journal(sh: &Shared, p: usize) -> Result<(Recovered, Vec<PendingBatch>)>
     }
     pending.reverse(); // oldest first
     keys.reverse();
-    // A damaged journal could claim the last batch number.
-    let next = max_batch.checked_add(1).ok_or_else(|| {
-        crate::ImError::InvalidArgument(format!(
-            "journal of shard {p} claims batch {max_batch}: damaged"
-        ))
-    })?;
+    // A damaged journal could claim any batch number; the completion window
+    // packs `done` into the word's top 40 bits (a batch a microsecond is
+    // 12 days' worth of 2^40, no writer gets near it), and a larger one
+    // would wrap and leave the worker without room for good.
+    let next = max_batch
+        .checked_add(1)
+        .filter(|&n| n < crate::fanout::watermark::MAX_BATCH)
+        .ok_or_else(|| {
+            crate::ImError::InvalidArgument(format!(
+                "journal of shard {p} claims batch {max_batch}: damaged"
+            ))
+        })?;
     let mut st = Recovered::new(next);
     st.dedup = dedup;
     st.dedup_order = keys.into();

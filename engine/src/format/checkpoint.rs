@@ -9,7 +9,7 @@
 //! ```
 //! `crc32` covers everything before it. Entries are sorted by timeline.
 
-use super::{get_u16, get_u32, get_u64, FormatError, FORMAT_VERSION};
+use super::{check_crc, check_version, get_u32, get_u64, FormatError, FORMAT_VERSION};
 
 pub const MAGIC: [u8; 8] = *b"TMLNCKPT";
 pub const HEADER_LEN: usize = 24;
@@ -67,19 +67,8 @@ pub fn decode(b: &[u8]) -> Result<(u32, Vec<CkptEntry>), FormatError> {
     if b.get(..8) != Some(&MAGIC[..]) {
         return Err(FormatError::BadMagic);
     }
-    let body = b.get(..b.len() - 4).unwrap_or_default();
-    let stored = get_u32(b, b.len() - 4)?;
-    let actual = crc32fast::hash(body);
-    if stored != actual {
-        return Err(FormatError::BadChecksum {
-            expected: stored,
-            actual,
-        });
-    }
-    let v = get_u16(b, 8)?;
-    if v != FORMAT_VERSION {
-        return Err(FormatError::UnsupportedVersion(v));
-    }
+    check_crc(b, b.len() - 4)?;
+    check_version(b, 8)?;
     let gen = get_u32(b, 12)?;
     let count = get_u64(b, 16)?;
     let need = (count as u128) * ENTRY_LEN as u128 + HEADER_LEN as u128 + 4;

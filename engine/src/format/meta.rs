@@ -9,7 +9,7 @@
 //!  16  4  crc32 of bytes 0..16
 //! ```
 
-use super::{get_u16, get_u32, FormatError, FORMAT_VERSION};
+use super::{check_crc, check_version, get_u32, FormatError, FORMAT_VERSION};
 
 /// The file's name in the engine directory.
 pub const META_FILE: &str = "engine.meta";
@@ -39,18 +39,8 @@ pub fn decode(b: &[u8]) -> Result<u32, FormatError> {
     if b.get(..8) != Some(&META_MAGIC[..]) {
         return Err(FormatError::BadMagic);
     }
-    let stored = get_u32(b, 16)?;
-    let actual = crc32fast::hash(b.get(..16).unwrap_or_default());
-    if actual != stored {
-        return Err(FormatError::BadChecksum {
-            expected: stored,
-            actual,
-        });
-    }
-    let v = get_u16(b, 8)?;
-    if v != FORMAT_VERSION {
-        return Err(FormatError::UnsupportedVersion(v));
-    }
+    check_crc(b, 16)?;
+    check_version(b, 8)?;
     let shards = get_u32(b, 10)?;
     if shards == 0 || shards > 4096 {
         return Err(FormatError::BadField(

@@ -122,6 +122,24 @@ fn get_at<T>(
     let mut rest = b.get(at..).ok_or_else(|| truncated.clone())?;
     read(&mut rest).map_err(|_| truncated)
 }
+/// The crc32 of `b[..at]` must equal the `u32` stored at `at`.
+pub(crate) fn check_crc(b: &[u8], at: usize) -> Result<(), FormatError> {
+    let expected = get_u32(b, at)?;
+    let actual = crc32fast::hash(b.get(..at).unwrap_or_default());
+    if expected != actual {
+        return Err(FormatError::BadChecksum { expected, actual });
+    }
+    Ok(())
+}
+
+/// The `u16` at `at` must be this build's [`FORMAT_VERSION`].
+pub(crate) fn check_version(b: &[u8], at: usize) -> Result<(), FormatError> {
+    match get_u16(b, at)? {
+        FORMAT_VERSION => Ok(()),
+        v => Err(FormatError::UnsupportedVersion(v)),
+    }
+}
+
 pub(crate) fn get_u16(b: &[u8], at: usize) -> Result<u16, FormatError> {
     get_at(b, at, 2, |r| r.try_get_u16_le())
 }

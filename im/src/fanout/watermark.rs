@@ -49,6 +49,9 @@ impl Latch {
 
 /// Bits of the window word that hold finished-but-not-contiguous batches.
 pub(crate) const WINDOW: u64 = 24;
+/// Batch numbers must stay below this (the `done` field's 40 bits, less a
+/// window).
+pub(crate) const MAX_BATCH: u64 = (1 << (64 - WINDOW)) - WINDOW - 1;
 const MASK: u64 = (1 << WINDOW) - 1;
 
 /// Out-of-order completion of numbered batches, as one atomic word:

@@ -50,10 +50,6 @@ impl Batch {
         s.completed || s.deferred.is_some()
     }
 
-    fn is_deferred(&self) -> bool {
-        self.state.lock().deferred.is_some()
-    }
-
     /// Answer `ack` when the batch completes; at once if it has, or (as
     /// pending) if it is deferred.
     pub(super) fn ack_when_done(&self, ack: Ack) {
@@ -71,8 +67,10 @@ impl Batch {
         }
     }
 
-    /// Mark the batch deferred (once) and tell its waiting senders.
-    pub(super) fn defer(&self, why: &str) {
+    /// Mark the batch deferred (once), tell its waiting senders, and wake
+    /// its owner (it may be waiting for this batch, for room, or to shut
+    /// down).
+    pub(super) fn defer(&self, sh: &Shared, why: &str) {
         let acks = {
             let mut s = self.state.lock();
             if s.completed || s.deferred.is_some() {
@@ -81,6 +79,7 @@ impl Batch {
             s.deferred = Some(why.to_string());
             std::mem::take(&mut s.acks)
         };
+        sh.workers[self.owner].signal.notify();
         for a in acks {
             a.send(Some(why));
         }
@@ -135,9 +134,9 @@ impl Worker {
         bump(&self.sh.stats.stored, w.ops.len() as u64);
         let removed = self.apply(&w);
         let switches = w.switches;
-        let batch = self.dispatch(no, w, extra, &removed);
+        self.dispatch(no, w, extra, &removed);
         if switches {
-            self.wait_out_switch(no, &batch);
+            self.wait_out_switch(no);
         }
     }
 
@@ -374,12 +373,14 @@ impl Worker {
     /// only flushed the outbox). If the batch is deferred (a stall), the
     /// wait lasts until the disk has room; requests meanwhile get the
     /// stall's error, and a shutdown leaves the batch to recovery.
-    fn wait_out_switch(&mut self, no: u64, batch: &Batch) {
+    fn wait_out_switch(&mut self, no: u64) {
         while self.sh.workers[self.p].window.done() < no {
             if self.pump() | self.reject_while_stalled() {
                 continue;
             }
-            if self.sh.closing.load(Ordering::Acquire) && batch.is_deferred() {
+            // At shutdown, once nothing more can finish (this batch or an
+            // earlier one waits on a stalled worker), recovery takes over.
+            if self.sh.closing.load(Ordering::Acquire) && self.unfinished_are_deferred() {
                 break;
             }
             self.idle_wait();

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use timeline_engine::{SeqId, TimelineId};
+use timeline_engine::{Keyspace, SeqId, TimelineId};
 
 /// One sync record for some of a shard's users.
 pub(super) struct Item {
@@ -98,7 +98,7 @@ impl Inbox {
         match &self.stall {
             Some(s) if Instant::now() < s.retry_at => {
                 for d in &self.undelivered {
-                    d.batch.defer(&s.reason);
+                    d.batch.defer(sh, &s.reason);
                 }
                 false
             }
@@ -119,11 +119,12 @@ impl Inbox {
                 let mut items: Vec<(TimelineId, &[u8])> = Vec::new();
                 let mut owners: Vec<Owner<'_>> = Vec::new();
                 let mut bytes = 0usize;
+                let cap = write_cap(sh);
                 'build: for d in &self.undelivered {
                     let (mut i, mut r) = d.next;
                     while let Some(it) = d.items.get(i) {
                         while let Some(rc) = it.recipients.get(r) {
-                            if bytes >= MAX_WRITE_BYTES {
+                            if !items.is_empty() && bytes + it.record.len() + 64 > cap {
                                 ends.push((i, r));
                                 break 'build;
                             }
@@ -173,14 +174,21 @@ impl Inbox {
             .stall
             .as_ref()
             .map_or(FIRST_RETRY, |s| (s.backoff * 2).min(MAX_RETRY));
-        if self.stall.is_none() {
-            sh.stalled.fetch_add(1, Ordering::AcqRel);
-            tracing::error!(error = %e, "sync delivery failed; retrying until it is durable");
-        }
+        let first = self.stall.is_none();
         let reason = e.to_string();
         *sh.last_stall.lock() = Some(ImError::Engine(e));
+        if first {
+            sh.stalled.fetch_add(1, Ordering::AcqRel);
+            tracing::error!(error = %reason, "sync delivery failed; retrying until it is durable");
+        }
         for d in &self.undelivered {
-            d.batch.defer(&reason);
+            d.batch.defer(sh, &reason);
+        }
+        if first {
+            // Owners waiting for room must now answer their queues.
+            for w in &sh.workers {
+                w.signal.notify();
+            }
         }
         self.stall = Some(Stall {
             retry_at: Instant::now() + backoff,
@@ -188,6 +196,16 @@ impl Inbox {
             reason,
         });
     }
+}
+
+/// Bytes one sync write may hold: within half a sync segment, so that the
+/// engine writes it whole or not at all (it rolls first when a batch fits a
+/// fresh segment; a batch larger than a segment is split across the roll,
+/// and a failure after the split would leave a visible prefix that a retry
+/// writes twice).
+fn write_cap(sh: &Shared) -> usize {
+    let seg = sh.engine.config().keyspace(Keyspace::SYNC).segment_bytes as usize;
+    MAX_WRITE_BYTES.min(seg / 2)
 }
 
 /// Sync entries just made durable: raise each user's watermark, push.
