@@ -472,6 +472,7 @@ impl Im {
         limit: usize,
         group_checkpoints: &[(ConvId, SeqId)],
     ) -> Result<SyncReply> {
+        check_id("user", user)?;
         read::sync(&self.shared, user, checkpoint, limit, group_checkpoints)
     }
 
@@ -484,11 +485,14 @@ impl Im {
         from: HistoryFrom,
         limit: usize,
     ) -> Result<HistoryPage> {
+        check_id("conversation", conv)?;
+        check_id("user", user)?;
         read::history(&self.shared, conv, user, from, limit)
     }
 
     /// `user`'s conversations with their last seq and unread count.
     pub fn conversations(&self, user: UserId) -> Result<Vec<ConvSummary>> {
+        check_id("user", user)?;
         read::conversations(&self.shared, user)
     }
 

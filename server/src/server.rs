@@ -682,8 +682,15 @@ fn handle(sh: &Arc<Shared>, conn: &mut Conn, f: &protocol::Frame<'_>, tx: &mut O
         Err(e) => {
             sh.counters.errors.fetch_add(1, Ordering::Relaxed);
             let ok = conn.id.is_some();
-            // Before a handshake anything undecodable ends the connection.
-            let _ = tx.send(error_frame(id, op, ErrorReply::from(&e)));
+            // Before a handshake anything undecodable ends the connection:
+            // a bad HELLO says what was wrong with it, any other opcode
+            // (known or not) that HELLO comes first (protocol.md §3).
+            let reply = if ok || op == Opcode::HELLO {
+                ErrorReply::from(&e)
+            } else {
+                ErrorReply::new(ErrorCode::HANDSHAKE_REQUIRED, 0, "send HELLO first")
+            };
+            let _ = tx.send(error_frame(id, op, reply));
             return ok;
         }
     };
@@ -923,6 +930,16 @@ fn execute(
         }
         Request::Members { conv } => Response::Members(im.members(conv).map_err(ie)?),
         Request::Subscribe { user } => {
+            if user > timeline_im::MAX_ID {
+                return Err(ErrorReply::new(
+                    ErrorCode::INVALID_ARGUMENT,
+                    0,
+                    format!(
+                        "user id {user} is above {} (the top half is reserved)",
+                        timeline_im::MAX_ID
+                    ),
+                ));
+            }
             if conn.subs.len() >= MAX_SUBSCRIPTIONS {
                 return Err(ErrorReply::new(
                     ErrorCode::INVALID_ARGUMENT,

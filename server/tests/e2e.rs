@@ -296,6 +296,21 @@ fn every_command() {
         c.call(&Request::Unsubscribe { subscription: sub }).unwrap(),
         Response::Unsubscribe
     );
+    // Ids of the reserved top half (>= 2^63) are refused everywhere, not
+    // only by CREATE_CONVERSATION (they used to be accepted by these).
+    let reserved = 1u64 << 63;
+    for r in [
+        Request::Sync {
+            user: reserved,
+            checkpoint: 0,
+            limit: 10,
+            groups: Vec::new(),
+        },
+        Request::Conversations { user: reserved },
+        Request::Subscribe { user: reserved },
+    ] {
+        assert_eq!(code(c.call(&r)), ErrorCode::INVALID_ARGUMENT, "{r:?}");
+    }
     srv.shutdown().unwrap();
 }
 
@@ -395,6 +410,23 @@ fn bad_frames_get_errors_not_panics() {
     s.write_all(&frame(1, Request::Ping(b"x"))).unwrap();
     match read_frame(&mut s) {
         Some(ServerMsg::Error { id: 1, error, .. }) => {
+            assert_eq!(error.code, ErrorCode::HANDSHAKE_REQUIRED)
+        }
+        m => panic!("{m:?}"),
+    }
+    assert!(closed(&mut s));
+    // An unknown opcode before HELLO is HANDSHAKE_REQUIRED too (it used to
+    // be UNKNOWN_COMMAND), then close.
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut unknown = vec![];
+    unknown.extend_from_slice(&3u32.to_le_bytes());
+    unknown.extend_from_slice(&0x7777u16.to_le_bytes());
+    unknown.extend_from_slice(&0u16.to_le_bytes());
+    unknown.extend_from_slice(&9u64.to_le_bytes());
+    unknown.extend_from_slice(b"abc");
+    s.write_all(&unknown).unwrap();
+    match read_frame(&mut s) {
+        Some(ServerMsg::Error { id: 9, error, .. }) => {
             assert_eq!(error.code, ErrorCode::HANDSHAKE_REQUIRED)
         }
         m => panic!("{m:?}"),
