@@ -273,7 +273,7 @@ fn refuse(mut stream: TcpStream, max: usize) {
     let mut b = Vec::new();
     ErrorReply::new(
         ErrorCode::TOO_MANY_CONNECTIONS,
-        max as u64,
+        0, // the table marks arg unused; the limit is in the message
         format!("the server takes at most {max} connections"),
     )
     .encode_frame(0, Opcode(0), &mut b);
@@ -787,7 +787,7 @@ fn authorize(sh: &Shared, identity: Identity, r: &Request<'_>) -> Result<(), Err
     let deny = |what: &str| {
         Err(ErrorReply::new(
             ErrorCode::FORBIDDEN,
-            me,
+            0,
             format!("user {me} may not {what}"),
         ))
     };
@@ -943,15 +943,15 @@ fn execute(
             if conn.subs.len() >= MAX_SUBSCRIPTIONS {
                 return Err(ErrorReply::new(
                     ErrorCode::INVALID_ARGUMENT,
-                    MAX_SUBSCRIPTIONS as u64,
+                    0,
                     format!("at most {MAX_SUBSCRIPTIONS} subscriptions per connection"),
                 ));
             }
             if conn.subs.iter().any(|s| s.0 == id) {
                 return Err(ErrorReply::new(
                     ErrorCode::INVALID_ARGUMENT,
-                    id,
-                    "a live subscription already uses this request id",
+                    0,
+                    format!("a live subscription already uses request id {id}"),
                 ));
             }
             // The reply goes first; pushes follow it.
@@ -978,8 +978,8 @@ fn execute(
             let Some(i) = conn.subs.iter().position(|s| s.0 == subscription) else {
                 return Err(ErrorReply::new(
                     ErrorCode::INVALID_ARGUMENT,
-                    subscription,
-                    "no such subscription on this connection",
+                    0,
+                    format!("no subscription {subscription} on this connection"),
                 ));
             };
             let (_, stop, h) = conn.subs.swap_remove(i);

@@ -34,10 +34,35 @@ fn server(dir: &std::path::Path) -> ServerHandle {
 
 fn code(r: Result<Response, ClientError>) -> ErrorCode {
     match r {
-        Err(e) => e
-            .code()
-            .unwrap_or_else(|| panic!("not a server error: {e}")),
+        Err(ClientError::Server { code, arg, message }) => {
+            assert_arg_as_documented(code, arg, &message);
+            code
+        }
+        Err(e) => panic!("not a server error: {e}"),
         Ok(r) => panic!("expected an error, got {r:?}"),
+    }
+}
+
+/// protocol.md §9: codes whose `arg` column is "—" carry 0.
+fn assert_arg_as_documented(code: ErrorCode, arg: u64, message: &str) {
+    let unused = [
+        ErrorCode::UNKNOWN_COMMAND,
+        ErrorCode::MALFORMED_FRAME,
+        ErrorCode::HANDSHAKE_REQUIRED,
+        ErrorCode::UNAUTHORIZED,
+        ErrorCode::FORBIDDEN,
+        ErrorCode::TOO_MANY_CONNECTIONS,
+        ErrorCode::TIMEOUT,
+        ErrorCode::CLOSED,
+        ErrorCode::INTERNAL,
+        ErrorCode::INVALID_ARGUMENT,
+        ErrorCode::IO_ERROR,
+        ErrorCode::STORAGE_FULL,
+        ErrorCode::CORRUPTION,
+        ErrorCode::POISONED,
+    ];
+    if unused.contains(&code) {
+        assert_eq!(arg, 0, "{code:?} carries arg {arg} ({message})");
     }
 }
 
@@ -744,7 +769,8 @@ fn connection_limit_and_idle_timeout() {
     let mut s = TcpStream::connect(addr).unwrap();
     match read_frame(&mut s) {
         Some(ServerMsg::Error { id: 0, error, .. }) => {
-            assert_eq!(error.code, ErrorCode::TOO_MANY_CONNECTIONS)
+            assert_eq!(error.code, ErrorCode::TOO_MANY_CONNECTIONS);
+            assert_arg_as_documented(error.code, error.arg, &error.message);
         }
         m => panic!("{m:?}"),
     }
