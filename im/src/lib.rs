@@ -438,7 +438,8 @@ impl Im {
     }
 
     /// Delete message `seq` of `conv` for `user` only (its devices learn it
-    /// by syncing; history shows it as deleted to this user).
+    /// by syncing; history shows it as deleted to this user). Returns the
+    /// seq of the `DeletedMarker` entry in the user's sync timeline.
     pub fn delete_for_user(&self, user: UserId, conv: ConvId, seq: SeqId) -> Result<SeqId> {
         self.user_mark(user, conv, seq, Mark::Delete)
     }

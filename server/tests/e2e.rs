@@ -272,15 +272,35 @@ fn every_command() {
         .unwrap(),
         Response::Recall(5)
     );
-    assert!(matches!(
-        c.call(&Request::DeleteForUser {
+    // DELETE_FOR_USER answers the seq of the user's DeletedMarker sync
+    // entry, as protocol.md says (it used to echo the conversation seq).
+    let Response::DeleteForUser(marker) = c
+        .call(&Request::DeleteForUser {
             user: 8,
             conv: 1,
-            seq: 2
+            seq: 2,
         })
-        .unwrap(),
-        Response::DeleteForUser(_)
-    ));
+        .unwrap()
+    else {
+        panic!("not a DeleteForUser reply")
+    };
+    match c
+        .call(&Request::Sync {
+            user: 8,
+            checkpoint: 0,
+            limit: 100,
+            groups: Vec::new(),
+        })
+        .unwrap()
+    {
+        Response::Sync(r) => {
+            let last = r.entries.last().expect("sync entries");
+            assert_eq!(last.seq, marker, "the reply is the marker's sync seq");
+            assert_eq!((last.entry.conv, last.entry.conv_seq), (1, 2));
+            assert_eq!(last.entry.body, timeline_im::Body::DeletedMarker);
+        }
+        r => panic!("{r:?}"),
+    }
     match c.call(&Request::Stats).unwrap() {
         Response::Stats(kv) => assert!(kv.iter().any(|(k, v)| k == "im_messages" && *v == 1)),
         r => panic!("{r:?}"),

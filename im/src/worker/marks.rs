@@ -123,7 +123,13 @@ impl Worker {
                 },
             });
         }
-        Ok(target)
+        // A read marker answers where the marker now is (a conversation
+        // seq); a delete answers the seq of the user's `DeletedMarker` sync
+        // entry (protocol.md, DELETE_FOR_USER).
+        Ok(match mark {
+            Mark::Read => target,
+            Mark::Delete => sync_seq,
+        })
     }
 
     fn read_marker(&self, user: UserId, conv: ConvId) -> SeqId {
