@@ -53,23 +53,12 @@ fn timelines() -> Vec<TimelineId> {
     v
 }
 
-/// The payload of (timeline, seq): depends on the keyspace too, so a record
-/// showing up in the wrong keyspace is caught.
+/// The payload of (timeline, seq): the model world's generator (it mixes
+/// in the keyspace, so a record showing up in the wrong keyspace is
+/// caught), with a length of its own.
 fn payload(tl: TimelineId, seq: u64, salt: u64) -> Vec<u8> {
-    let mut x = tl.id.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ seq.wrapping_mul(0xD1B5_4A32_D192_ED03)
-        ^ ((tl.keyspace.0 as u64) << 62)
-        ^ salt;
-    x |= 1;
     let len = ((tl.id % 7) * 211 + seq * 37 + salt) % 1400 + (seq % 3);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    timeline_tests::model::payload(tl, seq, len as usize, salt)
 }
 
 struct Pristine {

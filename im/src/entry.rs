@@ -339,9 +339,6 @@ pub enum CatalogRecord {
 
 impl CatalogRecord {
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        fn put(out: &mut Vec<u8>, v: u64) {
-            out.put_u64_le(v);
-        }
         match *self {
             CatalogRecord::Member {
                 conv,
@@ -361,21 +358,21 @@ impl CatalogRecord {
             }
             CatalogRecord::Recall { conv, target, at } => {
                 out.push(2);
-                put(out, conv);
-                put(out, target);
-                put(out, at);
+                out.put_u64_le(conv);
+                out.put_u64_le(target);
+                out.put_u64_le(at);
             }
             CatalogRecord::ReadMark { user, conv, seq } => {
                 out.push(3);
-                put(out, user);
-                put(out, conv);
-                put(out, seq);
+                out.put_u64_le(user);
+                out.put_u64_le(conv);
+                out.put_u64_le(seq);
             }
             CatalogRecord::Delete { user, conv, seq } => {
                 out.push(4);
-                put(out, user);
-                put(out, conv);
-                put(out, seq);
+                out.put_u64_le(user);
+                out.put_u64_le(conv);
+                out.put_u64_le(seq);
             }
         }
     }

@@ -257,13 +257,7 @@ impl Worker {
 
     /// Stage 3, dispatch: publish the conversations' watermarks and hand one delivery per
     /// receiving shard over (our own shard's inline).
-    fn dispatch(
-        &mut self,
-        no: u64,
-        w: Written,
-        extra: Vec<Ack>,
-        removed: &[(ConvId, UserId)],
-    ) -> Arc<Batch> {
+    fn dispatch(&mut self, no: u64, w: Written, extra: Vec<Ack>, removed: &[(ConvId, UserId)]) {
         let sh = self.sh.clone();
         let now = sh.now_ms();
         let subs = sh.subs.any();
@@ -360,7 +354,6 @@ impl Worker {
         if batch.latch.arrive() {
             batch.finish(&sh);
         }
-        batch
     }
 
     /// Stage 4, wait out a switch: the conversation turns to read fan-out with batch `no`: its later
