@@ -27,6 +27,7 @@ mod directory;
 pub mod entry;
 mod error;
 mod fanout;
+mod pending;
 mod read;
 mod recovery;
 mod subscribe;
@@ -36,7 +37,9 @@ mod worker;
 
 pub use entry::{ConvKind, EventKind};
 pub use error::{ImError, Result};
-pub use subscribe::{Push, Subscription};
+pub use pending::Pending;
+pub(crate) use pending::{pending, Reply};
+pub use subscribe::{Push, PushSink, Subscription};
 
 use crate::fanout::mailbox::{Mailbox, Signal};
 use crate::fanout::watermark::CompletionWindow;
@@ -60,31 +63,6 @@ const CATALOG_BASE: u64 = 1 << 63;
 const JOURNAL_BASE: u64 = (1 << 63) | (1 << 62);
 
 pub use types::*;
-
-/// A request handed to a worker; [`wait`](Pending::wait) for its answer.
-#[must_use = "the request is not acknowledged until waited on"]
-pub struct Pending<T>(crossbeam_channel::Receiver<Result<T>>);
-
-impl<T> Pending<T> {
-    pub fn wait(self) -> Result<T> {
-        self.0.recv().unwrap_or(Err(ImError::Closed))
-    }
-    /// The answer if it is there.
-    pub fn try_wait(&self) -> Option<Result<T>> {
-        self.0.try_recv().ok()
-    }
-    /// True once the answer is there (`wait` will not block).
-    pub fn is_ready(&self) -> bool {
-        !self.0.is_empty()
-    }
-}
-
-pub(crate) type Reply<T> = crossbeam_channel::Sender<Result<T>>;
-
-fn pending<T>() -> (Reply<T>, Pending<T>) {
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    (tx, Pending(rx))
-}
 
 pub(crate) struct WorkerLink {
     pub requests: Mailbox<Request>,
@@ -342,16 +320,31 @@ impl Im {
     /// Add `user` to a group; returns the seq of the `MemberAdded` event (the
     /// first seq the user receives).
     pub fn add_member(&self, conv: ConvId, user: UserId) -> Result<SeqId> {
-        self.member_op(conv, user, MemberChange::Add)
+        self.add_member_async(conv, user)?.wait()
     }
 
     /// Remove `user` from a group; returns the seq of the `MemberRemoved`
     /// event (the last seq the user receives).
     pub fn remove_member(&self, conv: ConvId, user: UserId) -> Result<SeqId> {
+        self.remove_member_async(conv, user)?.wait()
+    }
+
+    /// [`add_member`](Self::add_member) without waiting.
+    pub fn add_member_async(&self, conv: ConvId, user: UserId) -> Result<Pending<SeqId>> {
+        self.member_op(conv, user, MemberChange::Add)
+    }
+
+    /// [`remove_member`](Self::remove_member) without waiting.
+    pub fn remove_member_async(&self, conv: ConvId, user: UserId) -> Result<Pending<SeqId>> {
         self.member_op(conv, user, MemberChange::Remove)
     }
 
-    fn member_op(&self, conv: ConvId, user: UserId, change: MemberChange) -> Result<SeqId> {
+    fn member_op(
+        &self,
+        conv: ConvId,
+        user: UserId,
+        change: MemberChange,
+    ) -> Result<Pending<SeqId>> {
         check_id("user", user)?;
         let (tx, rx) = pending();
         self.to_conv_worker(
@@ -363,7 +356,7 @@ impl Im {
                 reply: tx,
             },
         )?;
-        rx.wait()
+        Ok(rx)
     }
 
     /// Send a message: stored in the conversation's timeline (durable per
@@ -417,6 +410,16 @@ impl Im {
     /// fanned out like a message; history and sync report the message as
     /// recalled from then on.
     pub fn recall(&self, conv: ConvId, user: UserId, target: SeqId) -> Result<SeqId> {
+        self.recall_async(conv, user, target)?.wait()
+    }
+
+    /// [`recall`](Self::recall) without waiting.
+    pub fn recall_async(
+        &self,
+        conv: ConvId,
+        user: UserId,
+        target: SeqId,
+    ) -> Result<Pending<SeqId>> {
         let (tx, rx) = pending();
         self.to_conv_worker(
             conv,
@@ -427,13 +430,23 @@ impl Im {
                 reply: tx,
             },
         )?;
-        rx.wait()
+        Ok(rx)
     }
 
     /// Mark `conv` read through `seq` for `user`: a sync entry, so the
     /// user's other devices learn it by syncing. Returns the marker (never
     /// lowered, never above the conversation's last seq).
     pub fn mark_read(&self, user: UserId, conv: ConvId, seq: SeqId) -> Result<SeqId> {
+        self.mark_read_async(user, conv, seq)?.wait()
+    }
+
+    /// [`mark_read`](Self::mark_read) without waiting.
+    pub fn mark_read_async(
+        &self,
+        user: UserId,
+        conv: ConvId,
+        seq: SeqId,
+    ) -> Result<Pending<SeqId>> {
         self.user_mark(user, conv, seq, Mark::Read)
     }
 
@@ -441,12 +454,28 @@ impl Im {
     /// by syncing; history shows it as deleted to this user). Returns the
     /// seq of the `DeletedMarker` entry in the user's sync timeline.
     pub fn delete_for_user(&self, user: UserId, conv: ConvId, seq: SeqId) -> Result<SeqId> {
+        self.delete_for_user_async(user, conv, seq)?.wait()
+    }
+
+    /// [`delete_for_user`](Self::delete_for_user) without waiting.
+    pub fn delete_for_user_async(
+        &self,
+        user: UserId,
+        conv: ConvId,
+        seq: SeqId,
+    ) -> Result<Pending<SeqId>> {
         self.user_mark(user, conv, seq, Mark::Delete)
     }
 
     /// Read markers and deletes-for-me go to the user's worker (it owns the
     /// user's sync timeline).
-    fn user_mark(&self, user: UserId, conv: ConvId, seq: SeqId, mark: Mark) -> Result<SeqId> {
+    fn user_mark(
+        &self,
+        user: UserId,
+        conv: ConvId,
+        seq: SeqId,
+        mark: Mark,
+    ) -> Result<Pending<SeqId>> {
         check_id("user", user)?;
         let (tx, rx) = pending();
         self.submit(
@@ -459,7 +488,7 @@ impl Im {
                 reply: tx,
             },
         )?;
-        rx.wait()
+        Ok(rx)
     }
 
     /// Entries of `user`'s sync timeline after `checkpoint` (at most
@@ -502,6 +531,25 @@ impl Im {
         read::members(&self.shared, conv)
     }
 
+    /// Does the IM layer own timeline `t`, so that a raw write into it
+    /// would corrupt what the layer reads back? It owns the whole sync
+    /// keyspace (every user's sync timeline), the top half of the store
+    /// keyspace (catalog, journal) and the store timeline of every existing
+    /// conversation. (A conversation cannot be created on a store timeline
+    /// that already holds raw records.)
+    pub fn owns(&self, t: TimelineId) -> bool {
+        match t.keyspace {
+            Keyspace::SYNC => true,
+            Keyspace::STORE => {
+                t.id > MAX_ID
+                    || self.shared.dir.convs[self.shared.conv_shard(t.id)]
+                        .read()
+                        .contains_key(&t.id)
+            }
+            _ => false,
+        }
+    }
+
     /// Push delivery for `user`'s online devices: every new sync entry and
     /// read-fan-out group entry, once durable. Never blocks senders: when
     /// the subscriber falls `subscriber_capacity` behind it gets
@@ -510,6 +558,17 @@ impl Im {
         self.shared
             .subs
             .subscribe(user, self.shared.user_shard(user))
+    }
+
+    /// Push delivery into a sink of the caller's (an event loop's queue):
+    /// every new durable sync entry and read-fan-out group entry of `user`
+    /// is offered to `sink` on the worker's thread, until `sink.push`
+    /// returns false. A sink without room drops pushes and owes its
+    /// device one [`Push::Resync`] (the sink's to send).
+    pub fn subscribe_sink(&self, user: UserId, sink: Arc<dyn PushSink>) {
+        self.shared
+            .subs
+            .register(user, self.shared.user_shard(user), sink)
     }
 
     pub fn stats(&self) -> ImStats {

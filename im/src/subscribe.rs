@@ -22,17 +22,54 @@ pub enum Push {
     Resync,
 }
 
+/// Where a subscription's pushes go. The IM worker that makes an entry
+/// durable calls [`push`](PushSink::push) on its own thread, so an
+/// implementation must be short and must never block: queue the push for
+/// its consumer and wake it (the server's event loops do exactly that: one
+/// cross-thread step from the worker to the connection).
+pub trait PushSink: Send + Sync {
+    /// Offer one push. Return `false` once the subscriber is gone (the
+    /// registry then forgets it); a subscriber without room drops the push
+    /// and owes its device a [`Push::Resync`], but stays subscribed.
+    fn push(&self, p: Push) -> bool;
+}
+
 #[derive(Default)]
 struct Slot {
     overflowed: AtomicBool,
     closed: AtomicBool,
 }
 
-/// A subscriber's end. Dropping it unsubscribes.
+/// The channel-backed sink behind [`Subscription`].
+struct ChannelSink {
+    tx: Sender<Push>,
+    slot: Arc<Slot>,
+}
+
+impl PushSink for ChannelSink {
+    fn push(&self, p: Push) -> bool {
+        if self.slot.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        if self.slot.overflowed.load(Ordering::Acquire) {
+            return true;
+        }
+        match self.tx.try_send(p) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                self.slot.overflowed.store(true, Ordering::Release);
+                true
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+}
+
+/// A subscriber's end of a channel subscription (blocking consumers,
+/// tests, the in-process bench). Dropping it unsubscribes.
 pub struct Subscription {
     rx: Receiver<Push>,
     slot: Arc<Slot>,
-    count: Arc<AtomicUsize>,
 }
 
 impl Subscription {
@@ -64,15 +101,15 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.slot.closed.store(true, Ordering::Release);
-        self.count.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-type Subs = HashMap<UserId, Vec<(Sender<Push>, Arc<Slot>)>>;
+type Subs = HashMap<UserId, Vec<Arc<dyn PushSink>>>;
 
 pub(crate) struct Subscribers {
     shards: Vec<Mutex<Subs>>,
-    count: Arc<AtomicUsize>,
+    /// Registered sinks (a gone one counts until its user's next push).
+    count: AtomicUsize,
     capacity: usize,
 }
 
@@ -80,54 +117,49 @@ impl Subscribers {
     pub(crate) fn new(shards: usize, capacity: usize) -> Self {
         Subscribers {
             shards: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
-            count: Arc::new(AtomicUsize::new(0)),
+            count: AtomicUsize::new(0),
             capacity,
         }
     }
 
+    /// A channel subscription holding up to `subscriber_capacity` pushes.
     pub(crate) fn subscribe(&self, user: UserId, shard: usize) -> Subscription {
         let (tx, rx) = crossbeam_channel::bounded(self.capacity);
         let slot = Arc::new(Slot::default());
+        self.register(
+            user,
+            shard,
+            Arc::new(ChannelSink {
+                tx,
+                slot: slot.clone(),
+            }),
+        );
+        Subscription { rx, slot }
+    }
+
+    pub(crate) fn register(&self, user: UserId, shard: usize, sink: Arc<dyn PushSink>) {
         self.count.fetch_add(1, Ordering::AcqRel);
         self.shards[shard]
             .lock()
             .entry(user)
             .or_default()
-            .push((tx, slot.clone()));
-        Subscription {
-            rx,
-            slot,
-            count: self.count.clone(),
-        }
+            .push(sink);
     }
 
-    /// Any live subscription at all (skips building pushes otherwise).
+    /// Any registered sink at all (skips building pushes otherwise).
     pub(crate) fn any(&self) -> bool {
         self.count.load(Ordering::Acquire) > 0
     }
 
-    /// Offer `make()` to every subscription of `user`; never blocks.
+    /// Offer `make()` to every sink of `user`; never blocks.
     pub(crate) fn push(&self, shard: usize, user: UserId, make: impl Fn() -> Push) {
         let mut g = self.shards[shard].lock();
         let Some(list) = g.get_mut(&user) else {
             return;
         };
-        list.retain(|(tx, slot)| {
-            if slot.closed.load(Ordering::Acquire) {
-                return false;
-            }
-            if slot.overflowed.load(Ordering::Acquire) {
-                return true;
-            }
-            match tx.try_send(make()) {
-                Ok(()) => true,
-                Err(TrySendError::Full(_)) => {
-                    slot.overflowed.store(true, Ordering::Release);
-                    true
-                }
-                Err(TrySendError::Disconnected(_)) => false,
-            }
-        });
+        let before = list.len();
+        list.retain(|sink| sink.push(make()));
+        self.count.fetch_sub(before - list.len(), Ordering::AcqRel);
         if list.is_empty() {
             g.remove(&user);
         }

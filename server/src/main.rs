@@ -64,8 +64,20 @@ struct Args {
     /// entries so that any reply fits a frame).
     #[arg(long, default_value_t = 64 << 10)]
     max_payload: usize,
-    #[arg(long, default_value_t = 1024)]
+    /// Connections served at once (the process's descriptor limit is raised
+    /// to fit, as far as the hard limit allows).
+    #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
+    /// Event-loop threads serving the connections (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    io_threads: usize,
+    /// Threads that wait on group-commit and own-fdatasync appends (0: one
+    /// per core).
+    #[arg(long, default_value_t = 0)]
+    blocking_threads: usize,
+    /// Close a connection that sends no HELLO within this many seconds.
+    #[arg(long, default_value_t = 10)]
+    handshake_timeout: u64,
     /// Close connections idle this many seconds.
     #[arg(long, default_value_t = 300)]
     idle_timeout: u64,
@@ -82,6 +94,36 @@ struct Args {
     /// File holding the HMAC secret (with --auth).
     #[arg(long)]
     secret_file: Option<PathBuf>,
+}
+
+/// Raise the soft descriptor limit toward the hard one so that
+/// `max_connections` fit (plus room for the engine's files); warn if they
+/// cannot.
+fn raise_fd_limit(max_connections: usize) {
+    let want = max_connections as u64 + 1024;
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the one struct passed.
+    #[allow(unsafe_code)]
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } == 0;
+    if !ok {
+        return;
+    }
+    if l.rlim_cur < want {
+        l.rlim_cur = want.min(l.rlim_max);
+        // SAFETY: as above.
+        #[allow(unsafe_code)]
+        let _ = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &l) };
+    }
+    if l.rlim_cur < want {
+        tracing::warn!(
+            limit = l.rlim_cur,
+            max_connections,
+            "the descriptor limit is below --max-connections plus 1024; accepts will fail before the connection limit"
+        );
+    }
 }
 
 fn ttl(secs: u64) -> Option<Duration> {
@@ -152,8 +194,12 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         max_connections: a.max_connections,
         idle_timeout: Duration::from_secs(a.idle_timeout.max(1)),
         write_timeout: Duration::from_secs(a.write_timeout.max(1)),
+        handshake_timeout: Duration::from_secs(a.handshake_timeout.max(1)),
         max_queued_replies: a.max_queued_replies,
+        io_threads: a.io_threads,
+        blocking_threads: a.blocking_threads,
     };
+    raise_fd_limit(cfg.max_connections);
     tracing::info!(
         data_dir = %cfg.data_dir.display(),
         auth = cfg.auth_secret.is_some(),
@@ -163,9 +209,20 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
     let server = timeline_server::start(cfg)?;
     // Print the bound address on stdout (scripts starting on port 0 read it).
     println!("listening {}", server.local_addr());
-    let stop = server.stop_flag();
-    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    // SIGINT/SIGTERM: a thread blocked on the signal pipe stops the server.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
+    let stopper = server.stopper();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if signals.forever().next().is_some() {
+                tracing::info!("signal received: shutting down");
+                stopper.stop();
+            }
+        })?;
     server.wait()?;
     Ok(())
 }

@@ -8,106 +8,14 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use timeline_engine::{Direction, Durability, Keyspace, TimelineId};
+use timeline_engine::{Direction, Durability, TimelineId};
 use timeline_im::{Body, ConvKind, HistoryFrom, Push};
 use timeline_server::protocol::token::{self, Claims, Role};
-use timeline_server::protocol::{
-    self, ErrorCode, Hello, Opcode, Request, RequestFrame, Response, ServerMsg,
-};
-use timeline_server::{start, Client, ClientError, ServerConfig, ServerHandle};
+use timeline_server::protocol::{self, ErrorCode, Hello, Opcode, Request, Response, ServerMsg};
+use timeline_server::{start, Client};
 
-fn config(dir: &std::path::Path) -> ServerConfig {
-    let mut c = ServerConfig::default();
-    c.listen = "127.0.0.1:0".into();
-    c.data_dir = dir.to_path_buf();
-    c.engine.shards = 2;
-    c.engine.keyspace_mut(Keyspace::STORE).segment_bytes = 1 << 20;
-    c.engine.keyspace_mut(Keyspace::SYNC).segment_bytes = 1 << 20;
-    c.max_frame = 1 << 20;
-    c.engine.max_payload = 64 << 10;
-    c
-}
-
-fn server(dir: &std::path::Path) -> ServerHandle {
-    start(config(dir)).unwrap()
-}
-
-fn code(r: Result<Response, ClientError>) -> ErrorCode {
-    match r {
-        Err(ClientError::Server { code, arg, message }) => {
-            assert_arg_as_documented(code, arg, &message);
-            code
-        }
-        Err(e) => panic!("not a server error: {e}"),
-        Ok(r) => panic!("expected an error, got {r:?}"),
-    }
-}
-
-/// protocol.md §9: codes whose `arg` column is "—" carry 0.
-fn assert_arg_as_documented(code: ErrorCode, arg: u64, message: &str) {
-    let unused = [
-        ErrorCode::UNKNOWN_COMMAND,
-        ErrorCode::MALFORMED_FRAME,
-        ErrorCode::HANDSHAKE_REQUIRED,
-        ErrorCode::UNAUTHORIZED,
-        ErrorCode::FORBIDDEN,
-        ErrorCode::TOO_MANY_CONNECTIONS,
-        ErrorCode::TIMEOUT,
-        ErrorCode::CLOSED,
-        ErrorCode::INTERNAL,
-        ErrorCode::INVALID_ARGUMENT,
-        ErrorCode::IO_ERROR,
-        ErrorCode::STORAGE_FULL,
-        ErrorCode::CORRUPTION,
-        ErrorCode::POISONED,
-    ];
-    if unused.contains(&code) {
-        assert_eq!(arg, 0, "{code:?} carries arg {arg} ({message})");
-    }
-}
-
-/// Raw: write bytes, read one server frame.
-fn read_frame(s: &mut TcpStream) -> Option<ServerMsg> {
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some((f, _)) = protocol::decode(&buf, 1 << 24).unwrap() {
-            return Some(ServerMsg::decode(&f).unwrap());
-        }
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
-
-fn hello_bytes(id: u64, token: &[u8]) -> Vec<u8> {
-    let mut b = Vec::new();
-    RequestFrame {
-        id,
-        request: Request::Hello(Hello {
-            version: protocol::PROTOCOL_VERSION,
-            max_frame: 0,
-            token,
-        }),
-    }
-    .encode_into(&mut b);
-    b
-}
-
-fn frame(id: u64, r: Request<'_>) -> Vec<u8> {
-    let mut b = Vec::new();
-    RequestFrame { id, request: r }.encode_into(&mut b);
-    b
-}
-
-/// True once the server closed the connection.
-fn closed(s: &mut TcpStream) -> bool {
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut b = [0u8; 64];
-    matches!(s.read(&mut b), Ok(0) | Err(_))
-}
+mod common;
+use common::*;
 
 #[test]
 fn every_command() {
@@ -138,7 +46,7 @@ fn every_command() {
             .unwrap();
         assert_eq!(r, Response::Append(i as u64 + 1));
     }
-    let items = vec![(t, &b"a"[..]), (TimelineId::sync(5), &b"b"[..])];
+    let items = vec![(t, &b"a"[..]), (TimelineId::store(5), &b"b"[..])];
     assert_eq!(
         c.call(&Request::AppendBatch {
             durability: None,
@@ -618,7 +526,7 @@ fn two_hundred_concurrent_clients() {
         .map(|k| {
             std::thread::spawn(move || {
                 let mut c = Client::connect(addr, &[]).unwrap();
-                let t = TimelineId::sync(1000 + k);
+                let t = TimelineId::store(1000 + k);
                 for i in 0..20u64 {
                     let r = c
                         .call(&Request::Append {

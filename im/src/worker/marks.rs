@@ -13,7 +13,7 @@ use timeline_engine::{SeqId, TimelineId};
 impl Worker {
     pub(super) fn user_marks(&self, marks: Vec<MarkRequest>) {
         for (user, conv, seq, mark, reply) in marks {
-            let _ = reply.send(self.user_mark(user, conv, seq, mark));
+            reply.send(self.user_mark(user, conv, seq, mark));
         }
     }
 

@@ -109,13 +109,13 @@ impl Request {
     fn reject(self, e: &ImError) {
         match self {
             Request::Send { reply, .. } => {
-                let _ = reply.send(Err(e.duplicate()));
+                reply.send(Err(e.duplicate()));
             }
             Request::Create { reply, .. }
             | Request::Member { reply, .. }
             | Request::Recall { reply, .. }
             | Request::UserMark { reply, .. } => {
-                let _ = reply.send(Err(e.duplicate()));
+                reply.send(Err(e.duplicate()));
             }
         }
     }
@@ -139,13 +139,13 @@ impl Ack {
         };
         match self {
             Ack::Send(r, a) => {
-                let _ = r.send(match pending {
+                r.send(match pending {
                     Some(why) => Err(pending_error(a.conv, a.seq, why)),
                     None => Ok(a),
                 });
             }
             Ack::Seq(r, s) => {
-                let _ = r.send(match pending {
+                r.send(match pending {
                     Some(why) => Err(pending_error(0, s, why)),
                     None => Ok(s),
                 });
@@ -158,10 +158,10 @@ impl Ack {
     fn fail(self, e: &ImError) {
         match self {
             Ack::Send(r, _) => {
-                let _ = r.send(Err(e.duplicate()));
+                r.send(Err(e.duplicate()));
             }
             Ack::Seq(r, _) => {
-                let _ = r.send(Err(e.duplicate()));
+                r.send(Err(e.duplicate()));
             }
         }
     }

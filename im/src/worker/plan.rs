@@ -156,7 +156,7 @@ impl Worker {
                     reply,
                 } => match self.check_recall(conv, user, target) {
                     Err(e) => {
-                        let _ = reply.send(Err(e));
+                        reply.send(Err(e));
                     }
                     Ok(()) => {
                         let seq = run.seqs.take(self, conv);
@@ -220,7 +220,7 @@ impl Worker {
         reply: Reply<SendAck>,
     ) {
         if let Err(e) = self.check_member(conv, sender) {
-            let _ = reply.send(Err(e));
+            reply.send(Err(e));
             return;
         }
         let key = (conv, sender, cmid);
@@ -301,11 +301,11 @@ impl Worker {
             } => {
                 let last = self.sh.engine.last_seq(TimelineId::store(conv));
                 if convs.contains_key(&conv) {
-                    let _ = reply.send(Err(ImError::ConversationExists(conv)));
+                    reply.send(Err(ImError::ConversationExists(conv)));
                     return None;
                 }
                 if last != 0 {
-                    let _ = reply.send(Err(ImError::InvalidArgument(format!(
+                    reply.send(Err(ImError::InvalidArgument(format!(
                         "store timeline {conv} already holds records not written by the IM layer"
                     ))));
                     return None;
@@ -326,11 +326,11 @@ impl Worker {
                 reply,
             } => {
                 let Some(c) = convs.get(&conv) else {
-                    let _ = reply.send(Err(ImError::NoSuchConversation(conv)));
+                    reply.send(Err(ImError::NoSuchConversation(conv)));
                     return None;
                 };
                 if c.kind == ConvKind::Direct {
-                    let _ = reply.send(Err(ImError::InvalidArgument(
+                    reply.send(Err(ImError::InvalidArgument(
                         "members of a direct conversation cannot change".into(),
                     )));
                     return None;
@@ -342,7 +342,7 @@ impl Worker {
                     _ => None,
                 };
                 if let Some(e) = refusal {
-                    let _ = reply.send(Err(e));
+                    reply.send(Err(e));
                     return None;
                 }
                 let seq = self.sh.engine.last_seq(TimelineId::store(conv)) + 1;

@@ -878,6 +878,11 @@ pub fn encode_push_body(p: &Push, b: &mut Vec<u8>) {
 }
 
 /// Append a PUSH frame of the subscription opened by request `subscription`.
+/// Bytes of a PUSH frame of `p`, header included.
+pub fn push_frame_len(p: &Push) -> usize {
+    HEADER_LEN + push_body_len(p)
+}
+
 pub fn encode_push_frame(subscription: u64, p: &Push, b: &mut Vec<u8>) {
     b.reserve(HEADER_LEN + push_body_len(p));
     let start = begin(

@@ -1,0 +1,339 @@
+//! One connection's state on its event loop: unprocessed input, output
+//! not yet written, the replies still owed in request order, its
+//! subscriptions and its deadlines. No thread and no socket timeout: the
+//! loop calls in on readiness, completions and timers.
+//!
+//! Replies: a request answered at once is encoded straight into the
+//! output, unless an earlier request is still owed an answer; then it
+//! waits in `slots` behind it. A deferred request holds an empty slot that
+//! its completion fills; the ready prefix of `slots` moves to the output.
+//! A *barrier* slot (an own-fdatasync append, a membership change)
+//! also holds back the requests read after it until it completes, so they
+//! see its effect (docs/protocol.md §4).
+
+use super::event_loop::Key;
+use super::push::{Queued, SubSink};
+use crate::protocol::{encode_push_frame, push_frame_len, ErrorCode, ErrorReply, Identity, Opcode};
+use mio::net::TcpStream;
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use timeline_im::Push;
+
+/// Output one connection may have queued (replies and pushes) before the
+/// server stops reading its requests and drops its pushes.
+pub(crate) const MAX_QUEUED_BYTES: usize = 4 << 20;
+
+/// Subscriptions one connection may hold.
+pub(crate) const MAX_SUBSCRIPTIONS: usize = 16;
+
+/// An output buffer larger than this is given back once written out (idle
+/// connections hold no big buffers).
+const KEEP_OUT: usize = 16 << 10;
+
+pub(crate) struct Sub {
+    /// The subscription id: the request id of its SUBSCRIBE.
+    pub id: u64,
+    pub sink: Arc<SubSink>,
+    /// Its SUBSCRIBE reply's slot while that reply waits behind earlier
+    /// ones: pushes queue behind it until then (they follow the reply).
+    pub reply_slot: Option<u64>,
+}
+
+/// What the handshake settled.
+pub(crate) struct Session {
+    pub id: Option<Identity>,
+    /// The largest frame the client accepts (HELLO `max_frame`).
+    pub client_max: usize,
+    /// The token's expiry (seconds since the epoch), with auth on.
+    pub expires_unix: Option<u64>,
+}
+
+/// Why a deadline fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Deadline {
+    Handshake,
+    Idle,
+    Write,
+    TokenExpired,
+}
+
+pub(crate) struct Conn {
+    pub stream: TcpStream,
+    pub key: Key,
+    pub queued: Arc<Queued>,
+    /// Bytes read and not yet executed (a partial frame, or requests held
+    /// behind a barrier or by backpressure).
+    pub input: Vec<u8>,
+    out: Vec<u8>,
+    wpos: usize,
+    slots: VecDeque<Option<Vec<u8>>>,
+    first_slot: u64,
+    barrier: Option<u64>,
+    pub session: Session,
+    pub subs: Vec<Sub>,
+    pub next_serial: u64,
+    /// The socket may have more to read (edge-triggered readiness).
+    pub can_read: bool,
+    /// No more reading: close once everything owed is written.
+    closing: bool,
+    /// Shutdown: no more reading; answer what was read, then `CLOSED`.
+    pub draining: bool,
+    pub created: Instant,
+    pub last_input: Instant,
+    stalled_since: Option<Instant>,
+    /// The deadline this connection has in the loop's timer heap.
+    pub timer_at: Option<Instant>,
+    /// Has output to write at the end of this loop turn.
+    pub dirty: bool,
+}
+
+impl Conn {
+    pub(crate) fn new(stream: TcpStream, key: Key, default_max: usize) -> Conn {
+        let now = Instant::now();
+        Conn {
+            stream,
+            key,
+            queued: Arc::new(Queued::default()),
+            input: Vec::new(),
+            out: Vec::new(),
+            wpos: 0,
+            slots: VecDeque::new(),
+            first_slot: 0,
+            barrier: None,
+            session: Session {
+                id: None,
+                client_max: default_max,
+                expires_unix: None,
+            },
+            subs: Vec::new(),
+            next_serial: 0,
+            can_read: true,
+            closing: false,
+            draining: false,
+            created: now,
+            last_input: now,
+            stalled_since: None,
+            timer_at: None,
+            dirty: false,
+        }
+    }
+
+    // ---- replies, in request order ----
+
+    /// Answer a request now: `encode` appends its frame.
+    pub(crate) fn reply(&mut self, encode: impl FnOnce(&mut Vec<u8>)) {
+        if self.slots.is_empty() {
+            let before = self.out.len();
+            encode(&mut self.out);
+            self.queued.add(self.out.len() - before);
+            self.dirty = true;
+        } else {
+            let mut b = Vec::new();
+            encode(&mut b);
+            self.slots.push_back(Some(b));
+        }
+    }
+
+    pub(crate) fn error(&mut self, id: u64, op: Opcode, e: ErrorReply) {
+        self.reply(|b| e.encode_frame(id, op, b));
+    }
+
+    /// Hold a place for an answer that comes later; returns its slot.
+    pub(crate) fn defer(&mut self) -> u64 {
+        self.slots.push_back(None);
+        self.first_slot + self.slots.len() as u64 - 1
+    }
+
+    /// [`defer`](Self::defer), and execute nothing read after it until it
+    /// completes.
+    pub(crate) fn defer_barrier(&mut self) -> u64 {
+        let s = self.defer();
+        self.barrier = Some(s);
+        s
+    }
+
+    /// The answer of slot `slot` arrived.
+    pub(crate) fn complete(&mut self, slot: u64, frame: Vec<u8>) {
+        let Some(i) = slot.checked_sub(self.first_slot) else {
+            return;
+        };
+        if let Some(s) = self.slots.get_mut(i as usize) {
+            *s = Some(frame);
+        }
+        if self.barrier == Some(slot) {
+            self.barrier = None;
+        }
+        while let Some(Some(_)) = self.slots.front() {
+            if let Some(Some(f)) = self.slots.pop_front() {
+                self.out.extend_from_slice(&f);
+                self.queued.add(f.len());
+            }
+            self.first_slot += 1;
+            self.dirty = true;
+        }
+    }
+
+    /// Answers still owed (in flight or waiting behind one).
+    pub(crate) fn owed(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Execute nothing more for now: a barrier is pending, the output is
+    /// over its bound, too many answers are owed, or the connection ends.
+    pub(crate) fn paused(&self, max_owed: usize) -> bool {
+        self.closing
+            || self.barrier.is_some()
+            || self.queued.get() > MAX_QUEUED_BYTES
+            || self.slots.len() >= max_owed
+    }
+
+    /// Read more from the socket now?
+    pub(crate) fn wants_read(&self, max_owed: usize) -> bool {
+        self.can_read && !self.draining && !self.paused(max_owed)
+    }
+
+    /// Stop reading; close once everything owed is written.
+    pub(crate) fn close_after(&mut self) {
+        self.closing = true;
+        self.dirty = true;
+    }
+
+    /// Everything owed is written and the connection is to end.
+    pub(crate) fn finished(&self) -> bool {
+        self.closing && self.slots.is_empty() && self.wpos == self.out.len()
+    }
+
+    /// Say `code` about the whole connection (request id 0) and close.
+    pub(crate) fn fail_connection(&mut self, code: ErrorCode, msg: impl Into<String>) {
+        let e = ErrorReply::new(code, 0, msg);
+        self.reply(|b| e.encode_frame(0, Opcode(0), b));
+        self.close_after();
+    }
+
+    // ---- pushes ----
+
+    /// A push for subscription `serial` arrived from an IM worker; its
+    /// `len` bytes are already counted in `queued`.
+    pub(crate) fn push(&mut self, serial: u64, p: &Push, len: usize) -> bool {
+        let Some(i) = self.subs.iter().position(|s| s.sink.serial == serial) else {
+            self.queued.sub(len);
+            return false;
+        };
+        if len > self.session.client_max {
+            // Too large for the client: it gets a resync instead.
+            self.queued.sub(len);
+            self.subs[i].sink.mark_overflow();
+            self.dirty = true;
+            return false;
+        }
+        let id = self.subs[i].id;
+        let behind_reply = self.subs[i]
+            .reply_slot
+            .is_some_and(|s| s >= self.first_slot);
+        if behind_reply {
+            let mut b = Vec::with_capacity(len);
+            encode_push_frame(id, p, &mut b);
+            self.queued.sub(len); // counted again when it moves to the output
+            self.slots.push_back(Some(b));
+        } else {
+            self.subs[i].reply_slot = None;
+            encode_push_frame(id, p, &mut self.out);
+            self.dirty = true;
+        }
+        true
+    }
+
+    /// Subscriptions that dropped pushes get their one `resync` once the
+    /// client has read its output down to half the bound.
+    fn send_resyncs(&mut self) -> u64 {
+        if self.queued.get() > MAX_QUEUED_BYTES / 2 || self.closing {
+            return 0;
+        }
+        let mut n = 0;
+        for s in &self.subs {
+            let live = s.reply_slot.is_none_or(|r| r < self.first_slot);
+            if live && s.sink.take_overflow() {
+                let len = push_frame_len(&Push::Resync);
+                encode_push_frame(s.id, &Push::Resync, &mut self.out);
+                self.queued.add(len);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    // ---- the socket ----
+
+    /// Write what the output holds; `Err` = the connection is dead.
+    /// Returns the resyncs it queued (they go out with the next write).
+    pub(crate) fn flush(&mut self, now: Instant) -> std::io::Result<u64> {
+        self.dirty = false;
+        let mut resyncs = self.send_resyncs();
+        loop {
+            while self.wpos < self.out.len() {
+                match self.stream.write(&self.out[self.wpos..]) {
+                    Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                    Ok(n) => {
+                        self.wpos += n;
+                        self.queued.sub(n);
+                        self.stalled_since = None;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        self.stalled_since.get_or_insert(now);
+                        return Ok(resyncs);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            self.out.clear();
+            self.wpos = 0;
+            if self.out.capacity() > KEEP_OUT {
+                self.out = Vec::new();
+            }
+            self.stalled_since = None;
+            let more = self.send_resyncs();
+            if more == 0 {
+                return Ok(resyncs);
+            }
+            resyncs += more;
+        }
+    }
+
+    // ---- deadlines ----
+
+    /// The earliest deadline this connection has now.
+    pub(crate) fn deadline(&self, t: &Timeouts) -> Option<(Instant, Deadline)> {
+        let mut best: Option<(Instant, Deadline)> = None;
+        let mut consider = |at: Instant, why| {
+            if best.is_none_or(|(b, _)| at < b) {
+                best = Some((at, why));
+            }
+        };
+        if self.session.id.is_none() && !self.closing {
+            consider(self.created + t.handshake, Deadline::Handshake);
+        } else if self.subs.is_empty() && !self.closing {
+            consider(self.last_input + t.idle, Deadline::Idle);
+        }
+        if let Some(s) = self.stalled_since {
+            consider(s + t.write, Deadline::Write);
+        }
+        if let Some(exp) = self.session.expires_unix {
+            if !self.closing {
+                let left = exp.saturating_sub(super::dispatch::now_unix());
+                consider(t.now + Duration::from_secs(left), Deadline::TokenExpired);
+            }
+        }
+        best
+    }
+}
+
+/// The timeouts of the configuration, and the time they are measured from.
+pub(crate) struct Timeouts {
+    pub now: Instant,
+    pub handshake: Duration,
+    pub idle: Duration,
+    pub write: Duration,
+}

@@ -1,0 +1,716 @@
+//! What a request does: decode, handshake, access control, then the engine
+//! or IM call. Runs on the connection's event loop and never blocks it:
+//! - answered at once: reads (`GET`, `SCAN`, `SYNC`, `HISTORY`, ...,
+//!   bounded by the client's frame limit), buffered appends, `SUBSCRIBE`;
+//! - completed later through the IM layer's completion handle (`SEND`,
+//!   membership changes, marks, recall) or the engine's ticket waited on by
+//!   the blocking pool (group commit); the reply keeps its place in order;
+//! - a *barrier* (own-fdatasync append, membership change, mark, recall,
+//!   create) also holds back the requests read after it until it is done,
+//!   so they see its effect; `SEND` and group-commit `APPEND` do not, so a
+//!   pipelining client keeps many in flight.
+
+use super::conn::{Conn, Sub, MAX_SUBSCRIPTIONS};
+use super::event_loop::{Key, LoopHandle, Msg};
+use super::push::SubSink;
+use super::Shared;
+use crate::protocol::token::{self, Role};
+use crate::protocol::{
+    self, ErrorCode, ErrorReply, Identity, Opcode, ProtocolError, Request, RequestFrame, Response,
+};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use timeline_engine::{AppendTicket, Durability, Engine, SeqId, TimelineId};
+use timeline_im::{ImError, Pending};
+
+/// What a request needs besides its connection.
+pub(crate) struct Ctx<'a> {
+    pub sh: &'a Arc<Shared>,
+    pub lp: &'a Arc<LoopHandle>,
+}
+
+/// Where a deferred answer goes.
+struct Answer {
+    sh: Arc<Shared>,
+    lp: Arc<LoopHandle>,
+    key: Key,
+    slot: u64,
+    id: u64,
+    op: Opcode,
+}
+
+impl Answer {
+    fn new(ctx: &Ctx<'_>, key: Key, slot: u64, id: u64, op: Opcode) -> Answer {
+        Answer {
+            sh: ctx.sh.clone(),
+            lp: ctx.lp.clone(),
+            key,
+            slot,
+            id,
+            op,
+        }
+    }
+
+    /// Encode the outcome and hand it to the connection's loop.
+    fn send<T, E>(self, r: Result<T, E>, ok: impl FnOnce(T) -> Response)
+    where
+        for<'e> ErrorReply: From<&'e E>,
+    {
+        let mut frame = Vec::new();
+        match r {
+            Ok(v) => ok(v).encode_frame(self.id, &mut frame),
+            Err(e) => {
+                self.sh.counters.errors.fetch_add(1, Ordering::Relaxed);
+                ErrorReply::from(&e).encode_frame(self.id, self.op, &mut frame);
+            }
+        }
+        self.lp.post(Msg::Done {
+            key: self.key,
+            slot: self.slot,
+            frame,
+        });
+    }
+
+    /// Answer when the IM layer's handle completes.
+    fn on_im<T: Send + 'static>(
+        self,
+        p: Pending<T>,
+        ok: impl FnOnce(T) -> Response + Send + 'static,
+    ) {
+        p.on_ready(move |r| self.send(r, ok));
+    }
+}
+
+pub(crate) fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Execute the whole frames at the start of `input` until the connection
+/// pauses; returns the bytes consumed.
+pub(crate) fn execute_input(ctx: &Ctx<'_>, conn: &mut Conn, input: &[u8]) -> usize {
+    let max_owed = ctx.sh.cfg.max_queued_replies.max(1);
+    let mut pos = 0;
+    while pos < input.len() && !conn.paused(max_owed) {
+        // Pipelined single APPENDs become one engine batch.
+        let used = append_run(ctx, conn, &input[pos..]);
+        if used > 0 {
+            pos += used;
+            continue;
+        }
+        match protocol::decode(&input[pos..], ctx.sh.cfg.max_frame) {
+            Ok(Some((f, used))) => {
+                pos += used;
+                ctx.sh.counters.requests.fetch_add(1, Ordering::Relaxed);
+                handle(ctx, conn, &f);
+            }
+            Ok(None) => break,
+            Err(e) => {
+                // Too large: the stream position is lost. Answer, close.
+                ctx.sh.counters.errors.fetch_add(1, Ordering::Relaxed);
+                let (id, op) = match &e {
+                    ProtocolError::FrameTooLarge {
+                        request_id, opcode, ..
+                    } => (*request_id, *opcode),
+                    _ => (0, Opcode(0)),
+                };
+                conn.error(id, op, ErrorReply::from(&e));
+                conn.close_after();
+                return input.len();
+            }
+        }
+    }
+    pos
+}
+
+/// One frame.
+fn handle(ctx: &Ctx<'_>, conn: &mut Conn, f: &protocol::Frame<'_>) {
+    let sh = ctx.sh;
+    let (id, op) = (f.header.request_id, f.header.opcode);
+    let req = match RequestFrame::decode(f) {
+        Ok(r) => r,
+        Err(e) => {
+            sh.counters.errors.fetch_add(1, Ordering::Relaxed);
+            // Before a handshake anything undecodable ends the connection:
+            // a bad HELLO says what was wrong with it, any other opcode
+            // (known or not) that HELLO comes first (protocol.md §3).
+            let shook = conn.session.id.is_some();
+            let reply = if shook || op == Opcode::HELLO {
+                ErrorReply::from(&e)
+            } else {
+                ErrorReply::new(ErrorCode::HANDSHAKE_REQUIRED, 0, "send HELLO first")
+            };
+            conn.error(id, op, reply);
+            if !shook {
+                conn.close_after();
+            }
+            return;
+        }
+    };
+    let identity = match (&req.request, conn.session.id) {
+        (Request::Hello(h), None) => return hello(sh, conn, id, h),
+        (Request::Hello(_), Some(_)) => {
+            sh.counters.errors.fetch_add(1, Ordering::Relaxed);
+            let e = ErrorReply::new(
+                ErrorCode::INVALID_ARGUMENT,
+                0,
+                "a second HELLO on this connection",
+            );
+            return conn.error(id, op, e);
+        }
+        (_, None) => {
+            sh.counters.errors.fetch_add(1, Ordering::Relaxed);
+            let e = ErrorReply::new(ErrorCode::HANDSHAKE_REQUIRED, 0, "send HELLO first");
+            conn.error(id, op, e);
+            return conn.close_after();
+        }
+        (_, Some(i)) => i,
+    };
+    let r =
+        authorize(sh, identity, &req.request).and_then(|()| execute(ctx, conn, id, req.request));
+    if let Err(e) = r {
+        sh.counters.errors.fetch_add(1, Ordering::Relaxed);
+        conn.error(id, op, e);
+    }
+}
+
+fn hello(sh: &Shared, conn: &mut Conn, id: u64, h: &protocol::Hello<'_>) {
+    let reply = check_hello(sh, h);
+    match reply {
+        Ok((identity, expires, reply)) => {
+            conn.session.id = Some(identity);
+            conn.session.expires_unix = expires;
+            if h.max_frame != 0 {
+                // Never above the server's own limit: reply sizing (SCAN,
+                // SYNC pages) trusts this number.
+                conn.session.client_max = (h.max_frame as usize).min(sh.cfg.max_frame);
+            }
+            conn.reply(|b| Response::Hello(reply).encode_frame(id, b));
+        }
+        Err(e) => {
+            sh.counters.errors.fetch_add(1, Ordering::Relaxed);
+            conn.error(id, Opcode::HELLO, e);
+            conn.close_after();
+        }
+    }
+}
+
+type HelloOk = (Identity, Option<u64>, protocol::HelloReply);
+
+fn check_hello(sh: &Shared, h: &protocol::Hello<'_>) -> Result<HelloOk, ErrorReply> {
+    if h.version != protocol::PROTOCOL_VERSION {
+        return Err(ErrorReply::new(
+            ErrorCode::UNSUPPORTED_VERSION,
+            u64::from(protocol::PROTOCOL_VERSION),
+            format!(
+                "this server speaks protocol version {}",
+                protocol::PROTOCOL_VERSION
+            ),
+        ));
+    }
+    let (identity, expires) = match &sh.cfg.auth_secret {
+        None => (Identity::Anonymous, None),
+        Some(secret) => {
+            let c = token::verify(secret, h.token, now_unix()).map_err(|e| ErrorReply::from(&e))?;
+            let i = match c.role {
+                Role::User => Identity::User(c.user),
+                Role::Admin => Identity::Admin(c.user),
+            };
+            (i, Some(c.expires_unix))
+        }
+    };
+    let reply = protocol::HelloReply {
+        version: protocol::PROTOCOL_VERSION,
+        max_frame: sh.cfg.max_frame.min(u32::MAX as usize) as u32,
+        identity,
+    };
+    Ok((identity, expires, reply))
+}
+
+/// docs/protocol.md §12: a user token acts as its own user only.
+fn authorize(sh: &Shared, identity: Identity, r: &Request<'_>) -> Result<(), ErrorReply> {
+    let me = match identity {
+        Identity::Anonymous | Identity::Admin(_) => return Ok(()),
+        Identity::User(u) => u,
+    };
+    let deny = |what: &str| {
+        Err(ErrorReply::new(
+            ErrorCode::FORBIDDEN,
+            0,
+            format!("user {me} may not {what}"),
+        ))
+    };
+    let own = |u: u64, what: &str| if u == me { Ok(()) } else { deny(what) };
+    match r {
+        Request::Ping(_) | Request::Hello(_) | Request::Unsubscribe { .. } => Ok(()),
+        Request::Sync { user, .. } => own(*user, "sync another user"),
+        Request::Subscribe { user } => own(*user, "subscribe to another user"),
+        Request::Conversations { user } => own(*user, "list another user's conversations"),
+        Request::MarkRead { user, .. } => own(*user, "mark for another user"),
+        Request::DeleteForUser { user, .. } => own(*user, "delete for another user"),
+        Request::Send { sender, .. } => own(*sender, "send as another user"),
+        Request::Recall { user, .. } => own(*user, "recall as another user"),
+        Request::History { user, .. } => own(*user, "read history as another user"),
+        Request::Members { conv } => match sh.im.members(*conv) {
+            Ok(m) if m.contains(&me) => Ok(()),
+            _ => deny("list the members of a conversation it is not in"),
+        },
+        _ => deny("use raw timelines, membership administration or STATS (admin only)"),
+    }
+}
+
+fn durability(sh: &Shared, d: Option<Durability>) -> Durability {
+    d.unwrap_or(sh.cfg.default_durability)
+}
+
+/// Raw access stays out of the IM layer's own timelines: the store
+/// keyspace's top half (catalog, journal) and every user's sync timeline
+/// belong to it, and one foreign record there breaks a user's `SYNC`.
+fn check_raw_write(sh: &Shared, t: TimelineId) -> Result<(), ErrorReply> {
+    if sh.im.owns(t) {
+        return Err(ErrorReply::new(
+            ErrorCode::FORBIDDEN,
+            0,
+            format!(
+                "timeline {}:{} belongs to the IM layer (raw writes go to other ids or keyspaces)",
+                t.keyspace.0, t.id
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Run an authorized request: answer it now, or leave a slot that its
+/// completion fills.
+fn execute(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, r: Request<'_>) -> Result<(), ErrorReply> {
+    let sh = ctx.sh;
+    let im = &sh.im;
+    let engine: &Engine = im.engine();
+    let ie = |e: ImError| ErrorReply::from(&e);
+    let ee = |e: timeline_engine::Error| ErrorReply::from(&e);
+    let key = conn.key;
+    let resp = match r {
+        Request::Hello(_) => return Err(ErrorReply::new(ErrorCode::INVALID_ARGUMENT, 0, "HELLO")),
+        Request::Ping(b) => Response::Ping(b.to_vec()),
+        Request::Stats => Response::Stats(super::stats(sh)),
+        Request::Append {
+            timeline,
+            durability: d,
+            payload,
+        } => {
+            check_raw_write(sh, timeline)?;
+            return append(
+                ctx,
+                conn,
+                id,
+                false,
+                durability(sh, d),
+                &[(timeline, payload)],
+            );
+        }
+        Request::AppendBatch {
+            durability: d,
+            items,
+        } => {
+            for (t, _) in &items {
+                check_raw_write(sh, *t)?;
+            }
+            return append(ctx, conn, id, true, durability(sh, d), &items);
+        }
+        Request::Get { timeline, seq } => Response::Get(engine.get(timeline, seq).map_err(ee)?),
+        Request::Scan {
+            timeline,
+            from,
+            limit,
+            direction,
+        } => Response::Scan(scan(
+            engine,
+            conn.session.client_max,
+            timeline,
+            from,
+            limit,
+            direction,
+        )?),
+        Request::LastSeq { timeline } => Response::LastSeq(engine.last_seq(timeline)),
+        Request::Send {
+            conv,
+            sender,
+            client_msg_id,
+            payload,
+        } => {
+            let p = im
+                .send_async(conv, sender, client_msg_id, payload)
+                .map_err(ie)?;
+            let slot = conn.defer();
+            Answer::new(ctx, key, slot, id, Opcode::SEND).on_im(p, Response::Send);
+            return Ok(());
+        }
+        Request::Sync {
+            user,
+            checkpoint,
+            limit,
+            groups,
+        } => Response::Sync(
+            im.sync(user, checkpoint, page_limit(sh, conn, limit), &groups)
+                .map_err(ie)?,
+        ),
+        Request::History {
+            conv,
+            user,
+            from,
+            limit,
+        } => Response::History(
+            im.history(conv, user, from, page_limit(sh, conn, limit))
+                .map_err(ie)?,
+        ),
+        Request::Conversations { user } => {
+            Response::Conversations(im.conversations(user).map_err(ie)?)
+        }
+        Request::MarkRead { user, conv, seq } => {
+            let p = im.mark_read_async(user, conv, seq).map_err(ie)?;
+            return barrier(ctx, conn, id, Opcode::MARK_READ, p, Response::MarkRead);
+        }
+        Request::Recall { conv, user, target } => {
+            let p = im.recall_async(conv, user, target).map_err(ie)?;
+            return barrier(ctx, conn, id, Opcode::RECALL, p, Response::Recall);
+        }
+        Request::DeleteForUser { user, conv, seq } => {
+            let p = im.delete_for_user_async(user, conv, seq).map_err(ie)?;
+            let op = Opcode::DELETE_FOR_USER;
+            return barrier(ctx, conn, id, op, p, Response::DeleteForUser);
+        }
+        Request::CreateConversation {
+            conv,
+            kind,
+            members,
+        } => {
+            // Several IM steps when the member list is long: on the pool.
+            let slot = conn.defer_barrier();
+            let a = Answer::new(ctx, key, slot, id, Opcode::CREATE_CONVERSATION);
+            sh.pool.spawn(move || {
+                let r = a.sh.im.create_conversation(conv, kind, &members);
+                a.send(r, Response::CreateConversation);
+            });
+            return Ok(());
+        }
+        Request::AddMember { conv, user } => {
+            let p = im.add_member_async(conv, user).map_err(ie)?;
+            return barrier(ctx, conn, id, Opcode::ADD_MEMBER, p, Response::AddMember);
+        }
+        Request::RemoveMember { conv, user } => {
+            let p = im.remove_member_async(conv, user).map_err(ie)?;
+            let op = Opcode::REMOVE_MEMBER;
+            return barrier(ctx, conn, id, op, p, Response::RemoveMember);
+        }
+        Request::Members { conv } => Response::Members(im.members(conv).map_err(ie)?),
+        Request::Subscribe { user } => return subscribe(ctx, conn, id, user),
+        Request::Unsubscribe { subscription } => {
+            let Some(i) = conn.subs.iter().position(|s| s.id == subscription) else {
+                return Err(ErrorReply::new(
+                    ErrorCode::INVALID_ARGUMENT,
+                    0,
+                    format!("no subscription {subscription} on this connection"),
+                ));
+            };
+            // Pushes of it still on their way are dropped by serial.
+            conn.subs.swap_remove(i).sink.close();
+            Response::Unsubscribe
+        }
+    };
+    if resp.encoded_len() > conn.session.client_max {
+        let max = conn.session.client_max;
+        return Err(ErrorReply::new(
+            ErrorCode::RESPONSE_TOO_LARGE,
+            max as u64,
+            format!(
+                "the reply is {} bytes; the client accepts {max}",
+                resp.encoded_len()
+            ),
+        ));
+    }
+    conn.reply(|b| resp.encode_frame(id, b));
+    Ok(())
+}
+
+/// An IM request whose effect the connection's next requests must see.
+fn barrier<T: Send + 'static>(
+    ctx: &Ctx<'_>,
+    conn: &mut Conn,
+    id: u64,
+    op: Opcode,
+    p: Pending<T>,
+    ok: impl FnOnce(T) -> Response + Send + 'static,
+) -> Result<(), ErrorReply> {
+    let slot = conn.defer_barrier();
+    Answer::new(ctx, conn.key, slot, id, op).on_im(p, ok);
+    Ok(())
+}
+
+fn append(
+    ctx: &Ctx<'_>,
+    conn: &mut Conn,
+    id: u64,
+    batch: bool,
+    d: Durability,
+    items: &[(TimelineId, &[u8])],
+) -> Result<(), ErrorReply> {
+    let engine = ctx.sh.im.engine();
+    let ee = |e: timeline_engine::Error| ErrorReply::from(&e);
+    let (op, ok): (Opcode, fn(Vec<SeqId>) -> Response) = if batch {
+        (Opcode::APPEND_BATCH, Response::AppendBatch)
+    } else {
+        (Opcode::APPEND, |s| {
+            Response::Append(s.first().copied().unwrap_or(0))
+        })
+    };
+    match d {
+        Durability::Buffered => {
+            let seqs = engine
+                .append_batch(items, Durability::Buffered)
+                .map_err(ee)?;
+            conn.reply(|b| ok(seqs).encode_frame(id, b));
+        }
+        Durability::GroupCommit => {
+            let ticket = engine.append_async(items).map_err(ee)?;
+            let slot = conn.defer();
+            wait_ticket(Answer::new(ctx, conn.key, slot, id, op), ticket, ok);
+        }
+        Durability::Sync => {
+            // Its own fdatasync, on the pool; later requests wait for it.
+            let owned: Vec<(TimelineId, Vec<u8>)> =
+                items.iter().map(|(t, p)| (*t, p.to_vec())).collect();
+            let slot = conn.defer_barrier();
+            let a = Answer::new(ctx, conn.key, slot, id, op);
+            ctx.sh.pool.spawn(move || {
+                let refs: Vec<(TimelineId, &[u8])> =
+                    owned.iter().map(|(t, p)| (*t, p.as_slice())).collect();
+                let r = a.sh.im.engine().append_batch(&refs, Durability::Sync);
+                a.send(r, ok);
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Answer once the ticket is durable: at once if it already is, else from
+/// the pool (whose wait may lead the shared fdatasync).
+fn wait_ticket(
+    a: Answer,
+    ticket: AppendTicket,
+    ok: impl FnOnce(Vec<SeqId>) -> Response + Send + 'static,
+) {
+    if ticket.is_durable() {
+        return a.send(ticket.wait(), ok);
+    }
+    let sh = a.sh.clone();
+    sh.pool.spawn(move || a.send(ticket.wait(), ok));
+}
+
+/// Replies of a run of pipelined single APPENDs, in order.
+fn many_appends(seqs: Vec<SeqId>, ids: &[u64], b: &mut Vec<u8>) {
+    for (id, s) in ids.iter().zip(seqs) {
+        Response::Append(s).encode_frame(*id, b);
+    }
+}
+
+/// If the input starts with two or more pipelined single APPENDs of the
+/// same (non-`sync`) durability, write them with one engine batch (one
+/// write, one shared fdatasync) and queue their replies; returns the bytes
+/// consumed (0: nothing coalesced, handle the next frame on its own).
+/// Anything unusual (an oversized payload, an IM-owned timeline, a frame
+/// that does not decode, a user token) ends the run and goes through the
+/// normal path, so errors stay per request.
+fn append_run(ctx: &Ctx<'_>, conn: &mut Conn, input: &[u8]) -> usize {
+    let sh = ctx.sh;
+    if !matches!(
+        conn.session.id,
+        Some(Identity::Anonymous) | Some(Identity::Admin(_))
+    ) {
+        return 0;
+    }
+    let max_payload = sh.im.engine().config().max_payload;
+    let mut pos = 0;
+    let mut ids = Vec::new();
+    let mut items = Vec::new();
+    let mut dur = None;
+    while ids.len() < 4096 {
+        let Ok(Some((f, used))) = protocol::decode(&input[pos..], sh.cfg.max_frame) else {
+            break;
+        };
+        if f.header.opcode != Opcode::APPEND {
+            break;
+        }
+        let Ok(RequestFrame {
+            id,
+            request:
+                Request::Append {
+                    timeline,
+                    durability: d,
+                    payload,
+                },
+        }) = RequestFrame::decode(&f)
+        else {
+            break;
+        };
+        let d = durability(sh, d);
+        let unusual = d == Durability::Sync
+            || payload.len() > max_payload
+            || sh.im.owns(timeline)
+            || dur.is_some_and(|x| x != d);
+        if unusual {
+            break;
+        }
+        dur = Some(d);
+        ids.push(id);
+        items.push((timeline, payload));
+        pos += used;
+    }
+    if ids.len() < 2 {
+        return 0;
+    }
+    sh.counters
+        .requests
+        .fetch_add(ids.len() as u64, Ordering::Relaxed);
+    let engine = sh.im.engine();
+    let r = match dur {
+        Some(Durability::GroupCommit) => engine.append_async(&items).map(Ok),
+        _ => engine.append_batch(&items, Durability::Buffered).map(Err),
+    };
+    match r {
+        Ok(Ok(ticket)) => {
+            let slot = conn.defer();
+            let a = Answer::new(ctx, conn.key, slot, 0, Opcode::APPEND);
+            let done = move |r: timeline_engine::Result<Vec<SeqId>>, a: Answer| {
+                let mut frame = Vec::with_capacity(ids.len() * 24);
+                match r {
+                    Ok(seqs) => many_appends(seqs, &ids, &mut frame),
+                    Err(e) => append_errors(&ids, &e, &a.sh, &mut frame),
+                }
+                a.lp.post(Msg::Done {
+                    key: a.key,
+                    slot: a.slot,
+                    frame,
+                });
+            };
+            if ticket.is_durable() {
+                done(ticket.wait(), a);
+            } else {
+                sh.pool.spawn(move || done(ticket.wait(), a));
+            }
+        }
+        Ok(Err(seqs)) => conn.reply(|b| many_appends(seqs, &ids, b)),
+        Err(e) => conn.reply(|b| append_errors(&ids, &e, sh, b)),
+    }
+    pos
+}
+
+/// Every APPEND of a failed run gets the error (nothing is retried: a batch
+/// is not atomic across shards, so a retry could store some twice).
+fn append_errors(ids: &[u64], e: &timeline_engine::Error, sh: &Shared, b: &mut Vec<u8>) {
+    let r = ErrorReply::from(e);
+    sh.counters
+        .errors
+        .fetch_add(ids.len() as u64, Ordering::Relaxed);
+    for &id in ids {
+        r.clone().encode_frame(id, Opcode::APPEND, b);
+    }
+}
+
+fn subscribe(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, user: u64) -> Result<(), ErrorReply> {
+    let invalid = |m: String| Err(ErrorReply::new(ErrorCode::INVALID_ARGUMENT, 0, m));
+    if user > timeline_im::MAX_ID {
+        return invalid(format!(
+            "user id {user} is above {} (the top half is reserved)",
+            timeline_im::MAX_ID
+        ));
+    }
+    if conn.subs.len() >= MAX_SUBSCRIPTIONS {
+        return invalid(format!(
+            "at most {MAX_SUBSCRIPTIONS} subscriptions per connection"
+        ));
+    }
+    if conn.subs.iter().any(|s| s.id == id) {
+        return invalid(format!("a live subscription already uses request id {id}"));
+    }
+    // The reply goes first; pushes follow it (they queue behind it while
+    // it waits behind earlier replies).
+    let reply_slot = (conn.owed() > 0).then(|| conn.defer());
+    match reply_slot {
+        Some(slot) => {
+            let mut b = Vec::new();
+            Response::Subscribe.encode_frame(id, &mut b);
+            conn.complete(slot, b);
+        }
+        None => conn.reply(|b| Response::Subscribe.encode_frame(id, b)),
+    }
+    conn.next_serial += 1;
+    let sink = Arc::new(SubSink::new(
+        ctx.lp.clone(),
+        conn.key,
+        conn.next_serial,
+        conn.queued.clone(),
+    ));
+    ctx.sh.im.subscribe_sink(user, sink.clone());
+    conn.subs.push(Sub {
+        id,
+        sink,
+        reply_slot,
+    });
+    Ok(())
+}
+
+/// Entries a SYNC or HISTORY page may hold so that its reply fits the
+/// client's frame limit even if every entry has the largest payload (the IM
+/// layer pages by count; a client asking for more gets `has_more`).
+fn page_limit(sh: &Shared, conn: &Conn, asked: u32) -> usize {
+    let per = sh.cfg.engine.max_payload + 128;
+    (asked as usize).min((conn.session.client_max / per).max(1))
+}
+
+/// A SCAN read in pages, refused with RESPONSE_TOO_LARGE as soon as the
+/// records exceed what the client accepts (never built whole first).
+fn scan(
+    engine: &Engine,
+    client_max: usize,
+    timeline: TimelineId,
+    from: u64,
+    limit: u32,
+    direction: timeline_engine::Direction,
+) -> Result<Vec<timeline_engine::Record>, ErrorReply> {
+    use timeline_engine::Direction;
+    let mut out: Vec<timeline_engine::Record> = Vec::new();
+    let mut bytes = 64usize;
+    let mut next = from;
+    let mut left = limit as usize;
+    while left > 0 {
+        let want = left.min(1024);
+        let page = engine
+            .scan(timeline, next, want, direction)
+            .map_err(|e| ErrorReply::from(&e))?;
+        let Some(last) = page.last() else { break };
+        let n = page.len();
+        next = match direction {
+            Direction::Forward => last.seq.saturating_add(1),
+            Direction::Backward => last.seq.saturating_sub(1),
+        };
+        for r in page {
+            bytes += r.payload.len() + 24;
+            if bytes > client_max {
+                return Err(ErrorReply::new(
+                    ErrorCode::RESPONSE_TOO_LARGE,
+                    client_max as u64,
+                    "the records asked for exceed the client's frame limit: ask for fewer",
+                ));
+            }
+            out.push(r);
+        }
+        left -= n;
+        if n < want || next == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}

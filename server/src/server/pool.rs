@@ -1,0 +1,67 @@
+//! The blocking pool: a fixed set of threads for the few waits that have
+//! no completion callback, so that no event loop ever blocks on them:
+//! a group-commit ticket (whose waiter may lead the shared fdatasync), an
+//! `APPEND` with its own fdatasync, and `CREATE_CONVERSATION` (several IM
+//! steps). A job answers through its connection's loop like any other
+//! completion.
+//!
+//! Tickets queue here in arrival order; a thread waiting on the first one
+//! leads an fdatasync that covers everything written before it, so the
+//! tickets behind it are usually durable by the time they are looked at:
+//! one thread keeps up with a whole loop's group commits.
+
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+pub(crate) struct Pool {
+    /// `None` tells one thread to stop (sent once per thread by `close`,
+    /// behind every job queued before it).
+    tx: Sender<Option<Job>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Pool {
+    pub(crate) fn start(n: usize) -> std::io::Result<Pool> {
+        let (tx, rx) = unbounded::<Option<Job>>();
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n.max(1) {
+            let rx: Receiver<Option<Job>> = rx.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("blocking-{i}"))
+                    .spawn(move || {
+                        while let Ok(Some(job)) = rx.recv() {
+                            job();
+                        }
+                    })?,
+            );
+        }
+        Ok(Pool {
+            tx,
+            threads: Mutex::new(threads),
+        })
+    }
+
+    /// Run `job` on a pool thread (on the caller's once the pool is gone).
+    pub(crate) fn spawn(&self, job: impl FnOnce() + Send + 'static) {
+        if let Err(e) = self.tx.send(Some(Box::new(job))) {
+            if let Some(job) = e.into_inner() {
+                job();
+            }
+        }
+    }
+
+    /// Finish the queued jobs and stop the threads.
+    pub(crate) fn close(&self) {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for _ in &threads {
+            let _ = self.tx.send(None);
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,562 @@
+//! The serving path over real TCP (docs/design.md §20, docs/protocol.md
+//! §4–5, §11): thousands of subscribed connections on a fixed thread
+//! count, one resync for a stalled subscriber, `CLOSED` at shutdown,
+//! deadlines (handshake, token expiry), pushes within the client's frame
+//! limit, raw writes kept out of IM timelines, and a slow reader that does
+//! not hold anybody else up.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+use common::*;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use timeline_engine::TimelineId;
+use timeline_im::{ConvKind, Push};
+use timeline_server::protocol::token::{self, Claims, Role};
+use timeline_server::protocol::{
+    self, ErrorCode, Hello, Request, RequestFrame, Response, ServerMsg,
+};
+use timeline_server::{start, Client};
+
+/// A connection spoken in raw frames, with its own read buffer.
+struct Raw {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    fn connect(addr: SocketAddr) -> Raw {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        Raw { s, buf: Vec::new() }
+    }
+
+    fn send(&mut self, id: u64, r: Request<'_>) {
+        let mut b = Vec::new();
+        RequestFrame { id, request: r }.encode_into(&mut b);
+        self.s.write_all(&b).unwrap();
+    }
+
+    fn hello(&mut self, max_frame: u32, token: &[u8]) {
+        self.send(
+            1,
+            Request::Hello(Hello {
+                version: protocol::PROTOCOL_VERSION,
+                max_frame,
+                token,
+            }),
+        );
+    }
+
+    /// The next frame, or `None` on close or after `wait` of silence.
+    fn next(&mut self, wait: Duration) -> Option<ServerMsg> {
+        self.s.set_read_timeout(Some(wait)).unwrap();
+        let mut chunk = [0u8; 64 << 10];
+        loop {
+            if let Some((f, used)) = protocol::decode(&self.buf, 1 << 24).unwrap() {
+                let m = ServerMsg::decode(&f).unwrap();
+                self.buf.drain(..used);
+                return Some(m);
+            }
+            match self.s.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    fn reply(&mut self) -> ServerMsg {
+        self.next(Duration::from_secs(10)).expect("a frame")
+    }
+}
+
+fn threads(c: &mut Client) -> u64 {
+    let Response::Stats(kv) = c.call(&Request::Stats).unwrap() else {
+        panic!("stats")
+    };
+    kv.iter().find(|(k, _)| k == "threads").unwrap().1
+}
+
+/// Room for `n` descriptors in this process (client and server ends).
+fn raise_nofile(n: u64) {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the one struct passed.
+    #[allow(unsafe_code)]
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut l), 0);
+        l.rlim_cur = l.rlim_cur.max(n.min(l.rlim_max));
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &l), 0);
+    }
+    assert!(l.rlim_cur >= n, "descriptor limit {} < {n}", l.rlim_cur);
+}
+
+fn subscribed(addr: SocketAddr, user: u64) -> Raw {
+    let mut r = Raw::connect(addr);
+    r.hello(0, &[]);
+    r.send(2, Request::Subscribe { user });
+    r
+}
+
+#[test]
+fn two_thousand_subscribed_connections_on_the_same_threads_get_every_push() {
+    raise_nofile(6000);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.max_connections = 3000;
+    let srv = start(cfg).unwrap();
+    let addr = srv.local_addr();
+    let mut admin = Client::connect(addr, &[]).unwrap();
+    let n = 2000u64;
+    for k in 0..n / 2 {
+        let r = admin.call(&Request::CreateConversation {
+            conv: k + 1,
+            kind: ConvKind::Direct,
+            members: vec![2 * k + 1, 2 * k + 2],
+        });
+        assert_eq!(r.unwrap(), Response::CreateConversation(1));
+    }
+    let mut devices: Vec<Raw> = (1..=10).map(|u| subscribed(addr, u)).collect();
+    for d in &mut devices {
+        assert!(matches!(d.reply(), ServerMsg::Reply { id: 1, .. }));
+        assert!(matches!(d.reply(), ServerMsg::Reply { id: 2, .. }));
+    }
+    let at_ten = threads(&mut admin);
+    devices.extend((11..=n).map(|u| subscribed(addr, u)));
+    for d in &mut devices[10..] {
+        assert!(matches!(d.reply(), ServerMsg::Reply { id: 1, .. }));
+        assert!(matches!(d.reply(), ServerMsg::Reply { id: 2, .. }));
+    }
+    assert_eq!(threads(&mut admin), at_ten, "threads grew with connections");
+    // One message per conversation, pipelined from one sender connection.
+    for k in 0..n / 2 {
+        admin.queue(&Request::Send {
+            conv: k + 1,
+            sender: 2 * k + 1,
+            client_msg_id: k + 1,
+            payload: b"hello",
+        });
+    }
+    admin.flush().unwrap();
+    for _ in 0..n / 2 {
+        assert!(matches!(admin.recv().unwrap(), Response::Send(_)));
+    }
+    for (i, d) in devices.iter_mut().enumerate() {
+        let user = i as u64 + 1;
+        match d.reply() {
+            ServerMsg::Push {
+                subscription: 2,
+                push: Push::Entry { user: u, entry },
+            } => {
+                assert_eq!(u, user);
+                assert_eq!(entry.entry.conv, user.div_ceil(2));
+            }
+            other => panic!("device {user}: {other:?}"),
+        }
+    }
+    assert_eq!(threads(&mut admin), at_ten);
+    drop(devices);
+    srv.shutdown().unwrap();
+}
+
+#[test]
+fn a_stalled_subscriber_gets_exactly_one_resync_then_pushes_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = server(dir.path());
+    let addr = srv.local_addr();
+    let mut admin = Client::connect(addr, &[]).unwrap();
+    admin
+        .call(&Request::CreateConversation {
+            conv: 1,
+            kind: ConvKind::Direct,
+            members: vec![1, 2],
+        })
+        .unwrap();
+    let mut dev = subscribed(addr, 2);
+    assert!(matches!(dev.reply(), ServerMsg::Reply { id: 1, .. }));
+    assert!(matches!(dev.reply(), ServerMsg::Reply { id: 2, .. }));
+    // ~24 MiB of pushes while the device reads nothing: far beyond its
+    // 4 MiB output bound plus the socket buffers.
+    let payload = vec![7u8; 32 << 10];
+    let sends = 768u64;
+    for i in 0..sends {
+        admin.queue(&Request::Send {
+            conv: 1,
+            sender: 1,
+            client_msg_id: i + 1,
+            payload: &payload,
+        });
+        if admin.in_flight() >= 64 {
+            assert!(matches!(admin.recv().unwrap(), Response::Send(_)));
+        }
+    }
+    while admin.in_flight() > 0 {
+        assert!(matches!(admin.recv().unwrap(), Response::Send(_)));
+    }
+    let (mut entries, mut resyncs, mut after_resync) = (0u64, 0u64, 0u64);
+    while let Some(m) = dev.next(Duration::from_millis(1500)) {
+        match m {
+            ServerMsg::Push {
+                push: Push::Resync, ..
+            } => resyncs += 1,
+            ServerMsg::Push { .. } => {
+                entries += 1;
+                if resyncs > 0 {
+                    after_resync += 1;
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(resyncs, 1, "entries {entries} of {sends}");
+    assert!(
+        entries < sends,
+        "nothing was dropped: the test did not stall"
+    );
+    assert_eq!(
+        after_resync, 0,
+        "pushes after the resync (before reading again)"
+    );
+    // Reading again: pushes resume.
+    admin
+        .call(&Request::Send {
+            conv: 1,
+            sender: 1,
+            client_msg_id: sends + 1,
+            payload: b"again",
+        })
+        .unwrap();
+    match dev.reply() {
+        ServerMsg::Push {
+            push: Push::Entry { entry, .. },
+            ..
+        } => assert_eq!(entry.entry.conv_seq, sends + 2),
+        other => panic!("{other:?}"),
+    }
+    srv.shutdown().unwrap();
+}
+
+#[test]
+fn shutdown_sends_closed_to_every_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = server(dir.path());
+    let addr = srv.local_addr();
+    let mut conns: Vec<Raw> = (0..64)
+        .map(|u| {
+            let mut r = if u % 2 == 0 {
+                subscribed(addr, u)
+            } else {
+                let mut r = Raw::connect(addr);
+                r.hello(0, &[]);
+                r
+            };
+            assert!(matches!(r.reply(), ServerMsg::Reply { id: 1, .. }));
+            if u % 2 == 0 {
+                assert!(matches!(r.reply(), ServerMsg::Reply { id: 2, .. }));
+            }
+            r
+        })
+        .collect();
+    let t = std::thread::spawn(move || srv.shutdown());
+    for c in &mut conns {
+        match c.reply() {
+            ServerMsg::Error { id: 0, error, .. } => assert_eq!(error.code, ErrorCode::CLOSED),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            c.next(Duration::from_secs(5)).is_none(),
+            "open after CLOSED"
+        );
+    }
+    t.join().unwrap().unwrap();
+}
+
+#[test]
+fn requests_read_before_shutdown_are_answered_before_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = server(dir.path());
+    let mut c = Raw::connect(srv.local_addr());
+    c.hello(0, &[]);
+    assert!(matches!(c.reply(), ServerMsg::Reply { id: 1, .. }));
+    for i in 0..100u64 {
+        c.send(
+            i + 2,
+            Request::Append {
+                timeline: TimelineId::store(9),
+                durability: None,
+                payload: b"x",
+            },
+        );
+    }
+    // Give the server the bytes before it stops (it answers what it read).
+    std::thread::sleep(Duration::from_millis(200));
+    let t = std::thread::spawn(move || srv.shutdown());
+    let mut answered = 0;
+    loop {
+        match c.reply() {
+            ServerMsg::Reply { id, .. } => {
+                answered += 1;
+                assert_eq!(id, answered + 1);
+            }
+            ServerMsg::Error { id: 0, error, .. } => {
+                assert_eq!(error.code, ErrorCode::CLOSED);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(answered, 100);
+    t.join().unwrap().unwrap();
+}
+
+#[test]
+fn a_connection_without_hello_is_closed_after_the_handshake_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.handshake_timeout = Duration::from_millis(300);
+    cfg.max_connections = 4;
+    let srv = start(cfg).unwrap();
+    let addr = srv.local_addr();
+    // Fill every slot with silent sockets; they are closed in time and a
+    // real client gets in.
+    let mut silent: Vec<Raw> = (0..4).map(|_| Raw::connect(addr)).collect();
+    for s in &mut silent {
+        match s.reply() {
+            ServerMsg::Error { id: 0, error, .. } => assert_eq!(error.code, ErrorCode::TIMEOUT),
+            other => panic!("{other:?}"),
+        }
+        assert!(s.next(Duration::from_secs(5)).is_none());
+    }
+    let t0 = Instant::now();
+    let c = loop {
+        match Client::connect(addr, &[]) {
+            Ok(c) => break c,
+            Err(e) if t0.elapsed() < Duration::from_secs(5) => {
+                let _ = e;
+                std::thread::yield_now();
+            }
+            Err(e) => panic!("still refused: {e}"),
+        }
+    };
+    drop(c);
+    srv.shutdown().unwrap();
+}
+
+#[test]
+fn a_connection_ends_when_its_token_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    let secret = b"0123456789abcdef0123456789abcdef".to_vec();
+    cfg.auth_secret = Some(secret.clone());
+    let srv = start(cfg).unwrap();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let tok = token::sign(
+        &secret,
+        &Claims {
+            user: 5,
+            expires_unix: now + 2,
+            role: Role::User,
+        },
+    );
+    let mut c = Raw::connect(srv.local_addr());
+    c.hello(0, &tok);
+    assert!(matches!(c.reply(), ServerMsg::Reply { id: 1, .. }));
+    c.send(2, Request::Subscribe { user: 5 });
+    assert!(matches!(c.reply(), ServerMsg::Reply { id: 2, .. }));
+    match c.next(Duration::from_secs(6)) {
+        Some(ServerMsg::Error { id: 0, error, .. }) => {
+            assert_eq!(error.code, ErrorCode::UNAUTHORIZED)
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(c.next(Duration::from_secs(5)).is_none());
+    srv.shutdown().unwrap();
+}
+
+#[test]
+fn a_push_too_large_for_the_clients_frame_limit_becomes_a_resync() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = server(dir.path());
+    let addr = srv.local_addr();
+    let mut admin = Client::connect(addr, &[]).unwrap();
+    admin
+        .call(&Request::CreateConversation {
+            conv: 1,
+            kind: ConvKind::Direct,
+            members: vec![1, 2],
+        })
+        .unwrap();
+    let mut dev = Raw::connect(addr);
+    dev.hello(1024, &[]);
+    dev.send(2, Request::Subscribe { user: 2 });
+    assert!(matches!(dev.reply(), ServerMsg::Reply { id: 1, .. }));
+    assert!(matches!(dev.reply(), ServerMsg::Reply { id: 2, .. }));
+    for (i, p) in [vec![1u8; 4000], b"small".to_vec()].iter().enumerate() {
+        admin
+            .call(&Request::Send {
+                conv: 1,
+                sender: 1,
+                client_msg_id: i as u64 + 1,
+                payload: p,
+            })
+            .unwrap();
+    }
+    let first = dev.reply();
+    assert!(
+        matches!(
+            first,
+            ServerMsg::Push {
+                push: Push::Resync,
+                ..
+            }
+        ),
+        "{first:?}"
+    );
+    match dev.reply() {
+        ServerMsg::Push {
+            push: Push::Entry { entry, .. },
+            ..
+        } => assert_eq!(entry.entry.conv_seq, 3),
+        other => panic!("{other:?}"),
+    }
+    srv.shutdown().unwrap();
+}
+
+#[test]
+fn raw_writes_cannot_touch_im_timelines() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = server(dir.path());
+    let mut c = Client::connect(srv.local_addr(), &[]).unwrap();
+    c.call(&Request::CreateConversation {
+        conv: 7,
+        kind: ConvKind::Direct,
+        members: vec![5, 6],
+    })
+    .unwrap();
+    c.call(&Request::Send {
+        conv: 7,
+        sender: 5,
+        client_msg_id: 1,
+        payload: b"hi",
+    })
+    .unwrap();
+    for t in [
+        TimelineId::sync(6),
+        TimelineId::sync(999),
+        TimelineId::store(7),
+        TimelineId::store(1 << 63),
+    ] {
+        let r = c.call(&Request::Append {
+            timeline: t,
+            durability: None,
+            payload: b"garbage",
+        });
+        assert_eq!(code(r), ErrorCode::FORBIDDEN, "{t:?}");
+        let r = c.call(&Request::AppendBatch {
+            durability: None,
+            items: vec![(TimelineId::store(8), b"ok"), (t, b"garbage")],
+        });
+        assert_eq!(code(r), ErrorCode::FORBIDDEN, "{t:?}");
+    }
+    // Pipelined single APPENDs go through the same check.
+    let ids: Vec<u64> = [
+        TimelineId::store(8),
+        TimelineId::sync(6),
+        TimelineId::store(8),
+    ]
+    .iter()
+    .map(|&t| {
+        c.queue(&Request::Append {
+            timeline: t,
+            durability: None,
+            payload: b"p",
+        })
+    })
+    .collect();
+    assert_eq!(ids.len(), 3);
+    assert_eq!(c.recv().unwrap(), Response::Append(1));
+    assert_eq!(code(c.recv()), ErrorCode::FORBIDDEN);
+    assert_eq!(c.recv().unwrap(), Response::Append(2));
+    // User 6 still syncs what the IM layer wrote, nothing else.
+    match c
+        .call(&Request::Sync {
+            user: 6,
+            checkpoint: 0,
+            limit: 10,
+            groups: vec![],
+        })
+        .unwrap()
+    {
+        Response::Sync(s) => assert_eq!(s.entries.len(), 2), // Created, the message
+        other => panic!("{other:?}"),
+    }
+    srv.shutdown().unwrap();
+}
+
+#[test]
+fn a_slow_reader_does_not_delay_other_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = server(dir.path());
+    let addr = srv.local_addr();
+    // The slow one pipelines large PINGs and reads nothing.
+    let mut slow = Raw::connect(addr);
+    slow.hello(0, &[]);
+    let big = vec![0u8; 256 << 10];
+    slow.s
+        .set_write_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut written = 0usize;
+    for i in 0..256u64 {
+        let mut b = Vec::new();
+        RequestFrame {
+            id: i + 2,
+            request: Request::Ping(&big),
+        }
+        .encode_into(&mut b);
+        if slow.s.write_all(&b).is_err() {
+            break; // the server stopped reading it: that is the point
+        }
+        written += 1;
+    }
+    assert!(
+        written < 256,
+        "the server read 64 MiB without it being read"
+    );
+    // Another connection is served as usual, pushes included.
+    let mut c = Client::connect(addr, &[]).unwrap();
+    c.call(&Request::CreateConversation {
+        conv: 1,
+        kind: ConvKind::Direct,
+        members: vec![1, 2],
+    })
+    .unwrap();
+    let mut dev = subscribed(addr, 2);
+    assert!(matches!(dev.reply(), ServerMsg::Reply { id: 1, .. }));
+    assert!(matches!(dev.reply(), ServerMsg::Reply { id: 2, .. }));
+    let t0 = Instant::now();
+    for i in 0..50u64 {
+        assert_eq!(
+            c.call(&Request::Ping(b"p")).unwrap(),
+            Response::Ping(b"p".to_vec())
+        );
+        c.call(&Request::Send {
+            conv: 1,
+            sender: 1,
+            client_msg_id: i + 1,
+            payload: b"m",
+        })
+        .unwrap();
+        assert!(matches!(dev.reply(), ServerMsg::Push { .. }));
+    }
+    // A liveness bound, not a performance figure: stuck would be forever.
+    assert!(t0.elapsed() < Duration::from_secs(20));
+    drop(slow);
+    srv.shutdown().unwrap();
+}
