@@ -255,6 +255,8 @@ enum Cmd {
     FanoutSweep(Flags),
     /// Open an existing directory and report recovery time.
     Reopen(Flags),
+    /// W6: thousands of connected devices, push then sync (--target server|redis).
+    Devices(Flags),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -383,6 +385,9 @@ pub struct Flags {
     pub users: Option<u64>,
     #[arg(long)]
     pub devices: Option<String>,
+    /// W6: connected devices in all (default 10,000).
+    #[arg(long)]
+    pub devices_total: Option<u64>,
     #[arg(long)]
     pub hybrid_threshold: Option<usize>,
     #[arg(long, value_delimiter = ',')]
@@ -438,15 +443,26 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Im(f) => ("im", f),
         Cmd::FanoutSweep(f) => ("fanout-sweep", f),
         Cmd::Reopen(f) => ("reopen", f),
+        Cmd::Devices(f) => ("devices", f),
     };
     let mut flags = flags.clone();
     flags.resolve(&cli.cmd);
     let flags = &flags;
     let rocksdb_workload = matches!(cli.cmd, Cmd::Append(_) | Cmd::Read(_));
     match flags.target {
-        Target::Engine => {}
-        Target::Server if matches!(cli.cmd, Cmd::Append(_) | Cmd::Read(_) | Cmd::Im(_)) => {}
-        Target::Redis if rocksdb_workload => {}
+        Target::Engine if !matches!(cli.cmd, Cmd::Devices(_)) => {}
+        Target::Server
+            if matches!(
+                cli.cmd,
+                Cmd::Append(_) | Cmd::Read(_) | Cmd::Im(_) | Cmd::Devices(_)
+            ) => {}
+        Target::Redis if rocksdb_workload || matches!(cli.cmd, Cmd::Devices(_)) => {}
+        Target::Engine if matches!(cli.cmd, Cmd::Devices(_)) => {
+            return Err(
+                "devices --target engine: W6 is the serving path; use --target server or redis"
+                    .into(),
+            )
+        }
         Target::Rocksdb if rocksdb_workload => {
             if !cfg!(feature = "rocksdb") {
                 return Err("--target rocksdb: built without the `rocksdb` feature: \
@@ -481,6 +497,7 @@ fn run(cli: Cli) -> Result<i32> {
         (Cmd::Im(_), Target::Server) => workloads::server_im::run(flags, &mut rep)?,
         (Cmd::Append(_), Target::Redis) => workloads::redis::append(flags, &mut rep)?,
         (Cmd::Read(_), Target::Redis) => workloads::redis::read(flags, &mut rep)?,
+        (Cmd::Devices(_), _) => workloads::devices::run(flags, &mut rep)?,
         (Cmd::Append(_), _) => workloads::append::run(flags, &mut rep)?,
         (Cmd::Read(_), _) => workloads::read::run(flags, &mut rep)?,
         (Cmd::Reopen(_), _) => workloads::reopen::run(flags, &mut rep)?,

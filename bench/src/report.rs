@@ -248,6 +248,40 @@ pub struct ResultLine {
     /// `Push::Resync`s received (pushes dropped for a slow subscriber).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub push_resyncs: Option<u64>,
+    /// W6: connected devices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub devices_total: Option<u64>,
+    /// W6: connections set up (connect, HELLO, SUBSCRIBE answered) per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connects_per_sec: Option<f64>,
+    /// W6: send -> the entry read by the SYNC its push triggered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync_after_push_p50_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync_after_push_p99_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync_after_push_p999_us: Option<f64>,
+    /// W6: SEND queued -> its ack read (also `p99_us`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send_ack_p99_us: Option<f64>,
+    /// W6: the server process's threads with every device connected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_threads: Option<u64>,
+    /// W6: the same before any device connected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_threads_empty: Option<u64>,
+    /// W6: server RSS growth from connecting the devices, per device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_rss_per_conn_bytes: Option<u64>,
+    /// W6: server CPU with every device connected and nothing sent, % of one core.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_idle_cpu_pct: Option<f64>,
+    /// Server CPU microseconds per message (load phase).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_us_per_message: Option<f64>,
+    /// Server CPU microseconds per delivery (load phase).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_us_per_delivery: Option<f64>,
     pub threads: usize,
     pub payload: usize,
     pub keyspace: String,

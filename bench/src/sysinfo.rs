@@ -102,6 +102,23 @@ pub fn peak_rss_of(pid: Option<u32>) -> u64 {
     proc_kb(&proc_path(pid, "status"), "VmHWM:").unwrap_or(0) * 1024
 }
 
+/// Resident set size (VmRSS) of process `pid` now (`None`: this one).
+pub fn rss_of(pid: Option<u32>) -> u64 {
+    proc_kb(&proc_path(pid, "status"), "VmRSS:").unwrap_or(0) * 1024
+}
+
+/// Threads of process `pid` now (`None`: this one); 0 if unreadable.
+pub fn threads_of(pid: Option<u32>) -> u64 {
+    std::fs::read_to_string(proc_path(pid, "status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// Clock ticks per second of `/proc/PID/stat`'s times (`USER_HZ`, 100 on
 /// every Linux architecture the project runs on; reading `sysconf` would
 /// need `unsafe`).

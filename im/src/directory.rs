@@ -24,6 +24,23 @@ pub(crate) fn covers(iv: &Intervals, seq: u64) -> bool {
     iv.iter().any(|&(a, b)| a <= seq && seq <= b)
 }
 
+/// Seqs in `(after, upto]` that fall in the member's stays: what it could
+/// read there and has not (unread counts skip seqs from before it joined
+/// and from between its stays).
+pub(crate) fn count_within(iv: &Intervals, after: u64, upto: u64) -> u64 {
+    iv.iter()
+        .map(|&(a, b)| {
+            let lo = a.max(after.saturating_add(1));
+            let hi = b.min(upto);
+            if hi >= lo {
+                hi - lo + 1
+            } else {
+                0
+            }
+        })
+        .sum()
+}
+
 pub(crate) fn is_current(iv: &Intervals) -> bool {
     iv.last().is_some_and(|&(_, b)| b == u64::MAX)
 }
@@ -138,4 +155,19 @@ pub(crate) fn apply_member(
         Arc::make_mut(&mut conv.recipients[user_shard]).retain(|r| r.0 != user);
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count_within;
+
+    #[test]
+    fn unread_counts_only_seqs_within_the_stays() {
+        let iv = vec![(5, 9), (20, u64::MAX)];
+        assert_eq!(count_within(&iv, 0, 30), 5 + 11);
+        assert_eq!(count_within(&iv, 7, 30), 2 + 11);
+        assert_eq!(count_within(&iv, 25, 30), 5);
+        assert_eq!(count_within(&iv, 30, 30), 0);
+        assert_eq!(count_within(&iv, 0, 4), 0);
+    }
 }

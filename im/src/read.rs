@@ -2,7 +2,7 @@
 //! worker's path: they read the engine directly, bounded by the watermarks
 //! the workers publish once data is durable.
 
-use crate::directory::{covers, is_current};
+use crate::directory::{count_within, covers, is_current};
 use crate::entry::{ConvKind, EventKind, StoreEntry, SyncRecord};
 use crate::{
     bump, Body, ConvId, ConvSummary, Entry, GroupPage, HistoryFrom, HistoryPage, ImError, Result,
@@ -253,6 +253,11 @@ pub(crate) fn history(
         has_more: false,
     };
     if limit == 0 {
+        // Like SYNC: an empty page that says whether there is more.
+        page.has_more = match from {
+            HistoryFrom::Before(s) => s.saturating_sub(1).min(hi_bound) >= lo_bound,
+            HistoryFrom::After(s) => s.saturating_add(1).max(lo_bound) <= hi_bound,
+        };
         return Ok(page);
     }
     let tl = TimelineId::store(conv);
@@ -312,7 +317,7 @@ pub(crate) fn conversations(sh: &Shared, user: UserId) -> Result<Vec<ConvSummary
             kind: c.kind,
             last_seq,
             read_seq,
-            unread: last_seq.saturating_sub(read_seq),
+            unread: count_within(iv, read_seq, last_seq),
             member: is_current(iv),
             read_fanout: c.read_since != 0,
         });

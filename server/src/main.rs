@@ -38,8 +38,9 @@ struct Args {
     /// Data directory (created if missing).
     #[arg(long, default_value = "./data")]
     data_dir: PathBuf,
-    /// Engine shards per keyspace (fixed when the directory is created).
-    #[arg(long, default_value_t = 4)]
+    /// Engine shards per keyspace, and so IM workers (0: one per core).
+    /// Fixed when the directory is created: an existing one keeps its own.
+    #[arg(long, default_value_t = 0)]
     shards: usize,
     /// Durability of APPENDs that ask for the default, and of every IM write.
     #[arg(long, value_enum, default_value = "group")]
@@ -101,28 +102,14 @@ struct Args {
 /// cannot.
 fn raise_fd_limit(max_connections: usize) {
     let want = max_connections as u64 + 1024;
-    let mut l = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write the one struct passed.
-    #[allow(unsafe_code)]
-    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } == 0;
-    if !ok {
-        return;
-    }
-    if l.rlim_cur < want {
-        l.rlim_cur = want.min(l.rlim_max);
-        // SAFETY: as above.
-        #[allow(unsafe_code)]
-        let _ = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &l) };
-    }
-    if l.rlim_cur < want {
-        tracing::warn!(
-            limit = l.rlim_cur,
+    match rlimit::increase_nofile_limit(want) {
+        Ok(got) if got >= want => {}
+        Ok(got) => tracing::warn!(
+            limit = got,
             max_connections,
             "the descriptor limit is below --max-connections plus 1024; accepts will fail before the connection limit"
-        );
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the descriptor limit"),
     }
 }
 
@@ -167,7 +154,11 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         None
     };
     let mut engine = Config::default();
-    engine.shards = a.shards;
+    engine.shards = if a.shards == 0 {
+        timeline_server::server::cores()
+    } else {
+        a.shards
+    };
     engine.max_payload = a.max_payload;
     let mut store = KeyspaceConfig::store().with_ttl(ttl(a.store_ttl));
     if a.store_ttl == 0 {

@@ -81,18 +81,8 @@ fn threads(c: &mut Client) -> u64 {
 
 /// Room for `n` descriptors in this process (client and server ends).
 fn raise_nofile(n: u64) {
-    let mut l = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write the one struct passed.
-    #[allow(unsafe_code)]
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut l), 0);
-        l.rlim_cur = l.rlim_cur.max(n.min(l.rlim_max));
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &l), 0);
-    }
-    assert!(l.rlim_cur >= n, "descriptor limit {} < {n}", l.rlim_cur);
+    let got = rlimit::increase_nofile_limit(n).unwrap();
+    assert!(got >= n, "descriptor limit {got} < {n}");
 }
 
 fn subscribed(addr: SocketAddr, user: u64) -> Raw {
@@ -558,5 +548,42 @@ fn a_slow_reader_does_not_delay_other_connections() {
     // A liveness bound, not a performance figure: stuck would be forever.
     assert!(t0.elapsed() < Duration::from_secs(20));
     drop(slow);
+    srv.shutdown().unwrap();
+}
+
+#[test]
+fn a_client_that_shuts_its_sending_side_gets_every_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = server(dir.path());
+    let mut c = Raw::connect(srv.local_addr());
+    c.hello(0, &[]);
+    for i in 0..200u64 {
+        c.send(
+            i + 2,
+            Request::Append {
+                timeline: TimelineId::store(3),
+                durability: None,
+                payload: b"half-close",
+            },
+        );
+    }
+    c.s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(matches!(c.reply(), ServerMsg::Reply { id: 1, .. }));
+    for i in 0..200u64 {
+        match c.reply() {
+            ServerMsg::Reply {
+                id,
+                response: Response::Append(seq),
+            } => {
+                assert_eq!(id, i + 2);
+                assert_eq!(seq, i + 1);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        c.next(Duration::from_secs(5)).is_none(),
+        "not closed after EOF"
+    );
     srv.shutdown().unwrap();
 }

@@ -2,6 +2,7 @@
 //! timeline choice, payload bytes.
 
 pub mod append;
+pub mod devices;
 pub mod fanout;
 pub mod im;
 pub mod imkit;

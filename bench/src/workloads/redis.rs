@@ -67,7 +67,7 @@ const SWEEP_BURST: u64 = 1024;
 
 /// A redis-server the bench started. Field order: the process goes
 /// before its directory.
-struct Redis {
+pub(crate) struct Redis {
     port: u16,
     appendfsync: &'static str,
     proc: Proc,
@@ -76,6 +76,11 @@ struct Redis {
 
 impl Redis {
     fn start(flags: &Flags) -> Result<Redis> {
+        Self::start_with(flags, &[])
+    }
+
+    /// [`start`](Self::start) with more `redis-server` arguments.
+    pub(crate) fn start_with(flags: &Flags, extra: &[String]) -> Result<Redis> {
         if flags.addr.is_some() {
             return Err(
                 "--addr is for --target server; --target redis always starts its own \
@@ -108,7 +113,8 @@ impl Redis {
                 .arg("--logfile")
                 .arg(&log)
                 .args(["--save", "", "--appendonly", aof])
-                .args(["--daemonize", "no", "--loglevel", "warning"]);
+                .args(["--daemonize", "no", "--loglevel", "warning"])
+                .args(extra);
             if aof == "yes" {
                 cmd.args(["--appendfsync", appendfsync]);
             }
@@ -157,11 +163,15 @@ impl Redis {
         connect(self.port)
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
         self.proc.pid()
     }
 
-    fn stop(mut self) -> Result<()> {
+    pub(crate) fn stop(mut self) -> Result<()> {
         if !self.proc.running() {
             return Err("redis-server died during the run".into());
         }

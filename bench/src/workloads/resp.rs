@@ -91,7 +91,7 @@ fn int(b: &[u8]) -> Result<i64, String> {
 }
 
 /// Parse one reply off the front of `b`: `Ok(None)` if incomplete.
-fn parse(b: &[u8], depth: usize) -> Result<Option<(Reply, usize)>, String> {
+pub(crate) fn parse(b: &[u8], depth: usize) -> Result<Option<(Reply, usize)>, String> {
     if depth > MAX_DEPTH {
         return Err("nesting too deep".into());
     }

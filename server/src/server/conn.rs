@@ -32,6 +32,17 @@ pub(crate) const MAX_SUBSCRIPTIONS: usize = 16;
 /// connections hold no big buffers).
 const KEEP_OUT: usize = 16 << 10;
 
+/// A place in the reply order.
+enum Slot {
+    /// A deferred answer not there yet.
+    Waiting,
+    /// A frame waiting for the slots before it.
+    Ready(Vec<u8>),
+    /// A push waiting behind its SUBSCRIBE reply: its bytes are already
+    /// counted in `queued` (so the output bound covers it).
+    Counted(Vec<u8>),
+}
+
 pub(crate) struct Sub {
     /// The subscription id: the request id of its SUBSCRIBE.
     pub id: u64,
@@ -68,7 +79,7 @@ pub(crate) struct Conn {
     pub input: Vec<u8>,
     out: Vec<u8>,
     wpos: usize,
-    slots: VecDeque<Option<Vec<u8>>>,
+    slots: VecDeque<Slot>,
     first_slot: u64,
     barrier: Option<u64>,
     pub session: Session,
@@ -76,6 +87,9 @@ pub(crate) struct Conn {
     pub next_serial: u64,
     /// The socket may have more to read (edge-triggered readiness).
     pub can_read: bool,
+    /// The client shut its sending side: execute what it sent, answer,
+    /// then close.
+    pub eof: bool,
     /// No more reading: close once everything owed is written.
     closing: bool,
     /// Shutdown: no more reading; answer what was read, then `CLOSED`.
@@ -110,6 +124,7 @@ impl Conn {
             subs: Vec::new(),
             next_serial: 0,
             can_read: true,
+            eof: false,
             closing: false,
             draining: false,
             created: now,
@@ -132,7 +147,7 @@ impl Conn {
         } else {
             let mut b = Vec::new();
             encode(&mut b);
-            self.slots.push_back(Some(b));
+            self.slots.push_back(Slot::Ready(b));
         }
     }
 
@@ -142,7 +157,7 @@ impl Conn {
 
     /// Hold a place for an answer that comes later; returns its slot.
     pub(crate) fn defer(&mut self) -> u64 {
-        self.slots.push_back(None);
+        self.slots.push_back(Slot::Waiting);
         self.first_slot + self.slots.len() as u64 - 1
     }
 
@@ -160,15 +175,19 @@ impl Conn {
             return;
         };
         if let Some(s) = self.slots.get_mut(i as usize) {
-            *s = Some(frame);
+            *s = Slot::Ready(frame);
         }
         if self.barrier == Some(slot) {
             self.barrier = None;
         }
-        while let Some(Some(_)) = self.slots.front() {
-            if let Some(Some(f)) = self.slots.pop_front() {
-                self.out.extend_from_slice(&f);
-                self.queued.add(f.len());
+        while !matches!(self.slots.front(), None | Some(Slot::Waiting)) {
+            match self.slots.pop_front() {
+                Some(Slot::Ready(f)) => {
+                    self.out.extend_from_slice(&f);
+                    self.queued.add(f.len());
+                }
+                Some(Slot::Counted(f)) => self.out.extend_from_slice(&f),
+                _ => {}
             }
             self.first_slot += 1;
             self.dirty = true;
@@ -198,6 +217,23 @@ impl Conn {
     pub(crate) fn close_after(&mut self) {
         self.closing = true;
         self.dirty = true;
+    }
+
+    /// After the client's EOF: once every whole frame it sent is executed
+    /// and nothing is owed, end the connection (after writing).
+    pub(crate) fn close_if_done_after_eof(&mut self, max_owed: usize) {
+        let whole_frame_left = matches!(
+            crate::protocol::peek_len(&self.input),
+            Some(n) if self.input.len() as u64 >= n
+        );
+        if self.eof
+            && !self.closing
+            && self.slots.is_empty()
+            && !self.paused(max_owed)
+            && !whole_frame_left
+        {
+            self.close_after();
+        }
     }
 
     /// Everything owed is written and the connection is to end.
@@ -235,8 +271,7 @@ impl Conn {
         if behind_reply {
             let mut b = Vec::with_capacity(len);
             encode_push_frame(id, p, &mut b);
-            self.queued.sub(len); // counted again when it moves to the output
-            self.slots.push_back(Some(b));
+            self.slots.push_back(Slot::Counted(b));
         } else {
             self.subs[i].reply_slot = None;
             encode_push_frame(id, p, &mut self.out);

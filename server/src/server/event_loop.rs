@@ -350,7 +350,7 @@ impl EventLoop {
                 Ok(0) => {
                     // The client is done sending: answer what it sent.
                     c.can_read = false;
-                    c.close_after();
+                    c.eof = true;
                 }
                 Ok(n) => {
                     c.last_input = now;
@@ -384,6 +384,7 @@ impl EventLoop {
         let Some(c) = self.conns.get_mut(idx) else {
             return;
         };
+        c.close_if_done_after_eof(max_owed);
         if c.draining && c.owed() == 0 && !c.paused(max_owed) {
             // Every request read is answered: say why nothing more will be.
             c.fail_connection(ErrorCode::CLOSED, "the server is shutting down");

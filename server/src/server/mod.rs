@@ -253,12 +253,11 @@ impl Drop for ServerHandle {
 
 /// Open the IM layer in `cfg.data_dir`, bind `cfg.listen`, start the loops.
 pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
-    let listener = TcpListener::bind(&cfg.listen).map_err(|e| ServerError::Bind {
+    let listener = bind(&cfg.listen).map_err(|e| ServerError::Bind {
         addr: cfg.listen.clone(),
         source: e,
     })?;
     let addr = listener.local_addr()?;
-    listener.set_nonblocking(true)?;
     let im = Im::open(&cfg.data_dir, cfg.engine.clone(), cfg.im.clone())?;
     let per_core = |n: usize| if n == 0 { cores() } else { n };
     let io_threads = per_core(cfg.io_threads);
@@ -299,6 +298,31 @@ pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
         loops,
     })
 }
+
+/// Listen on `addr` with a backlog that a burst of thousands of connecting
+/// devices does not overflow (std's `bind` asks for 128; the kernel caps
+/// this at `net.core.somaxconn`).
+fn bind(addr: &str) -> std::io::Result<TcpListener> {
+    use std::net::ToSocketAddrs;
+    let mut last = None;
+    for a in addr.to_socket_addrs()? {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(a),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        s.set_reuse_address(true)?;
+        s.set_nonblocking(true)?;
+        match s.bind(&a.into()).and_then(|()| s.listen(LISTEN_BACKLOG)) {
+            Ok(()) => return Ok(s.into()),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("the address resolves to nothing")))
+}
+
+/// Pending connections the kernel may queue for `accept`.
+const LISTEN_BACKLOG: i32 = 4096;
 
 /// Threads of this process now (`/proc/self/status`; 0 where unknown).
 pub(crate) fn process_threads() -> u64 {

@@ -1,0 +1,786 @@
+//! W6 `devices`: the serving path (`../shared/brief/workload.md`).
+//!
+//! - **World**: `--users U` (default C / 2) in W4's direct conversations and
+//!   small groups (3–20 members; W4's medium and large groups are left out:
+//!   with 5,000 users they would be read-fan-out groups, which Redis
+//!   Streams has no counterpart of), messages spread over them with W4's
+//!   class shares and Zipf weights; device d belongs to user d mod U.
+//! - **Devices** (`--devices-total C`, default 10,000): one thread drives
+//!   every device connection on one `mio` poll (the client is event-driven
+//!   so that it does not limit the figures). Server: `HELLO`, `SUBSCRIBE`
+//!   to its user; every push makes the device `SYNC` from its own
+//!   checkpoint (one in flight; another push meanwhile makes it sync again
+//!   after), and each entry synced is checked against the checkpoint (no
+//!   gap, no duplicate). Redis: a stream per user, the device `PING`s, then
+//!   keeps one `XREAD BLOCK 0 STREAMS u:<user> <last id>` outstanding.
+//! - **Phases**: set-up (create conversations; untimed), connect (all
+//!   devices, reported as `connects_per_sec`), idle (`IDLE_SECS` with
+//!   nothing sent: the server's CPU and RSS per connection, from its /proc
+//!   entry), load (`--connections` sender connections, default 4, at
+//!   `--rate` messages/s in all, default 20,000, for `--messages`, default
+//!   10 s worth), drain (every device catches up with a final sync).
+//! - **Latencies** (hdrhistogram): push = send time stamped in the payload
+//!   → push frame parsed by the device; sync after push = send time → the
+//!   entry parsed from the `SYNC` reply that the push triggered (Redis:
+//!   the `XREAD` reply is both); send ack = `SEND` queued → its ack read
+//!   (Redis: the first `XADD` queued → the last member's reply read).
+//! - **Verification**: each device must end with exactly the acknowledged
+//!   messages of its user's conversations, in order (`errors`).
+
+use super::imkit::{ns_since, stamp, stamp_of};
+use super::redis::Redis;
+use super::resp;
+use super::server::Target;
+use crate::report::{new_histogram, Reporter, ResultLine};
+use crate::sysinfo::{cpu_secs, rss_of, threads_of};
+use crate::{Flags, Result, Target as Which};
+use hdrhistogram::Histogram;
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+use rand::distributions::{Distribution, WeightedIndex};
+use rand::Rng;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use timeline_im::{Body, ConvKind, Push, UserId};
+use timeline_server::protocol::{
+    self, Hello, Request, RequestFrame, Response, ServerMsg, PROTOCOL_VERSION,
+};
+use timeline_server::Client;
+
+/// `--devices-total` default.
+pub const DEFAULT_DEVICES: u64 = 10_000;
+/// `--rate` default for W6 (it is always paced).
+pub const DEFAULT_RATE: u64 = 20_000;
+/// Seconds of idleness measured with every device connected.
+const IDLE_SECS: u64 = 5;
+/// Connects in progress at once (the rest wait their turn).
+const CONNECT_WINDOW: usize = 1024;
+/// Entries per SYNC page.
+const PAGE: u32 = 100;
+/// How long the drain phase may take before missing entries are errors.
+const DRAIN_LIMIT: Duration = Duration::from_secs(60);
+
+struct World {
+    members: Vec<Vec<UserId>>,
+    pick: WeightedIndex<f64>,
+}
+
+fn world(flags: &Flags, users: u64) -> Result<World> {
+    let mut f = flags.clone();
+    f.users = Some(users);
+    let w = super::im::build_world(&f)?;
+    let keep: Vec<usize> = w.classes[0]
+        .iter()
+        .chain(&w.classes[1])
+        .map(|&c| c as usize)
+        .collect();
+    let members: Vec<Vec<UserId>> = keep.iter().map(|&c| w.members[c].clone()).collect();
+    let weights: Vec<f64> = keep.iter().map(|&c| w.weight[c]).collect();
+    Ok(World {
+        members,
+        pick: WeightedIndex::new(&weights)?,
+    })
+}
+
+/// What the device thread and the senders share.
+struct Shared {
+    base: Instant,
+    /// Acknowledged messages per user (what its devices must end with).
+    expected: Vec<AtomicU64>,
+    /// Set once the senders are done: devices catch up and stop.
+    drain: AtomicBool,
+    errors: AtomicU64,
+}
+
+/// Histograms in nanoseconds.
+struct Lat {
+    push: Histogram<u64>,
+    sync: Histogram<u64>,
+}
+
+pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
+    let c = flags.devices_total.unwrap_or(DEFAULT_DEVICES);
+    let users = flags.users.unwrap_or((c / 2).max(3));
+    let rate = if flags.rate == 0 {
+        DEFAULT_RATE
+    } else {
+        flags.rate
+    };
+    let messages = flags.messages_arg.unwrap_or(rate * 10);
+    let senders = flags.connections.unwrap_or(4).max(1);
+    if c == 0 || users > c {
+        return Err("--devices-total must be at least 1 and at least --users".into());
+    }
+    raise_nofile(c + 256)?;
+    let w = world(flags, users)?;
+    let extra = vec![
+        "--max-connections".to_string(),
+        (c + senders as u64 + 64).to_string(),
+    ];
+    let backend = match flags.target {
+        Which::Server => Backend::Server(Target::start(flags, &extra)?),
+        Which::Redis => Backend::Redis(Redis::start_with(
+            flags,
+            &["--maxclients".into(), (c + senders as u64 + 64).to_string()],
+        )?),
+        _ => return Err("devices: --target server or redis".into()),
+    };
+    let addr: SocketAddr = backend.addr().parse()?;
+    let pid = backend.pid();
+    let t = Instant::now();
+    backend.setup(&w, senders)?;
+    let setup_secs = t.elapsed().as_secs_f64();
+    let sh = Arc::new(Shared {
+        base: Instant::now(),
+        expected: (0..users).map(|_| AtomicU64::new(0)).collect(),
+        drain: AtomicBool::new(false),
+        errors: AtomicU64::new(0),
+    });
+    let (rss0, threads0) = (rss_of(pid), threads_of(pid));
+    // The device thread connects everyone, then reports and serves.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let dev = {
+        let (sh, kind) = (sh.clone(), backend.kind());
+        std::thread::Builder::new()
+            .name("devices".into())
+            .spawn(move || devices(kind, addr, c, users, sh, ready_tx))?
+    };
+    let connect_secs: f64 = ready_rx.recv().map_err(|_| "the device thread failed")??;
+    let (rss1, threads1) = (rss_of(pid), threads_of(pid));
+    let cpu0 = cpu_secs(pid);
+    std::thread::sleep(Duration::from_secs(IDLE_SECS));
+    let idle_cpu = cpu_secs(pid) - cpu0;
+    match pid {
+        Some(_) => eprintln!(
+            "devices: {c} connected in {connect_secs:.2} s; server idle {:.2}% of a core, {threads1} threads",
+            idle_cpu / IDLE_SECS as f64 * 100.0,
+        ),
+        None => eprintln!("devices: {c} connected in {connect_secs:.2} s (remote server: no /proc figures)"),
+    }
+    let w = Arc::new(w);
+    let ack = Arc::new(Mutex::new(new_histogram()?));
+    let cpu1 = cpu_secs(pid);
+    let t_load = Instant::now();
+    let handles: Vec<_> = (0..senders)
+        .map(|k| {
+            let (w, sh, ack, b) = (w.clone(), sh.clone(), ack.clone(), backend.kind());
+            let share =
+                messages / senders as u64 + u64::from((k as u64) < messages % senders as u64);
+            let per = rate as f64 / senders as f64;
+            let seed = flags.seed ^ ((k as u64 + 1) * 0x9E37_79B9);
+            let payload = flags.payload.max(8);
+            std::thread::spawn(move || sender(b, addr, &w, &sh, &ack, share, per, seed, payload, k))
+        })
+        .collect();
+    let mut acked = 0u64;
+    let mut deliveries = 0u64;
+    for h in handles {
+        let (a, d) = h.join().map_err(|_| "a sender panicked")??;
+        acked += a;
+        deliveries += d;
+    }
+    let load_secs = t_load.elapsed().as_secs_f64();
+    let load_cpu = cpu_secs(pid) - cpu1;
+    sh.drain.store(true, Ordering::Release);
+    let lat = dev.join().map_err(|_| "the device thread panicked")??;
+    let errors = sh.errors.load(Ordering::Relaxed) + (messages - acked);
+    let mut l = ResultLine {
+        workload: "devices".into(),
+        target: backend.name().into(),
+        durability: super::durability(flags).name().into(),
+        ops: acked,
+        secs: load_secs,
+        ops_per_sec: acked as f64 / load_secs,
+        ..Default::default()
+    };
+    l.messages = Some(acked);
+    l.messages_per_sec = Some(acked as f64 / load_secs);
+    l.deliveries = Some(deliveries);
+    l.deliveries_per_sec = Some(deliveries as f64 / load_secs);
+    l.users = Some(users);
+    l.rate = Some(rate);
+    l.connections = Some(senders);
+    l.devices_total = Some(c);
+    l.setup_secs = Some(setup_secs);
+    l.set_latency(&lock(&ack));
+    l.set_push_latency(&lat.push);
+    l.send_ack_p99_us = Some(us(lock(&ack).value_at_quantile(0.99)));
+    l.sync_after_push_p50_us = Some(us(lat.sync.value_at_quantile(0.5)));
+    l.sync_after_push_p99_us = Some(us(lat.sync.value_at_quantile(0.99)));
+    l.sync_after_push_p999_us = Some(us(lat.sync.value_at_quantile(0.999)));
+    l.connects_per_sec = Some(c as f64 / connect_secs);
+    if pid.is_some() {
+        l.server_threads = Some(threads1);
+        l.server_threads_empty = Some(threads0);
+        l.server_rss_per_conn_bytes = Some(rss1.saturating_sub(rss0) / c);
+        l.server_idle_cpu_pct = Some(idle_cpu / IDLE_SECS as f64 * 100.0);
+        l.server_cpu_secs = Some(load_cpu);
+        l.cpu_us_per_message = Some(load_cpu * 1e6 / acked.max(1) as f64);
+        l.cpu_us_per_delivery = Some(load_cpu * 1e6 / deliveries.max(1) as f64);
+    }
+    l.errors = Some(errors);
+    rep.push(l)?;
+    backend.stop()?;
+    Ok(errors)
+}
+
+fn us(ns: u64) -> f64 {
+    (ns as f64 / 1000.0 * 10.0).round() / 10.0
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn raise_nofile(n: u64) -> Result<()> {
+    let got = rlimit::increase_nofile_limit(n)?;
+    if got < n {
+        return Err(format!(
+            "the descriptor limit allows {got}, the run needs {n}: lower --devices-total"
+        )
+        .into());
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Server,
+    Redis,
+}
+
+enum Backend {
+    Server(Target),
+    Redis(Redis),
+}
+
+impl Backend {
+    fn kind(&self) -> Kind {
+        match self {
+            Backend::Server(_) => Kind::Server,
+            Backend::Redis(_) => Kind::Redis,
+        }
+    }
+    fn name(&self) -> &'static str {
+        match self {
+            Backend::Server(_) => "server",
+            Backend::Redis(_) => "redis",
+        }
+    }
+    fn addr(&self) -> String {
+        match self {
+            Backend::Server(t) => t.addr.clone(),
+            Backend::Redis(r) => format!("127.0.0.1:{}", r.port()),
+        }
+    }
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Backend::Server(t) => t.pid(),
+            Backend::Redis(r) => Some(r.pid()),
+        }
+    }
+    /// Create the conversations (server; Redis streams need none).
+    fn setup(&self, w: &World, _senders: usize) -> Result<()> {
+        let Backend::Server(t) = self else {
+            return Ok(());
+        };
+        let mut c = t.connect()?;
+        for chunk in w.members.chunks(1024).enumerate() {
+            let (k, convs) = chunk;
+            for (i, m) in convs.iter().enumerate() {
+                c.queue(&Request::CreateConversation {
+                    conv: (k * 1024 + i) as u64,
+                    kind: if m.len() == 2 {
+                        ConvKind::Direct
+                    } else {
+                        ConvKind::Group
+                    },
+                    members: m.clone(),
+                });
+            }
+            c.flush()?;
+            for _ in convs {
+                c.recv()?;
+            }
+        }
+        Ok(())
+    }
+    fn stop(self) -> Result<()> {
+        match self {
+            Backend::Server(t) => t.stop(),
+            Backend::Redis(r) => r.stop(),
+        }
+    }
+}
+
+// ---- senders ----
+
+#[allow(clippy::too_many_arguments)]
+fn sender(
+    kind: Kind,
+    addr: SocketAddr,
+    w: &World,
+    sh: &Shared,
+    ack: &Mutex<Histogram<u64>>,
+    share: u64,
+    per_sec: f64,
+    seed: u64,
+    payload_len: usize,
+    k: usize,
+) -> Result<(u64, u64)> {
+    let mut rng = super::imkit::rng(seed, 600 + k as u64);
+    let mut link = match kind {
+        Kind::Server => Link::Server(Client::connect(addr, b"")?),
+        Kind::Redis => Link::Redis(resp::Conn::connect(addr.port())?, Vec::new()),
+    };
+    let mut hist = new_histogram()?;
+    let (mut sent, mut acked, mut deliveries) = (0u64, 0u64, 0u64);
+    let start = Instant::now();
+    let mut payload = vec![0u8; payload_len];
+    let mut burst: Vec<(usize, u64)> = Vec::new();
+    while sent < share {
+        let due = ((start.elapsed().as_secs_f64() * per_sec) as u64 + 1).min(share);
+        burst.clear();
+        while sent < due {
+            let conv = w.pick.sample(&mut rng);
+            let m = &w.members[conv];
+            let from = m[rng.gen_range(0..m.len())];
+            rng.fill(&mut payload[8..]);
+            let t0 = ns_since(sh.base);
+            stamp(&mut payload, t0);
+            let cmid = ((k as u64) << 40) | (sent + 1);
+            link.queue(conv, from, cmid, &payload, m);
+            burst.push((conv, t0));
+            sent += 1;
+        }
+        link.flush()?;
+        for &(conv, t0) in &burst {
+            let ok = link.complete(w.members[conv].len())?;
+            let now = ns_since(sh.base);
+            hist.record(now.saturating_sub(t0).max(1))?;
+            if ok {
+                acked += 1;
+                deliveries += w.members[conv].len() as u64;
+                for &u in &w.members[conv] {
+                    sh.expected[u as usize].fetch_add(1, Ordering::AcqRel);
+                }
+            } else {
+                sh.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        // Sleep until the next message is due (this is the load
+        // generator's pacing, not a server path).
+        let next = (sent as f64 + 1.0) / per_sec;
+        let left = next - start.elapsed().as_secs_f64();
+        if left > 0.0 && sent < share {
+            std::thread::sleep(Duration::from_secs_f64(left));
+        }
+    }
+    lock(ack).add(&hist)?;
+    Ok((acked, deliveries))
+}
+
+enum Link {
+    Server(Client),
+    /// The connection and the commands queued for it.
+    Redis(resp::Conn, Vec<u8>),
+}
+
+impl Link {
+    fn queue(&mut self, conv: usize, from: UserId, cmid: u64, payload: &[u8], members: &[UserId]) {
+        match self {
+            Link::Server(c) => {
+                c.queue(&Request::Send {
+                    conv: conv as u64,
+                    sender: from,
+                    client_msg_id: cmid,
+                    payload,
+                });
+            }
+            Link::Redis(_, b) => {
+                for &u in members {
+                    let key = format!("u:{u}");
+                    resp_cmd(b, &[b"XADD", key.as_bytes(), b"*", b"p", payload]);
+                }
+            }
+        }
+    }
+    fn flush(&mut self) -> Result<()> {
+        match self {
+            Link::Server(c) => c.flush()?,
+            Link::Redis(c, b) => {
+                c.send(b)?;
+                b.clear();
+            }
+        }
+        Ok(())
+    }
+    /// The ack of the oldest message queued: true if it was stored.
+    fn complete(&mut self, members: usize) -> Result<bool> {
+        match self {
+            Link::Server(c) => Ok(matches!(c.recv(), Ok(Response::Send(_)))),
+            Link::Redis(c, _) => {
+                let mut ok = true;
+                for _ in 0..members {
+                    ok &= c.recv()?.is_ok();
+                }
+                Ok(ok)
+            }
+        }
+    }
+}
+
+/// A RESP command array.
+fn resp_cmd(b: &mut Vec<u8>, args: &[&[u8]]) {
+    b.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for a in args {
+        b.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        b.extend_from_slice(a);
+        b.extend_from_slice(b"\r\n");
+    }
+}
+
+// ---- devices ----
+
+enum Phase {
+    Connecting,
+    /// Waiting for the handshake (server: HELLO + SUBSCRIBE replies;
+    /// Redis: PONG).
+    Handshake(u8),
+    Live,
+}
+
+struct Dev {
+    s: TcpStream,
+    user: UserId,
+    phase: Phase,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+    /// Server: the sync checkpoint; Redis: unused.
+    checkpoint: u64,
+    /// Redis: the last stream entry id read.
+    last_id: String,
+    syncing: bool,
+    again: bool,
+    got: u64,
+    next_id: u64,
+}
+
+fn devices(
+    kind: Kind,
+    addr: SocketAddr,
+    c: u64,
+    users: u64,
+    sh: Arc<Shared>,
+    ready: std::sync::mpsc::Sender<Result<f64>>,
+) -> Result<Lat> {
+    let r = run_devices(kind, addr, c, users, &sh, &ready);
+    if let Err(e) = &r {
+        let _ = ready.send(Err(e.to_string().into()));
+    }
+    r
+}
+
+fn run_devices(
+    kind: Kind,
+    addr: SocketAddr,
+    c: u64,
+    users: u64,
+    sh: &Shared,
+    ready: &std::sync::mpsc::Sender<Result<f64>>,
+) -> Result<Lat> {
+    let mut poll = Poll::new()?;
+    let mut events = Events::with_capacity(4096);
+    let mut devs: Vec<Dev> = Vec::with_capacity(c as usize);
+    let mut lat = Lat {
+        push: new_histogram()?,
+        sync: new_histogram()?,
+    };
+    let t0 = Instant::now();
+    let (mut started, mut live) = (0usize, 0u64);
+    let mut scratch = vec![0u8; 64 << 10];
+    let mut connected_at: Option<Instant> = None;
+    let mut drain_deadline: Option<Instant> = None;
+    loop {
+        // Open connections within the window.
+        while started < c as usize && started - (live as usize) < CONNECT_WINDOW {
+            let mut s = TcpStream::connect(addr)?;
+            poll.registry().register(
+                &mut s,
+                Token(started),
+                Interest::READABLE | Interest::WRITABLE,
+            )?;
+            devs.push(Dev {
+                s,
+                user: started as u64 % users,
+                phase: Phase::Connecting,
+                rbuf: Vec::new(),
+                wbuf: Vec::new(),
+                checkpoint: 0,
+                last_id: "0".into(),
+                syncing: false,
+                again: false,
+                got: 0,
+                next_id: 3,
+            });
+            started += 1;
+        }
+        let timeout = if drain_deadline.is_some() {
+            Some(Duration::from_millis(50))
+        } else {
+            Some(Duration::from_millis(200))
+        };
+        poll.poll(&mut events, timeout)?;
+        for ev in events.iter() {
+            let i = ev.token().0;
+            let d = &mut devs[i];
+            if matches!(d.phase, Phase::Connecting) && ev.is_writable() {
+                if let Some(e) = d.s.take_error()? {
+                    return Err(format!("device {i}: connect failed: {e}").into());
+                }
+                let _ = d.s.set_nodelay(true);
+                open(kind, d);
+            }
+            if ev.is_readable() {
+                loop {
+                    match d.s.read(&mut scratch) {
+                        Ok(0) => return Err(format!("device {i}: the server closed").into()),
+                        Ok(n) => d.rbuf.extend_from_slice(&scratch[..n]),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(format!("device {i}: {e}").into()),
+                    }
+                }
+                let became_live = match kind {
+                    Kind::Server => server_input(d, sh, &mut lat)?,
+                    Kind::Redis => redis_input(d, sh, &mut lat)?,
+                };
+                if became_live {
+                    live += 1;
+                }
+            }
+            flush(d)?;
+        }
+        if live == c && connected_at.is_none() {
+            let now = Instant::now();
+            connected_at = Some(now);
+            let _ = ready.send(Ok((now - t0).as_secs_f64()));
+        }
+        if sh.drain.load(Ordering::Acquire) {
+            let deadline = *drain_deadline.get_or_insert_with(|| Instant::now() + DRAIN_LIMIT);
+            let mut behind = 0;
+            for d in devs.iter_mut() {
+                let want = sh.expected[d.user as usize].load(Ordering::Acquire);
+                if d.got < want {
+                    behind += 1;
+                    if let (Kind::Server, false) = (kind, d.syncing) {
+                        sync(d);
+                        flush(d)?;
+                    }
+                } else if d.got > want {
+                    return Err(format!(
+                        "device of user {}: {} entries, {want} sent",
+                        d.user, d.got
+                    )
+                    .into());
+                }
+            }
+            if behind == 0 {
+                return Ok(lat);
+            }
+            if Instant::now() > deadline {
+                sh.errors.fetch_add(behind, Ordering::Relaxed);
+                eprintln!("devices: {behind} devices still behind after {DRAIN_LIMIT:?}");
+                return Ok(lat);
+            }
+        }
+    }
+}
+
+/// The connection is up: say hello (server) or PING (Redis).
+fn open(kind: Kind, d: &mut Dev) {
+    match kind {
+        Kind::Server => {
+            RequestFrame {
+                id: 1,
+                request: Request::Hello(Hello {
+                    version: PROTOCOL_VERSION,
+                    max_frame: 0,
+                    token: b"",
+                }),
+            }
+            .encode_into(&mut d.wbuf);
+            RequestFrame {
+                id: 2,
+                request: Request::Subscribe { user: d.user },
+            }
+            .encode_into(&mut d.wbuf);
+            d.phase = Phase::Handshake(2);
+        }
+        Kind::Redis => {
+            resp_cmd(&mut d.wbuf, &[b"PING"]);
+            d.phase = Phase::Handshake(1);
+        }
+    }
+}
+
+fn flush(d: &mut Dev) -> Result<()> {
+    while !d.wbuf.is_empty() {
+        match d.s.write(&d.wbuf) {
+            Ok(n) => {
+                d.wbuf.drain(..n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::NotConnected => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn sync(d: &mut Dev) {
+    d.syncing = true;
+    d.again = false;
+    RequestFrame {
+        id: d.next_id,
+        request: Request::Sync {
+            user: d.user,
+            checkpoint: d.checkpoint,
+            limit: PAGE,
+            groups: vec![],
+        },
+    }
+    .encode_into(&mut d.wbuf);
+    d.next_id += 1;
+}
+
+/// Frames from the server; true when the device just became live.
+fn server_input(d: &mut Dev, sh: &Shared, lat: &mut Lat) -> Result<bool> {
+    let mut became_live = false;
+    let mut pos = 0;
+    while let Some((f, used)) = protocol::decode(&d.rbuf[pos..], protocol::DEFAULT_MAX_FRAME)? {
+        pos += used;
+        match ServerMsg::decode(&f)? {
+            ServerMsg::Reply { response, .. } if !matches!(d.phase, Phase::Live) => {
+                if let (Phase::Handshake(n), Response::Hello(_) | Response::Subscribe) =
+                    (&mut d.phase, &response)
+                {
+                    *n -= 1;
+                    if *n == 0 {
+                        d.phase = Phase::Live;
+                        became_live = true;
+                    }
+                }
+            }
+            ServerMsg::Reply {
+                response: Response::Sync(r),
+                ..
+            } => {
+                let now = ns_since(sh.base);
+                for e in &r.entries {
+                    if e.seq != d.checkpoint + 1 {
+                        sh.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    d.checkpoint = e.seq;
+                    if let Body::Message(p) = &e.entry.body {
+                        d.got += 1;
+                        if let Some(t) = stamp_of(p) {
+                            lat.sync.record(now.saturating_sub(t).max(1))?;
+                        }
+                    }
+                }
+                d.checkpoint = d.checkpoint.max(r.checkpoint);
+                d.syncing = false;
+                if r.has_more || d.again {
+                    sync(d);
+                }
+            }
+            ServerMsg::Push { push, .. } => {
+                if let Push::Entry { entry, .. } = &push {
+                    if let Body::Message(p) = &entry.entry.body {
+                        if let Some(t) = stamp_of(p) {
+                            let now = ns_since(sh.base);
+                            lat.push.record(now.saturating_sub(t).max(1))?;
+                        }
+                    }
+                }
+                if d.syncing {
+                    d.again = true;
+                } else {
+                    sync(d);
+                }
+            }
+            ServerMsg::Error { error, .. } => {
+                return Err(format!("device of user {}: server error {error:?}", d.user).into())
+            }
+            other => return Err(format!("device of user {}: unexpected {other:?}", d.user).into()),
+        }
+    }
+    d.rbuf.drain(..pos);
+    Ok(became_live)
+}
+
+/// Replies from Redis; true when the device just became live.
+fn redis_input(d: &mut Dev, sh: &Shared, lat: &mut Lat) -> Result<bool> {
+    use redis::Value;
+    let mut became_live = false;
+    let mut pos = 0;
+    while let Some((r, used)) = resp::parse(&d.rbuf[pos..], 0)? {
+        pos += used;
+        let v = r.map_err(|e| format!("redis: {e}"))?;
+        if let Phase::Handshake(_) = d.phase {
+            d.phase = Phase::Live;
+            became_live = true;
+        } else {
+            // [[key, [[id, [field, value]], ...]]]
+            let now = ns_since(sh.base);
+            let entries = match v {
+                Value::Array(mut streams) if !streams.is_empty() => match streams.swap_remove(0) {
+                    Value::Array(mut kv) if kv.len() == 2 => match kv.swap_remove(1) {
+                        Value::Array(es) => es,
+                        _ => Vec::new(),
+                    },
+                    _ => Vec::new(),
+                },
+                _ => Vec::new(),
+            };
+            for e in entries {
+                let Value::Array(mut e) = e else { continue };
+                if e.len() != 2 {
+                    continue;
+                }
+                if let (Value::Array(fields), Value::BulkString(id)) =
+                    (e.swap_remove(1), e.swap_remove(0))
+                {
+                    d.last_id = String::from_utf8_lossy(&id).into_owned();
+                    if let Some(Value::BulkString(p)) = fields.get(1) {
+                        d.got += 1;
+                        if let Some(t) = stamp_of(p) {
+                            let l = now.saturating_sub(t).max(1);
+                            lat.push.record(l)?;
+                            lat.sync.record(l)?;
+                        }
+                    }
+                }
+            }
+        }
+        let key = format!("u:{}", d.user);
+        resp_cmd(
+            &mut d.wbuf,
+            &[
+                b"XREAD",
+                b"BLOCK",
+                b"0",
+                b"STREAMS",
+                key.as_bytes(),
+                d.last_id.as_bytes(),
+            ],
+        );
+    }
+    d.rbuf.drain(..pos);
+    Ok(became_live)
+}
