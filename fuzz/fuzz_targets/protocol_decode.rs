@@ -1,4 +1,4 @@
-//! `timeline_server::protocol` on arbitrary bytes: cutting a stream into
+//! `timeline_protocol` on arbitrary bytes: cutting a stream into
 //! frames, then decoding each frame as a request (server side) and as a
 //! server message (client side), never panics; `Ok(None)` only when the
 //! frame is not all there; `FrameTooLarge` only above the limit; and
@@ -10,7 +10,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use timeline_server::protocol::{
+use timeline_protocol::{
     decode, peek_len, token, Frame, Header, Opcode, ProtocolError, RequestFrame, ServerMsg,
     HEADER_LEN,
 };

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 use timeline_engine::{Config, Durability, KeyspaceConfig};
 use timeline_im::{EntryMode, ImConfig};
+use timeline_server::server::Reads;
 use timeline_server::ServerConfig;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -76,6 +77,13 @@ struct Args {
     /// per core).
     #[arg(long, default_value_t = 0)]
     blocking_threads: usize,
+    /// Where SYNC, HISTORY and SCAN run: on a read pool (every core serves
+    /// them) or on the connection's event loop.
+    #[arg(long, value_enum, default_value = "pool")]
+    reads: ReadsArg,
+    /// Threads of the read pool (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    read_threads: usize,
     /// Close a connection that sends no HELLO within this many seconds.
     #[arg(long, default_value_t = 10)]
     handshake_timeout: u64,
@@ -111,6 +119,12 @@ fn raise_fd_limit(max_connections: usize) {
         ),
         Err(e) => tracing::warn!(error = %e, "cannot raise the descriptor limit"),
     }
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ReadsArg {
+    Pool,
+    Inline,
 }
 
 fn ttl(secs: u64) -> Option<Duration> {
@@ -189,6 +203,11 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         max_queued_replies: a.max_queued_replies,
         io_threads: a.io_threads,
         blocking_threads: a.blocking_threads,
+        reads: match a.reads {
+            ReadsArg::Pool => Reads::Pool,
+            ReadsArg::Inline => Reads::Inline,
+        },
+        read_threads: a.read_threads,
     };
     raise_fd_limit(cfg.max_connections);
     tracing::info!(

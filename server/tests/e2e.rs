@@ -8,10 +8,11 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use timeline_engine::{Direction, Durability, TimelineId};
-use timeline_im::{Body, ConvKind, HistoryFrom, Push};
 use timeline_server::protocol::token::{self, Claims, Role};
 use timeline_server::protocol::{self, ErrorCode, Hello, Opcode, Request, Response, ServerMsg};
+use timeline_server::protocol::{
+    Body, ConvKind, Direction, Durability, HistoryFrom, Push, TimelineId,
+};
 use timeline_server::{start, Client};
 
 mod common;
@@ -205,7 +206,7 @@ fn every_command() {
             let last = r.entries.last().expect("sync entries");
             assert_eq!(last.seq, marker, "the reply is the marker's sync seq");
             assert_eq!((last.entry.conv, last.entry.conv_seq), (1, 2));
-            assert_eq!(last.entry.body, timeline_im::Body::DeletedMarker);
+            assert_eq!(last.entry.body, Body::DeletedMarker);
         }
         r => panic!("{r:?}"),
     }
@@ -893,5 +894,97 @@ fn subscriptions_per_connection_are_limited() {
         code(c.call(&Request::Subscribe { user: 1 })),
         ErrorCode::INVALID_ARGUMENT
     );
+    srv.shutdown().unwrap();
+}
+
+#[test]
+fn deferred_errors_count_and_pages_and_unread_mean_what_the_document_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = server(dir.path());
+    let mut c = Client::connect(srv.local_addr(), &[]).unwrap();
+    let errors = |c: &mut Client| match c.call(&Request::Stats).unwrap() {
+        Response::Stats(kv) => kv.iter().find(|(k, _)| k == "request_errors").unwrap().1,
+        r => panic!("{r:?}"),
+    };
+    // A SEND answered later with an error is counted like any other.
+    let before = errors(&mut c);
+    let r = c.call(&Request::Send {
+        conv: 99,
+        sender: 1,
+        client_msg_id: 1,
+        payload: b"x",
+    });
+    assert_eq!(code(r), ErrorCode::NO_SUCH_CONVERSATION);
+    assert_eq!(errors(&mut c), before + 1);
+    // A group of 1 and 2 with three messages; 3 joins, then one more.
+    c.call(&Request::CreateConversation {
+        conv: 5,
+        kind: ConvKind::Group,
+        members: vec![1, 2],
+    })
+    .unwrap();
+    for i in 0..3u64 {
+        c.call(&Request::Send {
+            conv: 5,
+            sender: 1,
+            client_msg_id: 10 + i,
+            payload: b"m",
+        })
+        .unwrap();
+    }
+    assert_eq!(
+        c.call(&Request::AddMember { conv: 5, user: 3 }).unwrap(),
+        Response::AddMember(5)
+    );
+    c.call(&Request::Send {
+        conv: 5,
+        sender: 2,
+        client_msg_id: 20,
+        payload: b"m",
+    })
+    .unwrap();
+    // Unread for 3: its MemberAdded and the one message after it, not the
+    // four seqs from before it joined.
+    match c.call(&Request::Conversations { user: 3 }).unwrap() {
+        Response::Conversations(v) => {
+            assert_eq!((v[0].conv, v[0].last_seq, v[0].unread), (5, 6, 2))
+        }
+        r => panic!("{r:?}"),
+    }
+    // limit 0: no entries, and has_more says whether there is something.
+    for (from, more) in [
+        (HistoryFrom::Before(u64::MAX), true),
+        (HistoryFrom::After(6), false),
+        (HistoryFrom::After(4), true),
+        (HistoryFrom::Before(5), false), // 3 joined at 5
+    ] {
+        match c
+            .call(&Request::History {
+                conv: 5,
+                user: 3,
+                from,
+                limit: 0,
+            })
+            .unwrap()
+        {
+            Response::History(p) => {
+                assert!(p.entries.is_empty());
+                assert_eq!(p.has_more, more, "{from:?}");
+            }
+            r => panic!("{r:?}"),
+        }
+    }
+    match c
+        .call(&Request::Sync {
+            user: 3,
+            checkpoint: 0,
+            limit: 0,
+            groups: vec![],
+        })
+        .unwrap()
+    {
+        Response::Sync(s) => assert!(s.entries.is_empty() && s.has_more),
+        r => panic!("{r:?}"),
+    }
     srv.shutdown().unwrap();
 }

@@ -12,12 +12,11 @@ use common::*;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use timeline_engine::TimelineId;
-use timeline_im::{ConvKind, Push};
 use timeline_server::protocol::token::{self, Claims, Role};
 use timeline_server::protocol::{
     self, ErrorCode, Hello, Request, RequestFrame, Response, ServerMsg,
 };
+use timeline_server::protocol::{ConvKind, Push, TimelineId};
 use timeline_server::{start, Client};
 
 /// A connection spoken in raw frames, with its own read buffer.

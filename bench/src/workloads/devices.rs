@@ -44,10 +44,10 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use timeline_im::{Body, ConvKind, Push, UserId};
 use timeline_server::protocol::{
     self, Hello, Request, RequestFrame, Response, ServerMsg, PROTOCOL_VERSION,
 };
+use timeline_server::protocol::{Body, ConvKind, Push, UserId};
 use timeline_server::Client;
 
 /// `--devices-total` default.

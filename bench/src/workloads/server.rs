@@ -57,6 +57,7 @@ use super::append::{rate, Load};
 pub use super::imkit::Errors;
 use super::net::{drive, Counts, Meter, Pipelined, Proc, Shape};
 use super::read::check_page;
+use super::wire;
 use super::{
     durability, keyspace, ks_name, rng_for, timed_threads, timeline, DataDir, Payloads, Picker,
 };
@@ -67,7 +68,7 @@ use rand::Rng;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
-use timeline_engine::{Direction, Durability, Keyspace, TimelineId};
+use timeline_engine::{Direction, Durability, Keyspace};
 use timeline_server::protocol::{Request, Response};
 use timeline_server::{Client, ClientError};
 
@@ -213,7 +214,7 @@ pub fn last_seqs(c: &mut Client, ks: Keyspace, n: u64) -> Result<Vec<u64>> {
         let end = (id + SWEEP_BURST).min(n);
         for i in id..end {
             c.queue(&Request::LastSeq {
-                timeline: timeline(ks, i),
+                timeline: wire::timeline(timeline(ks, i)),
             });
         }
         c.flush()?;
@@ -245,7 +246,7 @@ struct AppendConn<'a> {
     batch: usize,
     /// Messages of this connection's share not queued yet.
     left: u64,
-    items: Vec<(TimelineId, &'a [u8])>,
+    items: Vec<(timeline_server::protocol::TimelineId, &'a [u8])>,
     counts: &'a Counts,
     errors: &'a Errors,
 }
@@ -260,8 +261,8 @@ impl Pipelined for AppendConn<'_> {
             let id = self.picker.pick(&mut self.rng);
             let payload = self.payloads.pick(&mut self.rng);
             self.c.queue(&Request::Append {
-                timeline: timeline(self.ks, id),
-                durability: Some(self.d),
+                timeline: wire::timeline(timeline(self.ks, id)),
+                durability: Some(wire::durability(self.d)),
                 payload,
             });
             return Ok(Tls::One(id));
@@ -271,11 +272,13 @@ impl Pipelined for AppendConn<'_> {
         for _ in 0..b {
             let id = self.picker.pick(&mut self.rng);
             ids.push(id);
-            self.items
-                .push((timeline(self.ks, id), self.payloads.pick(&mut self.rng)));
+            self.items.push((
+                wire::timeline(timeline(self.ks, id)),
+                self.payloads.pick(&mut self.rng),
+            ));
         }
         self.c.queue(&Request::AppendBatch {
-            durability: Some(self.d),
+            durability: Some(wire::durability(self.d)),
             items: std::mem::take(&mut self.items),
         });
         Ok(Tls::Many(ids))
@@ -473,10 +476,10 @@ impl Pipelined for ReadConn<'_> {
             from
         };
         self.c.queue(&Request::Scan {
-            timeline: timeline(self.ks, id),
+            timeline: wire::timeline(timeline(self.ks, id)),
             from: arg,
             limit: self.len as u32,
-            direction: self.dirn,
+            direction: wire::direction(self.dirn),
         });
         Ok((id, last, from, arg))
     }
@@ -488,6 +491,7 @@ impl Pipelined for ReadConn<'_> {
     fn complete(&mut self, (id, last, from, arg): Self::Ctx) -> Result<()> {
         let problem = match self.c.recv() {
             Ok(Response::Scan(page)) => {
+                let page = wire::records(page);
                 self.records += page.len() as u64;
                 check_page(&page, self.dirn, from, last, self.len, self.expect_payload)
             }

@@ -56,6 +56,7 @@ use super::im::{plan, Plan, DEVICE_PAGE, IDLE_SLEEP, PROBE_SLEEP, SHARES};
 use super::imkit::{self, ns_since, stamp, stamp_of, Device, Errors, Pacer, SyncCount};
 use super::net::{drive, Meter, Pipelined, Shape};
 use super::server::{stat, stats, Target};
+use super::wire;
 use super::{offsets, split, timed_threads, Payloads, Picker};
 use crate::report::{new_histogram, Reporter};
 use crate::{Entries, Flags, Result};
@@ -67,7 +68,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use timeline_engine::TimelineId;
-use timeline_im::{Body, ConvId, ConvKind, Push, UserId};
+use timeline_im::{ConvId, ConvKind, UserId};
+use timeline_server::protocol::{Body, Push};
 use timeline_server::protocol::{Request, Response};
 use timeline_server::{Client, ClientError};
 
@@ -108,7 +110,7 @@ impl Pipelined for CreateConn<'_> {
         let &(conv, kind) = self.next.next().ok_or("no conversation left")?;
         self.c.queue(&Request::CreateConversation {
             conv,
-            kind,
+            kind: wire::conv_kind(kind),
             members: self.members[conv as usize].clone(),
         });
         Ok(conv)
@@ -171,7 +173,7 @@ fn setup(flags: &Flags, t: &Target, p: &Plan, shape: &Shape, errors: &Errors) ->
     for (conv, kind) in read_groups {
         c.call(&Request::CreateConversation {
             conv,
-            kind,
+            kind: wire::conv_kind(kind),
             members: w.members[conv as usize].clone(),
         })
         .map_err(|e| format!("creating read-fan-out group {conv}: {e}"))?;
@@ -191,7 +193,7 @@ fn devices(c: &mut Client, p: &Plan, users: &[UserId]) -> Result<Vec<Device>> {
     for chunk in users.chunks(1024) {
         for &u in chunk {
             c.queue(&Request::LastSeq {
-                timeline: TimelineId::sync(u),
+                timeline: wire::timeline(TimelineId::sync(u)),
             });
         }
         c.flush()?;
@@ -243,7 +245,7 @@ fn sync_round(
     for &i in idx {
         match c.recv() {
             Ok(Response::Sync(r)) => {
-                if devs[i].apply(&r, errors, n, &mut on_msg) {
+                if devs[i].apply(&wire::sync_reply(r), errors, n, &mut on_msg) {
                     more.push(i);
                 }
             }

@@ -13,13 +13,13 @@
 
 use super::event_loop::Key;
 use super::push::{Queued, SubSink};
+use crate::protocol::Push;
 use crate::protocol::{encode_push_frame, push_frame_len, ErrorCode, ErrorReply, Identity, Opcode};
 use mio::net::TcpStream;
 use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use timeline_im::Push;
 
 /// Output one connection may have queued (replies and pushes) before the
 /// server stops reading its requests and drops its pushes.
@@ -82,6 +82,8 @@ pub(crate) struct Conn {
     slots: VecDeque<Slot>,
     first_slot: u64,
     barrier: Option<u64>,
+    /// Reads on the read pool not answered yet: writes wait for them.
+    reads_in_flight: usize,
     pub session: Session,
     pub subs: Vec<Sub>,
     pub next_serial: u64,
@@ -116,6 +118,7 @@ impl Conn {
             slots: VecDeque::new(),
             first_slot: 0,
             barrier: None,
+            reads_in_flight: 0,
             session: Session {
                 id: None,
                 client_max: default_max,
@@ -167,6 +170,21 @@ impl Conn {
         let s = self.defer();
         self.barrier = Some(s);
         s
+    }
+
+    /// [`defer`](Self::defer) a read sent to the read pool.
+    pub(crate) fn defer_read(&mut self) -> u64 {
+        self.reads_in_flight += 1;
+        self.defer()
+    }
+
+    pub(crate) fn read_done(&mut self) {
+        self.reads_in_flight = self.reads_in_flight.saturating_sub(1);
+    }
+
+    /// Reads of this connection still on the read pool.
+    pub(crate) fn reads_in_flight(&self) -> usize {
+        self.reads_in_flight
     }
 
     /// The answer of slot `slot` arrived.

@@ -11,6 +11,8 @@
 //!   pipelining client keeps many in flight.
 
 use super::conn::{Conn, Sub, MAX_SUBSCRIPTIONS};
+use super::convert::{FromWire, ToWire};
+use super::errors::ToReply;
 use super::event_loop::{Key, LoopHandle, Msg};
 use super::push::SubSink;
 use super::Shared;
@@ -38,6 +40,8 @@ struct Answer {
     slot: u64,
     id: u64,
     op: Opcode,
+    /// A read from the read pool.
+    read: bool,
 }
 
 impl Answer {
@@ -49,26 +53,30 @@ impl Answer {
             slot,
             id,
             op,
+            read: false,
         }
     }
 
     /// Encode the outcome and hand it to the connection's loop.
-    fn send<T, E>(self, r: Result<T, E>, ok: impl FnOnce(T) -> Response)
-    where
-        for<'e> ErrorReply: From<&'e E>,
-    {
+    fn send<T, E: ToReply>(self, r: Result<T, E>, ok: impl FnOnce(T) -> Response) {
+        self.reply(r.map(ok).map_err(|e| e.reply()));
+    }
+
+    /// Encode a response or an error and hand it to the connection's loop.
+    fn reply(self, r: Result<Response, ErrorReply>) {
         let mut frame = Vec::new();
         match r {
-            Ok(v) => ok(v).encode_frame(self.id, &mut frame),
+            Ok(resp) => resp.encode_frame(self.id, &mut frame),
             Err(e) => {
                 self.sh.counters.errors.fetch_add(1, Ordering::Relaxed);
-                ErrorReply::from(&e).encode_frame(self.id, self.op, &mut frame);
+                e.encode_frame(self.id, self.op, &mut frame);
             }
         }
         self.lp.post(Msg::Done {
             key: self.key,
             slot: self.slot,
             frame,
+            read: self.read,
         });
     }
 
@@ -95,6 +103,10 @@ pub(crate) fn execute_input(ctx: &Ctx<'_>, conn: &mut Conn, input: &[u8]) -> usi
     let max_owed = ctx.sh.cfg.max_queued_replies.max(1);
     let mut pos = 0;
     while pos < input.len() && !conn.paused(max_owed) {
+        // Writes wait for the connection's reads on the read pool.
+        if conn.reads_in_flight() > 0 && is_write(&input[pos..]) {
+            break;
+        }
         // Pipelined single APPENDs become one engine batch.
         let used = append_run(ctx, conn, &input[pos..]);
         if used > 0 {
@@ -124,6 +136,27 @@ pub(crate) fn execute_input(ctx: &Ctx<'_>, conn: &mut Conn, input: &[u8]) -> usi
         }
     }
     pos
+}
+
+/// Does the frame at the start of `input` change data? (Its opcode; a
+/// partial header is not a write yet.)
+fn is_write(input: &[u8]) -> bool {
+    let Some(op) = input.get(4..6) else {
+        return false;
+    };
+    let op = Opcode(u16::from_le_bytes([op[0], op[1]]));
+    [
+        Opcode::APPEND,
+        Opcode::APPEND_BATCH,
+        Opcode::SEND,
+        Opcode::MARK_READ,
+        Opcode::RECALL,
+        Opcode::DELETE_FOR_USER,
+        Opcode::CREATE_CONVERSATION,
+        Opcode::ADD_MEMBER,
+        Opcode::REMOVE_MEMBER,
+    ]
+    .contains(&op)
 }
 
 /// One frame.
@@ -262,15 +295,15 @@ fn authorize(sh: &Shared, identity: Identity, r: &Request<'_>) -> Result<(), Err
     }
 }
 
-fn durability(sh: &Shared, d: Option<Durability>) -> Durability {
-    d.unwrap_or(sh.cfg.default_durability)
+fn durability(sh: &Shared, d: Option<protocol::Durability>) -> Durability {
+    d.map(FromWire::native).unwrap_or(sh.cfg.default_durability)
 }
 
 /// Raw access stays out of the IM layer's own timelines: the store
 /// keyspace's top half (catalog, journal) and every user's sync timeline
 /// belong to it, and one foreign record there breaks a user's `SYNC`.
-fn check_raw_write(sh: &Shared, t: TimelineId) -> Result<(), ErrorReply> {
-    if sh.im.owns(t) {
+fn check_raw_write(sh: &Shared, t: protocol::TimelineId) -> Result<(), ErrorReply> {
+    if sh.im.owns(t.native()) {
         return Err(ErrorReply::new(
             ErrorCode::FORBIDDEN,
             0,
@@ -289,8 +322,8 @@ fn execute(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, r: Request<'_>) -> Result<()
     let sh = ctx.sh;
     let im = &sh.im;
     let engine: &Engine = im.engine();
-    let ie = |e: ImError| ErrorReply::from(&e);
-    let ee = |e: timeline_engine::Error| ErrorReply::from(&e);
+    let ie = |e: ImError| e.reply();
+    let ee = |e: timeline_engine::Error| e.reply();
     let key = conn.key;
     let resp = match r {
         Request::Hello(_) => return Err(ErrorReply::new(ErrorCode::INVALID_ARGUMENT, 0, "HELLO")),
@@ -308,7 +341,7 @@ fn execute(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, r: Request<'_>) -> Result<()
                 id,
                 false,
                 durability(sh, d),
-                &[(timeline, payload)],
+                &[(timeline.native(), payload)],
             );
         }
         Request::AppendBatch {
@@ -318,23 +351,42 @@ fn execute(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, r: Request<'_>) -> Result<()
             for (t, _) in &items {
                 check_raw_write(sh, *t)?;
             }
+            let items: Vec<(TimelineId, &[u8])> =
+                items.iter().map(|(t, p)| (t.native(), *p)).collect();
             return append(ctx, conn, id, true, durability(sh, d), &items);
         }
-        Request::Get { timeline, seq } => Response::Get(engine.get(timeline, seq).map_err(ee)?),
+        Request::Get { timeline, seq } => {
+            Response::Get(engine.get(timeline.native(), seq).map_err(ee)?.wire())
+        }
         Request::Scan {
             timeline,
             from,
             limit,
             direction,
-        } => Response::Scan(scan(
-            engine,
-            conn.session.client_max,
+        } if sh.read_pool.is_some() => {
+            let max = conn.session.client_max;
+            return off_loop(ctx, conn, id, Opcode::SCAN, move |sh| {
+                let (t, d) = (timeline.native(), direction.native());
+                scan(sh.im.engine(), max, t, from, limit, d).map(|r| Response::Scan(r.wire()))
+            });
+        }
+        Request::Scan {
             timeline,
             from,
             limit,
             direction,
-        )?),
-        Request::LastSeq { timeline } => Response::LastSeq(engine.last_seq(timeline)),
+        } => Response::Scan(
+            scan(
+                engine,
+                conn.session.client_max,
+                timeline.native(),
+                from,
+                limit,
+                direction.native(),
+            )?
+            .wire(),
+        ),
+        Request::LastSeq { timeline } => Response::LastSeq(engine.last_seq(timeline.native())),
         Request::Send {
             conv,
             sender,
@@ -345,8 +397,22 @@ fn execute(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, r: Request<'_>) -> Result<()
                 .send_async(conv, sender, client_msg_id, payload)
                 .map_err(ie)?;
             let slot = conn.defer();
-            Answer::new(ctx, key, slot, id, Opcode::SEND).on_im(p, Response::Send);
+            Answer::new(ctx, key, slot, id, Opcode::SEND).on_im(p, |a| Response::Send(a.wire()));
             return Ok(());
+        }
+        Request::Sync {
+            user,
+            checkpoint,
+            limit,
+            groups,
+        } if sh.read_pool.is_some() => {
+            let limit = page_limit(sh, conn, limit);
+            return off_loop(ctx, conn, id, Opcode::SYNC, move |sh| {
+                sh.im
+                    .sync(user, checkpoint, limit, &groups)
+                    .map(|r| Response::Sync(r.wire()))
+                    .map_err(|e| e.reply())
+            });
         }
         Request::Sync {
             user,
@@ -355,19 +421,35 @@ fn execute(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, r: Request<'_>) -> Result<()
             groups,
         } => Response::Sync(
             im.sync(user, checkpoint, page_limit(sh, conn, limit), &groups)
-                .map_err(ie)?,
+                .map_err(ie)?
+                .wire(),
         ),
         Request::History {
             conv,
             user,
             from,
             limit,
+        } if sh.read_pool.is_some() => {
+            let limit = page_limit(sh, conn, limit);
+            return off_loop(ctx, conn, id, Opcode::HISTORY, move |sh| {
+                sh.im
+                    .history(conv, user, from.native(), limit)
+                    .map(|r| Response::History(r.wire()))
+                    .map_err(|e| e.reply())
+            });
+        }
+        Request::History {
+            conv,
+            user,
+            from,
+            limit,
         } => Response::History(
-            im.history(conv, user, from, page_limit(sh, conn, limit))
-                .map_err(ie)?,
+            im.history(conv, user, from.native(), page_limit(sh, conn, limit))
+                .map_err(ie)?
+                .wire(),
         ),
         Request::Conversations { user } => {
-            Response::Conversations(im.conversations(user).map_err(ie)?)
+            Response::Conversations(im.conversations(user).map_err(ie)?.wire())
         }
         Request::MarkRead { user, conv, seq } => {
             let p = im.mark_read_async(user, conv, seq).map_err(ie)?;
@@ -391,7 +473,7 @@ fn execute(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, r: Request<'_>) -> Result<()
             let slot = conn.defer_barrier();
             let a = Answer::new(ctx, key, slot, id, Opcode::CREATE_CONVERSATION);
             sh.pool.spawn(move || {
-                let r = a.sh.im.create_conversation(conv, kind, &members);
+                let r = a.sh.im.create_conversation(conv, kind.native(), &members);
                 a.send(r, Response::CreateConversation);
             });
             return Ok(());
@@ -420,8 +502,14 @@ fn execute(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, r: Request<'_>) -> Result<()
             Response::Unsubscribe
         }
     };
-    if resp.encoded_len() > conn.session.client_max {
-        let max = conn.session.client_max;
+    let resp = fits(resp, conn.session.client_max)?;
+    conn.reply(|b| resp.encode_frame(id, b));
+    Ok(())
+}
+
+/// `resp`, or RESPONSE_TOO_LARGE if it exceeds the client's frame limit.
+fn fits(resp: Response, max: usize) -> Result<Response, ErrorReply> {
+    if resp.encoded_len() > max {
         return Err(ErrorReply::new(
             ErrorCode::RESPONSE_TOO_LARGE,
             max as u64,
@@ -431,7 +519,29 @@ fn execute(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, r: Request<'_>) -> Result<()
             ),
         ));
     }
-    conn.reply(|b| resp.encode_frame(id, b));
+    Ok(resp)
+}
+
+/// Run a read on the read pool; its reply keeps its place in order.
+fn off_loop(
+    ctx: &Ctx<'_>,
+    conn: &mut Conn,
+    id: u64,
+    op: Opcode,
+    read: impl FnOnce(&Shared) -> Result<Response, ErrorReply> + Send + 'static,
+) -> Result<(), ErrorReply> {
+    let max = conn.session.client_max;
+    let slot = conn.defer_read();
+    let mut a = Answer::new(ctx, conn.key, slot, id, op);
+    a.read = true;
+    let job = move || {
+        let r = read(&a.sh).and_then(|resp| fits(resp, max));
+        a.reply(r);
+    };
+    match &ctx.sh.read_pool {
+        Some(p) => p.spawn(job),
+        None => job(),
+    }
     Ok(())
 }
 
@@ -458,7 +568,7 @@ fn append(
     items: &[(TimelineId, &[u8])],
 ) -> Result<(), ErrorReply> {
     let engine = ctx.sh.im.engine();
-    let ee = |e: timeline_engine::Error| ErrorReply::from(&e);
+    let ee = |e: timeline_engine::Error| e.reply();
     let (op, ok): (Opcode, fn(Vec<SeqId>) -> Response) = if batch {
         (Opcode::APPEND_BATCH, Response::AppendBatch)
     } else {
@@ -558,14 +668,14 @@ fn append_run(ctx: &Ctx<'_>, conn: &mut Conn, input: &[u8]) -> usize {
         let d = durability(sh, d);
         let unusual = d == Durability::Sync
             || payload.len() > max_payload
-            || sh.im.owns(timeline)
+            || sh.im.owns(timeline.native())
             || dur.is_some_and(|x| x != d);
         if unusual {
             break;
         }
         dur = Some(d);
         ids.push(id);
-        items.push((timeline, payload));
+        items.push((timeline.native(), payload));
         pos += used;
     }
     if ids.len() < 2 {
@@ -593,6 +703,7 @@ fn append_run(ctx: &Ctx<'_>, conn: &mut Conn, input: &[u8]) -> usize {
                     key: a.key,
                     slot: a.slot,
                     frame,
+                    read: false,
                 });
             };
             if ticket.is_durable() {
@@ -610,7 +721,7 @@ fn append_run(ctx: &Ctx<'_>, conn: &mut Conn, input: &[u8]) -> usize {
 /// Every APPEND of a failed run gets the error (nothing is retried: a batch
 /// is not atomic across shards, so a retry could store some twice).
 fn append_errors(ids: &[u64], e: &timeline_engine::Error, sh: &Shared, b: &mut Vec<u8>) {
-    let r = ErrorReply::from(e);
+    let r = e.reply();
     sh.counters
         .errors
         .fetch_add(ids.len() as u64, Ordering::Relaxed);
@@ -689,7 +800,7 @@ fn scan(
         let want = left.min(1024);
         let page = engine
             .scan(timeline, next, want, direction)
-            .map_err(|e| ErrorReply::from(&e))?;
+            .map_err(|e| e.reply())?;
         let Some(last) = page.last() else { break };
         let n = page.len();
         next = match direction {

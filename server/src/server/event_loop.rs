@@ -7,6 +7,7 @@
 use super::conn::{Conn, Deadline, Sub, Timeouts};
 use super::dispatch;
 use super::Shared;
+use crate::protocol::Push;
 use crate::protocol::{ErrorCode, ErrorReply, Opcode};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use mio::net::{TcpListener, TcpStream};
@@ -18,7 +19,6 @@ use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use timeline_im::Push;
 
 const WAKER: Token = Token(usize::MAX);
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -52,6 +52,8 @@ pub(crate) enum Msg {
         key: Key,
         slot: u64,
         frame: Vec<u8>,
+        /// A read from the read pool (the connection's writes wait for it).
+        read: bool,
     },
     /// A push for a subscription (`len` bytes, already counted against the
     /// connection's output bound).
@@ -448,8 +450,16 @@ impl EventLoop {
         while let Ok(m) = self.inbox.try_recv() {
             match m {
                 Msg::Conn(s) => self.add_conn(s, now),
-                Msg::Done { key, slot, frame } => {
+                Msg::Done {
+                    key,
+                    slot,
+                    frame,
+                    read,
+                } => {
                     if let Some(c) = self.live(key) {
+                        if read {
+                            c.read_done();
+                        }
                         c.complete(slot, frame);
                         // A barrier may have lifted: continue the input.
                         self.again.push(key.idx);

@@ -25,7 +25,9 @@
 //! acknowledged is durable), return.
 
 mod conn;
+mod convert;
 mod dispatch;
+mod errors;
 mod event_loop;
 mod pool;
 mod push;
@@ -71,6 +73,22 @@ pub struct ServerConfig {
     /// Threads that wait on group-commit tickets and own-fdatasync appends
     /// (0: one per core).
     pub blocking_threads: usize,
+    /// Where `SYNC`, `HISTORY` and `SCAN` run.
+    pub reads: Reads,
+    /// Threads of the read pool with `Reads::Pool` (0: one per core).
+    pub read_threads: usize,
+}
+
+/// Where the reads that can be long (`SYNC`, `HISTORY`, `SCAN`) run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reads {
+    /// On the connection's event loop: no hand-off; a loop with a few busy
+    /// readers serves them all on one core.
+    Inline,
+    /// On a pool of `read_threads`: every core serves them, one hand-off
+    /// each way. A connection's later writes wait for its reads in flight
+    /// (so a read never sees a write sent after it); its later reads do not.
+    Pool,
 }
 
 impl Default for ServerConfig {
@@ -93,6 +111,8 @@ impl Default for ServerConfig {
             max_queued_replies: 4096,
             io_threads: 0,
             blocking_threads: 0,
+            reads: Reads::Pool,
+            read_threads: 0,
         }
     }
 }
@@ -134,6 +154,8 @@ pub(crate) struct Shared {
     pub cfg: ServerConfig,
     pub counters: Counters,
     pub pool: pool::Pool,
+    /// Runs reads with `Reads::Pool` (empty otherwise).
+    pub read_pool: Option<pool::Pool>,
     pub io_threads: usize,
 }
 
@@ -231,6 +253,9 @@ impl ServerHandle {
         // The loops are gone; the pool threads finish what they hold and
         // drop their references.
         shared.pool.close();
+        if let Some(p) = &shared.read_pool {
+            p.close();
+        }
         match Arc::try_unwrap(shared) {
             Ok(s) => s.im.close()?,
             Err(s) => s.im.engine().sync().map_err(timeline_im::ImError::from)?,
@@ -261,12 +286,17 @@ pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
     let im = Im::open(&cfg.data_dir, cfg.engine.clone(), cfg.im.clone())?;
     let per_core = |n: usize| if n == 0 { cores() } else { n };
     let io_threads = per_core(cfg.io_threads);
-    let pool = pool::Pool::start(per_core(cfg.blocking_threads))?;
+    let pool = pool::Pool::start(per_core(cfg.blocking_threads), "blocking")?;
+    let read_pool = match cfg.reads {
+        Reads::Pool => Some(pool::Pool::start(per_core(cfg.read_threads), "reads")?),
+        Reads::Inline => None,
+    };
     let shared = Arc::new(Shared {
         im,
         cfg,
         counters: Counters::default(),
         pool,
+        read_pool,
         io_threads,
     });
     let mut built = Vec::with_capacity(io_threads);

@@ -1,4 +1,4 @@
-//! The blocking pool: a fixed set of threads for the few waits that have
+//! A pool: a fixed set of threads. The blocking pool takes the few waits that have
 //! no completion callback, so that no event loop ever blocks on them:
 //! a group-commit ticket (whose waiter may lead the shared fdatasync), an
 //! `APPEND` with its own fdatasync, and `CREATE_CONVERSATION` (several IM
@@ -8,7 +8,8 @@
 //! Tickets queue here in arrival order; a thread waiting on the first one
 //! leads an fdatasync that covers everything written before it, so the
 //! tickets behind it are usually durable by the time they are looked at:
-//! one thread keeps up with a whole loop's group commits.
+//! one thread keeps up with a whole loop's group commits. The read pool
+//! (`--reads pool`) runs `SYNC`, `HISTORY` and `SCAN` off the loops.
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use std::sync::Mutex;
@@ -24,14 +25,14 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
-    pub(crate) fn start(n: usize) -> std::io::Result<Pool> {
+    pub(crate) fn start(n: usize, name: &str) -> std::io::Result<Pool> {
         let (tx, rx) = unbounded::<Option<Job>>();
         let mut threads = Vec::with_capacity(n);
         for i in 0..n.max(1) {
             let rx: Receiver<Option<Job>> = rx.clone();
             threads.push(
                 std::thread::Builder::new()
-                    .name(format!("blocking-{i}"))
+                    .name(format!("{name}-{i}"))
                     .spawn(move || {
                         while let Ok(Some(job)) = rx.recv() {
                             job();

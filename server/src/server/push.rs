@@ -12,6 +12,7 @@
 //! subscription is sent meanwhile.
 
 use super::conn::MAX_QUEUED_BYTES;
+use super::convert::ToWire;
 use super::event_loop::{Key, LoopHandle, Msg};
 use crate::protocol::push_frame_len;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -84,6 +85,7 @@ impl PushSink for SubSink {
         if self.overflowed.load(Ordering::Acquire) {
             return true; // owes a resync already; nothing else until then
         }
+        let p = p.wire();
         let len = push_frame_len(&p);
         if self.queued.add(len) > MAX_QUEUED_BYTES {
             self.queued.sub(len);

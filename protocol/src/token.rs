@@ -15,9 +15,9 @@
 //! short of expiry or a new secret. Text form (CLI flags, config files):
 //! lowercase hex, 98 characters.
 
+use super::types::UserId;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use timeline_im::UserId;
 
 type HmacSha256 = Hmac<Sha256>;
 

@@ -1,61 +1,25 @@
-//! The codec's error type, and the mapping from every error a request can
-//! meet (codec, engine, IM layer, credentials) to the wire's error reply.
+//! Every error a request can meet in the engine or the IM layer, as the
+//! wire's error reply (docs/protocol.md §9). The codec's own errors and the
+//! credentials' map in `timeline_protocol`; these live here because the
+//! protocol crate knows neither the engine nor the IM layer.
 
-use super::codes::{ErrorCode, Opcode};
-use super::msg::ErrorReply;
-use super::token::TokenError;
+use crate::protocol::{ErrorCode, ErrorReply};
 use timeline_im::ImError;
 
-/// A frame or body that does not decode.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ProtocolError {
-    /// The header announces a frame above the limit. Fatal: reply (with the
-    /// header's request id and opcode), then close the connection.
-    #[error(
-        "frame of {len} bytes (request {request_id}, {opcode}) exceeds the limit of {max} bytes"
-    )]
-    FrameTooLarge {
-        request_id: u64,
-        opcode: Opcode,
-        len: u64,
-        max: u64,
-    },
-    /// The body, flags or request id do not decode. Answer and read on.
-    #[error("malformed {opcode} frame: {why}")]
-    Malformed { opcode: Opcode, why: &'static str },
-    /// Not a command of this protocol version. Answer and read on.
-    #[error("unknown command {0}")]
-    UnknownCommand(Opcode),
+/// An error as the client will read it.
+pub(crate) trait ToReply {
+    fn reply(&self) -> ErrorReply;
 }
 
-impl ProtocolError {
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            ProtocolError::FrameTooLarge { .. } => ErrorCode::FRAME_TOO_LARGE,
-            ProtocolError::Malformed { .. } => ErrorCode::MALFORMED_FRAME,
-            ProtocolError::UnknownCommand(_) => ErrorCode::UNKNOWN_COMMAND,
-        }
-    }
-
-    /// The connection cannot go on after this error (the stream position is
-    /// lost or the peer is hostile): reply, then close.
-    pub fn is_fatal(&self) -> bool {
-        matches!(self, ProtocolError::FrameTooLarge { .. })
+impl ToReply for ErrorReply {
+    fn reply(&self) -> ErrorReply {
+        self.clone()
     }
 }
 
-impl From<&ProtocolError> for ErrorReply {
-    fn from(e: &ProtocolError) -> Self {
-        let arg = match e {
-            ProtocolError::FrameTooLarge { max, .. } => *max,
-            _ => 0,
-        };
-        ErrorReply::new(e.code(), arg, e.to_string())
-    }
-}
-
-impl From<&timeline_engine::Error> for ErrorReply {
-    fn from(e: &timeline_engine::Error) -> Self {
+impl ToReply for timeline_engine::Error {
+    fn reply(&self) -> ErrorReply {
+        let e = self;
         use timeline_engine::Error as E;
         let (code, arg) = match e {
             E::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
@@ -73,10 +37,11 @@ impl From<&timeline_engine::Error> for ErrorReply {
     }
 }
 
-impl From<&ImError> for ErrorReply {
-    fn from(e: &ImError) -> Self {
+impl ToReply for ImError {
+    fn reply(&self) -> ErrorReply {
+        let e = self;
         let (code, arg) = match e {
-            ImError::Engine(inner) => return ErrorReply::from(inner),
+            ImError::Engine(inner) => return inner.reply(),
             ImError::Corrupt(_) => (ErrorCode::CORRUPTION, 0),
             ImError::NoSuchConversation(conv) => (ErrorCode::NO_SUCH_CONVERSATION, *conv),
             ImError::ConversationExists(conv) => (ErrorCode::CONVERSATION_EXISTS, *conv),
@@ -87,12 +52,6 @@ impl From<&ImError> for ErrorReply {
             ImError::Closed => (ErrorCode::CLOSED, 0),
         };
         ErrorReply::new(code, arg, e.to_string())
-    }
-}
-
-impl From<&TokenError> for ErrorReply {
-    fn from(e: &TokenError) -> Self {
-        ErrorReply::new(ErrorCode::UNAUTHORIZED, 0, e.to_string())
     }
 }
 
@@ -169,9 +128,9 @@ mod tests {
             (E::Closed, ErrorCode::CLOSED, 0),
         ];
         for (e, code, arg) in cases {
-            assert_eq!(code_arg(ErrorReply::from(&e)), (code, arg), "{e}");
+            assert_eq!(code_arg(e.reply()), (code, arg), "{e}");
             // Wrapped in the IM layer's error: the same code.
-            assert_eq!(code_arg(ErrorReply::from(&ImError::Engine(e))), (code, arg));
+            assert_eq!(code_arg(ImError::Engine(e).reply()), (code, arg));
         }
     }
 
@@ -215,39 +174,7 @@ mod tests {
             (ImError::Closed, ErrorCode::CLOSED, 0),
         ];
         for (e, code, arg) in cases {
-            assert_eq!(code_arg(ErrorReply::from(&e)), (code, arg), "{e}");
+            assert_eq!(code_arg(e.reply()), (code, arg), "{e}");
         }
-    }
-
-    #[test]
-    fn protocol_errors_map_to_stable_codes() {
-        let too_large = ProtocolError::FrameTooLarge {
-            request_id: 1,
-            opcode: Opcode::APPEND,
-            len: 100,
-            max: 64,
-        };
-        assert_eq!(
-            code_arg(ErrorReply::from(&too_large)),
-            (ErrorCode::FRAME_TOO_LARGE, 64)
-        );
-        let unknown = ProtocolError::UnknownCommand(Opcode(0x7777));
-        assert_eq!(
-            code_arg(ErrorReply::from(&unknown)),
-            (ErrorCode::UNKNOWN_COMMAND, 0)
-        );
-        assert!(!unknown.is_fatal());
-        let bad = ProtocolError::Malformed {
-            opcode: Opcode::GET,
-            why: "truncated body",
-        };
-        assert_eq!(
-            code_arg(ErrorReply::from(&bad)),
-            (ErrorCode::MALFORMED_FRAME, 0)
-        );
-        assert_eq!(
-            code_arg(ErrorReply::from(&TokenError::BadSignature)),
-            (ErrorCode::UNAUTHORIZED, 0)
-        );
     }
 }

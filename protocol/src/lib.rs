@@ -1,4 +1,6 @@
-//! The binary protocol, as a sans-I/O codec: decode from `&[u8]`, encode
+//! `timeline_protocol`: the binary protocol of the timeline server, as a
+//! sans-I/O codec with its own wire types (no dependency on the engine or
+//! the IM layer): decode from `&[u8]`, encode
 //! into a buffer the caller owns, report `encoded_len()`. No sockets, no
 //! async; the server, the client and the fuzz targets share it.
 //!
@@ -13,7 +15,7 @@
 //! Reading a connection (server side):
 //!
 //! ```
-//! use timeline_server::protocol::{self, ErrorReply, Request, RequestFrame, Response};
+//! use timeline_protocol::{self as protocol, ErrorReply, Request, RequestFrame, Response};
 //!
 //! let mut wire = Vec::new();
 //! Request::Ping(b"hi").encode_frame(1, &mut wire);       // what a client sent
@@ -43,6 +45,7 @@ mod error;
 pub mod frame;
 pub mod msg;
 pub mod token;
+pub mod types;
 mod wire;
 
 #[cfg(test)]
@@ -55,4 +58,8 @@ pub use msg::{
     decode_push_body, encode_push_body, encode_push_frame, push_body_len, push_frame_len,
     ErrorReply, Hello, HelloReply, Identity, Request, RequestFrame, Response, ServerMsg,
     HELLO_MAGIC, PROTOCOL_VERSION,
+};
+pub use types::{
+    Body, ConvId, ConvKind, ConvSummary, Direction, Durability, Entry, GroupPage, HistoryFrom,
+    HistoryPage, Keyspace, Push, Record, SendAck, SeqId, SyncEntry, SyncReply, TimelineId, UserId,
 };

@@ -1,17 +1,19 @@
-//! A blocking client. One request at a time with [`Client::call`], or
+//! `timeline_client`: clients of the timeline server, on the protocol crate
+//! alone (no engine, no IM layer). A blocking client. One request at a time with [`Client::call`], or
 //! pipelined: [`Client::queue`] many requests, [`Client::flush`], then
 //! [`Client::recv`] their replies in order. Pushes of subscriptions that
 //! arrive while waiting for a reply are kept for [`Client::next_push`].
 
-use crate::protocol::{
-    self, ErrorCode, ErrorReply, Hello, HelloReply, ProtocolError, Request, RequestFrame, Response,
+pub use timeline_protocol as protocol;
+
+use protocol::{
+    ErrorCode, ErrorReply, Hello, HelloReply, ProtocolError, Push, Request, RequestFrame, Response,
     ServerMsg,
 };
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
-use timeline_im::Push;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

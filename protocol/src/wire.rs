@@ -15,9 +15,11 @@
 //! fields 0. A list's count is checked against the bytes left before
 //! anything is allocated, so a 4-byte count cannot ask for gigabytes.
 
+use super::types::{
+    Body, ConvKind, ConvSummary, Direction, Durability, Entry, GroupPage, Keyspace, Record,
+    SendAck, SyncEntry, TimelineId,
+};
 use bytes::{Buf, BufMut};
-use timeline_engine::{Direction, Durability, Keyspace, Record, TimelineId};
-use timeline_im::{Body, ConvKind, ConvSummary, Entry, GroupPage, SendAck, SyncEntry};
 
 /// Why a body failed to decode (becomes `ProtocolError::Malformed`).
 pub(crate) type Why = &'static str;

@@ -4,13 +4,12 @@
 #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 
 use super::*;
+use crate::types::{
+    Body, ConvKind, ConvSummary, Direction, Durability, Entry, GroupPage, HistoryFrom, HistoryPage,
+    Push, Record, SendAck, SyncEntry, SyncReply, TimelineId,
+};
 use proptest::collection::vec;
 use proptest::prelude::*;
-use timeline_engine::{Direction, Durability, Record, TimelineId};
-use timeline_im::{
-    Body, ConvKind, ConvSummary, Entry, GroupPage, HistoryFrom, HistoryPage, Push, SendAck,
-    SyncEntry, SyncReply,
-};
 
 // -- strategies --------------------------------------------------------------
 

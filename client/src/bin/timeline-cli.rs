@@ -12,11 +12,11 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use timeline_engine::{Direction, Durability, TimelineId};
-use timeline_im::{Body, ConvKind, Entry, HistoryFrom, Push};
-use timeline_server::protocol::token::{self, Claims, Role};
-use timeline_server::protocol::{Request, Response};
-use timeline_server::{Client, ClientError};
+use timeline_client::protocol::token::{self, Claims, Role};
+use timeline_client::protocol::{
+    Body, ConvKind, Direction, Durability, Entry, HistoryFrom, Push, Request, Response, TimelineId,
+};
+use timeline_client::{Client, ClientError};
 
 #[derive(Parser, Debug)]
 #[command(name = "timeline-cli", version, about = "Talk to a timeline-server")]

@@ -13,17 +13,16 @@
 
 use super::codes::{ErrorCode, Opcode};
 use super::frame::{begin, finish, Frame, FrameKind, Header, HEADER_LEN};
+use super::types::{
+    ConvId, ConvKind, ConvSummary, Direction, Durability, Entry, HistoryFrom, HistoryPage, Push,
+    Record, SendAck, SeqId, SyncEntry, SyncReply, TimelineId, UserId,
+};
 use super::wire::{
     bytes_len, conv_kind, conv_kind_code, direction, direction_code, durability, durability_code,
     list_len, Put, Reader, Wire, R,
 };
 use super::ProtocolError;
 use bytes::BufMut;
-use timeline_engine::{Direction, Durability, Record, SeqId, TimelineId};
-use timeline_im::{
-    ConvId, ConvKind, ConvSummary, Entry, HistoryFrom, HistoryPage, Push, SendAck, SyncEntry,
-    SyncReply, UserId,
-};
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
