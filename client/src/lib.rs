@@ -6,6 +6,8 @@
 
 pub use timeline_protocol as protocol;
 
+pub mod fleet;
+
 use protocol::{
     ErrorCode, ErrorReply, Hello, HelloReply, ProtocolError, Push, Request, RequestFrame, Response,
     ServerMsg,

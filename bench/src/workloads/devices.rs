@@ -6,7 +6,8 @@
 //!   Streams has no counterpart of), messages spread over them with W4's
 //!   class shares and Zipf weights; device d belongs to user d mod U.
 //! - **Devices** (`--devices-total C`, default 10,000): one thread drives
-//!   every device connection on one `mio` poll (the client is event-driven
+//!   every device connection on one `timeline_client::fleet::Fleet` (a `mio`
+//!   poll; the client is event-driven
 //!   so that it does not limit the figures). Server: `HELLO`, `SUBSCRIBE`
 //!   to its user; every push makes the device `SYNC` from its own
 //!   checkpoint (one in flight; another push meanwhile makes it sync again
@@ -35,15 +36,13 @@ use crate::report::{new_histogram, Reporter, ResultLine};
 use crate::sysinfo::{cpu_secs, rss_of, threads_of};
 use crate::{Flags, Result, Target as Which};
 use hdrhistogram::Histogram;
-use mio::net::TcpStream;
-use mio::{Events, Interest, Poll, Token};
 use rand::distributions::{Distribution, WeightedIndex};
 use rand::Rng;
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use timeline_client::fleet::{Event, Fleet};
 use timeline_server::protocol::{
     self, Hello, Request, RequestFrame, Response, ServerMsg, PROTOCOL_VERSION,
 };
@@ -454,7 +453,6 @@ enum Phase {
 }
 
 struct Dev {
-    s: TcpStream,
     user: UserId,
     phase: Phase,
     rbuf: Vec<u8>,
@@ -492,30 +490,22 @@ fn run_devices(
     sh: &Shared,
     ready: &std::sync::mpsc::Sender<Result<f64>>,
 ) -> Result<Lat> {
-    let mut poll = Poll::new()?;
-    let mut events = Events::with_capacity(4096);
+    let mut fleet = Fleet::new()?;
     let mut devs: Vec<Dev> = Vec::with_capacity(c as usize);
     let mut lat = Lat {
         push: new_histogram()?,
         sync: new_histogram()?,
     };
     let t0 = Instant::now();
-    let (mut started, mut live) = (0usize, 0u64);
-    let mut scratch = vec![0u8; 64 << 10];
+    let mut live = 0u64;
     let mut connected_at: Option<Instant> = None;
     let mut drain_deadline: Option<Instant> = None;
     loop {
         // Open connections within the window.
-        while started < c as usize && started - (live as usize) < CONNECT_WINDOW {
-            let mut s = TcpStream::connect(addr)?;
-            poll.registry().register(
-                &mut s,
-                Token(started),
-                Interest::READABLE | Interest::WRITABLE,
-            )?;
+        while fleet.len() < c as usize && fleet.len() - (live as usize) < CONNECT_WINDOW {
+            let i = fleet.connect(addr)?;
             devs.push(Dev {
-                s,
-                user: started as u64 % users,
+                user: i as u64 % users,
                 phase: Phase::Connecting,
                 rbuf: Vec::new(),
                 wbuf: Vec::new(),
@@ -526,44 +516,44 @@ fn run_devices(
                 got: 0,
                 next_id: 3,
             });
-            started += 1;
         }
         let timeout = if drain_deadline.is_some() {
-            Some(Duration::from_millis(50))
+            Duration::from_millis(50)
         } else {
-            Some(Duration::from_millis(200))
+            Duration::from_millis(200)
         };
-        poll.poll(&mut events, timeout)?;
-        for ev in events.iter() {
-            let i = ev.token().0;
-            let d = &mut devs[i];
-            if matches!(d.phase, Phase::Connecting) && ev.is_writable() {
-                if let Some(e) = d.s.take_error()? {
-                    return Err(format!("device {i}: connect failed: {e}").into());
+        let mut touched = Vec::new();
+        for ev in fleet.poll(Some(timeout))? {
+            match ev {
+                Event::Connected(i) => {
+                    open(kind, &mut devs[i]);
+                    touched.push(i);
                 }
-                let _ = d.s.set_nodelay(true);
-                open(kind, d);
-            }
-            if ev.is_readable() {
-                loop {
-                    match d.s.read(&mut scratch) {
-                        Ok(0) => return Err(format!("device {i}: the server closed").into()),
-                        Ok(n) => d.rbuf.extend_from_slice(&scratch[..n]),
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(format!("device {i}: {e}").into()),
+                Event::Input(i) => {
+                    touched.push(i);
+                    let d = &mut devs[i];
+                    // The device parses the fleet's input buffer in place.
+                    std::mem::swap(&mut d.rbuf, fleet.input(i));
+                    let became_live = match kind {
+                        Kind::Server => server_input(d, sh, &mut lat)?,
+                        Kind::Redis => redis_input(d, sh, &mut lat)?,
+                    };
+                    std::mem::swap(&mut d.rbuf, fleet.input(i));
+                    if became_live {
+                        live += 1;
                     }
                 }
-                let became_live = match kind {
-                    Kind::Server => server_input(d, sh, &mut lat)?,
-                    Kind::Redis => redis_input(d, sh, &mut lat)?,
-                };
-                if became_live {
-                    live += 1;
+                Event::Closed(i, e) => {
+                    return Err(format!("device {i}: connection closed ({e:?})").into())
                 }
             }
-            flush(d)?;
         }
+        for i in touched {
+            if !devs[i].wbuf.is_empty() {
+                fleet.output(i).append(&mut devs[i].wbuf);
+            }
+        }
+        fleet.flush_all()?;
         if live == c && connected_at.is_none() {
             let now = Instant::now();
             connected_at = Some(now);
@@ -572,13 +562,13 @@ fn run_devices(
         if sh.drain.load(Ordering::Acquire) {
             let deadline = *drain_deadline.get_or_insert_with(|| Instant::now() + DRAIN_LIMIT);
             let mut behind = 0;
-            for d in devs.iter_mut() {
+            for (i, d) in devs.iter_mut().enumerate() {
                 let want = sh.expected[d.user as usize].load(Ordering::Acquire);
                 if d.got < want {
                     behind += 1;
                     if let (Kind::Server, false) = (kind, d.syncing) {
                         sync(d);
-                        flush(d)?;
+                        fleet.output(i).append(&mut d.wbuf);
                     }
                 } else if d.got > want {
                     return Err(format!(
@@ -625,21 +615,6 @@ fn open(kind: Kind, d: &mut Dev) {
             d.phase = Phase::Handshake(1);
         }
     }
-}
-
-fn flush(d: &mut Dev) -> Result<()> {
-    while !d.wbuf.is_empty() {
-        match d.s.write(&d.wbuf) {
-            Ok(n) => {
-                d.wbuf.drain(..n);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == std::io::ErrorKind::NotConnected => break,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
 }
 
 fn sync(d: &mut Dev) {
