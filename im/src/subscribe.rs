@@ -32,6 +32,14 @@ pub trait PushSink: Send + Sync {
     /// registry then forgets it); a subscriber without room drops the push
     /// and owes its device a [`Push::Resync`], but stays subscribed.
     fn push(&self, p: Push) -> bool;
+
+    /// Gone for good (unsubscribed, connection closed): the registry drops
+    /// it at the next registration for the same user as well as at the
+    /// next push, so subscribing and unsubscribing a quiet user does not
+    /// grow it.
+    fn is_closed(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Default)]
@@ -47,6 +55,10 @@ struct ChannelSink {
 }
 
 impl PushSink for ChannelSink {
+    fn is_closed(&self) -> bool {
+        self.slot.closed.load(Ordering::Acquire)
+    }
+
     fn push(&self, p: Push) -> bool {
         if self.slot.closed.load(Ordering::Acquire) {
             return false;
@@ -139,11 +151,12 @@ impl Subscribers {
 
     pub(crate) fn register(&self, user: UserId, shard: usize, sink: Arc<dyn PushSink>) {
         self.count.fetch_add(1, Ordering::AcqRel);
-        self.shards[shard]
-            .lock()
-            .entry(user)
-            .or_default()
-            .push(sink);
+        let mut g = self.shards[shard].lock();
+        let list = g.entry(user).or_default();
+        let before = list.len();
+        list.retain(|s| !s.is_closed());
+        self.count.fetch_sub(before - list.len(), Ordering::AcqRel);
+        list.push(sink);
     }
 
     /// Any registered sink at all (skips building pushes otherwise).

@@ -216,14 +216,16 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         durability = d.name(),
         "starting"
     );
-    let server = timeline_server::start(cfg)?;
-    // Print the bound address on stdout (scripts starting on port 0 read it).
-    println!("listening {}", server.local_addr());
-    // SIGINT/SIGTERM: a thread blocked on the signal pipe stops the server.
+    // The handlers go in before anything is served: a SIGTERM right after
+    // the address is printed must shut down gracefully, not kill.
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
     ])?;
+    let server = timeline_server::start(cfg)?;
+    // Print the bound address on stdout (scripts starting on port 0 read it).
+    println!("listening {}", server.local_addr());
+    // SIGINT/SIGTERM: a thread blocked on the signal pipe stops the server.
     let stopper = server.stopper();
     std::thread::Builder::new()
         .name("signals".into())

@@ -16,7 +16,7 @@ use timeline_server::protocol::token::{self, Claims, Role};
 use timeline_server::protocol::{
     self, ErrorCode, Hello, Request, RequestFrame, Response, ServerMsg,
 };
-use timeline_server::protocol::{ConvKind, Push, TimelineId};
+use timeline_server::protocol::{Body, ConvKind, Direction, Durability, Push, TimelineId};
 use timeline_server::{start, Client};
 
 /// A connection spoken in raw frames, with its own read buffer.
@@ -186,16 +186,35 @@ fn a_stalled_subscriber_gets_exactly_one_resync_then_pushes_again() {
     while admin.in_flight() > 0 {
         assert!(matches!(admin.recv().unwrap(), Response::Send(_)));
     }
-    let (mut entries, mut resyncs, mut after_resync) = (0u64, 0u64, 0u64);
+    // More while the device still reads nothing: dropped, never sent
+    // before the resync.
+    let late = 20u64;
+    for i in 0..late {
+        admin
+            .call(&Request::Send {
+                conv: 1,
+                sender: 1,
+                client_msg_id: sends + 1 + i,
+                payload: b"late",
+            })
+            .unwrap();
+    }
+    let (mut entries, mut resyncs, mut after_resync, mut lates) = (0u64, 0u64, 0u64, 0u64);
     while let Some(m) = dev.next(Duration::from_millis(1500)) {
         match m {
             ServerMsg::Push {
                 push: Push::Resync, ..
             } => resyncs += 1,
-            ServerMsg::Push { .. } => {
+            ServerMsg::Push {
+                push: Push::Entry { entry, .. },
+                ..
+            } => {
                 entries += 1;
                 if resyncs > 0 {
                     after_resync += 1;
+                }
+                if entry.entry.body == Body::Message(b"late".to_vec()) {
+                    lates += 1;
                 }
             }
             other => panic!("{other:?}"),
@@ -206,6 +225,7 @@ fn a_stalled_subscriber_gets_exactly_one_resync_then_pushes_again() {
         entries < sends,
         "nothing was dropped: the test did not stall"
     );
+    assert_eq!(lates, 0, "a push sent after the drop and before the resync");
     assert_eq!(
         after_resync, 0,
         "pushes after the resync (before reading again)"
@@ -215,7 +235,7 @@ fn a_stalled_subscriber_gets_exactly_one_resync_then_pushes_again() {
         .call(&Request::Send {
             conv: 1,
             sender: 1,
-            client_msg_id: sends + 1,
+            client_msg_id: sends + late + 1,
             payload: b"again",
         })
         .unwrap();
@@ -223,7 +243,7 @@ fn a_stalled_subscriber_gets_exactly_one_resync_then_pushes_again() {
         ServerMsg::Push {
             push: Push::Entry { entry, .. },
             ..
-        } => assert_eq!(entry.entry.conv_seq, sends + 2),
+        } => assert_eq!(entry.entry.conv_seq, sends + late + 2),
         other => panic!("{other:?}"),
     }
     srv.shutdown().unwrap();
@@ -271,25 +291,46 @@ fn requests_read_before_shutdown_are_answered_before_closed() {
     let mut c = Raw::connect(srv.local_addr());
     c.hello(0, &[]);
     assert!(matches!(c.reply(), ServerMsg::Reply { id: 1, .. }));
-    for i in 0..100u64 {
-        c.send(
-            i + 2,
-            Request::Append {
+    // Own-fdatasync appends are barriers: each holds back the GET behind it
+    // until its fdatasync is done, so the shutdown below finds requests
+    // read but not executed, and answers still to come.
+    let n = 60u64;
+    let mut b = Vec::new();
+    for i in 0..n {
+        RequestFrame {
+            id: 2 * i + 2,
+            request: Request::Append {
                 timeline: TimelineId::store(9),
-                durability: None,
+                durability: Some(Durability::Sync),
                 payload: b"x",
             },
-        );
+        }
+        .encode_into(&mut b);
+        RequestFrame {
+            id: 2 * i + 3,
+            request: Request::Get {
+                timeline: TimelineId::store(9),
+                seq: i + 1,
+            },
+        }
+        .encode_into(&mut b);
     }
-    // Give the server the bytes before it stops (it answers what it read).
-    std::thread::sleep(Duration::from_millis(200));
+    assert!(b.len() < 32 << 10, "one read takes it all");
+    c.s.write_all(&b).unwrap();
+    // The first answer proves the server has read the requests.
+    let first = c.reply();
+    assert!(matches!(first, ServerMsg::Reply { id: 2, .. }), "{first:?}");
     let t = std::thread::spawn(move || srv.shutdown());
-    let mut answered = 0;
+    let mut next = 3;
     loop {
         match c.reply() {
-            ServerMsg::Reply { id, .. } => {
-                answered += 1;
-                assert_eq!(id, answered + 1);
+            ServerMsg::Reply { id, response } => {
+                assert_eq!(id, next);
+                if id % 2 == 1 {
+                    // The GET behind append k sees it.
+                    assert!(matches!(response, Response::Get(Some(_))), "{response:?}");
+                }
+                next += 1;
             }
             ServerMsg::Error { id: 0, error, .. } => {
                 assert_eq!(error.code, ErrorCode::CLOSED);
@@ -298,8 +339,109 @@ fn requests_read_before_shutdown_are_answered_before_closed() {
             other => panic!("{other:?}"),
         }
     }
-    assert_eq!(answered, 100);
+    assert_eq!(
+        next,
+        2 * n + 2,
+        "every request read was answered before CLOSED"
+    );
     t.join().unwrap().unwrap();
+}
+
+#[test]
+fn pipelined_mixed_requests_answer_in_order_and_see_earlier_effects() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = server(dir.path());
+    let mut c = Client::connect(srv.local_addr(), &[]).unwrap();
+    c.call(&Request::CreateConversation {
+        conv: 1,
+        kind: ConvKind::Direct,
+        members: vec![1, 2],
+    })
+    .unwrap();
+    let t = TimelineId::store(77);
+    let fwd = Direction::Forward;
+    // Reads on the pool, barriers, deferred sends, SUBSCRIBE and pushes,
+    // all in one pipeline.
+    let reqs = vec![
+        Request::Append {
+            timeline: t,
+            durability: Some(Durability::Sync),
+            payload: b"a",
+        },
+        Request::Scan {
+            timeline: t,
+            from: 1,
+            limit: 10,
+            direction: fwd,
+        },
+        Request::Send {
+            conv: 1,
+            sender: 1,
+            client_msg_id: 1,
+            payload: b"m1",
+        },
+        Request::Subscribe { user: 2 },
+        Request::Sync {
+            user: 2,
+            checkpoint: 0,
+            limit: 10,
+            groups: vec![],
+        },
+        Request::Append {
+            timeline: t,
+            durability: None,
+            payload: b"b",
+        },
+        Request::Scan {
+            timeline: t,
+            from: 1,
+            limit: 10,
+            direction: fwd,
+        },
+        Request::MarkRead {
+            user: 2,
+            conv: 1,
+            seq: 2,
+        },
+        Request::Send {
+            conv: 1,
+            sender: 1,
+            client_msg_id: 2,
+            payload: b"m2",
+        },
+        Request::Conversations { user: 2 },
+        Request::LastSeq { timeline: t },
+    ];
+    let ids: Vec<u64> = reqs.iter().map(|r| c.queue(r)).collect();
+    c.flush().unwrap();
+    let got: Vec<Response> = reqs.iter().map(|_| c.recv().unwrap()).collect();
+    assert!(matches!(got[0], Response::Append(1)));
+    assert!(matches!(&got[1], Response::Scan(v) if v.len() == 1));
+    assert!(matches!(got[2], Response::Send(a) if a.seq == 2));
+    assert!(matches!(got[3], Response::Subscribe));
+    assert!(matches!(got[5], Response::Append(2)));
+    // The SCAN after the second APPEND sees both; the first saw one.
+    assert!(matches!(&got[6], Response::Scan(v) if v.len() == 2));
+    assert!(matches!(got[7], Response::MarkRead(2)));
+    assert!(matches!(got[8], Response::Send(a) if a.seq == 3));
+    // CONVERSATIONS after MARK_READ sees the marker.
+    assert!(
+        matches!(&got[9], Response::Conversations(v) if v[0].read_seq == 2),
+        "{:?}",
+        got[9]
+    );
+    assert!(matches!(got[10], Response::LastSeq(2)));
+    // The subscription's pushes, in sync-seq order.
+    let mut seqs = Vec::new();
+    while let Some((sub, p)) = c.next_push(Duration::from_millis(500)).unwrap() {
+        assert_eq!(sub, ids[3], "tagged with the SUBSCRIBE's id");
+        if let Push::Entry { entry, .. } = p {
+            seqs.push(entry.seq);
+        }
+    }
+    assert!(!seqs.is_empty());
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    srv.shutdown().unwrap();
 }
 
 #[test]
@@ -313,6 +455,14 @@ fn a_connection_without_hello_is_closed_after_the_handshake_timeout() {
     // Fill every slot with silent sockets; they are closed in time and a
     // real client gets in.
     let mut silent: Vec<Raw> = (0..4).map(|_| Raw::connect(addr)).collect();
+    // While they hold every slot, a fifth is refused.
+    let mut fifth = Raw::connect(addr);
+    match fifth.reply() {
+        ServerMsg::Error { id: 0, error, .. } => {
+            assert_eq!(error.code, ErrorCode::TOO_MANY_CONNECTIONS)
+        }
+        other => panic!("{other:?}"),
+    }
     for s in &mut silent {
         match s.reply() {
             ServerMsg::Error { id: 0, error, .. } => assert_eq!(error.code, ErrorCode::TIMEOUT),

@@ -32,16 +32,22 @@ pub(crate) const MAX_SUBSCRIPTIONS: usize = 16;
 /// connections hold no big buffers).
 const KEEP_OUT: usize = 16 << 10;
 
-/// A place in the reply order.
+/// A place in the reply order. Every frame held here is already counted in
+/// `queued`, so the output bound covers what waits as well as what is
+/// written.
 enum Slot {
     /// A deferred answer not there yet.
     Waiting,
-    /// A frame waiting for the slots before it.
+    /// A reply or a push waiting for the slots before it.
     Ready(Vec<u8>),
-    /// A push waiting behind its SUBSCRIBE reply: its bytes are already
-    /// counted in `queued` (so the output bound covers it).
-    Counted(Vec<u8>),
 }
+
+/// Reads one connection may have on the read pool at once (each answer
+/// can be up to the client's frame limit, and is counted only once there).
+pub(crate) const MAX_READS_IN_FLIGHT: usize = 16;
+
+/// An input buffer larger than this is given back once empty.
+const KEEP_IN: usize = 64 << 10;
 
 pub(crate) struct Sub {
     /// The subscription id: the request id of its SUBSCRIBE.
@@ -150,6 +156,7 @@ impl Conn {
         } else {
             let mut b = Vec::new();
             encode(&mut b);
+            self.queued.add(b.len());
             self.slots.push_back(Slot::Ready(b));
         }
     }
@@ -193,19 +200,15 @@ impl Conn {
             return;
         };
         if let Some(s) = self.slots.get_mut(i as usize) {
+            self.queued.add(frame.len());
             *s = Slot::Ready(frame);
         }
         if self.barrier == Some(slot) {
             self.barrier = None;
         }
         while !matches!(self.slots.front(), None | Some(Slot::Waiting)) {
-            match self.slots.pop_front() {
-                Some(Slot::Ready(f)) => {
-                    self.out.extend_from_slice(&f);
-                    self.queued.add(f.len());
-                }
-                Some(Slot::Counted(f)) => self.out.extend_from_slice(&f),
-                _ => {}
+            if let Some(Slot::Ready(f)) = self.slots.pop_front() {
+                self.out.extend_from_slice(&f);
             }
             self.first_slot += 1;
             self.dirty = true;
@@ -224,11 +227,34 @@ impl Conn {
             || self.barrier.is_some()
             || self.queued.get() > MAX_QUEUED_BYTES
             || self.slots.len() >= max_owed
+            || self.reads_in_flight >= MAX_READS_IN_FLIGHT
     }
 
-    /// Read more from the socket now?
+    /// The next request is a write held until the reads before it are
+    /// answered (a read never sees a write sent after it).
+    pub(crate) fn write_held(&self) -> bool {
+        self.reads_in_flight > 0 && super::dispatch::is_write(&self.input)
+    }
+
+    /// Read more from the socket now? Not while paused, and not while
+    /// input is held behind reads (the input would grow without bound).
     pub(crate) fn wants_read(&self, max_owed: usize) -> bool {
-        self.can_read && !self.draining && !self.paused(max_owed)
+        self.can_read && !self.draining && !self.paused(max_owed) && !self.write_held()
+    }
+
+    /// A whole frame is waiting in the input (read, not executed).
+    pub(crate) fn has_whole_frame(&self) -> bool {
+        matches!(
+            crate::protocol::peek_len(&self.input),
+            Some(n) if self.input.len() as u64 >= n
+        )
+    }
+
+    /// Give a large input buffer back once it is empty.
+    pub(crate) fn trim_input(&mut self) {
+        if self.input.is_empty() && self.input.capacity() > KEEP_IN {
+            self.input = Vec::new();
+        }
     }
 
     /// Stop reading; close once everything owed is written.
@@ -240,15 +266,11 @@ impl Conn {
     /// After the client's EOF: once every whole frame it sent is executed
     /// and nothing is owed, end the connection (after writing).
     pub(crate) fn close_if_done_after_eof(&mut self, max_owed: usize) {
-        let whole_frame_left = matches!(
-            crate::protocol::peek_len(&self.input),
-            Some(n) if self.input.len() as u64 >= n
-        );
         if self.eof
             && !self.closing
             && self.slots.is_empty()
             && !self.paused(max_owed)
-            && !whole_frame_left
+            && !self.has_whole_frame()
         {
             self.close_after();
         }
@@ -272,24 +294,22 @@ impl Conn {
     /// `len` bytes are already counted in `queued`.
     pub(crate) fn push(&mut self, serial: u64, p: &Push, len: usize) -> bool {
         let Some(i) = self.subs.iter().position(|s| s.sink.serial == serial) else {
-            self.queued.sub(len);
-            return false;
-        };
-        if len > self.session.client_max {
-            // Too large for the client: it gets a resync instead.
-            self.queued.sub(len);
-            self.subs[i].sink.mark_overflow();
+            self.queued.sub(len); // unsubscribed meanwhile
             self.dirty = true;
             return false;
-        }
+        };
         let id = self.subs[i].id;
         let behind_reply = self.subs[i]
             .reply_slot
             .is_some_and(|s| s >= self.first_slot);
         if behind_reply {
+            // Queued in order behind its SUBSCRIBE reply and the pushes of
+            // this subscription already queued: the subscription stays
+            // "behind" until this one is out too.
             let mut b = Vec::with_capacity(len);
             encode_push_frame(id, p, &mut b);
-            self.slots.push_back(Slot::Counted(b));
+            self.slots.push_back(Slot::Ready(b));
+            self.subs[i].reply_slot = Some(self.first_slot + self.slots.len() as u64 - 1);
         } else {
             self.subs[i].reply_slot = None;
             encode_push_frame(id, p, &mut self.out);
@@ -376,7 +396,10 @@ impl Conn {
         if let Some(exp) = self.session.expires_unix {
             if !self.closing {
                 let left = exp.saturating_sub(super::dispatch::now_unix());
-                consider(t.now + Duration::from_secs(left), Deadline::TokenExpired);
+                // A token valid for centuries has no deadline worth a timer.
+                if let Some(at) = t.now.checked_add(Duration::from_secs(left.min(1 << 32))) {
+                    consider(at, Deadline::TokenExpired);
+                }
             }
         }
         best

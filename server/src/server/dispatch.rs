@@ -1,7 +1,9 @@
 //! What a request does: decode, handshake, access control, then the engine
 //! or IM call. Runs on the connection's event loop and never blocks it:
-//! - answered at once: reads (`GET`, `SCAN`, `SYNC`, `HISTORY`, ...,
-//!   bounded by the client's frame limit), buffered appends, `SUBSCRIBE`;
+//! - answered at once: small reads (`GET`, `LAST_SEQ`, `MEMBERS`,
+//!   `CONVERSATIONS`), buffered appends, `SUBSCRIBE`; `SYNC`, `HISTORY` and
+//!   `SCAN` too with `--reads inline`, else on the read pool (a write read
+//!   after them waits for them);
 //! - completed later through the IM layer's completion handle (`SEND`,
 //!   membership changes, marks, recall) or the engine's ticket waited on by
 //!   the blocking pool (group commit); the reply keeps its place in order;
@@ -15,7 +17,7 @@ use super::convert::{FromWire, ToWire};
 use super::errors::ToReply;
 use super::event_loop::{Key, LoopHandle, Msg};
 use super::push::SubSink;
-use super::Shared;
+use super::{Counters, Shared};
 use crate::protocol::token::{self, Role};
 use crate::protocol::{
     self, ErrorCode, ErrorReply, Identity, Opcode, ProtocolError, Request, RequestFrame, Response,
@@ -32,9 +34,11 @@ pub(crate) struct Ctx<'a> {
     pub lp: &'a Arc<LoopHandle>,
 }
 
-/// Where a deferred answer goes.
+/// Where a deferred answer goes. It holds the counters and the loop, not
+/// the server's `Shared`: an IM callback still pending at shutdown must not
+/// keep the IM layer alive (it owns the callback: a cycle).
 struct Answer {
-    sh: Arc<Shared>,
+    counters: Arc<Counters>,
     lp: Arc<LoopHandle>,
     key: Key,
     slot: u64,
@@ -47,7 +51,7 @@ struct Answer {
 impl Answer {
     fn new(ctx: &Ctx<'_>, key: Key, slot: u64, id: u64, op: Opcode) -> Answer {
         Answer {
-            sh: ctx.sh.clone(),
+            counters: ctx.sh.counters.clone(),
             lp: ctx.lp.clone(),
             key,
             slot,
@@ -68,7 +72,7 @@ impl Answer {
         match r {
             Ok(resp) => resp.encode_frame(self.id, &mut frame),
             Err(e) => {
-                self.sh.counters.errors.fetch_add(1, Ordering::Relaxed);
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
                 e.encode_frame(self.id, self.op, &mut frame);
             }
         }
@@ -140,7 +144,7 @@ pub(crate) fn execute_input(ctx: &Ctx<'_>, conn: &mut Conn, input: &[u8]) -> usi
 
 /// Does the frame at the start of `input` change data? (Its opcode; a
 /// partial header is not a write yet.)
-fn is_write(input: &[u8]) -> bool {
+pub(crate) fn is_write(input: &[u8]) -> bool {
     let Some(op) = input.get(4..6) else {
         return false;
     };
@@ -217,8 +221,9 @@ fn hello(sh: &Shared, conn: &mut Conn, id: u64, h: &protocol::Hello<'_>) {
             conn.session.id = Some(identity);
             conn.session.expires_unix = expires;
             if h.max_frame != 0 {
-                // Never above the server's own limit: reply sizing (SCAN,
-                // SYNC pages) trusts this number.
+                // Clamped to the server's own limit (0 keeps the
+                // protocol's 16 MiB): reply sizing (SCAN, SYNC pages)
+                // trusts this number.
                 conn.session.client_max = (h.max_frame as usize).min(sh.cfg.max_frame);
             }
             conn.reply(|b| Response::Hello(reply).encode_frame(id, b));
@@ -351,6 +356,20 @@ fn execute(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, r: Request<'_>) -> Result<()
             for (t, _) in &items {
                 check_raw_write(sh, *t)?;
             }
+            // The reply (a seq per item) must fit the client's frame: say
+            // so before anything is written.
+            let reply = Response::AppendBatch(vec![0; items.len()]).encoded_len();
+            if reply > conn.session.client_max {
+                let max = conn.session.client_max;
+                return Err(ErrorReply::new(
+                    ErrorCode::RESPONSE_TOO_LARGE,
+                    max as u64,
+                    format!(
+                        "the reply to {} items is {reply} bytes; the client accepts {max}: send smaller batches",
+                        items.len()
+                    ),
+                ));
+            }
             let items: Vec<(TimelineId, &[u8])> =
                 items.iter().map(|(t, p)| (t.native(), *p)).collect();
             return append(ctx, conn, id, true, durability(sh, d), &items);
@@ -406,7 +425,7 @@ fn execute(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, r: Request<'_>) -> Result<()
             limit,
             groups,
         } if sh.read_pool.is_some() => {
-            let limit = page_limit(sh, conn, limit);
+            let limit = sync_limit(sh, conn, limit, groups.len());
             return off_loop(ctx, conn, id, Opcode::SYNC, move |sh| {
                 sh.im
                     .sync(user, checkpoint, limit, &groups)
@@ -420,9 +439,14 @@ fn execute(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, r: Request<'_>) -> Result<()
             limit,
             groups,
         } => Response::Sync(
-            im.sync(user, checkpoint, page_limit(sh, conn, limit), &groups)
-                .map_err(ie)?
-                .wire(),
+            im.sync(
+                user,
+                checkpoint,
+                sync_limit(sh, conn, limit, groups.len()),
+                &groups,
+            )
+            .map_err(ie)?
+            .wire(),
         ),
         Request::History {
             conv,
@@ -472,8 +496,9 @@ fn execute(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, r: Request<'_>) -> Result<()
             // Several IM steps when the member list is long: on the pool.
             let slot = conn.defer_barrier();
             let a = Answer::new(ctx, key, slot, id, Opcode::CREATE_CONVERSATION);
+            let sh2 = sh.clone();
             sh.pool.spawn(move || {
-                let r = a.sh.im.create_conversation(conv, kind.native(), &members);
+                let r = sh2.im.create_conversation(conv, kind.native(), &members);
                 a.send(r, Response::CreateConversation);
             });
             return Ok(());
@@ -534,8 +559,9 @@ fn off_loop(
     let slot = conn.defer_read();
     let mut a = Answer::new(ctx, conn.key, slot, id, op);
     a.read = true;
+    let sh = ctx.sh.clone();
     let job = move || {
-        let r = read(&a.sh).and_then(|resp| fits(resp, max));
+        let r = read(&sh).and_then(|resp| fits(resp, max));
         a.reply(r);
     };
     match &ctx.sh.read_pool {
@@ -586,7 +612,7 @@ fn append(
         Durability::GroupCommit => {
             let ticket = engine.append_async(items).map_err(ee)?;
             let slot = conn.defer();
-            wait_ticket(Answer::new(ctx, conn.key, slot, id, op), ticket, ok);
+            wait_ticket(ctx.sh, Answer::new(ctx, conn.key, slot, id, op), ticket, ok);
         }
         Durability::Sync => {
             // Its own fdatasync, on the pool; later requests wait for it.
@@ -594,10 +620,11 @@ fn append(
                 items.iter().map(|(t, p)| (*t, p.to_vec())).collect();
             let slot = conn.defer_barrier();
             let a = Answer::new(ctx, conn.key, slot, id, op);
+            let sh = ctx.sh.clone();
             ctx.sh.pool.spawn(move || {
                 let refs: Vec<(TimelineId, &[u8])> =
                     owned.iter().map(|(t, p)| (*t, p.as_slice())).collect();
-                let r = a.sh.im.engine().append_batch(&refs, Durability::Sync);
+                let r = sh.im.engine().append_batch(&refs, Durability::Sync);
                 a.send(r, ok);
             });
         }
@@ -608,6 +635,7 @@ fn append(
 /// Answer once the ticket is durable: at once if it already is, else from
 /// the pool (whose wait may lead the shared fdatasync).
 fn wait_ticket(
+    sh: &Shared,
     a: Answer,
     ticket: AppendTicket,
     ok: impl FnOnce(Vec<SeqId>) -> Response + Send + 'static,
@@ -615,7 +643,6 @@ fn wait_ticket(
     if ticket.is_durable() {
         return a.send(ticket.wait(), ok);
     }
-    let sh = a.sh.clone();
     sh.pool.spawn(move || a.send(ticket.wait(), ok));
 }
 
@@ -697,7 +724,7 @@ fn append_run(ctx: &Ctx<'_>, conn: &mut Conn, input: &[u8]) -> usize {
                 let mut frame = Vec::with_capacity(ids.len() * 24);
                 match r {
                     Ok(seqs) => many_appends(seqs, &ids, &mut frame),
-                    Err(e) => append_errors(&ids, &e, &a.sh, &mut frame),
+                    Err(e) => append_errors(&ids, &e, &a.counters, &mut frame),
                 }
                 a.lp.post(Msg::Done {
                     key: a.key,
@@ -713,16 +740,16 @@ fn append_run(ctx: &Ctx<'_>, conn: &mut Conn, input: &[u8]) -> usize {
             }
         }
         Ok(Err(seqs)) => conn.reply(|b| many_appends(seqs, &ids, b)),
-        Err(e) => conn.reply(|b| append_errors(&ids, &e, sh, b)),
+        Err(e) => conn.reply(|b| append_errors(&ids, &e, &sh.counters, b)),
     }
     pos
 }
 
 /// Every APPEND of a failed run gets the error (nothing is retried: a batch
 /// is not atomic across shards, so a retry could store some twice).
-fn append_errors(ids: &[u64], e: &timeline_engine::Error, sh: &Shared, b: &mut Vec<u8>) {
+fn append_errors(ids: &[u64], e: &timeline_engine::Error, counters: &Counters, b: &mut Vec<u8>) {
     let r = e.reply();
-    sh.counters
+    counters
         .errors
         .fetch_add(ids.len() as u64, Ordering::Relaxed);
     for &id in ids {
@@ -763,6 +790,7 @@ fn subscribe(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, user: u64) -> Result<(), E
         conn.key,
         conn.next_serial,
         conn.queued.clone(),
+        conn.session.client_max,
     ));
     ctx.sh.im.subscribe_sink(user, sink.clone());
     conn.subs.push(Sub {
@@ -771,6 +799,16 @@ fn subscribe(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, user: u64) -> Result<(), E
         reply_slot,
     });
     Ok(())
+}
+
+/// A SYNC's limit applies to the user's timeline and to each read-fan-out
+/// group it lists: share the page between them so the reply still fits.
+fn sync_limit(sh: &Shared, conn: &Conn, asked: u32, groups: usize) -> usize {
+    let n = page_limit(sh, conn, asked);
+    if n == 0 {
+        return 0;
+    }
+    (n / (1 + groups)).max(1)
 }
 
 /// Entries a SYNC or HISTORY page may hold so that its reply fits the

@@ -63,6 +63,11 @@ pub(crate) enum Msg {
         push: Push,
         len: usize,
     },
+    /// A subscription started dropping pushes: flush the connection so its
+    /// `resync` goes out once there is room.
+    Look {
+        key: Key,
+    },
     Stop,
 }
 
@@ -387,7 +392,8 @@ impl EventLoop {
             return;
         };
         c.close_if_done_after_eof(max_owed);
-        if c.draining && c.owed() == 0 && !c.paused(max_owed) {
+        c.trim_input();
+        if c.draining && c.owed() == 0 && !c.paused(max_owed) && !c.has_whole_frame() {
             // Every request read is answered: say why nothing more will be.
             c.fail_connection(ErrorCode::CLOSED, "the server is shutting down");
         }
@@ -461,9 +467,9 @@ impl EventLoop {
                             c.read_done();
                         }
                         c.complete(slot, frame);
-                        // A barrier may have lifted: continue the input.
+                        // A barrier or a held write may have lifted:
+                        // continue the input (pump ends in after_change).
                         self.again.push(key.idx);
-                        self.after_change(key.idx);
                     }
                 }
                 Msg::Push {
@@ -478,10 +484,18 @@ impl EventLoop {
                     if let Some((sent, dirty)) = pushed {
                         if sent {
                             self.sh.counters.pushes.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            // Dropped: the output shrank; it may unpause.
+                            self.again.push(key.idx);
                         }
                         if dirty {
                             self.mark_dirty(key.idx);
                         }
+                    }
+                }
+                Msg::Look { key } => {
+                    if self.live(key).is_some() {
+                        self.mark_dirty(key.idx);
                     }
                 }
                 Msg::Stop => self.begin_stop(now),

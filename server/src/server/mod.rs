@@ -152,7 +152,7 @@ pub(crate) struct Counters {
 pub(crate) struct Shared {
     pub im: Im,
     pub cfg: ServerConfig,
-    pub counters: Counters,
+    pub counters: Arc<Counters>,
     pub pool: pool::Pool,
     /// Runs reads with `Reads::Pool` (empty otherwise).
     pub read_pool: Option<pool::Pool>,
@@ -294,7 +294,7 @@ pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
     let shared = Arc::new(Shared {
         im,
         cfg,
-        counters: Counters::default(),
+        counters: Arc::new(Counters::default()),
         pool,
         read_pool,
         io_threads,

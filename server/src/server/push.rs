@@ -42,17 +42,26 @@ pub(crate) struct SubSink {
     /// Tells this subscription from a later one with the same request id.
     pub serial: u64,
     queued: Arc<Queued>,
+    /// The client's HELLO `max_frame`: a larger push becomes a resync.
+    client_max: usize,
     closed: AtomicBool,
     overflowed: AtomicBool,
 }
 
 impl SubSink {
-    pub(crate) fn new(lp: Arc<LoopHandle>, key: Key, serial: u64, queued: Arc<Queued>) -> Self {
+    pub(crate) fn new(
+        lp: Arc<LoopHandle>,
+        key: Key,
+        serial: u64,
+        queued: Arc<Queued>,
+        client_max: usize,
+    ) -> Self {
         SubSink {
             lp,
             key,
             serial,
             queued,
+            client_max,
             closed: AtomicBool::new(false),
             overflowed: AtomicBool::new(false),
         }
@@ -64,20 +73,26 @@ impl SubSink {
         self.closed.store(true, Ordering::Release);
     }
 
+    /// Start dropping; on the first drop, make the loop look at the
+    /// connection (its output may be empty, so nothing else would).
+    fn overflow(&self) {
+        if !self.overflowed.swap(true, Ordering::AcqRel) {
+            self.lp.post(Msg::Look { key: self.key });
+        }
+    }
+
     /// Did pushes get dropped since the last call? (The loop then sends
     /// one `resync`.)
     pub(crate) fn take_overflow(&self) -> bool {
         self.overflowed.load(Ordering::Acquire) && self.overflowed.swap(false, Ordering::AcqRel)
     }
-
-    /// Drop pushes from now on until `take_overflow` (a push too large for
-    /// the client's frame limit, seen by the loop).
-    pub(crate) fn mark_overflow(&self) {
-        self.overflowed.store(true, Ordering::Release);
-    }
 }
 
 impl PushSink for SubSink {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
     fn push(&self, p: Push) -> bool {
         if self.closed.load(Ordering::Acquire) {
             return false;
@@ -87,9 +102,14 @@ impl PushSink for SubSink {
         }
         let p = p.wire();
         let len = push_frame_len(&p);
+        if len > self.client_max {
+            // Too large for the client: it reads the entry with SYNC.
+            self.overflow();
+            return true;
+        }
         if self.queued.add(len) > MAX_QUEUED_BYTES {
             self.queued.sub(len);
-            self.overflowed.store(true, Ordering::Release);
+            self.overflow();
             return true;
         }
         self.lp.post(Msg::Push {
