@@ -158,13 +158,7 @@ fn a_stalled_subscriber_gets_exactly_one_resync_then_pushes_again() {
     let srv = server(dir.path());
     let addr = srv.local_addr();
     let mut admin = Client::connect(addr, &[]).unwrap();
-    admin
-        .call(&Request::CreateConversation {
-            conv: 1,
-            kind: ConvKind::Direct,
-            members: vec![1, 2],
-        })
-        .unwrap();
+    direct(&mut admin, 1, 1, 2);
     let mut dev = subscribed(addr, 2);
     assert!(matches!(dev.reply(), ServerMsg::Reply { id: 1, .. }));
     assert!(matches!(dev.reply(), ServerMsg::Reply { id: 2, .. }));
@@ -352,12 +346,7 @@ fn pipelined_mixed_requests_answer_in_order_and_see_earlier_effects() {
     let dir = tempfile::tempdir().unwrap();
     let srv = server(dir.path());
     let mut c = Client::connect(srv.local_addr(), &[]).unwrap();
-    c.call(&Request::CreateConversation {
-        conv: 1,
-        kind: ConvKind::Direct,
-        members: vec![1, 2],
-    })
-    .unwrap();
+    direct(&mut c, 1, 1, 2);
     let t = TimelineId::store(77);
     let fwd = Direction::Forward;
     // Reads on the pool, barriers, deferred sends, SUBSCRIBE and pushes,
@@ -525,13 +514,7 @@ fn a_push_too_large_for_the_clients_frame_limit_becomes_a_resync() {
     let srv = server(dir.path());
     let addr = srv.local_addr();
     let mut admin = Client::connect(addr, &[]).unwrap();
-    admin
-        .call(&Request::CreateConversation {
-            conv: 1,
-            kind: ConvKind::Direct,
-            members: vec![1, 2],
-        })
-        .unwrap();
+    direct(&mut admin, 1, 1, 2);
     let mut dev = Raw::connect(addr);
     dev.hello(1024, &[]);
     dev.send(2, Request::Subscribe { user: 2 });
@@ -573,12 +556,7 @@ fn raw_writes_cannot_touch_im_timelines() {
     let dir = tempfile::tempdir().unwrap();
     let srv = server(dir.path());
     let mut c = Client::connect(srv.local_addr(), &[]).unwrap();
-    c.call(&Request::CreateConversation {
-        conv: 7,
-        kind: ConvKind::Direct,
-        members: vec![5, 6],
-    })
-    .unwrap();
+    direct(&mut c, 7, 5, 6);
     c.call(&Request::Send {
         conv: 7,
         sender: 5,
@@ -670,12 +648,7 @@ fn a_slow_reader_does_not_delay_other_connections() {
     );
     // Another connection is served as usual, pushes included.
     let mut c = Client::connect(addr, &[]).unwrap();
-    c.call(&Request::CreateConversation {
-        conv: 1,
-        kind: ConvKind::Direct,
-        members: vec![1, 2],
-    })
-    .unwrap();
+    direct(&mut c, 1, 1, 2);
     let mut dev = subscribed(addr, 2);
     assert!(matches!(dev.reply(), ServerMsg::Reply { id: 1, .. }));
     assert!(matches!(dev.reply(), ServerMsg::Reply { id: 2, .. }));

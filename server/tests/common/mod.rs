@@ -102,3 +102,13 @@ pub fn closed(s: &mut TcpStream) -> bool {
     let mut b = [0u8; 64];
     matches!(s.read(&mut b), Ok(0) | Err(_))
 }
+
+/// Create direct conversation `conv` between `a` and `b`.
+pub fn direct(c: &mut timeline_server::Client, conv: u64, a: u64, b: u64) {
+    let r = c.call(&Request::CreateConversation {
+        conv,
+        kind: protocol::ConvKind::Direct,
+        members: vec![a, b],
+    });
+    assert_eq!(r.unwrap(), Response::CreateConversation(1));
+}
