@@ -53,6 +53,42 @@ fn loom_mailbox_wakes_consumer_and_blocked_producers() {
 }
 
 #[test]
+fn loom_mailbox_room_wakes_a_registered_signal() {
+    // A producer that must not block (a worker with its own mailboxes)
+    // registers its signal for room, retries, and sleeps on the signal: the
+    // consumer's pop must wake it, whatever the interleaving.
+    model(|| {
+        let sig = Arc::new(Signal::default());
+        let mb = Arc::new(Mailbox::new(1, sig.clone()));
+        assert!(mb.try_push(1).is_ok()); // full
+        let p = {
+            let mb = mb.clone();
+            thread::spawn(move || {
+                let mine = Arc::new(Signal::default());
+                let mut v = 2;
+                loop {
+                    match mb.try_push(v) {
+                        Ok(()) => return true,
+                        Err(super::mailbox::PushError::Full(x)) => v = x,
+                        Err(super::mailbox::PushError::Closed(_)) => return false,
+                    }
+                    mb.notify_on_room(&mine);
+                    match mb.try_push(v) {
+                        Ok(()) => return true,
+                        Err(super::mailbox::PushError::Full(x)) => v = x,
+                        Err(super::mailbox::PushError::Closed(_)) => return false,
+                    }
+                    mine.wait();
+                }
+            })
+        };
+        let got = consume(&mb, &sig, 2);
+        assert!(p.join().unwrap());
+        assert_eq!(got, vec![1, 2]);
+    });
+}
+
+#[test]
 fn loom_mailbox_two_mailboxes_one_signal() {
     // A worker sleeps on one signal for its request and delivery mailboxes.
     model(|| {

@@ -5,7 +5,10 @@
 //!   or wakes it. The consumer may serve several mailboxes with one
 //!   [`Signal`].
 //! * When the queue is full, [`Mailbox::push`] blocks the producer until the
-//!   consumer makes room (backpressure: nothing is dropped).
+//!   consumer makes room (backpressure: nothing is dropped). A producer that
+//!   must not block (a worker, which also has its own mailboxes to serve)
+//!   registers its own [`Signal`] with [`Mailbox::notify_on_room`] and
+//!   sleeps on it: room or new work wakes it, no polling.
 //!   [`Mailbox::try_push`] hands the item back instead (workers use it for
 //!   worker-to-worker traffic, where blocking could deadlock two workers that
 //!   feed each other).
@@ -121,9 +124,12 @@ pub(crate) enum PushError<T> {
 pub(crate) struct Mailbox<T> {
     queue: ArrayQueue<T>,
     consumer: sync::Arc<Signal>,
-    /// Producers blocked in `push` on a full queue.
+    /// Producers blocked in `push` on a full queue, plus signals waiting for
+    /// room (`notify_on_room`).
     waiting: AtomicUsize,
-    space_lock: Mutex<()>,
+    /// The signals to notify when room is made (under the lock the blocked
+    /// producers' condvar uses).
+    space_lock: Mutex<Vec<sync::Arc<Signal>>>,
     space: Condvar,
     closed: AtomicBool,
 }
@@ -134,7 +140,7 @@ impl<T> Mailbox<T> {
             queue: ArrayQueue::new(capacity.max(1)),
             consumer,
             waiting: AtomicUsize::new(0),
-            space_lock: Mutex::new(()),
+            space_lock: Mutex::new(Vec::new()),
             space: Condvar::new(),
             closed: AtomicBool::new(false),
         }
@@ -202,13 +208,33 @@ impl<T> Mailbox<T> {
         self.queue.pop()
     }
 
-    /// Wake producers blocked on a full queue, if any.
+    /// Wake producers blocked on a full queue, and the signals waiting for
+    /// room, if any.
     pub(crate) fn made_room(&self) {
         // An RMW, not a load: see `push`.
         if self.waiting.fetch_add(0, Ordering::AcqRel) > 0 {
-            let _g = sync::lock(&self.space_lock);
+            let mut g = sync::lock(&self.space_lock);
+            let signals = std::mem::take(&mut *g);
+            self.waiting.fetch_sub(signals.len(), Ordering::AcqRel);
             self.space.notify_all();
+            drop(g);
+            for s in signals {
+                s.notify();
+            }
         }
+    }
+
+    /// Notify `s` the next time the consumer makes room (once). The caller
+    /// retries its push after registering, then sleeps on `s`: a pop between
+    /// its failed push and the registration is seen by the retry, a later
+    /// one by `made_room` (both sides RMW `waiting`, as in `push`).
+    pub(crate) fn notify_on_room(&self, s: &sync::Arc<Signal>) {
+        let mut g = sync::lock(&self.space_lock);
+        if g.iter().any(|x| sync::Arc::ptr_eq(x, s)) {
+            return;
+        }
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        g.push(s.clone());
     }
 
     /// Refuse further pushes; wake the consumer and every blocked producer.
@@ -216,8 +242,14 @@ impl<T> Mailbox<T> {
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.consumer.notify();
-        let _g = sync::lock(&self.space_lock);
+        let mut g = sync::lock(&self.space_lock);
+        let signals = std::mem::take(&mut *g);
+        self.waiting.fetch_sub(signals.len(), Ordering::AcqRel);
         self.space.notify_all();
+        drop(g);
+        for s in signals {
+            s.notify();
+        }
     }
 
     pub(crate) fn is_closed(&self) -> bool {

@@ -49,7 +49,7 @@ use hashbrown::HashMap;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use timeline_engine::{Durability, Keyspace, SeqId, TimelineId};
 
 /// Add or remove a group member.
@@ -292,17 +292,24 @@ impl Worker {
         self.inflight.values().all(|b| b.is_finished_or_deferred())
     }
 
-    /// Sleep until there is work: a wake-up, or the stall's retry time.
-    fn idle_wait(&self) {
-        let me = &self.sh.workers[self.p];
-        if !self.outbox.is_empty() {
-            // A receiving worker is full: it drains on its own; retry soon.
-            std::thread::sleep(Duration::from_micros(50));
-        } else if let Some(at) = self.inbox.retry_at() {
-            me.signal
-                .wait_timeout(at.saturating_duration_since(Instant::now()));
-        } else {
-            me.signal.wait();
+    /// Sleep until there is work: a wake-up, room in a full receiving
+    /// worker, or the stall's retry time. Never a sleep-poll.
+    fn idle_wait(&mut self) {
+        let sh = self.sh.clone();
+        let me = &sh.workers[self.p];
+        if let Some(&(q, _)) = self.outbox.front() {
+            // A receiving worker is full: ask it to wake us when it makes
+            // room, then try once more (room made before the registration).
+            sh.workers[q].deliveries.notify_on_room(&me.signal);
+            if self.flush_outbox() {
+                return;
+            }
+        }
+        match self.inbox.retry_at() {
+            Some(at) => me
+                .signal
+                .wait_timeout(at.saturating_duration_since(Instant::now())),
+            None => me.signal.wait(),
         }
     }
 
