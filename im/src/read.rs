@@ -166,6 +166,10 @@ pub(crate) fn sync(
         // conversation's entries in seq order.
         return Ok(reply);
     }
+    // One page in all: what the sync timeline left of `limit` is shared by
+    // the groups, in order; a group left out for want of room makes the
+    // reply say `has_more` (the next sync serves it).
+    let mut budget = limit.saturating_sub(reply.entries.len());
     for conv in convs {
         let p = sh.conv_shard(conv);
         let (iv, lo, hi) = {
@@ -196,10 +200,15 @@ pub(crate) fn sync(
             .find(|g| g.0 == conv)
             .map_or(lo - 1, |g| g.1)
             .max(lo - 1);
-        if cp >= hi || limit == 0 {
+        if cp >= hi {
             continue;
         }
-        let n = (hi - cp).min(limit as u64) as usize;
+        if budget == 0 {
+            reply.has_more = true;
+            continue;
+        }
+        let n = (hi - cp).min(budget as u64) as usize;
+        budget -= n;
         bump(&sh.stats.store_reads, 1);
         let recs = sh
             .engine

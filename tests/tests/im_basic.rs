@@ -410,3 +410,51 @@ fn recovery_completes_a_torn_creation() {
     }
     assert!(whole > 0 && absent > 0, "whole {whole}, absent {absent}");
 }
+
+#[test]
+fn one_sync_page_is_one_budget_for_the_timeline_and_every_group() {
+    // Three read-fan-out groups with 8 messages each: a page of 5 holds at
+    // most 5 entries in all, says has_more while any group has more, and
+    // paging with the returned checkpoints yields every message once.
+    let dir = tempfile::tempdir().unwrap();
+    let im = Im::open(dir.path(), cfg(), im_cfg(2)).unwrap();
+    for g in 0..3u64 {
+        im.create_conversation(10 + g, ConvKind::Group, &[1, 2, 3])
+            .unwrap(); // 3 members > 2: read fan-out from the start
+        for k in 0..8u64 {
+            im.send(10 + g, 2, 100 * g + k + 1, b"m").unwrap();
+        }
+    }
+    let (mut cp, mut groups) = (0u64, Vec::<(u64, u64)>::new());
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..100 {
+        let s = im.sync(1, cp, 5, &groups).unwrap();
+        let n = s.entries.len() + s.groups.iter().map(|g| g.entries.len()).sum::<usize>();
+        assert!(n <= 5, "a page of 5 held {n}");
+        cp = s.checkpoint;
+        for e in &s.entries {
+            assert!(seen.insert((e.entry.conv, e.entry.conv_seq)));
+        }
+        for g in &s.groups {
+            for e in &g.entries {
+                assert!(
+                    seen.insert((g.conv, e.conv_seq)),
+                    "twice: {}/{}",
+                    g.conv,
+                    e.conv_seq
+                );
+            }
+            match groups.iter_mut().find(|x| x.0 == g.conv) {
+                Some(x) => x.1 = g.checkpoint,
+                None => groups.push((g.conv, g.checkpoint)),
+            }
+        }
+        let more = s.has_more || s.groups.iter().any(|g| g.has_more);
+        if !more {
+            break;
+        }
+    }
+    let msgs = seen.iter().filter(|(c, s)| *c >= 10 && *s >= 2).count();
+    assert_eq!(msgs, 3 * 8, "{seen:?}");
+    im.close().unwrap();
+}

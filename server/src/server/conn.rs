@@ -298,18 +298,32 @@ impl Conn {
             self.dirty = true;
             return false;
         };
+        if self.closing {
+            // Nothing follows a connection's last frame (CLOSED, TIMEOUT).
+            self.queued.sub(len);
+            return false;
+        }
         let id = self.subs[i].id;
         let behind_reply = self.subs[i]
             .reply_slot
             .is_some_and(|s| s >= self.first_slot);
+        let first = self.first_slot;
+        let waiting_reply = self.subs[i]
+            .reply_slot
+            .and_then(|s| s.checked_sub(first))
+            .and_then(|k| self.slots.get_mut(k as usize));
         if behind_reply {
-            // Queued in order behind its SUBSCRIBE reply and the pushes of
-            // this subscription already queued: the subscription stays
-            // "behind" until this one is out too.
-            let mut b = Vec::with_capacity(len);
-            encode_push_frame(id, p, &mut b);
-            self.slots.push_back(Slot::Ready(b));
-            self.subs[i].reply_slot = Some(self.first_slot + self.slots.len() as u64 - 1);
+            // Right behind its SUBSCRIBE reply (and the pushes already
+            // there), in that reply's own slot: it leaves with the reply,
+            // not behind requests read since. (The reply is always there:
+            // SUBSCRIBE fills its slot at once.)
+            match waiting_reply {
+                Some(Slot::Ready(buf)) => encode_push_frame(id, p, buf),
+                _ => {
+                    self.queued.sub(len);
+                    return false;
+                }
+            }
         } else {
             self.subs[i].reply_slot = None;
             encode_push_frame(id, p, &mut self.out);

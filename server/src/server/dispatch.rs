@@ -358,7 +358,7 @@ fn execute(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, r: Request<'_>) -> Result<()
             }
             // The reply (a seq per item) must fit the client's frame: say
             // so before anything is written.
-            let reply = Response::AppendBatch(vec![0; items.len()]).encoded_len();
+            let reply = protocol::HEADER_LEN + 4 + 8 * items.len();
             if reply > conn.session.client_max {
                 let max = conn.session.client_max;
                 return Err(ErrorReply::new(
@@ -425,7 +425,7 @@ fn execute(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, r: Request<'_>) -> Result<()
             limit,
             groups,
         } if sh.read_pool.is_some() => {
-            let limit = sync_limit(sh, conn, limit, groups.len());
+            let limit = page_limit(sh, conn, limit);
             return off_loop(ctx, conn, id, Opcode::SYNC, move |sh| {
                 sh.im
                     .sync(user, checkpoint, limit, &groups)
@@ -439,14 +439,9 @@ fn execute(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, r: Request<'_>) -> Result<()
             limit,
             groups,
         } => Response::Sync(
-            im.sync(
-                user,
-                checkpoint,
-                sync_limit(sh, conn, limit, groups.len()),
-                &groups,
-            )
-            .map_err(ie)?
-            .wire(),
+            im.sync(user, checkpoint, page_limit(sh, conn, limit), &groups)
+                .map_err(ie)?
+                .wire(),
         ),
         Request::History {
             conv,
@@ -799,16 +794,6 @@ fn subscribe(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, user: u64) -> Result<(), E
         reply_slot,
     });
     Ok(())
-}
-
-/// A SYNC's limit applies to the user's timeline and to each read-fan-out
-/// group it lists: share the page between them so the reply still fits.
-fn sync_limit(sh: &Shared, conn: &Conn, asked: u32, groups: usize) -> usize {
-    let n = page_limit(sh, conn, asked);
-    if n == 0 {
-        return 0;
-    }
-    (n / (1 + groups)).max(1)
 }
 
 /// Entries a SYNC or HISTORY page may hold so that its reply fits the

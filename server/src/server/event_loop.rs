@@ -197,7 +197,10 @@ impl EventLoop {
                 }
             }
             self.drain_inbox(now);
-            for idx in std::mem::take(&mut self.again) {
+            let mut again = std::mem::take(&mut self.again);
+            again.sort_unstable();
+            again.dedup(); // one pump (one share of reads) per turn each
+            for idx in again {
                 self.pump(idx, now);
             }
             self.fire_timers(now);
