@@ -213,14 +213,20 @@ impl<T> Mailbox<T> {
     pub(crate) fn made_room(&self) {
         // An RMW, not a load: see `push`.
         if self.waiting.fetch_add(0, Ordering::AcqRel) > 0 {
-            let mut g = sync::lock(&self.space_lock);
-            let signals = std::mem::take(&mut *g);
-            self.waiting.fetch_sub(signals.len(), Ordering::AcqRel);
-            self.space.notify_all();
-            drop(g);
-            for s in signals {
-                s.notify();
-            }
+            self.wake_all();
+        }
+    }
+
+    /// Wake every producer blocked in `push` and every registered signal
+    /// (each registration is good for one wake-up).
+    fn wake_all(&self) {
+        let mut g = sync::lock(&self.space_lock);
+        let signals = std::mem::take(&mut *g);
+        self.waiting.fetch_sub(signals.len(), Ordering::AcqRel);
+        self.space.notify_all();
+        drop(g);
+        for s in signals {
+            s.notify();
         }
     }
 
@@ -242,14 +248,7 @@ impl<T> Mailbox<T> {
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.consumer.notify();
-        let mut g = sync::lock(&self.space_lock);
-        let signals = std::mem::take(&mut *g);
-        self.waiting.fetch_sub(signals.len(), Ordering::AcqRel);
-        self.space.notify_all();
-        drop(g);
-        for s in signals {
-            s.notify();
-        }
+        self.wake_all();
     }
 
     pub(crate) fn is_closed(&self) -> bool {
