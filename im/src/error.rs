@@ -39,6 +39,11 @@ pub enum ImError {
     /// The IM layer is shutting down.
     #[error("IM layer is closed")]
     Closed,
+    /// A [`NoWait`](crate::NoWait) call found the worker's queue full:
+    /// nothing was queued; retry once its [`RoomWaker`](crate::RoomWaker)
+    /// runs.
+    #[error("the IM worker's queue is full; retry when it has room")]
+    Busy,
 }
 
 impl ImError {
@@ -64,6 +69,7 @@ impl ImError {
                 reason: reason.clone(),
             },
             ImError::Closed => ImError::Closed,
+            ImError::Busy => ImError::Busy,
         }
     }
 }

@@ -23,6 +23,7 @@
 //! latch, completion window) on the `sync` facade that loom swaps in.
 //! Layout and the reasoning behind it: `docs/design.md`, "IM layer".
 
+mod admit;
 mod directory;
 pub mod entry;
 mod error;
@@ -35,14 +36,16 @@ mod sync;
 mod types;
 mod worker;
 
+pub use admit::{NoWait, RoomWaker};
 pub use entry::{ConvKind, EventKind};
 pub use error::{ImError, Result};
 pub use pending::Pending;
 pub(crate) use pending::{pending, Reply};
 pub use subscribe::{Push, PushSink, Subscription};
 
-use crate::fanout::mailbox::{Mailbox, Signal};
+use crate::fanout::mailbox::{Mailbox, PushError, RoomWaiter, Signal};
 use crate::fanout::watermark::CompletionWindow;
+use admit::WhenFull;
 use directory::Directory;
 use parking_lot::Mutex;
 use std::path::Path;
@@ -231,19 +234,41 @@ impl Im {
         self.shared.engine.config().max_payload - entry::STORE_HEADER - 64
     }
 
-    fn to_conv_worker(&self, conv: ConvId, r: Request) -> Result<()> {
+    fn to_conv_worker(&self, conv: ConvId, r: Request, when: WhenFull<'_>) -> Result<()> {
         let p = self.shared.conv_shard(conv);
-        self.submit(p, r)
+        self.submit(p, r, when)
     }
 
-    fn submit(&self, p: usize, r: Request) -> Result<()> {
+    /// Queue `r` for worker `p`; a full mailbox waits, or refuses with
+    /// [`ImError::Busy`] after registering the caller's waker (then retries
+    /// once: room made before the registration is not missed).
+    fn submit(&self, p: usize, r: Request, when: WhenFull<'_>) -> Result<()> {
         if self.shared.closing.load(Ordering::Acquire) {
             return Err(ImError::Closed);
         }
-        self.shared.workers[p]
-            .requests
-            .push(r)
-            .map_err(|_| ImError::Closed)
+        let mb = &self.shared.workers[p].requests;
+        let waker = match when {
+            WhenFull::Wait => return mb.push(r).map_err(|_| ImError::Closed),
+            WhenFull::Notify(w) => w,
+        };
+        let r = match mb.try_push(r) {
+            Ok(()) => return Ok(()),
+            Err(PushError::Closed(_)) => return Err(ImError::Closed),
+            Err(PushError::Full(r)) => r,
+        };
+        mb.notify_on_room(RoomWaiter::Call(waker.clone()));
+        match mb.try_push(r) {
+            Ok(()) => Ok(()),
+            Err(PushError::Closed(_)) => Err(ImError::Closed),
+            Err(PushError::Full(_)) => Err(ImError::Busy),
+        }
+    }
+
+    /// The `*_async` calls in a form that never blocks the calling thread:
+    /// where the worker is full they fail with [`ImError::Busy`] and
+    /// `waker` runs once there is room (retry then). For event loops.
+    pub fn no_wait<'a>(&'a self, waker: &'a RoomWaker) -> NoWait<'a> {
+        NoWait::new(self, waker)
     }
 
     /// Create a conversation with its first members (a direct one has
@@ -291,6 +316,7 @@ impl Im {
                 members: ms,
                 reply: tx,
             },
+            WhenFull::Wait,
         )?;
         // A pending fan-out (FanoutFailed) means stored: the rest of the
         // members still go in, and the caller learns it at the end.
@@ -331,12 +357,12 @@ impl Im {
 
     /// [`add_member`](Self::add_member) without waiting.
     pub fn add_member_async(&self, conv: ConvId, user: UserId) -> Result<Pending<SeqId>> {
-        self.member_op(conv, user, MemberChange::Add)
+        self.member_op(conv, user, MemberChange::Add, WhenFull::Wait)
     }
 
     /// [`remove_member`](Self::remove_member) without waiting.
     pub fn remove_member_async(&self, conv: ConvId, user: UserId) -> Result<Pending<SeqId>> {
-        self.member_op(conv, user, MemberChange::Remove)
+        self.member_op(conv, user, MemberChange::Remove, WhenFull::Wait)
     }
 
     fn member_op(
@@ -344,6 +370,7 @@ impl Im {
         conv: ConvId,
         user: UserId,
         change: MemberChange,
+        when: WhenFull<'_>,
     ) -> Result<Pending<SeqId>> {
         check_id("user", user)?;
         let (tx, rx) = pending();
@@ -355,6 +382,7 @@ impl Im {
                 change,
                 reply: tx,
             },
+            when,
         )?;
         Ok(rx)
     }
@@ -385,6 +413,17 @@ impl Im {
         client_msg_id: u64,
         payload: &[u8],
     ) -> Result<Pending<SendAck>> {
+        self.send_with(conv, sender, client_msg_id, payload, WhenFull::Wait)
+    }
+
+    fn send_with(
+        &self,
+        conv: ConvId,
+        sender: UserId,
+        client_msg_id: u64,
+        payload: &[u8],
+        when: WhenFull<'_>,
+    ) -> Result<Pending<SendAck>> {
         let max = self.max_body();
         if payload.len() > max {
             return Err(ImError::InvalidArgument(format!(
@@ -402,6 +441,7 @@ impl Im {
                 payload: payload.to_vec(),
                 reply: tx,
             },
+            when,
         )?;
         Ok(rx)
     }
@@ -420,6 +460,16 @@ impl Im {
         user: UserId,
         target: SeqId,
     ) -> Result<Pending<SeqId>> {
+        self.recall_with(conv, user, target, WhenFull::Wait)
+    }
+
+    fn recall_with(
+        &self,
+        conv: ConvId,
+        user: UserId,
+        target: SeqId,
+        when: WhenFull<'_>,
+    ) -> Result<Pending<SeqId>> {
         let (tx, rx) = pending();
         self.to_conv_worker(
             conv,
@@ -429,6 +479,7 @@ impl Im {
                 target,
                 reply: tx,
             },
+            when,
         )?;
         Ok(rx)
     }
@@ -447,7 +498,7 @@ impl Im {
         conv: ConvId,
         seq: SeqId,
     ) -> Result<Pending<SeqId>> {
-        self.user_mark(user, conv, seq, Mark::Read)
+        self.user_mark(user, conv, seq, Mark::Read, WhenFull::Wait)
     }
 
     /// Delete message `seq` of `conv` for `user` only (its devices learn it
@@ -464,7 +515,7 @@ impl Im {
         conv: ConvId,
         seq: SeqId,
     ) -> Result<Pending<SeqId>> {
-        self.user_mark(user, conv, seq, Mark::Delete)
+        self.user_mark(user, conv, seq, Mark::Delete, WhenFull::Wait)
     }
 
     /// Read markers and deletes-for-me go to the user's worker (it owns the
@@ -475,6 +526,7 @@ impl Im {
         conv: ConvId,
         seq: SeqId,
         mark: Mark,
+        when: WhenFull<'_>,
     ) -> Result<Pending<SeqId>> {
         check_id("user", user)?;
         let (tx, rx) = pending();
@@ -487,6 +539,7 @@ impl Im {
                 mark,
                 reply: tx,
             },
+            when,
         )?;
         Ok(rx)
     }

@@ -314,24 +314,74 @@ pub(crate) fn conversations(sh: &Shared, user: UserId) -> Result<Vec<ConvSummary
     let mut out = Vec::with_capacity(convs.len());
     for conv in convs {
         let p = sh.conv_shard(conv);
-        let g = sh.dir.convs[p].read();
-        let Some(c) = g.get(&conv) else { continue };
-        let Some(iv) = c.members.get(&user) else {
-            continue;
+        let (kind, iv, last_seq, read_fanout) = {
+            let g = sh.dir.convs[p].read();
+            let Some(c) = g.get(&conv) else { continue };
+            let Some(iv) = c.members.get(&user) else {
+                continue;
+            };
+            let last = c.visible.get().min(iv.last().map_or(0, |l| l.1));
+            (c.kind, iv.clone(), last, c.read_since != 0)
         };
-        let last_seq = c.visible.get().min(iv.last().map_or(0, |l| l.1));
         let read_seq = read.get(&conv).copied().unwrap_or(0);
+        let skip = not_unread(sh, conv, user, &iv, read_seq, last_seq)?;
         out.push(ConvSummary {
             conv,
-            kind: c.kind,
+            kind,
             last_seq,
             read_seq,
-            unread: count_within(iv, read_seq, last_seq),
-            member: is_current(iv),
-            read_fanout: c.read_since != 0,
+            unread: count_within(&iv, read_seq, last_seq).saturating_sub(skip),
+            member: is_current(&iv),
+            read_fanout,
         });
     }
     Ok(out)
+}
+
+/// A message or recall of `user`'s (events carry no sender).
+fn sent_by(e: &StoreEntry<'_>, user: UserId) -> bool {
+    matches!(e.kind, EventKind::Message | EventKind::Recall) && e.sender == user
+}
+
+/// How many entries in `(after, upto]` within the member's stays are not
+/// unread although counted as seqs: those `user` sent itself, and those a
+/// store TTL dropped (nobody can read them any more). Read from the
+/// conversation's store timeline, so it holds across restarts without a
+/// counter to keep; the cost grows with the unread count, not with the
+/// history.
+fn not_unread(
+    sh: &Shared,
+    conv: ConvId,
+    user: UserId,
+    iv: &crate::directory::Intervals,
+    after: u64,
+    upto: u64,
+) -> Result<u64> {
+    const PAGE: usize = 1024;
+    let tl = TimelineId::store(conv);
+    let mut skip = 0;
+    for &(a, b) in iv {
+        let (mut lo, hi) = (a.max(after.saturating_add(1)), b.min(upto));
+        while lo <= hi {
+            let n = ((hi - lo + 1).min(PAGE as u64)) as usize;
+            let recs = match sh.engine.scan(tl, lo, n, Direction::Forward) {
+                Err(Error::Truncated { first_retained, .. }) if first_retained > lo => {
+                    skip += first_retained.min(hi + 1) - lo;
+                    lo = first_retained;
+                    continue;
+                }
+                r => r?,
+            };
+            let Some(last) = recs.last() else { break };
+            for r in &recs {
+                if r.seq <= hi && sent_by(&StoreEntry::decode(&r.payload)?, user) {
+                    skip += 1;
+                }
+            }
+            lo = last.seq + 1;
+        }
+    }
+    Ok(skip)
 }
 
 pub(crate) fn members(sh: &Shared, conv: ConvId) -> Result<Vec<UserId>> {

@@ -153,7 +153,8 @@ pub struct ConvSummary {
     /// The newest seq this user can see (its removal event if it left).
     pub last_seq: SeqId,
     pub read_seq: SeqId,
-    /// `last_seq - read_seq`, never negative.
+    /// Entries after `read_seq` up to `last_seq` that the user could read
+    /// (inside its stays as a member) and did not send itself.
     pub unread: u64,
     pub member: bool,
     pub read_fanout: bool,

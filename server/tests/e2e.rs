@@ -900,7 +900,7 @@ fn subscriptions_per_connection_are_limited() {
 #[test]
 fn deferred_errors_count_and_pages_and_unread_mean_what_the_document_says() {
     let dir = tempfile::tempdir().unwrap();
-    let srv = server(dir.path());
+    let mut srv = server(dir.path());
     let mut c = Client::connect(srv.local_addr(), &[]).unwrap();
     let errors = |c: &mut Client| match c.call(&Request::Stats).unwrap() {
         Response::Stats(kv) => kv.iter().find(|(k, _)| k == "request_errors").unwrap().1,
@@ -950,6 +950,23 @@ fn deferred_errors_count_and_pages_and_unread_mean_what_the_document_says() {
             assert_eq!((v[0].conv, v[0].last_seq, v[0].unread), (5, 6, 2))
         }
         r => panic!("{r:?}"),
+    }
+    // Unread for 1: everything but its own three messages (Created, the
+    // MemberAdded of 3, and 2's message), after a restart too: the count
+    // is read from the store, not kept in memory.
+    for restart in [false, true] {
+        if restart {
+            drop(c);
+            srv.shutdown().unwrap();
+            srv = server(dir.path());
+            c = Client::connect(srv.local_addr(), &[]).unwrap();
+        }
+        match c.call(&Request::Conversations { user: 1 }).unwrap() {
+            Response::Conversations(v) => {
+                assert_eq!((v[0].last_seq, v[0].unread), (6, 3), "restart {restart}")
+            }
+            r => panic!("{r:?}"),
+        }
     }
     // limit 0: no entries, and has_more says whether there is something.
     for (from, more) in [

@@ -186,6 +186,9 @@ fn read_markers_recall_and_delete() {
     }
     let c = &im.conversations(2).unwrap()[0];
     assert_eq!((c.last_seq, c.unread), (6, 6));
+    // The sender's own messages are not unread to it: only `Created`.
+    let c = &im.conversations(1).unwrap()[0];
+    assert_eq!((c.last_seq, c.unread), (6, 1));
     assert_eq!(im.mark_read(2, 3, 4).unwrap(), 4);
     assert_eq!(im.mark_read(2, 3, 2).unwrap(), 4, "never lowered");
     assert_eq!(

@@ -3,7 +3,7 @@
 //! A lost wake-up shows up as a loom deadlock; a missing Release/Acquire as a
 //! failed assertion in some interleaving.
 
-use super::mailbox::{Mailbox, Signal};
+use super::mailbox::{Mailbox, RoomWaiter, Signal};
 use super::watermark::{CompletionWindow, Latch, Watermark};
 use crate::sync::{Arc, AtomicU64, Ordering};
 use loom::thread;
@@ -72,7 +72,7 @@ fn loom_mailbox_room_wakes_a_registered_signal() {
                         Err(super::mailbox::PushError::Full(x)) => v = x,
                         Err(super::mailbox::PushError::Closed(_)) => return false,
                     }
-                    mb.notify_on_room(&mine);
+                    mb.notify_on_room(RoomWaiter::Signal(mine.clone()));
                     match mb.try_push(v) {
                         Ok(()) => return true,
                         Err(super::mailbox::PushError::Full(x)) => v = x,

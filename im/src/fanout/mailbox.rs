@@ -8,7 +8,9 @@
 //!   consumer makes room (backpressure: nothing is dropped). A producer that
 //!   must not block (a worker, which also has its own mailboxes to serve)
 //!   registers its own [`Signal`] with [`Mailbox::notify_on_room`] and
-//!   sleeps on it: room or new work wakes it, no polling.
+//!   sleeps on it: room or new work wakes it, no polling. A caller that
+//!   must never block at all (a server's event loop) registers a callback
+//!   instead and retries when it runs.
 //!   [`Mailbox::try_push`] hands the item back instead (workers use it for
 //!   worker-to-worker traffic, where blocking could deadlock two workers that
 //!   feed each other).
@@ -114,6 +116,34 @@ impl Signal {
     }
 }
 
+/// A caller to tell, once, that a full mailbox has room again.
+pub(crate) enum RoomWaiter {
+    /// A worker sleeping on its signal.
+    Signal(sync::Arc<Signal>),
+    /// A caller that must never block (an event loop): a callback that
+    /// schedules its retry.
+    Call(std::sync::Arc<dyn Fn() + Send + Sync>),
+}
+
+impl RoomWaiter {
+    fn same(&self, other: &RoomWaiter) -> bool {
+        match (self, other) {
+            (RoomWaiter::Signal(a), RoomWaiter::Signal(b)) => sync::Arc::ptr_eq(a, b),
+            (RoomWaiter::Call(a), RoomWaiter::Call(b)) => {
+                std::ptr::addr_eq(std::sync::Arc::as_ptr(a), std::sync::Arc::as_ptr(b))
+            }
+            _ => false,
+        }
+    }
+
+    fn wake(self) {
+        match self {
+            RoomWaiter::Signal(s) => s.notify(),
+            RoomWaiter::Call(f) => f(),
+        }
+    }
+}
+
 /// Why a push did not take.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum PushError<T> {
@@ -127,9 +157,9 @@ pub(crate) struct Mailbox<T> {
     /// Producers blocked in `push` on a full queue, plus signals waiting for
     /// room (`notify_on_room`).
     waiting: AtomicUsize,
-    /// The signals to notify when room is made (under the lock the blocked
+    /// Who to tell when room is made (under the lock the blocked
     /// producers' condvar uses).
-    space_lock: Mutex<Vec<sync::Arc<Signal>>>,
+    space_lock: Mutex<Vec<RoomWaiter>>,
     space: Condvar,
     closed: AtomicBool,
 }
@@ -221,26 +251,27 @@ impl<T> Mailbox<T> {
     /// (each registration is good for one wake-up).
     fn wake_all(&self) {
         let mut g = sync::lock(&self.space_lock);
-        let signals = std::mem::take(&mut *g);
-        self.waiting.fetch_sub(signals.len(), Ordering::AcqRel);
+        let waiters = std::mem::take(&mut *g);
+        self.waiting.fetch_sub(waiters.len(), Ordering::AcqRel);
         self.space.notify_all();
         drop(g);
-        for s in signals {
-            s.notify();
+        for w in waiters {
+            w.wake();
         }
     }
 
-    /// Notify `s` the next time the consumer makes room (once). The caller
-    /// retries its push after registering, then sleeps on `s`: a pop between
-    /// its failed push and the registration is seen by the retry, a later
-    /// one by `made_room` (both sides RMW `waiting`, as in `push`).
-    pub(crate) fn notify_on_room(&self, s: &sync::Arc<Signal>) {
+    /// Wake `w` the next time the consumer makes room (once). The caller
+    /// retries its push after registering, then sleeps (or returns): a pop
+    /// between its failed push and the registration is seen by the retry, a
+    /// later one by `made_room` (both sides RMW `waiting`, as in `push`).
+    /// A waiter already registered is not added twice.
+    pub(crate) fn notify_on_room(&self, w: RoomWaiter) {
         let mut g = sync::lock(&self.space_lock);
-        if g.iter().any(|x| sync::Arc::ptr_eq(x, s)) {
+        if g.iter().any(|x| x.same(&w)) {
             return;
         }
         self.waiting.fetch_add(1, Ordering::AcqRel);
-        g.push(s.clone());
+        g.push(w);
     }
 
     /// Refuse further pushes; wake the consumer and every blocked producer.

@@ -41,7 +41,7 @@ pub(crate) use batch::apply_op;
 pub(crate) use deliver::Delivery;
 
 use crate::entry::{ConvKind, JournalRecord};
-use crate::fanout::mailbox::PushError;
+use crate::fanout::mailbox::{PushError, RoomWaiter};
 use crate::{bump, ConvId, ImError, Reply, SendAck, Shared, UserId};
 use batch::Batch;
 use deliver::Inbox;
@@ -300,7 +300,9 @@ impl Worker {
         if let Some(&(q, _)) = self.outbox.front() {
             // A receiving worker is full: ask it to wake us when it makes
             // room, then try once more (room made before the registration).
-            sh.workers[q].deliveries.notify_on_room(&me.signal);
+            sh.workers[q]
+                .deliveries
+                .notify_on_room(RoomWaiter::Signal(me.signal.clone()));
             if self.flush_outbox() {
                 return;
             }

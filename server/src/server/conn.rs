@@ -90,6 +90,11 @@ pub(crate) struct Conn {
     barrier: Option<u64>,
     /// Reads on the read pool not answered yet: writes wait for them.
     reads_in_flight: usize,
+    /// The next request's IM worker was full: the request stays unread
+    /// until the loop's room waker runs (`dispatch::admit`).
+    pub im_busy: bool,
+    /// On the loop's list of connections waiting for IM room.
+    pub im_listed: bool,
     pub session: Session,
     pub subs: Vec<Sub>,
     pub next_serial: u64,
@@ -125,6 +130,8 @@ impl Conn {
             first_slot: 0,
             barrier: None,
             reads_in_flight: 0,
+            im_busy: false,
+            im_listed: false,
             session: Session {
                 id: None,
                 client_max: default_max,
@@ -228,6 +235,7 @@ impl Conn {
             || self.queued.get() > MAX_QUEUED_BYTES
             || self.slots.len() >= max_owed
             || self.reads_in_flight >= MAX_READS_IN_FLIGHT
+            || self.im_busy
     }
 
     /// The next request is a write held until the reads before it are

@@ -1,9 +1,9 @@
 //! What a request does: decode, handshake, access control, then the engine
 //! or IM call. Runs on the connection's event loop and never blocks it:
-//! - answered at once: small reads (`GET`, `LAST_SEQ`, `MEMBERS`,
-//!   `CONVERSATIONS`), buffered appends, `SUBSCRIBE`; `SYNC`, `HISTORY` and
-//!   `SCAN` too with `--reads inline`, else on the read pool (a write read
-//!   after them waits for them);
+//! - answered at once: small reads (`GET`, `LAST_SEQ`, `MEMBERS`),
+//!   buffered appends, `SUBSCRIBE`; `SYNC`, `HISTORY`, `SCAN` and
+//!   `CONVERSATIONS` too with `--reads inline`, else on the read pool (a
+//!   write read after them waits for them);
 //! - completed later through the IM layer's completion handle (`SEND`,
 //!   membership changes, marks, recall) or the engine's ticket waited on by
 //!   the blocking pool (group commit); the reply keeps its place in order;
@@ -119,9 +119,14 @@ pub(crate) fn execute_input(ctx: &Ctx<'_>, conn: &mut Conn, input: &[u8]) -> usi
         }
         match protocol::decode(&input[pos..], ctx.sh.cfg.max_frame) {
             Ok(Some((f, used))) => {
+                handle(ctx, conn, &f);
+                if conn.im_busy {
+                    // Its IM worker is full: the frame stays unread and is
+                    // executed again once the worker has room.
+                    break;
+                }
                 pos += used;
                 ctx.sh.counters.requests.fetch_add(1, Ordering::Relaxed);
-                handle(ctx, conn, &f);
             }
             Ok(None) => break,
             Err(e) => {
@@ -163,7 +168,8 @@ pub(crate) fn is_write(input: &[u8]) -> bool {
     .contains(&op)
 }
 
-/// One frame.
+/// One frame. A frame whose IM worker is full is left for later: it sets
+/// `conn.im_busy` and changes nothing (see [`admit`]).
 fn handle(ctx: &Ctx<'_>, conn: &mut Conn, f: &protocol::Frame<'_>) {
     let sh = ctx.sh;
     let (id, op) = (f.header.request_id, f.header.opcode);
@@ -326,6 +332,8 @@ fn check_raw_write(sh: &Shared, t: protocol::TimelineId) -> Result<(), ErrorRepl
 fn execute(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, r: Request<'_>) -> Result<(), ErrorReply> {
     let sh = ctx.sh;
     let im = &sh.im;
+    // IM writes never wait for a full worker on the loop (see `admit`).
+    let nw = im.no_wait(&ctx.lp.room);
     let engine: &Engine = im.engine();
     let ie = |e: ImError| e.reply();
     let ee = |e: timeline_engine::Error| e.reply();
@@ -412,9 +420,10 @@ fn execute(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, r: Request<'_>) -> Result<()
             client_msg_id,
             payload,
         } => {
-            let p = im
-                .send_async(conv, sender, client_msg_id, payload)
-                .map_err(ie)?;
+            let r = nw.send_async(conv, sender, client_msg_id, payload);
+            let Some(p) = admit(conn, r)? else {
+                return Ok(());
+            };
             let slot = conn.defer();
             Answer::new(ctx, key, slot, id, Opcode::SEND).on_im(p, |a| Response::Send(a.wire()));
             return Ok(());
@@ -467,19 +476,35 @@ fn execute(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, r: Request<'_>) -> Result<()
                 .map_err(ie)?
                 .wire(),
         ),
+        Request::Conversations { user } if sh.read_pool.is_some() => {
+            // It reads each conversation's unread entries (whose they are).
+            return off_loop(ctx, conn, id, Opcode::CONVERSATIONS, move |sh| {
+                sh.im
+                    .conversations(user)
+                    .map(|r| Response::Conversations(r.wire()))
+                    .map_err(|e| e.reply())
+            });
+        }
         Request::Conversations { user } => {
             Response::Conversations(im.conversations(user).map_err(ie)?.wire())
         }
         Request::MarkRead { user, conv, seq } => {
-            let p = im.mark_read_async(user, conv, seq).map_err(ie)?;
+            let Some(p) = admit(conn, nw.mark_read_async(user, conv, seq))? else {
+                return Ok(());
+            };
             return barrier(ctx, conn, id, Opcode::MARK_READ, p, Response::MarkRead);
         }
         Request::Recall { conv, user, target } => {
-            let p = im.recall_async(conv, user, target).map_err(ie)?;
+            let Some(p) = admit(conn, nw.recall_async(conv, user, target))? else {
+                return Ok(());
+            };
             return barrier(ctx, conn, id, Opcode::RECALL, p, Response::Recall);
         }
         Request::DeleteForUser { user, conv, seq } => {
-            let p = im.delete_for_user_async(user, conv, seq).map_err(ie)?;
+            let r = nw.delete_for_user_async(user, conv, seq);
+            let Some(p) = admit(conn, r)? else {
+                return Ok(());
+            };
             let op = Opcode::DELETE_FOR_USER;
             return barrier(ctx, conn, id, op, p, Response::DeleteForUser);
         }
@@ -499,11 +524,15 @@ fn execute(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, r: Request<'_>) -> Result<()
             return Ok(());
         }
         Request::AddMember { conv, user } => {
-            let p = im.add_member_async(conv, user).map_err(ie)?;
+            let Some(p) = admit(conn, nw.add_member_async(conv, user))? else {
+                return Ok(());
+            };
             return barrier(ctx, conn, id, Opcode::ADD_MEMBER, p, Response::AddMember);
         }
         Request::RemoveMember { conv, user } => {
-            let p = im.remove_member_async(conv, user).map_err(ie)?;
+            let Some(p) = admit(conn, nw.remove_member_async(conv, user))? else {
+                return Ok(());
+            };
             let op = Opcode::REMOVE_MEMBER;
             return barrier(ctx, conn, id, op, p, Response::RemoveMember);
         }
@@ -564,6 +593,22 @@ fn off_loop(
         None => job(),
     }
     Ok(())
+}
+
+/// The outcome of an IM write submitted without waiting: `None` when its
+/// worker is full. The connection then stops (`im_busy`, so it reads
+/// nothing more) with the request left unread; the loop's room waker runs
+/// it again once the worker has room. A full worker is backpressure that
+/// reaches the client through TCP, never a blocked loop.
+fn admit<T>(conn: &mut Conn, r: Result<T, ImError>) -> Result<Option<T>, ErrorReply> {
+    match r {
+        Ok(t) => Ok(Some(t)),
+        Err(ImError::Busy) => {
+            conn.im_busy = true;
+            Ok(None)
+        }
+        Err(e) => Err(e.reply()),
+    }
 }
 
 /// An IM request whose effect the connection's next requests must see.

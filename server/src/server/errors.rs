@@ -50,6 +50,8 @@ impl ToReply for ImError {
             ImError::InvalidArgument(_) => (ErrorCode::INVALID_ARGUMENT, 0),
             ImError::FanoutFailed { seq, .. } => (ErrorCode::FANOUT_FAILED, *seq),
             ImError::Closed => (ErrorCode::CLOSED, 0),
+            // The server retries a full worker itself (dispatch::admit).
+            ImError::Busy => (ErrorCode::INTERNAL, 0),
         };
         ErrorReply::new(code, arg, e.to_string())
     }

@@ -6,7 +6,7 @@
 
 use super::conn::{Conn, Deadline, Sub, Timeouts};
 use super::dispatch;
-use super::Shared;
+use super::{Counters, Shared};
 use crate::protocol::Push;
 use crate::protocol::{ErrorCode, ErrorReply, Opcode};
 use crossbeam_channel::{unbounded, Receiver, Sender};
@@ -17,8 +17,9 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
+use timeline_im::RoomWaker;
 
 const WAKER: Token = Token(usize::MAX);
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -45,7 +46,7 @@ pub(crate) struct Key {
 /// What other threads hand a loop.
 pub(crate) enum Msg {
     /// A connection accepted by loop 0.
-    Conn(TcpStream),
+    Conn(Accepted),
     /// The answer of a deferred request (its encoded frame); `slot` is
     /// the connection's reply slot.
     Done {
@@ -68,7 +69,32 @@ pub(crate) enum Msg {
     Look {
         key: Key,
     },
+    /// An IM worker that was full has room: run the connections that
+    /// stopped on it again.
+    Room,
     Stop,
+}
+
+/// An accepted connection on its way to its loop, counted in
+/// `connections_open`: dropped before the loop takes it (the loop has
+/// stopped), it is uncounted again.
+pub(crate) struct Accepted {
+    stream: Option<TcpStream>,
+    counters: Arc<Counters>,
+}
+
+impl Accepted {
+    fn take(mut self) -> TcpStream {
+        self.stream.take().expect("taken once")
+    }
+}
+
+impl Drop for Accepted {
+    fn drop(&mut self) {
+        if self.stream.is_some() {
+            self.counters.open.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// The thread-safe end of a loop.
@@ -77,6 +103,8 @@ pub(crate) struct LoopHandle {
     waker: Waker,
     /// A wake-up is on its way: posts skip the waker's syscall.
     armed: AtomicBool,
+    /// Given to the IM layer when a worker is full: posts [`Msg::Room`].
+    pub(crate) room: RoomWaker,
 }
 
 impl LoopHandle {
@@ -119,6 +147,8 @@ pub(crate) struct EventLoop {
     dirty: Vec<usize>,
     /// Connections with more to read or execute: served next turn.
     again: Vec<usize>,
+    /// Connections stopped on a full IM worker (`Conn::im_busy`).
+    im_waiting: Vec<Key>,
     stopping: Option<Instant>,
 }
 
@@ -131,11 +161,20 @@ impl EventLoop {
             index,
             sh,
             poll,
-            handle: Arc::new(LoopHandle {
-                tx,
-                waker,
-                armed: AtomicBool::new(false),
+            handle: Arc::new_cyclic(|me: &Weak<LoopHandle>| {
+                let me = me.clone();
+                LoopHandle {
+                    tx,
+                    waker,
+                    armed: AtomicBool::new(false),
+                    room: Arc::new(move || {
+                        if let Some(lp) = me.upgrade() {
+                            lp.post(Msg::Room);
+                        }
+                    }),
+                }
             }),
+            im_waiting: Vec::new(),
             inbox,
             conns: Slab::new(),
             next_gen: 0,
@@ -252,12 +291,16 @@ impl EventLoop {
                     }
                     c.open.fetch_add(1, Ordering::AcqRel);
                     c.connections.fetch_add(1, Ordering::Relaxed);
+                    let accepted = Accepted {
+                        stream: Some(stream),
+                        counters: c.clone(),
+                    };
                     let to = a.next % a.loops.len();
                     a.next = a.next.wrapping_add(1);
                     if to == self.index {
-                        self.add_conn(stream, now);
+                        self.add_conn(accepted, now);
                     } else {
-                        a.loops[to].post(Msg::Conn(stream));
+                        a.loops[to].post(Msg::Conn(accepted));
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
@@ -287,7 +330,8 @@ impl EventLoop {
         }
     }
 
-    fn add_conn(&mut self, mut stream: TcpStream, now: Instant) {
+    fn add_conn(&mut self, accepted: Accepted, now: Instant) {
+        let mut stream = accepted.take();
         let _ = stream.set_nodelay(true);
         let entry = self.conns.vacant_entry();
         let idx = entry.key();
@@ -394,6 +438,11 @@ impl EventLoop {
         let Some(c) = self.conns.get_mut(idx) else {
             return;
         };
+        if c.im_busy && !c.im_listed {
+            c.im_listed = true;
+            self.im_waiting.push(c.key);
+            self.sh.counters.im_full.fetch_add(1, Ordering::Relaxed);
+        }
         c.close_if_done_after_eof(max_owed);
         c.trim_input();
         if c.draining && c.owed() == 0 && !c.paused(max_owed) && !c.has_whole_frame() {
@@ -499,6 +548,15 @@ impl EventLoop {
                 Msg::Look { key } => {
                     if self.live(key).is_some() {
                         self.mark_dirty(key.idx);
+                    }
+                }
+                Msg::Room => {
+                    for key in std::mem::take(&mut self.im_waiting) {
+                        if let Some(c) = self.live(key) {
+                            c.im_busy = false;
+                            c.im_listed = false;
+                            self.again.push(key.idx);
+                        }
                     }
                 }
                 Msg::Stop => self.begin_stop(now),

@@ -146,6 +146,8 @@ pub(crate) struct Counters {
     pub pushes: AtomicU64,
     pub resyncs: AtomicU64,
     pub timeouts: AtomicU64,
+    /// Times a connection stopped on a full IM worker (backpressure).
+    pub im_full: AtomicU64,
 }
 
 /// What every loop and pool thread shares.
@@ -385,6 +387,7 @@ pub(crate) fn stats(sh: &Shared) -> Vec<(String, u64)> {
         kv("pushes", g(&c.pushes)),
         kv("resyncs", g(&c.resyncs)),
         kv("timeouts", g(&c.timeouts)),
+        kv("im_backpressure", g(&c.im_full)),
         kv("threads", process_threads()),
         kv("io_threads", sh.io_threads as u64),
         kv("store_records", store.records),
