@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests, the crash-test child binaries
 //! and the fuzz targets; [`model`] is the engine's one model world.
 
+pub mod im_check;
 pub mod model;
 
 use std::path::Path;

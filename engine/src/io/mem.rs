@@ -12,8 +12,10 @@
 //! by `create_dir_all` are durable at once.
 //!
 //! [`MemIo::crash`] returns a new, independent `MemIo` holding the power-cut
-//! image. [`MemFaults`] injects a full disk, failing syncs, a torn write and
-//! torn (partially persisted) unsynced tails on crash.
+//! image. [`MemFaults`] injects a full disk, failing syncs, a torn write,
+//! torn (partially persisted) unsynced tails on crash, and the failure of
+//! the Nth I/O call of chosen kinds ([`FailAt`]), for sweeps over every
+//! call a workload makes.
 
 use super::{Io, IoFile, Mapping, OpenMode};
 use parking_lot::Mutex;
@@ -39,6 +41,67 @@ pub struct MemFaults {
     pub torn_tail_on_crash: bool,
     /// Seed of the xorshift generator used for torn tails.
     pub seed: u64,
+    /// Fail one counted I/O call (or every one from it on).
+    pub fail_at: Option<FailAt>,
+}
+
+/// The I/O calls [`MemIo`] counts, and [`FailAt`] can fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IoOp {
+    /// `open` with `CreateNew`.
+    Create,
+    Write,
+    SetLen,
+    /// `sync_data` (fdatasync).
+    Sync,
+    SyncDir,
+    Rename,
+    Remove,
+    /// `map` (mmap).
+    Map,
+}
+
+impl IoOp {
+    pub const ALL: [IoOp; 8] = [
+        IoOp::Create,
+        IoOp::Write,
+        IoOp::SetLen,
+        IoOp::Sync,
+        IoOp::SyncDir,
+        IoOp::Rename,
+        IoOp::Remove,
+        IoOp::Map,
+    ];
+}
+
+/// Fail the `nth` (from 1) I/O call among `ops` made since the faults were
+/// set. The failing call does nothing (a write writes no byte) and returns
+/// EIO, or `StorageFull` with `full`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailAt {
+    pub nth: u64,
+    /// The kinds that count; empty: all of them.
+    pub ops: Vec<IoOp>,
+    /// Every counted call from the `nth` on fails (a device that died),
+    /// not only the `nth` (a transient error).
+    pub sticky: bool,
+    pub full: bool,
+}
+
+impl FailAt {
+    /// A transient EIO at the `nth` call of any kind.
+    pub fn nth(nth: u64) -> FailAt {
+        FailAt {
+            nth,
+            ops: Vec::new(),
+            sticky: false,
+            full: false,
+        }
+    }
+
+    fn counts(&self, op: IoOp) -> bool {
+        self.ops.is_empty() || self.ops.contains(&op)
+    }
 }
 
 /// In-memory file system for tests. Clones share the same state.
@@ -69,6 +132,33 @@ struct Namespace {
 struct Ctl {
     faults: MemFaults,
     bytes_written: u64,
+    /// Calls made since the faults were set, per kind (`IoOp as usize`).
+    calls: [u64; 8],
+    /// Calls counted by `faults.fail_at`.
+    counted: u64,
+}
+
+impl Ctl {
+    /// Count a call of kind `op`; the injected error if it is to fail.
+    fn call(&mut self, op: IoOp) -> io::Result<()> {
+        self.calls[op as usize] += 1;
+        let Some(f) = &self.faults.fail_at else {
+            return Ok(());
+        };
+        if !f.counts(op) {
+            return Ok(());
+        }
+        self.counted += 1;
+        let fails = self.counted == f.nth || (f.sticky && self.counted > f.nth);
+        match (fails, f.full) {
+            (false, _) => Ok(()),
+            (true, true) => Err(io::Error::from(io::ErrorKind::StorageFull)),
+            (true, false) => Err(io::Error::other(format!(
+                "mem: injected EIO at {op:?} (call {})",
+                self.counted
+            ))),
+        }
+    }
 }
 
 struct Inner {
@@ -176,14 +266,34 @@ impl MemIo {
                 ctl: Mutex::new(Ctl {
                     faults,
                     bytes_written: 0,
+                    calls: [0; 8],
+                    counted: 0,
                 }),
             }),
         }
     }
 
-    /// Replace the injected faults.
+    /// Replace the injected faults (and restart the call counts).
     pub fn set_faults(&self, f: MemFaults) {
-        self.inner.ctl.lock().faults = f;
+        let mut ctl = self.inner.ctl.lock();
+        ctl.faults = f;
+        ctl.calls = [0; 8];
+        ctl.counted = 0;
+    }
+
+    /// Calls of the given kinds (all kinds if empty) since the faults were
+    /// set: a fault-free run's count sizes a sweep over every call.
+    pub fn calls(&self, ops: &[IoOp]) -> u64 {
+        let ctl = self.inner.ctl.lock();
+        IoOp::ALL
+            .iter()
+            .filter(|o| ops.is_empty() || ops.contains(o))
+            .map(|&o| ctl.calls[o as usize])
+            .sum()
+    }
+
+    fn call(&self, op: IoOp) -> io::Result<()> {
+        self.inner.ctl.lock().call(op)
     }
 
     /// The power-cut image, as a new independent `MemIo`: the durable
@@ -202,6 +312,33 @@ impl MemIo {
         } else {
             faults.seed
         };
+        let torn = faults.torn_tail_on_crash;
+        let image = self.crash_with(|_, durable, now| {
+            let mut content = durable.to_vec();
+            if torn && now.len() > durable.len() {
+                let extra = now.len() - durable.len();
+                let keep = (xorshift(&mut rng) % (extra as u64 + 1)) as usize;
+                content.extend_from_slice(&now[durable.len()..][..keep]);
+            }
+            content
+        });
+        image.set_faults(MemFaults {
+            torn_tail_on_crash: torn,
+            seed: xorshift(&mut rng),
+            ..MemFaults::default()
+        });
+        image
+    }
+
+    /// The power-cut image with each file's content chosen by the caller:
+    /// `keep(path, durable, now)` gets the file's content as of its last
+    /// `sync_data` and as reads see it now, and returns what the file holds
+    /// after the cut (what writeback had put on the device: any prefix of
+    /// the unsynced bytes, or any subset of their pages, in any order
+    /// across files). The namespace is the durable one, as in
+    /// [`crash`](Self::crash); a file named twice there is asked once. The
+    /// image starts without faults.
+    pub fn crash_with(&self, mut keep: impl FnMut(&Path, &[u8], &[u8]) -> Vec<u8>) -> MemIo {
         let ns = self.inner.ns.lock();
         // Keep identities: two durable paths naming one file (a rename whose
         // old directory was not synced) still name one file.
@@ -212,12 +349,7 @@ impl MemIo {
                 .entry(Arc::as_ptr(f))
                 .or_insert_with(|| {
                     let st = f.lock();
-                    let mut content = st.durable.clone();
-                    if faults.torn_tail_on_crash && st.data.len() > content.len() {
-                        let extra = st.data.len() - content.len();
-                        let keep = (xorshift(&mut rng) % (extra as u64 + 1)) as usize;
-                        content.extend_from_slice(&st.data[st.durable.len()..][..keep]);
-                    }
+                    let content = keep(path, &st.durable, &st.data);
                     Arc::new(Mutex::new(FileState {
                         data: content.clone(),
                         durable: content,
@@ -232,14 +364,23 @@ impl MemIo {
             dirs: ns.dirs.clone(),
         };
         drop(ns);
-        MemIo::from_parts(
-            image,
-            MemFaults {
-                torn_tail_on_crash: faults.torn_tail_on_crash,
-                seed: xorshift(&mut rng),
-                ..MemFaults::default()
-            },
-        )
+        MemIo::from_parts(image, MemFaults::default())
+    }
+
+    /// Paths of the files that exist now, with their unsynced byte counts
+    /// (beyond the durable length): where a power cut can tear.
+    pub fn unsynced(&self) -> Vec<(PathBuf, u64)> {
+        let ns = self.inner.ns.lock();
+        ns.live
+            .iter()
+            .map(|(p, f)| {
+                let st = f.lock();
+                (
+                    p.clone(),
+                    st.data.len().saturating_sub(st.durable.len()) as u64,
+                )
+            })
+            .collect()
     }
 
     fn live_file(&self, path: &Path) -> Option<FileRef> {
@@ -302,6 +443,7 @@ impl MemIo {
 impl IoFile for MemFile {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut ctl = self.inner.ctl.lock();
+        ctl.call(IoOp::Write)?;
         let len = buf.len() as u64;
         if let Some(limit) = ctl.faults.fail_writes_after_bytes {
             if ctl.bytes_written.saturating_add(len) > limit {
@@ -357,6 +499,7 @@ impl IoFile for MemFile {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.ctl.lock().call(IoOp::SetLen)?;
         let len = usize::try_from(len)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "mem: length too large"))?;
         self.file.lock().data.resize(len, 0);
@@ -364,8 +507,12 @@ impl IoFile for MemFile {
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        if self.inner.ctl.lock().faults.fail_syncs {
-            return Err(eio());
+        {
+            let mut ctl = self.inner.ctl.lock();
+            ctl.call(IoOp::Sync)?;
+            if ctl.faults.fail_syncs {
+                return Err(eio());
+            }
         }
         let mut st = self.file.lock();
         let FileState { data, durable } = &mut *st;
@@ -374,6 +521,7 @@ impl IoFile for MemFile {
     }
 
     fn map(&self) -> io::Result<Mapping> {
+        self.inner.ctl.lock().call(IoOp::Map)?;
         let st = self.file.lock();
         Ok(Mapping::from_bytes(Arc::from(st.data.as_slice())))
     }
@@ -416,6 +564,9 @@ impl Io for MemIo {
     }
 
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn IoFile>> {
+        if mode == OpenMode::CreateNew {
+            self.call(IoOp::Create)?;
+        }
         let mut ns = self.inner.ns.lock();
         let file = match mode {
             OpenMode::CreateNew => {
@@ -447,6 +598,7 @@ impl Io for MemIo {
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
+        self.call(IoOp::Remove)?;
         match self.inner.ns.lock().live.remove(path) {
             Some(_) => Ok(()),
             None => Err(not_found("file", path)),
@@ -454,6 +606,7 @@ impl Io for MemIo {
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.call(IoOp::Rename)?;
         let mut ns = self.inner.ns.lock();
         if !ns.live.contains_key(from) {
             return Err(not_found("file", from));
@@ -474,8 +627,12 @@ impl Io for MemIo {
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        if self.inner.ctl.lock().faults.fail_syncs {
-            return Err(eio());
+        {
+            let mut ctl = self.inner.ctl.lock();
+            ctl.call(IoOp::SyncDir)?;
+            if ctl.faults.fail_syncs {
+                return Err(eio());
+            }
         }
         let mut ns = self.inner.ns.lock();
         if !ns.dir_exists(dir) {

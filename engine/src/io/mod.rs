@@ -22,7 +22,7 @@ mod std_io;
 #[cfg(target_os = "linux")]
 mod uring;
 
-pub use mem::{MemFaults, MemIo};
+pub use mem::{FailAt, IoOp, MemFaults, MemIo};
 pub use std_io::StdIo;
 #[cfg(target_os = "linux")]
 pub use uring::UringIo;
