@@ -257,6 +257,8 @@ enum Cmd {
     Reopen(Flags),
     /// W6: thousands of connected devices, push then sync (--target server|redis).
     Devices(Flags),
+    /// Crash torture: SIGKILL the server under load, restart, verify every acknowledgement.
+    Torture(Flags),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -421,6 +423,17 @@ pub struct Flags {
     /// life, and `read` reads sealed segments instead of in-memory ones.
     #[arg(long)]
     pub seal: bool,
+    /// `torture`: SIGKILL cycles (default 20).
+    #[arg(long)]
+    pub cycles: Option<u64>,
+    /// `torture`: kill the server this many ms into each cycle's load, a
+    /// random point in `MIN,MAX` (default 100,600).
+    #[arg(long, value_delimiter = ',')]
+    pub kill_ms: Option<Vec<u64>>,
+    /// Start the server with `RUST_LOG=warn` (unless RUST_LOG is set);
+    /// `torture` always does.
+    #[arg(skip)]
+    pub quiet_server: bool,
 }
 
 fn main() {
@@ -444,12 +457,15 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::FanoutSweep(f) => ("fanout-sweep", f),
         Cmd::Reopen(f) => ("reopen", f),
         Cmd::Devices(f) => ("devices", f),
+        Cmd::Torture(f) => ("torture", f),
     };
     let mut flags = flags.clone();
     flags.resolve(&cli.cmd);
+    flags.quiet_server = matches!(cli.cmd, Cmd::Torture(_));
     let flags = &flags;
     let rocksdb_workload = matches!(cli.cmd, Cmd::Append(_) | Cmd::Read(_));
     match flags.target {
+        _ if matches!(cli.cmd, Cmd::Torture(_)) => {}
         Target::Engine if !matches!(cli.cmd, Cmd::Devices(_)) => {}
         Target::Server
             if matches!(
@@ -498,6 +514,7 @@ fn run(cli: Cli) -> Result<i32> {
         (Cmd::Append(_), Target::Redis) => workloads::redis::append(flags, &mut rep)?,
         (Cmd::Read(_), Target::Redis) => workloads::redis::read(flags, &mut rep)?,
         (Cmd::Devices(_), _) => workloads::devices::run(flags, &mut rep)?,
+        (Cmd::Torture(_), _) => workloads::torture::run(flags, &mut rep)?,
         (Cmd::Append(_), _) => workloads::append::run(flags, &mut rep)?,
         (Cmd::Read(_), _) => workloads::read::run(flags, &mut rep)?,
         (Cmd::Reopen(_), _) => workloads::reopen::run(flags, &mut rep)?,

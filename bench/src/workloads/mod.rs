@@ -16,6 +16,7 @@ pub mod rocksdb;
 pub mod server;
 pub mod server_im;
 pub mod sweep;
+pub mod torture;
 pub mod wire;
 
 use crate::report::{new_histogram, ResultLine};

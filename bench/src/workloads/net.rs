@@ -191,6 +191,14 @@ impl Proc {
         !self.done && matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// SIGKILL (a crash), then wait; the exit status.
+    pub fn kill(mut self) -> Result<ExitStatus> {
+        self.child.kill()?;
+        let st = self.child.wait()?;
+        self.done = true;
+        Ok(st)
+    }
+
     /// SIGTERM, then wait (SIGKILL after a grace period); the exit status.
     pub fn stop(mut self) -> Result<ExitStatus> {
         let pid = self.pid().to_string();

@@ -65,6 +65,7 @@ use crate::report::{Reporter, ResultLine};
 use crate::{Flags, Result};
 use rand::rngs::SmallRng;
 use rand::Rng;
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -96,39 +97,8 @@ impl Target {
                 dir: None,
             });
         }
-        let exe = std::env::current_exe()?.with_file_name("timeline-server");
-        if !exe.is_file() {
-            return Err(format!(
-                "--target server without --addr starts {}, which does not exist: \
-                 cargo build --release -p timeline-server (or pass --addr HOST:PORT)",
-                exe.display()
-            )
-            .into());
-        }
         let dir = DataDir::new(flags)?;
-        let mut cmd = Command::new(&exe);
-        cmd.arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(&dir.path)
-            .arg("--durability")
-            .arg(durability(flags).name())
-            .arg("--shards")
-            .arg(flags.shards.to_string())
-            .args(extra);
-        let mut proc = Proc::spawn(cmd, "timeline-server", true)
-            .map_err(|e| format!("starting {}: {e}", exe.display()))?;
-        let line = proc.first_line()?;
-        let addr = line
-            .strip_prefix("listening ")
-            .ok_or_else(|| format!("timeline-server printed {line:?}, not `listening ADDR`"))?
-            .to_string();
-        eprintln!(
-            "server: started {} (pid {}) on {addr}, data in {}",
-            exe.display(),
-            proc.pid(),
-            dir.path.display()
-        );
+        let (proc, addr) = spawn_server(flags, &dir.path, extra)?;
         Ok(Target {
             addr,
             proc: Some(proc),
@@ -172,6 +142,47 @@ impl Target {
         }
         Ok(())
     }
+}
+
+/// Start `timeline-server` on `data` (see the module doc) and read its
+/// address from its first line.
+pub fn spawn_server(flags: &Flags, data: &Path, extra: &[String]) -> Result<(Proc, String)> {
+    let exe = std::env::current_exe()?.with_file_name("timeline-server");
+    if !exe.is_file() {
+        return Err(format!(
+            "--target server without --addr starts {}, which does not exist: \
+             cargo build --release -p timeline-server (or pass --addr HOST:PORT)",
+            exe.display()
+        )
+        .into());
+    }
+    let mut cmd = Command::new(&exe);
+    cmd.arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--durability")
+        .arg(durability(flags).name())
+        .arg("--shards")
+        .arg(flags.shards.to_string())
+        .args(extra);
+    if std::env::var_os("RUST_LOG").is_none() && flags.quiet_server {
+        cmd.env("RUST_LOG", "warn");
+    }
+    let mut proc = Proc::spawn(cmd, "timeline-server", true)
+        .map_err(|e| format!("starting {}: {e}", exe.display()))?;
+    let line = proc.first_line()?;
+    let addr = line
+        .strip_prefix("listening ")
+        .ok_or_else(|| format!("timeline-server printed {line:?}, not `listening ADDR`"))?
+        .to_string();
+    eprintln!(
+        "server: started {} (pid {}) on {addr}, data in {}",
+        exe.display(),
+        proc.pid(),
+        data.display()
+    );
+    Ok((proc, addr))
 }
 
 /// The fields every server result line shares.
