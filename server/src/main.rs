@@ -70,6 +70,10 @@ struct Args {
     /// to fit, as far as the hard limit allows).
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
+    /// Connections that may wait for their HELLO at once; above it the one
+    /// that waited longest is closed to make room.
+    #[arg(long, default_value_t = 1024)]
+    max_handshaking: usize,
     /// Event-loop threads serving the connections (0: one per core).
     #[arg(long, default_value_t = 0)]
     io_threads: usize,
@@ -197,6 +201,7 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         auth_secret: secret,
         max_frame: a.max_frame,
         max_connections: a.max_connections,
+        max_handshaking: a.max_handshaking.max(1),
         idle_timeout: Duration::from_secs(a.idle_timeout.max(1)),
         write_timeout: Duration::from_secs(a.write_timeout.max(1)),
         handshake_timeout: Duration::from_secs(a.handshake_timeout.max(1)),

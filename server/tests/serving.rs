@@ -799,3 +799,49 @@ fn a_full_im_worker_holds_its_senders_back_without_blocking_the_loop() {
     assert_eq!(got, 1 + SENDERS * EACH);
     srv.shutdown().unwrap();
 }
+
+/// Sockets that connect and never say `HELLO` cannot lock real clients out:
+/// beyond `max_handshaking` waiting at once, the one that waited longest is
+/// closed (`TIMEOUT`), so a client that says `HELLO` at once gets in even
+/// while far more silent sockets than the connection limit keep arriving.
+#[test]
+fn silent_sockets_beyond_the_handshake_budget_do_not_lock_out_a_client() {
+    raise_nofile(12_000);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.max_connections = 1_000;
+    cfg.max_handshaking = 64;
+    let srv = start(cfg).unwrap();
+    let addr = srv.local_addr();
+    let mut silent = Vec::new();
+    for round in 0..4 {
+        for _ in 0..1_000 {
+            silent.push(TcpStream::connect(addr).unwrap());
+        }
+        // A real client, after 1,000 * (round + 1) silent sockets.
+        let mut c = Client::connect(addr, &[])
+            .unwrap_or_else(|e| panic!("round {round}: a real client was locked out: {e}"));
+        assert_eq!(
+            c.call(&Request::Ping(b"in")).unwrap(),
+            Response::Ping(b"in".to_vec())
+        );
+        let evicted = stat(&mut c, "handshakes_evicted");
+        assert!(evicted > 0, "round {round}: nothing was evicted");
+        let open = stat(&mut c, "connections_open");
+        assert!(open <= 64 + 8, "round {round}: {open} connections open");
+    }
+    // The oldest silent socket was told why it was closed.
+    let mut first = silent.swap_remove(0);
+    first
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut b = Vec::new();
+    first.read_to_end(&mut b).unwrap();
+    let (f, _) = protocol::decode(&b, 1 << 20).unwrap().unwrap();
+    match ServerMsg::decode(&f).unwrap() {
+        ServerMsg::Error { id: 0, error, .. } => assert_eq!(error.code, ErrorCode::TIMEOUT),
+        m => panic!("{m:?}"),
+    }
+    drop(silent);
+    srv.shutdown().unwrap();
+}

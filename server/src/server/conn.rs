@@ -284,6 +284,11 @@ impl Conn {
         }
     }
 
+    /// Ending: it reads nothing more.
+    pub(crate) fn closing(&self) -> bool {
+        self.closing
+    }
+
     /// Everything owed is written and the connection is to end.
     pub(crate) fn finished(&self) -> bool {
         self.closing && self.slots.is_empty() && self.wpos == self.out.len()

@@ -14,7 +14,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -149,6 +149,9 @@ pub(crate) struct EventLoop {
     again: Vec<usize>,
     /// Connections stopped on a full IM worker (`Conn::im_busy`).
     im_waiting: Vec<Key>,
+    /// Connections added that had no `HELLO` yet, oldest first (entries of
+    /// connections since closed or handshaken are dropped lazily).
+    handshaking: VecDeque<Key>,
     stopping: Option<Instant>,
 }
 
@@ -175,6 +178,7 @@ impl EventLoop {
                 }
             }),
             im_waiting: Vec::new(),
+            handshaking: VecDeque::new(),
             inbox,
             conns: Slab::new(),
             next_gen: 0,
@@ -357,9 +361,33 @@ impl EventLoop {
             conn.draining = true;
         }
         entry.insert(conn);
+        self.handshaking.push_back(key);
+        self.evict_handshaking();
         self.arm(idx);
         // Its first bytes may be there already (an edge we must not miss).
         self.again.push(idx);
+    }
+
+    /// Over this loop's share of `--max-handshaking`: close the connections
+    /// that have waited longest for their `HELLO`.
+    fn evict_handshaking(&mut self) {
+        let budget = self.sh.cfg.max_handshaking.div_ceil(self.sh.io_threads).max(1);
+        if self.handshaking.len() <= budget {
+            return;
+        }
+        let conns = &self.conns;
+        self.handshaking.retain(|k| {
+            conns
+                .get(k.idx)
+                .is_some_and(|c| c.key.gen == k.gen && c.session.id.is_none() && !c.closing())
+        });
+        while self.handshaking.len() > budget {
+            let Some(k) = self.handshaking.pop_front() else { break };
+            let Some(c) = self.live(k) else { continue };
+            c.fail_connection(ErrorCode::TIMEOUT, "no HELLO while newer connections waited");
+            self.sh.counters.evicted.fetch_add(1, Ordering::Relaxed);
+            self.after_change(k.idx);
+        }
     }
 
     // ---- readiness ----

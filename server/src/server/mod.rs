@@ -65,6 +65,10 @@ pub struct ServerConfig {
     /// A connection that has not completed `HELLO` within this long is
     /// closed (it holds a connection slot meanwhile).
     pub handshake_timeout: Duration,
+    /// Connections that may wait for their `HELLO` at once; above it the one
+    /// that has waited longest is closed (`TIMEOUT`) to make room, so
+    /// sockets that never say `HELLO` cannot lock real clients out.
+    pub max_handshaking: usize,
     /// Replies a connection may have waiting (in flight or unwritten)
     /// before the server stops reading its requests.
     pub max_queued_replies: usize,
@@ -108,6 +112,7 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(300),
             write_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
+            max_handshaking: 1024,
             max_queued_replies: 4096,
             io_threads: 0,
             blocking_threads: 0,
@@ -148,6 +153,8 @@ pub(crate) struct Counters {
     pub timeouts: AtomicU64,
     /// Times a connection stopped on a full IM worker (backpressure).
     pub im_full: AtomicU64,
+    /// Connections closed without `HELLO` to make room for newer ones.
+    pub evicted: AtomicU64,
 }
 
 /// What every loop and pool thread shares.
@@ -388,6 +395,7 @@ pub(crate) fn stats(sh: &Shared) -> Vec<(String, u64)> {
         kv("resyncs", g(&c.resyncs)),
         kv("timeouts", g(&c.timeouts)),
         kv("im_backpressure", g(&c.im_full)),
+        kv("handshakes_evicted", g(&c.evicted)),
         kv("threads", process_threads()),
         kv("io_threads", sh.io_threads as u64),
         kv("store_records", store.records),
