@@ -845,3 +845,31 @@ fn silent_sockets_beyond_the_handshake_budget_do_not_lock_out_a_client() {
     drop(silent);
     srv.shutdown().unwrap();
 }
+
+/// A frame begun and never finished does not hold the server's memory for
+/// good: `--write-timeout` after its last byte the connection gets `TIMEOUT`.
+#[test]
+fn a_half_sent_frame_ends_its_connection_after_the_write_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.write_timeout = Duration::from_secs(1);
+    let srv = start(cfg).unwrap();
+    let mut r = Raw::connect(srv.local_addr());
+    r.hello(0, &[]);
+    assert!(matches!(r.reply(), ServerMsg::Reply { id: 1, .. }));
+    let mut b = Vec::new();
+    RequestFrame {
+        id: 2,
+        request: Request::Ping(&[7u8; 100_000]),
+    }
+    .encode_into(&mut b);
+    r.s.write_all(&b[..b.len() / 2]).unwrap();
+    let t0 = Instant::now();
+    match r.next(Duration::from_secs(20)) {
+        Some(ServerMsg::Error { id: 0, error, .. }) => assert_eq!(error.code, ErrorCode::TIMEOUT),
+        m => panic!("{m:?}"),
+    }
+    assert!(t0.elapsed() >= Duration::from_millis(900));
+    assert!(r.next(Duration::from_secs(5)).is_none(), "closed after");
+    srv.shutdown().unwrap();
+}

@@ -74,6 +74,8 @@ pub(crate) enum Deadline {
     Idle,
     Write,
     TokenExpired,
+    /// A frame begun and not finished (the memory it holds is released).
+    PartialFrame,
 }
 
 pub(crate) struct Conn {
@@ -419,6 +421,9 @@ impl Conn {
         }
         if let Some(s) = self.stalled_since {
             consider(s + t.write, Deadline::Write);
+        }
+        if !self.closing && !self.input.is_empty() && !self.has_whole_frame() {
+            consider(self.last_input + t.write, Deadline::PartialFrame);
         }
         if let Some(exp) = self.session.expires_unix {
             if !self.closing {

@@ -684,6 +684,9 @@ impl EventLoop {
             }
             Deadline::Handshake => c.fail_connection(ErrorCode::TIMEOUT, "no HELLO in time"),
             Deadline::Idle => c.fail_connection(ErrorCode::TIMEOUT, "idle connection closed"),
+            Deadline::PartialFrame => {
+                c.fail_connection(ErrorCode::TIMEOUT, "a frame was left unfinished")
+            }
             Deadline::TokenExpired => {
                 c.fail_connection(ErrorCode::UNAUTHORIZED, "the connection's token expired")
             }
