@@ -259,6 +259,8 @@ enum Cmd {
     Devices(Flags),
     /// Crash torture: SIGKILL the server under load, restart, verify every acknowledgement.
     Torture(Flags),
+    /// Good clients' throughput and p99 while abusive clients hammer the server.
+    Abuse(Flags),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -430,6 +432,12 @@ pub struct Flags {
     /// random point in `MIN,MAX` (default 100,600).
     #[arg(long, value_delimiter = ',')]
     pub kill_ms: Option<Vec<u64>>,
+    /// `abuse`: seconds of each measured phase (default 5).
+    #[arg(long)]
+    pub secs: Option<u64>,
+    /// `abuse`: sockets that never send HELLO (default 10,000).
+    #[arg(long)]
+    pub silent: Option<u64>,
     /// Start the server with `RUST_LOG=warn` (unless RUST_LOG is set);
     /// `torture` always does.
     #[arg(skip)]
@@ -458,14 +466,15 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Reopen(f) => ("reopen", f),
         Cmd::Devices(f) => ("devices", f),
         Cmd::Torture(f) => ("torture", f),
+        Cmd::Abuse(f) => ("abuse", f),
     };
     let mut flags = flags.clone();
     flags.resolve(&cli.cmd);
-    flags.quiet_server = matches!(cli.cmd, Cmd::Torture(_));
+    flags.quiet_server = matches!(cli.cmd, Cmd::Torture(_) | Cmd::Abuse(_));
     let flags = &flags;
     let rocksdb_workload = matches!(cli.cmd, Cmd::Append(_) | Cmd::Read(_));
     match flags.target {
-        _ if matches!(cli.cmd, Cmd::Torture(_)) => {}
+        _ if matches!(cli.cmd, Cmd::Torture(_) | Cmd::Abuse(_)) => {}
         Target::Engine if !matches!(cli.cmd, Cmd::Devices(_)) => {}
         Target::Server
             if matches!(
@@ -515,6 +524,7 @@ fn run(cli: Cli) -> Result<i32> {
         (Cmd::Read(_), Target::Redis) => workloads::redis::read(flags, &mut rep)?,
         (Cmd::Devices(_), _) => workloads::devices::run(flags, &mut rep)?,
         (Cmd::Torture(_), _) => workloads::torture::run(flags, &mut rep)?,
+        (Cmd::Abuse(_), _) => workloads::abuse::run(flags, &mut rep)?,
         (Cmd::Append(_), _) => workloads::append::run(flags, &mut rep)?,
         (Cmd::Read(_), _) => workloads::read::run(flags, &mut rep)?,
         (Cmd::Reopen(_), _) => workloads::reopen::run(flags, &mut rep)?,

@@ -1,6 +1,7 @@
 //! The workloads and what they share: data directory, engine setup,
 //! timeline choice, payload bytes.
 
+pub mod abuse;
 pub mod append;
 pub mod devices;
 pub mod fanout;

@@ -371,7 +371,12 @@ impl EventLoop {
     /// Over this loop's share of `--max-handshaking`: close the connections
     /// that have waited longest for their `HELLO`.
     fn evict_handshaking(&mut self) {
-        let budget = self.sh.cfg.max_handshaking.div_ceil(self.sh.io_threads).max(1);
+        let budget = self
+            .sh
+            .cfg
+            .max_handshaking
+            .div_ceil(self.sh.io_threads)
+            .max(1);
         if self.handshaking.len() <= budget {
             return;
         }
@@ -382,9 +387,14 @@ impl EventLoop {
                 .is_some_and(|c| c.key.gen == k.gen && c.session.id.is_none() && !c.closing())
         });
         while self.handshaking.len() > budget {
-            let Some(k) = self.handshaking.pop_front() else { break };
+            let Some(k) = self.handshaking.pop_front() else {
+                break;
+            };
             let Some(c) = self.live(k) else { continue };
-            c.fail_connection(ErrorCode::TIMEOUT, "no HELLO while newer connections waited");
+            c.fail_connection(
+                ErrorCode::TIMEOUT,
+                "no HELLO while newer connections waited",
+            );
             self.sh.counters.evicted.fetch_add(1, Ordering::Relaxed);
             self.after_change(k.idx);
         }
