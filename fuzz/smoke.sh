@@ -12,7 +12,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 
 secs="${FUZZ_SECS:-20}"
 sanitizer="${FUZZ_SANITIZER:-address}"
-targets="${FUZZ_TARGETS:-record_decode segment_decode open_damaged crash_recovery im_records protocol_decode}"
+targets="${FUZZ_TARGETS:-record_decode segment_decode open_damaged crash_recovery im_records protocol_decode im_faults}"
 
 # cargo-fuzz passes nightly-only flags (-Zsanitizer, -Cpasses=sancov-module);
 # RUSTC_BOOTSTRAP lets the stable toolchain accept them.
@@ -28,7 +28,9 @@ cargo fuzz build -a --sanitizer "$sanitizer"
 
 for t in $targets; do
     echo "== $t: ${secs}s"
-    cargo fuzz run -a --sanitizer "$sanitizer" "$t" -- \
+    mkdir -p "corpus/$t"
+    # corpus/<t> (git-ignored, grows) first, then the checked-in seeds.
+    cargo fuzz run -a --sanitizer "$sanitizer" "$t" "corpus/$t" "seeds/$t" -- \
         -max_total_time="$secs" -len_control=0 -max_len=4096 -print_final_stats=1
 done
 echo "== fuzz smoke passed: $targets"

@@ -22,7 +22,7 @@ use super::net::Proc;
 use super::server::{spawn_server, stat, stats};
 use super::{rng_for, DataDir};
 use crate::report::Reporter;
-use crate::sysinfo::rss_of;
+use crate::sysinfo::{cpu_secs, rss_of};
 use crate::{Flags, Result};
 use hdrhistogram::Histogram;
 use rand::Rng;
@@ -50,6 +50,11 @@ struct Phase {
     p99_us: f64,
     errors: u64,
     rss_peak: u64,
+    /// CPU seconds of the server process and of this one (good clients,
+    /// abusers) during the phase: on a shared machine the abusers' own CPU
+    /// is taken from everybody.
+    cpu_server: f64,
+    cpu_bench: f64,
 }
 
 impl Phase {
@@ -129,6 +134,7 @@ fn phase(name: &'static str, flags: &Flags, addr: &str, pid: u32) -> Result<Phas
     let conns = flags.connections.unwrap_or(4) as u64;
     let pipeline = flags.pipeline.unwrap_or(16);
     let t0 = Instant::now();
+    let (cs0, cb0) = (cpu_secs(Some(pid)), cpu_secs(None));
     let handles: Vec<_> = (0..conns)
         .map(|k| {
             let addr = addr.to_string();
@@ -159,6 +165,8 @@ fn phase(name: &'static str, flags: &Flags, addr: &str, pid: u32) -> Result<Phas
         p99_us: all.value_at_quantile(0.99) as f64,
         errors,
         rss_peak,
+        cpu_server: cpu_secs(Some(pid)) - cs0,
+        cpu_bench: cpu_secs(None) - cb0,
     })
 }
 
@@ -344,9 +352,11 @@ fn setup(addr: &str) -> Result<()> {
 
 fn print(p: &Phase, base: &Phase) {
     println!(
-        "abuse: {:<6} {:>9.0} syncs/s ({:.2}x)  reply p50 {:>8.0} us  p99 {:>8.0} us ({:.2}x)  errors {}  server RSS peak {:.1} MiB",
+        "abuse: {:<6} {:>9.0} syncs/s ({:.2}x)  reply p50 {:>8.0} us  p99 {:>8.0} us ({:.2}x)  errors {}  server RSS peak {:.1} MiB  CPU server {:.0}% bench {:.0}%",
         p.name, p.rate(), p.rate() / base.rate().max(1e-9), p.p50_us, p.p99_us, p.p99_us / base.p99_us.max(1.0), p.errors,
-        p.rss_peak as f64 / (1 << 20) as f64
+        p.rss_peak as f64 / (1 << 20) as f64,
+        100.0 * p.cpu_server / p.secs,
+        100.0 * p.cpu_bench / p.secs
     );
 }
 
@@ -400,7 +410,9 @@ pub fn run(flags: &Flags, _rep: &mut Reporter) -> Result<u64> {
         let j = serde_json::json!({
             "workload": "abuse",
             "syncs_per_sec": [before.rate(), during.rate(), after.rate()],
-            "ack_p99_us": [before.p99_us, during.p99_us, after.p99_us],
+            "reply_p99_us": [before.p99_us, during.p99_us, after.p99_us],
+            "cpu_server_pct": [100.0 * before.cpu_server / before.secs, 100.0 * during.cpu_server / during.secs, 100.0 * after.cpu_server / after.secs],
+            "cpu_bench_pct": [100.0 * before.cpu_bench / before.secs, 100.0 * during.cpu_bench / during.secs, 100.0 * after.cpu_bench / after.secs],
             "throughput_ratio": during.rate() / before.rate().max(1e-9),
             "p99_ratio": during.p99_us / before.p99_us.max(1.0),
             "rss_before": rss_before, "rss_peak_during": during.rss_peak, "rss_after": rss_after,
