@@ -195,10 +195,13 @@ fn drain(s: &mut TcpStream, wait: Duration) {
     }
 }
 
+/// One abuser's loop: the server's address, and when to stop.
+type Abuser = Box<dyn Fn(&str, &AtomicBool) + Send>;
+
 /// The abusers; each runs until `stop`.
 fn abusers(addr: &str, flags: &Flags, stop: &Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<()>> {
     let mut v = Vec::new();
-    let spawn = |v: &mut Vec<_>, f: Box<dyn Fn(&str, &AtomicBool) + Send>| {
+    let spawn = |v: &mut Vec<_>, f: Abuser| {
         let (addr, stop) = (addr.to_string(), stop.clone());
         v.push(std::thread::spawn(move || f(&addr, &stop)));
     };
