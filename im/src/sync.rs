@@ -23,6 +23,59 @@ pub(crate) use std::sync::{
 #[cfg(not(loom))]
 pub(crate) use crossbeam::queue::ArrayQueue;
 
+/// A memory ordering of the fan-out path, named by its site: exactly
+/// `Ordering::$o` in production; under loom, the ordering the mutation test
+/// (`fanout::loom_tests::loom_each_ordering_is_needed`) weakens that site to,
+/// so it can show which orderings a model needs.
+macro_rules! ord {
+    ($site:literal, $o:ident) => {
+        $crate::sync::ordering($site, $crate::sync::Ordering::$o)
+    };
+}
+pub(crate) use ord;
+
+#[cfg(not(loom))]
+#[inline(always)]
+pub(crate) fn ordering(_site: &'static str, o: Ordering) -> Ordering {
+    o
+}
+
+// The site weakened under loom: per test thread (loom runs a model's threads
+// on the thread that calls it), so tests running in parallel are not
+// affected. The sites reached: std primitives, outside the model.
+#[cfg(loom)]
+thread_local! {
+    static WEAKEN: std::cell::Cell<Option<(&'static str, Ordering)>> = const { std::cell::Cell::new(None) };
+}
+#[cfg(loom)]
+static REACHED: std::sync::Mutex<Vec<(&'static str, Ordering)>> = std::sync::Mutex::new(Vec::new());
+
+#[cfg(loom)]
+pub(crate) fn ordering(site: &'static str, o: Ordering) -> Ordering {
+    {
+        let mut r = REACHED.lock().unwrap_or_else(|e| e.into_inner());
+        if !r.iter().any(|(s, _)| *s == site) {
+            r.push((site, o));
+        }
+    }
+    match WEAKEN.with(|w| w.get()) {
+        Some((s, w)) if s == site => w,
+        _ => o,
+    }
+}
+
+/// Under loom: weaken one site (`None`: none) for the models run next.
+#[cfg(loom)]
+pub(crate) fn weaken(w: Option<(&'static str, Ordering)>) {
+    WEAKEN.with(|c| c.set(w));
+}
+
+/// Under loom: every site reached so far, with its production ordering.
+#[cfg(loom)]
+pub(crate) fn reached() -> Vec<(&'static str, Ordering)> {
+    REACHED.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
 /// Under loom: a bounded FIFO with `ArrayQueue`'s API, built on loom's mutex.
 #[cfg(loom)]
 pub(crate) struct ArrayQueue<T> {

@@ -20,7 +20,7 @@
 //! and always read the latest value), never with a plain load racing a store
 //! on another location, which is the lost-wake-up pattern.
 
-use crate::sync::{self, ArrayQueue, AtomicBool, AtomicUsize, Condvar, Mutex, Ordering};
+use crate::sync::{self, ord, ArrayQueue, AtomicBool, AtomicUsize, Condvar, Mutex};
 
 const EMPTY: usize = 0;
 const NOTIFIED: usize = 1;
@@ -49,7 +49,7 @@ impl Signal {
     pub(crate) fn notify(&self) {
         // AcqRel: the producer's push happens-before the consumer's return
         // from `wait` (it acquires this swap's value).
-        if self.state.swap(NOTIFIED, Ordering::AcqRel) == PARKED {
+        if self.state.swap(NOTIFIED, ord!("signal.notify", AcqRel)) == PARKED {
             // The consumer holds `lock` from its PARKED CAS until the condvar
             // releases it, so taking the lock here means it is waiting.
             let _g = sync::lock(&self.lock);
@@ -70,20 +70,27 @@ impl Signal {
     fn wait_inner(&self, timeout: Option<std::time::Duration>) {
         if self
             .state
-            .compare_exchange(NOTIFIED, EMPTY, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(
+                NOTIFIED,
+                EMPTY,
+                ord!("signal.wait.take", AcqRel),
+                ord!("signal.wait.take.fail", Acquire),
+            )
             .is_ok()
         {
             return;
         }
         let mut g = sync::lock(&self.lock);
-        match self
-            .state
-            .compare_exchange(EMPTY, PARKED, Ordering::AcqRel, Ordering::Acquire)
-        {
+        match self.state.compare_exchange(
+            EMPTY,
+            PARKED,
+            ord!("signal.wait.park", AcqRel),
+            ord!("signal.wait.park.fail", Acquire),
+        ) {
             Ok(_) => {}
             Err(_) => {
                 // A notify slipped in: consume it.
-                self.state.swap(EMPTY, Ordering::AcqRel);
+                self.state.swap(EMPTY, ord!("signal.wait.slipped", AcqRel));
                 return;
             }
         }
@@ -96,7 +103,12 @@ impl Signal {
                     // CAS means a notify came in: consume its token below.
                     if self
                         .state
-                        .compare_exchange(PARKED, EMPTY, Ordering::AcqRel, Ordering::Acquire)
+                        .compare_exchange(
+                            PARKED,
+                            EMPTY,
+                            ord!("signal.timeout.unpark", AcqRel),
+                            ord!("signal.timeout.unpark.fail", Acquire),
+                        )
                         .is_ok()
                     {
                         return;
@@ -106,7 +118,12 @@ impl Signal {
             };
             if self
                 .state
-                .compare_exchange(NOTIFIED, EMPTY, Ordering::AcqRel, Ordering::Acquire)
+                .compare_exchange(
+                    NOTIFIED,
+                    EMPTY,
+                    ord!("signal.wake.take", AcqRel),
+                    ord!("signal.wake.take.fail", Acquire),
+                )
                 .is_ok()
             {
                 return;
@@ -178,7 +195,7 @@ impl<T> Mailbox<T> {
 
     /// Push without blocking; a full or closed mailbox hands the item back.
     pub(crate) fn try_push(&self, t: T) -> Result<(), PushError<T>> {
-        if self.closed.load(Ordering::Acquire) {
+        if self.closed.load(ord!("mailbox.try_push.closed", Acquire)) {
             return Err(PushError::Closed(t));
         }
         match self.queue.push(t) {
@@ -205,27 +222,31 @@ impl<T> Mailbox<T> {
             // are RMWs on `waiting`, so one of them comes second and reads
             // the other) and it notifies under `space_lock`, which we hold
             // until `wait` releases it.
-            self.waiting.fetch_add(1, Ordering::AcqRel);
-            let retry = if self.closed.load(Ordering::Acquire) {
+            self.waiting
+                .fetch_add(1, ord!("mailbox.push.announce", AcqRel));
+            let retry = if self.closed.load(ord!("mailbox.push.closed", Acquire)) {
                 Err(t)
             } else {
                 self.queue.push(t)
             };
             match retry {
                 Ok(()) => {
-                    self.waiting.fetch_sub(1, Ordering::AcqRel);
+                    self.waiting
+                        .fetch_sub(1, ord!("mailbox.push.retract_pushed", AcqRel));
                     drop(g);
                     self.consumer.notify();
                     return Ok(());
                 }
                 Err(x) => {
                     t = x;
-                    if self.closed.load(Ordering::Acquire) {
-                        self.waiting.fetch_sub(1, Ordering::AcqRel);
+                    if self.closed.load(ord!("mailbox.push.closed_again", Acquire)) {
+                        self.waiting
+                            .fetch_sub(1, ord!("mailbox.push.retract_closed", AcqRel));
                         return Err(t);
                     }
                     let g = sync::wait(&self.space, g);
-                    self.waiting.fetch_sub(1, Ordering::AcqRel);
+                    self.waiting
+                        .fetch_sub(1, ord!("mailbox.push.retract_woken", AcqRel));
                     drop(g);
                 }
             }
@@ -242,7 +263,7 @@ impl<T> Mailbox<T> {
     /// room, if any.
     pub(crate) fn made_room(&self) {
         // An RMW, not a load: see `push`.
-        if self.waiting.fetch_add(0, Ordering::AcqRel) > 0 {
+        if self.waiting.fetch_add(0, ord!("mailbox.made_room", AcqRel)) > 0 {
             self.wake_all();
         }
     }
@@ -252,7 +273,8 @@ impl<T> Mailbox<T> {
     fn wake_all(&self) {
         let mut g = sync::lock(&self.space_lock);
         let waiters = std::mem::take(&mut *g);
-        self.waiting.fetch_sub(waiters.len(), Ordering::AcqRel);
+        self.waiting
+            .fetch_sub(waiters.len(), ord!("mailbox.wake_all", AcqRel));
         self.space.notify_all();
         drop(g);
         for w in waiters {
@@ -270,20 +292,21 @@ impl<T> Mailbox<T> {
         if g.iter().any(|x| x.same(&w)) {
             return;
         }
-        self.waiting.fetch_add(1, Ordering::AcqRel);
+        self.waiting
+            .fetch_add(1, ord!("mailbox.notify_on_room", AcqRel));
         g.push(w);
     }
 
     /// Refuse further pushes; wake the consumer and every blocked producer.
     /// Items already queued stay poppable.
     pub(crate) fn close(&self) {
-        self.closed.store(true, Ordering::Release);
+        self.closed.store(true, ord!("mailbox.close", Release));
         self.consumer.notify();
         self.wake_all();
     }
 
     pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        self.closed.load(ord!("mailbox.is_closed", Acquire))
     }
 
     pub(crate) fn len(&self) -> usize {

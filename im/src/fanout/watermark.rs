@@ -10,7 +10,7 @@
 //!   the window reports the highest `n` with every batch `<= n` finished.
 //!   Recovery restarts fan-out after that mark.
 
-use crate::sync::{AtomicU64, AtomicUsize, Ordering};
+use crate::sync::{ord, AtomicU64, AtomicUsize};
 
 /// A monotone "visible through" mark.
 #[derive(Debug, Default)]
@@ -24,11 +24,11 @@ impl Watermark {
     /// publisher made before this call (the engine append of the records,
     /// their fdatasync) happens-before a reader's `get` that returns `>= v`.
     pub(crate) fn publish(&self, v: u64) {
-        self.0.fetch_max(v, Ordering::Release);
+        self.0.fetch_max(v, ord!("watermark.publish", Release));
     }
     /// Acquire: pairs with `publish`.
     pub(crate) fn get(&self) -> u64 {
-        self.0.load(Ordering::Acquire)
+        self.0.load(ord!("watermark.get", Acquire))
     }
 }
 
@@ -43,7 +43,7 @@ impl Latch {
     /// AcqRel: the last arriver acquires every earlier arriver's writes (its
     /// deliveries and their watermarks) before it acknowledges the batch.
     pub(crate) fn arrive(&self) -> bool {
-        self.0.fetch_sub(1, Ordering::AcqRel) == 1
+        self.0.fetch_sub(1, ord!("latch.arrive", AcqRel)) == 1
     }
 }
 
@@ -71,7 +71,7 @@ impl CompletionWindow {
 
     /// The highest `n` with every batch `<= n` finished.
     pub(crate) fn done(&self) -> u64 {
-        self.0.load(Ordering::Acquire) >> WINDOW
+        self.0.load(ord!("window.done", Acquire)) >> WINDOW
     }
 
     /// May batch `n` be started?
@@ -81,7 +81,7 @@ impl CompletionWindow {
 
     /// Mark batch `n` finished; returns the new contiguous mark.
     pub(crate) fn complete(&self, n: u64) -> u64 {
-        let mut cur = self.0.load(Ordering::Acquire);
+        let mut cur = self.0.load(ord!("window.complete.load", Acquire));
         loop {
             let done = cur >> WINDOW;
             if n <= done {
@@ -99,10 +99,12 @@ impl CompletionWindow {
                 d += 1;
             }
             let next = (d << WINDOW) | bits;
-            match self
-                .0
-                .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match self.0.compare_exchange_weak(
+                cur,
+                next,
+                ord!("window.complete.cas", AcqRel),
+                ord!("window.complete.cas.fail", Acquire),
+            ) {
                 Ok(_) => return d,
                 Err(x) => cur = x,
             }
