@@ -12,7 +12,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 
 secs="${FUZZ_SECS:-20}"
 sanitizer="${FUZZ_SANITIZER:-address}"
-targets="${FUZZ_TARGETS:-record_decode segment_decode open_damaged crash_recovery im_records protocol_decode im_faults}"
+targets="${FUZZ_TARGETS:-record_decode segment_decode open_damaged crash_recovery im_records protocol_decode im_faults server_conn}"
 
 # cargo-fuzz passes nightly-only flags (-Zsanitizer, -Cpasses=sancov-module);
 # RUSTC_BOOTSTRAP lets the stable toolchain accept them.
