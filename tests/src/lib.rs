@@ -168,6 +168,25 @@ pub fn im_crash_cfg() -> (Config, timeline_im::ImConfig) {
     (c, ic)
 }
 
+/// The IM crash test's layout on the in-memory backend (`root` `/im`),
+/// for the IM fault sweep and the `im_faults` fuzz target: 3 shards, 64 KiB
+/// segments, group commit, the crash test's hybrid threshold.
+pub fn im_mem_cfg(mem: &timeline_engine::io::MemIo) -> (Config, timeline_im::ImConfig) {
+    let mut c = Config::default();
+    c.background = false;
+    c.shards = 3;
+    c.keyspace_mut(Keyspace::STORE).segment_bytes = 64 << 10;
+    c.keyspace_mut(Keyspace::SYNC).segment_bytes = 64 << 10;
+    c.max_payload = 1024;
+    c.io = Some(std::sync::Arc::new(mem.clone()));
+    let ic = timeline_im::ImConfig {
+        hybrid_threshold: IM_CRASH_THRESHOLD,
+        durability: timeline_engine::Durability::GroupCommit,
+        ..Default::default()
+    };
+    (c, ic)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,12 +23,13 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use timeline_engine::io::{FailAt, MemFaults, MemIo};
-use timeline_engine::{Config, Durability, Engine, Error, Keyspace};
+use timeline_engine::{Config, Durability, Engine, Error};
 use timeline_im::{Im, ImConfig, ImError};
 use timeline_tests::im_check::{check_fanout, Key};
-use timeline_tests::{im_crash_convs, IM_CRASH_CHURN, IM_CRASH_CHURNERS, IM_CRASH_THRESHOLD};
+use timeline_tests::{
+    im_crash_convs, im_mem_cfg, IM_CRASH_CHURN, IM_CRASH_CHURNERS, IM_CRASH_THRESHOLD,
+};
 
 const ROUNDS: u64 = 12;
 
@@ -37,19 +38,7 @@ fn root() -> PathBuf {
 }
 
 fn cfg(mem: &MemIo) -> (Config, ImConfig) {
-    let mut c = Config::default();
-    c.background = false;
-    c.shards = 3;
-    c.keyspace_mut(Keyspace::STORE).segment_bytes = 64 << 10;
-    c.keyspace_mut(Keyspace::SYNC).segment_bytes = 64 << 10;
-    c.max_payload = 1024;
-    c.io = Some(Arc::new(mem.clone()));
-    let ic = ImConfig {
-        hybrid_threshold: IM_CRASH_THRESHOLD,
-        durability: Durability::GroupCommit,
-        ..Default::default()
-    };
-    (c, ic)
+    im_mem_cfg(mem)
 }
 
 fn open(mem: &MemIo) -> Result<Im, ImError> {
