@@ -111,6 +111,9 @@ pub(crate) struct Conn {
     pub draining: bool,
     pub created: Instant,
     pub last_input: Instant,
+    /// Since when the server, reading, has found nothing more of a frame
+    /// begun (`None` while it is paused: then the client is not to blame).
+    pub partial_since: Option<Instant>,
     stalled_since: Option<Instant>,
     /// The deadline this connection has in the loop's timer heap.
     pub timer_at: Option<Instant>,
@@ -147,6 +150,7 @@ impl Conn {
             draining: false,
             created: now,
             last_input: now,
+            partial_since: None,
             stalled_since: None,
             timer_at: None,
             dirty: false,
@@ -422,8 +426,8 @@ impl Conn {
         if let Some(s) = self.stalled_since {
             consider(s + t.write, Deadline::Write);
         }
-        if !self.closing && !self.input.is_empty() && !self.has_whole_frame() {
-            consider(self.last_input + t.write, Deadline::PartialFrame);
+        if let Some(since) = self.partial_since.filter(|_| !self.closing) {
+            consider(since + t.write, Deadline::PartialFrame);
         }
         if let Some(exp) = self.session.expires_unix {
             if !self.closing {

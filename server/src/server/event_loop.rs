@@ -446,6 +446,7 @@ impl EventLoop {
                 }
                 Ok(n) => {
                     c.last_input = now;
+                    c.partial_since = None;
                     if c.input.is_empty() {
                         let used = dispatch::execute_input(&ctx, c, &self.scratch[..n]);
                         c.input.extend_from_slice(&self.scratch[used..n]);
@@ -457,7 +458,12 @@ impl EventLoop {
                         c.input.drain(..used);
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => c.can_read = false,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    c.can_read = false;
+                    if !c.input.is_empty() && !c.has_whole_frame() {
+                        c.partial_since.get_or_insert(now);
+                    }
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     tracing::debug!(error = %e, "read failed");
@@ -480,6 +486,9 @@ impl EventLoop {
             c.im_listed = true;
             self.im_waiting.push(c.key);
             self.sh.counters.im_full.fetch_add(1, Ordering::Relaxed);
+        }
+        if c.paused(max_owed) {
+            c.partial_since = None; // not reading: the client is not to blame
         }
         c.close_if_done_after_eof(max_owed);
         c.trim_input();
