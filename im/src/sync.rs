@@ -3,11 +3,9 @@
 //! these are [loom]'s model-checked versions, so the production code, not a
 //! copy of it, is what the loom tests explore (tokio's `loom/` pattern).
 //!
-//! The bounded queue is crossbeam's `ArrayQueue` in production. Under loom it
-//! is a mutex around a `VecDeque` with the same capacity semantics: loom cannot
-//! see inside crossbeam, so the model treats the queue as what crossbeam
-//! guarantees (a linearizable bounded MPMC queue) and checks the protocol built
-//! around it (wake-ups, backpressure, close, watermarks).
+//! That includes the mailboxes' bounded queue ([`crate::fanout::ring`]): it
+//! is built here on the facade's atomics and [`UnsafeCell`], so loom checks
+//! the hand-off of every item down to the slot it sits in.
 
 #[cfg(loom)]
 pub(crate) use loom::sync::{
@@ -20,8 +18,26 @@ pub(crate) use std::sync::{
     Arc, Condvar, Mutex, MutexGuard,
 };
 
+#[cfg(loom)]
+pub(crate) use loom::cell::UnsafeCell;
+
+/// `std`'s `UnsafeCell` behind loom's API (`with`, `with_mut`), so the code
+/// that uses it is the same in production and under the model (where loom
+/// checks that no access races another).
 #[cfg(not(loom))]
-pub(crate) use crossbeam::queue::ArrayQueue;
+pub(crate) struct UnsafeCell<T>(std::cell::UnsafeCell<T>);
+
+#[cfg(not(loom))]
+impl<T> UnsafeCell<T> {
+    pub(crate) fn new(t: T) -> Self {
+        UnsafeCell(std::cell::UnsafeCell::new(t))
+    }
+
+    #[inline(always)]
+    pub(crate) fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
+        f(self.0.get())
+    }
+}
 
 /// A memory ordering of the fan-out path, named by its site: exactly
 /// `Ordering::$o` in production; under loom, the ordering the mutation test
@@ -40,15 +56,34 @@ pub(crate) fn ordering(_site: &'static str, o: Ordering) -> Ordering {
     o
 }
 
-// The site weakened under loom: per test thread (loom runs a model's threads
-// on the thread that calls it), so tests running in parallel are not
-// affected. The sites reached: std primitives, outside the model.
+// The site weakened under loom, named by the environment (`site=Ordering`)
+// of a child process the mutation test starts: a weakened model may deadlock
+// or fail inside loom's own bookkeeping, which can abort a process, so it
+// never runs in the test process itself. The sites reached: std primitives,
+// outside the model.
 #[cfg(loom)]
-thread_local! {
-    static WEAKEN: std::cell::Cell<Option<(&'static str, Ordering)>> = const { std::cell::Cell::new(None) };
-}
+pub(crate) const WEAKEN_ENV: &str = "TIMELINE_LOOM_WEAKEN";
+#[cfg(loom)]
+static WEAKEN: std::sync::OnceLock<Option<(String, Ordering)>> = std::sync::OnceLock::new();
 #[cfg(loom)]
 static REACHED: std::sync::Mutex<Vec<(&'static str, Ordering)>> = std::sync::Mutex::new(Vec::new());
+
+#[cfg(loom)]
+fn weakened() -> &'static Option<(String, Ordering)> {
+    WEAKEN.get_or_init(|| {
+        let v = std::env::var(WEAKEN_ENV).ok()?;
+        let (site, o) = v.split_once('=')?;
+        let o = match o {
+            "Relaxed" => Ordering::Relaxed,
+            "Acquire" => Ordering::Acquire,
+            "Release" => Ordering::Release,
+            "AcqRel" => Ordering::AcqRel,
+            "SeqCst" => Ordering::SeqCst,
+            _ => panic!("{WEAKEN_ENV}: unknown ordering {o:?}"),
+        };
+        Some((site.to_string(), o))
+    })
+}
 
 #[cfg(loom)]
 pub(crate) fn ordering(site: &'static str, o: Ordering) -> Ordering {
@@ -58,53 +93,16 @@ pub(crate) fn ordering(site: &'static str, o: Ordering) -> Ordering {
             r.push((site, o));
         }
     }
-    match WEAKEN.with(|w| w.get()) {
-        Some((s, w)) if s == site => w,
+    match weakened() {
+        Some((s, w)) if s == site => *w,
         _ => o,
     }
-}
-
-/// Under loom: weaken one site (`None`: none) for the models run next.
-#[cfg(loom)]
-pub(crate) fn weaken(w: Option<(&'static str, Ordering)>) {
-    WEAKEN.with(|c| c.set(w));
 }
 
 /// Under loom: every site reached so far, with its production ordering.
 #[cfg(loom)]
 pub(crate) fn reached() -> Vec<(&'static str, Ordering)> {
     REACHED.lock().unwrap_or_else(|e| e.into_inner()).clone()
-}
-
-/// Under loom: a bounded FIFO with `ArrayQueue`'s API, built on loom's mutex.
-#[cfg(loom)]
-pub(crate) struct ArrayQueue<T> {
-    q: Mutex<std::collections::VecDeque<T>>,
-    cap: usize,
-}
-
-#[cfg(loom)]
-impl<T> ArrayQueue<T> {
-    pub(crate) fn new(cap: usize) -> Self {
-        ArrayQueue {
-            q: Mutex::new(std::collections::VecDeque::new()),
-            cap,
-        }
-    }
-    pub(crate) fn push(&self, t: T) -> Result<(), T> {
-        let mut q = self.q.lock().unwrap_or_else(|e| e.into_inner());
-        if q.len() >= self.cap {
-            return Err(t);
-        }
-        q.push_back(t);
-        Ok(())
-    }
-    pub(crate) fn pop(&self) -> Option<T> {
-        self.q.lock().unwrap_or_else(|e| e.into_inner()).pop_front()
-    }
-    pub(crate) fn len(&self) -> usize {
-        self.q.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
 }
 
 /// Wait on a facade condvar, tolerating poison like [`lock`].

@@ -4,6 +4,7 @@
 //! failed assertion in some interleaving.
 
 use super::mailbox::{Mailbox, RoomWaiter, Signal};
+use super::ring::Ring;
 use super::watermark::{CompletionWindow, Latch, Watermark};
 use crate::sync::{Arc, AtomicU64, Ordering};
 use loom::thread;
@@ -307,8 +308,102 @@ fn loom_workers_feeding_each_other_never_deadlock() {
     });
 }
 
+#[test]
+fn loom_ring_reuses_a_slot_only_after_its_item_moved_out() {
+    // Capacity 1: the producer's second item goes into the slot the
+    // consumer's pop is freeing. Items are boxed, so a read that does not
+    // happen-after its write (or a write racing a read) is a loom failure
+    // on the slot's cell, not only a wrong value.
+    model(|| {
+        let r = Arc::new(Ring::new(1));
+        let p = {
+            let r = r.clone();
+            thread::spawn(move || {
+                for v in [1u32, 2] {
+                    let mut b = Box::new(v);
+                    while let Err(x) = r.push(b) {
+                        b = x;
+                        thread::yield_now();
+                    }
+                }
+            })
+        };
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            match r.pop() {
+                Some(b) => got.push(*b),
+                None => thread::yield_now(),
+            }
+        }
+        p.join().unwrap();
+        assert_eq!(got, vec![1, 2]);
+        assert!(r.pop().is_none());
+    });
+}
+
+#[test]
+fn loom_ring_producers_never_share_a_slot() {
+    // Two producers race for the positions of a two-slot ring: each item
+    // arrives exactly once, each producer's in order, the consumer's count
+    // agreeing with `len`.
+    model(|| {
+        let r = Arc::new(Ring::new(2));
+        let hs: Vec<_> = [10u32, 20]
+            .into_iter()
+            .map(|v| {
+                let r = r.clone();
+                thread::spawn(move || r.push(Box::new(v)).is_ok())
+            })
+            .collect();
+        let pushed = hs
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .filter(|ok| *ok)
+            .count();
+        assert_eq!(pushed, 2);
+        assert_eq!(r.len(), 2);
+        let mut got = vec![*r.pop().unwrap(), *r.pop().unwrap()];
+        got.sort();
+        assert_eq!(got, vec![10, 20]);
+        assert!(r.pop().is_none());
+    });
+}
+
+#[test]
+fn loom_ring_consumer_races_two_producers() {
+    // The consumer pops while both producers push into a two-slot ring.
+    model(|| {
+        let r = Arc::new(Ring::new(2));
+        let hs: Vec<_> = [10u32, 20]
+            .into_iter()
+            .map(|v| {
+                let r = r.clone();
+                thread::spawn(move || assert!(r.push(Box::new(v)).is_ok()))
+            })
+            .collect();
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            match r.pop() {
+                Some(b) => got.push(*b),
+                None => thread::yield_now(),
+            }
+        }
+        for h in hs {
+            h.join().unwrap();
+        }
+        got.sort();
+        assert_eq!(got, vec![10, 20]);
+    });
+}
+
 /// Every model above.
-const MODELS: [(&str, fn()); 9] = [
+const MODELS: [(&str, fn()); 12] = [
+    (
+        "ring_reuse",
+        loom_ring_reuses_a_slot_only_after_its_item_moved_out,
+    ),
+    ("ring_producers", loom_ring_producers_never_share_a_slot),
+    ("ring_consumer", loom_ring_consumer_races_two_producers),
     ("wakes", loom_mailbox_wakes_consumer_and_blocked_producers),
     ("room", loom_mailbox_room_wakes_a_registered_signal),
     ("two_mailboxes", loom_mailbox_two_mailboxes_one_signal),
@@ -342,17 +437,119 @@ fn weaker(o: Ordering) -> Vec<Ordering> {
     }
 }
 
-/// The weakenings the models catch (`site`, weakened to), in the order the
-/// sites are reached. The others (every mailbox and signal site, the
-/// completion window) pass every model: docs/reliability.md, "Loom", says
-/// why and what that leaves open.
+/// The weakenings the models catch (`site`, weakened to). The others pass
+/// every model: docs/reliability.md, "Loom", lists them and says why.
 const MUST_FAIL: &[(&str, Ordering)] = &[
+    // The ring's stamps carry every item from producer to consumer and
+    // every freed slot back.
+    ("ring.push.stamp", Ordering::Relaxed),
+    ("ring.push.publish", Ordering::Relaxed),
+    ("ring.pop.stamp", Ordering::Relaxed),
+    ("ring.pop.free", Ordering::Relaxed),
+    // The signal's token: notify releases the push, the taker acquires it.
+    ("signal.notify", Ordering::Acquire),
+    ("signal.notify", Ordering::Relaxed),
+    ("signal.wait.take", Ordering::Release),
+    ("signal.wait.take", Ordering::Relaxed),
+    ("signal.wake.take", Ordering::Release),
+    ("signal.wake.take", Ordering::Relaxed),
+    ("signal.wait.slipped", Ordering::Release),
+    ("signal.wait.slipped", Ordering::Relaxed),
+    // Room for blocked producers: the announce and made_room pair.
+    ("mailbox.push.announce", Ordering::Release),
+    ("mailbox.push.announce", Ordering::Relaxed),
+    ("mailbox.made_room", Ordering::Acquire),
+    ("mailbox.made_room", Ordering::Relaxed),
+    ("mailbox.notify_on_room", Ordering::Release),
+    ("mailbox.notify_on_room", Ordering::Relaxed),
+    // Readers trusting the watermark, the acknowledger trusting the latch.
     ("watermark.get", Ordering::Relaxed),
     ("watermark.publish", Ordering::Relaxed),
     ("latch.arrive", Ordering::Acquire),
     ("latch.arrive", Ordering::Release),
     ("latch.arrive", Ordering::Relaxed),
 ];
+
+/// The models (indices into `MODELS`) that fail with `site` weakened to
+/// `w`. They run in child processes (this test binary, entered at
+/// `loom_child_entry`): a weakened model can deadlock, and loom's cleanup
+/// after a deadlock may abort the process. A child that dies mid-model
+/// counts that model as failed; the next child goes on after it.
+fn failing_models(site: &str, w: Ordering) -> Vec<usize> {
+    let mut failed = Vec::new();
+    let mut from = 0;
+    while from < MODELS.len() {
+        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "fanout::loom_tests::loom_child_entry",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(crate::sync::WEAKEN_ENV, format!("{site}={w:?}"))
+            .env(FROM_ENV, from.to_string())
+            .stdout(std::process::Stdio::null())
+            .output()
+            .expect("run the loom child");
+        let (mut started, mut ended) = (None, None);
+        for line in String::from_utf8_lossy(&out.stderr).lines() {
+            let mut f = line.split_whitespace();
+            match (
+                f.next(),
+                f.next().and_then(|i| i.parse::<usize>().ok()),
+                f.next(),
+            ) {
+                (Some("LOOM-MODEL-START"), Some(i), _) => started = Some(i),
+                (Some("LOOM-MODEL-END"), Some(i), Some(r)) => {
+                    ended = Some(i);
+                    if r == "fail" {
+                        failed.push(i);
+                    }
+                }
+                _ => {}
+            }
+        }
+        match started {
+            Some(i) if ended != Some(i) => {
+                failed.push(i); // died in model `i`
+                from = i + 1;
+            }
+            Some(_) if out.status.success() => break,
+            _ => panic!(
+                "loom child for {site}={w:?} from model {from} did not run: {}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
+    }
+    failed
+}
+
+/// Which model the child starts at.
+const FROM_ENV: &str = "TIMELINE_LOOM_FROM";
+
+/// Entry point of `failing_models`' children, not a test of its own: runs
+/// the models from `TIMELINE_LOOM_FROM` on with the weakening the
+/// environment names, reporting each on stderr.
+#[test]
+#[ignore = "entered only by loom_each_ordering_is_needed's child processes"]
+fn loom_child_entry() {
+    let from: usize = std::env::var(FROM_ENV)
+        .expect("run by loom_each_ordering_is_needed")
+        .parse()
+        .expect("a model index");
+    std::panic::set_hook(Box::new(|_| {}));
+    for (i, (_, m)) in MODELS.iter().enumerate().skip(from) {
+        eprintln!("LOOM-MODEL-START {i}");
+        let r = if std::panic::catch_unwind(m).is_ok() {
+            "pass"
+        } else {
+            "fail"
+        };
+        eprintln!("LOOM-MODEL-END {i} {r}");
+    }
+}
 
 /// Weaken each ordering of the fan-out path in turn (each site named with
 /// `ord!`) and run every model: prints which models fail, and checks the
@@ -363,34 +560,42 @@ fn loom_each_ordering_is_needed() {
     for (_, m) in MODELS {
         m(); // every site reached once, unweakened
     }
-    let sites = crate::sync::reached();
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    let tries: Vec<(&str, Ordering, Ordering)> = crate::sync::reached()
+        .into_iter()
+        .flat_map(|(site, o)| weaker(o).into_iter().map(move |w| (site, o, w)))
+        .collect();
+    // Two children at a time (the CI machine has two cores).
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = std::sync::Mutex::new(vec![Vec::new(); tries.len()]);
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(site, _, w)) = tries.get(i) else {
+                    return;
+                };
+                let failed = failing_models(site, w);
+                results.lock().unwrap_or_else(|e| e.into_inner())[i] = failed;
+            });
+        }
+    });
+    let results = results.into_inner().unwrap_or_else(|e| e.into_inner());
     let mut caught = Vec::new();
     let mut table = String::new();
-    for (site, o) in sites {
-        for w in weaker(o) {
-            crate::sync::weaken(Some((site, w)));
-            let failed: Vec<&str> = MODELS
-                .iter()
-                .filter(|(_, m)| std::panic::catch_unwind(m).is_err())
-                .map(|(n, _)| *n)
-                .collect();
-            crate::sync::weaken(None);
-            table.push_str(&format!(
-                "| `{site}` | {o:?} → {w:?} | {} |\n",
-                if failed.is_empty() {
-                    "—".to_string()
-                } else {
-                    failed.join(", ")
-                }
-            ));
-            if !failed.is_empty() {
-                caught.push((site, w));
+    for (&(site, o, w), failed) in tries.iter().zip(&results) {
+        let names: Vec<&str> = failed.iter().map(|&i| MODELS[i].0).collect();
+        table.push_str(&format!(
+            "| `{site}` | {o:?} → {w:?} | {} |\n",
+            if names.is_empty() {
+                "—".to_string()
+            } else {
+                names.join(", ")
             }
+        ));
+        if !names.is_empty() {
+            caught.push((site, w));
         }
     }
-    std::panic::set_hook(hook);
     eprintln!("| site | weakened | models that fail |\n|---|---|---|\n{table}");
     // Sites are reached in an order that depends on the test threads: compare as sets.
     let key = |v: &[(&str, Ordering)]| {

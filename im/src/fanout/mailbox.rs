@@ -20,7 +20,8 @@
 //! and always read the latest value), never with a plain load racing a store
 //! on another location, which is the lost-wake-up pattern.
 
-use crate::sync::{self, ord, ArrayQueue, AtomicBool, AtomicUsize, Condvar, Mutex};
+use super::ring::Ring;
+use crate::sync::{self, ord, AtomicBool, AtomicUsize, Condvar, Mutex};
 
 const EMPTY: usize = 0;
 const NOTIFIED: usize = 1;
@@ -169,7 +170,7 @@ pub(crate) enum PushError<T> {
 }
 
 pub(crate) struct Mailbox<T> {
-    queue: ArrayQueue<T>,
+    queue: Ring<T>,
     consumer: sync::Arc<Signal>,
     /// Producers blocked in `push` on a full queue, plus signals waiting for
     /// room (`notify_on_room`).
@@ -184,7 +185,7 @@ pub(crate) struct Mailbox<T> {
 impl<T> Mailbox<T> {
     pub(crate) fn new(capacity: usize, consumer: sync::Arc<Signal>) -> Self {
         Mailbox {
-            queue: ArrayQueue::new(capacity.max(1)),
+            queue: Ring::new(capacity),
             consumer,
             waiting: AtomicUsize::new(0),
             space_lock: Mutex::new(Vec::new()),
