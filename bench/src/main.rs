@@ -438,6 +438,12 @@ pub struct Flags {
     /// `abuse`: sockets that never send HELLO (default 10,000).
     #[arg(long)]
     pub silent: Option<u64>,
+    /// `abuse`: the abuser threads' nice value (default 0, the good
+    /// clients' and the server's). 19 stands for abusers on other machines:
+    /// they get the CPU the server and the good clients leave, and the
+    /// abuse volume they reached is printed beside the result.
+    #[arg(long, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub abuser_nice: Option<i32>,
     /// Start the server with `RUST_LOG=warn` (unless RUST_LOG is set);
     /// `torture` always does.
     #[arg(skip)]

@@ -196,22 +196,72 @@ fn drain(s: &mut TcpStream, wait: Duration) {
 }
 
 /// One abuser's loop: the server's address, and when to stop.
-type Abuser = Box<dyn Fn(&str, &AtomicBool) + Send>;
+type Abuser = Box<dyn Fn(&str, &AtomicBool, &Volume) + Send>;
+
+/// How much abuse was sent: the abusers count as they go, so a run with
+/// niced abusers shows what volume it still reached.
+#[derive(Default)]
+struct Volume {
+    connects: AtomicU64,
+    garbage_bytes: AtomicU64,
+    huge_headers: AtomicU64,
+}
+
+impl Volume {
+    fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+    fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// Lower the calling thread's CPU priority (Linux: nice applies per
+/// thread). Through `renice` on the thread's id rather than `setpriority`:
+/// the workspace denies unsafe code. A failure is reported, not fatal.
+fn nice_this_thread(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    let tid = std::fs::read_link("/proc/thread-self")
+        .ok()
+        .and_then(|p| p.file_name()?.to_str()?.parse::<u32>().ok());
+    let ok = tid.is_some_and(|tid| {
+        std::process::Command::new("renice")
+            .args(["-n", &nice.to_string(), "-p", &tid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if !ok {
+        eprintln!("abuse: could not renice an abuser thread to {nice}");
+    }
+}
 
 /// The abusers; each runs until `stop`.
-fn abusers(addr: &str, flags: &Flags, stop: &Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<()>> {
+fn abusers(
+    addr: &str,
+    flags: &Flags,
+    stop: &Arc<AtomicBool>,
+    vol: &Arc<Volume>,
+) -> Vec<std::thread::JoinHandle<()>> {
     let mut v = Vec::new();
+    let nice = flags.abuser_nice.unwrap_or(0);
     let spawn = |v: &mut Vec<_>, f: Abuser| {
-        let (addr, stop) = (addr.to_string(), stop.clone());
-        v.push(std::thread::spawn(move || f(&addr, &stop)));
+        let (addr, stop, vol) = (addr.to_string(), stop.clone(), vol.clone());
+        v.push(std::thread::spawn(move || {
+            nice_this_thread(nice);
+            f(&addr, &stop, &vol)
+        }));
     };
     let silent = flags.silent.unwrap_or(10_000);
     spawn(
         &mut v,
-        Box::new(move |a, stop| {
+        Box::new(move |a, stop, vol| {
             let mut held = Vec::new();
             while held.len() < silent as usize && !stop.load(Ordering::Relaxed) {
                 if let Ok(s) = TcpStream::connect(a) {
+                    Volume::add(&vol.connects, 1);
                     held.push(s)
                 }
             }
@@ -222,10 +272,12 @@ fn abusers(addr: &str, flags: &Flags, stop: &Arc<AtomicBool>) -> Vec<std::thread
     );
     spawn(
         &mut v,
-        Box::new(|a, stop| {
+        Box::new(|a, stop, vol| {
             while !stop.load(Ordering::Relaxed) {
                 for _ in 0..STORM_PER_TICK {
-                    drop(TcpStream::connect(a));
+                    if TcpStream::connect(a).is_ok() {
+                        Volume::add(&vol.connects, 1);
+                    }
                 }
                 std::thread::sleep(TICK);
             }
@@ -234,41 +286,47 @@ fn abusers(addr: &str, flags: &Flags, stop: &Arc<AtomicBool>) -> Vec<std::thread
     let seed = flags.seed;
     spawn(
         &mut v,
-        Box::new(move |a, stop| {
+        Box::new(move |a, stop, vol| {
             let mut rng = rng_for(seed, 77);
             while !stop.load(Ordering::Relaxed) {
                 let Ok(mut s) = TcpStream::connect(a) else {
                     continue;
                 };
+                Volume::add(&vol.connects, 1);
                 if rng.gen_bool(0.5) {
                     let _ = s.write_all(&hello_frame(1));
                 }
                 let junk: Vec<u8> = (0..rng.gen_range(1..65_536)).map(|_| rng.gen()).collect();
-                let _ = s.write_all(&junk);
+                if s.write_all(&junk).is_ok() {
+                    Volume::add(&vol.garbage_bytes, junk.len() as u64);
+                }
                 drain(&mut s, TICK);
             }
         }),
     );
     spawn(
         &mut v,
-        Box::new(|a, stop| {
+        Box::new(|a, stop, vol| {
             while !stop.load(Ordering::Relaxed) {
                 let Ok(mut s) = TcpStream::connect(a) else {
                     continue;
                 };
+                Volume::add(&vol.connects, 1);
                 let mut b = hello_frame(1);
                 // A header announcing a 4 GiB frame (len, opcode PING, id 2).
                 b.extend_from_slice(&u32::MAX.to_le_bytes());
                 b.extend_from_slice(&[0x02, 0x00, 0, 0]);
                 b.extend_from_slice(&2u64.to_le_bytes());
-                let _ = s.write_all(&b);
+                if s.write_all(&b).is_ok() {
+                    Volume::add(&vol.huge_headers, 1);
+                }
                 drain(&mut s, TICK);
             }
         }),
     );
     spawn(
         &mut v,
-        Box::new(|a, stop| {
+        Box::new(|a, stop, vol| {
             let mut held = Vec::new();
             let mut frame = Vec::new();
             RequestFrame {
@@ -283,6 +341,7 @@ fn abusers(addr: &str, flags: &Flags, stop: &Arc<AtomicBool>) -> Vec<std::thread
                 let Ok(mut s) = TcpStream::connect(a) else {
                     continue;
                 };
+                Volume::add(&vol.connects, 1);
                 let _ = s.write_all(&hello_frame(1));
                 let _ = s.write_all(&frame[..frame.len() / 2]);
                 held.push(s);
@@ -294,12 +353,13 @@ fn abusers(addr: &str, flags: &Flags, stop: &Arc<AtomicBool>) -> Vec<std::thread
     );
     spawn(
         &mut v,
-        Box::new(|a, stop| {
+        Box::new(|a, stop, vol| {
             let mut held = Vec::new();
             for k in 0..100u64 {
                 let Ok(mut s) = TcpStream::connect(a) else {
                     continue;
                 };
+                Volume::add(&vol.connects, 1);
                 let mut b = hello_frame(1);
                 RequestFrame {
                     id: 2,
@@ -384,9 +444,19 @@ pub fn run(flags: &Flags, _rep: &mut Reporter) -> Result<u64> {
     let before = phase("before", flags, &addr, pid)?;
     let rss_before = rss_of(Some(pid));
     let stop = Arc::new(AtomicBool::new(false));
-    let threads = abusers(&addr, flags, &stop);
+    let vol = Arc::new(Volume::default());
+    let threads = abusers(&addr, flags, &stop, &vol);
     std::thread::sleep(Duration::from_secs(1)); // the abuse builds up
+    let (c0, g0, h0) = (
+        Volume::get(&vol.connects),
+        Volume::get(&vol.garbage_bytes),
+        Volume::get(&vol.huge_headers),
+    );
     let during = phase("during", flags, &addr, pid)?;
+    let per_s = |now: u64, then: u64| (now - then) as f64 / during.secs.max(1e-9);
+    let connects_s = per_s(Volume::get(&vol.connects), c0);
+    let garbage_mib_s = per_s(Volume::get(&vol.garbage_bytes), g0) / (1 << 20) as f64;
+    let headers_s = per_s(Volume::get(&vol.huge_headers), h0);
     let mut admin = Client::connect(addr.as_str(), b"")?;
     let st = stats(&mut admin)?;
     stop.store(true, Ordering::Relaxed);
@@ -403,6 +473,10 @@ pub fn run(flags: &Flags, _rep: &mut Reporter) -> Result<u64> {
     for p in [&before, &during, &after] {
         print(p, &before);
     }
+    let nice = flags.abuser_nice.unwrap_or(0);
+    println!(
+        "abuse: abusers at nice {nice}; during the measured phase they made {connects_s:.0} connections/s, sent {garbage_mib_s:.1} MiB/s of garbage and {headers_s:.0} 4 GiB headers/s"
+    );
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     println!(
         "abuse: server RSS before {:.1} MiB, peak during {:.1} MiB, after the abusers left {:.1} MiB ({:.2}x before; {open} connections open); during: handshakes_evicted {}, timeouts {}, resyncs {}, request_errors {}",
@@ -420,6 +494,10 @@ pub fn run(flags: &Flags, _rep: &mut Reporter) -> Result<u64> {
             "p99_ratio": during.p99_us / before.p99_us.max(1.0),
             "rss_before": rss_before, "rss_peak_during": during.rss_peak, "rss_after": rss_after,
             "handshakes_evicted": stat(&st, "handshakes_evicted"),
+            "abuser_nice": nice,
+            "abuse_connects_per_sec": connects_s,
+            "abuse_garbage_mib_per_sec": garbage_mib_s,
+            "abuse_huge_headers_per_sec": headers_s,
         });
         println!("{j}");
     }
