@@ -308,6 +308,18 @@ fn loom_workers_feeding_each_other_never_deadlock() {
     });
 }
 
+/// Pop `n` boxed items from `r`, yielding while it is empty.
+fn pop_n(r: &Ring<Box<u32>>, n: usize) -> Vec<u32> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match r.pop() {
+            Some(b) => got.push(*b),
+            None => thread::yield_now(),
+        }
+    }
+    got
+}
+
 #[test]
 fn loom_ring_reuses_a_slot_only_after_its_item_moved_out() {
     // Capacity 1: the producer's second item goes into the slot the
@@ -328,17 +340,23 @@ fn loom_ring_reuses_a_slot_only_after_its_item_moved_out() {
                 }
             })
         };
-        let mut got = Vec::new();
-        while got.len() < 2 {
-            match r.pop() {
-                Some(b) => got.push(*b),
-                None => thread::yield_now(),
-            }
-        }
+        let got = pop_n(&r, 2);
         p.join().unwrap();
         assert_eq!(got, vec![1, 2]);
         assert!(r.pop().is_none());
     });
+}
+
+/// Two producer threads, pushing 10 and 20 into `r`; each returns whether
+/// its push took.
+fn push_10_and_20(r: &Arc<Ring<Box<u32>>>) -> Vec<thread::JoinHandle<bool>> {
+    [10u32, 20]
+        .into_iter()
+        .map(|v| {
+            let r = r.clone();
+            thread::spawn(move || r.push(Box::new(v)).is_ok())
+        })
+        .collect()
 }
 
 #[test]
@@ -348,14 +366,7 @@ fn loom_ring_producers_never_share_a_slot() {
     // agreeing with `len`.
     model(|| {
         let r = Arc::new(Ring::new(2));
-        let hs: Vec<_> = [10u32, 20]
-            .into_iter()
-            .map(|v| {
-                let r = r.clone();
-                thread::spawn(move || r.push(Box::new(v)).is_ok())
-            })
-            .collect();
-        let pushed = hs
+        let pushed = push_10_and_20(&r)
             .into_iter()
             .map(|h| h.join().unwrap())
             .filter(|ok| *ok)
@@ -374,22 +385,10 @@ fn loom_ring_consumer_races_two_producers() {
     // The consumer pops while both producers push into a two-slot ring.
     model(|| {
         let r = Arc::new(Ring::new(2));
-        let hs: Vec<_> = [10u32, 20]
-            .into_iter()
-            .map(|v| {
-                let r = r.clone();
-                thread::spawn(move || assert!(r.push(Box::new(v)).is_ok()))
-            })
-            .collect();
-        let mut got = Vec::new();
-        while got.len() < 2 {
-            match r.pop() {
-                Some(b) => got.push(*b),
-                None => thread::yield_now(),
-            }
-        }
+        let hs = push_10_and_20(&r);
+        let mut got = pop_n(&r, 2);
         for h in hs {
-            h.join().unwrap();
+            assert!(h.join().unwrap(), "a two-slot ring took both");
         }
         got.sort();
         assert_eq!(got, vec![10, 20]);

@@ -85,84 +85,80 @@ impl<T> Ring<T> {
         &self.slots[pos % self.slots.len()]
     }
 
-    /// Push `t`, or hand it back if the ring is full.
-    pub(crate) fn push(&self, t: T) -> Result<(), T> {
-        let mut pos = self.tail.load(Ordering::Relaxed);
+    /// Claim the next position of `cursor` (`tail` or `head`) whose slot is
+    /// stamped `ready(pos)`, loading stamps with `load`. `None` when that
+    /// slot is still a lap behind: full for a push, empty for a pop.
+    fn claim(
+        &self,
+        cursor: &AtomicUsize,
+        ready: impl Fn(usize) -> usize,
+        load: Ordering,
+    ) -> Option<(usize, &Slot<T>)> {
+        let mut pos = cursor.load(Ordering::Relaxed);
         loop {
             let slot = self.slot(pos);
-            // Acquire: the pop that freed this slot (a lap ago) has finished
-            // moving its item out before we overwrite it.
-            let stamp = slot.stamp.load(ord!("ring.push.stamp", Acquire));
-            let want = empty(pos);
+            let stamp = slot.stamp.load(load);
+            let want = ready(pos);
             if stamp == want {
-                match self.tail.compare_exchange_weak(
+                match cursor.compare_exchange_weak(
                     pos,
                     pos.wrapping_add(1),
                     Ordering::Relaxed,
                     Ordering::Relaxed,
                 ) {
-                    Ok(_) => {
-                        // SAFETY: our CAS claimed position `pos`, and its
-                        // stamp says the slot is empty: no other thread reads
-                        // or writes it until we store the next stamp.
-                        #[allow(unsafe_code)]
-                        slot.value.with_mut(|p| unsafe { (*p).write(t) });
-                        // Release: the write above happens-before the pop
-                        // that acquires this stamp.
-                        slot.stamp
-                            .store(want | 1, ord!("ring.push.publish", Release));
-                        return Ok(());
-                    }
+                    Ok(_) => return Some((pos, slot)),
                     Err(now) => pos = now,
                 }
             } else if before(stamp, want) {
-                // The slot still holds the item pushed one lap ago.
-                return Err(t);
+                return None;
             } else {
-                // Another producer took `pos`: go on from the current tail.
-                pos = self.tail.load(Ordering::Relaxed);
+                // Another thread took `pos`: go on from the current cursor.
+                pos = cursor.load(Ordering::Relaxed);
             }
         }
     }
 
-    /// Take the oldest item, if any.
+    /// Push `t`, or hand it back if the ring is full.
+    pub(crate) fn push(&self, t: T) -> Result<(), T> {
+        // Acquire: the pop that freed the slot (a lap ago) has finished
+        // moving its item out before we overwrite it.
+        let Some((pos, slot)) = self.claim(&self.tail, empty, ord!("ring.push.stamp", Acquire))
+        else {
+            return Err(t); // the slot still holds the item of one lap ago
+        };
+        // SAFETY: our CAS claimed position `pos`, and its stamp says the slot
+        // is empty: no other thread reads or writes it until we store the
+        // next stamp.
+        #[allow(unsafe_code)]
+        slot.value.with_mut(|p| unsafe { (*p).write(t) });
+        // Release: the write above happens-before the pop that acquires this
+        // stamp.
+        slot.stamp
+            .store(empty(pos) | 1, ord!("ring.push.publish", Release));
+        Ok(())
+    }
+
+    /// Take the oldest item, if any (`None` also while the push at the head
+    /// is still writing its slot).
     pub(crate) fn pop(&self) -> Option<T> {
-        let mut pos = self.head.load(Ordering::Relaxed);
-        loop {
-            let slot = self.slot(pos);
-            // Acquire: the push's write of the slot happens-before our read.
-            let stamp = slot.stamp.load(ord!("ring.pop.stamp", Acquire));
-            let want = empty(pos) | 1;
-            if stamp == want {
-                match self.head.compare_exchange_weak(
-                    pos,
-                    pos.wrapping_add(1),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                ) {
-                    Ok(_) => {
-                        // SAFETY: our CAS claimed position `pos`, and its
-                        // stamp says the push into it has published: the
-                        // slot holds an initialised item that only we take.
-                        #[allow(unsafe_code)]
-                        let t = slot.value.with_mut(|p| unsafe { (*p).assume_init_read() });
-                        // Release: our move out happens-before the push that
-                        // reuses the slot one lap later.
-                        slot.stamp.store(
-                            empty(pos.wrapping_add(self.slots.len())),
-                            ord!("ring.pop.free", Release),
-                        );
-                        return Some(t);
-                    }
-                    Err(now) => pos = now,
-                }
-            } else if before(stamp, want) {
-                // Empty, or the push at `pos` is still writing.
-                return None;
-            } else {
-                pos = self.head.load(Ordering::Relaxed);
-            }
-        }
+        // Acquire: the push's write of the slot happens-before our read.
+        let (pos, slot) = self.claim(
+            &self.head,
+            |p| empty(p) | 1,
+            ord!("ring.pop.stamp", Acquire),
+        )?;
+        // SAFETY: our CAS claimed position `pos`, and its stamp says the push
+        // into it has published: the slot holds an initialised item that
+        // only we take.
+        #[allow(unsafe_code)]
+        let t = slot.value.with_mut(|p| unsafe { (*p).assume_init_read() });
+        // Release: our move out happens-before the push that reuses the slot
+        // one lap later.
+        slot.stamp.store(
+            empty(pos.wrapping_add(self.slots.len())),
+            ord!("ring.pop.free", Release),
+        );
+        Some(t)
     }
 
     /// The number of items claimed and not yet popped (an item still being
