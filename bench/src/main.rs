@@ -220,7 +220,9 @@
 //! `mem_bytes`. Latencies are measured in nanoseconds and reported in
 //! microseconds.
 
+mod progress;
 mod report;
+mod results;
 mod sysinfo;
 mod workloads;
 
@@ -318,6 +320,15 @@ pub struct Flags {
     /// Keep the temporary data directory.
     #[arg(long)]
     pub keep: bool,
+    /// Write the results directory (`<DIR>/<UTC time>-<command>/`: JSON
+    /// lines, CSV, machine facts, SVG plots) under DIR. `im` writes it under
+    /// `results` unless `--no-results`; the other subcommands only when
+    /// this flag is given.
+    #[arg(long, value_name = "DIR")]
+    pub results: Option<PathBuf>,
+    /// `im`: do not write the results directory.
+    #[arg(long, conflicts_with = "results")]
+    pub no_results: bool,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     #[arg(long, value_enum, default_value = "none")]
@@ -517,6 +528,20 @@ fn run(cli: Cli) -> Result<i32> {
     }
     flags.validate()?;
     let machine = sysinfo::Machine::detect();
+    let results_root = match (&flags.results, &cli.cmd) {
+        (Some(d), _) => Some(d.clone()),
+        (None, Cmd::Im(_)) if !flags.no_results => Some(PathBuf::from("results")),
+        _ => None,
+    };
+    // Measured before the run, on the file system the data will live on.
+    let facts = results_root.as_ref().map(|_| {
+        let at = flags.dir.clone().unwrap_or_else(std::env::temp_dir);
+        let f = results::Facts::measure(&machine, &at, 20);
+        if !flags.json {
+            eprintln!("{}", f.describe());
+        }
+        f
+    });
     let mut rep = report::Reporter::new(flags.json, machine);
     let errors = match (&cli.cmd, flags.target) {
         #[cfg(feature = "rocksdb")]
@@ -539,6 +564,10 @@ fn run(cli: Cli) -> Result<i32> {
         (Cmd::FanoutSweep(_), _) => workloads::sweep::run(flags, &mut rep)?,
     };
     rep.finish();
+    if let (Some(root), Some(facts)) = (&results_root, &facts) {
+        let dir = rep.write_results(root, name, facts)?;
+        eprintln!("results: {}", dir.display());
+    }
     if errors > 0 {
         eprintln!("timeline-bench: {errors} verification error(s)");
         return Ok(2);

@@ -376,6 +376,8 @@ pub struct Reporter {
     json: bool,
     machine: Machine,
     lines: Vec<ResultLine>,
+    /// Time series and latency histograms for the results directory.
+    pub extras: crate::results::Extras,
 }
 
 impl Reporter {
@@ -384,6 +386,7 @@ impl Reporter {
             json,
             machine,
             lines: Vec::new(),
+            extras: Default::default(),
         }
     }
 
@@ -400,6 +403,16 @@ impl Reporter {
         }
         self.lines.push(line);
         Ok(())
+    }
+
+    /// Write the results directory under `root` (see [`crate::results`]).
+    pub fn write_results(
+        &self,
+        root: &std::path::Path,
+        command: &str,
+        facts: &crate::results::Facts,
+    ) -> crate::Result<std::path::PathBuf> {
+        crate::results::write(root, command, &self.lines, facts, &self.extras)
     }
 
     /// Print the table (human mode only).

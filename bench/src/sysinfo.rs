@@ -21,24 +21,35 @@ impl Machine {
 
     /// One line for the human output.
     pub fn describe(&self) -> String {
-        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-        let cpu = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .and_then(|l| l.split(':').nth(1))
-                    .map(|m| m.trim().to_string())
-            })
-            .unwrap_or_else(|| "unknown cpu".into());
         format!(
             "machine: {} cores ({}), {:.1} GiB RAM, linux {}",
             self.cores,
-            cpu,
+            cpu_model(),
             self.mem_bytes as f64 / (1u64 << 30) as f64,
-            kernel.trim()
+            kernel()
         )
     }
+}
+
+/// The CPU's model name from `/proc/cpuinfo`.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown cpu".into())
+}
+
+/// The kernel release.
+pub fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 /// Peak resident set size of this process (VmHWM), in bytes.

@@ -314,7 +314,9 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
         })
         .collect();
     let dir = DataDir::new(flags)?;
+    let pb = crate::progress::spinner(format!("setup: {} conversations", specs.len()));
     let (im, setup_secs) = imkit::setup(flags, &dir.path, &specs, h)?;
+    pb.finish_and_clear();
     drop(specs);
     let device = |u: UserId| Device::caught_up(&im, u, &user_convs[u as usize], &read_groups(u));
     let n_dev_threads = flags.threads;
@@ -365,6 +367,8 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
     let offsets: Vec<u64> = super::offsets(flags.messages, flags.threads);
     let per_thread_rate = flags.rate as f64 / flags.threads as f64;
     let stop = AtomicBool::new(false);
+    let sent = AtomicU64::new(0);
+    let (tick_tx, tick_rx) = std::sync::mpsc::channel::<()>();
     let base = Instant::now();
     im.engine().sync()?;
     let before = imkit::snap(&im);
@@ -373,7 +377,11 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
     type DevOut = Result<(Vec<Device>, SyncCount)>;
     type ProbeOut = Result<(Vec<Device>, SyncCount, Histogram<u64>)>;
     type PushOut = Result<(Histogram<u64>, u64)>;
-    let (timed, dev_out, probe_out, push_out) = std::thread::scope(|s| {
+    let (timed, dev_out, probe_out, push_out, samples) = std::thread::scope(|s| {
+        let sampler = {
+            let (im, sent) = (&im, &sent);
+            s.spawn(move || sample(im, sent, flags.messages, tick_rx))
+        };
         let dev_handles: Vec<_> = online
             .drain(..)
             .map(|mut devs| {
@@ -458,6 +466,7 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
             let mut done = |c: usize, r: std::result::Result<_, _>| match r {
                 Ok(_) => {
                     acked[c].fetch_add(1, Ordering::Relaxed);
+                    sent.fetch_add(1, Ordering::Relaxed);
                     for &i in &online_of_conv[c] {
                         notify[i as usize].store(true, Ordering::Release);
                     }
@@ -497,10 +506,12 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
             Ok((0, 0))
         });
         stop.store(true, Ordering::Relaxed);
+        drop(tick_tx);
+        let samples = sampler.join().unwrap_or_default();
         let dev_out: Vec<DevOut> = dev_handles.into_iter().map(|h| join(h.join())).collect();
         let probe_out: ProbeOut = join(probe_handle.join());
         let push_out: Vec<PushOut> = push_handles.into_iter().map(|h| join(h.join())).collect();
-        (timed, dev_out, probe_out, push_out)
+        (timed, dev_out, probe_out, push_out, samples)
     });
     let timed = timed?;
     im.engine().sync()?;
@@ -542,10 +553,13 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
     let checked_online = devices.len();
     devices.append(&mut offline);
     let mut caught = SyncCount::default();
+    let pb = crate::progress::bar(devices.len() as u64, "verifying", "devices");
     for dev in &mut devices {
         caught += dev.sync(&im, imkit::CATCH_UP_PAGE, &errors, |_| {})?;
         dev.check_complete(&acked, &errors);
+        pb.inc(1);
     }
+    pb.finish_and_clear();
     let acked_total: u64 = acked.iter().map(|a| a.load(Ordering::Relaxed)).sum();
     if acked_total != messages {
         errors.report("verify", || {
@@ -595,5 +609,80 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
     im.close()?;
     line.files = Some(count_files(&dir.path));
     rep.push(line)?;
+    rep.extras.series.extend(samples.rates());
+    rep.extras
+        .latencies
+        .push(("send to acknowledgement", timed.hist.clone()));
+    rep.extras
+        .latencies
+        .push(("send to visible in a device's sync", visible));
+    if flags.push > 0 {
+        rep.extras.latencies.push(("send to push", push_hist));
+    }
     Ok(errors.count())
+}
+
+/// Counts sampled once a second during the timed phase.
+#[derive(Default)]
+struct Samples(Vec<(f64, u64, u64)>);
+
+impl Samples {
+    /// Messages and deliveries per second, between consecutive samples.
+    fn rates(&self) -> Vec<crate::results::Series> {
+        let rate = |f: fn(&(f64, u64, u64)) -> u64| {
+            self.0
+                .windows(2)
+                .map(|w| {
+                    (
+                        w[1].0,
+                        (f(&w[1]) - f(&w[0])) as f64 / (w[1].0 - w[0].0).max(1e-9),
+                    )
+                })
+                .collect()
+        };
+        vec![
+            crate::results::Series {
+                name: "messages acknowledged",
+                unit: "messages/s",
+                points: rate(|p| p.1),
+            },
+            crate::results::Series {
+                name: "sync deliveries (write fan-out entries and read fan-out reads)",
+                unit: "deliveries/s",
+                points: rate(|p| p.2),
+            },
+        ]
+    }
+}
+
+/// The timed phase's progress bar and its once-a-second samples of the
+/// acknowledged messages and the deliveries; ends when `tick` is dropped
+/// (a timed wait on the channel, so it stops at once).
+fn sample(
+    im: &timeline_im::Im,
+    sent: &AtomicU64,
+    total: u64,
+    tick: std::sync::mpsc::Receiver<()>,
+) -> Samples {
+    let pb = crate::progress::bar(total, "sending", "messages");
+    let t0 = Instant::now();
+    let d0 = imkit::snap(im);
+    let mut out = Samples(vec![(0.0, 0, 0)]);
+    let mut next = Duration::from_secs(1);
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+        tick.recv_timeout(Duration::from_millis(200))
+    {
+        pb.set_position(sent.load(Ordering::Relaxed));
+        if t0.elapsed() >= next {
+            let d = Delta::between(&d0, &imkit::snap(im));
+            out.0.push((
+                t0.elapsed().as_secs_f64(),
+                sent.load(Ordering::Relaxed),
+                d.deliveries(),
+            ));
+            next += Duration::from_secs(1);
+        }
+    }
+    pb.finish_and_clear();
+    out
 }
