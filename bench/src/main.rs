@@ -306,7 +306,8 @@ pub enum Entries {
     Reference,
 }
 
-/// The one flag vocabulary every subcommand accepts.
+/// The flag vocabulary, shared by the subcommands; each uses the part
+/// `APPLIES` lists for it, and any other flag given is an error.
 #[derive(Args, Debug, Clone)]
 pub struct Flags {
     /// What to benchmark: `engine`; `server` (append, read, im over TCP);
@@ -461,8 +462,260 @@ pub struct Flags {
     pub quiet_server: bool,
 }
 
+/// The flags each subcommand uses (for at least one of its targets); any
+/// other flag given on the command line is an error that lists these.
+const APPLIES: &[(&str, &[&str])] = &[
+    (
+        "abuse",
+        &[
+            "abuser-nice",
+            "connections",
+            "dir",
+            "durability",
+            "json",
+            "keep",
+            "pipeline",
+            "secs",
+            "seed",
+            "shards",
+            "silent",
+        ],
+    ),
+    (
+        "append",
+        &[
+            "addr",
+            "batch",
+            "connections",
+            "dir",
+            "durability",
+            "in-flight",
+            "io",
+            "json",
+            "keep",
+            "keyspace",
+            "messages",
+            "payload",
+            "pipeline",
+            "refill",
+            "regroup",
+            "results",
+            "seal",
+            "seed",
+            "segment-mb",
+            "shards",
+            "target",
+            "threads",
+            "timelines",
+            "zipf",
+        ],
+    ),
+    (
+        "devices",
+        &[
+            "addr",
+            "connections",
+            "devices-total",
+            "dir",
+            "durability",
+            "json",
+            "keep",
+            "messages",
+            "payload",
+            "rate",
+            "results",
+            "seed",
+            "shards",
+            "target",
+            "users",
+            "zipf",
+        ],
+    ),
+    (
+        "fanout",
+        &[
+            "dir",
+            "durability",
+            "entries",
+            "fanout",
+            "fanout-mode",
+            "groups",
+            "hybrid-threshold",
+            "in-flight",
+            "io",
+            "json",
+            "keep",
+            "payload",
+            "rate",
+            "regroup",
+            "results",
+            "seed",
+            "segment-mb",
+            "shards",
+            "target",
+            "threads",
+            "timelines",
+        ],
+    ),
+    (
+        "fanout-sweep",
+        &[
+            "dir",
+            "durability",
+            "entries",
+            "fanout-mode",
+            "hybrid-threshold",
+            "in-flight",
+            "io",
+            "json",
+            "keep",
+            "messages",
+            "payload",
+            "regroup",
+            "results",
+            "seed",
+            "segment-mb",
+            "shards",
+            "sizes",
+            "target",
+            "threads",
+        ],
+    ),
+    (
+        "im",
+        &[
+            "addr",
+            "connections",
+            "devices",
+            "dir",
+            "durability",
+            "entries",
+            "hybrid-threshold",
+            "in-flight",
+            "io",
+            "json",
+            "keep",
+            "messages",
+            "no-results",
+            "payload",
+            "pipeline",
+            "push",
+            "rate",
+            "refill",
+            "regroup",
+            "results",
+            "seed",
+            "segment-mb",
+            "shards",
+            "target",
+            "threads",
+            "users",
+            "zipf",
+        ],
+    ),
+    (
+        "read",
+        &[
+            "addr",
+            "batch",
+            "connections",
+            "dir",
+            "durability",
+            "in-flight",
+            "io",
+            "json",
+            "keep",
+            "keyspace",
+            "messages",
+            "payload",
+            "pipeline",
+            "read-len",
+            "reads",
+            "refill",
+            "regroup",
+            "results",
+            "seal",
+            "seed",
+            "segment-mb",
+            "shards",
+            "target",
+            "threads",
+            "timelines",
+            "warm",
+            "zipf",
+        ],
+    ),
+    (
+        "reopen",
+        &[
+            "dir",
+            "durability",
+            "io",
+            "json",
+            "keyspace",
+            "payload",
+            "read-len",
+            "regroup",
+            "results",
+            "seed",
+            "segment-mb",
+            "target",
+            "threads",
+            "timelines",
+            "zipf",
+        ],
+    ),
+    (
+        "torture",
+        &[
+            "cycles",
+            "dir",
+            "durability",
+            "json",
+            "keep",
+            "kill-ms",
+            "payload",
+            "pipeline",
+            "seed",
+            "shards",
+        ],
+    ),
+];
+
+/// The first flag given on the command line that the subcommand does not
+/// use, as an error naming the flags it does use.
+fn inapplicable(matches: &clap::ArgMatches) -> Option<String> {
+    let (name, sub) = matches.subcommand()?;
+    let applies = APPLIES.iter().find(|(n, _)| *n == name)?.1;
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let args = cmd.find_subcommand(name)?;
+    for arg in args.get_arguments() {
+        let (Some(long), id) = (arg.get_long(), arg.get_id().as_str()) else {
+            continue;
+        };
+        if sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+            && !applies.contains(&long)
+        {
+            let list: Vec<String> = applies.iter().map(|f| format!("--{f}")).collect();
+            return Some(format!(
+                "--{long} does not apply to `{name}`; its flags are: {}",
+                list.join(" ")
+            ));
+        }
+    }
+    None
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    if let Some(e) = inapplicable(&matches) {
+        eprintln!("timeline-bench: error: {e}");
+        std::process::exit(2);
+    }
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     match run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
@@ -565,8 +818,12 @@ fn run(cli: Cli) -> Result<i32> {
     };
     rep.finish();
     if let (Some(root), Some(facts)) = (&results_root, &facts) {
-        let dir = rep.write_results(root, name, facts)?;
-        eprintln!("results: {}", dir.display());
+        if rep.is_empty() {
+            eprintln!("results: {name} reports on stdout only; no results directory written");
+        } else {
+            let dir = rep.write_results(root, name, facts)?;
+            eprintln!("results: {}", dir.display());
+        }
     }
     if errors > 0 {
         eprintln!("timeline-bench: {errors} verification error(s)");
@@ -606,5 +863,87 @@ impl Flags {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn check(args: &[&str]) -> std::result::Result<(), String> {
+        let m = Cli::command()
+            .try_get_matches_from(std::iter::once("timeline-bench").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        inapplicable(&m).map_or(Ok(()), Err)
+    }
+
+    #[test]
+    fn a_flag_of_another_workload_is_an_error_naming_the_right_ones() {
+        let e = check(&["append", "--fanout", "8"]).unwrap_err();
+        assert!(e.contains("--fanout does not apply to `append`"), "{e}");
+        assert!(e.contains("--batch") && e.contains("--timelines"), "{e}");
+        assert!(check(&["torture", "--reads", "5"]).is_err());
+        assert!(check(&["im", "--no-results", "--users", "10"]).is_ok());
+        // Defaults are not "given": a bare subcommand always passes.
+        for (name, _) in APPLIES {
+            assert!(check(&[name]).is_ok(), "{name}");
+        }
+    }
+
+    #[test]
+    fn every_subcommand_and_flag_is_in_the_table() {
+        let cmd = Cli::command();
+        for sub in cmd.get_subcommands() {
+            let applies = APPLIES
+                .iter()
+                .find(|(n, _)| *n == sub.get_name())
+                .unwrap_or_else(|| panic!("{} is missing from APPLIES", sub.get_name()))
+                .1;
+            for f in applies {
+                assert!(
+                    sub.get_arguments().any(|a| a.get_long() == Some(f)),
+                    "APPLIES names --{f} for {}, which has no such flag",
+                    sub.get_name()
+                );
+            }
+        }
+    }
+
+    /// Every `timeline-bench` command the README and docs/ show parses and
+    /// uses only flags that apply to it.
+    #[test]
+    fn the_documented_commands_are_accepted() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut files = vec![root.join("README.md")];
+        for e in std::fs::read_dir(root.join("docs")).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "md") {
+                files.push(p);
+            }
+        }
+        let mut seen = 0;
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap();
+            for line in text.lines() {
+                let Some(i) = line.find("timeline-bench") else {
+                    continue;
+                };
+                let rest = &line[i + "timeline-bench".len()..];
+                let rest = rest.split_once(" -- ").map_or(rest, |(_, r)| r);
+                let end = rest
+                    .find(['`', '|', '#', '>', '&', ')', ';'])
+                    .unwrap_or(rest.len());
+                let args: Vec<&str> = rest[..end].split_whitespace().collect();
+                let Some(sub) = args.first() else { continue };
+                if !APPLIES.iter().any(|(n, _)| n == sub) {
+                    continue; // prose, a crate name, a path
+                }
+                check(&args).unwrap_or_else(|e| panic!("{}: `{line}`: {e}", f.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 10, "found only {seen} documented commands");
     }
 }

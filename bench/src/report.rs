@@ -276,12 +276,36 @@ pub struct ResultLine {
     /// W6: server CPU with every device connected and nothing sent, % of one core.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_idle_cpu_pct: Option<f64>,
-    /// Server CPU microseconds per message (load phase).
+    /// The storage side's CPU microseconds per message: the server
+    /// process's (network targets; W6: its load phase) or, in-process, the
+    /// engine's and IM layer's own threads (`storage_cpu_secs`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_us_per_message: Option<f64>,
-    /// Server CPU microseconds per delivery (load phase).
+    /// The same CPU per delivery.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_us_per_delivery: Option<f64>,
+    /// The server process's CPU per `sync` call answered (network targets
+    /// only: in-process, `sync` runs on the bench's device threads).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_us_per_sync: Option<f64>,
+    /// In-process: CPU seconds of the engine's and IM layer's own threads
+    /// (`im-worker-*`, `timeline-maint`) over the timed section. The
+    /// `sync` calls devices make run on the bench's device threads and are
+    /// not in it; `process_cpu_secs` bounds the whole.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage_cpu_secs: Option<f64>,
+    /// In-process: CPU seconds of the whole bench process (storage and
+    /// workload together) over the timed section; for W1 `append` the cost
+    /// figures use it (the engine runs on the bench's threads).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process_cpu_secs: Option<f64>,
+    /// Bytes the storage side wrote per delivery (disk writes when
+    /// measured, else the engine's bytes written).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_per_delivery: Option<f64>,
+    /// fdatasyncs per message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fsyncs_per_message: Option<f64>,
     pub threads: usize,
     pub payload: usize,
     pub keyspace: String,
@@ -298,6 +322,36 @@ fn us(ns: u64) -> f64 {
 }
 
 impl ResultLine {
+    /// Fill the per-operation costs from the counts and CPU the line holds
+    /// (a cost already set, as W6's load-phase figure, is kept).
+    pub fn set_costs(&mut self) {
+        let per = |num: Option<f64>, den: Option<u64>, scale: f64| match (num, den) {
+            (Some(n), Some(d)) if d > 0 => Some(round_sig(n * scale / d as f64)),
+            _ => None,
+        };
+        // The server's; in process, the storage side's own threads; where
+        // the engine runs on the bench's threads (W1), the whole process's.
+        let cpu = self
+            .server_cpu_secs
+            .or(self.storage_cpu_secs)
+            .or(self.process_cpu_secs);
+        let messages = self.messages.or((self.ops > 0).then_some(self.ops));
+        self.cpu_us_per_message = self.cpu_us_per_message.or(per(cpu, messages, 1e6));
+        self.cpu_us_per_delivery = self.cpu_us_per_delivery.or(per(cpu, self.deliveries, 1e6));
+        // In-process, `sync` runs on the caller's threads, outside
+        // `storage_cpu_secs`: a per-sync figure only from a server's CPU.
+        self.cpu_us_per_sync =
+            self.cpu_us_per_sync
+                .or(per(self.server_cpu_secs, self.sync_ops, 1e6));
+        let written = self.disk_write_bytes.or(self.bytes_written);
+        self.bytes_per_delivery =
+            self.bytes_per_delivery
+                .or(per(written.map(|b| b as f64), self.deliveries, 1.0));
+        self.fsyncs_per_message =
+            self.fsyncs_per_message
+                .or(per(self.fsyncs.map(|f| f as f64), messages, 1.0));
+    }
+
     /// Fill p50/p99/p999/max from a nanosecond histogram.
     pub fn set_latency(&mut self, h: &Histogram<u64>) {
         if h.is_empty() {
@@ -398,11 +452,17 @@ impl Reporter {
         }
         line.cores = self.machine.cores;
         line.mem_bytes = self.machine.mem_bytes;
+        line.set_costs();
         if self.json {
             println!("{}", serde_json::to_string(&line)?);
         }
         self.lines.push(line);
         Ok(())
+    }
+
+    /// No result line yet.
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty()
     }
 
     /// Write the results directory under `root` (see [`crate::results`]).
@@ -511,6 +571,32 @@ impl Reporter {
         }
         for l in &self.lines {
             let mut notes = Vec::new();
+            if let Some(c) = l.cpu_us_per_message {
+                let side = if l.server_cpu_secs.is_some() {
+                    "server process"
+                } else if l.storage_cpu_secs.is_some() {
+                    "engine + IM threads"
+                } else {
+                    "whole process: the engine runs on the bench's threads"
+                };
+                let mut costs = format!("costs: {c} us CPU/message ({side})");
+                if let Some(d) = l.cpu_us_per_delivery {
+                    costs.push_str(&format!(", {d} us/delivery"));
+                }
+                if let Some(y) = l.cpu_us_per_sync {
+                    costs.push_str(&format!(", {y} us/sync"));
+                }
+                if let (Some(p), Some(_)) = (l.process_cpu_secs, l.storage_cpu_secs) {
+                    costs.push_str(&format!(" (whole process {p} s CPU)"));
+                }
+                if let Some(b) = l.bytes_per_delivery {
+                    costs.push_str(&format!(", {b} bytes written/delivery"));
+                }
+                if let Some(f) = l.fsyncs_per_message {
+                    costs.push_str(&format!(", {f} fdatasyncs/message"));
+                }
+                notes.push(costs);
+            }
             if let (Some(b), Some(p)) = (l.bytes_written, l.payload_bytes) {
                 notes.push(format!(
                     "bytes_written {} ({} keyspace; {} over all keyspaces), payload {}, {:.2} bytes/payload byte",
@@ -618,4 +704,13 @@ fn print_table(head: &[&str], rows: &[Vec<String>], left: usize) {
     for r in rows {
         println!("{}", fmt_row(r));
     }
+}
+
+/// `x` to 4 significant digits (costs span µs to ns-per-byte ranges).
+fn round_sig(x: f64) -> f64 {
+    if x == 0.0 || !x.is_finite() {
+        return x;
+    }
+    let scale = 10f64.powi(3 - x.abs().log10().floor() as i32);
+    (x * scale).round() / scale
 }

@@ -139,7 +139,12 @@ const USER_HZ: f64 = 100.0;
 /// `pid` has used so far (`None`: this one); 0 if unreadable. Resolution:
 /// 10 ms.
 pub fn cpu_secs(pid: Option<u32>) -> f64 {
-    let Ok(s) = std::fs::read_to_string(proc_path(pid, "stat")) else {
+    stat_cpu_secs(&proc_path(pid, "stat"))
+}
+
+/// utime + stime of a `/proc/.../stat` file, in seconds (0 if unreadable).
+fn stat_cpu_secs(path: &str) -> f64 {
+    let Ok(s) = std::fs::read_to_string(path) else {
         return 0.0;
     };
     // The command name (field 2) is in parentheses and may hold spaces:
@@ -151,6 +156,25 @@ pub fn cpu_secs(pid: Option<u32>) -> f64 {
     let tick = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     // `rest` starts at field 3 (state): field n is at index n - 3.
     (tick(11) + tick(12)) as f64 / USER_HZ
+}
+
+/// CPU seconds used so far by this process's threads whose name starts
+/// with one of `prefixes` (from `/proc/self/task/*/comm`): the storage
+/// side's own threads in an in-process run (the IM workers and the
+/// engine's maintenance thread), without the workload's client threads.
+/// Threads that already exited are not counted: take both readings while
+/// the threads live.
+pub fn threads_cpu_secs(prefixes: &[&str]) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    dir.filter_map(|e| e.ok())
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("comm"))
+                .is_ok_and(|c| prefixes.iter().any(|p| c.trim_end().starts_with(p)))
+        })
+        .map(|e| stat_cpu_secs(&e.path().join("stat").to_string_lossy()))
+        .sum()
 }
 
 /// A `Key:   123 kB` value from a /proc file.

@@ -36,7 +36,9 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
         engine.io_name()
     );
     let io0 = DiskIo::now();
+    let cpu0 = crate::sysinfo::cpu_secs(None);
     let load = load(flags, &engine)?;
+    let load_cpu = crate::sysinfo::cpu_secs(None) - cpu0;
     eprintln!("append: timed section {:.3} s; syncing", load.secs);
     let t = Instant::now();
     engine.sync()?;
@@ -46,6 +48,8 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
     line.seal_secs = seal_secs;
     line.set_disk_io(io0, DiskIo::now());
     line.sync_secs = Some(sync_secs);
+    // The engine runs on the bench's own threads: the process's CPU.
+    line.process_cpu_secs = Some(round3(load_cpu));
     let (a, f) = crate::sysinfo::rss_split();
     line.rss_anon_bytes = Some(a);
     line.rss_file_bytes = Some(f);

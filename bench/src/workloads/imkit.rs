@@ -498,16 +498,26 @@ impl Device {
     }
 }
 
-/// Counter snapshot: the IM layer's and the engine's.
+/// The storage side's own threads in an in-process run: the IM layer's
+/// workers and the engine's maintenance thread (engine writes run on the
+/// workers; `sync` reads on the caller's threads).
+pub const STORAGE_THREADS: &[&str] = &["im-worker-", "timeline-maint"];
+
+/// Counter snapshot: the IM layer's and the engine's, and CPU so far.
 pub struct Snap {
     pub im: ImStats,
     pub eng: Stats,
+    /// CPU seconds of `STORAGE_THREADS` and of the whole process.
+    pub storage_cpu: f64,
+    pub process_cpu: f64,
 }
 
 pub fn snap(im: &Im) -> Snap {
     Snap {
         im: im.stats(),
         eng: im.engine().stats(),
+        storage_cpu: crate::sysinfo::threads_cpu_secs(STORAGE_THREADS),
+        process_cpu: crate::sysinfo::cpu_secs(None),
     }
 }
 
@@ -525,6 +535,8 @@ pub struct Delta {
     pub bytes_written: u64,
     pub record_bytes: u64,
     pub fsyncs: u64,
+    pub storage_cpu_secs: f64,
+    pub process_cpu_secs: f64,
 }
 
 impl Delta {
@@ -543,6 +555,8 @@ impl Delta {
             bytes_written: eb.bytes_written.saturating_sub(ea.bytes_written),
             record_bytes: eb.record_bytes.saturating_sub(ea.record_bytes),
             fsyncs: eb.fsyncs.saturating_sub(ea.fsyncs),
+            storage_cpu_secs: (b.storage_cpu - a.storage_cpu).max(0.0),
+            process_cpu_secs: (b.process_cpu - a.process_cpu).max(0.0),
         }
     }
 
@@ -621,6 +635,8 @@ pub fn set_write_fields(l: &mut ResultLine, d: &Delta, messages: u64, secs: f64,
     l.bytes_per_payload_byte =
         ratio(d.bytes_written, payload_bytes).map(|x| (x * 1000.0).round() / 1000.0);
     l.fsyncs = Some(d.fsyncs);
+    l.storage_cpu_secs = Some(super::append::round3(d.storage_cpu_secs));
+    l.process_cpu_secs = Some(super::append::round3(d.process_cpu_secs));
 }
 
 /// A per-thread RNG for IM setup and senders (streams apart from W1/W2's).
