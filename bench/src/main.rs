@@ -220,6 +220,7 @@
 //! `mem_bytes`. Latencies are measured in nanoseconds and reported in
 //! microseconds.
 
+mod compare;
 mod progress;
 mod report;
 mod results;
@@ -238,13 +239,13 @@ pub type Result<T> = std::result::Result<T, BoxError>;
     version,
     about = "Workload driver (W1..W5) for the timeline engine"
 )]
-struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
-    cmd: Cmd,
+    pub(crate) cmd: Cmd,
 }
 
 #[derive(Subcommand, Debug)]
-enum Cmd {
+pub(crate) enum Cmd {
     /// W1: append messages to timelines.
     Append(Flags),
     /// W2: range reads after a W1 load.
@@ -263,6 +264,10 @@ enum Cmd {
     Torture(Flags),
     /// Good clients' throughput and p99 while abusive clients hammer the server.
     Abuse(Flags),
+    /// Run one workload on several targets back to back (same seed, same
+    /// flags, one process, one machine) and print each figure with its
+    /// ratio to the first target; `--sweep` repeats that over a flag's values.
+    Compare(compare::CompareArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -684,7 +689,7 @@ const APPLIES: &[(&str, &[&str])] = &[
 
 /// The first flag given on the command line that the subcommand does not
 /// use, as an error naming the flags it does use.
-fn inapplicable(matches: &clap::ArgMatches) -> Option<String> {
+pub(crate) fn inapplicable(matches: &clap::ArgMatches) -> Option<String> {
     let (name, sub) = matches.subcommand()?;
     let applies = APPLIES.iter().find(|(n, _)| *n == name)?.1;
     let cmd = <Cli as clap::CommandFactory>::command();
@@ -727,7 +732,21 @@ fn main() {
 
 /// Runs a subcommand; `Ok(code)` is the exit status.
 fn run(cli: Cli) -> Result<i32> {
-    let (name, flags) = match &cli.cmd {
+    let errors = match &cli.cmd {
+        Cmd::Compare(c) => compare::run(c)?,
+        cmd => execute(cmd, true)?.1,
+    };
+    if errors > 0 {
+        eprintln!("timeline-bench: {errors} verification error(s)");
+        return Ok(2);
+    }
+    Ok(0)
+}
+
+/// Runs a workload subcommand: prints its lines and (with `results`) writes
+/// its results directory. Returns the reporter and the verification errors.
+pub(crate) fn execute(cmd: &Cmd, results: bool) -> Result<(report::Reporter, u64)> {
+    let (name, flags) = match cmd {
         Cmd::Append(f) => ("append", f),
         Cmd::Read(f) => ("read", f),
         Cmd::Fanout(f) => ("fanout", f),
@@ -737,22 +756,23 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Devices(f) => ("devices", f),
         Cmd::Torture(f) => ("torture", f),
         Cmd::Abuse(f) => ("abuse", f),
+        Cmd::Compare(_) => return Err("compare cannot compare compare".into()),
     };
     let mut flags = flags.clone();
-    flags.resolve(&cli.cmd);
-    flags.quiet_server = matches!(cli.cmd, Cmd::Torture(_) | Cmd::Abuse(_));
+    flags.resolve(cmd);
+    flags.quiet_server = matches!(cmd, Cmd::Torture(_) | Cmd::Abuse(_));
     let flags = &flags;
-    let rocksdb_workload = matches!(cli.cmd, Cmd::Append(_) | Cmd::Read(_));
+    let rocksdb_workload = matches!(cmd, Cmd::Append(_) | Cmd::Read(_));
     match flags.target {
-        _ if matches!(cli.cmd, Cmd::Torture(_) | Cmd::Abuse(_)) => {}
-        Target::Engine if !matches!(cli.cmd, Cmd::Devices(_)) => {}
+        _ if matches!(cmd, Cmd::Torture(_) | Cmd::Abuse(_)) => {}
+        Target::Engine if !matches!(cmd, Cmd::Devices(_)) => {}
         Target::Server
             if matches!(
-                cli.cmd,
+                cmd,
                 Cmd::Append(_) | Cmd::Read(_) | Cmd::Im(_) | Cmd::Devices(_)
             ) => {}
-        Target::Redis if rocksdb_workload || matches!(cli.cmd, Cmd::Devices(_)) => {}
-        Target::Engine if matches!(cli.cmd, Cmd::Devices(_)) => {
+        Target::Redis if rocksdb_workload || matches!(cmd, Cmd::Devices(_)) => {}
+        Target::Engine if matches!(cmd, Cmd::Devices(_)) => {
             return Err(
                 "devices --target engine: W6 is the serving path; use --target server or redis"
                     .into(),
@@ -781,7 +801,8 @@ fn run(cli: Cli) -> Result<i32> {
     }
     flags.validate()?;
     let machine = sysinfo::Machine::detect();
-    let results_root = match (&flags.results, &cli.cmd) {
+    let results_root = match (&flags.results, cmd) {
+        _ if !results => None,
         (Some(d), _) => Some(d.clone()),
         (None, Cmd::Im(_)) if !flags.no_results => Some(PathBuf::from("results")),
         _ => None,
@@ -796,7 +817,7 @@ fn run(cli: Cli) -> Result<i32> {
         f
     });
     let mut rep = report::Reporter::new(flags.json, machine);
-    let errors = match (&cli.cmd, flags.target) {
+    let errors = match (cmd, flags.target) {
         #[cfg(feature = "rocksdb")]
         (Cmd::Append(_), Target::Rocksdb) => workloads::rocksdb::append(flags, &mut rep)?,
         #[cfg(feature = "rocksdb")]
@@ -815,6 +836,7 @@ fn run(cli: Cli) -> Result<i32> {
         (Cmd::Fanout(_), _) => workloads::fanout::run(flags, &mut rep)?,
         (Cmd::Im(_), _) => workloads::im::run(flags, &mut rep)?,
         (Cmd::FanoutSweep(_), _) => workloads::sweep::run(flags, &mut rep)?,
+        (Cmd::Compare(_), _) => return Err("compare cannot compare compare".into()),
     };
     rep.finish();
     if let (Some(root), Some(facts)) = (&results_root, &facts) {
@@ -825,11 +847,7 @@ fn run(cli: Cli) -> Result<i32> {
             eprintln!("results: {}", dir.display());
         }
     }
-    if errors > 0 {
-        eprintln!("timeline-bench: {errors} verification error(s)");
-        return Ok(2);
-    }
-    Ok(0)
+    Ok((rep, errors))
 }
 
 impl Flags {
@@ -895,7 +913,7 @@ mod tests {
     #[test]
     fn every_subcommand_and_flag_is_in_the_table() {
         let cmd = Cli::command();
-        for sub in cmd.get_subcommands() {
+        for sub in cmd.get_subcommands().filter(|s| s.get_name() != "compare") {
             let applies = APPLIES
                 .iter()
                 .find(|(n, _)| *n == sub.get_name())

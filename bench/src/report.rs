@@ -460,6 +460,11 @@ impl Reporter {
         Ok(())
     }
 
+    /// The result lines so far.
+    pub fn lines(&self) -> &[ResultLine] {
+        &self.lines
+    }
+
     /// No result line yet.
     pub fn is_empty(&self) -> bool {
         self.lines.is_empty()

@@ -130,7 +130,7 @@ fn fdatasync_latency(dir: &Path, samples: usize) -> Result<SyncLatency> {
 }
 
 /// `results/<UTC time>-<command>` under `root`, created.
-fn new_dir(root: &Path, command: &str) -> Result<PathBuf> {
+pub fn new_dir(root: &Path, command: &str) -> Result<PathBuf> {
     let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let stamp: String = now.chars().filter(|c| *c != ':' && *c != '-').collect();
     let mut dir = root.join(format!("{stamp}-{command}"));
