@@ -193,11 +193,11 @@
 //! and `storage_reads_per_delivery` come from phase B's counters,
 //! `sync_ops_per_sec` is phase B's syncs per second spent in `sync`, and
 //! `read_write_ratio` = reads per message (reads_per_delivery x S, every
-//! member reading) / storage writes per message. `bench/plot_sweep.py`
-//! draws the `--json` lines as an SVG (docs/fanout-sweep.svg).
+//! member reading) / storage writes per message. The run's results
+//! directory holds them drawn as `fanout-sweep.svg` (docs/fanout-sweep.svg).
 //!
-//! Every subcommand accepts the whole flag vocabulary; a flag a workload
-//! does not use is ignored. Engine flags: `--shards` (4), `--segment-mb`
+//! The subcommands share one flag vocabulary; each uses the part `APPLIES`
+//! lists for it, and a flag it does not use is an error naming those it does. Engine flags: `--shards` (4), `--segment-mb`
 //! (64, both keyspaces), `--io std|uring|auto`, `--keyspace store|sync`
 //! (where W1/W2 write), `--dir` (default: a fresh directory under /tmp,
 //! removed at the end unless `--keep`; a given `--dir` is never removed,
@@ -327,12 +327,12 @@ pub struct Flags {
     #[arg(long)]
     pub keep: bool,
     /// Write the results directory (`<DIR>/<UTC time>-<command>/`: JSON
-    /// lines, CSV, machine facts, SVG plots) under DIR. `im` writes it under
-    /// `results` unless `--no-results`; the other subcommands only when
-    /// this flag is given.
+    /// lines, CSV, machine facts, SVG plots) under DIR. `im` and
+    /// `fanout-sweep` write it under `results` unless `--no-results`; the
+    /// other subcommands only when this flag is given.
     #[arg(long, value_name = "DIR")]
     pub results: Option<PathBuf>,
-    /// `im`: do not write the results directory.
+    /// `im`, `fanout-sweep`: do not write the results directory.
     #[arg(long, conflicts_with = "results")]
     pub no_results: bool,
     #[arg(long, default_value_t = 42)]
@@ -469,222 +469,17 @@ pub struct Flags {
 
 /// The flags each subcommand uses (for at least one of its targets); any
 /// other flag given on the command line is an error that lists these.
+#[rustfmt::skip]
 const APPLIES: &[(&str, &[&str])] = &[
-    (
-        "abuse",
-        &[
-            "abuser-nice",
-            "connections",
-            "dir",
-            "durability",
-            "json",
-            "keep",
-            "pipeline",
-            "secs",
-            "seed",
-            "shards",
-            "silent",
-        ],
-    ),
-    (
-        "append",
-        &[
-            "addr",
-            "batch",
-            "connections",
-            "dir",
-            "durability",
-            "in-flight",
-            "io",
-            "json",
-            "keep",
-            "keyspace",
-            "messages",
-            "payload",
-            "pipeline",
-            "refill",
-            "regroup",
-            "results",
-            "seal",
-            "seed",
-            "segment-mb",
-            "shards",
-            "target",
-            "threads",
-            "timelines",
-            "zipf",
-        ],
-    ),
-    (
-        "devices",
-        &[
-            "addr",
-            "connections",
-            "devices-total",
-            "dir",
-            "durability",
-            "json",
-            "keep",
-            "messages",
-            "payload",
-            "rate",
-            "results",
-            "seed",
-            "shards",
-            "target",
-            "users",
-            "zipf",
-        ],
-    ),
-    (
-        "fanout",
-        &[
-            "dir",
-            "durability",
-            "entries",
-            "fanout",
-            "fanout-mode",
-            "groups",
-            "hybrid-threshold",
-            "in-flight",
-            "io",
-            "json",
-            "keep",
-            "payload",
-            "rate",
-            "regroup",
-            "results",
-            "seed",
-            "segment-mb",
-            "shards",
-            "target",
-            "threads",
-            "timelines",
-        ],
-    ),
-    (
-        "fanout-sweep",
-        &[
-            "dir",
-            "durability",
-            "entries",
-            "fanout-mode",
-            "hybrid-threshold",
-            "in-flight",
-            "io",
-            "json",
-            "keep",
-            "messages",
-            "payload",
-            "regroup",
-            "results",
-            "seed",
-            "segment-mb",
-            "shards",
-            "sizes",
-            "target",
-            "threads",
-        ],
-    ),
-    (
-        "im",
-        &[
-            "addr",
-            "connections",
-            "devices",
-            "dir",
-            "durability",
-            "entries",
-            "hybrid-threshold",
-            "in-flight",
-            "io",
-            "json",
-            "keep",
-            "messages",
-            "no-results",
-            "payload",
-            "pipeline",
-            "push",
-            "rate",
-            "refill",
-            "regroup",
-            "results",
-            "seed",
-            "segment-mb",
-            "shards",
-            "target",
-            "threads",
-            "users",
-            "zipf",
-        ],
-    ),
-    (
-        "read",
-        &[
-            "addr",
-            "batch",
-            "connections",
-            "dir",
-            "durability",
-            "in-flight",
-            "io",
-            "json",
-            "keep",
-            "keyspace",
-            "messages",
-            "payload",
-            "pipeline",
-            "read-len",
-            "reads",
-            "refill",
-            "regroup",
-            "results",
-            "seal",
-            "seed",
-            "segment-mb",
-            "shards",
-            "target",
-            "threads",
-            "timelines",
-            "warm",
-            "zipf",
-        ],
-    ),
-    (
-        "reopen",
-        &[
-            "dir",
-            "durability",
-            "io",
-            "json",
-            "keyspace",
-            "payload",
-            "read-len",
-            "regroup",
-            "results",
-            "seed",
-            "segment-mb",
-            "target",
-            "threads",
-            "timelines",
-            "zipf",
-        ],
-    ),
-    (
-        "torture",
-        &[
-            "cycles",
-            "dir",
-            "durability",
-            "json",
-            "keep",
-            "kill-ms",
-            "payload",
-            "pipeline",
-            "seed",
-            "shards",
-        ],
-    ),
+    ("abuse", &["abuser-nice", "connections", "dir", "durability", "json", "keep", "pipeline", "secs", "seed", "shards", "silent"]),
+    ("append", &["addr", "batch", "connections", "dir", "durability", "in-flight", "io", "json", "keep", "keyspace", "messages", "payload", "pipeline", "refill", "regroup", "results", "seal", "seed", "segment-mb", "shards", "target", "threads", "timelines", "zipf"]),
+    ("devices", &["addr", "connections", "devices-total", "dir", "durability", "json", "keep", "messages", "payload", "rate", "results", "seed", "shards", "target", "users", "zipf"]),
+    ("fanout", &["dir", "durability", "entries", "fanout", "fanout-mode", "groups", "hybrid-threshold", "in-flight", "io", "json", "keep", "payload", "rate", "regroup", "results", "seed", "segment-mb", "shards", "target", "threads", "timelines"]),
+    ("fanout-sweep", &["dir", "durability", "entries", "fanout-mode", "hybrid-threshold", "in-flight", "io", "json", "keep", "messages", "no-results", "payload", "regroup", "results", "seed", "segment-mb", "shards", "sizes", "target", "threads"]),
+    ("im", &["addr", "connections", "devices", "dir", "durability", "entries", "hybrid-threshold", "in-flight", "io", "json", "keep", "messages", "no-results", "payload", "pipeline", "push", "rate", "refill", "regroup", "results", "seed", "segment-mb", "shards", "target", "threads", "users", "zipf"]),
+    ("read", &["addr", "batch", "connections", "dir", "durability", "in-flight", "io", "json", "keep", "keyspace", "messages", "payload", "pipeline", "read-len", "reads", "refill", "regroup", "results", "seal", "seed", "segment-mb", "shards", "target", "threads", "timelines", "warm", "zipf"]),
+    ("reopen", &["dir", "durability", "io", "json", "keyspace", "payload", "read-len", "regroup", "results", "seed", "segment-mb", "target", "threads", "timelines", "zipf"]),
+    ("torture", &["cycles", "dir", "durability", "json", "keep", "kill-ms", "payload", "pipeline", "seed", "shards"]),
 ];
 
 /// The first flag given on the command line that the subcommand does not
@@ -804,7 +599,9 @@ pub(crate) fn execute(cmd: &Cmd, results: bool) -> Result<(report::Reporter, u64
     let results_root = match (&flags.results, cmd) {
         _ if !results => None,
         (Some(d), _) => Some(d.clone()),
-        (None, Cmd::Im(_)) if !flags.no_results => Some(PathBuf::from("results")),
+        (None, Cmd::Im(_) | Cmd::FanoutSweep(_)) if !flags.no_results => {
+            Some(PathBuf::from("results"))
+        }
         _ => None,
     };
     // Measured before the run, on the file system the data will live on.

@@ -9,7 +9,10 @@
 //! - `throughput.svg`: each figure sampled once a second during the timed
 //!   phase, one panel per figure (when the workload samples any);
 //! - `latency.svg`: latency against percentile, one line per histogram the
-//!   workload recorded (when it records any).
+//!   workload recorded (when it records any);
+//! - `fanout-sweep.svg` (W5): storage writes per message, reads per delivery
+//!   and the read:write ratio against the group size, log-log, one line per
+//!   fan-out mode.
 //!
 //! Plots are drawn in Rust (plotters' SVG backend); nothing else is needed
 //! to look at a run.
@@ -181,6 +184,9 @@ pub fn write(
     if !extras.latencies.is_empty() {
         plot_latency(&dir.join("latency.svg"), &extras.latencies)?;
     }
+    if values.iter().any(|v| v["workload"] == "fanout-sweep") {
+        plot_fanout_sweep(&dir.join("fanout-sweep.svg"), &values)?;
+    }
     Ok(dir)
 }
 
@@ -328,6 +334,89 @@ fn plot_latency(path: &Path, hists: &[(&'static str, Histogram<u64>)]) -> Result
         .position(SeriesLabelPosition::UpperLeft)
         .draw()
         .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+/// W5's panels: (JSON field, title).
+const SWEEP_PANELS: [(&str, &str); 3] = [
+    ("storage_writes_per_message", "storage writes per message"),
+    ("reads_per_delivery", "reads per delivery"),
+    ("read_write_ratio", "read:write ratio (per message)"),
+];
+
+/// W5: each panel's figure against `group_size`, log-log, one line per
+/// `fanout_mode`.
+fn plot_fanout_sweep(path: &Path, lines: &[serde_json::Value]) -> Result<()> {
+    let mut modes: Vec<&str> = Vec::new();
+    for l in lines {
+        if let Some(m) = l["fanout_mode"].as_str() {
+            if l["workload"] == "fanout-sweep" && !modes.contains(&m) {
+                modes.push(m);
+            }
+        }
+    }
+    let points = |mode: &str, field: &str| -> Vec<(f64, f64)> {
+        let mut p: Vec<(f64, f64)> = lines
+            .iter()
+            .filter(|l| l["workload"] == "fanout-sweep" && l["fanout_mode"] == mode)
+            .filter_map(|l| Some((l["group_size"].as_f64()?, l[field].as_f64()?)))
+            .filter(|(x, y)| *x > 0.0 && *y > 0.0)
+            .collect();
+        p.sort_by(|a, b| a.0.total_cmp(&b.0));
+        p
+    };
+    let root = SVGBackend::new(path, (1350, 450)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    for (area, (field, title)) in root.split_evenly((1, 3)).iter().zip(SWEEP_PANELS) {
+        let all: Vec<(f64, f64)> = modes.iter().flat_map(|m| points(m, field)).collect();
+        if all.is_empty() {
+            continue;
+        }
+        let (x0, x1) = all
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+        let (y0, y1) = all
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+        let mut chart = ChartBuilder::on(area)
+            .caption(title, ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(60)
+            .build_cartesian_2d(
+                (x0 / 1.5..x1 * 1.5).log_scale(),
+                (y0 / 2.0..y1 * 2.0).log_scale(),
+            )
+            .map_err(plot_err)?;
+        chart
+            .configure_mesh()
+            .x_desc("group size (members)")
+            .draw()
+            .map_err(plot_err)?;
+        for (i, m) in modes.iter().enumerate() {
+            let c = colors[i % colors.len()];
+            let pts = points(m, field);
+            chart
+                .draw_series(PointSeries::of_element(pts.clone(), 3, c, &|p, s, st| {
+                    Circle::new(p, s, st.filled())
+                }))
+                .map_err(plot_err)?;
+            chart
+                .draw_series(LineSeries::new(pts, c))
+                .map_err(plot_err)?
+                .label(*m)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()
+            .map_err(plot_err)?;
+    }
     root.present().map_err(plot_err)?;
     Ok(())
 }
