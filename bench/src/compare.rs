@@ -172,11 +172,14 @@ pub struct Cell {
 }
 
 fn label(v: &serde_json::Value) -> String {
-    let w = v["workload"].as_str().unwrap_or("?");
-    match v["phase"].as_str() {
-        Some(p) => format!("{w} {p}"),
-        None => w.to_string(),
+    let mut l = v["workload"].as_str().unwrap_or("?").to_string();
+    for k in ["phase", "direction", "fanout_mode"] {
+        if let Some(p) = v[k].as_str() {
+            l.push(' ');
+            l.push_str(p);
+        }
     }
+    l
 }
 
 /// The cells of every figure present in the reference target's lines.

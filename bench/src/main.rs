@@ -278,6 +278,17 @@ pub enum Target {
     Redis,
 }
 
+/// How `--target rocksdb` is configured (docs/benchmarks.md, "RocksDB").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RocksdbTuning {
+    /// RocksDB's defaults, no compression, 64 MiB write buffer, 512 MiB cache.
+    NearDefault,
+    /// RocksDB's tuning guide for this shape, level compaction.
+    Tuned,
+    /// The same with universal compaction (less write amplification).
+    TunedUniversal,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DurabilityArg {
     None,
@@ -452,6 +463,10 @@ pub struct Flags {
     /// `abuse`: seconds of each measured phase (default 5).
     #[arg(long)]
     pub secs: Option<u64>,
+    /// `--target rocksdb`: its configuration (every setting is printed in
+    /// the result's `rocksdb_options`).
+    #[arg(long, value_enum, default_value = "tuned")]
+    pub rocksdb_tuning: RocksdbTuning,
     /// `abuse`: sockets that never send HELLO (default 10,000).
     #[arg(long)]
     pub silent: Option<u64>,
@@ -472,12 +487,12 @@ pub struct Flags {
 #[rustfmt::skip]
 const APPLIES: &[(&str, &[&str])] = &[
     ("abuse", &["abuser-nice", "connections", "dir", "durability", "json", "keep", "pipeline", "secs", "seed", "shards", "silent"]),
-    ("append", &["addr", "batch", "connections", "dir", "durability", "in-flight", "io", "json", "keep", "keyspace", "messages", "payload", "pipeline", "refill", "regroup", "results", "seal", "seed", "segment-mb", "shards", "target", "threads", "timelines", "zipf"]),
+    ("append", &["addr", "batch", "rocksdb-tuning", "connections", "dir", "durability", "in-flight", "io", "json", "keep", "keyspace", "messages", "payload", "pipeline", "refill", "regroup", "results", "seal", "seed", "segment-mb", "shards", "target", "threads", "timelines", "zipf"]),
     ("devices", &["addr", "connections", "devices-total", "dir", "durability", "json", "keep", "messages", "payload", "rate", "results", "seed", "shards", "target", "users", "zipf"]),
     ("fanout", &["dir", "durability", "entries", "fanout", "fanout-mode", "groups", "hybrid-threshold", "in-flight", "io", "json", "keep", "payload", "rate", "regroup", "results", "seed", "segment-mb", "shards", "target", "threads", "timelines"]),
     ("fanout-sweep", &["dir", "durability", "entries", "fanout-mode", "hybrid-threshold", "in-flight", "io", "json", "keep", "messages", "no-results", "payload", "regroup", "results", "seed", "segment-mb", "shards", "sizes", "target", "threads"]),
     ("im", &["addr", "connections", "devices", "dir", "durability", "entries", "hybrid-threshold", "in-flight", "io", "json", "keep", "messages", "no-results", "payload", "pipeline", "push", "rate", "refill", "regroup", "results", "seed", "segment-mb", "shards", "target", "threads", "users", "zipf"]),
-    ("read", &["addr", "batch", "connections", "dir", "durability", "in-flight", "io", "json", "keep", "keyspace", "messages", "payload", "pipeline", "read-len", "reads", "refill", "regroup", "results", "seal", "seed", "segment-mb", "shards", "target", "threads", "timelines", "warm", "zipf"]),
+    ("read", &["addr", "batch", "rocksdb-tuning", "connections", "dir", "durability", "in-flight", "io", "json", "keep", "keyspace", "messages", "payload", "pipeline", "read-len", "reads", "refill", "regroup", "results", "seal", "seed", "segment-mb", "shards", "target", "threads", "timelines", "warm", "zipf"]),
     ("reopen", &["dir", "durability", "io", "json", "keyspace", "payload", "read-len", "regroup", "results", "seed", "segment-mb", "target", "threads", "timelines", "zipf"]),
     ("torture", &["cycles", "dir", "durability", "json", "keep", "kill-ms", "payload", "pipeline", "seed", "shards"]),
 ];

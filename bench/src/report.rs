@@ -131,6 +131,9 @@ pub struct ResultLine {
     /// bench started.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_cpu_secs: Option<f64>,
+    /// `--target rocksdb`: the tuning and every setting it applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rocksdb_options: Option<String>,
     /// CPU seconds the bench process (the clients) used over the timed section.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_cpu_secs: Option<f64>,
@@ -295,8 +298,10 @@ pub struct ResultLine {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub storage_cpu_secs: Option<f64>,
     /// In-process: CPU seconds of the whole bench process (storage and
-    /// workload together) over the timed section; for W1 `append` the cost
-    /// figures use it (the engine runs on the bench's threads).
+    /// workload together) over the timed section; for W1 `append` (engine
+    /// and rocksdb) over the load and the final sync or flush that finishes
+    /// it, and the cost figures use it (the store runs on the bench's
+    /// threads).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub process_cpu_secs: Option<f64>,
     /// Bytes the storage side wrote per delivery (disk writes when

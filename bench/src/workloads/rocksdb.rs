@@ -25,14 +25,22 @@
 //!
 //! The data model is what an IM server on top of a KV store would do:
 //! key = timeline id (u64, big-endian) ‖ seq (u64, big-endian), value =
-//! payload, one column family, so a timeline's messages are adjacent and in
-//! seq order. RocksDB has no sequence numbers per key range, so the bench
+//! payload, in the column family of `--keyspace`, so a timeline's messages
+//! are adjacent and in seq order. RocksDB has no sequence numbers per key range, so the bench
 //! assigns them like the server would: an in-memory last-seq counter per
 //! timeline (`AtomicU64`), read back with one `seek_for_prev` per timeline
 //! when an existing directory is opened. That work is part of the timed
 //! append, as the engine's own seq assignment is.
 //!
-//! Options: RocksDB's defaults plus `create_if_missing`, no compression (the
+//! Options (`--rocksdb-tuning`, default `tuned`; every setting is printed in
+//! the result's `rocksdb_options`, see `db_options` and `cf_options`): two
+//! column families, `store` (kept) and `sync` (FIFO compaction with a 7-day
+//! `ttl`: RocksDB's own expiry by age); `tuned` follows RocksDB's tuning
+//! guide (parallelism, pipelined writes, prefix extractor on the timeline id
+//! with bloom filters, cached index and filter blocks, level compaction with
+//! dynamic level bytes), `tuned-universal` the same with universal
+//! compaction, `near-default` the first baseline: RocksDB's defaults plus
+//! `create_if_missing`, no compression (the
 //! engine does not compress either), a 64 MiB write buffer, a 512 MiB LRU
 //! block cache (so warm reads are served from memory, comparable with the
 //! engine's in-memory active data) and statistics (RocksDB's own byte
@@ -70,9 +78,14 @@ use super::read::reads;
 use super::{durability, keyspace, ks_name, rng_for, timed_threads, DataDir, Payloads, Picker};
 use crate::report::{Reporter, ResultLine};
 use crate::sysinfo::{count_files, peak_rss_bytes, DiskIo};
+use crate::RocksdbTuning;
 use crate::{DurabilityArg, Flags, Result};
 use hdrhistogram::Histogram;
-use rocksdb::{BlockBasedOptions, Cache, DBCompressionType, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompactionStyle,
+    DBCompressionType, FifoCompactOptions, Options, ReadOptions, SliceTransform, WriteBatch,
+    WriteOptions, DB,
+};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -80,6 +93,11 @@ use timeline_engine::{Direction, Record};
 
 /// Key bytes per message: timeline id and seq, both u64 big-endian.
 const KEY_BYTES: u64 = 16;
+/// The sync column family's TTL: the engine's default for its sync
+/// keyspace (7 days).
+const SYNC_TTL_SECS: u64 = 7 * 24 * 3600;
+/// The two keyspaces, as column families.
+const CFS: [&str; 2] = ["store", "sync"];
 /// How long to wait for background compactions after the final flush.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -89,6 +107,9 @@ struct Rocks {
     db: DB,
     opts: Options,
     _cache: Cache,
+    /// The column family W1/W2 use (`--keyspace`).
+    cf: &'static str,
+    tuning: RocksdbTuning,
     /// Last seq per timeline id `0..--timelines`: what the IM server on top
     /// of a KV store keeps to hand out consecutive seqs (the engine does this
     /// itself). A concurrent writer may commit seq n+1 before n lands; a
@@ -124,24 +145,37 @@ fn parse_key(k: &[u8]) -> Option<(u64, u64)> {
 impl Rocks {
     fn open(flags: &Flags, dir: &Path) -> Result<Rocks> {
         let existed = dir.join("CURRENT").exists();
-        let mut opts = Options::default();
+        let tuning = flags.rocksdb_tuning;
+        let cache = Cache::new_lru_cache(512 << 20)?;
+        let mut opts = db_options(tuning);
         opts.create_if_missing(true);
-        opts.set_compression_type(DBCompressionType::None);
-        opts.set_write_buffer_size(64 << 20);
+        opts.create_missing_column_families(true);
         if stats_enabled() {
             opts.enable_statistics();
         }
-        let cache = Cache::new_lru_cache(512 << 20)?;
-        let mut table = BlockBasedOptions::default();
-        table.set_block_cache(&cache);
-        opts.set_block_based_table_factory(&table);
-        let db = DB::open(&opts, dir)
+        let cfs = [
+            ColumnFamilyDescriptor::new("store", cf_options(tuning, &cache, false)),
+            ColumnFamilyDescriptor::new("sync", cf_options(tuning, &cache, true)),
+        ];
+        let db = DB::open_cf_descriptors(&opts, dir, cfs)
             .map_err(|e| format!("opening rocksdb in {}: {e}", dir.display()))?;
+        // The sync keyspace expires by age: FIFO compaction with a `ttl`
+        // drops whole SST files older than it (RocksDB's own mechanism; the
+        // binding sets `ttl` only through SetOptions).
+        let sync = db
+            .cf_handle("sync")
+            .ok_or("rocksdb: no sync column family")?;
+        db.set_options_cf(sync, &[("ttl", &SYNC_TTL_SECS.to_string())])?;
+        let cf = match keyspace(flags) {
+            timeline_engine::Keyspace::SYNC => "sync",
+            _ => "store",
+        };
         let last: Vec<AtomicU64> = (0..flags.timelines).map(|_| AtomicU64::new(0)).collect();
         if existed {
             // Recover the counters: the last key of each timeline.
             let t = Instant::now();
-            let mut it = db.raw_iterator();
+            let h = db.cf_handle(cf).ok_or("rocksdb: column family missing")?;
+            let mut it = db.raw_iterator_cf_opt(h, total_order());
             for (id, slot) in last.iter().enumerate() {
                 let id = id as u64;
                 it.seek_for_prev(key(id, u64::MAX));
@@ -162,8 +196,18 @@ impl Rocks {
             db,
             opts,
             _cache: cache,
+            cf,
+            tuning,
             last,
         })
+    }
+
+    /// The column family W1/W2 use (opened with the DB: always there).
+    fn handle(&self) -> Result<&ColumnFamily> {
+        Ok(self
+            .db
+            .cf_handle(self.cf)
+            .ok_or("rocksdb: column family missing")?)
     }
 
     #[inline]
@@ -202,7 +246,11 @@ impl Rocks {
     /// the result reports. Returns the seconds it took.
     fn flush_and_settle(&self) -> Result<f64> {
         let t = Instant::now();
-        self.db.flush()?;
+        for name in CFS {
+            if let Some(h) = self.db.cf_handle(name) {
+                self.db.flush_cf(h)?;
+            }
+        }
         loop {
             let busy = self.int_property("rocksdb.num-running-flushes")
                 + self.int_property("rocksdb.num-running-compactions")
@@ -237,6 +285,7 @@ fn base_line(flags: &Flags, workload: &str) -> ResultLine {
         seed: flags.seed,
         timelines: Some(flags.timelines),
         zipf: flags.zipf,
+        rocksdb_options: Some(describe(flags.rocksdb_tuning)),
         ..Default::default()
     }
 }
@@ -291,6 +340,7 @@ pub fn append(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
         durability(flags).name(),
     );
     let io0 = DiskIo::now();
+    let cpu0 = crate::sysinfo::cpu_secs(None);
     let load = load(flags, &r)?;
     eprintln!(
         "append: timed section {:.3} s; flushing memtables",
@@ -298,6 +348,9 @@ pub fn append(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
     );
     let settle = r.flush_and_settle()?;
     let mut line = load_line(flags, &r, &load);
+    // RocksDB runs in this process (its flushes and compactions too): the
+    // process's CPU over the load and the flush-and-settle that finishes it.
+    line.process_cpu_secs = Some(round3(crate::sysinfo::cpu_secs(None) - cpu0));
     line.set_disk_io(io0, DiskIo::now());
     line.sync_secs = Some(settle);
     let (a, f) = crate::sysinfo::rss_split();
@@ -346,6 +399,7 @@ fn append_thread(
     hist: &mut Histogram<u64>,
 ) -> Result<u64> {
     let mut rng = rng_for(flags.seed, thread);
+    let cf = r.handle()?;
     let mut wo = WriteOptions::default();
     // none: WAL written, not fsynced; sync and group: fsynced WAL (group =
     // RocksDB's internal grouping of concurrent synced writers).
@@ -361,11 +415,11 @@ fn append_thread(
         let t0 = Instant::now();
         if flags.batch == 1 {
             let (tl, p) = items[0];
-            r.db.put_opt(key(tl, r.next_seq(tl)), p, &wo)?;
+            r.db.put_cf_opt(cf, key(tl, r.next_seq(tl)), p, &wo)?;
         } else {
             let mut wb = WriteBatch::default();
             for &(tl, p) in &items {
-                wb.put(key(tl, r.next_seq(tl)), p);
+                wb.put_cf(cf, key(tl, r.next_seq(tl)), p);
             }
             r.db.write_opt(wb, &wo)?;
         }
@@ -427,7 +481,7 @@ pub fn read(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
     if !in_process && flags.warm {
         let t = Instant::now();
         let mut n = 0u64;
-        let mut it = r.db.raw_iterator();
+        let mut it = r.db.raw_iterator_cf_opt(r.handle()?, total_order());
         it.seek_to_first();
         while it.valid() {
             n += 1;
@@ -473,7 +527,11 @@ pub fn read(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
 /// at (tl, from), stepped while the key is still in the timeline.
 fn scan(r: &Rocks, tl: u64, from: u64, len: usize, dirn: Direction) -> Result<Vec<Record>> {
     let mut page = Vec::with_capacity(len.min(1024));
-    let mut it = r.db.raw_iterator();
+    let mut ro = ReadOptions::default();
+    // With the prefix extractor (tuned), a seek in prefix mode uses the
+    // prefix bloom filters and stays inside the timeline.
+    ro.set_prefix_same_as_start(r.tuning != RocksdbTuning::NearDefault);
+    let mut it = r.db.raw_iterator_cf_opt(r.handle()?, ro);
     match dirn {
         Direction::Forward => it.seek(key(tl, from)),
         Direction::Backward => it.seek_for_prev(key(tl, from)),
@@ -497,4 +555,97 @@ fn scan(r: &Rocks, tl: u64, from: u64, len: usize, dirn: Direction) -> Result<Ve
     }
     it.status()?;
     Ok(page)
+}
+
+/// Iterator options for whole-keyspace passes (recovery, warming): total
+/// order, ignoring the prefix extractor.
+fn total_order() -> ReadOptions {
+    let mut ro = ReadOptions::default();
+    ro.set_total_order_seek(true);
+    ro
+}
+
+/// DB-wide options. `near-default`: RocksDB's defaults (the baseline as
+/// first written). `tuned` / `tuned-universal`: RocksDB's tuning guide for a
+/// write-heavy, prefix-read store ("Setup Options and Basic Tuning"):
+/// background jobs for the cores, pipelined writes (WAL and memtable writes
+/// of successive write groups overlap), 1 MiB `bytes_per_sync`.
+fn db_options(tuning: RocksdbTuning) -> Options {
+    let mut o = Options::default();
+    if tuning != RocksdbTuning::NearDefault {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as i32;
+        o.increase_parallelism(cores);
+        o.set_max_background_jobs(cores.max(2) * 2);
+        o.set_enable_pipelined_write(true);
+        o.set_bytes_per_sync(1 << 20);
+    }
+    o
+}
+
+/// One column family's options. Both: no compression (the engine does not
+/// compress), a 64 MiB write buffer and the shared 512 MiB LRU block cache.
+/// Tuned: 8-byte prefix extractor (the timeline id) with a memtable prefix
+/// bloom, 10-bit bloom filters, index and filter blocks in the cache with
+/// L0's pinned, 16 KiB blocks, four write buffers; the store with level
+/// compaction and dynamic level bytes (`tuned`) or universal compaction
+/// (`tuned-universal`, less write amplification). The sync keyspace: FIFO
+/// compaction (with the `ttl` set after open) in every tuning, since it
+/// expires by age.
+fn cf_options(tuning: RocksdbTuning, cache: &Cache, sync: bool) -> Options {
+    let mut o = Options::default();
+    o.set_compression_type(DBCompressionType::None);
+    o.set_write_buffer_size(64 << 20);
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    if tuning != RocksdbTuning::NearDefault {
+        o.set_max_write_buffer_number(4);
+        o.set_prefix_extractor(SliceTransform::create_fixed_prefix(8));
+        o.set_memtable_prefix_bloom_ratio(0.1);
+        table.set_bloom_filter(10.0, false);
+        table.set_cache_index_and_filter_blocks(true);
+        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        table.set_block_size(16 << 10);
+        table.set_format_version(5);
+        if !sync {
+            match tuning {
+                RocksdbTuning::TunedUniversal => {
+                    o.set_compaction_style(DBCompactionStyle::Universal)
+                }
+                _ => o.set_level_compaction_dynamic_level_bytes(true),
+            }
+        }
+    }
+    if sync {
+        o.set_compaction_style(DBCompactionStyle::Fifo);
+        let mut fifo = FifoCompactOptions::default();
+        fifo.set_max_table_files_size(u64::MAX / 2); // expire by age only
+        o.set_fifo_compaction_options(&fifo);
+    }
+    o.set_block_based_table_factory(&table);
+    o
+}
+
+/// The settings of a tuning, for the result line (`rocksdb_options`).
+pub fn describe(tuning: RocksdbTuning) -> String {
+    let common = "no compression, write_buffer 64 MiB, block cache 512 MiB LRU, WAL on, \
+                  column families store (kept) and sync (FIFO compaction, ttl 7 d)";
+    match tuning {
+        RocksdbTuning::NearDefault => format!("near-default: RocksDB defaults; {common}"),
+        t => format!(
+            "{}: store {} compaction; increase_parallelism(cores), max_background_jobs 2x cores, \
+             pipelined writes, bytes_per_sync 1 MiB, max_write_buffer_number 4, fixed 8-byte \
+             prefix extractor (timeline id), memtable prefix bloom 0.1, bloom 10 bits/key, \
+             index+filter blocks cached (L0 pinned), 16 KiB blocks, format_version 5; {common}",
+            if t == RocksdbTuning::TunedUniversal {
+                "tuned-universal"
+            } else {
+                "tuned"
+            },
+            if t == RocksdbTuning::TunedUniversal {
+                "universal"
+            } else {
+                "level (dynamic level bytes)"
+            },
+        ),
+    }
 }
