@@ -237,8 +237,19 @@ impl Rocks {
             .unwrap_or(0)
     }
 
+    /// An integer property summed over the column families (some, as
+    /// `compaction-pending`, are per column family).
     fn int_property(&self, name: &str) -> u64 {
-        self.db.property_int_value(name).ok().flatten().unwrap_or(0)
+        CFS.iter()
+            .filter_map(|cf| self.db.cf_handle(cf))
+            .map(|h| {
+                self.db
+                    .property_int_value_cf(h, name)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0)
+            })
+            .sum()
     }
 
     /// Flush the memtables (waiting for the flush), then wait until no
