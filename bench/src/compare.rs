@@ -88,6 +88,16 @@ fn args_for(
     {
         return Err("compare: give the targets with --targets, not the workload's --target".into());
     }
+    if workload
+        .iter()
+        .any(|a| a == "--dir" || a.starts_with("--dir="))
+    {
+        // One directory would be shared by every target and point: a later
+        // run would find the earlier one's data (and `read` skip its load).
+        return Err(
+            "compare: --dir is not allowed; each run gets a fresh temporary directory".into(),
+        );
+    }
     let mut args = vec!["timeline-bench".to_string()];
     args.extend(workload.iter().cloned());
     args.extend(["--target".to_string(), target_name(target)]);
@@ -198,22 +208,32 @@ fn ratio_table(runs: &[Run], targets: &[Target]) -> Vec<Cell> {
         let Some(reference) = at.iter().find(|r| Some(&r.target) == targets.first()) else {
             continue;
         };
-        for (i, base) in reference.lines.iter().enumerate() {
+        for base in &reference.lines {
+            let name = label(base);
             for &(figure, _) in FIGURES {
                 let Some(b) = base[figure].as_f64() else {
                     continue;
                 };
                 for r in &at {
-                    let Some(v) = r.lines.get(i).and_then(|l| l[figure].as_f64()) else {
+                    // The same line (workload, phase, direction, mode) of
+                    // this target, never one at the same position.
+                    let Some(line) = r.lines.iter().find(|l| label(l) == name) else {
                         continue;
                     };
+                    let Some(v) = line[figure].as_f64() else {
+                        continue;
+                    };
+                    // CPU figures divide only when both measure the same
+                    // thing (server process, storage threads, whole process).
+                    let comparable =
+                        !figure.starts_with("cpu_") || line["cpu_basis"] == base["cpu_basis"];
                     cells.push(Cell {
                         point: point.clone(),
-                        line: label(base),
+                        line: name.clone(),
                         figure,
                         target: target_name(r.target),
                         value: v,
-                        ratio: (b != 0.0).then(|| v / b),
+                        ratio: (b != 0.0 && comparable).then(|| v / b),
                     });
                 }
             }

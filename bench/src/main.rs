@@ -757,15 +757,32 @@ mod tests {
         for f in files {
             let text = std::fs::read_to_string(&f).unwrap();
             for line in text.lines() {
-                let Some(i) = line.find("timeline-bench") else {
+                // `timeline-bench ...`, `cargo run ... -- ...` and the
+                // docs' `$B ...` shorthand for the binary.
+                let rest = if let Some(i) = line.find("timeline-bench") {
+                    &line[i + "timeline-bench".len()..]
+                } else if let Some(i) = line.find("$B ") {
+                    &line[i + 2..]
+                } else {
                     continue;
                 };
-                let rest = &line[i + "timeline-bench".len()..];
                 let rest = rest.split_once(" -- ").map_or(rest, |(_, r)| r);
                 let end = rest
                     .find(['`', '|', '#', '>', '&', ')', ';'])
                     .unwrap_or(rest.len());
-                let args: Vec<&str> = rest[..end].split_whitespace().collect();
+                // Placeholders (`R`, `$((R*10))`, `D`) stand for values.
+                let args: Vec<&str> = rest[..end]
+                    .split_whitespace()
+                    .map(|a| {
+                        let placeholder = a.contains('$')
+                            || (!a.is_empty() && a.chars().all(|c| c.is_ascii_uppercase()));
+                        if placeholder {
+                            "1"
+                        } else {
+                            a
+                        }
+                    })
+                    .collect();
                 let Some(sub) = args.first() else { continue };
                 if !APPLIES.iter().any(|(n, _)| n == sub) {
                     continue; // prose, a crate name, a path

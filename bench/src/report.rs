@@ -284,6 +284,12 @@ pub struct ResultLine {
     /// engine's and IM layer's own threads (`storage_cpu_secs`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_us_per_message: Option<f64>,
+    /// What the `cpu_us_*` figures measure: `server process`, `storage
+    /// threads` (in process: the engine's and IM layer's own threads) or
+    /// `whole process` (in process, where the store runs on the bench's
+    /// threads: W1, RocksDB). `compare` gives no ratio across bases.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_basis: Option<String>,
     /// The same CPU per delivery.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_us_per_delivery: Option<f64>,
@@ -299,9 +305,10 @@ pub struct ResultLine {
     pub storage_cpu_secs: Option<f64>,
     /// In-process: CPU seconds of the whole bench process (storage and
     /// workload together) over the timed section; for W1 `append` (engine
-    /// and rocksdb) over the load and the final sync or flush that finishes
-    /// it, and the cost figures use it (the store runs on the bench's
-    /// threads).
+    /// and rocksdb) over the load and the work that finishes it (engine:
+    /// sync, and with `--seal` sealing and regrouping; RocksDB: flush and
+    /// compactions), and the cost figures use it (the store runs on the
+    /// bench's threads).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub process_cpu_secs: Option<f64>,
     /// Bytes the storage side wrote per delivery (disk writes when
@@ -336,10 +343,19 @@ impl ResultLine {
         };
         // The server's; in process, the storage side's own threads; where
         // the engine runs on the bench's threads (W1), the whole process's.
-        let cpu = self
-            .server_cpu_secs
-            .or(self.storage_cpu_secs)
-            .or(self.process_cpu_secs);
+        let (cpu, basis) = match (
+            self.server_cpu_secs,
+            self.storage_cpu_secs,
+            self.process_cpu_secs,
+        ) {
+            (Some(c), _, _) => (Some(c), "server process"),
+            (None, Some(c), _) => (Some(c), "storage threads"),
+            (None, None, Some(c)) => (Some(c), "whole process"),
+            _ => (None, ""),
+        };
+        if cpu.is_some() && self.cpu_basis.is_none() {
+            self.cpu_basis = Some(basis.into());
+        }
         let messages = self.messages.or((self.ops > 0).then_some(self.ops));
         self.cpu_us_per_message = self.cpu_us_per_message.or(per(cpu, messages, 1e6));
         self.cpu_us_per_delivery = self.cpu_us_per_delivery.or(per(cpu, self.deliveries, 1e6));

@@ -51,12 +51,9 @@ fn consistent(l: &Value, workload: &str, target: &str) {
     if let (Some(d), Some(m)) = (l["deliveries"].as_u64(), l["messages"].as_u64()) {
         assert!(d >= m, "every message reaches its sender's members: {l}");
     }
-    if let (Some(f), Some(m)) = (l["fsyncs"].as_u64(), l["messages"].as_u64()) {
-        let per = l["fsyncs_per_message"].as_f64().unwrap();
-        assert!(
-            (per * m as f64 - f as f64).abs() <= 0.01 * f as f64 + 1e-9,
-            "{l}"
-        );
+    // Where CPU was measured, the costs say on what basis.
+    if l.get("cpu_us_per_message").is_some() {
+        assert!(l["cpu_basis"].as_str().is_some(), "{l}");
     }
 }
 

@@ -21,7 +21,7 @@ pub(crate) use std::sync::{
 #[cfg(loom)]
 pub(crate) use loom::cell::UnsafeCell;
 
-/// `std`'s `UnsafeCell` behind loom's API (`with`, `with_mut`), so the code
+/// `std`'s `UnsafeCell` behind loom's API (`with_mut`, the one the ring uses), so the code
 /// that uses it is the same in production and under the model (where loom
 /// checks that no access races another).
 #[cfg(not(loom))]

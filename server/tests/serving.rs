@@ -544,7 +544,7 @@ fn a_push_too_large_for_the_clients_frame_limit_becomes_a_resync() {
     // The small message's push may follow, or may have been dropped while
     // the resync was owed (protocol.md §5: "no other push of that
     // subscription before it", and dropped pushes are not resent). Either
-    // way nothing else arrives, and SYNC has both messages.
+    // way SYNC has both messages.
     match dev.next(Duration::from_millis(500)) {
         None => {}
         Some(ServerMsg::Push {

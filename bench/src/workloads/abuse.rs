@@ -452,8 +452,11 @@ pub fn run(flags: &Flags, _rep: &mut Reporter) -> Result<u64> {
         Volume::get(&vol.garbage_bytes),
         Volume::get(&vol.huge_headers),
     );
+    let t_during = Instant::now();
     let during = phase("during", flags, &addr, pid)?;
-    let per_s = |now: u64, then: u64| (now - then) as f64 / during.secs.max(1e-9);
+    // The counts cover the whole phase call (its setup too): divide by it.
+    let phase_secs = t_during.elapsed().as_secs_f64();
+    let per_s = |now: u64, then: u64| (now - then) as f64 / phase_secs.max(1e-9);
     let connects_s = per_s(Volume::get(&vol.connects), c0);
     let garbage_mib_s = per_s(Volume::get(&vol.garbage_bytes), g0) / (1 << 20) as f64;
     let headers_s = per_s(Volume::get(&vol.huge_headers), h0);

@@ -34,9 +34,9 @@
 //! publish, and each consumer calls `made_room` after its pops, so the
 //! mailbox's protocol never sleeps on such a transient answer.
 //!
-//! Stamps wrap after 2^63 pushes (centuries at a billion per second); with a
-//! capacity that is not a power of two, the lap at the wrap would be wrong,
-//! which is the only bound on a ring's life.
+//! Positions wrap after 2^64 pushes (stamps, doubled, at 2^63; centuries at
+//! a billion per second): with a capacity that is not a power of two,
+//! `pos % cap` jumps at the wrap, which is the only bound on a ring's life.
 
 use crate::sync::{ord, AtomicUsize, Ordering, UnsafeCell};
 use crossbeam::utils::CachePadded;
