@@ -368,7 +368,6 @@ fn plot_sweep(path: &Path, flag: &str, cells: &[Cell]) -> crate::Result<()> {
     }
     let root = SVGBackend::new(path, (900, 260 * panels.len().max(1) as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
-    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
     for (area, (line, figure)) in root
         .split_evenly((panels.len().max(1), 1))
         .iter()
@@ -405,25 +404,8 @@ fn plot_sweep(path: &Path, flag: &str, cells: &[Cell]) -> crate::Result<()> {
             .y_label_formatter(&|v| num(*v))
             .draw()
             .map_err(|e| err(&e))?;
-        for (i, t) in targets.iter().enumerate() {
-            let col = colors[i % colors.len()];
-            chart
-                .draw_series(PointSeries::of_element(pts(t), 3, col, &|c, s, st| {
-                    Circle::new(c, s, st.filled())
-                }))
-                .map_err(|e| err(&e))?;
-            chart
-                .draw_series(LineSeries::new(pts(t), col))
-                .map_err(|e| err(&e))?
-                .label(*t)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], col));
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| err(&e))?;
+        let lines: Vec<(&str, Vec<(f64, f64)>)> = targets.iter().map(|t| (*t, pts(t))).collect();
+        results::draw_lines(&mut chart, &lines, true)?;
     }
     root.present().map_err(|e| err(&e))?;
     Ok(())

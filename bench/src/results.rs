@@ -231,7 +231,7 @@ fn quote(s: &str) -> String {
     }
 }
 
-fn plot_err(e: impl std::fmt::Display) -> crate::BoxError {
+pub fn plot_err(e: impl std::fmt::Display) -> crate::BoxError {
     format!("drawing a plot: {e}").into()
 }
 
@@ -318,9 +318,35 @@ fn plot_latency(path: &Path, hists: &[(&'static str, Histogram<u64>)]) -> Result
         })
         .draw()
         .map_err(plot_err)?;
+    let lines: Vec<(&str, Vec<(f64, f64)>)> = curves.iter().map(|(n, p)| (*n, p.clone())).collect();
+    draw_lines(&mut chart, &lines, false)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+/// Draw one coloured line per `(name, points)` (with dot markers if
+/// `markers`) and the legend naming them: every multi-line plot here.
+pub fn draw_lines<'a, DB, X, Y>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+    lines: &[(&str, Vec<(f64, f64)>)],
+    markers: bool,
+) -> Result<()>
+where
+    DB: DrawingBackend + 'a,
+    DB::ErrorType: 'static,
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
     let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
-    for (i, (name, pts)) in curves.iter().enumerate() {
+    for (i, (name, pts)) in lines.iter().enumerate() {
         let c = colors[i % colors.len()];
+        if markers {
+            chart
+                .draw_series(PointSeries::of_element(pts.clone(), 3, c, &|p, s, st| {
+                    Circle::new(p, s, st.filled())
+                }))
+                .map_err(plot_err)?;
+        }
         chart
             .draw_series(LineSeries::new(pts.iter().copied(), c))
             .map_err(plot_err)?
@@ -334,7 +360,6 @@ fn plot_latency(path: &Path, hists: &[(&'static str, Histogram<u64>)]) -> Result
         .position(SeriesLabelPosition::UpperLeft)
         .draw()
         .map_err(plot_err)?;
-    root.present().map_err(plot_err)?;
     Ok(())
 }
 
@@ -368,7 +393,6 @@ fn plot_fanout_sweep(path: &Path, lines: &[serde_json::Value]) -> Result<()> {
     };
     let root = SVGBackend::new(path, (1350, 450)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
-    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
     for (area, (field, title)) in root.split_evenly((1, 3)).iter().zip(SWEEP_PANELS) {
         let all: Vec<(f64, f64)> = modes.iter().flat_map(|m| points(m, field)).collect();
         if all.is_empty() {
@@ -395,27 +419,9 @@ fn plot_fanout_sweep(path: &Path, lines: &[serde_json::Value]) -> Result<()> {
             .x_desc("group size (members)")
             .draw()
             .map_err(plot_err)?;
-        for (i, m) in modes.iter().enumerate() {
-            let c = colors[i % colors.len()];
-            let pts = points(m, field);
-            chart
-                .draw_series(PointSeries::of_element(pts.clone(), 3, c, &|p, s, st| {
-                    Circle::new(p, s, st.filled())
-                }))
-                .map_err(plot_err)?;
-            chart
-                .draw_series(LineSeries::new(pts, c))
-                .map_err(plot_err)?
-                .label(*m)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperLeft)
-            .draw()
-            .map_err(plot_err)?;
+        let lines: Vec<(&str, Vec<(f64, f64)>)> =
+            modes.iter().map(|m| (*m, points(m, field))).collect();
+        draw_lines(&mut chart, &lines, true)?;
     }
     root.present().map_err(plot_err)?;
     Ok(())
