@@ -43,6 +43,7 @@ const FIGURES: &[(&str, bool)] = &[
     ("cpu_us_per_message", true),
     ("cpu_us_per_delivery", true),
     ("cpu_us_per_sync", true),
+    ("process_cpu_us_per_message", true),
     ("bytes_per_delivery", true),
     ("fsyncs_per_message", true),
     ("write_amplification", true),
@@ -225,6 +226,7 @@ fn ratio_table(runs: &[Run], targets: &[Target]) -> Vec<Cell> {
                     };
                     // CPU figures divide only when both measure the same
                     // thing (server process, storage threads, whole process).
+                    // `process_cpu_*` is the whole process's on both sides.
                     let comparable =
                         !figure.starts_with("cpu_") || line["cpu_basis"] == base["cpu_basis"];
                     cells.push(Cell {

@@ -225,6 +225,7 @@ mod progress;
 mod report;
 mod results;
 mod sysinfo;
+mod targets;
 mod workloads;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -489,7 +490,7 @@ const APPLIES: &[(&str, &[&str])] = &[
     ("abuse", &["abuser-nice", "connections", "dir", "durability", "json", "keep", "pipeline", "secs", "seed", "shards", "silent"]),
     ("append", &["addr", "batch", "rocksdb-tuning", "connections", "dir", "durability", "in-flight", "io", "json", "keep", "keyspace", "messages", "payload", "pipeline", "refill", "regroup", "results", "seal", "seed", "segment-mb", "shards", "target", "threads", "timelines", "zipf"]),
     ("devices", &["addr", "connections", "devices-total", "dir", "durability", "json", "keep", "messages", "payload", "rate", "results", "seed", "shards", "target", "users", "zipf"]),
-    ("fanout", &["dir", "durability", "entries", "fanout", "fanout-mode", "groups", "hybrid-threshold", "in-flight", "io", "json", "keep", "payload", "rate", "regroup", "results", "seed", "segment-mb", "shards", "target", "threads", "timelines"]),
+    ("fanout", &["addr", "connections", "dir", "durability", "entries", "fanout", "fanout-mode", "groups", "hybrid-threshold", "in-flight", "io", "json", "keep", "payload", "pipeline", "rate", "refill", "regroup", "results", "rocksdb-tuning", "seed", "segment-mb", "shards", "target", "threads", "timelines"]),
     ("fanout-sweep", &["dir", "durability", "entries", "fanout-mode", "hybrid-threshold", "in-flight", "io", "json", "keep", "messages", "no-results", "payload", "regroup", "results", "seed", "segment-mb", "shards", "sizes", "target", "threads"]),
     ("im", &["addr", "connections", "devices", "dir", "durability", "entries", "hybrid-threshold", "in-flight", "io", "json", "keep", "messages", "no-results", "payload", "pipeline", "push", "rate", "refill", "regroup", "results", "seed", "segment-mb", "shards", "target", "threads", "users", "zipf"]),
     ("read", &["addr", "batch", "rocksdb-tuning", "connections", "dir", "durability", "in-flight", "io", "json", "keep", "keyspace", "messages", "payload", "pipeline", "read-len", "reads", "refill", "regroup", "results", "seal", "seed", "segment-mb", "shards", "target", "threads", "timelines", "warm", "zipf"]),
@@ -572,42 +573,49 @@ pub(crate) fn execute(cmd: &Cmd, results: bool) -> Result<(report::Reporter, u64
     flags.resolve(cmd);
     flags.quiet_server = matches!(cmd, Cmd::Torture(_) | Cmd::Abuse(_));
     let flags = &flags;
-    let rocksdb_workload = matches!(cmd, Cmd::Append(_) | Cmd::Read(_));
-    match flags.target {
-        _ if matches!(cmd, Cmd::Torture(_) | Cmd::Abuse(_)) => {}
-        Target::Engine if !matches!(cmd, Cmd::Devices(_)) => {}
-        Target::Server
-            if matches!(
-                cmd,
-                Cmd::Append(_) | Cmd::Read(_) | Cmd::Im(_) | Cmd::Devices(_)
-            ) => {}
-        Target::Redis if rocksdb_workload || matches!(cmd, Cmd::Devices(_)) => {}
-        Target::Engine if matches!(cmd, Cmd::Devices(_)) => {
-            return Err(
-                "devices --target engine: W6 is the serving path; use --target server or redis"
-                    .into(),
-            )
-        }
-        Target::Rocksdb if rocksdb_workload => {
-            if !cfg!(feature = "rocksdb") {
-                return Err("--target rocksdb: built without the `rocksdb` feature: \
-                     cargo run --release -p timeline-bench --features rocksdb -- ... \
-                     (with ROCKSDB_LIB_DIR=/usr/lib/x86_64-linux-gnu to link Debian's \
-                     librocksdb-dev instead of compiling RocksDB; see \
-                     bench/src/workloads/rocksdb.rs)"
-                    .into());
-            }
-        }
-        t => {
-            let t = t
-                .to_possible_value()
-                .map(|v| v.get_name().to_string())
-                .unwrap_or_default();
-            return Err(format!(
-                "{name} --target {t}: not implemented (engine: every workload; server: append, read, im; rocksdb, redis: append, read)"
-            )
+    // The targets each workload takes; the workload is written once over them.
+    let takes: &[Target] = match cmd {
+        Cmd::Torture(_) | Cmd::Abuse(_) => &[
+            Target::Engine,
+            Target::Server,
+            Target::Rocksdb,
+            Target::Redis,
+        ],
+        Cmd::Append(_) | Cmd::Read(_) => &[
+            Target::Engine,
+            Target::Server,
+            Target::Rocksdb,
+            Target::Redis,
+        ],
+        Cmd::Fanout(_) => &[Target::Engine, Target::Server, Target::Rocksdb],
+        Cmd::Im(_) => &[Target::Engine, Target::Server],
+        Cmd::Devices(_) => &[Target::Server, Target::Redis],
+        _ => &[Target::Engine],
+    };
+    let named = |t: Target| {
+        t.to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    };
+    if !takes.contains(&flags.target) {
+        let list: Vec<String> = takes.iter().map(|&t| named(t)).collect();
+        return Err(format!(
+            "{name} --target {}: {name} runs on {}",
+            named(flags.target),
+            list.join(", ")
+        )
+        .into());
+    }
+    if flags.target == Target::Rocksdb
+        && !cfg!(feature = "rocksdb")
+        && !matches!(cmd, Cmd::Torture(_) | Cmd::Abuse(_))
+    {
+        return Err("--target rocksdb: built without the `rocksdb` feature: \
+             cargo run --release -p timeline-bench --features rocksdb -- ... \
+             (with ROCKSDB_LIB_DIR=/usr/lib/x86_64-linux-gnu to link Debian's \
+             librocksdb-dev instead of compiling RocksDB; see \
+             bench/src/targets/rocksdb.rs)"
             .into());
-        }
     }
     flags.validate()?;
     let machine = sysinfo::Machine::detect();
@@ -629,26 +637,15 @@ pub(crate) fn execute(cmd: &Cmd, results: bool) -> Result<(report::Reporter, u64
         f
     });
     let mut rep = report::Reporter::new(flags.json, machine);
-    let errors = match (cmd, flags.target) {
-        #[cfg(feature = "rocksdb")]
-        (Cmd::Append(_), Target::Rocksdb) => workloads::rocksdb::append(flags, &mut rep)?,
-        #[cfg(feature = "rocksdb")]
-        (Cmd::Read(_), Target::Rocksdb) => workloads::rocksdb::read(flags, &mut rep)?,
-        (Cmd::Append(_), Target::Server) => workloads::server::append(flags, &mut rep)?,
-        (Cmd::Read(_), Target::Server) => workloads::server::read(flags, &mut rep)?,
-        (Cmd::Im(_), Target::Server) => workloads::server_im::run(flags, &mut rep)?,
-        (Cmd::Append(_), Target::Redis) => workloads::redis::append(flags, &mut rep)?,
-        (Cmd::Read(_), Target::Redis) => workloads::redis::read(flags, &mut rep)?,
-        (Cmd::Devices(_), _) => workloads::devices::run(flags, &mut rep)?,
-        (Cmd::Torture(_), _) => workloads::torture::run(flags, &mut rep)?,
-        (Cmd::Abuse(_), _) => workloads::abuse::run(flags, &mut rep)?,
-        (Cmd::Append(_), _) => workloads::append::run(flags, &mut rep)?,
-        (Cmd::Read(_), _) => workloads::read::run(flags, &mut rep)?,
-        (Cmd::Reopen(_), _) => workloads::reopen::run(flags, &mut rep)?,
-        (Cmd::Fanout(_), _) => workloads::fanout::run(flags, &mut rep)?,
-        (Cmd::Im(_), _) => workloads::im::run(flags, &mut rep)?,
-        (Cmd::FanoutSweep(_), _) => workloads::sweep::run(flags, &mut rep)?,
-        (Cmd::Compare(_), _) => return Err("compare cannot compare compare".into()),
+    let errors = match cmd {
+        Cmd::Append(_) | Cmd::Read(_) => on_target(cmd, flags, &mut rep)?,
+        Cmd::Devices(_) => workloads::devices::run(flags, &mut rep)?,
+        Cmd::Torture(_) => workloads::torture::run(flags, &mut rep)?,
+        Cmd::Abuse(_) => workloads::abuse::run(flags, &mut rep)?,
+        Cmd::Reopen(_) => workloads::reopen::run(flags, &mut rep)?,
+        Cmd::Fanout(_) | Cmd::Im(_) => on_im_target(cmd, flags, &mut rep)?,
+        Cmd::FanoutSweep(_) => workloads::sweep::run(flags, &mut rep)?,
+        Cmd::Compare(_) => return Err("compare cannot compare compare".into()),
     };
     rep.finish();
     if let (Some(root), Some(facts)) = (&results_root, &facts) {
@@ -662,9 +659,70 @@ pub(crate) fn execute(cmd: &Cmd, results: bool) -> Result<(report::Reporter, u64
     Ok((rep, errors))
 }
 
+/// W1 or W2 on the target `--target` names.
+fn on_target(cmd: &Cmd, flags: &Flags, rep: &mut report::Reporter) -> Result<u64> {
+    use targets::{engine::EngineTarget, redis::RedisTarget, server::ServerTarget};
+    fn on<T: targets::Target>(
+        cmd: &Cmd,
+        flags: &Flags,
+        t: T,
+        rep: &mut report::Reporter,
+    ) -> Result<u64> {
+        match cmd {
+            Cmd::Read(_) => workloads::read::run(flags, t, rep),
+            _ => workloads::append::run(flags, t, rep),
+        }
+    }
+    match flags.target {
+        Target::Engine => on(cmd, flags, EngineTarget::open(flags)?, rep),
+        Target::Server => on(cmd, flags, ServerTarget::start(flags)?, rep),
+        Target::Redis => on(cmd, flags, RedisTarget::start(flags)?, rep),
+        #[cfg(feature = "rocksdb")]
+        Target::Rocksdb => on(cmd, flags, targets::rocksdb::RocksTarget::open(flags)?, rep),
+        #[cfg(not(feature = "rocksdb"))]
+        Target::Rocksdb => Err("built without the rocksdb feature".into()),
+    }
+}
+
+/// W3 or W4 on the target `--target` names.
+fn on_im_target(cmd: &Cmd, flags: &Flags, rep: &mut report::Reporter) -> Result<u64> {
+    use targets::{engine::EngineIm, server::ServerIm};
+    use workloads::{fanout, im};
+    match cmd {
+        Cmd::Fanout(_) => {
+            let p = fanout::Plan::new(flags)?;
+            let largest = p.fanout;
+            match flags.target {
+                Target::Server => fanout::run(
+                    flags,
+                    ServerIm::start(flags, p.threshold, largest)?,
+                    &p,
+                    rep,
+                ),
+                #[cfg(feature = "rocksdb")]
+                Target::Rocksdb => fanout::run(
+                    flags,
+                    targets::rocksdb::RocksIm::open(flags, p.threshold)?,
+                    &p,
+                    rep,
+                ),
+                _ => fanout::run(flags, EngineIm::new(flags, p.threshold)?, &p, rep),
+            }
+        }
+        _ => {
+            let p = im::plan(flags)?;
+            let largest = p.w.members.iter().map(|m| m.len()).max().unwrap_or(0);
+            match flags.target {
+                Target::Server => im::run(flags, ServerIm::start(flags, p.h, largest)?, &p, rep),
+                _ => im::run(flags, EngineIm::new(flags, p.h)?, &p, rep),
+            }
+        }
+    }
+}
+
 impl Flags {
     /// Fill in the defaults that depend on the workload.
-    fn resolve(&mut self, cmd: &Cmd) {
+    pub(crate) fn resolve(&mut self, cmd: &Cmd) {
         let im = matches!(cmd, Cmd::Fanout(_) | Cmd::Im(_) | Cmd::FanoutSweep(_));
         // W5's per-point default depends on the group size: 0 here, and
         // `workloads::sweep` reads `messages_arg` itself.

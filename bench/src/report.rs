@@ -284,6 +284,12 @@ pub struct ResultLine {
     /// engine's and IM layer's own threads (`storage_cpu_secs`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_us_per_message: Option<f64>,
+    /// The whole bench process's CPU microseconds per message, for
+    /// in-process targets (`process_cpu_secs`): the figure in-process
+    /// targets compare on when their `cpu_basis` differ (the engine's IM
+    /// layer has threads of its own; RocksDB writes on the caller's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process_cpu_us_per_message: Option<f64>,
     /// What the `cpu_us_*` figures measure: `server process`, `storage
     /// threads` (in process: the engine's and IM layer's own threads) or
     /// `whole process` (in process, where the store runs on the bench's
@@ -358,6 +364,11 @@ impl ResultLine {
         }
         let messages = self.messages.or((self.ops > 0).then_some(self.ops));
         self.cpu_us_per_message = self.cpu_us_per_message.or(per(cpu, messages, 1e6));
+        if self.server_cpu_secs.is_none() {
+            self.process_cpu_us_per_message =
+                self.process_cpu_us_per_message
+                    .or(per(self.process_cpu_secs, messages, 1e6));
+        }
         self.cpu_us_per_delivery = self.cpu_us_per_delivery.or(per(cpu, self.deliveries, 1e6));
         // In-process, `sync` runs on the caller's threads, outside
         // `storage_cpu_secs`: a per-sync figure only from a server's CPU.
@@ -603,7 +614,7 @@ impl Reporter {
                 } else if l.storage_cpu_secs.is_some() {
                     "engine + IM threads"
                 } else {
-                    "whole process: the engine runs on the bench's threads"
+                    "whole process: the store runs on the bench's threads"
                 };
                 let mut costs = format!("costs: {c} us CPU/message ({side})");
                 if let Some(d) = l.cpu_us_per_delivery {

@@ -120,18 +120,23 @@ fn w1_and_w2_on_every_target() {
 
 #[test]
 fn w3_to_w5_in_process_and_w4_over_tcp() {
-    for l in bench(&[
-        "fanout",
-        "--groups",
-        "20",
-        "--fanout",
-        "8",
-        "--timelines",
-        "1000",
-    ]) {
-        consistent(&l, "fanout", "engine");
-        // Each message reaches every member of its group.
-        assert_eq!(l["deliveries"], l["messages"].as_u64().unwrap() * 8, "{l}");
+    for t in ["engine", "server"] {
+        for l in bench(&[
+            "fanout",
+            "--target",
+            t,
+            "--groups",
+            "20",
+            "--fanout",
+            "8",
+            "--timelines",
+            "1000",
+        ]) {
+            consistent(&l, "fanout", t);
+            // Each message reaches every member of its group.
+            assert_eq!(l["deliveries"], l["messages"].as_u64().unwrap() * 8, "{l}");
+            assert_eq!(l["sync_writes"], l["deliveries"], "write fan-out: {l}");
+        }
     }
     for t in ["engine", "server"] {
         for l in bench(&[

@@ -18,11 +18,11 @@
 //! during, and after the abusers left (once `connections_open` is back to
 //! the good clients). Exit status 2 if a good client got an error.
 
-use super::net::Proc;
-use super::server::{spawn_server, stat, stats};
 use super::{rng_for, DataDir};
 use crate::report::Reporter;
 use crate::sysinfo::{cpu_secs, rss_of};
+use crate::targets::net::Proc;
+use crate::targets::server::{spawn_server, stat, stats};
 use crate::{Flags, Result};
 use hdrhistogram::Histogram;
 use rand::Rng;

@@ -29,11 +29,11 @@
 //!   messages of its user's conversations, in order (`errors`).
 
 use super::imkit::{ns_since, stamp, stamp_of};
-use super::redis::Redis;
-use super::resp;
-use super::server::Target;
 use crate::report::{new_histogram, Reporter, ResultLine};
 use crate::sysinfo::{cpu_secs, rss_of, threads_of};
+use crate::targets::redis::Redis;
+use crate::targets::resp;
+use crate::targets::server::Server;
 use crate::{Flags, Result, Target as Which};
 use hdrhistogram::Histogram;
 use rand::distributions::{Distribution, WeightedIndex};
@@ -120,7 +120,7 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
         (c + senders as u64 + 64).to_string(),
     ];
     let backend = match flags.target {
-        Which::Server => Backend::Server(Target::start(flags, &extra)?),
+        Which::Server => Backend::Server(Server::start(flags, &extra)?),
         Which::Redis => Backend::Redis(Redis::start_with(
             flags,
             &["--maxclients".into(), (c + senders as u64 + 64).to_string()],
@@ -252,7 +252,7 @@ enum Kind {
 }
 
 enum Backend {
-    Server(Target),
+    Server(Server),
     Redis(Redis),
 }
 

@@ -1,17 +1,21 @@
-//! W3 `fanout`: group messages fanned out to their members.
+//! W3 `fanout`, on any [`ImTarget`]: `--groups` messages to groups of
+//! `--fanout` members among `--timelines` users (up to `MAX_GROUPS` groups;
+//! more messages go round-robin to the same groups), fanned out by mode
+//! (`--fanout-mode write|read|hybrid`). Message `i` goes to group `i %
+//! groups` from a member chosen by `rng_at(i)`: the same on every target.
+//! Verification, untimed: 1,000 sampled receivers catch up from where setup
+//! left them and must see every acknowledged message of each of their
+//! groups, in order, once, with a `--payload`-byte payload.
 
-use super::imkit::{
-    self, im_line, mode_name, random_members, set_write_fields, ConvSpec, Delta, Device, Errors,
-    Inflight, Pacer,
-};
-use super::{timed_threads, DataDir, Payloads};
+use super::append::rate;
+use super::imkit::{self, catch_up, mode_name, random_members, Device, Errors};
+use super::{offsets, open_im_sessions, rng_at, take, timed_sessions, Payloads};
 use crate::report::Reporter;
-use crate::sysinfo::{count_files, peak_rss_bytes, DiskIo};
+use crate::targets::{drive, drive_paced, ConvSpec, ImOp, ImReply, ImSession, ImTarget, Pipelined};
 use crate::{FanoutMode, Flags, Result};
 use rand::Rng;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
 use timeline_im::{ConvId, ConvKind, UserId};
 
 /// Most groups created: `--groups` messages beyond this go round-robin to
@@ -20,145 +24,218 @@ pub const MAX_GROUPS: u64 = 10_000;
 /// Receivers whose sync timelines are read back and checked after the run.
 const VERIFY_USERS: usize = 1_000;
 
-/// `timeline-bench fanout`: returns the number of verification errors.
-pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
-    let messages = flags.groups.unwrap_or(10_000);
-    let m = flags.fanout.unwrap_or(200);
-    let receivers = flags.timelines;
-    if m == 0 || m as u64 > receivers {
-        return Err(format!("--fanout {m} must be in 1..=--timelines ({receivers})").into());
-    }
-    if messages == 0 {
-        return Err("--groups must be at least 1".into());
-    }
-    let mode = flags.fanout_mode.unwrap_or(FanoutMode::Write);
-    let threshold = imkit::threshold_for(mode, flags);
-    let n_groups = messages.min(MAX_GROUPS);
-    let mut rng = imkit::rng(flags.seed, 0);
-    let groups: Vec<Vec<UserId>> = (0..n_groups)
-        .map(|_| random_members(&mut rng, receivers, m))
-        .collect();
-    let specs: Vec<ConvSpec> = groups
-        .iter()
-        .enumerate()
-        .map(|(i, ms)| ConvSpec {
-            id: i as ConvId,
-            kind: ConvKind::Group,
-            members: ms.clone(),
-        })
-        .collect();
-    let dir = DataDir::new(flags)?;
-    eprintln!(
-        "fanout: {messages} messages of {} B to {n_groups} groups of {m} members among {receivers} users, \
-         mode {}, entries {}, {} sender thread(s), {} in flight each, durability {}",
-        flags.payload,
-        mode_name(mode),
-        imkit::entries_name(imkit::entry_mode(flags)),
-        flags.threads,
-        flags.in_flight,
-        super::durability(flags).name()
-    );
-    let (im, setup_secs) = imkit::setup(flags, &dir.path, &specs, threshold)?;
-    drop(specs);
+/// The groups of a run and its checked receivers.
+pub struct Plan {
+    pub messages: u64,
+    pub fanout: usize,
+    pub mode: FanoutMode,
+    pub threshold: usize,
+    pub groups: Vec<Vec<UserId>>,
+}
 
-    // Receivers checked afterwards: their devices start where setup left them.
-    let mut sample: Vec<UserId> = Vec::new();
-    let mut member_of: HashMap<UserId, Vec<ConvId>> = HashMap::new();
-    for _ in 0..VERIFY_USERS * 20 {
-        if sample.len() >= VERIFY_USERS {
-            break;
+impl Plan {
+    pub fn new(flags: &Flags) -> Result<Plan> {
+        let messages = flags.groups.unwrap_or(10_000);
+        let m = flags.fanout.unwrap_or(200);
+        if m == 0 || m as u64 > flags.timelines {
+            return Err(format!(
+                "--fanout {m} must be in 1..=--timelines ({})",
+                flags.timelines
+            )
+            .into());
         }
-        let g = &groups[rng.gen_range(0..groups.len())];
-        let u = g[rng.gen_range(0..g.len())];
-        if let std::collections::hash_map::Entry::Vacant(e) = member_of.entry(u) {
-            e.insert(Vec::new());
-            sample.push(u);
+        if messages == 0 {
+            return Err("--groups must be at least 1".into());
         }
+        let mode = flags.fanout_mode.unwrap_or(FanoutMode::Write);
+        let mut rng = imkit::rng(flags.seed, 0);
+        let groups = (0..messages.min(MAX_GROUPS))
+            .map(|_| random_members(&mut rng, flags.timelines, m))
+            .collect();
+        Ok(Plan {
+            messages,
+            fanout: m,
+            mode,
+            threshold: imkit::threshold_for(mode, flags),
+            groups,
+        })
     }
-    for (i, g) in groups.iter().enumerate() {
-        for u in g {
-            if let Some(v) = member_of.get_mut(u) {
-                v.push(i as ConvId);
+
+    pub fn specs(&self) -> Vec<ConvSpec> {
+        self.groups
+            .iter()
+            .enumerate()
+            .map(|(i, ms)| ConvSpec {
+                id: i as ConvId,
+                kind: ConvKind::Group,
+                members: ms.clone(),
+            })
+            .collect()
+    }
+
+    /// Up to `VERIFY_USERS` receivers and their groups.
+    fn sample(&self, seed: u64) -> Vec<(UserId, Vec<ConvId>)> {
+        let mut rng = imkit::rng(seed, 1);
+        let mut member_of: HashMap<UserId, Vec<ConvId>> = HashMap::new();
+        let mut order = Vec::new();
+        for _ in 0..VERIFY_USERS * 20 {
+            if order.len() >= VERIFY_USERS {
+                break;
+            }
+            let g = &self.groups[rng.gen_range(0..self.groups.len())];
+            let u = g[rng.gen_range(0..g.len())];
+            if member_of.insert(u, Vec::new()).is_none() {
+                order.push(u);
             }
         }
-    }
-    let read_fanout = m > threshold;
-    let mut devices: Vec<Device> = sample
-        .iter()
-        .map(|u| {
-            let convs = &member_of[u];
-            let reads: &[ConvId] = if read_fanout { convs } else { &[] };
-            Device::caught_up(&im, *u, convs, reads)
-        })
-        .collect();
-
-    let acked: Vec<AtomicU64> = (0..n_groups).map(|_| AtomicU64::new(0)).collect();
-    let errors = Errors::default();
-    let payloads = Payloads::new(flags.payload, flags.seed);
-    let offsets: Vec<u64> = super::offsets(messages, flags.threads);
-    let per_thread_rate = flags.rate as f64 / flags.threads as f64;
-    im.engine().sync()?;
-    let before = imkit::snap(&im);
-    let io0 = DiskIo::now();
-    let timed = timed_threads(flags, messages, |thread, share, hist| {
-        let mut rng = imkit::rng(flags.seed, 1 + thread);
-        let mut win = Inflight::new(flags.in_flight);
-        let pacer = Pacer::new(per_thread_rate);
-        let mut done = |g: usize, r: std::result::Result<_, _>| match r {
-            Ok(_) => {
-                acked[g].fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => errors.report("send", || format!("group {g}: {e}")),
-        };
-        let first = offsets[thread as usize];
-        for k in 0..share {
-            let i = first + k;
-            let g = (i % n_groups) as usize;
-            let members = &groups[g];
-            let sender = members[rng.gen_range(0..members.len())];
-            if pacer.limited() {
-                let w = pacer.wait_for(k);
-                if !w.is_zero() {
-                    win.collect_ready(hist, &mut done);
-                    std::thread::sleep(w);
+        for (i, g) in self.groups.iter().enumerate() {
+            for u in g {
+                if let Some(v) = member_of.get_mut(u) {
+                    v.push(i as ConvId);
                 }
             }
-            win.make_room(hist, &mut done);
-            let t0 = Instant::now();
-            let p = im.send_async(g as ConvId, sender, i + 1, payloads.pick(&mut rng))?;
-            win.push(t0, g, p);
         }
-        win.drain(hist, &mut done);
+        order
+            .into_iter()
+            .map(|u| (u, member_of.remove(&u).unwrap_or_default()))
+            .collect()
+    }
+}
+
+/// One session's sends: messages `next..end`.
+struct Sender<'a, S> {
+    s: S,
+    p: &'a Plan,
+    seed: u64,
+    payloads: &'a Payloads,
+    next: u64,
+    acked: &'a [AtomicU64],
+    errors: &'a Errors,
+}
+
+impl<S: ImSession> Pipelined for Sender<'_, S> {
+    type Ctx = usize;
+
+    fn queue(&mut self) -> Result<usize> {
+        let i = self.next;
+        self.next += 1;
+        let g = (i % self.p.groups.len() as u64) as usize;
+        let ms = &self.p.groups[g];
+        let mut rng = rng_at(self.seed, 0xF3, i);
+        let sender = ms[rng.gen_range(0..ms.len())];
+        let payload = self.payloads.pick(&mut rng);
+        self.s.queue(ImOp::Send {
+            conv: g as ConvId,
+            sender,
+            msg_id: i + 1,
+            payload,
+        })?;
+        Ok(g)
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.s.flush()
+    }
+
+    fn complete(&mut self, g: usize) -> Result<()> {
+        match self.s.complete()? {
+            ImReply::Sent => {
+                self.acked[g].fetch_add(1, Ordering::Relaxed);
+            }
+            ImReply::Refused(e) => self.errors.report("send", || format!("group {g}: {e}")),
+            ImReply::Synced(_) => return Err("a send answered like a sync".into()),
+        }
+        Ok(())
+    }
+}
+
+/// `timeline-bench fanout`: returns the number of verification errors.
+pub fn run<T: ImTarget>(flags: &Flags, mut t: T, p: &Plan, rep: &mut Reporter) -> Result<u64> {
+    let (messages, m) = (p.messages, p.fanout);
+    let shape = t.shape();
+    eprintln!(
+        "fanout: {messages} messages of {} B to {} groups of {m} members among {} users, mode {}, \
+         {} session(s) x {} in flight, durability {}",
+        flags.payload,
+        p.groups.len(),
+        flags.timelines,
+        mode_name(p.mode),
+        shape.sessions,
+        shape.window,
+        super::durability(flags).name()
+    );
+    let t0 = std::time::Instant::now();
+    t.create(&p.specs())?;
+    let setup_secs = t0.elapsed().as_secs_f64();
+    let sample = p.sample(flags.seed);
+    let users: Vec<UserId> = sample.iter().map(|s| s.0).collect();
+    let read_fanout = m > p.threshold;
+    let mut devices: Vec<Device> = sample
+        .iter()
+        .zip(t.sync_ends(&users)?)
+        .map(|((u, convs), cp)| Device::at(*u, cp, convs, if read_fanout { convs } else { &[] }))
+        .collect();
+
+    let acked: Vec<AtomicU64> = (0..p.groups.len()).map(|_| AtomicU64::new(0)).collect();
+    let errors = Errors::default();
+    let payloads = Payloads::new(flags.payload, flags.seed);
+    let firsts = offsets(messages, shape.sessions);
+    let per_session = flags.rate as f64 / shape.sessions as f64;
+    let sessions = open_im_sessions(&t)?;
+    let mark = t.mark()?;
+    let timed = timed_sessions(shape.sessions, messages, |i, n, hist| {
+        let mut s = Sender {
+            s: take(&sessions, i)?,
+            p,
+            seed: flags.seed,
+            payloads: &payloads,
+            next: firsts[i as usize],
+            acked: &acked,
+            errors: &errors,
+        };
+        if flags.rate > 0 {
+            drive_paced(&mut s, n, &shape, per_session, hist)?;
+        } else {
+            drive(&mut s, n, &shape, hist)?;
+        }
         Ok((0, 0))
     })?;
-    im.engine().sync()?;
-    let after = imkit::snap(&im);
-    let d = Delta::between(&before, &after);
-    let io1 = DiskIo::now();
+    drop(sessions);
+    let mut line = t.line("fanout");
+    let delivered: u64 = acked
+        .iter()
+        .enumerate()
+        .map(|(g, a)| a.load(Ordering::Relaxed) * p.groups[g].len() as u64)
+        .sum();
+    line.ops = messages;
+    line.secs = timed.secs;
+    line.ops_per_sec = rate(messages, timed.secs);
+    line.messages = Some(messages);
+    line.messages_per_sec = Some(rate(messages, timed.secs));
+    line.deliveries = Some(delivered);
+    line.deliveries_per_sec = Some(rate(delivered, timed.secs));
+    line.payload_bytes = Some(messages * flags.payload as u64);
+    line.set_latency(&timed.hist);
+    t.measure(&mark, &mut line)?;
 
-    imkit::check_messages(&d, messages, &errors);
-    // Verification: the counters, then the sampled receivers' syncs.
-    let want = messages * m as u64;
-    if d.deliveries() != want {
+    // Verification: every send acknowledged; the sampled receivers catch up.
+    let acked_total: u64 = acked.iter().map(|a| a.load(Ordering::Relaxed)).sum();
+    if acked_total != messages {
         errors.report("verify", || {
-            format!(
-                "{} deliveries counted (sync writes {} + read fan-out {}), expected {messages} x {m} = {want}",
-                d.deliveries(),
-                d.sync_writes,
-                d.read_fanout_deliveries
-            )
+            format!("{acked_total} sends acknowledged, {messages} sent")
         });
     }
-    let t = Instant::now();
-    let mut read = imkit::SyncCount::default();
-    for dev in &mut devices {
-        read += dev.sync(&im, imkit::CATCH_UP_PAGE, &errors, |p| {
-            if p.len() != flags.payload {
-                errors.report("verify", || {
-                    format!("a {} B payload, sent {}", p.len(), flags.payload)
-                });
-            }
-        })?;
+    let t1 = std::time::Instant::now();
+    let mut s = t.session()?;
+    let read = catch_up(&mut s, &mut devices, &errors, |pl| {
+        if pl.len() != flags.payload {
+            errors.report("verify", || {
+                format!("a {} B payload, sent {}", pl.len(), flags.payload)
+            });
+        }
+    })?;
+    drop(s);
+    for dev in &devices {
         dev.check_complete(&acked, &errors);
     }
     eprintln!(
@@ -166,31 +243,21 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
         timed.secs,
         devices.len(),
         read.entries,
-        t.elapsed().as_secs_f64()
+        t1.elapsed().as_secs_f64()
     );
-
-    let mut line = im_line(flags, "fanout", &im);
-    set_write_fields(&mut line, &d, messages, timed.secs, flags.payload);
-    line.set_latency(&timed.hist);
-    line.set_disk_io(io0, io1);
-    line.fanout_mode = Some(mode_name(mode).into());
+    line.fanout_mode = Some(mode_name(p.mode).into());
     line.group_size = Some(m as u64);
-    line.groups = Some(n_groups);
-    line.users = Some(receivers);
-    line.timelines = Some(receivers);
-    if mode == FanoutMode::Hybrid {
-        line.hybrid_threshold = Some(threshold as u64);
+    line.groups = Some(p.groups.len() as u64);
+    line.users = Some(flags.timelines);
+    line.timelines = Some(flags.timelines);
+    line.zipf = None;
+    if p.mode == FanoutMode::Hybrid {
+        line.hybrid_threshold = Some(p.threshold as u64);
     }
     line.rate = (flags.rate > 0).then_some(flags.rate);
     line.setup_secs = Some(imkit::round4(setup_secs));
     line.errors = Some(errors.count());
-    line.index_bytes = Some(im.engine().stats().total().index_bytes);
-    line.peak_rss_bytes = Some(peak_rss_bytes());
-    let (a, f) = crate::sysinfo::rss_split();
-    line.rss_anon_bytes = Some(a);
-    line.rss_file_bytes = Some(f);
-    im.close()?;
-    line.files = Some(count_files(&dir.path));
+    t.close(Some(&mut line))?;
     rep.push(line)?;
     Ok(errors.count())
 }

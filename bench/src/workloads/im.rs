@@ -3,20 +3,23 @@
 //! activity, devices syncing at a message-level read:write ratio of ~10:1).
 //! The model and every constant are described in `main.rs`'s doc comment.
 
+use super::append::rate;
 use super::imkit::{
-    self, im_line, ns_since, random_members, set_write_fields, stamp, stamp_of, ConvSpec, Delta,
-    Device, Errors, Inflight, Pacer, SyncCount,
+    self, catch_up, ns_since, random_members, stamp, stamp_of, sync_round, Device, Errors,
+    SyncCount,
 };
-use super::{timed_threads, DataDir, Payloads, Picker};
+use super::{timed_sessions, Payloads, Picker};
 use crate::report::{new_histogram, Reporter};
-use crate::sysinfo::{count_files, peak_rss_bytes, DiskIo};
+use crate::targets::{
+    drive, drive_paced, ConvSpec, ImOp, ImReply, ImSession, ImTarget, Pipelined, Pushed, Subscriber,
+};
 use crate::{Flags, Result};
 use hdrhistogram::Histogram;
 use rand::seq::SliceRandom;
 use rand::Rng;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use timeline_im::{ConvId, ConvKind, Push, UserId};
+use timeline_im::{ConvId, ConvKind, UserId};
 
 /// Direct conversations per user (each has two members: every user is in
 /// two on average).
@@ -158,7 +161,7 @@ fn join<T>(r: std::thread::Result<Result<T>>) -> Result<T> {
 
 /// The conversations, devices, latency probes, online devices and the
 /// offline users checked at the end: everything a W4 run decides before
-/// it starts (shared with W4 over TCP, `server_im`).
+/// it starts.
 pub(crate) struct Plan {
     pub w: World,
     pub zipf: f64,
@@ -279,26 +282,180 @@ pub(crate) fn plan(flags: &Flags) -> Result<Plan> {
     })
 }
 
+/// What the senders share.
+struct Senders<'a> {
+    p: &'a Plan,
+    pickers: Vec<Picker>,
+    payloads: Payloads,
+    acked: Vec<AtomicU64>,
+    sent: AtomicU64,
+    deliveries: AtomicU64,
+    online_of_conv: Vec<Vec<u32>>,
+    notify: &'a [AtomicBool],
+    errors: &'a Errors,
+    base: Instant,
+}
+
+impl Senders<'_> {
+    fn acked(&self, conv: ConvId) {
+        let members = self.p.w.members[conv as usize].len() as u64;
+        self.acked[conv as usize].fetch_add(1, Ordering::Relaxed);
+        self.deliveries.fetch_add(members, Ordering::Relaxed);
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        for &i in &self.online_of_conv[conv as usize] {
+            self.notify[i as usize].store(true, Ordering::Release);
+        }
+    }
+}
+
+/// One sender session: message `next` goes to a conversation of a class
+/// drawn by share, Zipf within the class, from a random member.
+struct Sender<'a, S> {
+    s: S,
+    sh: &'a Senders<'a>,
+    seed: u64,
+    next: u64,
+    buf: Vec<u8>,
+}
+
+impl<S: ImSession> Pipelined for Sender<'_, S> {
+    type Ctx = ConvId;
+
+    fn queue(&mut self) -> Result<ConvId> {
+        let w = &self.sh.p.w;
+        let i = self.next;
+        self.next += 1;
+        let mut rng = super::rng_at(self.seed, 0xF4, i);
+        let x: f64 = rng.gen();
+        let mut class = SHARES.len() - 1;
+        let mut acc = 0.0;
+        for (k, sh) in SHARES.iter().enumerate() {
+            acc += sh;
+            if x < acc {
+                class = k;
+                break;
+            }
+        }
+        let conv = w.classes[class][self.sh.pickers[class].pick(&mut rng) as usize];
+        let ms = &w.members[conv as usize];
+        let sender = ms[rng.gen_range(0..ms.len())];
+        self.buf.copy_from_slice(self.sh.payloads.pick(&mut rng));
+        stamp(&mut self.buf, ns_since(self.sh.base));
+        self.s.queue(ImOp::Send {
+            conv,
+            sender,
+            msg_id: i + 1,
+            payload: &self.buf,
+        })?;
+        Ok(conv)
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.s.flush()
+    }
+
+    fn complete(&mut self, conv: ConvId) -> Result<()> {
+        match self.s.complete()? {
+            ImReply::Sent => self.sh.acked(conv),
+            ImReply::Refused(e) => self
+                .sh
+                .errors
+                .report("send", || format!("conversation {conv}: {e}")),
+            ImReply::Synced(_) => return Err("a send answered like a sync".into()),
+        }
+        Ok(())
+    }
+}
+
+type DevOut = Result<(Vec<Device>, SyncCount)>;
+type ProbeOut = Result<(Vec<Device>, SyncCount, Histogram<u64>)>;
+type PushOut = Result<(Histogram<u64>, u64)>;
+
+/// An online device thread: syncs its devices whose flag a send set, a
+/// page at a time, in pipelined rounds, until the run stops.
+fn online_loop<S: ImSession>(
+    mut s: S,
+    devs: Vec<(usize, Device)>,
+    notify: &[AtomicBool],
+    stop: &AtomicBool,
+    errors: &Errors,
+) -> DevOut {
+    let (ids, mut devs): (Vec<usize>, Vec<Device>) = devs.into_iter().unzip();
+    let mut n = SyncCount::default();
+    let mut flagged = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        flagged.clear();
+        flagged.extend((0..ids.len()).filter(|&k| notify[ids[k]].swap(false, Ordering::AcqRel)));
+        if flagged.is_empty() {
+            std::thread::sleep(IDLE_SLEEP); // a simulated device's idle wait
+            continue;
+        }
+        for chunk in flagged.chunks(256) {
+            for k in sync_round(
+                &mut s,
+                &mut devs,
+                chunk,
+                DEVICE_PAGE,
+                errors,
+                &mut n,
+                |_| {},
+            )? {
+                notify[ids[k]].store(true, Ordering::Release);
+            }
+        }
+    }
+    Ok((devs, n))
+}
+
+/// The latency probes: synced in a tight loop, recording send-to-visible.
+fn probe_loop<S: ImSession>(
+    mut s: S,
+    mut devs: Vec<Device>,
+    base: Instant,
+    stop: &AtomicBool,
+    errors: &Errors,
+) -> ProbeOut {
+    let mut hist = new_histogram()?;
+    let mut n = SyncCount::default();
+    let all: Vec<usize> = (0..devs.len()).collect();
+    while !stop.load(Ordering::Relaxed) {
+        let before = n.entries;
+        sync_round(&mut s, &mut devs, &all, DEVICE_PAGE, errors, &mut n, |m| {
+            if let Some(ts) = stamp_of(m) {
+                hist.saturating_record(ns_since(base).saturating_sub(ts));
+            }
+        })?;
+        if n.entries == before {
+            std::thread::sleep(PROBE_SLEEP);
+        }
+    }
+    Ok((devs, n, hist))
+}
+
+/// A push subscriber: records send-to-push of every pushed message.
+fn push_loop(mut sub: Box<dyn Subscriber + '_>, base: Instant, stop: &AtomicBool) -> PushOut {
+    let mut hist = new_histogram()?;
+    let mut resyncs = 0;
+    while !stop.load(Ordering::Relaxed) {
+        match sub.next(Duration::from_millis(20))? {
+            Some(Pushed::Message(m)) => {
+                if let Some(ts) = stamp_of(&m) {
+                    hist.saturating_record(ns_since(base).saturating_sub(ts));
+                }
+            }
+            Some(Pushed::Resync) => resyncs += 1,
+            Some(Pushed::Other) | None => {}
+        }
+    }
+    Ok((hist, resyncs))
+}
+
 /// `timeline-bench im`: returns the number of verification errors.
-pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
+pub fn run<T: ImTarget>(flags: &Flags, mut t: T, p: &Plan, rep: &mut Reporter) -> Result<u64> {
     if flags.payload < 8 {
         return Err("im: --payload must be at least 8 (the send time travels in it)".into());
     }
-    let p = plan(flags)?;
-    let read_groups = |u: UserId| p.read_groups(u);
-    let Plan {
-        w,
-        zipf,
-        h,
-        user_convs,
-        total_devices,
-        probe_users,
-        online_ids,
-        offline_sample,
-        ratio,
-    } = &p;
-    let (zipf, h, total_devices, ratio) = (*zipf, *h, *total_devices, *ratio);
-    let users = w.users;
+    let w = &p.w;
     let specs: Vec<ConvSpec> = w
         .members
         .iter()
@@ -313,196 +470,112 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
             members: ms.clone(),
         })
         .collect();
-    let dir = DataDir::new(flags)?;
     let pb = crate::progress::spinner(format!("setup: {} conversations", specs.len()));
-    let (im, setup_secs) = imkit::setup(flags, &dir.path, &specs, h)?;
+    let t0 = Instant::now();
+    t.create(&specs)?;
+    let setup_secs = t0.elapsed().as_secs_f64();
     pb.finish_and_clear();
     drop(specs);
-    let device = |u: UserId| Device::caught_up(&im, u, &user_convs[u as usize], &read_groups(u));
-    let n_dev_threads = flags.threads;
-    let mut online: Vec<Vec<(usize, Device)>> = vec![Vec::new(); n_dev_threads];
+    let devices = |users: &[UserId]| -> Result<Vec<Device>> {
+        Ok(users
+            .iter()
+            .zip(t.sync_ends(users)?)
+            .map(|(&u, cp)| Device::at(u, cp, &p.user_convs[u as usize], &p.read_groups(u)))
+            .collect())
+    };
+    let shape = t.shape();
+    let n_dev = flags.threads.max(1);
+    let mut online: Vec<Vec<(usize, Device)>> = vec![Vec::new(); n_dev];
     let mut online_of_conv: Vec<Vec<u32>> = vec![Vec::new(); w.members.len()];
-    for (i, &u) in online_ids.iter().enumerate() {
-        online[i % n_dev_threads].push((i, device(u)));
-        for &c in &user_convs[u as usize] {
+    for (i, d) in devices(&p.online_ids)?.into_iter().enumerate() {
+        for &c in &p.user_convs[d.user as usize] {
             online_of_conv[c as usize].push(i as u32);
         }
+        online[i % n_dev].push((i, d));
     }
     // The notification a real client gets ("you have news"): set by the
     // sender when a send is acknowledged, for every online device of the
     // conversation's members; a device syncs when it finds its flag set.
-    let notify: Vec<AtomicBool> = online_ids.iter().map(|_| AtomicBool::new(false)).collect();
-    let mut probes: Vec<Device> = probe_users.iter().map(|&u| device(u)).collect();
-    let mut offline: Vec<Device> = offline_sample.iter().map(|&u| device(u)).collect();
-    let subs: Vec<_> = probe_users
+    let notify: Vec<AtomicBool> = p
+        .online_ids
         .iter()
-        .take(flags.push)
-        .map(|&u| im.subscribe(u))
+        .map(|_| AtomicBool::new(false))
         .collect();
+    let probes = devices(&p.probe_users)?;
+    let mut offline = devices(&p.offline_sample)?;
+    let push_users: Vec<UserId> = p.probe_users.iter().take(flags.push).copied().collect();
     eprintln!(
-        "im: {} online devices (expected read ratio {ratio:.1}), {} latency probes, {} push subscribers; \
-         sending {} messages of {} B from {} thread(s), {} in flight each{}",
-        online_ids.len() + probes.len(),
+        "im: {} online devices (expected read ratio {:.1}) on {n_dev} device session(s), {} latency probes, \
+         {} push subscribers; sending {} messages of {} B over {} session(s) x {} in flight{}",
+        p.online_ids.len() + probes.len(),
+        p.ratio,
         probes.len(),
-        subs.len(),
+        push_users.len(),
         flags.messages,
         flags.payload,
-        flags.threads,
-        flags.in_flight,
-        if flags.rate > 0 {
-            format!(", {} messages/s", flags.rate)
-        } else {
-            String::new()
-        }
+        shape.sessions,
+        shape.window,
+        if flags.rate > 0 { format!(", {} messages/s", flags.rate) } else { String::new() }
     );
-
-    let acked: Vec<AtomicU64> = (0..w.members.len()).map(|_| AtomicU64::new(0)).collect();
     let errors = Errors::default();
-    let payloads = Payloads::new(flags.payload, flags.seed);
-    let pickers: Vec<Picker> = w
-        .classes
-        .iter()
-        .map(|c| Picker::new(c.len() as u64, Some(zipf)))
-        .collect::<Result<_>>()?;
-    let offsets: Vec<u64> = super::offsets(flags.messages, flags.threads);
-    let per_thread_rate = flags.rate as f64 / flags.threads as f64;
-    let stop = AtomicBool::new(false);
-    let sent = AtomicU64::new(0);
-    let (tick_tx, tick_rx) = std::sync::mpsc::channel::<()>();
     let base = Instant::now();
-    im.engine().sync()?;
-    let before = imkit::snap(&im);
-    let io0 = DiskIo::now();
+    let senders = Senders {
+        p,
+        pickers: w
+            .classes
+            .iter()
+            .map(|c| Picker::new(c.len() as u64, Some(p.zipf)))
+            .collect::<Result<_>>()?,
+        payloads: Payloads::new(flags.payload, flags.seed),
+        acked: (0..w.members.len()).map(|_| AtomicU64::new(0)).collect(),
+        sent: AtomicU64::new(0),
+        deliveries: AtomicU64::new(0),
+        online_of_conv,
+        notify: &notify,
+        errors: &errors,
+        base,
+    };
+    // Sessions and subscriptions, all before the clock starts.
+    let send_sessions = super::open_im_sessions(&t)?;
+    let dev_sessions: Vec<T::Session<'_>> =
+        (0..n_dev).map(|_| t.session()).collect::<Result<_>>()?;
+    let probe_session = t.session()?;
+    let subs = t.subscribe(&push_users)?;
+    let firsts = super::offsets(flags.messages, shape.sessions);
+    let per_session = flags.rate as f64 / shape.sessions as f64;
+    let stop = AtomicBool::new(false);
+    let (tick_tx, tick_rx) = std::sync::mpsc::channel::<()>();
+    let mark = t.mark()?;
 
-    type DevOut = Result<(Vec<Device>, SyncCount)>;
-    type ProbeOut = Result<(Vec<Device>, SyncCount, Histogram<u64>)>;
-    type PushOut = Result<(Histogram<u64>, u64)>;
     let (timed, dev_out, probe_out, push_out, samples) = std::thread::scope(|s| {
         let sampler = {
-            let (im, sent) = (&im, &sent);
-            s.spawn(move || sample(im, sent, flags.messages, tick_rx))
+            let sh = &senders;
+            s.spawn(move || sample(&sh.sent, &sh.deliveries, flags.messages, tick_rx))
         };
+        let (errors, stop, notify) = (&errors, &stop, &notify);
         let dev_handles: Vec<_> = online
             .drain(..)
-            .map(|mut devs| {
-                let (im, errors, stop) = (&im, &errors, &stop);
-                let notify = &notify;
-                s.spawn(move || -> DevOut {
-                    let mut n = SyncCount::default();
-                    while !stop.load(Ordering::Relaxed) {
-                        let mut synced = 0;
-                        for (i, d) in devs.iter_mut() {
-                            if notify[*i].swap(false, Ordering::AcqRel) {
-                                n += d.sync(im, DEVICE_PAGE, errors, |_| {})?;
-                                synced += 1;
-                            }
-                        }
-                        if synced == 0 {
-                            std::thread::sleep(IDLE_SLEEP);
-                        }
-                    }
-                    Ok((devs.into_iter().map(|(_, d)| d).collect(), n))
-                })
-            })
+            .zip(dev_sessions)
+            .map(|(devs, ds)| s.spawn(move || online_loop(ds, devs, notify, stop, errors)))
             .collect();
-        let probe_handle = {
-            let mut devs = std::mem::take(&mut probes);
-            let (im, errors, stop) = (&im, &errors, &stop);
-            s.spawn(move || -> ProbeOut {
-                let mut hist = new_histogram()?;
-                let mut n = SyncCount::default();
-                while !stop.load(Ordering::Relaxed) {
-                    let mut pass = SyncCount::default();
-                    for d in devs.iter_mut() {
-                        pass += d.sync(im, DEVICE_PAGE, errors, |p| {
-                            if let Some(ts) = stamp_of(p) {
-                                hist.saturating_record(ns_since(base).saturating_sub(ts));
-                            }
-                        })?;
-                    }
-                    n += pass;
-                    if pass.entries == 0 {
-                        std::thread::sleep(PROBE_SLEEP);
-                    }
-                }
-                Ok((devs, n, hist))
-            })
-        };
+        let probe_handle = s.spawn(move || probe_loop(probe_session, probes, base, stop, errors));
         let push_handles: Vec<_> = subs
             .into_iter()
-            .map(|sub| {
-                let stop = &stop;
-                s.spawn(move || -> PushOut {
-                    let mut hist = new_histogram()?;
-                    let mut resyncs = 0;
-                    while !stop.load(Ordering::Relaxed) {
-                        let Some(p) = sub.recv_timeout(Duration::from_millis(20)) else {
-                            continue;
-                        };
-                        let now = ns_since(base);
-                        let body = match &p {
-                            Push::Entry { entry, .. } => Some(&entry.entry.body),
-                            Push::Group { entry, .. } => Some(&entry.body),
-                            Push::Resync => {
-                                resyncs += 1;
-                                None
-                            }
-                        };
-                        if let Some(timeline_im::Body::Message(m)) = body {
-                            if let Some(ts) = stamp_of(m) {
-                                hist.saturating_record(now.saturating_sub(ts));
-                            }
-                        }
-                    }
-                    Ok((hist, resyncs))
-                })
-            })
+            .map(|sub| s.spawn(move || push_loop(sub, base, stop)))
             .collect();
-        let timed = timed_threads(flags, flags.messages, |thread, share, hist| {
-            let mut rng = imkit::rng(flags.seed, 200 + thread);
-            let mut win = Inflight::new(flags.in_flight);
-            let pacer = Pacer::new(per_thread_rate);
-            let mut buf = vec![0u8; flags.payload];
-            let mut done = |c: usize, r: std::result::Result<_, _>| match r {
-                Ok(_) => {
-                    acked[c].fetch_add(1, Ordering::Relaxed);
-                    sent.fetch_add(1, Ordering::Relaxed);
-                    for &i in &online_of_conv[c] {
-                        notify[i as usize].store(true, Ordering::Release);
-                    }
-                }
-                Err(e) => errors.report("send", || format!("conversation {c}: {e}")),
+        let timed = timed_sessions(shape.sessions, flags.messages, |i, n, hist| {
+            let mut sc = Sender {
+                s: super::take(&send_sessions, i)?,
+                sh: &senders,
+                seed: flags.seed,
+                next: firsts[i as usize],
+                buf: vec![0u8; flags.payload],
             };
-            let first = offsets[thread as usize];
-            for k in 0..share {
-                let x: f64 = rng.gen();
-                let mut class = SHARES.len() - 1;
-                let mut acc = 0.0;
-                for (i, sh) in SHARES.iter().enumerate() {
-                    acc += sh;
-                    if x < acc {
-                        class = i;
-                        break;
-                    }
-                }
-                let conv = w.classes[class][pickers[class].pick(&mut rng) as usize];
-                let ms = &w.members[conv as usize];
-                let sender = ms[rng.gen_range(0..ms.len())];
-                if pacer.limited() {
-                    let wait = pacer.wait_for(k);
-                    if !wait.is_zero() {
-                        win.collect_ready(hist, &mut done);
-                        std::thread::sleep(wait);
-                    }
-                }
-                win.make_room(hist, &mut done);
-                buf.copy_from_slice(payloads.pick(&mut rng));
-                let t0 = Instant::now();
-                stamp(&mut buf, ns_since(base));
-                let p = im.send_async(conv, sender, first + k + 1, &buf)?;
-                win.push(t0, conv as usize, p);
+            if flags.rate > 0 {
+                drive_paced(&mut sc, n, &shape, per_session, hist)?;
+            } else {
+                drive(&mut sc, n, &shape, hist)?;
             }
-            win.drain(hist, &mut done);
             Ok((0, 0))
         });
         stop.store(true, Ordering::Relaxed);
@@ -514,18 +587,15 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
         (timed, dev_out, probe_out, push_out, samples)
     });
     let timed = timed?;
-    im.engine().sync()?;
-    let after = imkit::snap(&im);
-    let io1 = DiskIo::now();
-    let d = Delta::between(&before, &after);
-
-    imkit::check_messages(&d, flags.messages, &errors);
+    drop(send_sessions);
+    let messages = flags.messages;
+    let deliveries = senders.deliveries.load(Ordering::Relaxed);
     let mut read = SyncCount::default();
-    let mut devices: Vec<Device> = Vec::new();
+    let mut devs: Vec<Device> = Vec::new();
     for r in dev_out {
-        let (devs, n) = r?;
+        let (ds, n) = r?;
         read += n;
-        devices.extend(devs);
+        devs.extend(ds);
     }
     let (probe_devs, pn, visible) = probe_out?;
     read += pn;
@@ -536,31 +606,42 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
         push_hist.add(&h)?;
         resyncs += n;
     }
-    let messages = flags.messages;
+    let mut line = t.line("im");
+    line.ops = messages;
+    line.secs = timed.secs;
+    line.ops_per_sec = rate(messages, timed.secs);
+    line.messages = Some(messages);
+    line.messages_per_sec = Some(rate(messages, timed.secs));
+    line.deliveries = Some(deliveries);
+    line.deliveries_per_sec = Some(rate(deliveries, timed.secs));
+    line.payload_bytes = Some(messages * flags.payload as u64);
+    line.sync_ops = Some(read.calls);
+    line.sync_ops_per_sec = Some(rate(read.calls, timed.secs));
+    line.entries_read = Some(read.entries);
+    line.read_write_ratio = imkit::ratio(read.entries, messages);
+    t.measure(&mark, &mut line)?;
     eprintln!(
-        "im: timed {:.3} s: {} messages, {} deliveries, {} syncs returned {} messages",
-        timed.secs,
-        messages,
-        d.deliveries(),
-        read.calls,
-        read.entries
+        "im: timed {:.3} s: {messages} messages, {deliveries} deliveries, {} syncs returned {} messages",
+        timed.secs, read.calls, read.entries
     );
 
     // Verification: every device catches up and must end exactly at the
     // acknowledged messages, with no gap or duplicate on the way.
-    let t = Instant::now();
-    devices.extend(probe_devs);
-    let checked_online = devices.len();
-    devices.append(&mut offline);
-    let mut caught = SyncCount::default();
-    let pb = crate::progress::bar(devices.len() as u64, "verifying", "devices");
-    for dev in &mut devices {
-        caught += dev.sync(&im, imkit::CATCH_UP_PAGE, &errors, |_| {})?;
-        dev.check_complete(&acked, &errors);
-        pb.inc(1);
-    }
+    let t1 = Instant::now();
+    devs.extend(probe_devs);
+    let checked_online = devs.len();
+    devs.append(&mut offline);
+    let pb = crate::progress::spinner(format!("verifying {} devices", devs.len()));
+    let caught = catch_up(&mut t.session()?, &mut devs, &errors, |_| {})?;
     pb.finish_and_clear();
-    let acked_total: u64 = acked.iter().map(|a| a.load(Ordering::Relaxed)).sum();
+    for dev in &devs {
+        dev.check_complete(&senders.acked, &errors);
+    }
+    let acked_total: u64 = senders
+        .acked
+        .iter()
+        .map(|a| a.load(Ordering::Relaxed))
+        .sum();
     if acked_total != messages {
         errors.report("verify", || {
             format!("{acked_total} sends acknowledged, {messages} sent")
@@ -568,46 +649,28 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
     }
     eprintln!(
         "im: verified {checked_online} online and {} offline devices ({} more messages) in {:.3} s",
-        devices.len() - checked_online,
+        devs.len() - checked_online,
         caught.entries,
-        t.elapsed().as_secs_f64()
+        t1.elapsed().as_secs_f64()
     );
-
-    let mut line = im_line(flags, "im", &im);
-    set_write_fields(&mut line, &d, messages, timed.secs, flags.payload);
     line.set_latency(&timed.hist);
     line.set_visible_latency(&visible);
-    if flags.push > 0 {
+    if !push_users.is_empty() {
         line.set_push_latency(&push_hist);
         line.push_resyncs = Some(resyncs);
     }
-    line.set_disk_io(io0, io1);
+    line.timelines = None;
     line.fanout_mode = Some("hybrid".into());
-    line.hybrid_threshold = Some(h as u64);
-    line.users = Some(users);
-    line.devices = Some(total_devices);
+    line.hybrid_threshold = Some(p.h as u64);
+    line.users = Some(w.users);
+    line.devices = Some(p.total_devices);
     line.online_devices = Some(checked_online as u64);
     line.groups = Some(w.members.len() as u64);
-    line.zipf = Some(zipf);
+    line.zipf = Some(p.zipf);
     line.rate = (flags.rate > 0).then_some(flags.rate);
     line.setup_secs = Some(imkit::round4(setup_secs));
-    line.sync_ops = Some(read.calls);
-    line.sync_ops_per_sec = Some(super::append::rate(read.calls, timed.secs));
-    line.entries_read = Some(read.entries);
-    line.read_write_ratio = imkit::ratio(read.entries, messages);
-    line.reads_per_delivery = imkit::ratio(d.reads(), read.entries);
-    line.storage_reads_per_delivery = imkit::ratio(d.sync_reads + d.store_reads, read.entries);
-    line.sync_reads = Some(d.sync_reads);
-    line.store_reads = Some(d.store_reads);
-    line.group_polls = Some(d.group_polls);
     line.errors = Some(errors.count());
-    line.index_bytes = Some(im.engine().stats().total().index_bytes);
-    line.peak_rss_bytes = Some(peak_rss_bytes());
-    let (a, f) = crate::sysinfo::rss_split();
-    line.rss_anon_bytes = Some(a);
-    line.rss_file_bytes = Some(f);
-    im.close()?;
-    line.files = Some(count_files(&dir.path));
+    t.close(Some(&mut line))?;
     rep.push(line)?;
     rep.extras.series.extend(samples.rates());
     rep.extras
@@ -616,7 +679,7 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
     rep.extras
         .latencies
         .push(("send to visible in a device's sync", visible));
-    if flags.push > 0 {
+    if !push_users.is_empty() {
         rep.extras.latencies.push(("send to push", push_hist));
     }
     Ok(errors.count())
@@ -647,7 +710,7 @@ impl Samples {
                 points: rate(|p| p.1),
             },
             crate::results::Series {
-                name: "sync deliveries (write fan-out entries and read fan-out reads)",
+                name: "deliveries (members of the acknowledged messages' conversations)",
                 unit: "deliveries/s",
                 points: rate(|p| p.2),
             },
@@ -656,17 +719,16 @@ impl Samples {
 }
 
 /// The timed phase's progress bar and its once-a-second samples of the
-/// acknowledged messages and the deliveries; ends when `tick` is dropped
+/// acknowledged messages and their deliveries; ends when `tick` is dropped
 /// (a timed wait on the channel, so it stops at once).
 fn sample(
-    im: &timeline_im::Im,
     sent: &AtomicU64,
+    deliveries: &AtomicU64,
     total: u64,
     tick: std::sync::mpsc::Receiver<()>,
 ) -> Samples {
     let pb = crate::progress::bar(total, "sending", "messages");
     let t0 = Instant::now();
-    let d0 = imkit::snap(im);
     let mut out = Samples(vec![(0.0, 0, 0)]);
     let mut next = Duration::from_secs(1);
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
@@ -674,11 +736,10 @@ fn sample(
     {
         pb.set_position(sent.load(Ordering::Relaxed));
         if t0.elapsed() >= next {
-            let d = Delta::between(&d0, &imkit::snap(im));
             out.0.push((
                 t0.elapsed().as_secs_f64(),
                 sent.load(Ordering::Relaxed),
-                d.deliveries(),
+                deliveries.load(Ordering::Relaxed),
             ));
             next += Duration::from_secs(1);
         }

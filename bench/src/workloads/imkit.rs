@@ -21,6 +21,7 @@
 
 use super::{durability, engine_config, rng_for};
 use crate::report::ResultLine;
+use crate::targets::{ImOp, ImReply, ImSession};
 use crate::{Entries, FanoutMode, Flags, Result};
 use hdrhistogram::Histogram;
 use rand::Rng;
@@ -45,6 +46,14 @@ pub fn entry_mode(flags: &Flags) -> EntryMode {
     match flags.entries.unwrap_or(Entries::Copy) {
         Entries::Copy => EntryMode::Copy,
         Entries::Reference => EntryMode::Reference,
+    }
+}
+
+/// `--entries` as the flag spells it.
+pub fn entries_arg(e: Entries) -> &'static str {
+    match e {
+        Entries::Copy => "copy",
+        Entries::Reference => "reference",
     }
 }
 
@@ -90,12 +99,7 @@ pub fn im_config(flags: &Flags, threshold: usize) -> ImConfig {
     }
 }
 
-/// A conversation to create.
-pub struct ConvSpec {
-    pub id: ConvId,
-    pub kind: ConvKind,
-    pub members: Vec<UserId>,
-}
+pub use crate::targets::ConvSpec;
 
 /// Create `convs` and reopen (see the module doc); returns the IM layer
 /// configured for the run and the seconds setup took.
@@ -275,33 +279,6 @@ impl Inflight {
             hist.saturating_record(t0.elapsed().as_nanos() as u64);
             done(tag, r);
         }
-    }
-}
-
-/// Paces one sender thread at `per_sec` messages/s (0: no pacing): message
-/// `k` is due at `start + k / per_sec`; a sender behind schedule sends at
-/// once (bursts), one ahead sleeps.
-pub struct Pacer {
-    start: Instant,
-    interval_ns: f64,
-}
-
-impl Pacer {
-    pub fn new(per_sec: f64) -> Self {
-        Pacer {
-            start: Instant::now(),
-            interval_ns: if per_sec > 0.0 { 1e9 / per_sec } else { 0.0 },
-        }
-    }
-
-    pub fn limited(&self) -> bool {
-        self.interval_ns > 0.0
-    }
-
-    /// How long until message `k` is due (zero if it is).
-    pub fn wait_for(&self, k: u64) -> std::time::Duration {
-        let due = std::time::Duration::from_nanos((k as f64 * self.interval_ns) as u64);
-        due.saturating_sub(self.start.elapsed())
     }
 }
 
@@ -498,6 +475,91 @@ impl Device {
     }
 }
 
+impl Device {
+    /// A device of `user` at sync checkpoint `cp` that has seen seq 1 (the
+    /// `Created` event) of each of `convs`; `read_groups` are those of them
+    /// that use read fan-out.
+    pub fn at(user: UserId, cp: SeqId, convs: &[ConvId], read_groups: &[ConvId]) -> Device {
+        let mut last: Vec<(ConvId, SeqId)> = convs.iter().map(|&c| (c, 1)).collect();
+        last.sort_unstable();
+        last.dedup();
+        Device {
+            user,
+            cp,
+            groups: read_groups.iter().map(|&c| (c, 1)).collect(),
+            last,
+        }
+    }
+}
+
+/// One pipelined round on `s`: a sync of `limit` entries for each device
+/// of `idx`, replies applied in order; returns the indexes of those with
+/// more pending.
+pub fn sync_round<S: ImSession>(
+    s: &mut S,
+    devs: &mut [Device],
+    idx: &[usize],
+    limit: usize,
+    errors: &Errors,
+    n: &mut SyncCount,
+    mut on_msg: impl FnMut(&[u8]),
+) -> Result<Vec<usize>> {
+    for &i in idx {
+        let d = &devs[i];
+        s.queue(ImOp::Sync {
+            user: d.user,
+            checkpoint: d.cp,
+            limit,
+            groups: &d.groups,
+        })?;
+    }
+    s.flush()?;
+    let mut more = Vec::new();
+    for &i in idx {
+        match s.complete()? {
+            ImReply::Synced(r) => {
+                if devs[i].apply(&r, errors, n, &mut on_msg) {
+                    more.push(i);
+                }
+            }
+            ImReply::Refused(e) => {
+                let u = devs[i].user;
+                errors.report("sync", || format!("user {u}: {e}"))
+            }
+            ImReply::Sent => return Err("a sync answered like a send".into()),
+        }
+    }
+    Ok(more)
+}
+
+/// Sync every device until nothing is pending (a full catch-up), in
+/// pipelined rounds of up to 256 devices.
+pub fn catch_up<S: ImSession>(
+    s: &mut S,
+    devs: &mut [Device],
+    errors: &Errors,
+    mut on_msg: impl FnMut(&[u8]),
+) -> Result<SyncCount> {
+    let mut n = SyncCount::default();
+    let mut idx: Vec<usize> = (0..devs.len()).collect();
+    while !idx.is_empty() {
+        let mut next = Vec::new();
+        for chunk in idx.chunks(256) {
+            next.extend(sync_round(
+                s,
+                devs,
+                chunk,
+                CATCH_UP_PAGE,
+                errors,
+                &mut n,
+                &mut on_msg,
+            )?);
+        }
+        idx = next;
+    }
+    Ok(n)
+}
+
 /// The storage side's own threads in an in-process run: the IM layer's
 /// workers and the engine's maintenance thread (engine writes run on the
 /// workers; `sync` reads on the caller's threads).
@@ -620,23 +682,40 @@ pub fn set_write_fields(l: &mut ResultLine, d: &Delta, messages: u64, secs: f64,
     l.messages_per_sec = Some(rate(messages, secs));
     l.deliveries = Some(d.deliveries());
     l.deliveries_per_sec = Some(rate(d.deliveries(), secs));
+    l.payload_bytes = Some(messages * payload as u64);
+    set_counters(l, d);
+}
+
+/// The IM layer's and the engine's counters of a phase on its line (whose
+/// `messages`, `deliveries`, `payload_bytes` and, where devices read,
+/// `entries_read` are set).
+pub fn set_counters(l: &mut ResultLine, d: &Delta) {
+    let messages = l.messages.unwrap_or(0);
+    let deliveries = l.deliveries.unwrap_or(0);
     l.storage_writes_per_message = ratio(d.storage_writes(), messages);
     l.meta_writes_per_message = ratio(d.meta_writes, messages);
-    l.writes_per_delivery = ratio(d.storage_writes(), d.deliveries());
+    l.writes_per_delivery = ratio(d.storage_writes(), deliveries);
     l.stored = Some(d.stored);
     l.sync_writes = Some(d.sync_writes);
-    let payload_bytes = messages * payload as u64;
-    l.payload_bytes = Some(payload_bytes);
     l.bytes_written = Some(d.bytes_written);
     l.bytes_written_total = Some(d.bytes_written);
     l.record_bytes = Some(d.record_bytes);
-    l.write_amplification =
-        ratio(d.bytes_written, d.record_bytes).map(|x| (x * 1000.0).round() / 1000.0);
-    l.bytes_per_payload_byte =
-        ratio(d.bytes_written, payload_bytes).map(|x| (x * 1000.0).round() / 1000.0);
+    let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
+    l.write_amplification = ratio(d.bytes_written, d.record_bytes).map(r3);
+    l.bytes_per_payload_byte = l
+        .payload_bytes
+        .and_then(|p| ratio(d.bytes_written, p))
+        .map(r3);
     l.fsyncs = Some(d.fsyncs);
     l.storage_cpu_secs = Some(super::append::round3(d.storage_cpu_secs));
     l.process_cpu_secs = Some(super::append::round3(d.process_cpu_secs));
+    if let Some(read) = l.entries_read {
+        l.reads_per_delivery = ratio(d.reads(), read);
+        l.storage_reads_per_delivery = ratio(d.sync_reads + d.store_reads, read);
+        l.sync_reads = Some(d.sync_reads);
+        l.store_reads = Some(d.store_reads);
+        l.group_polls = Some(d.group_polls);
+    }
 }
 
 /// A per-thread RNG for IM setup and senders (streams apart from W1/W2's).

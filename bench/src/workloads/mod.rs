@@ -7,27 +7,20 @@ pub mod devices;
 pub mod fanout;
 pub mod im;
 pub mod imkit;
-pub mod net;
 pub mod read;
-pub mod redis;
 pub mod reopen;
-pub mod resp;
-#[cfg(feature = "rocksdb")]
-pub mod rocksdb;
-pub mod server;
-pub mod server_im;
 pub mod sweep;
 pub mod torture;
-pub mod wire;
 
 use crate::report::{new_histogram, ResultLine};
+use crate::targets::{ImTarget, Target};
 use crate::{DurabilityArg, Flags, IoArg, KeyspaceArg, Result};
 use hdrhistogram::Histogram;
 use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_distr::{Distribution, Zipf};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use timeline_engine::io::Io;
 use timeline_engine::{Config, Durability, Engine, Keyspace, KeyspaceConfig, TimelineId};
@@ -166,6 +159,14 @@ pub fn rng_for(seed: u64, stream: u64) -> SmallRng {
     SmallRng::seed_from_u64(seed ^ stream.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
+/// The generator of operation `i` of a workload's `domain`: the same
+/// choices whichever session makes them.
+pub fn rng_at(seed: u64, domain: u64, i: u64) -> SmallRng {
+    SmallRng::seed_from_u64(
+        seed ^ domain.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_mul(0xA24B_AED4_963E_E407),
+    )
+}
+
 /// Picks an index in `0..n`: uniformly, or Zipf-skewed (index 0 hottest).
 #[derive(Debug, Clone)]
 pub enum Picker {
@@ -208,6 +209,93 @@ impl Payloads {
     pub fn pick(&self, rng: &mut SmallRng) -> &[u8] {
         let off = rng.gen_range(0..=self.buf.len() - self.len);
         &self.buf[off..off + self.len]
+    }
+}
+
+/// W1's messages as a function of their number `g` (0-based, over the
+/// whole run): message `g` goes to timeline [`timeline`](Self::timeline)
+/// with payload [`payload`](Self::payload), whichever session sends it, so
+/// every target and every thread count gets the same operations from the
+/// same seed. A payload of 8 bytes or more starts with `g` (little-endian),
+/// so a record read back names the message it must be, byte for byte.
+pub struct Messages {
+    seed: u64,
+    picker: Picker,
+    bytes: Vec<u8>,
+    len: usize,
+}
+
+impl Messages {
+    pub fn new(flags: &Flags) -> Result<Messages> {
+        let len = flags.payload;
+        let mut bytes = vec![0u8; (1 << 20) + len];
+        rng_for(flags.seed, u64::MAX).fill_bytes(&mut bytes);
+        Ok(Messages {
+            seed: flags.seed,
+            picker: Picker::new(flags.timelines, flags.zipf)?,
+            bytes,
+            len,
+        })
+    }
+
+    pub fn timeline(&self, g: u64) -> u64 {
+        self.picker.pick(&mut rng_at(self.seed, 0x5717, g))
+    }
+
+    /// Message `g`'s payload, written into `out` (`--payload` bytes long).
+    pub fn payload(&self, g: u64, out: &mut [u8]) {
+        let off = (g.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20) as usize
+            % (self.bytes.len() - self.len + 1);
+        out.copy_from_slice(&self.bytes[off..off + self.len]);
+        if let Some(h) = out.get_mut(..8) {
+            h.copy_from_slice(&g.to_le_bytes());
+        }
+    }
+
+    /// Whether payloads carry their message number (`--payload` >= 8).
+    pub fn numbered(&self) -> bool {
+        self.len >= 8
+    }
+
+    /// Check a record read from timeline `id`: `Ok(Some(g))`, the message it
+    /// is; `Ok(None)` if payloads carry no number (the length was checked);
+    /// `Err` says what is wrong.
+    pub fn check(
+        &self,
+        id: u64,
+        payload: &[u8],
+        messages: u64,
+    ) -> std::result::Result<Option<u64>, String> {
+        if payload.len() != self.len {
+            return Err(format!(
+                "a {} B payload, expected {}",
+                payload.len(),
+                self.len
+            ));
+        }
+        if !self.numbered() {
+            return Ok(None);
+        }
+        let mut n = [0u8; 8];
+        n.copy_from_slice(&payload[..8]);
+        let g = u64::from_le_bytes(n);
+        if g >= messages {
+            return Err(format!(
+                "payload names message {g}, but {messages} were sent"
+            ));
+        }
+        let want = self.timeline(g);
+        if want != id {
+            return Err(format!("message {g} belongs to timeline {want}"));
+        }
+        let mut expect = vec![0u8; self.len];
+        self.payload(g, &mut expect);
+        if expect != payload {
+            return Err(format!(
+                "message {g}: the payload's bytes differ from those sent"
+            ));
+        }
+        Ok(Some(g))
     }
 }
 
@@ -267,10 +355,18 @@ pub fn timed_threads<F>(flags: &Flags, total: u64, f: F) -> Result<Timed>
 where
     F: Fn(u64, u64, &mut Histogram<u64>) -> Result<(u64, u64)> + Sync,
 {
-    let barrier = std::sync::Barrier::new(flags.threads);
+    timed_sessions(flags.threads, total, f)
+}
+
+/// [`timed_threads`] on `threads` threads.
+pub fn timed_sessions<F>(threads: usize, total: u64, f: F) -> Result<Timed>
+where
+    F: Fn(u64, u64, &mut Histogram<u64>) -> Result<(u64, u64)> + Sync,
+{
+    let barrier = std::sync::Barrier::new(threads);
     type Out = (Histogram<u64>, (u64, u64), Instant, Instant);
     let results: Vec<Result<Out>> = std::thread::scope(|s| {
-        let handles: Vec<_> = split(total, flags.threads)
+        let handles: Vec<_> = split(total, threads)
             .into_iter()
             .enumerate()
             .map(|(t, share)| {
@@ -310,4 +406,27 @@ where
         out.secs = b.duration_since(a).as_secs_f64();
     }
     Ok(out)
+}
+
+/// Sessions opened before the clock starts, one per thread.
+pub(crate) fn open_sessions<T: Target>(t: &T) -> Result<Vec<Mutex<Option<T::Session<'_>>>>> {
+    (0..t.shape().sessions)
+        .map(|_| Ok(Mutex::new(Some(t.session()?))))
+        .collect()
+}
+
+/// [`open_sessions`] of an IM target.
+pub(crate) fn open_im_sessions<T: ImTarget>(t: &T) -> Result<Vec<Mutex<Option<T::Session<'_>>>>> {
+    (0..t.shape().sessions)
+        .map(|_| Ok(Mutex::new(Some(t.session()?))))
+        .collect()
+}
+
+/// Thread `i`'s session.
+pub(crate) fn take<S>(v: &[Mutex<Option<S>>], i: u64) -> Result<S> {
+    Ok(v[i as usize]
+        .lock()
+        .map_err(|_| "poisoned")?
+        .take()
+        .ok_or("session taken twice")?)
 }

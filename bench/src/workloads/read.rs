@@ -1,223 +1,237 @@
-//! W2 `read`: range reads, forward and newest-first, after a W1 load.
+//! W2 `read`, on any [`Target`]: a W1 load first (its line has `phase:
+//! "load"`) unless the target already holds data in timelines
+//! `0..--timelines`, then `--reads` range reads of `--read-len` records at
+//! a random timeline with data and a random start in it, half forward and
+//! half newest-first (from the newest when the start is the last seq).
+//! Read `r` is the same on every target. Every page is checked: its length,
+//! consecutive seqs, and (after a load in this run) each record is a
+//! message sent to that timeline, byte for byte.
 
-use super::append::{self, rate};
-use super::{
-    base_line, keyspace, ks_name, open_engine, rng_for, timed_threads, timeline, DataDir, Picker,
-};
+use super::append::{load, rate};
+use super::imkit::Errors;
+use super::{offsets, open_sessions, rng_at, take, timed_sessions, Messages, Picker};
 use crate::report::Reporter;
-use crate::sysinfo::{count_files, peak_rss_bytes, DiskIo};
+use crate::targets::{drive, Op, Pipelined, Reply, Session, Target};
 use crate::{Flags, Result};
-use hdrhistogram::Histogram;
 use rand::Rng;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
 use timeline_engine::{Direction, Record};
 
-/// Verification errors printed to stderr before going quiet.
-const MAX_PRINTED_ERRORS: u64 = 10;
-
 /// `timeline-bench read`: returns the number of verification errors.
-pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
-    let dir = DataDir::new(flags)?;
-    let (engine, open_secs) = open_engine(flags, &dir.path)?;
-    let ks = keyspace(flags);
-    let existing = engine.stats().keyspace(ks).timelines;
-    let in_process = existing == 0;
-    if in_process {
-        eprintln!(
-            "read: loading {} messages of {} B into {} timelines (batch {}, {} thread(s), durability {})",
-            flags.messages,
-            flags.payload,
-            flags.timelines,
-            flags.batch,
-            flags.threads,
-            super::durability(flags).name()
-        );
-        let io0 = DiskIo::now();
-        let load = append::load(flags, &engine)?;
-        engine.sync()?;
-        let seal_secs = super::seal_if_asked(flags, &engine)?;
-        let mut line = append::result_line(flags, &engine, &load, "append");
-        line.seal_secs = seal_secs;
-        line.set_disk_io(io0, DiskIo::now());
+pub fn run<T: Target>(flags: &Flags, t: T, rep: &mut Reporter) -> Result<u64> {
+    let errors = Errors::default();
+    let existing = t.lengths(flags.timelines)?;
+    let loaded = existing.iter().all(|&s| s == 0);
+    if loaded {
+        let mut line = load(flags, &t, &errors)?;
         line.phase = Some("load".into());
-        line.files = Some(count_files(&dir.path));
         rep.push(line)?;
     } else {
         eprintln!(
-            "read: {} holds {existing} {} timelines (opened in {open_secs:.3} s); skipping the load",
-            dir.path.display(),
-            ks_name(ks)
+            "read: the target holds data in timelines 0..{}; skipping the load",
+            flags.timelines
         );
     }
-
-    // Timelines with data, assuming W1's id space 0..timelines.
-    let t = Instant::now();
-    let tls: Vec<(u64, u64)> = (0..flags.timelines)
-        .filter_map(|id| {
-            let last = engine.last_seq(timeline(ks, id));
-            (last > 0).then_some((id, last))
-        })
+    let tls: Vec<(u64, u64)> = t
+        .lengths(flags.timelines)?
+        .into_iter()
+        .enumerate()
+        .filter(|&(_, s)| s > 0)
+        .map(|(id, s)| (id as u64, s))
         .collect();
     if tls.is_empty() {
         return Err(format!(
-            "no {} timeline among ids 0..{} has data (the engine reports {existing}); is --timelines right?",
-            ks_name(ks),
+            "no timeline among ids 0..{} has data; is --timelines right?",
             flags.timelines
         )
         .into());
     }
-    eprintln!(
-        "read: {} timelines with data (listed in {:.3} s)",
-        tls.len(),
-        t.elapsed().as_secs_f64()
-    );
-    if !in_process && flags.warm {
-        let t = Instant::now();
-        let mut n = 0u64;
-        for &(id, last) in &tls {
-            n += engine
-                .scan(timeline(ks, id), 1, last as usize, Direction::Forward)?
-                .len() as u64;
-        }
-        eprintln!(
-            "read: warmed by reading {n} records in {:.3} s",
-            t.elapsed().as_secs_f64()
-        );
+    if !loaded && flags.warm {
+        warm(&t, &tls)?;
     }
-
-    let expect_payload = in_process.then_some(flags.payload);
+    let m = Messages::new(flags)?;
+    let check = Check {
+        m: loaded.then_some(&m),
+        messages: flags.messages,
+        len: flags.read_len,
+    };
     let fwd = flags.reads - flags.reads / 2;
-    let mut errors = 0;
-    for (dirn, name, n) in [
-        (Direction::Forward, "forward", fwd),
-        (Direction::Backward, "backward", flags.reads / 2),
+    let mut last = None;
+    for (dir, name, n, stream) in [
+        (Direction::Forward, "forward", fwd, 1000),
+        (Direction::Backward, "backward", flags.reads / 2, 2000),
     ] {
-        let r = reads(flags, &tls, dirn, n, expect_payload, |id, from, len, d| {
-            Ok(engine.scan(timeline(ks, id), from, len, d)?)
+        let before = errors.count();
+        let shape = t.shape();
+        let sessions = open_sessions(&t)?;
+        let firsts = offsets(n, shape.sessions);
+        let picker = Picker::new(tls.len() as u64, flags.zipf)?;
+        let mark = t.mark()?;
+        let timed = timed_sessions(shape.sessions, n, |i, share, hist| {
+            let mut r = Reader {
+                s: take(&sessions, i)?,
+                seed: flags.seed,
+                stream,
+                next: firsts[i as usize],
+                picker: &picker,
+                tls: &tls,
+                dir,
+                check: &check,
+                records: 0,
+                errors: &errors,
+            };
+            drive(&mut r, share, &shape, hist)?;
+            Ok((r.records, 0))
         })?;
-        errors += r.errors;
-        let mut line = base_line(flags, "read", &engine);
+        drop(sessions);
+        let mut line = t.line("read");
         line.direction = Some(name.into());
         line.ops = n;
-        line.secs = r.secs;
-        line.ops_per_sec = rate(n, r.secs);
-        line.messages = Some(r.records);
-        line.messages_per_sec = Some(rate(r.records, r.secs));
-        line.set_latency(&r.hist);
-        line.errors = Some(r.errors);
+        line.secs = timed.secs;
+        line.ops_per_sec = rate(n, timed.secs);
+        line.messages = Some(timed.counts.0);
+        line.messages_per_sec = Some(rate(timed.counts.0, timed.secs));
+        line.set_latency(&timed.hist);
+        line.errors = Some(errors.count() - before);
         line.read_len = Some(flags.read_len);
         line.timelines_with_data = Some(tls.len() as u64);
-        line.index_bytes = Some(engine.stats().total().index_bytes);
-        line.peak_rss_bytes = Some(peak_rss_bytes());
-        line.files = Some(count_files(&dir.path));
-        rep.push(line)?;
-    }
-    engine.close()?;
-    Ok(errors)
-}
-
-pub(crate) struct Reads {
-    pub hist: Histogram<u64>,
-    pub records: u64,
-    pub errors: u64,
-    pub secs: f64,
-}
-
-/// `n` timed range reads over `flags.threads` threads: a random timeline
-/// of `tls` (id, last seq) and a random start in it, `--read-len` records in
-/// direction `dirn` through `scan(id, from, len, dirn)`, each page checked.
-/// Both targets run this with the same seeds, so they read the same pages.
-pub(crate) fn reads<S>(
-    flags: &Flags,
-    tls: &[(u64, u64)],
-    dirn: Direction,
-    n: u64,
-    expect_payload: Option<usize>,
-    scan: S,
-) -> Result<Reads>
-where
-    S: Fn(u64, u64, usize, Direction) -> Result<Vec<Record>> + Sync,
-{
-    let picker = Picker::new(tls.len() as u64, flags.zipf)?;
-    let printed = AtomicU64::new(0);
-    let stream = if dirn == Direction::Forward {
-        1000
-    } else {
-        2000
-    };
-    let t = timed_threads(flags, n, |thread, share, hist| {
-        let mut rng = rng_for(flags.seed, stream + thread);
-        let (mut records, mut errors) = (0u64, 0u64);
-        for _ in 0..share {
-            let (id, last) = tls[picker.pick(&mut rng) as usize];
-            let from = rng.gen_range(1..=last);
-            let arg = if dirn == Direction::Backward && from == last {
-                u64::MAX
-            } else {
-                from
-            };
-            let t0 = Instant::now();
-            let res = scan(id, arg, flags.read_len, dirn);
-            hist.saturating_record(t0.elapsed().as_nanos() as u64);
-            let problem = match res {
-                Ok(page) => {
-                    records += page.len() as u64;
-                    check_page(&page, dirn, from, last, flags.read_len, expect_payload)
-                }
-                Err(e) => Some(format!("scan failed: {e}")),
-            };
-            if let Some(p) = problem {
-                errors += 1;
-                if printed.fetch_add(1, Ordering::Relaxed) < MAX_PRINTED_ERRORS {
-                    eprintln!(
-                        "read error: timeline {id} ({last} records), from {arg} {dirn:?}: {p}"
-                    );
-                }
-            }
+        t.measure(&mark, &mut line)?;
+        if let Some(l) = last.replace(line) {
+            rep.push(l)?;
         }
-        Ok((records, errors))
-    })?;
-    Ok(Reads {
-        hist: t.hist,
-        records: t.counts.0,
-        errors: t.counts.1,
-        secs: t.secs,
-    })
+    }
+    t.close(last.as_mut())?;
+    if let Some(l) = last {
+        rep.push(l)?;
+    }
+    Ok(errors.count())
 }
 
-/// `None` if the page is what a read of `len` from `from` must return.
-pub(crate) fn check_page(
-    page: &[Record],
-    dirn: Direction,
-    from: u64,
-    last: u64,
+/// Read every timeline once, untimed (`--warm`, for data from an earlier run).
+fn warm<T: Target>(t: &T, tls: &[(u64, u64)]) -> Result<()> {
+    let start = std::time::Instant::now();
+    let mut s = t.session()?;
+    let mut n = 0u64;
+    for &(id, last) in tls {
+        s.queue(Op::Scan {
+            id,
+            from: 1,
+            len: last as usize,
+            dir: Direction::Forward,
+        })?;
+        s.flush()?;
+        if let Reply::Page(p) = s.complete()? {
+            n += p.len() as u64;
+        }
+    }
+    eprintln!(
+        "read: warmed by reading {n} records in {:.3} s",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// What a page must be.
+struct Check<'a> {
+    /// The messages of this run's load, for exact bytes (None: data from an
+    /// earlier run, seqs only).
+    m: Option<&'a Messages>,
+    messages: u64,
     len: usize,
-    expect_payload: Option<usize>,
-) -> Option<String> {
-    let want = match dirn {
-        Direction::Forward => (last - from + 1).min(len as u64),
-        Direction::Backward => from.min(len as u64),
-    };
-    if page.len() as u64 != want {
-        return Some(format!("{} records, expected {want}", page.len()));
-    }
-    for (i, r) in page.iter().enumerate() {
-        let seq = match dirn {
-            Direction::Forward => from + i as u64,
-            Direction::Backward => from - i as u64,
+}
+
+impl Check<'_> {
+    /// `None` if the page is what a read from `from` of a timeline of `last`
+    /// records must return.
+    fn page(
+        &self,
+        id: u64,
+        page: &[Record],
+        dir: Direction,
+        from: u64,
+        last: u64,
+    ) -> Option<String> {
+        let want = match dir {
+            Direction::Forward => (last - from + 1).min(self.len as u64),
+            Direction::Backward => from.min(self.len as u64),
         };
-        if r.seq != seq {
-            return Some(format!("record {i} has seq {}, expected {seq}", r.seq));
+        if page.len() as u64 != want {
+            return Some(format!("{} records, expected {want}", page.len()));
         }
-        if let Some(p) = expect_payload {
-            if r.payload.len() != p {
-                return Some(format!(
-                    "record {i} (seq {seq}) has a {} B payload, expected {p}",
-                    r.payload.len()
-                ));
+        for (i, r) in page.iter().enumerate() {
+            let seq = match dir {
+                Direction::Forward => from + i as u64,
+                Direction::Backward => from - i as u64,
+            };
+            if r.seq != seq {
+                return Some(format!("record {i} has seq {}, expected {seq}", r.seq));
+            }
+            if let Some(m) = self.m {
+                if let Err(e) = m.check(id, &r.payload, self.messages) {
+                    return Some(format!("seq {seq}: {e}"));
+                }
             }
         }
+        None
     }
-    None
+}
+
+/// One session's reads.
+struct Reader<'a, S> {
+    s: S,
+    seed: u64,
+    stream: u64,
+    /// The number of this session's next read (over the run).
+    next: u64,
+    picker: &'a Picker,
+    tls: &'a [(u64, u64)],
+    dir: Direction,
+    check: &'a Check<'a>,
+    records: u64,
+    errors: &'a Errors,
+}
+
+impl<S: Session> Pipelined for Reader<'_, S> {
+    /// (timeline, its length, start).
+    type Ctx = (u64, u64, u64);
+
+    fn queue(&mut self) -> Result<Self::Ctx> {
+        let mut rng = rng_at(self.seed, self.stream, self.next);
+        self.next += 1;
+        let (id, last) = self.tls[self.picker.pick(&mut rng) as usize];
+        let from = rng.gen_range(1..=last);
+        let arg = if self.dir == Direction::Backward && from == last {
+            u64::MAX
+        } else {
+            from
+        };
+        self.s.queue(Op::Scan {
+            id,
+            from: arg,
+            len: self.check.len,
+            dir: self.dir,
+        })?;
+        Ok((id, last, from))
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.s.flush()
+    }
+
+    fn complete(&mut self, (id, last, from): Self::Ctx) -> Result<()> {
+        let problem = match self.s.complete()? {
+            Reply::Page(page) => {
+                self.records += page.len() as u64;
+                self.check.page(id, &page, self.dir, from, last)
+            }
+            Reply::Refused(e) => Some(format!("refused: {e}")),
+            Reply::Appended(_) => Some("a scan answered like an append".into()),
+        };
+        if let Some(p) = problem {
+            let dir = self.dir;
+            self.errors.report("read", || {
+                format!("timeline {id} ({last} records), from {from} {dir:?}: {p}")
+            });
+        }
+        Ok(())
+    }
 }

@@ -29,10 +29,10 @@
 //! Prints cycles, operations checked, restart times and violations (exit
 //! status 2 if any); `--json` adds one JSON object.
 
-use super::net::Proc;
-use super::server::spawn_server;
 use super::{rng_for, DataDir};
 use crate::report::Reporter;
+use crate::targets::net::Proc;
+use crate::targets::server::spawn_server;
 use crate::{Flags, Result};
 use rand::Rng;
 use std::collections::{BTreeSet, HashMap};

@@ -1,18 +1,13 @@
 //! What the network targets (`--target server`, `--target redis`) share:
-//! the load shape (connections x pipeline), the pipelined request loop, the
-//! child processes the bench starts (timeline-server, redis-server), the
-//! per-timeline counts W1 verifies, and the process meters (CPU, disk
-//! writes, peak RSS of the server process).
+//! the child processes the bench starts (timeline-server, redis-server) and
+//! the process meters (CPU, disk writes, peak RSS of the server process).
 
-use super::append::round3;
 use crate::report::ResultLine;
 use crate::sysinfo::{cpu_secs, peak_rss_bytes, peak_rss_of, DiskIo};
-use crate::{Flags, Result};
-use hdrhistogram::Histogram;
-use std::collections::VecDeque;
+use crate::workloads::append::round3;
+use crate::Result;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// `--connections` default.
@@ -21,118 +16,6 @@ pub const DEFAULT_CONNECTIONS: usize = 4;
 pub const DEFAULT_PIPELINE: usize = 16;
 /// How long a server gets to exit after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(120);
-
-/// The load shape of a network target.
-#[derive(Debug, Clone, Copy)]
-pub struct Shape {
-    /// Connections, each driven by its own client thread.
-    pub connections: usize,
-    /// Requests kept in flight per connection.
-    pub pipeline: usize,
-    /// Queue more requests once at most `pipeline - refill` are in flight.
-    pub refill: usize,
-}
-
-impl Shape {
-    pub fn new(flags: &Flags) -> Shape {
-        let pipeline = flags.pipeline.unwrap_or(DEFAULT_PIPELINE).max(1);
-        Shape {
-            connections: flags.connections.unwrap_or(DEFAULT_CONNECTIONS).max(1),
-            pipeline,
-            refill: flags.refill.unwrap_or(1).clamp(1, pipeline),
-        }
-    }
-
-    /// `flags` with `threads` = connections, for `timed_threads` (which
-    /// runs one closure per "thread" with its share and rng stream).
-    pub fn as_threads(&self, flags: &Flags) -> Flags {
-        let mut f = flags.clone();
-        f.threads = self.connections;
-        f
-    }
-
-    pub fn set(&self, l: &mut ResultLine) {
-        l.threads = self.connections;
-        l.connections = Some(self.connections);
-        l.pipeline = Some(self.pipeline);
-        l.refill = Some(self.refill);
-    }
-}
-
-/// One connection's side of a pipelined run: requests are queued (not
-/// sent), sent by `flush`, and their replies read back in order.
-pub trait Pipelined {
-    /// What checking a reply needs to know about its request.
-    type Ctx;
-    /// Queue the next request.
-    fn queue(&mut self) -> Result<Self::Ctx>;
-    /// Send everything queued.
-    fn flush(&mut self) -> Result<()>;
-    /// Read the reply to the oldest request in flight and check it. An
-    /// error reply or a failed check is counted by the implementation; an
-    /// `Err` (I/O, a closed connection) ends the run.
-    fn complete(&mut self, ctx: Self::Ctx) -> Result<()>;
-}
-
-/// Run `n` requests through `p`, keeping up to `shape.pipeline` in
-/// flight: queue until the window is full, flush, then read replies one by
-/// one; once at most `pipeline - refill` are in flight, queue up to the
-/// window again and flush (refill 1: a sliding window, one more request
-/// per reply; refill = pipeline: batches of `pipeline`, each waited for
-/// whole). Latency is per request, from queueing to its reply being read.
-pub fn drive<P: Pipelined>(
-    p: &mut P,
-    n: u64,
-    shape: &Shape,
-    hist: &mut Histogram<u64>,
-) -> Result<()> {
-    let mut q: VecDeque<(Instant, P::Ctx)> = VecDeque::with_capacity(shape.pipeline);
-    let mut left = n;
-    loop {
-        if left > 0 && q.len() + shape.refill <= shape.pipeline {
-            while left > 0 && q.len() < shape.pipeline {
-                let t0 = Instant::now();
-                let ctx = p.queue()?;
-                q.push_back((t0, ctx));
-                left -= 1;
-            }
-            p.flush()?;
-        }
-        let Some((t0, ctx)) = q.pop_front() else {
-            return Ok(());
-        };
-        p.complete(ctx)?;
-        hist.saturating_record(t0.elapsed().as_nanos() as u64);
-    }
-}
-
-/// Per-timeline counts of acknowledged appends and the highest seq (or
-/// stream position) acknowledged, for W1's verification.
-pub struct Counts {
-    pub n: Vec<AtomicU64>,
-    pub max: Vec<AtomicU64>,
-}
-
-impl Counts {
-    pub fn new(timelines: u64) -> Counts {
-        Counts {
-            n: (0..timelines).map(|_| AtomicU64::new(0)).collect(),
-            max: (0..timelines).map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
-
-    #[inline]
-    pub fn note(&self, id: u64, seq: u64) {
-        if let (Some(n), Some(m)) = (self.n.get(id as usize), self.max.get(id as usize)) {
-            n.fetch_add(1, Ordering::Relaxed);
-            m.fetch_max(seq, Ordering::Relaxed);
-        }
-    }
-
-    pub fn total(&self) -> u64 {
-        self.n.iter().map(|a| a.load(Ordering::Relaxed)).sum()
-    }
-}
 
 /// A process the bench started. Dropping it kills it (SIGKILL) if it is
 /// still running; [`Proc::stop`] is the graceful way.
