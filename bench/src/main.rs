@@ -327,9 +327,11 @@ pub enum Entries {
 /// `APPLIES` lists for it, and any other flag given is an error.
 #[derive(Args, Debug, Clone)]
 pub struct Flags {
-    /// What to benchmark: `engine`; `server` (append, read, im over TCP);
-    /// `rocksdb` (append, read; needs the `rocksdb` feature) or `redis`
-    /// (append, read on Redis Streams).
+    /// What to run the workload on: `engine` (in process; every workload but
+    /// devices), `server` (timeline-server over TCP: append, read, fanout,
+    /// im, devices), `rocksdb` (in process, needs the `rocksdb` feature:
+    /// append, read, fanout) or `redis` (Redis Streams: append, read,
+    /// devices).
     #[arg(long, value_enum, default_value = "engine")]
     pub target: Target,
     /// Data directory (default: a fresh temporary directory, removed at the end unless --keep).
@@ -522,8 +524,26 @@ pub(crate) fn inapplicable(matches: &clap::ArgMatches) -> Option<String> {
     None
 }
 
+/// The command line, each subcommand's `--help` showing only its flags.
+fn command() -> clap::Command {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    for (name, applies) in APPLIES {
+        cmd = cmd.mut_subcommand(name, |sub| {
+            let other: Vec<String> = sub
+                .get_arguments()
+                .filter(|a| a.get_long().is_some_and(|l| !applies.contains(&l)))
+                .map(|a| a.get_id().to_string())
+                .collect();
+            other
+                .iter()
+                .fold(sub, |s, id| s.mut_arg(id.as_str(), |a| a.hide(true)))
+        });
+    }
+    cmd
+}
+
 fn main() {
-    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let matches = command().get_matches();
     if let Some(e) = inapplicable(&matches) {
         eprintln!("timeline-bench: error: {e}");
         std::process::exit(2);
@@ -842,7 +862,25 @@ mod tests {
                     })
                     .collect();
                 let Some(sub) = args.first() else { continue };
-                if !APPLIES.iter().any(|(n, _)| n == sub) {
+                let mut args = args.clone();
+                if *sub == "compare" {
+                    // `compare [its flags] <workload> [workload flags]`:
+                    // the whole line parses, and the workload's flags apply.
+                    Cli::command()
+                        .try_get_matches_from(
+                            std::iter::once("timeline-bench").chain(args.iter().copied()),
+                        )
+                        .unwrap_or_else(|e| panic!("{}: `{line}`: {e}", f.display()));
+                    let Some(w) = args
+                        .iter()
+                        .position(|a| APPLIES.iter().any(|(n, _)| n == a))
+                    else {
+                        continue;
+                    };
+                    args.drain(..w);
+                }
+                let sub = args[0];
+                if !APPLIES.iter().any(|(n, _)| *n == sub) {
                     continue; // prose, a crate name, a path
                 }
                 check(&args).unwrap_or_else(|e| panic!("{}: `{line}`: {e}", f.display()));

@@ -7,10 +7,13 @@
 //! synchronous (`append_batch` with the run's durability, `scan`).
 //!
 //! Costs: the engine runs on the bench's threads, so CPU is the whole
-//! process's over the phase (`cpu_basis` "whole process"), including the
-//! final `sync` and, with `--seal`, sealing and the store's regroup. Bytes
-//! and fsyncs are the engine's own counters for the phase; disk writes are
-//! /proc/self/io's.
+//! process's over the phase (`cpu_basis` "whole process"). A write phase
+//! ends with what finishes it: `sync`, then one maintenance pass that seals
+//! (in the store: regroups) the segments that filled during the load, as
+//! RocksDB's phases end with its flushes and compactions (`sync_secs`), and
+//! with `--seal` the sealing of every active segment too (`seal_secs`).
+//! Bytes and fsyncs are the engine's own counters for the phase; disk
+//! writes are /proc/self/io's.
 
 use super::{
     base_line, ConvSpec, ImOp, ImReply, ImSession, ImTarget, Op, Pushed, Reply, Session, Shape,
@@ -166,6 +169,10 @@ impl Target for EngineTarget {
     fn settle(&self, line: &mut ResultLine) -> Result<()> {
         let t = Instant::now();
         self.engine.sync()?;
+        // Seal (and, in the store, regroup) the segments that filled during
+        // the load, as RocksDB's settle waits for its flushes and
+        // compactions: that work belongs to the load, not to what follows.
+        self.engine.maintain()?;
         line.sync_secs = Some(t.elapsed().as_secs_f64());
         line.seal_secs = seal_if_asked(&self.flags, &self.engine)?;
         Ok(())
@@ -178,7 +185,7 @@ impl Target for EngineTarget {
         let records = b.record_bytes - a.record_bytes;
         line.process_cpu_secs = Some(round3(cpu_secs(None) - m.cpu));
         line.set_disk_io(m.io, DiskIo::now());
-        if written > 0 {
+        if line.payload_bytes.is_some() {
             let ratio = |x: u64, y: u64| round3(x as f64 / y.max(1) as f64);
             line.bytes_written = Some(written);
             line.bytes_written_total =
@@ -228,11 +235,15 @@ pub struct EngineIm {
 
 impl EngineIm {
     pub fn new(flags: &Flags, threshold: usize) -> Result<EngineIm> {
+        Self::in_dir(flags, threshold, DataDir::new(flags)?)
+    }
+
+    pub fn in_dir(flags: &Flags, threshold: usize, dir: DataDir) -> Result<EngineIm> {
         Ok(EngineIm {
             im: None,
             flags: flags.clone(),
             threshold,
-            dir: DataDir::new(flags)?,
+            dir,
         })
     }
 
@@ -383,6 +394,24 @@ impl ImTarget for EngineIm {
         let im = self.im()?;
         im.engine().sync()?;
         let d = imkit::Delta::between(m, &imkit::snap(im));
+        // The layer's own counts must agree with what the bench sent.
+        if Some(d.messages) != line.messages {
+            return Err(format!(
+                "the IM layer counted {} messages, {:?} were sent",
+                d.messages, line.messages
+            )
+            .into());
+        }
+        if line.deliveries.is_some_and(|n| n != d.deliveries()) {
+            return Err(format!(
+                "the IM layer counted {} deliveries (sync writes {} + read fan-out {}), the bench {:?}",
+                d.deliveries(),
+                d.sync_writes,
+                d.read_fanout_deliveries,
+                line.deliveries
+            )
+            .into());
+        }
         imkit::set_counters(line, &d);
         line.index_bytes = Some(im.engine().stats().total().index_bytes);
         let (anon, file) = rss_split();

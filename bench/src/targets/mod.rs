@@ -92,8 +92,9 @@ pub trait Target: Sync {
     /// sync and `--seal`, RocksDB's flush and compactions): those costs
     /// belong to the phase. Fills `sync_secs` / `seal_secs`.
     fn settle(&self, line: &mut ResultLine) -> Result<()>;
-    /// The target's own figures since `mark`: CPU, bytes written, fsyncs,
-    /// disk writes, memory (`payload_bytes` and `messages` already set).
+    /// The target's own figures since `mark`: CPU, disk writes, memory,
+    /// and for a write phase (one whose line has `payload_bytes` and
+    /// `messages` set) bytes written, write amplification and fsyncs.
     fn measure(&self, mark: &Self::Mark, line: &mut ResultLine) -> Result<()>;
     /// Close or stop; fills `close_secs` and `files` of the last line.
     fn close(self, last: Option<&mut ResultLine>) -> Result<()>;
@@ -184,9 +185,13 @@ pub trait Pipelined {
     /// What checking a reply needs to know about its request.
     type Ctx;
     fn queue(&mut self) -> Result<Self::Ctx>;
+    /// What a request's reply is.
+    type Reply;
     fn flush(&mut self) -> Result<()>;
-    /// Take the reply to the oldest request in flight and check it.
-    fn complete(&mut self, ctx: Self::Ctx) -> Result<()>;
+    /// Take the reply to the oldest request in flight (its latency ends here).
+    fn complete(&mut self) -> Result<Self::Reply>;
+    /// Check a reply (after its latency is recorded).
+    fn check(&mut self, ctx: Self::Ctx, reply: Self::Reply) -> Result<()>;
 }
 
 /// Run `n` requests through `p`, keeping up to `shape.window` in flight:
@@ -216,8 +221,9 @@ pub fn drive<P: Pipelined>(
         let Some((t0, ctx)) = q.pop_front() else {
             return Ok(());
         };
-        p.complete(ctx)?;
+        let r = p.complete()?;
         hist.saturating_record(t0.elapsed().as_nanos() as u64);
+        p.check(ctx, r)?;
     }
 }
 
@@ -239,8 +245,9 @@ pub fn drive_paced<P: Pipelined>(
     let mut q: VecDeque<(Instant, P::Ctx)> = VecDeque::with_capacity(shape.window);
     let mut take = |q: &mut VecDeque<(Instant, P::Ctx)>, p: &mut P| -> Result<()> {
         if let Some((t0, ctx)) = q.pop_front() {
-            p.complete(ctx)?;
+            let r = p.complete()?;
             hist.saturating_record(t0.elapsed().as_nanos() as u64);
+            p.check(ctx, r)?;
         }
         Ok(())
     };

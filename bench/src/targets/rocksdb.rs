@@ -431,7 +431,7 @@ impl Target for RocksTarget {
         let t = self.r.tickers();
         let [wal, flush, compact, synced] = [0, 1, 2, 3].map(|i| t[i] - m.tickers[i]);
         let written = wal + flush + compact;
-        if stats_enabled() && written > 0 {
+        if stats_enabled() && line.payload_bytes.is_some() {
             let ratio = |a: u64, b: u64| round3(a as f64 / b.max(1) as f64);
             let records = line.messages.unwrap_or(0) * (KEY_BYTES + self.flags.payload as u64);
             line.bytes_written = Some(written);

@@ -95,6 +95,16 @@ impl Server {
         self.dir.as_ref()
     }
 
+    /// [`stop`](Self::stop), putting the number of files it left on `last`.
+    pub fn close(self, last: Option<&mut ResultLine>) -> Result<()> {
+        let files = self.dir().map(|d| crate::sysinfo::count_files(&d.path));
+        self.stop()?;
+        if let Some(l) = last {
+            l.files = files;
+        }
+        Ok(())
+    }
+
     /// Stop a server the bench started: SIGTERM, wait; it must exit 0.
     pub fn stop(mut self) -> Result<()> {
         if let Some(mut p) = self.proc.take() {
@@ -154,6 +164,16 @@ pub fn spawn_server(flags: &Flags, data: &Path, extra: &[String]) -> Result<(Pro
         data.display()
     );
     Ok((proc, addr))
+}
+
+/// The server's write counters of a phase on its line (`payload_bytes` set).
+fn set_written(line: &mut ResultLine, written: u64, total: u64, fsyncs: u64) {
+    line.bytes_written = Some(written);
+    line.bytes_written_total = Some(total);
+    line.bytes_per_payload_byte = line
+        .payload_bytes
+        .map(|p| round3(written as f64 / p.max(1) as f64));
+    line.fsyncs = Some(fsyncs);
 }
 
 /// A server-side counter from `STATS` (0 if absent).
@@ -330,27 +350,19 @@ impl Target for ServerTarget {
         let s1 = stats(&mut self.server.connect()?)?;
         let d = |k: &str| stat(&s1, k).saturating_sub(stat(&m.stats, k));
         let written = d(&format!("{}_bytes_written", ks_name(self.ks)));
-        if written > 0 {
-            line.bytes_written = Some(written);
-            line.bytes_written_total = Some(d("store_bytes_written") + d("sync_bytes_written"));
-            line.bytes_per_payload_byte = line
-                .payload_bytes
-                .map(|p| round3(written as f64 / p.max(1) as f64));
-            line.fsyncs = Some(d("fsyncs"));
+        if line.payload_bytes.is_some() {
+            set_written(
+                line,
+                written,
+                d("store_bytes_written") + d("sync_bytes_written"),
+                d("fsyncs"),
+            );
         }
         Ok(())
     }
 
     fn close(self, last: Option<&mut ResultLine>) -> Result<()> {
-        let files = self
-            .server
-            .dir()
-            .map(|d| crate::sysinfo::count_files(&d.path));
-        self.server.stop()?;
-        if let Some(l) = last {
-            l.files = files;
-        }
-        Ok(())
+        self.server.close(last)
     }
 }
 
@@ -413,6 +425,7 @@ struct CreateConn<'a> {
 
 impl Pipelined for CreateConn<'_> {
     type Ctx = ConvId;
+    type Reply = std::result::Result<Response, ClientError>;
 
     fn queue(&mut self) -> Result<ConvId> {
         let c = self.next.next().ok_or("no conversation left")?;
@@ -428,8 +441,12 @@ impl Pipelined for CreateConn<'_> {
         Ok(self.c.flush()?)
     }
 
-    fn complete(&mut self, conv: ConvId) -> Result<()> {
-        match self.c.recv() {
+    fn complete(&mut self) -> Result<Self::Reply> {
+        Ok(self.c.recv())
+    }
+
+    fn check(&mut self, conv: ConvId, reply: Self::Reply) -> Result<()> {
+        match reply {
             Ok(Response::CreateConversation(_)) => {}
             Ok(r) => {
                 self.errors += 1;
@@ -669,24 +686,11 @@ impl ImTarget for ServerIm {
             .deliveries
             .and_then(|dl| crate::workloads::imkit::ratio(writes, dl));
         let written = d("store_bytes_written") + d("sync_bytes_written");
-        line.bytes_written = Some(written);
-        line.bytes_written_total = Some(written);
-        line.bytes_per_payload_byte = line
-            .payload_bytes
-            .map(|p| round3(written as f64 / p.max(1) as f64));
-        line.fsyncs = Some(d("fsyncs"));
+        set_written(line, written, written, d("fsyncs"));
         Ok(())
     }
 
     fn close(self, last: Option<&mut ResultLine>) -> Result<()> {
-        let files = self
-            .server
-            .dir()
-            .map(|d| crate::sysinfo::count_files(&d.path));
-        self.server.stop()?;
-        if let Some(l) = last {
-            l.files = files;
-        }
-        Ok(())
+        self.server.close(last)
     }
 }

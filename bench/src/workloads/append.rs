@@ -68,6 +68,7 @@ struct Appender<'a, S> {
 impl<S: Session> Pipelined for Appender<'_, S> {
     /// The timelines of the request's items.
     type Ctx = Vec<u64>;
+    type Reply = Reply;
 
     fn queue(&mut self) -> Result<Vec<u64>> {
         let b = self.batch.min(self.end - self.next);
@@ -92,8 +93,12 @@ impl<S: Session> Pipelined for Appender<'_, S> {
         self.s.flush()
     }
 
-    fn complete(&mut self, ids: Vec<u64>) -> Result<()> {
-        match self.s.complete()? {
+    fn complete(&mut self) -> Result<Reply> {
+        self.s.complete()
+    }
+
+    fn check(&mut self, ids: Vec<u64>, reply: Reply) -> Result<()> {
+        match reply {
             Reply::Appended(seqs) if seqs.len() == ids.len() => {
                 for (id, seq) in ids.into_iter().zip(seqs) {
                     self.counts.note(id, seq);
@@ -219,6 +224,7 @@ struct ReadBack<'a, S> {
 
 impl<S: Session> Pipelined for ReadBack<'_, S> {
     type Ctx = (u64, u64, u64);
+    type Reply = Reply;
 
     fn queue(&mut self) -> Result<Self::Ctx> {
         let (id, from, to) = self.pages.next().ok_or("no page left")?;
@@ -235,8 +241,12 @@ impl<S: Session> Pipelined for ReadBack<'_, S> {
         self.s.flush()
     }
 
-    fn complete(&mut self, (id, from, to): Self::Ctx) -> Result<()> {
-        let page = match self.s.complete()? {
+    fn complete(&mut self) -> Result<Reply> {
+        self.s.complete()
+    }
+
+    fn check(&mut self, (id, from, to): Self::Ctx, reply: Reply) -> Result<()> {
+        let page = match reply {
             Reply::Page(p) => p,
             Reply::Refused(e) => {
                 self.errors

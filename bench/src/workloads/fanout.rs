@@ -115,6 +115,7 @@ struct Sender<'a, S> {
 
 impl<S: ImSession> Pipelined for Sender<'_, S> {
     type Ctx = usize;
+    type Reply = ImReply;
 
     fn queue(&mut self) -> Result<usize> {
         let i = self.next;
@@ -137,8 +138,12 @@ impl<S: ImSession> Pipelined for Sender<'_, S> {
         self.s.flush()
     }
 
-    fn complete(&mut self, g: usize) -> Result<()> {
-        match self.s.complete()? {
+    fn complete(&mut self) -> Result<ImReply> {
+        self.s.complete()
+    }
+
+    fn check(&mut self, g: usize, reply: ImReply) -> Result<()> {
+        match reply {
             ImReply::Sent => {
                 self.acked[g].fetch_add(1, Ordering::Relaxed);
             }
@@ -147,6 +152,38 @@ impl<S: ImSession> Pipelined for Sender<'_, S> {
         }
         Ok(())
     }
+}
+
+/// The timed sends of `p` over `t`'s sessions (paced with `--rate`).
+pub(crate) fn send_all<T: ImTarget>(
+    flags: &Flags,
+    t: &T,
+    p: &Plan,
+    acked: &[AtomicU64],
+    errors: &Errors,
+) -> Result<super::Timed> {
+    let shape = t.shape();
+    let payloads = Payloads::new(flags.payload, flags.seed);
+    let firsts = offsets(p.messages, shape.sessions);
+    let per_session = flags.rate as f64 / shape.sessions as f64;
+    let sessions = open_im_sessions(t)?;
+    timed_sessions(shape.sessions, p.messages, |i, n, hist| {
+        let mut s = Sender {
+            s: take(&sessions, i)?,
+            p,
+            seed: flags.seed,
+            payloads: &payloads,
+            next: firsts[i as usize],
+            acked,
+            errors,
+        };
+        if flags.rate > 0 {
+            drive_paced(&mut s, n, &shape, per_session, hist)?;
+        } else {
+            drive(&mut s, n, &shape, hist)?;
+        }
+        Ok((0, 0))
+    })
 }
 
 /// `timeline-bench fanout`: returns the number of verification errors.
@@ -178,29 +215,8 @@ pub fn run<T: ImTarget>(flags: &Flags, mut t: T, p: &Plan, rep: &mut Reporter) -
 
     let acked: Vec<AtomicU64> = (0..p.groups.len()).map(|_| AtomicU64::new(0)).collect();
     let errors = Errors::default();
-    let payloads = Payloads::new(flags.payload, flags.seed);
-    let firsts = offsets(messages, shape.sessions);
-    let per_session = flags.rate as f64 / shape.sessions as f64;
-    let sessions = open_im_sessions(&t)?;
     let mark = t.mark()?;
-    let timed = timed_sessions(shape.sessions, messages, |i, n, hist| {
-        let mut s = Sender {
-            s: take(&sessions, i)?,
-            p,
-            seed: flags.seed,
-            payloads: &payloads,
-            next: firsts[i as usize],
-            acked: &acked,
-            errors: &errors,
-        };
-        if flags.rate > 0 {
-            drive_paced(&mut s, n, &shape, per_session, hist)?;
-        } else {
-            drive(&mut s, n, &shape, hist)?;
-        }
-        Ok((0, 0))
-    })?;
-    drop(sessions);
+    let timed = send_all(flags, &t, p, &acked, &errors)?;
     let mut line = t.line("fanout");
     let delivered: u64 = acked
         .iter()

@@ -320,6 +320,7 @@ struct Sender<'a, S> {
 
 impl<S: ImSession> Pipelined for Sender<'_, S> {
     type Ctx = ConvId;
+    type Reply = ImReply;
 
     fn queue(&mut self) -> Result<ConvId> {
         let w = &self.sh.p.w;
@@ -354,8 +355,12 @@ impl<S: ImSession> Pipelined for Sender<'_, S> {
         self.s.flush()
     }
 
-    fn complete(&mut self, conv: ConvId) -> Result<()> {
-        match self.s.complete()? {
+    fn complete(&mut self) -> Result<ImReply> {
+        self.s.complete()
+    }
+
+    fn check(&mut self, conv: ConvId, reply: ImReply) -> Result<()> {
+        match reply {
             ImReply::Sent => self.sh.acked(conv),
             ImReply::Refused(e) => self
                 .sh

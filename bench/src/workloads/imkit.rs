@@ -23,17 +23,12 @@ use super::{durability, engine_config, rng_for};
 use crate::report::ResultLine;
 use crate::targets::{ImOp, ImReply, ImSession};
 use crate::{Entries, FanoutMode, Flags, Result};
-use hdrhistogram::Histogram;
 use rand::Rng;
-use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
-use timeline_engine::{Durability, SeqId, Stats, TimelineId};
-use timeline_im::{
-    Body, ConvId, ConvKind, EntryMode, Im, ImConfig, ImError, ImStats, Pending, SendAck, SyncReply,
-    UserId,
-};
+use timeline_engine::{Durability, SeqId, Stats};
+use timeline_im::{Body, ConvId, ConvKind, EntryMode, Im, ImConfig, ImStats, SyncReply, UserId};
 
 /// Threads calling the (blocking) `create_conversation` during setup.
 const SETUP_THREADS: usize = 8;
@@ -209,79 +204,6 @@ impl Errors {
     }
 }
 
-/// One sender thread's sends in flight. Latency is from the `send_async`
-/// call to the moment the sender sees the ack: the sender looks for acks
-/// (all of them, not only the oldest) whenever its window is full, or
-/// before it sleeps when rate-limited, so a figure can overstate the true
-/// ack time by the time it takes to issue one send.
-pub struct Inflight {
-    q: VecDeque<(Instant, usize, Pending<SendAck>)>,
-    cap: usize,
-}
-
-impl Inflight {
-    pub fn new(cap: usize) -> Self {
-        Inflight {
-            q: VecDeque::with_capacity(cap.max(1)),
-            cap: cap.max(1),
-        }
-    }
-
-    pub fn push(&mut self, t0: Instant, tag: usize, p: Pending<SendAck>) {
-        self.q.push_back((t0, tag, p));
-    }
-
-    /// Make room for one more send: collect every ack that is there; if
-    /// the window is still full, wait for the oldest.
-    pub fn make_room(
-        &mut self,
-        hist: &mut Histogram<u64>,
-        done: &mut impl FnMut(usize, std::result::Result<SendAck, ImError>),
-    ) {
-        if self.q.len() < self.cap {
-            return;
-        }
-        self.collect_ready(hist, done);
-        if self.q.len() >= self.cap {
-            if let Some((t0, tag, p)) = self.q.pop_front() {
-                let r = p.wait();
-                hist.saturating_record(t0.elapsed().as_nanos() as u64);
-                done(tag, r);
-            }
-        }
-    }
-
-    /// Take every ack that is already there.
-    pub fn collect_ready(
-        &mut self,
-        hist: &mut Histogram<u64>,
-        done: &mut impl FnMut(usize, std::result::Result<SendAck, ImError>),
-    ) {
-        let now = Instant::now();
-        self.q.retain(|(t0, tag, p)| match p.try_wait() {
-            Some(r) => {
-                hist.saturating_record(now.duration_since(*t0).as_nanos() as u64);
-                done(*tag, r);
-                false
-            }
-            None => true,
-        });
-    }
-
-    /// Wait for every send still in flight.
-    pub fn drain(
-        &mut self,
-        hist: &mut Histogram<u64>,
-        done: &mut impl FnMut(usize, std::result::Result<SendAck, ImError>),
-    ) {
-        while let Some((t0, tag, p)) = self.q.pop_front() {
-            let r = p.wait();
-            hist.saturating_record(t0.elapsed().as_nanos() as u64);
-            done(tag, r);
-        }
-    }
-}
-
 /// What a device did in one or more syncs.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SyncCount {
@@ -312,39 +234,6 @@ pub struct Device {
 }
 
 impl Device {
-    /// A device of `user` that has seen everything up to now: the sync
-    /// timeline's last seq, and the `Created` event (seq 1) of each of
-    /// `convs`; `read_groups` are those of them that use read fan-out.
-    pub fn caught_up(im: &Im, user: UserId, convs: &[ConvId], read_groups: &[ConvId]) -> Device {
-        let mut last: Vec<(ConvId, SeqId)> = convs.iter().map(|&c| (c, 1)).collect();
-        last.sort_unstable();
-        last.dedup();
-        Device {
-            user,
-            cp: im.engine().last_seq(TimelineId::sync(user)),
-            groups: read_groups.iter().map(|&c| (c, 1)).collect(),
-            last,
-        }
-    }
-
-    /// Sync until nothing more is pending, `limit` entries per page (each
-    /// page is one `sync` call); `on_msg` sees each message's payload.
-    pub fn sync(
-        &mut self,
-        im: &Im,
-        limit: usize,
-        errors: &Errors,
-        mut on_msg: impl FnMut(&[u8]),
-    ) -> Result<SyncCount> {
-        let mut n = SyncCount::default();
-        loop {
-            let r = im.sync(self.user, self.cp, limit, &self.groups)?;
-            if !self.apply(&r, errors, &mut n, &mut on_msg) || limit == 0 {
-                return Ok(n);
-            }
-        }
-    }
-
     /// Take one sync reply (counted as one call in `n`): check and count
     /// its messages, move the checkpoints. Returns whether more is pending
     /// (false after a truncated checkpoint, which is an error here).
@@ -440,15 +329,16 @@ impl Device {
         on_msg(p);
     }
 
-    /// Skip to now without reading: the sync timeline's last seq, and
-    /// `1 + acked` in every conversation (what a full catch-up reaches).
-    pub fn fast_forward(&mut self, im: &Im, acked: &[AtomicU64]) {
+    /// Skip to now without reading: sync checkpoint `cp` (the sync
+    /// timeline's end), and `1 + acked` in every conversation (what a full
+    /// catch-up reaches).
+    pub fn skip_to(&mut self, cp: SeqId, acked: &[AtomicU64]) {
         let end = |c: ConvId| {
             1 + acked
                 .get(c as usize)
                 .map_or(0, |a| a.load(Ordering::Relaxed))
         };
-        self.cp = im.engine().last_seq(TimelineId::sync(self.user));
+        self.cp = cp;
         for g in &mut self.groups {
             g.1 = end(g.0);
         }
@@ -644,46 +534,6 @@ pub fn ratio(a: u64, b: u64) -> Option<f64> {
 
 pub fn round4(x: f64) -> f64 {
     (x * 10_000.0).round() / 10_000.0
-}
-
-/// The fields every IM result line shares, on top of `base_line`.
-pub fn im_line(flags: &Flags, workload: &str, im: &Im) -> ResultLine {
-    let mut l = super::base_line(flags, workload, im.engine());
-    l.keyspace = "store+sync".into();
-    l.regroup = None;
-    l.timelines = None;
-    l.zipf = None;
-    l.entries = Some(entries_name(im.config().entries).into());
-    l.in_flight = Some(flags.in_flight);
-    l
-}
-
-/// Check the layer counted `messages` messages.
-pub fn check_messages(d: &Delta, messages: u64, errors: &Errors) {
-    if d.messages != messages {
-        errors.report("verify", || {
-            format!(
-                "the IM layer counted {} messages, {messages} were sent",
-                d.messages
-            )
-        });
-    }
-}
-
-/// Fill the write-side fields from the counters of the timed section
-/// (taken after `Engine::sync`): messages, deliveries, storage writes,
-/// bytes, write amplification.
-pub fn set_write_fields(l: &mut ResultLine, d: &Delta, messages: u64, secs: f64, payload: usize) {
-    let rate = super::append::rate;
-    l.ops = messages;
-    l.secs = secs;
-    l.ops_per_sec = rate(messages, secs);
-    l.messages = Some(messages);
-    l.messages_per_sec = Some(rate(messages, secs));
-    l.deliveries = Some(d.deliveries());
-    l.deliveries_per_sec = Some(rate(d.deliveries(), secs));
-    l.payload_bytes = Some(messages * payload as u64);
-    set_counters(l, d);
 }
 
 /// The IM layer's and the engine's counters of a phase on its line (whose

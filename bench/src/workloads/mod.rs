@@ -58,6 +58,22 @@ impl DataDir {
     }
 }
 
+impl DataDir {
+    /// A fresh subdirectory `name`, removed on drop unless `--keep` (an
+    /// old one of that name is removed first).
+    pub fn sub(&self, name: &str, keep: bool) -> Result<DataDir> {
+        let path = self.path.join(name);
+        if path.exists() {
+            std::fs::remove_dir_all(&path)?;
+        }
+        std::fs::create_dir_all(&path)?;
+        Ok(DataDir {
+            path,
+            remove: !keep,
+        })
+    }
+}
+
 impl Drop for DataDir {
     fn drop(&mut self) {
         if self.remove {
@@ -243,9 +259,13 @@ impl Messages {
     }
 
     /// Message `g`'s payload, written into `out` (`--payload` bytes long).
+    /// Where message `g`'s bytes start in the shared random bytes.
+    fn offset(&self, g: u64) -> usize {
+        (g.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20) as usize % (self.bytes.len() - self.len + 1)
+    }
+
     pub fn payload(&self, g: u64, out: &mut [u8]) {
-        let off = (g.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20) as usize
-            % (self.bytes.len() - self.len + 1);
+        let off = self.offset(g);
         out.copy_from_slice(&self.bytes[off..off + self.len]);
         if let Some(h) = out.get_mut(..8) {
             h.copy_from_slice(&g.to_le_bytes());
@@ -288,9 +308,8 @@ impl Messages {
         if want != id {
             return Err(format!("message {g} belongs to timeline {want}"));
         }
-        let mut expect = vec![0u8; self.len];
-        self.payload(g, &mut expect);
-        if expect != payload {
+        let off = self.offset(g);
+        if payload[8..] != self.bytes[off + 8..off + self.len] {
             return Err(format!(
                 "message {g}: the payload's bytes differ from those sent"
             ));
@@ -348,17 +367,9 @@ pub struct Timed {
     pub secs: f64,
 }
 
-/// Run `f(thread, share, &mut histogram)` on `flags.threads` threads, each
-/// with its share of `total`, all released together by a barrier; `f`
-/// returns two counts (calls, records, errors: whatever the workload counts).
-pub fn timed_threads<F>(flags: &Flags, total: u64, f: F) -> Result<Timed>
-where
-    F: Fn(u64, u64, &mut Histogram<u64>) -> Result<(u64, u64)> + Sync,
-{
-    timed_sessions(flags.threads, total, f)
-}
-
-/// [`timed_threads`] on `threads` threads.
+/// Run `f(thread, share, &mut histogram)` on `threads` threads, each with
+/// its share of `total`, all released together by a barrier; `f` returns
+/// two counts (records, errors: whatever the workload counts).
 pub fn timed_sessions<F>(threads: usize, total: u64, f: F) -> Result<Timed>
 where
     F: Fn(u64, u64, &mut Histogram<u64>) -> Result<(u64, u64)> + Sync,

@@ -1,19 +1,21 @@
 //! W5 `fanout-sweep`: write, read and hybrid fan-out across group sizes.
 //! The model and every constant are described in `main.rs`'s doc comment.
 
+use super::append::rate;
+use super::fanout::{send_all, Plan};
 use super::imkit::{
-    self, im_line, mode_name, random_members, set_write_fields, ConvSpec, Delta, Device, Errors,
-    Inflight, SyncCount,
+    self, catch_up, mode_name, random_members, sync_round, Device, Errors, SyncCount,
 };
-use super::{timed_threads, DataDir, Payloads};
+use super::{DataDir, Payloads};
 use crate::report::Reporter;
-use crate::sysinfo::{peak_rss_bytes, DiskIo};
+use crate::targets::engine::EngineIm;
+use crate::targets::{ImOp, ImReply, ImSession, ImTarget};
 use crate::{FanoutMode, Flags, Result};
 use rand::Rng;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
-use timeline_im::{ConvId, ConvKind, UserId};
+use timeline_im::{ConvId, UserId};
 
 /// Group sizes swept by default (log steps from 2 to 20,000).
 pub const DEFAULT_SIZES: [u64; 13] = [
@@ -93,16 +95,6 @@ fn point(
     let groups: Vec<Vec<UserId>> = (0..n_groups)
         .map(|_| random_members(&mut rng, users, size as usize))
         .collect();
-    let specs: Vec<ConvSpec> = groups
-        .iter()
-        .enumerate()
-        .map(|(i, ms)| ConvSpec {
-            id: i as ConvId,
-            kind: ConvKind::Group,
-            members: ms.clone(),
-        })
-        .collect();
-
     // The observed users and, per group, the indexes of their devices.
     let mut convs_of: HashMap<UserId, Vec<ConvId>> = HashMap::new();
     for u in rand::seq::index::sample(&mut rng, users as usize, OBSERVED_USERS.min(users as usize))
@@ -128,107 +120,99 @@ fn point(
         }
     }
 
-    let pdir = dir.path.join(format!("{}-{size}", mode_name(mode)));
-    if pdir.exists() {
-        std::fs::remove_dir_all(&pdir)?;
-    }
-    std::fs::create_dir_all(&pdir)?;
     eprintln!(
         "fanout-sweep: size {size}, mode {} ({} fan-out), {n_groups} groups, {users} users, {messages} messages",
         mode_name(mode),
         if read_fanout { "read" } else { "write" }
     );
-    let (im, setup_secs) = imkit::setup(flags, &pdir, &specs, threshold)?;
-    drop(specs);
+    let p = Plan {
+        messages,
+        fanout: size as usize,
+        mode,
+        threshold,
+        groups,
+    };
+    let dir = dir.sub(&format!("{}-{size}", mode_name(mode)), flags.keep)?;
+    let mut t = EngineIm::in_dir(flags, threshold, dir)?;
+    let t0 = Instant::now();
+    t.create(&p.specs())?;
+    let setup_secs = t0.elapsed().as_secs_f64();
+    let users_seen: Vec<UserId> = observed.iter().map(|o| o.0).collect();
     let mut devices: Vec<Device> = observed
         .iter()
-        .map(|(u, convs)| {
-            let reads: &[ConvId] = if read_fanout { convs } else { &[] };
-            Device::caught_up(&im, *u, convs, reads)
-        })
+        .zip(t.sync_ends(&users_seen)?)
+        .map(|((u, convs), cp)| Device::at(*u, cp, convs, if read_fanout { convs } else { &[] }))
         .collect();
 
     // Phase A (timed): the sends, pipelined, round-robin over the groups.
     let acked: Vec<AtomicU64> = (0..n_groups).map(|_| AtomicU64::new(0)).collect();
     let errors = Errors::default();
-    let payloads = Payloads::new(flags.payload, flags.seed);
-    let offsets: Vec<u64> = super::offsets(messages, flags.threads);
-    im.engine().sync()?;
-    let a0 = imkit::snap(&im);
-    let io0 = DiskIo::now();
-    let timed = timed_threads(flags, messages, |thread, share, hist| {
-        let mut rng = imkit::rng(flags.seed, 400 + thread);
-        let mut win = Inflight::new(flags.in_flight);
-        let mut done = |g: usize, r: std::result::Result<_, _>| match r {
-            Ok(_) => {
-                acked[g].fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => errors.report("send", || format!("group {g}: {e}")),
-        };
-        let first = offsets[thread as usize];
-        for k in 0..share {
-            let i = first + k;
-            let g = (i % n_groups) as usize;
-            let sender = groups[g][rng.gen_range(0..groups[g].len())];
-            win.make_room(hist, &mut done);
-            let t0 = Instant::now();
-            let p = im.send_async(g as ConvId, sender, i + 1, payloads.pick(&mut rng))?;
-            win.push(t0, g, p);
-        }
-        win.drain(hist, &mut done);
-        Ok((0, 0))
-    })?;
-    im.engine().sync()?;
-    let a1 = imkit::snap(&im);
-    let io1 = DiskIo::now();
-    let da = Delta::between(&a0, &a1);
-    imkit::check_messages(&da, messages, &errors);
-    let want = messages * size;
-    if da.deliveries() != want {
-        errors.report("verify", || {
-            format!(
-                "size {size} {}: {} deliveries counted, expected {want}",
-                mode_name(mode),
-                da.deliveries()
-            )
-        });
-    }
+    let a0 = t.mark()?;
+    let timed = send_all(flags, &t, &p, &acked, &errors)?;
+    let mut line = t.line("fanout-sweep");
+    line.ops = messages;
+    line.secs = timed.secs;
+    line.ops_per_sec = rate(messages, timed.secs);
+    line.messages = Some(messages);
+    line.messages_per_sec = Some(rate(messages, timed.secs));
+    line.deliveries = Some(messages * size);
+    line.deliveries_per_sec = Some(rate(messages * size, timed.secs));
+    line.payload_bytes = Some(messages * flags.payload as u64);
+    line.set_latency(&timed.hist);
+    t.measure(&a0, &mut line)?;
 
     // Untimed: the observed devices catch up on phase A: by reading it all
     // and checking it, until CATCH_UP_ENTRIES messages were read, then (the
     // rest) by moving their checkpoints to the end.
+    let mut s = t.session()?;
     let mut read_back = 0;
-    for dev in &mut devices {
+    for k in 0..devices.len() {
         if read_back < CATCH_UP_ENTRIES {
-            read_back += dev
-                .sync(&im, imkit::CATCH_UP_PAGE, &errors, |_| {})?
-                .entries;
-            dev.check_complete(&acked, &errors);
+            read_back += catch_up(&mut s, &mut devices[k..=k], &errors, |_| {})?.entries;
+            devices[k].check_complete(&acked, &errors);
         } else {
-            dev.fast_forward(&im, &acked);
+            let cp = t.sync_ends(&[devices[k].user])?[0];
+            devices[k].skip_to(cp, &acked);
         }
     }
 
     // Phase B: one message at a time to a random group; after each, every
     // observed member's device syncs once and must get exactly it.
     let ticks = TICKS.min(messages);
-    let b0 = imkit::snap(&im);
+    let b0 = t.mark()?;
     let mut read = SyncCount::default();
     let mut sync_secs = 0.0;
-    let mut payload = vec![0u8; flags.payload];
-    for t in 0..ticks {
+    let payloads = Payloads::new(flags.payload, flags.seed);
+    for k in 0..ticks {
         let g = rng.gen_range(0..n_groups) as usize;
-        let sender = groups[g][rng.gen_range(0..groups[g].len())];
-        payload.copy_from_slice(payloads.pick(&mut rng));
-        match im.send(g as ConvId, sender, messages + t + 1, &payload) {
-            Ok(_) => {
+        let sender = p.groups[g][rng.gen_range(0..p.groups[g].len())];
+        let payload = payloads.pick(&mut rng);
+        s.queue(ImOp::Send {
+            conv: g as ConvId,
+            sender,
+            msg_id: messages + k + 1,
+            payload,
+        })?;
+        s.flush()?;
+        match s.complete()? {
+            ImReply::Sent => {
                 acked[g].fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => errors.report("send", || format!("group {g}: {e}")),
+            ImReply::Refused(e) => errors.report("send", || format!("group {g}: {e}")),
+            ImReply::Synced(_) => return Err("a send answered like a sync".into()),
         }
-        let s = Instant::now();
+        let t1 = Instant::now();
         for &i in &observers_of[g] {
-            let n = devices[i].sync(&im, TICK_PAGE, &errors, |_| {})?;
+            let mut n = SyncCount::default();
+            sync_round(
+                &mut s,
+                &mut devices,
+                &[i],
+                TICK_PAGE,
+                &errors,
+                &mut n,
+                |_| {},
+            )?;
             if n.entries != 1 {
                 let user = devices[i].user;
                 errors.report("verify", || {
@@ -240,18 +224,16 @@ fn point(
             }
             read += n;
         }
-        sync_secs += s.elapsed().as_secs_f64();
+        sync_secs += t1.elapsed().as_secs_f64();
     }
-    let b1 = imkit::snap(&im);
-    let db = Delta::between(&b0, &b1);
+    drop(s);
+    let mut lb = t.line("fanout-sweep");
+    lb.messages = Some(ticks);
+    lb.entries_read = Some(read.entries);
+    t.measure(&b0, &mut lb)?;
     for dev in &devices {
         dev.check_complete(&acked, &errors);
     }
-
-    let mut line = im_line(flags, "fanout-sweep", &im);
-    set_write_fields(&mut line, &da, messages, timed.secs, flags.payload);
-    line.set_latency(&timed.hist);
-    line.set_disk_io(io0, io1);
     line.fanout_mode = Some(mode_name(mode).into());
     if mode == FanoutMode::Hybrid {
         line.hybrid_threshold = Some(threshold as u64);
@@ -259,16 +241,18 @@ fn point(
     line.group_size = Some(size);
     line.groups = Some(n_groups);
     line.users = Some(users);
+    line.timelines = None;
+    line.zipf = None;
     line.online_devices = Some(devices.len() as u64);
     line.setup_secs = Some(imkit::round4(setup_secs));
     line.sync_ops = Some(read.calls);
-    line.sync_ops_per_sec = Some(super::append::rate(read.calls, sync_secs));
+    line.sync_ops_per_sec = Some(rate(read.calls, sync_secs));
     line.entries_read = Some(read.entries);
-    line.reads_per_delivery = imkit::ratio(db.reads(), read.entries);
-    line.storage_reads_per_delivery = imkit::ratio(db.sync_reads + db.store_reads, read.entries);
-    line.sync_reads = Some(db.sync_reads);
-    line.store_reads = Some(db.store_reads);
-    line.group_polls = Some(db.group_polls);
+    line.reads_per_delivery = lb.reads_per_delivery;
+    line.storage_reads_per_delivery = lb.storage_reads_per_delivery;
+    line.sync_reads = lb.sync_reads;
+    line.store_reads = lb.store_reads;
+    line.group_polls = lb.group_polls;
     // Reads per message (each member reads each message once) over
     // storage writes per message.
     if let (Some(r), Some(w)) = (line.reads_per_delivery, line.storage_writes_per_message) {
@@ -277,14 +261,7 @@ fn point(
         }
     }
     line.errors = Some(errors.count());
-    line.peak_rss_bytes = Some(peak_rss_bytes());
-    im.close()?;
-    line.files = Some(crate::sysinfo::count_files(&pdir));
-    if !flags.keep {
-        if let Err(e) = std::fs::remove_dir_all(&pdir) {
-            eprintln!("warning: could not remove {}: {e}", pdir.display());
-        }
-    }
+    t.close(Some(&mut line))?;
     rep.push(line)?;
     Ok(errors.count())
 }
