@@ -1,36 +1,23 @@
 //! `timeline-bench`: the workload driver for the timeline engine.
 //!
 //! ```text
-//! timeline-bench <append|read|fanout|im|fanout-sweep|reopen> [flags]
+//! timeline-bench <append|read|fanout|im|fanout-sweep|reopen|devices|torture|abuse|compare> [flags]
 //! ```
 //!
 //! The workloads, units and output fields are defined in the project's
-//! `workload.md`; this binary implements them all for `--target engine` (the
-//! engine linked in-process), and:
+//! `workload.md`. Each workload is written once, in `workloads/`, over the
+//! targets it takes; a target (`targets/`) only adapts operations and
+//! reports its own costs:
 //!
-//! - `--target server` for `append`, `read` and `im`: the same workloads
-//!   over TCP against `timeline-server` (`--addr HOST:PORT`, or without it
-//!   the `timeline-server` binary next to this one is started on a free
-//!   loopback port and stopped with SIGTERM at the end), through
-//!   `--connections` (default 4) pipelining connections with `--pipeline`
-//!   (default 16) requests in flight each; the extension `--refill`
-//!   (default 1) says when a connection queues more: 1 is a sliding window
-//!   (one more request per reply), the pipeline depth means whole batches.
-//!   See `workloads/server.rs`
-//!   (W1, W2) and `workloads/server_im.rs` (W4, a simplified version of the
-//!   in-process run: what it does is listed there).
-//! - `--target redis` for `append` and `read`: W1/W2 on Redis Streams (one
-//!   stream per timeline, `XADD` / `XRANGE` / `XREVRANGE`), the baseline of
-//!   the server target, with the same load shape; the bench starts
-//!   `redis-server` (`apt-get install -y redis-server`) on a free loopback
-//!   port with `--save ""` and `--appendonly no` for `--durability none`
-//!   (`yes` + `appendfsync everysec` / `always` for `group` / `sync`). See
-//!   `workloads/redis.rs`.
-//! - `--target rocksdb` for `append` and `read`: RocksDB used as a timeline
-//!   store (key = timeline id ‖ seq), the general-purpose KV baseline, built
-//!   only with the optional `rocksdb` cargo feature (see
-//!   `workloads/rocksdb.rs` for the build command, options and how its
-//!   figures map onto the engine's).
+//! | target | what | workloads |
+//! |---|---|---|
+//! | `engine` (default) | the engine (and for W3–W5 the IM layer) in this process | append, read, fanout, im, fanout-sweep, reopen |
+//! | `server` | `timeline-server` over TCP (`--addr`, or the binary next to this one started on a free loopback port and stopped with SIGTERM), `--connections` × `--pipeline` requests in flight, `--refill` (1: a sliding window; the pipeline depth: whole batches) | append, read, fanout, im, devices |
+//! | `redis` | Redis Streams (one stream per timeline; `redis-server` started with `--save ""` and `--appendonly no` / `everysec` / `always` for `none` / `group` / `sync`) | append, read, devices |
+//! | `rocksdb` | RocksDB as a timeline store and (W3) as a write-fan-out IM store, with the optional `rocksdb` feature | append, read, fanout |
+//!
+//! `targets/server.rs`, `targets/redis.rs` and `targets/rocksdb.rs` say how
+//! each maps the operations and its figures.
 //!
 //! Result lines of the network targets carry `connections`, `pipeline`,
 //! `refill`, `server_cpu_secs` and `client_cpu_secs` (CPU of the server
@@ -210,7 +197,7 @@
 //! above, and `--refill` (network targets). Environment:
 //! `TIMELINE_BENCH_REDIS_CLIENT=crate` makes `--target redis` read replies
 //! with the `redis` crate's parser instead of the bench's lean RESP reader
-//! (`workloads/resp.rs` says why the lean one is the default).
+//! (`targets/resp.rs` says why the lean one is the default).
 //!
 //! Output: a machine line and an aligned table on stdout (for the IM
 //! workloads a second table: deliveries/s, sync ops/s, writes per message

@@ -142,7 +142,7 @@ pub struct ResultLine {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_peak_rss_bytes: Option<u64>,
     /// redis: the reply reader of the timed loops (`resp-lean` or
-    /// `redis-crate`, see `workloads/resp.rs`).
+    /// `redis-crate`, see `targets/resp.rs`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
     /// redis: the `appendfsync` policy (`no` = appendonly off).
