@@ -3,6 +3,7 @@
 
 pub mod im_check;
 pub mod model;
+pub mod raft;
 
 use std::path::Path;
 use timeline_engine::{Config, Keyspace, TimelineId};

@@ -1,0 +1,53 @@
+//! `timeline-cluster`: the scale-out layer (issue 12), under construction.
+//!
+//! Timelines (store and sync, conversations and users) hash into `P`
+//! virtual partitions ([`partition`]); each partition is to be one openraft
+//! group of `R` replicas on distinct nodes, whose Raft log lives in the
+//! engine, one timeline per partition ([`log_store`]). What is built so far:
+//!
+//! - [`partition`]: the hash of a timeline to its partition, and the
+//!   partition → replicas map with its version and placement changes (the
+//!   document etcd will hold);
+//! - [`log_store`]: openraft's `RaftLogStorage` on the engine, for every
+//!   partition of a node on one engine (no file, thread or lock per
+//!   partition): entries, truncations and purges are records of the
+//!   partition's log timeline, replayed in order on open; the vote and the
+//!   committed id are records of two meta timelines; appends are
+//!   group-committed (`append_async`), and openraft is told an append is
+//!   flushed when the engine's fdatasync covering it returns.
+//!
+//! Not built yet: the state machine on the engine, snapshots, the network,
+//! etcd, routing (`MOVED`) and IM across partitions.
+
+pub mod log_store;
+pub mod partition;
+
+use std::io::Cursor;
+
+/// A node of the cluster.
+pub type NodeId = u64;
+
+/// What a partition's log replicates: the writes of its timelines.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Command {
+    /// Append one payload to a timeline (`keyspace`, `id`) of the partition.
+    Append {
+        keyspace: u8,
+        id: u64,
+        payload: Vec<u8>,
+    },
+}
+
+/// What applying a [`Command`] answers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Applied {
+    /// The SeqId the append got (0 for entries that are not appends).
+    pub seq: u64,
+}
+
+openraft::declare_raft_types!(
+    /// The cluster's openraft types: u64 node ids, basic nodes (an address).
+    pub TypeConfig:
+        D = Command,
+        R = Applied,
+);

@@ -1,0 +1,538 @@
+//! openraft's log storage on the engine: every partition's Raft log in one
+//! engine, one timeline per partition.
+//!
+//! The engine's timelines are append-only, and a Raft log is not: a new
+//! leader may truncate a follower's unconfirmed suffix, and applied entries
+//! are purged. So the log timeline of partition `p` (keyspace
+//! [`RAFT_LOG`], id `p`) holds three kinds of record, and the log is what
+//! replaying them in order gives:
+//!
+//! | record | bytes | replay |
+//! |---|---|---|
+//! | entry | `E` + the entry (JSON) | drop every entry at or after its index, then add it |
+//! | truncate | `T` + index (u64 LE) | drop every entry at or after the index |
+//! | purge | `P` + the log id (JSON) | drop every entry up to it; it is the last purged id |
+//!
+//! An entry's index is always the next one after a truncation (openraft
+//! appends contiguously), so "drop at or after, then add" is what the
+//! leader's overwrite means. A truncation is written with
+//! `Durability::Sync` before `truncate` returns: replaying a truncated
+//! suffix back after a crash would let this node vote with a log it does
+//! not have. Purges are written group-committed: a purge lost in a crash
+//! only brings back entries that are already applied.
+//!
+//! The vote and the committed log id are the last record of two timelines of
+//! [`RAFT_META`] (ids `2p` and `2p + 1`); the vote is written with
+//! `Durability::Sync`, so it is on disk when `save_vote` returns, as Raft
+//! requires.
+//!
+//! Appends are group-committed: [`append`](RaftLogStorage::append) hands the
+//! entries to `Engine::append_async` (readable at once) and the ticket to
+//! the node's one [`Flusher`] thread, which tells openraft the entries are
+//! flushed when the fdatasync covering them returned. One flusher per
+//! node, not per partition; many partitions' appends share each fdatasync.
+//!
+//! What this does not do yet: reclaim the space of purged records (the
+//! engine drops whole segments by age only; the raft keyspaces keep
+//! everything), and replay is O(records ever written to the partition's
+//! log).
+
+// openraft's traits return its `StorageError` (224 bytes); the helpers
+// return the same type so that `?` carries it unchanged.
+#![allow(clippy::result_large_err)]
+
+use crate::{NodeId, TypeConfig};
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{Entry, LogId, RaftLogId, RaftLogReader, StorageError, StorageIOError, Vote};
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+use timeline_engine::{
+    AppendTicket, Direction, Durability, Engine, Keyspace, KeyspaceConfig, SeqId, TimelineId,
+};
+
+/// The keyspace of the Raft logs: timeline `p` is partition `p`'s log.
+pub const RAFT_LOG: Keyspace = Keyspace(2);
+/// The keyspace of the votes (`2p`) and committed ids (`2p + 1`).
+pub const RAFT_META: Keyspace = Keyspace(3);
+
+/// Records replayed per engine scan on open.
+const REPLAY_PAGE: usize = 4096;
+
+/// The two keyspaces a node's engine needs besides its data keyspaces:
+/// kept forever, in log order (no regroup: the log is read in order).
+pub fn keyspaces() -> [KeyspaceConfig; 2] {
+    let keep = |id, name| KeyspaceConfig {
+        regroup: false,
+        segment_window: Duration::from_secs(3600),
+        ..KeyspaceConfig::keep_all(id, name)
+    };
+    [keep(RAFT_LOG, "raft-log"), keep(RAFT_META, "raft-meta")]
+}
+
+type Error = StorageError<NodeId>;
+
+fn write_err(e: impl std::error::Error + 'static) -> Error {
+    StorageIOError::write_logs(&e).into()
+}
+
+fn read_err(e: impl std::error::Error + 'static) -> Error {
+    StorageIOError::read_logs(&e).into()
+}
+
+/// A record that cannot be what this module wrote.
+#[derive(Debug, thiserror::Error)]
+#[error("partition {partition}: record {seq} of its {what} timeline is damaged: {why}")]
+struct Damaged {
+    partition: u64,
+    seq: SeqId,
+    what: &'static str,
+    why: String,
+}
+
+/// Tells openraft that appends are flushed, once the engine's group commit
+/// covering them returned: one thread per node, waiting tickets in order.
+/// An append waiting for its fdatasync, and whom to tell.
+type Flush = (AppendTicket, LogFlushed<TypeConfig>);
+
+pub struct Flusher {
+    tx: Mutex<Option<mpsc::Sender<Flush>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Flusher {
+    pub fn start() -> std::io::Result<Arc<Flusher>> {
+        let (tx, rx) = mpsc::channel::<Flush>();
+        let thread = std::thread::Builder::new()
+            .name("raft-flusher".into())
+            .spawn(move || {
+                for (ticket, callback) in rx {
+                    let r = ticket.wait().map(|_| ()).map_err(std::io::Error::other);
+                    callback.log_io_completed(r);
+                }
+            })?;
+        Ok(Arc::new(Flusher {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        }))
+    }
+
+    fn submit(&self, t: AppendTicket, cb: LogFlushed<TypeConfig>) -> Result<(), Error> {
+        let tx = self.tx.lock();
+        let tx = tx
+            .as_ref()
+            .ok_or_else(|| write_err(std::io::Error::other("the flusher stopped")))?;
+        tx.send((t, cb))
+            .map_err(|_| write_err(std::io::Error::other("the flusher stopped")))
+    }
+
+    /// Stop after the appends already submitted are flushed.
+    pub fn stop(&self) {
+        self.tx.lock().take();
+        if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A partition's log as replay leaves it.
+#[derive(Debug, Default)]
+struct State {
+    /// Raft index → (the entry's seq in the log timeline, its log id).
+    entries: BTreeMap<u64, (SeqId, LogId<NodeId>)>,
+    last_purged: Option<LogId<NodeId>>,
+    vote: Option<Vote<NodeId>>,
+    committed: Option<LogId<NodeId>>,
+}
+
+/// One partition's Raft log on a shared engine. Cloning gives another
+/// handle on the same log (openraft's log reader).
+#[derive(Clone)]
+pub struct LogStore {
+    engine: Arc<Engine>,
+    flusher: Arc<Flusher>,
+    partition: u64,
+    state: Arc<Mutex<State>>,
+}
+
+impl Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LogStore(partition {})", self.partition)
+    }
+}
+
+impl LogStore {
+    /// Open partition `partition`'s log, replaying its records.
+    pub fn open(
+        engine: Arc<Engine>,
+        flusher: Arc<Flusher>,
+        partition: u64,
+    ) -> Result<LogStore, Error> {
+        let mut st = State::default();
+        let log = TimelineId::new(RAFT_LOG, partition);
+        let mut from = 1;
+        loop {
+            let page = engine
+                .scan(log, from, REPLAY_PAGE, Direction::Forward)
+                .map_err(read_err)?;
+            for r in &page {
+                replay(&mut st, partition, r.seq, &r.payload)?;
+            }
+            match page.last() {
+                Some(r) if page.len() == REPLAY_PAGE => from = r.seq + 1,
+                _ => break,
+            }
+        }
+        st.vote = last_json(
+            &engine,
+            TimelineId::new(RAFT_META, 2 * partition),
+            partition,
+            "vote",
+        )?;
+        st.committed = last_json(
+            &engine,
+            TimelineId::new(RAFT_META, 2 * partition + 1),
+            partition,
+            "committed",
+        )?;
+        Ok(LogStore {
+            engine,
+            flusher,
+            partition,
+            state: Arc::new(Mutex::new(st)),
+        })
+    }
+
+    fn log(&self) -> TimelineId {
+        TimelineId::new(RAFT_LOG, self.partition)
+    }
+
+    /// Append entries to the log timeline (readable at once; durable when the
+    /// ticket says so) and to the replayed state.
+    fn write_entries(
+        &self,
+        entries: impl IntoIterator<Item = Entry<TypeConfig>>,
+    ) -> Result<AppendTicket, Error> {
+        let mut ids = Vec::new();
+        let mut recs = Vec::new();
+        for e in entries {
+            let mut rec = vec![b'E'];
+            serde_json::to_writer(&mut rec, &e).map_err(write_err)?;
+            ids.push(*e.get_log_id());
+            recs.push(rec);
+        }
+        let log = self.log();
+        let items: Vec<(TimelineId, &[u8])> = recs.iter().map(|r| (log, r.as_slice())).collect();
+        let ticket = self.engine.append_async(&items).map_err(write_err)?;
+        let mut st = self.state.lock();
+        for (id, &seq) in ids.iter().zip(ticket.seqs()) {
+            st.entries.split_off(&id.index);
+            st.entries.insert(id.index, (seq, *id));
+        }
+        Ok(ticket)
+    }
+
+    /// Append a marker record (`T` / `P`) with durability `d`.
+    fn marker(&self, tag: u8, body: &[u8], d: Durability) -> Result<(), Error> {
+        let mut rec = Vec::with_capacity(1 + body.len());
+        rec.push(tag);
+        rec.extend_from_slice(body);
+        self.engine
+            .append_with(self.log(), &rec, d)
+            .map_err(write_err)?;
+        Ok(())
+    }
+
+    fn save_meta<T: serde::Serialize>(&self, id: u64, v: &T, d: Durability) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec(v)?;
+        self.engine
+            .append_with(TimelineId::new(RAFT_META, id), &bytes, d)
+            .map_err(std::io::Error::other)?;
+        Ok(())
+    }
+}
+
+/// Apply one log-timeline record to the replayed state.
+fn replay(st: &mut State, partition: u64, seq: SeqId, rec: &[u8]) -> Result<(), Error> {
+    let damaged = |why: String| {
+        read_err(Damaged {
+            partition,
+            seq,
+            what: "log",
+            why,
+        })
+    };
+    let (tag, body) = rec.split_first().ok_or_else(|| damaged("empty".into()))?;
+    match tag {
+        b'E' => {
+            let e: Entry<TypeConfig> =
+                serde_json::from_slice(body).map_err(|e| damaged(e.to_string()))?;
+            let id = *e.get_log_id();
+            st.entries.split_off(&id.index);
+            st.entries.insert(id.index, (seq, id));
+        }
+        b'T' => {
+            let at = u64::from_le_bytes(
+                body.try_into()
+                    .map_err(|_| damaged("a truncate of the wrong size".into()))?,
+            );
+            st.entries.split_off(&at);
+        }
+        b'P' => {
+            let id: LogId<NodeId> =
+                serde_json::from_slice(body).map_err(|e| damaged(e.to_string()))?;
+            st.entries = st.entries.split_off(&(id.index + 1));
+            st.last_purged = Some(id);
+        }
+        t => return Err(damaged(format!("unknown record kind {t}"))),
+    }
+    Ok(())
+}
+
+/// The last record of a meta timeline, decoded.
+fn last_json<T: serde::de::DeserializeOwned>(
+    engine: &Engine,
+    tl: TimelineId,
+    partition: u64,
+    what: &'static str,
+) -> Result<Option<T>, Error> {
+    let page = engine
+        .scan(tl, u64::MAX, 1, Direction::Backward)
+        .map_err(read_err)?;
+    let Some(r) = page.first() else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&r.payload).map(Some).map_err(|e| {
+        read_err(Damaged {
+            partition,
+            seq: r.seq,
+            what,
+            why: e.to_string(),
+        })
+    })
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, Error> {
+        let seqs: Vec<(u64, SeqId)> = {
+            let st = self.state.lock();
+            let r = (
+                clone_bound(range.start_bound()),
+                clone_bound(range.end_bound()),
+            );
+            st.entries.range(r).map(|(&i, &(s, _))| (i, s)).collect()
+        };
+        let mut out = Vec::with_capacity(seqs.len());
+        for (index, seq) in seqs {
+            let r = self
+                .engine
+                .get(self.log(), seq)
+                .map_err(read_err)?
+                .ok_or_else(|| {
+                    read_err(Damaged {
+                        partition: self.partition,
+                        seq,
+                        what: "log",
+                        why: format!("entry {index} is gone"),
+                    })
+                })?;
+            let body = r.payload.get(1..).unwrap_or_default();
+            let e: Entry<TypeConfig> = serde_json::from_slice(body).map_err(|e| {
+                read_err(Damaged {
+                    partition: self.partition,
+                    seq,
+                    what: "log",
+                    why: e.to_string(),
+                })
+            })?;
+            out.push(e);
+        }
+        Ok(out)
+    }
+}
+
+fn clone_bound(b: Bound<&u64>) -> Bound<u64> {
+    match b {
+        Bound::Included(&x) => Bound::Included(x),
+        Bound::Excluded(&x) => Bound::Excluded(x),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, Error> {
+        let st = self.state.lock();
+        let last = st
+            .entries
+            .values()
+            .next_back()
+            .map(|&(_, id)| id)
+            .or(st.last_purged);
+        Ok(LogState {
+            last_purged_log_id: st.last_purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> LogStore {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), Error> {
+        self.save_meta(2 * self.partition, vote, Durability::Sync)
+            .map_err(|e| StorageIOError::write_vote(&e))?;
+        self.state.lock().vote = Some(*vote);
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, Error> {
+        Ok(self.state.lock().vote)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), Error> {
+        self.save_meta(2 * self.partition + 1, &committed, Durability::GroupCommit)
+            .map_err(write_err)?;
+        self.state.lock().committed = committed;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, Error> {
+        Ok(self.state.lock().committed)
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), Error>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let ticket = self.write_entries(entries)?;
+        self.flusher.submit(ticket, callback)
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), Error> {
+        self.marker(b'T', &log_id.index.to_le_bytes(), Durability::Sync)?;
+        self.state.lock().entries.split_off(&log_id.index);
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), Error> {
+        let body = serde_json::to_vec(&log_id).map_err(write_err)?;
+        self.marker(b'P', &body, Durability::GroupCommit)?;
+        let mut st = self.state.lock();
+        st.entries = st.entries.split_off(&(log_id.index + 1));
+        st.last_purged = Some(log_id);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use openraft::testing::{blank_ent, log_id};
+    use openraft::CommittedLeaderId;
+
+    fn engine(dir: &std::path::Path) -> Arc<Engine> {
+        let mut cfg = timeline_engine::Config::default();
+        cfg.keyspaces.extend(keyspaces());
+        Arc::new(Engine::open(dir, cfg).unwrap())
+    }
+
+    fn block<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    fn terms(ls: &mut LogStore) -> Vec<(u64, u64)> {
+        block(ls.try_get_log_entries(..))
+            .unwrap()
+            .iter()
+            .map(|e| (e.log_id.index, e.log_id.leader_id.term))
+            .collect()
+    }
+
+    #[test]
+    fn truncations_purges_and_the_vote_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let flusher = Flusher::start().unwrap();
+        let vote = Vote::new_committed(2, 9);
+        let want = {
+            let e = engine(dir.path());
+            let mut ls = LogStore::open(e.clone(), flusher.clone(), 3).unwrap();
+            // Another partition on the same engine must not be disturbed.
+            let other = LogStore::open(e.clone(), flusher.clone(), 4).unwrap();
+            other
+                .write_entries((1..=3).map(|i| blank_ent::<TypeConfig>(5, 1, i)))
+                .unwrap()
+                .wait()
+                .unwrap();
+            ls.write_entries((1..=10).map(|i| blank_ent::<TypeConfig>(1, 1, i)))
+                .unwrap()
+                .wait()
+                .unwrap();
+            block(ls.truncate(log_id(1, 1, 6))).unwrap();
+            ls.write_entries((6..=8).map(|i| blank_ent::<TypeConfig>(2, 9, i)))
+                .unwrap()
+                .wait()
+                .unwrap();
+            block(ls.purge(log_id(1, 1, 3))).unwrap();
+            block(ls.save_vote(&vote)).unwrap();
+            block(ls.save_committed(Some(log_id(2, 9, 7)))).unwrap();
+            let want = terms(&mut ls);
+            assert_eq!(want, vec![(4, 1), (5, 1), (6, 2), (7, 2), (8, 2)]);
+            drop((ls, other));
+            Arc::try_unwrap(e).ok().unwrap().close().unwrap();
+            want
+        };
+        let e = engine(dir.path());
+        let mut ls = LogStore::open(e.clone(), flusher.clone(), 3).unwrap();
+        assert_eq!(terms(&mut ls), want);
+        let st = block(ls.get_log_state()).unwrap();
+        assert_eq!(st.last_purged_log_id, Some(log_id(1, 1, 3)));
+        assert_eq!(
+            st.last_log_id,
+            Some(LogId::new(CommittedLeaderId::new(2, 9), 8))
+        );
+        assert_eq!(block(ls.read_vote()).unwrap(), Some(vote));
+        assert_eq!(block(ls.read_committed()).unwrap(), Some(log_id(2, 9, 7)));
+        let mut other = LogStore::open(e, flusher, 4).unwrap();
+        assert_eq!(terms(&mut other), vec![(1, 5), (2, 5), (3, 5)]);
+    }
+
+    #[test]
+    fn a_damaged_record_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        e.append_with(TimelineId::new(RAFT_LOG, 1), b"Enot json", Durability::Sync)
+            .unwrap();
+        e.append_with(TimelineId::new(RAFT_LOG, 2), b"T123", Durability::Sync)
+            .unwrap();
+        let f = Flusher::start().unwrap();
+        for p in [1, 2] {
+            let err = LogStore::open(e.clone(), f.clone(), p)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("partition {p}")) && err.contains("damaged"),
+                "{err}"
+            );
+        }
+    }
+}

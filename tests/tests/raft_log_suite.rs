@@ -1,0 +1,33 @@
+//! openraft's own storage test suite (`openraft::testing::Suite`) against
+//! the engine-backed log store: every case builds a fresh engine in a
+//! temporary directory. The suite also exercises a state machine; the one
+//! used is test scaffolding kept in memory (`timeline_tests::raft`), so this
+//! tests the log store.
+#![allow(clippy::unwrap_used)]
+
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::StorageError;
+use std::sync::Arc;
+use timeline_cluster::log_store::{Flusher, LogStore};
+use timeline_cluster::{NodeId, TypeConfig};
+use timeline_tests::raft::{raft_engine, MemSm};
+
+/// A fresh engine per case; the guard keeps the directory and the flusher.
+struct Builder;
+
+type Guard = (tempfile::TempDir, Arc<Flusher>);
+
+impl StoreBuilder<TypeConfig, LogStore, MemSm, Guard> for Builder {
+    async fn build(&self) -> Result<(Guard, LogStore, MemSm), StorageError<NodeId>> {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(raft_engine(dir.path()).unwrap());
+        let flusher = Flusher::start().unwrap();
+        let ls = LogStore::open(engine, flusher.clone(), 7)?;
+        Ok(((dir, flusher), ls, MemSm::default()))
+    }
+}
+
+#[test]
+fn openraft_storage_suite_passes_on_the_engine() {
+    Suite::test_all(Builder).unwrap();
+}
