@@ -14,13 +14,19 @@
 //!   partition's log timeline, replayed in order on open; the vote and the
 //!   committed id are records of two meta timelines; appends are
 //!   group-committed (`append_async`), and openraft is told an append is
-//!   flushed when the engine's fdatasync covering it returns.
+//!   flushed when the engine's fdatasync covering it returns;
+//! - [`state_machine`]: openraft's state machine on the engine: an applied
+//!   `Append` writes (Raft index, payload) to its timeline, idempotently,
+//!   so replicas hold the same records with the same SeqIds; snapshots carry
+//!   the partition's records and bring a lagging replica up by appending
+//!   what it lacks.
 //!
-//! Not built yet: the state machine on the engine, snapshots, the network,
-//! etcd, routing (`MOVED`) and IM across partitions.
+//! Not built yet: the network between nodes, etcd, routing (`MOVED`), IM
+//! across partitions, and a node that runs all this (docs/scaling.md).
 
 pub mod log_store;
 pub mod partition;
+pub mod state_machine;
 
 use std::io::Cursor;
 

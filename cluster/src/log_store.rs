@@ -22,7 +22,8 @@
 //! only brings back entries that are already applied.
 //!
 //! The vote and the committed log id are the last record of two timelines of
-//! [`RAFT_META`] (ids `2p` and `2p + 1`); the vote is written with
+//! [`RAFT_META`] (ids `4p` and `4p + 1`; `4p + 2` and `4p + 3` are the state
+//! machine's, see `state_machine`); the vote is written with
 //! `Durability::Sync`, so it is on disk when `save_vote` returns, as Raft
 //! requires.
 //!
@@ -57,7 +58,8 @@ use timeline_engine::{
 
 /// The keyspace of the Raft logs: timeline `p` is partition `p`'s log.
 pub const RAFT_LOG: Keyspace = Keyspace(2);
-/// The keyspace of the votes (`2p`) and committed ids (`2p + 1`).
+/// The keyspace of partition `p`'s vote (`4p`), committed id (`4p + 1`),
+/// applied state (`4p + 2`) and timeline list (`4p + 3`).
 pub const RAFT_META: Keyspace = Keyspace(3);
 
 /// Records replayed per engine scan on open.
@@ -195,13 +197,13 @@ impl LogStore {
         }
         st.vote = last_json(
             &engine,
-            TimelineId::new(RAFT_META, 2 * partition),
+            TimelineId::new(RAFT_META, 4 * partition),
             partition,
             "vote",
         )?;
         st.committed = last_json(
             &engine,
-            TimelineId::new(RAFT_META, 2 * partition + 1),
+            TimelineId::new(RAFT_META, 4 * partition + 1),
             partition,
             "committed",
         )?;
@@ -394,7 +396,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), Error> {
-        self.save_meta(2 * self.partition, vote, Durability::Sync)
+        self.save_meta(4 * self.partition, vote, Durability::Sync)
             .map_err(|e| StorageIOError::write_vote(&e))?;
         self.state.lock().vote = Some(*vote);
         Ok(())
@@ -405,7 +407,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), Error> {
-        self.save_meta(2 * self.partition + 1, &committed, Durability::GroupCommit)
+        self.save_meta(4 * self.partition + 1, &committed, Durability::GroupCommit)
             .map_err(write_err)?;
         self.state.lock().committed = committed;
         Ok(())

@@ -1,10 +1,14 @@
-//! A crash test of the Raft log store that really crashes: a child runs
-//! four single-node openraft groups whose logs are in one engine and writes
-//! to them until it is killed with SIGKILL at a random moment. The test then
-//! opens each partition's log store on the directory and checks that every
-//! write openraft acknowledged is there, at its index, with its exact bytes,
-//! and that each log is an unbroken run of indexes. The next child continues
-//! on the same directory (its groups restart from their logs).
+//! A crash test of the Raft log and state machine on the engine that really
+//! crashes: a child runs four single-node openraft groups on one engine
+//! (snapshots and log purges included) and writes to them until it is
+//! killed with SIGKILL at a random moment. The test then opens each
+//! partition's log store and state machine on the directory and checks:
+//! each log is an unbroken run of indexes; every write openraft
+//! acknowledged is in the log (unless purged) at its index with its exact
+//! bytes, and in its partition's timeline exactly once; the timeline's
+//! indexes strictly increase. The next child continues on the same
+//! directory, so every restart re-applies entries the state machine had
+//! already written, which must not be written twice.
 #![allow(clippy::unwrap_used)]
 
 use openraft::storage::RaftLogStorage;
@@ -15,6 +19,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 use timeline_cluster::log_store::{Flusher, LogStore};
+use timeline_cluster::state_machine::StateMachine;
 use timeline_cluster::Command as Cmd;
 use timeline_tests::raft::raft_engine;
 
@@ -37,6 +42,7 @@ fn kill9_loses_no_acknowledged_raft_write() {
         .build()
         .unwrap();
     let mut checked = 0usize;
+    let mut in_purged_log = 0usize;
     for cycle in 0..cycles() {
         let stderr = std::fs::File::create(&err_path).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_raft-log-crash-child"))
@@ -82,21 +88,50 @@ fn kill9_loses_no_acknowledged_raft_write() {
             );
             entries.push(es);
         }
+        // The partitions' timelines, as the state machines wrote them.
+        let data: Vec<std::collections::HashMap<u64, Vec<u8>>> = (0..4)
+            .map(|p| {
+                let recs = StateMachine::open(engine.clone(), p)
+                    .unwrap()
+                    .records(0, p)
+                    .unwrap();
+                for w in recs.windows(2) {
+                    assert!(
+                        w[0].0 < w[1].0,
+                        "cycle {cycle}: partition {p}: index {} after {}",
+                        w[1].0,
+                        w[0].0
+                    );
+                }
+                recs.into_iter().collect()
+            })
+            .collect();
         // A torn last line (killed mid-write) is ignored.
         for line in acks.lines().filter(|l| l.split(' ').count() == 3) {
             let mut f = line.split(' ');
             let p: usize = f.next().unwrap().parse().unwrap();
             let index: u64 = f.next().unwrap().parse().unwrap();
             let payload = f.next().unwrap().as_bytes();
-            let e = entries[p]
-                .iter()
-                .find(|e| e.log_id.index == index)
-                .unwrap_or_else(|| panic!("cycle {cycle}: acknowledged write {line:?} lost"));
-            match &e.payload {
-                EntryPayload::Normal(Cmd::Append { payload: got, .. }) => {
-                    assert_eq!(got, payload, "cycle {cycle}: {line:?}")
+            assert_eq!(
+                data[p].get(&index).map(|v| v.as_slice()),
+                Some(payload),
+                "cycle {cycle}: acknowledged write {line:?} is not in its timeline"
+            );
+            let purged = entries[p].first().is_none_or(|e| index < e.log_id.index);
+            in_purged_log += usize::from(purged);
+            if !purged {
+                let e = entries[p]
+                    .iter()
+                    .find(|e| e.log_id.index == index)
+                    .unwrap_or_else(|| {
+                        panic!("cycle {cycle}: acknowledged write {line:?} lost from the log")
+                    });
+                match &e.payload {
+                    EntryPayload::Normal(Cmd::Append { payload: got, .. }) => {
+                        assert_eq!(got, payload, "cycle {cycle}: {line:?}")
+                    }
+                    other => panic!("cycle {cycle}: {line:?} is {other:?}"),
                 }
-                other => panic!("cycle {cycle}: {line:?} is {other:?}"),
             }
             checked += 1;
         }
@@ -104,6 +139,13 @@ fn kill9_loses_no_acknowledged_raft_write() {
         flusher.stop();
         Arc::try_unwrap(engine).ok().unwrap().close().unwrap();
     }
-    eprintln!("{} cycles: {checked} acknowledged writes checked", cycles());
+    eprintln!(
+        "{} cycles: {checked} acknowledged writes checked ({in_purged_log} of them only in their timeline: their log was purged)",
+        cycles()
+    );
+    assert!(
+        in_purged_log > 0,
+        "no snapshot purged a log: the purge path went untested"
+    );
     assert!(checked > 100, "only {checked} acknowledged writes checked");
 }

@@ -8,8 +8,9 @@
 //! partition, the run's seed and a counter. After each write openraft
 //! acknowledged (committed: on disk, as the log store reported), it writes
 //! `partition index payload` to the ack log (no fsync: a SIGKILL does not
-//! lose the page cache). Snapshots are off: the state machine is the
-//! in-memory scaffolding, which a restart empties.
+//! lose the page cache). The state machine is the engine-backed one
+//! (`timeline_cluster::state_machine`), with a snapshot every 500 entries,
+//! so logs are purged while it runs.
 //!
 //! Exit codes (the parent only ever kills): 2 bad usage, 3 the engine or a
 //! log store did not open, 4 a group did not start or a write failed.
@@ -21,8 +22,9 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use timeline_cluster::log_store::{Flusher, LogStore};
+use timeline_cluster::state_machine::StateMachine;
 use timeline_cluster::{Command, TypeConfig};
-use timeline_tests::raft::{raft_engine, MemSm, NoPeers};
+use timeline_tests::raft::{raft_engine, NoPeers};
 
 /// Groups written to at once.
 pub const PARTITIONS: u64 = 4;
@@ -54,7 +56,8 @@ fn main() {
     rt.block_on(async move {
         let config = Arc::new(
             Config {
-                snapshot_policy: SnapshotPolicy::Never,
+                snapshot_policy: SnapshotPolicy::LogsSinceLast(500),
+                max_in_snapshot_log_to_keep: 100,
                 ..Default::default()
             }
             .validate()
@@ -66,7 +69,11 @@ fn main() {
                 eprintln!("log store {p}: {e}");
                 std::process::exit(3)
             });
-            let raft = Raft::<TypeConfig>::new(1, config.clone(), NoPeers, ls, MemSm::default())
+            let sm = StateMachine::open(engine.clone(), p).unwrap_or_else(|e| {
+                eprintln!("state machine {p}: {e}");
+                std::process::exit(3)
+            });
+            let raft = Raft::<TypeConfig>::new(1, config.clone(), NoPeers, ls, sm)
                 .await
                 .unwrap();
             // Already initialized after the first run: that error is expected.

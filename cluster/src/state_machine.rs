@@ -1,0 +1,500 @@
+//! openraft's state machine on the engine: applying a partition's log
+//! appends to the partition's timelines, so every replica's timelines get
+//! the same records with the same SeqIds, whichever node leads.
+//!
+//! **Records.** Each record an applied `Append` writes to its timeline is
+//! the entry's Raft index (u64 LE) followed by the payload:
+//!
+//! ```text
+//! | raft index: u64 LE | payload ...           |
+//! 0                    8                     end
+//! ```
+//!
+//! A replica appends only committed entries, in log order, so replicas'
+//! timelines are prefixes of each other and a SeqId is never reused or
+//! skipped across leader changes. The index makes applying idempotent.
+//! After a crash, openraft re-applies the entries after the last applied id
+//! the state machine reported, and an entry whose index is not above its
+//! timeline's last record's index is already there: it is skipped, not
+//! written twice.
+//!
+//! **What is persisted, and when.**
+//! - Data appends are buffered: the log already holds the entry durably.
+//! - The applied state (last applied id and membership, `raft-meta` timeline
+//!   `4p + 2`) is written only when a snapshot is built or installed, after
+//!   `Engine::sync`. So it is never on disk ahead of the data it covers, and
+//!   the log is purged only up to a snapshot whose data is on disk.
+//! - A restart re-applies the entries since the last snapshot; idempotence
+//!   makes that safe.
+//! - The partition's timelines are listed in `raft-meta` timeline `4p + 3`,
+//!   one record per timeline the first time it is written (the engine
+//!   cannot list timelines).
+//!
+//! **Snapshots** carry every record of the partition's timelines with its
+//! index (a binary list; not yet segment ranges). Installing one on a
+//! replica appends, to each timeline, the records past that replica's last
+//! index: the replica's timelines are a prefix of the snapshot's.
+
+// openraft's traits return its `StorageError` (224 bytes).
+#![allow(clippy::result_large_err)]
+
+use crate::log_store::RAFT_META;
+use crate::{Applied, Command, NodeId, TypeConfig};
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership,
+};
+use parking_lot::Mutex;
+use std::collections::{BTreeSet, HashMap};
+use std::io::Cursor;
+use std::sync::Arc;
+use timeline_engine::{Direction, Durability, Engine, Keyspace, TimelineId};
+
+type Error = StorageError<NodeId>;
+type Membership = StoredMembership<NodeId, BasicNode>;
+
+/// Records read per scan when building a snapshot or listing timelines.
+const PAGE: usize = 4096;
+
+fn sm_err(e: impl std::error::Error + 'static) -> Error {
+    StorageIOError::write_state_machine(&e).into()
+}
+
+fn read_err(e: impl std::error::Error + 'static) -> Error {
+    StorageIOError::read_state_machine(&e).into()
+}
+
+fn damaged(what: String) -> Error {
+    read_err(std::io::Error::new(std::io::ErrorKind::InvalidData, what))
+}
+
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct AppliedState {
+    applied: Option<LogId<NodeId>>,
+    membership: Membership,
+}
+
+struct State {
+    applied: AppliedState,
+    /// The partition's timelines (keyspace, id).
+    timelines: BTreeSet<(u8, u64)>,
+    /// Each touched timeline's last record's Raft index.
+    last_index: HashMap<(u8, u64), u64>,
+    current: Option<(SnapshotMeta<NodeId, BasicNode>, Vec<u8>)>,
+}
+
+/// One partition's state machine on a shared engine. Clones share it (the
+/// snapshot builder is one).
+#[derive(Clone)]
+pub struct StateMachine {
+    engine: Arc<Engine>,
+    partition: u64,
+    state: Arc<Mutex<State>>,
+}
+
+impl StateMachine {
+    /// Open partition `partition`'s state machine: its applied state as of
+    /// its last snapshot, and its list of timelines.
+    pub fn open(engine: Arc<Engine>, partition: u64) -> Result<StateMachine, Error> {
+        let applied_tl = TimelineId::new(RAFT_META, 4 * partition + 2);
+        let applied = match engine
+            .scan(applied_tl, u64::MAX, 1, Direction::Backward)
+            .map_err(read_err)?
+            .first()
+        {
+            Some(r) => serde_json::from_slice(&r.payload).map_err(|e| {
+                damaged(format!(
+                    "partition {partition}: applied state {}: {e}",
+                    r.seq
+                ))
+            })?,
+            None => AppliedState::default(),
+        };
+        let mut timelines = BTreeSet::new();
+        let list = TimelineId::new(RAFT_META, 4 * partition + 3);
+        let mut from = 1;
+        loop {
+            let page = engine
+                .scan(list, from, PAGE, Direction::Forward)
+                .map_err(read_err)?;
+            for r in &page {
+                timelines.insert(decode_timeline(&r.payload).ok_or_else(|| {
+                    damaged(format!(
+                        "partition {partition}: timeline list record {} is damaged",
+                        r.seq
+                    ))
+                })?);
+            }
+            match page.last() {
+                Some(r) if page.len() == PAGE => from = r.seq + 1,
+                _ => break,
+            }
+        }
+        Ok(StateMachine {
+            engine,
+            partition,
+            state: Arc::new(Mutex::new(State {
+                applied,
+                timelines,
+                last_index: HashMap::new(),
+                current: None,
+            })),
+        })
+    }
+
+    /// The records of one of the partition's timelines, with their indexes.
+    pub fn records(&self, keyspace: u8, id: u64) -> Result<Vec<(u64, Vec<u8>)>, Error> {
+        let tl = TimelineId::new(Keyspace(keyspace), id);
+        let mut out = Vec::new();
+        let mut from = 1;
+        loop {
+            let page = self
+                .engine
+                .scan(tl, from, PAGE, Direction::Forward)
+                .map_err(read_err)?;
+            for r in &page {
+                let (index, payload) = split(&r.payload).ok_or_else(|| {
+                    damaged(format!(
+                        "timeline {keyspace}/{id} seq {}: no Raft index",
+                        r.seq
+                    ))
+                })?;
+                out.push((index, payload.to_vec()));
+            }
+            match page.last() {
+                Some(r) if page.len() == PAGE => from = r.seq + 1,
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// The Raft index of timeline `t`'s last record (0: none).
+    fn last_index(&self, st: &mut State, t: (u8, u64)) -> Result<u64, Error> {
+        if let Some(&i) = st.last_index.get(&t) {
+            return Ok(i);
+        }
+        let tl = TimelineId::new(Keyspace(t.0), t.1);
+        let i = match self
+            .engine
+            .scan(tl, u64::MAX, 1, Direction::Backward)
+            .map_err(read_err)?
+            .first()
+        {
+            Some(r) => {
+                split(&r.payload)
+                    .ok_or_else(|| damaged(format!("timeline {}/{}: no Raft index", t.0, t.1)))?
+                    .0
+            }
+            None => 0,
+        };
+        st.last_index.insert(t, i);
+        Ok(i)
+    }
+
+    /// Append `payload` at Raft index `index` to timeline `t` unless it is
+    /// there already; the SeqId it got (0 if it was there).
+    fn append(
+        &self,
+        st: &mut State,
+        t: (u8, u64),
+        index: u64,
+        payload: &[u8],
+    ) -> Result<u64, Error> {
+        if t.0 == RAFT_META.0 || t.0 == crate::log_store::RAFT_LOG.0 {
+            return Err(sm_err(std::io::Error::other(format!(
+                "keyspace {} is the cluster's own",
+                t.0
+            ))));
+        }
+        if index <= self.last_index(st, t)? {
+            return Ok(0);
+        }
+        if st.timelines.insert(t) {
+            let list = TimelineId::new(RAFT_META, 4 * self.partition + 3);
+            self.engine
+                .append_with(list, &encode_timeline(t), Durability::Buffered)
+                .map_err(sm_err)?;
+        }
+        let mut rec = Vec::with_capacity(8 + payload.len());
+        rec.extend_from_slice(&index.to_le_bytes());
+        rec.extend_from_slice(payload);
+        let seq = self
+            .engine
+            .append_with(
+                TimelineId::new(Keyspace(t.0), t.1),
+                &rec,
+                Durability::Buffered,
+            )
+            .map_err(sm_err)?;
+        st.last_index.insert(t, index);
+        Ok(seq)
+    }
+
+    /// Make the data durable, then persist the applied state.
+    fn persist(&self, st: &State) -> Result<(), Error> {
+        self.engine.sync().map_err(sm_err)?;
+        let bytes = serde_json::to_vec(&st.applied).map_err(sm_err)?;
+        let tl = TimelineId::new(RAFT_META, 4 * self.partition + 2);
+        self.engine
+            .append_with(tl, &bytes, Durability::Sync)
+            .map_err(sm_err)?;
+        Ok(())
+    }
+
+    fn snapshot_bytes(&self, st: &State) -> Result<Vec<u8>, Error> {
+        let mut out = Vec::new();
+        for &(ks, id) in &st.timelines {
+            let recs = self.records(ks, id)?;
+            out.push(ks);
+            out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&(recs.len() as u64).to_le_bytes());
+            for (index, payload) in recs {
+                out.extend_from_slice(&index.to_le_bytes());
+                out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+                out.extend_from_slice(&payload);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn split(rec: &[u8]) -> Option<(u64, &[u8])> {
+    let (i, p) = rec.split_at_checked(8)?;
+    Some((u64::from_le_bytes(i.try_into().ok()?), p))
+}
+
+fn encode_timeline((ks, id): (u8, u64)) -> [u8; 9] {
+    let mut b = [0u8; 9];
+    b[0] = ks;
+    b[1..].copy_from_slice(&id.to_le_bytes());
+    b
+}
+
+fn decode_timeline(b: &[u8]) -> Option<(u8, u64)> {
+    let (&ks, id) = b.split_first()?;
+    Some((ks, u64::from_le_bytes(id.try_into().ok()?)))
+}
+
+/// A snapshot's timelines: (keyspace, id, [(index, payload)]).
+type Timelines = Vec<((u8, u64), Vec<(u64, Vec<u8>)>)>;
+
+fn decode_snapshot(mut b: &[u8]) -> Option<Timelines> {
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (h, t) = b.split_at_checked(n)?;
+        *b = t;
+        Some(h)
+    }
+    fn u64_of(b: &mut &[u8]) -> Option<u64> {
+        Some(u64::from_le_bytes(take(b, 8)?.try_into().ok()?))
+    }
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let ks = take(&mut b, 1)?[0];
+        let id = u64_of(&mut b)?;
+        let n = u64_of(&mut b)?;
+        let mut recs = Vec::new();
+        for _ in 0..n {
+            let index = u64_of(&mut b)?;
+            let len = u32::from_le_bytes(take(&mut b, 4)?.try_into().ok()?) as usize;
+            recs.push((index, take(&mut b, len)?.to_vec()));
+        }
+        out.push(((ks, id), recs));
+    }
+    Some(out)
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, Error> {
+        let mut st = self.state.lock();
+        let data = self.snapshot_bytes(&st)?;
+        self.persist(&st)?;
+        let meta = SnapshotMeta {
+            last_log_id: st.applied.applied,
+            last_membership: st.applied.membership.clone(),
+            snapshot_id: format!(
+                "p{}-{}",
+                self.partition,
+                st.applied.applied.map_or(0, |l| l.index)
+            ),
+        };
+        st.current = Some((meta.clone(), data.clone()));
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId<NodeId>>, Membership), Error> {
+        let st = self.state.lock();
+        Ok((st.applied.applied, st.applied.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>, Error>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+    {
+        let mut st = self.state.lock();
+        let mut out = Vec::new();
+        for e in entries {
+            let seq = match e.payload {
+                EntryPayload::Blank => 0,
+                EntryPayload::Membership(m) => {
+                    st.applied.membership = StoredMembership::new(Some(e.log_id), m);
+                    0
+                }
+                EntryPayload::Normal(Command::Append {
+                    keyspace,
+                    id,
+                    payload,
+                }) => self.append(&mut st, (keyspace, id), e.log_id.index, &payload)?,
+            };
+            st.applied.applied = Some(e.log_id);
+            out.push(Applied { seq });
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> StateMachine {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, Error> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), Error> {
+        let data = snapshot.into_inner();
+        let timelines = decode_snapshot(&data)
+            .ok_or_else(|| damaged(format!("snapshot {} is damaged", meta.snapshot_id)))?;
+        let mut st = self.state.lock();
+        for (t, recs) in timelines {
+            for (index, payload) in recs {
+                self.append(&mut st, t, index, &payload)?;
+            }
+        }
+        st.applied = AppliedState {
+            applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+        };
+        self.persist(&st)?;
+        st.current = Some((meta.clone(), data));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, Error> {
+        let st = self.state.lock();
+        Ok(st.current.clone().map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use openraft::testing::log_id;
+
+    fn engine(dir: &std::path::Path) -> Arc<Engine> {
+        let mut cfg = timeline_engine::Config::default();
+        cfg.keyspaces.extend(crate::log_store::keyspaces());
+        Arc::new(Engine::open(dir, cfg).unwrap())
+    }
+
+    fn block<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    fn append(index: u64, id: u64, p: &str) -> Entry<TypeConfig> {
+        Entry {
+            log_id: log_id(1, 1, index),
+            payload: EntryPayload::Normal(Command::Append {
+                keyspace: 0,
+                id,
+                payload: p.as_bytes().to_vec(),
+            }),
+        }
+    }
+
+    fn seqs(r: Vec<Applied>) -> Vec<u64> {
+        r.into_iter().map(|a| a.seq).collect()
+    }
+
+    #[test]
+    fn applying_again_after_a_restart_writes_nothing_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let mut sm = StateMachine::open(e.clone(), 5).unwrap();
+        let es = vec![append(1, 10, "a"), append(2, 11, "b"), append(3, 10, "c")];
+        assert_eq!(seqs(block(sm.apply(es.clone())).unwrap()), vec![1, 1, 2]);
+        // A restart before any snapshot: the applied state is the empty one,
+        // and openraft applies the same entries again, then new ones.
+        let mut sm = StateMachine::open(e.clone(), 5).unwrap();
+        assert_eq!(block(sm.applied_state()).unwrap().0, None);
+        let mut again = es;
+        again.push(append(4, 10, "d"));
+        assert_eq!(seqs(block(sm.apply(again)).unwrap()), vec![0, 0, 0, 3]);
+        let tl10 = sm.records(0, 10).unwrap();
+        assert_eq!(
+            tl10,
+            vec![(1, b"a".to_vec()), (3, b"c".to_vec()), (4, b"d".to_vec())]
+        );
+        assert_eq!(e.last_seq(TimelineId::new(Keyspace(0), 10)), 3);
+        // The cluster's own keyspaces are not the state machine's to write.
+        let bad = Entry {
+            log_id: log_id(1, 1, 5),
+            payload: EntryPayload::Normal(Command::Append {
+                keyspace: 2,
+                id: 5,
+                payload: vec![],
+            }),
+        };
+        assert!(block(sm.apply([bad])).is_err());
+    }
+
+    #[test]
+    fn a_snapshot_brings_a_lagging_replica_to_the_same_records_and_seqs() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (ea, eb) = (engine(da.path()), engine(db.path()));
+        let mut a = StateMachine::open(ea.clone(), 2).unwrap();
+        let mut b = StateMachine::open(eb.clone(), 2).unwrap();
+        let es: Vec<_> = (1..=20)
+            .map(|i| append(i, i % 3, &format!("m{i}")))
+            .collect();
+        block(a.apply(es.clone())).unwrap();
+        block(b.apply(es[..7].to_vec())).unwrap(); // b lags: a prefix
+        let mut builder = block(a.get_snapshot_builder());
+        let snap = block(builder.build_snapshot()).unwrap();
+        assert_eq!(snap.meta.last_log_id, Some(log_id(1, 1, 20)));
+        block(b.install_snapshot(&snap.meta, snap.snapshot)).unwrap();
+        for id in 0..3 {
+            assert_eq!(a.records(0, id).unwrap(), b.records(0, id).unwrap());
+            let tl = TimelineId::new(Keyspace(0), id);
+            assert_eq!(
+                ea.last_seq(tl),
+                eb.last_seq(tl),
+                "timeline {id}: same SeqIds"
+            );
+        }
+        // The applied state was persisted with the snapshot.
+        let b2 = StateMachine::open(eb, 2).unwrap();
+        assert_eq!(b2.state.lock().applied.applied, Some(log_id(1, 1, 20)));
+        assert!(
+            decode_snapshot(&[1, 2, 3]).is_none(),
+            "a damaged snapshot is refused"
+        );
+    }
+}
