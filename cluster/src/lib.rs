@@ -28,6 +28,29 @@ pub mod log_store;
 pub mod partition;
 pub mod state_machine;
 
+/// What the unit tests of this crate share.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) mod testkit {
+    use std::sync::Arc;
+    use timeline_engine::Engine;
+
+    /// An engine with the default keyspaces and the raft ones.
+    pub fn engine(dir: &std::path::Path) -> Arc<Engine> {
+        let mut cfg = timeline_engine::Config::default();
+        cfg.keyspaces.extend(crate::log_store::keyspaces());
+        Arc::new(Engine::open(dir, cfg).unwrap())
+    }
+
+    /// Run a future to completion on a fresh single-thread runtime.
+    pub fn block<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+}
+
 use std::io::Cursor;
 
 /// A node of the cluster.

@@ -449,18 +449,7 @@ mod tests {
     use openraft::testing::{blank_ent, log_id};
     use openraft::CommittedLeaderId;
 
-    fn engine(dir: &std::path::Path) -> Arc<Engine> {
-        let mut cfg = timeline_engine::Config::default();
-        cfg.keyspaces.extend(keyspaces());
-        Arc::new(Engine::open(dir, cfg).unwrap())
-    }
-
-    fn block<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-            .block_on(f)
-    }
+    use crate::testkit::{block, engine};
 
     fn terms(ls: &mut LogStore) -> Vec<(u64, u64)> {
         block(ls.try_get_log_entries(..))

@@ -405,18 +405,7 @@ mod tests {
     use super::*;
     use openraft::testing::log_id;
 
-    fn engine(dir: &std::path::Path) -> Arc<Engine> {
-        let mut cfg = timeline_engine::Config::default();
-        cfg.keyspaces.extend(crate::log_store::keyspaces());
-        Arc::new(Engine::open(dir, cfg).unwrap())
-    }
-
-    fn block<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-            .block_on(f)
-    }
+    use crate::testkit::{block, engine};
 
     fn append(index: u64, id: u64, p: &str) -> Entry<TypeConfig> {
         Entry {
