@@ -6,6 +6,7 @@
 
 pub use timeline_protocol as protocol;
 
+pub mod cluster;
 pub mod fleet;
 
 use protocol::{

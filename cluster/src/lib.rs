@@ -25,8 +25,13 @@
 //! across partitions, and a node that runs all this (docs/scaling.md).
 
 pub mod log_store;
+pub mod meta;
+pub mod net;
+pub mod node;
 pub mod partition;
 pub mod state_machine;
+
+pub use node::{ClusterError, Node, NodeConfig};
 
 /// What the unit tests of this crate share.
 #[cfg(test)]

@@ -22,14 +22,9 @@ pub const DEFAULT_REPLICAS: usize = 3;
 /// A partition's number, `0..P`.
 pub type PartitionId = u32;
 
-/// The partition of timeline (`keyspace`, `id`) among `partitions`.
-pub fn partition_of(keyspace: u8, id: u64, partitions: u32) -> PartitionId {
-    let mut x = id ^ (u64::from(keyspace) << 56) ^ 0x9E37_79B9_7F4A_7C15;
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^= x >> 31;
-    (x % u64::from(partitions.max(1))) as PartitionId
-}
+/// The partition of timeline (`keyspace`, `id`) among `partitions`: the
+/// protocol's routing hash (clients compute it too).
+pub use timeline_protocol::partition_of;
 
 /// Why a placement change was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -259,6 +259,12 @@ impl StateMachine {
     }
 }
 
+/// A stored record's payload (what the client appended), without the Raft
+/// index in front of it; `None` for a record too short to hold one.
+pub fn payload_of(stored: &[u8]) -> Option<&[u8]> {
+    split(stored).map(|(_, p)| p)
+}
+
 fn split(rec: &[u8]) -> Option<(u64, &[u8])> {
     let (i, p) = rec.split_at_checked(8)?;
     Some((u64::from_le_bytes(i.try_into().ok()?), p))

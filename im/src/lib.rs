@@ -75,7 +75,7 @@ pub(crate) struct WorkerLink {
 }
 
 pub(crate) struct Shared {
-    pub engine: Engine,
+    pub engine: std::sync::Arc<Engine>,
     pub cfg: ImConfig,
     pub dir: Directory,
     pub shards: usize,
@@ -166,7 +166,7 @@ impl Im {
                 )));
             }
         }
-        let engine = Engine::open(dir, engine_cfg)?;
+        let engine = std::sync::Arc::new(Engine::open(dir, engine_cfg)?);
         let shards = engine.shard_count();
         let journal = (0..shards)
             .map(|p| id_on_shard(&engine, JOURNAL_BASE, p))
@@ -222,6 +222,12 @@ impl Im {
     /// The engine underneath (raw timeline access, stats, maintenance).
     pub fn engine(&self) -> &Engine {
         &self.shared.engine
+    }
+
+    /// A shared handle on the engine, for a layer beside this one that
+    /// writes its own keyspaces (the cluster's Raft logs).
+    pub fn engine_handle(&self) -> std::sync::Arc<Engine> {
+        self.shared.engine.clone()
     }
 
     pub fn config(&self) -> &ImConfig {

@@ -61,6 +61,9 @@ code_table!(Opcode {
     UNSUBSCRIBE = 0x0041,
     /// Server to client only: a pushed entry of a subscription.
     PUSH = 0x0042,
+    // -- cluster: 0x0050..=0x005F
+    /// A cluster node's partition map and the leaders it knows.
+    CLUSTER_MAP = 0x0050,
 });
 
 /// Opcodes that were once assigned and must never be reused:
@@ -166,6 +169,23 @@ code_table!(ErrorCode {
     /// retries it by itself. Retry with the same client message id to learn
     /// when it is done; never resend under a new one.
     FANOUT_FAILED = 304,
+    // -- cluster: 400..=499
+    /// Another node leads the timeline's partition. `arg` = the partition
+    /// map version; the message is `"<partition> <host:port>"`, the
+    /// leader's client address (as Redis Cluster's `MOVED`). Nothing was
+    /// done: send the request there.
+    MOVED = 400,
+    /// The timeline's partition is electing a leader (or has lost its
+    /// quorum); `arg` = the partition. Nothing was done; retry shortly.
+    NO_LEADER = 401,
+    /// The command is not served in this server's mode (IM commands and
+    /// `APPEND_BATCH` on a cluster node, `CLUSTER_MAP` on a single node);
+    /// nothing was done.
+    NOT_SUPPORTED = 402,
+    /// The node lost the partition's leadership while the write was in
+    /// flight: it may or may not be applied (a new leader may still commit
+    /// it). `arg` = the partition. Read the timeline before retrying.
+    UNCERTAIN = 403,
 });
 
 /// Error codes that were once assigned and must never be reused:
@@ -250,6 +270,7 @@ mod tests {
                 ("SUBSCRIBE", 0x0040),
                 ("UNSUBSCRIBE", 0x0041),
                 ("PUSH", 0x0042),
+                ("CLUSTER_MAP", 0x0050),
             ]
         );
         let errs: Vec<(&str, u16)> = ErrorCode::ALL.iter().map(|(c, n)| (*n, c.0)).collect();
@@ -280,6 +301,10 @@ mod tests {
                 ("NOT_MEMBER", 302),
                 ("ALREADY_MEMBER", 303),
                 ("FANOUT_FAILED", 304),
+                ("MOVED", 400),
+                ("NO_LEADER", 401),
+                ("NOT_SUPPORTED", 402),
+                ("UNCERTAIN", 403),
             ]
         );
     }

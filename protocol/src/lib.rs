@@ -44,6 +44,7 @@ pub mod codes;
 mod error;
 pub mod frame;
 pub mod msg;
+pub mod routing;
 pub mod token;
 pub mod types;
 mod wire;
@@ -59,6 +60,7 @@ pub use msg::{
     ErrorReply, Hello, HelloReply, Identity, Request, RequestFrame, Response, ServerMsg,
     HELLO_MAGIC, PROTOCOL_VERSION,
 };
+pub use routing::partition_of;
 pub use types::{
     Body, ConvId, ConvKind, ConvSummary, Direction, Durability, Entry, GroupPage, HistoryFrom,
     HistoryPage, Keyspace, Push, Record, SendAck, SeqId, SyncEntry, SyncReply, TimelineId, UserId,

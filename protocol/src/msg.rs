@@ -92,6 +92,8 @@ pub enum Request<'a> {
     LastSeq {
         timeline: TimelineId,
     },
+    /// The partition map of a cluster node (docs/protocol.md §13).
+    ClusterMap,
     Send {
         conv: ConvId,
         sender: UserId,
@@ -191,6 +193,7 @@ impl<'a> Request<'a> {
             Request::Get { .. } => Opcode::GET,
             Request::Scan { .. } => Opcode::SCAN,
             Request::LastSeq { .. } => Opcode::LAST_SEQ,
+            Request::ClusterMap => Opcode::CLUSTER_MAP,
             Request::Send { .. } => Opcode::SEND,
             Request::Sync { .. } => Opcode::SYNC,
             Request::History { .. } => Opcode::HISTORY,
@@ -212,7 +215,7 @@ impl<'a> Request<'a> {
         match self {
             Request::Hello(h) => 4 + 2 + 4 + bytes_len(h.token),
             Request::Ping(d) => d.len(),
-            Request::Stats => 0,
+            Request::Stats | Request::ClusterMap => 0,
             Request::Append { payload, .. } => 9 + 1 + bytes_len(payload),
             Request::AppendBatch { items, .. } => 1 + list_len(items),
             Request::Get { .. } => 9 + 8,
@@ -247,7 +250,7 @@ impl<'a> Request<'a> {
             }
             // data: the rest of the body
             Request::Ping(d) => b.extend_from_slice(d),
-            Request::Stats => {}
+            Request::Stats | Request::ClusterMap => {}
             // timeline durability:u8 payload:bytes
             Request::Append {
                 timeline,
@@ -396,6 +399,7 @@ impl<'a> Request<'a> {
             }
             Opcode::PING => Request::Ping(r.rest()),
             Opcode::STATS => Request::Stats,
+            Opcode::CLUSTER_MAP => Request::ClusterMap,
             Opcode::APPEND => Request::Append {
                 timeline: TimelineId::decode(r)?,
                 durability: durability(r)?,
@@ -529,6 +533,13 @@ pub enum Response {
     Get(Option<Record>),
     Scan(Vec<Record>),
     LastSeq(SeqId),
+    /// A cluster node's view: the map version, P, and `(leader address,
+    /// partition)` for every partition whose leader it knows.
+    ClusterMap {
+        version: u64,
+        partitions: u32,
+        leaders: Vec<(String, u64)>,
+    },
     Send(SendAck),
     Sync(SyncReply),
     History(HistoryPage),
@@ -568,6 +579,7 @@ impl Response {
             Response::Get(_) => Opcode::GET,
             Response::Scan(_) => Opcode::SCAN,
             Response::LastSeq(_) => Opcode::LAST_SEQ,
+            Response::ClusterMap { .. } => Opcode::CLUSTER_MAP,
             Response::Send(_) => Opcode::SEND,
             Response::Sync(_) => Opcode::SYNC,
             Response::History(_) => Opcode::HISTORY,
@@ -589,6 +601,7 @@ impl Response {
             Response::Hello(_) => 2 + 4 + 1 + 8,
             Response::Ping(d) => d.len(),
             Response::Stats(kv) => list_len(kv),
+            Response::ClusterMap { leaders, .. } => 8 + 4 + list_len(leaders),
             Response::Append(_)
             | Response::LastSeq(_)
             | Response::MarkRead(_)
@@ -632,6 +645,16 @@ impl Response {
             Response::Ping(d) => b.extend_from_slice(d),
             // list<key:str value:u64>
             Response::Stats(kv) => b.put_list(kv),
+            // version:u64 partitions:u32 list<addr:str partition:u64>
+            Response::ClusterMap {
+                version,
+                partitions,
+                leaders,
+            } => {
+                b.put_u64_le(*version);
+                b.put_u32_le(*partitions);
+                b.put_list(leaders);
+            }
             // seq:u64
             Response::Append(s)
             | Response::LastSeq(s)
@@ -729,6 +752,11 @@ impl Response {
             }
             Opcode::PING => Response::Ping(r.rest().to_vec()),
             Opcode::STATS => Response::Stats(r.list()?),
+            Opcode::CLUSTER_MAP => Response::ClusterMap {
+                version: r.u64()?,
+                partitions: r.u32()?,
+                leaders: r.list()?,
+            },
             Opcode::APPEND => Response::Append(r.u64()?),
             Opcode::APPEND_BATCH => Response::AppendBatch(r.list()?),
             Opcode::GET => Response::Get(if r.bool()? {

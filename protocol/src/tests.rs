@@ -67,6 +67,7 @@ fn request() -> impl Strategy<Value = Request<'static>> {
         }),
         bytes().prop_map(Request::Ping),
         Just(Request::Stats),
+        Just(Request::ClusterMap),
     ];
     let raw = prop_oneof![
         (timeline(), durability(), bytes()).prop_map(|(timeline, durability, payload)| {
@@ -260,6 +261,16 @@ fn response() -> impl Strategy<Value = Response> {
         }),
         owned_bytes().prop_map(Response::Ping),
         vec(("[a-z._]{0,12}", any::<u64>()), 0..6).prop_map(Response::Stats),
+        (
+            any::<u64>(),
+            any::<u32>(),
+            vec(("[0-9.:]{0,21}", any::<u64>()), 0..6)
+        )
+            .prop_map(|(version, partitions, leaders)| Response::ClusterMap {
+                version,
+                partitions,
+                leaders
+            }),
         any::<u64>().prop_map(Response::Append),
         vec(any::<u64>(), 0..8).prop_map(Response::AppendBatch),
         proptest::option::of(record()).prop_map(Response::Get),

@@ -107,6 +107,30 @@ struct Args {
     /// File holding the HMAC secret (with --auth).
     #[arg(long)]
     secret_file: Option<PathBuf>,
+    /// Run as a node of a cluster (docs/scaling.md): raw timelines are
+    /// replicated by partition with openraft, membership and the partition
+    /// map live in etcd. Without it: a single node, no etcd, no replication.
+    #[arg(long, requires_all = ["etcd", "node_id"])]
+    cluster: bool,
+    /// etcd endpoints, `HOST:PORT[,HOST:PORT...]` (with --cluster).
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// This node's id in the cluster, unique and stable (with --cluster). A
+    /// node whose disk was lost rejoins under a new id.
+    #[arg(long)]
+    node_id: Option<u64>,
+    /// Where this node listens for its peers' Raft RPCs (port 0: any).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    raft_listen: String,
+    /// The cluster's name: its keys in etcd are under /timeline/NAME/.
+    #[arg(long, default_value = "timeline")]
+    cluster_name: String,
+    /// Partitions (P) of a new cluster; an existing map keeps its own.
+    #[arg(long, default_value_t = 64)]
+    partitions: u32,
+    /// Replicas per partition (R) of a new cluster.
+    #[arg(long, default_value_t = 3)]
+    replicas: usize,
 }
 
 /// Raise the soft descriptor limit toward the hard one so that
@@ -139,7 +163,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -183,6 +207,26 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         store.segment_window = KeyspaceConfig::store().segment_window;
     }
     engine.keyspaces = vec![store, KeyspaceConfig::sync().with_ttl(ttl(a.sync_ttl))];
+    let cluster = match (a.cluster, a.node_id) {
+        (true, Some(id)) => {
+            if a.partitions == 0 || a.replicas == 0 {
+                return Err("--partitions and --replicas must be at least 1".into());
+            }
+            engine
+                .keyspaces
+                .extend(timeline_cluster::log_store::keyspaces());
+            Some(timeline_cluster::NodeConfig {
+                id,
+                cluster: a.cluster_name.clone(),
+                etcd: a.etcd.clone(),
+                raft_listen: a.raft_listen.clone(),
+                partitions: a.partitions,
+                replicas: a.replicas,
+                ..Default::default()
+            })
+        }
+        _ => None,
+    };
     let im = ImConfig {
         hybrid_threshold: a.hybrid_threshold,
         entries: match a.entries {
@@ -213,6 +257,7 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
             ReadsArg::Inline => Reads::Inline,
         },
         read_threads: a.read_threads,
+        cluster,
     };
     raise_fd_limit(cfg.max_connections);
     tracing::info!(

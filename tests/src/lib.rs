@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests, the crash-test child binaries
 //! and the fuzz targets; [`model`] is the engine's one model world.
 
+pub mod cluster;
+pub mod history;
 pub mod im_check;
 pub mod model;
 pub mod raft;

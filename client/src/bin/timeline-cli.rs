@@ -7,11 +7,14 @@
 //! timeline-cli sync 7 --checkpoint 0
 //! timeline-cli subscribe 7
 //! timeline-cli token --user 7             # mint a token (secret from $TIMELINE_SECRET)
+//! timeline-cli --addr 127.0.0.1:7421,127.0.0.1:7422 append 42 hi   # a cluster: routed, follows MOVED
+//! timeline-cli --addr 127.0.0.1:7421 cluster-map
 //! ```
 //! Exits 0 on success, 1 on a server or connection error, 2 on bad usage.
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use timeline_client::cluster::ClusterClient;
 use timeline_client::protocol::token::{self, Claims, Role};
 use timeline_client::protocol::{
     Body, ConvKind, Direction, Durability, Entry, HistoryFrom, Push, Request, Response, TimelineId,
@@ -21,6 +24,9 @@ use timeline_client::{Client, ClientError};
 #[derive(Parser, Debug)]
 #[command(name = "timeline-cli", version, about = "Talk to a timeline-server")]
 struct Args {
+    /// The server, or a cluster's seed nodes: `HOST:PORT[,HOST:PORT...]`.
+    /// With more than one, raw-timeline commands go to their partition's
+    /// leader (following `MOVED`).
     #[arg(long, default_value = "127.0.0.1:7420")]
     addr: String,
     /// Credential (hex) for a server with --auth; also $TIMELINE_TOKEN.
@@ -48,6 +54,8 @@ enum Dur {
 enum Cmd {
     Ping,
     Stats,
+    /// A cluster node's partition map and the leaders it knows.
+    ClusterMap,
     /// Append TEXT to raw timeline ID.
     Append {
         id: u64,
@@ -219,12 +227,19 @@ fn run(a: Args) -> Result<(), ClientError> {
         }),
         None => Vec::new(),
     };
-    let mut c = Client::connect(a.addr.as_str(), &tok)?;
+    let seeds: Vec<String> = a
+        .addr
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
     let text;
     let groups: Vec<(u64, u64)>;
     let req = match &a.cmd {
         Cmd::Ping => Request::Ping(b"ping"),
         Cmd::Stats => Request::Stats,
+        Cmd::ClusterMap => Request::ClusterMap,
         Cmd::Append {
             id,
             text: t,
@@ -365,6 +380,13 @@ fn run(a: Args) -> Result<(), ClientError> {
         Cmd::Subscribe { user, .. } => Request::Subscribe { user: *user },
         Cmd::Token { .. } => return Ok(()),
     };
+    if seeds.len() > 1 && !matches!(a.cmd, Cmd::Subscribe { .. }) {
+        let mut cc = ClusterClient::connect(&seeds, &tok)?;
+        print(&cc.call(&req)?);
+        return Ok(());
+    }
+    let first = seeds.first().map_or("127.0.0.1:7420", String::as_str);
+    let mut c = Client::connect(first, &tok)?;
     let resp = c.call(&req)?;
     print(&resp);
     if let Cmd::Subscribe { count, .. } = a.cmd {
@@ -394,6 +416,16 @@ fn print(r: &Response) {
         Response::Stats(kv) => {
             for (k, v) in kv {
                 println!("{k}: {v}");
+            }
+        }
+        Response::ClusterMap {
+            version,
+            partitions,
+            leaders,
+        } => {
+            println!("map version {version}, {partitions} partitions");
+            for (addr, p) in leaders {
+                println!("partition {p}: leader {addr}");
             }
         }
         Response::Append(s) => println!("seq {s}"),

@@ -37,7 +37,7 @@ pub(crate) struct Ctx<'a> {
 /// Where a deferred answer goes. It holds the counters and the loop, not
 /// the server's `Shared`: an IM callback still pending at shutdown must not
 /// keep the IM layer alive (it owns the callback: a cycle).
-struct Answer {
+pub(crate) struct Answer {
     counters: Arc<Counters>,
     lp: Arc<LoopHandle>,
     key: Key,
@@ -49,7 +49,7 @@ struct Answer {
 }
 
 impl Answer {
-    fn new(ctx: &Ctx<'_>, key: Key, slot: u64, id: u64, op: Opcode) -> Answer {
+    pub(crate) fn new(ctx: &Ctx<'_>, key: Key, slot: u64, id: u64, op: Opcode) -> Answer {
         Answer {
             counters: ctx.sh.counters.clone(),
             lp: ctx.lp.clone(),
@@ -62,12 +62,12 @@ impl Answer {
     }
 
     /// Encode the outcome and hand it to the connection's loop.
-    fn send<T, E: ToReply>(self, r: Result<T, E>, ok: impl FnOnce(T) -> Response) {
+    pub(crate) fn send<T, E: ToReply>(self, r: Result<T, E>, ok: impl FnOnce(T) -> Response) {
         self.reply(r.map(ok).map_err(|e| e.reply()));
     }
 
     /// Encode a response or an error and hand it to the connection's loop.
-    fn reply(self, r: Result<Response, ErrorReply>) {
+    pub(crate) fn reply(self, r: Result<Response, ErrorReply>) {
         let mut frame = Vec::new();
         match r {
             Ok(resp) => resp.encode_frame(self.id, &mut frame),
@@ -313,7 +313,7 @@ fn durability(sh: &Shared, d: Option<protocol::Durability>) -> Durability {
 /// Raw access stays out of the IM layer's own timelines: the store
 /// keyspace's top half (catalog, journal) and every user's sync timeline
 /// belong to it, and one foreign record there breaks a user's `SYNC`.
-fn check_raw_write(sh: &Shared, t: protocol::TimelineId) -> Result<(), ErrorReply> {
+pub(crate) fn check_raw_write(sh: &Shared, t: protocol::TimelineId) -> Result<(), ErrorReply> {
     if sh.im.owns(t.native()) {
         return Err(ErrorReply::new(
             ErrorCode::FORBIDDEN,
@@ -338,10 +338,19 @@ fn execute(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, r: Request<'_>) -> Result<()
     let ie = |e: ImError| e.reply();
     let ee = |e: timeline_engine::Error| e.reply();
     let key = conn.key;
+    if let Some(node) = &sh.cluster {
+        if super::cluster::routed(&r) {
+            return super::cluster::execute(ctx, conn, id, node, r);
+        }
+    }
     let resp = match r {
         Request::Hello(_) => return Err(ErrorReply::new(ErrorCode::INVALID_ARGUMENT, 0, "HELLO")),
         Request::Ping(b) => Response::Ping(b.to_vec()),
         Request::Stats => Response::Stats(super::stats(sh)),
+        Request::ClusterMap => match &sh.cluster {
+            Some(node) => super::cluster::map_reply(node),
+            None => return Err(super::cluster::single_node()),
+        },
         Request::Append {
             timeline,
             durability: d,
@@ -702,6 +711,10 @@ fn many_appends(seqs: Vec<SeqId>, ids: &[u64], b: &mut Vec<u8>) {
 /// normal path, so errors stay per request.
 fn append_run(ctx: &Ctx<'_>, conn: &mut Conn, input: &[u8]) -> usize {
     let sh = ctx.sh;
+    // A cluster node sends each APPEND through its partition's group.
+    if sh.cluster.is_some() {
+        return 0;
+    }
     if !matches!(
         conn.session.id,
         Some(Identity::Anonymous) | Some(Identity::Admin(_))
@@ -851,7 +864,7 @@ fn page_limit(sh: &Shared, conn: &Conn, asked: u32) -> usize {
 
 /// A SCAN read in pages, refused with RESPONSE_TOO_LARGE as soon as the
 /// records exceed what the client accepts (never built whole first).
-fn scan(
+pub(crate) fn scan(
     engine: &Engine,
     client_max: usize,
     timeline: TimelineId,

@@ -24,6 +24,7 @@
 //! `CLOSED` to every connection, close the IM layer (everything
 //! acknowledged is durable), return.
 
+mod cluster;
 mod conn;
 mod convert;
 mod dispatch;
@@ -81,6 +82,9 @@ pub struct ServerConfig {
     pub reads: Reads,
     /// Threads of the read pool with `Reads::Pool` (0: one per core).
     pub read_threads: usize,
+    /// Run as a cluster node (`--cluster`): raw timelines replicated by
+    /// partition. `None`: today's single node, no etcd, no replication.
+    pub cluster: Option<timeline_cluster::NodeConfig>,
 }
 
 /// Where the reads that can be long (`SYNC`, `HISTORY`, `SCAN`) run.
@@ -118,6 +122,7 @@ impl Default for ServerConfig {
             blocking_threads: 0,
             reads: Reads::Pool,
             read_threads: 0,
+            cluster: None,
         }
     }
 }
@@ -138,6 +143,8 @@ pub enum ServerError {
     Im(#[from] timeline_im::ImError),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    #[error("cluster: {0}")]
+    Cluster(#[from] timeline_cluster::ClusterError),
 }
 
 /// Counters the `STATS` command reports with the engine's.
@@ -166,6 +173,8 @@ pub(crate) struct Shared {
     /// Runs reads with `Reads::Pool` (empty otherwise).
     pub read_pool: Option<pool::Pool>,
     pub io_threads: usize,
+    /// The cluster node (`--cluster`).
+    pub cluster: Option<timeline_cluster::Node>,
 }
 
 /// Set once; wakes whoever waits for it.
@@ -266,7 +275,13 @@ impl ServerHandle {
             p.close();
         }
         match Arc::try_unwrap(shared) {
-            Ok(s) => s.im.close()?,
+            Ok(mut s) => {
+                // The groups stop before the engine under them closes.
+                if let Some(n) = s.cluster.take() {
+                    n.shutdown();
+                }
+                s.im.close()?
+            }
             Err(s) => s.im.engine().sync().map_err(timeline_im::ImError::from)?,
         }
         tracing::info!("server stopped; acknowledged data is durable");
@@ -293,6 +308,14 @@ pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
     })?;
     let addr = listener.local_addr()?;
     let im = Im::open(&cfg.data_dir, cfg.engine.clone(), cfg.im.clone())?;
+    let cluster = match &cfg.cluster {
+        None => None,
+        Some(c) => Some(timeline_cluster::Node::start(
+            im.engine_handle(),
+            c.clone(),
+            addr.to_string(),
+        )?),
+    };
     let per_core = |n: usize| if n == 0 { cores() } else { n };
     let io_threads = per_core(cfg.io_threads);
     let pool = pool::Pool::start(per_core(cfg.blocking_threads), "blocking")?;
@@ -307,6 +330,7 @@ pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
         pool,
         read_pool,
         io_threads,
+        cluster,
     });
     let mut built = Vec::with_capacity(io_threads);
     for i in 0..io_threads {

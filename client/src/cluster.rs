@@ -1,0 +1,198 @@
+//! A client of a cluster: keeps the partition map, sends each raw-timeline
+//! request straight to its partition's leader, and follows `MOVED`
+//! (docs/protocol.md §15).
+//!
+//! Retries are only automatic where nothing was done: `MOVED` and
+//! `NO_LEADER` (the request was refused), a connection that could not be
+//! made, and reads. A write whose connection broke after it was sent, or
+//! that got `UNCERTAIN`, may or may not be applied; the caller gets the
+//! error and decides (read the timeline back before writing again).
+
+use crate::{Client, ClientError, Result};
+use protocol::{routing, ErrorCode, Request, Response};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use timeline_protocol as protocol;
+
+/// Counts of what the routing did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RouteStats {
+    pub moved: u64,
+    pub no_leader: u64,
+    pub reconnects: u64,
+    pub map_fetches: u64,
+}
+
+/// A routing client over a cluster's nodes.
+pub struct ClusterClient {
+    seeds: Vec<String>,
+    token: Vec<u8>,
+    conns: HashMap<String, Client>,
+    partitions: u32,
+    version: u64,
+    leaders: Vec<Option<String>>,
+    /// How long one call keeps retrying refusals (`MOVED` loops,
+    /// elections, nodes that are down).
+    pub retry_for: Duration,
+    pub stats: RouteStats,
+}
+
+/// The timeline a request is about, if it is a raw-timeline request.
+fn timeline_of(r: &Request<'_>) -> Option<protocol::TimelineId> {
+    match r {
+        Request::Append { timeline, .. }
+        | Request::Get { timeline, .. }
+        | Request::Scan { timeline, .. }
+        | Request::LastSeq { timeline } => Some(*timeline),
+        _ => None,
+    }
+}
+
+impl ClusterClient {
+    /// Connect to any of `seeds` (`host:port`) and fetch the map.
+    pub fn connect(seeds: &[String], token: &[u8]) -> Result<ClusterClient> {
+        let mut c = ClusterClient {
+            seeds: seeds.to_vec(),
+            token: token.to_vec(),
+            conns: HashMap::new(),
+            partitions: 0,
+            version: 0,
+            leaders: Vec::new(),
+            retry_for: Duration::from_secs(10),
+            stats: RouteStats::default(),
+        };
+        c.refresh()?;
+        Ok(c)
+    }
+
+    /// P and the map version as last fetched.
+    pub fn shape(&self) -> (u32, u64) {
+        (self.partitions, self.version)
+    }
+
+    fn conn(&mut self, addr: &str) -> Result<&mut Client> {
+        if !self.conns.contains_key(addr) {
+            let c = Client::connect(addr, &self.token)?;
+            self.stats.reconnects += 1;
+            self.conns.insert(addr.to_string(), c);
+        }
+        self.conns
+            .get_mut(addr)
+            .ok_or_else(|| ClientError::Unexpected("connection vanished".into()))
+    }
+
+    /// Fetch the map from the first node that answers (seeds, then the
+    /// leaders already known).
+    pub fn refresh(&mut self) -> Result<()> {
+        let mut tried: Vec<String> = self.seeds.clone();
+        tried.extend(self.leaders.iter().flatten().cloned());
+        tried.dedup();
+        let mut last = None;
+        for addr in tried {
+            let r = self.conn(&addr).and_then(|c| c.call(&Request::ClusterMap));
+            match r {
+                Ok(Response::ClusterMap {
+                    version,
+                    partitions,
+                    leaders,
+                }) => {
+                    self.stats.map_fetches += 1;
+                    self.partitions = partitions;
+                    self.version = version;
+                    self.leaders = vec![None; partitions as usize];
+                    for (a, p) in leaders {
+                        if let Some(slot) = self.leaders.get_mut(p as usize) {
+                            *slot = Some(a);
+                        }
+                    }
+                    return Ok(());
+                }
+                Ok(other) => last = Some(ClientError::Unexpected(format!("{other:?}"))),
+                Err(e) => {
+                    self.conns.remove(&addr);
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| ClientError::Unexpected("no seed address".into())))
+    }
+
+    fn route(&self, r: &Request<'_>) -> String {
+        let hint = timeline_of(r).and_then(|t| {
+            let p = routing::partition_of(t.keyspace.0, t.id, self.partitions);
+            self.leaders.get(p as usize).cloned().flatten()
+        });
+        hint.or_else(|| self.seeds.first().cloned())
+            .unwrap_or_default()
+    }
+
+    /// Send one request to the node that leads its timeline's partition,
+    /// following `MOVED` and waiting out elections for up to `retry_for`.
+    pub fn call(&mut self, r: &Request<'_>) -> Result<Response> {
+        let deadline = Instant::now() + self.retry_for;
+        let is_write = matches!(r, Request::Append { .. } | Request::AppendBatch { .. });
+        let mut addr = self.route(r);
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let (err, sent) = match self.conn(&addr) {
+                Ok(c) => match c.call(r) {
+                    Ok(resp) => return Ok(resp),
+                    Err(e) => (e, true),
+                },
+                Err(e) => (e, false),
+            };
+            let retry_now = match &err {
+                ClientError::Server {
+                    code: ErrorCode::MOVED,
+                    arg,
+                    message,
+                } => match routing::parse_moved(message) {
+                    Some((p, to)) => {
+                        self.stats.moved += 1;
+                        if let Some(slot) = self.leaders.get_mut(p as usize) {
+                            *slot = Some(to.to_string());
+                        }
+                        self.version = self.version.max(*arg);
+                        let again = to != addr;
+                        addr = to.to_string();
+                        again
+                    }
+                    None => return Err(err),
+                },
+                ClientError::Server {
+                    code: ErrorCode::NO_LEADER,
+                    ..
+                } => {
+                    self.stats.no_leader += 1;
+                    false
+                }
+                ClientError::Server { .. } => return Err(err),
+                // A broken connection: the request's outcome is unknown if
+                // it was a write that went out.
+                _ => {
+                    self.conns.remove(&addr);
+                    if sent && is_write {
+                        return Err(err);
+                    }
+                    // Try another node next (it answers or redirects).
+                    let i = self
+                        .seeds
+                        .iter()
+                        .position(|s| *s == addr)
+                        .map_or(0, |i| i + 1);
+                    if let Some(s) = self.seeds.get(i % self.seeds.len().max(1)) {
+                        addr = s.clone();
+                    }
+                    false
+                }
+            };
+            if Instant::now() > deadline {
+                return Err(err);
+            }
+            if !retry_now {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+        }
+    }
+}

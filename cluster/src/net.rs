@@ -1,0 +1,397 @@
+//! The network between nodes: openraft's three RPCs over one TCP
+//! connection per pair of nodes, shared by every partition.
+//!
+//! A node hosts tens of partitions and each is a Raft group talking to the
+//! same few peers, so a connection per group would be a socket per
+//! partition (the issue forbids it). Here every request names its
+//! partition and carries an id; replies come back by id in any order, so
+//! one slow `InstallSnapshot` never holds up another group's heartbeat.
+//!
+//! Frame (all integers little-endian; docs/scaling.md has the grid):
+//!
+//! | bytes | field |
+//! |---|---|
+//! | 4 | `len`: bytes after this field (at most [`MAX_PEER_FRAME`]) |
+//! | 1 | `kind`: 1 append-entries, 2 vote, 3 install-snapshot; a reply is the request's kind + 0x80; 0xFF "no such group here" |
+//! | 4 | partition |
+//! | 8 | request id (chosen by the caller, echoed in the reply) |
+//! | len − 13 | body: the openraft request, or `Result<reply, RaftError>`, in bincode |
+//!
+//! Anything undecodable closes the connection (the peer reconnects on its
+//! next RPC); a node never panics on what a peer sends.
+
+use crate::{NodeId, TypeConfig};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, Raft};
+use parking_lot::{Mutex, RwLock};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+/// The largest peer frame: a snapshot chunk (openraft's default chunk is
+/// 3 MiB) or a batch of entries, with room.
+pub const MAX_PEER_FRAME: usize = 64 << 20;
+const HEAD: usize = 13;
+const KIND_APPEND: u8 = 1;
+const KIND_VOTE: u8 = 2;
+const KIND_SNAPSHOT: u8 = 3;
+const REPLY: u8 = 0x80;
+const KIND_NO_GROUP: u8 = 0xFF;
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The Raft groups this node hosts, by partition.
+pub type Groups = RwLock<HashMap<u32, Raft<TypeConfig>>>;
+
+/// Where each node's peer port is (from etcd's membership records).
+pub type PeerAddrs = RwLock<BTreeMap<NodeId, String>>;
+
+fn frame(kind: u8, partition: u32, id: u64, body: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(4 + HEAD + body.len());
+    f.extend_from_slice(&((HEAD + body.len()) as u32).to_le_bytes());
+    f.push(kind);
+    f.extend_from_slice(&partition.to_le_bytes());
+    f.extend_from_slice(&id.to_le_bytes());
+    f.extend_from_slice(body);
+    f
+}
+
+/// One decoded frame.
+struct Frame {
+    kind: u8,
+    partition: u32,
+    id: u64,
+    body: Vec<u8>,
+}
+
+/// Read one frame; `None` at a clean end of stream.
+async fn read_frame(r: &mut (impl AsyncReadExt + Unpin)) -> std::io::Result<Option<Frame>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if !(HEAD..=MAX_PEER_FRAME).contains(&len) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("peer frame of {len} bytes (limits {HEAD}..={MAX_PEER_FRAME})"),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).await?;
+    let body = buf.split_off(HEAD);
+    let mut p = [0u8; 4];
+    p.copy_from_slice(&buf[1..5]);
+    let mut i = [0u8; 8];
+    i.copy_from_slice(&buf[5..13]);
+    Ok(Some(Frame {
+        kind: buf[0],
+        partition: u32::from_le_bytes(p),
+        id: u64::from_le_bytes(i),
+        body,
+    }))
+}
+
+/// Write frames from `rx` until it closes or the socket fails, coalescing
+/// what is queued into one write.
+async fn write_frames(mut w: impl AsyncWriteExt + Unpin, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
+    while let Some(mut buf) = rx.recv().await {
+        while buf.len() < 1 << 20 {
+            match rx.try_recv() {
+                Ok(more) => buf.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        if w.write_all(&buf).await.is_err() {
+            return;
+        }
+    }
+}
+
+// ---------------------------------------------------------------- serving
+
+/// Accept peers on `listener` and answer their RPCs from `groups`.
+pub async fn serve(listener: TcpListener, groups: Arc<Groups>) {
+    loop {
+        match listener.accept().await {
+            Ok((s, _)) => {
+                let _ = s.set_nodelay(true);
+                tokio::spawn(serve_conn(s, groups.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "peer accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_conn(s: TcpStream, groups: Arc<Groups>) {
+    let (mut r, w) = s.into_split();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(write_frames(w, rx));
+    loop {
+        let f = match read_frame(&mut r).await {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "peer connection dropped");
+                return;
+            }
+        };
+        let raft = groups.read().get(&f.partition).cloned();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let (kind, body) = match raft {
+                None => (KIND_NO_GROUP, Vec::new()),
+                Some(raft) => match answer(&raft, f.kind, &f.body).await {
+                    Some(body) => (f.kind | REPLY, body),
+                    None => return, // undecodable: no answer, the caller times out
+                },
+            };
+            let _ = tx.send(frame(kind, f.partition, f.id, &body));
+        });
+    }
+}
+
+/// Run one RPC on its group; the encoded `Result`, or `None` if the body
+/// does not decode.
+async fn answer(raft: &Raft<TypeConfig>, kind: u8, body: &[u8]) -> Option<Vec<u8>> {
+    fn enc<T: Serialize>(v: &T) -> Option<Vec<u8>> {
+        bincode::serialize(v).ok()
+    }
+    match kind {
+        KIND_APPEND => {
+            let req: AppendEntriesRequest<TypeConfig> = bincode::deserialize(body).ok()?;
+            enc(&raft.append_entries(req).await)
+        }
+        KIND_VOTE => {
+            let req: VoteRequest<NodeId> = bincode::deserialize(body).ok()?;
+            enc(&raft.vote(req).await)
+        }
+        KIND_SNAPSHOT => {
+            let req: InstallSnapshotRequest<TypeConfig> = bincode::deserialize(body).ok()?;
+            enc(&raft.install_snapshot(req).await)
+        }
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------- calling
+
+/// One live connection to a peer, shared by every partition's RPCs.
+struct Link {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Frame>>>,
+    dead: AtomicBool,
+}
+
+/// A peer's connection, made by whoever finds it missing first (others
+/// wait for that attempt instead of connecting too).
+type LinkSlot = tokio::sync::Mutex<Option<Arc<Link>>>;
+
+/// The connections of this node to its peers: one per peer, made on first
+/// use and again after it failed.
+pub struct Transport {
+    addrs: Arc<PeerAddrs>,
+    links: Mutex<HashMap<NodeId, Arc<LinkSlot>>>,
+    next_id: AtomicU64,
+}
+
+/// Why an RPC got no answer.
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    #[error("no address for node {0}")]
+    NoAddress(NodeId),
+    #[error("connect to node {0}: {1}")]
+    Connect(NodeId, String),
+    #[error("node {0} closed the connection")]
+    Closed(NodeId),
+    #[error("node {0} did not answer within {1:?}")]
+    Timeout(NodeId, Duration),
+    #[error("node {0} does not host partition {1}")]
+    NoGroup(NodeId, u32),
+    #[error("node {0} sent an undecodable reply")]
+    Garbled(NodeId),
+}
+
+impl Transport {
+    pub fn new(addrs: Arc<PeerAddrs>) -> Arc<Transport> {
+        Arc::new(Transport {
+            addrs,
+            links: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    async fn link(&self, target: NodeId) -> Result<Arc<Link>, CallError> {
+        let slot = self.links.lock().entry(target).or_default().clone();
+        let mut slot = slot.lock().await;
+        if let Some(l) = slot.as_ref() {
+            if !l.dead.load(Ordering::Acquire) {
+                return Ok(l.clone());
+            }
+        }
+        let addr = self
+            .addrs
+            .read()
+            .get(&target)
+            .cloned()
+            .ok_or(CallError::NoAddress(target))?;
+        let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
+            .await
+            .map_err(|_| CallError::Connect(target, "timed out".into()))?
+            .map_err(|e| CallError::Connect(target, e.to_string()))?;
+        let _ = s.set_nodelay(true);
+        let (mut r, w) = s.into_split();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let link = Arc::new(Link {
+            tx,
+            pending: Mutex::new(HashMap::new()),
+            dead: AtomicBool::new(false),
+        });
+        tokio::spawn(write_frames(w, rx));
+        let reader = link.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(f)) = read_frame(&mut r).await {
+                if let Some(waiter) = reader.pending.lock().remove(&f.id) {
+                    let _ = waiter.send(f);
+                }
+            }
+            reader.dead.store(true, Ordering::Release);
+            // Dropping the waiters fails their calls at once.
+            reader.pending.lock().clear();
+        });
+        *slot = Some(link.clone());
+        Ok(link)
+    }
+
+    async fn call(
+        &self,
+        target: NodeId,
+        kind: u8,
+        partition: u32,
+        body: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<Vec<u8>, CallError> {
+        let link = self.link(target).await?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        link.pending.lock().insert(id, tx);
+        if link.dead.load(Ordering::Acquire)
+            || link.tx.send(frame(kind, partition, id, &body)).is_err()
+        {
+            link.pending.lock().remove(&id);
+            return Err(CallError::Closed(target));
+        }
+        let f = match tokio::time::timeout(ttl, rx).await {
+            Ok(Ok(f)) => f,
+            Ok(Err(_)) => return Err(CallError::Closed(target)),
+            Err(_) => {
+                link.pending.lock().remove(&id);
+                return Err(CallError::Timeout(target, ttl));
+            }
+        };
+        match f.kind {
+            k if k == kind | REPLY => Ok(f.body),
+            KIND_NO_GROUP => Err(CallError::NoGroup(target, partition)),
+            _ => Err(CallError::Garbled(target)),
+        }
+    }
+}
+
+/// openraft's network for one partition: calls go through the node's
+/// shared [`Transport`].
+pub struct Network {
+    pub transport: Arc<Transport>,
+    pub partition: u32,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Peer;
+    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Peer {
+        Peer {
+            transport: self.transport.clone(),
+            partition: self.partition,
+            target,
+        }
+    }
+}
+
+/// One partition's view of one peer.
+pub struct Peer {
+    transport: Arc<Transport>,
+    partition: u32,
+    target: NodeId,
+}
+
+impl Peer {
+    async fn rpc<Req: Serialize, Resp: DeserializeOwned, E>(
+        &self,
+        kind: u8,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        E: std::error::Error + DeserializeOwned,
+    {
+        let body = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let reply = self
+            .transport
+            .call(self.target, kind, self.partition, body, option.hard_ttl())
+            .await
+            .map_err(|e| match e {
+                // A peer that is down or not (yet) hosting the group: back off.
+                CallError::NoAddress(_) | CallError::Connect(..) | CallError::NoGroup(..) => {
+                    RPCError::Unreachable(Unreachable::new(&e))
+                }
+                _ => RPCError::Network(NetworkError::new(&e)),
+            })?;
+        let r: Result<Resp, RaftError<NodeId, E>> =
+            bincode::deserialize(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Peer {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.rpc(KIND_APPEND, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.rpc(KIND_VOTE, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.rpc(KIND_SNAPSHOT, &rpc, &option).await
+    }
+}

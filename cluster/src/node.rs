@@ -1,0 +1,519 @@
+//! A cluster node: the Raft groups of the partitions it holds, on one
+//! engine, with one peer listener, one connection per peer, one log
+//! flusher and one small tokio runtime (two threads) for all of them.
+//!
+//! Start-up ([`Node::start`]): connect to etcd, publish this node under a
+//! lease, form the map (the first node to see `R` members creates it in a
+//! transaction; everyone else reads it), open a group for every partition
+//! the map gives this node, and have each partition's first replica
+//! initialize its group the first time it ever runs. A background task
+//! renews the lease, and another watches the cluster's keys, keeping the
+//! peers' addresses and the map up to date.
+//!
+//! The data path ([`Node::append`], [`Node::linearize`]) takes callbacks,
+//! so the server's event loops never wait on the runtime.
+
+use crate::log_store::{Flusher, LogStore};
+use crate::meta::{Meta, MetaError, NodeRecord};
+use crate::net::{self, Groups, Network, PeerAddrs, Transport};
+use crate::partition::{partition_of, PartitionId, PartitionMap, PlacementError};
+use crate::state_machine::StateMachine;
+use crate::{Command, NodeId, TypeConfig};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{BasicNode, Raft, SnapshotPolicy};
+use parking_lot::RwLock;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use timeline_engine::Engine;
+use tokio::runtime::Runtime;
+
+/// How a node joins its cluster.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    /// The cluster's name: its keys in etcd live under `/timeline/<name>/`.
+    pub cluster: String,
+    /// etcd endpoints (`host:port`).
+    pub etcd: Vec<String>,
+    /// Where this node listens for peers (`host:port`; port 0 picks one).
+    pub raft_listen: String,
+    /// P, used only by the node that creates the map; afterwards the map's
+    /// own count rules.
+    pub partitions: u32,
+    /// R: replicas per partition.
+    pub replicas: usize,
+    /// A node that has not renewed its lease for this long is gone.
+    pub lease_ttl: Duration,
+    /// Leader heartbeats (openraft sends one per group and follower).
+    pub heartbeat: Duration,
+    /// A follower that heard nothing for a random time in this range
+    /// starts an election.
+    pub election_timeout: (Duration, Duration),
+    /// How long start-up waits for `R` members to form the cluster.
+    pub formation_timeout: Duration,
+    /// Entries applied since the last snapshot that trigger a new one (the
+    /// log is purged up to the snapshot, less `keep_in_log`).
+    pub snapshot_every: u64,
+    pub keep_in_log: u64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            id: 1,
+            cluster: "timeline".into(),
+            etcd: vec!["127.0.0.1:2379".into()],
+            raft_listen: "127.0.0.1:0".into(),
+            partitions: crate::partition::DEFAULT_PARTITIONS,
+            replicas: crate::partition::DEFAULT_REPLICAS,
+            lease_ttl: Duration::from_secs(3),
+            heartbeat: Duration::from_millis(80),
+            election_timeout: (Duration::from_millis(400), Duration::from_millis(700)),
+            formation_timeout: Duration::from_secs(60),
+            snapshot_every: 20_000,
+            keep_in_log: 2_000,
+        }
+    }
+}
+
+/// What a cluster operation answers instead of a result.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// Another node leads the partition (or, if this node holds no replica
+    /// of it, may know who does): ask it.
+    #[error("MOVED {partition} {addr}")]
+    Moved {
+        partition: PartitionId,
+        addr: String,
+        version: u64,
+    },
+    /// The write reached the group, but this node stopped leading before it
+    /// was committed: it may or may not be applied.
+    #[error("partition {partition}: leadership changed while the write was pending; it may or may not be applied")]
+    Uncertain { partition: PartitionId },
+    /// The partition is electing a leader; retry shortly.
+    #[error("partition {partition} has no leader at the moment (an election is under way)")]
+    NoLeader { partition: PartitionId },
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("metadata: {0}")]
+    Meta(#[from] MetaError),
+    #[error("placement: {0}")]
+    Placement(#[from] PlacementError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("the cluster did not form: {0}")]
+    Formation(String),
+    #[error("storage of partition {partition}: {message}")]
+    Storage { partition: u32, message: String },
+}
+
+struct Inner {
+    id: NodeId,
+    groups: Arc<Groups>,
+    addrs: Arc<PeerAddrs>,
+    /// Every member seen since start (kept after its lease goes: a node
+    /// that is down is still a replica, and comes back at the same place).
+    members: RwLock<BTreeMap<NodeId, NodeRecord>>,
+    map: RwLock<PartitionMap>,
+}
+
+/// A running node. Dropping it stops its groups and tasks.
+pub struct Node {
+    rt: Option<Runtime>,
+    inner: Arc<Inner>,
+    flusher: Arc<Flusher>,
+    raft_addr: String,
+}
+
+impl Node {
+    /// Join (or form) the cluster described by `cfg` with `engine`, telling
+    /// clients to reach this node at `client_addr`.
+    pub fn start(
+        engine: Arc<Engine>,
+        cfg: NodeConfig,
+        client_addr: String,
+    ) -> Result<Node, ClusterError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("cluster")
+            .enable_all()
+            .build()?;
+        let flusher = Flusher::start()?;
+        let (inner, raft_addr) = rt.block_on(boot(engine, &cfg, client_addr, flusher.clone()))?;
+        Ok(Node {
+            rt: Some(rt),
+            inner,
+            flusher,
+            raft_addr,
+        })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// Where peers reach this node.
+    pub fn raft_addr(&self) -> &str {
+        &self.raft_addr
+    }
+
+    /// P and the map's version.
+    pub fn shape(&self) -> (u32, u64) {
+        let m = self.inner.map.read();
+        (m.len(), m.version)
+    }
+
+    pub fn partition_of(&self, keyspace: u8, id: u64) -> PartitionId {
+        partition_of(keyspace, id, self.inner.map.read().len())
+    }
+
+    /// Append through the partition's Raft group; `done` gets the SeqId once
+    /// a quorum has the entry in its log and this node has applied it.
+    pub fn append(
+        &self,
+        keyspace: u8,
+        id: u64,
+        payload: Vec<u8>,
+        done: impl FnOnce(Result<u64, ClusterError>) + Send + 'static,
+    ) {
+        let inner = self.inner.clone();
+        self.spawn(async move {
+            done(inner.append(keyspace, id, payload).await);
+        });
+    }
+
+    /// Confirm this node still leads the timeline's partition (a heartbeat
+    /// round to a quorum), so that a read done after `done(Ok(()))` sees
+    /// every append acknowledged before the call.
+    pub fn linearize(
+        &self,
+        keyspace: u8,
+        id: u64,
+        done: impl FnOnce(Result<(), ClusterError>) + Send + 'static,
+    ) {
+        let inner = self.inner.clone();
+        self.spawn(async move {
+            done(inner.linearize(keyspace, id).await);
+        });
+    }
+
+    /// The map version, P, and each partition's leader's client address
+    /// as far as this node knows (a partition it does not hold is given
+    /// with its first replica: a hint the client checks by asking).
+    pub fn leaders(&self) -> (u64, u32, Vec<(PartitionId, String)>) {
+        let map = self.inner.map.read().clone();
+        let out = (0..map.len())
+            .filter_map(|p| self.inner.leader_of(p, &map).map(|(_, addr)| (p, addr)))
+            .collect();
+        (map.version, map.len(), out)
+    }
+
+    fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        if let Some(rt) = &self.rt {
+            rt.spawn(f);
+        }
+    }
+
+    /// Stop every group (each finishes what it is doing), then the tasks.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            let groups: Vec<Raft<TypeConfig>> =
+                self.inner.groups.read().values().cloned().collect();
+            rt.block_on(async {
+                for g in groups {
+                    let _ = g.shutdown().await;
+                }
+            });
+            self.inner.groups.write().clear();
+            rt.shutdown_timeout(Duration::from_secs(2));
+            self.flusher.stop();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Inner {
+    fn group(&self, p: PartitionId) -> Option<Raft<TypeConfig>> {
+        self.groups.read().get(&p).cloned()
+    }
+
+    /// Who leads `p`, by this node's knowledge: (node, client address).
+    fn leader_of(&self, p: PartitionId, map: &PartitionMap) -> Option<(NodeId, String)> {
+        let node = match self.group(p) {
+            Some(g) => g.metrics().borrow().current_leader?,
+            None => *map.partitions.get(p as usize)?.first()?,
+        };
+        let addr = self.members.read().get(&node)?.client.clone();
+        Some((node, addr))
+    }
+
+    /// The answer for a partition this node does not lead.
+    fn redirect(&self, p: PartitionId, leader: Option<NodeId>) -> ClusterError {
+        let map = self.map.read();
+        let node = leader.or_else(|| {
+            if self.group(p).is_some() {
+                None // a replica without a leader: an election is on
+            } else {
+                map.partitions.get(p as usize)?.first().copied()
+            }
+        });
+        match node.and_then(|n| self.members.read().get(&n).map(|r| r.client.clone())) {
+            Some(addr) => ClusterError::Moved {
+                partition: p,
+                addr,
+                version: map.version,
+            },
+            None => ClusterError::NoLeader { partition: p },
+        }
+    }
+
+    async fn append(&self, keyspace: u8, id: u64, payload: Vec<u8>) -> Result<u64, ClusterError> {
+        let p = partition_of(keyspace, id, self.map.read().len());
+        let Some(g) = self.group(p) else {
+            return Err(self.redirect(p, None));
+        };
+        // Not the leader by its own account: nothing is proposed, so the
+        // client may go elsewhere. Past this point a failure is uncertain.
+        let leader = g.metrics().borrow().current_leader;
+        if leader != Some(self.id) {
+            return Err(self.redirect(p, leader));
+        }
+        let cmd = Command::Append {
+            keyspace,
+            id,
+            payload,
+        };
+        match g.client_write(cmd).await {
+            Ok(r) => Ok(r.data.seq),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                Err(ClusterError::Uncertain { partition: p })
+            }
+            Err(e) => Err(ClusterError::Raft(e.to_string())),
+        }
+    }
+
+    async fn linearize(&self, keyspace: u8, id: u64) -> Result<(), ClusterError> {
+        let p = partition_of(keyspace, id, self.map.read().len());
+        let Some(g) = self.group(p) else {
+            return Err(self.redirect(p, None));
+        };
+        match g.ensure_linearizable().await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(self.redirect(p, f.leader_id))
+            }
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => {
+                Err(ClusterError::NoLeader { partition: p })
+            }
+            Err(e) => Err(ClusterError::Raft(e.to_string())),
+        }
+    }
+
+    /// Take in what etcd says now: members (addresses) and the map.
+    async fn refresh(&self, meta: &Meta) -> Result<(), MetaError> {
+        let nodes = meta.nodes().await?;
+        {
+            let mut addrs = self.addrs.write();
+            let mut members = self.members.write();
+            for (id, rec) in nodes {
+                addrs.insert(id, rec.raft.clone());
+                members.insert(id, rec);
+            }
+        }
+        if let Some(m) = meta.map().await? {
+            let mut cur = self.map.write();
+            if m.version > cur.version {
+                let gained: Vec<PartitionId> = (0..m.len())
+                    .filter(|&p| {
+                        m.partitions[p as usize].contains(&self.id)
+                            && self.groups.read().get(&p).is_none()
+                    })
+                    .collect();
+                if !gained.is_empty() {
+                    // Membership changes of running groups are not built yet
+                    // (docs/scaling.md, "Not built yet").
+                    tracing::warn!(
+                        version = m.version,
+                        ?gained,
+                        "the map gives this node partitions it does not run"
+                    );
+                }
+                *cur = m;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn raft_config(cfg: &NodeConfig) -> Result<Arc<openraft::Config>, ClusterError> {
+    let c = openraft::Config {
+        cluster_name: cfg.cluster.clone(),
+        heartbeat_interval: cfg.heartbeat.as_millis() as u64,
+        election_timeout_min: cfg.election_timeout.0.as_millis() as u64,
+        election_timeout_max: cfg.election_timeout.1.as_millis() as u64,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
+        max_in_snapshot_log_to_keep: cfg.keep_in_log,
+        ..Default::default()
+    };
+    Ok(Arc::new(
+        c.validate()
+            .map_err(|e| ClusterError::Raft(e.to_string()))?,
+    ))
+}
+
+async fn boot(
+    engine: Arc<Engine>,
+    cfg: &NodeConfig,
+    client_addr: String,
+    flusher: Arc<Flusher>,
+) -> Result<(Arc<Inner>, String), ClusterError> {
+    let meta = Meta::connect(&cfg.etcd, &cfg.cluster).await?;
+    let listener = tokio::net::TcpListener::bind(&cfg.raft_listen).await?;
+    let raft_addr = listener.local_addr()?.to_string();
+    let me = NodeRecord {
+        id: cfg.id,
+        client: client_addr,
+        raft: raft_addr.clone(),
+    };
+    let lease = meta.register(&me, cfg.lease_ttl).await?;
+    let map = form(&meta, cfg).await?;
+    let inner = Arc::new(Inner {
+        id: cfg.id,
+        groups: Arc::new(RwLock::new(HashMap::new())),
+        addrs: Arc::new(RwLock::new(BTreeMap::new())),
+        members: RwLock::new(BTreeMap::new()),
+        map: RwLock::new(map.clone()),
+    });
+    inner.refresh(&meta).await?;
+    tokio::spawn(net::serve(listener, inner.groups.clone()));
+    let transport = Transport::new(inner.addrs.clone());
+    let config = raft_config(cfg)?;
+    for (p, replicas) in map.partitions.iter().enumerate() {
+        if !replicas.contains(&cfg.id) {
+            continue;
+        }
+        let p = p as PartitionId;
+        let storage = |message: String| ClusterError::Storage {
+            partition: p,
+            message,
+        };
+        let ls = LogStore::open(engine.clone(), flusher.clone(), u64::from(p))
+            .map_err(|e| storage(e.to_string()))?;
+        let sm =
+            StateMachine::open(engine.clone(), u64::from(p)).map_err(|e| storage(e.to_string()))?;
+        let net = Network {
+            transport: transport.clone(),
+            partition: p,
+        };
+        let raft = Raft::new(cfg.id, config.clone(), net, ls, sm)
+            .await
+            .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        inner.groups.write().insert(p, raft.clone());
+        let first = replicas.first() == Some(&cfg.id);
+        if first
+            && !raft
+                .is_initialized()
+                .await
+                .map_err(|e| ClusterError::Raft(e.to_string()))?
+        {
+            let members: BTreeMap<NodeId, BasicNode> = {
+                let m = inner.members.read();
+                replicas
+                    .iter()
+                    .map(|n| {
+                        (
+                            *n,
+                            BasicNode::new(m.get(n).map(|r| r.raft.clone()).unwrap_or_default()),
+                        )
+                    })
+                    .collect()
+            };
+            raft.initialize(members)
+                .await
+                .map_err(|e| ClusterError::Raft(format!("initialize partition {p}: {e}")))?;
+        }
+    }
+    tokio::spawn(keep_lease(meta.clone(), me, lease, cfg.lease_ttl));
+    tokio::spawn(watch(meta, inner.clone()));
+    tracing::info!(node = cfg.id, %raft_addr, groups = inner.groups.read().len(), version = map.version, "cluster node up");
+    Ok((inner, raft_addr))
+}
+
+/// The map: read it, or create it once `R` members are registered. A
+/// start-up wait (bounded by `formation_timeout`), not a serving path.
+async fn form(meta: &Meta, cfg: &NodeConfig) -> Result<PartitionMap, ClusterError> {
+    let deadline = Instant::now() + cfg.formation_timeout;
+    loop {
+        if let Some(m) = meta.map().await? {
+            return Ok(m);
+        }
+        let nodes: Vec<NodeId> = meta.nodes().await?.into_keys().collect();
+        if nodes.len() >= cfg.replicas {
+            let m = PartitionMap::new(cfg.partitions, cfg.replicas, &nodes)?;
+            if meta.create_map(&m).await? {
+                tracing::info!(version = m.version, ?nodes, "created the partition map");
+                return Ok(m);
+            }
+            continue; // another node created it first: read theirs
+        }
+        if Instant::now() > deadline {
+            return Err(ClusterError::Formation(format!(
+                "{} of {} members registered after {:?}",
+                nodes.len(),
+                cfg.replicas,
+                cfg.formation_timeout
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Renew the lease a third of its TTL apart; if it expired (etcd was away
+/// longer than the TTL), register again under a new one.
+async fn keep_lease(meta: Meta, me: NodeRecord, mut lease: i64, ttl: Duration) {
+    let mut tick = tokio::time::interval(ttl / 3);
+    loop {
+        tick.tick().await;
+        match meta.renew(lease).await {
+            Ok(true) => {}
+            Ok(false) => match meta.register(&me, ttl).await {
+                Ok(l) => {
+                    tracing::warn!(node = me.id, "lease had expired: registered again");
+                    lease = l;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot register again"),
+            },
+            Err(e) => tracing::warn!(error = %e, "cannot renew the membership lease"),
+        }
+    }
+}
+
+/// Follow the cluster's keys: on any change, re-read members and the map.
+/// If the watch breaks (etcd away), retry it on a timer.
+async fn watch(meta: Meta, inner: Arc<Inner>) {
+    loop {
+        match meta.watch().await {
+            Ok(mut s) => {
+                while let Ok(Some(_)) = s.message().await {
+                    if let Err(e) = inner.refresh(&meta).await {
+                        tracing::warn!(error = %e, "cannot read the cluster's metadata");
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot watch etcd"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _ = inner.refresh(&meta).await;
+    }
+}

@@ -1,0 +1,64 @@
+//! A cluster node for the multi-process tests: `timeline_server` with
+//! `--cluster`'s configuration and test-sized settings.
+//!
+//! Usage: `cluster-node <data dir> <client addr> <raft addr> <etcd> <node id> <partitions>`
+//! Exit codes: 2 bad usage, 3 the server did not start.
+
+use std::time::Duration;
+use timeline_engine::KeyspaceConfig;
+use timeline_server::ServerConfig;
+
+fn main() {
+    tracing_subscriber_init();
+    let a: Vec<String> = std::env::args().collect();
+    if a.len() != 7 {
+        eprintln!("usage: cluster-node <data dir> <client addr> <raft addr> <etcd> <node id> <partitions>");
+        std::process::exit(2);
+    }
+    let (Ok(id), Ok(partitions)) = (a[5].parse::<u64>(), a[6].parse::<u32>()) else {
+        eprintln!("cluster-node: node id and partitions are numbers");
+        std::process::exit(2);
+    };
+    let mut cfg = ServerConfig {
+        listen: a[2].clone(),
+        data_dir: a[1].clone().into(),
+        io_threads: 1,
+        blocking_threads: 1,
+        read_threads: 1,
+        ..ServerConfig::default()
+    };
+    cfg.engine.shards = 1;
+    cfg.engine.keyspaces = vec![KeyspaceConfig::store(), KeyspaceConfig::sync()];
+    cfg.engine
+        .keyspaces
+        .extend(timeline_cluster::log_store::keyspaces());
+    cfg.cluster = Some(timeline_cluster::NodeConfig {
+        id,
+        etcd: vec![a[4].clone()],
+        raft_listen: a[3].clone(),
+        partitions,
+        replicas: 3,
+        formation_timeout: Duration::from_secs(30),
+        snapshot_every: 2_000,
+        keep_in_log: 500,
+        ..Default::default()
+    });
+    match timeline_server::start(cfg) {
+        Ok(s) => {
+            eprintln!("listening {}", s.local_addr());
+            let _ = s.wait();
+        }
+        Err(e) => {
+            eprintln!("cluster-node {id}: {e}");
+            std::process::exit(3);
+        }
+    }
+}
+
+fn tracing_subscriber_init() {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,openraft=error".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,191 @@
+//! Processes for the multi-process cluster tests: an etcd and cluster
+//! nodes (`cluster-node`, this crate's child binary), on loopback ports
+//! chosen once so that a restarted node comes back at the same address.
+//! Every wait here is bounded and panics with what it waited for.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use timeline_client::protocol::Request;
+use timeline_client::Client;
+
+/// A loopback port free right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port: {e}"))
+}
+
+fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while !ok() {
+        assert!(Instant::now() < end, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A single-member etcd (Debian's `etcd-server`).
+pub struct Etcd {
+    child: Option<Child>,
+    dir: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+}
+
+impl Etcd {
+    pub fn start(dir: &Path) -> Etcd {
+        let mut e = Etcd {
+            child: None,
+            dir: dir.to_path_buf(),
+            client_port: free_port(),
+            peer_port: free_port(),
+        };
+        e.spawn();
+        e
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// Start it (again, on the same data and ports).
+    pub fn spawn(&mut self) {
+        let bin = std::env::var("ETCD").unwrap_or_else(|_| "etcd".into());
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::File::create(self.dir.join("etcd.log"))
+            .unwrap_or_else(|e| panic!("etcd log: {e}"));
+        let child = Command::new(&bin)
+            .args(["--name", "t", "--data-dir"])
+            .arg(self.dir.join("etcd"))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("t={peer}"), "--logger", "zap"])
+            .args(["--log-level", "warn"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run {bin} ({e}): install Debian's etcd-server (.ci/run does)")
+            });
+        self.child = Some(child);
+        let addr = self.endpoint();
+        wait_until("etcd accepting", Duration::from_secs(20), || {
+            TcpStream::connect(&addr).is_ok()
+        });
+    }
+
+    /// Stop it with SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One cluster node process.
+pub struct NodeProc {
+    pub id: u64,
+    pub client: String,
+    raft: String,
+    etcd: String,
+    data: PathBuf,
+    partitions: u32,
+    child: Option<Child>,
+}
+
+impl NodeProc {
+    pub fn new(id: u64, dir: &Path, etcd: &str, partitions: u32) -> NodeProc {
+        NodeProc {
+            id,
+            client: format!("127.0.0.1:{}", free_port()),
+            raft: format!("127.0.0.1:{}", free_port()),
+            etcd: etcd.to_string(),
+            data: dir.join(format!("node{id}")),
+            partitions,
+            child: None,
+        }
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Start the process (not waiting for it to serve).
+    pub fn spawn(&mut self, bin: &str) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data.with_extension("log"))
+            .unwrap_or_else(|e| panic!("node log: {e}"));
+        let child = Command::new(bin)
+            .arg(&self.data)
+            .arg(&self.client)
+            .arg(&self.raft)
+            .arg(&self.etcd)
+            .arg(self.id.to_string())
+            .arg(self.partitions.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn node {}: {e}", self.id));
+        self.child = Some(child);
+    }
+
+    /// Wait until it answers `CLUSTER_MAP`.
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        let addr = self.client.clone();
+        let id = self.id;
+        let child = &mut self.child;
+        wait_until(&format!("node {id} serving"), timeout, || {
+            if let Some(c) = child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("node {id} exited: {st}");
+                }
+            }
+            Client::connect(addr.as_str(), b"")
+                .and_then(|mut c| c.call(&Request::ClusterMap))
+                .is_ok()
+        });
+    }
+
+    /// SIGKILL.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The tail of its log (for failure messages).
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

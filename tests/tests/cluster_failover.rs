@@ -1,0 +1,315 @@
+//! Multi-process cluster tests on loopback: an etcd and three nodes
+//! (`cluster-node`), clients that route by the partition map and follow
+//! `MOVED`, and SIGKILL of partition leaders under an append load.
+//!
+//! Every append's payload is unique; each client records when it invoked
+//! and when it got each answer, and the timelines are read back at the end
+//! and checked by the history checker (`timeline_tests::history`): no
+//! acknowledged append lost or moved, nothing duplicated, seqs consecutive,
+//! real-time order and reads linearizable.
+//!
+//! `CLUSTER_KILL_CYCLES` (default 3) sets the leader kills; the soak in
+//! docs/scaling.md runs 50. `CLUSTER_PARTITIONS` (default 16) sets P.
+#![allow(clippy::unwrap_used)]
+
+use parking_lot::Mutex;
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use timeline_client::cluster::ClusterClient;
+use timeline_client::protocol::{
+    partition_of, Direction, ErrorCode, Request, Response, TimelineId,
+};
+use timeline_client::ClientError;
+use timeline_tests::cluster::{Etcd, NodeProc};
+use timeline_tests::history::{self, AppendOp, Outcome, ReadOp};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cluster-node");
+const TIMELINES: u64 = 24;
+const WRITERS: usize = 4;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+#[derive(Default)]
+struct History {
+    appends: HashMap<u64, Vec<AppendOp>>,
+    reads: HashMap<u64, Vec<ReadOp>>,
+}
+
+struct Cluster {
+    _tmp: tempfile::TempDir,
+    etcd: Etcd,
+    nodes: Vec<NodeProc>,
+}
+
+impl Cluster {
+    fn start(partitions: u32) -> Cluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let etcd = Etcd::start(tmp.path());
+        let mut nodes: Vec<NodeProc> = (1..=3)
+            .map(|id| NodeProc::new(id, tmp.path(), &etcd.endpoint(), partitions))
+            .collect();
+        for n in &mut nodes {
+            n.spawn(BIN);
+        }
+        for n in &mut nodes {
+            n.wait_ready(Duration::from_secs(60));
+        }
+        Cluster {
+            _tmp: tmp,
+            etcd,
+            nodes,
+        }
+    }
+
+    fn seeds(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.client.clone()).collect()
+    }
+
+    fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("--- node {}:\n{}", n.id, n.log_tail()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// One writer: appends unique payloads to random timelines until `stop`.
+fn writer(w: usize, seeds: Vec<String>, stop: Arc<AtomicBool>, h: Arc<Mutex<History>>) {
+    let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
+    cc.retry_for = Duration::from_secs(5);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(w as u64);
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let t = rng.gen_range(0..TIMELINES);
+        let payload = format!("w{w}-{n}-t{t}").into_bytes();
+        n += 1;
+        let invoke = Instant::now();
+        let r = cc.call(&Request::Append {
+            timeline: TimelineId::store(t),
+            durability: None,
+            payload: &payload,
+        });
+        let outcome = match r {
+            Ok(Response::Append(seq)) => Outcome::Acked(seq),
+            Ok(other) => panic!("append answered {other:?}"),
+            Err(ClientError::Server {
+                code: ErrorCode::MOVED | ErrorCode::NO_LEADER,
+                ..
+            }) => Outcome::Refused,
+            Err(_) => Outcome::Unknown,
+        };
+        let op = AppendOp {
+            payload,
+            invoke,
+            complete: Instant::now(),
+            outcome,
+        };
+        h.lock().appends.entry(t).or_default().push(op);
+    }
+}
+
+/// One reader: `LAST_SEQ` of random timelines until `stop`.
+fn reader(seeds: Vec<String>, stop: Arc<AtomicBool>, h: Arc<Mutex<History>>) {
+    let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
+    cc.retry_for = Duration::from_secs(5);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(99);
+    while !stop.load(Ordering::Relaxed) {
+        let t = rng.gen_range(0..TIMELINES);
+        let invoke = Instant::now();
+        if let Ok(Response::LastSeq(last_seq)) = cc.call(&Request::LastSeq {
+            timeline: TimelineId::store(t),
+        }) {
+            let op = ReadOp {
+                invoke,
+                complete: Instant::now(),
+                last_seq,
+            };
+            h.lock().reads.entry(t).or_default().push(op);
+        }
+    }
+}
+
+/// Every record of a timeline, read through the leader.
+fn read_all(cc: &mut ClusterClient, t: u64) -> Vec<(u64, Vec<u8>)> {
+    let mut out = Vec::new();
+    loop {
+        let from = out.len() as u64 + 1;
+        let r = cc
+            .call(&Request::Scan {
+                timeline: TimelineId::store(t),
+                from,
+                limit: 1000,
+                direction: Direction::Forward,
+            })
+            .unwrap();
+        let Response::Scan(page) = r else {
+            panic!("scan answered {r:?}")
+        };
+        if page.is_empty() {
+            return out;
+        }
+        out.extend(page.into_iter().map(|r| (r.seq, r.payload)));
+    }
+}
+
+/// Who leads each of our timelines' partitions, by node client address.
+fn leaders(seeds: &[String]) -> (u32, HashMap<u32, String>) {
+    let cc = ClusterClient::connect(seeds, b"").unwrap();
+    let _ = cc;
+    for s in seeds {
+        let Ok(mut c) = timeline_client::Client::connect(s.as_str(), b"") else {
+            continue;
+        };
+        if let Ok(Response::ClusterMap {
+            partitions,
+            leaders,
+            ..
+        }) = c.call(&Request::ClusterMap)
+        {
+            return (
+                partitions,
+                leaders.into_iter().map(|(a, p)| (p as u32, a)).collect(),
+            );
+        }
+    }
+    panic!("no node answers CLUSTER_MAP");
+}
+
+fn pct(v: &mut [Duration], q: f64) -> Duration {
+    v.sort();
+    v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+        .copied()
+        .unwrap_or_default()
+}
+
+#[test]
+fn leader_kill9_loses_no_acknowledged_append() {
+    let cycles = env_or("CLUSTER_KILL_CYCLES", 3) as usize;
+    let partitions = env_or("CLUSTER_PARTITIONS", 16) as u32;
+    let mut cl = Cluster::start(partitions);
+    let seeds = cl.seeds();
+    let stop = Arc::new(AtomicBool::new(false));
+    let h = Arc::new(Mutex::new(History::default()));
+    let mut threads = Vec::new();
+    for w in 0..WRITERS {
+        let (s, st, h) = (seeds.clone(), stop.clone(), h.clone());
+        threads.push(std::thread::spawn(move || writer(w, s, st, h)));
+    }
+    {
+        let (s, st, h) = (seeds.clone(), stop.clone(), h.clone());
+        threads.push(std::thread::spawn(move || reader(s, st, h)));
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut resumes = Vec::new();
+    for cycle in 0..cycles {
+        std::thread::sleep(Duration::from_millis(rng.gen_range(700..1500)));
+        // The victim: the node leading the most of our timelines' partitions.
+        let (p, lead) = leaders(&seeds);
+        let mut count: HashMap<&str, usize> = HashMap::new();
+        for t in 0..TIMELINES {
+            if let Some(a) = lead.get(&partition_of(0, t, p)) {
+                *count.entry(a.as_str()).or_default() += 1;
+            }
+        }
+        let victim_addr = count
+            .iter()
+            .max_by_key(|(_, c)| **c)
+            .map(|(a, _)| a.to_string())
+            .unwrap_or_else(|| panic!("no leaders known\n{}", cl.logs()));
+        let affected: Vec<u64> = (0..TIMELINES)
+            .filter(|t| lead.get(&partition_of(0, *t, p)) == Some(&victim_addr))
+            .collect();
+        let v = cl
+            .nodes
+            .iter()
+            .position(|n| n.client == victim_addr)
+            .unwrap();
+        let killed = Instant::now();
+        cl.nodes[v].kill9();
+        // Writes resume when every affected timeline has an append
+        // invoked after the kill and acknowledged.
+        let deadline = killed + Duration::from_secs(30);
+        let resumed = loop {
+            std::thread::sleep(Duration::from_millis(20));
+            let hist = h.lock();
+            let done = affected.iter().all(|t| {
+                hist.appends.get(t).is_some_and(|ops| {
+                    ops.iter()
+                        .any(|o| o.invoke >= killed && matches!(o.outcome, Outcome::Acked(_)))
+                })
+            });
+            if done {
+                let last = affected
+                    .iter()
+                    .filter_map(|t| {
+                        hist.appends[t]
+                            .iter()
+                            .filter(|o| {
+                                o.invoke >= killed && matches!(o.outcome, Outcome::Acked(_))
+                            })
+                            .map(|o| o.complete)
+                            .min()
+                    })
+                    .max()
+                    .unwrap();
+                break last - killed;
+            }
+            drop(hist);
+            assert!(
+                Instant::now() < deadline,
+                "cycle {cycle}: writes to {affected:?} did not resume within 30 s\n{}",
+                cl.logs()
+            );
+        };
+        eprintln!(
+            "cycle {cycle}: killed node {} (led {} of our timelines); writes resumed in {resumed:?}",
+            cl.nodes[v].id,
+            affected.len()
+        );
+        resumes.push(resumed);
+        cl.nodes[v].spawn(BIN);
+        cl.nodes[v].wait_ready(Duration::from_secs(60));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    // Read everything back and check each timeline's history.
+    let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
+    let hist = h.lock();
+    let mut total = history::Summary::default();
+    for t in 0..TIMELINES {
+        let records = read_all(&mut cc, t);
+        let appends = hist.appends.get(&t).map_or(&[][..], |v| v.as_slice());
+        let reads = hist.reads.get(&t).map_or(&[][..], |v| v.as_slice());
+        let s = history::check(&records, appends, reads)
+            .unwrap_or_else(|e| panic!("timeline {t}: {e}\n{}", cl.logs()));
+        total.records += s.records;
+        total.acked += s.acked;
+        total.unknown_present += s.unknown_present;
+        total.unknown_absent += s.unknown_absent;
+        total.reads += s.reads;
+    }
+    eprintln!(
+        "{cycles} kills: {total:?}; resume p50 {:?} p99 {:?} max {:?}; client routing {:?}",
+        pct(&mut resumes, 0.5),
+        pct(&mut resumes, 0.99),
+        resumes.iter().max().copied().unwrap_or_default(),
+        cc.stats
+    );
+    assert!(
+        total.acked > 100,
+        "too little load to mean anything: {total:?}"
+    );
+    drop(cl.etcd);
+}
