@@ -13,6 +13,7 @@
 //! |---|---|---|
 //! | `engine` (default) | the engine (and for W3–W5 the IM layer) in this process | append, read, fanout, im, fanout-sweep, reopen |
 //! | `server` | `timeline-server` over TCP (`--addr`, or the binary next to this one started on a free loopback port and stopped with SIGTERM), `--connections` × `--pipeline` requests in flight, `--refill` (1: a sliding window; the pipeline depth: whole batches) | append, read, fanout, im, devices |
+//! | `cluster` | a running cluster of `timeline-server --cluster` nodes (`--addr HOST:PORT,...`, e.g. from `server/scripts/local-cluster.sh`): single `APPEND`s and `SCAN`s sent to each timeline's partition leader, `--connections` × `--pipeline` in flight | append, read |
 //! | `redis` | Redis Streams (one stream per timeline; `redis-server` started with `--save ""` and `--appendonly no` / `everysec` / `always` for `none` / `group` / `sync`) | append, read, devices |
 //! | `rocksdb` | RocksDB as a timeline store and (W3) as a write-fan-out IM store, with the optional `rocksdb` feature | append, read, fanout |
 //!
@@ -262,6 +263,8 @@ pub(crate) enum Cmd {
 pub enum Target {
     Engine,
     Server,
+    /// A running cluster (`--addr` its nodes): W1 and W2 only.
+    Cluster,
     Rocksdb,
     Redis,
 }
@@ -591,6 +594,7 @@ pub(crate) fn execute(cmd: &Cmd, results: bool) -> Result<(report::Reporter, u64
         Cmd::Append(_) | Cmd::Read(_) => &[
             Target::Engine,
             Target::Server,
+            Target::Cluster,
             Target::Rocksdb,
             Target::Redis,
         ],
@@ -683,6 +687,12 @@ fn on_target(cmd: &Cmd, flags: &Flags, rep: &mut report::Reporter) -> Result<u64
     match flags.target {
         Target::Engine => on(cmd, flags, EngineTarget::open(flags)?, rep),
         Target::Server => on(cmd, flags, ServerTarget::start(flags)?, rep),
+        Target::Cluster => on(
+            cmd,
+            flags,
+            targets::cluster::ClusterTarget::start(flags)?,
+            rep,
+        ),
         Target::Redis => on(cmd, flags, RedisTarget::start(flags)?, rep),
         #[cfg(feature = "rocksdb")]
         Target::Rocksdb => on(cmd, flags, targets::rocksdb::RocksTarget::open(flags)?, rep),

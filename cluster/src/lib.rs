@@ -1,28 +1,27 @@
-//! `timeline-cluster`: the scale-out layer (issue 12), under construction.
+//! `timeline-cluster`: the scale-out layer (issue 12; docs/scaling.md).
 //!
-//! Timelines (store and sync, conversations and users) hash into `P`
-//! virtual partitions ([`partition`]); each partition is to be one openraft
-//! group of `R` replicas on distinct nodes, whose Raft log lives in the
-//! engine, one timeline per partition ([`log_store`]). What is built so far:
+//! Timelines hash into `P` partitions ([`partition`]); each partition is an
+//! openraft group of `R` replicas on distinct nodes, whose Raft log lives in
+//! the engine, one timeline per partition. A node hosts many partitions on
+//! one engine, one small runtime and one connection per peer:
 //!
-//! - [`partition`]: the hash of a timeline to its partition, and the
-//!   partition → replicas map with its version and placement changes (the
-//!   document etcd will hold);
-//! - [`log_store`]: openraft's `RaftLogStorage` on the engine, for every
-//!   partition of a node on one engine (no file, thread or lock per
-//!   partition): entries, truncations and purges are records of the
-//!   partition's log timeline, replayed in order on open; the vote and the
-//!   committed id are records of two meta timelines; appends are
-//!   group-committed (`append_async`), and openraft is told an append is
-//!   flushed when the engine's fdatasync covering it returns;
-//! - [`state_machine`]: openraft's state machine on the engine: an applied
-//!   `Append` writes (Raft index, payload) to its timeline, idempotently,
-//!   so replicas hold the same records with the same SeqIds; snapshots carry
-//!   the partition's records and bring a lagging replica up by appending
-//!   what it lacks.
+//! - [`partition`]: the partition → replicas map with its version and
+//!   placement changes (the document etcd holds);
+//! - [`log_store`]: openraft's `RaftLogStorage` on the engine (entries,
+//!   truncations and purges as records replayed on open; group-committed
+//!   appends flushed by one thread per node);
+//! - [`state_machine`]: applying an entry appends to the partition's
+//!   timelines with a write id, idempotently, so replicas hold the same
+//!   records with the same SeqIds; snapshots bring a lagging replica up;
+//! - [`net`]: openraft's RPCs over one multiplexed TCP connection per pair
+//!   of nodes;
+//! - [`meta`]: membership leases and the map in etcd;
+//! - [`node`]: a running node: its groups, start-up (forming the map),
+//!   routing answers (`MOVED`, `NO_LEADER`, `UNCERTAIN`) and the batching
+//!   of concurrent appends into one entry.
 //!
-//! Not built yet: the network between nodes, etcd, routing (`MOVED`), IM
-//! across partitions, and a node that runs all this (docs/scaling.md).
+//! Not built yet: IM across partitions, placement changes acted on by the
+//! groups, snapshots as segment ranges (docs/scaling.md, "Not built yet").
 
 pub mod log_store;
 pub mod meta;
@@ -70,13 +69,33 @@ pub enum Command {
         id: u64,
         payload: Vec<u8>,
     },
+    /// Appends to timelines of the partition, applied in order as one
+    /// entry: what a node coalesces from concurrent clients (at most
+    /// [`MAX_BATCH`] items).
+    Batch(Vec<BatchItem>),
 }
+
+/// One append of a [`Command::Batch`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BatchItem {
+    pub keyspace: u8,
+    pub id: u64,
+    pub payload: Vec<u8>,
+}
+
+/// Most appends in one entry: an item's position within its entry is the
+/// low 16 bits of its write id (`state_machine`).
+pub const MAX_BATCH: usize = 1 << 16;
 
 /// What applying a [`Command`] answers.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Applied {
-    /// The SeqId the append got (0 for entries that are not appends).
+    /// The SeqId the append got (0 for entries that are not appends; the
+    /// first item's for a batch).
     pub seq: u64,
+    /// A batch's SeqIds, in item order (empty otherwise).
+    #[serde(default)]
+    pub seqs: Vec<u64>,
 }
 
 openraft::declare_raft_types!(

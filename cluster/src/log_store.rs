@@ -9,7 +9,7 @@
 //!
 //! | record | bytes | replay |
 //! |---|---|---|
-//! | entry | `E` + the entry (JSON) | drop every entry at or after its index, then add it |
+//! | entry | `B` + the entry (bincode; `E` + JSON, the first format, is still read) | drop every entry at or after its index, then add it |
 //! | truncate | `T` + index (u64 LE) | drop every entry at or after the index |
 //! | purge | `P` + the log id (JSON) | drop every entry up to it; it is the last purged id |
 //!
@@ -18,12 +18,15 @@
 //! leader's overwrite means. A truncation is written with
 //! `Durability::Sync` before `truncate` returns: replaying a truncated
 //! suffix back after a crash would let this node vote with a log it does
-//! not have. Purges are written group-committed: a purge lost in a crash
-//! only brings back entries that are already applied.
+//! not have. Purges are written buffered (durable with the next
+//! fdatasync; nothing waits): a purge lost in a crash only brings back
+//! entries that are already applied.
 //!
-//! The vote and the committed log id are the last record of two timelines of
-//! [`RAFT_META`] (ids `4p` and `4p + 1`; `4p + 2` and `4p + 3` are the state
-//! machine's, see `state_machine`); the vote is written with
+//! The vote is the last record of timeline `4p` of [`RAFT_META`] (`4p + 1`
+//! held the committed log id in the first build, and is still read; the
+//! committed id is now kept in memory only, see `save_committed`; `4p + 2`
+//! and `4p + 3` are the state machine's, see `state_machine`); the vote is
+//! written with
 //! `Durability::Sync`, so it is on disk when `save_vote` returns, as Raft
 //! requires.
 //!
@@ -228,8 +231,7 @@ impl LogStore {
         let mut ids = Vec::new();
         let mut recs = Vec::new();
         for e in entries {
-            let mut rec = vec![b'E'];
-            serde_json::to_writer(&mut rec, &e).map_err(write_err)?;
+            let rec = encode_entry(&e).map_err(write_err)?;
             ids.push(*e.get_log_id());
             recs.push(rec);
         }
@@ -264,6 +266,23 @@ impl LogStore {
     }
 }
 
+/// An entry record: `B` + the entry in bincode.
+fn encode_entry(e: &Entry<TypeConfig>) -> Result<Vec<u8>, bincode::Error> {
+    let mut rec = Vec::with_capacity(64);
+    rec.push(b'B');
+    bincode::serialize_into(&mut rec, e)?;
+    Ok(rec)
+}
+
+/// An entry record back: `B` + bincode, or `E` + JSON (the first format).
+fn decode_entry(rec: &[u8]) -> Result<Entry<TypeConfig>, String> {
+    match rec.split_first() {
+        Some((b'B', body)) => bincode::deserialize(body).map_err(|e| e.to_string()),
+        Some((b'E', body)) => serde_json::from_slice(body).map_err(|e| e.to_string()),
+        _ => Err("not an entry record".into()),
+    }
+}
+
 /// Apply one log-timeline record to the replayed state.
 fn replay(st: &mut State, partition: u64, seq: SeqId, rec: &[u8]) -> Result<(), Error> {
     let damaged = |why: String| {
@@ -276,9 +295,8 @@ fn replay(st: &mut State, partition: u64, seq: SeqId, rec: &[u8]) -> Result<(), 
     };
     let (tag, body) = rec.split_first().ok_or_else(|| damaged("empty".into()))?;
     match tag {
-        b'E' => {
-            let e: Entry<TypeConfig> =
-                serde_json::from_slice(body).map_err(|e| damaged(e.to_string()))?;
+        b'E' | b'B' => {
+            let e = decode_entry(rec).map_err(damaged)?;
             let id = *e.get_log_id();
             st.entries.split_off(&id.index);
             st.entries.insert(id.index, (seq, id));
@@ -351,13 +369,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
                         why: format!("entry {index} is gone"),
                     })
                 })?;
-            let body = r.payload.get(1..).unwrap_or_default();
-            let e: Entry<TypeConfig> = serde_json::from_slice(body).map_err(|e| {
+            let e = decode_entry(&r.payload).map_err(|why| {
                 read_err(Damaged {
                     partition: self.partition,
                     seq,
                     what: "log",
-                    why: e.to_string(),
+                    why,
                 })
             })?;
             out.push(e);
@@ -406,9 +423,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.state.lock().vote)
     }
 
+    /// Kept in memory only. openraft calls this on every commit, from the
+    /// group's task: a durable write here would hold a runtime thread for
+    /// an fdatasync per commit (it did: that capped a node at ~1.5k
+    /// writes/s). Persisting it is optional in openraft; without it a
+    /// restarted replica applies its log once the leader tells it what is
+    /// committed. A committed id left on disk by an earlier build is still
+    /// read: it is never ahead of what was committed.
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), Error> {
-        self.save_meta(4 * self.partition + 1, &committed, Durability::GroupCommit)
-            .map_err(write_err)?;
         self.state.lock().committed = committed;
         Ok(())
     }
@@ -434,7 +456,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), Error> {
         let body = serde_json::to_vec(&log_id).map_err(write_err)?;
-        self.marker(b'P', &body, Durability::GroupCommit)?;
+        // Buffered: the runtime thread does not wait; a purge lost in a
+        // crash only brings back entries that are already applied.
+        self.marker(b'P', &body, Durability::Buffered)?;
         let mut st = self.state.lock();
         st.entries = st.entries.split_off(&(log_id.index + 1));
         st.last_purged = Some(log_id);
@@ -502,7 +526,8 @@ mod tests {
             Some(LogId::new(CommittedLeaderId::new(2, 9), 8))
         );
         assert_eq!(block(ls.read_vote()).unwrap(), Some(vote));
-        assert_eq!(block(ls.read_committed()).unwrap(), Some(log_id(2, 9, 7)));
+        // The committed id is not persisted (see `save_committed`).
+        assert_eq!(block(ls.read_committed()).unwrap(), None);
         let mut other = LogStore::open(e, flusher, 4).unwrap();
         assert_eq!(terms(&mut other), vec![(1, 5), (2, 5), (3, 5)]);
     }

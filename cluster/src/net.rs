@@ -51,6 +51,8 @@ const KIND_SNAPSHOT: u8 = 3;
 const REPLY: u8 = 0x80;
 const KIND_NO_GROUP: u8 = 0xFF;
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// The shortest deadline an RPC gets (see `Peer::rpc`).
+const MIN_RPC_TIMEOUT: Duration = Duration::from_millis(1000);
 
 /// The Raft groups this node hosts, by partition.
 pub type Groups = RwLock<HashMap<u32, Raft<TypeConfig>>>;
@@ -350,9 +352,14 @@ impl Peer {
         E: std::error::Error + DeserializeOwned,
     {
         let body = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        // openraft's deadline is the heartbeat interval (80 ms): on a busy
+        // machine a peer's answer can take longer, and a miss fails a read's
+        // leadership check. A dead peer is found out by its connection
+        // (refused or reset), not by this timeout.
+        let ttl = option.hard_ttl().max(MIN_RPC_TIMEOUT);
         let reply = self
             .transport
-            .call(self.target, kind, self.partition, body, option.hard_ttl())
+            .call(self.target, kind, self.partition, body, ttl)
             .await
             .map_err(|e| match e {
                 // A peer that is down or not (yet) hosting the group: back off.

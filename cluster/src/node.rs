@@ -68,14 +68,21 @@ impl Default for NodeConfig {
             partitions: crate::partition::DEFAULT_PARTITIONS,
             replicas: crate::partition::DEFAULT_REPLICAS,
             lease_ttl: Duration::from_secs(3),
-            heartbeat: Duration::from_millis(80),
-            election_timeout: (Duration::from_millis(400), Duration::from_millis(700)),
+            heartbeat: Duration::from_millis(100),
+            election_timeout: (Duration::from_millis(300), Duration::from_millis(500)),
             formation_timeout: Duration::from_secs(60),
             snapshot_every: 20_000,
             keep_in_log: 2_000,
         }
     }
 }
+
+/// Most appends one entry carries (a bound on an entry's size and on the
+/// replies that wait for it; well under `MAX_BATCH`).
+const MAX_ENTRY_ITEMS: usize = 1024;
+
+/// Heartbeat rounds a linearizable read tries before `NO_LEADER`.
+const LINEARIZE_ATTEMPTS: usize = 3;
 
 /// What a cluster operation answers instead of a result.
 #[derive(Debug, thiserror::Error)]
@@ -109,8 +116,51 @@ pub enum ClusterError {
     Storage { partition: u32, message: String },
 }
 
+/// A client's append waiting to be proposed, and who to tell.
+type Waiting = (
+    crate::BatchItem,
+    Box<dyn FnOnce(Result<u64, ClusterError>) + Send>,
+);
+
+/// One partition's appends not yet proposed. While one proposal is in
+/// flight, new appends gather here and go as the next entry: one Raft
+/// entry (one log write, one replication round) for many clients.
+#[derive(Default)]
+struct Proposals {
+    waiting: Vec<Waiting>,
+    proposing: bool,
+}
+
+impl ClusterError {
+    /// The same answer for another waiter of the entry (the data path's
+    /// errors are plain values; others travel as their message).
+    fn copy(&self) -> ClusterError {
+        match self {
+            ClusterError::Moved {
+                partition,
+                addr,
+                version,
+            } => ClusterError::Moved {
+                partition: *partition,
+                addr: addr.clone(),
+                version: *version,
+            },
+            ClusterError::Uncertain { partition } => ClusterError::Uncertain {
+                partition: *partition,
+            },
+            ClusterError::NoLeader { partition } => ClusterError::NoLeader {
+                partition: *partition,
+            },
+            other => ClusterError::Raft(other.to_string()),
+        }
+    }
+}
+
 struct Inner {
     id: NodeId,
+    /// Per partition (index = partition), the appends waiting for the next
+    /// entry.
+    proposals: Vec<parking_lot::Mutex<Proposals>>,
     groups: Arc<Groups>,
     addrs: Arc<PeerAddrs>,
     /// Every member seen since start (kept after its lease goes: a node
@@ -178,10 +228,22 @@ impl Node {
         payload: Vec<u8>,
         done: impl FnOnce(Result<u64, ClusterError>) + Send + 'static,
     ) {
-        let inner = self.inner.clone();
-        self.spawn(async move {
-            done(inner.append(keyspace, id, payload).await);
-        });
+        let p = self.partition_of(keyspace, id) as usize;
+        let Some(slot) = self.inner.proposals.get(p) else {
+            return done(Err(ClusterError::Raft(format!("no partition {p}"))));
+        };
+        let item = crate::BatchItem {
+            keyspace,
+            id,
+            payload,
+        };
+        let mut s = slot.lock();
+        s.waiting.push((item, Box::new(done)));
+        if !s.proposing {
+            s.proposing = true;
+            let inner = self.inner.clone();
+            self.spawn(async move { inner.propose(p as PartitionId).await });
+        }
     }
 
     /// Confirm this node still leads the timeline's partition (a heartbeat
@@ -278,8 +340,41 @@ impl Inner {
         }
     }
 
-    async fn append(&self, keyspace: u8, id: u64, payload: Vec<u8>) -> Result<u64, ClusterError> {
-        let p = partition_of(keyspace, id, self.map.read().len());
+    /// Propose partition `p`'s waiting appends, one entry at a time, until
+    /// none are left.
+    async fn propose(&self, p: PartitionId) {
+        loop {
+            let batch: Vec<Waiting> = {
+                let mut s = self.proposals[p as usize].lock();
+                if s.waiting.is_empty() {
+                    s.proposing = false;
+                    return;
+                }
+                let n = s.waiting.len().min(MAX_ENTRY_ITEMS);
+                s.waiting.drain(..n).collect()
+            };
+            let (items, dones): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            match self.write(p, items).await {
+                Ok(seqs) => {
+                    for (done, seq) in dones.into_iter().zip(seqs) {
+                        done(Ok(seq));
+                    }
+                }
+                Err(e) => {
+                    for done in dones {
+                        done(Err(e.copy()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// One entry of appends through `p`'s group; their SeqIds.
+    async fn write(
+        &self,
+        p: PartitionId,
+        items: Vec<crate::BatchItem>,
+    ) -> Result<Vec<u64>, ClusterError> {
         let Some(g) = self.group(p) else {
             return Err(self.redirect(p, None));
         };
@@ -289,13 +384,13 @@ impl Inner {
         if leader != Some(self.id) {
             return Err(self.redirect(p, leader));
         }
-        let cmd = Command::Append {
-            keyspace,
-            id,
-            payload,
-        };
-        match g.client_write(cmd).await {
-            Ok(r) => Ok(r.data.seq),
+        let n = items.len();
+        match g.client_write(Command::Batch(items)).await {
+            Ok(r) if r.data.seqs.len() == n => Ok(r.data.seqs),
+            Ok(r) => Err(ClusterError::Raft(format!(
+                "a batch of {n} applied as {} appends",
+                r.data.seqs.len()
+            ))),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
                 Err(ClusterError::Uncertain { partition: p })
             }
@@ -308,7 +403,25 @@ impl Inner {
         let Some(g) = self.group(p) else {
             return Err(self.redirect(p, None));
         };
-        match g.ensure_linearizable().await {
+        // A quorum that does not answer one heartbeat round in time (a busy
+        // peer: openraft's deadline is one heartbeat interval) is asked
+        // again, a bounded number of times, before the read is refused.
+        for _ in 0..LINEARIZE_ATTEMPTS - 1 {
+            match g.ensure_linearizable().await {
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => continue,
+                r => return self.linearized(p, r),
+            }
+        }
+        let r = g.ensure_linearizable().await;
+        self.linearized(p, r)
+    }
+
+    fn linearized<T>(
+        &self,
+        p: PartitionId,
+        r: Result<T, RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>>,
+    ) -> Result<(), ClusterError> {
+        match r {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
                 Err(self.redirect(p, f.leader_id))
@@ -378,7 +491,7 @@ async fn boot(
     client_addr: String,
     flusher: Arc<Flusher>,
 ) -> Result<(Arc<Inner>, String), ClusterError> {
-    let meta = Meta::connect(&cfg.etcd, &cfg.cluster).await?;
+    let meta = connect_meta(cfg).await?;
     let listener = tokio::net::TcpListener::bind(&cfg.raft_listen).await?;
     let raft_addr = listener.local_addr()?.to_string();
     let me = NodeRecord {
@@ -390,6 +503,7 @@ async fn boot(
     let map = form(&meta, cfg).await?;
     let inner = Arc::new(Inner {
         id: cfg.id,
+        proposals: (0..map.len()).map(|_| Default::default()).collect(),
         groups: Arc::new(RwLock::new(HashMap::new())),
         addrs: Arc::new(RwLock::new(BTreeMap::new())),
         members: RwLock::new(BTreeMap::new()),
@@ -448,6 +562,21 @@ async fn boot(
     tokio::spawn(watch(meta, inner.clone()));
     tracing::info!(node = cfg.id, %raft_addr, groups = inner.groups.read().len(), version = map.version, "cluster node up");
     Ok((inner, raft_addr))
+}
+
+/// etcd, retried until `formation_timeout` (it may still be starting).
+async fn connect_meta(cfg: &NodeConfig) -> Result<Meta, ClusterError> {
+    let deadline = Instant::now() + cfg.formation_timeout;
+    loop {
+        match Meta::connect(&cfg.etcd, &cfg.cluster).await {
+            Ok(m) => return Ok(m),
+            Err(e) if Instant::now() > deadline => return Err(e.into()),
+            Err(e) => {
+                tracing::info!(error = %e, "etcd not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
 }
 
 /// The map: read it, or create it once `R` members are registered. A

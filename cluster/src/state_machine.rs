@@ -2,12 +2,13 @@
 //! appends to the partition's timelines, so every replica's timelines get
 //! the same records with the same SeqIds, whichever node leads.
 //!
-//! **Records.** Each record an applied `Append` writes to its timeline is
-//! the entry's Raft index (u64 LE) followed by the payload:
+//! **Records.** Each record an applied `Append` (or item of a `Batch`)
+//! writes to its timeline is its write id (u64 LE: the entry's Raft index
+//! × 65,536 + the item's position in the entry) followed by the payload:
 //!
 //! ```text
-//! | raft index: u64 LE | payload ...           |
-//! 0                    8                     end
+//! | write id: u64 LE | payload ...             |
+//! 0                  8                       end
 //! ```
 //!
 //! A replica appends only committed entries, in log order, so replicas'
@@ -231,6 +232,65 @@ impl StateMachine {
         Ok(seq)
     }
 
+    /// Apply a batch's items in one engine call: each item not already
+    /// there (by its write id) becomes a record; the SeqIds in item order
+    /// (0 for an item that was there).
+    fn append_items(
+        &self,
+        st: &mut State,
+        index: u64,
+        items: &[crate::BatchItem],
+    ) -> Result<Vec<u64>, Error> {
+        let mut recs: Vec<(TimelineId, Vec<u8>)> = Vec::with_capacity(items.len() + 1);
+        // Which items are written, at which position of `recs`.
+        let mut at: Vec<Option<usize>> = Vec::with_capacity(items.len());
+        let mut listed = Vec::new();
+        for (i, it) in items.iter().enumerate().take(crate::MAX_BATCH) {
+            let t = (it.keyspace, it.id);
+            if t.0 == RAFT_META.0 || t.0 == crate::log_store::RAFT_LOG.0 {
+                return Err(sm_err(std::io::Error::other(format!(
+                    "keyspace {} is the cluster's own",
+                    t.0
+                ))));
+            }
+            let w = write_id(index, i as u64);
+            if w <= self.last_index(st, t)? {
+                at.push(None);
+                continue;
+            }
+            if st.timelines.insert(t) {
+                let list = TimelineId::new(RAFT_META, 4 * self.partition + 3);
+                recs.push((list, encode_timeline(t).to_vec()));
+                listed.push(t);
+            }
+            let mut rec = Vec::with_capacity(8 + it.payload.len());
+            rec.extend_from_slice(&w.to_le_bytes());
+            rec.extend_from_slice(&it.payload);
+            at.push(Some(recs.len()));
+            recs.push((TimelineId::new(Keyspace(t.0), t.1), rec));
+            st.last_index.insert(t, w);
+        }
+        let refs: Vec<(TimelineId, &[u8])> = recs.iter().map(|(t, r)| (*t, r.as_slice())).collect();
+        let seqs = match self.engine.append_batch(&refs, Durability::Buffered) {
+            Ok(s) => s,
+            Err(e) => {
+                // Nothing of the batch is known to be written: forget what
+                // was assumed (the caches reload from the engine).
+                for it in items {
+                    st.last_index.remove(&(it.keyspace, it.id));
+                }
+                for t in listed {
+                    st.timelines.remove(&t);
+                }
+                return Err(sm_err(e));
+            }
+        };
+        Ok(at
+            .into_iter()
+            .map(|a| a.and_then(|k| seqs.get(k).copied()).unwrap_or(0))
+            .collect())
+    }
+
     /// Make the data durable, then persist the applied state.
     fn persist(&self, st: &State) -> Result<(), Error> {
         self.engine.sync().map_err(sm_err)?;
@@ -257,6 +317,13 @@ impl StateMachine {
         }
         Ok(out)
     }
+}
+
+/// The write id of item `i` of the entry at Raft index `index`: what
+/// each record starts with, increasing along every timeline, so applying
+/// is idempotent per item of a batch too.
+pub fn write_id(index: u64, i: u64) -> u64 {
+    (index << 16) | (i & 0xFFFF)
 }
 
 /// A stored record's payload (what the client appended), without the Raft
@@ -357,10 +424,27 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     keyspace,
                     id,
                     payload,
-                }) => self.append(&mut st, (keyspace, id), e.log_id.index, &payload)?,
+                }) => self.append(
+                    &mut st,
+                    (keyspace, id),
+                    write_id(e.log_id.index, 0),
+                    &payload,
+                )?,
+                EntryPayload::Normal(Command::Batch(items)) => {
+                    let seqs = self.append_items(&mut st, e.log_id.index, &items)?;
+                    st.applied.applied = Some(e.log_id);
+                    out.push(Applied {
+                        seq: seqs.first().copied().unwrap_or(0),
+                        seqs,
+                    });
+                    continue;
+                }
             };
             st.applied.applied = Some(e.log_id);
-            out.push(Applied { seq });
+            out.push(Applied {
+                seq,
+                seqs: Vec::new(),
+            });
         }
         Ok(out)
     }
@@ -443,11 +527,37 @@ mod tests {
         again.push(append(4, 10, "d"));
         assert_eq!(seqs(block(sm.apply(again)).unwrap()), vec![0, 0, 0, 3]);
         let tl10 = sm.records(0, 10).unwrap();
+        let w = |i| write_id(i, 0);
         assert_eq!(
             tl10,
-            vec![(1, b"a".to_vec()), (3, b"c".to_vec()), (4, b"d".to_vec())]
+            vec![
+                (w(1), b"a".to_vec()),
+                (w(3), b"c".to_vec()),
+                (w(4), b"d".to_vec())
+            ]
         );
         assert_eq!(e.last_seq(TimelineId::new(Keyspace(0), 10)), 3);
+        // A batch: two items on one timeline get two SeqIds, and applying
+        // the entry again writes neither a second time.
+        let item = |id, p: &str| crate::BatchItem {
+            keyspace: 0,
+            id,
+            payload: p.as_bytes().to_vec(),
+        };
+        let batch = Entry {
+            log_id: log_id(1, 1, 5),
+            payload: EntryPayload::Normal(Command::Batch(vec![
+                item(10, "e"),
+                item(11, "f"),
+                item(10, "g"),
+            ])),
+        };
+        let r = block(sm.apply(vec![batch.clone()])).unwrap();
+        assert_eq!(r[0].seqs, vec![4, 2, 5]);
+        let mut sm = StateMachine::open(e.clone(), 5).unwrap();
+        let r = block(sm.apply(vec![batch])).unwrap();
+        assert_eq!(r[0].seqs, vec![0, 0, 0]);
+        assert_eq!(e.last_seq(TimelineId::new(Keyspace(0), 10)), 5);
         // The cluster's own keyspaces are not the state machine's to write.
         let bad = Entry {
             log_id: log_id(1, 1, 5),

@@ -9,7 +9,8 @@
 # stops everything. Talk to it with
 #   timeline-cli --addr 127.0.0.1:7421,127.0.0.1:7422,127.0.0.1:7423 append 42 hi
 # Environment: NODES (default 3), BIN (default target/release), ETCD
-# (default: etcd on $PATH, Debian's etcd-server package).
+# (default: etcd on $PATH, Debian's etcd-server package), EXTRA (more
+# timeline-server flags for every node, e.g. "--io-threads 1").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DIR="${1:-./cluster-data}"
@@ -29,10 +30,14 @@ trap stop EXIT INT TERM
     --initial-cluster tl-etcd=http://127.0.0.1:2380 --logger zap --log-level warn \
     >"$DIR/etcd.log" 2>&1 &
 pids+=($!)
+for _ in $(seq 1 100); do
+    (exec 3<>/dev/tcp/127.0.0.1/2379) 2>/dev/null && break
+    sleep 0.1
+done
 for n in $(seq 1 "$NODES"); do
     "$BIN/timeline-server" --cluster --etcd 127.0.0.1:2379 --node-id "$n" \
         --listen "127.0.0.1:742$n" --raft-listen "127.0.0.1:752$n" \
-        --data-dir "$DIR/node$n" >"$DIR/node$n.log" 2>&1 &
+        --data-dir "$DIR/node$n" ${EXTRA:-} >"$DIR/node$n.log" 2>&1 &
     pids+=($!)
 done
 seeds=$(seq -s, -f "127.0.0.1:742%g" 1 "$NODES")

@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 use timeline_cluster::log_store::{Flusher, LogStore};
-use timeline_cluster::state_machine::StateMachine;
+use timeline_cluster::state_machine::{write_id, StateMachine};
 use timeline_cluster::Command as Cmd;
 use timeline_tests::raft::raft_engine;
 
@@ -113,7 +113,7 @@ fn kill9_loses_no_acknowledged_raft_write() {
             let index: u64 = f.next().unwrap().parse().unwrap();
             let payload = f.next().unwrap().as_bytes();
             assert_eq!(
-                data[p].get(&index).map(|v| v.as_slice()),
+                data[p].get(&write_id(index, 0)).map(|v| v.as_slice()),
                 Some(payload),
                 "cycle {cycle}: acknowledged write {line:?} is not in its timeline"
             );

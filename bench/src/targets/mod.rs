@@ -12,6 +12,7 @@
 //! hands the result back from `complete`; [`drive`] keeps the window the
 //! target's [`Shape`] asks for.
 
+pub mod cluster;
 pub mod engine;
 pub mod net;
 pub mod redis;

@@ -426,6 +426,15 @@ pub(crate) fn stats(sh: &Shared) -> Vec<(String, u64)> {
         kv("store_bytes_written", store.bytes_written),
         kv("sync_records", sync.records),
         kv("sync_bytes_written", sync.bytes_written),
+        kv("bytes_written", st.total().bytes_written),
+        kv(
+            "raft_log_bytes_written",
+            st.keyspace(Keyspace(2)).bytes_written,
+        ),
+        kv(
+            "raft_meta_bytes_written",
+            st.keyspace(Keyspace(3)).bytes_written,
+        ),
         kv("fsyncs", st.total().fsyncs),
         kv("im_messages", im.messages),
         kv("im_sync_writes", im.sync_writes),

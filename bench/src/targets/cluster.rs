@@ -1,0 +1,241 @@
+//! `--target cluster`: a running cluster of `timeline-server --cluster`
+//! nodes (`--addr HOST:PORT,HOST:PORT,...`, its seed nodes; start one with
+//! `server/scripts/local-cluster.sh`).
+//!
+//! **Routing.** The target fetches `CLUSTER_MAP` once and each session
+//! holds one connection per node. An operation goes to its timeline's
+//! partition's leader; the session keeps up to `--pipeline` requests in
+//! flight across its connections and completes them in the order they were
+//! queued (each connection answers in order). W1 sends single `APPEND`s
+//! (`--batch 1`; a cluster node does not take `APPEND_BATCH` yet): each is
+//! acknowledged once a quorum of the partition's three replicas logged it.
+//! W2 sends `SCAN`s (the leader confirms its leadership first). A `MOVED`
+//! or `NO_LEADER` answer is a refusal and fails the run: the benchmark
+//! measures a stable cluster.
+//!
+//! **Costs.** The nodes are not the bench's children: only their `STATS`
+//! deltas, summed over the nodes (bytes written, fsyncs), and the bench's
+//! own CPU are reported; `server_cpu_secs` stays empty. Compare against a
+//! single node in the same session (docs/benchmarks.md, "Cluster").
+
+use super::server::{stat, stats};
+use super::{base_line, net_shape, wire, Op, Reply, Session, Shape, Target};
+use crate::report::ResultLine;
+use crate::workloads::append::round3;
+use crate::workloads::{keyspace, ks_name, timeline};
+use crate::{Flags, Result};
+use std::collections::VecDeque;
+use timeline_engine::{Keyspace, SeqId};
+use timeline_server::protocol::{partition_of, Request, Response};
+use timeline_server::{Client, ClientError};
+
+pub struct ClusterTarget {
+    nodes: Vec<String>,
+    /// Partition → index into `nodes` of its leader.
+    leader: Vec<usize>,
+    partitions: u32,
+    flags: Flags,
+    shape: Shape,
+    ks: Keyspace,
+}
+
+fn connect(addr: &str) -> Result<Client> {
+    Client::connect(addr, b"").map_err(|e| format!("connecting to {addr}: {e}").into())
+}
+
+impl ClusterTarget {
+    pub fn start(flags: &Flags) -> Result<ClusterTarget> {
+        let addr = flags
+            .addr
+            .as_deref()
+            .ok_or("--target cluster needs --addr HOST:PORT[,HOST:PORT...] (its nodes)")?;
+        if flags.batch > 1 {
+            return Err("--target cluster sends single APPENDs: use --batch 1".into());
+        }
+        let mut nodes: Vec<String> = addr.split(',').map(|s| s.trim().to_string()).collect();
+        nodes.retain(|s| !s.is_empty());
+        let Response::ClusterMap {
+            partitions,
+            leaders,
+            ..
+        } = connect(&nodes[0])?.call(&Request::ClusterMap)?
+        else {
+            return Err("CLUSTER_MAP answered something else".into());
+        };
+        let mut leader = vec![0; partitions as usize];
+        for (a, p) in leaders {
+            let i = match nodes.iter().position(|n| *n == a) {
+                Some(i) => i,
+                None => {
+                    nodes.push(a);
+                    nodes.len() - 1
+                }
+            };
+            if let Some(slot) = leader.get_mut(p as usize) {
+                *slot = i;
+            }
+        }
+        Ok(ClusterTarget {
+            nodes,
+            leader,
+            partitions,
+            flags: flags.clone(),
+            shape: net_shape(flags),
+            ks: keyspace(flags),
+        })
+    }
+
+    fn node_of(&self, id: u64) -> usize {
+        let p = partition_of(self.ks.0, id, self.partitions);
+        self.leader.get(p as usize).copied().unwrap_or(0)
+    }
+
+    fn all_stats(&self) -> Result<Vec<(String, u64)>> {
+        let mut sum: Vec<(String, u64)> = Vec::new();
+        for n in &self.nodes {
+            for (k, v) in stats(&mut connect(n)?)? {
+                match sum.iter_mut().find(|(x, _)| *x == k) {
+                    Some((_, s)) => *s += v,
+                    None => sum.push((k, v)),
+                }
+            }
+        }
+        Ok(sum)
+    }
+}
+
+pub struct ClusterSession<'a> {
+    t: &'a ClusterTarget,
+    conns: Vec<Client>,
+    /// The connection of each request in flight, and whether it is a scan.
+    q: VecDeque<(usize, bool)>,
+}
+
+impl Session for ClusterSession<'_> {
+    fn queue(&mut self, op: Op<'_>) -> Result<()> {
+        let ks = self.t.ks;
+        match op {
+            Op::Append([(id, payload)]) => {
+                let n = self.t.node_of(*id);
+                self.conns[n].queue(&Request::Append {
+                    timeline: wire::timeline(timeline(ks, *id)),
+                    durability: None,
+                    payload,
+                });
+                self.q.push_back((n, false));
+            }
+            Op::Append(_) => return Err("the cluster target takes single appends".into()),
+            Op::Scan { id, from, len, dir } => {
+                let n = self.t.node_of(id);
+                self.conns[n].queue(&Request::Scan {
+                    timeline: wire::timeline(timeline(ks, id)),
+                    from,
+                    limit: u32::try_from(len).unwrap_or(u32::MAX),
+                    direction: wire::direction(dir),
+                });
+                self.q.push_back((n, true));
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        for c in &mut self.conns {
+            c.flush()?;
+        }
+        Ok(())
+    }
+
+    fn complete(&mut self) -> Result<Reply> {
+        let (n, scan) = self
+            .q
+            .pop_front()
+            .ok_or("complete() with nothing in flight")?;
+        Ok(match (scan, self.conns[n].recv()) {
+            (_, Err(e @ ClientError::Server { .. })) => Reply::Refused(e.to_string()),
+            (_, Err(e)) => return Err(e.into()),
+            (false, Ok(Response::Append(seq))) => Reply::Appended(vec![seq]),
+            (true, Ok(Response::Scan(page))) => Reply::Page(wire::records(page)),
+            (_, Ok(r)) => Reply::Refused(format!("unexpected reply {r:?}")),
+        })
+    }
+}
+
+impl Target for ClusterTarget {
+    type Session<'a> = ClusterSession<'a>;
+    type Mark = Vec<(String, u64)>;
+
+    fn shape(&self) -> Shape {
+        self.shape
+    }
+
+    fn session(&self) -> Result<ClusterSession<'_>> {
+        let conns = self
+            .nodes
+            .iter()
+            .map(|a| connect(a))
+            .collect::<Result<_>>()?;
+        Ok(ClusterSession {
+            t: self,
+            conns,
+            q: VecDeque::new(),
+        })
+    }
+
+    fn lengths(&self, n: u64) -> Result<Vec<SeqId>> {
+        let mut conns: Vec<Client> = self
+            .nodes
+            .iter()
+            .map(|a| connect(a))
+            .collect::<Result<_>>()?;
+        let mut out = Vec::with_capacity(n as usize);
+        for id in 0..n {
+            let r = conns[self.node_of(id)].call(&Request::LastSeq {
+                timeline: wire::timeline(timeline(self.ks, id)),
+            })?;
+            match r {
+                Response::LastSeq(s) => out.push(s),
+                other => return Err(format!("LAST_SEQ {id} answered {other:?}").into()),
+            }
+        }
+        Ok(out)
+    }
+
+    fn line(&self, workload: &str) -> ResultLine {
+        let mut l = base_line(&self.flags, workload, "cluster");
+        // Acknowledged = in a quorum's logs, each fdatasync'd: no
+        // `--durability` applies.
+        l.durability = "quorum".into();
+        l.io = "cluster".into();
+        self.shape.set(&mut l);
+        l
+    }
+
+    fn mark(&self) -> Result<Self::Mark> {
+        self.all_stats()
+    }
+
+    fn settle(&self, _line: &mut ResultLine) -> Result<()> {
+        Ok(()) // acknowledged = in a quorum's logs
+    }
+
+    fn measure(&self, m: &Self::Mark, line: &mut ResultLine) -> Result<()> {
+        let s1 = self.all_stats()?;
+        let d = |k: &str| stat(&s1, k).saturating_sub(stat(m, k));
+        if let Some(payload) = line.payload_bytes {
+            // bytes_written: the applied records of the keyspace, on every
+            // replica; bytes_written_total: everything the nodes' engines
+            // wrote (Raft logs and meta too). Per payload byte: the total.
+            line.bytes_written = Some(d(&format!("{}_bytes_written", ks_name(self.ks))));
+            let total = d("bytes_written");
+            line.bytes_written_total = Some(total);
+            line.bytes_per_payload_byte = Some(round3(total as f64 / payload.max(1) as f64));
+            line.fsyncs = Some(d("fsyncs"));
+        }
+        Ok(())
+    }
+
+    fn close(self, _last: Option<&mut ResultLine>) -> Result<()> {
+        Ok(())
+    }
+}
