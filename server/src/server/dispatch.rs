@@ -289,7 +289,10 @@ fn authorize(sh: &Shared, identity: Identity, r: &Request<'_>) -> Result<(), Err
     };
     let own = |u: u64, what: &str| if u == me { Ok(()) } else { deny(what) };
     match r {
-        Request::Ping(_) | Request::Hello(_) | Request::Unsubscribe { .. } => Ok(()),
+        Request::Ping(_)
+        | Request::Hello(_)
+        | Request::Unsubscribe { .. }
+        | Request::ClusterMap => Ok(()),
         Request::Sync { user, .. } => own(*user, "sync another user"),
         Request::Subscribe { user } => own(*user, "subscribe to another user"),
         Request::Conversations { user } => own(*user, "list another user's conversations"),
