@@ -99,6 +99,11 @@ pub enum ClusterError {
     /// was committed: it may or may not be applied.
     #[error("partition {partition}: leadership changed while the write was pending; it may or may not be applied")]
     Uncertain { partition: PartitionId },
+    /// Not a write a partition may take (a keyspace the node's engine does
+    /// not have, or one of the cluster's own): refused before it is
+    /// proposed, since every replica would fail to apply it.
+    #[error("{0}")]
+    InvalidArgument(String),
     /// The partition is electing a leader; retry shortly.
     #[error("partition {partition} has no leader at the moment (an election is under way)")]
     NoLeader { partition: PartitionId },
@@ -151,6 +156,7 @@ impl ClusterError {
             ClusterError::NoLeader { partition } => ClusterError::NoLeader {
                 partition: *partition,
             },
+            ClusterError::InvalidArgument(m) => ClusterError::InvalidArgument(m.clone()),
             other => ClusterError::Raft(other.to_string()),
         }
     }
@@ -158,6 +164,8 @@ impl ClusterError {
 
 struct Inner {
     id: NodeId,
+    /// The keyspaces raw appends may write: the engine's, less the raft ones.
+    data_keyspaces: Vec<u8>,
     /// Per partition (index = partition), the appends waiting for the next
     /// entry.
     proposals: Vec<parking_lot::Mutex<Proposals>>,
@@ -228,6 +236,12 @@ impl Node {
         payload: Vec<u8>,
         done: impl FnOnce(Result<u64, ClusterError>) + Send + 'static,
     ) {
+        if !self.inner.data_keyspaces.contains(&keyspace) {
+            return done(Err(ClusterError::InvalidArgument(format!(
+                "keyspace {keyspace} is not a data keyspace of this cluster (it has {:?})",
+                self.inner.data_keyspaces
+            ))));
+        }
         let p = self.partition_of(keyspace, id) as usize;
         let Some(slot) = self.inner.proposals.get(p) else {
             return done(Err(ClusterError::Raft(format!("no partition {p}"))));
@@ -501,8 +515,15 @@ async fn boot(
     };
     let lease = meta.register(&me, cfg.lease_ttl).await?;
     let map = form(&meta, cfg).await?;
+    let own = [crate::log_store::RAFT_LOG.0, crate::log_store::RAFT_META.0];
+    let data_keyspaces = engine
+        .keyspaces()
+        .map(|(k, _)| k.0)
+        .filter(|k| !own.contains(k))
+        .collect();
     let inner = Arc::new(Inner {
         id: cfg.id,
+        data_keyspaces,
         proposals: (0..map.len()).map(|_| Default::default()).collect(),
         groups: Arc::new(RwLock::new(HashMap::new())),
         addrs: Arc::new(RwLock::new(BTreeMap::new())),

@@ -429,3 +429,46 @@ fn etcd_down_nodes_keep_serving_and_placement_waits() {
         acked.len()
     );
 }
+
+#[test]
+fn bad_appends_are_refused_before_they_reach_a_group() {
+    let cl = Cluster::start(8);
+    let mut cc = ClusterClient::connect(&cl.seeds(), b"").unwrap();
+    // The cluster's own keyspaces (raft log 2, raft meta 3), one that is
+    // not configured (9), and an oversized payload: refused with a clear
+    // error, and nothing proposed (every replica would fail to apply it,
+    // which openraft treats as fatal for the group).
+    let big = vec![7u8; 64 << 10];
+    for (ks, payload) in [(2u8, &b"x"[..]), (3, b"x"), (9, b"x"), (0, &big)] {
+        let timeline = TimelineId {
+            keyspace: timeline_client::protocol::Keyspace(ks),
+            id: 5,
+        };
+        let r = cc.call(&Request::Append {
+            timeline,
+            durability: None,
+            payload,
+        });
+        match r {
+            // The codec takes only the store and sync keyspaces (a frame
+            // naming another does not decode); `Node::append` also refuses
+            // any keyspace that is not a data keyspace of its engine.
+            Err(ClientError::Server { code, .. }) => assert!(
+                [
+                    ErrorCode::MALFORMED_FRAME,
+                    ErrorCode::INVALID_ARGUMENT,
+                    ErrorCode::PAYLOAD_TOO_LARGE
+                ]
+                .contains(&code),
+                "keyspace {ks}: {code:?}"
+            ),
+            other => panic!("keyspace {ks}: {other:?}"),
+        }
+    }
+    // The partition of those timelines still takes writes, in order.
+    let acked = append_all(&mut cc, "after-bad", 3 * TIMELINES);
+    for (t, p, seq) in &acked {
+        let records = read_all(&mut cc, *t);
+        assert_eq!(records.get(*seq as usize - 1).map(|r| &r.1), Some(p));
+    }
+}

@@ -44,6 +44,9 @@ impl ToReply for ClusterError {
                 u64::from(*partition),
                 self.to_string(),
             ),
+            ClusterError::InvalidArgument(m) => {
+                ErrorReply::new(ErrorCode::INVALID_ARGUMENT, 0, m.clone())
+            }
             _ => ErrorReply::new(ErrorCode::INTERNAL, 0, self.to_string()),
         }
     }
