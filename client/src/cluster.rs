@@ -85,8 +85,11 @@ impl ClusterClient {
     /// leaders already known).
     pub fn refresh(&mut self) -> Result<()> {
         let mut tried: Vec<String> = self.seeds.clone();
-        tried.extend(self.leaders.iter().flatten().cloned());
-        tried.dedup();
+        for a in self.leaders.iter().flatten() {
+            if !tried.contains(a) {
+                tried.push(a.clone());
+            }
+        }
         let mut last = None;
         for addr in tried {
             let r = self.conn(&addr).and_then(|c| c.call(&Request::ClusterMap));
@@ -190,6 +193,8 @@ impl ClusterClient {
                 return Err(err);
             }
             if !retry_now {
+                // A client's backoff between refusals (an election takes
+                // hundreds of ms): a timer by design, not a readiness poll.
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(100));
             }

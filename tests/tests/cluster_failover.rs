@@ -204,8 +204,6 @@ fn read_all(cc: &mut ClusterClient, t: u64) -> Vec<(u64, Vec<u8>)> {
 
 /// Who leads each of our timelines' partitions, by node client address.
 fn leaders(seeds: &[String]) -> (u32, HashMap<u32, String>) {
-    let cc = ClusterClient::connect(seeds, b"").unwrap();
-    let _ = cc;
     for s in seeds {
         let Ok(mut c) = timeline_client::Client::connect(s.as_str(), b"") else {
             continue;
@@ -368,11 +366,32 @@ fn etcd_down_nodes_keep_serving_and_placement_waits() {
     let seeds = cl.seeds();
     let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
     let mut acked = append_all(&mut cc, "before", 200);
-    cl.etcd.kill();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
+    // A placement change is a transaction on the whole previous map: one
+    // made against a stale copy is refused, one against the current map
+    // applies (here a version bump only: moving replicas is not acted on
+    // by the groups yet).
+    let endpoint = vec![cl.etcd.endpoint()];
+    rt.block_on(async {
+        let meta = timeline_cluster::meta::Meta::connect(&endpoint, "timeline")
+            .await
+            .unwrap();
+        let now = meta.map().await.unwrap().unwrap();
+        let mut stale = now.clone();
+        stale.version += 7;
+        let mut next = now.clone();
+        next.version += 1;
+        match meta.replace_map(&stale, &next).await {
+            Err(timeline_cluster::meta::MetaError::Conflict(v)) => assert_eq!(v, now.version),
+            other => panic!("a change against a stale map: {other:?}"),
+        }
+        meta.replace_map(&now, &next).await.unwrap();
+        assert_eq!(meta.map().await.unwrap().unwrap().version, now.version + 1);
+    });
+    cl.etcd.kill();
     // Longer than the membership lease (3 s): the leases expire meanwhile.
     let down = Instant::now();
     let mut rounds = 0;
@@ -381,7 +400,6 @@ fn etcd_down_nodes_keep_serving_and_placement_waits() {
         rounds += 1;
     }
     // A placement change needs etcd: it is refused, not applied blindly.
-    let endpoint = vec![cl.etcd.endpoint()];
     let refused = rt.block_on(async {
         match timeline_cluster::meta::Meta::connect(&endpoint, "timeline").await {
             Err(e) => Some(e.to_string()),

@@ -106,14 +106,15 @@ pub(crate) fn execute(
 ) -> Result<(), ErrorReply> {
     let sh = ctx.sh;
     let op = r.opcode();
-    let engine: Arc<Engine> = sh.im.engine_handle();
+    // Reads finish on the runtime's threads and hold the engine there.
+    let engine = || -> Arc<Engine> { sh.im.engine_handle() };
     match r {
         Request::Append {
             timeline, payload, ..
         } => {
             check_raw_write(sh, timeline)?;
-            // The stored record is the Raft index (8 bytes) + the payload.
-            let max = engine.config().max_payload.saturating_sub(8);
+            // The stored record is the write id (8 bytes) + the payload.
+            let max = sh.im.engine().config().max_payload.saturating_sub(8);
             if payload.len() > max {
                 return Err(ErrorReply::new(
                     ErrorCode::PAYLOAD_TOO_LARGE,
@@ -131,6 +132,7 @@ pub(crate) fn execute(
             });
         }
         Request::Get { timeline, seq } => {
+            let engine = engine();
             let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
             let t = timeline.native();
             node.linearize(t.keyspace.0, t.id, move |r| {
@@ -146,6 +148,7 @@ pub(crate) fn execute(
             limit,
             direction,
         } => {
+            let engine = engine();
             let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
             let (t, max) = (timeline.native(), conn.session.client_max);
             node.linearize(t.keyspace.0, t.id, move |r| {
@@ -158,6 +161,7 @@ pub(crate) fn execute(
             });
         }
         Request::LastSeq { timeline } => {
+            let engine = engine();
             let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
             let t = timeline.native();
             node.linearize(t.keyspace.0, t.id, move |r| {
