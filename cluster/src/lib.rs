@@ -18,16 +18,20 @@
 //! - [`meta`]: membership leases and the map in etcd;
 //! - [`node`]: a running node: its groups, start-up (forming the map),
 //!   routing answers (`MOVED`, `NO_LEADER`, `UNCERTAIN`) and the batching
-//!   of concurrent appends into one entry.
+//!   of concurrent appends into one entry;
+//! - [`reconcile`]: placement acted on: a new map becomes membership
+//!   changes of the groups (new replicas caught up as learners first), and
+//!   a node that starts outside the map asks for its share.
 //!
-//! Not built yet: IM across partitions, placement changes acted on by the
-//! groups, snapshots as segment ranges (docs/scaling.md, "Not built yet").
+//! Not built yet: IM across partitions, snapshots as segment ranges
+//! (docs/scaling.md, "Not built yet").
 
 pub mod log_store;
 pub mod meta;
 pub mod net;
 pub mod node;
 pub mod partition;
+pub mod reconcile;
 pub mod state_machine;
 
 pub use node::{ClusterError, Node, NodeConfig};

@@ -8,7 +8,8 @@
 //! the map gives this node, and have each partition's first replica
 //! initialize its group the first time it ever runs. A background task
 //! renews the lease, and another watches the cluster's keys, keeping the
-//! peers' addresses and the map up to date.
+//! peers' addresses and the map up to date; a third acts on the map
+//! (`reconcile`).
 //!
 //! The data path ([`Node::append`], [`Node::linearize`]) takes callbacks,
 //! so the server's event loops never wait on the runtime.
@@ -162,19 +163,31 @@ impl ClusterError {
     }
 }
 
-struct Inner {
-    id: NodeId,
+pub(crate) struct Inner {
+    pub(crate) id: NodeId,
     /// The keyspaces raw appends may write: the engine's, less the raft ones.
     data_keyspaces: Vec<u8>,
     /// Per partition (index = partition), the appends waiting for the next
     /// entry.
     proposals: Vec<parking_lot::Mutex<Proposals>>,
-    groups: Arc<Groups>,
+    pub(crate) groups: Arc<Groups>,
     addrs: Arc<PeerAddrs>,
     /// Every member seen since start (kept after its lease goes: a node
     /// that is down is still a replica, and comes back at the same place).
-    members: RwLock<BTreeMap<NodeId, NodeRecord>>,
-    map: RwLock<PartitionMap>,
+    pub(crate) members: RwLock<BTreeMap<NodeId, NodeRecord>>,
+    pub(crate) map: RwLock<PartitionMap>,
+    /// What opens a partition's group on this node.
+    factory: GroupFactory,
+    /// Placement: woken when a newer map arrives, and what is under way.
+    pub(crate) placement: crate::reconcile::Placement,
+}
+
+/// Opens a partition's Raft group on this node's engine.
+struct GroupFactory {
+    engine: Arc<Engine>,
+    flusher: Arc<Flusher>,
+    transport: Arc<Transport>,
+    config: Arc<openraft::Config>,
 }
 
 /// A running node. Dropping it stops its groups and tasks.
@@ -286,6 +299,11 @@ impl Node {
         (map.version, map.len(), out)
     }
 
+    /// Groups run, led, and led with a membership change still to make.
+    pub fn placement(&self) -> crate::reconcile::PlacementStatus {
+        crate::reconcile::status(&self.inner)
+    }
+
     fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
         if let Some(rt) = &self.rt {
             rt.spawn(f);
@@ -320,14 +338,26 @@ impl Drop for Node {
 }
 
 impl Inner {
-    fn group(&self, p: PartitionId) -> Option<Raft<TypeConfig>> {
+    pub(crate) fn group(&self, p: PartitionId) -> Option<Raft<TypeConfig>> {
         self.groups.read().get(&p).cloned()
+    }
+
+    /// The leader group `g` knows of. A leader that stepped down (removed
+    /// from the group by a placement change) still holds its own vote, so
+    /// openraft's `current_leader` names it until an election: it is not
+    /// taken for the leader unless it is one.
+    fn known_leader(&self, g: &Raft<TypeConfig>) -> Option<NodeId> {
+        let m = g.metrics().borrow().clone();
+        match m.current_leader {
+            Some(l) if l == self.id && m.state != openraft::ServerState::Leader => None,
+            l => l,
+        }
     }
 
     /// Who leads `p`, by this node's knowledge: (node, client address).
     fn leader_of(&self, p: PartitionId, map: &PartitionMap) -> Option<(NodeId, String)> {
         let node = match self.group(p) {
-            Some(g) => g.metrics().borrow().current_leader?,
+            Some(g) => self.known_leader(&g)?,
             None => *map.partitions.get(p as usize)?.first()?,
         };
         let addr = self.members.read().get(&node)?.client.clone();
@@ -394,7 +424,7 @@ impl Inner {
         };
         // Not the leader by its own account: nothing is proposed, so the
         // client may go elsewhere. Past this point a failure is uncertain.
-        let leader = g.metrics().borrow().current_leader;
+        let leader = self.known_leader(&g);
         if leader != Some(self.id) {
             return Err(self.redirect(p, leader));
         }
@@ -405,7 +435,10 @@ impl Inner {
                 "a batch of {n} applied as {} appends",
                 r.data.seqs.len()
             ))),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+            // Leadership lost, or the group shut down (a placement change
+            // took the replica away), with the entry possibly proposed.
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))
+            | Err(RaftError::Fatal(openraft::error::Fatal::Stopped)) => {
                 Err(ClusterError::Uncertain { partition: p })
             }
             Err(e) => Err(ClusterError::Raft(e.to_string())),
@@ -438,13 +471,40 @@ impl Inner {
         match r {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                Err(self.redirect(p, f.leader_id))
+                Err(self.redirect(p, f.leader_id.filter(|&l| l != self.id)))
             }
             Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => {
                 Err(ClusterError::NoLeader { partition: p })
             }
             Err(e) => Err(ClusterError::Raft(e.to_string())),
         }
+    }
+
+    /// Open partition `p`'s group on this node (its log, its state machine)
+    /// and add it to the groups served; it has whatever state its storage
+    /// holds (none for a replica this node just took: the leader fills it).
+    pub(crate) async fn open_group(
+        &self,
+        p: PartitionId,
+    ) -> Result<Raft<TypeConfig>, ClusterError> {
+        let f = &self.factory;
+        let storage = |message: String| ClusterError::Storage {
+            partition: p,
+            message,
+        };
+        let ls = LogStore::open(f.engine.clone(), f.flusher.clone(), u64::from(p))
+            .map_err(|e| storage(e.to_string()))?;
+        let sm = StateMachine::open(f.engine.clone(), u64::from(p))
+            .map_err(|e| storage(e.to_string()))?;
+        let net = Network {
+            transport: f.transport.clone(),
+            partition: p,
+        };
+        let raft = Raft::new(self.id, f.config.clone(), net, ls, sm)
+            .await
+            .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        self.groups.write().insert(p, raft.clone());
+        Ok(raft)
     }
 
     /// Take in what etcd says now: members (addresses) and the map.
@@ -461,22 +521,9 @@ impl Inner {
         if let Some(m) = meta.map().await? {
             let mut cur = self.map.write();
             if m.version > cur.version {
-                let gained: Vec<PartitionId> = (0..m.len())
-                    .filter(|&p| {
-                        m.partitions[p as usize].contains(&self.id)
-                            && self.groups.read().get(&p).is_none()
-                    })
-                    .collect();
-                if !gained.is_empty() {
-                    // Membership changes of running groups are not built yet
-                    // (docs/scaling.md, "Not built yet").
-                    tracing::warn!(
-                        version = m.version,
-                        ?gained,
-                        "the map gives this node partitions it does not run"
-                    );
-                }
+                tracing::info!(from = cur.version, to = m.version, "a new partition map");
                 *cur = m;
+                self.placement.changed.notify_one();
             }
         }
         Ok(())
@@ -521,41 +568,35 @@ async fn boot(
         .map(|(k, _)| k.0)
         .filter(|k| !own.contains(k))
         .collect();
+    let addrs: Arc<PeerAddrs> = Arc::new(RwLock::new(BTreeMap::new()));
     let inner = Arc::new(Inner {
         id: cfg.id,
         data_keyspaces,
         proposals: (0..map.len()).map(|_| Default::default()).collect(),
         groups: Arc::new(RwLock::new(HashMap::new())),
-        addrs: Arc::new(RwLock::new(BTreeMap::new())),
+        addrs: addrs.clone(),
         members: RwLock::new(BTreeMap::new()),
         map: RwLock::new(map.clone()),
+        factory: GroupFactory {
+            engine,
+            flusher,
+            transport: Transport::new(addrs),
+            config: raft_config(cfg)?,
+        },
+        placement: Default::default(),
     });
     inner.refresh(&meta).await?;
     tokio::spawn(net::serve(listener, inner.groups.clone()));
-    let transport = Transport::new(inner.addrs.clone());
-    let config = raft_config(cfg)?;
     for (p, replicas) in map.partitions.iter().enumerate() {
         if !replicas.contains(&cfg.id) {
             continue;
         }
         let p = p as PartitionId;
-        let storage = |message: String| ClusterError::Storage {
-            partition: p,
-            message,
-        };
-        let ls = LogStore::open(engine.clone(), flusher.clone(), u64::from(p))
-            .map_err(|e| storage(e.to_string()))?;
-        let sm =
-            StateMachine::open(engine.clone(), u64::from(p)).map_err(|e| storage(e.to_string()))?;
-        let net = Network {
-            transport: transport.clone(),
-            partition: p,
-        };
-        let raft = Raft::new(cfg.id, config.clone(), net, ls, sm)
-            .await
-            .map_err(|e| ClusterError::Raft(e.to_string()))?;
-        inner.groups.write().insert(p, raft.clone());
-        let first = replicas.first() == Some(&cfg.id);
+        let raft = inner.open_group(p).await?;
+        // Only the map the cluster was formed with says who starts a group:
+        // a replica placed later joins a group that exists, through its
+        // leader (initializing it would start a second, empty group).
+        let first = map.version == 1 && replicas.first() == Some(&cfg.id);
         if first
             && !raft
                 .is_initialized()
@@ -579,6 +620,11 @@ async fn boot(
                 .map_err(|e| ClusterError::Raft(format!("initialize partition {p}: {e}")))?;
         }
     }
+    if !map.nodes().contains(&cfg.id) {
+        crate::reconcile::join(&meta, cfg.id).await?;
+        inner.refresh(&meta).await?;
+    }
+    tokio::spawn(crate::reconcile::run(inner.clone()));
     tokio::spawn(keep_lease(meta.clone(), me, lease, cfg.lease_ttl));
     tokio::spawn(watch(meta, inner.clone()));
     tracing::info!(node = cfg.id, %raft_addr, groups = inner.groups.read().len(), version = map.version, "cluster node up");

@@ -18,7 +18,7 @@ pub fn free_port() -> u16 {
         .unwrap_or_else(|e| panic!("no free port: {e}"))
 }
 
-fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     let end = Instant::now() + timeout;
     while !ok() {
         assert!(Instant::now() < end, "{what}: not within {timeout:?}");
@@ -166,6 +166,20 @@ impl NodeProc {
                 .and_then(|mut c| c.call(&Request::ClusterMap))
                 .is_ok()
         });
+    }
+
+    /// Its `STATS`, if it answers.
+    pub fn stats(&self) -> Option<std::collections::HashMap<String, u64>> {
+        let mut c = Client::connect(self.client.as_str(), b"").ok()?;
+        match c.call(&Request::Stats).ok()? {
+            timeline_client::protocol::Response::Stats(kv) => Some(kv.into_iter().collect()),
+            _ => None,
+        }
+    }
+
+    /// Its data directory (the engine's).
+    pub fn data_dir(&self) -> &Path {
+        &self.data
     }
 
     /// SIGKILL.

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use timeline_client::cluster::ClusterClient;
+use timeline_client::cluster::{ClusterClient, RouteStats};
 use timeline_client::protocol::{
     partition_of, Direction, ErrorCode, Request, Response, TimelineId,
 };
@@ -105,7 +105,12 @@ fn writer(w: usize, seeds: Vec<String>, stop: Arc<AtomicBool>, h: Arc<Mutex<Hist
                 code: ErrorCode::MOVED | ErrorCode::NO_LEADER,
                 ..
             }) => Outcome::Refused,
-            Err(_) => Outcome::Unknown,
+            Err(e) => {
+                if std::env::var("CLUSTER_DEBUG").is_ok() {
+                    eprintln!("writer {w}: {e}");
+                }
+                Outcome::Unknown
+            }
         };
         let op = AppendOp {
             payload,
@@ -179,6 +184,66 @@ fn reader(seeds: Vec<String>, stop: Arc<AtomicBool>, h: Arc<Mutex<History>>) {
     }
 }
 
+/// The test load: `WRITERS` writers and one reader, recording a history.
+struct Load {
+    stop: Arc<AtomicBool>,
+    h: Arc<Mutex<History>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(seeds: &[String]) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let h = Arc::new(Mutex::new(History::default()));
+        let mut threads = Vec::new();
+        for w in 0..WRITERS {
+            let (s, st, h) = (seeds.to_vec(), stop.clone(), h.clone());
+            threads.push(std::thread::spawn(move || writer(w, s, st, h)));
+        }
+        let (s, st, h2) = (seeds.to_vec(), stop.clone(), h.clone());
+        threads.push(std::thread::spawn(move || reader(s, st, h2)));
+        Load { stop, h, threads }
+    }
+
+    /// Stop it; its history.
+    fn finish(self) -> Arc<Mutex<History>> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        self.h
+    }
+}
+
+/// Each timeline's records as read back: (seq, payload).
+type Records = HashMap<u64, Vec<(u64, Vec<u8>)>>;
+
+/// Read every timeline back through `seeds` and check its history; the
+/// records read and the totals.
+fn check_all(
+    seeds: &[String],
+    h: &History,
+    logs: impl Fn() -> String,
+) -> (Records, history::Summary, RouteStats) {
+    let mut cc = ClusterClient::connect(seeds, b"").unwrap();
+    let mut total = history::Summary::default();
+    let mut all = HashMap::new();
+    for t in 0..TIMELINES {
+        let records = read_all(&mut cc, t);
+        let appends = h.appends.get(&t).map_or(&[][..], |v| v.as_slice());
+        let reads = h.reads.get(&t).map_or(&[][..], |v| v.as_slice());
+        let s = history::check(&records, appends, reads)
+            .unwrap_or_else(|e| panic!("timeline {t}: {e}\n{}", logs()));
+        total.records += s.records;
+        total.acked += s.acked;
+        total.unknown_present += s.unknown_present;
+        total.unknown_absent += s.unknown_absent;
+        total.reads += s.reads;
+        all.insert(t, records);
+    }
+    (all, total, cc.stats)
+}
+
 /// Every record of a timeline, read through the leader.
 fn read_all(cc: &mut ClusterClient, t: u64) -> Vec<(u64, Vec<u8>)> {
     let mut out = Vec::new();
@@ -236,17 +301,8 @@ fn leader_kill9_loses_no_acknowledged_append() {
     let partitions = env_or("CLUSTER_PARTITIONS", 16) as u32;
     let mut cl = Cluster::start(partitions);
     let seeds = cl.seeds();
-    let stop = Arc::new(AtomicBool::new(false));
-    let h = Arc::new(Mutex::new(History::default()));
-    let mut threads = Vec::new();
-    for w in 0..WRITERS {
-        let (s, st, h) = (seeds.clone(), stop.clone(), h.clone());
-        threads.push(std::thread::spawn(move || writer(w, s, st, h)));
-    }
-    {
-        let (s, st, h) = (seeds.clone(), stop.clone(), h.clone());
-        threads.push(std::thread::spawn(move || reader(s, st, h)));
-    }
+    let load = Load::start(&seeds);
+    let h = load.h.clone();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut resumes = Vec::new();
     for cycle in 0..cycles {
@@ -304,32 +360,14 @@ fn leader_kill9_loses_no_acknowledged_append() {
         cl.nodes[v].wait_ready(Duration::from_secs(60));
     }
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
-    // Read everything back and check each timeline's history.
-    let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
-    let hist = h.lock();
-    let mut total = history::Summary::default();
-    for t in 0..TIMELINES {
-        let records = read_all(&mut cc, t);
-        let appends = hist.appends.get(&t).map_or(&[][..], |v| v.as_slice());
-        let reads = hist.reads.get(&t).map_or(&[][..], |v| v.as_slice());
-        let s = history::check(&records, appends, reads)
-            .unwrap_or_else(|e| panic!("timeline {t}: {e}\n{}", cl.logs()));
-        total.records += s.records;
-        total.acked += s.acked;
-        total.unknown_present += s.unknown_present;
-        total.unknown_absent += s.unknown_absent;
-        total.reads += s.reads;
-    }
+    let h = load.finish();
+    let (_, total, routing) = check_all(&seeds, &h.lock(), || cl.logs());
     eprintln!(
         "{cycles} kills: {total:?}; resume p50 {:?} p99 {:?} max {:?}; client routing {:?}",
         pct(&mut resumes, 0.5),
         pct(&mut resumes, 0.99),
         resumes.iter().max().copied().unwrap_or_default(),
-        cc.stats
+        routing
     );
     assert!(
         total.acked > 100,
@@ -489,4 +527,176 @@ fn bad_appends_are_refused_before_they_reach_a_group() {
         let records = read_all(&mut cc, *t);
         assert_eq!(records.get(*seq as usize - 1).map(|r| &r.1), Some(p));
     }
+}
+
+/// Every running node's `STATS`.
+fn all_stats(cl: &Cluster) -> Vec<(u64, HashMap<String, u64>)> {
+    cl.nodes
+        .iter()
+        .filter(|n| n.running())
+        .map(|n| (n.id, n.stats().unwrap_or_default()))
+        .collect()
+}
+
+/// Wait until placement has settled: every running node holds map
+/// `version` or newer (all the same), every partition runs exactly
+/// `replicas` groups across the nodes, and no leader has a membership
+/// change left; then `ok` holds for each node's stats.
+fn wait_settled(
+    cl: &Cluster,
+    partitions: u32,
+    what: &str,
+    ok: impl Fn(u64, &HashMap<String, u64>) -> bool,
+) -> Vec<(u64, HashMap<String, u64>)> {
+    let end = Instant::now() + Duration::from_secs(90);
+    loop {
+        let st = all_stats(cl);
+        let get = |m: &HashMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(u64::MAX);
+        let versions: Vec<u64> = st
+            .iter()
+            .map(|(_, m)| get(m, "cluster_map_version"))
+            .collect();
+        let groups: u64 = st.iter().map(|(_, m)| get(m, "cluster_groups")).sum();
+        let pending: u64 = st
+            .iter()
+            .map(|(_, m)| get(m, "cluster_membership_pending"))
+            .sum();
+        let leading: u64 = st.iter().map(|(_, m)| get(m, "cluster_leading")).sum();
+        if versions.windows(2).all(|w| w[0] == w[1])
+            && groups == u64::from(partitions) * 3
+            && pending == 0
+            && leading == u64::from(partitions)
+            && st.iter().all(|(id, m)| ok(*id, m))
+        {
+            return st;
+        }
+        assert!(
+            Instant::now() < end,
+            "{what}: placement did not settle in 90 s: {st:?}\n{}",
+            cl.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A fourth node started under load asks for its share and takes it over
+/// (catching up as a learner, then a voter); then node 1 is removed by a
+/// map change and gives every replica up, and is killed. Nothing
+/// acknowledged is lost (the history checker), and the new node's own
+/// engine holds exactly the records of the partitions it took, with the
+/// same SeqIds.
+#[test]
+fn a_node_added_under_load_takes_over_replicas_and_a_removed_one_gives_them_up() {
+    let partitions = env_or("CLUSTER_PARTITIONS", 16) as u32;
+    let mut cl = Cluster::start(partitions);
+    let seeds = cl.seeds();
+    let load = Load::start(&seeds);
+    std::thread::sleep(Duration::from_millis(1000));
+    let tmp = cl._tmp.path().to_path_buf();
+    let mut n4 = NodeProc::new(4, &tmp, &cl.etcd.endpoint(), partitions);
+    n4.spawn(BIN);
+    n4.wait_ready(Duration::from_secs(60));
+    cl.nodes.push(n4);
+    let share = u64::from(partitions) * 3 / 4;
+    let joined = Instant::now();
+    wait_settled(&cl, partitions, "node 4 joined", |id, m| {
+        id != 4 || m.get("cluster_groups") == Some(&share)
+    });
+    eprintln!("node 4 took {share} replicas in {:?}", joined.elapsed());
+    std::thread::sleep(Duration::from_millis(500));
+    // Remove node 1 (one map transaction); the groups act on it.
+    let endpoint = vec![cl.etcd.endpoint()];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (map, moves) = rt.block_on(async {
+        let meta = timeline_cluster::meta::Meta::connect(&endpoint, "timeline")
+            .await
+            .unwrap();
+        timeline_cluster::reconcile::apply(
+            &meta,
+            timeline_cluster::reconcile::Change::RemoveNode(1),
+        )
+        .await
+        .unwrap()
+    });
+    assert!(!moves.is_empty() && !map.nodes().contains(&1));
+    let removing = Instant::now();
+    wait_settled(&cl, partitions, "node 1 removed", |id, m| {
+        id != 1 || m.get("cluster_groups") == Some(&0)
+    });
+    eprintln!("node 1 gave up its replicas in {:?}", removing.elapsed());
+    cl.nodes[0].kill9();
+    std::thread::sleep(Duration::from_millis(1000));
+    let h = load.finish();
+    let seeds: Vec<String> = cl.nodes[1..].iter().map(|n| n.client.clone()).collect();
+    let (records, total, routing) = check_all(&seeds, &h.lock(), || cl.logs());
+    let slowest = h
+        .lock()
+        .appends
+        .values()
+        .flatten()
+        .filter(|op| matches!(op.outcome, Outcome::Acked(_)))
+        .map(|op| op.complete - op.invoke)
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "node added and removed under load: {total:?}; slowest acknowledged append {slowest:?}; client routing {routing:?}"
+    );
+    assert!(
+        total.acked > 100,
+        "too little load to mean anything: {total:?}"
+    );
+    // Node 4's engine, read directly once it has applied everything (the
+    // load has stopped; a heartbeat carries the commit index): the records
+    // of every timeline whose partition it holds, byte for byte.
+    std::thread::sleep(Duration::from_millis(1500));
+    let n4 = cl.nodes.iter_mut().find(|n| n.id == 4).unwrap();
+    n4.kill9();
+    let mut cfg = timeline_engine::Config {
+        shards: 1,
+        ..Default::default()
+    };
+    cfg.keyspaces = vec![
+        timeline_engine::KeyspaceConfig::store(),
+        timeline_engine::KeyspaceConfig::sync(),
+    ];
+    cfg.keyspaces
+        .extend(timeline_cluster::log_store::keyspaces());
+    let e = timeline_engine::Engine::open(n4.data_dir(), cfg).unwrap();
+    let mut held = 0;
+    for t in 0..TIMELINES {
+        let (p, reps) = map.replicas_of(0, t);
+        if !reps.contains(&4) {
+            continue;
+        }
+        held += 1;
+        let tl = timeline_engine::TimelineId::new(timeline_engine::Keyspace::STORE, t);
+        let mut local: Vec<(u64, Vec<u8>)> = Vec::new();
+        loop {
+            let from = local.len() as u64 + 1;
+            let page = e
+                .scan(tl, from, 1000, timeline_engine::Direction::Forward)
+                .unwrap();
+            if page.is_empty() {
+                break;
+            }
+            local.extend(page.into_iter().map(|r| {
+                let p = timeline_cluster::state_machine::payload_of(&r.payload).unwrap();
+                (r.seq, p.to_vec())
+            }));
+        }
+        assert_eq!(
+            local.len(),
+            records[&t].len(),
+            "timeline {t} (partition {p}) on node 4"
+        );
+        assert!(
+            local == records[&t],
+            "timeline {t} (partition {p}): node 4's records differ"
+        );
+    }
+    assert!(held > 0, "node 4 holds none of the test's timelines");
+    drop(cl.etcd);
 }

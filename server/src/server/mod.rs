@@ -409,7 +409,7 @@ pub(crate) fn stats(sh: &Shared) -> Vec<(String, u64)> {
     let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let (store, sync) = (st.keyspace(Keyspace::STORE), st.keyspace(Keyspace::SYNC));
     let kv = |k: &str, v: u64| (k.to_string(), v);
-    vec![
+    let mut out = vec![
         kv("connections_total", g(&c.connections)),
         kv("connections_open", c.open.load(Ordering::Relaxed) as u64),
         kv("connections_refused", g(&c.refused)),
@@ -439,5 +439,15 @@ pub(crate) fn stats(sh: &Shared) -> Vec<(String, u64)> {
         kv("im_messages", im.messages),
         kv("im_sync_writes", im.sync_writes),
         kv("im_sync_calls", im.sync_calls),
-    ]
+    ];
+    if let Some(n) = &sh.cluster {
+        let pl = n.placement();
+        out.extend([
+            kv("cluster_map_version", n.shape().1),
+            kv("cluster_groups", pl.groups),
+            kv("cluster_leading", pl.leading),
+            kv("cluster_membership_pending", pl.pending),
+        ]);
+    }
+    out
 }

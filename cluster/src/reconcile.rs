@@ -1,0 +1,261 @@
+//! Placement acted on: turning the partition map in etcd into the Raft
+//! groups' memberships.
+//!
+//! The map says where each partition's replicas should be; openraft's
+//! membership says where they are. Every node runs one task that, when a
+//! newer map arrives and once a second (a timer: a new leader must finish
+//! a change its predecessor left half done), walks its partitions:
+//!
+//! | this node, for partition `p` | it does |
+//! |---|---|
+//! | is a replica in the map, runs no group | opens the group, empty: the leader fills it (log entries, or a snapshot) |
+//! | leads `p`, membership ≠ the map's replicas | adds each new replica as a learner and waits until it has caught up, then changes the membership to the map's replicas (openraft's joint consensus; a leader that removes itself steps down once the change is committed) |
+//! | is not a replica in the map, runs a group it is no longer a voter of (or that has lost its leader: the leader stops sending to a removed replica) | shuts the group down; its records stay on disk |
+//!
+//! One change per partition is under way at a time. A node that starts
+//! with an existing map that holds none of its replicas asks for its share
+//! ([`join`]): replicas move to it from the most loaded nodes, in one map
+//! transaction.
+
+use crate::meta::{Meta, MetaError};
+use crate::node::{ClusterError, Inner};
+use crate::partition::{PartitionId, PartitionMap, PlacementError};
+use crate::{NodeId, TypeConfig};
+use openraft::{BasicNode, Raft, ServerState};
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a new replica may take to catch up before the change is
+/// abandoned (and tried again on the next round).
+const CATCH_UP: Duration = Duration::from_secs(60);
+
+/// A node's placement state: the wake-up for a new map, and the partitions
+/// whose membership change is under way.
+#[derive(Default)]
+pub(crate) struct Placement {
+    pub(crate) changed: tokio::sync::Notify,
+    busy: parking_lot::Mutex<HashSet<PartitionId>>,
+}
+
+/// What a node's placement looks like now (for `STATS`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlacementStatus {
+    /// Groups this node runs.
+    pub groups: u64,
+    /// Groups it leads.
+    pub leading: u64,
+    /// Groups it leads whose membership is not yet the map's replicas.
+    pub pending: u64,
+}
+
+/// A placement change an operator (or a joining node) asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Move replicas to a new node until it holds its share.
+    AddNode(NodeId),
+    /// Move every replica of a node to the others (then it may be stopped).
+    RemoveNode(NodeId),
+    /// Move one replica of a partition.
+    Move {
+        partition: PartitionId,
+        from: NodeId,
+        to: NodeId,
+    },
+}
+
+/// Apply `change` to the map in etcd, as one transaction on the whole
+/// previous map, retried (on the newer map) if another change got there
+/// first. The new map and the moves: (partition, from, to).
+pub async fn apply(meta: &Meta, change: Change) -> Result<(PartitionMap, Moves), ClusterError> {
+    for _ in 0..16 {
+        let Some(old) = meta.map().await? else {
+            return Err(ClusterError::Formation(
+                "the cluster has no partition map yet".into(),
+            ));
+        };
+        let mut new = old.clone();
+        let moves = match change {
+            Change::AddNode(n) => new.add_node(n)?,
+            Change::RemoveNode(n) => new.remove_node(n)?,
+            Change::Move {
+                partition,
+                from,
+                to,
+            } => {
+                new.move_replica(partition, from, to)?;
+                vec![(partition, from, to)]
+            }
+        };
+        match meta.replace_map(&old, &new).await {
+            Ok(()) => return Ok((new, moves)),
+            Err(MetaError::Conflict(_)) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ClusterError::Formation(
+        "the map kept changing under this change (16 tries)".into(),
+    ))
+}
+
+/// Replica moves: (partition, from, to).
+pub type Moves = Vec<(PartitionId, NodeId, NodeId)>;
+
+/// Put node `id` into the map if it holds nothing there yet.
+pub(crate) async fn join(meta: &Meta, id: NodeId) -> Result<(), ClusterError> {
+    match apply(meta, Change::AddNode(id)).await {
+        Ok((map, moves)) => {
+            tracing::info!(
+                node = id,
+                version = map.version,
+                moves = moves.len(),
+                "joined the map"
+            );
+            Ok(())
+        }
+        Err(ClusterError::Placement(PlacementError::NodeExists(_))) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The placement task of a node: a round on every new map and every second.
+pub(crate) async fn run(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = inner.placement.changed.notified() => {}
+        }
+        round(&inner).await;
+    }
+}
+
+/// The map's replicas of `p`, if this node knows the map.
+fn target(inner: &Inner, p: PartitionId) -> Option<BTreeSet<NodeId>> {
+    let map = inner.map.read();
+    map.partitions
+        .get(p as usize)
+        .map(|r| r.iter().copied().collect())
+}
+
+/// Whether group `g`'s membership already is `target` (one config, those
+/// voters).
+fn settled(g: &Raft<TypeConfig>, target: &BTreeSet<NodeId>) -> bool {
+    let m = g.metrics().borrow().membership_config.clone();
+    let joint = m.membership().get_joint_config();
+    joint.len() == 1 && joint[0] == *target
+}
+
+/// One pass over this node's partitions.
+async fn round(inner: &Arc<Inner>) {
+    let p_count = inner.map.read().len();
+    for p in 0..p_count {
+        let Some(target) = target(inner, p) else {
+            continue;
+        };
+        let mine = target.contains(&inner.id);
+        let Some(g) = inner.group(p) else {
+            if mine {
+                match inner.open_group(p).await {
+                    Ok(_) => tracing::info!(partition = p, "took a replica: the group is open"),
+                    Err(e) => {
+                        tracing::warn!(partition = p, error = %e, "cannot open a new replica")
+                    }
+                }
+            }
+            continue;
+        };
+        let (state, voter) = {
+            let m = g.metrics().borrow().clone();
+            let voter = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == inner.id);
+            (m.state, voter)
+        };
+        if state == ServerState::Leader {
+            if !settled(&g, &target) && inner.placement.busy.lock().insert(p) {
+                let inner = inner.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = change(&inner, p, &g, target).await {
+                        tracing::warn!(partition = p, error = %e, "membership change not done; retrying");
+                    }
+                    inner.placement.busy.lock().remove(&p);
+                });
+            }
+        } else if !mine && (!voter || state == ServerState::Candidate) {
+            retire(inner, p, g).await;
+        }
+    }
+}
+
+/// As `p`'s leader: make the group's membership the map's `target`.
+async fn change(
+    inner: &Inner,
+    p: PartitionId,
+    g: &Raft<TypeConfig>,
+    target: BTreeSet<NodeId>,
+) -> Result<(), ClusterError> {
+    let voters: BTreeSet<NodeId> = g
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect();
+    for &n in target.difference(&voters) {
+        let addr = inner
+            .members
+            .read()
+            .get(&n)
+            .map(|r| r.raft.clone())
+            .ok_or_else(|| ClusterError::Raft(format!("node {n} has not registered")))?;
+        tracing::info!(partition = p, node = n, "adding a replica: catching it up");
+        match tokio::time::timeout(CATCH_UP, g.add_learner(n, BasicNode::new(addr), true)).await {
+            Ok(r) => r.map_err(|e| ClusterError::Raft(e.to_string()))?,
+            Err(_) => {
+                return Err(ClusterError::Raft(format!(
+                    "node {n} did not catch up within {CATCH_UP:?}"
+                )))
+            }
+        };
+    }
+    g.change_membership(target.clone(), false)
+        .await
+        .map_err(|e| ClusterError::Raft(e.to_string()))?;
+    tracing::info!(partition = p, ?target, "membership is the map's");
+    Ok(())
+}
+
+/// Stop serving a partition this node no longer holds.
+async fn retire(inner: &Inner, p: PartitionId, g: Raft<TypeConfig>) {
+    inner.groups.write().remove(&p);
+    let _ = g.shutdown().await;
+    tracing::info!(partition = p, "gave up a replica: the group is shut down");
+}
+
+/// This node's groups, those it leads, and those whose change is pending.
+pub(crate) fn status(inner: &Inner) -> PlacementStatus {
+    let groups: Vec<(PartitionId, Raft<TypeConfig>)> = inner
+        .groups
+        .read()
+        .iter()
+        .map(|(p, g)| (*p, g.clone()))
+        .collect();
+    let mut s = PlacementStatus {
+        groups: groups.len() as u64,
+        ..Default::default()
+    };
+    for (p, g) in groups {
+        if g.metrics().borrow().state != ServerState::Leader {
+            continue;
+        }
+        s.leading += 1;
+        if !target(inner, p).is_some_and(|t| settled(&g, &t)) {
+            s.pending += 1;
+        }
+    }
+    s
+}
