@@ -37,13 +37,19 @@ pub struct ClusterClient {
     pub stats: RouteStats,
 }
 
-/// The timeline a request is about, if it is a raw-timeline request.
+/// The timeline whose partition serves a request: a raw request's own; a
+/// conversation's store timeline; a user's sync timeline for `SYNC`.
 fn timeline_of(r: &Request<'_>) -> Option<protocol::TimelineId> {
     match r {
         Request::Append { timeline, .. }
         | Request::Get { timeline, .. }
         | Request::Scan { timeline, .. }
         | Request::LastSeq { timeline } => Some(*timeline),
+        Request::CreateConversation { conv, .. }
+        | Request::Send { conv, .. }
+        | Request::History { conv, .. }
+        | Request::Members { conv } => Some(protocol::TimelineId::store(*conv)),
+        Request::Sync { user, .. } => Some(protocol::TimelineId::sync(*user)),
         _ => None,
     }
 }
@@ -133,7 +139,13 @@ impl ClusterClient {
     /// following `MOVED` and waiting out elections for up to `retry_for`.
     pub fn call(&mut self, r: &Request<'_>) -> Result<Response> {
         let deadline = Instant::now() + self.retry_for;
-        let is_write = matches!(r, Request::Append { .. } | Request::AppendBatch { .. });
+        let is_write = matches!(
+            r,
+            Request::Append { .. }
+                | Request::AppendBatch { .. }
+                | Request::Send { .. }
+                | Request::CreateConversation { .. }
+        );
         let mut addr = self.route(r);
         let mut pause = Duration::from_millis(20);
         loop {

@@ -16,6 +16,8 @@
 //! - [`net`]: openraft's RPCs over one multiplexed TCP connection per pair
 //!   of nodes;
 //! - [`meta`]: membership leases and the map in etcd;
+//! - [`im`]: conversations across partitions: store events, outbox
+//!   records and deliveries to members' partitions;
 //! - [`node`]: a running node: its groups, start-up (forming the map),
 //!   routing answers (`MOVED`, `NO_LEADER`, `UNCERTAIN`) and the batching
 //!   of concurrent appends into one entry;
@@ -23,9 +25,12 @@
 //!   changes of the groups (new replicas caught up as learners first), and
 //!   a node that starts outside the map asks for its share.
 //!
-//! Not built yet: IM across partitions, snapshots as segment ranges
+//! Not built yet: read fan-out, push and the other IM commands across
+//! partitions, snapshots as segment ranges
 //! (docs/scaling.md, "Not built yet").
 
+pub mod delivery;
+pub mod im;
 pub mod log_store;
 pub mod meta;
 pub mod net;
@@ -34,7 +39,7 @@ pub mod partition;
 pub mod reconcile;
 pub mod state_machine;
 
-pub use node::{ClusterError, Node, NodeConfig};
+pub use node::{ClusterError, ImOutcome, Node, NodeConfig};
 
 /// What the unit tests of this crate share.
 #[cfg(test)]
@@ -77,6 +82,30 @@ pub enum Command {
     /// entry: what a node coalesces from concurrent clients (at most
     /// [`MAX_BATCH`] items).
     Batch(Vec<BatchItem>),
+    /// Create conversation `conv` (its partition's entry): its store
+    /// timeline's seq 1, and an outbox record to deliver it to `members`.
+    ImCreate {
+        conv: u64,
+        kind: u8,
+        members: Vec<u64>,
+        ts: u64,
+    },
+    /// A message to `conv` (its partition's entry): stored at the next
+    /// conv seq with an outbox record, unless (sender, client_msg_id) is
+    /// among the conversation's recent messages (then its seq again).
+    ImSend {
+        conv: u64,
+        sender: u64,
+        client_msg_id: u64,
+        payload: Vec<u8>,
+        ts: u64,
+    },
+    /// Sync entries for users of this partition (from conversations'
+    /// partitions), each applied unless the user already has it.
+    Deliver(Vec<im::Delivery>),
+    /// The outbox is delivered through its record `upto` (its seq), whose
+    /// message has write id `wid`.
+    Delivered { upto: u64, wid: u64 },
 }
 
 /// One append of a [`Command::Batch`].
@@ -100,6 +129,19 @@ pub struct Applied {
     /// A batch's SeqIds, in item order (empty otherwise).
     #[serde(default)]
     pub seqs: Vec<u64>,
+    /// A conversation write: its outbox record's seq (what the delivery
+    /// is waited on by), whether it was a retry, or why it was refused.
+    #[serde(default)]
+    pub im: Option<Result<ImApplied, im::ImRefusal>>,
+}
+
+/// What a conversation write became.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImApplied {
+    pub conv_seq: u64,
+    /// The outbox record's seq of this message.
+    pub outbox: u64,
+    pub duplicate: bool,
 }
 
 openraft::declare_raft_types!(

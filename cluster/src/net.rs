@@ -12,7 +12,7 @@
 //! | bytes | field |
 //! |---|---|
 //! | 4 | `len`: bytes after this field (at most [`MAX_PEER_FRAME`]) |
-//! | 1 | `kind`: 1 append-entries, 2 vote, 3 install-snapshot; a reply is the request's kind + 0x80; 0xFF "no such group here" |
+//! | 1 | `kind`: 1 append-entries, 2 vote, 3 install-snapshot, 4 deliveries (IM); a reply is the request's kind + 0x80; 0xFF "no such group here" |
 //! | 4 | partition |
 //! | 8 | request id (chosen by the caller, echoed in the reply) |
 //! | len − 13 | body: the openraft request, or `Result<reply, RaftError>`, in bincode |
@@ -48,6 +48,10 @@ const HEAD: usize = 13;
 const KIND_APPEND: u8 = 1;
 const KIND_VOTE: u8 = 2;
 const KIND_SNAPSHOT: u8 = 3;
+/// Sync entries for a partition this node leads (IM across partitions):
+/// bincode `Vec<Delivery>`; reply `Result<(), Option<leader>>`.
+const KIND_DELIVER: u8 = 4;
+const DELIVER_TIMEOUT: Duration = Duration::from_secs(5);
 const REPLY: u8 = 0x80;
 const KIND_NO_GROUP: u8 = 0xFF;
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -59,6 +63,13 @@ pub type Groups = RwLock<HashMap<u32, Raft<TypeConfig>>>;
 
 /// Where each node's peer port is (from etcd's membership records).
 pub type PeerAddrs = RwLock<BTreeMap<NodeId, String>>;
+
+/// What answers a peer's deliveries (the node's deliverer).
+pub type DeliverFn = Arc<
+    dyn Fn(u32, Vec<u8>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<u8>> + Send>>
+        + Send
+        + Sync,
+>;
 
 fn frame(kind: u8, partition: u32, id: u64, body: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(4 + HEAD + body.len());
@@ -127,12 +138,12 @@ async fn write_frames(mut w: impl AsyncWriteExt + Unpin, mut rx: mpsc::Unbounded
 // ---------------------------------------------------------------- serving
 
 /// Accept peers on `listener` and answer their RPCs from `groups`.
-pub async fn serve(listener: TcpListener, groups: Arc<Groups>) {
+pub async fn serve(listener: TcpListener, groups: Arc<Groups>, deliver: DeliverFn) {
     loop {
         match listener.accept().await {
             Ok((s, _)) => {
                 let _ = s.set_nodelay(true);
-                tokio::spawn(serve_conn(s, groups.clone()));
+                tokio::spawn(serve_conn(s, groups.clone(), deliver.clone()));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "peer accept failed");
@@ -142,7 +153,7 @@ pub async fn serve(listener: TcpListener, groups: Arc<Groups>) {
     }
 }
 
-async fn serve_conn(s: TcpStream, groups: Arc<Groups>) {
+async fn serve_conn(s: TcpStream, groups: Arc<Groups>, deliver: DeliverFn) {
     let (mut r, w) = s.into_split();
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(write_frames(w, rx));
@@ -155,8 +166,16 @@ async fn serve_conn(s: TcpStream, groups: Arc<Groups>) {
                 return;
             }
         };
-        let raft = groups.read().get(&f.partition).cloned();
         let tx = tx.clone();
+        if f.kind == KIND_DELIVER {
+            let answer = deliver(f.partition, f.body);
+            tokio::spawn(async move {
+                let body = answer.await;
+                let _ = tx.send(frame(KIND_DELIVER | REPLY, f.partition, f.id, &body));
+            });
+            continue;
+        }
+        let raft = groups.read().get(&f.partition).cloned();
         tokio::spawn(async move {
             let (kind, body) = match raft {
                 None => (KIND_NO_GROUP, Vec::new()),
@@ -313,6 +332,20 @@ impl Transport {
             KIND_NO_GROUP => Err(CallError::NoGroup(target, partition)),
             _ => Err(CallError::Garbled(target)),
         }
+    }
+}
+
+impl Transport {
+    /// Send partition `partition`'s deliveries to node `target`; its answer.
+    pub async fn deliver(
+        &self,
+        target: NodeId,
+        partition: u32,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, String> {
+        self.call(target, KIND_DELIVER, partition, body, DELIVER_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 

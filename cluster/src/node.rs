@@ -122,6 +122,24 @@ pub enum ClusterError {
     Storage { partition: u32, message: String },
 }
 
+/// What a conversation write answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImOutcome {
+    /// Stored at `conv_seq` and in every member's sync timeline.
+    Done { conv_seq: u64, duplicate: bool },
+    /// Stored at `conv_seq`; its deliveries are still under way (they go
+    /// on, and a new leader re-drives them).
+    Pending { conv_seq: u64 },
+    /// Refused: nothing written.
+    Refused(crate::im::ImRefusal),
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// A client's append waiting to be proposed, and who to tell.
 type Waiting = (
     crate::BatchItem,
@@ -180,6 +198,8 @@ pub(crate) struct Inner {
     factory: GroupFactory,
     /// Placement: woken when a newer map arrives, and what is under way.
     pub(crate) placement: crate::reconcile::Placement,
+    /// The outbox deliverers and the `SEND`s waiting on them.
+    pub(crate) deliveries: crate::delivery::Deliveries,
 }
 
 /// Opens a partition's Raft group on this node's engine.
@@ -271,6 +291,88 @@ impl Node {
             let inner = self.inner.clone();
             self.spawn(async move { inner.propose(p as PartitionId).await });
         }
+    }
+
+    /// Create conversation `conv` in its partition; `done` once it is
+    /// delivered to every member's sync timeline (or `Pending` after
+    /// [`crate::delivery::FANOUT_WAIT`]: delivery goes on).
+    pub fn im_create(
+        &self,
+        conv: u64,
+        kind: u8,
+        members: Vec<u64>,
+        done: impl FnOnce(Result<ImOutcome, ClusterError>) + Send + 'static,
+    ) {
+        let cmd = Command::ImCreate {
+            conv,
+            kind,
+            members,
+            ts: now_ms(),
+        };
+        self.im_write(conv, cmd, done);
+    }
+
+    /// A message to `conv` (store, then every member's sync timeline): as
+    /// [`Node::im_create`]; a retry with the same (sender, client_msg_id)
+    /// answers the first one's seq, `duplicate`.
+    pub fn im_send(
+        &self,
+        conv: u64,
+        sender: u64,
+        client_msg_id: u64,
+        payload: Vec<u8>,
+        done: impl FnOnce(Result<ImOutcome, ClusterError>) + Send + 'static,
+    ) {
+        let cmd = Command::ImSend {
+            conv,
+            sender,
+            client_msg_id,
+            payload,
+            ts: now_ms(),
+        };
+        self.im_write(conv, cmd, done);
+    }
+
+    fn im_write(
+        &self,
+        conv: u64,
+        cmd: Command,
+        done: impl FnOnce(Result<ImOutcome, ClusterError>) + Send + 'static,
+    ) {
+        let inner = self.inner.clone();
+        let p = self.partition_of(timeline_engine::Keyspace::STORE.0, conv);
+        self.spawn(async move {
+            let a = match inner.submit(p, cmd).await {
+                Err(e) => return done(Err(e)),
+                Ok(a) => a,
+            };
+            match a.im {
+                None => done(Err(ClusterError::Raft("the entry answered nothing".into()))),
+                Some(Err(r)) => done(Ok(ImOutcome::Refused(r))),
+                Some(Ok(ia)) => {
+                    crate::delivery::kick(&inner, p);
+                    let wait = crate::delivery::FANOUT_WAIT;
+                    crate::delivery::wait(&inner, p, ia.outbox, wait, move |delivered| {
+                        done(Ok(if delivered {
+                            ImOutcome::Done {
+                                conv_seq: ia.conv_seq,
+                                duplicate: ia.duplicate,
+                            }
+                        } else {
+                            ImOutcome::Pending {
+                                conv_seq: ia.conv_seq,
+                            }
+                        }))
+                    });
+                }
+            }
+        });
+    }
+
+    /// This node's engine (the server reads conversations and sync
+    /// timelines from it after [`Node::linearize`]).
+    pub fn engine(&self) -> &Arc<Engine> {
+        self.inner.engine()
     }
 
     /// Confirm this node still leads the timeline's partition (a heartbeat
@@ -419,6 +521,25 @@ impl Inner {
         p: PartitionId,
         items: Vec<crate::BatchItem>,
     ) -> Result<Vec<u64>, ClusterError> {
+        let n = items.len();
+        let r = self.submit(p, Command::Batch(items)).await?;
+        if r.seqs.len() == n {
+            Ok(r.seqs)
+        } else {
+            Err(ClusterError::Raft(format!(
+                "a batch of {n} applied as {} appends",
+                r.seqs.len()
+            )))
+        }
+    }
+
+    /// One entry through `p`'s group, if this node leads it; what applying
+    /// it answered.
+    pub(crate) async fn submit(
+        &self,
+        p: PartitionId,
+        cmd: Command,
+    ) -> Result<crate::Applied, ClusterError> {
         let Some(g) = self.group(p) else {
             return Err(self.redirect(p, None));
         };
@@ -428,13 +549,8 @@ impl Inner {
         if leader != Some(self.id) {
             return Err(self.redirect(p, leader));
         }
-        let n = items.len();
-        match g.client_write(Command::Batch(items)).await {
-            Ok(r) if r.data.seqs.len() == n => Ok(r.data.seqs),
-            Ok(r) => Err(ClusterError::Raft(format!(
-                "a batch of {n} applied as {} appends",
-                r.data.seqs.len()
-            ))),
+        match g.client_write(cmd).await {
+            Ok(r) => Ok(r.data),
             // Leadership lost, or the group shut down (a placement change
             // took the replica away), with the entry possibly proposed.
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))
@@ -443,6 +559,29 @@ impl Inner {
             }
             Err(e) => Err(ClusterError::Raft(e.to_string())),
         }
+    }
+
+    /// Whether this node leads `p` now.
+    pub(crate) fn leads(&self, p: PartitionId) -> bool {
+        self.group(p)
+            .is_some_and(|g| g.metrics().borrow().state == openraft::ServerState::Leader)
+    }
+
+    /// The node that leads `p` as far as this one knows (its own group's
+    /// view, else the map's first replica).
+    pub(crate) fn leader_hint(&self, p: PartitionId) -> Option<NodeId> {
+        match self.group(p) {
+            Some(g) => self.known_leader(&g),
+            None => self.map.read().partitions.get(p as usize)?.first().copied(),
+        }
+    }
+
+    pub(crate) fn engine(&self) -> &Arc<Engine> {
+        &self.factory.engine
+    }
+
+    pub(crate) fn transport(&self) -> &Arc<Transport> {
+        &self.factory.transport
     }
 
     async fn linearize(&self, keyspace: u8, id: u64) -> Result<(), ClusterError> {
@@ -584,9 +723,20 @@ async fn boot(
             config: raft_config(cfg)?,
         },
         placement: Default::default(),
+        deliveries: Default::default(),
     });
     inner.refresh(&meta).await?;
-    tokio::spawn(net::serve(listener, inner.groups.clone()));
+    let svc = Arc::downgrade(&inner);
+    let deliver: net::DeliverFn = Arc::new(move |p, body| {
+        let svc = svc.upgrade();
+        Box::pin(async move {
+            match svc {
+                Some(inner) => crate::delivery::serve(inner, p, body).await,
+                None => Vec::new(),
+            }
+        })
+    });
+    tokio::spawn(net::serve(listener, inner.groups.clone(), deliver));
     for (p, replicas) in map.partitions.iter().enumerate() {
         if !replicas.contains(&cfg.id) {
             continue;

@@ -176,6 +176,13 @@ async fn round(inner: &Arc<Inner>) {
             (m.state, voter)
         };
         if state == ServerState::Leader {
+            // Re-drive what a previous leader left undelivered.
+            let e = inner.engine();
+            let undelivered = crate::im::read::done(e, p)
+                .is_ok_and(|(d, _)| crate::im::read::outbox_last(e, p) > d);
+            if undelivered {
+                crate::delivery::kick(inner, p);
+            }
             if !settled(&g, &target) && inner.placement.busy.lock().insert(p) {
                 let inner = inner.clone();
                 tokio::spawn(async move {

@@ -39,8 +39,9 @@
 // openraft's traits return its `StorageError` (224 bytes).
 #![allow(clippy::result_large_err)]
 
+use crate::im::{self, Delivery, ImRefusal, StoreEvent};
 use crate::log_store::RAFT_META;
-use crate::{Applied, Command, NodeId, TypeConfig};
+use crate::{Applied, Command, ImApplied, NodeId, TypeConfig};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
     BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError,
@@ -57,6 +58,20 @@ type Membership = StoredMembership<NodeId, BasicNode>;
 
 /// Records read per scan when building a snapshot or listing timelines.
 const PAGE: usize = 4096;
+
+/// A conversation write's result: `None` for entries that answer nothing
+/// (or were applied before a restart).
+type ImResult = Option<Result<ImApplied, ImRefusal>>;
+
+/// A `SEND` retried with the same (sender, client_msg_id) is found among
+/// this many of the conversation's newest records.
+pub const DEDUP_WINDOW: usize = 256;
+
+/// How far back a user's sync timeline is read for a conversation's last
+/// delivered seq, and how many (user, conversation) marks are cached.
+const HWM_SCAN: usize = 4096;
+const HWM_PAGE: usize = 256;
+const HWM_CACHE: usize = 1 << 20;
 
 fn sm_err(e: impl std::error::Error + 'static) -> Error {
     StorageIOError::write_state_machine(&e).into()
@@ -82,6 +97,9 @@ struct State {
     timelines: BTreeSet<(u8, u64)>,
     /// Each touched timeline's last record's Raft index.
     last_index: HashMap<(u8, u64), u64>,
+    /// The last conv seq each (user, conversation) holds in the user's
+    /// sync timeline (a cache of what the timeline says).
+    hwm: HashMap<(u64, u64), u64>,
     current: Option<(SnapshotMeta<NodeId, BasicNode>, Vec<u8>)>,
 }
 
@@ -139,6 +157,7 @@ impl StateMachine {
                 applied,
                 timelines,
                 last_index: HashMap::new(),
+                hwm: HashMap::new(),
                 current: None,
             })),
         })
@@ -208,6 +227,18 @@ impl StateMachine {
                 t.0
             ))));
         }
+        self.append_any(st, t, index, payload)
+    }
+
+    /// [`Self::append`] to any timeline, the cluster's own (the outbox,
+    /// the done mark) included.
+    fn append_any(
+        &self,
+        st: &mut State,
+        t: (u8, u64),
+        index: u64,
+        payload: &[u8],
+    ) -> Result<u64, Error> {
         if index <= self.last_index(st, t)? {
             return Ok(0);
         }
@@ -289,6 +320,189 @@ impl StateMachine {
             .into_iter()
             .map(|a| a.and_then(|k| seqs.get(k).copied()).unwrap_or(0))
             .collect())
+    }
+
+    /// Apply a conversation entry (docs/scaling.md, "IM across
+    /// partitions"). Refusals are results, the same on every replica;
+    /// only the engine failing is an error.
+    fn apply_im(&self, st: &mut State, index: u64, c: &Command) -> Result<ImResult, Error> {
+        let w = write_id(index, 0);
+        match c {
+            Command::ImCreate {
+                conv,
+                kind,
+                members,
+                ts,
+            } => {
+                let t = (Keyspace::STORE.0, *conv);
+                let last = self.last_index(st, t)?;
+                if last >= w {
+                    return Ok(None); // applied before a restart
+                }
+                if last > 0
+                    || self
+                        .engine
+                        .last_seq(TimelineId::new(Keyspace::STORE, *conv))
+                        > 0
+                {
+                    return Ok(Some(Err(ImRefusal::Exists(*conv))));
+                }
+                let ev = StoreEvent {
+                    kind: im::KIND_CREATED,
+                    sender: 0,
+                    ts: *ts,
+                    client_msg_id: 0,
+                    body: StoreEvent::created_body(*kind, members),
+                };
+                self.store_with_outbox(st, w, *conv, &ev)
+                    .map(|a| Some(Ok(a)))
+            }
+            Command::ImSend {
+                conv,
+                sender,
+                client_msg_id,
+                payload,
+                ts,
+            } => {
+                let t = (Keyspace::STORE.0, *conv);
+                if self.last_index(st, t)? >= w {
+                    return Ok(None);
+                }
+                match im::read::members(&self.engine, *conv).map_err(read_err)? {
+                    Err(r) => return Ok(Some(Err(r))),
+                    Ok((_, m)) if !m.contains(sender) => {
+                        return Ok(Some(Err(ImRefusal::NotMember {
+                            conv: *conv,
+                            user: *sender,
+                        })))
+                    }
+                    Ok(_) => {}
+                }
+                if let Some(a) = self.recent_send(*conv, *sender, *client_msg_id)? {
+                    return Ok(Some(Ok(a)));
+                }
+                let ev = StoreEvent {
+                    kind: im::KIND_MESSAGE,
+                    sender: *sender,
+                    ts: *ts,
+                    client_msg_id: *client_msg_id,
+                    body: payload.clone(),
+                };
+                self.store_with_outbox(st, w, *conv, &ev)
+                    .map(|a| Some(Ok(a)))
+            }
+            Command::Deliver(items) => {
+                for (i, d) in items.iter().enumerate().take(crate::MAX_BATCH) {
+                    let t = (Keyspace::SYNC.0, d.user);
+                    let wi = write_id(index, i as u64);
+                    if self.last_index(st, t)? >= wi || self.hwm(st, d.user, d.conv)? >= d.conv_seq
+                    {
+                        continue; // there already (a re-driven delivery)
+                    }
+                    self.append_any(st, t, wi, &d.sync_record())?;
+                    st.hwm.insert((d.user, d.conv), d.conv_seq);
+                }
+                Ok(None)
+            }
+            Command::Delivered { upto, wid } => {
+                let t = im::read::done_timeline(self.partition as u32);
+                let (done, _) =
+                    im::read::done(&self.engine, self.partition as u32).map_err(read_err)?;
+                if *upto > done {
+                    let mut b = [0u8; 16];
+                    b[..8].copy_from_slice(&upto.to_le_bytes());
+                    b[8..].copy_from_slice(&wid.to_le_bytes());
+                    self.append_any(st, (t.keyspace.0, t.id), w, &b)?;
+                }
+                Ok(None)
+            }
+            Command::Append { .. } | Command::Batch(_) => Ok(None),
+        }
+    }
+
+    /// Store `ev` in `conv` at write id `w`, and its outbox record.
+    fn store_with_outbox(
+        &self,
+        st: &mut State,
+        w: u64,
+        conv: u64,
+        ev: &StoreEvent,
+    ) -> Result<ImApplied, Error> {
+        let seq = self.append_any(st, (Keyspace::STORE.0, conv), w, &ev.encode())?;
+        let ob = im::read::outbox_timeline(self.partition as u32);
+        self.append_any(st, (ob.keyspace.0, ob.id), w, &im::outbox_record(conv, seq))?;
+        Ok(ImApplied {
+            conv_seq: seq,
+            outbox: w,
+            duplicate: false,
+        })
+    }
+
+    /// A message of `sender` with `client_msg_id` among the conversation's
+    /// last [`DEDUP_WINDOW`] records: its seq and write id.
+    fn recent_send(&self, conv: u64, sender: u64, cmid: u64) -> Result<Option<ImApplied>, Error> {
+        let recs = self
+            .engine
+            .scan(
+                TimelineId::new(Keyspace::STORE, conv),
+                u64::MAX,
+                DEDUP_WINDOW,
+                Direction::Backward,
+            )
+            .map_err(read_err)?;
+        for r in recs {
+            let Ok((w, ev)) = im::read::decode_event(&r.payload, conv, r.seq) else {
+                continue;
+            };
+            if ev.kind == im::KIND_MESSAGE && ev.sender == sender && ev.client_msg_id == cmid {
+                return Ok(Some(ImApplied {
+                    conv_seq: r.seq,
+                    outbox: w,
+                    duplicate: true,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The last conv seq of `conv` that `user`'s sync timeline holds: the
+    /// cache, or the timeline's newest entries of that conversation (read
+    /// back at most [`HWM_SCAN`] entries; a conversation quiet for longer
+    /// has no delivery in flight).
+    fn hwm(&self, st: &mut State, user: u64, conv: u64) -> Result<u64, Error> {
+        if let Some(&h) = st.hwm.get(&(user, conv)) {
+            return Ok(h);
+        }
+        if st.hwm.len() > HWM_CACHE {
+            st.hwm.clear();
+        }
+        let tl = TimelineId::new(Keyspace::SYNC, user);
+        let mut from = u64::MAX;
+        let mut read = 0;
+        let mut found = 0;
+        'pages: while read < HWM_SCAN {
+            let page = self
+                .engine
+                .scan(tl, from, HWM_PAGE, Direction::Backward)
+                .map_err(read_err)?;
+            for r in &page {
+                if let Some(d) =
+                    payload_of(&r.payload).and_then(|b| Delivery::from_sync_record(user, b))
+                {
+                    if d.conv == conv {
+                        found = d.conv_seq;
+                        break 'pages;
+                    }
+                }
+            }
+            read += page.len();
+            match page.last() {
+                Some(r) if page.len() == HWM_PAGE && r.seq > 1 => from = r.seq - 1,
+                _ => break,
+            }
+        }
+        st.hwm.insert((user, conv), found);
+        Ok(found)
     }
 
     /// Make the data durable, then persist the applied state.
@@ -436,6 +650,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     out.push(Applied {
                         seq: seqs.first().copied().unwrap_or(0),
                         seqs,
+                        im: None,
+                    });
+                    continue;
+                }
+                EntryPayload::Normal(ref c) => {
+                    let im = self.apply_im(&mut st, e.log_id.index, c)?;
+                    st.applied.applied = Some(e.log_id);
+                    out.push(Applied {
+                        seq: im
+                            .as_ref()
+                            .map_or(0, |r| r.as_ref().map_or(0, |a| a.conv_seq)),
+                        seqs: Vec::new(),
+                        im,
                     });
                     continue;
                 }
@@ -444,6 +671,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             out.push(Applied {
                 seq,
                 seqs: Vec::new(),
+                im: None,
             });
         }
         Ok(out)
@@ -466,9 +694,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let timelines = decode_snapshot(&data)
             .ok_or_else(|| damaged(format!("snapshot {} is damaged", meta.snapshot_id)))?;
         let mut st = self.state.lock();
+        st.hwm.clear();
         for (t, recs) in timelines {
             for (index, payload) in recs {
-                self.append(&mut st, t, index, &payload)?;
+                self.append_any(&mut st, t, index, &payload)?;
             }
         }
         st.applied = AppliedState {
@@ -510,6 +739,117 @@ mod tests {
 
     fn seqs(r: Vec<Applied>) -> Vec<u64> {
         r.into_iter().map(|a| a.seq).collect()
+    }
+
+    fn entry(index: u64, c: Command) -> Entry<TypeConfig> {
+        Entry {
+            log_id: log_id(1, 1, index),
+            payload: EntryPayload::Normal(c),
+        }
+    }
+
+    fn im_of(mut r: Vec<Applied>) -> Option<Result<ImApplied, ImRefusal>> {
+        r.pop().and_then(|a| a.im)
+    }
+
+    fn send(index: u64, sender: u64, cmid: u64, p: &str) -> Entry<TypeConfig> {
+        entry(
+            index,
+            Command::ImSend {
+                conv: 7,
+                sender,
+                client_msg_id: cmid,
+                payload: p.as_bytes().to_vec(),
+                ts: 1,
+            },
+        )
+    }
+
+    /// Conversations on one partition: created once, sends stored with an
+    /// outbox record, a retry found by its client_msg_id, refusals written
+    /// nowhere; deliveries applied once however often they are re-driven.
+    #[test]
+    fn conversation_entries_and_deliveries_are_applied_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let mut sm = StateMachine::open(e.clone(), 3).unwrap();
+        let create = entry(
+            1,
+            Command::ImCreate {
+                conv: 7,
+                kind: 2,
+                members: vec![1, 2],
+                ts: 1,
+            },
+        );
+        let a = im_of(block(sm.apply([create])).unwrap()).unwrap().unwrap();
+        assert_eq!((a.conv_seq, a.outbox), (1, write_id(1, 0)));
+        let again = entry(
+            2,
+            Command::ImCreate {
+                conv: 7,
+                kind: 2,
+                members: vec![3],
+                ts: 1,
+            },
+        );
+        assert_eq!(
+            im_of(block(sm.apply([again])).unwrap()),
+            Some(Err(ImRefusal::Exists(7)))
+        );
+        let a = im_of(block(sm.apply([send(3, 1, 42, "hi")])).unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!((a.conv_seq, a.duplicate), (2, false));
+        let d = im_of(block(sm.apply([send(4, 1, 42, "hi")])).unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!((d.conv_seq, d.outbox, d.duplicate), (2, a.outbox, true));
+        assert_eq!(
+            im_of(block(sm.apply([send(5, 9, 1, "x")])).unwrap()),
+            Some(Err(ImRefusal::NotMember { conv: 7, user: 9 }))
+        );
+        assert_eq!(e.last_seq(TimelineId::new(Keyspace::STORE, 7)), 2);
+        let pending = im::read::outbox_after(&e, 3, 0, 10).unwrap();
+        assert_eq!(
+            pending
+                .iter()
+                .map(|p| (p.conv, p.conv_seq))
+                .collect::<Vec<_>>(),
+            vec![(7, 1), (7, 2)]
+        );
+        // Deliveries of seq 1 and 2 to user 2, then a re-drive of both
+        // (a new leader from the done mark) and one of seq 3.
+        let d = |seq| Delivery {
+            user: 2,
+            conv: 7,
+            conv_seq: seq,
+            sender: 1,
+            ts: 1,
+            kind: im::KIND_MESSAGE,
+            body: vec![seq as u8],
+        };
+        block(sm.apply([entry(6, Command::Deliver(vec![d(1), d(2)]))])).unwrap();
+        block(sm.apply([entry(7, Command::Deliver(vec![d(1), d(2), d(3)]))])).unwrap();
+        // After a restart (the cache gone) too.
+        let mut sm = StateMachine::open(e.clone(), 3).unwrap();
+        block(sm.apply([entry(8, Command::Deliver(vec![d(2), d(3)]))])).unwrap();
+        let sync: Vec<u64> = sm
+            .records(Keyspace::SYNC.0, 2)
+            .unwrap()
+            .iter()
+            .map(|(_, b)| Delivery::from_sync_record(2, b).unwrap().conv_seq)
+            .collect();
+        assert_eq!(sync, vec![1, 2, 3]);
+        block(sm.apply([entry(
+            9,
+            Command::Delivered {
+                upto: 2,
+                wid: a.outbox,
+            },
+        )]))
+        .unwrap();
+        assert_eq!(im::read::done(&e, 3).unwrap(), (2, a.outbox));
     }
 
     #[test]

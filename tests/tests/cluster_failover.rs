@@ -700,3 +700,273 @@ fn a_node_added_under_load_takes_over_replicas_and_a_removed_one_gives_them_up()
     assert!(held > 0, "node 4 holds none of the test's timelines");
     drop(cl.etcd);
 }
+
+/// Acknowledged sends: (conversation, seq) → payload.
+type Acked = HashMap<(u64, u64), Vec<u8>>;
+
+const CONVS: u64 = 12;
+const USERS: u64 = 18;
+
+/// Conversation `c`'s three members.
+fn members_of(c: u64) -> Vec<u64> {
+    let mut m = vec![c % USERS + 1, (c + 5) % USERS + 1, (c + 11) % USERS + 1];
+    m.sort_unstable();
+    m
+}
+
+/// A `SEND` retried with its client_msg_id until it is acknowledged (an
+/// unknown outcome, a refusal or `FANOUT_FAILED` are all retried: the id
+/// makes a retry safe). Its (seq, duplicate) and the answers seen.
+fn send_until_acked(
+    cc: &mut ClusterClient,
+    conv: u64,
+    sender: u64,
+    cmid: u64,
+    payload: &[u8],
+) -> (u64, Vec<String>) {
+    let end = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    let mut stored_at = None;
+    loop {
+        let r = cc.call(&Request::Send {
+            conv,
+            sender,
+            client_msg_id: cmid,
+            payload,
+        });
+        match r {
+            Ok(Response::Send(ack)) => {
+                if let Some(s) = stored_at {
+                    assert_eq!(
+                        ack.seq, s,
+                        "FANOUT_FAILED named seq {s}, the ack {}",
+                        ack.seq
+                    );
+                }
+                return (ack.seq, seen);
+            }
+            Ok(other) => panic!("send answered {other:?}"),
+            Err(ClientError::Server {
+                code: ErrorCode::FANOUT_FAILED,
+                arg,
+                ..
+            }) => {
+                if let Some(s) = stored_at {
+                    assert_eq!(arg, s, "FANOUT_FAILED named two seqs");
+                }
+                stored_at = Some(arg);
+                seen.push("FANOUT_FAILED".into());
+            }
+            Err(e) => seen.push(e.to_string()),
+        }
+        assert!(
+            Instant::now() < end,
+            "send {conv}/{sender}/{cmid} not acknowledged in 60 s: {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A whole conversation's history, read as `user`.
+fn history_all(
+    cc: &mut ClusterClient,
+    conv: u64,
+    user: u64,
+) -> Vec<timeline_client::protocol::Entry> {
+    let mut out: Vec<timeline_client::protocol::Entry> = Vec::new();
+    loop {
+        let after = out.last().map_or(0, |e| e.conv_seq);
+        let r = cc
+            .call(&Request::History {
+                conv,
+                user,
+                from: timeline_client::protocol::HistoryFrom::After(after),
+                limit: 500,
+            })
+            .unwrap();
+        let Response::History(page) = r else {
+            panic!("history answered {r:?}")
+        };
+        let more = page.has_more;
+        out.extend(page.entries);
+        if !more {
+            return out;
+        }
+    }
+}
+
+/// A user's whole sync timeline.
+fn sync_all(cc: &mut ClusterClient, user: u64) -> Vec<timeline_client::protocol::SyncEntry> {
+    let mut out: Vec<timeline_client::protocol::SyncEntry> = Vec::new();
+    let mut checkpoint = 0;
+    loop {
+        let r = cc
+            .call(&Request::Sync {
+                user,
+                checkpoint,
+                limit: 500,
+                groups: Vec::new(),
+            })
+            .unwrap();
+        let Response::Sync(page) = r else {
+            panic!("sync answered {r:?}")
+        };
+        checkpoint = page.checkpoint;
+        out.extend(page.entries);
+        if !page.has_more {
+            return out;
+        }
+    }
+}
+
+/// `SEND`s to conversations whose members' sync timelines are in other
+/// partitions (so on other nodes), while conversation leaders are killed
+/// -9 and restarted: every acknowledged send is in its conversation's
+/// history with its exact bytes, stored once (retries carry the same
+/// client_msg_id), and every history entry is in each member's sync
+/// timeline exactly once, in conv_seq order.
+#[test]
+fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
+    let partitions = env_or("CLUSTER_PARTITIONS", 16) as u32;
+    let kills = env_or("CLUSTER_IM_KILLS", 2) as usize;
+    let mut cl = Cluster::start(partitions);
+    let seeds = cl.seeds();
+    let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
+    cc.retry_for = Duration::from_secs(10);
+    for c in 0..CONVS {
+        let r = cc.call(&Request::CreateConversation {
+            conv: 1000 + c,
+            kind: timeline_client::protocol::ConvKind::Group,
+            members: members_of(c),
+        });
+        assert!(
+            matches!(r, Ok(Response::CreateConversation(1))),
+            "create {c}: {r:?}"
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<Acked>> = Arc::default();
+    let mut threads = Vec::new();
+    for w in 0..3u64 {
+        let (seeds, stop, acked) = (seeds.clone(), stop.clone(), acked.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
+            cc.retry_for = Duration::from_secs(5);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(100 + w);
+            let mut k = 0u64;
+            let mut answers = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let c = rng.gen_range(0..CONVS);
+                let m = members_of(c);
+                let sender = m[rng.gen_range(0..m.len())];
+                k += 1;
+                let cmid = w << 32 | k;
+                let payload = format!("w{w}-m{k}-c{c}").into_bytes();
+                let (seq, seen) = send_until_acked(&mut cc, 1000 + c, sender, cmid, &payload);
+                answers += seen.len();
+                let prev = acked.lock().insert((1000 + c, seq), payload.clone());
+                assert!(prev.is_none(), "two sends acknowledged at {c}/{seq}");
+            }
+            answers
+        }));
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for cycle in 0..kills {
+        std::thread::sleep(Duration::from_millis(rng.gen_range(800..1500)));
+        let (p, lead) = leaders(&seeds);
+        let mut count: HashMap<&str, usize> = HashMap::new();
+        for c in 0..CONVS {
+            if let Some(a) = lead.get(&partition_of(0, 1000 + c, p)) {
+                *count.entry(a.as_str()).or_default() += 1;
+            }
+        }
+        let victim = count
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .map(|(a, _)| a.to_string())
+            .unwrap();
+        let v = cl.nodes.iter().position(|n| n.client == victim).unwrap();
+        cl.nodes[v].kill9();
+        eprintln!("im cycle {cycle}: killed node {}", cl.nodes[v].id);
+        std::thread::sleep(Duration::from_millis(1500));
+        cl.nodes[v].spawn(BIN);
+        cl.nodes[v].wait_ready(Duration::from_secs(60));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    let retries: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    let acked = acked.lock().clone();
+    // Every acknowledged send: in its history, once, with its bytes.
+    let mut histories = HashMap::new();
+    for c in 0..CONVS {
+        let conv = 1000 + c;
+        let h = history_all(&mut cc, conv, members_of(c)[0]);
+        assert!(matches!(
+            h[0].body,
+            timeline_client::protocol::Body::Created { .. }
+        ));
+        let mut payloads = std::collections::HashSet::new();
+        for (i, e) in h.iter().enumerate() {
+            assert_eq!(e.conv_seq, i as u64 + 1, "conversation {conv}: seqs");
+            if let timeline_client::protocol::Body::Message(p) = &e.body {
+                assert!(
+                    payloads.insert(p.clone()),
+                    "conversation {conv}: {p:?} stored twice"
+                );
+            }
+        }
+        histories.insert(conv, h);
+    }
+    for ((conv, seq), payload) in &acked {
+        let h = &histories[conv];
+        let e = h
+            .get(*seq as usize - 1)
+            .unwrap_or_else(|| panic!("{conv}/{seq} lost"));
+        assert_eq!(
+            e.body,
+            timeline_client::protocol::Body::Message(payload.clone()),
+            "{conv}/{seq}"
+        );
+    }
+    // Every history entry in each member's sync timeline exactly once, in
+    // order, with the same bytes.
+    let mut entries = 0;
+    for user in 1..=USERS {
+        let s = sync_all(&mut cc, user);
+        let mut by_conv: HashMap<u64, Vec<&timeline_client::protocol::Entry>> = HashMap::new();
+        for e in &s {
+            by_conv.entry(e.entry.conv).or_default().push(&e.entry);
+        }
+        for c in (0..CONVS).filter(|c| members_of(*c).contains(&user)) {
+            let conv = 1000 + c;
+            let got = by_conv.remove(&conv).unwrap_or_default();
+            let want = &histories[&conv];
+            let seqs: Vec<u64> = got.iter().map(|e| e.conv_seq).collect();
+            let want_seqs: Vec<u64> = want.iter().map(|e| e.conv_seq).collect();
+            if seqs != want_seqs {
+                let at = seqs.iter().zip(&want_seqs).position(|(a, b)| a != b);
+                panic!(
+                    "user {user}, conversation {conv}: {} sync entries for {} history entries; first difference at index {at:?}\n{}",
+                    seqs.len(),
+                    want_seqs.len(),
+                    cl.logs()
+                );
+            }
+            for (g, w) in got.iter().zip(want) {
+                assert_eq!(g.body, w.body, "user {user}, {conv}/{}", w.conv_seq);
+                assert_eq!(g.sender, w.sender);
+            }
+            entries += got.len();
+        }
+        assert!(
+            by_conv.is_empty(),
+            "user {user} has entries of conversations it is not in"
+        );
+    }
+    eprintln!(
+        "{kills} kills: {} sends acknowledged, {retries} answers retried, {entries} sync entries checked",
+        acked.len()
+    );
+    assert!(acked.len() > 50, "too little load: {}", acked.len());
+    drop(cl.etcd);
+}

@@ -9,8 +9,10 @@
 //!   round confirms it still leads (linearizable), from its engine, with
 //!   the Raft index stripped from each record.
 //! - `CLUSTER_MAP`: the map version, P and the leaders this node knows.
-//! - `APPEND_BATCH` and the IM commands answer `NOT_SUPPORTED` (not built
-//!   for a cluster yet).
+//! - `CREATE_CONVERSATION`, `SEND`, `SYNC`, `HISTORY`, `MEMBERS`: the
+//!   conversation or user partition's leader (`cluster_im`).
+//! - `APPEND_BATCH` and the other IM commands answer `NOT_SUPPORTED` (not
+//!   built for a cluster yet).
 
 use super::conn::Conn;
 use super::convert::{FromWire, ToWire};
@@ -104,6 +106,9 @@ pub(crate) fn execute(
     node: &Node,
     r: Request<'_>,
 ) -> Result<(), ErrorReply> {
+    if let Some(done) = super::cluster_im::execute(ctx, conn, id, node, &r) {
+        return done;
+    }
     let sh = ctx.sh;
     let op = r.opcode();
     // Reads finish on the runtime's threads and hold the engine there.

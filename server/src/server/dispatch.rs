@@ -860,7 +860,7 @@ fn subscribe(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, user: u64) -> Result<(), E
 /// Entries a SYNC or HISTORY page may hold so that its reply fits the
 /// client's frame limit even if every entry has the largest payload (the IM
 /// layer pages by count; a client asking for more gets `has_more`).
-fn page_limit(sh: &Shared, conn: &Conn, asked: u32) -> usize {
+pub(crate) fn page_limit(sh: &Shared, conn: &Conn, asked: u32) -> usize {
     let per = sh.cfg.engine.max_payload + 128;
     (asked as usize).min((conn.session.client_max / per).max(1))
 }

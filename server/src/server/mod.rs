@@ -25,6 +25,7 @@
 //! acknowledged is durable), return.
 
 mod cluster;
+mod cluster_im;
 mod conn;
 mod convert;
 mod dispatch;

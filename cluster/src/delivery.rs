@@ -1,0 +1,302 @@
+//! The conversation partition leader's deliverer: the outbox, in order, to
+//! the members' partitions (module [`crate::im`] has the records and the
+//! reasoning; docs/scaling.md, "IM across partitions").
+//!
+//! One task per partition this node leads, started by a `SEND` and by the
+//! placement round (every second: a new leader re-drives what its
+//! predecessor left undelivered). A round reads up to [`ROUND`] outbox
+//! records after the done mark, sends each target partition its
+//! deliveries (to its leader: this node, or a peer over the peer
+//! connection), retrying each until it is applied, and only then proposes
+//! `Delivered` and answers the `SEND`s waiting on those messages.
+
+use crate::im::read::{self, Pending};
+use crate::im::{Delivery, KIND_CREATED, KIND_MESSAGE};
+use crate::node::{ClusterError, Inner};
+use crate::partition::{partition_of, PartitionId};
+use crate::{Command, NodeId};
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use timeline_engine::Keyspace;
+
+/// Outbox records per round.
+const ROUND: usize = 256;
+/// Deliveries per `Deliver` entry.
+const CHUNK: usize = 4096;
+/// How long a `SEND` waits for its deliveries before `FANOUT_FAILED`
+/// (delivery goes on).
+pub const FANOUT_WAIT: Duration = Duration::from_secs(2);
+
+type Waiter = Box<dyn FnOnce(bool) + Send>;
+/// A partition's waiting `SEND`s by (message write id, waiter id).
+type Waiting = BTreeMap<(u64, u64), Waiter>;
+
+#[derive(Default)]
+struct Run {
+    running: bool,
+    dirty: bool,
+}
+
+/// A node's deliverers and the `SEND`s waiting on them.
+#[derive(Default)]
+pub(crate) struct Deliveries {
+    runs: Mutex<HashMap<PartitionId, Run>>,
+    /// Per partition: (message write id, waiter id) → who to tell.
+    waiters: Mutex<HashMap<PartitionId, Waiting>>,
+    next: AtomicU64,
+    /// The leader last seen for a partition this node does not lead.
+    hints: Mutex<HashMap<PartitionId, NodeId>>,
+}
+
+/// Start `p`'s deliverer, or have the running one look again.
+pub(crate) fn kick(inner: &Arc<Inner>, p: PartitionId) {
+    let mut runs = inner.deliveries.runs.lock();
+    let r = runs.entry(p).or_default();
+    if r.running {
+        r.dirty = true;
+        return;
+    }
+    r.running = true;
+    let inner = inner.clone();
+    tokio::spawn(async move { run(inner, p).await });
+}
+
+/// Call `done(true)` once the message with write id `wid` of partition
+/// `p` is delivered, or `done(false)` after `timeout`.
+pub(crate) fn wait(
+    inner: &Arc<Inner>,
+    p: PartitionId,
+    wid: u64,
+    timeout: Duration,
+    done: impl FnOnce(bool) + Send + 'static,
+) {
+    let key = (wid, inner.deliveries.next.fetch_add(1, Ordering::Relaxed));
+    inner
+        .deliveries
+        .waiters
+        .lock()
+        .entry(p)
+        .or_default()
+        .insert(key, Box::new(done));
+    // Delivered already (before the waiter was in place)?
+    if read::done(inner.engine(), p).is_ok_and(|(_, w)| w >= wid) {
+        wake(inner, p, wid);
+    }
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(timeout).await;
+        let w = inner
+            .deliveries
+            .waiters
+            .lock()
+            .get_mut(&p)
+            .and_then(|m| m.remove(&key));
+        if let Some(w) = w {
+            w(false);
+        }
+    });
+}
+
+/// Tell everyone waiting on `p`'s messages up to write id `wid`.
+fn wake(inner: &Inner, p: PartitionId, wid: u64) {
+    let ready: Vec<Waiter> = {
+        let mut all = inner.deliveries.waiters.lock();
+        let Some(m) = all.get_mut(&p) else { return };
+        let rest = m.split_off(&(wid + 1, 0));
+        std::mem::replace(m, rest).into_values().collect()
+    };
+    for w in ready {
+        w(true);
+    }
+}
+
+async fn run(inner: Arc<Inner>, p: PartitionId) {
+    let mut pause = Duration::from_millis(20);
+    loop {
+        let more = match round(&inner, p).await {
+            Ok(more) => {
+                pause = Duration::from_millis(20);
+                more
+            }
+            Err(e) if inner.leads(p) => {
+                tracing::debug!(partition = p, error = %e, "delivery round failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
+                true
+            }
+            Err(_) => false, // no longer the leader: the new one re-drives
+        };
+        if more && inner.leads(p) {
+            continue;
+        }
+        let mut runs = inner.deliveries.runs.lock();
+        let r = runs.entry(p).or_default();
+        if r.dirty && inner.leads(p) {
+            r.dirty = false;
+            continue;
+        }
+        r.running = false;
+        r.dirty = false;
+        return;
+    }
+}
+
+/// One round; whether there was anything to deliver.
+async fn round(inner: &Arc<Inner>, p: PartitionId) -> Result<bool, ClusterError> {
+    if !inner.leads(p) {
+        return Err(ClusterError::NoLeader { partition: p });
+    }
+    let e = inner.engine();
+    let damaged = |m: String| ClusterError::Storage {
+        partition: p,
+        message: m,
+    };
+    let (done, _) = read::done(e, p).map_err(|x| damaged(x.to_string()))?;
+    let pending = read::outbox_after(e, p, done, ROUND).map_err(|x| damaged(x.to_string()))?;
+    let Some(last) = pending.last().copied() else {
+        return Ok(false);
+    };
+    let targets = deliveries(inner, &pending).map_err(|x| damaged(x.to_string()))?;
+    let mut set = tokio::task::JoinSet::new();
+    for (t, items) in targets {
+        let inner = inner.clone();
+        set.spawn(async move { deliver_to(&inner, p, t, items).await });
+    }
+    while let Some(r) = set.join_next().await {
+        r.map_err(|e| ClusterError::Raft(e.to_string()))??;
+    }
+    inner
+        .submit(
+            p,
+            Command::Delivered {
+                upto: last.seq,
+                wid: last.write_id,
+            },
+        )
+        .await?;
+    wake(inner, p, last.write_id);
+    Ok(true)
+}
+
+/// The members' sync entries of `pending`, by the members' partitions, in
+/// outbox order.
+fn deliveries(
+    inner: &Inner,
+    pending: &[Pending],
+) -> Result<BTreeMap<PartitionId, Vec<Delivery>>, read::ReadError> {
+    let e = inner.engine();
+    let parts = inner.map.read().len();
+    let mut members: HashMap<u64, Vec<u64>> = HashMap::new();
+    let mut out: BTreeMap<PartitionId, Vec<Delivery>> = BTreeMap::new();
+    for x in pending {
+        let Some((_, ev)) = read::event(e, x.conv, x.conv_seq)? else {
+            return Err(read::ReadError::Damaged(format!(
+                "outbox names conversation {} seq {}, which is not there",
+                x.conv, x.conv_seq
+            )));
+        };
+        if let std::collections::hash_map::Entry::Vacant(v) = members.entry(x.conv) {
+            v.insert(
+                read::members(e, x.conv)?
+                    .map(|(_, m)| m)
+                    .unwrap_or_default(),
+            );
+        }
+        let (kind, body) = match ev.kind {
+            KIND_CREATED => (
+                KIND_CREATED,
+                ev.body.first().map(|k| vec![*k]).unwrap_or_default(),
+            ),
+            _ => (KIND_MESSAGE, ev.body),
+        };
+        for &user in &members[&x.conv] {
+            out.entry(partition_of(Keyspace::SYNC.0, user, parts))
+                .or_default()
+                .push(Delivery {
+                    user,
+                    conv: x.conv,
+                    conv_seq: x.conv_seq,
+                    sender: ev.sender,
+                    ts: ev.ts,
+                    kind,
+                    body: body.clone(),
+                });
+        }
+    }
+    Ok(out)
+}
+
+/// Get `items` applied by partition `t`, retrying until they are or this
+/// node stops leading `from`.
+async fn deliver_to(
+    inner: &Arc<Inner>,
+    from: PartitionId,
+    t: PartitionId,
+    items: Vec<Delivery>,
+) -> Result<(), ClusterError> {
+    for chunk in items.chunks(CHUNK) {
+        let mut pause = Duration::from_millis(10);
+        loop {
+            if !inner.leads(from) {
+                return Err(ClusterError::NoLeader { partition: from });
+            }
+            match deliver_once(inner, t, chunk.to_vec()).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::debug!(partition = t, error = %e, "delivery refused; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One attempt: propose here if this node leads `t`, else ask its leader.
+async fn deliver_once(
+    inner: &Arc<Inner>,
+    t: PartitionId,
+    items: Vec<Delivery>,
+) -> Result<(), ClusterError> {
+    if inner.leads(t) {
+        return inner.submit(t, Command::Deliver(items)).await.map(|_| ());
+    }
+    let hint = inner.deliveries.hints.lock().get(&t).copied();
+    let Some(node) = hint.or_else(|| inner.leader_hint(t)) else {
+        return Err(ClusterError::NoLeader { partition: t });
+    };
+    let body = bincode::serialize(&items).map_err(|e| ClusterError::Raft(e.to_string()))?;
+    let reply = inner.transport().deliver(node, t, body).await;
+    let answer: Result<(), Option<NodeId>> = reply
+        .and_then(|b| bincode::deserialize(&b).map_err(|e| e.to_string()))
+        .map_err(ClusterError::Raft)?;
+    match answer {
+        Ok(()) => Ok(()),
+        Err(leader) => {
+            let mut h = inner.deliveries.hints.lock();
+            match leader.filter(|&l| l != node) {
+                Some(l) => h.insert(t, l),
+                None => h.remove(&t),
+            };
+            Err(ClusterError::NoLeader { partition: t })
+        }
+    }
+}
+
+/// A peer's deliveries for partition `t` (the peer RPC's handler): applied
+/// if this node leads `t`; otherwise the leader it knows of.
+pub(crate) async fn serve(inner: Arc<Inner>, t: PartitionId, body: Vec<u8>) -> Vec<u8> {
+    let answer: Result<(), Option<NodeId>> = match bincode::deserialize::<Vec<Delivery>>(&body) {
+        Err(_) => Err(None),
+        Ok(items) if inner.leads(t) => match inner.submit(t, Command::Deliver(items)).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(None),
+        },
+        Ok(_) => Err(inner.leader_hint(t).filter(|&l| l != inner.id)),
+    };
+    bincode::serialize(&answer).unwrap_or_default()
+}

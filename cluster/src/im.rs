@@ -1,0 +1,328 @@
+//! IM across partitions: the records a conversation's partition and a
+//! user's partition keep, and what travels between them (docs/scaling.md,
+//! "IM across partitions").
+//!
+//! - A conversation's store timeline (store keyspace, id = conv) lives in
+//!   the conversation's partition: seq 1 is its `Created` event (kind and
+//!   members), every later seq a message. A `SEND` is one Raft entry of
+//!   that partition; applying it writes the message and an **outbox**
+//!   record `(conv, conv_seq)`, in the same entry.
+//! - The conversation partition's leader **delivers** the outbox in order:
+//!   each member's sync entry goes to the member's partition (sync
+//!   keyspace, id = user) as one `Deliver` entry per target partition; once
+//!   every target has applied it, a `Delivered` entry moves the partition's
+//!   **done** mark. A new leader starts again from the done mark.
+//! - Deliveries of one conversation to one user arrive in conv_seq order
+//!   (the outbox is delivered in order, a batch is retried whole before
+//!   anything after it goes), so the user's partition applies a delivery
+//!   only if its conv_seq is above the last one it holds for that
+//!   (user, conversation): a re-driven delivery is never written twice.
+//!
+//! Every record here is sans-I/O bytes, little-endian, decoded with every
+//! length checked.
+
+use serde::{Deserialize, Serialize};
+
+/// Raft-meta timeline ids (plus the partition) of each partition's outbox
+/// and done mark.
+pub const OUTBOX_BASE: u64 = 1 << 40;
+pub const DONE_BASE: u64 = 2 << 40;
+
+/// Store event kinds (the first byte of a conversation's record).
+pub const KIND_MESSAGE: u8 = 1;
+pub const KIND_CREATED: u8 = 2;
+
+/// A conversation store record (after the write id):
+/// `kind u8 | sender u64 | ts u64 | client_msg_id u64 | body`; a
+/// `Created` body is `conv kind u8 | members u64 × n`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreEvent {
+    pub kind: u8,
+    pub sender: u64,
+    pub ts: u64,
+    pub client_msg_id: u64,
+    pub body: Vec<u8>,
+}
+
+const EVENT_HEAD: usize = 25;
+
+impl StoreEvent {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(EVENT_HEAD + self.body.len());
+        b.push(self.kind);
+        b.extend_from_slice(&self.sender.to_le_bytes());
+        b.extend_from_slice(&self.ts.to_le_bytes());
+        b.extend_from_slice(&self.client_msg_id.to_le_bytes());
+        b.extend_from_slice(&self.body);
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Option<StoreEvent> {
+        if b.len() < EVENT_HEAD {
+            return None;
+        }
+        Some(StoreEvent {
+            kind: b[0],
+            sender: u64_at(b, 1)?,
+            ts: u64_at(b, 9)?,
+            client_msg_id: u64_at(b, 17)?,
+            body: b[EVENT_HEAD..].to_vec(),
+        })
+    }
+
+    /// A `Created` event's conversation kind and members.
+    pub fn created(&self) -> Option<(u8, Vec<u64>)> {
+        if self.kind != KIND_CREATED
+            || self.body.is_empty()
+            || !(self.body.len() - 1).is_multiple_of(8)
+        {
+            return None;
+        }
+        let members = self.body[1..]
+            .chunks_exact(8)
+            .filter_map(|c| c.try_into().ok().map(u64::from_le_bytes))
+            .collect();
+        Some((self.body[0], members))
+    }
+
+    pub fn created_body(kind: u8, members: &[u64]) -> Vec<u8> {
+        let mut b = Vec::with_capacity(1 + 8 * members.len());
+        b.push(kind);
+        for m in members {
+            b.extend_from_slice(&m.to_le_bytes());
+        }
+        b
+    }
+}
+
+/// One member's sync entry on its way to the member's partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub user: u64,
+    pub conv: u64,
+    pub conv_seq: u64,
+    pub sender: u64,
+    pub ts: u64,
+    pub kind: u8,
+    /// A message's payload; a `Created` event's conversation kind (1 byte).
+    pub body: Vec<u8>,
+}
+
+const SYNC_HEAD: usize = 33;
+
+impl Delivery {
+    /// The user's sync record (after the write id):
+    /// `conv u64 | conv_seq u64 | sender u64 | ts u64 | kind u8 | body`.
+    pub fn sync_record(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(SYNC_HEAD + self.body.len());
+        b.extend_from_slice(&self.conv.to_le_bytes());
+        b.extend_from_slice(&self.conv_seq.to_le_bytes());
+        b.extend_from_slice(&self.sender.to_le_bytes());
+        b.extend_from_slice(&self.ts.to_le_bytes());
+        b.push(self.kind);
+        b.extend_from_slice(&self.body);
+        b
+    }
+
+    /// A sync record back (the user is the timeline's id).
+    pub fn from_sync_record(user: u64, b: &[u8]) -> Option<Delivery> {
+        if b.len() < SYNC_HEAD {
+            return None;
+        }
+        Some(Delivery {
+            user,
+            conv: u64_at(b, 0)?,
+            conv_seq: u64_at(b, 8)?,
+            sender: u64_at(b, 16)?,
+            ts: u64_at(b, 24)?,
+            kind: b[32],
+            body: b[SYNC_HEAD..].to_vec(),
+        })
+    }
+}
+
+/// An outbox record (after the write id): `conv u64 | conv_seq u64`.
+pub fn outbox_record(conv: u64, conv_seq: u64) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&conv.to_le_bytes());
+    b[8..].copy_from_slice(&conv_seq.to_le_bytes());
+    b
+}
+
+pub fn decode_outbox(b: &[u8]) -> Option<(u64, u64)> {
+    if b.len() != 16 {
+        return None;
+    }
+    Some((u64_at(b, 0)?, u64_at(b, 8)?))
+}
+
+/// Why a conversation write was refused (deterministic: every replica
+/// refuses it the same way, and nothing is written).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ImRefusal {
+    #[error("conversation {0} already exists")]
+    Exists(u64),
+    #[error("no conversation {0}")]
+    NoConversation(u64),
+    #[error("user {user} is not a member of conversation {conv}")]
+    NotMember { conv: u64, user: u64 },
+    #[error("conversation {0}'s first record is not its Created event")]
+    Damaged(u64),
+}
+
+/// Reads of a partition's IM records from a node's engine (the leader's
+/// deliverer, the server's reads, the state machine's checks).
+pub mod read {
+    use super::*;
+    use crate::log_store::RAFT_META;
+    use crate::state_machine::payload_of;
+    use timeline_engine::{Direction, Engine, Keyspace, TimelineId};
+
+    /// A read failure: the engine's, or a record that does not decode.
+    #[derive(Debug, thiserror::Error)]
+    pub enum ReadError {
+        #[error("{0}")]
+        Engine(#[from] timeline_engine::Error),
+        #[error("damaged IM record: {0}")]
+        Damaged(String),
+    }
+
+    /// The write id and the rest of a stored record.
+    fn split(b: &[u8]) -> Option<(u64, &[u8])> {
+        Some((u64_at(b, 0)?, payload_of(b)?))
+    }
+
+    pub fn outbox_timeline(partition: u32) -> TimelineId {
+        TimelineId::new(RAFT_META, OUTBOX_BASE + u64::from(partition))
+    }
+
+    pub fn done_timeline(partition: u32) -> TimelineId {
+        TimelineId::new(RAFT_META, DONE_BASE + u64::from(partition))
+    }
+
+    /// The done mark: (outbox seq, write id) delivered through; (0, 0) if none.
+    pub fn done(e: &Engine, partition: u32) -> Result<(u64, u64), ReadError> {
+        let recs = e.scan(done_timeline(partition), u64::MAX, 1, Direction::Backward)?;
+        let Some(r) = recs.first() else {
+            return Ok((0, 0));
+        };
+        let b = payload_of(&r.payload)
+            .filter(|b| b.len() == 16)
+            .ok_or_else(|| ReadError::Damaged(format!("done mark {}", r.seq)))?;
+        Ok((u64_at(b, 0).unwrap_or(0), u64_at(b, 8).unwrap_or(0)))
+    }
+
+    /// One outbox record: its seq, its write id (the message's), and the
+    /// message it stands for.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Pending {
+        pub seq: u64,
+        pub write_id: u64,
+        pub conv: u64,
+        pub conv_seq: u64,
+    }
+
+    /// Up to `limit` outbox records after seq `after`.
+    pub fn outbox_after(
+        e: &Engine,
+        partition: u32,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Pending>, ReadError> {
+        let recs = e.scan(
+            outbox_timeline(partition),
+            after + 1,
+            limit,
+            Direction::Forward,
+        )?;
+        recs.iter()
+            .map(|r| {
+                let (w, b) = split(&r.payload)
+                    .ok_or_else(|| ReadError::Damaged(format!("outbox record {}", r.seq)))?;
+                let (conv, conv_seq) = decode_outbox(b)
+                    .ok_or_else(|| ReadError::Damaged(format!("outbox record {}", r.seq)))?;
+                Ok(Pending {
+                    seq: r.seq,
+                    write_id: w,
+                    conv,
+                    conv_seq,
+                })
+            })
+            .collect()
+    }
+
+    /// The newest outbox seq (0: none).
+    pub fn outbox_last(e: &Engine, partition: u32) -> u64 {
+        e.last_seq(outbox_timeline(partition))
+    }
+
+    /// Conversation `conv`'s event at `seq`, with its write id.
+    pub fn event(e: &Engine, conv: u64, seq: u64) -> Result<Option<(u64, StoreEvent)>, ReadError> {
+        let Some(r) = e.get(TimelineId::new(Keyspace::STORE, conv), seq)? else {
+            return Ok(None);
+        };
+        decode_event(&r.payload, conv, seq).map(Some)
+    }
+
+    pub fn decode_event(b: &[u8], conv: u64, seq: u64) -> Result<(u64, StoreEvent), ReadError> {
+        split(b)
+            .and_then(|(w, b)| StoreEvent::decode(b).map(|ev| (w, ev)))
+            .ok_or_else(|| ReadError::Damaged(format!("conversation {conv} seq {seq}")))
+    }
+
+    /// Conversation `conv`'s kind and members, or why it has none.
+    pub fn members(e: &Engine, conv: u64) -> Result<Result<(u8, Vec<u64>), ImRefusal>, ReadError> {
+        // A record that does not decode (a raw APPEND to the timeline) is a
+        // refusal, never an error: applying must not fail on user data.
+        Ok(match event(e, conv, 1) {
+            Ok(None) => Err(ImRefusal::NoConversation(conv)),
+            Ok(Some((_, ev))) => ev.created().ok_or(ImRefusal::Damaged(conv)),
+            Err(ReadError::Damaged(_)) => Err(ImRefusal::Damaged(conv)),
+            Err(e) => return Err(e),
+        })
+    }
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    b.get(at..at + 8)?.try_into().ok().map(u64::from_le_bytes)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_short_ones_are_refused() {
+        let e = StoreEvent {
+            kind: KIND_CREATED,
+            sender: 0,
+            ts: 5,
+            client_msg_id: 0,
+            body: StoreEvent::created_body(2, &[7, 8, 9]),
+        };
+        let d = StoreEvent::decode(&e.encode()).unwrap();
+        assert_eq!(d, e);
+        assert_eq!(d.created(), Some((2, vec![7, 8, 9])));
+        assert_eq!(StoreEvent::decode(&e.encode()[..24]), None);
+        let mut odd = e.clone();
+        odd.body.push(1);
+        assert_eq!(odd.created(), None);
+        let v = Delivery {
+            user: 3,
+            conv: 4,
+            conv_seq: 5,
+            sender: 6,
+            ts: 7,
+            kind: KIND_MESSAGE,
+            body: b"hi".to_vec(),
+        };
+        assert_eq!(
+            Delivery::from_sync_record(3, &v.sync_record()),
+            Some(v.clone())
+        );
+        assert_eq!(Delivery::from_sync_record(3, &v.sync_record()[..32]), None);
+        assert_eq!(decode_outbox(&outbox_record(9, 10)), Some((9, 10)));
+        assert_eq!(decode_outbox(&[0; 15]), None);
+    }
+}

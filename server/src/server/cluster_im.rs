@@ -1,0 +1,303 @@
+//! A cluster node's IM commands (docs/scaling.md, "IM across partitions";
+//! docs/protocol.md §15): conversations live in their conversation's
+//! partition, sync timelines in their user's.
+//!
+//! - `CREATE_CONVERSATION`, `SEND`: to the conversation partition's
+//!   leader; answered once the entry is stored and delivered to every
+//!   member's sync timeline (`FANOUT_FAILED` with the seq if the
+//!   deliveries take longer than 2 s: they go on).
+//! - `SYNC` (without read-fan-out groups): the user partition's leader.
+//! - `HISTORY`, `MEMBERS`: the conversation partition's leader.
+//!
+//! Reads run after the leader confirmed its leadership (linearizable), on
+//! the runtime's threads, from the node's engine.
+
+use super::conn::Conn;
+use super::dispatch::{page_limit, Answer, Ctx};
+use super::errors::ToReply;
+use crate::protocol::{
+    Body, ConvKind, Entry, ErrorCode, ErrorReply, HistoryFrom, HistoryPage, Request, Response,
+    SendAck, SyncEntry, SyncReply,
+};
+use std::sync::Arc;
+use timeline_cluster::im::read::{self, ReadError};
+use timeline_cluster::im::{Delivery, ImRefusal, StoreEvent, KIND_CREATED};
+use timeline_cluster::state_machine::payload_of;
+use timeline_cluster::{ImOutcome, Node};
+use timeline_engine::{Direction, Engine, Keyspace, TimelineId};
+
+/// The fixed part of a conversation's store record (write id + header).
+const STORE_OVERHEAD: usize = 8 + 25;
+
+fn refusal(r: &ImRefusal) -> ErrorReply {
+    let (code, arg) = match r {
+        ImRefusal::Exists(c) => (ErrorCode::CONVERSATION_EXISTS, *c),
+        ImRefusal::NoConversation(c) => (ErrorCode::NO_SUCH_CONVERSATION, *c),
+        ImRefusal::NotMember { user, .. } => (ErrorCode::NOT_MEMBER, *user),
+        ImRefusal::Damaged(c) => (ErrorCode::CORRUPTION, *c),
+    };
+    ErrorReply::new(code, arg, r.to_string())
+}
+
+fn read_failed(e: ReadError) -> ErrorReply {
+    match e {
+        ReadError::Engine(e) => e.reply(),
+        ReadError::Damaged(m) => ErrorReply::new(ErrorCode::CORRUPTION, 0, m),
+    }
+}
+
+/// A conversation write's answer: `ok` with the conv seq and duplicate flag.
+fn written(
+    r: Result<ImOutcome, timeline_cluster::ClusterError>,
+    ok: impl FnOnce(u64, bool) -> Response,
+) -> Result<Response, ErrorReply> {
+    match r.map_err(|e| e.reply())? {
+        ImOutcome::Done {
+            conv_seq,
+            duplicate,
+        } => Ok(ok(conv_seq, duplicate)),
+        ImOutcome::Pending { conv_seq } => Err(ErrorReply::new(
+            ErrorCode::FANOUT_FAILED,
+            conv_seq,
+            "stored; delivery to the members' sync timelines is still under way (retry with the same client_msg_id)",
+        )),
+        ImOutcome::Refused(r) => Err(refusal(&r)),
+    }
+}
+
+/// Run an IM request on a cluster node; `None` if `r` is not one it serves.
+pub(crate) fn execute(
+    ctx: &Ctx<'_>,
+    conn: &mut Conn,
+    id: u64,
+    node: &Node,
+    r: &Request<'_>,
+) -> Option<Result<(), ErrorReply>> {
+    let op = r.opcode();
+    let sh = ctx.sh;
+    match r {
+        Request::CreateConversation {
+            conv,
+            kind,
+            members,
+        } => {
+            let mut m = members.clone();
+            m.sort_unstable();
+            m.dedup();
+            let direct = matches!(kind, ConvKind::Direct);
+            if m.is_empty() || (direct && m.len() != 2) || m.len() > 10_000 {
+                return Some(Err(ErrorReply::new(
+                    ErrorCode::INVALID_ARGUMENT,
+                    m.len() as u64,
+                    "a direct conversation has exactly two members, a group 1 to 10,000 (read fan-out is not served by a cluster node)",
+                )));
+            }
+            let conv = *conv;
+            let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
+            node.im_create(conv, if direct { 1 } else { 2 }, m, move |r| {
+                a.reply(written(r, |seq, _| Response::CreateConversation(seq)))
+            });
+        }
+        Request::Send {
+            conv,
+            sender,
+            client_msg_id,
+            payload,
+        } => {
+            let max = sh
+                .im
+                .engine()
+                .config()
+                .max_payload
+                .saturating_sub(STORE_OVERHEAD);
+            if payload.len() > max {
+                return Some(Err(ErrorReply::new(
+                    ErrorCode::PAYLOAD_TOO_LARGE,
+                    max as u64,
+                    format!(
+                        "payload of {} bytes; a cluster node takes {max}",
+                        payload.len()
+                    ),
+                )));
+            }
+            let conv = *conv;
+            let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
+            node.im_send(conv, *sender, *client_msg_id, payload.to_vec(), move |r| {
+                a.reply(written(r, |seq, duplicate| {
+                    Response::Send(SendAck {
+                        conv,
+                        seq,
+                        duplicate,
+                    })
+                }))
+            });
+        }
+        Request::Sync {
+            user,
+            checkpoint,
+            limit,
+            groups,
+        } => {
+            if !groups.is_empty() {
+                return Some(Err(ErrorReply::new(
+                    ErrorCode::NOT_SUPPORTED,
+                    0,
+                    "read-fan-out groups are not served by a cluster node yet (docs/scaling.md)",
+                )));
+            }
+            let (user, checkpoint) = (*user, *checkpoint);
+            let limit = page_limit(sh, conn, *limit);
+            let engine = node.engine().clone();
+            let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
+            node.linearize(Keyspace::SYNC.0, user, move |r| {
+                a.reply(
+                    r.map_err(|e| e.reply())
+                        .and_then(|()| sync(&engine, user, checkpoint, limit)),
+                )
+            });
+        }
+        Request::History {
+            conv,
+            user,
+            from,
+            limit,
+        } => {
+            let (conv, user, from) = (*conv, *user, *from);
+            let limit = page_limit(sh, conn, *limit);
+            let engine = node.engine().clone();
+            let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
+            node.linearize(Keyspace::STORE.0, conv, move |r| {
+                a.reply(
+                    r.map_err(|e| e.reply())
+                        .and_then(|()| history(&engine, conv, user, from, limit)),
+                )
+            });
+        }
+        Request::Members { conv } => {
+            let conv = *conv;
+            let engine = node.engine().clone();
+            let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
+            node.linearize(Keyspace::STORE.0, conv, move |r| {
+                a.reply(r.map_err(|e| e.reply()).and_then(|()| {
+                    let (_, m) = read::members(&engine, conv)
+                        .map_err(read_failed)?
+                        .map_err(|r| refusal(&r))?;
+                    Ok(Response::Members(m))
+                }))
+            });
+        }
+        _ => return None,
+    }
+    Some(Ok(()))
+}
+
+fn body_of(kind: u8, body: Vec<u8>) -> Body {
+    if kind == KIND_CREATED {
+        let kind = match body.first() {
+            Some(1) => ConvKind::Direct,
+            _ => ConvKind::Group,
+        };
+        Body::Created { kind }
+    } else {
+        Body::Message(body)
+    }
+}
+
+/// A user's sync page after `checkpoint`.
+fn sync(
+    engine: &Arc<Engine>,
+    user: u64,
+    checkpoint: u64,
+    limit: usize,
+) -> Result<Response, ErrorReply> {
+    let tl = TimelineId::new(Keyspace::SYNC, user);
+    let first = engine.first_retained_seq(tl).map_err(|e| e.reply())?;
+    let truncated = (first > checkpoint.saturating_add(1)).then_some(first);
+    let from = checkpoint.saturating_add(1).max(first);
+    let recs = if limit == 0 {
+        Vec::new()
+    } else {
+        engine
+            .scan(tl, from, limit, Direction::Forward)
+            .map_err(|e| e.reply())?
+    };
+    let mut entries = Vec::with_capacity(recs.len());
+    for r in recs {
+        let d = payload_of(&r.payload)
+            .and_then(|b| Delivery::from_sync_record(user, b))
+            .ok_or_else(|| {
+                ErrorReply::new(
+                    ErrorCode::CORRUPTION,
+                    r.seq,
+                    format!("user {user}'s sync entry {} does not decode", r.seq),
+                )
+            })?;
+        entries.push(SyncEntry {
+            seq: r.seq,
+            entry: Entry {
+                conv: d.conv,
+                conv_seq: d.conv_seq,
+                sender: d.sender,
+                timestamp_ms: d.ts,
+                body: body_of(d.kind, d.body),
+            },
+        });
+    }
+    let last = entries
+        .last()
+        .map_or(from.saturating_sub(1).max(checkpoint), |e| e.seq);
+    Ok(Response::Sync(SyncReply {
+        has_more: engine.last_seq(tl) > last,
+        checkpoint: last,
+        entries,
+        truncated,
+        groups: Vec::new(),
+    }))
+}
+
+/// A page of a conversation's history, for a member.
+fn history(
+    engine: &Arc<Engine>,
+    conv: u64,
+    user: u64,
+    from: HistoryFrom,
+    limit: usize,
+) -> Result<Response, ErrorReply> {
+    let (_, members) = read::members(engine, conv)
+        .map_err(read_failed)?
+        .map_err(|r| refusal(&r))?;
+    if !members.contains(&user) {
+        return Err(refusal(&ImRefusal::NotMember { conv, user }));
+    }
+    let tl = TimelineId::new(Keyspace::STORE, conv);
+    let last = engine.last_seq(tl);
+    let lo = engine.first_retained_seq(tl).map_err(|e| e.reply())?.max(1);
+    let (start, dir) = match from {
+        HistoryFrom::Before(s) => (s.saturating_sub(1).min(last), Direction::Backward),
+        HistoryFrom::After(s) => (s.saturating_add(1).max(lo), Direction::Forward),
+    };
+    let in_range = start >= lo && start <= last;
+    let recs = if limit == 0 || !in_range {
+        Vec::new()
+    } else {
+        engine.scan(tl, start, limit, dir).map_err(|e| e.reply())?
+    };
+    let mut entries = Vec::with_capacity(recs.len());
+    for r in &recs {
+        let (_, ev): (u64, StoreEvent) =
+            read::decode_event(&r.payload, conv, r.seq).map_err(read_failed)?;
+        entries.push(Entry {
+            conv,
+            conv_seq: r.seq,
+            sender: ev.sender,
+            timestamp_ms: ev.ts,
+            body: body_of(ev.kind, ev.body),
+        });
+    }
+    let has_more = match (recs.last(), dir) {
+        (Some(r), Direction::Forward) => r.seq < last,
+        (Some(r), Direction::Backward) => r.seq > lo,
+        (None, _) => limit == 0 && in_range,
+    };
+    Ok(Response::History(HistoryPage { entries, has_more }))
+}
