@@ -237,13 +237,16 @@ async fn deliver_to(
     t: PartitionId,
     items: Vec<Delivery>,
 ) -> Result<(), ClusterError> {
-    for chunk in items.chunks(CHUNK) {
+    for chunk in chunks(
+        items,
+        crate::entry_budget(inner.engine().config().max_payload),
+    ) {
         let mut pause = Duration::from_millis(10);
         loop {
             if !inner.leads(from) {
                 return Err(ClusterError::NoLeader { partition: from });
             }
-            match deliver_once(inner, t, chunk.to_vec()).await {
+            match deliver_once(inner, t, chunk.clone()).await {
                 Ok(()) => break,
                 Err(e) => {
                     tracing::debug!(partition = t, error = %e, "delivery refused; retrying");
@@ -254,6 +257,27 @@ async fn deliver_to(
         }
     }
     Ok(())
+}
+
+/// `items` cut into entries of at most [`CHUNK`] deliveries and `budget`
+/// bytes (at least one each: a message alone always fits), in order.
+fn chunks(items: Vec<Delivery>, budget: usize) -> Vec<Vec<Delivery>> {
+    let mut out: Vec<Vec<Delivery>> = Vec::new();
+    let mut used = 0;
+    for d in items {
+        let cost = d.body.len() + crate::ITEM_OVERHEAD;
+        match out.last_mut() {
+            Some(c) if c.len() < CHUNK && used + cost <= budget => {
+                used += cost;
+                c.push(d);
+            }
+            _ => {
+                used = cost;
+                out.push(vec![d]);
+            }
+        }
+    }
+    out
 }
 
 /// One attempt: propose here if this node leads `t`, else ask its leader.

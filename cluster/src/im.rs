@@ -168,7 +168,15 @@ pub enum ImRefusal {
     NotMember { conv: u64, user: u64 },
     #[error("conversation {0}'s first record is not its Created event")]
     Damaged(u64),
+    /// Its store or sync record would exceed the engine's record limit.
+    #[error("a record of {size} bytes; this node's records hold at most {max}")]
+    TooLarge { size: usize, max: usize },
 }
+
+/// What a message adds to its payload in the largest record it becomes:
+/// its Raft entry (the `ImSend`, or a `Deliver` of it alone) is larger
+/// than its store record (write id + 25) and its sync records (+ 41).
+pub const RECORD_OVERHEAD: usize = crate::ENTRY_OVERHEAD + crate::ITEM_OVERHEAD;
 
 /// Reads of a partition's IM records from a node's engine (the leader's
 /// deliverer, the server's reads, the state machine's checks).

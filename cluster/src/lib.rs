@@ -116,6 +116,23 @@ pub struct BatchItem {
     pub payload: Vec<u8>,
 }
 
+/// What a Raft entry's log record adds to what it carries (the log id,
+/// bincode's tags and lengths), with room to spare. Every entry's log
+/// record is one engine record, so a client's payload may be at most the
+/// engine's `max_payload` less this, and entries that carry many items
+/// are cut to fit ([`entry_budget`]).
+pub const ENTRY_OVERHEAD: usize = 256;
+
+/// What one item costs in an entry beyond its payload (a batch item's
+/// keyspace, id and length; a delivery's ids, time, kind and length).
+pub const ITEM_OVERHEAD: usize = 64;
+
+/// The bytes of items one entry may carry on an engine whose records hold
+/// `max_payload` bytes.
+pub fn entry_budget(max_payload: usize) -> usize {
+    max_payload.saturating_sub(ENTRY_OVERHEAD)
+}
+
 /// Most appends in one entry: an item's position within its entry is the
 /// low 16 bits of its write id (`state_machine`).
 pub const MAX_BATCH: usize = 1 << 16;

@@ -275,6 +275,14 @@ impl Node {
                 self.inner.data_keyspaces
             ))));
         }
+        let max = crate::entry_budget(self.inner.engine().config().max_payload);
+        if payload.len() + crate::ITEM_OVERHEAD > max {
+            return done(Err(ClusterError::InvalidArgument(format!(
+                "a payload of {} bytes; a cluster node's entries carry at most {}",
+                payload.len(),
+                max.saturating_sub(crate::ITEM_OVERHEAD)
+            ))));
+        }
         let p = self.partition_of(keyspace, id) as usize;
         let Some(slot) = self.inner.proposals.get(p) else {
             return done(Err(ClusterError::Raft(format!("no partition {p}"))));
@@ -496,7 +504,20 @@ impl Inner {
                     s.proposing = false;
                     return;
                 }
-                let n = s.waiting.len().min(MAX_ENTRY_ITEMS);
+                // As many as fit one log record (at least one: a payload
+                // alone always fits, `Node::append` saw to it).
+                let budget = crate::entry_budget(self.engine().config().max_payload);
+                let mut used = 0;
+                let n = s
+                    .waiting
+                    .iter()
+                    .take(MAX_ENTRY_ITEMS)
+                    .take_while(|(it, _)| {
+                        used += it.payload.len() + crate::ITEM_OVERHEAD;
+                        used <= budget
+                    })
+                    .count()
+                    .max(1);
                 s.waiting.drain(..n).collect()
             };
             let (items, dones): (Vec<_>, Vec<_>) = batch.into_iter().unzip();

@@ -347,6 +347,9 @@ impl StateMachine {
                 {
                     return Ok(Some(Err(ImRefusal::Exists(*conv))));
                 }
+                if let Some(r) = self.too_large(8 * members.len() + 1) {
+                    return Ok(Some(Err(r)));
+                }
                 let ev = StoreEvent {
                     kind: im::KIND_CREATED,
                     sender: 0,
@@ -367,6 +370,9 @@ impl StateMachine {
                 let t = (Keyspace::STORE.0, *conv);
                 if self.last_index(st, t)? >= w {
                     return Ok(None);
+                }
+                if let Some(r) = self.too_large(payload.len()) {
+                    return Ok(Some(Err(r)));
                 }
                 match im::read::members(&self.engine, *conv).map_err(read_err)? {
                     Err(r) => return Ok(Some(Err(r))),
@@ -418,6 +424,14 @@ impl StateMachine {
             }
             Command::Append { .. } | Command::Batch(_) => Ok(None),
         }
+    }
+
+    /// A refusal if a body of `body` bytes would not fit a record (a
+    /// record the engine refused would fail the apply, and so the group).
+    fn too_large(&self, body: usize) -> Option<ImRefusal> {
+        let max = self.engine.config().max_payload;
+        let size = body + im::RECORD_OVERHEAD;
+        (size > max).then_some(ImRefusal::TooLarge { size, max })
     }
 
     /// Store `ev` in `conv` at write id `w`, and its outbox record.

@@ -489,7 +489,8 @@ fn etcd_down_nodes_keep_serving_and_placement_waits() {
 #[test]
 fn bad_appends_are_refused_before_they_reach_a_group() {
     let cl = Cluster::start(8);
-    let mut cc = ClusterClient::connect(&cl.seeds(), b"").unwrap();
+    let seeds = cl.seeds();
+    let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
     // The cluster's own keyspaces (raft log 2, raft meta 3), one that is
     // not configured (9), and an oversized payload: refused with a clear
     // error, and nothing proposed (every replica would fail to apply it,
@@ -520,6 +521,91 @@ fn bad_appends_are_refused_before_they_reach_a_group() {
             ),
             other => panic!("keyspace {ks}: {other:?}"),
         }
+    }
+    // Conversation writes a replica could not apply, or may not take, are
+    // refused with their codes (never a failed apply).
+    let conv = 5000;
+    let code = |r: timeline_client::Result<Response>| match r {
+        Err(ClientError::Server { code, arg, .. }) => (code, arg),
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let create = |members: Vec<u64>| Request::CreateConversation {
+        conv,
+        kind: timeline_client::protocol::ConvKind::Group,
+        members,
+    };
+    let send = |sender: u64, cmid: u64, payload: &'static [u8]| Request::Send {
+        conv,
+        sender,
+        client_msg_id: cmid,
+        payload,
+    };
+    let (c, _) = code(cc.call(&create((1..=9000).collect())));
+    assert_eq!(c, ErrorCode::INVALID_ARGUMENT);
+    assert_eq!(
+        code(cc.call(&send(1, 1, b"x"))),
+        (ErrorCode::NO_SUCH_CONVERSATION, conv)
+    );
+    assert!(matches!(
+        cc.call(&create(vec![1, 2])),
+        Ok(Response::CreateConversation(1))
+    ));
+    assert_eq!(
+        code(cc.call(&create(vec![3, 4]))).0,
+        ErrorCode::CONVERSATION_EXISTS
+    );
+    assert_eq!(code(cc.call(&send(9, 1, b"x"))), (ErrorCode::NOT_MEMBER, 9));
+    // The node's record limit (64 KiB) less a Raft entry's framing.
+    let limit = (64usize << 10) - 320;
+    let too_big: &'static [u8] = vec![1u8; limit + 1].leak();
+    let fits: &'static [u8] = vec![2u8; limit].leak();
+    assert_eq!(
+        code(cc.call(&send(1, 2, too_big))),
+        (ErrorCode::PAYLOAD_TOO_LARGE, limit as u64)
+    );
+    match cc.call(&send(1, 3, fits)) {
+        Ok(Response::Send(a)) => assert_eq!((a.seq, a.duplicate), (2, false)),
+        other => panic!("the largest send: {other:?}"),
+    }
+    match cc.call(&send(1, 3, fits)) {
+        Ok(Response::Send(a)) => assert_eq!((a.seq, a.duplicate), (2, true)),
+        other => panic!("a retried send: {other:?}"),
+    }
+    // A raw append at the limit is taken, one byte more is refused; large
+    // concurrent appends to one partition are cut into entries that each
+    // fit one record (an entry too large for the log would stop the group).
+    let app = |payload: &'static [u8]| Request::Append {
+        timeline: TimelineId::store(1),
+        durability: None,
+        payload,
+    };
+    assert!(matches!(cc.call(&app(fits)), Ok(Response::Append(_))));
+    assert_eq!(
+        code(cc.call(&app(too_big))),
+        (ErrorCode::PAYLOAD_TOO_LARGE, limit as u64)
+    );
+    let big_writers: Vec<_> = (0..4)
+        .map(|_| {
+            let seeds = seeds.clone();
+            std::thread::spawn(move || {
+                let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
+                let payload: &'static [u8] = vec![3u8; 30_000].leak();
+                for _ in 0..25 {
+                    let r = cc.call(&Request::Append {
+                        timeline: TimelineId::store(1),
+                        durability: None,
+                        payload,
+                    });
+                    assert!(
+                        matches!(r, Ok(Response::Append(_))),
+                        "a 30 kB append: {r:?}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in big_writers {
+        t.join().unwrap();
     }
     // The partition of those timelines still takes writes, in order.
     let acked = append_all(&mut cc, "after-bad", 3 * TIMELINES);

@@ -118,8 +118,10 @@ pub(crate) fn execute(
             timeline, payload, ..
         } => {
             check_raw_write(sh, timeline)?;
-            // The stored record is the write id (8 bytes) + the payload.
-            let max = sh.im.engine().config().max_payload.saturating_sub(8);
+            // Its Raft entry is one engine record: the payload and the
+            // entry's framing.
+            let max = timeline_cluster::entry_budget(sh.im.engine().config().max_payload)
+                .saturating_sub(timeline_cluster::ITEM_OVERHEAD);
             if payload.len() > max {
                 return Err(ErrorReply::new(
                     ErrorCode::PAYLOAD_TOO_LARGE,

@@ -21,13 +21,10 @@ use crate::protocol::{
 };
 use std::sync::Arc;
 use timeline_cluster::im::read::{self, ReadError};
-use timeline_cluster::im::{Delivery, ImRefusal, StoreEvent, KIND_CREATED};
+use timeline_cluster::im::{Delivery, ImRefusal, StoreEvent, KIND_CREATED, RECORD_OVERHEAD};
 use timeline_cluster::state_machine::payload_of;
 use timeline_cluster::{ImOutcome, Node};
 use timeline_engine::{Direction, Engine, Keyspace, TimelineId};
-
-/// The fixed part of a conversation's store record (write id + header).
-const STORE_OVERHEAD: usize = 8 + 25;
 
 fn refusal(r: &ImRefusal) -> ErrorReply {
     let (code, arg) = match r {
@@ -35,6 +32,7 @@ fn refusal(r: &ImRefusal) -> ErrorReply {
         ImRefusal::NoConversation(c) => (ErrorCode::NO_SUCH_CONVERSATION, *c),
         ImRefusal::NotMember { user, .. } => (ErrorCode::NOT_MEMBER, *user),
         ImRefusal::Damaged(c) => (ErrorCode::CORRUPTION, *c),
+        ImRefusal::TooLarge { max, .. } => (ErrorCode::PAYLOAD_TOO_LARGE, *max as u64),
     };
     ErrorReply::new(code, arg, r.to_string())
 }
@@ -85,11 +83,13 @@ pub(crate) fn execute(
             m.sort_unstable();
             m.dedup();
             let direct = matches!(kind, ConvKind::Direct);
-            if m.is_empty() || (direct && m.len() != 2) || m.len() > 10_000 {
+            // The Created record holds the members (8 bytes each).
+            let most = max_members(sh.im.engine().config().max_payload);
+            if m.is_empty() || (direct && m.len() != 2) || m.len() > most {
                 return Some(Err(ErrorReply::new(
                     ErrorCode::INVALID_ARGUMENT,
                     m.len() as u64,
-                    "a direct conversation has exactly two members, a group 1 to 10,000 (read fan-out is not served by a cluster node)",
+                    format!("a direct conversation has exactly two members, a group 1 to {most} on this node (read fan-out is not served by a cluster node)"),
                 )));
             }
             let conv = *conv;
@@ -109,7 +109,7 @@ pub(crate) fn execute(
                 .engine()
                 .config()
                 .max_payload
-                .saturating_sub(STORE_OVERHEAD);
+                .saturating_sub(RECORD_OVERHEAD);
             if payload.len() > max {
                 return Some(Err(ErrorReply::new(
                     ErrorCode::PAYLOAD_TOO_LARGE,
@@ -189,6 +189,12 @@ pub(crate) fn execute(
         _ => return None,
     }
     Some(Ok(()))
+}
+
+/// Most members a cluster node's conversation takes: what one `Created`
+/// record holds, at most 10,000.
+fn max_members(max_payload: usize) -> usize {
+    (max_payload.saturating_sub(RECORD_OVERHEAD + 1) / 8).min(10_000)
 }
 
 fn body_of(kind: u8, body: Vec<u8>) -> Body {
