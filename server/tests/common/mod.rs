@@ -1,7 +1,7 @@
 //! Helpers shared by the server's integration tests.
 #![allow(clippy::unwrap_used, dead_code)]
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 use timeline_engine::Keyspace;
@@ -111,4 +111,76 @@ pub fn direct(c: &mut timeline_server::Client, conv: u64, a: u64, b: u64) {
         members: vec![a, b],
     });
     assert_eq!(r.unwrap(), Response::CreateConversation(1));
+}
+
+/// A connection spoken in raw frames, with its own read buffer.
+pub struct Raw {
+    pub s: TcpStream,
+    pub buf: Vec<u8>,
+}
+
+impl Raw {
+    pub fn connect(addr: std::net::SocketAddr) -> Raw {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        Raw { s, buf: Vec::new() }
+    }
+
+    pub fn send(&mut self, id: u64, r: Request<'_>) {
+        let mut b = Vec::new();
+        RequestFrame { id, request: r }.encode_into(&mut b);
+        self.s.write_all(&b).unwrap();
+    }
+
+    pub fn hello(&mut self, max_frame: u32, token: &[u8]) {
+        self.send(
+            1,
+            Request::Hello(Hello {
+                version: protocol::PROTOCOL_VERSION,
+                max_frame,
+                token,
+            }),
+        );
+    }
+
+    /// The next frame, or `None` on close or after `wait` of silence.
+    pub fn next(&mut self, wait: Duration) -> Option<ServerMsg> {
+        self.s.set_read_timeout(Some(wait)).unwrap();
+        let mut chunk = [0u8; 64 << 10];
+        loop {
+            if let Some((f, used)) = protocol::decode(&self.buf, 1 << 24).unwrap() {
+                let m = ServerMsg::decode(&f).unwrap();
+                self.buf.drain(..used);
+                return Some(m);
+            }
+            match self.s.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    pub fn reply(&mut self) -> ServerMsg {
+        self.next(Duration::from_secs(10)).expect("a frame")
+    }
+}
+
+pub fn threads(c: &mut timeline_server::Client) -> u64 {
+    let Response::Stats(kv) = c.call(&Request::Stats).unwrap() else {
+        panic!("stats")
+    };
+    kv.iter().find(|(k, _)| k == "threads").unwrap().1
+}
+
+/// Room for `n` descriptors in this process (client and server ends).
+pub fn raise_nofile(n: u64) {
+    let got = rlimit::increase_nofile_limit(n).unwrap();
+    assert!(got >= n, "descriptor limit {got} < {n}");
+}
+
+pub fn subscribed(addr: std::net::SocketAddr, user: u64) -> Raw {
+    let mut r = Raw::connect(addr);
+    r.hello(0, &[]);
+    r.send(2, Request::Subscribe { user });
+    r
 }
