@@ -13,7 +13,7 @@
 //! |---|---|---|
 //! | `engine` (default) | the engine (and for W3–W5 the IM layer) in this process | append, read, fanout, im, fanout-sweep, reopen |
 //! | `server` | `timeline-server` over TCP (`--addr`, or the binary next to this one started on a free loopback port and stopped with SIGTERM), `--connections` × `--pipeline` requests in flight, `--refill` (1: a sliding window; the pipeline depth: whole batches) | append, read, fanout, im, devices |
-//! | `cluster` | a running cluster of `timeline-server --cluster` nodes (`--addr HOST:PORT,...`, e.g. from `server/scripts/local-cluster.sh`): single `APPEND`s and `SCAN`s sent to each timeline's partition leader, `--connections` × `--pipeline` in flight | append, read |
+//! | `cluster` | a running cluster of `timeline-server --cluster` nodes (`--addr HOST:PORT,...`, e.g. from `server/scripts/local-cluster.sh`): single `APPEND`s and `SCAN`s sent to each timeline's partition leader, `--connections` × `--pipeline` in flight; W6's devices on their user's partition leader, its `SEND`s on their conversation's | append, read, devices |
 //! | `redis` | Redis Streams (one stream per timeline; `redis-server` started with `--save ""` and `--appendonly no` / `everysec` / `always` for `none` / `group` / `sync`) | append, read, devices |
 //! | `rocksdb` | RocksDB as a timeline store and (W3) as a write-fan-out IM store, with the optional `rocksdb` feature | append, read, fanout |
 //!
@@ -247,7 +247,7 @@ pub(crate) enum Cmd {
     FanoutSweep(Flags),
     /// Open an existing directory and report recovery time.
     Reopen(Flags),
-    /// W6: thousands of connected devices, push then sync (--target server|redis).
+    /// W6: thousands of connected devices, push then sync (--target server|cluster|redis).
     Devices(Flags),
     /// Crash torture: SIGKILL the server under load, restart, verify every acknowledgement.
     Torture(Flags),
@@ -263,7 +263,7 @@ pub(crate) enum Cmd {
 pub enum Target {
     Engine,
     Server,
-    /// A running cluster (`--addr` its nodes): W1 and W2 only.
+    /// A running cluster (`--addr` its nodes): W1, W2 and W6.
     Cluster,
     Rocksdb,
     Redis,
@@ -319,7 +319,8 @@ pub enum Entries {
 pub struct Flags {
     /// What to run the workload on: `engine` (in process; every workload but
     /// devices), `server` (timeline-server over TCP: append, read, fanout,
-    /// im, devices), `rocksdb` (in process, needs the `rocksdb` feature:
+    /// im, devices), `cluster` (running cluster nodes, `--addr`: append,
+    /// read, devices), `rocksdb` (in process, needs the `rocksdb` feature:
     /// append, read, fanout) or `redis` (Redis Streams: append, read,
     /// devices).
     #[arg(long, value_enum, default_value = "engine")]
@@ -600,7 +601,7 @@ pub(crate) fn execute(cmd: &Cmd, results: bool) -> Result<(report::Reporter, u64
         ],
         Cmd::Fanout(_) => &[Target::Engine, Target::Server, Target::Rocksdb],
         Cmd::Im(_) => &[Target::Engine, Target::Server],
-        Cmd::Devices(_) => &[Target::Server, Target::Redis],
+        Cmd::Devices(_) => &[Target::Server, Target::Cluster, Target::Redis],
         _ => &[Target::Engine],
     };
     let named = |t: Target| {

@@ -49,7 +49,11 @@ fn timeline_of(r: &Request<'_>) -> Option<protocol::TimelineId> {
         | Request::Send { conv, .. }
         | Request::History { conv, .. }
         | Request::Members { conv } => Some(protocol::TimelineId::store(*conv)),
-        Request::Sync { user, .. } => Some(protocol::TimelineId::sync(*user)),
+        // A node pushes the sync entries its replicas apply: subscribe
+        // where the user's sync timeline is led (protocol.md §15).
+        Request::Sync { user, .. } | Request::Subscribe { user } => {
+            Some(protocol::TimelineId::sync(*user))
+        }
         _ => None,
     }
 }

@@ -141,6 +141,16 @@ impl Delivery {
     }
 }
 
+/// Told of every sync entry a replica on this node applied (the server
+/// pushes it to the user's subscribed devices). Called on the applying
+/// thread: it must not block.
+pub trait DeliveryHook: Send + Sync {
+    fn delivered(&self, seq: u64, d: &Delivery);
+}
+
+/// Where a node's state machines find the hook, once the server set it.
+pub type HookSlot = std::sync::Arc<std::sync::OnceLock<std::sync::Arc<dyn DeliveryHook>>>;
+
 /// An outbox record (after the write id): `conv u64 | conv_seq u64`.
 pub fn outbox_record(conv: u64, conv_seq: u64) -> [u8; 16] {
     let mut b = [0u8; 16];

@@ -25,7 +25,7 @@
 //!   changes of the groups (new replicas caught up as learners first), and
 //!   a node that starts outside the map asks for its share.
 //!
-//! Not built yet: read fan-out, push and the other IM commands across
+//! Not built yet: read fan-out and the other IM commands across
 //! partitions, snapshots as segment ranges
 //! (docs/scaling.md, "Not built yet").
 

@@ -205,6 +205,8 @@ pub(crate) struct Inner {
 /// Opens a partition's Raft group on this node's engine.
 struct GroupFactory {
     engine: Arc<Engine>,
+    /// The push hook every group's state machine calls.
+    hook: crate::im::HookSlot,
     flusher: Arc<Flusher>,
     transport: Arc<Transport>,
     config: Arc<openraft::Config>,
@@ -375,6 +377,12 @@ impl Node {
                 }
             }
         });
+    }
+
+    /// Have `hook` told of every sync entry applied on this node from now
+    /// on (once; later calls are ignored).
+    pub fn set_delivery_hook(&self, hook: Arc<dyn crate::im::DeliveryHook>) {
+        let _ = self.inner.factory.hook.set(hook);
     }
 
     /// This node's engine (the server reads conversations and sync
@@ -655,7 +663,8 @@ impl Inner {
         let ls = LogStore::open(f.engine.clone(), f.flusher.clone(), u64::from(p))
             .map_err(|e| storage(e.to_string()))?;
         let sm = StateMachine::open(f.engine.clone(), u64::from(p))
-            .map_err(|e| storage(e.to_string()))?;
+            .map_err(|e| storage(e.to_string()))?
+            .with_hook(f.hook.clone());
         let net = Network {
             transport: f.transport.clone(),
             partition: p,
@@ -739,6 +748,7 @@ async fn boot(
         map: RwLock::new(map.clone()),
         factory: GroupFactory {
             engine,
+            hook: Default::default(),
             flusher,
             transport: Transport::new(addrs),
             config: raft_config(cfg)?,

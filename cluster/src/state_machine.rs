@@ -110,6 +110,8 @@ pub struct StateMachine {
     engine: Arc<Engine>,
     partition: u64,
     state: Arc<Mutex<State>>,
+    /// Told of each sync entry applied (push).
+    hook: im::HookSlot,
 }
 
 impl StateMachine {
@@ -153,6 +155,7 @@ impl StateMachine {
         Ok(StateMachine {
             engine,
             partition,
+            hook: Default::default(),
             state: Arc::new(Mutex::new(State {
                 applied,
                 timelines,
@@ -161,6 +164,12 @@ impl StateMachine {
                 current: None,
             })),
         })
+    }
+
+    /// Tell `hook` of every sync entry this state machine applies.
+    pub fn with_hook(mut self, hook: im::HookSlot) -> StateMachine {
+        self.hook = hook;
+        self
     }
 
     /// The records of one of the partition's timelines, with their indexes.
@@ -405,8 +414,11 @@ impl StateMachine {
                     {
                         continue; // there already (a re-driven delivery)
                     }
-                    self.append_any(st, t, wi, &d.sync_record())?;
+                    let seq = self.append_any(st, t, wi, &d.sync_record())?;
                     st.hwm.insert((d.user, d.conv), d.conv_seq);
+                    if let Some(h) = self.hook.get() {
+                        h.delivered(seq, d);
+                    }
                 }
                 Ok(None)
             }

@@ -619,6 +619,17 @@ impl Im {
             .subscribe(user, self.shared.user_shard(user))
     }
 
+    /// Offer `push` to `user`'s subscribers, as the IM layer does for the
+    /// entries it writes (for entries written by someone else: a cluster
+    /// node's replicated sync timelines). Never blocks.
+    pub fn push_to(&self, user: UserId, push: Push) {
+        if self.shared.subs.any() {
+            self.shared
+                .subs
+                .push(self.shared.user_shard(user), user, || push.clone());
+        }
+    }
+
     /// Push delivery into a sink of the caller's (an event loop's queue):
     /// every new durable sync entry and read-fan-out group entry of `user`
     /// is offered to `sink` on the worker's thread, until `sink.push`

@@ -1056,3 +1056,71 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
     assert!(acked.len() > 50, "too little load: {}", acked.len());
     drop(cl.etcd);
 }
+
+/// A device subscribed on the node leading its user's partition gets a
+/// push for each message sent to its conversation, whose store timeline
+/// is in another partition (usually led by another node); the push
+/// carries the sync entry `SYNC` then returns. Prints the push latency
+/// (send invoked → push received) over the messages.
+#[test]
+fn a_device_subscribed_at_its_partition_leader_gets_pushes_across_partitions() {
+    let cl = Cluster::start(16);
+    let seeds = cl.seeds();
+    let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
+    let (alice, bob, conv) = (1u64, 2u64, 7000u64);
+    let r = cc.call(&Request::CreateConversation {
+        conv,
+        kind: timeline_client::protocol::ConvKind::Direct,
+        members: vec![alice, bob],
+    });
+    assert!(matches!(r, Ok(Response::CreateConversation(1))), "{r:?}");
+    let (p, lead) = leaders(&seeds);
+    let at = lead
+        .get(&partition_of(1, bob, p))
+        .unwrap_or_else(|| panic!("no leader for bob's partition"))
+        .clone();
+    let mut device = timeline_client::Client::connect(at.as_str(), b"").unwrap();
+    assert!(matches!(
+        device.call(&Request::Subscribe { user: bob }),
+        Ok(Response::Subscribe)
+    ));
+    let mut lat = Vec::new();
+    for k in 0..200u64 {
+        let payload = format!("m{k}").into_bytes();
+        let sent = Instant::now();
+        let r = cc.call(&Request::Send {
+            conv,
+            sender: alice,
+            client_msg_id: k + 1,
+            payload: &payload,
+        });
+        let Ok(Response::Send(ack)) = r else {
+            panic!("send {k}: {r:?}")
+        };
+        let (_, push) = device
+            .next_push(Duration::from_secs(5))
+            .unwrap()
+            .unwrap_or_else(|| panic!("no push for message {k}\n{}", cl.logs()));
+        lat.push(sent.elapsed());
+        match push {
+            timeline_client::protocol::Push::Entry { user, entry } => {
+                assert_eq!(user, bob);
+                assert_eq!((entry.entry.conv, entry.entry.conv_seq), (conv, ack.seq));
+                assert_eq!(
+                    entry.entry.body,
+                    timeline_client::protocol::Body::Message(payload)
+                );
+            }
+            other => panic!("push {k}: {other:?}"),
+        }
+    }
+    let synced = sync_all(&mut cc, bob);
+    assert_eq!(synced.len(), 201, "Created + 200 messages in bob's sync");
+    eprintln!(
+        "push across partitions, 200 sends one at a time: p50 {:?} p99 {:?} max {:?}",
+        pct(&mut lat, 0.5),
+        pct(&mut lat, 0.99),
+        lat.iter().max().copied().unwrap_or_default()
+    );
+    drop(cl.etcd);
+}

@@ -29,36 +29,32 @@ use timeline_engine::{Keyspace, SeqId};
 use timeline_server::protocol::{partition_of, Request, Response};
 use timeline_server::{Client, ClientError};
 
-pub struct ClusterTarget {
-    nodes: Vec<String>,
+/// Where a running cluster's partitions are led, from one `CLUSTER_MAP`
+/// (W1, W2 and W6 route every request by it).
+#[derive(Clone)]
+pub struct Routes {
+    /// The seed nodes, then any leader the map named that was not one.
+    pub nodes: Vec<String>,
     /// Partition → index into `nodes` of its leader.
     leader: Vec<usize>,
     partitions: u32,
-    flags: Flags,
-    shape: Shape,
-    ks: Keyspace,
 }
 
-fn connect(addr: &str) -> Result<Client> {
-    Client::connect(addr, b"").map_err(|e| format!("connecting to {addr}: {e}").into())
-}
-
-impl ClusterTarget {
-    pub fn start(flags: &Flags) -> Result<ClusterTarget> {
+impl Routes {
+    /// Ask the first of `--addr`'s nodes for the map.
+    pub fn fetch(flags: &Flags) -> Result<Routes> {
         let addr = flags
             .addr
             .as_deref()
             .ok_or("--target cluster needs --addr HOST:PORT[,HOST:PORT...] (its nodes)")?;
-        if flags.batch > 1 {
-            return Err("--target cluster sends single APPENDs: use --batch 1".into());
-        }
         let mut nodes: Vec<String> = addr.split(',').map(|s| s.trim().to_string()).collect();
         nodes.retain(|s| !s.is_empty());
+        let first = nodes.first().ok_or("--addr names no node")?;
         let Response::ClusterMap {
             partitions,
             leaders,
             ..
-        } = connect(&nodes[0])?.call(&Request::ClusterMap)?
+        } = connect(first)?.call(&Request::ClusterMap)?
         else {
             return Err("CLUSTER_MAP answered something else".into());
         };
@@ -75,10 +71,44 @@ impl ClusterTarget {
                 *slot = i;
             }
         }
-        Ok(ClusterTarget {
+        Ok(Routes {
             nodes,
             leader,
             partitions,
+        })
+    }
+
+    /// The index into `nodes` of the leader of timeline (keyspace `ks`,
+    /// `id`)'s partition.
+    pub fn node_of(&self, ks: u8, id: u64) -> usize {
+        let p = partition_of(ks, id, self.partitions);
+        self.leader.get(p as usize).copied().unwrap_or(0)
+    }
+
+    /// A connection to each node, in `nodes`' order.
+    pub fn connect_all(&self) -> Result<Vec<Client>> {
+        self.nodes.iter().map(|a| connect(a)).collect()
+    }
+}
+
+pub struct ClusterTarget {
+    routes: Routes,
+    flags: Flags,
+    shape: Shape,
+    ks: Keyspace,
+}
+
+fn connect(addr: &str) -> Result<Client> {
+    Client::connect(addr, b"").map_err(|e| format!("connecting to {addr}: {e}").into())
+}
+
+impl ClusterTarget {
+    pub fn start(flags: &Flags) -> Result<ClusterTarget> {
+        if flags.batch > 1 {
+            return Err("--target cluster sends single APPENDs: use --batch 1".into());
+        }
+        Ok(ClusterTarget {
+            routes: Routes::fetch(flags)?,
             flags: flags.clone(),
             shape: net_shape(flags),
             ks: keyspace(flags),
@@ -86,13 +116,12 @@ impl ClusterTarget {
     }
 
     fn node_of(&self, id: u64) -> usize {
-        let p = partition_of(self.ks.0, id, self.partitions);
-        self.leader.get(p as usize).copied().unwrap_or(0)
+        self.routes.node_of(self.ks.0, id)
     }
 
     fn all_stats(&self) -> Result<Vec<(String, u64)>> {
         let mut sum: Vec<(String, u64)> = Vec::new();
-        for n in &self.nodes {
+        for n in &self.routes.nodes {
             for (k, v) in stats(&mut connect(n)?)? {
                 match sum.iter_mut().find(|(x, _)| *x == k) {
                     Some((_, s)) => *s += v,
@@ -170,11 +199,7 @@ impl Target for ClusterTarget {
     }
 
     fn session(&self) -> Result<ClusterSession<'_>> {
-        let conns = self
-            .nodes
-            .iter()
-            .map(|a| connect(a))
-            .collect::<Result<_>>()?;
+        let conns = self.routes.connect_all()?;
         Ok(ClusterSession {
             t: self,
             conns,
@@ -183,11 +208,7 @@ impl Target for ClusterTarget {
     }
 
     fn lengths(&self, n: u64) -> Result<Vec<SeqId>> {
-        let mut conns: Vec<Client> = self
-            .nodes
-            .iter()
-            .map(|a| connect(a))
-            .collect::<Result<_>>()?;
+        let mut conns = self.routes.connect_all()?;
         let mut out = Vec::with_capacity(n as usize);
         for id in 0..n {
             let r = conns[self.node_of(id)].call(&Request::LastSeq {

@@ -27,10 +27,18 @@
 //!   (Redis: the first `XADD` queued → the last member's reply read).
 //! - **Verification**: each device must end with exactly the acknowledged
 //!   messages of its user's conversations, in order (`errors`).
+//! - **Cluster** (`--target cluster --addr` its nodes): the same protocol
+//!   as `server`, routed by one `CLUSTER_MAP`: a device connects to the
+//!   leader of its user's sync partition (where `SUBSCRIBE` pushes and
+//!   `SYNC` is answered), a sender keeps a connection per node and sends
+//!   each `SEND` to the leader of its conversation's partition. The nodes
+//!   are not the bench's children: no /proc figures (server CPU, RSS,
+//!   threads). A leader change during the run fails it (a refusal).
 
 use super::imkit::{ns_since, stamp, stamp_of};
 use crate::report::{new_histogram, Reporter, ResultLine};
 use crate::sysinfo::{cpu_secs, rss_of, threads_of};
+use crate::targets::cluster::Routes;
 use crate::targets::redis::Redis;
 use crate::targets::resp;
 use crate::targets::server::Server;
@@ -38,7 +46,8 @@ use crate::{Flags, Result, Target as Which};
 use hdrhistogram::Histogram;
 use rand::distributions::{Distribution, WeightedIndex};
 use rand::Rng;
-use std::net::SocketAddr;
+use std::collections::VecDeque;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,7 +55,7 @@ use timeline_client::fleet::{Event, Fleet};
 use timeline_server::protocol::{
     self, Hello, Request, RequestFrame, Response, ServerMsg, PROTOCOL_VERSION,
 };
-use timeline_server::protocol::{Body, ConvKind, Push, UserId};
+use timeline_server::protocol::{Body, ConvKind, Keyspace, Push, UserId};
 use timeline_server::Client;
 
 /// `--devices-total` default.
@@ -125,12 +134,13 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
             flags,
             &["--maxclients".into(), (c + senders as u64 + 64).to_string()],
         )?),
-        _ => return Err("devices: --target server or redis".into()),
+        Which::Cluster => Backend::Cluster(Routes::fetch(flags)?),
+        _ => return Err("devices: --target server, cluster or redis".into()),
     };
-    let addr: SocketAddr = backend.addr().parse()?;
+    let dests = Arc::new(backend.dests()?);
     let pid = backend.pid();
     let t = Instant::now();
-    backend.setup(&w, senders)?;
+    backend.setup(&w, &dests)?;
     let setup_secs = t.elapsed().as_secs_f64();
     let sh = Arc::new(Shared {
         base: Instant::now(),
@@ -142,10 +152,10 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
     // The device thread connects everyone, then reports and serves.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let dev = {
-        let (sh, kind) = (sh.clone(), backend.kind());
+        let (sh, kind, dests) = (sh.clone(), backend.kind(), dests.clone());
         std::thread::Builder::new()
             .name("devices".into())
-            .spawn(move || devices(kind, addr, c, users, sh, ready_tx))?
+            .spawn(move || devices(kind, &dests, c, users, sh, ready_tx))?
     };
     let connect_secs: f64 = ready_rx.recv().map_err(|_| "the device thread failed")??;
     let (rss1, threads1) = (rss_of(pid), threads_of(pid));
@@ -166,12 +176,15 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
     let handles: Vec<_> = (0..senders)
         .map(|k| {
             let (w, sh, ack, b) = (w.clone(), sh.clone(), ack.clone(), backend.kind());
+            let dests = dests.clone();
             let share =
                 messages / senders as u64 + u64::from((k as u64) < messages % senders as u64);
             let per = rate as f64 / senders as f64;
             let seed = flags.seed ^ ((k as u64 + 1) * 0x9E37_79B9);
             let payload = flags.payload.max(8);
-            std::thread::spawn(move || sender(b, addr, &w, &sh, &ack, share, per, seed, payload, k))
+            std::thread::spawn(move || {
+                sender(b, &dests, &w, &sh, &ack, share, per, seed, payload, k)
+            })
         })
         .collect();
     let mut acked = 0u64;
@@ -254,12 +267,49 @@ enum Kind {
 enum Backend {
     Server(Server),
     Redis(Redis),
+    /// A running cluster, and where its partitions were led at the start.
+    Cluster(Routes),
+}
+
+/// Where the run's connections go: one address for a single server or
+/// Redis; a cluster's nodes, each request to its partition's leader.
+struct Dests {
+    addrs: Vec<SocketAddr>,
+    routes: Option<Routes>,
+}
+
+impl Dests {
+    /// The node (index into `addrs`) for a conversation's `SEND`.
+    fn store(&self, conv: u64) -> usize {
+        self.routes
+            .as_ref()
+            .map_or(0, |r| r.node_of(Keyspace::STORE.0, conv))
+    }
+    /// The node a device of `user` subscribes and syncs on.
+    fn sync(&self, user: UserId) -> usize {
+        self.routes
+            .as_ref()
+            .map_or(0, |r| r.node_of(Keyspace::SYNC.0, user))
+    }
+    /// A timeline-server connection to each node.
+    fn connect(&self) -> Result<Vec<Client>> {
+        self.addrs
+            .iter()
+            .map(|a| Client::connect(*a, b"").map_err(|e| format!("connecting to {a}: {e}").into()))
+            .collect()
+    }
+}
+
+fn resolve(a: &str) -> Result<SocketAddr> {
+    a.to_socket_addrs()?
+        .next()
+        .ok_or_else(|| format!("{a}: no address").into())
 }
 
 impl Backend {
     fn kind(&self) -> Kind {
         match self {
-            Backend::Server(_) => Kind::Server,
+            Backend::Server(_) | Backend::Cluster(_) => Kind::Server,
             Backend::Redis(_) => Kind::Redis,
         }
     }
@@ -267,31 +317,46 @@ impl Backend {
         match self {
             Backend::Server(_) => "server",
             Backend::Redis(_) => "redis",
+            Backend::Cluster(_) => "cluster",
         }
     }
-    fn addr(&self) -> String {
+    fn dests(&self) -> Result<Dests> {
+        let one = |a: String| -> Result<Dests> {
+            Ok(Dests {
+                addrs: vec![resolve(&a)?],
+                routes: None,
+            })
+        };
         match self {
-            Backend::Server(t) => t.addr.clone(),
-            Backend::Redis(r) => format!("127.0.0.1:{}", r.port()),
+            Backend::Server(t) => one(t.addr.clone()),
+            Backend::Redis(r) => one(format!("127.0.0.1:{}", r.port())),
+            Backend::Cluster(r) => Ok(Dests {
+                addrs: r.nodes.iter().map(|a| resolve(a)).collect::<Result<_>>()?,
+                routes: Some(Routes::clone(r)),
+            }),
         }
     }
     fn pid(&self) -> Option<u32> {
         match self {
             Backend::Server(t) => t.pid(),
             Backend::Redis(r) => Some(r.pid()),
+            Backend::Cluster(_) => None,
         }
     }
-    /// Create the conversations (server; Redis streams need none).
-    fn setup(&self, w: &World, _senders: usize) -> Result<()> {
-        let Backend::Server(t) = self else {
+    /// Create the conversations (server, cluster; Redis streams need none).
+    fn setup(&self, w: &World, dests: &Dests) -> Result<()> {
+        if let Backend::Redis(_) = self {
             return Ok(());
-        };
-        let mut c = t.connect()?;
+        }
+        let mut conns = dests.connect()?;
         for chunk in w.members.chunks(1024).enumerate() {
             let (k, convs) = chunk;
+            let mut order = Vec::with_capacity(convs.len());
             for (i, m) in convs.iter().enumerate() {
-                c.queue(&Request::CreateConversation {
-                    conv: (k * 1024 + i) as u64,
+                let conv = (k * 1024 + i) as u64;
+                let n = dests.store(conv);
+                conns[n].queue(&Request::CreateConversation {
+                    conv,
                     kind: if m.len() == 2 {
                         ConvKind::Direct
                     } else {
@@ -299,10 +364,13 @@ impl Backend {
                     },
                     members: m.clone(),
                 });
+                order.push(n);
             }
-            c.flush()?;
-            for _ in convs {
-                c.recv()?;
+            for c in &mut conns {
+                c.flush()?;
+            }
+            for n in order {
+                conns[n].recv()?;
             }
         }
         Ok(())
@@ -311,6 +379,7 @@ impl Backend {
         match self {
             Backend::Server(t) => t.stop(),
             Backend::Redis(r) => r.stop(),
+            Backend::Cluster(_) => Ok(()),
         }
     }
 }
@@ -320,7 +389,7 @@ impl Backend {
 #[allow(clippy::too_many_arguments)]
 fn sender(
     kind: Kind,
-    addr: SocketAddr,
+    dests: &Dests,
     w: &World,
     sh: &Shared,
     ack: &Mutex<Histogram<u64>>,
@@ -332,8 +401,8 @@ fn sender(
 ) -> Result<(u64, u64)> {
     let mut rng = super::imkit::rng(seed, 600 + k as u64);
     let mut link = match kind {
-        Kind::Server => Link::Server(Client::connect(addr, b"")?),
-        Kind::Redis => Link::Redis(resp::Conn::connect(addr.port())?, Vec::new()),
+        Kind::Server => Link::Server(dests.connect()?, VecDeque::new()),
+        Kind::Redis => Link::Redis(resp::Conn::connect(dests.addrs[0].port())?, Vec::new()),
     };
     let mut hist = new_histogram()?;
     let (mut sent, mut acked, mut deliveries) = (0u64, 0u64, 0u64);
@@ -351,7 +420,7 @@ fn sender(
             let t0 = ns_since(sh.base);
             stamp(&mut payload, t0);
             let cmid = ((k as u64) << 40) | (sent + 1);
-            link.queue(conv, from, cmid, &payload, m);
+            link.queue(dests, conv, from, cmid, &payload, m);
             burst.push((conv, t0));
             sent += 1;
         }
@@ -383,16 +452,28 @@ fn sender(
 }
 
 enum Link {
-    Server(Client),
+    /// A connection per node (one for a single server) and the node of
+    /// each `SEND` in flight, oldest first.
+    Server(Vec<Client>, VecDeque<usize>),
     /// The connection and the commands queued for it.
     Redis(resp::Conn, Vec<u8>),
 }
 
 impl Link {
-    fn queue(&mut self, conv: usize, from: UserId, cmid: u64, payload: &[u8], members: &[UserId]) {
+    fn queue(
+        &mut self,
+        dests: &Dests,
+        conv: usize,
+        from: UserId,
+        cmid: u64,
+        payload: &[u8],
+        members: &[UserId],
+    ) {
         match self {
-            Link::Server(c) => {
-                c.queue(&Request::Send {
+            Link::Server(conns, inflight) => {
+                let n = dests.store(conv as u64);
+                inflight.push_back(n);
+                conns[n].queue(&Request::Send {
                     conv: conv as u64,
                     sender: from,
                     client_msg_id: cmid,
@@ -409,7 +490,11 @@ impl Link {
     }
     fn flush(&mut self) -> Result<()> {
         match self {
-            Link::Server(c) => c.flush()?,
+            Link::Server(conns, _) => {
+                for c in conns {
+                    c.flush()?;
+                }
+            }
             Link::Redis(c, b) => {
                 c.send(b)?;
                 b.clear();
@@ -420,7 +505,12 @@ impl Link {
     /// The ack of the oldest message queued: true if it was stored.
     fn complete(&mut self, members: usize) -> Result<bool> {
         match self {
-            Link::Server(c) => Ok(matches!(c.recv(), Ok(Response::Send(_)))),
+            Link::Server(conns, inflight) => {
+                let n = inflight
+                    .pop_front()
+                    .ok_or("complete() with nothing in flight")?;
+                Ok(matches!(conns[n].recv(), Ok(Response::Send(_))))
+            }
             Link::Redis(c, _) => {
                 let mut ok = true;
                 for _ in 0..members {
@@ -469,13 +559,13 @@ struct Dev {
 
 fn devices(
     kind: Kind,
-    addr: SocketAddr,
+    dests: &Dests,
     c: u64,
     users: u64,
     sh: Arc<Shared>,
     ready: std::sync::mpsc::Sender<Result<f64>>,
 ) -> Result<Lat> {
-    let r = run_devices(kind, addr, c, users, &sh, &ready);
+    let r = run_devices(kind, dests, c, users, &sh, &ready);
     if let Err(e) = &r {
         let _ = ready.send(Err(e.to_string().into()));
     }
@@ -484,7 +574,7 @@ fn devices(
 
 fn run_devices(
     kind: Kind,
-    addr: SocketAddr,
+    dests: &Dests,
     c: u64,
     users: u64,
     sh: &Shared,
@@ -503,9 +593,10 @@ fn run_devices(
     loop {
         // Open connections within the window.
         while fleet.len() < c as usize && fleet.len() - (live as usize) < CONNECT_WINDOW {
-            let i = fleet.connect(addr)?;
+            let user = fleet.len() as u64 % users;
+            fleet.connect(dests.addrs[dests.sync(user)])?;
             devs.push(Dev {
-                user: i as u64 % users,
+                user,
                 phase: Phase::Connecting,
                 rbuf: Vec::new(),
                 wbuf: Vec::new(),

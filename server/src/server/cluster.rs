@@ -58,7 +58,12 @@ impl ToReply for ClusterError {
 pub(crate) fn routed(r: &Request<'_>) -> bool {
     !matches!(
         r,
-        Request::Hello(_) | Request::Ping(_) | Request::Stats | Request::ClusterMap
+        Request::Hello(_)
+            | Request::Ping(_)
+            | Request::Stats
+            | Request::ClusterMap
+            | Request::Subscribe { .. }
+            | Request::Unsubscribe { .. }
     )
 }
 

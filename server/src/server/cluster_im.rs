@@ -9,6 +9,12 @@
 //! - `SYNC` (without read-fan-out groups): the user partition's leader.
 //! - `HISTORY`, `MEMBERS`: the conversation partition's leader.
 //!
+//! - `SUBSCRIBE`: served by any node (the dispatcher's own path): a node
+//!   pushes every sync entry a replica on it applies, so subscribe on a
+//!   node holding the user's partition (its leader: the client routes
+//!   there). A push is a hint, as everywhere: `SYNC` from the device's
+//!   checkpoint is the truth.
+//!
 //! Reads run after the leader confirmed its leadership (linearizable), on
 //! the runtime's threads, from the node's engine.
 
@@ -306,4 +312,40 @@ fn history(
         (None, _) => limit == 0 && in_range,
     };
     Ok(Response::History(HistoryPage { entries, has_more }))
+}
+
+/// Pushes the sync entries this node's replicas apply to the devices
+/// subscribed here (through the IM layer's subscriber registry).
+pub(crate) struct PushHook(pub(crate) std::sync::Weak<super::Shared>);
+
+impl timeline_cluster::im::DeliveryHook for PushHook {
+    fn delivered(&self, seq: u64, d: &Delivery) {
+        let Some(sh) = self.0.upgrade() else { return };
+        let body = match body_of(d.kind, d.body.clone()) {
+            Body::Created { kind } => timeline_im::Body::Created {
+                kind: match kind {
+                    ConvKind::Direct => timeline_im::ConvKind::Direct,
+                    ConvKind::Group => timeline_im::ConvKind::Group,
+                },
+            },
+            _ => timeline_im::Body::Message(d.body.clone()),
+        };
+        let entry = timeline_im::SyncEntry {
+            seq,
+            entry: timeline_im::Entry {
+                conv: d.conv,
+                conv_seq: d.conv_seq,
+                sender: d.sender,
+                timestamp_ms: d.ts,
+                body,
+            },
+        };
+        sh.im.push_to(
+            d.user,
+            timeline_im::Push::Entry {
+                user: d.user,
+                entry,
+            },
+        );
+    }
 }

@@ -333,6 +333,9 @@ pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
         io_threads,
         cluster,
     });
+    if let Some(n) = &shared.cluster {
+        n.set_delivery_hook(Arc::new(cluster_im::PushHook(Arc::downgrade(&shared))));
+    }
     let mut built = Vec::with_capacity(io_threads);
     for i in 0..io_threads {
         built.push(EventLoop::new(i, shared.clone())?);
