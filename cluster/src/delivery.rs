@@ -7,8 +7,13 @@
 //! predecessor left undelivered). A round reads up to [`ROUND`] outbox
 //! records after the done mark, sends each target partition its
 //! deliveries (to its leader: this node, or a peer over the peer
-//! connection), retrying each until it is applied, and only then proposes
-//! `Delivered` and answers the `SEND`s waiting on those messages.
+//! connection), retrying each until it is applied, then answers the
+//! `SEND`s waiting on those messages and proposes `Delivered` (the done
+//! mark). The mark's Raft round overlaps the next round's deliveries: the
+//! deliverer keeps its own cursor past the mark, and a mark is committed
+//! before the next one is proposed. A mark lost with the leadership only
+//! makes the next leader deliver those messages again, which their
+//! partitions skip (deliveries are idempotent).
 
 use crate::im::read::{self, Pending};
 use crate::im::{Delivery, KIND_CREATED, KIND_MESSAGE};
@@ -44,8 +49,10 @@ struct Run {
 #[derive(Default)]
 pub(crate) struct Deliveries {
     runs: Mutex<HashMap<PartitionId, Run>>,
-    /// Per partition: (message write id, waiter id) → who to tell.
-    waiters: Mutex<HashMap<PartitionId, Waiting>>,
+    /// Per partition: (message write id, waiter id) → who to tell; and
+    /// the write id up to which its messages are known delivered (applied
+    /// in every member's partition: true whoever leads now).
+    waiters: Mutex<HashMap<PartitionId, (Waiting, u64)>>,
     next: AtomicU64,
     /// The leader last seen for a partition this node does not lead.
     hints: Mutex<HashMap<PartitionId, NodeId>>,
@@ -74,15 +81,14 @@ pub(crate) fn wait(
     done: impl FnOnce(bool) + Send + 'static,
 ) {
     let key = (wid, inner.deliveries.next.fetch_add(1, Ordering::Relaxed));
-    inner
-        .deliveries
-        .waiters
-        .lock()
-        .entry(p)
-        .or_default()
-        .insert(key, Box::new(done));
+    let known = {
+        let mut all = inner.deliveries.waiters.lock();
+        let (m, delivered) = all.entry(p).or_default();
+        m.insert(key, Box::new(done));
+        *delivered
+    };
     // Delivered already (before the waiter was in place)?
-    if read::done(inner.engine(), p).is_ok_and(|(_, w)| w >= wid) {
+    if known >= wid || read::done(inner.engine(), p).is_ok_and(|(_, w)| w >= wid) {
         wake(inner, p, wid);
     }
     let inner = inner.clone();
@@ -93,18 +99,20 @@ pub(crate) fn wait(
             .waiters
             .lock()
             .get_mut(&p)
-            .and_then(|m| m.remove(&key));
+            .and_then(|(m, _)| m.remove(&key));
         if let Some(w) = w {
             w(false);
         }
     });
 }
 
-/// Tell everyone waiting on `p`'s messages up to write id `wid`.
+/// `p`'s messages up to write id `wid` are delivered: tell everyone
+/// waiting on them.
 fn wake(inner: &Inner, p: PartitionId, wid: u64) {
     let ready: Vec<Waiter> = {
         let mut all = inner.deliveries.waiters.lock();
-        let Some(m) = all.get_mut(&p) else { return };
+        let (m, delivered) = all.entry(p).or_default();
+        *delivered = (*delivered).max(wid);
         let rest = m.split_off(&(wid + 1, 0));
         std::mem::replace(m, rest).into_values().collect()
     };
@@ -113,16 +121,57 @@ fn wake(inner: &Inner, p: PartitionId, wid: u64) {
     }
 }
 
+type Mark = tokio::task::JoinHandle<Result<(), ClusterError>>;
+
+/// Wait for a proposed done mark.
+async fn settle(mark: Option<Mark>) -> Result<(), ClusterError> {
+    match mark {
+        None => Ok(()),
+        Some(h) => h.await.map_err(|e| ClusterError::Raft(e.to_string()))?,
+    }
+}
+
 async fn run(inner: Arc<Inner>, p: PartitionId) {
     let mut pause = Duration::from_millis(20);
+    // The outbox seq delivered through in this run (the done mark may
+    // still be on its way), and that mark's proposal.
+    let mut sent: Option<u64> = None;
+    let mut mark: Option<Mark> = None;
     loop {
-        let more = match round(&inner, p).await {
+        let r = match round(&inner, p, sent).await {
+            Ok(Some(last)) => {
+                wake(&inner, p, last.write_id);
+                let previous = mark.take();
+                let r = settle(previous).await;
+                let i = inner.clone();
+                mark = Some(tokio::spawn(async move {
+                    i.submit(
+                        p,
+                        Command::Delivered {
+                            upto: last.seq,
+                            wid: last.write_id,
+                        },
+                    )
+                    .await
+                    .map(|_| ())
+                }));
+                sent = Some(last.seq);
+                r.map(|_| true)
+            }
+            // Nothing left: the last mark committed before the run ends.
+            Ok(None) => settle(mark.take()).await.map(|_| false),
+            Err(e) => Err(e),
+        };
+        let more = match r {
             Ok(more) => {
                 pause = Duration::from_millis(20);
                 more
             }
             Err(e) if inner.leads(p) => {
                 tracing::debug!(partition = p, error = %e, "delivery round failed; retrying");
+                // Start again from the done mark.
+                sent = None;
+                let _ = settle(mark.take()).await;
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(500));
                 true
@@ -144,8 +193,13 @@ async fn run(inner: Arc<Inner>, p: PartitionId) {
     }
 }
 
-/// One round; whether there was anything to deliver.
-async fn round(inner: &Arc<Inner>, p: PartitionId) -> Result<bool, ClusterError> {
+/// One round over the outbox after the done mark and after `sent`: the
+/// last record delivered, or `None` if there was nothing to deliver.
+async fn round(
+    inner: &Arc<Inner>,
+    p: PartitionId,
+    sent: Option<u64>,
+) -> Result<Option<Pending>, ClusterError> {
     if !inner.leads(p) {
         return Err(ClusterError::NoLeader { partition: p });
     }
@@ -155,9 +209,10 @@ async fn round(inner: &Arc<Inner>, p: PartitionId) -> Result<bool, ClusterError>
         message: m,
     };
     let (done, _) = read::done(e, p).map_err(|x| damaged(x.to_string()))?;
-    let pending = read::outbox_after(e, p, done, ROUND).map_err(|x| damaged(x.to_string()))?;
+    let after = done.max(sent.unwrap_or(0));
+    let pending = read::outbox_after(e, p, after, ROUND).map_err(|x| damaged(x.to_string()))?;
     let Some(last) = pending.last().copied() else {
-        return Ok(false);
+        return Ok(None);
     };
     let targets = deliveries(inner, &pending).map_err(|x| damaged(x.to_string()))?;
     let mut set = tokio::task::JoinSet::new();
@@ -168,17 +223,7 @@ async fn round(inner: &Arc<Inner>, p: PartitionId) -> Result<bool, ClusterError>
     while let Some(r) = set.join_next().await {
         r.map_err(|e| ClusterError::Raft(e.to_string()))??;
     }
-    inner
-        .submit(
-            p,
-            Command::Delivered {
-                upto: last.seq,
-                wid: last.write_id,
-            },
-        )
-        .await?;
-    wake(inner, p, last.write_id);
-    Ok(true)
+    Ok(Some(last))
 }
 
 /// The members' sync entries of `pending`, by the members' partitions, in

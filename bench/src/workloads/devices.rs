@@ -202,7 +202,11 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
     let mut l = ResultLine {
         workload: "devices".into(),
         target: backend.name().into(),
-        durability: super::durability(flags).name().into(),
+        durability: match backend {
+            // Acknowledged = in a quorum's logs and delivered.
+            Backend::Cluster(_) => "quorum".into(),
+            _ => super::durability(flags).name().into(),
+        },
         ops: acked,
         secs: load_secs,
         ops_per_sec: acked as f64 / load_secs,
@@ -276,20 +280,32 @@ enum Backend {
 struct Dests {
     addrs: Vec<SocketAddr>,
     routes: Option<Routes>,
+    /// Added to every conversation and user id on the wire: a cluster
+    /// keeps earlier runs' conversations and sync timelines, so each run
+    /// takes fresh ids (0 for the servers the bench starts empty).
+    off: u64,
 }
 
 impl Dests {
+    /// Conversation `conv` of the world, on the wire.
+    fn conv_id(&self, conv: u64) -> u64 {
+        conv + self.off
+    }
+    /// User `user` of the world, on the wire.
+    fn user_id(&self, user: UserId) -> UserId {
+        user + self.off
+    }
     /// The node (index into `addrs`) for a conversation's `SEND`.
     fn store(&self, conv: u64) -> usize {
         self.routes
             .as_ref()
-            .map_or(0, |r| r.node_of(Keyspace::STORE.0, conv))
+            .map_or(0, |r| r.node_of(Keyspace::STORE.0, self.conv_id(conv)))
     }
     /// The node a device of `user` subscribes and syncs on.
     fn sync(&self, user: UserId) -> usize {
         self.routes
             .as_ref()
-            .map_or(0, |r| r.node_of(Keyspace::SYNC.0, user))
+            .map_or(0, |r| r.node_of(Keyspace::SYNC.0, self.user_id(user)))
     }
     /// A timeline-server connection to each node.
     fn connect(&self) -> Result<Vec<Client>> {
@@ -325,15 +341,25 @@ impl Backend {
             Ok(Dests {
                 addrs: vec![resolve(&a)?],
                 routes: None,
+                off: 0,
             })
         };
         match self {
             Backend::Server(t) => one(t.addr.clone()),
             Backend::Redis(r) => one(format!("127.0.0.1:{}", r.port())),
-            Backend::Cluster(r) => Ok(Dests {
-                addrs: r.nodes.iter().map(|a| resolve(a)).collect::<Result<_>>()?,
-                routes: Some(Routes::clone(r)),
-            }),
+            Backend::Cluster(r) => {
+                // Seconds since the epoch, shifted past any world's ids.
+                let secs = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)?
+                    .as_secs();
+                let off = secs << 30;
+                eprintln!("devices: conversation and user ids from {off} (fresh on the cluster)");
+                Ok(Dests {
+                    addrs: r.nodes.iter().map(|a| resolve(a)).collect::<Result<_>>()?,
+                    routes: Some(Routes::clone(r)),
+                    off,
+                })
+            }
         }
     }
     fn pid(&self) -> Option<u32> {
@@ -356,13 +382,13 @@ impl Backend {
                 let conv = (k * 1024 + i) as u64;
                 let n = dests.store(conv);
                 conns[n].queue(&Request::CreateConversation {
-                    conv,
+                    conv: dests.conv_id(conv),
                     kind: if m.len() == 2 {
                         ConvKind::Direct
                     } else {
                         ConvKind::Group
                     },
-                    members: m.clone(),
+                    members: m.iter().map(|&u| dests.user_id(u)).collect(),
                 });
                 order.push(n);
             }
@@ -474,8 +500,8 @@ impl Link {
                 let n = dests.store(conv as u64);
                 inflight.push_back(n);
                 conns[n].queue(&Request::Send {
-                    conv: conv as u64,
-                    sender: from,
+                    conv: dests.conv_id(conv as u64),
+                    sender: dests.user_id(from),
                     client_msg_id: cmid,
                     payload,
                 });
@@ -543,7 +569,10 @@ enum Phase {
 }
 
 struct Dev {
+    /// The user's index in the world (`Shared::expected`).
     user: UserId,
+    /// The user's id on the wire.
+    id: UserId,
     phase: Phase,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
@@ -597,6 +626,7 @@ fn run_devices(
             fleet.connect(dests.addrs[dests.sync(user)])?;
             devs.push(Dev {
                 user,
+                id: dests.user_id(user),
                 phase: Phase::Connecting,
                 rbuf: Vec::new(),
                 wbuf: Vec::new(),
@@ -696,7 +726,7 @@ fn open(kind: Kind, d: &mut Dev) {
             .encode_into(&mut d.wbuf);
             RequestFrame {
                 id: 2,
-                request: Request::Subscribe { user: d.user },
+                request: Request::Subscribe { user: d.id },
             }
             .encode_into(&mut d.wbuf);
             d.phase = Phase::Handshake(2);
@@ -714,7 +744,7 @@ fn sync(d: &mut Dev) {
     RequestFrame {
         id: d.next_id,
         request: Request::Sync {
-            user: d.user,
+            user: d.id,
             checkpoint: d.checkpoint,
             limit: PAGE,
             groups: vec![],
