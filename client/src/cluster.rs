@@ -41,6 +41,7 @@ pub struct ClusterClient {
 /// conversation's store timeline; a user's sync timeline for `SYNC`.
 fn timeline_of(r: &Request<'_>) -> Option<protocol::TimelineId> {
     match r {
+        Request::AppendBatch { items, .. } => items.first().map(|(t, _)| *t),
         Request::Append { timeline, .. }
         | Request::Get { timeline, .. }
         | Request::Scan { timeline, .. }
@@ -141,7 +142,54 @@ impl ClusterClient {
 
     /// Send one request to the node that leads its timeline's partition,
     /// following `MOVED` and waiting out elections for up to `retry_for`.
+    /// An `APPEND_BATCH` goes as one batch per partition it touches (a
+    /// node takes only items of partitions it leads), the seqs merged in
+    /// item order; like a single node's batch it is not atomic: after an
+    /// error, the batches sent before it stay written.
     pub fn call(&mut self, r: &Request<'_>) -> Result<Response> {
+        if let Request::AppendBatch { durability, items } = r {
+            return self.append_batch(*durability, items);
+        }
+        self.call_one(r)
+    }
+
+    fn append_batch(
+        &mut self,
+        durability: Option<protocol::Durability>,
+        items: &[(protocol::TimelineId, &[u8])],
+    ) -> Result<Response> {
+        let mut by_partition: Vec<(u32, Vec<usize>)> = Vec::new();
+        for (i, (t, _)) in items.iter().enumerate() {
+            let p = routing::partition_of(t.keyspace.0, t.id, self.partitions);
+            match by_partition.iter_mut().find(|(q, _)| *q == p) {
+                Some((_, v)) => v.push(i),
+                None => by_partition.push((p, vec![i])),
+            }
+        }
+        let mut seqs = vec![0; items.len()];
+        for (_, idx) in by_partition {
+            let part = Request::AppendBatch {
+                durability,
+                items: idx.iter().map(|&i| items[i]).collect(),
+            };
+            match self.call_one(&part)? {
+                Response::AppendBatch(got) if got.len() == idx.len() => {
+                    for (k, &i) in idx.iter().enumerate() {
+                        seqs[i] = got[k];
+                    }
+                }
+                other => {
+                    return Err(ClientError::Unexpected(format!(
+                        "APPEND_BATCH of {} items answered {other:?}",
+                        idx.len()
+                    )))
+                }
+            }
+        }
+        Ok(Response::AppendBatch(seqs))
+    }
+
+    fn call_one(&mut self, r: &Request<'_>) -> Result<Response> {
         let deadline = Instant::now() + self.retry_for;
         let is_write = matches!(
             r,

@@ -9,11 +9,12 @@
 //! deliveries (to its leader: this node, or a peer over the peer
 //! connection), retrying each until it is applied, then answers the
 //! `SEND`s waiting on those messages and proposes `Delivered` (the done
-//! mark). The mark's Raft round overlaps the next round's deliveries: the
-//! deliverer keeps its own cursor past the mark, and a mark is committed
-//! before the next one is proposed. A mark lost with the leadership only
-//! makes the next leader deliver those messages again, which their
-//! partitions skip (deliveries are idempotent).
+//! mark). The mark's Raft round overlaps the next rounds' deliveries: the
+//! deliverer keeps its own cursor past the mark, one mark is in flight at
+//! a time and covers every round delivered before it was proposed. A mark
+//! lost with the leadership only makes the next leader deliver those
+//! messages again, which their partitions skip (deliveries are
+//! idempotent).
 
 use crate::im::read::{self, Pending};
 use crate::im::{Delivery, KIND_CREATED, KIND_MESSAGE};
@@ -131,35 +132,80 @@ async fn settle(mark: Option<Mark>) -> Result<(), ClusterError> {
     }
 }
 
+/// A deliverer's done marks: at most one proposal in flight; the rounds
+/// delivered meanwhile are covered by the next one, so a busy partition
+/// writes one mark per Raft round, not one per delivery round.
+#[derive(Default)]
+struct Marks {
+    /// The last record of the newest round delivered and not yet covered
+    /// by a proposed mark.
+    owed: Option<Pending>,
+    flight: Option<Mark>,
+}
+
+impl Marks {
+    /// The round ending at `last` is delivered: propose its mark, unless
+    /// one is in flight (then the next proposal covers it).
+    async fn delivered(
+        &mut self,
+        inner: &Arc<Inner>,
+        p: PartitionId,
+        last: Pending,
+    ) -> Result<(), ClusterError> {
+        self.owed = Some(last);
+        if self.flight.as_ref().is_some_and(|h| !h.is_finished()) {
+            return Ok(());
+        }
+        settle(self.flight.take()).await?;
+        self.propose(inner, p);
+        Ok(())
+    }
+
+    fn propose(&mut self, inner: &Arc<Inner>, p: PartitionId) {
+        let Some(last) = self.owed.take() else { return };
+        let i = inner.clone();
+        self.flight = Some(tokio::spawn(async move {
+            i.submit(
+                p,
+                Command::Delivered {
+                    upto: last.seq,
+                    wid: last.write_id,
+                },
+            )
+            .await
+            .map(|_| ())
+        }));
+    }
+
+    /// Everything delivered is marked and committed (the run ends).
+    async fn finish(&mut self, inner: &Arc<Inner>, p: PartitionId) -> Result<(), ClusterError> {
+        settle(self.flight.take()).await?;
+        self.propose(inner, p);
+        settle(self.flight.take()).await
+    }
+
+    /// Forget what is owed (the run starts again from the done mark).
+    async fn reset(&mut self) {
+        self.owed = None;
+        let _ = settle(self.flight.take()).await;
+    }
+}
+
 async fn run(inner: Arc<Inner>, p: PartitionId) {
     let mut pause = Duration::from_millis(20);
     // The outbox seq delivered through in this run (the done mark may
-    // still be on its way), and that mark's proposal.
+    // lag behind it), and the marks.
     let mut sent: Option<u64> = None;
-    let mut mark: Option<Mark> = None;
+    let mut marks = Marks::default();
     loop {
         let r = match round(&inner, p, sent).await {
             Ok(Some(last)) => {
                 wake(&inner, p, last.write_id);
-                let previous = mark.take();
-                let r = settle(previous).await;
-                let i = inner.clone();
-                mark = Some(tokio::spawn(async move {
-                    i.submit(
-                        p,
-                        Command::Delivered {
-                            upto: last.seq,
-                            wid: last.write_id,
-                        },
-                    )
-                    .await
-                    .map(|_| ())
-                }));
                 sent = Some(last.seq);
-                r.map(|_| true)
+                marks.delivered(&inner, p, last).await.map(|_| true)
             }
             // Nothing left: the last mark committed before the run ends.
-            Ok(None) => settle(mark.take()).await.map(|_| false),
+            Ok(None) => marks.finish(&inner, p).await.map(|_| false),
             Err(e) => Err(e),
         };
         let more = match r {
@@ -171,7 +217,7 @@ async fn run(inner: Arc<Inner>, p: PartitionId) {
                 tracing::debug!(partition = p, error = %e, "delivery round failed; retrying");
                 // Start again from the done mark.
                 sent = None;
-                let _ = settle(mark.take()).await;
+                marks.reset().await;
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(500));
                 true
@@ -215,14 +261,33 @@ async fn round(
         return Ok(None);
     };
     let targets = deliveries(inner, &pending).map_err(|x| damaged(x.to_string()))?;
+    let started = std::time::Instant::now();
+    let (n, fanout) = (pending.len(), targets.len());
     let mut set = tokio::task::JoinSet::new();
     for (t, items) in targets {
         let inner = inner.clone();
-        set.spawn(async move { deliver_to(&inner, p, t, items).await });
+        set.spawn(async move {
+            let t0 = std::time::Instant::now();
+            let r = deliver_to(&inner, p, t, items).await;
+            tracing::trace!(
+                partition = p,
+                target = t,
+                us = t0.elapsed().as_micros() as u64,
+                "delivered to a partition"
+            );
+            r
+        });
     }
     while let Some(r) = set.join_next().await {
         r.map_err(|e| ClusterError::Raft(e.to_string()))??;
     }
+    tracing::debug!(
+        partition = p,
+        messages = n,
+        targets = fanout,
+        us = started.elapsed().as_micros() as u64,
+        "delivery round"
+    );
     Ok(Some(last))
 }
 

@@ -32,9 +32,10 @@
 //!
 //! Appends are group-committed: [`append`](RaftLogStorage::append) hands the
 //! entries to `Engine::append_async` (readable at once) and the ticket to
-//! the node's one [`Flusher`] thread, which tells openraft the entries are
-//! flushed when the fdatasync covering them returned. One flusher per
-//! node, not per partition; many partitions' appends share each fdatasync.
+//! the node's [`Flusher`], which tells openraft the entries are flushed
+//! when the fdatasync covering them returned: a thread per engine shard
+//! (a lane), not per partition; the partitions whose logs share a shard
+//! share each of its fdatasyncs.
 //!
 //! What this does not do yet: reclaim the space of purged records (the
 //! engine drops whole segments by age only; the raft keyspaces keep
@@ -100,45 +101,90 @@ struct Damaged {
 }
 
 /// Tells openraft that appends are flushed, once the engine's group commit
-/// covering them returned: one thread per node, waiting tickets in order.
+/// covering them returned: a thread per lane, each waiting its tickets in
+/// order. A partition's appends always take the lane of its log's engine
+/// shard, so they are acknowledged in order, and the shards' fdatasyncs
+/// run side by side instead of one after another (an IM message touches
+/// several partitions at once: with one lane their syncs queued up).
 /// An append waiting for its fdatasync, and whom to tell.
 type Flush = (AppendTicket, LogFlushed<TypeConfig>);
 
+struct Lane {
+    tx: Option<mpsc::Sender<Flush>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
 pub struct Flusher {
-    tx: Mutex<Option<mpsc::Sender<Flush>>>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    lanes: Mutex<Vec<Lane>>,
+    count: usize,
 }
 
 impl Flusher {
+    /// One lane (every partition's appends in one queue).
     pub fn start() -> std::io::Result<Arc<Flusher>> {
-        let (tx, rx) = mpsc::channel::<Flush>();
-        let thread = std::thread::Builder::new()
-            .name("raft-flusher".into())
-            .spawn(move || {
-                for (ticket, callback) in rx {
-                    let r = ticket.wait().map(|_| ()).map_err(std::io::Error::other);
-                    callback.log_io_completed(r);
-                }
-            })?;
+        Flusher::with_lanes(1)
+    }
+
+    /// `lanes` threads (at least one): a node gives its engine's shard
+    /// count, so that each shard's syncs have a lane of their own.
+    pub fn with_lanes(lanes: usize) -> std::io::Result<Arc<Flusher>> {
+        let count = lanes.max(1);
+        let mut v = Vec::with_capacity(count);
+        for i in 0..count {
+            let (tx, rx) = mpsc::channel::<Flush>();
+            let thread = std::thread::Builder::new()
+                .name(format!("raft-flusher-{i}"))
+                .spawn(move || {
+                    for (ticket, callback) in rx {
+                        let t0 = std::time::Instant::now();
+                        let r = ticket.wait().map(|_| ()).map_err(std::io::Error::other);
+                        tracing::trace!(
+                            lane = i,
+                            us = t0.elapsed().as_micros() as u64,
+                            "log flushed"
+                        );
+                        callback.log_io_completed(r);
+                    }
+                })?;
+            v.push(Lane {
+                tx: Some(tx),
+                thread: Some(thread),
+            });
+        }
         Ok(Arc::new(Flusher {
-            tx: Mutex::new(Some(tx)),
-            thread: Mutex::new(Some(thread)),
+            lanes: Mutex::new(v),
+            count,
         }))
     }
 
-    fn submit(&self, t: AppendTicket, cb: LogFlushed<TypeConfig>) -> Result<(), Error> {
-        let tx = self.tx.lock();
-        let tx = tx
-            .as_ref()
-            .ok_or_else(|| write_err(std::io::Error::other("the flusher stopped")))?;
-        tx.send((t, cb))
-            .map_err(|_| write_err(std::io::Error::other("the flusher stopped")))
+    fn submit(
+        &self,
+        lane: usize,
+        t: AppendTicket,
+        cb: LogFlushed<TypeConfig>,
+    ) -> Result<(), Error> {
+        let stopped = || write_err(std::io::Error::other("the flusher stopped"));
+        let lanes = self.lanes.lock();
+        let tx = lanes
+            .get(lane % self.count)
+            .and_then(|l| l.tx.as_ref())
+            .ok_or_else(stopped)?;
+        tx.send((t, cb)).map_err(|_| stopped())
     }
 
     /// Stop after the appends already submitted are flushed.
     pub fn stop(&self) {
-        self.tx.lock().take();
-        if let Some(t) = self.thread.lock().take() {
+        let threads: Vec<_> = {
+            let mut lanes = self.lanes.lock();
+            lanes
+                .iter_mut()
+                .filter_map(|l| {
+                    l.tx.take();
+                    l.thread.take()
+                })
+                .collect()
+        };
+        for t in threads {
             let _ = t.join();
         }
     }
@@ -445,7 +491,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: Send,
     {
         let ticket = self.write_entries(entries)?;
-        self.flusher.submit(ticket, callback)
+        let lane = self.engine.shard_index(self.log());
+        self.flusher.submit(lane, ticket, callback)
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), Error> {

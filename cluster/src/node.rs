@@ -233,7 +233,7 @@ impl Node {
             .thread_name("cluster")
             .enable_all()
             .build()?;
-        let flusher = Flusher::start()?;
+        let flusher = Flusher::with_lanes(engine.shard_count())?;
         let (inner, raft_addr) = rt.block_on(boot(engine, &cfg, client_addr, flusher.clone()))?;
         Ok(Node {
             rt: Some(rt),
@@ -262,6 +262,34 @@ impl Node {
         partition_of(keyspace, id, self.inner.map.read().len())
     }
 
+    /// Whether [`Node::append`] takes a payload of `len` bytes for
+    /// `keyspace` (`InvalidArgument` if not), before anything is proposed.
+    pub fn check_append(&self, keyspace: u8, len: usize) -> Result<(), ClusterError> {
+        if !self.inner.data_keyspaces.contains(&keyspace) {
+            return Err(ClusterError::InvalidArgument(format!(
+                "keyspace {keyspace} is not a data keyspace of this cluster (it has {:?})",
+                self.inner.data_keyspaces
+            )));
+        }
+        let max = crate::entry_budget(self.inner.engine().config().max_payload);
+        if len + crate::ITEM_OVERHEAD > max {
+            return Err(ClusterError::InvalidArgument(format!(
+                "a payload of {len} bytes; a cluster node's entries carry at most {}",
+                max.saturating_sub(crate::ITEM_OVERHEAD)
+            )));
+        }
+        Ok(())
+    }
+
+    /// `Ok` if this node leads the partition of timeline (`keyspace`,
+    /// `id`) now; else the `MOVED` or `NO_LEADER` a client gets (nothing
+    /// done). Leadership can still be lost before a later proposal.
+    pub fn check_leads(&self, keyspace: u8, id: u64) -> Result<(), ClusterError> {
+        self.inner
+            .check_leads(self.partition_of(keyspace, id))
+            .map(|_| ())
+    }
+
     /// Append through the partition's Raft group; `done` gets the SeqId once
     /// a quorum has the entry in its log and this node has applied it.
     pub fn append(
@@ -271,19 +299,8 @@ impl Node {
         payload: Vec<u8>,
         done: impl FnOnce(Result<u64, ClusterError>) + Send + 'static,
     ) {
-        if !self.inner.data_keyspaces.contains(&keyspace) {
-            return done(Err(ClusterError::InvalidArgument(format!(
-                "keyspace {keyspace} is not a data keyspace of this cluster (it has {:?})",
-                self.inner.data_keyspaces
-            ))));
-        }
-        let max = crate::entry_budget(self.inner.engine().config().max_payload);
-        if payload.len() + crate::ITEM_OVERHEAD > max {
-            return done(Err(ClusterError::InvalidArgument(format!(
-                "a payload of {} bytes; a cluster node's entries carry at most {}",
-                payload.len(),
-                max.saturating_sub(crate::ITEM_OVERHEAD)
-            ))));
+        if let Err(e) = self.check_append(keyspace, payload.len()) {
+            return done(Err(e));
         }
         let p = self.partition_of(keyspace, id) as usize;
         let Some(slot) = self.inner.proposals.get(p) else {
@@ -569,15 +586,9 @@ impl Inner {
         p: PartitionId,
         cmd: Command,
     ) -> Result<crate::Applied, ClusterError> {
-        let Some(g) = self.group(p) else {
-            return Err(self.redirect(p, None));
-        };
         // Not the leader by its own account: nothing is proposed, so the
         // client may go elsewhere. Past this point a failure is uncertain.
-        let leader = self.known_leader(&g);
-        if leader != Some(self.id) {
-            return Err(self.redirect(p, leader));
-        }
+        let g = self.check_leads(p)?;
         match g.client_write(cmd).await {
             Ok(r) => Ok(r.data),
             // Leadership lost, or the group shut down (a placement change
@@ -588,6 +599,19 @@ impl Inner {
             }
             Err(e) => Err(ClusterError::Raft(e.to_string())),
         }
+    }
+
+    /// `p`'s group if this node leads it by its own account; else the
+    /// redirect to give (`MOVED`, or `NO_LEADER` in an election).
+    fn check_leads(&self, p: PartitionId) -> Result<Raft<TypeConfig>, ClusterError> {
+        let Some(g) = self.group(p) else {
+            return Err(self.redirect(p, None));
+        };
+        let leader = self.known_leader(&g);
+        if leader != Some(self.id) {
+            return Err(self.redirect(p, leader));
+        }
+        Ok(g)
     }
 
     /// Whether this node leads `p` now.

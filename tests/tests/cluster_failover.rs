@@ -1124,3 +1124,104 @@ fn a_device_subscribed_at_its_partition_leader_gets_pushes_across_partitions() {
     );
     drop(cl.etcd);
 }
+
+/// `APPEND_BATCH` on a cluster: `ClusterClient` sends one batch per
+/// partition and merges the seqs in item order (checked by reading every
+/// timeline back); a node given a batch with an item of a partition it
+/// does not lead answers `MOVED` and writes none of it; a batch with an
+/// item no replica could apply is refused whole.
+#[test]
+fn append_batch_across_partitions_and_refused_whole_where_a_node_does_not_lead() {
+    let cl = Cluster::start(8);
+    let seeds = cl.seeds();
+    let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
+    let payloads: Vec<Vec<u8>> = (0..3 * TIMELINES)
+        .map(|i| format!("batch-{i}").into_bytes())
+        .collect();
+    // Timelines 0..TIMELINES, each three times, interleaved.
+    let items: Vec<(TimelineId, &[u8])> = payloads
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (TimelineId::store(i as u64 % TIMELINES), p.as_slice()))
+        .collect();
+    let seqs = match cc.call(&Request::AppendBatch {
+        durability: None,
+        items: items.clone(),
+    }) {
+        Ok(Response::AppendBatch(s)) => s,
+        other => panic!("a batch over {TIMELINES} timelines: {other:?}"),
+    };
+    assert_eq!(seqs.len(), items.len());
+    for t in 0..TIMELINES {
+        let records = read_all(&mut cc, t);
+        let mine: Vec<(u64, &[u8])> = items
+            .iter()
+            .zip(&seqs)
+            .filter(|((tl, _), _)| tl.id == t)
+            .map(|((_, p), s)| (*s, *p))
+            .collect();
+        assert_eq!(records.len(), mine.len(), "timeline {t}");
+        for (seq, p) in mine {
+            assert_eq!(records[seq as usize - 1].1, p, "timeline {t} seq {seq}");
+        }
+    }
+    // One node, a batch with timelines of partitions led elsewhere.
+    let (p, lead) = leaders(&seeds);
+    let node = &seeds[0];
+    let (mine, theirs): (Vec<u64>, Vec<u64>) =
+        (1000..1100u64).partition(|&id| lead.get(&partition_of(0, id, p)) == Some(node));
+    assert!(
+        !mine.is_empty() && !theirs.is_empty(),
+        "{mine:?} {theirs:?}"
+    );
+    let mut raw = timeline_client::Client::connect(node.as_str(), b"").unwrap();
+    let batch = Request::AppendBatch {
+        durability: None,
+        items: vec![
+            (TimelineId::store(mine[0]), b"a".as_slice()),
+            (TimelineId::store(theirs[0]), b"b".as_slice()),
+        ],
+    };
+    match raw.call(&batch) {
+        Err(ClientError::Server {
+            code: ErrorCode::MOVED,
+            ..
+        }) => {}
+        other => panic!("a batch with a partition led elsewhere: {other:?}"),
+    }
+    // Only the node's own partitions: taken.
+    let own = Request::AppendBatch {
+        durability: None,
+        items: vec![
+            (TimelineId::store(mine[0]), b"c".as_slice()),
+            (TimelineId::store(mine[0]), b"d".as_slice()),
+        ],
+    };
+    assert!(
+        matches!(raw.call(&own), Ok(Response::AppendBatch(ref s)) if *s == vec![1, 2]),
+        "the refused batch wrote nothing, so these are seqs 1 and 2"
+    );
+    assert_eq!(read_all(&mut cc, theirs[0]), vec![]);
+    // An item with an oversized payload: nothing of the batch is written.
+    let big = vec![9u8; 64 << 10];
+    let bad = Request::AppendBatch {
+        durability: None,
+        items: vec![
+            (TimelineId::store(mine[0]), b"e".as_slice()),
+            (TimelineId::store(mine[0]), big.as_slice()),
+        ],
+    };
+    match raw.call(&bad) {
+        Err(ClientError::Server {
+            code: ErrorCode::PAYLOAD_TOO_LARGE,
+            ..
+        }) => {}
+        other => panic!("a batch with an oversized item: {other:?}"),
+    }
+    let after: Vec<Vec<u8>> = read_all(&mut cc, mine[0])
+        .into_iter()
+        .map(|r| r.1)
+        .collect();
+    assert_eq!(after, vec![b"c".to_vec(), b"d".to_vec()]);
+    drop(cl.etcd);
+}

@@ -11,8 +11,13 @@
 //! - `CLUSTER_MAP`: the map version, P and the leaders this node knows.
 //! - `CREATE_CONVERSATION`, `SEND`, `SYNC`, `HISTORY`, `MEMBERS`: the
 //!   conversation or user partition's leader (`cluster_im`).
-//! - `APPEND_BATCH` and the other IM commands answer `NOT_SUPPORTED` (not
-//!   built for a cluster yet).
+//! - `APPEND_BATCH`: every item's partition must be led by this node
+//!   (else `MOVED` or `NO_LEADER` for the first that is not, and nothing is
+//!   written); each item then joins its partition's next entry, as an
+//!   `APPEND` does, and the reply is every seq once all are applied (the
+//!   first error otherwise: like a single node's batch, not atomic).
+//! - The other IM commands answer `NOT_SUPPORTED` (not built for a
+//!   cluster yet).
 
 use super::conn::Conn;
 use super::convert::{FromWire, ToWire};
@@ -143,6 +148,18 @@ pub(crate) fn execute(
                 a.send(r, Response::Append)
             });
         }
+        Request::AppendBatch { items, .. } => {
+            let max_frame = conn.session.client_max;
+            let items = batch_items(sh, node, max_frame, &items)?;
+            let gather = Gather::new(
+                Answer::new(ctx, conn.key, conn.defer(), id, op),
+                items.len(),
+            );
+            for (i, (t, payload)) in items.into_iter().enumerate() {
+                let g = gather.clone();
+                node.append(t.keyspace.0, t.id, payload, move |r| g.done(i, r));
+            }
+        }
         Request::Get { timeline, seq } => {
             let engine = engine();
             let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
@@ -186,6 +203,105 @@ pub(crate) fn execute(
         _ => return Err(not_supported(op)),
     }
     Ok(())
+}
+
+/// An `APPEND_BATCH`'s items, checked as a whole before any is proposed:
+/// raw writes allowed, the reply fits the client's frame, every payload
+/// fits an entry, every partition led here.
+fn batch_items(
+    sh: &super::Shared,
+    node: &Node,
+    max_frame: usize,
+    items: &[(crate::protocol::TimelineId, &[u8])],
+) -> Result<Vec<(timeline_engine::TimelineId, Vec<u8>)>, ErrorReply> {
+    let reply = crate::protocol::HEADER_LEN + 4 + 8 * items.len();
+    if reply > max_frame {
+        return Err(ErrorReply::new(
+            ErrorCode::RESPONSE_TOO_LARGE,
+            max_frame as u64,
+            format!(
+                "the reply to {} items is {reply} bytes; the client accepts {max_frame}: send smaller batches",
+                items.len()
+            ),
+        ));
+    }
+    let max = timeline_cluster::entry_budget(sh.im.engine().config().max_payload)
+        .saturating_sub(timeline_cluster::ITEM_OVERHEAD);
+    for (t, payload) in items {
+        check_raw_write(sh, *t)?;
+        if payload.len() > max {
+            return Err(ErrorReply::new(
+                ErrorCode::PAYLOAD_TOO_LARGE,
+                max as u64,
+                format!(
+                    "payload of {} bytes; a cluster node takes {max}",
+                    payload.len()
+                ),
+            ));
+        }
+        let n = t.native();
+        node.check_append(n.keyspace.0, payload.len())
+            .and_then(|()| node.check_leads(n.keyspace.0, n.id))
+            .map_err(|e| e.reply())?;
+    }
+    Ok(items
+        .iter()
+        .map(|(t, p)| (t.native(), p.to_vec()))
+        .collect())
+}
+
+/// An `APPEND_BATCH` in flight: its items' seqs as their entries apply;
+/// answered when the last one is in (the first error, if any failed).
+#[derive(Clone)]
+struct Gather(Arc<std::sync::Mutex<GatherState>>);
+
+struct GatherState {
+    seqs: Vec<u64>,
+    left: usize,
+    failed: Option<ErrorReply>,
+    answer: Option<Answer>,
+}
+
+impl Gather {
+    fn new(answer: Answer, n: usize) -> Gather {
+        let g = Gather(Arc::new(std::sync::Mutex::new(GatherState {
+            seqs: vec![0; n],
+            left: n,
+            failed: None,
+            answer: Some(answer),
+        })));
+        if n == 0 {
+            g.finish(&mut g.lock());
+        }
+        g
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GatherState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn done(&self, i: usize, r: Result<u64, ClusterError>) {
+        let mut st = self.lock();
+        match r {
+            Ok(seq) => st.seqs[i] = seq,
+            Err(e) => {
+                st.failed.get_or_insert_with(|| e.reply());
+            }
+        }
+        st.left -= 1;
+        if st.left == 0 {
+            self.finish(&mut st);
+        }
+    }
+
+    fn finish(&self, st: &mut GatherState) {
+        if let Some(a) = st.answer.take() {
+            match st.failed.take() {
+                Some(e) => a.reply(Err(e)),
+                None => a.reply(Ok(Response::AppendBatch(std::mem::take(&mut st.seqs)))),
+            }
+        }
+    }
 }
 
 /// `CLUSTER_MAP` on a single node.
