@@ -203,3 +203,52 @@ impl Drop for NodeProc {
         self.kill9();
     }
 }
+
+/// An etcd and three nodes started from `bin` (a `cluster-node`
+/// executable) in a temporary directory, stopped when dropped.
+pub struct Cluster {
+    _tmp: tempfile::TempDir,
+    pub etcd: Etcd,
+    pub nodes: Vec<NodeProc>,
+}
+
+impl Cluster {
+    /// Start and wait (up to 60 s) until every node serves.
+    pub fn start(bin: &str, partitions: u32) -> Cluster {
+        let tmp = tempfile::tempdir().expect("a temporary directory");
+        let etcd = Etcd::start(tmp.path());
+        let mut nodes: Vec<NodeProc> = (1..=3)
+            .map(|id| NodeProc::new(id, tmp.path(), &etcd.endpoint(), partitions))
+            .collect();
+        for n in &mut nodes {
+            n.spawn(bin);
+        }
+        for n in &mut nodes {
+            n.wait_ready(Duration::from_secs(60));
+        }
+        Cluster {
+            _tmp: tmp,
+            etcd,
+            nodes,
+        }
+    }
+
+    /// The directory holding etcd's and the nodes' data.
+    pub fn dir(&self) -> &Path {
+        self._tmp.path()
+    }
+
+    /// The nodes' client addresses.
+    pub fn seeds(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.client.clone()).collect()
+    }
+
+    /// The end of every node's log (for a failure message).
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("--- node {}:\n{}", n.id, n.log_tail()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}

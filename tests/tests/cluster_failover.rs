@@ -23,7 +23,7 @@ use timeline_client::protocol::{
     partition_of, Direction, ErrorCode, Request, Response, TimelineId,
 };
 use timeline_client::ClientError;
-use timeline_tests::cluster::{Etcd, NodeProc};
+use timeline_tests::cluster::{Cluster, NodeProc};
 use timeline_tests::history::{self, AppendOp, Outcome, ReadOp};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cluster-node");
@@ -41,45 +41,6 @@ fn env_or(name: &str, default: u64) -> u64 {
 struct History {
     appends: HashMap<u64, Vec<AppendOp>>,
     reads: HashMap<u64, Vec<ReadOp>>,
-}
-
-struct Cluster {
-    _tmp: tempfile::TempDir,
-    etcd: Etcd,
-    nodes: Vec<NodeProc>,
-}
-
-impl Cluster {
-    fn start(partitions: u32) -> Cluster {
-        let tmp = tempfile::tempdir().unwrap();
-        let etcd = Etcd::start(tmp.path());
-        let mut nodes: Vec<NodeProc> = (1..=3)
-            .map(|id| NodeProc::new(id, tmp.path(), &etcd.endpoint(), partitions))
-            .collect();
-        for n in &mut nodes {
-            n.spawn(BIN);
-        }
-        for n in &mut nodes {
-            n.wait_ready(Duration::from_secs(60));
-        }
-        Cluster {
-            _tmp: tmp,
-            etcd,
-            nodes,
-        }
-    }
-
-    fn seeds(&self) -> Vec<String> {
-        self.nodes.iter().map(|n| n.client.clone()).collect()
-    }
-
-    fn logs(&self) -> String {
-        self.nodes
-            .iter()
-            .map(|n| format!("--- node {}:\n{}", n.id, n.log_tail()))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
 }
 
 /// One writer: appends unique payloads to random timelines until `stop`.
@@ -299,7 +260,7 @@ fn pct(v: &mut [Duration], q: f64) -> Duration {
 fn leader_kill9_loses_no_acknowledged_append() {
     let cycles = env_or("CLUSTER_KILL_CYCLES", 3) as usize;
     let partitions = env_or("CLUSTER_PARTITIONS", 16) as u32;
-    let mut cl = Cluster::start(partitions);
+    let mut cl = Cluster::start(BIN, partitions);
     let seeds = cl.seeds();
     let load = Load::start(&seeds);
     let h = load.h.clone();
@@ -400,7 +361,7 @@ fn append_all(cc: &mut ClusterClient, tag: &str, n: u64) -> Vec<(u64, Vec<u8>, u
 
 #[test]
 fn etcd_down_nodes_keep_serving_and_placement_waits() {
-    let mut cl = Cluster::start(8);
+    let mut cl = Cluster::start(BIN, 8);
     let seeds = cl.seeds();
     let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
     let mut acked = append_all(&mut cc, "before", 200);
@@ -488,7 +449,7 @@ fn etcd_down_nodes_keep_serving_and_placement_waits() {
 
 #[test]
 fn bad_appends_are_refused_before_they_reach_a_group() {
-    let cl = Cluster::start(8);
+    let cl = Cluster::start(BIN, 8);
     let seeds = cl.seeds();
     let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
     // The cluster's own keyspaces (raft log 2, raft meta 3), one that is
@@ -674,11 +635,11 @@ fn wait_settled(
 #[test]
 fn a_node_added_under_load_takes_over_replicas_and_a_removed_one_gives_them_up() {
     let partitions = env_or("CLUSTER_PARTITIONS", 16) as u32;
-    let mut cl = Cluster::start(partitions);
+    let mut cl = Cluster::start(BIN, partitions);
     let seeds = cl.seeds();
     let load = Load::start(&seeds);
     std::thread::sleep(Duration::from_millis(1000));
-    let tmp = cl._tmp.path().to_path_buf();
+    let tmp = cl.dir().to_path_buf();
     let mut n4 = NodeProc::new(4, &tmp, &cl.etcd.endpoint(), partitions);
     n4.spawn(BIN);
     n4.wait_ready(Duration::from_secs(60));
@@ -915,7 +876,7 @@ fn sync_all(cc: &mut ClusterClient, user: u64) -> Vec<timeline_client::protocol:
 fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
     let partitions = env_or("CLUSTER_PARTITIONS", 16) as u32;
     let kills = env_or("CLUSTER_IM_KILLS", 2) as usize;
-    let mut cl = Cluster::start(partitions);
+    let mut cl = Cluster::start(BIN, partitions);
     let seeds = cl.seeds();
     let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
     cc.retry_for = Duration::from_secs(10);
@@ -1064,7 +1025,7 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
 /// (send invoked → push received) over the messages.
 #[test]
 fn a_device_subscribed_at_its_partition_leader_gets_pushes_across_partitions() {
-    let cl = Cluster::start(16);
+    let cl = Cluster::start(BIN, 16);
     let seeds = cl.seeds();
     let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
     let (alice, bob, conv) = (1u64, 2u64, 7000u64);
@@ -1132,7 +1093,7 @@ fn a_device_subscribed_at_its_partition_leader_gets_pushes_across_partitions() {
 /// item no replica could apply is refused whole.
 #[test]
 fn append_batch_across_partitions_and_refused_whole_where_a_node_does_not_lead() {
-    let cl = Cluster::start(8);
+    let cl = Cluster::start(BIN, 8);
     let seeds = cl.seeds();
     let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
     let payloads: Vec<Vec<u8>> = (0..3 * TIMELINES)

@@ -31,6 +31,9 @@ use timeline_server::{Client, ClientError};
 
 /// Where a running cluster's partitions are led, from one `CLUSTER_MAP`
 /// (W1, W2 and W6 route every request by it).
+/// How long [`Routes::fetch`] waits for every partition to have a leader.
+const LEADERS_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[derive(Clone)]
 pub struct Routes {
     /// The seed nodes, then any leader the map named that was not one.
@@ -49,14 +52,51 @@ impl Routes {
             .ok_or("--target cluster needs --addr HOST:PORT[,HOST:PORT...] (its nodes)")?;
         let mut nodes: Vec<String> = addr.split(',').map(|s| s.trim().to_string()).collect();
         nodes.retain(|s| !s.is_empty());
-        let first = nodes.first().ok_or("--addr names no node")?;
-        let Response::ClusterMap {
-            partitions,
-            leaders,
-            ..
-        } = connect(first)?.call(&Request::ClusterMap)?
-        else {
-            return Err("CLUSTER_MAP answered something else".into());
+        let first = nodes.first().ok_or("--addr names no node")?.clone();
+        // A cluster just started may still be electing: wait (bounded)
+        // until every seed's map names the same leader for every partition,
+        // the same as a second earlier.
+        let deadline = std::time::Instant::now() + LEADERS_WAIT;
+        let mut before: Option<(std::time::Instant, Vec<(String, u64)>)> = None;
+        let (partitions, leaders) = loop {
+            let mut views = Vec::with_capacity(nodes.len());
+            for n in &nodes {
+                let Response::ClusterMap {
+                    partitions,
+                    mut leaders,
+                    ..
+                } = connect(n)?.call(&Request::ClusterMap)?
+                else {
+                    return Err("CLUSTER_MAP answered something else".into());
+                };
+                leaders.sort_by_key(|l| l.1);
+                views.push((partitions, leaders));
+            }
+            let (partitions, leaders) = views.swap_remove(0);
+            let led: std::collections::HashSet<u64> = leaders.iter().map(|l| l.1).collect();
+            let agreed = views.iter().all(|v| v.1 == leaders);
+            if agreed && led.len() >= partitions as usize {
+                match &before {
+                    Some((at, prev)) if *prev == leaders => {
+                        if at.elapsed() >= std::time::Duration::from_secs(1) {
+                            break (partitions, leaders);
+                        }
+                    }
+                    _ => before = Some((std::time::Instant::now(), leaders.clone())),
+                }
+            } else {
+                before = None;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "{first}: {} of {partitions} partitions have a leader, and the seeds {} on them, after {LEADERS_WAIT:?}",
+                    led.len(),
+                    if agreed { "agree" } else { "do not agree" }
+                )
+                .into());
+            }
+            // Start-up of the bench, not a serving path: poll the map.
+            std::thread::sleep(std::time::Duration::from_millis(200));
         };
         let mut leader = vec![0; partitions as usize];
         for (a, p) in leaders {
