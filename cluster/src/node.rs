@@ -1,6 +1,7 @@
 //! A cluster node: the Raft groups of the partitions it holds, on one
 //! engine, with one peer listener, one connection per peer, one log
-//! flusher and one small tokio runtime (two threads) for all of them.
+//! flusher (a thread per engine shard) and one small tokio runtime (two
+//! threads) for all of them.
 //!
 //! Start-up ([`Node::start`]): connect to etcd, publish this node under a
 //! lease, form the map (the first node to see `R` members creates it in a
