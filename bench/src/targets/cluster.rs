@@ -2,13 +2,17 @@
 //! nodes (`--addr HOST:PORT,HOST:PORT,...`, its seed nodes; start one with
 //! `server/scripts/local-cluster.sh`).
 //!
-//! **Routing.** The target fetches `CLUSTER_MAP` once and each session
+//! **Routing.** The target waits (up to 30 s) until every seed node's
+//! `CLUSTER_MAP` names the same leader for every partition, unchanged for
+//! a second (a cluster just started is still electing), and each session
 //! holds one connection per node. An operation goes to its timeline's
 //! partition's leader; the session keeps up to `--pipeline` requests in
 //! flight across its connections and completes them in the order they were
 //! queued (each connection answers in order). W1 sends single `APPEND`s
-//! (`--batch 1`; a cluster node does not take `APPEND_BATCH` yet): each is
-//! acknowledged once a quorum of the partition's three replicas logged it.
+//! (`--batch 1`), or with `--batch N` one `APPEND_BATCH` per node holding
+//! the batch's items of the partitions it leads (a node takes no others):
+//! an append is acknowledged once a quorum of its partition's three
+//! replicas logged it.
 //! W2 sends `SCAN`s (the leader confirms its leadership first). A `MOVED`
 //! or `NO_LEADER` answer is a refusal and fails the run: the benchmark
 //! measures a stable cluster.
@@ -144,9 +148,6 @@ fn connect(addr: &str) -> Result<Client> {
 
 impl ClusterTarget {
     pub fn start(flags: &Flags) -> Result<ClusterTarget> {
-        if flags.batch > 1 {
-            return Err("--target cluster sends single APPENDs: use --batch 1".into());
-        }
         Ok(ClusterTarget {
             routes: Routes::fetch(flags)?,
             flags: flags.clone(),
@@ -176,8 +177,19 @@ impl ClusterTarget {
 pub struct ClusterSession<'a> {
     t: &'a ClusterTarget,
     conns: Vec<Client>,
-    /// The connection of each request in flight, and whether it is a scan.
-    q: VecDeque<(usize, bool)>,
+    /// The operations in flight, oldest first.
+    q: VecDeque<InFlight>,
+}
+
+/// An operation in flight and where its answers come from.
+enum InFlight {
+    /// One `APPEND` or `SCAN` on connection `node`.
+    One { node: usize, scan: bool },
+    /// One `APPEND_BATCH` per node: (node, the op's item positions it has).
+    Batch {
+        parts: Vec<(usize, Vec<usize>)>,
+        items: usize,
+    },
 }
 
 impl Session for ClusterSession<'_> {
@@ -191,9 +203,36 @@ impl Session for ClusterSession<'_> {
                     durability: None,
                     payload,
                 });
-                self.q.push_back((n, false));
+                self.q.push_back(InFlight::One {
+                    node: n,
+                    scan: false,
+                });
             }
-            Op::Append(_) => return Err("the cluster target takes single appends".into()),
+            Op::Append(items) => {
+                // A node takes a batch only of partitions it leads: one
+                // APPEND_BATCH per node, the seqs put back in item order.
+                let mut parts: Vec<(usize, Vec<usize>)> = Vec::new();
+                for (i, (id, _)) in items.iter().enumerate() {
+                    let n = self.t.node_of(*id);
+                    match parts.iter_mut().find(|(m, _)| *m == n) {
+                        Some((_, v)) => v.push(i),
+                        None => parts.push((n, vec![i])),
+                    }
+                }
+                for (n, idx) in &parts {
+                    self.conns[*n].queue(&Request::AppendBatch {
+                        durability: None,
+                        items: idx
+                            .iter()
+                            .map(|&i| (wire::timeline(timeline(ks, items[i].0)), items[i].1))
+                            .collect(),
+                    });
+                }
+                self.q.push_back(InFlight::Batch {
+                    parts,
+                    items: items.len(),
+                });
+            }
             Op::Scan { id, from, len, dir } => {
                 let n = self.t.node_of(id);
                 self.conns[n].queue(&Request::Scan {
@@ -202,7 +241,10 @@ impl Session for ClusterSession<'_> {
                     limit: u32::try_from(len).unwrap_or(u32::MAX),
                     direction: wire::direction(dir),
                 });
-                self.q.push_back((n, true));
+                self.q.push_back(InFlight::One {
+                    node: n,
+                    scan: true,
+                });
             }
         }
         Ok(())
@@ -216,16 +258,45 @@ impl Session for ClusterSession<'_> {
     }
 
     fn complete(&mut self) -> Result<Reply> {
-        let (n, scan) = self
+        let (n, scan) = match self
             .q
             .pop_front()
-            .ok_or("complete() with nothing in flight")?;
+            .ok_or("complete() with nothing in flight")?
+        {
+            InFlight::One { node, scan } => (node, scan),
+            InFlight::Batch { parts, items } => return self.complete_batch(parts, items),
+        };
         Ok(match (scan, self.conns[n].recv()) {
             (_, Err(e @ ClientError::Server { .. })) => Reply::Refused(e.to_string()),
             (_, Err(e)) => return Err(e.into()),
             (false, Ok(Response::Append(seq))) => Reply::Appended(vec![seq]),
             (true, Ok(Response::Scan(page))) => Reply::Page(wire::records(page)),
             (_, Ok(r)) => Reply::Refused(format!("unexpected reply {r:?}")),
+        })
+    }
+}
+
+impl ClusterSession<'_> {
+    /// Every part's reply is read (each connection answers in order), so
+    /// a refused part leaves nothing behind for the next operation.
+    fn complete_batch(&mut self, parts: Vec<(usize, Vec<usize>)>, items: usize) -> Result<Reply> {
+        let mut seqs = vec![0; items];
+        let mut refused = None;
+        for (n, idx) in parts {
+            match self.conns[n].recv() {
+                Ok(Response::AppendBatch(got)) if got.len() == idx.len() => {
+                    for (k, i) in idx.into_iter().enumerate() {
+                        seqs[i] = got[k];
+                    }
+                }
+                Err(e @ ClientError::Server { .. }) => refused = Some(e.to_string()),
+                Err(e) => return Err(e.into()),
+                Ok(r) => refused = Some(format!("unexpected reply {r:?}")),
+            }
+        }
+        Ok(match refused {
+            Some(why) => Reply::Refused(why),
+            None => Reply::Appended(seqs),
         })
     }
 }
