@@ -128,20 +128,7 @@ pub(crate) fn execute(
             timeline, payload, ..
         } => {
             check_raw_write(sh, timeline)?;
-            // Its Raft entry is one engine record: the payload and the
-            // entry's framing.
-            let max = timeline_cluster::entry_budget(sh.im.engine().config().max_payload)
-                .saturating_sub(timeline_cluster::ITEM_OVERHEAD);
-            if payload.len() > max {
-                return Err(ErrorReply::new(
-                    ErrorCode::PAYLOAD_TOO_LARGE,
-                    max as u64,
-                    format!(
-                        "payload of {} bytes; a cluster node takes {max}",
-                        payload.len()
-                    ),
-                ));
-            }
+            check_payload(sh, payload.len())?;
             let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
             let t = timeline.native();
             node.append(t.keyspace.0, t.id, payload.to_vec(), move |r| {
@@ -205,6 +192,21 @@ pub(crate) fn execute(
     Ok(())
 }
 
+/// A raw append's payload fits its Raft entry, which is one engine record:
+/// the payload and the entry's framing.
+fn check_payload(sh: &super::Shared, len: usize) -> Result<(), ErrorReply> {
+    let max = timeline_cluster::entry_budget(sh.im.engine().config().max_payload)
+        .saturating_sub(timeline_cluster::ITEM_OVERHEAD);
+    if len > max {
+        return Err(ErrorReply::new(
+            ErrorCode::PAYLOAD_TOO_LARGE,
+            max as u64,
+            format!("payload of {len} bytes; a cluster node takes {max}"),
+        ));
+    }
+    Ok(())
+}
+
 /// An `APPEND_BATCH`'s items, checked as a whole before any is proposed:
 /// raw writes allowed, the reply fits the client's frame, every payload
 /// fits an entry, every partition led here.
@@ -225,20 +227,9 @@ fn batch_items(
             ),
         ));
     }
-    let max = timeline_cluster::entry_budget(sh.im.engine().config().max_payload)
-        .saturating_sub(timeline_cluster::ITEM_OVERHEAD);
     for (t, payload) in items {
         check_raw_write(sh, *t)?;
-        if payload.len() > max {
-            return Err(ErrorReply::new(
-                ErrorCode::PAYLOAD_TOO_LARGE,
-                max as u64,
-                format!(
-                    "payload of {} bytes; a cluster node takes {max}",
-                    payload.len()
-                ),
-            ));
-        }
+        check_payload(sh, payload.len())?;
         let n = t.native();
         node.check_append(n.keyspace.0, payload.len())
             .and_then(|()| node.check_leads(n.keyspace.0, n.id))
