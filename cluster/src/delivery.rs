@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use timeline_engine::Keyspace;
+use tokio::sync::oneshot;
 
 /// Outbox records per round.
 const ROUND: usize = 256;
@@ -57,7 +58,25 @@ pub(crate) struct Deliveries {
     next: AtomicU64,
     /// The leader last seen for a partition this node does not lead.
     hints: Mutex<HashMap<PartitionId, NodeId>>,
+    /// Per member partition this node leads, the deliveries waiting for
+    /// its next `Deliver` entry.
+    queues: Mutex<HashMap<PartitionId, Queue>>,
 }
+
+/// Deliveries for one member partition led here, from every deliverer of
+/// this node and every peer's: while one `Deliver` entry is in flight the
+/// next ones gather and go as one entry (one Raft round for many
+/// conversation partitions' rounds, as `APPEND`s share entries). Each
+/// deliverer's own batches stay in order: it waits for one before it sends
+/// the next.
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<(Vec<Delivery>, Applied)>,
+    proposing: bool,
+}
+
+/// Who to tell that a queued batch was applied (or why not).
+type Applied = oneshot::Sender<Result<(), ClusterError>>;
 
 /// Start `p`'s deliverer, or have the running one look again.
 pub(crate) fn kick(inner: &Arc<Inner>, p: PartitionId) {
@@ -397,7 +416,7 @@ async fn deliver_once(
     items: Vec<Delivery>,
 ) -> Result<(), ClusterError> {
     if inner.leads(t) {
-        return inner.submit(t, Command::Deliver(items)).await.map(|_| ());
+        return propose(inner, t, items).await;
     }
     let hint = inner.deliveries.hints.lock().get(&t).copied();
     let Some(node) = hint.or_else(|| inner.leader_hint(t)) else {
@@ -426,11 +445,74 @@ async fn deliver_once(
 pub(crate) async fn serve(inner: Arc<Inner>, t: PartitionId, body: Vec<u8>) -> Vec<u8> {
     let answer: Result<(), Option<NodeId>> = match bincode::deserialize::<Vec<Delivery>>(&body) {
         Err(_) => Err(None),
-        Ok(items) if inner.leads(t) => match inner.submit(t, Command::Deliver(items)).await {
-            Ok(_) => Ok(()),
+        Ok(items) if inner.leads(t) => match propose(&inner, t, items).await {
+            Ok(()) => Ok(()),
             Err(_) => Err(None),
         },
         Ok(_) => Err(inner.leader_hint(t).filter(|&l| l != inner.id)),
     };
     bincode::serialize(&answer).unwrap_or_default()
+}
+
+/// Have `items` applied by partition `t` (led here) in its next `Deliver`
+/// entry, shared with whatever else waits for one.
+async fn propose(
+    inner: &Arc<Inner>,
+    t: PartitionId,
+    items: Vec<Delivery>,
+) -> Result<(), ClusterError> {
+    let (tx, rx) = oneshot::channel();
+    let start = {
+        let mut qs = inner.deliveries.queues.lock();
+        let q = qs.entry(t).or_default();
+        q.waiting.push((items, tx));
+        !std::mem::replace(&mut q.proposing, true)
+    };
+    if start {
+        let i = inner.clone();
+        tokio::spawn(async move { drain(i, t).await });
+    }
+    rx.await
+        .map_err(|_| ClusterError::Raft("the delivery proposer stopped".into()))?
+}
+
+/// Propose `t`'s waiting deliveries, an entry at a time, until none wait.
+async fn drain(inner: Arc<Inner>, t: PartitionId) {
+    let budget = crate::entry_budget(inner.engine().config().max_payload);
+    loop {
+        let batch: Vec<_> = {
+            let mut qs = inner.deliveries.queues.lock();
+            let q = qs.entry(t).or_default();
+            if q.waiting.is_empty() {
+                q.proposing = false;
+                return;
+            }
+            // As many batches as fit one entry (at least one: each was cut
+            // to fit by `chunks`).
+            let (mut bytes, mut count) = (0, 0);
+            let n = q
+                .waiting
+                .iter()
+                .take_while(|(items, _)| {
+                    bytes += items
+                        .iter()
+                        .map(|d| d.body.len() + crate::ITEM_OVERHEAD)
+                        .sum::<usize>();
+                    count += items.len();
+                    bytes <= budget && count <= CHUNK
+                })
+                .count()
+                .max(1);
+            q.waiting.drain(..n).collect()
+        };
+        let (lists, txs): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let items: Vec<Delivery> = lists.into_iter().flatten().collect();
+        let r = inner.submit(t, Command::Deliver(items)).await.map(|_| ());
+        for tx in txs {
+            let _ = tx.send(match &r {
+                Ok(()) => Ok(()),
+                Err(e) => Err(e.copy()),
+            });
+        }
+    }
 }

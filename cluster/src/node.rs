@@ -159,7 +159,7 @@ struct Proposals {
 impl ClusterError {
     /// The same answer for another waiter of the entry (the data path's
     /// errors are plain values; others travel as their message).
-    fn copy(&self) -> ClusterError {
+    pub(crate) fn copy(&self) -> ClusterError {
         match self {
             ClusterError::Moved {
                 partition,
