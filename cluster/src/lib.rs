@@ -9,7 +9,7 @@
 //!   placement changes (the document etcd holds);
 //! - [`log_store`]: openraft's `RaftLogStorage` on the engine (entries,
 //!   truncations and purges as records replayed on open; group-committed
-//!   appends flushed by one thread per node);
+//!   appends flushed by a thread per engine shard);
 //! - [`state_machine`]: applying an entry appends to the partition's
 //!   timelines with a write id, idempotently, so replicas hold the same
 //!   records with the same SeqIds; snapshots bring a lagging replica up;
@@ -17,7 +17,10 @@
 //!   of nodes;
 //! - [`meta`]: membership leases and the map in etcd;
 //! - [`im`]: conversations across partitions: store events, outbox
-//!   records and deliveries to members' partitions;
+//!   records and deliveries to members' partitions, and the hook that
+//!   tells the server of each sync entry applied (push);
+//! - [`delivery`]: a conversation partition leader's deliverer, and the
+//!   queue that merges deliveries into a member partition's entries;
 //! - [`node`]: a running node: its groups, start-up (forming the map),
 //!   routing answers (`MOVED`, `NO_LEADER`, `UNCERTAIN`) and the batching
 //!   of concurrent appends into one entry;
