@@ -619,14 +619,15 @@ impl Im {
             .subscribe(user, self.shared.user_shard(user))
     }
 
-    /// Offer `push` to `user`'s subscribers, as the IM layer does for the
-    /// entries it writes (for entries written by someone else: a cluster
-    /// node's replicated sync timelines). Never blocks.
-    pub fn push_to(&self, user: UserId, push: Push) {
+    /// Offer `make()` to each of `user`'s subscribers, as the IM layer does
+    /// for the entries it writes (for entries written by someone else: a
+    /// cluster node's replicated sync timelines). `make` runs only for a
+    /// subscribed user, once per subscriber. Never blocks.
+    pub fn push_to(&self, user: UserId, make: impl Fn() -> Push) {
         if self.shared.subs.any() {
             self.shared
                 .subs
-                .push(self.shared.user_shard(user), user, || push.clone());
+                .push(self.shared.user_shard(user), user, make);
         }
     }
 

@@ -33,7 +33,9 @@
 //!   `SYNC` is answered), a sender keeps a connection per node and sends
 //!   each `SEND` to the leader of its conversation's partition. The nodes
 //!   are not the bench's children: no /proc figures (server CPU, RSS,
-//!   threads). A leader change during the run fails it (a refusal).
+//!   threads). The run measures a stable cluster: after a leader change
+//!   a refused `SEND` counts as an error, and a device's refused `SYNC`
+//!   or `SUBSCRIBE` ends the run.
 
 use super::imkit::{ns_since, stamp, stamp_of};
 use crate::report::{new_histogram, Reporter, ResultLine};

@@ -205,13 +205,19 @@ fn max_members(max_payload: usize) -> usize {
 
 fn body_of(kind: u8, body: Vec<u8>) -> Body {
     if kind == KIND_CREATED {
-        let kind = match body.first() {
-            Some(1) => ConvKind::Direct,
-            _ => ConvKind::Group,
-        };
-        Body::Created { kind }
+        Body::Created {
+            kind: created_kind(&body),
+        }
     } else {
         Body::Message(body)
+    }
+}
+
+/// The conversation kind a `Created` event's body holds.
+fn created_kind(body: &[u8]) -> ConvKind {
+    match body.first() {
+        Some(1) => ConvKind::Direct,
+        _ => ConvKind::Group,
     }
 }
 
@@ -321,31 +327,31 @@ pub(crate) struct PushHook(pub(crate) std::sync::Weak<super::Shared>);
 impl timeline_cluster::im::DeliveryHook for PushHook {
     fn delivered(&self, seq: u64, d: &Delivery) {
         let Some(sh) = self.0.upgrade() else { return };
-        let body = match body_of(d.kind, d.body.clone()) {
-            Body::Created { kind } => timeline_im::Body::Created {
-                kind: match kind {
-                    ConvKind::Direct => timeline_im::ConvKind::Direct,
-                    ConvKind::Group => timeline_im::ConvKind::Group,
-                },
-            },
-            _ => timeline_im::Body::Message(d.body.clone()),
-        };
-        let entry = timeline_im::SyncEntry {
-            seq,
-            entry: timeline_im::Entry {
-                conv: d.conv,
-                conv_seq: d.conv_seq,
-                sender: d.sender,
-                timestamp_ms: d.ts,
-                body,
-            },
-        };
-        sh.im.push_to(
-            d.user,
+        // Built only for a user with a device subscribed here.
+        sh.im.push_to(d.user, || {
+            let body = if d.kind == KIND_CREATED {
+                timeline_im::Body::Created {
+                    kind: match created_kind(&d.body) {
+                        ConvKind::Direct => timeline_im::ConvKind::Direct,
+                        ConvKind::Group => timeline_im::ConvKind::Group,
+                    },
+                }
+            } else {
+                timeline_im::Body::Message(d.body.clone())
+            };
             timeline_im::Push::Entry {
                 user: d.user,
-                entry,
-            },
-        );
+                entry: timeline_im::SyncEntry {
+                    seq,
+                    entry: timeline_im::Entry {
+                        conv: d.conv,
+                        conv_seq: d.conv_seq,
+                        sender: d.sender,
+                        timestamp_ms: d.ts,
+                        body,
+                    },
+                },
+            }
+        });
     }
 }
