@@ -32,10 +32,17 @@ pub const DONE_BASE: u64 = 2 << 40;
 pub const KIND_MESSAGE: u8 = 1;
 pub const KIND_CREATED: u8 = 2;
 
+/// Conversation kinds (a `Created` event's first body byte): a direct
+/// conversation and a group, both written fan-out, and a group read
+/// fan-out (module [`crate::groups`]): its messages stay in its partition.
+pub const CONV_DIRECT: u8 = 1;
+pub const CONV_GROUP: u8 = 2;
+pub const CONV_READ_GROUP: u8 = 3;
+
 /// A conversation store record (after the write id):
 /// `kind u8 | sender u64 | ts u64 | client_msg_id u64 | body`; a
 /// `Created` body is `conv kind u8 | members u64 × n`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoreEvent {
     pub kind: u8,
     pub sender: u64,
@@ -146,6 +153,11 @@ impl Delivery {
 /// thread: it must not block.
 pub trait DeliveryHook: Send + Sync {
     fn delivered(&self, seq: u64, d: &Delivery);
+
+    /// A message to read-fan-out group `conv` was stored at `conv_seq`
+    /// (told on every node, by the conversation partition's leader: a
+    /// hint, lost with the leader or a peer link).
+    fn group_message(&self, _conv: u64, _conv_seq: u64, _ev: &StoreEvent) {}
 }
 
 /// Where a node's state machines find the hook, once the server set it.
@@ -287,6 +299,35 @@ pub mod read {
             .and_then(|(w, b)| StoreEvent::decode(b).map(|ev| (w, ev)))
             .ok_or_else(|| ReadError::Damaged(format!("conversation {conv} seq {seq}")))
     }
+
+    /// The read-fan-out groups `user` belongs to, in the order joined
+    /// (from this node's replica of the user's partition).
+    pub fn groups_of(e: &Engine, user: u64) -> Result<Vec<u64>, ReadError> {
+        let tl = TimelineId::new(crate::log_store::IM_GROUPS, user);
+        let mut out: Vec<u64> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut from = 1;
+        loop {
+            let page = e.scan(tl, from, GROUPS_PAGE, Direction::Forward)?;
+            for r in &page {
+                let conv = split(&r.payload)
+                    .and_then(|(_, b)| (b.len() == 8).then(|| u64_at(b, 0)).flatten())
+                    .ok_or_else(|| {
+                        ReadError::Damaged(format!("user {user}'s group record {}", r.seq))
+                    })?;
+                // A re-driven join may list a group twice.
+                if seen.insert(conv) {
+                    out.push(conv);
+                }
+            }
+            match page.last() {
+                Some(r) if page.len() == GROUPS_PAGE => from = r.seq + 1,
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    const GROUPS_PAGE: usize = 1024;
 
     /// Conversation `conv`'s kind and members, or why it has none.
     pub fn members(e: &Engine, conv: u64) -> Result<Result<(u8, Vec<u64>), ImRefusal>, ReadError> {

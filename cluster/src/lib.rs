@@ -21,6 +21,8 @@
 //!   tells the server of each sync entry applied (push);
 //! - [`delivery`]: a conversation partition leader's deliverer, and the
 //!   queue that merges deliveries into a member partition's entries;
+//! - [`groups`]: read fan-out across nodes: a user's groups, pages read
+//!   from the groups' leaders, a group's messages told to every node;
 //! - [`node`]: a running node: its groups, start-up (forming the map),
 //!   routing answers (`MOVED`, `NO_LEADER`, `UNCERTAIN`) and the batching
 //!   of concurrent appends into one entry;
@@ -28,11 +30,12 @@
 //!   changes of the groups (new replicas caught up as learners first), and
 //!   a node that starts outside the map asks for its share.
 //!
-//! Not built yet: read fan-out and the other IM commands across
-//! partitions, snapshots as segment ranges
+//! Not built yet: the other IM commands across partitions (membership
+//! changes, recalls, read marks), snapshots as segment ranges
 //! (docs/scaling.md, "Not built yet").
 
 pub mod delivery;
+pub mod groups;
 pub mod im;
 pub mod log_store;
 pub mod meta;
@@ -159,9 +162,13 @@ pub struct Applied {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ImApplied {
     pub conv_seq: u64,
-    /// The outbox record's seq of this message.
+    /// The outbox record's seq of this message (0: nothing to deliver, a
+    /// message to a read-fan-out group).
     pub outbox: u64,
     pub duplicate: bool,
+    /// A message to a read-fan-out group (stored in its partition only).
+    #[serde(default)]
+    pub group: bool,
 }
 
 openraft::declare_raft_types!(

@@ -65,19 +65,32 @@ pub const RAFT_LOG: Keyspace = Keyspace(2);
 /// The keyspace of partition `p`'s vote (`4p`), committed id (`4p + 1`),
 /// applied state (`4p + 2`) and timeline list (`4p + 3`).
 pub const RAFT_META: Keyspace = Keyspace(3);
+/// The keyspace of the read-fan-out groups each user belongs to: timeline
+/// `user`, one record per group (written by the user's partition; module
+/// [`crate::groups`]).
+pub const IM_GROUPS: Keyspace = Keyspace(4);
+
+/// Whether `keyspace` is one of the cluster's own (no client writes it).
+pub fn is_own(keyspace: u8) -> bool {
+    [RAFT_LOG.0, RAFT_META.0, IM_GROUPS.0].contains(&keyspace)
+}
 
 /// Records replayed per engine scan on open.
 const REPLAY_PAGE: usize = 4096;
 
-/// The two keyspaces a node's engine needs besides its data keyspaces:
-/// kept forever, in log order (no regroup: the log is read in order).
-pub fn keyspaces() -> [KeyspaceConfig; 2] {
+/// The keyspaces a node's engine needs besides its data keyspaces: kept
+/// forever, in log order (no regroup: the log is read in order).
+pub fn keyspaces() -> [KeyspaceConfig; 3] {
     let keep = |id, name| KeyspaceConfig {
         regroup: false,
         segment_window: Duration::from_secs(3600),
         ..KeyspaceConfig::keep_all(id, name)
     };
-    [keep(RAFT_LOG, "raft-log"), keep(RAFT_META, "raft-meta")]
+    [
+        keep(RAFT_LOG, "raft-log"),
+        keep(RAFT_META, "raft-meta"),
+        keep(IM_GROUPS, "im-groups"),
+    ]
 }
 
 type Error = StorageError<NodeId>;

@@ -12,7 +12,7 @@
 //! | bytes | field |
 //! |---|---|
 //! | 4 | `len`: bytes after this field (at most [`MAX_PEER_FRAME`]) |
-//! | 1 | `kind`: 1 append-entries, 2 vote, 3 install-snapshot, 4 deliveries (IM); a reply is the request's kind + 0x80; 0xFF "no such group here" |
+//! | 1 | `kind`: 1 append-entries, 2 vote, 3 install-snapshot, 4 deliveries, 5 group read, 6 group push (IM); a reply is the request's kind + 0x80; 0xFF "no such group here" |
 //! | 4 | partition |
 //! | 8 | request id (chosen by the caller, echoed in the reply) |
 //! | len − 13 | body: the openraft request, or `Result<reply, RaftError>`, in bincode |
@@ -50,7 +50,14 @@ const KIND_VOTE: u8 = 2;
 const KIND_SNAPSHOT: u8 = 3;
 /// Sync entries for a partition this node leads (IM across partitions):
 /// bincode `Vec<Delivery>`; reply `Result<(), Option<leader>>`.
-const KIND_DELIVER: u8 = 4;
+pub const KIND_DELIVER: u8 = 4;
+/// A page of a read-fan-out group, from its partition's leader
+/// ([`crate::groups`]): bincode `GroupRead`; reply
+/// `Result<RawPage, Option<leader>>`.
+pub const KIND_GROUP_READ: u8 = 5;
+/// A read-fan-out group's new message, told to every node (a push hint):
+/// bincode `GroupEvent`; the reply is empty.
+pub const KIND_GROUP_PUSH: u8 = 6;
 const DELIVER_TIMEOUT: Duration = Duration::from_secs(5);
 const REPLY: u8 = 0x80;
 const KIND_NO_GROUP: u8 = 0xFF;
@@ -64,9 +71,10 @@ pub type Groups = RwLock<HashMap<u32, Raft<TypeConfig>>>;
 /// Where each node's peer port is (from etcd's membership records).
 pub type PeerAddrs = RwLock<BTreeMap<NodeId, String>>;
 
-/// What answers a peer's deliveries (the node's deliverer).
-pub type DeliverFn = Arc<
-    dyn Fn(u32, Vec<u8>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<u8>> + Send>>
+/// What answers a peer's IM requests (kinds [`KIND_DELIVER`] to
+/// [`KIND_GROUP_PUSH`]): (kind, partition, body) → the reply's body.
+pub type ImFn = Arc<
+    dyn Fn(u8, u32, Vec<u8>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<u8>> + Send>>
         + Send
         + Sync,
 >;
@@ -138,12 +146,12 @@ async fn write_frames(mut w: impl AsyncWriteExt + Unpin, mut rx: mpsc::Unbounded
 // ---------------------------------------------------------------- serving
 
 /// Accept peers on `listener` and answer their RPCs from `groups`.
-pub async fn serve(listener: TcpListener, groups: Arc<Groups>, deliver: DeliverFn) {
+pub async fn serve(listener: TcpListener, groups: Arc<Groups>, im: ImFn) {
     loop {
         match listener.accept().await {
             Ok((s, _)) => {
                 let _ = s.set_nodelay(true);
-                tokio::spawn(serve_conn(s, groups.clone(), deliver.clone()));
+                tokio::spawn(serve_conn(s, groups.clone(), im.clone()));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "peer accept failed");
@@ -153,7 +161,7 @@ pub async fn serve(listener: TcpListener, groups: Arc<Groups>, deliver: DeliverF
     }
 }
 
-async fn serve_conn(s: TcpStream, groups: Arc<Groups>, deliver: DeliverFn) {
+async fn serve_conn(s: TcpStream, groups: Arc<Groups>, im: ImFn) {
     let (mut r, w) = s.into_split();
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(write_frames(w, rx));
@@ -167,11 +175,11 @@ async fn serve_conn(s: TcpStream, groups: Arc<Groups>, deliver: DeliverFn) {
             }
         };
         let tx = tx.clone();
-        if f.kind == KIND_DELIVER {
-            let answer = deliver(f.partition, f.body);
+        if (KIND_DELIVER..=KIND_GROUP_PUSH).contains(&f.kind) {
+            let answer = im(f.kind, f.partition, f.body);
             tokio::spawn(async move {
                 let body = answer.await;
-                let _ = tx.send(frame(KIND_DELIVER | REPLY, f.partition, f.id, &body));
+                let _ = tx.send(frame(f.kind | REPLY, f.partition, f.id, &body));
             });
             continue;
         }
@@ -343,7 +351,19 @@ impl Transport {
         partition: u32,
         body: Vec<u8>,
     ) -> Result<Vec<u8>, String> {
-        self.call(target, KIND_DELIVER, partition, body, DELIVER_TIMEOUT)
+        self.im_call(target, KIND_DELIVER, partition, body).await
+    }
+
+    /// Send an IM request of `kind` (partition `partition`'s) to node
+    /// `target`; its answer.
+    pub async fn im_call(
+        &self,
+        target: NodeId,
+        kind: u8,
+        partition: u32,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, String> {
+        self.call(target, kind, partition, body, DELIVER_TIMEOUT)
             .await
             .map_err(|e| e.to_string())
     }

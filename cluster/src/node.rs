@@ -377,6 +377,16 @@ impl Node {
             match a.im {
                 None => done(Err(ClusterError::Raft("the entry answered nothing".into()))),
                 Some(Err(r)) => done(Ok(ImOutcome::Refused(r))),
+                Some(Ok(ia)) if ia.group => {
+                    // A read-fan-out group's message: stored is done.
+                    if !ia.duplicate {
+                        crate::groups::announce(&inner, conv, ia.conv_seq);
+                    }
+                    done(Ok(ImOutcome::Done {
+                        conv_seq: ia.conv_seq,
+                        duplicate: ia.duplicate,
+                    }))
+                }
                 Some(Ok(ia)) => {
                     crate::delivery::kick(&inner, p);
                     let wait = crate::delivery::FANOUT_WAIT;
@@ -394,6 +404,28 @@ impl Node {
                     });
                 }
             }
+        });
+    }
+
+    /// The read-fan-out groups `user` belongs to, from this node's replica
+    /// of the user's partition (current after [`Node::linearize`] on the
+    /// user's sync timeline; empty on a node holding no replica of it).
+    pub fn read_groups(&self, user: u64) -> Result<Vec<u64>, crate::im::read::ReadError> {
+        crate::groups::groups_of(&self.inner, user)
+    }
+
+    /// Pages of read-fan-out groups from their partitions' leaders, in
+    /// order, sharing `budget` events: `done` gets the pages that have
+    /// events and whether any group has more than was read.
+    pub fn group_pages(
+        &self,
+        reqs: Vec<crate::groups::GroupRead>,
+        budget: usize,
+        done: impl FnOnce(Result<(Vec<crate::groups::GroupPage>, bool), ClusterError>) + Send + 'static,
+    ) {
+        let inner = self.inner.clone();
+        self.spawn(async move {
+            done(crate::groups::pages(inner, reqs, budget).await);
         });
     }
 
@@ -638,7 +670,12 @@ impl Inner {
         &self.factory.transport
     }
 
-    async fn linearize(&self, keyspace: u8, id: u64) -> Result<(), ClusterError> {
+    /// The push hook, once the server set it.
+    pub(crate) fn hook(&self) -> Option<&Arc<dyn crate::im::DeliveryHook>> {
+        self.factory.hook.get()
+    }
+
+    pub(crate) async fn linearize(&self, keyspace: u8, id: u64) -> Result<(), ClusterError> {
         let p = partition_of(keyspace, id, self.map.read().len());
         let Some(g) = self.group(p) else {
             return Err(self.redirect(p, None));
@@ -756,11 +793,10 @@ async fn boot(
     };
     let lease = meta.register(&me, cfg.lease_ttl).await?;
     let map = form(&meta, cfg).await?;
-    let own = [crate::log_store::RAFT_LOG.0, crate::log_store::RAFT_META.0];
     let data_keyspaces = engine
         .keyspaces()
         .map(|(k, _)| k.0)
-        .filter(|k| !own.contains(k))
+        .filter(|&k| !crate::log_store::is_own(k))
         .collect();
     let addrs: Arc<PeerAddrs> = Arc::new(RwLock::new(BTreeMap::new()));
     let inner = Arc::new(Inner {
@@ -783,16 +819,20 @@ async fn boot(
     });
     inner.refresh(&meta).await?;
     let svc = Arc::downgrade(&inner);
-    let deliver: net::DeliverFn = Arc::new(move |p, body| {
+    let im: net::ImFn = Arc::new(move |kind, p, body| {
         let svc = svc.upgrade();
         Box::pin(async move {
-            match svc {
-                Some(inner) => crate::delivery::serve(inner, p, body).await,
-                None => Vec::new(),
+            match (svc, kind) {
+                (Some(inner), net::KIND_DELIVER) => crate::delivery::serve(inner, p, body).await,
+                (Some(inner), net::KIND_GROUP_READ) => {
+                    crate::groups::serve_read(inner, p, body).await
+                }
+                (Some(inner), net::KIND_GROUP_PUSH) => crate::groups::serve_push(inner, body).await,
+                _ => Vec::new(),
             }
         })
     });
-    tokio::spawn(net::serve(listener, inner.groups.clone(), deliver));
+    tokio::spawn(net::serve(listener, inner.groups.clone(), im));
     for (p, replicas) in map.partitions.iter().enumerate() {
         if !replicas.contains(&cfg.id) {
             continue;

@@ -230,7 +230,7 @@ impl StateMachine {
         index: u64,
         payload: &[u8],
     ) -> Result<u64, Error> {
-        if t.0 == RAFT_META.0 || t.0 == crate::log_store::RAFT_LOG.0 {
+        if crate::log_store::is_own(t.0) {
             return Err(sm_err(std::io::Error::other(format!(
                 "keyspace {} is the cluster's own",
                 t.0
@@ -287,7 +287,7 @@ impl StateMachine {
         let mut listed = Vec::new();
         for (i, it) in items.iter().enumerate().take(crate::MAX_BATCH) {
             let t = (it.keyspace, it.id);
-            if t.0 == RAFT_META.0 || t.0 == crate::log_store::RAFT_LOG.0 {
+            if crate::log_store::is_own(t.0) {
                 return Err(sm_err(std::io::Error::other(format!(
                     "keyspace {} is the cluster's own",
                     t.0
@@ -383,7 +383,7 @@ impl StateMachine {
                 if let Some(r) = self.too_large(payload.len()) {
                     return Ok(Some(Err(r)));
                 }
-                match im::read::members(&self.engine, *conv).map_err(read_err)? {
+                let group = match im::read::members(&self.engine, *conv).map_err(read_err)? {
                     Err(r) => return Ok(Some(Err(r))),
                     Ok((_, m)) if !m.contains(sender) => {
                         return Ok(Some(Err(ImRefusal::NotMember {
@@ -391,10 +391,12 @@ impl StateMachine {
                             user: *sender,
                         })))
                     }
-                    Ok(_) => {}
-                }
+                    Ok((kind, _)) => kind == im::CONV_READ_GROUP,
+                };
                 if let Some(a) = self.recent_send(*conv, *sender, *client_msg_id)? {
-                    return Ok(Some(Ok(a)));
+                    // A read-fan-out message has nothing to wait for.
+                    let outbox = if group { 0 } else { a.outbox };
+                    return Ok(Some(Ok(ImApplied { outbox, group, ..a })));
                 }
                 let ev = StoreEvent {
                     kind: im::KIND_MESSAGE,
@@ -403,6 +405,16 @@ impl StateMachine {
                     client_msg_id: *client_msg_id,
                     body: payload.clone(),
                 };
+                if group {
+                    let t = (Keyspace::STORE.0, *conv);
+                    let conv_seq = self.append_any(st, t, w, &ev.encode())?;
+                    return Ok(Some(Ok(ImApplied {
+                        conv_seq,
+                        outbox: 0,
+                        duplicate: false,
+                        group,
+                    })));
+                }
                 self.store_with_outbox(st, w, *conv, &ev)
                     .map(|a| Some(Ok(a)))
             }
@@ -410,12 +422,18 @@ impl StateMachine {
                 for (i, d) in items.iter().enumerate().take(crate::MAX_BATCH) {
                     let t = (Keyspace::SYNC.0, d.user);
                     let wi = write_id(index, i as u64);
-                    if self.last_index(st, t)? >= wi || self.hwm(st, d.user, d.conv)? >= d.conv_seq
-                    {
-                        continue; // there already (a re-driven delivery)
+                    let applied = self.last_index(st, t)? >= wi;
+                    if applied || self.hwm(st, d.user, d.conv)? >= d.conv_seq {
+                        // There already: applied before a restart (then its
+                        // group record may not be), or a re-driven delivery.
+                        if applied {
+                            self.join_group(st, wi, d)?;
+                        }
+                        continue;
                     }
                     let seq = self.append_any(st, t, wi, &d.sync_record())?;
                     st.hwm.insert((d.user, d.conv), d.conv_seq);
+                    self.join_group(st, wi, d)?;
                     if let Some(h) = self.hook.get() {
                         h.delivered(seq, d);
                     }
@@ -436,6 +454,17 @@ impl StateMachine {
             }
             Command::Append { .. } | Command::Batch(_) => Ok(None),
         }
+    }
+
+    /// A read-fan-out group's `Created` delivery at write id `wi` also
+    /// lists the group among the user's (`IM_GROUPS`), once.
+    fn join_group(&self, st: &mut State, wi: u64, d: &Delivery) -> Result<(), Error> {
+        if d.kind != im::KIND_CREATED || d.body.first() != Some(&im::CONV_READ_GROUP) {
+            return Ok(());
+        }
+        let t = (crate::log_store::IM_GROUPS.0, d.user);
+        self.append_any(st, t, wi, &d.conv.to_le_bytes())?;
+        Ok(())
     }
 
     /// A refusal if a body of `body` bytes would not fit a record (a
@@ -461,6 +490,7 @@ impl StateMachine {
             conv_seq: seq,
             outbox: w,
             duplicate: false,
+            group: false,
         })
     }
 
@@ -485,6 +515,7 @@ impl StateMachine {
                     conv_seq: r.seq,
                     outbox: w,
                     duplicate: true,
+                    group: false,
                 }));
             }
         }
@@ -789,6 +820,82 @@ mod tests {
                 ts: 1,
             },
         )
+    }
+
+    /// A read-fan-out group: its messages are stored with no outbox record
+    /// (nothing to deliver, nothing to wait for, a retry too); its
+    /// `Created` delivery lists the group among the member's once, through
+    /// re-drives and a re-apply after a restart.
+    #[test]
+    fn a_read_fanout_group_stores_only_and_lists_itself_once_per_member() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let mut sm = StateMachine::open(e.clone(), 3).unwrap();
+        let create = entry(
+            1,
+            Command::ImCreate {
+                conv: 7,
+                kind: im::CONV_READ_GROUP,
+                members: vec![1, 2, 3],
+                ts: 1,
+            },
+        );
+        let c = im_of(block(sm.apply([create])).unwrap()).unwrap().unwrap();
+        assert!(!c.group, "the Created event is delivered to every member");
+        let a = im_of(block(sm.apply([send(2, 1, 42, "hi")])).unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (a.conv_seq, a.outbox, a.group, a.duplicate),
+            (2, 0, true, false)
+        );
+        let d = im_of(block(sm.apply([send(3, 1, 42, "hi")])).unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (d.conv_seq, d.outbox, d.group, d.duplicate),
+            (2, 0, true, true)
+        );
+        assert_eq!(
+            im_of(block(sm.apply([send(4, 9, 1, "x")])).unwrap()),
+            Some(Err(ImRefusal::NotMember { conv: 7, user: 9 }))
+        );
+        // Only the Created event went to the outbox.
+        let pending = im::read::outbox_after(&e, 3, 0, 10).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!((pending[0].conv, pending[0].conv_seq), (7, 1));
+
+        let joined = |conv, seq| Delivery {
+            user: 2,
+            conv,
+            conv_seq: seq,
+            sender: 0,
+            ts: 1,
+            kind: im::KIND_CREATED,
+            body: vec![im::CONV_READ_GROUP],
+        };
+        let plain = Delivery {
+            body: vec![im::CONV_GROUP],
+            ..joined(8, 1)
+        };
+        block(sm.apply([entry(
+            5,
+            Command::Deliver(vec![joined(7, 1), plain.clone()]),
+        )]))
+        .unwrap();
+        // Re-driven (a new leader), then re-applied after a restart.
+        block(sm.apply([entry(6, Command::Deliver(vec![joined(7, 1)]))])).unwrap();
+        let mut sm = StateMachine::open(e.clone(), 3).unwrap();
+        block(sm.apply([entry(5, Command::Deliver(vec![joined(7, 1), plain]))])).unwrap();
+        block(sm.apply([entry(7, Command::Deliver(vec![joined(9, 1)]))])).unwrap();
+        assert_eq!(im::read::groups_of(&e, 2).unwrap(), vec![7, 9]);
+        let listed = TimelineId::new(crate::log_store::IM_GROUPS, 2);
+        assert_eq!(e.last_seq(listed), 2, "each group listed once");
+        assert_eq!(sm.records(Keyspace::SYNC.0, 2).unwrap().len(), 3);
+        assert!(im::read::groups_of(&e, 1).unwrap().is_empty());
+        // The list is a timeline of the partition: snapshots carry it.
+        let st = sm.state.lock();
+        assert!(st.timelines.contains(&(crate::log_store::IM_GROUPS.0, 2)));
     }
 
     /// Conversations on one partition: created once, sends stored with an

@@ -622,13 +622,14 @@ impl Im {
     /// Offer `make()` to each of `user`'s subscribers, as the IM layer does
     /// for the entries it writes (for entries written by someone else: a
     /// cluster node's replicated sync timelines). `make` runs only for a
-    /// subscribed user, once per subscriber. Never blocks.
-    pub fn push_to(&self, user: UserId, make: impl Fn() -> Push) {
-        if self.shared.subs.any() {
-            self.shared
+    /// subscribed user, once per subscriber. Never blocks. Whether the
+    /// user has a subscriber here.
+    pub fn push_to(&self, user: UserId, make: impl Fn() -> Push) -> bool {
+        self.shared.subs.any()
+            && self
+                .shared
                 .subs
-                .push(self.shared.user_shard(user), user, make);
-        }
+                .push(self.shared.user_shard(user), user, make)
     }
 
     /// Push delivery into a sink of the caller's (an event loop's queue):

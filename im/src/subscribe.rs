@@ -164,17 +164,20 @@ impl Subscribers {
         self.count.load(Ordering::Acquire) > 0
     }
 
-    /// Offer `make()` to every sink of `user`; never blocks.
-    pub(crate) fn push(&self, shard: usize, user: UserId, make: impl Fn() -> Push) {
+    /// Offer `make()` to every sink of `user`; never blocks. Whether the
+    /// user still has a sink.
+    pub(crate) fn push(&self, shard: usize, user: UserId, make: impl Fn() -> Push) -> bool {
         let mut g = self.shards[shard].lock();
         let Some(list) = g.get_mut(&user) else {
-            return;
+            return false;
         };
         let before = list.len();
         list.retain(|sink| sink.push(make()));
         self.count.fetch_sub(before - list.len(), Ordering::AcqRel);
         if list.is_empty() {
             g.remove(&user);
+            return false;
         }
+        true
     }
 }

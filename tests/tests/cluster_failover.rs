@@ -1186,3 +1186,152 @@ fn append_batch_across_partitions_and_refused_whole_where_a_node_does_not_lead()
     assert_eq!(after, vec![b"c".to_vec(), b"d".to_vec()]);
     drop(cl.etcd);
 }
+
+/// A group above the hybrid threshold (500) on a cluster is read fan-out:
+/// its messages are stored once, in its partition, and reach a member's
+/// `SYNC` as group pages read from the group's leader (another node than
+/// the member's, here) and its subscribed device as group pushes, across
+/// nodes. Device checkpoints and the page budget work as on a single node;
+/// a group the user is not in is never served.
+#[test]
+fn read_fanout_groups_sync_and_push_across_nodes() {
+    use timeline_client::protocol::{Body, ConvKind, HistoryFrom, Push};
+    let cl = Cluster::start(BIN, 16);
+    let seeds = cl.seeds();
+    let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
+    let (big, small) = (9000u64, 9001u64);
+    let members: Vec<u64> = (1..=600).collect();
+    let r = cc.call(&Request::CreateConversation {
+        conv: big,
+        kind: ConvKind::Group,
+        members: members.clone(),
+    });
+    assert!(matches!(r, Ok(Response::CreateConversation(1))), "{r:?}");
+    let (p, lead) = leaders(&seeds);
+    let group_leader = lead[&partition_of(0, big, p)].clone();
+    // A member whose sync partition another node leads.
+    let bob = *members
+        .iter()
+        .find(|&&u| lead[&partition_of(1, u, p)] != group_leader)
+        .expect("a member led elsewhere");
+    let r = cc.call(&Request::CreateConversation {
+        conv: small,
+        kind: ConvKind::Group,
+        members: vec![1, bob],
+    });
+    assert!(matches!(r, Ok(Response::CreateConversation(1))), "{r:?}");
+    let at = lead[&partition_of(1, bob, p)].clone();
+    let mut device = timeline_client::Client::connect(at.as_str(), b"").unwrap();
+    assert!(matches!(
+        device.call(&Request::Subscribe { user: bob }),
+        Ok(Response::Subscribe)
+    ));
+    let sync = |cc: &mut ClusterClient, user, checkpoint, limit, groups: Vec<(u64, u64)>| match cc
+        .call(&Request::Sync {
+            user,
+            checkpoint,
+            limit,
+            groups,
+        }) {
+        Ok(Response::Sync(s)) => s,
+        other => panic!("sync {user}: {other:?}"),
+    };
+    // Bob's sync timeline holds the two Created events, nothing else.
+    let first = sync(&mut cc, bob, 0, 500, Vec::new());
+    let created: Vec<u64> = first.entries.iter().map(|e| e.entry.conv).collect();
+    assert_eq!(created, vec![big, small], "{first:?}");
+    assert!(first.groups.is_empty(), "{first:?}");
+    let cp = first.checkpoint;
+
+    for k in 0..40u64 {
+        let payload = format!("g{k}").into_bytes();
+        let r = cc.call(&Request::Send {
+            conv: big,
+            sender: 1,
+            client_msg_id: k + 1,
+            payload: &payload,
+        });
+        let Ok(Response::Send(ack)) = r else {
+            panic!("send {k}: {r:?}")
+        };
+        assert_eq!((ack.seq, ack.duplicate), (k + 2, false));
+        let (_, push) = device
+            .next_push(Duration::from_secs(5))
+            .unwrap()
+            .unwrap_or_else(|| panic!("no group push for message {k}\n{}", cl.logs()));
+        match push {
+            Push::Group { user, entry } => {
+                assert_eq!((user, entry.conv, entry.conv_seq), (bob, big, ack.seq));
+                assert_eq!(entry.body, Body::Message(payload));
+            }
+            other => panic!("push {k}: {other:?}"),
+        }
+    }
+    // A retry is recognised (and not pushed again).
+    let r = cc.call(&Request::Send {
+        conv: big,
+        sender: 1,
+        client_msg_id: 40,
+        payload: b"g39",
+    });
+    assert!(
+        matches!(r, Ok(Response::Send(a)) if a.seq == 41 && a.duplicate),
+        "{r:?}"
+    );
+    let s = sync(&mut cc, bob, cp, 500, Vec::new());
+    assert!(s.entries.is_empty() && !s.has_more, "{s:?}");
+    assert_eq!(s.groups.len(), 1, "{s:?}");
+    let g = &s.groups[0];
+    assert_eq!((g.conv, g.checkpoint, g.has_more), (big, 41, false));
+    let seqs: Vec<u64> = g.entries.iter().map(|e| e.conv_seq).collect();
+    assert_eq!(seqs, (2..=41).collect::<Vec<_>>());
+    for (k, e) in g.entries.iter().enumerate() {
+        assert_eq!(e.body, Body::Message(format!("g{k}").into_bytes()));
+        assert_eq!(e.sender, 1);
+    }
+    // From the device's group checkpoint, in pages of the asked size.
+    let s = sync(&mut cc, bob, cp, 10, vec![(big, 20)]);
+    assert!(s.has_more, "{s:?}");
+    let g = &s.groups[0];
+    assert_eq!((g.checkpoint, g.has_more, g.entries.len()), (30, true, 10));
+    assert_eq!(g.entries[0].conv_seq, 21);
+    let s = sync(&mut cc, bob, cp, 500, vec![(big, 41)]);
+    assert!(s.groups.is_empty() && !s.has_more, "{s:?}");
+    // Another member, wherever its partition is, reads the same pages;
+    // a user in no group, naming one, gets none.
+    let s = sync(&mut cc, 600, 0, 500, vec![(big, 39)]);
+    assert_eq!(s.entries.len(), 1, "{s:?}");
+    assert_eq!(s.groups[0].entries.len(), 2, "{s:?}");
+    let s = sync(&mut cc, 5000, 0, 500, vec![(big, 1)]);
+    assert!(s.entries.is_empty() && s.groups.is_empty(), "{s:?}");
+    // The history is the conversation's, as for any group.
+    match cc.call(&Request::History {
+        conv: big,
+        user: bob,
+        from: HistoryFrom::After(0),
+        limit: 100,
+    }) {
+        Ok(Response::History(h)) => {
+            assert_eq!(h.entries.len(), 41);
+            assert!(matches!(h.entries[0].body, Body::Created { .. }));
+        }
+        other => panic!("history: {other:?}"),
+    }
+    // The small group is written fan-out: its message is in bob's sync
+    // timeline, pushed as a sync entry.
+    let r = cc.call(&Request::Send {
+        conv: small,
+        sender: 1,
+        client_msg_id: 1,
+        payload: b"w",
+    });
+    assert!(matches!(r, Ok(Response::Send(_))), "{r:?}");
+    let s = sync(&mut cc, bob, cp, 500, vec![(big, 41)]);
+    assert_eq!(s.entries.len(), 1);
+    assert_eq!(s.entries[0].entry.conv, small);
+    match device.next_push(Duration::from_secs(5)).unwrap() {
+        Some((_, Push::Entry { entry, .. })) => assert_eq!(entry.entry.conv, small),
+        other => panic!("push: {other:?}"),
+    }
+    drop(cl.etcd);
+}

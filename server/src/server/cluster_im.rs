@@ -22,12 +22,17 @@ use super::conn::Conn;
 use super::dispatch::{page_limit, Answer, Ctx};
 use super::errors::ToReply;
 use crate::protocol::{
-    Body, ConvKind, Entry, ErrorCode, ErrorReply, HistoryFrom, HistoryPage, Request, Response,
-    SendAck, SyncEntry, SyncReply,
+    Body, ConvKind, Entry, ErrorCode, ErrorReply, GroupPage, HistoryFrom, HistoryPage, Request,
+    Response, SendAck, SyncEntry, SyncReply,
 };
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use timeline_cluster::groups::GroupRead;
 use timeline_cluster::im::read::{self, ReadError};
-use timeline_cluster::im::{Delivery, ImRefusal, StoreEvent, KIND_CREATED, RECORD_OVERHEAD};
+use timeline_cluster::im::{
+    Delivery, ImRefusal, StoreEvent, CONV_DIRECT, CONV_GROUP, CONV_READ_GROUP, KIND_CREATED,
+    RECORD_OVERHEAD,
+};
 use timeline_cluster::state_machine::payload_of;
 use timeline_cluster::{ImOutcome, Node};
 use timeline_engine::{Direction, Engine, Keyspace, TimelineId};
@@ -89,18 +94,24 @@ pub(crate) fn execute(
             m.sort_unstable();
             m.dedup();
             let direct = matches!(kind, ConvKind::Direct);
+            // A group above the hybrid threshold is read fan-out.
+            let kind = match kind {
+                ConvKind::Direct => CONV_DIRECT,
+                ConvKind::Group if m.len() > sh.im.config().hybrid_threshold => CONV_READ_GROUP,
+                ConvKind::Group => CONV_GROUP,
+            };
             // The Created record holds the members (8 bytes each).
             let most = max_members(sh.im.engine().config().max_payload);
             if m.is_empty() || (direct && m.len() != 2) || m.len() > most {
                 return Some(Err(ErrorReply::new(
                     ErrorCode::INVALID_ARGUMENT,
                     m.len() as u64,
-                    format!("a direct conversation has exactly two members, a group 1 to {most} on this node (read fan-out is not served by a cluster node)"),
+                    format!("a direct conversation has exactly two members, a group 1 to {most} on this node"),
                 )));
             }
             let conv = *conv;
             let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
-            node.im_create(conv, if direct { 1 } else { 2 }, m, move |r| {
+            node.im_create(conv, kind, m, move |r| {
                 a.reply(written(r, |seq, _| Response::CreateConversation(seq)))
             });
         }
@@ -144,22 +155,24 @@ pub(crate) fn execute(
             limit,
             groups,
         } => {
-            if !groups.is_empty() {
-                return Some(Err(ErrorReply::new(
-                    ErrorCode::NOT_SUPPORTED,
-                    0,
-                    "read-fan-out groups are not served by a cluster node yet (docs/scaling.md)",
-                )));
-            }
             let (user, checkpoint) = (*user, *checkpoint);
             let limit = page_limit(sh, conn, *limit);
             let engine = node.engine().clone();
+            let asked = groups.clone();
+            let weak = Arc::downgrade(ctx.sh);
             let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
             node.linearize(Keyspace::SYNC.0, user, move |r| {
-                a.reply(
-                    r.map_err(|e| e.reply())
-                        .and_then(|()| sync(&engine, user, checkpoint, limit)),
-                )
+                let reply = r
+                    .map_err(|e| e.reply())
+                    .and_then(|()| sync(&engine, user, checkpoint, limit));
+                match reply {
+                    // Groups are served once the sync timeline is drained,
+                    // as on a single node.
+                    Ok(s) if !s.has_more && s.truncated.is_none() => {
+                        with_groups(weak, user, &asked, limit, s, a)
+                    }
+                    r => a.reply(r.map(Response::Sync)),
+                }
             });
         }
         Request::History {
@@ -221,13 +234,81 @@ fn created_kind(body: &[u8]) -> ConvKind {
     }
 }
 
+/// Answer `s` with pages of `user`'s read-fan-out groups added (from the
+/// groups' partitions' leaders), in what is left of `limit`. A group the
+/// device has no checkpoint for starts after its `Created` event (seq 1,
+/// which came through the sync timeline).
+fn with_groups(
+    weak: std::sync::Weak<super::Shared>,
+    user: u64,
+    asked: &[(u64, u64)],
+    limit: usize,
+    mut s: SyncReply,
+    a: Answer,
+) {
+    let Some(sh) = weak.upgrade() else {
+        return a.reply(Err(ErrorReply::new(
+            ErrorCode::CLOSED,
+            0,
+            "the server is stopping",
+        )));
+    };
+    let Some(node) = sh.cluster.as_ref() else {
+        return a.reply(Ok(Response::Sync(s)));
+    };
+    let mine = match node.read_groups(user) {
+        Ok(g) => g,
+        Err(e) => return a.reply(Err(read_failed(e))),
+    };
+    if mine.is_empty() {
+        return a.reply(Ok(Response::Sync(s)));
+    }
+    let reqs = mine
+        .into_iter()
+        .map(|conv| GroupRead {
+            conv,
+            after: asked.iter().find(|g| g.0 == conv).map_or(1, |g| g.1).max(1),
+            limit: u32::MAX,
+        })
+        .collect();
+    let budget = limit.saturating_sub(s.entries.len());
+    node.group_pages(reqs, budget, move |r| {
+        a.reply(r.map_err(|e| e.reply()).map(|(pages, more)| {
+            s.has_more |= more;
+            s.groups = pages.into_iter().map(group_page).collect();
+            Response::Sync(s)
+        }))
+    });
+}
+
+fn group_page(p: timeline_cluster::groups::GroupPage) -> GroupPage {
+    let checkpoint = p.events.last().map_or(0, |(seq, _)| *seq);
+    let conv = p.conv;
+    GroupPage {
+        conv,
+        has_more: checkpoint < p.last,
+        checkpoint,
+        entries: p
+            .events
+            .into_iter()
+            .map(|(conv_seq, ev)| Entry {
+                conv,
+                conv_seq,
+                sender: ev.sender,
+                timestamp_ms: ev.ts,
+                body: body_of(ev.kind, ev.body),
+            })
+            .collect(),
+    }
+}
+
 /// A user's sync page after `checkpoint`.
 fn sync(
     engine: &Arc<Engine>,
     user: u64,
     checkpoint: u64,
     limit: usize,
-) -> Result<Response, ErrorReply> {
+) -> Result<SyncReply, ErrorReply> {
     let tl = TimelineId::new(Keyspace::SYNC, user);
     let first = engine.first_retained_seq(tl).map_err(|e| e.reply())?;
     let truncated = (first > checkpoint.saturating_add(1)).then_some(first);
@@ -264,13 +345,13 @@ fn sync(
     let last = entries
         .last()
         .map_or(from.saturating_sub(1).max(checkpoint), |e| e.seq);
-    Ok(Response::Sync(SyncReply {
+    Ok(SyncReply {
         has_more: engine.last_seq(tl) > last,
         checkpoint: last,
         entries,
         truncated,
         groups: Vec::new(),
-    }))
+    })
 }
 
 /// A page of a conversation's history, for a member.
@@ -328,7 +409,7 @@ impl timeline_cluster::im::DeliveryHook for PushHook {
     fn delivered(&self, seq: u64, d: &Delivery) {
         let Some(sh) = self.0.upgrade() else { return };
         // Built only for a user with a device subscribed here.
-        sh.im.push_to(d.user, || {
+        let here = sh.im.push_to(d.user, || {
             let body = if d.kind == KIND_CREATED {
                 timeline_im::Body::Created {
                     kind: match created_kind(&d.body) {
@@ -353,5 +434,83 @@ impl timeline_cluster::im::DeliveryHook for PushHook {
                 },
             }
         });
+        if here && d.kind == KIND_CREATED && d.body.first() == Some(&CONV_READ_GROUP) {
+            sh.group_watch.add(d.conv, d.user);
+        }
+    }
+
+    fn group_message(&self, conv: u64, conv_seq: u64, ev: &StoreEvent) {
+        let Some(sh) = self.0.upgrade() else { return };
+        let mut gone = Vec::new();
+        for user in sh.group_watch.members(conv) {
+            let pushed = sh.im.push_to(user, || timeline_im::Push::Group {
+                user,
+                entry: timeline_im::Entry {
+                    conv,
+                    conv_seq,
+                    sender: ev.sender,
+                    timestamp_ms: ev.ts,
+                    body: timeline_im::Body::Message(ev.body.clone()),
+                },
+            });
+            if !pushed {
+                gone.push(user);
+            }
+        }
+        sh.group_watch.forget(conv, &gone);
+    }
+}
+
+/// Whom a read-fan-out group's message is pushed to on this node: the
+/// users subscribed here, by group. Filled when a user subscribes (its
+/// groups, from this node's replica of its partition) and when a user
+/// subscribed here joins a group; a user found without a subscriber at a
+/// push is dropped (a hint, as every push).
+#[derive(Default)]
+pub(crate) struct GroupWatch(std::sync::Mutex<HashMap<u64, HashSet<u64>>>);
+
+impl GroupWatch {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, HashSet<u64>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn add(&self, conv: u64, user: u64) {
+        self.lock().entry(conv).or_default().insert(user);
+    }
+
+    fn members(&self, conv: u64) -> Vec<u64> {
+        self.lock()
+            .get(&conv)
+            .map(|u| u.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    fn forget(&self, conv: u64, users: &[u64]) {
+        if users.is_empty() {
+            return;
+        }
+        let mut g = self.lock();
+        if let Some(set) = g.get_mut(&conv) {
+            for u in users {
+                set.remove(u);
+            }
+            if set.is_empty() {
+                g.remove(&conv);
+            }
+        }
+    }
+
+    /// `user` subscribed on this node: watch its groups (those this node's
+    /// replica of the user's partition lists; none without one).
+    pub(crate) fn subscribed(&self, node: &Node, user: u64) {
+        match node.read_groups(user) {
+            Ok(groups) => {
+                let mut g = self.lock();
+                for conv in groups {
+                    g.entry(conv).or_default().insert(user);
+                }
+            }
+            Err(e) => tracing::warn!(user, error = %e, "read-fan-out groups not watched"),
+        }
     }
 }

@@ -849,6 +849,9 @@ fn subscribe(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, user: u64) -> Result<(), E
         conn.session.client_max,
     ));
     ctx.sh.im.subscribe_sink(user, sink.clone());
+    if let Some(node) = &ctx.sh.cluster {
+        ctx.sh.group_watch.subscribed(node, user);
+    }
     conn.subs.push(Sub {
         id,
         sink,

@@ -176,6 +176,8 @@ pub(crate) struct Shared {
     pub io_threads: usize,
     /// The cluster node (`--cluster`).
     pub cluster: Option<timeline_cluster::Node>,
+    /// A cluster node's subscribers by read-fan-out group.
+    pub group_watch: cluster_im::GroupWatch,
 }
 
 /// Set once; wakes whoever waits for it.
@@ -332,6 +334,7 @@ pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
         read_pool,
         io_threads,
         cluster,
+        group_watch: Default::default(),
     });
     if let Some(n) = &shared.cluster {
         n.set_delivery_hook(Arc::new(cluster_im::PushHook(Arc::downgrade(&shared))));

@@ -1,0 +1,267 @@
+//! Read fan-out across nodes (docs/scaling.md, "Read fan-out across
+//! nodes"): a group created with more members than the server's
+//! `--hybrid-threshold` is a read-fan-out group ([`CONV_READ_GROUP`]).
+//!
+//! - Its `Created` event is delivered to every member's sync timeline, as
+//!   any conversation's. Applying that delivery also lists the group among
+//!   the user's: a record `conv` in timeline `user` of [`IM_GROUPS`], in
+//!   the user's partition, kept forever (the sync TTL does not drop it).
+//! - Its messages are stored in its partition only: one entry, no outbox
+//!   and nothing to deliver; a `SEND` is answered once the entry is
+//!   applied.
+//! - A user's `SYNC`, on the user partition's leader, reads the user's
+//!   groups from that replica, then a page of each from the group
+//!   partition's leader, here or over the peer connection
+//!   ([`KIND_GROUP_READ`]), after that leader confirmed its leadership:
+//!   each page is linearizable on its own.
+//! - Push: the group partition's leader tells every node of each new
+//!   message ([`KIND_GROUP_PUSH`]); a node pushes it to the members
+//!   subscribed there ([`crate::im::DeliveryHook::group_message`]). A hint,
+//!   as every push: lost with the leader or a peer link.
+//!
+//! [`CONV_READ_GROUP`]: crate::im::CONV_READ_GROUP
+//! [`IM_GROUPS`]: crate::log_store::IM_GROUPS
+
+use crate::im::read::{self, ReadError};
+use crate::im::StoreEvent;
+use crate::net::{KIND_GROUP_PUSH, KIND_GROUP_READ};
+use crate::node::{ClusterError, Inner};
+use crate::partition::{partition_of, PartitionId};
+use crate::NodeId;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use timeline_engine::{Direction, Keyspace, TimelineId};
+
+/// A page of group `conv`: up to `limit` events after seq `after`
+/// (`limit` 0: only its last seq).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRead {
+    pub conv: u64,
+    pub after: u64,
+    pub limit: u32,
+}
+
+/// One group's page: its events after the asked seq, in seq order, and
+/// the group's last seq when it was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupPage {
+    pub conv: u64,
+    pub events: Vec<(u64, StoreEvent)>,
+    pub last: u64,
+}
+
+/// A page as it travels: the stored records (write id and event).
+#[derive(Debug, Serialize, Deserialize)]
+struct RawPage {
+    records: Vec<(u64, Vec<u8>)>,
+    last: u64,
+}
+
+/// Why a peer did not answer a group read.
+#[derive(Debug, Serialize, Deserialize)]
+enum Refusal {
+    /// It does not lead the group's partition (the leader it knows of).
+    NotLeader(Option<NodeId>),
+    Failed(String),
+}
+
+/// A read-fan-out group's new message, as told to every node.
+#[derive(Debug, Serialize, Deserialize)]
+struct GroupEvent {
+    conv: u64,
+    conv_seq: u64,
+    ev: StoreEvent,
+}
+
+/// Attempts at a group's page (each follows the leader the last named).
+const READ_ATTEMPTS: usize = 3;
+
+fn read_failed(p: PartitionId, e: impl std::fmt::Display) -> ClusterError {
+    ClusterError::Storage {
+        partition: p,
+        message: e.to_string(),
+    }
+}
+
+/// Read `req` from this node's replica, once this node confirmed it leads
+/// the group's partition.
+async fn read_here(
+    inner: &Inner,
+    p: PartitionId,
+    req: &GroupRead,
+) -> Result<RawPage, ClusterError> {
+    inner.linearize(Keyspace::STORE.0, req.conv).await?;
+    let e = inner.engine();
+    let tl = TimelineId::new(Keyspace::STORE, req.conv);
+    let last = e.last_seq(tl);
+    if req.limit == 0 || req.after >= last {
+        return Ok(RawPage {
+            records: Vec::new(),
+            last,
+        });
+    }
+    let limit = req.limit as usize;
+    let recs = match e.scan(tl, req.after + 1, limit, Direction::Forward) {
+        // A store with a TTL dropped the start: read from what it kept.
+        Err(timeline_engine::Error::Truncated { first_retained, .. }) => {
+            e.scan(tl, first_retained, limit, Direction::Forward)
+        }
+        r => r,
+    }
+    .map_err(|e| read_failed(p, e))?;
+    Ok(RawPage {
+        records: recs
+            .into_iter()
+            .map(|r| (r.seq, r.payload.to_vec()))
+            .collect(),
+        last,
+    })
+}
+
+/// A peer's group read for partition `p` (the peer RPC's handler).
+pub(crate) async fn serve_read(inner: Arc<Inner>, p: PartitionId, body: Vec<u8>) -> Vec<u8> {
+    let parts = inner.map.read().len();
+    let answer: Result<RawPage, Refusal> = match bincode::deserialize::<GroupRead>(&body) {
+        Err(e) => Err(Refusal::Failed(format!("undecodable group read: {e}"))),
+        Ok(req) if partition_of(Keyspace::STORE.0, req.conv, parts) != p => Err(Refusal::Failed(
+            format!("conversation {} is not in partition {p}", req.conv),
+        )),
+        Ok(_) if !inner.leads(p) => Err(Refusal::NotLeader(
+            inner.leader_hint(p).filter(|&l| l != inner.id),
+        )),
+        Ok(req) => read_here(&inner, p, &req).await.map_err(|e| match e {
+            ClusterError::Moved { .. } | ClusterError::NoLeader { .. } => Refusal::NotLeader(None),
+            e => Refusal::Failed(e.to_string()),
+        }),
+    };
+    bincode::serialize(&answer).unwrap_or_default()
+}
+
+/// `req`'s page from the group partition's leader, wherever it is.
+async fn read_one(inner: &Arc<Inner>, req: GroupRead) -> Result<GroupPage, ClusterError> {
+    let p = partition_of(Keyspace::STORE.0, req.conv, inner.map.read().len());
+    let mut hint = None;
+    for _ in 0..READ_ATTEMPTS {
+        let raw = if inner.leads(p) {
+            read_here(inner, p, &req).await?
+        } else {
+            let Some(node) = hint
+                .or_else(|| inner.leader_hint(p))
+                .filter(|&n| n != inner.id)
+            else {
+                return Err(ClusterError::NoLeader { partition: p });
+            };
+            let body = bincode::serialize(&req).map_err(|e| ClusterError::Raft(e.to_string()))?;
+            // A leader out of reach is as good as none: retry later.
+            let reply = match inner
+                .transport()
+                .im_call(node, KIND_GROUP_READ, p, body)
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(partition = p, node, error = %e, "group read failed");
+                    return Err(ClusterError::NoLeader { partition: p });
+                }
+            };
+            match bincode::deserialize::<Result<RawPage, Refusal>>(&reply) {
+                Ok(Ok(raw)) => raw,
+                Ok(Err(Refusal::NotLeader(l))) => {
+                    hint = l;
+                    continue;
+                }
+                Ok(Err(Refusal::Failed(m))) => return Err(ClusterError::Raft(m)),
+                Err(e) => return Err(ClusterError::Raft(format!("group read reply: {e}"))),
+            }
+        };
+        let mut events = Vec::with_capacity(raw.records.len());
+        for (seq, b) in raw.records {
+            let (_, ev) = read::decode_event(&b, req.conv, seq).map_err(|e| read_failed(p, e))?;
+            events.push((seq, ev));
+        }
+        return Ok(GroupPage {
+            conv: req.conv,
+            events,
+            last: raw.last,
+        });
+    }
+    Err(ClusterError::NoLeader { partition: p })
+}
+
+/// The pages of `reqs`, in order, sharing `budget` events: a group read
+/// once the budget is spent is asked only for its last seq. The pages
+/// that have events, and whether any group has more than was read.
+pub(crate) async fn pages(
+    inner: Arc<Inner>,
+    reqs: Vec<GroupRead>,
+    budget: usize,
+) -> Result<(Vec<GroupPage>, bool), ClusterError> {
+    let mut out = Vec::new();
+    let mut left = budget;
+    let mut more = false;
+    for mut r in reqs {
+        r.limit = r.limit.min(left.min(u32::MAX as usize) as u32);
+        // The caller was asked for the user's timeline: a `MOVED` naming a
+        // group's leader would send it away from the user's.
+        let page = read_one(&inner, r).await.map_err(|e| match e {
+            ClusterError::Moved { partition, .. } => ClusterError::NoLeader { partition },
+            e => e,
+        })?;
+        left -= page.events.len().min(left);
+        let through = page.events.last().map_or(r.after, |(s, _)| *s);
+        more |= through < page.last;
+        if !page.events.is_empty() {
+            out.push(page);
+        }
+    }
+    Ok((out, more))
+}
+
+/// The read-fan-out groups `user` belongs to, from this node's replica.
+pub(crate) fn groups_of(inner: &Inner, user: u64) -> Result<Vec<u64>, ReadError> {
+    read::groups_of(inner.engine(), user)
+}
+
+/// Tell every node (this one too) of group `conv`'s new message at
+/// `conv_seq`, so that each pushes it to the members subscribed there.
+pub(crate) fn announce(inner: &Arc<Inner>, conv: u64, conv_seq: u64) {
+    let ev = match read::event(inner.engine(), conv, conv_seq) {
+        Ok(Some((_, ev))) => ev,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(conv, conv_seq, error = %e, "group message not pushed");
+            return;
+        }
+    };
+    if let Some(h) = inner.hook() {
+        h.group_message(conv, conv_seq, &ev);
+    }
+    let Ok(body) = bincode::serialize(&GroupEvent { conv, conv_seq, ev }) else {
+        return;
+    };
+    let peers: Vec<NodeId> = inner
+        .members
+        .read()
+        .keys()
+        .copied()
+        .filter(|&n| n != inner.id)
+        .collect();
+    for node in peers {
+        let (inner, body) = (inner.clone(), body.clone());
+        tokio::spawn(async move {
+            let _ = inner
+                .transport()
+                .im_call(node, KIND_GROUP_PUSH, 0, body)
+                .await;
+        });
+    }
+}
+
+/// A peer's group message (the peer RPC's handler): pushed to the members
+/// subscribed here.
+pub(crate) async fn serve_push(inner: Arc<Inner>, body: Vec<u8>) -> Vec<u8> {
+    if let (Ok(g), Some(h)) = (bincode::deserialize::<GroupEvent>(&body), inner.hook()) {
+        h.group_message(g.conv, g.conv_seq, &g.ev);
+    }
+    Vec::new()
+}
