@@ -10,7 +10,8 @@
 //!   the Raft index stripped from each record.
 //! - `CLUSTER_MAP`: the map version, P and the leaders this node knows.
 //! - `CREATE_CONVERSATION`, `SEND`, `SYNC`, `HISTORY`, `MEMBERS`: the
-//!   conversation or user partition's leader (`cluster_im`).
+//!   conversation or user partition's leader (`cluster_im`; `SYNC` adds
+//!   the user's read-fan-out groups' pages, read from their leaders).
 //! - `APPEND_BATCH`: every item's partition must be led by this node
 //!   (else `MOVED` or `NO_LEADER` for the first that is not, and nothing is
 //!   written); each item then joins its partition's next entry, as an

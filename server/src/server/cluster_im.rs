@@ -5,8 +5,12 @@
 //! - `CREATE_CONVERSATION`, `SEND`: to the conversation partition's
 //!   leader; answered once the entry is stored and delivered to every
 //!   member's sync timeline (`FANOUT_FAILED` with the seq if the
-//!   deliveries take longer than 2 s: they go on).
-//! - `SYNC` (without read-fan-out groups): the user partition's leader.
+//!   deliveries take longer than 2 s: they go on). A group above the
+//!   hybrid threshold is read fan-out: a `SEND` to it is answered once
+//!   stored, and told to every node for push (`timeline_cluster::groups`).
+//! - `SYNC`: the user partition's leader: the sync timeline, then (once
+//!   it is drained) pages of the user's read-fan-out groups, each read
+//!   from its group's leader.
 //! - `HISTORY`, `MEMBERS`: the conversation partition's leader.
 //!
 //! - `SUBSCRIBE`: served by any node (the dispatcher's own path): a node
