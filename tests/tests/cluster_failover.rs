@@ -753,6 +753,10 @@ type Acked = HashMap<(u64, u64), Vec<u8>>;
 
 const CONVS: u64 = 12;
 const USERS: u64 = 18;
+/// A read-fan-out group (above the default hybrid threshold of 500) of
+/// users 1..=501 in the IM kill test.
+const GROUP: u64 = 3000;
+const GROUP_SIZE: u64 = 501;
 
 /// Conversation `c`'s three members.
 fn members_of(c: u64) -> Vec<u64> {
@@ -844,7 +848,22 @@ fn history_all(
 
 /// A user's whole sync timeline.
 fn sync_all(cc: &mut ClusterClient, user: u64) -> Vec<timeline_client::protocol::SyncEntry> {
+    sync_with_groups(cc, user).0
+}
+
+/// A user's whole sync timeline and read-fan-out group entries, as a
+/// device gets them: `SYNC` from its checkpoints (sync and per group)
+/// until nothing more.
+fn sync_with_groups(
+    cc: &mut ClusterClient,
+    user: u64,
+) -> (
+    Vec<timeline_client::protocol::SyncEntry>,
+    HashMap<u64, Vec<timeline_client::protocol::Entry>>,
+) {
     let mut out: Vec<timeline_client::protocol::SyncEntry> = Vec::new();
+    let mut groups: HashMap<u64, Vec<timeline_client::protocol::Entry>> = HashMap::new();
+    let mut cps: HashMap<u64, u64> = HashMap::new();
     let mut checkpoint = 0;
     loop {
         let r = cc
@@ -852,7 +871,7 @@ fn sync_all(cc: &mut ClusterClient, user: u64) -> Vec<timeline_client::protocol:
                 user,
                 checkpoint,
                 limit: 500,
-                groups: Vec::new(),
+                groups: cps.iter().map(|(&c, &s)| (c, s)).collect(),
             })
             .unwrap();
         let Response::Sync(page) = r else {
@@ -860,8 +879,12 @@ fn sync_all(cc: &mut ClusterClient, user: u64) -> Vec<timeline_client::protocol:
         };
         checkpoint = page.checkpoint;
         out.extend(page.entries);
+        for g in page.groups {
+            cps.insert(g.conv, g.checkpoint);
+            groups.entry(g.conv).or_default().extend(g.entries);
+        }
         if !page.has_more {
-            return out;
+            return (out, groups);
         }
     }
 }
@@ -871,7 +894,9 @@ fn sync_all(cc: &mut ClusterClient, user: u64) -> Vec<timeline_client::protocol:
 /// -9 and restarted: every acknowledged send is in its conversation's
 /// history with its exact bytes, stored once (retries carry the same
 /// client_msg_id), and every history entry is in each member's sync
-/// timeline exactly once, in conv_seq order.
+/// timeline exactly once, in conv_seq order. A quarter of the sends go to
+/// a read-fan-out group: each member's `SYNC` then returns its whole
+/// history (after `Created`) as group pages, once, in order.
 #[test]
 fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
     let partitions = env_or("CLUSTER_PARTITIONS", 16) as u32;
@@ -891,6 +916,12 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
             "create {c}: {r:?}"
         );
     }
+    let r = cc.call(&Request::CreateConversation {
+        conv: GROUP,
+        kind: timeline_client::protocol::ConvKind::Group,
+        members: (1..=GROUP_SIZE).collect(),
+    });
+    assert!(matches!(r, Ok(Response::CreateConversation(1))), "{r:?}");
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Arc<Mutex<Acked>> = Arc::default();
     let mut threads = Vec::new();
@@ -903,16 +934,20 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
             let mut k = 0u64;
             let mut answers = 0usize;
             while !stop.load(Ordering::Relaxed) {
-                let c = rng.gen_range(0..CONVS);
-                let m = members_of(c);
-                let sender = m[rng.gen_range(0..m.len())];
+                let (conv, sender) = if rng.gen_range(0..4) == 0 {
+                    (GROUP, rng.gen_range(1..=USERS))
+                } else {
+                    let c = rng.gen_range(0..CONVS);
+                    let m = members_of(c);
+                    (1000 + c, m[rng.gen_range(0..m.len())])
+                };
                 k += 1;
                 let cmid = w << 32 | k;
-                let payload = format!("w{w}-m{k}-c{c}").into_bytes();
-                let (seq, seen) = send_until_acked(&mut cc, 1000 + c, sender, cmid, &payload);
+                let payload = format!("w{w}-m{k}-c{conv}").into_bytes();
+                let (seq, seen) = send_until_acked(&mut cc, conv, sender, cmid, &payload);
                 answers += seen.len();
-                let prev = acked.lock().insert((1000 + c, seq), payload.clone());
-                assert!(prev.is_none(), "two sends acknowledged at {c}/{seq}");
+                let prev = acked.lock().insert((conv, seq), payload.clone());
+                assert!(prev.is_none(), "two sends acknowledged at {conv}/{seq}");
             }
             answers
         }));
@@ -945,9 +980,9 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
     let acked = acked.lock().clone();
     // Every acknowledged send: in its history, once, with its bytes.
     let mut histories = HashMap::new();
-    for c in 0..CONVS {
-        let conv = 1000 + c;
-        let h = history_all(&mut cc, conv, members_of(c)[0]);
+    let convs = (0..CONVS).map(|c| (1000 + c, members_of(c)[0]));
+    for (conv, member) in convs.chain([(GROUP, 1)]) {
+        let h = history_all(&mut cc, conv, member);
         assert!(matches!(
             h[0].body,
             timeline_client::protocol::Body::Created { .. }
@@ -979,11 +1014,32 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
     // order, with the same bytes.
     let mut entries = 0;
     for user in 1..=USERS {
-        let s = sync_all(&mut cc, user);
+        let (s, mut pages) = sync_with_groups(&mut cc, user);
         let mut by_conv: HashMap<u64, Vec<&timeline_client::protocol::Entry>> = HashMap::new();
         for e in &s {
             by_conv.entry(e.entry.conv).or_default().push(&e.entry);
         }
+        // The group: its Created event in the sync timeline, the rest of
+        // its history as group pages.
+        let created: Vec<u64> = by_conv
+            .remove(&GROUP)
+            .unwrap_or_default()
+            .iter()
+            .map(|e| e.conv_seq)
+            .collect();
+        assert_eq!(created, vec![1], "user {user}: the group's sync entries");
+        let got = pages.remove(&GROUP).unwrap_or_default();
+        let want = &histories[&GROUP][1..];
+        assert_eq!(
+            got.iter().map(|e| e.conv_seq).collect::<Vec<_>>(),
+            want.iter().map(|e| e.conv_seq).collect::<Vec<_>>(),
+            "user {user}: group pages"
+        );
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!((&g.body, g.sender), (&w.body, w.sender), "user {user}");
+        }
+        assert!(pages.is_empty(), "user {user}: pages of other groups");
+        entries += got.len();
         for c in (0..CONVS).filter(|c| members_of(*c).contains(&user)) {
             let conv = 1000 + c;
             let got = by_conv.remove(&conv).unwrap_or_default();
