@@ -345,11 +345,35 @@ impl Engine {
     /// Items of one shard are written with one write; the batch is not atomic
     /// across shards (on error, some shards may hold their part).
     pub fn append_batch(&self, items: &[(TimelineId, &[u8])], d: Durability) -> Result<Vec<SeqId>> {
-        let t = self.append_inner(items, d)?;
+        let t = self.append_inner(items, d, None)?;
         match d {
             Durability::GroupCommit => t.wait(),
             _ => Ok(t.seqs),
         }
+    }
+
+    /// Append `payload` to an empty timeline as its SeqId `seq` (≥ 1). The
+    /// timeline then reads as one whose records before `seq` are gone:
+    /// `first_retained_seq` is `seq`, a scan from below it starts at it,
+    /// and later appends continue from it. What a replica restored from
+    /// another's data needs where retention had dropped the start
+    /// (`timeline-cluster`'s snapshots). `InvalidArgument` if the timeline
+    /// ever had a record.
+    pub fn append_at(
+        &self,
+        tl: TimelineId,
+        seq: SeqId,
+        payload: &[u8],
+        d: Durability,
+    ) -> Result<SeqId> {
+        let t = self.append_inner(&[(tl, payload)], d, Some(seq))?;
+        let seqs = match d {
+            Durability::GroupCommit => t.wait()?,
+            _ => t.seqs,
+        };
+        seqs.first()
+            .copied()
+            .ok_or_else(|| Error::InvalidArgument("empty append".into()))
     }
 
     /// Append and return at once (the bytes are with the OS); the ticket
@@ -357,10 +381,17 @@ impl Engine {
     /// flight from one thread to get group-commit throughput without a
     /// thread per append.
     pub fn append_async(&self, items: &[(TimelineId, &[u8])]) -> Result<AppendTicket> {
-        self.append_inner(items, Durability::Buffered)
+        self.append_inner(items, Durability::Buffered, None)
     }
 
-    fn append_inner(&self, items: &[(TimelineId, &[u8])], d: Durability) -> Result<AppendTicket> {
+    /// `first`: the SeqId of `items[0]` (one item, an empty timeline:
+    /// [`Engine::append_at`]).
+    fn append_inner(
+        &self,
+        items: &[(TimelineId, &[u8])],
+        d: Durability,
+        first: Option<SeqId>,
+    ) -> Result<AppendTicket> {
         self.check_open()?;
         for (_, p) in items {
             self.check_payload(p)?;
@@ -379,7 +410,7 @@ impl Engine {
                 let shard = self.shard(*tl)?;
                 let list: Vec<(u64, &[u8])> = items.iter().map(|(t, p)| (t.id, *p)).collect();
                 let mut out = Vec::with_capacity(items.len());
-                let (lsn, froze, wake) = shard.append(&list, &mut out, d)?;
+                let (lsn, froze, wake) = shard.append(&list, &mut out, d, first)?;
                 froze_any |= froze;
                 wake_any |= wake;
                 seqs.copy_from_slice(&out);
@@ -398,7 +429,8 @@ impl Engine {
                 let list: Vec<(u64, &[u8])> =
                     idxs.iter().map(|&i| (items[i].0.id, items[i].1)).collect();
                 let mut out = Vec::with_capacity(list.len());
-                let (lsn, froze, wake) = shard.append(&list, &mut out, d)?;
+                // `first` comes with one item: the single-shard path.
+                let (lsn, froze, wake) = shard.append(&list, &mut out, d, None)?;
                 froze_any |= froze;
                 wake_any |= wake;
                 for (k, &i) in idxs.iter().enumerate() {

@@ -8,11 +8,15 @@ impl Shard {
     /// `seqs`. Returns the shard LSN just past the last byte written, whether
     /// a segment was frozen (and needs sealing), and whether the maintenance
     /// thread should populate the active buffer further ahead.
+    ///
+    /// `first`: the SeqId the first item gets, its timeline being empty
+    /// (`Engine::append_at`); `None`: the next one.
     pub fn append(
         &self,
         items: &[(u64, &[u8])],
         seqs: &mut Vec<u64>,
         durability: Durability,
+        first: Option<u64>,
     ) -> Result<(u64, bool, bool)> {
         let mut w = self.writer.lock();
         self.check_poison()?;
@@ -69,9 +73,20 @@ impl Shard {
             };
             // Only a forged checkpoint or index could put a timeline at the
             // end of the seq space; refuse rather than wrap.
-            let seq = last.checked_add(1).ok_or_else(|| {
-                Error::InvalidArgument(format!("timeline {id} has no SeqIds left"))
-            })?;
+            let seq = match first {
+                // Checked before anything of the batch is staged.
+                Some(f) if k == 0 => {
+                    if last != 0 || f == 0 || f == u64::MAX {
+                        return Err(Error::InvalidArgument(format!(
+                            "timeline {id} cannot start at seq {f} (its last seq is {last})"
+                        )));
+                    }
+                    f
+                }
+                _ => last.checked_add(1).ok_or_else(|| {
+                    Error::InvalidArgument(format!("timeline {id} has no SeqIds left"))
+                })?,
+            };
             let (prev, anchor) = if prev_pos.gen == gen {
                 (prev_pos.off, next_anchor)
             } else if prev_pos == Pos::NONE {
