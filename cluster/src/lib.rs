@@ -43,6 +43,7 @@ pub mod net;
 pub mod node;
 pub mod partition;
 pub mod reconcile;
+pub mod snapshot;
 pub mod state_machine;
 
 pub use node::{ClusterError, ImOutcome, Node, NodeConfig};
@@ -69,8 +70,6 @@ pub(crate) mod testkit {
             .block_on(f)
     }
 }
-
-use std::io::Cursor;
 
 /// A node of the cluster.
 pub type NodeId = u64;
@@ -176,4 +175,5 @@ openraft::declare_raft_types!(
     pub TypeConfig:
         D = Command,
         R = Applied,
+        SnapshotData = crate::snapshot::SnapshotFile,
 );

@@ -58,6 +58,11 @@ pub struct NodeConfig {
     /// log is purged up to the snapshot, less `keep_in_log`).
     pub snapshot_every: u64,
     pub keep_in_log: u64,
+    /// Where snapshot files are made while one is sent or received
+    /// (unlinked at once; `None`: the system's temporary directory). The
+    /// server uses `<data dir>/raft-snapshots`: a snapshot is as large as
+    /// its partition, so it belongs on the data disk, not a RAM `/tmp`.
+    pub snapshot_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for NodeConfig {
@@ -75,6 +80,7 @@ impl Default for NodeConfig {
             formation_timeout: Duration::from_secs(60),
             snapshot_every: 20_000,
             keep_in_log: 2_000,
+            snapshot_dir: None,
         }
     }
 }
@@ -208,6 +214,8 @@ struct GroupFactory {
     engine: Arc<Engine>,
     /// The push hook every group's state machine calls.
     hook: crate::im::HookSlot,
+    snapshot_dir: std::path::PathBuf,
+    snapshots: Arc<crate::snapshot::Counters>,
     flusher: Arc<Flusher>,
     transport: Arc<Transport>,
     config: Arc<openraft::Config>,
@@ -465,6 +473,13 @@ impl Node {
             .filter_map(|p| self.inner.leader_of(p, &map).map(|(_, addr)| (p, addr)))
             .collect();
         (map.version, map.len(), out)
+    }
+
+    /// Snapshots this node's groups sent (files made, bytes) and installed.
+    pub fn snapshots(&self) -> (u64, u64, u64) {
+        let c = &self.inner.factory.snapshots;
+        let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        (g(&c.sent), g(&c.bytes_sent), g(&c.installed))
     }
 
     /// Groups run, led, and led with a membership change still to make.
@@ -726,7 +741,9 @@ impl Inner {
             .map_err(|e| storage(e.to_string()))?;
         let sm = StateMachine::open(f.engine.clone(), u64::from(p))
             .map_err(|e| storage(e.to_string()))?
-            .with_hook(f.hook.clone());
+            .with_hook(f.hook.clone())
+            .with_snapshot_dir(f.snapshot_dir.clone())
+            .with_counters(f.snapshots.clone());
         let net = Network {
             transport: f.transport.clone(),
             partition: p,
@@ -810,6 +827,8 @@ async fn boot(
         factory: GroupFactory {
             engine,
             hook: Default::default(),
+            snapshot_dir: cfg.snapshot_dir.clone().unwrap_or_else(std::env::temp_dir),
+            snapshots: Default::default(),
             flusher,
             transport: Transport::new(addrs),
             config: raft_config(cfg)?,

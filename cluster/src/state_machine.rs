@@ -31,16 +31,25 @@
 //!   one record per timeline the first time it is written (the engine
 //!   cannot list timelines).
 //!
-//! **Snapshots** carry every record of the partition's timelines with its
-//! index (a binary list; not yet segment ranges). Installing one on a
-//! replica appends, to each timeline, the records past that replica's last
-//! index: the replica's timelines are a prefix of the snapshot's.
+//! **Snapshots** ([`crate::snapshot`]). Building one only makes the data
+//! durable and persists the applied state (openraft takes nothing but the
+//! meta from a built snapshot): no copy of the data. Sending one cuts the
+//! partition's timelines at their last seqs under the state lock (a
+//! consistent cut, at or past the snapshot's log id) and streams each
+//! timeline's retained range from the engine into an unlinked temporary
+//! file, off the apply path; openraft ships it in chunks. Installing one
+//! appends, to each timeline, the records past the replica's last seq,
+//! each at the same SeqId (`Engine::append_at` where retention had dropped
+//! the start; a "floor" where every record had expired). Entries after the
+//! snapshot's log id whose records the cut already holds are skipped when
+//! applied (write ids), which is what makes a cut past the log id safe.
 
 // openraft's traits return its `StorageError` (224 bytes).
 #![allow(clippy::result_large_err)]
 
 use crate::im::{self, Delivery, ImRefusal, StoreEvent};
 use crate::log_store::RAFT_META;
+use crate::snapshot::{self, SnapshotFile};
 use crate::{Applied, Command, ImApplied, NodeId, TypeConfig};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -49,7 +58,9 @@ use openraft::{
 };
 use parking_lot::Mutex;
 use std::collections::{BTreeSet, HashMap};
-use std::io::Cursor;
+use std::io::{Seek, SeekFrom};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use timeline_engine::{Direction, Durability, Engine, Keyspace, TimelineId};
 
@@ -100,7 +111,23 @@ struct State {
     /// The last conv seq each (user, conversation) holds in the user's
     /// sync timeline (a cache of what the timeline says).
     hwm: HashMap<(u64, u64), u64>,
-    current: Option<(SnapshotMeta<NodeId, BasicNode>, Vec<u8>)>,
+    /// The last snapshot built or installed (its data is the engine's).
+    current: Option<SnapshotMeta<NodeId, BasicNode>>,
+    /// Timelines restored from a snapshot with every record expired: the
+    /// last seq each had reached (its next record gets the one after).
+    floors: HashMap<(u8, u64), u64>,
+}
+
+/// Raft-meta timeline ids (plus the partition) of each partition's floors
+/// (records `keyspace u8 | id u64 | last seq u64`).
+const FLOOR_BASE: u64 = 3 << 40;
+
+fn meta_of(partition: u64, a: &AppliedState) -> SnapshotMeta<NodeId, BasicNode> {
+    SnapshotMeta {
+        last_log_id: a.applied,
+        last_membership: a.membership.clone(),
+        snapshot_id: format!("p{partition}-{}", a.applied.map_or(0, |l| l.index)),
+    }
 }
 
 /// One partition's state machine on a shared engine. Clones share it (the
@@ -112,6 +139,9 @@ pub struct StateMachine {
     state: Arc<Mutex<State>>,
     /// Told of each sync entry applied (push).
     hook: im::HookSlot,
+    /// Where snapshot files are made (unlinked at once).
+    snapshot_dir: PathBuf,
+    counters: Arc<snapshot::Counters>,
 }
 
 impl StateMachine {
@@ -152,18 +182,38 @@ impl StateMachine {
                 _ => break,
             }
         }
+        let floors = load_floors(&engine, partition)?;
+        // The persisted applied state is the last snapshot's meta: it is
+        // written only when one is built or installed.
+        let current = applied.applied.map(|_| meta_of(partition, &applied));
         Ok(StateMachine {
             engine,
             partition,
             hook: Default::default(),
+            snapshot_dir: std::env::temp_dir(),
+            counters: Default::default(),
             state: Arc::new(Mutex::new(State {
                 applied,
                 timelines,
                 last_index: HashMap::new(),
                 hwm: HashMap::new(),
-                current: None,
+                current,
+                floors,
             })),
         })
+    }
+
+    /// Make snapshot files in `dir` (default: the system's temporary
+    /// directory; a node uses its data directory's `raft-snapshots`).
+    pub fn with_snapshot_dir(mut self, dir: PathBuf) -> StateMachine {
+        self.snapshot_dir = dir;
+        self
+    }
+
+    /// Count snapshots sent and installed in `c` (shared by a node's groups).
+    pub fn with_counters(mut self, c: Arc<snapshot::Counters>) -> StateMachine {
+        self.counters = c;
+        self
     }
 
     /// Tell `hook` of every sync entry this state machine applies.
@@ -260,16 +310,24 @@ impl StateMachine {
         let mut rec = Vec::with_capacity(8 + payload.len());
         rec.extend_from_slice(&index.to_le_bytes());
         rec.extend_from_slice(payload);
-        let seq = self
-            .engine
-            .append_with(
-                TimelineId::new(Keyspace(t.0), t.1),
-                &rec,
-                Durability::Buffered,
-            )
-            .map_err(sm_err)?;
+        let seq = self.write_next(st, t, &rec)?;
         st.last_index.insert(t, index);
         Ok(seq)
+    }
+
+    /// Append stored record `rec` to `t` at its next seq: after its floor
+    /// if it has one and no record yet.
+    fn write_next(&self, st: &mut State, t: (u8, u64), rec: &[u8]) -> Result<u64, Error> {
+        let tl = TimelineId::new(Keyspace(t.0), t.1);
+        let floor = match st.floors.remove(&t) {
+            Some(f) if self.engine.last_seq(tl) == 0 => Some(f),
+            _ => None,
+        };
+        match floor {
+            Some(f) => self.engine.append_at(tl, f + 1, rec, Durability::Buffered),
+            None => self.engine.append_with(tl, rec, Durability::Buffered),
+        }
+        .map_err(sm_err)
     }
 
     /// Apply a batch's items in one engine call: each item not already
@@ -281,6 +339,29 @@ impl StateMachine {
         index: u64,
         items: &[crate::BatchItem],
     ) -> Result<Vec<u64>, Error> {
+        if !st.floors.is_empty()
+            && items
+                .iter()
+                .any(|it| st.floors.contains_key(&(it.keyspace, it.id)))
+        {
+            // A timeline starting after its floor: item by item (rare: a
+            // replica restored from a snapshot with expired timelines).
+            return items
+                .iter()
+                .enumerate()
+                .take(crate::MAX_BATCH)
+                .map(|(i, it)| {
+                    if crate::log_store::is_own(it.keyspace) {
+                        return Err(sm_err(std::io::Error::other(format!(
+                            "keyspace {} is the cluster's own",
+                            it.keyspace
+                        ))));
+                    }
+                    let t = (it.keyspace, it.id);
+                    self.append_any(st, t, write_id(index, i as u64), &it.payload)
+                })
+                .collect();
+        }
         let mut recs: Vec<(TimelineId, Vec<u8>)> = Vec::with_capacity(items.len() + 1);
         // Which items are written, at which position of `recs`.
         let mut at: Vec<Option<usize>> = Vec::with_capacity(items.len());
@@ -572,22 +653,6 @@ impl StateMachine {
             .map_err(sm_err)?;
         Ok(())
     }
-
-    fn snapshot_bytes(&self, st: &State) -> Result<Vec<u8>, Error> {
-        let mut out = Vec::new();
-        for &(ks, id) in &st.timelines {
-            let recs = self.records(ks, id)?;
-            out.push(ks);
-            out.extend_from_slice(&id.to_le_bytes());
-            out.extend_from_slice(&(recs.len() as u64).to_le_bytes());
-            for (index, payload) in recs {
-                out.extend_from_slice(&index.to_le_bytes());
-                out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-                out.extend_from_slice(&payload);
-            }
-        }
-        Ok(out)
-    }
 }
 
 /// The write id of item `i` of the entry at Raft index `index`: what
@@ -620,53 +685,204 @@ fn decode_timeline(b: &[u8]) -> Option<(u8, u64)> {
     Some((ks, u64::from_le_bytes(id.try_into().ok()?)))
 }
 
-/// A snapshot's timelines: (keyspace, id, [(index, payload)]).
-type Timelines = Vec<((u8, u64), Vec<(u64, Vec<u8>)>)>;
-
-fn decode_snapshot(mut b: &[u8]) -> Option<Timelines> {
-    fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-        let (h, t) = b.split_at_checked(n)?;
-        *b = t;
-        Some(h)
-    }
-    fn u64_of(b: &mut &[u8]) -> Option<u64> {
-        Some(u64::from_le_bytes(take(b, 8)?.try_into().ok()?))
-    }
-    let mut out = Vec::new();
-    while !b.is_empty() {
-        let ks = take(&mut b, 1)?[0];
-        let id = u64_of(&mut b)?;
-        let n = u64_of(&mut b)?;
-        let mut recs = Vec::new();
-        for _ in 0..n {
-            let index = u64_of(&mut b)?;
-            let len = u32::from_le_bytes(take(&mut b, 4)?.try_into().ok()?) as usize;
-            recs.push((index, take(&mut b, len)?.to_vec()));
-        }
-        out.push(((ks, id), recs));
-    }
-    Some(out)
-}
-
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    /// Durable data and the applied state persisted: that is the snapshot
+    /// (its data is read out of the engine when it is sent). openraft 0.9
+    /// keeps only the meta of what this returns (`core/sm/worker.rs`), so
+    /// the data returned is an empty file, not a copy of the partition.
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, Error> {
-        let mut st = self.state.lock();
-        let data = self.snapshot_bytes(&st)?;
-        self.persist(&st)?;
-        let meta = SnapshotMeta {
-            last_log_id: st.applied.applied,
-            last_membership: st.applied.membership.clone(),
-            snapshot_id: format!(
-                "p{}-{}",
-                self.partition,
-                st.applied.applied.map_or(0, |l| l.index)
-            ),
+        let meta = {
+            let mut st = self.state.lock();
+            self.persist(&st)?;
+            let meta = meta_of(self.partition, &st.applied);
+            st.current = Some(meta.clone());
+            meta
         };
-        st.current = Some((meta.clone(), data.clone()));
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(SnapshotFile::ready(self.temp_file()?)),
         })
+    }
+}
+
+impl StateMachine {
+    fn temp_file(&self) -> Result<std::fs::File, Error> {
+        std::fs::create_dir_all(&self.snapshot_dir)
+            .and_then(|()| tempfile::tempfile_in(&self.snapshot_dir))
+            .map_err(|e| StorageIOError::write_snapshot(None, &e).into())
+    }
+
+    /// Install the snapshot file `f` (blocking: on the blocking pool).
+    fn install_from(
+        &self,
+        f: std::fs::File,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+    ) -> Result<(), Error> {
+        let bad = |e: std::io::Error| -> Error {
+            StorageIOError::read_snapshot(Some(meta.signature()), &e).into()
+        };
+        let mut f = f;
+        f.seek(SeekFrom::Start(0)).map_err(bad)?;
+        let mut r = snapshot::Reader::open(std::io::BufReader::new(f)).map_err(bad)?;
+        let mut st = self.state.lock();
+        st.hwm.clear();
+        let mut buf = Vec::new();
+        while let Some(sec) = r.section().map_err(bad)? {
+            self.restore_section(&mut st, &sec, &mut r, &mut buf)
+                .map_err(|e| match e {
+                    Restore::Read(e) => bad(e),
+                    Restore::Apply(e) => *e,
+                })?;
+        }
+        st.applied = AppliedState {
+            applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+        };
+        self.persist(&st)?;
+        st.current = Some(meta.clone());
+        self.counters.installed.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// One timeline of a snapshot: the records past this replica's last
+    /// seq, each at its seq.
+    fn restore_section(
+        &self,
+        st: &mut State,
+        sec: &snapshot::Section,
+        r: &mut snapshot::Reader<impl std::io::Read>,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), Restore> {
+        let t = sec.timeline;
+        let tl = TimelineId::new(Keyspace(t.0), t.1);
+        let stored = self.engine.last_seq(tl);
+        let have = stored.max(st.floors.get(&t).copied().unwrap_or(0));
+        let gap = || {
+            Restore::Apply(Box::new(damaged(format!(
+                "partition {}: timeline {}/{} ends at seq {have} here, and the snapshot's starts at {}: \
+                 this replica lagged past what retention kept; rebuild it empty",
+                self.partition, t.0, t.1, sec.first
+            ))))
+        };
+        let apply = |e: Error| Restore::Apply(Box::new(e));
+        // Records here that stop short of where the leader's start: the
+        // seqs between are gone everywhere. (No record here: any start is
+        // fine.)
+        if stored > 0 && stored < sec.last && stored + 1 < sec.first {
+            return Err(gap());
+        }
+        if sec.records() == 0 && have < sec.last {
+            self.set_floor(st, t, sec.last).map_err(apply)?;
+        }
+        for seq in sec.first..=sec.last {
+            r.record(buf).map_err(Restore::Read)?;
+            if seq <= have {
+                continue;
+            }
+            let (w, _) = split(buf).ok_or_else(|| {
+                Restore::Read(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("timeline {}/{} seq {seq}: no write id", t.0, t.1),
+                ))
+            })?;
+            self.list(st, t).map_err(apply)?;
+            let got = match self.engine.last_seq(tl) {
+                0 if seq > 1 => self.engine.append_at(tl, seq, buf, Durability::Buffered),
+                _ => self.engine.append_with(tl, buf, Durability::Buffered),
+            }
+            .map_err(|e| apply(sm_err(e)))?;
+            if got != seq {
+                return Err(apply(damaged(format!(
+                    "timeline {}/{}: restored seq {seq} became {got}",
+                    t.0, t.1
+                ))));
+            }
+            st.floors.remove(&t);
+            st.last_index.insert(t, w);
+        }
+        Ok(())
+    }
+
+    /// Add `t` to the partition's list of timelines (once).
+    fn list(&self, st: &mut State, t: (u8, u64)) -> Result<(), Error> {
+        if st.timelines.insert(t) {
+            let list = TimelineId::new(RAFT_META, 4 * self.partition + 3);
+            self.engine
+                .append_with(list, &encode_timeline(t), Durability::Buffered)
+                .map_err(sm_err)?;
+        }
+        Ok(())
+    }
+
+    /// `t` has no record here and had reached seq `last`.
+    fn set_floor(&self, st: &mut State, t: (u8, u64), last: u64) -> Result<(), Error> {
+        self.list(st, t)?;
+        let mut rec = [0u8; 17];
+        rec[..9].copy_from_slice(&encode_timeline(t));
+        rec[9..].copy_from_slice(&last.to_le_bytes());
+        self.engine
+            .append_with(
+                TimelineId::new(RAFT_META, FLOOR_BASE + self.partition),
+                &rec,
+                Durability::Buffered,
+            )
+            .map_err(sm_err)?;
+        st.floors.insert(t, last);
+        Ok(())
+    }
+
+    /// The consistent cut a snapshot sends: every timeline's last seq now.
+    fn manifest(&self) -> Vec<snapshot::Entry> {
+        let st = self.state.lock();
+        st.timelines
+            .iter()
+            .map(|&t| snapshot::Entry {
+                timeline: t,
+                last: self
+                    .engine
+                    .last_seq(TimelineId::new(Keyspace(t.0), t.1))
+                    .max(st.floors.get(&t).copied().unwrap_or(0)),
+            })
+            .collect()
+    }
+}
+
+/// Why restoring a section failed: the snapshot file, or this replica.
+enum Restore {
+    Read(std::io::Error),
+    Apply(Box<Error>),
+}
+
+/// A partition's floors, from its raft-meta timeline (the latest per
+/// timeline; those since written past are dropped when next written).
+fn load_floors(engine: &Engine, partition: u64) -> Result<HashMap<(u8, u64), u64>, Error> {
+    let tl = TimelineId::new(RAFT_META, FLOOR_BASE + partition);
+    let mut out = HashMap::new();
+    let mut from = 1;
+    loop {
+        let page = engine
+            .scan(tl, from, PAGE, Direction::Forward)
+            .map_err(read_err)?;
+        for r in &page {
+            let b = &r.payload;
+            let (t, last) = (b.len() == 17)
+                .then(|| {
+                    Some((
+                        decode_timeline(&b[..9])?,
+                        u64::from_le_bytes(b[9..].try_into().ok()?),
+                    ))
+                })
+                .flatten()
+                .ok_or_else(|| damaged(format!("partition {partition}: floor record {}", r.seq)))?;
+            let stored = engine.last_seq(TimelineId::new(Keyspace(t.0), t.1));
+            if stored == 0 {
+                out.insert(t, last);
+            }
+        }
+        match page.last() {
+            Some(r) if page.len() == PAGE => from = r.seq + 1,
+            _ => return Ok(out),
+        }
     }
 }
 
@@ -738,39 +954,47 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, Error> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotFile>, Error> {
+        Ok(Box::new(SnapshotFile::ready(self.temp_file()?)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SnapshotFile>,
     ) -> Result<(), Error> {
-        let data = snapshot.into_inner();
-        let timelines = decode_snapshot(&data)
-            .ok_or_else(|| damaged(format!("snapshot {} is damaged", meta.snapshot_id)))?;
-        let mut st = self.state.lock();
-        st.hwm.clear();
-        for (t, recs) in timelines {
-            for (index, payload) in recs {
-                self.append_any(&mut st, t, index, &payload)?;
-            }
-        }
-        st.applied = AppliedState {
-            applied: meta.last_log_id,
-            membership: meta.last_membership.clone(),
-        };
-        self.persist(&st)?;
-        st.current = Some((meta.clone(), data));
-        Ok(())
+        let f = snapshot
+            .into_std()
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let (this, m) = (self.clone(), meta.clone());
+        tokio::task::spawn_blocking(move || this.install_from(f, &m))
+            .await
+            .map_err(|e| sm_err(std::io::Error::other(e.to_string())))?
     }
 
+    /// The last snapshot's meta with the partition's data as of when the
+    /// data is first read (at or past the meta), written to a file on the
+    /// blocking pool while the group goes on.
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, Error> {
-        let st = self.state.lock();
-        Ok(st.current.clone().map(|(meta, data)| Snapshot {
+        let Some(meta) = self.state.lock().current.clone() else {
+            return Ok(None);
+        };
+        let f = self.temp_file()?;
+        let (this, counters) = (self.clone(), self.counters.clone());
+        let data = SnapshotFile::lazy(move || {
+            let mut f = f;
+            let manifest = this.manifest();
+            snapshot::write(&this.engine, &manifest, std::io::BufWriter::new(&mut f))?;
+            let bytes = f.stream_position()?;
+            f.seek(SeekFrom::Start(0))?;
+            counters.sent.fetch_add(1, Ordering::Relaxed);
+            counters.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+            Ok(f)
+        });
+        Ok(Some(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(data),
         }))
     }
 }
@@ -1055,9 +1279,18 @@ mod tests {
         block(a.apply(es.clone())).unwrap();
         block(b.apply(es[..7].to_vec())).unwrap(); // b lags: a prefix
         let mut builder = block(a.get_snapshot_builder());
-        let snap = block(builder.build_snapshot()).unwrap();
-        assert_eq!(snap.meta.last_log_id, Some(log_id(1, 1, 20)));
+        let built = block(builder.build_snapshot()).unwrap();
+        assert_eq!(built.meta.last_log_id, Some(log_id(1, 1, 20)));
+        // Entries after the snapshot's log id: the data sent is a cut at
+        // or past it, and applying those entries again writes nothing twice.
+        let more: Vec<_> = (21..=25)
+            .map(|i| append(i, i % 3, &format!("m{i}")))
+            .collect();
+        block(a.apply(more.clone())).unwrap();
+        let snap = block(a.get_current_snapshot()).unwrap().unwrap();
+        assert_eq!(snap.meta, built.meta);
         block(b.install_snapshot(&snap.meta, snap.snapshot)).unwrap();
+        block(b.apply(more)).unwrap();
         for id in 0..3 {
             assert_eq!(a.records(0, id).unwrap(), b.records(0, id).unwrap());
             let tl = TimelineId::new(Keyspace(0), id);
@@ -1067,12 +1300,98 @@ mod tests {
                 "timeline {id}: same SeqIds"
             );
         }
-        // The applied state was persisted with the snapshot.
-        let b2 = StateMachine::open(eb, 2).unwrap();
+        // The applied state was persisted with the snapshot, and is the
+        // current snapshot's meta after a restart.
+        let mut b2 = StateMachine::open(eb, 2).unwrap();
         assert_eq!(b2.state.lock().applied.applied, Some(log_id(1, 1, 20)));
-        assert!(
-            decode_snapshot(&[1, 2, 3]).is_none(),
-            "a damaged snapshot is refused"
+        let again = block(b2.get_current_snapshot()).unwrap().unwrap();
+        assert_eq!(again.meta.last_log_id, Some(log_id(1, 1, 20)));
+        // Asked for its meta only (as openraft does when a group starts):
+        // no file was made. The one sent was made once.
+        drop(again);
+        assert_eq!(b2.counters.sent.load(Ordering::Relaxed), 0);
+        assert_eq!(a.counters.sent.load(Ordering::Relaxed), 1);
+        assert_eq!(b.counters.installed.load(Ordering::Relaxed), 1);
+        // A damaged file is refused.
+        let mut c = StateMachine::open(engine(tempfile::tempdir().unwrap().path()), 2).unwrap();
+        let mut junk = block(c.begin_receiving_snapshot()).unwrap();
+        block(async {
+            use tokio::io::AsyncWriteExt;
+            junk.write_all(b"TLSNAP01\x07").await.unwrap();
+        });
+        assert!(block(c.install_snapshot(&snap.meta, junk)).is_err());
+    }
+
+    /// A leader whose retention dropped the start of a timeline, or all of
+    /// another's records: a replica restored from its snapshot holds the
+    /// same seqs (the first restored at its seq; the other as a floor that
+    /// its next record starts after, also after a restart).
+    #[test]
+    fn a_snapshot_of_expired_timelines_keeps_their_seqs_on_the_replica() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (ea, eb) = (engine(da.path()), engine(db.path()));
+        let mut a = StateMachine::open(ea.clone(), 2).unwrap();
+        // What retention leaves: timeline 5 holds seqs 40..=42 only (as a
+        // replica restored earlier would), timeline 6 none of its 9.
+        let (t5, t6) = ((1u8, 5u64), (1u8, 6u64));
+        {
+            let mut st = a.state.lock();
+            a.set_floor(&mut st, t5, 39).unwrap();
+            a.set_floor(&mut st, t6, 9).unwrap();
+        }
+        let es: Vec<_> = (1..=3)
+            .map(|i| {
+                entry(
+                    i,
+                    Command::Append {
+                        keyspace: 1,
+                        id: 5,
+                        payload: vec![i as u8],
+                    },
+                )
+            })
+            .collect();
+        assert_eq!(seqs(block(a.apply(es)).unwrap()), vec![40, 41, 42]);
+        let mut builder = block(a.get_snapshot_builder());
+        block(builder.build_snapshot()).unwrap();
+        let snap = block(a.get_current_snapshot()).unwrap().unwrap();
+        let mut b = StateMachine::open(eb.clone(), 2).unwrap();
+        block(b.install_snapshot(&snap.meta, snap.snapshot)).unwrap();
+        let tl5 = TimelineId::new(Keyspace(1), 5);
+        assert_eq!(eb.first_retained_seq(tl5).unwrap(), 40);
+        assert_eq!(a.records(1, 5).unwrap(), b.records(1, 5).unwrap());
+        assert_eq!(eb.last_seq(tl5), 42);
+        // Timeline 6 continues at 10 on both, the replica restarted first.
+        let mut b = StateMachine::open(eb.clone(), 2).unwrap();
+        let next = entry(
+            4,
+            Command::Append {
+                keyspace: 1,
+                id: 6,
+                payload: b"n".to_vec(),
+            },
         );
+        assert_eq!(seqs(block(a.apply([next.clone()])).unwrap()), vec![10]);
+        assert_eq!(seqs(block(b.apply([next])).unwrap()), vec![10]);
+        // A replica whose own records of timeline 5 stop at seq 2, before
+        // the leader's start (40): it cannot get the same seqs; refused.
+        let dc = tempfile::tempdir().unwrap();
+        let mut c = StateMachine::open(engine(dc.path()), 2).unwrap();
+        let own: Vec<_> = (1..=2)
+            .map(|i| {
+                entry(
+                    i,
+                    Command::Append {
+                        keyspace: 1,
+                        id: 5,
+                        payload: vec![0],
+                    },
+                )
+            })
+            .collect();
+        block(c.apply(own)).unwrap();
+        let snap = block(a.get_current_snapshot()).unwrap().unwrap();
+        let err = block(c.install_snapshot(&snap.meta, snap.snapshot)).unwrap_err();
+        assert!(err.to_string().contains("rebuild it empty"), "{err}");
     }
 }

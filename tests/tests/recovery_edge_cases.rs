@@ -132,14 +132,18 @@ fn append_at_starts_an_empty_timeline_at_a_seq_that_survives_sealing_and_reopen(
     let e = Engine::open("/a", cfg(&mem, false)).unwrap();
     let (t, other) = (TimelineId::sync(7), TimelineId::sync(8));
     assert_eq!(
-        e.append_at(t, 1000, b"first", Durability::Buffered).unwrap(),
+        e.append_at(t, 1000, b"first", Durability::Buffered)
+            .unwrap(),
         1000
     );
     // Enough to roll several 64 KiB segments, interleaved with another
     // timeline.
     for i in 0..600u64 {
         let p = vec![i as u8; 300];
-        assert_eq!(e.append_with(t, &p, Durability::Buffered).unwrap(), 1001 + i);
+        assert_eq!(
+            e.append_with(t, &p, Durability::Buffered).unwrap(),
+            1001 + i
+        );
         e.append_with(other, &p, Durability::Buffered).unwrap();
     }
     let check = |e: &Engine| {

@@ -313,11 +313,17 @@ pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
     let im = Im::open(&cfg.data_dir, cfg.engine.clone(), cfg.im.clone())?;
     let cluster = match &cfg.cluster {
         None => None,
-        Some(c) => Some(timeline_cluster::Node::start(
-            im.engine_handle(),
-            c.clone(),
-            addr.to_string(),
-        )?),
+        Some(c) => {
+            let mut c = c.clone();
+            if c.snapshot_dir.is_none() {
+                c.snapshot_dir = Some(cfg.data_dir.join("raft-snapshots"));
+            }
+            Some(timeline_cluster::Node::start(
+                im.engine_handle(),
+                c,
+                addr.to_string(),
+            )?)
+        }
     };
     let per_core = |n: usize| if n == 0 { cores() } else { n };
     let io_threads = per_core(cfg.io_threads);
@@ -454,6 +460,12 @@ pub(crate) fn stats(sh: &Shared) -> Vec<(String, u64)> {
             kv("cluster_groups", pl.groups),
             kv("cluster_leading", pl.leading),
             kv("cluster_membership_pending", pl.pending),
+        ]);
+        let (sent, bytes, installed) = n.snapshots();
+        out.extend([
+            kv("cluster_snapshots_sent", sent),
+            kv("cluster_snapshot_bytes_sent", bytes),
+            kv("cluster_snapshots_installed", installed),
         ]);
     }
     out
