@@ -707,8 +707,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 
 impl StateMachine {
     fn temp_file(&self) -> Result<std::fs::File, Error> {
-        std::fs::create_dir_all(&self.snapshot_dir)
-            .and_then(|()| tempfile::tempfile_in(&self.snapshot_dir))
+        temp_file_in(&self.snapshot_dir)
             .map_err(|e| StorageIOError::write_snapshot(None, &e).into())
     }
 
@@ -847,6 +846,13 @@ impl StateMachine {
     }
 }
 
+/// An unlinked file in `dir` (made if missing): gone when closed, or at a
+/// crash.
+fn temp_file_in(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
+    std::fs::create_dir_all(dir)?;
+    tempfile::tempfile_in(dir)
+}
+
 /// Why restoring a section failed: the snapshot file, or this replica.
 enum Restore {
     Read(std::io::Error),
@@ -980,10 +986,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let Some(meta) = self.state.lock().current.clone() else {
             return Ok(None);
         };
-        let f = self.temp_file()?;
         let (this, counters) = (self.clone(), self.counters.clone());
         let data = SnapshotFile::lazy(move || {
-            let mut f = f;
+            let mut f = temp_file_in(&this.snapshot_dir)?;
             let manifest = this.manifest();
             snapshot::write(&this.engine, &manifest, std::io::BufWriter::new(&mut f))?;
             let bytes = f.stream_position()?;

@@ -155,11 +155,17 @@ impl NodeProc {
     pub fn wait_ready(&mut self, timeout: Duration) {
         let addr = self.client.clone();
         let id = self.id;
+        let log = self.data.with_extension("log");
         let child = &mut self.child;
         wait_until(&format!("node {id} serving"), timeout, || {
             if let Some(c) = child.as_mut() {
                 if let Ok(Some(st)) = c.try_wait() {
-                    panic!("node {id} exited: {st}");
+                    let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                    let tail: Vec<&str> = tail.lines().rev().take(20).collect();
+                    panic!(
+                        "node {id} exited: {st}; its log ends:\n{}",
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
                 }
             }
             Client::connect(addr.as_str(), b"")
