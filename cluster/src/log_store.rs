@@ -37,10 +37,17 @@
 //! (a lane), not per partition; the partitions whose logs share a shard
 //! share each of its fdatasyncs.
 //!
-//! What this does not do yet: reclaim the space of purged records (the
-//! engine drops whole segments by age only; the raft keyspaces keep
-//! everything), and replay is O(records ever written to the partition's
-//! log).
+//! **Reclaiming purged records.** A purge tells the engine the log
+//! timeline's records through the purged entry's are no longer needed
+//! (`Engine::release`): the engine's maintenance drops the oldest sealed
+//! segments of the raft-log keyspace once every record in them is
+//! released, as it drops expired segments. Replay starts at the first
+//! record kept (everything before it was purged, and the purge record
+//! itself comes after what it releases, so it is always kept) and tells
+//! the engine again what is released (the engine keeps it in memory
+//! only). A purge record is written with group commit before anything is
+//! released: a purge lost in a crash with the entries it purged already
+//! dropped would leave a log that starts after a hole.
 
 // openraft's traits return its `StorageError` (224 bytes); the helpers
 // return the same type so that `?` carries it unchanged.
@@ -217,6 +224,20 @@ struct State {
     last_purged: Option<LogId<NodeId>>,
     vote: Option<Vote<NodeId>>,
     committed: Option<LogId<NodeId>>,
+    /// The log timeline's records through this seq are purged (released
+    /// to the engine).
+    released: SeqId,
+}
+
+impl State {
+    /// Purge through `id`: what `P` does, live and in replay.
+    fn purge(&mut self, id: LogId<NodeId>) {
+        if let Some((_, (seq, _))) = self.entries.range(..=id.index).next_back() {
+            self.released = self.released.max(*seq);
+        }
+        self.entries = self.entries.split_off(&(id.index + 1));
+        self.last_purged = Some(id);
+    }
 }
 
 /// One partition's Raft log on a shared engine. Cloning gives another
@@ -244,7 +265,9 @@ impl LogStore {
     ) -> Result<LogStore, Error> {
         let mut st = State::default();
         let log = TimelineId::new(RAFT_LOG, partition);
-        let mut from = 1;
+        // From the first record kept: the engine may have dropped purged
+        // ones.
+        let mut from = engine.first_retained_seq(log).map_err(read_err)?;
         loop {
             let page = engine
                 .scan(log, from, REPLAY_PAGE, Direction::Forward)
@@ -269,6 +292,7 @@ impl LogStore {
             partition,
             "committed",
         )?;
+        engine.release(log, st.released);
         Ok(LogStore {
             engine,
             flusher,
@@ -370,8 +394,7 @@ fn replay(st: &mut State, partition: u64, seq: SeqId, rec: &[u8]) -> Result<(), 
         b'P' => {
             let id: LogId<NodeId> =
                 serde_json::from_slice(body).map_err(|e| damaged(e.to_string()))?;
-            st.entries = st.entries.split_off(&(id.index + 1));
-            st.last_purged = Some(id);
+            st.purge(id);
         }
         t => return Err(damaged(format!("unknown record kind {t}"))),
     }
@@ -516,12 +539,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), Error> {
         let body = serde_json::to_vec(&log_id).map_err(write_err)?;
-        // Buffered: the runtime thread does not wait; a purge lost in a
-        // crash only brings back entries that are already applied.
-        self.marker(b'P', &body, Durability::Buffered)?;
-        let mut st = self.state.lock();
-        st.entries = st.entries.split_off(&(log_id.index + 1));
-        st.last_purged = Some(log_id);
+        // Durable before the purged records are released (module docs);
+        // purges are rare (one per snapshot), so the wait costs little.
+        self.marker(b'P', &body, Durability::GroupCommit)?;
+        let released = {
+            let mut st = self.state.lock();
+            st.purge(log_id);
+            st.released
+        };
+        self.engine.release(self.log(), released);
         Ok(())
     }
 }
@@ -590,6 +616,71 @@ mod tests {
         assert_eq!(block(ls.read_committed()).unwrap(), None);
         let mut other = LogStore::open(e, flusher, 4).unwrap();
         assert_eq!(terms(&mut other), vec![(1, 5), (2, 5), (3, 5)]);
+    }
+
+    /// Purged entries free the log's oldest segments once every partition
+    /// sharing them purged past them; a reopened log replays from what is
+    /// kept, with the same entries and purge point, and releases again.
+    #[test]
+    fn purged_entries_free_segments_and_the_log_reopens_from_what_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            let mut cfg = timeline_engine::Config {
+                shards: 1,
+                background: false,
+                max_payload: 4096,
+                ..Default::default()
+            };
+            let mut ks = keyspaces();
+            for k in &mut ks {
+                k.segment_bytes = 64 << 10;
+            }
+            cfg.keyspaces.extend(ks);
+            Arc::new(Engine::open(dir.path(), cfg).unwrap())
+        };
+        let dropped = |e: &Engine| e.stats().total().dropped_segments;
+        let flusher = Flusher::start().unwrap();
+        let e = open();
+        let mut ls = LogStore::open(e.clone(), flusher.clone(), 1).unwrap();
+        let mut other = LogStore::open(e.clone(), flusher.clone(), 2).unwrap();
+        // Both partitions' logs interleave in the same segments.
+        for i in 1..=3000 {
+            for l in [&ls, &other] {
+                l.write_entries([blank_ent::<TypeConfig>(1, 1, i)])
+                    .unwrap()
+                    .wait()
+                    .unwrap();
+            }
+        }
+        block(ls.purge(log_id(1, 1, 2500))).unwrap();
+        e.maintain().unwrap();
+        assert_eq!(dropped(&e), 0, "partition 2's entries pin the segments");
+        block(other.purge(log_id(1, 1, 2000))).unwrap();
+        e.maintain().unwrap();
+        let n = dropped(&e);
+        assert!(n > 0, "nothing reclaimed");
+        let log = TimelineId::new(RAFT_LOG, 1);
+        assert!(e.first_retained_seq(log).unwrap() > 1);
+        let want = terms(&mut ls);
+        assert_eq!(want.len(), 500);
+        assert_eq!(want[0], (2501, 1));
+        drop((ls, other));
+        Arc::try_unwrap(e).ok().unwrap().close().unwrap();
+        let e = open();
+        let mut ls = LogStore::open(e.clone(), flusher.clone(), 1).unwrap();
+        let mut other = LogStore::open(e.clone(), flusher.clone(), 2).unwrap();
+        assert_eq!(terms(&mut ls), want);
+        assert_eq!(terms(&mut other).len(), 1000);
+        let st = block(ls.get_log_state()).unwrap();
+        assert_eq!(st.last_purged_log_id, Some(log_id(1, 1, 2500)));
+        assert_eq!(st.last_log_id, Some(log_id(1, 1, 3000)));
+        // Released again by the reopen: more purges free more.
+        block(other.purge(log_id(1, 1, 2900))).unwrap();
+        block(ls.purge(log_id(1, 1, 2990))).unwrap();
+        e.seal_active().unwrap();
+        e.maintain().unwrap();
+        assert!(dropped(&e) > 0, "nothing reclaimed after the reopen");
+        assert_eq!(terms(&mut ls).len(), 10);
     }
 
     #[test]

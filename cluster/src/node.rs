@@ -22,7 +22,7 @@ use crate::partition::{partition_of, PartitionId, PartitionMap, PlacementError};
 use crate::state_machine::StateMachine;
 use crate::{Command, NodeId, TypeConfig};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
-use openraft::{BasicNode, Raft, SnapshotPolicy};
+use openraft::{BasicNode, LogId, Raft, SnapshotPolicy};
 use parking_lot::RwLock;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -63,6 +63,10 @@ pub struct NodeConfig {
     /// server uses `<data dir>/raft-snapshots`: a snapshot is as large as
     /// its partition, so it belongs on the data disk, not a RAM `/tmp`.
     pub snapshot_dir: Option<std::path::PathBuf>,
+    /// How often every group snapshots and purges its log through what
+    /// it had applied one period before (so that the log's disk space is
+    /// reclaimed for partitions that never reach `snapshot_every`).
+    pub log_reclaim_every: Duration,
 }
 
 impl Default for NodeConfig {
@@ -81,6 +85,7 @@ impl Default for NodeConfig {
             snapshot_every: 20_000,
             keep_in_log: 2_000,
             snapshot_dir: None,
+            log_reclaim_every: Duration::from_secs(60),
         }
     }
 }
@@ -890,6 +895,7 @@ async fn boot(
         inner.refresh(&meta).await?;
     }
     tokio::spawn(crate::reconcile::run(inner.clone()));
+    tokio::spawn(reclaim_logs(Arc::downgrade(&inner), cfg.log_reclaim_every));
     tokio::spawn(keep_lease(meta.clone(), me, lease, cfg.lease_ttl));
     tokio::spawn(watch(meta, inner.clone()));
     tracing::info!(node = cfg.id, %raft_addr, groups = inner.groups.read().len(), version = map.version, "cluster node up");
@@ -942,6 +948,42 @@ async fn form(meta: &Meta, cfg: &NodeConfig) -> Result<PartitionMap, ClusterErro
 
 /// Renew the lease a third of its TTL apart; if it expired (etcd was away
 /// longer than the TTL), register again under a new one.
+/// Every `every`, each group on this node snapshots (cheap: an engine
+/// sync and the applied state) and purges its log through what it had
+/// applied a period earlier. A partition with little traffic never
+/// reaches `snapshot_every`, and its old entries would pin the log's
+/// oldest segments forever (the engine reclaims only a prefix of them):
+/// this bounds how long any entry stays, at the cost of a snapshot for a
+/// replica more than a period behind.
+async fn reclaim_logs(inner: std::sync::Weak<Inner>, every: Duration) {
+    let mut prev: HashMap<PartitionId, u64> = HashMap::new();
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(inner) = inner.upgrade() else { return };
+        let groups: Vec<(PartitionId, Raft<TypeConfig>)> = inner
+            .groups
+            .read()
+            .iter()
+            .map(|(p, g)| (*p, g.clone()))
+            .collect();
+        drop(inner);
+        for (p, g) in groups {
+            let m = g.metrics().borrow().clone();
+            let index = |l: Option<LogId<NodeId>>| l.map_or(0, |l| l.index);
+            let before = prev.insert(p, index(m.last_applied)).unwrap_or(0);
+            if before <= index(m.purged) {
+                continue;
+            }
+            if index(m.snapshot) < before {
+                let _ = g.trigger().snapshot().await;
+            }
+            // Clamped by openraft to the snapshot it has: a snapshot
+            // still being built is purged through next time.
+            let _ = g.trigger().purge_log(before).await;
+        }
+    }
+}
+
 async fn keep_lease(meta: Meta, me: NodeRecord, mut lease: i64, ttl: Duration) {
     let mut tick = tokio::time::interval(ttl / 3);
     loop {

@@ -563,9 +563,22 @@ impl Engine {
                 }
                 m.sealed += s.seal_pending()?;
                 m.dropped += s.drop_expired()?;
+                m.dropped += s.drop_released()?;
             }
         }
         Ok(m)
+    }
+
+    /// The records of `tl` through seq `upto` are no longer needed (a
+    /// Raft log's purged entries): maintenance drops the oldest sealed
+    /// segments of the keyspace whose every record is released, as it
+    /// drops expired ones. Reads below the first record kept then fail
+    /// with `Truncated`. Kept in memory only: an owner declares it again
+    /// after a restart (until then nothing more is dropped).
+    pub fn release(&self, tl: TimelineId, upto: SeqId) {
+        if let Ok(s) = self.shard(tl) {
+            s.release(tl.id, upto);
+        }
     }
 
     /// Seal everything now: roll every active segment that holds records and

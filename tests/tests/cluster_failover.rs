@@ -733,6 +733,7 @@ fn a_node_added_under_load_takes_over_replicas_and_a_removed_one_gives_them_up()
 fn offline_store_records(dir: &std::path::Path, ts: &[u64]) -> HashMap<u64, Vec<(u64, Vec<u8>)>> {
     let mut cfg = timeline_engine::Config {
         shards: 1,
+        max_payload: 64 << 10, // the server's default, as the test nodes have it
         ..Default::default()
     };
     cfg.keyspaces = vec![
@@ -740,7 +741,10 @@ fn offline_store_records(dir: &std::path::Path, ts: &[u64]) -> HashMap<u64, Vec<
         timeline_engine::KeyspaceConfig::sync(),
     ];
     cfg.keyspaces
-        .extend(timeline_cluster::log_store::keyspaces());
+        .extend(timeline_cluster::log_store::keyspaces().map(|mut k| {
+            k.segment_bytes = 256 << 10; // as the test nodes have it
+            k
+        }));
     let e = timeline_engine::Engine::open(dir, cfg).unwrap();
     let mut out = HashMap::new();
     for &t in ts {
@@ -820,6 +824,18 @@ fn a_replica_behind_the_purged_log_catches_up_from_a_streamed_snapshot() {
         .map(|s| s.get("cluster_snapshot_bytes_sent").copied().unwrap_or(0))
         .sum();
     assert!(sent > 0, "no snapshot bytes sent");
+    // The purged log's segments are reclaimed (the idle partition 1 too is
+    // purged by the periodic reclaim, or it would pin the oldest ones).
+    timeline_tests::cluster::wait_until(
+        "a purged log segment dropped",
+        Duration::from_secs(30),
+        || {
+            cl.nodes
+                .iter()
+                .filter_map(|n| n.stats())
+                .any(|s| s.get("raft_log_segments_dropped").copied().unwrap_or(0) > 0)
+        },
+    );
     // Node 1 down: node 3 is now needed for every quorum. A read first
     // (safe to retry) until partition 0 answers again, so that no append
     // is lost to the killed connection with an unknown outcome.

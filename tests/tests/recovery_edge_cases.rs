@@ -186,3 +186,51 @@ fn append_at_starts_an_empty_timeline_at_a_seq_that_survives_sealing_and_reopen(
     assert_eq!(e.last_seq(t), 1601);
     assert_eq!(e.first_retained_seq(t).unwrap(), 1000);
 }
+
+/// `release` lets maintenance drop the oldest sealed segments whose every
+/// record was released, and only those (a prefix: a segment holding a
+/// record still needed keeps itself and every newer one). What was
+/// dropped reads as `Truncated`; the rest reads, also after a reopen
+/// (where nothing is released until the owner says so again).
+#[test]
+fn released_records_free_their_segments_oldest_first() {
+    let mem = MemIo::new();
+    let e = Engine::open("/rel", cfg(&mem, false)).unwrap();
+    let (a, b) = (TimelineId::store(1), TimelineId::store(2));
+    // b has one record, in the first segment only.
+    e.append_with(b, b"pin", Durability::Buffered).unwrap();
+    for i in 0..1000u64 {
+        e.append_with(a, &[i as u8; 300], Durability::Buffered)
+            .unwrap();
+    }
+    e.maintain().unwrap();
+    let dropped = |e: &Engine| e.stats().total().dropped_segments;
+    // A released only through 10: nothing can go.
+    e.release(a, 10);
+    e.maintain().unwrap();
+    assert_eq!(dropped(&e), 0);
+    // Everything of a released, but b's record pins the first segment.
+    e.release(a, 1000);
+    e.maintain().unwrap();
+    assert_eq!(dropped(&e), 0, "b's record pins the oldest segment");
+    e.release(b, 1);
+    e.maintain().unwrap();
+    let n = dropped(&e);
+    assert!(n >= 2, "dropped {n} segments");
+    let first = e.first_retained_seq(a).unwrap();
+    assert!(first > 1 && first <= 1000, "first retained {first}");
+    assert!(matches!(
+        e.scan(a, 1, 10, Direction::Forward),
+        Err(Error::Truncated { .. })
+    ));
+    let rest = e.scan(a, first, 2000, Direction::Forward).unwrap();
+    assert_eq!(rest.len() as u64, 1000 - first + 1);
+    assert_eq!(rest.last().unwrap().payload, vec![(999 % 256) as u8; 300]);
+    e.close().unwrap();
+    let e = Engine::open("/rel", cfg(&mem, false)).unwrap();
+    assert_eq!(e.first_retained_seq(a).unwrap(), first);
+    assert_eq!(e.last_seq(a), 1000);
+    e.maintain().unwrap();
+    assert_eq!(dropped(&e), 0, "nothing released since the reopen");
+    assert_eq!(e.append(a, b"more").unwrap(), 1001);
+}

@@ -85,6 +85,10 @@ pub(crate) struct Shard {
     spare: Mutex<Option<Arc<AppendBuf>>>,
     /// Generation the newest index checkpoint covers, and footer entries sealed since.
     ckpt: Mutex<(Option<u32>, u64)>,
+    /// Per timeline, the seq through which its owner no longer needs its
+    /// records (`Engine::release`; in memory, declared again after a
+    /// restart).
+    released: Mutex<HashMap<u64, u64>>,
     stats: ShardStats,
 }
 

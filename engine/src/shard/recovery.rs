@@ -226,6 +226,7 @@ impl Recovery {
             maint: Mutex::new(()),
             spare: Mutex::new(None),
             ckpt: Mutex::new((self.ckpt_gen, self.entries_since)),
+            released: Mutex::new(HashMap::new()),
             stats: ShardStats::default(),
         })
     }

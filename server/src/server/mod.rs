@@ -448,6 +448,11 @@ pub(crate) fn stats(sh: &Shared) -> Vec<(String, u64)> {
             "raft_meta_bytes_written",
             st.keyspace(Keyspace(3)).bytes_written,
         ),
+        kv("raft_log_files", st.keyspace(Keyspace(2)).files),
+        kv(
+            "raft_log_segments_dropped",
+            st.keyspace(Keyspace(2)).dropped_segments,
+        ),
         kv("fsyncs", st.total().fsyncs),
         kv("im_messages", im.messages),
         kv("im_sync_writes", im.sync_writes),

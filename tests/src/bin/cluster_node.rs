@@ -29,9 +29,13 @@ fn main() {
     };
     cfg.engine.shards = 1;
     cfg.engine.keyspaces = vec![KeyspaceConfig::store(), KeyspaceConfig::sync()];
+    // Small Raft log segments, so that the tests see purged ones dropped.
     cfg.engine
         .keyspaces
-        .extend(timeline_cluster::log_store::keyspaces());
+        .extend(timeline_cluster::log_store::keyspaces().map(|mut k| {
+            k.segment_bytes = 256 << 10;
+            k
+        }));
     cfg.cluster = Some(timeline_cluster::NodeConfig {
         id,
         etcd: vec![a[4].clone()],
@@ -41,6 +45,7 @@ fn main() {
         formation_timeout: Duration::from_secs(30),
         snapshot_every: 2_000,
         keep_in_log: 500,
+        log_reclaim_every: Duration::from_secs(2),
         ..Default::default()
     });
     match timeline_server::start(cfg) {
