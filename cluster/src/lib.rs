@@ -9,10 +9,13 @@
 //!   placement changes (the document etcd holds);
 //! - [`log_store`]: openraft's `RaftLogStorage` on the engine (entries,
 //!   truncations and purges as records replayed on open; group-committed
-//!   appends flushed by a thread per engine shard);
+//!   appends flushed by a thread per engine shard; purged records
+//!   released to the engine, which drops their segments);
 //! - [`state_machine`]: applying an entry appends to the partition's
 //!   timelines with a write id, idempotently, so replicas hold the same
 //!   records with the same SeqIds; snapshots bring a lagging replica up;
+//! - [`snapshot`]: a snapshot as a file streamed out of the engine (each
+//!   timeline's retained seq range, checksummed), made when it is sent;
 //! - [`net`]: openraft's RPCs over one multiplexed TCP connection per pair
 //!   of nodes;
 //! - [`meta`]: membership leases and the map in etcd;
@@ -31,7 +34,7 @@
 //!   a node that starts outside the map asks for its share.
 //!
 //! Not built yet: the other IM commands across partitions (membership
-//! changes, recalls, read marks), snapshots as segment ranges
+//! changes, recalls, read marks); snapshots as raw segment byte ranges
 //! (docs/scaling.md, "Not built yet").
 
 pub mod delivery;
