@@ -1428,14 +1428,17 @@ fn read_fanout_groups_sync_and_push_across_nodes() {
     assert!(first.groups.is_empty(), "{first:?}");
     let cp = first.checkpoint;
 
+    let mut read_acks = Vec::new();
     for k in 0..40u64 {
         let payload = format!("g{k}").into_bytes();
+        let sent = Instant::now();
         let r = cc.call(&Request::Send {
             conv: big,
             sender: 1,
             client_msg_id: k + 1,
             payload: &payload,
         });
+        read_acks.push(sent.elapsed());
         let Ok(Response::Send(ack)) = r else {
             panic!("send {k}: {r:?}")
         };
@@ -1518,5 +1521,34 @@ fn read_fanout_groups_sync_and_push_across_nodes() {
         Some((_, Push::Entry { entry, .. })) => assert_eq!(entry.entry.conv, small),
         other => panic!("push: {other:?}"),
     }
+    // What read fan-out saves: a send to the 600-member group against one
+    // to a 450-member group (below the threshold: written fan-out to each
+    // member's sync timeline, over every partition), one at a time.
+    let wide = 9003u64;
+    let r = cc.call(&Request::CreateConversation {
+        conv: wide,
+        kind: ConvKind::Group,
+        members: (1..=450).collect(),
+    });
+    assert!(matches!(r, Ok(Response::CreateConversation(1))), "{r:?}");
+    let mut write_acks = Vec::new();
+    for k in 0..40u64 {
+        let sent = Instant::now();
+        let r = cc.call(&Request::Send {
+            conv: wide,
+            sender: 1,
+            client_msg_id: k + 1,
+            payload: b"w",
+        });
+        assert!(matches!(r, Ok(Response::Send(_))), "{r:?}");
+        write_acks.push(sent.elapsed());
+    }
+    eprintln!(
+        "send ack, one at a time: read fan-out (600 members) p50 {:?} p90 {:?}; write fan-out (450 members) p50 {:?} p90 {:?}",
+        pct(&mut read_acks, 0.5),
+        pct(&mut read_acks, 0.9),
+        pct(&mut write_acks, 0.5),
+        pct(&mut write_acks, 0.9)
+    );
     drop(cl.etcd);
 }
