@@ -29,6 +29,7 @@ use crate::node::{ClusterError, Inner};
 use crate::partition::{partition_of, PartitionId};
 use crate::NodeId;
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use timeline_engine::{Direction, Keyspace, TimelineId};
 
@@ -247,15 +248,25 @@ pub(crate) fn announce(inner: &Arc<Inner>, conv: u64, conv_seq: u64) {
         .filter(|&n| n != inner.id)
         .collect();
     for node in peers {
+        // A hint: with this many already in flight (a peer slow or gone,
+        // each call up to its 5 s deadline) it is dropped, not queued.
+        if inner.group_pushes.fetch_add(1, Ordering::AcqRel) >= MAX_PUSHES_IN_FLIGHT {
+            inner.group_pushes.fetch_sub(1, Ordering::AcqRel);
+            continue;
+        }
         let (inner, body) = (inner.clone(), body.clone());
         tokio::spawn(async move {
             let _ = inner
                 .transport()
                 .im_call(node, KIND_GROUP_PUSH, 0, body)
                 .await;
+            inner.group_pushes.fetch_sub(1, Ordering::AcqRel);
         });
     }
 }
+
+/// Group messages being told to peers at once, at most.
+const MAX_PUSHES_IN_FLIGHT: usize = 4096;
 
 /// A peer's group message (the peer RPC's handler): pushed to the members
 /// subscribed here.

@@ -12,6 +12,7 @@
 //! | entry | `B` + the entry (bincode; `E` + JSON, the first format, is still read) | drop every entry at or after its index, then add it |
 //! | truncate | `T` + index (u64 LE) | drop every entry at or after the index |
 //! | purge | `P` + the log id (JSON) | drop every entry up to it; it is the last purged id |
+//! | retire | `R` | forget the whole log (the node gave the replica up); everything up to here is released |
 //!
 //! An entry's index is always the next one after a truncation (openraft
 //! appends contiguously), so "drop at or after, then add" is what the
@@ -349,6 +350,39 @@ impl LogStore {
     }
 }
 
+/// Partition `partition`'s replica was given up and its group shut down
+/// (this node is no longer a voter): forget its log (a retire record) and
+/// release all of it, so that its records stop pinning the log's oldest
+/// segments. If the replica comes back, its group starts from an empty log
+/// and the leader fills it (its applied data skip by write id).
+pub fn retire(engine: &Engine, partition: u64) -> std::io::Result<()> {
+    let tl = TimelineId::new(RAFT_LOG, partition);
+    if engine.last_seq(tl) == 0 {
+        return Ok(());
+    }
+    let seq = engine
+        .append_with(tl, b"R", Durability::GroupCommit)
+        .map_err(std::io::Error::other)?;
+    engine.release(tl, seq);
+    Ok(())
+}
+
+/// At start-up, for a partition this node runs no group of: if its log
+/// ends with a retire record, release all of it again (release points are
+/// kept in memory only).
+pub fn release_if_retired(engine: &Engine, partition: u64) -> std::io::Result<()> {
+    let tl = TimelineId::new(RAFT_LOG, partition);
+    let last = engine
+        .scan(tl, u64::MAX, 1, Direction::Backward)
+        .map_err(std::io::Error::other)?;
+    if let Some(r) = last.first() {
+        if r.payload.as_slice() == b"R" {
+            engine.release(tl, r.seq);
+        }
+    }
+    Ok(())
+}
+
 /// An entry record: `B` + the entry in bincode.
 fn encode_entry(e: &Entry<TypeConfig>) -> Result<Vec<u8>, bincode::Error> {
     let mut rec = Vec::with_capacity(64);
@@ -395,6 +429,14 @@ fn replay(st: &mut State, partition: u64, seq: SeqId, rec: &[u8]) -> Result<(), 
             let id: LogId<NodeId> =
                 serde_json::from_slice(body).map_err(|e| damaged(e.to_string()))?;
             st.purge(id);
+        }
+        b'R' if body.is_empty() => {
+            // The replica was retired: its log is forgotten, all of it
+            // released (it replays the same whether or not the records up
+            // to here are still there).
+            st.entries.clear();
+            st.last_purged = None;
+            st.released = seq;
         }
         t => return Err(damaged(format!("unknown record kind {t}"))),
     }
@@ -681,6 +723,36 @@ mod tests {
         e.maintain().unwrap();
         assert!(dropped(&e) > 0, "nothing reclaimed after the reopen");
         assert_eq!(terms(&mut ls).len(), 10);
+        // Partition 2's replica given up: its log is forgotten and released
+        // (and released again after a restart, where it is not opened).
+        drop(other);
+        retire(&e, 2).unwrap();
+        let mut other = LogStore::open(e.clone(), flusher.clone(), 2).unwrap();
+        assert!(terms(&mut other).is_empty());
+        let st = block(other.get_log_state()).unwrap();
+        assert_eq!((st.last_purged_log_id, st.last_log_id), (None, None));
+        drop((ls, other));
+        Arc::try_unwrap(e).ok().unwrap().close().unwrap();
+        let e = open();
+        release_if_retired(&e, 2).unwrap();
+        let mut ls = LogStore::open(e.clone(), flusher.clone(), 1).unwrap();
+        // Partition 1 moves on past its old purge records.
+        ls.write_entries((3001..=3100).map(|i| blank_ent::<TypeConfig>(1, 1, i)))
+            .unwrap()
+            .wait()
+            .unwrap();
+        block(ls.purge(log_id(1, 1, 3100))).unwrap();
+        e.seal_active().unwrap();
+        e.maintain().unwrap();
+        assert!(dropped(&e) > 0, "the retired log still pins its segments");
+        let log2 = TimelineId::new(RAFT_LOG, 2);
+        // At most the retire record is left (its segment also holds
+        // partition 1's latest purge).
+        assert!(e.first_retained_seq(log2).unwrap() >= e.last_seq(log2));
+        assert_eq!(
+            terms(&mut LogStore::open(e.clone(), flusher, 2).unwrap()),
+            vec![]
+        );
     }
 
     #[test]

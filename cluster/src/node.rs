@@ -212,6 +212,8 @@ pub(crate) struct Inner {
     pub(crate) placement: crate::reconcile::Placement,
     /// The outbox deliverers and the `SEND`s waiting on them.
     pub(crate) deliveries: crate::delivery::Deliveries,
+    /// Read-fan-out group messages being told to peers.
+    pub(crate) group_pushes: std::sync::atomic::AtomicUsize,
 }
 
 /// Opens a partition's Raft group on this node's engine.
@@ -840,6 +842,7 @@ async fn boot(
         },
         placement: Default::default(),
         deliveries: Default::default(),
+        group_pushes: Default::default(),
     });
     inner.refresh(&meta).await?;
     let svc = Arc::downgrade(&inner);
@@ -859,6 +862,8 @@ async fn boot(
     tokio::spawn(net::serve(listener, inner.groups.clone(), im));
     for (p, replicas) in map.partitions.iter().enumerate() {
         if !replicas.contains(&cfg.id) {
+            // A replica this node gave up before: its log is released.
+            crate::log_store::release_if_retired(inner.engine(), p as u64)?;
             continue;
         }
         let p = p as PartitionId;
@@ -946,8 +951,6 @@ async fn form(meta: &Meta, cfg: &NodeConfig) -> Result<PartitionMap, ClusterErro
     }
 }
 
-/// Renew the lease a third of its TTL apart; if it expired (etcd was away
-/// longer than the TTL), register again under a new one.
 /// Every `every`, each group on this node snapshots (cheap: an engine
 /// sync and the applied state) and purges its log through what it had
 /// applied a period earlier. A partition with little traffic never
@@ -958,16 +961,25 @@ async fn form(meta: &Meta, cfg: &NodeConfig) -> Result<PartitionMap, ClusterErro
 async fn reclaim_logs(inner: std::sync::Weak<Inner>, every: Duration) {
     let mut prev: HashMap<PartitionId, u64> = HashMap::new();
     loop {
-        tokio::time::sleep(every).await;
-        let Some(inner) = inner.upgrade() else { return };
-        let groups: Vec<(PartitionId, Raft<TypeConfig>)> = inner
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let groups: Vec<(PartitionId, Raft<TypeConfig>)> = strong
             .groups
             .read()
             .iter()
             .map(|(p, g)| (*p, g.clone()))
             .collect();
-        drop(inner);
+        drop(strong);
+        if groups.is_empty() {
+            tokio::time::sleep(every).await;
+            continue;
+        }
+        // Spread over the period: one group's snapshot (an engine sync)
+        // at a time, not every group's at once.
+        let gap = every / (groups.len() as u32 + 1);
         for (p, g) in groups {
+            tokio::time::sleep(gap).await;
             let m = g.metrics().borrow().clone();
             let index = |l: Option<LogId<NodeId>>| l.map_or(0, |l| l.index);
             let before = prev.insert(p, index(m.last_applied)).unwrap_or(0);
@@ -984,6 +996,8 @@ async fn reclaim_logs(inner: std::sync::Weak<Inner>, every: Duration) {
     }
 }
 
+/// Renew the lease a third of its TTL apart; if it expired (etcd was away
+/// longer than the TTL), register again under a new one.
 async fn keep_lease(meta: Meta, me: NodeRecord, mut lease: i64, ttl: Duration) {
     let mut tick = tokio::time::interval(ttl / 3);
     loop {

@@ -240,6 +240,10 @@ async fn change(
 async fn retire(inner: &Inner, p: PartitionId, g: Raft<TypeConfig>) {
     inner.groups.write().remove(&p);
     let _ = g.shutdown().await;
+    // No longer a voter (checked before): its log can go.
+    if let Err(e) = crate::log_store::retire(inner.engine(), u64::from(p)) {
+        tracing::warn!(partition = p, error = %e, "retired log not released");
+    }
     tracing::info!(partition = p, "gave up a replica: the group is shut down");
 }
 

@@ -14,10 +14,12 @@
 //! the first seq retention kept, so `first = last + 1` (no records) says a
 //! timeline whose every record expired, and still carries its last seq.
 //! Integers are little-endian. Reading checks the magic, every length and
-//! checksum, and that the end mark counts the sections read. A file is
-//! applied as it is read, so a damaged one fails its install part way:
-//! what was applied of it is the leader's data, which a later install
-//! (openraft retries with a fresh snapshot) skips by write id.
+//! checksum, and that the end mark counts the sections read. A received
+//! file is read through once ([`verify`]) before anything of it is
+//! applied: openraft 0.9 takes a failed install as fatal for the group, so
+//! a damaged file must fail before it writes anything. Each send is its
+//! own cut under its own snapshot id, so two sends' chunks never mix in
+//! one received file.
 
 use std::io::{self, Read, Write};
 use std::pin::Pin;
@@ -76,16 +78,42 @@ pub fn write(engine: &Engine, manifest: &[Entry], mut out: impl Write) -> io::Re
         if m.last == 0 {
             continue;
         }
+        // The first page decides where the section starts: retention may
+        // have dropped more since `first_retained_seq` answered.
+        let mut next = first;
+        let mut page = Vec::new();
+        if next <= m.last {
+            let n = ((m.last - next + 1) as usize).min(PAGE);
+            page = match engine.scan(tl, next, n, Direction::Forward) {
+                Err(timeline_engine::Error::Truncated { first_retained, .. }) => {
+                    next = first_retained.min(m.last + 1);
+                    if next > m.last {
+                        Vec::new()
+                    } else {
+                        let n = ((m.last - next + 1) as usize).min(PAGE);
+                        engine
+                            .scan(tl, next, n, Direction::Forward)
+                            .map_err(io::Error::other)?
+                    }
+                }
+                r => r.map_err(io::Error::other)?,
+            };
+        }
         out.write_all(&[SECTION, ks])?;
-        for v in [id, first, m.last] {
+        for v in [id, next, m.last] {
             out.write_all(&v.to_le_bytes())?;
         }
-        let mut next = first;
+        let mut first_page = Some(page);
         while next <= m.last {
-            let n = ((m.last - next + 1) as usize).min(PAGE);
-            let recs = engine
-                .scan(tl, next, n, Direction::Forward)
-                .map_err(io::Error::other)?;
+            let recs = match first_page.take() {
+                Some(p) => p,
+                None => {
+                    let n = ((m.last - next + 1) as usize).min(PAGE);
+                    engine
+                        .scan(tl, next, n, Direction::Forward)
+                        .map_err(io::Error::other)?
+                }
+            };
             if recs.is_empty() {
                 return Err(io::Error::other(format!(
                     "timeline {ks}/{id}: seq {next} missing while snapshotting"
@@ -111,6 +139,20 @@ pub fn write(engine: &Engine, manifest: &[Entry], mut out: impl Write) -> io::Re
     out.flush()
 }
 
+/// Read a whole snapshot file without applying it: every length and
+/// checksum, and the end mark (so that a damaged one is refused before
+/// anything of it is written).
+pub fn verify(r: impl Read) -> io::Result<()> {
+    let mut r = Reader::open(r)?;
+    let mut buf = Vec::new();
+    while let Some(s) = r.section()? {
+        for _ in 0..s.records() {
+            r.record(&mut buf)?;
+        }
+    }
+    Ok(())
+}
+
 /// One timeline's section, as read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Section {
@@ -122,7 +164,7 @@ pub struct Section {
 impl Section {
     /// Records that follow its header.
     pub fn records(&self) -> u64 {
-        (self.last + 1).saturating_sub(self.first)
+        self.last.saturating_add(1).saturating_sub(self.first)
     }
 }
 
@@ -459,9 +501,11 @@ mod tests {
             Ok(())
         };
         read_all(&out).unwrap();
+        verify(&out[..]).unwrap();
         let mut flipped = out.clone();
         flipped[5000] ^= 1;
         assert!(read_all(&flipped).is_err());
+        assert!(verify(&flipped[..]).is_err());
         assert!(read_all(&out[..out.len() - 3]).is_err());
         let mut count = out.clone();
         let n = count.len();

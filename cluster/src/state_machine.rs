@@ -96,7 +96,7 @@ fn damaged(what: String) -> Error {
     read_err(std::io::Error::new(std::io::ErrorKind::InvalidData, what))
 }
 
-#[derive(Default, serde::Serialize, serde::Deserialize)]
+#[derive(Default, Clone, serde::Serialize, serde::Deserialize)]
 struct AppliedState {
     applied: Option<LogId<NodeId>>,
     membership: Membership,
@@ -142,6 +142,12 @@ pub struct StateMachine {
     /// Where snapshot files are made (unlinked at once).
     snapshot_dir: PathBuf,
     counters: Arc<snapshot::Counters>,
+    /// Held while the applied state is persisted (a build and an install
+    /// write it one at a time; taken before `state`).
+    persisting: Arc<Mutex<()>>,
+    /// The file of the snapshot last sent (its id and path), kept for
+    /// its next sends; held while one is made.
+    kept: Arc<Mutex<Option<(String, PathBuf)>>>,
 }
 
 impl StateMachine {
@@ -192,6 +198,8 @@ impl StateMachine {
             hook: Default::default(),
             snapshot_dir: std::env::temp_dir(),
             counters: Default::default(),
+            persisting: Default::default(),
+            kept: Default::default(),
             state: Arc::new(Mutex::new(State {
                 applied,
                 timelines,
@@ -206,6 +214,15 @@ impl StateMachine {
     /// Make snapshot files in `dir` (default: the system's temporary
     /// directory; a node uses its data directory's `raft-snapshots`).
     pub fn with_snapshot_dir(mut self, dir: PathBuf) -> StateMachine {
+        // Files this partition's snapshots left before a restart.
+        let prefix = format!("p{}-", self.partition);
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         self.snapshot_dir = dir;
         self
     }
@@ -298,14 +315,11 @@ impl StateMachine {
         index: u64,
         payload: &[u8],
     ) -> Result<u64, Error> {
+        // Listed before the skip: after a crash that kept a record but not
+        // its (buffered, other-shard) list record, re-applying lists it.
+        self.list(st, t)?;
         if index <= self.last_index(st, t)? {
             return Ok(0);
-        }
-        if st.timelines.insert(t) {
-            let list = TimelineId::new(RAFT_META, 4 * self.partition + 3);
-            self.engine
-                .append_with(list, &encode_timeline(t), Durability::Buffered)
-                .map_err(sm_err)?;
         }
         let mut rec = Vec::with_capacity(8 + payload.len());
         rec.extend_from_slice(&index.to_le_bytes());
@@ -375,14 +389,15 @@ impl StateMachine {
                 ))));
             }
             let w = write_id(index, i as u64);
-            if w <= self.last_index(st, t)? {
-                at.push(None);
-                continue;
-            }
+            // Listed before the skip (see `append_any`).
             if st.timelines.insert(t) {
                 let list = TimelineId::new(RAFT_META, 4 * self.partition + 3);
                 recs.push((list, encode_timeline(t).to_vec()));
                 listed.push(t);
+            }
+            if w <= self.last_index(st, t)? {
+                at.push(None);
+                continue;
             }
             let mut rec = Vec::with_capacity(8 + it.payload.len());
             rec.extend_from_slice(&w.to_le_bytes());
@@ -646,12 +661,32 @@ impl StateMachine {
     /// Make the data durable, then persist the applied state.
     fn persist(&self, st: &State) -> Result<(), Error> {
         self.engine.sync().map_err(sm_err)?;
-        let bytes = serde_json::to_vec(&st.applied).map_err(sm_err)?;
+        self.write_applied(&st.applied)
+    }
+
+    fn write_applied(&self, a: &AppliedState) -> Result<(), Error> {
+        let bytes = serde_json::to_vec(a).map_err(sm_err)?;
         let tl = TimelineId::new(RAFT_META, 4 * self.partition + 2);
         self.engine
             .append_with(tl, &bytes, Durability::Sync)
             .map_err(sm_err)?;
         Ok(())
+    }
+
+    /// A snapshot's build (blocking): the applied state as of now, its
+    /// data made durable first, persisted; the state lock is held only to
+    /// copy it, not over the fsyncs, so applying goes on meanwhile.
+    fn persist_applied(&self) -> Result<SnapshotMeta<NodeId, BasicNode>, Error> {
+        let _one = self.persisting.lock();
+        // Every record of the entries applied so far is appended: the sync
+        // after the copy covers them.
+        let applied = self.state.lock().applied.clone();
+        self.engine.sync().map_err(sm_err)?;
+        self.write_applied(&applied)?;
+        let meta = meta_of(self.partition, &applied);
+        self.state.lock().current = Some(meta.clone());
+        self.forget_kept(&meta.snapshot_id);
+        Ok(meta)
     }
 }
 
@@ -691,13 +726,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     /// keeps only the meta of what this returns (`core/sm/worker.rs`), so
     /// the data returned is an empty file, not a copy of the partition.
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, Error> {
-        let meta = {
-            let mut st = self.state.lock();
-            self.persist(&st)?;
-            let meta = meta_of(self.partition, &st.applied);
-            st.current = Some(meta.clone());
-            meta
-        };
+        let this = self.clone();
+        let meta = tokio::task::spawn_blocking(move || this.persist_applied())
+            .await
+            .map_err(|e| sm_err(std::io::Error::other(e.to_string())))??;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(SnapshotFile::ready(self.temp_file()?)),
@@ -722,7 +754,10 @@ impl StateMachine {
         };
         let mut f = f;
         f.seek(SeekFrom::Start(0)).map_err(bad)?;
+        snapshot::verify(std::io::BufReader::new(&mut f)).map_err(bad)?;
+        f.seek(SeekFrom::Start(0)).map_err(bad)?;
         let mut r = snapshot::Reader::open(std::io::BufReader::new(f)).map_err(bad)?;
+        let _one = self.persisting.lock();
         let mut st = self.state.lock();
         st.hwm.clear();
         let mut buf = Vec::new();
@@ -739,6 +774,8 @@ impl StateMachine {
         };
         self.persist(&st)?;
         st.current = Some(meta.clone());
+        drop(st);
+        self.forget_kept(&meta.snapshot_id);
         self.counters.installed.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -851,6 +888,65 @@ impl StateMachine {
 fn temp_file_in(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
     std::fs::create_dir_all(dir)?;
     tempfile::tempfile_in(dir)
+}
+
+impl StateMachine {
+    /// Snapshot `id`'s file, opened for one send: made on the first send
+    /// (a cut of the partition then) and kept, named, until the next
+    /// snapshot replaces it. openraft retries a send under the same id and
+    /// a receiver keys its file by id: every send of one id must carry the
+    /// same bytes, or chunks of two cuts could meet in one received file.
+    fn snapshot_file(&self, id: &str) -> std::io::Result<std::fs::File> {
+        let mut kept = self.kept.lock();
+        if let Some((k, path)) = kept.as_ref() {
+            if k == id {
+                return std::fs::File::open(path);
+            }
+        }
+        std::fs::create_dir_all(&self.snapshot_dir)?;
+        let path = self.snapshot_dir.join(format!("{id}.snap"));
+        let tmp = self.snapshot_dir.join(format!("{id}.tmp"));
+        let mut f = std::fs::File::create(&tmp)?;
+        // A build that failed (retention dropping what it was reading) is
+        // made again from a fresh cut: a failed one is fatal for the group
+        // (openraft 0.9).
+        let mut attempt = 0;
+        loop {
+            f.set_len(0)?;
+            f.seek(SeekFrom::Start(0))?;
+            let manifest = self.manifest();
+            match snapshot::write(&self.engine, &manifest, std::io::BufWriter::new(&mut f)) {
+                Ok(()) => break,
+                Err(e) if attempt < 2 => {
+                    tracing::warn!(partition = self.partition, error = %e, "snapshot build failed; again");
+                    attempt += 1;
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e);
+                }
+            }
+        }
+        let bytes = f.stream_position()?;
+        drop(f);
+        std::fs::rename(&tmp, &path)?;
+        if let Some((_, old)) = kept.replace((id.to_string(), path.clone())) {
+            let _ = std::fs::remove_file(old);
+        }
+        self.counters.sent.fetch_add(1, Ordering::Relaxed);
+        self.counters.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+        std::fs::File::open(&path)
+    }
+
+    /// A newer snapshot replaces the kept file of an older one.
+    fn forget_kept(&self, current: &str) {
+        let mut kept = self.kept.lock();
+        if kept.as_ref().is_some_and(|(k, _)| k != current) {
+            if let Some((_, old)) = kept.take() {
+                let _ = std::fs::remove_file(old);
+            }
+        }
+    }
 }
 
 /// Why restoring a section failed: the snapshot file, or this replica.
@@ -981,22 +1077,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     /// The last snapshot's meta with the partition's data as of when the
     /// data is first read (at or past the meta), written to a file on the
-    /// blocking pool while the group goes on.
+    /// blocking pool while the group goes on; later sends of the same
+    /// snapshot read the same file.
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, Error> {
         let Some(meta) = self.state.lock().current.clone() else {
             return Ok(None);
         };
-        let (this, counters) = (self.clone(), self.counters.clone());
-        let data = SnapshotFile::lazy(move || {
-            let mut f = temp_file_in(&this.snapshot_dir)?;
-            let manifest = this.manifest();
-            snapshot::write(&this.engine, &manifest, std::io::BufWriter::new(&mut f))?;
-            let bytes = f.stream_position()?;
-            f.seek(SeekFrom::Start(0))?;
-            counters.sent.fetch_add(1, Ordering::Relaxed);
-            counters.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
-            Ok(f)
-        });
+        let (this, id) = (self.clone(), meta.snapshot_id.clone());
+        let data = SnapshotFile::lazy(move || this.snapshot_file(&id));
         Ok(Some(Snapshot {
             meta,
             snapshot: Box::new(data),
@@ -1293,9 +1381,27 @@ mod tests {
             .collect();
         block(a.apply(more.clone())).unwrap();
         let snap = block(a.get_current_snapshot()).unwrap().unwrap();
+        assert_eq!(snap.meta.last_log_id, built.meta.last_log_id);
+        assert_eq!(snap.meta.last_membership, built.meta.last_membership);
         assert_eq!(snap.meta, built.meta);
         block(b.install_snapshot(&snap.meta, snap.snapshot)).unwrap();
         block(b.apply(more)).unwrap();
+        // A second send of the same snapshot (openraft retries under its
+        // id) carries the same bytes, from the kept file, even after more
+        // entries were applied.
+        let read = |s: Snapshot<TypeConfig>| {
+            let f = block(s.snapshot.into_std()).unwrap();
+            let mut v = Vec::new();
+            std::io::Read::read_to_end(&mut &f, &mut v).unwrap();
+            v
+        };
+        let first = read(block(a.get_current_snapshot()).unwrap().unwrap());
+        block(a.apply([append(26, 1, "m26")])).unwrap();
+        let second = read(block(a.get_current_snapshot()).unwrap().unwrap());
+        assert!(!first.is_empty() && first == second);
+        let tl1 = TimelineId::new(Keyspace(0), 1);
+        block(b.apply([append(26, 1, "m26")])).unwrap();
+        assert_eq!(ea.last_seq(tl1), eb.last_seq(tl1));
         for id in 0..3 {
             assert_eq!(a.records(0, id).unwrap(), b.records(0, id).unwrap());
             let tl = TimelineId::new(Keyspace(0), id);
