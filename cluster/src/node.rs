@@ -507,6 +507,14 @@ impl Node {
 
     fn stop(&mut self) {
         if let Some(rt) = self.rt.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                // Dropped on a runtime thread (the last reference to the
+                // server went with a callback of this node's): nothing may
+                // block here. What was acknowledged is on disk already.
+                self.inner.groups.write().clear();
+                rt.shutdown_background();
+                return;
+            }
             let groups: Vec<Raft<TypeConfig>> =
                 self.inner.groups.read().values().cloned().collect();
             rt.block_on(async {
