@@ -11,8 +11,9 @@
 //!   applied.
 //! - A user's `SYNC`, on the user partition's leader, reads the user's
 //!   groups from that replica, then a page of each from the group
-//!   partition's leader, here or over the peer connection
-//!   ([`KIND_GROUP_READ`]), after that leader confirmed its leadership:
+//!   partition's leader: one request per leader node, all at once (here,
+//!   or over the peer connection: [`KIND_GROUP_READ`]), each node
+//!   confirming its leadership of each partition once before reading:
 //!   each page is linearizable on its own.
 //! - Push: the group partition's leader tells every node of each new
 //!   message ([`KIND_GROUP_PUSH`]); a node pushes it to the members
@@ -29,6 +30,7 @@ use crate::node::{ClusterError, Inner};
 use crate::partition::{partition_of, PartitionId};
 use crate::NodeId;
 use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use timeline_engine::{Direction, Keyspace, TimelineId};
@@ -58,8 +60,8 @@ struct RawPage {
     last: u64,
 }
 
-/// Why a peer did not answer a group read.
-#[derive(Debug, Serialize, Deserialize)]
+/// Why a group was not read.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 enum Refusal {
     /// It does not lead the group's partition (the leader it knows of).
     NotLeader(Option<NodeId>),
@@ -84,6 +86,14 @@ fn read_failed(p: PartitionId, e: impl std::fmt::Display) -> ClusterError {
     }
 }
 
+/// The group reads one node answers in one request: groups whose
+/// partitions it leads, in the user's order, sharing `budget` events.
+#[derive(Debug, Serialize, Deserialize)]
+struct Batch {
+    reads: Vec<GroupRead>,
+    budget: u32,
+}
+
 /// Read `req` from this node's replica, once this node confirmed it leads
 /// the group's partition.
 async fn read_here(
@@ -92,6 +102,11 @@ async fn read_here(
     req: &GroupRead,
 ) -> Result<RawPage, ClusterError> {
     inner.linearize(Keyspace::STORE.0, req.conv).await?;
+    read_local(inner, p, req)
+}
+
+/// Read `req` from this node's engine (its leadership confirmed).
+fn read_local(inner: &Inner, p: PartitionId, req: &GroupRead) -> Result<RawPage, ClusterError> {
     let e = inner.engine();
     let tl = TimelineId::new(Keyspace::STORE, req.conv);
     let last = e.last_seq(tl);
@@ -119,23 +134,90 @@ async fn read_here(
     })
 }
 
-/// A peer's group read for partition `p` (the peer RPC's handler).
-pub(crate) async fn serve_read(inner: Arc<Inner>, p: PartitionId, body: Vec<u8>) -> Vec<u8> {
+/// `reads` from this node (each group's partition led here, confirmed
+/// once per partition), in order, sharing `budget`: once it is spent, a
+/// group is read for its last seq only.
+async fn read_batch_here(
+    inner: &Inner,
+    reads: &[GroupRead],
+    budget: usize,
+) -> Vec<Result<RawPage, Refusal>> {
     let parts = inner.map.read().len();
-    let answer: Result<RawPage, Refusal> = match bincode::deserialize::<GroupRead>(&body) {
-        Err(e) => Err(Refusal::Failed(format!("undecodable group read: {e}"))),
-        Ok(req) if partition_of(Keyspace::STORE.0, req.conv, parts) != p => Err(Refusal::Failed(
-            format!("conversation {} is not in partition {p}", req.conv),
-        )),
-        Ok(_) if !inner.leads(p) => Err(Refusal::NotLeader(
-            inner.leader_hint(p).filter(|&l| l != inner.id),
-        )),
-        Ok(req) => read_here(&inner, p, &req).await.map_err(|e| match e {
-            ClusterError::Moved { .. } | ClusterError::NoLeader { .. } => Refusal::NotLeader(None),
-            e => Refusal::Failed(e.to_string()),
-        }),
-    };
+    let mut checked: HashMap<PartitionId, Result<(), Refusal>> = HashMap::new();
+    let mut left = budget;
+    let mut out = Vec::with_capacity(reads.len());
+    for r in reads {
+        let p = partition_of(Keyspace::STORE.0, r.conv, parts);
+        if !inner.leads(p) {
+            out.push(Err(Refusal::NotLeader(
+                inner.leader_hint(p).filter(|&l| l != inner.id),
+            )));
+            continue;
+        }
+        let ok = match checked.get(&p) {
+            Some(c) => c.clone(),
+            None => {
+                let c = inner
+                    .linearize(Keyspace::STORE.0, r.conv)
+                    .await
+                    .map_err(|e| match e {
+                        ClusterError::Moved { .. } | ClusterError::NoLeader { .. } => {
+                            Refusal::NotLeader(None)
+                        }
+                        e => Refusal::Failed(e.to_string()),
+                    });
+                checked.insert(p, c.clone());
+                c
+            }
+        };
+        if let Err(e) = ok {
+            out.push(Err(e));
+            continue;
+        }
+        let req = GroupRead {
+            limit: r.limit.min(left.min(u32::MAX as usize) as u32),
+            ..*r
+        };
+        match read_local(inner, p, &req) {
+            Ok(raw) => {
+                left -= raw.records.len().min(left);
+                out.push(Ok(raw));
+            }
+            Err(e) => out.push(Err(Refusal::Failed(e.to_string()))),
+        }
+    }
+    out
+}
+
+/// A peer's group reads (the peer RPC's handler).
+pub(crate) async fn serve_read(inner: Arc<Inner>, body: Vec<u8>) -> Vec<u8> {
+    let answer: Result<Vec<Result<RawPage, Refusal>>, String> =
+        match bincode::deserialize::<Batch>(&body) {
+            Err(e) => Err(format!("undecodable group reads: {e}")),
+            Ok(b) if b.reads.len() > MAX_BATCH_READS => {
+                Err(format!("{} group reads in one request", b.reads.len()))
+            }
+            Ok(b) => Ok(read_batch_here(&inner, &b.reads, b.budget as usize).await),
+        };
     bincode::serialize(&answer).unwrap_or_default()
+}
+
+/// Most group reads one request carries (a bound on what a peer's request
+/// can make a node do).
+const MAX_BATCH_READS: usize = 65_536;
+
+/// Decode a page's records.
+fn decode(p: PartitionId, conv: u64, raw: RawPage) -> Result<GroupPage, ClusterError> {
+    let mut events = Vec::with_capacity(raw.records.len());
+    for (seq, b) in raw.records {
+        let (_, ev) = read::decode_event(&b, conv, seq).map_err(|e| read_failed(p, e))?;
+        events.push((seq, ev));
+    }
+    Ok(GroupPage {
+        conv,
+        events,
+        last: raw.last,
+    })
 }
 
 /// `req`'s page from the group partition's leader, wherever it is.
@@ -152,63 +234,130 @@ async fn read_one(inner: &Arc<Inner>, req: GroupRead) -> Result<GroupPage, Clust
             else {
                 return Err(ClusterError::NoLeader { partition: p });
             };
-            let body = bincode::serialize(&req).map_err(|e| ClusterError::Raft(e.to_string()))?;
-            // A leader out of reach is as good as none: retry later.
-            let reply = match inner
-                .transport()
-                .im_call(node, KIND_GROUP_READ, p, body)
-                .await
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::debug!(partition = p, node, error = %e, "group read failed");
-                    return Err(ClusterError::NoLeader { partition: p });
-                }
-            };
-            match bincode::deserialize::<Result<RawPage, Refusal>>(&reply) {
-                Ok(Ok(raw)) => raw,
-                Ok(Err(Refusal::NotLeader(l))) => {
+            let mut answers = ask(inner, node, p, vec![req], req.limit as usize).await?;
+            match answers.pop() {
+                Some(Ok(raw)) => raw,
+                Some(Err(Refusal::NotLeader(l))) => {
                     hint = l;
                     continue;
                 }
-                Ok(Err(Refusal::Failed(m))) => return Err(ClusterError::Raft(m)),
-                Err(e) => return Err(ClusterError::Raft(format!("group read reply: {e}"))),
+                Some(Err(Refusal::Failed(m))) => return Err(ClusterError::Raft(m)),
+                None => return Err(ClusterError::Raft("an empty group read answer".into())),
             }
         };
-        let mut events = Vec::with_capacity(raw.records.len());
-        for (seq, b) in raw.records {
-            let (_, ev) = read::decode_event(&b, req.conv, seq).map_err(|e| read_failed(p, e))?;
-            events.push((seq, ev));
-        }
-        return Ok(GroupPage {
-            conv: req.conv,
-            events,
-            last: raw.last,
-        });
+        return decode(p, req.conv, raw);
     }
     Err(ClusterError::NoLeader { partition: p })
+}
+
+/// Ask node `node` for `reads` (one request); `p` names the partition a
+/// failure is reported for.
+async fn ask(
+    inner: &Inner,
+    node: NodeId,
+    p: PartitionId,
+    reads: Vec<GroupRead>,
+    budget: usize,
+) -> Result<Vec<Result<RawPage, Refusal>>, ClusterError> {
+    let n = reads.len();
+    let batch = Batch {
+        reads,
+        budget: budget.min(u32::MAX as usize) as u32,
+    };
+    let body = bincode::serialize(&batch).map_err(|e| ClusterError::Raft(e.to_string()))?;
+    // A leader out of reach is as good as none: retry later.
+    let reply = match inner
+        .transport()
+        .im_call(node, KIND_GROUP_READ, 0, body)
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(partition = p, node, error = %e, "group read failed");
+            return Err(ClusterError::NoLeader { partition: p });
+        }
+    };
+    match bincode::deserialize::<Result<Vec<Result<RawPage, Refusal>>, String>>(&reply) {
+        Ok(Ok(a)) if a.len() == n => Ok(a),
+        Ok(Ok(a)) => Err(ClusterError::Raft(format!(
+            "{} group read answers for {n} reads",
+            a.len()
+        ))),
+        Ok(Err(m)) => Err(ClusterError::Raft(m)),
+        Err(e) => Err(ClusterError::Raft(format!("group read reply: {e}"))),
+    }
 }
 
 /// The pages of `reqs`, in order, sharing `budget` events: a group read
 /// once the budget is spent is asked only for its last seq. The pages
 /// that have events, and whether any group has more than was read.
+///
+/// One request per leader node, all at once (each node shares the whole
+/// budget among its groups; the pages are then cut to the budget in the
+/// user's order, so a node may read up to one budget more than is sent).
+/// A group whose leader moved meanwhile is read again on its own.
 pub(crate) async fn pages(
     inner: Arc<Inner>,
     reqs: Vec<GroupRead>,
     budget: usize,
 ) -> Result<(Vec<GroupPage>, bool), ClusterError> {
+    let parts = inner.map.read().len();
+    let part = |r: &GroupRead| partition_of(Keyspace::STORE.0, r.conv, parts);
+    let mut by_node: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
+    for (i, r) in reqs.iter().enumerate() {
+        let p = part(r);
+        let node = if inner.leads(p) {
+            inner.id
+        } else {
+            inner
+                .leader_hint(p)
+                .filter(|&n| n != inner.id)
+                .ok_or(ClusterError::NoLeader { partition: p })?
+        };
+        by_node.entry(node).or_default().push(i);
+    }
+    let mut tasks = Vec::with_capacity(by_node.len());
+    for (node, idx) in by_node {
+        let reads: Vec<GroupRead> = idx.iter().map(|&i| reqs[i]).collect();
+        let (inner, p) = (inner.clone(), part(&reads[0]));
+        tasks.push(tokio::spawn(async move {
+            let answers = if node == inner.id {
+                Ok(read_batch_here(&inner, &reads, budget).await)
+            } else {
+                ask(&inner, node, p, reads, budget).await
+            };
+            (idx, answers)
+        }));
+    }
+    let mut answers: Vec<Option<Result<RawPage, Refusal>>> =
+        (0..reqs.len()).map(|_| None).collect();
+    for t in tasks {
+        let (idx, a) = t
+            .await
+            .map_err(|e| ClusterError::Raft(format!("group read task: {e}")))?;
+        for (i, r) in idx.into_iter().zip(a.map_err(no_moved)?) {
+            answers[i] = Some(r);
+        }
+    }
     let mut out = Vec::new();
     let mut left = budget;
     let mut more = false;
-    for mut r in reqs {
-        r.limit = r.limit.min(left.min(u32::MAX as usize) as u32);
-        // The caller was asked for the user's timeline: a `MOVED` naming a
-        // group's leader would send it away from the user's.
-        let page = read_one(&inner, r).await.map_err(|e| match e {
-            ClusterError::Moved { partition, .. } => ClusterError::NoLeader { partition },
-            e => e,
-        })?;
-        left -= page.events.len().min(left);
+    for (r, a) in reqs.into_iter().zip(answers) {
+        let p = part(&r);
+        let mut page = match a {
+            Some(Ok(raw)) => decode(p, r.conv, raw)?,
+            Some(Err(Refusal::Failed(m))) => return Err(ClusterError::Raft(m)),
+            // Its leader moved: on its own, from where the leader is now.
+            Some(Err(Refusal::NotLeader(_))) | None => {
+                let one = GroupRead {
+                    limit: r.limit.min(left.min(u32::MAX as usize) as u32),
+                    ..r
+                };
+                read_one(&inner, one).await.map_err(no_moved)?
+            }
+        };
+        page.events.truncate(left);
+        left -= page.events.len();
         let through = page.events.last().map_or(r.after, |(s, _)| *s);
         more |= through < page.last;
         if !page.events.is_empty() {
@@ -216,6 +365,15 @@ pub(crate) async fn pages(
         }
     }
     Ok((out, more))
+}
+
+/// The caller was asked for the user's timeline: a `MOVED` naming a
+/// group's leader would send it away from the user's.
+fn no_moved(e: ClusterError) -> ClusterError {
+    match e {
+        ClusterError::Moved { partition, .. } => ClusterError::NoLeader { partition },
+        e => e,
+    }
 }
 
 /// The read-fan-out groups `user` belongs to, from this node's replica.

@@ -51,9 +51,9 @@ const KIND_SNAPSHOT: u8 = 3;
 /// Sync entries for a partition this node leads (IM across partitions):
 /// bincode `Vec<Delivery>`; reply `Result<(), Option<leader>>`.
 pub const KIND_DELIVER: u8 = 4;
-/// A page of a read-fan-out group, from its partition's leader
-/// ([`crate::groups`]): bincode `GroupRead`; reply
-/// `Result<RawPage, Option<leader>>`.
+/// Pages of read-fan-out groups this node leads ([`crate::groups`]):
+/// bincode `Batch` (the reads, in order, and a shared budget); reply
+/// `Result<Vec<Result<RawPage, Refusal>>, String>`, one per read.
 pub const KIND_GROUP_READ: u8 = 5;
 /// A read-fan-out group's new message, told to every node (a push hint):
 /// bincode `GroupEvent`; the reply is empty.

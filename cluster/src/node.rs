@@ -859,9 +859,7 @@ async fn boot(
         Box::pin(async move {
             match (svc, kind) {
                 (Some(inner), net::KIND_DELIVER) => crate::delivery::serve(inner, p, body).await,
-                (Some(inner), net::KIND_GROUP_READ) => {
-                    crate::groups::serve_read(inner, p, body).await
-                }
+                (Some(inner), net::KIND_GROUP_READ) => crate::groups::serve_read(inner, body).await,
                 (Some(inner), net::KIND_GROUP_PUSH) => crate::groups::serve_push(inner, body).await,
                 _ => Vec::new(),
             }

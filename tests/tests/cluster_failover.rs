@@ -1521,6 +1521,69 @@ fn read_fanout_groups_sync_and_push_across_nodes() {
         Some((_, Push::Entry { entry, .. })) => assert_eq!(entry.entry.conv, small),
         other => panic!("push: {other:?}"),
     }
+    // Bob in three more read-fan-out groups, led by different nodes: a
+    // SYNC asks each leader node once, and small pages still hand out
+    // every message once, in order, within the budget.
+    let mut extra: Vec<u64> = Vec::new();
+    let mut leaders_used = std::collections::HashSet::new();
+    for c in 9100u64..9400 {
+        let l = lead[&partition_of(0, c, p)].clone();
+        if extra.len() < 3 && (leaders_used.insert(l) || extra.len() == 2) {
+            extra.push(c);
+        }
+    }
+    assert!(leaders_used.len() >= 2, "groups led by one node only");
+    for &c in &extra {
+        let r = cc.call(&Request::CreateConversation {
+            conv: c,
+            kind: ConvKind::Group,
+            members: members.clone(),
+        });
+        assert!(matches!(r, Ok(Response::CreateConversation(1))), "{r:?}");
+        for k in 0..7u64 {
+            let r = cc.call(&Request::Send {
+                conv: c,
+                sender: 1,
+                client_msg_id: k + 1,
+                payload: format!("{c}-{k}").as_bytes(),
+            });
+            assert!(matches!(r, Ok(Response::Send(_))), "{r:?}");
+        }
+    }
+    let mut cps: HashMap<u64, u64> = HashMap::from([(big, 41)]);
+    let mut got: HashMap<u64, Vec<u64>> = HashMap::new();
+    let mut sync_cp = cp;
+    for round in 0.. {
+        assert!(round < 50, "SYNC never drained");
+        let s = sync(
+            &mut cc,
+            bob,
+            sync_cp,
+            5,
+            cps.iter().map(|(&c, &s)| (c, s)).collect(),
+        );
+        sync_cp = s.checkpoint;
+        let n: usize = s.entries.len() + s.groups.iter().map(|g| g.entries.len()).sum::<usize>();
+        assert!(n <= 5, "a page of {n} entries for a limit of 5");
+        for g in &s.groups {
+            cps.insert(g.conv, g.checkpoint);
+            got.entry(g.conv)
+                .or_default()
+                .extend(g.entries.iter().map(|e| e.conv_seq));
+        }
+        if !s.has_more {
+            break;
+        }
+    }
+    for &c in &extra {
+        assert_eq!(
+            got.get(&c),
+            Some(&(2..=8).collect::<Vec<u64>>()),
+            "group {c}"
+        );
+    }
+    assert!(!got.contains_key(&big), "nothing new in the first group");
+
     // What read fan-out saves: a send to the 600-member group against one
     // to a 450-member group (below the threshold: written fan-out to each
     // member's sync timeline, over every partition), one at a time.
