@@ -19,9 +19,8 @@
 //! leader's overwrite means. A truncation is written with
 //! `Durability::Sync` before `truncate` returns: replaying a truncated
 //! suffix back after a crash would let this node vote with a log it does
-//! not have. Purges are written buffered (durable with the next
-//! fdatasync; nothing waits): a purge lost in a crash only brings back
-//! entries that are already applied.
+//! not have. Purges are group-committed before what they purge is
+//! released (below).
 //!
 //! The vote is the last record of timeline `4p` of [`RAFT_META`] (`4p + 1`
 //! held the committed log id in the first build, and is still read; the

@@ -21,6 +21,7 @@
 //! own cut under its own snapshot id, so two sends' chunks never mix in
 //! one received file.
 
+use std::future::Future;
 use std::io::{self, Read, Write};
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -356,7 +357,20 @@ impl SnapshotFile {
     }
 }
 
-use std::future::Future;
+impl SnapshotFile {
+    /// Run `op` on the file once it is there.
+    fn with_file<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        op: impl FnOnce(Pin<&mut tokio::fs::File>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match self.poll_file(cx) {
+            Poll::Ready(Ok(f)) => op(Pin::new(f), cx),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
 
 impl AsyncRead for SnapshotFile {
     fn poll_read(
@@ -364,41 +378,21 @@ impl AsyncRead for SnapshotFile {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        match this.poll_file(cx) {
-            Poll::Ready(Ok(f)) => Pin::new(f).poll_read(cx, buf),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
+        self.get_mut().with_file(cx, |f, cx| f.poll_read(cx, buf))
     }
 }
 
 impl AsyncWrite for SnapshotFile {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        match this.poll_file(cx) {
-            Poll::Ready(Ok(f)) => Pin::new(f).poll_write(cx, b),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
+        self.get_mut().with_file(cx, |f, cx| f.poll_write(cx, b))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        match this.poll_file(cx) {
-            Poll::Ready(Ok(f)) => Pin::new(f).poll_flush(cx),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
+        self.get_mut().with_file(cx, |f, cx| f.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        match this.poll_file(cx) {
-            Poll::Ready(Ok(f)) => Pin::new(f).poll_shutdown(cx),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
+        self.get_mut().with_file(cx, |f, cx| f.poll_shutdown(cx))
     }
 }
 
@@ -418,24 +412,19 @@ impl AsyncSeek for SnapshotFile {
 
     fn poll_complete(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
         let this = self.get_mut();
-        let pending_seek = this.seek;
-        let f = match this.poll_file(cx) {
-            Poll::Ready(Ok(f)) => f,
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+        match this.poll_file(cx) {
             Poll::Pending => return Poll::Pending,
-        };
-        if let Some(pos) = pending_seek {
-            Pin::new(&mut *f).start_seek(pos)?;
-            this.seek = None;
-            // `f` borrows `this`; look it up again.
-            if let FileState::Ready(f) = &mut this.state {
-                return Pin::new(f).poll_complete(cx);
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(_)) => {}
+        }
+        // A seek asked for while the file was being built: issued now.
+        let pending = this.seek.take();
+        this.with_file(cx, |mut f, cx| {
+            if let Some(pos) = pending {
+                f.as_mut().start_seek(pos)?;
             }
-        }
-        match &mut this.state {
-            FileState::Ready(f) => Pin::new(f).poll_complete(cx),
-            _ => Poll::Ready(Err(io::Error::other("snapshot file not ready"))),
-        }
+            f.poll_complete(cx)
+        })
     }
 }
 
