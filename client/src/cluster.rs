@@ -48,8 +48,13 @@ fn timeline_of(r: &Request<'_>) -> Option<protocol::TimelineId> {
         | Request::LastSeq { timeline } => Some(*timeline),
         Request::CreateConversation { conv, .. }
         | Request::Send { conv, .. }
+        | Request::Recall { conv, .. }
         | Request::History { conv, .. }
         | Request::Members { conv } => Some(protocol::TimelineId::store(*conv)),
+        // A user's own marks go to its partition (protocol.md §15).
+        Request::MarkRead { user, .. } | Request::DeleteForUser { user, .. } => {
+            Some(protocol::TimelineId::sync(*user))
+        }
         // A node pushes the sync entries its replicas apply: subscribe
         // where the user's sync timeline is led (protocol.md §15).
         Request::Sync { user, .. } | Request::Subscribe { user } => {
@@ -197,6 +202,8 @@ impl ClusterClient {
                 | Request::AppendBatch { .. }
                 | Request::Send { .. }
                 | Request::CreateConversation { .. }
+                | Request::Recall { .. }
+                | Request::DeleteForUser { .. }
         );
         let mut addr = self.route(r);
         let mut pause = Duration::from_millis(20);

@@ -17,7 +17,7 @@
 //! idempotent).
 
 use crate::im::read::{self, Pending};
-use crate::im::{Delivery, KIND_CREATED, KIND_MESSAGE};
+use crate::im::{Delivery, KIND_CREATED};
 use crate::node::{ClusterError, Inner};
 use crate::partition::{partition_of, PartitionId};
 use crate::{Command, NodeId};
@@ -339,7 +339,8 @@ fn deliveries(
                 KIND_CREATED,
                 ev.body.first().map(|k| vec![*k]).unwrap_or_default(),
             ),
-            _ => (KIND_MESSAGE, ev.body),
+            // A message, or a recall (its body the recalled seq).
+            k => (k, ev.body),
         };
         for &user in &members[&x.conv] {
             out.entry(partition_of(Keyspace::SYNC.0, user, parts))

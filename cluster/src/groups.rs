@@ -62,7 +62,7 @@ struct RawPage {
 
 /// Why a group was not read.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-enum Refusal {
+pub(crate) enum Refusal {
     /// It does not lead the group's partition (the leader it knows of).
     NotLeader(Option<NodeId>),
     Failed(String),
@@ -369,7 +369,7 @@ pub(crate) async fn pages(
 
 /// The caller was asked for the user's timeline: a `MOVED` naming a
 /// group's leader would send it away from the user's.
-fn no_moved(e: ClusterError) -> ClusterError {
+pub(crate) fn no_moved(e: ClusterError) -> ClusterError {
     match e {
         ClusterError::Moved { partition, .. } => ClusterError::NoLeader { partition },
         e => e,

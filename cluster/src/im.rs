@@ -31,6 +31,16 @@ pub const DONE_BASE: u64 = 2 << 40;
 /// Store event kinds (the first byte of a conversation's record).
 pub const KIND_MESSAGE: u8 = 1;
 pub const KIND_CREATED: u8 = 2;
+/// A recall: its sender is the recalling user, its body the recalled
+/// message's seq (u64). Stored and delivered like a message.
+pub const KIND_RECALL: u8 = 3;
+
+/// Sync-only kinds (a user's own marks, written by the user's partition;
+/// the record's `conv_seq` is the mark's seq, its sender the user, its
+/// body empty): the user read `conv` through `conv_seq`, or deleted
+/// message `conv_seq` for itself.
+pub const KIND_READ_MARKER: u8 = 4;
+pub const KIND_DELETED_MARKER: u8 = 5;
 
 /// Conversation kinds (a `Created` event's first body byte): a direct
 /// conversation and a group, both written fan-out, and a group read
@@ -131,6 +141,11 @@ impl Delivery {
         b
     }
 
+    /// A user's own mark (not a delivery from the conversation).
+    pub fn is_mark(&self) -> bool {
+        matches!(self.kind, KIND_READ_MARKER | KIND_DELETED_MARKER)
+    }
+
     /// A sync record back (the user is the timeline's id).
     pub fn from_sync_record(user: u64, b: &[u8]) -> Option<Delivery> {
         if b.len() < SYNC_HEAD {
@@ -193,6 +208,10 @@ pub enum ImRefusal {
     /// Its store or sync record would exceed the engine's record limit.
     #[error("a record of {size} bytes; this node's records hold at most {max}")]
     TooLarge { size: usize, max: usize },
+    /// A recall or mark naming a seq it cannot (not the user's message,
+    /// recalled already, past the conversation's end).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// What a message adds to its payload in the largest record it becomes:
@@ -328,6 +347,66 @@ pub mod read {
     }
 
     const GROUPS_PAGE: usize = 1024;
+
+    /// Every record of `tl` (write id and the rest), oldest first.
+    fn all(e: &Engine, tl: TimelineId) -> Result<Vec<(u64, u64, Vec<u8>)>, ReadError> {
+        let mut out = Vec::new();
+        let mut from = 1;
+        loop {
+            let page = e.scan(tl, from, GROUPS_PAGE, Direction::Forward)?;
+            for r in &page {
+                let (w, b) = split(&r.payload).ok_or_else(|| {
+                    ReadError::Damaged(format!("timeline {}/{} record {}: no write id", tl.keyspace.0, tl.id, r.seq))
+                })?;
+                out.push((r.seq, w, b.to_vec()));
+            }
+            match page.last() {
+                Some(r) if page.len() == GROUPS_PAGE => from = r.seq + 1,
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Conversation `conv`'s recalled messages: (write id of the recall,
+    /// recalled seq), in recall order (module [`crate::marks`]).
+    pub fn recalls(e: &Engine, conv: u64) -> Result<Vec<(u64, u64)>, ReadError> {
+        let tl = TimelineId::new(crate::log_store::IM_RECALLS, conv);
+        all(e, tl)?
+            .into_iter()
+            .map(|(seq, w, b)| match (b.len(), u64_at(&b, 0)) {
+                (8, Some(t)) => Ok((w, t)),
+                _ => Err(ReadError::Damaged(format!(
+                    "conversation {conv}'s recall record {seq}"
+                ))),
+            })
+            .collect()
+    }
+
+    /// `user`'s read marker in `conv` and the write id that moved it there
+    /// ((0, 0): never marked): its newest record in the user's `IM_READS`
+    /// timeline (read back from the newest; a marker rarely moves).
+    pub fn read_marker(e: &Engine, user: u64, conv: u64) -> Result<(u64, u64), ReadError> {
+        let tl = TimelineId::new(crate::log_store::IM_READS, user);
+        let mut from = u64::MAX;
+        loop {
+            let page = e.scan(tl, from, GROUPS_PAGE, Direction::Backward)?;
+            for r in &page {
+                let mark = split(&r.payload)
+                    .filter(|(_, b)| b.len() == 16)
+                    .and_then(|(w, b)| Some((w, u64_at(b, 0)?, u64_at(b, 8)?)))
+                    .ok_or_else(|| {
+                        ReadError::Damaged(format!("user {user}'s read marker record {}", r.seq))
+                    })?;
+                if mark.1 == conv {
+                    return Ok((mark.0, mark.2));
+                }
+            }
+            match page.last() {
+                Some(r) if page.len() == GROUPS_PAGE && r.seq > 1 => from = r.seq - 1,
+                _ => return Ok((0, 0)),
+            }
+        }
+    }
 
     /// Conversation `conv`'s kind and members, or why it has none.
     pub fn members(e: &Engine, conv: u64) -> Result<Result<(u8, Vec<u64>), ImRefusal>, ReadError> {

@@ -26,6 +26,9 @@
 //!   queue that merges deliveries into a member partition's entries;
 //! - [`groups`]: read fan-out across nodes: a user's groups, pages read
 //!   from the groups' leaders, a group's messages told to every node;
+//! - [`marks`]: recalls (the conversation's partition) and a user's read
+//!   markers and deletes-for-me (the user's partition, checked against
+//!   the conversation's leader first);
 //! - [`node`]: a running node: its groups, start-up (forming the map),
 //!   routing answers (`MOVED`, `NO_LEADER`, `UNCERTAIN`) and the batching
 //!   of concurrent appends into one entry;
@@ -33,14 +36,15 @@
 //!   changes of the groups (new replicas caught up as learners first), and
 //!   a node that starts outside the map asks for its share.
 //!
-//! Not built yet: the other IM commands across partitions (membership
-//! changes, recalls, read marks); snapshots as raw segment byte ranges
-//! (docs/scaling.md, "Not built yet").
+//! Not built yet: membership changes and `CONVERSATIONS` across
+//! partitions; snapshots as raw segment byte ranges (docs/scaling.md,
+//! "Not built yet").
 
 pub mod delivery;
 pub mod groups;
 pub mod im;
 pub mod log_store;
+pub mod marks;
 pub mod meta;
 pub mod net;
 pub mod node;
@@ -114,6 +118,36 @@ pub enum Command {
     /// The outbox is delivered through its record `upto` (its seq), whose
     /// message has write id `wid`.
     Delivered { upto: u64, wid: u64 },
+    /// `user` recalls its message `target` of `conv` (its partition's
+    /// entry): a recall event stored and delivered like a message.
+    ImRecall {
+        conv: u64,
+        user: u64,
+        target: u64,
+        ts: u64,
+    },
+    /// `user`'s read marker or delete-for-me in `conv` (the user's
+    /// partition's entry), checked against `last`: the conversation's last
+    /// seq, as its partition's leader answered just before (module
+    /// [`marks`]).
+    ImMark {
+        user: u64,
+        conv: u64,
+        seq: u64,
+        mark: Mark,
+        last: u64,
+        ts: u64,
+    },
+}
+
+/// A user's own mark in a conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Mark {
+    /// Read through a seq: the marker moves forward only, never past the
+    /// conversation's last seq.
+    Read,
+    /// One message deleted for this user only.
+    Delete,
 }
 
 /// One append of a [`Command::Batch`].

@@ -76,10 +76,25 @@ pub const RAFT_META: Keyspace = Keyspace(3);
 /// `user`, one record per group (written by the user's partition; module
 /// [`crate::groups`]).
 pub const IM_GROUPS: Keyspace = Keyspace(4);
+/// The keyspace of each conversation's recalls: timeline `conv`, one
+/// record per recalled message (its seq; written by the conversation's
+/// partition: module [`crate::marks`]).
+pub const IM_RECALLS: Keyspace = Keyspace(5);
+/// The keyspace of each user's read markers: timeline `user`, one record
+/// `conv u64 | seq u64` per move of a marker (written by the user's
+/// partition: module [`crate::marks`]).
+pub const IM_READS: Keyspace = Keyspace(6);
 
 /// Whether `keyspace` is one of the cluster's own (no client writes it).
 pub fn is_own(keyspace: u8) -> bool {
-    [RAFT_LOG.0, RAFT_META.0, IM_GROUPS.0].contains(&keyspace)
+    [
+        RAFT_LOG.0,
+        RAFT_META.0,
+        IM_GROUPS.0,
+        IM_RECALLS.0,
+        IM_READS.0,
+    ]
+    .contains(&keyspace)
 }
 
 /// Records replayed per engine scan on open.
@@ -87,7 +102,7 @@ const REPLAY_PAGE: usize = 4096;
 
 /// The keyspaces a node's engine needs besides its data keyspaces: kept
 /// forever, in log order (no regroup: the log is read in order).
-pub fn keyspaces() -> [KeyspaceConfig; 3] {
+pub fn keyspaces() -> [KeyspaceConfig; 5] {
     let keep = |id, name| KeyspaceConfig {
         regroup: false,
         segment_window: Duration::from_secs(3600),
@@ -97,6 +112,8 @@ pub fn keyspaces() -> [KeyspaceConfig; 3] {
         keep(RAFT_LOG, "raft-log"),
         keep(RAFT_META, "raft-meta"),
         keep(IM_GROUPS, "im-groups"),
+        keep(IM_RECALLS, "im-recalls"),
+        keep(IM_READS, "im-reads"),
     ]
 }
 

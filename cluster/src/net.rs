@@ -58,6 +58,10 @@ pub const KIND_GROUP_READ: u8 = 5;
 /// A read-fan-out group's new message, told to every node (a push hint):
 /// bincode `GroupEvent`; the reply is empty.
 pub const KIND_GROUP_PUSH: u8 = 6;
+/// Is a user a member of a conversation this node leads, and what is its
+/// last seq ([`crate::marks`]): bincode `Probe`; reply
+/// `Result<Result<ConvInfo, ImRefusal>, Refusal>`.
+pub const KIND_CONV_INFO: u8 = 7;
 const DELIVER_TIMEOUT: Duration = Duration::from_secs(5);
 const REPLY: u8 = 0x80;
 const KIND_NO_GROUP: u8 = 0xFF;
@@ -72,7 +76,7 @@ pub type Groups = RwLock<HashMap<u32, Raft<TypeConfig>>>;
 pub type PeerAddrs = RwLock<BTreeMap<NodeId, String>>;
 
 /// What answers a peer's IM requests (kinds [`KIND_DELIVER`] to
-/// [`KIND_GROUP_PUSH`]): (kind, partition, body) → the reply's body.
+/// [`KIND_CONV_INFO`]): (kind, partition, body) → the reply's body.
 pub type ImFn = Arc<
     dyn Fn(u8, u32, Vec<u8>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<u8>> + Send>>
         + Send
@@ -175,7 +179,7 @@ async fn serve_conn(s: TcpStream, groups: Arc<Groups>, im: ImFn) {
             }
         };
         let tx = tx.clone();
-        if (KIND_DELIVER..=KIND_GROUP_PUSH).contains(&f.kind) {
+        if (KIND_DELIVER..=KIND_CONV_INFO).contains(&f.kind) {
             let answer = im(f.kind, f.partition, f.body);
             tokio::spawn(async move {
                 let body = answer.await;

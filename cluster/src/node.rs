@@ -146,7 +146,7 @@ pub enum ImOutcome {
     Refused(crate::im::ImRefusal),
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -374,6 +374,42 @@ impl Node {
             ts: now_ms(),
         };
         self.im_write(conv, cmd, done);
+    }
+
+    /// `user` recalls its message `target` of `conv`: as
+    /// [`Node::im_send`] (module [`crate::marks`]); `done` gets the recall
+    /// event's seq.
+    pub fn im_recall(
+        &self,
+        conv: u64,
+        user: u64,
+        target: u64,
+        done: impl FnOnce(Result<ImOutcome, ClusterError>) + Send + 'static,
+    ) {
+        let cmd = Command::ImRecall {
+            conv,
+            user,
+            target,
+            ts: now_ms(),
+        };
+        self.im_write(conv, cmd, done);
+    }
+
+    /// `user`'s read marker or delete-for-me in `conv`, through the user's
+    /// partition (module [`crate::marks`]); `done` gets the read marker
+    /// now, or the `DeletedMarker`'s seq in the user's sync timeline.
+    pub fn im_mark(
+        &self,
+        user: u64,
+        conv: u64,
+        seq: u64,
+        mark: crate::Mark,
+        done: impl FnOnce(Result<ImOutcome, ClusterError>) + Send + 'static,
+    ) {
+        let inner = self.inner.clone();
+        self.spawn(async move {
+            done(crate::marks::mark(inner, user, conv, seq, mark).await);
+        });
     }
 
     fn im_write(
@@ -666,7 +702,7 @@ impl Inner {
 
     /// `p`'s group if this node leads it by its own account; else the
     /// redirect to give (`MOVED`, or `NO_LEADER` in an election).
-    fn check_leads(&self, p: PartitionId) -> Result<Raft<TypeConfig>, ClusterError> {
+    pub(crate) fn check_leads(&self, p: PartitionId) -> Result<Raft<TypeConfig>, ClusterError> {
         let Some(g) = self.group(p) else {
             return Err(self.redirect(p, None));
         };
@@ -861,6 +897,7 @@ async fn boot(
                 (Some(inner), net::KIND_DELIVER) => crate::delivery::serve(inner, p, body).await,
                 (Some(inner), net::KIND_GROUP_READ) => crate::groups::serve_read(inner, body).await,
                 (Some(inner), net::KIND_GROUP_PUSH) => crate::groups::serve_push(inner, body).await,
+                (Some(inner), net::KIND_CONV_INFO) => crate::marks::serve_probe(inner, body).await,
                 _ => Vec::new(),
             }
         })

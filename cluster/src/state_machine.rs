@@ -111,6 +111,9 @@ struct State {
     /// The last conv seq each (user, conversation) holds in the user's
     /// sync timeline (a cache of what the timeline says).
     hwm: HashMap<(u64, u64), u64>,
+    /// Each (user, conversation)'s read marker and the write id that set
+    /// it (a cache of `IM_READS`).
+    reads: HashMap<(u64, u64), (u64, u64)>,
     /// The last snapshot built or installed (its data is the engine's).
     current: Option<SnapshotMeta<NodeId, BasicNode>>,
     /// Timelines restored from a snapshot with every record expired: the
@@ -205,6 +208,7 @@ impl StateMachine {
                 timelines,
                 last_index: HashMap::new(),
                 hwm: HashMap::new(),
+                reads: HashMap::new(),
                 current,
                 floors,
             })),
@@ -552,8 +556,163 @@ impl StateMachine {
                 }
                 Ok(None)
             }
+            Command::ImRecall {
+                conv,
+                user,
+                target,
+                ts,
+            } => self.apply_recall(st, w, *conv, *user, *target, *ts),
+            Command::ImMark {
+                user,
+                conv,
+                seq,
+                mark,
+                last,
+                ts,
+            } => {
+                if self.last_index(st, (Keyspace::SYNC.0, *user))? >= w {
+                    return Ok(None); // applied before a restart
+                }
+                let d = Delivery {
+                    user: *user,
+                    conv: *conv,
+                    conv_seq: *seq,
+                    sender: *user,
+                    ts: *ts,
+                    kind: im::KIND_DELETED_MARKER,
+                    body: Vec::new(),
+                };
+                match mark {
+                    crate::Mark::Delete if *seq == 0 || seq > last => {
+                        Ok(Some(Err(ImRefusal::Invalid(format!(
+                            "user {user} cannot see seq {seq} of conversation {conv}"
+                        )))))
+                    }
+                    crate::Mark::Delete => {
+                        let s = self.write_mark(st, w, &d)?;
+                        Ok(Some(Ok(ImApplied {
+                            conv_seq: s,
+                            ..Default::default()
+                        })))
+                    }
+                    crate::Mark::Read => {
+                        let (by, old) = self.read_marker(st, *user, *conv)?;
+                        // `by` this entry: a restart came between its two
+                        // writes; the marker moved, its sync entry is due.
+                        let new = if by == w {
+                            old
+                        } else {
+                            (*seq).min(*last).max(old)
+                        };
+                        if new != old || by == w {
+                            let mut rec = [0u8; 16];
+                            rec[..8].copy_from_slice(&conv.to_le_bytes());
+                            rec[8..].copy_from_slice(&new.to_le_bytes());
+                            self.append_any(st, (crate::log_store::IM_READS.0, *user), w, &rec)?;
+                            st.reads.insert((*user, *conv), (w, new));
+                            let d = Delivery {
+                                conv_seq: new,
+                                kind: im::KIND_READ_MARKER,
+                                ..d
+                            };
+                            self.write_mark(st, w, &d)?;
+                        }
+                        Ok(Some(Ok(ImApplied {
+                            conv_seq: new,
+                            ..Default::default()
+                        })))
+                    }
+                }
+            }
             Command::Append { .. } | Command::Batch(_) => Ok(None),
         }
+    }
+
+    /// A recall (module [`crate::marks`]): `user`'s message `target`,
+    /// not recalled by another entry, is listed as recalled, then the
+    /// recall event is stored (and delivered, for a write-fan-out
+    /// conversation, as a message is).
+    fn apply_recall(
+        &self,
+        st: &mut State,
+        w: u64,
+        conv: u64,
+        user: u64,
+        target: u64,
+        ts: u64,
+    ) -> Result<ImResult, Error> {
+        if self.last_index(st, (Keyspace::STORE.0, conv))? >= w {
+            return Ok(None);
+        }
+        let group = match im::read::members(&self.engine, conv).map_err(read_err)? {
+            Err(r) => return Ok(Some(Err(r))),
+            Ok((_, m)) if !m.contains(&user) => {
+                return Ok(Some(Err(ImRefusal::NotMember { conv, user })))
+            }
+            Ok((kind, _)) => kind == im::CONV_READ_GROUP,
+        };
+        let mine = match im::read::event(&self.engine, conv, target) {
+            Ok(Some((_, ev))) => ev.kind == im::KIND_MESSAGE && ev.sender == user,
+            Ok(None) | Err(im::read::ReadError::Damaged(_)) => false,
+            Err(e) => return Err(read_err(e)),
+        };
+        if !mine {
+            return Ok(Some(Err(ImRefusal::Invalid(format!(
+                "seq {target} of conversation {conv} is not a message of user {user}"
+            )))));
+        }
+        // Listed by this entry already (a restart between the two writes)
+        // is not "recalled before".
+        let recalled = im::read::recalls(&self.engine, conv).map_err(read_err)?;
+        if recalled.iter().any(|&(wi, t)| t == target && wi != w) {
+            return Ok(Some(Err(ImRefusal::Invalid(format!(
+                "message {target} of conversation {conv} is already recalled"
+            )))));
+        }
+        let rt = (crate::log_store::IM_RECALLS.0, conv);
+        self.append_any(st, rt, w, &target.to_le_bytes())?;
+        let ev = StoreEvent {
+            kind: im::KIND_RECALL,
+            sender: user,
+            ts,
+            client_msg_id: 0,
+            body: target.to_le_bytes().to_vec(),
+        };
+        if group {
+            let conv_seq = self.append_any(st, (Keyspace::STORE.0, conv), w, &ev.encode())?;
+            return Ok(Some(Ok(ImApplied {
+                conv_seq,
+                outbox: 0,
+                duplicate: false,
+                group,
+            })));
+        }
+        self.store_with_outbox(st, w, conv, &ev).map(|a| Some(Ok(a)))
+    }
+
+    /// Write mark `d` into its user's sync timeline at write id `w` (and
+    /// tell the hook, for push); its sync seq.
+    fn write_mark(&self, st: &mut State, w: u64, d: &Delivery) -> Result<u64, Error> {
+        let seq = self.append_any(st, (Keyspace::SYNC.0, d.user), w, &d.sync_record())?;
+        if let Some(h) = self.hook.get() {
+            h.delivered(seq, d);
+        }
+        Ok(seq)
+    }
+
+    /// `user`'s read marker in `conv` and the write id that set it ((0, 0):
+    /// none): the cache, or the user's `IM_READS` timeline read back to its
+    /// newest record for `conv`.
+    fn read_marker(&self, st: &mut State, user: u64, conv: u64) -> Result<(u64, u64), Error> {
+        if let Some(&m) = st.reads.get(&(user, conv)) {
+            return Ok(m);
+        }
+        if st.reads.len() > HWM_CACHE {
+            st.reads.clear();
+        }
+        let m = im::read::read_marker(&self.engine, user, conv).map_err(read_err)?;
+        st.reads.insert((user, conv), m);
+        Ok(m)
     }
 
     /// A read-fan-out group's `Created` delivery at write id `wi` also
@@ -632,6 +791,7 @@ impl StateMachine {
         }
         if st.hwm.len() > HWM_CACHE {
             st.hwm.clear();
+        st.reads.clear();
         }
         let tl = TimelineId::new(Keyspace::SYNC, user);
         let mut from = u64::MAX;
@@ -646,7 +806,8 @@ impl StateMachine {
                 if let Some(d) =
                     payload_of(&r.payload).and_then(|b| Delivery::from_sync_record(user, b))
                 {
-                    if d.conv == conv {
+                    // A user's own marks are not deliveries.
+                    if d.conv == conv && !d.is_mark() {
                         found = d.conv_seq;
                         break 'pages;
                     }
@@ -1308,6 +1469,153 @@ mod tests {
         )]))
         .unwrap();
         assert_eq!(im::read::done(&e, 3).unwrap(), (2, a.outbox));
+    }
+
+    fn recall(index: u64, user: u64, target: u64) -> Entry<TypeConfig> {
+        entry(
+            index,
+            Command::ImRecall {
+                conv: 7,
+                user,
+                target,
+                ts: 1,
+            },
+        )
+    }
+
+    /// A recall: only the sender's own message, once; refusals write
+    /// nothing; the recall event is stored and goes to the outbox like a
+    /// message, the recalled seq is listed; a re-apply after a restart
+    /// writes nothing twice.
+    #[test]
+    fn a_recall_is_checked_listed_stored_and_delivered_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let mut sm = StateMachine::open(e.clone(), 3).unwrap();
+        let create = entry(
+            1,
+            Command::ImCreate {
+                conv: 7,
+                kind: im::CONV_DIRECT,
+                members: vec![1, 2],
+                ts: 1,
+            },
+        );
+        block(sm.apply([create, send(2, 1, 1, "a"), send(3, 2, 1, "b")])).unwrap();
+        let invalid = |r: Option<Result<ImApplied, ImRefusal>>| {
+            assert!(matches!(r, Some(Err(ImRefusal::Invalid(_)))), "{r:?}");
+        };
+        invalid(im_of(block(sm.apply([recall(4, 1, 3)])).unwrap())); // not its own
+        invalid(im_of(block(sm.apply([recall(5, 1, 1)])).unwrap())); // Created
+        invalid(im_of(block(sm.apply([recall(6, 1, 9)])).unwrap())); // no such seq
+        assert_eq!(
+            im_of(block(sm.apply([recall(7, 9, 2)])).unwrap()),
+            Some(Err(ImRefusal::NotMember { conv: 7, user: 9 }))
+        );
+        let r = im_of(block(sm.apply([recall(8, 1, 2)])).unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.conv_seq, r.outbox, r.group), (4, write_id(8, 0), false));
+        invalid(im_of(block(sm.apply([recall(9, 1, 2)])).unwrap())); // again
+        // Re-applied after a restart: nothing new, and not refused.
+        let mut sm = StateMachine::open(e.clone(), 3).unwrap();
+        assert_eq!(im_of(block(sm.apply([recall(8, 1, 2)])).unwrap()), None);
+        assert_eq!(im::read::recalls(&e, 7).unwrap(), vec![(write_id(8, 0), 2)]);
+        assert_eq!(e.last_seq(TimelineId::new(Keyspace::STORE, 7)), 4);
+        let (_, ev) = im::read::event(&e, 7, 4).unwrap().unwrap();
+        assert_eq!((ev.kind, ev.sender, ev.body), (im::KIND_RECALL, 1, 2u64.to_le_bytes().to_vec()));
+        let outbox: Vec<u64> = im::read::outbox_after(&e, 3, 0, 10)
+            .unwrap()
+            .iter()
+            .map(|p| p.conv_seq)
+            .collect();
+        assert_eq!(outbox, vec![1, 2, 3, 4]);
+        let st = sm.state.lock();
+        assert!(st.timelines.contains(&(crate::log_store::IM_RECALLS.0, 7)));
+    }
+
+    fn mark(index: u64, seq: u64, mark: crate::Mark, last: u64) -> Entry<TypeConfig> {
+        entry(
+            index,
+            Command::ImMark {
+                user: 2,
+                conv: 7,
+                seq,
+                mark,
+                last,
+                ts: 1,
+            },
+        )
+    }
+
+    /// Marks on the user's partition: a read marker clamped to the
+    /// conversation's last seq, never lowered, written only when it moves
+    /// (and kept over a restart); a delete only of a seq in 1..=last. A
+    /// mark is no delivery: a message after it (its conv seq below the
+    /// marker's) is still delivered, with the cache gone too.
+    #[test]
+    fn read_markers_move_forward_only_and_deletes_name_a_seq_there() {
+        use crate::Mark::{Delete, Read};
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let mut sm = StateMachine::open(e.clone(), 3).unwrap();
+        let got = |sm: &mut StateMachine, en| im_of(block(sm.apply([en])).unwrap());
+        let seq_of = |r: Option<Result<ImApplied, ImRefusal>>| r.unwrap().unwrap().conv_seq;
+        assert_eq!(seq_of(got(&mut sm, mark(1, 50, Read, 9))), 9);
+        assert_eq!(seq_of(got(&mut sm, mark(2, 4, Read, 12))), 9);
+        assert_eq!(seq_of(got(&mut sm, mark(3, 11, Read, 12))), 11);
+        for bad in [0, 13] {
+            let r = got(&mut sm, mark(4 + bad, bad, Delete, 12));
+            assert!(matches!(r, Some(Err(ImRefusal::Invalid(_)))), "{r:?}");
+        }
+        let del = seq_of(got(&mut sm, mark(20, 5, Delete, 12)));
+        let sync: Vec<(u64, u8, u64)> = sm
+            .records(Keyspace::SYNC.0, 2)
+            .unwrap()
+            .iter()
+            .map(|(_, b)| {
+                let d = Delivery::from_sync_record(2, b).unwrap();
+                (d.conv_seq, d.kind, d.sender)
+            })
+            .collect();
+        assert_eq!(
+            sync,
+            vec![
+                (9, im::KIND_READ_MARKER, 2),
+                (11, im::KIND_READ_MARKER, 2),
+                (5, im::KIND_DELETED_MARKER, 2)
+            ]
+        );
+        assert_eq!(del, 3, "the delete's sync seq");
+        let mut sm = StateMachine::open(e.clone(), 3).unwrap();
+        assert_eq!(seq_of(got(&mut sm, mark(21, 10, Read, 12))), 11);
+        assert_eq!(im::read::read_marker(&e, 2, 7).unwrap(), (write_id(3, 0), 11));
+        assert_eq!(seq_of(got(&mut sm, mark(22, 12, Read, 12))), 12);
+        // The deliveries of seqs 10 to 12 come after the marks, the newest
+        // a read marker at 12 (and the cache gone again).
+        let mut sm = StateMachine::open(e.clone(), 3).unwrap();
+        let d = |seq| Delivery {
+            user: 2,
+            conv: 7,
+            conv_seq: seq,
+            sender: 1,
+            ts: 1,
+            kind: im::KIND_MESSAGE,
+            body: vec![],
+        };
+        block(sm.apply([entry(23, Command::Deliver(vec![d(10), d(11), d(12)]))])).unwrap();
+        let kinds: Vec<(u64, u8)> = sm
+            .records(Keyspace::SYNC.0, 2)
+            .unwrap()
+            .iter()
+            .map(|(_, b)| {
+                let d = Delivery::from_sync_record(2, b).unwrap();
+                (d.conv_seq, d.kind)
+            })
+            .skip(4)
+            .collect();
+        let m = im::KIND_MESSAGE;
+        assert_eq!(kinds, vec![(10, m), (11, m), (12, m)]);
     }
 
     #[test]

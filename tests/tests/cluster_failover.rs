@@ -1584,6 +1584,48 @@ fn read_fanout_groups_sync_and_push_across_nodes() {
     }
     assert!(!got.contains_key(&big), "nothing new in the first group");
 
+    // A recall in the read-fan-out group: stored in its partition only,
+    // pushed as a group entry, in the group's pages; the history shows the
+    // message recalled.
+    let r = cc.call(&Request::Recall {
+        conv: big,
+        user: 1,
+        target: 2,
+    });
+    assert!(matches!(r, Ok(Response::Recall(42))), "{r:?}");
+    let mut pushed = false;
+    for _ in 0..100 {
+        match device.next_push(Duration::from_secs(5)).unwrap() {
+            Some((_, Push::Group { entry, .. })) if entry.conv == big => {
+                assert_eq!((entry.conv_seq, entry.sender), (42, 1));
+                assert_eq!(entry.body, Body::Recall { target: 2 });
+                pushed = true;
+                break;
+            }
+            Some(_) => continue,
+            None => break,
+        }
+    }
+    assert!(pushed, "no push of the recall");
+    let s = sync(
+        &mut cc,
+        bob,
+        sync_cp,
+        500,
+        cps.iter().map(|(&c, &s)| (c, s)).collect(),
+    );
+    let bodies: Vec<&Body> = s.groups.iter().flat_map(|g| &g.entries).map(|e| &e.body).collect();
+    assert_eq!(bodies, vec![&Body::Recall { target: 2 }], "{s:?}");
+    match cc.call(&Request::History {
+        conv: big,
+        user: bob,
+        from: HistoryFrom::After(1),
+        limit: 1,
+    }) {
+        Ok(Response::History(h)) => assert_eq!(h.entries[0].body, Body::Recalled),
+        other => panic!("history: {other:?}"),
+    }
+
     // What read fan-out saves: a send to the 600-member group against one
     // to a 450-member group (below the threshold: written fan-out to each
     // member's sync timeline, over every partition), one at a time.
@@ -1613,5 +1655,179 @@ fn read_fanout_groups_sync_and_push_across_nodes() {
         pct(&mut write_acks, 0.5),
         pct(&mut write_acks, 0.9)
     );
+    drop(cl.etcd);
+}
+
+/// `RECALL`, `MARK_READ` and `DELETE_FOR_USER` on a cluster, with the
+/// conversation's partition and the user's led by different nodes: a
+/// recall checked (the sender's own message, once), delivered to both
+/// members' sync timelines and pushed, shown as recalled in the history;
+/// a read marker clamped to the conversation's end and never lowered; a
+/// delete only of a seq the conversation has; each mark in the user's
+/// sync timeline only, and pushed; a message after the marks still
+/// delivered; a mark sent to a node not leading the user's partition is
+/// `MOVED` there.
+#[test]
+fn recalls_read_markers_and_deletes_across_nodes() {
+    use timeline_client::protocol::{Body, ConvKind, Push};
+    let cl = Cluster::start(BIN, 16);
+    let seeds = cl.seeds();
+    let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
+    let (alice, bob, carol) = (1u64, 2u64, 3u64);
+    // Every partition led (a conversation created in each, until one is
+    // led away from bob's partition).
+    let mut conv = 7100u64;
+    let at = loop {
+        let r = cc.call(&Request::CreateConversation {
+            conv,
+            kind: ConvKind::Direct,
+            members: vec![alice, bob],
+        });
+        assert!(matches!(r, Ok(Response::CreateConversation(1))), "{r:?}");
+        let (p, lead) = leaders(&seeds);
+        let (c, u) = (partition_of(0, conv, p), partition_of(1, bob, p));
+        match (lead.get(&c), lead.get(&u)) {
+            (Some(a), Some(b)) if a != b => break b.clone(),
+            _ => conv += 1,
+        }
+        assert!(conv < 7400, "no conversation led away from bob's partition");
+    };
+    let mut device = timeline_client::Client::connect(at.as_str(), b"").unwrap();
+    assert!(matches!(
+        device.call(&Request::Subscribe { user: bob }),
+        Ok(Response::Subscribe)
+    ));
+    for (k, sender) in [alice, alice, alice, bob].into_iter().enumerate() {
+        let r = cc.call(&Request::Send {
+            conv,
+            sender,
+            client_msg_id: k as u64 + 1,
+            payload: format!("m{k}").as_bytes(),
+        });
+        assert!(matches!(r, Ok(Response::Send(a)) if a.seq == k as u64 + 2), "{r:?}");
+    }
+    let code = |r: Result<Response, ClientError>| match r {
+        Err(ClientError::Server { code, .. }) => code,
+        other => panic!("expected an error, got {other:?}"),
+    };
+    let recall = |cc: &mut ClusterClient, conv, user, target| {
+        cc.call(&Request::Recall { conv, user, target })
+    };
+    // Not its own message, the Created event, past the end, not a member,
+    // no conversation.
+    assert_eq!(code(recall(&mut cc, conv, bob, 2)), ErrorCode::INVALID_ARGUMENT);
+    assert_eq!(code(recall(&mut cc, conv, alice, 1)), ErrorCode::INVALID_ARGUMENT);
+    assert_eq!(code(recall(&mut cc, conv, alice, 99)), ErrorCode::INVALID_ARGUMENT);
+    assert_eq!(code(recall(&mut cc, conv, carol, 2)), ErrorCode::NOT_MEMBER);
+    assert_eq!(code(recall(&mut cc, 7999, alice, 2)), ErrorCode::NO_SUCH_CONVERSATION);
+    let r = recall(&mut cc, conv, alice, 3);
+    assert!(matches!(r, Ok(Response::Recall(6))), "{r:?}");
+    assert_eq!(code(recall(&mut cc, conv, alice, 3)), ErrorCode::INVALID_ARGUMENT);
+
+    let mut pushes = Vec::new();
+    let mut next_push = |what: &str| loop {
+        let (_, push) = device
+            .next_push(Duration::from_secs(5))
+            .unwrap()
+            .unwrap_or_else(|| panic!("no push of the {what}\n{}", cl.logs()));
+        if let Push::Entry { entry, .. } = push {
+            pushes.push(entry.entry.body.clone());
+            if !matches!(entry.entry.body, Body::Message(_)) {
+                return entry;
+            }
+        }
+    };
+    let e = next_push("recall");
+    assert_eq!((e.entry.conv_seq, e.entry.sender), (6, alice));
+    assert_eq!(e.entry.body, Body::Recall { target: 3 });
+    let h = history_all(&mut cc, conv, bob);
+    let bodies: Vec<Body> = h.iter().map(|e| e.body.clone()).collect();
+    assert_eq!(bodies[2], Body::Recalled, "{h:?}");
+    assert_eq!(bodies[5], Body::Recall { target: 3 }, "{h:?}");
+    assert_eq!(bodies[1], Body::Message(b"m0".to_vec()));
+    for user in [alice, bob] {
+        let last = sync_all(&mut cc, user)
+            .into_iter()
+            .filter(|e| e.entry.conv == conv)
+            .last()
+            .unwrap();
+        assert_eq!(last.entry.body, Body::Recall { target: 3 }, "user {user}");
+    }
+
+    let mark = |cc: &mut ClusterClient, user, conv, seq| {
+        cc.call(&Request::MarkRead { user, conv, seq })
+    };
+    let r = mark(&mut cc, bob, conv, 100);
+    assert!(matches!(r, Ok(Response::MarkRead(6))), "clamped to the end: {r:?}");
+    let e = next_push("read marker");
+    assert_eq!((e.entry.conv_seq, e.entry.body), (6, Body::ReadMarker));
+    let r = mark(&mut cc, bob, conv, 2);
+    assert!(matches!(r, Ok(Response::MarkRead(6))), "never lowered: {r:?}");
+    assert_eq!(code(mark(&mut cc, carol, conv, 2)), ErrorCode::NOT_MEMBER);
+    assert_eq!(code(mark(&mut cc, bob, 7999, 2)), ErrorCode::NO_SUCH_CONVERSATION);
+    // Sent to a node that does not lead bob's partition: MOVED there.
+    let other = seeds.iter().find(|s| **s != at).unwrap();
+    let mut direct = timeline_client::Client::connect(other.as_str(), b"").unwrap();
+    match direct.call(&Request::MarkRead {
+        user: bob,
+        conv,
+        seq: 3,
+    }) {
+        Err(ClientError::Server {
+            code: ErrorCode::MOVED,
+            message,
+            ..
+        }) => assert!(message.ends_with(at.as_str()), "{message}"),
+        other => panic!("a mark on another node: {other:?}"),
+    }
+
+    let delete = |cc: &mut ClusterClient, seq| {
+        cc.call(&Request::DeleteForUser {
+            user: bob,
+            conv,
+            seq,
+        })
+    };
+    assert_eq!(code(delete(&mut cc, 0)), ErrorCode::INVALID_ARGUMENT);
+    assert_eq!(code(delete(&mut cc, 7)), ErrorCode::INVALID_ARGUMENT);
+    let Ok(Response::DeleteForUser(del)) = delete(&mut cc, 4) else {
+        panic!("delete")
+    };
+    let e = next_push("delete");
+    assert_eq!((e.seq, e.entry.conv_seq), (del, 4));
+    assert_eq!(e.entry.body, Body::DeletedMarker);
+
+    // A message after the marks reaches both.
+    let r = cc.call(&Request::Send {
+        conv,
+        sender: alice,
+        client_msg_id: 99,
+        payload: b"after",
+    });
+    assert!(matches!(r, Ok(Response::Send(a)) if a.seq == 7), "{r:?}");
+    let of_conv = |v: Vec<timeline_client::protocol::SyncEntry>| -> Vec<_> {
+        v.into_iter().filter(|e| e.entry.conv == conv).collect()
+    };
+    let bob_sync = of_conv(sync_all(&mut cc, bob));
+    let tail: Vec<(u64, Body)> = bob_sync
+        .iter()
+        .skip(6)
+        .map(|e| (e.entry.conv_seq, e.entry.body.clone()))
+        .collect();
+    assert_eq!(
+        tail,
+        vec![
+            (6, Body::ReadMarker),
+            (4, Body::DeletedMarker),
+            (7, Body::Message(b"after".to_vec()))
+        ]
+    );
+    assert_eq!(bob_sync.iter().find(|e| e.seq == del).unwrap().entry.conv_seq, 4);
+    let alice_sync = of_conv(sync_all(&mut cc, alice));
+    assert_eq!(alice_sync.len(), 7, "alice's sync has none of bob's marks");
+    assert!(matches!(
+        history_all(&mut cc, conv, alice).last().map(|e| &e.body),
+        Some(Body::Message(m)) if m == b"after"
+    ));
     drop(cl.etcd);
 }

@@ -24,6 +24,7 @@
 
 use super::conn::Conn;
 use super::dispatch::{page_limit, Answer, Ctx};
+use super::convert::ToWire;
 use super::errors::ToReply;
 use crate::protocol::{
     Body, ConvKind, Entry, ErrorCode, ErrorReply, GroupPage, HistoryFrom, HistoryPage, Request,
@@ -35,10 +36,10 @@ use timeline_cluster::groups::GroupRead;
 use timeline_cluster::im::read::{self, ReadError};
 use timeline_cluster::im::{
     Delivery, ImRefusal, StoreEvent, CONV_DIRECT, CONV_GROUP, CONV_READ_GROUP, KIND_CREATED,
-    RECORD_OVERHEAD,
+    KIND_DELETED_MARKER, KIND_MESSAGE, KIND_READ_MARKER, KIND_RECALL, RECORD_OVERHEAD,
 };
 use timeline_cluster::state_machine::payload_of;
-use timeline_cluster::{ImOutcome, Node};
+use timeline_cluster::{ImOutcome, Mark, Node};
 use timeline_engine::{Direction, Engine, Keyspace, TimelineId};
 
 fn refusal(r: &ImRefusal) -> ErrorReply {
@@ -48,6 +49,7 @@ fn refusal(r: &ImRefusal) -> ErrorReply {
         ImRefusal::NotMember { user, .. } => (ErrorCode::NOT_MEMBER, *user),
         ImRefusal::Damaged(c) => (ErrorCode::CORRUPTION, *c),
         ImRefusal::TooLarge { max, .. } => (ErrorCode::PAYLOAD_TOO_LARGE, *max as u64),
+        ImRefusal::Invalid(_) => (ErrorCode::INVALID_ARGUMENT, 0),
     };
     ErrorReply::new(code, arg, r.to_string())
 }
@@ -72,7 +74,7 @@ fn written(
         ImOutcome::Pending { conv_seq } => Err(ErrorReply::new(
             ErrorCode::FANOUT_FAILED,
             conv_seq,
-            "stored; delivery to the members' sync timelines is still under way (retry with the same client_msg_id)",
+            "stored; delivery to the members' sync timelines is still under way and goes on (a SEND retried with the same client_msg_id answers once it is delivered)",
         )),
         ImOutcome::Refused(r) => Err(refusal(&r)),
     }
@@ -196,6 +198,24 @@ pub(crate) fn execute(
                 )
             });
         }
+        Request::Recall { conv, user, target } => {
+            let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
+            node.im_recall(*conv, *user, *target, move |r| {
+                a.reply(written(r, |seq, _| Response::Recall(seq)))
+            });
+        }
+        Request::MarkRead { user, conv, seq } => {
+            let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
+            node.im_mark(*user, *conv, *seq, Mark::Read, move |r| {
+                a.reply(written(r, |seq, _| Response::MarkRead(seq)))
+            });
+        }
+        Request::DeleteForUser { user, conv, seq } => {
+            let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
+            node.im_mark(*user, *conv, *seq, Mark::Delete, move |r| {
+                a.reply(written(r, |seq, _| Response::DeleteForUser(seq)))
+            });
+        }
         Request::Members { conv } => {
             let conv = *conv;
             let engine = node.engine().clone();
@@ -220,22 +240,30 @@ fn max_members(max_payload: usize) -> usize {
     (max_payload.saturating_sub(RECORD_OVERHEAD + 1) / 8).min(10_000)
 }
 
-fn body_of(kind: u8, body: Vec<u8>) -> Body {
-    if kind == KIND_CREATED {
-        Body::Created {
-            kind: created_kind(&body),
-        }
-    } else {
-        Body::Message(body)
+/// What a stored or delivered record of `kind` says (an entry's body).
+fn im_body(kind: u8, body: Vec<u8>) -> timeline_im::Body {
+    use timeline_im::Body as B;
+    match kind {
+        KIND_CREATED => B::Created {
+            kind: match body.first() {
+                Some(&CONV_DIRECT) => timeline_im::ConvKind::Direct,
+                _ => timeline_im::ConvKind::Group,
+            },
+        },
+        KIND_RECALL => B::Recall {
+            target: body
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u64::from_le_bytes),
+        },
+        KIND_READ_MARKER => B::ReadMarker,
+        KIND_DELETED_MARKER => B::DeletedMarker,
+        _ => B::Message(body),
     }
 }
 
-/// The conversation kind a `Created` event's body holds.
-fn created_kind(body: &[u8]) -> ConvKind {
-    match body.first() {
-        Some(1) => ConvKind::Direct,
-        _ => ConvKind::Group,
-    }
+fn body_of(kind: u8, body: Vec<u8>) -> Body {
+    im_body(kind, body).wire()
 }
 
 /// Answer `s` with pages of `user`'s read-fan-out groups added (from the
@@ -385,16 +413,29 @@ fn history(
     } else {
         engine.scan(tl, start, limit, dir).map_err(|e| e.reply())?
     };
+    let recalled: HashSet<u64> = match recs.is_empty() {
+        true => HashSet::new(),
+        false => read::recalls(engine, conv)
+            .map_err(read_failed)?
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect(),
+    };
     let mut entries = Vec::with_capacity(recs.len());
     for r in &recs {
         let (_, ev): (u64, StoreEvent) =
             read::decode_event(&r.payload, conv, r.seq).map_err(read_failed)?;
+        let body = if ev.kind == KIND_MESSAGE && recalled.contains(&r.seq) {
+            Body::Recalled
+        } else {
+            body_of(ev.kind, ev.body)
+        };
         entries.push(Entry {
             conv,
             conv_seq: r.seq,
             sender: ev.sender,
             timestamp_ms: ev.ts,
-            body: body_of(ev.kind, ev.body),
+            body,
         });
     }
     let has_more = match (recs.last(), dir) {
@@ -414,16 +455,7 @@ impl timeline_cluster::im::DeliveryHook for PushHook {
         let Some(sh) = self.0.upgrade() else { return };
         // Built only for a user with a device subscribed here.
         let here = sh.im.push_to(d.user, || {
-            let body = if d.kind == KIND_CREATED {
-                timeline_im::Body::Created {
-                    kind: match created_kind(&d.body) {
-                        ConvKind::Direct => timeline_im::ConvKind::Direct,
-                        ConvKind::Group => timeline_im::ConvKind::Group,
-                    },
-                }
-            } else {
-                timeline_im::Body::Message(d.body.clone())
-            };
+            let body = im_body(d.kind, d.body.clone());
             timeline_im::Push::Entry {
                 user: d.user,
                 entry: timeline_im::SyncEntry {
@@ -454,7 +486,7 @@ impl timeline_cluster::im::DeliveryHook for PushHook {
                     conv_seq,
                     sender: ev.sender,
                     timestamp_ms: ev.ts,
-                    body: timeline_im::Body::Message(ev.body.clone()),
+                    body: im_body(ev.kind, ev.body.clone()),
                 },
             });
             if !pushed {

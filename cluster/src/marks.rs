@@ -1,0 +1,186 @@
+//! Recalls, read markers and deletes-for-me across nodes (docs/scaling.md,
+//! "IM across partitions").
+//!
+//! - **Recall**: an entry of the conversation's partition
+//!   ([`Command::ImRecall`]). Applying it checks that the target is the
+//!   user's message and not recalled yet, lists it in the conversation's
+//!   [`IM_RECALLS`] timeline, and stores a recall event, delivered to the
+//!   members' sync timelines as a message is (a read-fan-out group's is
+//!   stored only, and told to every node for push).
+//! - **Read marker, delete-for-me**: an entry of the user's partition
+//!   ([`Command::ImMark`]), since the mark is written to the user's sync
+//!   timeline (and a read marker to the user's [`IM_READS`] timeline).
+//!   Before proposing it, the user partition's leader asks the
+//!   conversation partition's leader ([`ConvInfo`]: here, or over the
+//!   peer link as [`KIND_CONV_INFO`]) whether the user is a member and
+//!   what the conversation's last seq is. Members are fixed at creation on
+//!   a cluster and the last seq only grows, so that answer still holds
+//!   when the entry is applied, which checks the mark against it the same
+//!   way on every replica.
+//!
+//! [`IM_RECALLS`]: crate::log_store::IM_RECALLS
+//! [`IM_READS`]: crate::log_store::IM_READS
+
+use crate::groups::{no_moved, Refusal};
+use crate::im::read::{self, ReadError};
+use crate::im::ImRefusal;
+use crate::net::KIND_CONV_INFO;
+use crate::node::{now_ms, ClusterError, ImOutcome, Inner};
+use crate::partition::{partition_of, PartitionId};
+use crate::{Command, Mark};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use timeline_engine::{Keyspace, TimelineId};
+
+/// What a conversation's leader answers about it for a user's mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConvInfo {
+    pub member: bool,
+    /// The conversation's last seq.
+    pub last: u64,
+}
+
+/// A conversation probe as it travels.
+#[derive(Debug, Serialize, Deserialize)]
+struct Probe {
+    conv: u64,
+    user: u64,
+}
+
+type ProbeAnswer = Result<Result<ConvInfo, ImRefusal>, Refusal>;
+
+/// Attempts at a probe (each follows the leader the last one named).
+const ATTEMPTS: usize = 3;
+
+/// The probe from this node's replica (its leadership confirmed).
+fn info_local(inner: &Inner, pr: &Probe) -> Result<Result<ConvInfo, ImRefusal>, ReadError> {
+    let e = inner.engine();
+    Ok(read::members(e, pr.conv)?.map(|(_, m)| ConvInfo {
+        member: m.contains(&pr.user),
+        last: e.last_seq(TimelineId::new(Keyspace::STORE, pr.conv)),
+    }))
+}
+
+/// Answer `pr` here if this node leads the conversation's partition `p`
+/// (and confirms it with a quorum).
+async fn answer_here(inner: &Inner, p: PartitionId, pr: &Probe) -> ProbeAnswer {
+    if !inner.leads(p) {
+        return Err(Refusal::NotLeader(
+            inner.leader_hint(p).filter(|&l| l != inner.id),
+        ));
+    }
+    match inner.linearize(Keyspace::STORE.0, pr.conv).await {
+        Err(ClusterError::Moved { .. } | ClusterError::NoLeader { .. }) => {
+            Err(Refusal::NotLeader(None))
+        }
+        Err(e) => Err(Refusal::Failed(e.to_string())),
+        Ok(()) => info_local(inner, pr).map_err(|e| Refusal::Failed(e.to_string())),
+    }
+}
+
+/// A peer's probe (the peer RPC's handler).
+pub(crate) async fn serve_probe(inner: Arc<Inner>, body: Vec<u8>) -> Vec<u8> {
+    let answer: ProbeAnswer = match bincode::deserialize::<Probe>(&body) {
+        Err(e) => Err(Refusal::Failed(format!(
+            "undecodable conversation probe: {e}"
+        ))),
+        Ok(pr) => {
+            let p = partition_of(Keyspace::STORE.0, pr.conv, inner.map.read().len());
+            answer_here(&inner, p, &pr).await
+        }
+    };
+    bincode::serialize(&answer).unwrap_or_default()
+}
+
+/// Ask node `node` (said to lead `p`) about `pr`.
+async fn ask(
+    inner: &Inner,
+    node: crate::NodeId,
+    p: PartitionId,
+    pr: &Probe,
+) -> Result<ProbeAnswer, ClusterError> {
+    let body = bincode::serialize(pr).map_err(|e| ClusterError::Raft(e.to_string()))?;
+    let reply = match inner
+        .transport()
+        .im_call(node, KIND_CONV_INFO, 0, body)
+        .await
+    {
+        Ok(r) => r,
+        // A leader out of reach is as good as none: retry later.
+        Err(e) => {
+            tracing::debug!(partition = p, node, error = %e, "conversation probe failed");
+            return Err(ClusterError::NoLeader { partition: p });
+        }
+    };
+    bincode::deserialize::<ProbeAnswer>(&reply)
+        .map_err(|e| ClusterError::Raft(format!("conversation probe reply: {e}")))
+}
+
+/// Conversation `conv` as its partition's leader sees it for `user`.
+async fn probe(
+    inner: &Arc<Inner>,
+    conv: u64,
+    user: u64,
+) -> Result<Result<ConvInfo, ImRefusal>, ClusterError> {
+    let p = partition_of(Keyspace::STORE.0, conv, inner.map.read().len());
+    let pr = Probe { conv, user };
+    let mut hint = None;
+    for _ in 0..ATTEMPTS {
+        let answer = if inner.leads(p) {
+            answer_here(inner, p, &pr).await
+        } else {
+            let Some(node) = hint
+                .or_else(|| inner.leader_hint(p))
+                .filter(|&n| n != inner.id)
+            else {
+                return Err(ClusterError::NoLeader { partition: p });
+            };
+            ask(inner, node, p, &pr).await?
+        };
+        match answer {
+            Ok(r) => return Ok(r),
+            Err(Refusal::NotLeader(l)) => hint = l,
+            Err(Refusal::Failed(m)) => return Err(ClusterError::Raft(m)),
+        }
+    }
+    Err(ClusterError::NoLeader { partition: p })
+}
+
+/// `user`'s `mark` of `seq` in `conv`: proposed to the user's partition
+/// (which this node must lead: else `MOVED` for it) once the
+/// conversation's leader answered. `Done` carries the read marker now
+/// (a read) or the `DeletedMarker`'s sync seq (a delete).
+pub(crate) async fn mark(
+    inner: Arc<Inner>,
+    user: u64,
+    conv: u64,
+    seq: u64,
+    mark: Mark,
+) -> Result<ImOutcome, ClusterError> {
+    let up = partition_of(Keyspace::SYNC.0, user, inner.map.read().len());
+    inner.check_leads(up)?;
+    // A `MOVED` naming the conversation's leader would send the client
+    // away from the user's.
+    let info = match probe(&inner, conv, user).await.map_err(no_moved)? {
+        Err(r) => return Ok(ImOutcome::Refused(r)),
+        Ok(i) if !i.member => return Ok(ImOutcome::Refused(ImRefusal::NotMember { conv, user })),
+        Ok(i) => i,
+    };
+    let cmd = Command::ImMark {
+        user,
+        conv,
+        seq,
+        mark,
+        last: info.last,
+        ts: now_ms(),
+    };
+    let a = inner.submit(up, cmd).await?;
+    match a.im {
+        None => Err(ClusterError::Raft("the entry answered nothing".into())),
+        Some(Err(r)) => Ok(ImOutcome::Refused(r)),
+        Some(Ok(ia)) => Ok(ImOutcome::Done {
+            conv_seq: ia.conv_seq,
+            duplicate: false,
+        }),
+    }
+}
