@@ -356,7 +356,10 @@ pub mod read {
             let page = e.scan(tl, from, GROUPS_PAGE, Direction::Forward)?;
             for r in &page {
                 let (w, b) = split(&r.payload).ok_or_else(|| {
-                    ReadError::Damaged(format!("timeline {}/{} record {}: no write id", tl.keyspace.0, tl.id, r.seq))
+                    ReadError::Damaged(format!(
+                        "timeline {}/{} record {}: no write id",
+                        tl.keyspace.0, tl.id, r.seq
+                    ))
                 })?;
                 out.push((r.seq, w, b.to_vec()));
             }

@@ -687,7 +687,8 @@ impl StateMachine {
                 group,
             })));
         }
-        self.store_with_outbox(st, w, conv, &ev).map(|a| Some(Ok(a)))
+        self.store_with_outbox(st, w, conv, &ev)
+            .map(|a| Some(Ok(a)))
     }
 
     /// Write mark `d` into its user's sync timeline at write id `w` (and
@@ -791,7 +792,7 @@ impl StateMachine {
         }
         if st.hwm.len() > HWM_CACHE {
             st.hwm.clear();
-        st.reads.clear();
+            st.reads.clear();
         }
         let tl = TimelineId::new(Keyspace::SYNC, user);
         let mut from = u64::MAX;
@@ -1517,13 +1518,16 @@ mod tests {
             .unwrap();
         assert_eq!((r.conv_seq, r.outbox, r.group), (4, write_id(8, 0), false));
         invalid(im_of(block(sm.apply([recall(9, 1, 2)])).unwrap())); // again
-        // Re-applied after a restart: nothing new, and not refused.
+                                                                     // Re-applied after a restart: nothing new, and not refused.
         let mut sm = StateMachine::open(e.clone(), 3).unwrap();
         assert_eq!(im_of(block(sm.apply([recall(8, 1, 2)])).unwrap()), None);
         assert_eq!(im::read::recalls(&e, 7).unwrap(), vec![(write_id(8, 0), 2)]);
         assert_eq!(e.last_seq(TimelineId::new(Keyspace::STORE, 7)), 4);
         let (_, ev) = im::read::event(&e, 7, 4).unwrap().unwrap();
-        assert_eq!((ev.kind, ev.sender, ev.body), (im::KIND_RECALL, 1, 2u64.to_le_bytes().to_vec()));
+        assert_eq!(
+            (ev.kind, ev.sender, ev.body),
+            (im::KIND_RECALL, 1, 2u64.to_le_bytes().to_vec())
+        );
         let outbox: Vec<u64> = im::read::outbox_after(&e, 3, 0, 10)
             .unwrap()
             .iter()
@@ -1589,7 +1593,10 @@ mod tests {
         assert_eq!(del, 3, "the delete's sync seq");
         let mut sm = StateMachine::open(e.clone(), 3).unwrap();
         assert_eq!(seq_of(got(&mut sm, mark(21, 10, Read, 12))), 11);
-        assert_eq!(im::read::read_marker(&e, 2, 7).unwrap(), (write_id(3, 0), 11));
+        assert_eq!(
+            im::read::read_marker(&e, 2, 7).unwrap(),
+            (write_id(3, 0), 11)
+        );
         assert_eq!(seq_of(got(&mut sm, mark(22, 12, Read, 12))), 12);
         // The deliveries of seqs 10 to 12 come after the marks, the newest
         // a read marker at 12 (and the cache gone again).

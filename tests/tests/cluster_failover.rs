@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use timeline_client::cluster::{ClusterClient, RouteStats};
 use timeline_client::protocol::{
-    partition_of, Direction, ErrorCode, Request, Response, TimelineId,
+    partition_of, Body, Direction, ErrorCode, Request, Response, TimelineId,
 };
 use timeline_client::ClientError;
 use timeline_tests::cluster::{Cluster, NodeProc};
@@ -1018,6 +1018,121 @@ fn sync_with_groups(
     }
 }
 
+/// A recall the writer saw answered: `at` the recall event's seq if it
+/// was acknowledged (or `FANOUT_FAILED`), `None` if only a retry's
+/// `INVALID_ARGUMENT` ("recalled already") says an earlier try landed.
+#[derive(Debug, Clone)]
+struct Recalled {
+    conv: u64,
+    target: u64,
+    at: Option<u64>,
+}
+
+/// `RECALL` of `target` until answered; `None` if no try can have landed.
+fn recall_until_answered(
+    cc: &mut ClusterClient,
+    conv: u64,
+    user: u64,
+    target: u64,
+) -> Option<Recalled> {
+    let mut uncertain = false;
+    for _ in 0..40 {
+        match cc.call(&Request::Recall { conv, user, target }) {
+            Ok(Response::Recall(at)) => {
+                return Some(Recalled {
+                    conv,
+                    target,
+                    at: Some(at),
+                })
+            }
+            Err(ClientError::Server {
+                code: ErrorCode::FANOUT_FAILED,
+                arg,
+                ..
+            }) => {
+                return Some(Recalled {
+                    conv,
+                    target,
+                    at: Some(arg),
+                })
+            }
+            Err(ClientError::Server {
+                code: ErrorCode::INVALID_ARGUMENT,
+                message,
+                ..
+            }) => {
+                assert!(uncertain, "a first recall refused: {message}");
+                return Some(Recalled {
+                    conv,
+                    target,
+                    at: None,
+                });
+            }
+            Ok(other) => panic!("RECALL answered {other:?}"),
+            Err(_) => uncertain = true,
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("RECALL {conv}/{target} never answered");
+}
+
+/// Acknowledged marks: (user, conv, seq asked, answer).
+#[derive(Default)]
+struct Marks {
+    reads: Vec<(u64, u64, u64, u64)>,
+    deletes: Vec<(u64, u64, u64, u64)>,
+}
+
+/// A sync entry or group page keeps what was delivered: a message
+/// recalled later still carries its payload there.
+fn same_body(got: &Body, history: &Body) -> bool {
+    got == history || (*history == Body::Recalled && matches!(got, Body::Message(_)))
+}
+
+/// `user`'s mark entries against the acknowledged marks: per conversation
+/// the read markers strictly rise, within the history, and every
+/// acknowledged answer is among them; every acknowledged delete is its
+/// `DeletedMarker` entry, at the answered seq.
+fn check_marks(
+    user: u64,
+    own: &[&timeline_client::protocol::SyncEntry],
+    marks: &Marks,
+    histories: &HashMap<u64, Vec<timeline_client::protocol::Entry>>,
+) {
+    let mut read: HashMap<u64, Vec<u64>> = HashMap::new();
+    for e in own {
+        let (conv, at) = (e.entry.conv, e.entry.conv_seq);
+        assert_eq!(e.entry.sender, user, "{e:?}");
+        assert!(at >= 1 && at <= histories[&conv].len() as u64, "{e:?}");
+        if e.entry.body == Body::ReadMarker {
+            read.entry(conv).or_default().push(at);
+        }
+    }
+    for (conv, v) in &read {
+        assert!(
+            v.windows(2).all(|w| w[0] < w[1]),
+            "user {user} {conv}: {v:?}"
+        );
+    }
+    for &(_, conv, asked, at) in marks.reads.iter().filter(|m| m.0 == user) {
+        let v = read.get(&conv).map(Vec::as_slice).unwrap_or_default();
+        assert!(
+            v.contains(&at),
+            "user {user} {conv}: marked {asked}, answered {at}, not among {v:?}"
+        );
+    }
+    for &(_, conv, seq, at) in marks.deletes.iter().filter(|m| m.0 == user) {
+        let e = own
+            .iter()
+            .find(|e| e.seq == at)
+            .unwrap_or_else(|| panic!("user {user}: delete {conv}/{seq} at {at} lost"));
+        assert_eq!(
+            (e.entry.conv, e.entry.conv_seq, &e.entry.body),
+            (conv, seq, &Body::DeletedMarker)
+        );
+    }
+}
+
 /// `SEND`s to conversations whose members' sync timelines are in other
 /// partitions (so on other nodes), while conversation leaders are killed
 /// -9 and restarted: every acknowledged send is in its conversation's
@@ -1025,7 +1140,11 @@ fn sync_with_groups(
 /// client_msg_id), and every history entry is in each member's sync
 /// timeline exactly once, in conv_seq order. A quarter of the sends go to
 /// a read-fan-out group: each member's `SYNC` then returns its whole
-/// history (after `Created`) as group pages, once, in order.
+/// history (after `Created`) as group pages, once, in order. An eighth of
+/// the acknowledged messages are recalled by their senders (each recall
+/// event once, its target shown recalled), and another client moves read
+/// markers and deletes-for-me meanwhile: every acknowledged mark is in
+/// the user's sync timeline, read markers only rising.
 #[test]
 fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
     let partitions = env_or("CLUSTER_PARTITIONS", 16) as u32;
@@ -1053,9 +1172,12 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
     assert!(matches!(r, Ok(Response::CreateConversation(1))), "{r:?}");
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Arc<Mutex<Acked>> = Arc::default();
+    let recalls: Arc<Mutex<Vec<Recalled>>> = Arc::default();
+    let marks: Arc<Mutex<Marks>> = Arc::default();
     let mut threads = Vec::new();
     for w in 0..3u64 {
         let (seeds, stop, acked) = (seeds.clone(), stop.clone(), acked.clone());
+        let recalls = recalls.clone();
         threads.push(std::thread::spawn(move || {
             let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
             cc.retry_for = Duration::from_secs(5);
@@ -1077,10 +1199,48 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
                 answers += seen.len();
                 let prev = acked.lock().insert((conv, seq), payload.clone());
                 assert!(prev.is_none(), "two sends acknowledged at {conv}/{seq}");
+                if rng.gen_range(0..8) == 0 {
+                    if let Some(r) = recall_until_answered(&mut cc, conv, sender, seq) {
+                        recalls.lock().push(r);
+                    }
+                }
             }
             answers
         }));
     }
+    // Read markers and deletes-for-me, through the same kills.
+    let marks_done = {
+        let (seeds, stop, marks) = (seeds.clone(), stop.clone(), marks.clone());
+        std::thread::spawn(move || {
+            let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
+            cc.retry_for = Duration::from_secs(5);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(200);
+            while !stop.load(Ordering::Relaxed) {
+                let c = rng.gen_range(0..CONVS);
+                let m = members_of(c);
+                let (user, conv) = (m[rng.gen_range(0..m.len())], 1000 + c);
+                let seq = rng.gen_range(1..=60);
+                if rng.gen_range(0..4) == 0 {
+                    // Not retried here: an unknown outcome is left out.
+                    if let Ok(Response::DeleteForUser(at)) =
+                        cc.call(&Request::DeleteForUser { user, conv, seq })
+                    {
+                        marks.lock().deletes.push((user, conv, seq, at));
+                    }
+                } else {
+                    // A mark moves forward only: retried by the client.
+                    match cc.call(&Request::MarkRead { user, conv, seq }) {
+                        Ok(Response::MarkRead(at)) => {
+                            marks.lock().reads.push((user, conv, seq, at));
+                        }
+                        Ok(other) => panic!("MARK_READ answered {other:?}"),
+                        Err(_) => {}
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     for cycle in 0..kills {
         std::thread::sleep(Duration::from_millis(rng.gen_range(800..1500)));
@@ -1106,7 +1266,10 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
     std::thread::sleep(Duration::from_millis(1000));
     stop.store(true, Ordering::Relaxed);
     let retries: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    marks_done.join().unwrap();
     let acked = acked.lock().clone();
+    let recalls = recalls.lock().clone();
+    let marks = std::mem::take(&mut *marks.lock());
     // Every acknowledged send: in its history, once, with its bytes.
     let mut histories = HashMap::new();
     let convs = (0..CONVS).map(|c| (1000 + c, members_of(c)[0]));
@@ -1117,14 +1280,26 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
             timeline_client::protocol::Body::Created { .. }
         ));
         let mut payloads = std::collections::HashSet::new();
+        let mut recall_events: HashMap<u64, usize> = HashMap::new();
         for (i, e) in h.iter().enumerate() {
             assert_eq!(e.conv_seq, i as u64 + 1, "conversation {conv}: seqs");
-            if let timeline_client::protocol::Body::Message(p) = &e.body {
-                assert!(
+            match &e.body {
+                Body::Message(p) => assert!(
                     payloads.insert(p.clone()),
                     "conversation {conv}: {p:?} stored twice"
-                );
+                ),
+                Body::Recall { target } => {
+                    let t = &h[*target as usize - 1];
+                    assert_eq!(t.body, Body::Recalled, "{conv}/{target}");
+                    assert_eq!(t.sender, e.sender, "{conv}/{target}: recalled by another");
+                    *recall_events.entry(*target).or_default() += 1;
+                }
+                _ => {}
             }
+        }
+        for e in h.iter().filter(|e| e.body == Body::Recalled) {
+            let n = recall_events.get(&e.conv_seq).copied().unwrap_or(0);
+            assert_eq!(n, 1, "{conv}/{}: recalled by {n} events", e.conv_seq);
         }
         histories.insert(conv, h);
     }
@@ -1133,19 +1308,35 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
         let e = h
             .get(*seq as usize - 1)
             .unwrap_or_else(|| panic!("{conv}/{seq} lost"));
-        assert_eq!(
-            e.body,
-            timeline_client::protocol::Body::Message(payload.clone()),
-            "{conv}/{seq}"
-        );
+        if e.body != Body::Recalled {
+            assert_eq!(e.body, Body::Message(payload.clone()), "{conv}/{seq}");
+        }
+    }
+    for r in &recalls {
+        let h = &histories[&r.conv];
+        assert_eq!(h[r.target as usize - 1].body, Body::Recalled, "{r:?}");
+        if let Some(at) = r.at {
+            assert_eq!(
+                h[at as usize - 1].body,
+                Body::Recall { target: r.target },
+                "{r:?}"
+            );
+        }
     }
     // Every history entry in each member's sync timeline exactly once, in
     // order, with the same bytes.
     let mut entries = 0;
+    let mut marked = 0;
     for user in 1..=USERS {
         let (s, mut pages) = sync_with_groups(&mut cc, user);
+        // The user's own marks, apart from the conversations' entries.
+        let (own, others): (Vec<_>, Vec<_>) = s
+            .iter()
+            .partition(|e| matches!(e.entry.body, Body::ReadMarker | Body::DeletedMarker));
+        check_marks(user, &own, &marks, &histories);
+        marked += own.len();
         let mut by_conv: HashMap<u64, Vec<&timeline_client::protocol::Entry>> = HashMap::new();
-        for e in &s {
+        for e in others {
             by_conv.entry(e.entry.conv).or_default().push(&e.entry);
         }
         // The group: its Created event in the sync timeline, the rest of
@@ -1165,7 +1356,8 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
             "user {user}: group pages"
         );
         for (g, w) in got.iter().zip(want) {
-            assert_eq!((&g.body, g.sender), (&w.body, w.sender), "user {user}");
+            assert_eq!(g.sender, w.sender, "user {user}");
+            assert!(same_body(&g.body, &w.body), "user {user}: {g:?} for {w:?}");
         }
         assert!(pages.is_empty(), "user {user}: pages of other groups");
         entries += got.len();
@@ -1185,7 +1377,7 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
                 );
             }
             for (g, w) in got.iter().zip(want) {
-                assert_eq!(g.body, w.body, "user {user}, {conv}/{}", w.conv_seq);
+                assert!(same_body(&g.body, &w.body), "user {user}: {g:?} for {w:?}");
                 assert_eq!(g.sender, w.sender);
             }
             entries += got.len();
@@ -1196,10 +1388,17 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
         );
     }
     eprintln!(
-        "{kills} kills: {} sends acknowledged, {retries} answers retried, {entries} sync entries checked",
-        acked.len()
+        "{kills} kills: {} sends acknowledged, {retries} answers retried, {entries} sync entries checked; {} recalls, {} read marks and {} deletes acknowledged, {marked} mark entries checked",
+        acked.len(),
+        recalls.len(),
+        marks.reads.len(),
+        marks.deletes.len()
     );
     assert!(acked.len() > 50, "too little load: {}", acked.len());
+    assert!(
+        !recalls.is_empty() && !marks.reads.is_empty(),
+        "no recall or mark acknowledged"
+    );
     drop(cl.etcd);
 }
 
@@ -1614,7 +1813,12 @@ fn read_fanout_groups_sync_and_push_across_nodes() {
         500,
         cps.iter().map(|(&c, &s)| (c, s)).collect(),
     );
-    let bodies: Vec<&Body> = s.groups.iter().flat_map(|g| &g.entries).map(|e| &e.body).collect();
+    let bodies: Vec<&Body> = s
+        .groups
+        .iter()
+        .flat_map(|g| &g.entries)
+        .map(|e| &e.body)
+        .collect();
     assert_eq!(bodies, vec![&Body::Recall { target: 2 }], "{s:?}");
     match cc.call(&Request::History {
         conv: big,
@@ -1704,7 +1908,10 @@ fn recalls_read_markers_and_deletes_across_nodes() {
             client_msg_id: k as u64 + 1,
             payload: format!("m{k}").as_bytes(),
         });
-        assert!(matches!(r, Ok(Response::Send(a)) if a.seq == k as u64 + 2), "{r:?}");
+        assert!(
+            matches!(r, Ok(Response::Send(a)) if a.seq == k as u64 + 2),
+            "{r:?}"
+        );
     }
     let code = |r: Result<Response, ClientError>| match r {
         Err(ClientError::Server { code, .. }) => code,
@@ -1715,14 +1922,29 @@ fn recalls_read_markers_and_deletes_across_nodes() {
     };
     // Not its own message, the Created event, past the end, not a member,
     // no conversation.
-    assert_eq!(code(recall(&mut cc, conv, bob, 2)), ErrorCode::INVALID_ARGUMENT);
-    assert_eq!(code(recall(&mut cc, conv, alice, 1)), ErrorCode::INVALID_ARGUMENT);
-    assert_eq!(code(recall(&mut cc, conv, alice, 99)), ErrorCode::INVALID_ARGUMENT);
+    assert_eq!(
+        code(recall(&mut cc, conv, bob, 2)),
+        ErrorCode::INVALID_ARGUMENT
+    );
+    assert_eq!(
+        code(recall(&mut cc, conv, alice, 1)),
+        ErrorCode::INVALID_ARGUMENT
+    );
+    assert_eq!(
+        code(recall(&mut cc, conv, alice, 99)),
+        ErrorCode::INVALID_ARGUMENT
+    );
     assert_eq!(code(recall(&mut cc, conv, carol, 2)), ErrorCode::NOT_MEMBER);
-    assert_eq!(code(recall(&mut cc, 7999, alice, 2)), ErrorCode::NO_SUCH_CONVERSATION);
+    assert_eq!(
+        code(recall(&mut cc, 7999, alice, 2)),
+        ErrorCode::NO_SUCH_CONVERSATION
+    );
     let r = recall(&mut cc, conv, alice, 3);
     assert!(matches!(r, Ok(Response::Recall(6))), "{r:?}");
-    assert_eq!(code(recall(&mut cc, conv, alice, 3)), ErrorCode::INVALID_ARGUMENT);
+    assert_eq!(
+        code(recall(&mut cc, conv, alice, 3)),
+        ErrorCode::INVALID_ARGUMENT
+    );
 
     let mut pushes = Vec::new();
     let mut next_push = |what: &str| loop {
@@ -1748,23 +1970,30 @@ fn recalls_read_markers_and_deletes_across_nodes() {
     for user in [alice, bob] {
         let last = sync_all(&mut cc, user)
             .into_iter()
-            .filter(|e| e.entry.conv == conv)
-            .last()
+            .rfind(|e| e.entry.conv == conv)
             .unwrap();
         assert_eq!(last.entry.body, Body::Recall { target: 3 }, "user {user}");
     }
 
-    let mark = |cc: &mut ClusterClient, user, conv, seq| {
-        cc.call(&Request::MarkRead { user, conv, seq })
-    };
+    let mark =
+        |cc: &mut ClusterClient, user, conv, seq| cc.call(&Request::MarkRead { user, conv, seq });
     let r = mark(&mut cc, bob, conv, 100);
-    assert!(matches!(r, Ok(Response::MarkRead(6))), "clamped to the end: {r:?}");
+    assert!(
+        matches!(r, Ok(Response::MarkRead(6))),
+        "clamped to the end: {r:?}"
+    );
     let e = next_push("read marker");
     assert_eq!((e.entry.conv_seq, e.entry.body), (6, Body::ReadMarker));
     let r = mark(&mut cc, bob, conv, 2);
-    assert!(matches!(r, Ok(Response::MarkRead(6))), "never lowered: {r:?}");
+    assert!(
+        matches!(r, Ok(Response::MarkRead(6))),
+        "never lowered: {r:?}"
+    );
     assert_eq!(code(mark(&mut cc, carol, conv, 2)), ErrorCode::NOT_MEMBER);
-    assert_eq!(code(mark(&mut cc, bob, 7999, 2)), ErrorCode::NO_SUCH_CONVERSATION);
+    assert_eq!(
+        code(mark(&mut cc, bob, 7999, 2)),
+        ErrorCode::NO_SUCH_CONVERSATION
+    );
     // Sent to a node that does not lead bob's partition: MOVED there.
     let other = seeds.iter().find(|s| **s != at).unwrap();
     let mut direct = timeline_client::Client::connect(other.as_str(), b"").unwrap();
@@ -1822,7 +2051,15 @@ fn recalls_read_markers_and_deletes_across_nodes() {
             (7, Body::Message(b"after".to_vec()))
         ]
     );
-    assert_eq!(bob_sync.iter().find(|e| e.seq == del).unwrap().entry.conv_seq, 4);
+    assert_eq!(
+        bob_sync
+            .iter()
+            .find(|e| e.seq == del)
+            .unwrap()
+            .entry
+            .conv_seq,
+        4
+    );
     let alice_sync = of_conv(sync_all(&mut cc, alice));
     assert_eq!(alice_sync.len(), 7, "alice's sync has none of bob's marks");
     assert!(matches!(

@@ -12,6 +12,10 @@
 //!   it is drained) pages of the user's read-fan-out groups, each read
 //!   from its group's leader.
 //! - `HISTORY`, `MEMBERS`: the conversation partition's leader.
+//! - `RECALL`: as `SEND` (a recall event, delivered like a message).
+//! - `MARK_READ`, `DELETE_FOR_USER`: the user partition's leader, once
+//!   the conversation's leader answered membership and its last seq
+//!   (`timeline_cluster::marks`).
 //!
 //! - `SUBSCRIBE`: served by any node (the dispatcher's own path): a node
 //!   pushes every sync entry a replica on it applies, so subscribe on a
@@ -23,8 +27,8 @@
 //! the runtime's threads, from the node's engine.
 
 use super::conn::Conn;
-use super::dispatch::{page_limit, Answer, Ctx};
 use super::convert::ToWire;
+use super::dispatch::{page_limit, Answer, Ctx};
 use super::errors::ToReply;
 use crate::protocol::{
     Body, ConvKind, Entry, ErrorCode, ErrorReply, GroupPage, HistoryFrom, HistoryPage, Request,
