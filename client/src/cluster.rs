@@ -52,9 +52,9 @@ fn timeline_of(r: &Request<'_>) -> Option<protocol::TimelineId> {
         | Request::History { conv, .. }
         | Request::Members { conv } => Some(protocol::TimelineId::store(*conv)),
         // A user's own marks go to its partition (protocol.md §15).
-        Request::MarkRead { user, .. } | Request::DeleteForUser { user, .. } => {
-            Some(protocol::TimelineId::sync(*user))
-        }
+        Request::MarkRead { user, .. }
+        | Request::DeleteForUser { user, .. }
+        | Request::Conversations { user } => Some(protocol::TimelineId::sync(*user)),
         // A node pushes the sync entries its replicas apply: subscribe
         // where the user's sync timeline is led (protocol.md §15).
         Request::Sync { user, .. } | Request::Subscribe { user } => {

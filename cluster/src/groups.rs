@@ -143,34 +143,12 @@ async fn read_batch_here(
     budget: usize,
 ) -> Vec<Result<RawPage, Refusal>> {
     let parts = inner.map.read().len();
-    let mut checked: HashMap<PartitionId, Result<(), Refusal>> = HashMap::new();
+    let mut checked = Confirmed::default();
     let mut left = budget;
     let mut out = Vec::with_capacity(reads.len());
     for r in reads {
         let p = partition_of(Keyspace::STORE.0, r.conv, parts);
-        if !inner.leads(p) {
-            out.push(Err(Refusal::NotLeader(
-                inner.leader_hint(p).filter(|&l| l != inner.id),
-            )));
-            continue;
-        }
-        let ok = match checked.get(&p) {
-            Some(c) => c.clone(),
-            None => {
-                let c = inner
-                    .linearize(Keyspace::STORE.0, r.conv)
-                    .await
-                    .map_err(|e| match e {
-                        ClusterError::Moved { .. } | ClusterError::NoLeader { .. } => {
-                            Refusal::NotLeader(None)
-                        }
-                        e => Refusal::Failed(e.to_string()),
-                    });
-                checked.insert(p, c.clone());
-                c
-            }
-        };
-        if let Err(e) = ok {
+        if let Err(e) = checked.leads(inner, p, r.conv).await {
             out.push(Err(e));
             continue;
         }
@@ -187,6 +165,43 @@ async fn read_batch_here(
         }
     }
     out
+}
+
+/// The partitions whose leadership a request confirmed (once each: a
+/// heartbeat round per partition, however many of its conversations the
+/// request reads).
+#[derive(Default)]
+pub(crate) struct Confirmed(HashMap<PartitionId, Result<(), Refusal>>);
+
+impl Confirmed {
+    /// `Ok` if this node leads `p` (the partition of conversation `conv`)
+    /// and confirmed it with a quorum; else who it thinks leads.
+    pub(crate) async fn leads(
+        &mut self,
+        inner: &Inner,
+        p: PartitionId,
+        conv: u64,
+    ) -> Result<(), Refusal> {
+        if !inner.leads(p) {
+            return Err(Refusal::NotLeader(
+                inner.leader_hint(p).filter(|&l| l != inner.id),
+            ));
+        }
+        if let Some(c) = self.0.get(&p) {
+            return c.clone();
+        }
+        let c = inner
+            .linearize(Keyspace::STORE.0, conv)
+            .await
+            .map_err(|e| match e {
+                ClusterError::Moved { .. } | ClusterError::NoLeader { .. } => {
+                    Refusal::NotLeader(None)
+                }
+                e => Refusal::Failed(e.to_string()),
+            });
+        self.0.insert(p, c.clone());
+        c
+    }
 }
 
 /// A peer's group reads (the peer RPC's handler).

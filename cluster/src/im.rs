@@ -385,6 +385,80 @@ pub mod read {
             .collect()
     }
 
+    /// The conversations `user` is in and their kinds, in the order joined
+    /// (from this node's replica of the user's partition).
+    pub fn convs_of(e: &Engine, user: u64) -> Result<Vec<(u64, u8)>, ReadError> {
+        let tl = TimelineId::new(crate::log_store::IM_CONVS, user);
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for (seq, _, b) in all(e, tl)? {
+            let conv = (b.len() == 9)
+                .then(|| u64_at(&b, 0))
+                .flatten()
+                .ok_or_else(|| {
+                    ReadError::Damaged(format!("user {user}'s conversation record {seq}"))
+                })?;
+            // A re-driven join may list a conversation twice.
+            if seen.insert(conv) {
+                out.push((conv, b[8]));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every read marker of `user`'s, by conversation.
+    pub fn read_markers(
+        e: &Engine,
+        user: u64,
+    ) -> Result<std::collections::HashMap<u64, u64>, ReadError> {
+        let tl = TimelineId::new(crate::log_store::IM_READS, user);
+        let mut out = std::collections::HashMap::new();
+        for (seq, _, b) in all(e, tl)? {
+            let (conv, at) = (b.len() == 16)
+                .then(|| Some((u64_at(&b, 0)?, u64_at(&b, 8)?)))
+                .flatten()
+                .ok_or_else(|| {
+                    ReadError::Damaged(format!("user {user}'s read marker record {seq}"))
+                })?;
+            // Markers only rise: the newest is the largest.
+            out.insert(conv, at);
+        }
+        Ok(out)
+    }
+
+    /// Conversation `conv`'s last seq and how many entries after `read`
+    /// up to it `user` has not sent itself (those a store TTL dropped are
+    /// not counted): read from the store, so it costs in proportion to
+    /// the unread entries.
+    pub fn unread(e: &Engine, conv: u64, user: u64, read: u64) -> Result<(u64, u64), ReadError> {
+        const PAGE: usize = 1024;
+        let tl = TimelineId::new(Keyspace::STORE, conv);
+        let last = e.last_seq(tl);
+        let mut from = read.saturating_add(1).max(e.first_retained_seq(tl)?);
+        let mut unread = 0;
+        while from <= last {
+            let recs = match e.scan(tl, from, PAGE, Direction::Forward) {
+                Err(timeline_engine::Error::Truncated { first_retained, .. })
+                    if first_retained > from =>
+                {
+                    from = first_retained;
+                    continue;
+                }
+                r => r?,
+            };
+            let Some(end) = recs.last().map(|r| r.seq) else {
+                break;
+            };
+            for r in &recs {
+                let (_, ev) = decode_event(&r.payload, conv, r.seq)?;
+                let own = matches!(ev.kind, KIND_MESSAGE | KIND_RECALL) && ev.sender == user;
+                unread += u64::from(!own);
+            }
+            from = end + 1;
+        }
+        Ok((last, unread))
+    }
+
     /// `user`'s read marker in `conv` and the write id that moved it there
     /// ((0, 0): never marked): its newest record in the user's `IM_READS`
     /// timeline (read back from the newest; a marker rarely moves).

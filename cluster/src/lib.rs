@@ -29,6 +29,8 @@
 //! - [`marks`]: recalls (the conversation's partition) and a user's read
 //!   markers and deletes-for-me (the user's partition, checked against
 //!   the conversation's leader first);
+//! - [`conversations`]: a user's conversation list, with each one's last
+//!   seq and unread count asked of its leader;
 //! - [`node`]: a running node: its groups, start-up (forming the map),
 //!   routing answers (`MOVED`, `NO_LEADER`, `UNCERTAIN`) and the batching
 //!   of concurrent appends into one entry;
@@ -36,10 +38,10 @@
 //!   changes of the groups (new replicas caught up as learners first), and
 //!   a node that starts outside the map asks for its share.
 //!
-//! Not built yet: membership changes and `CONVERSATIONS` across
-//! partitions; snapshots as raw segment byte ranges (docs/scaling.md,
+//! Not built yet: membership changes across partitions; snapshots as raw segment byte ranges (docs/scaling.md,
 //! "Not built yet").
 
+pub mod conversations;
 pub mod delivery;
 pub mod groups;
 pub mod im;

@@ -84,6 +84,11 @@ pub const IM_RECALLS: Keyspace = Keyspace(5);
 /// `conv u64 | seq u64` per move of a marker (written by the user's
 /// partition: module [`crate::marks`]).
 pub const IM_READS: Keyspace = Keyspace(6);
+/// The keyspace of the conversations each user is in: timeline `user`,
+/// one record `conv u64 | kind u8` per conversation, in the order joined
+/// (written by the user's partition with the `Created` delivery: module
+/// [`crate::conversations`]).
+pub const IM_CONVS: Keyspace = Keyspace(7);
 
 /// Whether `keyspace` is one of the cluster's own (no client writes it).
 pub fn is_own(keyspace: u8) -> bool {
@@ -93,6 +98,7 @@ pub fn is_own(keyspace: u8) -> bool {
         IM_GROUPS.0,
         IM_RECALLS.0,
         IM_READS.0,
+        IM_CONVS.0,
     ]
     .contains(&keyspace)
 }
@@ -102,7 +108,7 @@ const REPLAY_PAGE: usize = 4096;
 
 /// The keyspaces a node's engine needs besides its data keyspaces: kept
 /// forever, in log order (no regroup: the log is read in order).
-pub fn keyspaces() -> [KeyspaceConfig; 5] {
+pub fn keyspaces() -> [KeyspaceConfig; 6] {
     let keep = |id, name| KeyspaceConfig {
         regroup: false,
         segment_window: Duration::from_secs(3600),
@@ -114,6 +120,7 @@ pub fn keyspaces() -> [KeyspaceConfig; 5] {
         keep(IM_GROUPS, "im-groups"),
         keep(IM_RECALLS, "im-recalls"),
         keep(IM_READS, "im-reads"),
+        keep(IM_CONVS, "im-convs"),
     ]
 }
 

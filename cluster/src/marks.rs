@@ -21,7 +21,7 @@
 //! [`IM_RECALLS`]: crate::log_store::IM_RECALLS
 //! [`IM_READS`]: crate::log_store::IM_READS
 
-use crate::groups::{no_moved, Refusal};
+use crate::groups::{no_moved, Confirmed, Refusal};
 use crate::im::read::{self, ReadError};
 use crate::im::ImRefusal;
 use crate::net::KIND_CONV_INFO;
@@ -64,18 +64,8 @@ fn info_local(inner: &Inner, pr: &Probe) -> Result<Result<ConvInfo, ImRefusal>, 
 /// Answer `pr` here if this node leads the conversation's partition `p`
 /// (and confirms it with a quorum).
 async fn answer_here(inner: &Inner, p: PartitionId, pr: &Probe) -> ProbeAnswer {
-    if !inner.leads(p) {
-        return Err(Refusal::NotLeader(
-            inner.leader_hint(p).filter(|&l| l != inner.id),
-        ));
-    }
-    match inner.linearize(Keyspace::STORE.0, pr.conv).await {
-        Err(ClusterError::Moved { .. } | ClusterError::NoLeader { .. }) => {
-            Err(Refusal::NotLeader(None))
-        }
-        Err(e) => Err(Refusal::Failed(e.to_string())),
-        Ok(()) => info_local(inner, pr).map_err(|e| Refusal::Failed(e.to_string())),
-    }
+    Confirmed::default().leads(inner, p, pr.conv).await?;
+    info_local(inner, pr).map_err(|e| Refusal::Failed(e.to_string()))
 }
 
 /// A peer's probe (the peer RPC's handler).

@@ -62,6 +62,10 @@ pub const KIND_GROUP_PUSH: u8 = 6;
 /// last seq ([`crate::marks`]): bincode `Probe`; reply
 /// `Result<Result<ConvInfo, ImRefusal>, Refusal>`.
 pub const KIND_CONV_INFO: u8 = 7;
+/// Last seqs and unread counts of conversations this node leads
+/// ([`crate::conversations`]): bincode `Vec<SummaryRead>`; reply
+/// `Result<Vec<Result<Summary, Refusal>>, String>`, one per read.
+pub const KIND_CONV_SUMMARY: u8 = 8;
 const DELIVER_TIMEOUT: Duration = Duration::from_secs(5);
 const REPLY: u8 = 0x80;
 const KIND_NO_GROUP: u8 = 0xFF;
@@ -76,7 +80,7 @@ pub type Groups = RwLock<HashMap<u32, Raft<TypeConfig>>>;
 pub type PeerAddrs = RwLock<BTreeMap<NodeId, String>>;
 
 /// What answers a peer's IM requests (kinds [`KIND_DELIVER`] to
-/// [`KIND_CONV_INFO`]): (kind, partition, body) → the reply's body.
+/// [`KIND_CONV_SUMMARY`]): (kind, partition, body) → the reply's body.
 pub type ImFn = Arc<
     dyn Fn(u8, u32, Vec<u8>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<u8>> + Send>>
         + Send
@@ -179,7 +183,7 @@ async fn serve_conn(s: TcpStream, groups: Arc<Groups>, im: ImFn) {
             }
         };
         let tx = tx.clone();
-        if (KIND_DELIVER..=KIND_CONV_INFO).contains(&f.kind) {
+        if (KIND_DELIVER..=KIND_CONV_SUMMARY).contains(&f.kind) {
             let answer = im(f.kind, f.partition, f.body);
             tokio::spawn(async move {
                 let body = answer.await;

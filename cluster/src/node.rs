@@ -412,6 +412,27 @@ impl Node {
         });
     }
 
+    /// `user`'s conversations (module [`crate::conversations`]), once this
+    /// node confirmed it leads the user's partition (else `MOVED` or
+    /// `NO_LEADER` for it).
+    pub fn conversations(
+        &self,
+        user: u64,
+        done: impl FnOnce(Result<Vec<crate::conversations::ConvLine>, ClusterError>) + Send + 'static,
+    ) {
+        let inner = self.inner.clone();
+        self.spawn(async move {
+            let r = match inner
+                .linearize(timeline_engine::Keyspace::SYNC.0, user)
+                .await
+            {
+                Ok(()) => crate::conversations::list(inner, user).await,
+                Err(e) => Err(e),
+            };
+            done(r);
+        });
+    }
+
     fn im_write(
         &self,
         conv: u64,
@@ -898,6 +919,9 @@ async fn boot(
                 (Some(inner), net::KIND_GROUP_READ) => crate::groups::serve_read(inner, body).await,
                 (Some(inner), net::KIND_GROUP_PUSH) => crate::groups::serve_push(inner, body).await,
                 (Some(inner), net::KIND_CONV_INFO) => crate::marks::serve_probe(inner, body).await,
+                (Some(inner), net::KIND_CONV_SUMMARY) => {
+                    crate::conversations::serve(inner, body).await
+                }
                 _ => Vec::new(),
             }
         })

@@ -716,14 +716,22 @@ impl StateMachine {
         Ok(m)
     }
 
-    /// A read-fan-out group's `Created` delivery at write id `wi` also
-    /// lists the group among the user's (`IM_GROUPS`), once.
+    /// A `Created` delivery at write id `wi` also lists the conversation
+    /// among the user's (`IM_CONVS`), and a read-fan-out group among the
+    /// user's groups (`IM_GROUPS`), once.
     fn join_group(&self, st: &mut State, wi: u64, d: &Delivery) -> Result<(), Error> {
-        if d.kind != im::KIND_CREATED || d.body.first() != Some(&im::CONV_READ_GROUP) {
+        if d.kind != im::KIND_CREATED {
             return Ok(());
         }
-        let t = (crate::log_store::IM_GROUPS.0, d.user);
-        self.append_any(st, t, wi, &d.conv.to_le_bytes())?;
+        let kind = d.body.first().copied().unwrap_or(im::CONV_GROUP);
+        let mut rec = [0u8; 9];
+        rec[..8].copy_from_slice(&d.conv.to_le_bytes());
+        rec[8] = kind;
+        self.append_any(st, (crate::log_store::IM_CONVS.0, d.user), wi, &rec)?;
+        if kind == im::CONV_READ_GROUP {
+            let t = (crate::log_store::IM_GROUPS.0, d.user);
+            self.append_any(st, t, wi, &d.conv.to_le_bytes())?;
+        }
         Ok(())
     }
 

@@ -1133,6 +1133,52 @@ fn check_marks(
     }
 }
 
+/// `user`'s `CONVERSATIONS` against the histories read back: its
+/// conversations in the order created, each one's last seq, read marker
+/// (its newest `ReadMarker` entry) and unread count (the entries after
+/// it not sent by the user).
+fn check_conversations(
+    cc: &mut ClusterClient,
+    user: u64,
+    own: &[&timeline_client::protocol::SyncEntry],
+    histories: &HashMap<u64, Vec<timeline_client::protocol::Entry>>,
+) {
+    let Ok(Response::Conversations(list)) = cc.call(&Request::Conversations { user }) else {
+        panic!("conversations of {user}")
+    };
+    let mut convs: Vec<u64> = (0..CONVS)
+        .filter(|c| members_of(*c).contains(&user))
+        .map(|c| 1000 + c)
+        .collect();
+    convs.push(GROUP);
+    let got: Vec<(u64, u64, u64, u64)> = list
+        .iter()
+        .map(|c| (c.conv, c.last_seq, c.read_seq, c.unread))
+        .collect();
+    let want: Vec<(u64, u64, u64, u64)> = convs
+        .iter()
+        .map(|&conv| {
+            let h = &histories[&conv];
+            let read = own
+                .iter()
+                .filter(|e| e.entry.conv == conv && e.entry.body == Body::ReadMarker)
+                .map(|e| e.entry.conv_seq)
+                .max()
+                .unwrap_or(0);
+            let sent = |e: &timeline_client::protocol::Entry| {
+                e.sender == user
+                    && matches!(
+                        e.body,
+                        Body::Message(_) | Body::Recalled | Body::Recall { .. }
+                    )
+            };
+            let unread = h.iter().filter(|e| e.conv_seq > read && !sent(e)).count();
+            (conv, h.len() as u64, read, unread as u64)
+        })
+        .collect();
+    assert_eq!(got, want, "user {user}'s conversations");
+}
+
 /// `SEND`s to conversations whose members' sync timelines are in other
 /// partitions (so on other nodes), while conversation leaders are killed
 /// -9 and restarted: every acknowledged send is in its conversation's
@@ -1144,7 +1190,8 @@ fn check_marks(
 /// the acknowledged messages are recalled by their senders (each recall
 /// event once, its target shown recalled), and another client moves read
 /// markers and deletes-for-me meanwhile: every acknowledged mark is in
-/// the user's sync timeline, read markers only rising.
+/// the user's sync timeline, read markers only rising; each user's
+/// `CONVERSATIONS` then agrees with the histories and its marks.
 #[test]
 fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
     let partitions = env_or("CLUSTER_PARTITIONS", 16) as u32;
@@ -1335,6 +1382,7 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
             .partition(|e| matches!(e.entry.body, Body::ReadMarker | Body::DeletedMarker));
         check_marks(user, &own, &marks, &histories);
         marked += own.len();
+        check_conversations(&mut cc, user, &own, &histories);
         let mut by_conv: HashMap<u64, Vec<&timeline_client::protocol::Entry>> = HashMap::new();
         for e in others {
             by_conv.entry(e.entry.conv).or_default().push(&e.entry);
@@ -1593,10 +1641,11 @@ fn read_fanout_groups_sync_and_push_across_nodes() {
     assert!(matches!(r, Ok(Response::CreateConversation(1))), "{r:?}");
     let (p, lead) = leaders(&seeds);
     let group_leader = lead[&partition_of(0, big, p)].clone();
-    // A member whose sync partition another node leads.
+    // A member whose sync partition another node leads (not user 1, who
+    // sends to the groups).
     let bob = *members
         .iter()
-        .find(|&&u| lead[&partition_of(1, u, p)] != group_leader)
+        .find(|&&u| u != 1 && lead[&partition_of(1, u, p)] != group_leader)
         .expect("a member led elsewhere");
     let r = cc.call(&Request::CreateConversation {
         conv: small,
@@ -1829,6 +1878,31 @@ fn read_fanout_groups_sync_and_push_across_nodes() {
         Ok(Response::History(h)) => assert_eq!(h.entries[0].body, Body::Recalled),
         other => panic!("history: {other:?}"),
     }
+    // Bob's conversations, in the order joined, each counted by its
+    // leader (several nodes), a read marker in the big group first.
+    let r = cc.call(&Request::MarkRead {
+        user: bob,
+        conv: big,
+        seq: 30,
+    });
+    assert!(matches!(r, Ok(Response::MarkRead(30))), "{r:?}");
+    let Ok(Response::Conversations(list)) = cc.call(&Request::Conversations { user: bob }) else {
+        panic!("conversations")
+    };
+    let got: Vec<(u64, u64, u64, u64, bool)> = list
+        .iter()
+        .map(|c| (c.conv, c.last_seq, c.read_seq, c.unread, c.read_fanout))
+        .collect();
+    let mut want = vec![(big, 42, 30, 12, true), (small, 2, 0, 2, false)];
+    want.extend(extra.iter().map(|&c| (c, 8, 0, 8, true)));
+    // User 1 sent every message and the recall: what it has not read is
+    // the Created events.
+    let Ok(Response::Conversations(ones)) = cc.call(&Request::Conversations { user: 1 }) else {
+        panic!("conversations of user 1")
+    };
+    assert!(ones.iter().take(5).all(|c| c.unread == 1), "{ones:?}");
+    assert_eq!(got, want);
+    assert!(list.iter().all(|c| c.member && c.kind == ConvKind::Group));
 
     // What read fan-out saves: a send to the 600-member group against one
     // to a 450-member group (below the threshold: written fan-out to each
@@ -1870,7 +1944,8 @@ fn read_fanout_groups_sync_and_push_across_nodes() {
 /// delete only of a seq the conversation has; each mark in the user's
 /// sync timeline only, and pushed; a message after the marks still
 /// delivered; a mark sent to a node not leading the user's partition is
-/// `MOVED` there.
+/// `MOVED` there; `CONVERSATIONS` lists each user's conversations with
+/// their last seq, read marker and unread count.
 #[test]
 fn recalls_read_markers_and_deletes_across_nodes() {
     use timeline_client::protocol::{Body, ConvKind, Push};
@@ -2034,6 +2109,27 @@ fn recalls_read_markers_and_deletes_across_nodes() {
         payload: b"after",
     });
     assert!(matches!(r, Ok(Response::Send(a)) if a.seq == 7), "{r:?}");
+    // CONVERSATIONS: every conversation of the user, in the order joined;
+    // unread counts what comes after the read marker and the user did not
+    // send (Created has no sender: alice's unread are seqs 1 and 5).
+    let list = |cc: &mut ClusterClient, user| match cc.call(&Request::Conversations { user }) {
+        Ok(Response::Conversations(l)) => l
+            .into_iter()
+            .map(|c| {
+                assert!(c.member && !c.read_fanout && c.kind == ConvKind::Direct);
+                (c.conv, c.last_seq, c.read_seq, c.unread)
+            })
+            .collect::<Vec<_>>(),
+        other => panic!("conversations of {user}: {other:?}"),
+    };
+    let mut want: Vec<(u64, u64, u64, u64)> = (7100..conv).map(|c| (c, 1, 0, 1)).collect();
+    want.push((conv, 7, 6, 1));
+    assert_eq!(list(&mut cc, bob), want);
+    if let Some(w) = want.last_mut() {
+        *w = (conv, 7, 0, 2);
+    }
+    assert_eq!(list(&mut cc, alice), want);
+    assert_eq!(list(&mut cc, carol), Vec::new());
     let of_conv = |v: Vec<timeline_client::protocol::SyncEntry>| -> Vec<_> {
         v.into_iter().filter(|e| e.entry.conv == conv).collect()
     };

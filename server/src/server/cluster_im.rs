@@ -16,6 +16,9 @@
 //! - `MARK_READ`, `DELETE_FOR_USER`: the user partition's leader, once
 //!   the conversation's leader answered membership and its last seq
 //!   (`timeline_cluster::marks`).
+//! - `CONVERSATIONS`: the user partition's leader lists the user's
+//!   conversations and read markers; each conversation's leader counts
+//!   its unread entries (`timeline_cluster::conversations`).
 //!
 //! - `SUBSCRIBE`: served by any node (the dispatcher's own path): a node
 //!   pushes every sync entry a replica on it applies, so subscribe on a
@@ -220,6 +223,14 @@ pub(crate) fn execute(
                 a.reply(written(r, |seq, _| Response::DeleteForUser(seq)))
             });
         }
+        Request::Conversations { user } => {
+            let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
+            node.conversations(*user, move |r| {
+                a.reply(r.map_err(|e| e.reply()).map(|lines| {
+                    Response::Conversations(lines.into_iter().map(conv_summary).collect())
+                }))
+            });
+        }
         Request::Members { conv } => {
             let conv = *conv;
             let engine = node.engine().clone();
@@ -268,6 +279,23 @@ fn im_body(kind: u8, body: Vec<u8>) -> timeline_im::Body {
 
 fn body_of(kind: u8, body: Vec<u8>) -> Body {
     im_body(kind, body).wire()
+}
+
+/// A `CONVERSATIONS` line: members are fixed on a cluster, so the user is
+/// a member of every conversation it was delivered.
+fn conv_summary(l: timeline_cluster::conversations::ConvLine) -> crate::protocol::ConvSummary {
+    crate::protocol::ConvSummary {
+        conv: l.conv,
+        kind: match l.kind {
+            CONV_DIRECT => ConvKind::Direct,
+            _ => ConvKind::Group,
+        },
+        last_seq: l.last_seq,
+        read_seq: l.read_seq,
+        unread: l.unread,
+        member: true,
+        read_fanout: l.kind == CONV_READ_GROUP,
+    }
 }
 
 /// Answer `s` with pages of `user`'s read-fan-out groups added (from the

@@ -1,0 +1,219 @@
+//! A user's conversation list across nodes (`CONVERSATIONS`;
+//! docs/scaling.md, "A user's conversations").
+//!
+//! - The user's partition knows which conversations the user is in: each
+//!   `Created` delivery applied there lists the conversation and its kind
+//!   in the user's [`IM_CONVS`] timeline (in the order joined), and the
+//!   user's read markers are in its [`IM_READS`] timeline.
+//! - Each conversation's last seq and unread count are its partition's:
+//!   the user partition's leader asks **one request per leader node**, all
+//!   at once (here, or over the peer link as [`KIND_CONV_SUMMARY`]); that
+//!   node confirms its leadership of each partition once, then counts, for
+//!   each conversation, the entries after the user's read marker that the
+//!   user did not send. A conversation whose leader moved meanwhile is
+//!   asked again where the answer pointed (three rounds at most).
+//!
+//! [`IM_CONVS`]: crate::log_store::IM_CONVS
+//! [`IM_READS`]: crate::log_store::IM_READS
+
+use crate::groups::{no_moved, Confirmed, Refusal};
+use crate::im::read;
+use crate::net::KIND_CONV_SUMMARY;
+use crate::node::{ClusterError, Inner};
+use crate::partition::{partition_of, PartitionId};
+use crate::NodeId;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use timeline_engine::Keyspace;
+
+/// One line of a user's conversation list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvLine {
+    pub conv: u64,
+    /// The conversation kind (`im::CONV_*`).
+    pub kind: u8,
+    pub last_seq: u64,
+    pub read_seq: u64,
+    /// Entries after `read_seq`, up to `last_seq`, the user did not send.
+    pub unread: u64,
+}
+
+/// What one conversation's leader is asked: the entries after `read`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct SummaryRead {
+    conv: u64,
+    user: u64,
+    read: u64,
+}
+
+/// Its answer: the last seq and the unread count.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct Summary {
+    last: u64,
+    unread: u64,
+}
+
+type Answers = Vec<Result<Summary, Refusal>>;
+
+/// Rounds of asking (each follows the leaders the last one named).
+const ROUNDS: usize = 3;
+
+/// Most summaries one peer request carries (a bound on what a peer's
+/// request can make a node do).
+const MAX_READS: usize = 65_536;
+
+/// `reads` from this node's replicas (each partition's leadership
+/// confirmed once).
+async fn here(inner: &Inner, reads: &[SummaryRead]) -> Answers {
+    let parts = inner.map.read().len();
+    let mut confirmed = Confirmed::default();
+    let mut out = Vec::with_capacity(reads.len());
+    for r in reads {
+        let p = partition_of(Keyspace::STORE.0, r.conv, parts);
+        out.push(match confirmed.leads(inner, p, r.conv).await {
+            Err(e) => Err(e),
+            Ok(()) => read::unread(inner.engine(), r.conv, r.user, r.read)
+                .map(|(last, unread)| Summary { last, unread })
+                .map_err(|e| Refusal::Failed(e.to_string())),
+        });
+    }
+    out
+}
+
+/// A peer's summaries (the peer RPC's handler).
+pub(crate) async fn serve(inner: Arc<Inner>, body: Vec<u8>) -> Vec<u8> {
+    let answer: Result<Answers, String> = match bincode::deserialize::<Vec<SummaryRead>>(&body) {
+        Err(e) => Err(format!("undecodable conversation summaries: {e}")),
+        Ok(r) if r.len() > MAX_READS => Err(format!("{} summaries in one request", r.len())),
+        Ok(r) => Ok(here(&inner, &r).await),
+    };
+    bincode::serialize(&answer).unwrap_or_default()
+}
+
+/// Ask node `node` for `reads`; `p` names the partition a failure is
+/// reported for.
+async fn ask(
+    inner: &Inner,
+    node: NodeId,
+    p: PartitionId,
+    reads: Vec<SummaryRead>,
+) -> Result<Answers, ClusterError> {
+    let n = reads.len();
+    let body = bincode::serialize(&reads).map_err(|e| ClusterError::Raft(e.to_string()))?;
+    let reply = match inner
+        .transport()
+        .im_call(node, KIND_CONV_SUMMARY, 0, body)
+        .await
+    {
+        Ok(r) => r,
+        // A leader out of reach is as good as none: retry later.
+        Err(e) => {
+            tracing::debug!(partition = p, node, error = %e, "conversation summaries failed");
+            return Err(ClusterError::NoLeader { partition: p });
+        }
+    };
+    match bincode::deserialize::<Result<Answers, String>>(&reply) {
+        Ok(Ok(a)) if a.len() == n => Ok(a),
+        Ok(Ok(a)) => Err(ClusterError::Raft(format!(
+            "{} summaries for {n} asked",
+            a.len()
+        ))),
+        Ok(Err(m)) => Err(ClusterError::Raft(m)),
+        Err(e) => Err(ClusterError::Raft(format!("summaries reply: {e}"))),
+    }
+}
+
+/// The summaries of `reads`, in order: each asked of its conversation's
+/// leader, one request per node per round.
+async fn summaries(
+    inner: &Arc<Inner>,
+    reads: &[SummaryRead],
+) -> Result<Vec<Summary>, ClusterError> {
+    let parts = inner.map.read().len();
+    let part = |r: &SummaryRead| partition_of(Keyspace::STORE.0, r.conv, parts);
+    let mut out: Vec<Option<Summary>> = vec![None; reads.len()];
+    let mut hints: Vec<Option<NodeId>> = vec![None; reads.len()];
+    for _ in 0..ROUNDS {
+        let mut by_node: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
+        for (i, r) in reads.iter().enumerate().filter(|(i, _)| out[*i].is_none()) {
+            let p = part(r);
+            let node = match hints[i] {
+                Some(n) => n,
+                None if inner.leads(p) => inner.id,
+                None => inner
+                    .leader_hint(p)
+                    .filter(|&n| n != inner.id)
+                    .ok_or(ClusterError::NoLeader { partition: p })?,
+            };
+            by_node.entry(node).or_default().push(i);
+        }
+        if by_node.is_empty() {
+            break;
+        }
+        let mut tasks = Vec::with_capacity(by_node.len());
+        for (node, idx) in by_node {
+            let asked: Vec<SummaryRead> = idx.iter().map(|&i| reads[i]).collect();
+            let (inner, p) = (inner.clone(), part(&asked[0]));
+            tasks.push(tokio::spawn(async move {
+                let answers = if node == inner.id {
+                    Ok(here(&inner, &asked).await)
+                } else {
+                    ask(&inner, node, p, asked).await
+                };
+                (idx, answers)
+            }));
+        }
+        for t in tasks {
+            let (idx, answers) = t
+                .await
+                .map_err(|e| ClusterError::Raft(format!("summary task: {e}")))?;
+            for (i, a) in idx.into_iter().zip(answers?) {
+                match a {
+                    Ok(s) => out[i] = Some(s),
+                    Err(Refusal::NotLeader(l)) => hints[i] = l.filter(|&n| n != inner.id),
+                    Err(Refusal::Failed(m)) => return Err(ClusterError::Raft(m)),
+                }
+            }
+        }
+    }
+    out.into_iter()
+        .zip(reads)
+        .map(|(s, r)| s.ok_or(ClusterError::NoLeader { partition: part(r) }))
+        .collect()
+}
+
+/// `user`'s conversations in the order joined, from this node's replica
+/// of the user's partition (which the caller confirmed this node leads),
+/// each with its last seq and unread count from its leader.
+pub(crate) async fn list(inner: Arc<Inner>, user: u64) -> Result<Vec<ConvLine>, ClusterError> {
+    let storage = |e: read::ReadError| ClusterError::Storage {
+        partition: partition_of(Keyspace::SYNC.0, user, inner.map.read().len()),
+        message: e.to_string(),
+    };
+    let convs = read::convs_of(inner.engine(), user).map_err(storage)?;
+    let marks = read::read_markers(inner.engine(), user).map_err(storage)?;
+    let reads: Vec<SummaryRead> = convs
+        .iter()
+        .map(|&(conv, _)| SummaryRead {
+            conv,
+            user,
+            read: marks.get(&conv).copied().unwrap_or(0),
+        })
+        .collect();
+    // A `MOVED` naming a conversation's leader would send the client away
+    // from the user's.
+    let sums = summaries(&inner, &reads).await.map_err(no_moved)?;
+    Ok(convs
+        .into_iter()
+        .zip(reads)
+        .zip(sums)
+        .map(|(((conv, kind), r), s)| ConvLine {
+            conv,
+            kind,
+            last_seq: s.last,
+            read_seq: r.read,
+            unread: s.unread,
+        })
+        .collect())
+}
