@@ -111,6 +111,8 @@ pub struct NodeProc {
     data: PathBuf,
     partitions: u32,
     child: Option<Child>,
+    /// `--auth`'s secret, if on, and the admin token the harness uses.
+    auth: Option<(String, Vec<u8>)>,
 }
 
 impl NodeProc {
@@ -123,7 +125,27 @@ impl NodeProc {
             data: dir.join(format!("node{id}")),
             partitions,
             child: None,
+            auth: None,
         }
+    }
+
+    /// With `--auth` on, signed by `secret`.
+    pub fn with_auth(mut self, secret: &str) -> NodeProc {
+        let admin = timeline_client::protocol::token::sign(
+            secret.as_bytes(),
+            &timeline_client::protocol::token::Claims {
+                user: 0,
+                expires_unix: u64::MAX,
+                role: timeline_client::protocol::token::Role::Admin,
+            },
+        );
+        self.auth = Some((secret.to_string(), admin.to_vec()));
+        self
+    }
+
+    /// The token the harness connects with (empty without auth).
+    fn token(&self) -> Vec<u8> {
+        self.auth.as_ref().map(|a| a.1.clone()).unwrap_or_default()
     }
 
     pub fn running(&self) -> bool {
@@ -144,6 +166,7 @@ impl NodeProc {
             .arg(&self.etcd)
             .arg(self.id.to_string())
             .arg(self.partitions.to_string())
+            .args(self.auth.as_ref().map(|a| a.0.clone()))
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .spawn()
@@ -156,6 +179,7 @@ impl NodeProc {
         let addr = self.client.clone();
         let id = self.id;
         let log = self.data.with_extension("log");
+        let token = self.token();
         let child = &mut self.child;
         wait_until(&format!("node {id} serving"), timeout, || {
             if let Some(c) = child.as_mut() {
@@ -168,7 +192,7 @@ impl NodeProc {
                     );
                 }
             }
-            Client::connect(addr.as_str(), b"")
+            Client::connect(addr.as_str(), &token)
                 .and_then(|mut c| c.call(&Request::ClusterMap))
                 .is_ok()
         });
@@ -176,7 +200,7 @@ impl NodeProc {
 
     /// Its `STATS`, if it answers.
     pub fn stats(&self) -> Option<std::collections::HashMap<String, u64>> {
-        let mut c = Client::connect(self.client.as_str(), b"").ok()?;
+        let mut c = Client::connect(self.client.as_str(), &self.token()).ok()?;
         match c.call(&Request::Stats).ok()? {
             timeline_client::protocol::Response::Stats(kv) => Some(kv.into_iter().collect()),
             _ => None,
@@ -221,10 +245,22 @@ pub struct Cluster {
 impl Cluster {
     /// Start and wait (up to 60 s) until every node serves.
     pub fn start(bin: &str, partitions: u32) -> Cluster {
+        Cluster::start_with(bin, partitions, None)
+    }
+
+    /// [`Cluster::start`], with `--auth` on and signed by `secret` if given
+    /// (the harness then connects with an admin token).
+    pub fn start_with(bin: &str, partitions: u32, secret: Option<&str>) -> Cluster {
         let tmp = tempfile::tempdir().expect("a temporary directory");
         let etcd = Etcd::start(tmp.path());
         let mut nodes: Vec<NodeProc> = (1..=3)
-            .map(|id| NodeProc::new(id, tmp.path(), &etcd.endpoint(), partitions))
+            .map(|id| {
+                let n = NodeProc::new(id, tmp.path(), &etcd.endpoint(), partitions);
+                match secret {
+                    Some(s) => n.with_auth(s),
+                    None => n,
+                }
+            })
             .collect();
         for n in &mut nodes {
             n.spawn(bin);

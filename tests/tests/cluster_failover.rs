@@ -2164,3 +2164,97 @@ fn recalls_read_markers_and_deletes_across_nodes() {
     ));
     drop(cl.etcd);
 }
+
+/// With `--auth` on, a user token on a cluster node: `MEMBERS` of a
+/// conversation it is in (checked at the conversation's leader), not of
+/// one it is not in nor of a missing one (`FORBIDDEN` both: a user cannot
+/// tell them apart); the user's own `SEND`, `MARK_READ`,
+/// `CONVERSATIONS`; another user's refused before anything is routed.
+#[test]
+fn user_tokens_on_a_cluster_see_their_own_conversations_only() {
+    use timeline_client::protocol::token::{sign, Claims, Role};
+    use timeline_client::protocol::ConvKind;
+    const SECRET: &str = "cluster test secret";
+    let cl = Cluster::start_with(BIN, 16, Some(SECRET));
+    let seeds = cl.seeds();
+    let token = |user, role| {
+        sign(
+            SECRET.as_bytes(),
+            &Claims {
+                user,
+                expires_unix: u64::MAX,
+                role,
+            },
+        )
+    };
+    let mut admin = ClusterClient::connect(&seeds, &token(0, Role::Admin)).unwrap();
+    let conv = 7200;
+    let r = admin.call(&Request::CreateConversation {
+        conv,
+        kind: ConvKind::Direct,
+        members: vec![1, 2],
+    });
+    assert!(matches!(r, Ok(Response::CreateConversation(1))), "{r:?}");
+    let mut one = ClusterClient::connect(&seeds, &token(1, Role::User)).unwrap();
+    let mut three = ClusterClient::connect(&seeds, &token(3, Role::User)).unwrap();
+    let code = |r: Result<Response, ClientError>| match r {
+        Err(ClientError::Server { code, .. }) => code,
+        other => panic!("expected an error, got {other:?}"),
+    };
+    assert!(matches!(
+        one.call(&Request::Members { conv }),
+        Ok(Response::Members(m)) if m == vec![1, 2]
+    ));
+    assert_eq!(
+        code(three.call(&Request::Members { conv })),
+        ErrorCode::FORBIDDEN
+    );
+    assert_eq!(
+        code(three.call(&Request::Members { conv: 7999 })),
+        ErrorCode::FORBIDDEN
+    );
+    assert_eq!(
+        code(admin.call(&Request::Members { conv: 7999 })),
+        ErrorCode::NO_SUCH_CONVERSATION
+    );
+    let r = one.call(&Request::Send {
+        conv,
+        sender: 1,
+        client_msg_id: 1,
+        payload: b"hi",
+    });
+    assert!(matches!(r, Ok(Response::Send(a)) if a.seq == 2), "{r:?}");
+    let r = one.call(&Request::MarkRead {
+        user: 1,
+        conv,
+        seq: 2,
+    });
+    assert!(matches!(r, Ok(Response::MarkRead(2))), "{r:?}");
+    match one.call(&Request::Conversations { user: 1 }) {
+        Ok(Response::Conversations(l)) => {
+            assert_eq!(l.len(), 1);
+            assert_eq!(
+                (l[0].conv, l[0].last_seq, l[0].read_seq, l[0].unread),
+                (conv, 2, 2, 0)
+            );
+        }
+        other => panic!("conversations: {other:?}"),
+    }
+    for r in [
+        Request::Conversations { user: 1 },
+        Request::MarkRead {
+            user: 1,
+            conv,
+            seq: 1,
+        },
+        Request::Send {
+            conv,
+            sender: 1,
+            client_msg_id: 2,
+            payload: b"as one",
+        },
+    ] {
+        assert_eq!(code(three.call(&r)), ErrorCode::FORBIDDEN, "{r:?}");
+    }
+    drop(cl.etcd);
+}

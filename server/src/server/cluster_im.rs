@@ -34,8 +34,8 @@ use super::convert::ToWire;
 use super::dispatch::{page_limit, Answer, Ctx};
 use super::errors::ToReply;
 use crate::protocol::{
-    Body, ConvKind, Entry, ErrorCode, ErrorReply, GroupPage, HistoryFrom, HistoryPage, Request,
-    Response, SendAck, SyncEntry, SyncReply,
+    Body, ConvKind, Entry, ErrorCode, ErrorReply, GroupPage, HistoryFrom, HistoryPage, Identity,
+    Request, Response, SendAck, SyncEntry, SyncReply,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -234,19 +234,38 @@ pub(crate) fn execute(
         Request::Members { conv } => {
             let conv = *conv;
             let engine = node.engine().clone();
+            // A user token lists only the conversations it is in (§12).
+            let asker = match conn.session.id {
+                Some(Identity::User(u)) => Some(u),
+                _ => None,
+            };
             let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
             node.linearize(Keyspace::STORE.0, conv, move |r| {
                 a.reply(r.map_err(|e| e.reply()).and_then(|()| {
-                    let (_, m) = read::members(&engine, conv)
-                        .map_err(read_failed)?
-                        .map_err(|r| refusal(&r))?;
-                    Ok(Response::Members(m))
+                    let found = read::members(&engine, conv).map_err(read_failed)?;
+                    match (found, asker) {
+                        // A conversation the user is not in is not told
+                        // apart from a missing one, as on a single node.
+                        (Ok((_, m)), Some(u)) if !m.contains(&u) => Err(not_in(u)),
+                        (Err(_), Some(u)) => Err(not_in(u)),
+                        (Ok((_, m)), _) => Ok(Response::Members(m)),
+                        (Err(r), None) => Err(refusal(&r)),
+                    }
                 }))
             });
         }
         _ => return None,
     }
     Some(Ok(()))
+}
+
+/// `MEMBERS` with user `u`'s token of a conversation it is not in.
+fn not_in(u: u64) -> ErrorReply {
+    ErrorReply::new(
+        ErrorCode::FORBIDDEN,
+        0,
+        format!("user {u} may not list the members of a conversation it is not in"),
+    )
 }
 
 /// Most members a cluster node's conversation takes: what one `Created`

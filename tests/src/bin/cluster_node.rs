@@ -1,8 +1,9 @@
 //! A cluster node for the multi-process tests: `timeline_server` with
 //! `--cluster`'s configuration and test-sized settings.
 //!
-//! Usage: `cluster-node <data dir> <client addr> <raft addr> <etcd> <node id> <partitions>`
-//! Exit codes: 2 bad usage, 3 the server did not start.
+//! Usage: `cluster-node <data dir> <client addr> <raft addr> <etcd> <node id> <partitions> [<auth secret>]`
+//! (with a secret, `--auth` is on with it). Exit codes: 2 bad usage, 3
+//! the server did not start.
 
 use std::time::Duration;
 use timeline_engine::KeyspaceConfig;
@@ -11,8 +12,8 @@ use timeline_server::ServerConfig;
 fn main() {
     tracing_subscriber_init();
     let a: Vec<String> = std::env::args().collect();
-    if a.len() != 7 {
-        eprintln!("usage: cluster-node <data dir> <client addr> <raft addr> <etcd> <node id> <partitions>");
+    if a.len() != 7 && a.len() != 8 {
+        eprintln!("usage: cluster-node <data dir> <client addr> <raft addr> <etcd> <node id> <partitions> [<auth secret>]");
         std::process::exit(2);
     }
     let (Ok(id), Ok(partitions)) = (a[5].parse::<u64>(), a[6].parse::<u32>()) else {
@@ -25,6 +26,7 @@ fn main() {
         io_threads: 1,
         blocking_threads: 1,
         read_threads: 1,
+        auth_secret: a.get(7).map(|s| s.as_bytes().to_vec()),
         ..ServerConfig::default()
     };
     cfg.engine.shards = 1;
