@@ -13,7 +13,7 @@
 //! |---|---|---|
 //! | `engine` (default) | the engine (and for W3–W5 the IM layer) in this process | append, read, fanout, im, fanout-sweep, reopen |
 //! | `server` | `timeline-server` over TCP (`--addr`, or the binary next to this one started on a free loopback port and stopped with SIGTERM), `--connections` × `--pipeline` requests in flight, `--refill` (1: a sliding window; the pipeline depth: whole batches) | append, read, fanout, im, devices |
-//! | `cluster` | a running cluster of `timeline-server --cluster` nodes (`--addr HOST:PORT,...`, e.g. from `server/scripts/local-cluster.sh`): single `APPEND`s and `SCAN`s sent to each timeline's partition leader, `--connections` × `--pipeline` in flight; W6's devices on their user's partition leader, its `SEND`s on their conversation's | append, read, devices |
+//! | `cluster` | a running cluster of `timeline-server --cluster` nodes (`--addr HOST:PORT,...`, e.g. from `server/scripts/local-cluster.sh`): single `APPEND`s and `SCAN`s sent to each timeline's partition leader, `--connections` × `--pipeline` in flight; W4's `SEND`s and `SYNC`s and W6's devices on their conversation's or user's partition leader | append, read, im, devices |
 //! | `redis` | Redis Streams (one stream per timeline; `redis-server` started with `--save ""` and `--appendonly no` / `everysec` / `always` for `none` / `group` / `sync`) | append, read, devices |
 //! | `rocksdb` | RocksDB as a timeline store and (W3) as a write-fan-out IM store, with the optional `rocksdb` feature | append, read, fanout |
 //!
@@ -600,7 +600,7 @@ pub(crate) fn execute(cmd: &Cmd, results: bool) -> Result<(report::Reporter, u64
             Target::Redis,
         ],
         Cmd::Fanout(_) => &[Target::Engine, Target::Server, Target::Rocksdb],
-        Cmd::Im(_) => &[Target::Engine, Target::Server],
+        Cmd::Im(_) => &[Target::Engine, Target::Server, Target::Cluster],
         Cmd::Devices(_) => &[Target::Server, Target::Cluster, Target::Redis],
         _ => &[Target::Engine],
     };
@@ -732,6 +732,12 @@ fn on_im_target(cmd: &Cmd, flags: &Flags, rep: &mut report::Reporter) -> Result<
             let largest = p.w.members.iter().map(|m| m.len()).max().unwrap_or(0);
             match flags.target {
                 Target::Server => im::run(flags, ServerIm::start(flags, p.h, largest)?, &p, rep),
+                Target::Cluster => im::run(
+                    flags,
+                    targets::cluster_im::ClusterIm::start(flags)?,
+                    &p,
+                    rep,
+                ),
                 _ => im::run(flags, EngineIm::new(flags, p.h)?, &p, rep),
             }
         }

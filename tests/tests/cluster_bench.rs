@@ -78,3 +78,33 @@ fn devices_through_a_cluster_get_every_message() {
     assert!(v["deliveries"].as_u64().unwrap_or(0) >= 1200, "{v}");
     assert!(v["push_p99_us"].as_f64().unwrap_or(0.0) > 0.0, "{v}");
 }
+
+/// W4 through the cluster at a small size: conversations created on their
+/// partitions' leaders and delivered before the run, sends and syncs
+/// routed by partition; every online device and the checked offline ones
+/// end with exactly their conversations' messages (`errors` 0).
+#[test]
+fn im_through_a_cluster_delivers_every_message() {
+    let cl = Cluster::start(BIN, 16);
+    let addr = cl.seeds().join(",");
+    let v = bench_json(
+        &[
+            "im",
+            "--target",
+            "cluster",
+            "--addr",
+            &addr,
+            "--users",
+            "600",
+            "--messages",
+            "1500",
+        ],
+        &cl,
+    );
+    assert_eq!(v["workload"], "im");
+    assert_eq!(v["target"], "cluster");
+    assert_eq!(v["errors"], 0, "{v}");
+    assert_eq!(v["messages"], 1500, "{v}");
+    assert!(v["deliveries"].as_u64().unwrap_or(0) > 1500, "{v}");
+    assert!(v["sync_ops"].as_u64().unwrap_or(0) > 0, "{v}");
+}

@@ -142,7 +142,7 @@ pub struct ClusterTarget {
     ks: Keyspace,
 }
 
-fn connect(addr: &str) -> Result<Client> {
+pub(crate) fn connect(addr: &str) -> Result<Client> {
     Client::connect(addr, b"").map_err(|e| format!("connecting to {addr}: {e}").into())
 }
 

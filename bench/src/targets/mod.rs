@@ -13,6 +13,7 @@
 //! target's [`Shape`] asks for.
 
 pub mod cluster;
+pub mod cluster_im;
 pub mod engine;
 pub mod net;
 pub mod redis;

@@ -41,7 +41,7 @@ use std::process::Command;
 use std::time::Instant;
 use timeline_engine::{Durability, Keyspace, SeqId};
 use timeline_im::{ConvId, ConvKind, UserId};
-use timeline_server::protocol::{Request, Response};
+use timeline_server::protocol::{ErrorCode, Request, Response};
 use timeline_server::{Client, ClientError};
 
 /// Requests per pipelined burst of the untimed LAST_SEQ sweeps.
@@ -167,7 +167,7 @@ pub fn spawn_server(flags: &Flags, data: &Path, extra: &[String]) -> Result<(Pro
 }
 
 /// The server's write counters of a phase on its line (`payload_bytes` set).
-fn set_written(line: &mut ResultLine, written: u64, total: u64, fsyncs: u64) {
+pub(crate) fn set_written(line: &mut ResultLine, written: u64, total: u64, fsyncs: u64) {
     line.bytes_written = Some(written);
     line.bytes_written_total = Some(total);
     line.bytes_per_payload_byte = line
@@ -417,10 +417,10 @@ impl ServerIm {
 }
 
 /// Conversation creation on one connection (setup).
-struct CreateConn<'a> {
-    c: Client,
-    next: std::slice::Iter<'a, &'a ConvSpec>,
-    errors: u64,
+pub(crate) struct CreateConn<'a> {
+    pub(crate) c: Client,
+    pub(crate) next: std::slice::Iter<'a, &'a ConvSpec>,
+    pub(crate) errors: u64,
 }
 
 impl Pipelined for CreateConn<'_> {
@@ -448,6 +448,12 @@ impl Pipelined for CreateConn<'_> {
     fn check(&mut self, conv: ConvId, reply: Self::Reply) -> Result<()> {
         match reply {
             Ok(Response::CreateConversation(_)) => {}
+            // Stored; its delivery to the members goes on (a large group
+            // on a cluster): the caller waits for the sync timelines.
+            Err(ClientError::Server {
+                code: ErrorCode::FANOUT_FAILED,
+                ..
+            }) => {}
             Ok(r) => {
                 self.errors += 1;
                 eprintln!("create error: conversation {conv}: reply {r:?}");
@@ -522,7 +528,7 @@ impl ImSession for ServerImSession {
     }
 }
 
-struct PushConn(Client);
+pub(crate) struct PushConn(pub(crate) Client);
 
 impl Subscriber for PushConn {
     fn next(&mut self, timeout: std::time::Duration) -> Result<Option<Pushed>> {
