@@ -6,8 +6,8 @@
 //!   in the user's [`IM_CONVS`] timeline (in the order joined), and the
 //!   user's read markers are in its [`IM_READS`] timeline.
 //! - Each conversation's last seq and unread count are its partition's:
-//!   the user partition's leader asks **one request per leader node**, all
-//!   at once (here, or over the peer link as [`KIND_CONV_SUMMARY`]); that
+//!   the user partition's leader asks **one request per leader node**
+//!   (of at most 65,536 conversations), all at once (here, or over the peer link as [`KIND_CONV_SUMMARY`]); that
 //!   node confirms its leadership of each partition once, then counts, for
 //!   each conversation, the entries after the user's read marker that the
 //!   user did not send. A conversation whose leader moved meanwhile is
@@ -152,7 +152,13 @@ async fn summaries(
             break;
         }
         let mut tasks = Vec::with_capacity(by_node.len());
-        for (node, idx) in by_node {
+        // A peer takes at most MAX_READS per request.
+        let requests = by_node.into_iter().flat_map(|(node, idx)| {
+            idx.chunks(MAX_READS)
+                .map(|c| (node, c.to_vec()))
+                .collect::<Vec<_>>()
+        });
+        for (node, idx) in requests {
             let asked: Vec<SummaryRead> = idx.iter().map(|&i| reads[i]).collect();
             let (inner, p) = (inner.clone(), part(&asked[0]));
             tasks.push(tokio::spawn(async move {

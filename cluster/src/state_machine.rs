@@ -529,8 +529,10 @@ impl StateMachine {
                     let applied = self.last_index(st, t)? >= wi;
                     if applied || self.hwm(st, d.user, d.conv)? >= d.conv_seq {
                         // There already: applied before a restart (then its
-                        // group record may not be), or a re-driven delivery.
-                        if applied {
+                        // list records may not be, if it was written rather
+                        // than skipped as a re-drive), or a re-driven
+                        // delivery.
+                        if applied && d.kind == im::KIND_CREATED && self.holds(st, t, wi)? {
                             self.join_group(st, wi, d)?;
                         }
                         continue;
@@ -716,6 +718,43 @@ impl StateMachine {
         Ok(m)
     }
 
+    /// Does timeline `t` hold a record of write id `wi`? Its records'
+    /// write ids rise with their seqs: the last one's, else a binary
+    /// search by `get` (a re-apply after a restart only; a record older
+    /// than what retention kept counts as absent).
+    fn holds(&self, st: &mut State, t: (u8, u64), wi: u64) -> Result<bool, Error> {
+        let last = self.last_index(st, t)?;
+        if last <= wi {
+            return Ok(last == wi);
+        }
+        let tl = TimelineId::new(Keyspace(t.0), t.1);
+        let (mut lo, mut hi) = (
+            self.engine.first_retained_seq(tl).map_err(read_err)?,
+            self.engine.last_seq(tl),
+        );
+        while lo <= hi {
+            let mid = lo + (hi - lo) / 2;
+            let at = match self.engine.get(tl, mid) {
+                Ok(Some(r)) => split(&r.payload).map(|(w, _)| w).ok_or_else(|| {
+                    damaged(format!("timeline {}/{} seq {mid}: no Raft index", t.0, t.1))
+                })?,
+                // Dropped by retention meanwhile: search what is kept.
+                Ok(None) | Err(timeline_engine::Error::Truncated { .. }) => {
+                    lo = mid + 1;
+                    continue;
+                }
+                Err(e) => return Err(read_err(e)),
+            };
+            match at.cmp(&wi) {
+                std::cmp::Ordering::Equal => return Ok(true),
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater if mid == 0 => break,
+                std::cmp::Ordering::Greater => hi = mid - 1,
+            }
+        }
+        Ok(false)
+    }
+
     /// A `Created` delivery at write id `wi` also lists the conversation
     /// among the user's (`IM_CONVS`), and a read-fan-out group among the
     /// user's groups (`IM_GROUPS`), once.
@@ -800,7 +839,6 @@ impl StateMachine {
         }
         if st.hwm.len() > HWM_CACHE {
             st.hwm.clear();
-            st.reads.clear();
         }
         let tl = TimelineId::new(Keyspace::SYNC, user);
         let mut from = u64::MAX;
@@ -933,7 +971,9 @@ impl StateMachine {
         let mut r = snapshot::Reader::open(std::io::BufReader::new(f)).map_err(bad)?;
         let _one = self.persisting.lock();
         let mut st = self.state.lock();
+        // The caches describe what the replica held before.
         st.hwm.clear();
+        st.reads.clear();
         let mut buf = Vec::new();
         while let Some(sec) = r.section().map_err(bad)? {
             self.restore_section(&mut st, &sec, &mut r, &mut buf)
@@ -1480,6 +1520,42 @@ mod tests {
         assert_eq!(im::read::done(&e, 3).unwrap(), (2, a.outbox));
     }
 
+    /// A `Created` delivery skipped as a re-drive, re-applied after a
+    /// restart once the user's sync timeline has moved past it, lists
+    /// nothing (its first delivery did): the lists stay the same on every
+    /// replica, whatever each one re-applied.
+    #[test]
+    fn a_skipped_redrive_re_applied_lists_nothing_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let mut sm = StateMachine::open(e.clone(), 3).unwrap();
+        let created = Delivery {
+            user: 2,
+            conv: 7,
+            conv_seq: 1,
+            sender: 0,
+            ts: 1,
+            kind: im::KIND_CREATED,
+            body: vec![im::CONV_READ_GROUP],
+        };
+        let message = Delivery {
+            conv: 8,
+            conv_seq: 2,
+            kind: im::KIND_MESSAGE,
+            body: b"m".to_vec(),
+            ..created.clone()
+        };
+        block(sm.apply([entry(5, Command::Deliver(vec![created.clone()]))])).unwrap();
+        block(sm.apply([entry(6, Command::Deliver(vec![created.clone()]))])).unwrap();
+        block(sm.apply([entry(7, Command::Deliver(vec![message]))])).unwrap();
+        let mut sm = StateMachine::open(e.clone(), 3).unwrap();
+        block(sm.apply([entry(6, Command::Deliver(vec![created]))])).unwrap();
+        for ks in [crate::log_store::IM_CONVS, crate::log_store::IM_GROUPS] {
+            assert_eq!(e.last_seq(TimelineId::new(ks, 2)), 1, "{ks}");
+        }
+        assert_eq!(sm.records(Keyspace::SYNC.0, 2).unwrap().len(), 2);
+    }
+
     fn recall(index: u64, user: u64, target: u64) -> Entry<TypeConfig> {
         entry(
             index,
@@ -1544,6 +1620,58 @@ mod tests {
         assert_eq!(outbox, vec![1, 2, 3, 4]);
         let st = sm.state.lock();
         assert!(st.timelines.contains(&(crate::log_store::IM_RECALLS.0, 7)));
+    }
+
+    /// A restart between an entry's writes: its list record landed, the
+    /// rest did not. Re-applied, the recall is not "recalled already" (by
+    /// itself), and the read marker keeps the value it had moved to (the
+    /// entry's sync record says the same), whatever the entry asked.
+    #[test]
+    fn an_entry_cut_short_by_a_restart_completes_as_it_began() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let mut sm = StateMachine::open(e.clone(), 3).unwrap();
+        let create = entry(
+            1,
+            Command::ImCreate {
+                conv: 7,
+                kind: im::CONV_DIRECT,
+                members: vec![1, 2],
+                ts: 1,
+            },
+        );
+        block(sm.apply([create, send(2, 1, 1, "a")])).unwrap();
+        let raw = |ks, id, w: u64, body: &[u8]| {
+            let mut rec = w.to_le_bytes().to_vec();
+            rec.extend_from_slice(body);
+            e.append_with(TimelineId::new(ks, id), &rec, Durability::Buffered)
+                .unwrap();
+        };
+        raw(
+            crate::log_store::IM_RECALLS,
+            7,
+            write_id(3, 0),
+            &2u64.to_le_bytes(),
+        );
+        let mut marker = 7u64.to_le_bytes().to_vec();
+        marker.extend_from_slice(&2u64.to_le_bytes());
+        raw(crate::log_store::IM_READS, 2, write_id(4, 0), &marker);
+        let mut sm = StateMachine::open(e.clone(), 3).unwrap();
+        let r = im_of(block(sm.apply([recall(3, 1, 2)])).unwrap());
+        assert_eq!(r.map(|a| a.map(|a| a.conv_seq)), Some(Ok(3)));
+        assert_eq!(im::read::recalls(&e, 7).unwrap(), vec![(write_id(3, 0), 2)]);
+        let r = im_of(block(sm.apply([mark(4, 3, crate::Mark::Read, 3)])).unwrap());
+        assert_eq!(r.map(|a| a.map(|a| a.conv_seq)), Some(Ok(2)));
+        let sync: Vec<(u64, u8)> = sm
+            .records(Keyspace::SYNC.0, 2)
+            .unwrap()
+            .iter()
+            .map(|(_, b)| {
+                let d = Delivery::from_sync_record(2, b).unwrap();
+                (d.conv_seq, d.kind)
+            })
+            .collect();
+        assert_eq!(sync, vec![(2, im::KIND_READ_MARKER)]);
     }
 
     fn mark(index: u64, seq: u64, mark: crate::Mark, last: u64) -> Entry<TypeConfig> {

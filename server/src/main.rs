@@ -49,7 +49,8 @@ struct Args {
     /// TTL of the sync keyspace in seconds (0: keep forever).
     #[arg(long, default_value_t = 7 * 24 * 3600)]
     sync_ttl: u64,
-    /// TTL of the store keyspace in seconds (0: keep forever).
+    /// TTL of the store keyspace in seconds (0: keep forever). A single
+    /// node only: a cluster keeps the store forever.
     #[arg(long, default_value_t = 0)]
     store_ttl: u64,
     /// Groups with more members than this use read fan-out.
@@ -211,6 +212,12 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         (true, Some(id)) => {
             if a.partitions == 0 || a.replicas == 0 {
                 return Err("--partitions and --replicas must be at least 1".into());
+            }
+            // Applying a conversation entry reads the conversation's
+            // records (its members, a recalled message); replicas whose
+            // retention dropped different segments would decide apart.
+            if a.store_ttl != 0 {
+                return Err("--store-ttl is for a single node: a cluster keeps the store forever (docs/scaling.md, \"Retention on a cluster\")".into());
             }
             engine
                 .keyspaces

@@ -1444,8 +1444,8 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
     );
     assert!(acked.len() > 50, "too little load: {}", acked.len());
     assert!(
-        !recalls.is_empty() && !marks.reads.is_empty(),
-        "no recall or mark acknowledged"
+        !recalls.is_empty() && !marks.reads.is_empty() && !marks.deletes.is_empty(),
+        "no recall, read mark or delete acknowledged"
     );
     drop(cl.etcd);
 }
