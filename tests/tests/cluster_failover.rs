@@ -1133,6 +1133,36 @@ fn check_marks(
     }
 }
 
+/// Wait (bounded) until no user's sync timeline grows for a second.
+fn settle_sync_timelines(cc: &mut ClusterClient, within: Duration) {
+    let ends = |cc: &mut ClusterClient| -> Vec<u64> {
+        (1..=USERS)
+            .map(|u| {
+                match cc.call(&Request::LastSeq {
+                    timeline: TimelineId::sync(u),
+                }) {
+                    Ok(Response::LastSeq(s)) => s,
+                    other => panic!("LAST_SEQ of user {u}'s sync timeline: {other:?}"),
+                }
+            })
+            .collect()
+    };
+    let end = Instant::now() + within;
+    let mut before = ends(cc);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = ends(cc);
+        if now == before {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "sync timelines still growing after {within:?}"
+        );
+        before = now;
+    }
+}
+
 /// `user`'s `CONVERSATIONS` against the histories read back: its
 /// conversations in the order created, each one's last seq, read marker
 /// (its newest `ReadMarker` entry) and unread count (the entries after
@@ -1317,6 +1347,10 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
     let acked = acked.lock().clone();
     let recalls = recalls.lock().clone();
     let marks = std::mem::take(&mut *marks.lock());
+    // A recall answered FANOUT_FAILED, or stored by a try whose answer was
+    // lost, is still being delivered (a new leader re-drives it within
+    // about a second): wait until the sync timelines stop moving.
+    settle_sync_timelines(&mut cc, Duration::from_secs(30));
     // Every acknowledged send: in its history, once, with its bytes.
     let mut histories = HashMap::new();
     let convs = (0..CONVS).map(|c| (1000 + c, members_of(c)[0]));
@@ -1416,11 +1450,19 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
             let seqs: Vec<u64> = got.iter().map(|e| e.conv_seq).collect();
             let want_seqs: Vec<u64> = want.iter().map(|e| e.conv_seq).collect();
             if seqs != want_seqs {
-                let at = seqs.iter().zip(&want_seqs).position(|(a, b)| a != b);
+                let at = seqs
+                    .iter()
+                    .zip(&want_seqs)
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(seqs.len().min(want_seqs.len()));
+                let around = |v: &[u64]| v[at.saturating_sub(3)..(at + 3).min(v.len())].to_vec();
                 panic!(
-                    "user {user}, conversation {conv}: {} sync entries for {} history entries; first difference at index {at:?}\n{}",
+                    "user {user}, conversation {conv}: {} sync entries for {} history entries; first difference at index {at}: sync seqs {:?}, history seqs {:?} (history there: {:?})\n{}",
                     seqs.len(),
                     want_seqs.len(),
+                    around(&seqs),
+                    around(&want_seqs),
+                    want.get(at.saturating_sub(1)..(at + 2).min(want.len())),
                     cl.logs()
                 );
             }
