@@ -206,7 +206,10 @@ impl ImTarget for ClusterIm {
                 .sum()
         })?;
         if errors > 0 {
-            return Err(format!("{errors} conversation(s) could not be created").into());
+            return Err(format!(
+                "{errors} conversation(s) could not be created (CONVERSATION_EXISTS: the cluster holds an earlier run's; W4 needs a fresh cluster, e.g. local-cluster.sh with a new directory)"
+            )
+            .into());
         }
         let mut users: Vec<UserId> = convs.iter().flat_map(|c| c.members.clone()).collect();
         users.sort_unstable();
