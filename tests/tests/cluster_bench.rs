@@ -98,6 +98,7 @@ fn im_through_a_cluster_delivers_every_message() {
             "600",
             "--messages",
             "1500",
+            "--no-results",
         ],
         &cl,
     );
