@@ -385,6 +385,12 @@ pub mod read {
             .collect()
     }
 
+    /// Is store timeline `conv` a conversation's (created on this
+    /// replica)? An index lookup.
+    pub fn is_conversation(e: &Engine, conv: u64) -> bool {
+        e.last_seq(TimelineId::new(crate::log_store::IM_CREATED, conv)) > 0
+    }
+
     /// The conversations `user` is in and their kinds, in the order joined
     /// (from this node's replica of the user's partition).
     pub fn convs_of(e: &Engine, user: u64) -> Result<Vec<(u64, u8)>, ReadError> {

@@ -89,6 +89,11 @@ pub const IM_READS: Keyspace = Keyspace(6);
 /// (written by the user's partition with the `Created` delivery: module
 /// [`crate::conversations`]).
 pub const IM_CONVS: Keyspace = Keyspace(7);
+/// The keyspace of the conversations that exist: timeline `conv`, one
+/// record (its kind) written with its `Created` event by its partition,
+/// so that a node tells a conversation's store timeline from a raw one
+/// with an index lookup ([`crate::im::read::is_conversation`]).
+pub const IM_CREATED: Keyspace = Keyspace(8);
 
 /// Whether `keyspace` is one of the cluster's own (no client writes it).
 pub fn is_own(keyspace: u8) -> bool {
@@ -99,6 +104,7 @@ pub fn is_own(keyspace: u8) -> bool {
         IM_RECALLS.0,
         IM_READS.0,
         IM_CONVS.0,
+        IM_CREATED.0,
     ]
     .contains(&keyspace)
 }
@@ -108,7 +114,7 @@ const REPLAY_PAGE: usize = 4096;
 
 /// The keyspaces a node's engine needs besides its data keyspaces: kept
 /// forever, in log order (no regroup: the log is read in order).
-pub fn keyspaces() -> [KeyspaceConfig; 6] {
+pub fn keyspaces() -> [KeyspaceConfig; 7] {
     let keep = |id, name| KeyspaceConfig {
         regroup: false,
         segment_window: Duration::from_secs(3600),
@@ -121,6 +127,7 @@ pub fn keyspaces() -> [KeyspaceConfig; 6] {
         keep(IM_RECALLS, "im-recalls"),
         keep(IM_READS, "im-reads"),
         keep(IM_CONVS, "im-convs"),
+        keep(IM_CREATED, "im-created"),
     ]
 }
 

@@ -470,6 +470,9 @@ impl StateMachine {
                     client_msg_id: 0,
                     body: StoreEvent::created_body(*kind, members),
                 };
+                // Registered first: from then on raw writes keep out.
+                let reg = (crate::log_store::IM_CREATED.0, *conv);
+                self.append_any(st, reg, w, &[*kind])?;
                 self.store_with_outbox(st, w, *conv, &ev)
                     .map(|a| Some(Ok(a)))
             }

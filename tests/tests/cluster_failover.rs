@@ -2034,6 +2034,22 @@ fn recalls_read_markers_and_deletes_across_nodes() {
         Err(ClientError::Server { code, .. }) => code,
         other => panic!("expected an error, got {other:?}"),
     };
+    // Raw writes keep out of a conversation's store timeline (§8); a raw
+    // store timeline that is no conversation takes them.
+    let raw = |cc: &mut ClusterClient, id| {
+        cc.call(&Request::Append {
+            timeline: TimelineId::store(id),
+            durability: None,
+            payload: b"raw",
+        })
+    };
+    assert_eq!(code(raw(&mut cc, conv)), ErrorCode::FORBIDDEN);
+    let batch = cc.call(&Request::AppendBatch {
+        durability: None,
+        items: vec![(TimelineId::store(conv), b"raw".as_slice())],
+    });
+    assert_eq!(code(batch), ErrorCode::FORBIDDEN);
+    assert!(matches!(raw(&mut cc, 6_999), Ok(Response::Append(1))));
     let recall = |cc: &mut ClusterClient, conv, user, target| {
         cc.call(&Request::Recall { conv, user, target })
     };

@@ -29,9 +29,10 @@ use super::dispatch::{check_raw_write, scan, Answer, Ctx};
 use super::errors::ToReply;
 use crate::protocol::{routing, ErrorCode, ErrorReply, Opcode, Request, Response};
 use std::sync::Arc;
+use timeline_cluster::im::read as im_read;
 use timeline_cluster::state_machine::payload_of;
 use timeline_cluster::{ClusterError, Node};
-use timeline_engine::{Engine, Record};
+use timeline_engine::{Engine, Keyspace, Record};
 
 impl ToReply for ClusterError {
     fn reply(&self) -> ErrorReply {
@@ -97,6 +98,25 @@ fn not_supported(op: Opcode) -> ErrorReply {
     )
 }
 
+/// A raw write stays out of a conversation's store timeline (§8), as
+/// this node's replica knows it: the leader's, since a write is taken
+/// only there. (A write racing the conversation's creation, sent before
+/// the create is acknowledged, can land after its `Created` event.)
+fn check_not_conversation(node: &Node, t: crate::protocol::TimelineId) -> Result<(), ErrorReply> {
+    let t = t.native();
+    if t.keyspace == Keyspace::STORE && im_read::is_conversation(node.engine(), t.id) {
+        return Err(ErrorReply::new(
+            ErrorCode::FORBIDDEN,
+            0,
+            format!(
+                "timeline {}:{} is conversation {}'s store timeline (raw writes go to other ids or keyspaces)",
+                t.keyspace.0, t.id, t.id
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The record as the client appended it.
 fn strip(mut r: Record) -> Result<Record, ErrorReply> {
     match payload_of(&r.payload) {
@@ -132,6 +152,7 @@ pub(crate) fn execute(
             timeline, payload, ..
         } => {
             check_raw_write(sh, timeline)?;
+            check_not_conversation(node, timeline)?;
             check_payload(sh, payload.len())?;
             let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
             let t = timeline.native();
@@ -233,6 +254,7 @@ fn batch_items(
     }
     for (t, payload) in items {
         check_raw_write(sh, *t)?;
+        check_not_conversation(node, *t)?;
         check_payload(sh, payload.len())?;
         let n = t.native();
         node.check_append(n.keyspace.0, payload.len())
