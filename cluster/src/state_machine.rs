@@ -1559,6 +1559,42 @@ mod tests {
         assert_eq!(sm.records(Keyspace::SYNC.0, 2).unwrap().len(), 2);
     }
 
+    /// `holds` finds every write id a timeline has and none it lacks:
+    /// write ids with gaps (entries that skipped the timeline), several per
+    /// entry, over more records than one page.
+    #[test]
+    fn holds_finds_exactly_the_write_ids_a_timeline_has() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let sm = StateMachine::open(e.clone(), 3).unwrap();
+        let mut st = sm.state.lock();
+        let t = (Keyspace::SYNC.0, 9);
+        let mut present = Vec::new();
+        for index in 1..=700u64 {
+            if index % 3 == 0 {
+                continue; // an entry that wrote nothing here
+            }
+            for i in 0..(index % 2 + 1) {
+                let w = write_id(index, i);
+                sm.append_any(&mut st, t, w, b"x").unwrap();
+                present.push(w);
+            }
+        }
+        for index in 0..=701u64 {
+            for i in 0..3 {
+                let w = write_id(index, i);
+                assert_eq!(
+                    sm.holds(&mut st, t, w).unwrap(),
+                    present.contains(&w),
+                    "{index}/{i}"
+                );
+            }
+        }
+        assert!(!sm
+            .holds(&mut st, (Keyspace::SYNC.0, 10), write_id(1, 0))
+            .unwrap());
+    }
+
     fn recall(index: u64, user: u64, target: u64) -> Entry<TypeConfig> {
         entry(
             index,
