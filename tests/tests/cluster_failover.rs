@@ -2044,6 +2044,28 @@ fn recalls_read_markers_and_deletes_across_nodes() {
         })
     };
     assert_eq!(code(raw(&mut cc, conv)), ErrorCode::FORBIDDEN);
+    // Ids in the reserved top half are refused, as on a single node.
+    let top = 1u64 << 63;
+    for r in [
+        Request::CreateConversation {
+            conv: top,
+            kind: ConvKind::Direct,
+            members: vec![alice, bob],
+        },
+        Request::CreateConversation {
+            conv: 7_998,
+            kind: ConvKind::Direct,
+            members: vec![alice, top],
+        },
+        Request::MarkRead {
+            user: top,
+            conv,
+            seq: 1,
+        },
+        Request::Conversations { user: top },
+    ] {
+        assert_eq!(code(cc.call(&r)), ErrorCode::INVALID_ARGUMENT, "{r:?}");
+    }
     let batch = cc.call(&Request::AppendBatch {
         durability: None,
         items: vec![(TimelineId::store(conv), b"raw".as_slice())],

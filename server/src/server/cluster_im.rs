@@ -95,6 +95,9 @@ pub(crate) fn execute(
     node: &Node,
     r: &Request<'_>,
 ) -> Option<Result<(), ErrorReply>> {
+    if let Err(e) = check_ids(r) {
+        return Some(Err(e));
+    }
     let op = r.opcode();
     let sh = ctx.sh;
     match r {
@@ -257,6 +260,35 @@ pub(crate) fn execute(
         _ => return None,
     }
     Some(Ok(()))
+}
+
+/// Conversation and user ids stay below 2^63, as on a single node
+/// (protocol.md §11): the same requests are refused `INVALID_ARGUMENT`.
+fn check_ids(r: &Request<'_>) -> Result<(), ErrorReply> {
+    let ids: Vec<(&str, u64)> = match r {
+        Request::CreateConversation { conv, members, .. } => {
+            std::iter::once(("conversation", *conv))
+                .chain(members.iter().map(|&m| ("user", m)))
+                .collect()
+        }
+        Request::History { conv, user, .. } => vec![("conversation", *conv), ("user", *user)],
+        Request::Sync { user, .. }
+        | Request::MarkRead { user, .. }
+        | Request::DeleteForUser { user, .. }
+        | Request::Conversations { user } => vec![("user", *user)],
+        _ => Vec::new(),
+    };
+    match ids.into_iter().find(|&(_, id)| id > timeline_im::MAX_ID) {
+        None => Ok(()),
+        Some((what, id)) => Err(ErrorReply::new(
+            ErrorCode::INVALID_ARGUMENT,
+            0,
+            format!(
+                "{what} id {id} is above {} (the top half is reserved)",
+                timeline_im::MAX_ID
+            ),
+        )),
+    }
 }
 
 /// `MEMBERS` with user `u`'s token of a conversation it is not in.
