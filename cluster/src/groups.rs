@@ -51,13 +51,18 @@ pub struct GroupPage {
     pub conv: u64,
     pub events: Vec<(u64, StoreEvent)>,
     pub last: u64,
+    /// The seqs among `events` whose messages are recalled (their
+    /// payload is to be withheld).
+    pub recalled: Vec<u64>,
 }
 
-/// A page as it travels: the stored records (write id and event).
+/// A page as it travels: the stored records (write id and event), and
+/// which of them are recalled.
 #[derive(Debug, Serialize, Deserialize)]
 struct RawPage {
     records: Vec<(u64, Vec<u8>)>,
     last: u64,
+    recalled: Vec<u64>,
 }
 
 /// Why a group was not read.
@@ -114,6 +119,7 @@ fn read_local(inner: &Inner, p: PartitionId, req: &GroupRead) -> Result<RawPage,
         return Ok(RawPage {
             records: Vec::new(),
             last,
+            recalled: Vec::new(),
         });
     }
     let limit = req.limit as usize;
@@ -125,12 +131,22 @@ fn read_local(inner: &Inner, p: PartitionId, req: &GroupRead) -> Result<RawPage,
         r => r,
     }
     .map_err(|e| read_failed(p, e))?;
+    let recalled = match (recs.first(), recs.last()) {
+        (Some(a), Some(b)) => read::recalls(e, req.conv)
+            .map_err(|e| read_failed(p, e))?
+            .into_iter()
+            .map(|(_, t)| t)
+            .filter(|t| (a.seq..=b.seq).contains(t))
+            .collect(),
+        _ => Vec::new(),
+    };
     Ok(RawPage {
         records: recs
             .into_iter()
             .map(|r| (r.seq, r.payload.to_vec()))
             .collect(),
         last,
+        recalled,
     })
 }
 
@@ -232,6 +248,7 @@ fn decode(p: PartitionId, conv: u64, raw: RawPage) -> Result<GroupPage, ClusterE
         conv,
         events,
         last: raw.last,
+        recalled: raw.recalled,
     })
 }
 

@@ -1911,6 +1911,19 @@ fn read_fanout_groups_sync_and_push_across_nodes() {
         .map(|e| &e.body)
         .collect();
     assert_eq!(bodies, vec![&Body::Recall { target: 2 }], "{s:?}");
+    // A page read after the recall withholds the message, as HISTORY does.
+    let s = sync(&mut cc, bob, sync_cp, 2, vec![(big, 1)]);
+    let page: Vec<&Body> = s
+        .groups
+        .iter()
+        .flat_map(|g| &g.entries)
+        .map(|e| &e.body)
+        .collect();
+    assert_eq!(
+        page,
+        vec![&Body::Recalled, &Body::Message(b"g1".to_vec())],
+        "{s:?}"
+    );
     match cc.call(&Request::History {
         conv: big,
         user: bob,

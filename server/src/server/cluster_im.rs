@@ -411,7 +411,13 @@ fn group_page(p: timeline_cluster::groups::GroupPage) -> GroupPage {
                 conv_seq,
                 sender: ev.sender,
                 timestamp_ms: ev.ts,
-                body: body_of(ev.kind, ev.body),
+                // Read from the store now: a recalled message withheld,
+                // as `HISTORY` does.
+                body: if ev.kind == KIND_MESSAGE && p.recalled.contains(&conv_seq) {
+                    Body::Recalled
+                } else {
+                    body_of(ev.kind, ev.body)
+                },
             })
             .collect(),
     }
