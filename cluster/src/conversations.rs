@@ -16,7 +16,7 @@
 //! [`IM_CONVS`]: crate::log_store::IM_CONVS
 //! [`IM_READS`]: crate::log_store::IM_READS
 
-use crate::groups::{no_moved, Confirmed, Refusal};
+use crate::groups::{ask_peer, batch_answer, no_moved, Confirmed, Refusal};
 use crate::im::read;
 use crate::net::KIND_CONV_SUMMARY;
 use crate::node::{ClusterError, Inner};
@@ -100,28 +100,10 @@ async fn ask(
     reads: Vec<SummaryRead>,
 ) -> Result<Answers, ClusterError> {
     let n = reads.len();
-    let body = bincode::serialize(&reads).map_err(|e| ClusterError::Raft(e.to_string()))?;
-    let reply = match inner
-        .transport()
-        .im_call(node, KIND_CONV_SUMMARY, 0, body)
-        .await
-    {
-        Ok(r) => r,
-        // A leader out of reach is as good as none: retry later.
-        Err(e) => {
-            tracing::debug!(partition = p, node, error = %e, "conversation summaries failed");
-            return Err(ClusterError::NoLeader { partition: p });
-        }
-    };
-    match bincode::deserialize::<Result<Answers, String>>(&reply) {
-        Ok(Ok(a)) if a.len() == n => Ok(a),
-        Ok(Ok(a)) => Err(ClusterError::Raft(format!(
-            "{} summaries for {n} asked",
-            a.len()
-        ))),
-        Ok(Err(m)) => Err(ClusterError::Raft(m)),
-        Err(e) => Err(ClusterError::Raft(format!("summaries reply: {e}"))),
-    }
+    batch_answer(
+        ask_peer(inner, node, p, KIND_CONV_SUMMARY, &reads).await?,
+        n,
+    )
 }
 
 /// The summaries of `reads`, in order: each asked of its conversation's

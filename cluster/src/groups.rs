@@ -296,27 +296,40 @@ async fn ask(
         reads,
         budget: budget.min(u32::MAX as usize) as u32,
     };
-    let body = bincode::serialize(&batch).map_err(|e| ClusterError::Raft(e.to_string()))?;
-    // A leader out of reach is as good as none: retry later.
-    let reply = match inner
-        .transport()
-        .im_call(node, KIND_GROUP_READ, 0, body)
-        .await
-    {
+    batch_answer(ask_peer(inner, node, p, KIND_GROUP_READ, &batch).await?, n)
+}
+
+/// Send `req` to node `node` as an IM peer request of `kind` and decode
+/// its answer; `p` names the partition a failure is reported for (a
+/// leader out of reach is as good as none: `NO_LEADER`, retry later).
+pub(crate) async fn ask_peer<Q: Serialize, A: serde::de::DeserializeOwned>(
+    inner: &Inner,
+    node: NodeId,
+    p: PartitionId,
+    kind: u8,
+    req: &Q,
+) -> Result<A, ClusterError> {
+    let body = bincode::serialize(req).map_err(|e| ClusterError::Raft(e.to_string()))?;
+    let reply = match inner.transport().im_call(node, kind, 0, body).await {
         Ok(r) => r,
         Err(e) => {
-            tracing::debug!(partition = p, node, error = %e, "group read failed");
+            tracing::debug!(partition = p, node, kind, error = %e, "peer request failed");
             return Err(ClusterError::NoLeader { partition: p });
         }
     };
-    match bincode::deserialize::<Result<Vec<Result<RawPage, Refusal>>, String>>(&reply) {
-        Ok(Ok(a)) if a.len() == n => Ok(a),
-        Ok(Ok(a)) => Err(ClusterError::Raft(format!(
-            "{} group read answers for {n} reads",
+    bincode::deserialize(&reply)
+        .map_err(|e| ClusterError::Raft(format!("peer reply of kind {kind}: {e}")))
+}
+
+/// A batched peer answer: one per item asked (`n`), or the node's error.
+pub(crate) fn batch_answer<T>(a: Result<Vec<T>, String>, n: usize) -> Result<Vec<T>, ClusterError> {
+    match a {
+        Ok(a) if a.len() == n => Ok(a),
+        Ok(a) => Err(ClusterError::Raft(format!(
+            "{} answers for {n} items asked",
             a.len()
         ))),
-        Ok(Err(m)) => Err(ClusterError::Raft(m)),
-        Err(e) => Err(ClusterError::Raft(format!("group read reply: {e}"))),
+        Err(m) => Err(ClusterError::Raft(m)),
     }
 }
 

@@ -21,7 +21,7 @@
 //! [`IM_RECALLS`]: crate::log_store::IM_RECALLS
 //! [`IM_READS`]: crate::log_store::IM_READS
 
-use crate::groups::{no_moved, Confirmed, Refusal};
+use crate::groups::{ask_peer, no_moved, Confirmed, Refusal};
 use crate::im::read::{self, ReadError};
 use crate::im::ImRefusal;
 use crate::net::KIND_CONV_INFO;
@@ -82,30 +82,6 @@ pub(crate) async fn serve_probe(inner: Arc<Inner>, body: Vec<u8>) -> Vec<u8> {
     bincode::serialize(&answer).unwrap_or_default()
 }
 
-/// Ask node `node` (said to lead `p`) about `pr`.
-async fn ask(
-    inner: &Inner,
-    node: crate::NodeId,
-    p: PartitionId,
-    pr: &Probe,
-) -> Result<ProbeAnswer, ClusterError> {
-    let body = bincode::serialize(pr).map_err(|e| ClusterError::Raft(e.to_string()))?;
-    let reply = match inner
-        .transport()
-        .im_call(node, KIND_CONV_INFO, 0, body)
-        .await
-    {
-        Ok(r) => r,
-        // A leader out of reach is as good as none: retry later.
-        Err(e) => {
-            tracing::debug!(partition = p, node, error = %e, "conversation probe failed");
-            return Err(ClusterError::NoLeader { partition: p });
-        }
-    };
-    bincode::deserialize::<ProbeAnswer>(&reply)
-        .map_err(|e| ClusterError::Raft(format!("conversation probe reply: {e}")))
-}
-
 /// Conversation `conv` as its partition's leader sees it for `user`.
 async fn probe(
     inner: &Arc<Inner>,
@@ -125,7 +101,7 @@ async fn probe(
             else {
                 return Err(ClusterError::NoLeader { partition: p });
             };
-            ask(inner, node, p, &pr).await?
+            ask_peer::<_, ProbeAnswer>(inner, node, p, KIND_CONV_INFO, &pr).await?
         };
         match answer {
             Ok(r) => return Ok(r),

@@ -1347,6 +1347,19 @@ mod tests {
         r.pop().and_then(|a| a.im)
     }
 
+    /// Conversation 7's creation at Raft index `index`.
+    fn create(index: u64, kind: u8, members: Vec<u64>) -> Entry<TypeConfig> {
+        entry(
+            index,
+            Command::ImCreate {
+                conv: 7,
+                kind,
+                members,
+                ts: 1,
+            },
+        )
+    }
+
     fn send(index: u64, sender: u64, cmid: u64, p: &str) -> Entry<TypeConfig> {
         entry(
             index,
@@ -1369,15 +1382,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let e = engine(dir.path());
         let mut sm = StateMachine::open(e.clone(), 3).unwrap();
-        let create = entry(
-            1,
-            Command::ImCreate {
-                conv: 7,
-                kind: im::CONV_READ_GROUP,
-                members: vec![1, 2, 3],
-                ts: 1,
-            },
-        );
+        let create = create(1, im::CONV_READ_GROUP, vec![1, 2, 3]);
         let c = im_of(block(sm.apply([create])).unwrap()).unwrap().unwrap();
         assert!(!c.group, "the Created event is delivered to every member");
         let a = im_of(block(sm.apply([send(2, 1, 42, "hi")])).unwrap())
@@ -1444,26 +1449,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let e = engine(dir.path());
         let mut sm = StateMachine::open(e.clone(), 3).unwrap();
-        let create = entry(
-            1,
-            Command::ImCreate {
-                conv: 7,
-                kind: 2,
-                members: vec![1, 2],
-                ts: 1,
-            },
-        );
-        let a = im_of(block(sm.apply([create])).unwrap()).unwrap().unwrap();
+        let first = create(1, 2, vec![1, 2]);
+        let a = im_of(block(sm.apply([first])).unwrap()).unwrap().unwrap();
         assert_eq!((a.conv_seq, a.outbox), (1, write_id(1, 0)));
-        let again = entry(
-            2,
-            Command::ImCreate {
-                conv: 7,
-                kind: 2,
-                members: vec![3],
-                ts: 1,
-            },
-        );
+        let again = create(2, 2, vec![3]);
         assert_eq!(
             im_of(block(sm.apply([again])).unwrap()),
             Some(Err(ImRefusal::Exists(7)))
@@ -1616,15 +1605,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let e = engine(dir.path());
         let mut sm = StateMachine::open(e.clone(), 3).unwrap();
-        let create = entry(
-            1,
-            Command::ImCreate {
-                conv: 7,
-                kind: im::CONV_DIRECT,
-                members: vec![1, 2],
-                ts: 1,
-            },
-        );
+        let create = create(1, im::CONV_DIRECT, vec![1, 2]);
         block(sm.apply([create, send(2, 1, 1, "a"), send(3, 2, 1, "b")])).unwrap();
         let invalid = |r: Option<Result<ImApplied, ImRefusal>>| {
             assert!(matches!(r, Some(Err(ImRefusal::Invalid(_)))), "{r:?}");
@@ -1670,15 +1651,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let e = engine(dir.path());
         let mut sm = StateMachine::open(e.clone(), 3).unwrap();
-        let create = entry(
-            1,
-            Command::ImCreate {
-                conv: 7,
-                kind: im::CONV_DIRECT,
-                members: vec![1, 2],
-                ts: 1,
-            },
-        );
+        let create = create(1, im::CONV_DIRECT, vec![1, 2]);
         block(sm.apply([create, send(2, 1, 1, "a")])).unwrap();
         let raw = |ks, id, w: u64, body: &[u8]| {
             let mut rec = w.to_le_bytes().to_vec();

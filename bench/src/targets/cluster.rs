@@ -129,6 +129,20 @@ impl Routes {
         self.leader.get(p as usize).copied().unwrap_or(0)
     }
 
+    /// Every node's `STATS`, summed by key.
+    pub fn all_stats(&self) -> Result<Vec<(String, u64)>> {
+        let mut sum: Vec<(String, u64)> = Vec::new();
+        for n in &self.nodes {
+            for (k, v) in stats(&mut connect(n)?)? {
+                match sum.iter_mut().find(|(x, _)| *x == k) {
+                    Some((_, s)) => *s += v,
+                    None => sum.push((k, v)),
+                }
+            }
+        }
+        Ok(sum)
+    }
+
     /// A connection to each node, in `nodes`' order.
     pub fn connect_all(&self) -> Result<Vec<Client>> {
         self.nodes.iter().map(|a| connect(a)).collect()
@@ -158,19 +172,6 @@ impl ClusterTarget {
 
     fn node_of(&self, id: u64) -> usize {
         self.routes.node_of(self.ks.0, id)
-    }
-
-    fn all_stats(&self) -> Result<Vec<(String, u64)>> {
-        let mut sum: Vec<(String, u64)> = Vec::new();
-        for n in &self.routes.nodes {
-            for (k, v) in stats(&mut connect(n)?)? {
-                match sum.iter_mut().find(|(x, _)| *x == k) {
-                    Some((_, s)) => *s += v,
-                    None => sum.push((k, v)),
-                }
-            }
-        }
-        Ok(sum)
     }
 }
 
@@ -344,7 +345,7 @@ impl Target for ClusterTarget {
     }
 
     fn mark(&self) -> Result<Self::Mark> {
-        self.all_stats()
+        self.routes.all_stats()
     }
 
     fn settle(&self, _line: &mut ResultLine) -> Result<()> {
@@ -352,7 +353,7 @@ impl Target for ClusterTarget {
     }
 
     fn measure(&self, m: &Self::Mark, line: &mut ResultLine) -> Result<()> {
-        let s1 = self.all_stats()?;
+        let s1 = self.routes.all_stats()?;
         let d = |k: &str| stat(&s1, k).saturating_sub(stat(m, k));
         if let Some(payload) = line.payload_bytes {
             // bytes_written: the applied records of the keyspace, on every

@@ -22,10 +22,9 @@
 //!   there to report.
 
 use super::cluster::{connect, Routes};
-use super::server::{set_written, stat, stats, CreateConn, PushConn};
+use super::server::{create_pipelined, im_reply, im_request, set_written, stat, PushConn};
 use super::{
-    base_line, drive, net_shape, wire, ConvSpec, ImOp, ImReply, ImSession, ImTarget, Shape,
-    Subscriber,
+    base_line, net_shape, wire, ConvSpec, ImOp, ImReply, ImSession, ImTarget, Shape, Subscriber,
 };
 use crate::report::ResultLine;
 use crate::{Flags, Result};
@@ -34,7 +33,7 @@ use std::time::{Duration, Instant};
 use timeline_engine::{Keyspace, SeqId, TimelineId};
 use timeline_im::{ConvId, UserId};
 use timeline_server::protocol::{Request, Response};
-use timeline_server::{Client, ClientError};
+use timeline_server::Client;
 
 /// How long setup waits for the `Created` deliveries to settle.
 const SETTLE_WAIT: Duration = Duration::from_secs(120);
@@ -60,19 +59,6 @@ impl ClusterIm {
 
     fn user_node(&self, user: UserId) -> usize {
         self.routes.node_of(Keyspace::SYNC.0, user)
-    }
-
-    fn all_stats(&self) -> Result<Vec<(String, u64)>> {
-        let mut sum: Vec<(String, u64)> = Vec::new();
-        for n in &self.routes.nodes {
-            for (k, v) in stats(&mut connect(n)?)? {
-                match sum.iter_mut().find(|(x, _)| *x == k) {
-                    Some((_, s)) => *s += v,
-                    None => sum.push((k, v)),
-                }
-            }
-        }
-        Ok(sum)
     }
 
     /// Untimed: wait until the sync timelines of `users` stop moving (the
@@ -108,38 +94,13 @@ pub struct ClusterImSession<'a> {
 
 impl ImSession for ClusterImSession<'_> {
     fn queue(&mut self, op: ImOp<'_>) -> Result<()> {
-        match op {
-            ImOp::Send {
-                conv,
-                sender,
-                msg_id,
-                payload,
-            } => {
-                let n = self.t.conv_node(conv);
-                self.conns[n].queue(&Request::Send {
-                    conv,
-                    sender,
-                    client_msg_id: msg_id,
-                    payload,
-                });
-                self.q.push_back((n, true));
-            }
-            ImOp::Sync {
-                user,
-                checkpoint,
-                limit,
-                groups,
-            } => {
-                let n = self.t.user_node(user);
-                self.conns[n].queue(&Request::Sync {
-                    user,
-                    checkpoint,
-                    limit: u32::try_from(limit).unwrap_or(u32::MAX),
-                    groups: groups.to_vec(),
-                });
-                self.q.push_back((n, false));
-            }
-        }
+        let n = match op {
+            ImOp::Send { conv, .. } => self.t.conv_node(conv),
+            ImOp::Sync { user, .. } => self.t.user_node(user),
+        };
+        let (r, send) = im_request(op);
+        self.conns[n].queue(&r);
+        self.q.push_back((n, send));
         Ok(())
     }
 
@@ -155,13 +116,7 @@ impl ImSession for ClusterImSession<'_> {
             .q
             .pop_front()
             .ok_or("complete() with nothing in flight")?;
-        Ok(match (send, self.conns[n].recv()) {
-            (_, Err(e @ ClientError::Server { .. })) => ImReply::Refused(e.to_string()),
-            (_, Err(e)) => return Err(e.into()),
-            (true, Ok(Response::Send(a))) if !a.duplicate => ImReply::Sent,
-            (false, Ok(Response::Sync(r))) => ImReply::Synced(wire::sync_reply(r)),
-            (_, Ok(r)) => ImReply::Refused(format!("unexpected reply {r:?}")),
-        })
+        im_reply(send, self.conns[n].recv())
     }
 }
 
@@ -179,32 +134,8 @@ impl ImTarget for ClusterIm {
         for c in convs {
             by_node[self.conv_node(c.id)].push(c);
         }
-        let this = &*self;
-        let errors: u64 = std::thread::scope(|s| -> Result<u64> {
-            let hs: Vec<_> = by_node
-                .iter()
-                .enumerate()
-                .filter(|(_, part)| !part.is_empty())
-                .map(|(n, part)| {
-                    s.spawn(move || -> Result<u64> {
-                        let mut cc = CreateConn {
-                            c: connect(&this.routes.nodes[n])?,
-                            next: part.iter(),
-                            errors: 0,
-                        };
-                        let mut h = crate::report::new_histogram()?;
-                        drive(&mut cc, part.len() as u64, &this.shape, &mut h)?;
-                        Ok(cc.errors)
-                    })
-                })
-                .collect();
-            hs.into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err("setup thread panicked".into()))
-                })
-                .sum()
-        })?;
+        let parts: Vec<&[&ConvSpec]> = by_node.iter().map(Vec::as_slice).collect();
+        let errors = create_pipelined(&parts, &self.shape, |n| connect(&self.routes.nodes[n]))?;
         if errors > 0 {
             return Err(format!(
                 "{errors} conversation(s) could not be created (CONVERSATION_EXISTS: the cluster holds an earlier run's; W4 needs a fresh cluster, e.g. local-cluster.sh with a new directory)"
@@ -288,11 +219,11 @@ impl ImTarget for ClusterIm {
     }
 
     fn mark(&self) -> Result<Self::Mark> {
-        self.all_stats()
+        self.routes.all_stats()
     }
 
     fn measure(&self, m: &Self::Mark, line: &mut ResultLine) -> Result<()> {
-        let s1 = self.all_stats()?;
+        let s1 = self.routes.all_stats()?;
         let d = |k: &str| stat(&s1, k).saturating_sub(stat(m, k));
         // Applied records on every replica (store and sync), and all the
         // engines wrote (Raft logs and meta too).

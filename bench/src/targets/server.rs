@@ -416,11 +416,46 @@ impl ServerIm {
     }
 }
 
+/// Create `parts` (setup), each on its own connection (`connect(i)` for
+/// part `i`) and thread, pipelined; the creates refused.
+pub(crate) fn create_pipelined(
+    parts: &[&[&ConvSpec]],
+    shape: &Shape,
+    connect: impl Fn(usize) -> Result<Client> + Sync,
+) -> Result<u64> {
+    let connect = &connect;
+    std::thread::scope(|s| -> Result<u64> {
+        let hs: Vec<_> = parts
+            .iter()
+            .enumerate()
+            .filter(|(_, part)| !part.is_empty())
+            .map(|(i, part)| {
+                s.spawn(move || -> Result<u64> {
+                    let mut cc = CreateConn {
+                        c: connect(i)?,
+                        next: part.iter(),
+                        errors: 0,
+                    };
+                    let mut h = crate::report::new_histogram()?;
+                    drive(&mut cc, part.len() as u64, shape, &mut h)?;
+                    Ok(cc.errors)
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("setup thread panicked".into()))
+            })
+            .sum()
+    })
+}
+
 /// Conversation creation on one connection (setup).
-pub(crate) struct CreateConn<'a> {
-    pub(crate) c: Client,
-    pub(crate) next: std::slice::Iter<'a, &'a ConvSpec>,
-    pub(crate) errors: u64,
+struct CreateConn<'a> {
+    c: Client,
+    next: std::slice::Iter<'a, &'a ConvSpec>,
+    errors: u64,
 }
 
 impl Pipelined for CreateConn<'_> {
@@ -474,38 +509,60 @@ pub struct ServerImSession {
     q: VecDeque<bool>,
 }
 
-impl ImSession for ServerImSession {
-    fn queue(&mut self, op: ImOp<'_>) -> Result<()> {
-        match op {
-            ImOp::Send {
+/// An [`ImOp`] as its request, and whether it is a send.
+pub(crate) fn im_request<'a>(op: ImOp<'a>) -> (Request<'a>, bool) {
+    match op {
+        ImOp::Send {
+            conv,
+            sender,
+            msg_id,
+            payload,
+        } => (
+            Request::Send {
                 conv,
                 sender,
-                msg_id,
+                client_msg_id: msg_id,
                 payload,
-            } => {
-                self.c.queue(&Request::Send {
-                    conv,
-                    sender,
-                    client_msg_id: msg_id,
-                    payload,
-                });
-                self.q.push_back(true);
-            }
-            ImOp::Sync {
+            },
+            true,
+        ),
+        ImOp::Sync {
+            user,
+            checkpoint,
+            limit,
+            groups,
+        } => (
+            Request::Sync {
                 user,
                 checkpoint,
-                limit,
-                groups,
-            } => {
-                self.c.queue(&Request::Sync {
-                    user,
-                    checkpoint,
-                    limit: u32::try_from(limit).unwrap_or(u32::MAX),
-                    groups: groups.to_vec(),
-                });
-                self.q.push_back(false);
-            }
-        }
+                limit: u32::try_from(limit).unwrap_or(u32::MAX),
+                groups: groups.to_vec(),
+            },
+            false,
+        ),
+    }
+}
+
+/// The [`ImReply`] to a send's or sync's answer (`Err`: the connection
+/// failed).
+pub(crate) fn im_reply(
+    send: bool,
+    r: std::result::Result<Response, ClientError>,
+) -> Result<ImReply> {
+    Ok(match (send, r) {
+        (_, Err(e @ ClientError::Server { .. })) => ImReply::Refused(e.to_string()),
+        (_, Err(e)) => return Err(e.into()),
+        (true, Ok(Response::Send(a))) if !a.duplicate => ImReply::Sent,
+        (false, Ok(Response::Sync(r))) => ImReply::Synced(wire::sync_reply(r)),
+        (_, Ok(r)) => ImReply::Refused(format!("unexpected reply {r:?}")),
+    })
+}
+
+impl ImSession for ServerImSession {
+    fn queue(&mut self, op: ImOp<'_>) -> Result<()> {
+        let (r, send) = im_request(op);
+        self.c.queue(&r);
+        self.q.push_back(send);
         Ok(())
     }
 
@@ -518,13 +575,7 @@ impl ImSession for ServerImSession {
             .q
             .pop_front()
             .ok_or("complete() with nothing in flight")?;
-        Ok(match (send, self.c.recv()) {
-            (_, Err(e @ ClientError::Server { .. })) => ImReply::Refused(e.to_string()),
-            (_, Err(e)) => return Err(e.into()),
-            (true, Ok(Response::Send(a))) if !a.duplicate => ImReply::Sent,
-            (false, Ok(Response::Sync(r))) => ImReply::Synced(wire::sync_reply(r)),
-            (_, Ok(r)) => ImReply::Refused(format!("unexpected reply {r:?}")),
-        })
+        im_reply(send, self.c.recv())
     }
 }
 
@@ -563,30 +614,7 @@ impl ImTarget for ServerIm {
             .partition(|c| c.kind == ConvKind::Group && c.members.len() > self.threshold);
         let conns = self.shape.sessions;
         let parts: Vec<&[&ConvSpec]> = others.chunks(others.len().div_ceil(conns).max(1)).collect();
-        let this = &*self;
-        let errors: u64 = std::thread::scope(|s| -> Result<u64> {
-            let hs: Vec<_> = parts
-                .iter()
-                .map(|part| {
-                    s.spawn(move || -> Result<u64> {
-                        let mut cc = CreateConn {
-                            c: this.server.connect()?,
-                            next: part.iter(),
-                            errors: 0,
-                        };
-                        let mut h = crate::report::new_histogram()?;
-                        drive(&mut cc, part.len() as u64, &this.shape, &mut h)?;
-                        Ok(cc.errors)
-                    })
-                })
-                .collect();
-            hs.into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err("setup thread panicked".into()))
-                })
-                .sum()
-        })?;
+        let errors = create_pipelined(&parts, &self.shape, |_| self.server.connect())?;
         if errors > 0 {
             return Err(format!("{errors} conversation(s) could not be created").into());
         }
