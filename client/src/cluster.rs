@@ -49,6 +49,8 @@ fn timeline_of(r: &Request<'_>) -> Option<protocol::TimelineId> {
         Request::CreateConversation { conv, .. }
         | Request::Send { conv, .. }
         | Request::Recall { conv, .. }
+        | Request::AddMember { conv, .. }
+        | Request::RemoveMember { conv, .. }
         | Request::History { conv, .. }
         | Request::Members { conv } => Some(protocol::TimelineId::store(*conv)),
         // A user's own marks go to its partition (protocol.md §15).
@@ -203,6 +205,8 @@ impl ClusterClient {
                 | Request::Send { .. }
                 | Request::CreateConversation { .. }
                 | Request::Recall { .. }
+                | Request::AddMember { .. }
+                | Request::RemoveMember { .. }
                 | Request::DeleteForUser { .. }
         );
         let mut addr = self.route(r);

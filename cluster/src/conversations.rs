@@ -2,15 +2,17 @@
 //! docs/scaling.md, "A user's conversations").
 //!
 //! - The user's partition knows which conversations the user is in: each
-//!   `Created` delivery applied there lists the conversation and its kind
+//!   `Created` delivery (and the user's own `MemberAdded`) applied there
+//!   lists the conversation and its kind
 //!   in the user's [`IM_CONVS`] timeline (in the order joined), and the
 //!   user's read markers are in its [`IM_READS`] timeline.
 //! - Each conversation's last seq and unread count are its partition's:
 //!   the user partition's leader asks **one request per leader node**
 //!   (of at most 65,536 conversations), all at once (here, or over the peer link as [`KIND_CONV_SUMMARY`]); that
 //!   node confirms its leadership of each partition once, then counts, for
-//!   each conversation, the entries after the user's read marker that the
-//!   user did not send. A conversation whose leader moved meanwhile is
+//!   each conversation, the entries after the user's read marker, inside
+//!   the user's stays (module [`crate::members`]), that the user did not
+//!   send, and says whether the user is a member now. A conversation whose leader moved meanwhile is
 //!   asked again where the answer pointed (three rounds at most).
 //!
 //! [`IM_CONVS`]: crate::log_store::IM_CONVS
@@ -35,8 +37,11 @@ pub struct ConvLine {
     pub kind: u8,
     pub last_seq: u64,
     pub read_seq: u64,
-    /// Entries after `read_seq`, up to `last_seq`, the user did not send.
+    /// Entries after `read_seq`, up to `last_seq`, inside the user's
+    /// stays, the user did not send.
     pub unread: u64,
+    /// A member now (else a former one: `last_seq` is where it left).
+    pub member: bool,
 }
 
 /// What one conversation's leader is asked: the entries after `read`.
@@ -47,11 +52,26 @@ struct SummaryRead {
     read: u64,
 }
 
-/// Its answer: the last seq and the unread count.
+/// Its answer: the last seq the user's stays reach, the unread count,
+/// and whether the user is a member now.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct Summary {
     last: u64,
     unread: u64,
+    member: bool,
+}
+
+/// `r` from this node's replica (its leadership confirmed).
+fn summary(e: &timeline_engine::Engine, r: &SummaryRead) -> Result<Summary, read::ReadError> {
+    let m = read::members(e, r.conv)?
+        .map_err(|x| read::ReadError::Damaged(format!("conversation {}: {x}", r.conv)))?;
+    let stays = m.stays(r.user);
+    let (last, unread) = read::unread(e, r.conv, r.user, r.read, &stays)?;
+    Ok(Summary {
+        last,
+        unread,
+        member: m.is_current(r.user),
+    })
 }
 
 type Answers = Vec<Result<Summary, Refusal>>;
@@ -73,9 +93,7 @@ async fn here(inner: &Inner, reads: &[SummaryRead]) -> Answers {
         let p = partition_of(Keyspace::STORE.0, r.conv, parts);
         out.push(match confirmed.leads(inner, p, r.conv).await {
             Err(e) => Err(e),
-            Ok(()) => read::unread(inner.engine(), r.conv, r.user, r.read)
-                .map(|(last, unread)| Summary { last, unread })
-                .map_err(|e| Refusal::Failed(e.to_string())),
+            Ok(()) => summary(inner.engine(), r).map_err(|e| Refusal::Failed(e.to_string())),
         });
     }
     out
@@ -202,6 +220,7 @@ pub(crate) async fn list(inner: Arc<Inner>, user: u64) -> Result<Vec<ConvLine>, 
             last_seq: s.last,
             read_seq: r.read,
             unread: s.unread,
+            member: s.member,
         })
         .collect())
 }

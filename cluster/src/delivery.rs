@@ -17,7 +17,8 @@
 //! idempotent).
 
 use crate::im::read::{self, Pending};
-use crate::im::{Delivery, KIND_CREATED};
+use crate::im::{Delivery, CONV_READ_GROUP, KIND_CREATED, KIND_MEMBER_ADDED, KIND_MEMBER_REMOVED};
+use crate::members::Members;
 use crate::node::{ClusterError, Inner};
 use crate::partition::{partition_of, PartitionId};
 use crate::{Command, NodeId};
@@ -311,14 +312,16 @@ async fn round(
 }
 
 /// The members' sync entries of `pending`, by the members' partitions, in
-/// outbox order.
+/// outbox order: each event goes to the members at its seq (module
+/// [`crate::members`]); a read-fan-out group's membership event only to
+/// the user it names (the others read it in the group's pages).
 fn deliveries(
     inner: &Inner,
     pending: &[Pending],
 ) -> Result<BTreeMap<PartitionId, Vec<Delivery>>, read::ReadError> {
     let e = inner.engine();
     let parts = inner.map.read().len();
-    let mut members: HashMap<u64, Vec<u64>> = HashMap::new();
+    let mut members: HashMap<u64, Option<Members>> = HashMap::new();
     let mut out: BTreeMap<PartitionId, Vec<Delivery>> = BTreeMap::new();
     for x in pending {
         let Some((_, ev)) = read::event(e, x.conv, x.conv_seq)? else {
@@ -328,21 +331,28 @@ fn deliveries(
             )));
         };
         if let std::collections::hash_map::Entry::Vacant(v) = members.entry(x.conv) {
-            v.insert(
-                read::members(e, x.conv)?
-                    .map(|(_, m)| m)
-                    .unwrap_or_default(),
-            );
+            v.insert(read::members(e, x.conv)?.ok());
         }
+        let Some(m) = &members[&x.conv] else { continue };
         let (kind, body) = match ev.kind {
             KIND_CREATED => (
                 KIND_CREATED,
                 ev.body.first().map(|k| vec![*k]).unwrap_or_default(),
             ),
+            // The user it names, then the conversation's kind.
+            KIND_MEMBER_ADDED | KIND_MEMBER_REMOVED => {
+                let mut b = ev.body.clone();
+                b.push(m.kind);
+                (ev.kind, b)
+            }
             // A message, or a recall (its body the recalled seq).
             k => (k, ev.body),
         };
-        for &user in &members[&x.conv] {
+        let to = match m.change_at(x.conv_seq) {
+            Some(c) if m.kind == CONV_READ_GROUP => vec![c.user],
+            _ => m.recipients(x.conv_seq),
+        };
+        for user in to {
             out.entry(partition_of(Keyspace::SYNC.0, user, parts))
                 .or_default()
                 .push(Delivery {

@@ -35,17 +35,20 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use timeline_engine::{Direction, Keyspace, TimelineId};
 
-/// A page of group `conv`: up to `limit` events after seq `after`
-/// (`limit` 0: only its last seq).
+/// A page of group `conv` for `user`: up to `limit` events after seq
+/// `after` inside the user's stays, less their ends (a member's join and
+/// removal reach it through its sync timeline; module
+/// [`crate::members`]); `limit` 0: only the last seq it may read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupRead {
     pub conv: u64,
+    pub user: u64,
     pub after: u64,
     pub limit: u32,
 }
 
 /// One group's page: its events after the asked seq, in seq order, and
-/// the group's last seq when it was read.
+/// the last seq the user may read there when it was read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupPage {
     pub conv: u64,
@@ -110,20 +113,35 @@ async fn read_here(
     read_local(inner, p, req)
 }
 
-/// Read `req` from this node's engine (its leadership confirmed).
+/// Read `req` from this node's engine (its leadership confirmed): from
+/// the first of the user's stays that has seqs after `req.after`, within
+/// that stay (the next page reads the next one).
 fn read_local(inner: &Inner, p: PartitionId, req: &GroupRead) -> Result<RawPage, ClusterError> {
     let e = inner.engine();
     let tl = TimelineId::new(Keyspace::STORE, req.conv);
-    let last = e.last_seq(tl);
-    if req.limit == 0 || req.after >= last {
+    let stays = match read::members(e, req.conv).map_err(|e| read_failed(p, e))? {
+        Ok(m) => m.stays(req.user),
+        Err(r) => return Err(read_failed(p, r)),
+    };
+    let len = e.last_seq(tl);
+    // Each stay's seqs a page may show: (join, leave), both ends excluded.
+    let open: Vec<(u64, u64)> = stays
+        .iter()
+        .map(|&(join, leave)| (join + 1, leave.saturating_sub(1).min(len)))
+        .filter(|&(a, b)| a <= b)
+        .collect();
+    let last = open.last().map_or(0, |s| s.1);
+    let next = open.iter().find(|s| s.1 > req.after);
+    let (Some(&(lo, hi)), true) = (next, req.limit > 0) else {
         return Ok(RawPage {
             records: Vec::new(),
             last,
             recalled: Vec::new(),
         });
-    }
-    let limit = req.limit as usize;
-    let recs = match e.scan(tl, req.after + 1, limit, Direction::Forward) {
+    };
+    let from = req.after.saturating_add(1).max(lo);
+    let limit = (req.limit as u64).min(hi - from + 1) as usize;
+    let recs = match e.scan(tl, from, limit, Direction::Forward) {
         // A store with a TTL dropped the start: read from what it kept.
         Err(timeline_engine::Error::Truncated { first_retained, .. }) => {
             e.scan(tl, first_retained, limit, Direction::Forward)
@@ -131,6 +149,7 @@ fn read_local(inner: &Inner, p: PartitionId, req: &GroupRead) -> Result<RawPage,
         r => r,
     }
     .map_err(|e| read_failed(p, e))?;
+    let recs: Vec<_> = recs.into_iter().filter(|r| r.seq <= hi).collect();
     let recalled = match (recs.first(), recs.last()) {
         (Some(a), Some(b)) => read::recalls(e, req.conv)
             .map_err(|e| read_failed(p, e))?
@@ -421,8 +440,9 @@ pub(crate) fn no_moved(e: ClusterError) -> ClusterError {
     }
 }
 
-/// The read-fan-out groups `user` belongs to, from this node's replica.
-pub(crate) fn groups_of(inner: &Inner, user: u64) -> Result<Vec<u64>, ReadError> {
+/// The read-fan-out groups `user` was ever in, each with whether it is
+/// in it now, from this node's replica.
+pub(crate) fn groups_of(inner: &Inner, user: u64) -> Result<Vec<(u64, bool)>, ReadError> {
     read::groups_of(inner.engine(), user)
 }
 

@@ -35,6 +35,14 @@ pub const KIND_CREATED: u8 = 2;
 /// message's seq (u64). Stored and delivered like a message.
 pub const KIND_RECALL: u8 = 3;
 
+/// A membership change (`ADD_MEMBER`, `REMOVE_MEMBER`; module
+/// [`crate::members`]): sender 0, the body the user (u64). Delivered to
+/// the members at its seq (the user it names included) with the
+/// conversation kind after the user (`user u64 | conv kind u8`), so that
+/// the added user's partition lists the conversation.
+pub const KIND_MEMBER_ADDED: u8 = 6;
+pub const KIND_MEMBER_REMOVED: u8 = 7;
+
 /// Sync-only kinds (a user's own marks, written by the user's partition;
 /// the record's `conv_seq` is the mark's seq, its sender the user, its
 /// body empty): the user read `conv` through `conv_seq`, or deleted
@@ -146,6 +154,29 @@ impl Delivery {
         matches!(self.kind, KIND_READ_MARKER | KIND_DELETED_MARKER)
     }
 
+    /// The conversation kind, if this delivery makes its user a member
+    /// (`Created`, or its own `MemberAdded`): its partition lists the
+    /// conversation among the user's.
+    pub fn joins(&self) -> Option<u8> {
+        match self.kind {
+            KIND_CREATED => Some(self.body.first().copied().unwrap_or(CONV_GROUP)),
+            KIND_MEMBER_ADDED if self.names_user() => self.body.get(8).copied(),
+            _ => None,
+        }
+    }
+
+    /// The conversation kind, if this delivery is its user's own removal.
+    pub fn leaves(&self) -> Option<u8> {
+        match self.kind {
+            KIND_MEMBER_REMOVED if self.names_user() => self.body.get(8).copied(),
+            _ => None,
+        }
+    }
+
+    fn names_user(&self) -> bool {
+        u64_at(&self.body, 0) == Some(self.user)
+    }
+
     /// A sync record back (the user is the timeline's id).
     pub fn from_sync_record(user: u64, b: &[u8]) -> Option<Delivery> {
         if b.len() < SYNC_HEAD {
@@ -203,6 +234,8 @@ pub enum ImRefusal {
     NoConversation(u64),
     #[error("user {user} is not a member of conversation {conv}")]
     NotMember { conv: u64, user: u64 },
+    #[error("user {user} is already a member of conversation {conv}")]
+    AlreadyMember { conv: u64, user: u64 },
     #[error("conversation {0}'s first record is not its Created event")]
     Damaged(u64),
     /// Its store or sync record would exceed the engine's record limit.
@@ -224,6 +257,7 @@ pub const RECORD_OVERHEAD: usize = crate::ENTRY_OVERHEAD + crate::ITEM_OVERHEAD;
 pub mod read {
     use super::*;
     use crate::log_store::RAFT_META;
+    use crate::members::{Change, Members};
     use crate::state_machine::payload_of;
     use timeline_engine::{Direction, Engine, Keyspace, TimelineId};
 
@@ -319,31 +353,30 @@ pub mod read {
             .ok_or_else(|| ReadError::Damaged(format!("conversation {conv} seq {seq}")))
     }
 
-    /// The read-fan-out groups `user` belongs to, in the order joined
-    /// (from this node's replica of the user's partition).
-    pub fn groups_of(e: &Engine, user: u64) -> Result<Vec<u64>, ReadError> {
+    /// The read-fan-out groups `user` was ever in, in the order first
+    /// joined, each with whether it is in it now (from this node's replica
+    /// of the user's partition: a record `conv` per join, `conv | 0` per
+    /// removal).
+    pub fn groups_of(e: &Engine, user: u64) -> Result<Vec<(u64, bool)>, ReadError> {
         let tl = TimelineId::new(crate::log_store::IM_GROUPS, user);
-        let mut out: Vec<u64> = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        let mut from = 1;
-        loop {
-            let page = e.scan(tl, from, GROUPS_PAGE, Direction::Forward)?;
-            for r in &page {
-                let conv = split(&r.payload)
-                    .and_then(|(_, b)| (b.len() == 8).then(|| u64_at(b, 0)).flatten())
-                    .ok_or_else(|| {
-                        ReadError::Damaged(format!("user {user}'s group record {}", r.seq))
-                    })?;
-                // A re-driven join may list a group twice.
-                if seen.insert(conv) {
-                    out.push(conv);
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        for (seq, _, b) in all(e, tl)? {
+            let (conv, now) = match (b.len(), u64_at(&b, 0)) {
+                (8, Some(c)) => (c, true),
+                (9, Some(c)) if b[8] == 0 => (c, false),
+                _ => {
+                    return Err(ReadError::Damaged(format!(
+                        "user {user}'s group record {seq}"
+                    )))
                 }
-            }
-            match page.last() {
-                Some(r) if page.len() == GROUPS_PAGE => from = r.seq + 1,
-                _ => return Ok(out),
+            };
+            // A re-driven join may list a group twice.
+            match out.iter_mut().find(|g| g.0 == conv) {
+                Some(g) => g.1 = now,
+                None => out.push((conv, now)),
             }
         }
+        Ok(out)
     }
 
     const GROUPS_PAGE: usize = 1024;
@@ -432,35 +465,48 @@ pub mod read {
         Ok(out)
     }
 
-    /// Conversation `conv`'s last seq and how many entries after `read`
-    /// up to it `user` has not sent itself (those a store TTL dropped are
-    /// not counted): read from the store, so it costs in proportion to
-    /// the unread entries.
-    pub fn unread(e: &Engine, conv: u64, user: u64, read: u64) -> Result<(u64, u64), ReadError> {
+    /// The last seq of conversation `conv` that `stays` reach, and how
+    /// many entries after `read` up to it, inside the stays, `user` has
+    /// not sent itself (those a store TTL dropped are not counted): read
+    /// from the store, so it costs in proportion to the unread entries.
+    pub fn unread(
+        e: &Engine,
+        conv: u64,
+        user: u64,
+        read: u64,
+        stays: &crate::members::Stays,
+    ) -> Result<(u64, u64), ReadError> {
         const PAGE: usize = 1024;
         let tl = TimelineId::new(Keyspace::STORE, conv);
-        let last = e.last_seq(tl);
-        let mut from = read.saturating_add(1).max(e.first_retained_seq(tl)?);
+        let last = crate::members::upper(stays, e.last_seq(tl));
         let mut unread = 0;
-        while from <= last {
-            let recs = match e.scan(tl, from, PAGE, Direction::Forward) {
-                Err(timeline_engine::Error::Truncated { first_retained, .. })
-                    if first_retained > from =>
-                {
-                    from = first_retained;
-                    continue;
+        for &(join, leave) in stays {
+            let hi = leave.min(last);
+            let mut from = read
+                .saturating_add(1)
+                .max(join)
+                .max(e.first_retained_seq(tl)?);
+            while from <= hi {
+                let n = ((hi - from + 1).min(PAGE as u64)) as usize;
+                let recs = match e.scan(tl, from, n, Direction::Forward) {
+                    Err(timeline_engine::Error::Truncated { first_retained, .. })
+                        if first_retained > from =>
+                    {
+                        from = first_retained;
+                        continue;
+                    }
+                    r => r?,
+                };
+                let Some(end) = recs.last().map(|r| r.seq) else {
+                    break;
+                };
+                for r in recs.iter().filter(|r| r.seq <= hi) {
+                    let (_, ev) = decode_event(&r.payload, conv, r.seq)?;
+                    let own = matches!(ev.kind, KIND_MESSAGE | KIND_RECALL) && ev.sender == user;
+                    unread += u64::from(!own);
                 }
-                r => r?,
-            };
-            let Some(end) = recs.last().map(|r| r.seq) else {
-                break;
-            };
-            for r in &recs {
-                let (_, ev) = decode_event(&r.payload, conv, r.seq)?;
-                let own = matches!(ev.kind, KIND_MESSAGE | KIND_RECALL) && ev.sender == user;
-                unread += u64::from(!own);
+                from = end + 1;
             }
-            from = end + 1;
         }
         Ok((last, unread))
     }
@@ -491,16 +537,36 @@ pub mod read {
         }
     }
 
-    /// Conversation `conv`'s kind and members, or why it has none.
-    pub fn members(e: &Engine, conv: u64) -> Result<Result<(u8, Vec<u64>), ImRefusal>, ReadError> {
+    /// Conversation `conv`'s kind and members (module
+    /// [`crate::members`]), or why it has none.
+    pub fn members(e: &Engine, conv: u64) -> Result<Result<Members, ImRefusal>, ReadError> {
         // A record that does not decode (a raw APPEND to the timeline) is a
         // refusal, never an error: applying must not fail on user data.
-        Ok(match event(e, conv, 1) {
-            Ok(None) => Err(ImRefusal::NoConversation(conv)),
-            Ok(Some((_, ev))) => ev.created().ok_or(ImRefusal::Damaged(conv)),
-            Err(ReadError::Damaged(_)) => Err(ImRefusal::Damaged(conv)),
+        let (kind, created) = match event(e, conv, 1) {
+            Ok(None) => return Ok(Err(ImRefusal::NoConversation(conv))),
+            Ok(Some((_, ev))) => match ev.created() {
+                Some(c) => c,
+                None => return Ok(Err(ImRefusal::Damaged(conv))),
+            },
+            Err(ReadError::Damaged(_)) => return Ok(Err(ImRefusal::Damaged(conv))),
             Err(e) => return Err(e),
-        })
+        };
+        let tl = TimelineId::new(crate::log_store::IM_MEMBERS, conv);
+        if e.last_seq(tl) == 0 {
+            return Ok(Ok(Members::new(kind, created, Vec::new())));
+        }
+        let mut changes = Vec::new();
+        for (seq, w, b) in all(e, tl)? {
+            match Change::decode(w, &b) {
+                Some(c) => changes.push(c),
+                None => {
+                    return Err(ReadError::Damaged(format!(
+                        "conversation {conv}'s membership record {seq}"
+                    )))
+                }
+            }
+        }
+        Ok(Ok(Members::new(kind, created, changes)))
     }
 }
 

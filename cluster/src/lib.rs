@@ -47,6 +47,7 @@ pub mod groups;
 pub mod im;
 pub mod log_store;
 pub mod marks;
+pub mod members;
 pub mod meta;
 pub mod net;
 pub mod node;
@@ -138,6 +139,15 @@ pub enum Command {
         seq: u64,
         mark: Mark,
         last: u64,
+        ts: u64,
+    },
+    /// `user` joins (`add`) or leaves group `conv` (its partition's
+    /// entry): the change listed, then its event stored and delivered to
+    /// the members at its seq, the user included (module [`members`]).
+    ImMember {
+        conv: u64,
+        user: u64,
+        add: bool,
         ts: u64,
     },
 }

@@ -94,6 +94,11 @@ pub const IM_CONVS: Keyspace = Keyspace(7);
 /// so that a node tells a conversation's store timeline from a raw one
 /// with an index lookup ([`crate::im::read::is_conversation`]).
 pub const IM_CREATED: Keyspace = Keyspace(8);
+/// The keyspace of each conversation's membership changes: timeline
+/// `conv`, one record `add u8 | user u64 | at u64` per `ADD_MEMBER` or
+/// `REMOVE_MEMBER` (written by the conversation's partition with the
+/// event at conv seq `at`: module [`crate::members`]).
+pub const IM_MEMBERS: Keyspace = Keyspace(9);
 
 /// Whether `keyspace` is one of the cluster's own (no client writes it).
 pub fn is_own(keyspace: u8) -> bool {
@@ -105,6 +110,7 @@ pub fn is_own(keyspace: u8) -> bool {
         IM_READS.0,
         IM_CONVS.0,
         IM_CREATED.0,
+        IM_MEMBERS.0,
     ]
     .contains(&keyspace)
 }
@@ -114,7 +120,7 @@ const REPLAY_PAGE: usize = 4096;
 
 /// The keyspaces a node's engine needs besides its data keyspaces: kept
 /// forever, in log order (no regroup: the log is read in order).
-pub fn keyspaces() -> [KeyspaceConfig; 7] {
+pub fn keyspaces() -> [KeyspaceConfig; 8] {
     let keep = |id, name| KeyspaceConfig {
         regroup: false,
         segment_window: Duration::from_secs(3600),
@@ -128,6 +134,7 @@ pub fn keyspaces() -> [KeyspaceConfig; 7] {
         keep(IM_READS, "im-reads"),
         keep(IM_CONVS, "im-convs"),
         keep(IM_CREATED, "im-created"),
+        keep(IM_MEMBERS, "im-members"),
     ]
 }
 

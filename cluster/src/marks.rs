@@ -12,11 +12,13 @@
 //!   timeline (and a read marker to the user's [`IM_READS`] timeline).
 //!   Before proposing it, the user partition's leader asks the
 //!   conversation partition's leader ([`ConvInfo`]: here, or over the
-//!   peer link as [`KIND_CONV_INFO`]) whether the user is a member and
-//!   what the conversation's last seq is. Members are fixed at creation on
-//!   a cluster and the last seq only grows, so that answer still holds
-//!   when the entry is applied, which checks the mark against it the same
-//!   way on every replica.
+//!   peer link as [`KIND_CONV_INFO`]) whether the user was ever a member,
+//!   the last seq its stays reach (module [`crate::members`]) and whether
+//!   they cover the seq named. Stays below the conversation's last seq
+//!   never change (a membership change takes the next seq), so that
+//!   answer still holds when the entry is applied, which checks the mark
+//!   against it the same way on every replica. A former member marks
+//!   within its stays, as on a single node.
 //!
 //! [`IM_RECALLS`]: crate::log_store::IM_RECALLS
 //! [`IM_READS`]: crate::log_store::IM_READS
@@ -24,6 +26,7 @@
 use crate::groups::{ask_peer, no_moved, Confirmed, Refusal};
 use crate::im::read::{self, ReadError};
 use crate::im::ImRefusal;
+use crate::members::{covers, upper};
 use crate::net::KIND_CONV_INFO;
 use crate::node::{now_ms, ClusterError, ImOutcome, Inner};
 use crate::partition::{partition_of, PartitionId};
@@ -35,9 +38,13 @@ use timeline_engine::{Keyspace, TimelineId};
 /// What a conversation's leader answers about it for a user's mark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConvInfo {
+    /// The user was a member at some seq.
     pub member: bool,
-    /// The conversation's last seq.
+    /// The last seq the user's stays reach (the conversation's last seq
+    /// for a member now).
     pub last: u64,
+    /// The seq asked about is inside the user's stays.
+    pub covered: bool,
 }
 
 /// A conversation probe as it travels.
@@ -45,6 +52,7 @@ pub struct ConvInfo {
 struct Probe {
     conv: u64,
     user: u64,
+    seq: u64,
 }
 
 type ProbeAnswer = Result<Result<ConvInfo, ImRefusal>, Refusal>;
@@ -55,9 +63,16 @@ const ATTEMPTS: usize = 3;
 /// The probe from this node's replica (its leadership confirmed).
 fn info_local(inner: &Inner, pr: &Probe) -> Result<Result<ConvInfo, ImRefusal>, ReadError> {
     let e = inner.engine();
-    Ok(read::members(e, pr.conv)?.map(|(_, m)| ConvInfo {
-        member: m.contains(&pr.user),
-        last: e.last_seq(TimelineId::new(Keyspace::STORE, pr.conv)),
+    Ok(read::members(e, pr.conv)?.map(|m| {
+        let stays = m.stays(pr.user);
+        ConvInfo {
+            member: !stays.is_empty(),
+            last: upper(
+                &stays,
+                e.last_seq(TimelineId::new(Keyspace::STORE, pr.conv)),
+            ),
+            covered: covers(&stays, pr.seq),
+        }
     }))
 }
 
@@ -87,9 +102,10 @@ async fn probe(
     inner: &Arc<Inner>,
     conv: u64,
     user: u64,
+    seq: u64,
 ) -> Result<Result<ConvInfo, ImRefusal>, ClusterError> {
     let p = partition_of(Keyspace::STORE.0, conv, inner.map.read().len());
-    let pr = Probe { conv, user };
+    let pr = Probe { conv, user, seq };
     let mut hint = None;
     for _ in 0..ATTEMPTS {
         let answer = if inner.leads(p) {
@@ -127,9 +143,15 @@ pub(crate) async fn mark(
     inner.check_leads(up)?;
     // A `MOVED` naming the conversation's leader would send the client
     // away from the user's.
-    let info = match probe(&inner, conv, user).await.map_err(no_moved)? {
+    let info = match probe(&inner, conv, user, seq).await.map_err(no_moved)? {
         Err(r) => return Ok(ImOutcome::Refused(r)),
         Ok(i) if !i.member => return Ok(ImOutcome::Refused(ImRefusal::NotMember { conv, user })),
+        // A seq between two stays (the apply checks 1 ≤ seq ≤ last).
+        Ok(i) if mark == Mark::Delete && seq <= i.last && !i.covered => {
+            return Ok(ImOutcome::Refused(ImRefusal::Invalid(format!(
+                "user {user} cannot see seq {seq} of conversation {conv}"
+            ))))
+        }
         Ok(i) => i,
     };
     let cmd = Command::ImMark {

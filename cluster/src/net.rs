@@ -58,11 +58,12 @@ pub const KIND_GROUP_READ: u8 = 5;
 /// A read-fan-out group's new message, told to every node (a push hint):
 /// bincode `GroupEvent`; the reply is empty.
 pub const KIND_GROUP_PUSH: u8 = 6;
-/// Is a user a member of a conversation this node leads, and what is its
-/// last seq ([`crate::marks`]): bincode `Probe`; reply
+/// Was a user a member of a conversation this node leads, the last seq
+/// its stays reach, do they cover a seq ([`crate::marks`]): bincode
+/// `Probe`; reply
 /// `Result<Result<ConvInfo, ImRefusal>, Refusal>`.
 pub const KIND_CONV_INFO: u8 = 7;
-/// Last seqs and unread counts of conversations this node leads
+/// Last seqs, unread counts and membership of conversations this node leads
 /// ([`crate::conversations`]): bincode `Vec<SummaryRead>`; reply
 /// `Result<Vec<Result<Summary, Refusal>>, String>`, one per read.
 pub const KIND_CONV_SUMMARY: u8 = 8;

@@ -395,6 +395,25 @@ impl Node {
         self.im_write(conv, cmd, done);
     }
 
+    /// `user` joins (`add`) or leaves group `conv`: as [`Node::im_send`]
+    /// (module [`crate::members`]); `done` gets the `MemberAdded` or
+    /// `MemberRemoved` event's seq.
+    pub fn im_member(
+        &self,
+        conv: u64,
+        user: u64,
+        add: bool,
+        done: impl FnOnce(Result<ImOutcome, ClusterError>) + Send + 'static,
+    ) {
+        let cmd = Command::ImMember {
+            conv,
+            user,
+            add,
+            ts: now_ms(),
+        };
+        self.im_write(conv, cmd, done);
+    }
+
     /// `user`'s read marker or delete-for-me in `conv`, through the user's
     /// partition (module [`crate::marks`]); `done` gets the read marker
     /// now, or the `DeletedMarker`'s seq in the user's sync timeline.
@@ -479,10 +498,11 @@ impl Node {
         });
     }
 
-    /// The read-fan-out groups `user` belongs to, from this node's replica
-    /// of the user's partition (current after [`Node::linearize`] on the
-    /// user's sync timeline; empty on a node holding no replica of it).
-    pub fn read_groups(&self, user: u64) -> Result<Vec<u64>, crate::im::read::ReadError> {
+    /// The read-fan-out groups `user` was ever in, each with whether it is
+    /// in it now, from this node's replica of the user's partition
+    /// (current after [`Node::linearize`] on the user's sync timeline;
+    /// empty on a node holding no replica of it).
+    pub fn read_groups(&self, user: u64) -> Result<Vec<(u64, bool)>, crate::im::read::ReadError> {
         crate::groups::groups_of(&self.inner, user)
     }
 

@@ -492,13 +492,13 @@ impl StateMachine {
                 }
                 let group = match im::read::members(&self.engine, *conv).map_err(read_err)? {
                     Err(r) => return Ok(Some(Err(r))),
-                    Ok((_, m)) if !m.contains(sender) => {
+                    Ok(m) if !m.is_current(*sender) => {
                         return Ok(Some(Err(ImRefusal::NotMember {
                             conv: *conv,
                             user: *sender,
                         })))
                     }
-                    Ok((kind, _)) => kind == im::CONV_READ_GROUP,
+                    Ok(m) => m.kind == im::CONV_READ_GROUP,
                 };
                 if let Some(a) = self.recent_send(*conv, *sender, *client_msg_id)? {
                     // A read-fan-out message has nothing to wait for.
@@ -535,7 +535,7 @@ impl StateMachine {
                         // list records may not be, if it was written rather
                         // than skipped as a re-drive), or a re-driven
                         // delivery.
-                        if applied && d.kind == im::KIND_CREATED && self.holds(st, t, wi)? {
+                        if applied && self.lists(d) && self.holds(st, t, wi)? {
                             self.join_group(st, wi, d)?;
                         }
                         continue;
@@ -629,8 +629,70 @@ impl StateMachine {
                     }
                 }
             }
+            Command::ImMember {
+                conv,
+                user,
+                add,
+                ts,
+            } => self.apply_member(st, w, *conv, *user, *add, *ts),
             Command::Append { .. } | Command::Batch(_) => Ok(None),
         }
+    }
+
+    /// A membership change (module [`crate::members`]): `user` joins or
+    /// leaves group `conv`; the change is listed, then its event stored
+    /// with an outbox record (a read-fan-out group's too: its deliverer
+    /// sends it to the user it names only).
+    fn apply_member(
+        &self,
+        st: &mut State,
+        w: u64,
+        conv: u64,
+        user: u64,
+        add: bool,
+        ts: u64,
+    ) -> Result<ImResult, Error> {
+        let t = (Keyspace::STORE.0, conv);
+        if self.last_index(st, t)? >= w {
+            return Ok(None); // applied before a restart
+        }
+        // Listed by this entry already (a restart between its writes): as
+        // if not, so it is decided as it was the first time.
+        let m = match im::read::members(&self.engine, conv).map_err(read_err)? {
+            Err(r) => return Ok(Some(Err(r))),
+            Ok(m) => m.without(w),
+        };
+        if m.kind == im::CONV_DIRECT {
+            return Ok(Some(Err(ImRefusal::Invalid(
+                "members of a direct conversation cannot change".into(),
+            ))));
+        }
+        match (add, m.is_current(user)) {
+            (true, true) => return Ok(Some(Err(ImRefusal::AlreadyMember { conv, user }))),
+            (false, false) => return Ok(Some(Err(ImRefusal::NotMember { conv, user }))),
+            _ => {}
+        }
+        let at = self.engine.last_seq(TimelineId::new(Keyspace::STORE, conv)) + 1;
+        let change = crate::members::Change {
+            write_id: w,
+            user,
+            at,
+            add,
+        };
+        let listed = (crate::log_store::IM_MEMBERS.0, conv);
+        self.append_any(st, listed, w, &change.record())?;
+        let ev = StoreEvent {
+            kind: match add {
+                true => im::KIND_MEMBER_ADDED,
+                false => im::KIND_MEMBER_REMOVED,
+            },
+            sender: 0,
+            ts,
+            client_msg_id: 0,
+            body: user.to_le_bytes().to_vec(),
+        };
+        self.store_with_outbox(st, w, conv, &ev)
+            .map(|a| Some(Ok(a)))
     }
 
     /// A recall (module [`crate::marks`]): `user`'s message `target`,
@@ -651,10 +713,10 @@ impl StateMachine {
         }
         let group = match im::read::members(&self.engine, conv).map_err(read_err)? {
             Err(r) => return Ok(Some(Err(r))),
-            Ok((_, m)) if !m.contains(&user) => {
+            Ok(m) if !m.is_current(user) => {
                 return Ok(Some(Err(ImRefusal::NotMember { conv, user })))
             }
-            Ok((kind, _)) => kind == im::CONV_READ_GROUP,
+            Ok(m) => m.kind == im::CONV_READ_GROUP,
         };
         let mine = match im::read::event(&self.engine, conv, target) {
             Ok(Some((_, ev))) => ev.kind == im::KIND_MESSAGE && ev.sender == user,
@@ -758,21 +820,31 @@ impl StateMachine {
         Ok(false)
     }
 
-    /// A `Created` delivery at write id `wi` also lists the conversation
-    /// among the user's (`IM_CONVS`), and a read-fan-out group among the
-    /// user's groups (`IM_GROUPS`), once.
+    /// Does applying delivery `d` list something besides its sync entry
+    /// (its user joins or leaves the conversation)?
+    fn lists(&self, d: &Delivery) -> bool {
+        d.joins().is_some() || d.leaves() == Some(im::CONV_READ_GROUP)
+    }
+
+    /// A delivery at write id `wi` that makes its user a member (`Created`,
+    /// its own `MemberAdded`) also lists the conversation among the user's
+    /// (`IM_CONVS`), and a read-fan-out group among the user's groups
+    /// (`IM_GROUPS`); its own removal from a read-fan-out group lists the
+    /// group as left (`conv | 0`), once.
     fn join_group(&self, st: &mut State, wi: u64, d: &Delivery) -> Result<(), Error> {
-        if d.kind != im::KIND_CREATED {
-            return Ok(());
-        }
-        let kind = d.body.first().copied().unwrap_or(im::CONV_GROUP);
-        let mut rec = [0u8; 9];
-        rec[..8].copy_from_slice(&d.conv.to_le_bytes());
-        rec[8] = kind;
-        self.append_any(st, (crate::log_store::IM_CONVS.0, d.user), wi, &rec)?;
-        if kind == im::CONV_READ_GROUP {
-            let t = (crate::log_store::IM_GROUPS.0, d.user);
-            self.append_any(st, t, wi, &d.conv.to_le_bytes())?;
+        let groups = (crate::log_store::IM_GROUPS.0, d.user);
+        if let Some(kind) = d.joins() {
+            let mut rec = [0u8; 9];
+            rec[..8].copy_from_slice(&d.conv.to_le_bytes());
+            rec[8] = kind;
+            self.append_any(st, (crate::log_store::IM_CONVS.0, d.user), wi, &rec)?;
+            if kind == im::CONV_READ_GROUP {
+                self.append_any(st, groups, wi, &d.conv.to_le_bytes())?;
+            }
+        } else if d.leaves() == Some(im::CONV_READ_GROUP) {
+            let mut rec = [0u8; 9];
+            rec[..8].copy_from_slice(&d.conv.to_le_bytes());
+            self.append_any(st, groups, wi, &rec)?;
         }
         Ok(())
     }
@@ -1431,7 +1503,10 @@ mod tests {
         let mut sm = StateMachine::open(e.clone(), 3).unwrap();
         block(sm.apply([entry(5, Command::Deliver(vec![joined(7, 1), plain]))])).unwrap();
         block(sm.apply([entry(7, Command::Deliver(vec![joined(9, 1)]))])).unwrap();
-        assert_eq!(im::read::groups_of(&e, 2).unwrap(), vec![7, 9]);
+        assert_eq!(
+            im::read::groups_of(&e, 2).unwrap(),
+            vec![(7, true), (9, true)]
+        );
         let listed = TimelineId::new(crate::log_store::IM_GROUPS, 2);
         assert_eq!(e.last_seq(listed), 2, "each group listed once");
         assert_eq!(sm.records(Keyspace::SYNC.0, 2).unwrap().len(), 3);
@@ -1640,6 +1715,169 @@ mod tests {
         assert_eq!(outbox, vec![1, 2, 3, 4]);
         let st = sm.state.lock();
         assert!(st.timelines.contains(&(crate::log_store::IM_RECALLS.0, 7)));
+    }
+
+    fn member(index: u64, user: u64, add: bool) -> Entry<TypeConfig> {
+        entry(
+            index,
+            Command::ImMember {
+                conv: 7,
+                user,
+                add,
+                ts: 1,
+            },
+        )
+    }
+
+    fn applied(
+        sm: &mut StateMachine,
+        e: Entry<TypeConfig>,
+    ) -> Option<Result<ImApplied, ImRefusal>> {
+        im_of(block(sm.apply([e])).unwrap())
+    }
+
+    /// `ADD_MEMBER` / `REMOVE_MEMBER`: refused as on a single node, else
+    /// listed and stored at the next seq with an outbox record; sends and
+    /// recalls follow the members now; a restart between the list record
+    /// and the event completes the change as it began; re-applied, it
+    /// writes nothing twice.
+    #[test]
+    fn membership_changes_are_checked_listed_and_stored_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let mut sm = StateMachine::open(e.clone(), 3).unwrap();
+        block(sm.apply([create(1, im::CONV_GROUP, vec![1, 2]), send(2, 1, 1, "a")])).unwrap();
+        let r = applied(&mut sm, member(3, 3, true)).unwrap().unwrap();
+        assert_eq!((r.conv_seq, r.outbox, r.group), (3, write_id(3, 0), false));
+        assert_eq!(
+            applied(&mut sm, member(4, 3, true)),
+            Some(Err(ImRefusal::AlreadyMember { conv: 7, user: 3 }))
+        );
+        assert_eq!(
+            applied(&mut sm, member(5, 9, false)),
+            Some(Err(ImRefusal::NotMember { conv: 7, user: 9 }))
+        );
+        let r = applied(&mut sm, send(6, 3, 1, "b")).unwrap().unwrap();
+        assert_eq!(r.conv_seq, 4, "the added member sends");
+        let r = applied(&mut sm, member(7, 1, false)).unwrap().unwrap();
+        assert_eq!(r.conv_seq, 5);
+        assert_eq!(
+            applied(&mut sm, send(8, 1, 2, "c")),
+            Some(Err(ImRefusal::NotMember { conv: 7, user: 1 }))
+        );
+        assert_eq!(
+            applied(&mut sm, recall(9, 1, 2)),
+            Some(Err(ImRefusal::NotMember { conv: 7, user: 1 }))
+        );
+        let m = im::read::members(&e, 7).unwrap().unwrap();
+        assert_eq!(m.current(), vec![2, 3]);
+        assert_eq!(m.recipients(2), vec![1, 2], "a message before the join");
+        assert_eq!(
+            m.recipients(5),
+            vec![1, 2, 3],
+            "the removal reaches the removed"
+        );
+        assert_eq!(m.stays(1), vec![(1, 5)]);
+        let (_, ev) = im::read::event(&e, 7, 5).unwrap().unwrap();
+        assert_eq!(
+            (ev.kind, ev.sender, ev.body),
+            (im::KIND_MEMBER_REMOVED, 0, 1u64.to_le_bytes().to_vec())
+        );
+        // A restart after the list record of entry 10 (user 1 back at 6).
+        let change = crate::members::Change {
+            write_id: write_id(10, 0),
+            user: 1,
+            at: 6,
+            add: true,
+        };
+        let mut rec = write_id(10, 0).to_le_bytes().to_vec();
+        rec.extend_from_slice(&change.record());
+        e.append_with(
+            TimelineId::new(crate::log_store::IM_MEMBERS, 7),
+            &rec,
+            Durability::Buffered,
+        )
+        .unwrap();
+        let mut sm = StateMachine::open(e.clone(), 3).unwrap();
+        let r = applied(&mut sm, member(10, 1, true)).unwrap().unwrap();
+        assert_eq!(r.conv_seq, 6, "not refused as already a member by itself");
+        assert_eq!(applied(&mut sm, member(10, 1, true)), None, "re-applied");
+        let m = im::read::members(&e, 7).unwrap().unwrap();
+        assert_eq!(m.stays(1), vec![(1, 5), (6, u64::MAX)]);
+        assert_eq!(m.recipients(6), vec![1, 2, 3]);
+        let outbox: Vec<u64> = im::read::outbox_after(&e, 3, 0, 10)
+            .unwrap()
+            .iter()
+            .map(|p| p.conv_seq)
+            .collect();
+        assert_eq!(outbox, vec![1, 2, 3, 4, 5, 6]);
+        // A direct conversation's members never change.
+        let direct = Command::ImCreate {
+            conv: 8,
+            kind: im::CONV_DIRECT,
+            members: vec![1, 2],
+            ts: 1,
+        };
+        block(sm.apply([entry(11, direct)])).unwrap();
+        let add = Command::ImMember {
+            conv: 8,
+            user: 3,
+            add: true,
+            ts: 1,
+        };
+        let r = im_of(block(sm.apply([entry(12, add)])).unwrap());
+        assert!(matches!(r, Some(Err(ImRefusal::Invalid(_)))), "{r:?}");
+    }
+
+    /// A user's own `MemberAdded` delivery lists the conversation among
+    /// its conversations (and a read-fan-out group among its groups); its
+    /// own removal from a read-fan-out group lists the group as left;
+    /// another member's join lists nothing for the receiver.
+    #[test]
+    fn a_joining_delivery_lists_and_a_leaving_one_unlists_the_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let mut sm = StateMachine::open(e.clone(), 3).unwrap();
+        let d = |user: u64, seq: u64, kind: u8, who: u64| {
+            let mut body = who.to_le_bytes().to_vec();
+            body.push(im::CONV_READ_GROUP);
+            Delivery {
+                user,
+                conv: 7,
+                conv_seq: seq,
+                sender: 0,
+                ts: 1,
+                kind,
+                body,
+            }
+        };
+        let joins = vec![
+            d(3, 4, im::KIND_MEMBER_ADDED, 3),
+            d(2, 4, im::KIND_MEMBER_ADDED, 3),
+        ];
+        block(sm.apply([entry(1, Command::Deliver(joins))])).unwrap();
+        assert_eq!(im::read::groups_of(&e, 3).unwrap(), vec![(7, true)]);
+        assert_eq!(
+            im::read::convs_of(&e, 3).unwrap(),
+            vec![(7, im::CONV_READ_GROUP)]
+        );
+        assert!(im::read::groups_of(&e, 2).unwrap().is_empty());
+        assert!(im::read::convs_of(&e, 2).unwrap().is_empty());
+        let leave = vec![d(3, 9, im::KIND_MEMBER_REMOVED, 3)];
+        block(sm.apply([entry(2, Command::Deliver(leave.clone()))])).unwrap();
+        assert_eq!(im::read::groups_of(&e, 3).unwrap(), vec![(7, false)]);
+        // Re-applied after a restart: listed once.
+        let mut sm = StateMachine::open(e.clone(), 3).unwrap();
+        block(sm.apply([entry(2, Command::Deliver(leave))])).unwrap();
+        let left = TimelineId::new(crate::log_store::IM_GROUPS, 3);
+        assert_eq!(e.last_seq(left), 2);
+        let back = vec![d(3, 12, im::KIND_MEMBER_ADDED, 3)];
+        block(sm.apply([entry(3, Command::Deliver(back))])).unwrap();
+        assert_eq!(im::read::groups_of(&e, 3).unwrap(), vec![(7, true)]);
+        assert_eq!(
+            im::read::convs_of(&e, 3).unwrap(),
+            vec![(7, im::CONV_READ_GROUP)]
+        );
     }
 
     /// A restart between an entry's writes: its list record landed, the

@@ -2351,3 +2351,291 @@ fn user_tokens_on_a_cluster_see_their_own_conversations_only() {
     }
     drop(cl.etcd);
 }
+
+/// `ADD_MEMBER` / `REMOVE_MEMBER` on a cluster, in a write-fan-out group
+/// and a read-fan-out group (above the hybrid threshold of 500): the
+/// refusals a single node gives; each event delivered to the members at
+/// its seq (the added and the removed user included) and nothing before a
+/// join or after a removal; `HISTORY`, `MEMBERS`, `CONVERSATIONS` and
+/// marks inside each user's stays; a read-fan-out group's pages from the
+/// join, up to the removal; group pushes to a member who joined, none to
+/// one who left.
+#[test]
+fn members_join_and_leave_across_nodes() {
+    use timeline_client::protocol::{ConvKind, Push};
+    let cl = Cluster::start(BIN, 16);
+    let seeds = cl.seeds();
+    let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
+    let (alice, bob, carol, dave) = (1u64, 2u64, 3u64, 4u64);
+    let code = |r: Result<Response, ClientError>| match r {
+        Err(ClientError::Server { code, .. }) => code,
+        other => panic!("expected an error, got {other:?}"),
+    };
+    let add = |cc: &mut ClusterClient, conv, user| cc.call(&Request::AddMember { conv, user });
+    let remove =
+        |cc: &mut ClusterClient, conv, user| cc.call(&Request::RemoveMember { conv, user });
+    let send = |cc: &mut ClusterClient, conv, sender, cmid: u64| {
+        let p = format!("m{cmid}");
+        cc.call(&Request::Send {
+            conv,
+            sender,
+            client_msg_id: cmid,
+            payload: p.as_bytes(),
+        })
+    };
+    let sent = |r: Result<Response, ClientError>| match r {
+        Ok(Response::Send(a)) => a.seq,
+        other => panic!("send: {other:?}"),
+    };
+    let conv = 8100u64;
+    let r = cc.call(&Request::CreateConversation {
+        conv,
+        kind: ConvKind::Group,
+        members: vec![alice, bob],
+    });
+    assert!(matches!(r, Ok(Response::CreateConversation(1))), "{r:?}");
+    let r = cc.call(&Request::CreateConversation {
+        conv: 8101,
+        kind: ConvKind::Direct,
+        members: vec![alice, bob],
+    });
+    assert!(matches!(r, Ok(Response::CreateConversation(1))), "{r:?}");
+    assert_eq!(sent(send(&mut cc, conv, alice, 1)), 2);
+    assert!(matches!(
+        add(&mut cc, conv, carol),
+        Ok(Response::AddMember(3))
+    ));
+    assert_eq!(code(add(&mut cc, conv, carol)), ErrorCode::ALREADY_MEMBER);
+    assert_eq!(code(remove(&mut cc, conv, dave)), ErrorCode::NOT_MEMBER);
+    assert_eq!(code(add(&mut cc, 8101, dave)), ErrorCode::INVALID_ARGUMENT);
+    assert_eq!(
+        code(add(&mut cc, 8199, dave)),
+        ErrorCode::NO_SUCH_CONVERSATION
+    );
+    assert_eq!(
+        code(add(&mut cc, conv, 1 << 63)),
+        ErrorCode::INVALID_ARGUMENT
+    );
+    assert_eq!(
+        sent(send(&mut cc, conv, carol, 2)),
+        4,
+        "the added member sends"
+    );
+    assert!(matches!(
+        remove(&mut cc, conv, alice),
+        Ok(Response::RemoveMember(5))
+    ));
+    assert_eq!(code(send(&mut cc, conv, alice, 3)), ErrorCode::NOT_MEMBER);
+    assert_eq!(
+        code(cc.call(&Request::Recall {
+            conv,
+            user: alice,
+            target: 2
+        })),
+        ErrorCode::NOT_MEMBER
+    );
+    assert_eq!(sent(send(&mut cc, conv, bob, 4)), 6);
+    assert!(matches!(
+        cc.call(&Request::Members { conv }),
+        Ok(Response::Members(m)) if m == vec![bob, carol]
+    ));
+    let seqs_of = |v: Vec<timeline_client::protocol::SyncEntry>| -> Vec<(u64, Body)> {
+        v.into_iter()
+            .filter(|e| e.entry.conv == conv)
+            .map(|e| (e.entry.conv_seq, e.entry.body))
+            .collect()
+    };
+    let m = |k: u64| Body::Message(format!("m{k}").into_bytes());
+    let joined = (3, Body::MemberAdded(carol));
+    let left = (5, Body::MemberRemoved(alice));
+    assert_eq!(
+        seqs_of(sync_all(&mut cc, carol)),
+        vec![joined.clone(), (4, m(2)), left.clone(), (6, m(4))]
+    );
+    let created = (
+        1,
+        Body::Created {
+            kind: ConvKind::Group,
+        },
+    );
+    assert_eq!(
+        seqs_of(sync_all(&mut cc, alice)),
+        vec![
+            created.clone(),
+            (2, m(1)),
+            joined.clone(),
+            (4, m(2)),
+            left.clone()
+        ]
+    );
+    assert_eq!(seqs_of(sync_all(&mut cc, bob)).len(), 6);
+    let hist = |cc: &mut ClusterClient, user| -> Vec<u64> {
+        history_all(cc, conv, user)
+            .iter()
+            .map(|e| e.conv_seq)
+            .collect()
+    };
+    assert_eq!(hist(&mut cc, carol), vec![3, 4, 5, 6]);
+    assert_eq!(hist(&mut cc, alice), vec![1, 2, 3, 4, 5]);
+    let back = cc.call(&Request::History {
+        conv,
+        user: carol,
+        from: timeline_client::protocol::HistoryFrom::Before(u64::MAX),
+        limit: 2,
+    });
+    assert!(
+        matches!(&back, Ok(Response::History(p)) if p.has_more
+            && p.entries.iter().map(|e| e.conv_seq).collect::<Vec<_>>() == vec![6, 5]),
+        "{back:?}"
+    );
+    assert_eq!(
+        code(cc.call(&Request::History {
+            conv,
+            user: dave,
+            from: timeline_client::protocol::HistoryFrom::After(0),
+            limit: 10,
+        })),
+        ErrorCode::NOT_MEMBER
+    );
+    // A former member marks within its stays; a delete before a join is
+    // refused.
+    assert!(matches!(
+        cc.call(&Request::MarkRead {
+            user: alice,
+            conv,
+            seq: 100
+        }),
+        Ok(Response::MarkRead(5))
+    ));
+    assert_eq!(
+        code(cc.call(&Request::DeleteForUser {
+            user: carol,
+            conv,
+            seq: 2
+        })),
+        ErrorCode::INVALID_ARGUMENT
+    );
+    let line = |cc: &mut ClusterClient, user, conv| match cc.call(&Request::Conversations { user })
+    {
+        Ok(Response::Conversations(l)) => l
+            .into_iter()
+            .find(|c| c.conv == conv)
+            .map(|c| (c.member, c.read_fanout, c.last_seq, c.read_seq, c.unread)),
+        other => panic!("conversations of {user}: {other:?}"),
+    };
+    // Carol: seqs 3, 5, 6 unread (4 is hers); alice left at 5 and read it.
+    assert_eq!(line(&mut cc, carol, conv), Some((true, false, 6, 0, 3)));
+    assert_eq!(line(&mut cc, alice, conv), Some((false, false, 5, 5, 0)));
+    // Back again: alice gets what comes after her join, not what she missed.
+    assert!(matches!(
+        add(&mut cc, conv, alice),
+        Ok(Response::AddMember(7))
+    ));
+    assert_eq!(sent(send(&mut cc, conv, bob, 5)), 8);
+    let tail: Vec<(u64, Body)> = seqs_of(sync_all(&mut cc, alice))
+        .into_iter()
+        .filter(|(s, b)| *s > 5 && !matches!(b, Body::ReadMarker))
+        .collect();
+    assert_eq!(tail, vec![(7, Body::MemberAdded(alice)), (8, m(5))]);
+    assert_eq!(hist(&mut cc, alice), vec![1, 2, 3, 4, 5, 7, 8]);
+    assert_eq!(line(&mut cc, alice, conv), Some((true, false, 8, 5, 2)));
+
+    // A read-fan-out group: 501 members, then eve joins and 10_001 leaves.
+    let group = 8200u64;
+    let (first, eve, gone) = (10_000u64, 20_000u64, 10_001u64);
+    let r = cc.call(&Request::CreateConversation {
+        conv: group,
+        kind: ConvKind::Group,
+        members: (first..=first + 500).collect(),
+    });
+    assert!(matches!(r, Ok(Response::CreateConversation(1))), "{r:?}");
+    let (p, lead) = leaders(&seeds);
+    let device = |user: u64| {
+        let at = lead[&partition_of(1, user, p)].clone();
+        let mut d = timeline_client::Client::connect(at.as_str(), b"").unwrap();
+        assert!(matches!(
+            d.call(&Request::Subscribe { user }),
+            Ok(Response::Subscribe)
+        ));
+        d
+    };
+    let mut gone_device = device(gone);
+    assert_eq!(sent(send(&mut cc, group, first, 1)), 2);
+    assert!(matches!(
+        add(&mut cc, group, eve),
+        Ok(Response::AddMember(3))
+    ));
+    let mut eve_device = device(eve);
+    assert_eq!(sent(send(&mut cc, group, eve, 2)), 4);
+    assert!(matches!(
+        remove(&mut cc, group, gone),
+        Ok(Response::RemoveMember(5))
+    ));
+    assert_eq!(sent(send(&mut cc, group, first, 3)), 6);
+    let view = |cc: &mut ClusterClient, user| {
+        let (s, g) = sync_with_groups(cc, user);
+        let s: Vec<(u64, Body)> = s
+            .into_iter()
+            .filter(|e| e.entry.conv == group)
+            .map(|e| (e.entry.conv_seq, e.entry.body))
+            .collect();
+        let g: Vec<u64> = g
+            .get(&group)
+            .map(|v| v.iter().map(|e| e.conv_seq).collect())
+            .unwrap_or_default();
+        (s, g)
+    };
+    let g_created = (
+        1,
+        Body::Created {
+            kind: ConvKind::Group,
+        },
+    );
+    assert_eq!(
+        view(&mut cc, eve),
+        (vec![(3, Body::MemberAdded(eve))], vec![4, 5, 6])
+    );
+    assert_eq!(
+        view(&mut cc, gone),
+        (
+            vec![g_created.clone(), (5, Body::MemberRemoved(gone))],
+            vec![2, 3, 4]
+        )
+    );
+    assert_eq!(view(&mut cc, first), (vec![g_created], vec![2, 3, 4, 5, 6]));
+    // Its stay is seqs 1 to 5, none of them its own.
+    assert_eq!(line(&mut cc, gone, group), Some((false, true, 5, 0, 5)));
+    let h: Vec<u64> = history_all(&mut cc, group, eve)
+        .iter()
+        .map(|e| e.conv_seq)
+        .collect();
+    assert_eq!(h, vec![3, 4, 5, 6]);
+    // Pushes: eve, subscribed after her join, gets the group's messages;
+    // the removed user gets its removal and no message after it.
+    let mut eve_pushes = Vec::new();
+    while let Some((_, push)) = eve_device.next_push(Duration::from_secs(5)).unwrap() {
+        if let Push::Group { entry, .. } = push {
+            eve_pushes.push(entry.conv_seq);
+            if entry.conv_seq == 6 {
+                break;
+            }
+        }
+    }
+    assert!(eve_pushes.contains(&6), "{eve_pushes:?}\n{}", cl.logs());
+    let mut seen = Vec::new();
+    while let Some((_, push)) = gone_device.next_push(Duration::from_secs(1)).unwrap() {
+        match push {
+            Push::Entry { entry, .. } => seen.push((entry.entry.conv_seq, entry.entry.body)),
+            Push::Group { entry, .. } => seen.push((entry.conv_seq, entry.body)),
+            _ => {}
+        }
+    }
+    // (A group's membership events reach the other members through
+    // their pages, not as pushes.)
+    seen.sort_by_key(|s| s.0);
+    assert_eq!(
+        seen,
+        vec![(2, m(1)), (4, m(2)), (5, Body::MemberRemoved(gone))]
+    );
+    drop(cl.etcd);
+}

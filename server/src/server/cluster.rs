@@ -9,9 +9,9 @@
 //!   round confirms it still leads (linearizable), from its engine, with
 //!   the Raft index stripped from each record.
 //! - `CLUSTER_MAP`: the map version, P and the leaders this node knows.
-//! - `CREATE_CONVERSATION`, `SEND`, `RECALL`, `SYNC`, `HISTORY`,
-//!   `MEMBERS`, `MARK_READ`, `DELETE_FOR_USER`, `CONVERSATIONS`: the
-//!   conversation or user
+//! - `CREATE_CONVERSATION`, `SEND`, `RECALL`, `ADD_MEMBER`,
+//!   `REMOVE_MEMBER`, `SYNC`, `HISTORY`, `MEMBERS`, `MARK_READ`,
+//!   `DELETE_FOR_USER`, `CONVERSATIONS`: the conversation or user
 //!   partition's leader (`cluster_im`; `SYNC` adds the user's
 //!   read-fan-out groups' pages, read from their leaders; a mark asks the
 //!   conversation's leader first).
@@ -20,8 +20,6 @@
 //!   written); each item then joins its partition's next entry, as an
 //!   `APPEND` does, and the reply is every seq once all are applied (the
 //!   first error otherwise: like a single node's batch, not atomic).
-//! - `ADD_MEMBER`, `REMOVE_MEMBER` answer `NOT_SUPPORTED` (not built for
-//!   a cluster yet).
 
 use super::conn::Conn;
 use super::convert::{FromWire, ToWire};

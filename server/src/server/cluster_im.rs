@@ -43,8 +43,10 @@ use timeline_cluster::groups::GroupRead;
 use timeline_cluster::im::read::{self, ReadError};
 use timeline_cluster::im::{
     Delivery, ImRefusal, StoreEvent, CONV_DIRECT, CONV_GROUP, CONV_READ_GROUP, KIND_CREATED,
-    KIND_DELETED_MARKER, KIND_MESSAGE, KIND_READ_MARKER, KIND_RECALL, RECORD_OVERHEAD,
+    KIND_DELETED_MARKER, KIND_MEMBER_ADDED, KIND_MEMBER_REMOVED, KIND_MESSAGE, KIND_READ_MARKER,
+    KIND_RECALL, RECORD_OVERHEAD,
 };
+use timeline_cluster::members::{covers, upper};
 use timeline_cluster::state_machine::payload_of;
 use timeline_cluster::{ImOutcome, Mark, Node};
 use timeline_engine::{Direction, Engine, Keyspace, TimelineId};
@@ -54,6 +56,7 @@ fn refusal(r: &ImRefusal) -> ErrorReply {
         ImRefusal::Exists(c) => (ErrorCode::CONVERSATION_EXISTS, *c),
         ImRefusal::NoConversation(c) => (ErrorCode::NO_SUCH_CONVERSATION, *c),
         ImRefusal::NotMember { user, .. } => (ErrorCode::NOT_MEMBER, *user),
+        ImRefusal::AlreadyMember { user, .. } => (ErrorCode::ALREADY_MEMBER, *user),
         ImRefusal::Damaged(c) => (ErrorCode::CORRUPTION, *c),
         ImRefusal::TooLarge { max, .. } => (ErrorCode::PAYLOAD_TOO_LARGE, *max as u64),
         ImRefusal::Invalid(_) => (ErrorCode::INVALID_ARGUMENT, 0),
@@ -234,6 +237,16 @@ pub(crate) fn execute(
                 }))
             });
         }
+        Request::AddMember { conv, user } | Request::RemoveMember { conv, user } => {
+            let add = matches!(r, Request::AddMember { .. });
+            let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
+            node.im_member(*conv, *user, add, move |r| {
+                a.reply(written(r, |seq, _| match add {
+                    true => Response::AddMember(seq),
+                    false => Response::RemoveMember(seq),
+                }))
+            });
+        }
         Request::Members { conv } => {
             let conv = *conv;
             let engine = node.engine().clone();
@@ -249,9 +262,9 @@ pub(crate) fn execute(
                     match (found, asker) {
                         // A conversation the user is not in is not told
                         // apart from a missing one, as on a single node.
-                        (Ok((_, m)), Some(u)) if !m.contains(&u) => Err(not_in(u)),
+                        (Ok(m), Some(u)) if !m.is_current(u) => Err(not_in(u)),
                         (Err(_), Some(u)) => Err(not_in(u)),
-                        (Ok((_, m)), _) => Ok(Response::Members(m)),
+                        (Ok(m), _) => Ok(Response::Members(m.current())),
                         (Err(r), None) => Err(refusal(&r)),
                     }
                 }))
@@ -271,7 +284,9 @@ fn check_ids(r: &Request<'_>) -> Result<(), ErrorReply> {
                 .chain(members.iter().map(|&m| ("user", m)))
                 .collect()
         }
-        Request::History { conv, user, .. } => vec![("conversation", *conv), ("user", *user)],
+        Request::History { conv, user, .. }
+        | Request::AddMember { conv, user }
+        | Request::RemoveMember { conv, user } => vec![("conversation", *conv), ("user", *user)],
         Request::Sync { user, .. }
         | Request::MarkRead { user, .. }
         | Request::DeleteForUser { user, .. }
@@ -324,16 +339,24 @@ fn im_body(kind: u8, body: Vec<u8>) -> timeline_im::Body {
         },
         KIND_READ_MARKER => B::ReadMarker,
         KIND_DELETED_MARKER => B::DeletedMarker,
+        KIND_MEMBER_ADDED => B::MemberAdded(user_of(&body)),
+        KIND_MEMBER_REMOVED => B::MemberRemoved(user_of(&body)),
         _ => B::Message(body),
     }
+}
+
+/// The user a membership event's body names (its first 8 bytes).
+fn user_of(body: &[u8]) -> u64 {
+    body.get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes)
 }
 
 fn body_of(kind: u8, body: Vec<u8>) -> Body {
     im_body(kind, body).wire()
 }
 
-/// A `CONVERSATIONS` line: members are fixed on a cluster, so the user is
-/// a member of every conversation it was delivered.
+/// A `CONVERSATIONS` line.
 fn conv_summary(l: timeline_cluster::conversations::ConvLine) -> crate::protocol::ConvSummary {
     crate::protocol::ConvSummary {
         conv: l.conv,
@@ -344,15 +367,17 @@ fn conv_summary(l: timeline_cluster::conversations::ConvLine) -> crate::protocol
         last_seq: l.last_seq,
         read_seq: l.read_seq,
         unread: l.unread,
-        member: true,
+        member: l.member,
         read_fanout: l.kind == CONV_READ_GROUP,
     }
 }
 
 /// Answer `s` with pages of `user`'s read-fan-out groups added (from the
-/// groups' partitions' leaders), in what is left of `limit`. A group the
-/// device has no checkpoint for starts after its `Created` event (seq 1,
-/// which came through the sync timeline).
+/// groups' partitions' leaders), in what is left of `limit`: every group
+/// it was ever in (a former member's pages end where it left). A group
+/// the device has no checkpoint for starts after the user's join (its
+/// `Created` event or `MemberAdded`, which came through the sync
+/// timeline).
 fn with_groups(
     weak: std::sync::Weak<super::Shared>,
     user: u64,
@@ -380,8 +405,9 @@ fn with_groups(
     }
     let reqs = mine
         .into_iter()
-        .map(|conv| GroupRead {
+        .map(|(conv, _)| GroupRead {
             conv,
+            user,
             after: asked.iter().find(|g| g.0 == conv).map_or(1, |g| g.1).max(1),
             limit: u32::MAX,
         })
@@ -475,7 +501,8 @@ fn sync(
     })
 }
 
-/// A page of a conversation's history, for a member.
+/// A page of a conversation's history, for a member or a former one:
+/// inside its stays (`[join, leave]`, as on a single node).
 fn history(
     engine: &Arc<Engine>,
     conv: u64,
@@ -483,25 +510,37 @@ fn history(
     from: HistoryFrom,
     limit: usize,
 ) -> Result<Response, ErrorReply> {
-    let (_, members) = read::members(engine, conv)
+    let members = read::members(engine, conv)
         .map_err(read_failed)?
         .map_err(|r| refusal(&r))?;
-    if !members.contains(&user) {
+    let stays = members.stays(user);
+    if stays.is_empty() {
         return Err(refusal(&ImRefusal::NotMember { conv, user }));
     }
     let tl = TimelineId::new(Keyspace::STORE, conv);
-    let last = engine.last_seq(tl);
-    let lo = engine.first_retained_seq(tl).map_err(|e| e.reply())?.max(1);
+    let hi = upper(&stays, engine.last_seq(tl));
+    let lo = engine
+        .first_retained_seq(tl)
+        .map_err(|e| e.reply())?
+        .max(stays[0].0);
     let (start, dir) = match from {
-        HistoryFrom::Before(s) => (s.saturating_sub(1).min(last), Direction::Backward),
+        HistoryFrom::Before(s) => (s.saturating_sub(1).min(hi), Direction::Backward),
         HistoryFrom::After(s) => (s.saturating_add(1).max(lo), Direction::Forward),
     };
-    let in_range = start >= lo && start <= last;
+    let in_range = start >= lo && start <= hi;
     let recs = if limit == 0 || !in_range {
         Vec::new()
     } else {
-        engine.scan(tl, start, limit, dir).map_err(|e| e.reply())?
+        let n = (limit as u64).min(match dir {
+            Direction::Forward => hi - start + 1,
+            Direction::Backward => start - lo + 1,
+        });
+        engine
+            .scan(tl, start, n as usize, dir)
+            .map_err(|e| e.reply())?
     };
+    let edge = recs.last().map(|r| r.seq);
+    let recs: Vec<_> = recs.into_iter().filter(|r| covers(&stays, r.seq)).collect();
     let recalled: HashSet<u64> = match recs.is_empty() {
         true => HashSet::new(),
         false => read::recalls(engine, conv)
@@ -527,9 +566,9 @@ fn history(
             body,
         });
     }
-    let has_more = match (recs.last(), dir) {
-        (Some(r), Direction::Forward) => r.seq < last,
-        (Some(r), Direction::Backward) => r.seq > lo,
+    let has_more = match (edge, dir) {
+        (Some(e), Direction::Forward) => e < hi,
+        (Some(e), Direction::Backward) => e > lo,
         (None, _) => limit == 0 && in_range,
     };
     Ok(Response::History(HistoryPage { entries, has_more }))
@@ -559,8 +598,11 @@ impl timeline_cluster::im::DeliveryHook for PushHook {
                 },
             }
         });
-        if here && d.kind == KIND_CREATED && d.body.first() == Some(&CONV_READ_GROUP) {
+        if here && d.joins() == Some(CONV_READ_GROUP) {
             sh.group_watch.add(d.conv, d.user);
+        }
+        if d.leaves() == Some(CONV_READ_GROUP) {
+            sh.group_watch.forget(d.conv, &[d.user]);
         }
     }
 
@@ -625,13 +667,14 @@ impl GroupWatch {
         }
     }
 
-    /// `user` subscribed on this node: watch its groups (those this node's
-    /// replica of the user's partition lists; none without one).
+    /// `user` subscribed on this node: watch the groups it is in (those
+    /// this node's replica of the user's partition lists; none without
+    /// one).
     pub(crate) fn subscribed(&self, node: &Node, user: u64) {
         match node.read_groups(user) {
             Ok(groups) => {
                 let mut g = self.lock();
-                for conv in groups {
+                for (conv, _) in groups.into_iter().filter(|g| g.1) {
                     g.entry(conv).or_default().insert(user);
                 }
             }

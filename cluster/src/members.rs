@@ -1,0 +1,213 @@
+//! Conversation membership on a cluster (`ADD_MEMBER`, `REMOVE_MEMBER`;
+//! docs/scaling.md, "Membership changes").
+//!
+//! - A conversation's members are its `Created` event's (seq 1), changed
+//!   by [`Command::ImMember`](crate::Command::ImMember) entries of its
+//!   partition. Applying one lists the change in the conversation's
+//!   [`IM_MEMBERS`] timeline (`add u8 | user u64 | at u64`: `at` is the
+//!   conv seq of its event), then stores a `MemberAdded` / `MemberRemoved`
+//!   event at `at`, delivered through the outbox as a message is.
+//! - So "the members at seq s" is the `Created` list with every change
+//!   listed at a seq below `s` applied: the deliverer reads it for each
+//!   outbox record (an add or a removal after a message never changes who
+//!   gets that message), and `HISTORY`, group pages, marks and
+//!   `CONVERSATIONS` read a user's **stays**: `[join, leave]` seq ranges,
+//!   inclusive (a member receives its own join and removal events), as on
+//!   a single node.
+//!
+//! [`IM_MEMBERS`]: crate::log_store::IM_MEMBERS
+
+use std::collections::BTreeSet;
+
+/// One listed change: the entry's write id, whom, at which conv seq.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Change {
+    pub write_id: u64,
+    pub user: u64,
+    pub at: u64,
+    pub add: bool,
+}
+
+const CHANGE_LEN: usize = 17;
+
+impl Change {
+    /// The record after the write id: `add u8 | user u64 | at u64`.
+    pub fn record(&self) -> [u8; CHANGE_LEN] {
+        let mut b = [0u8; CHANGE_LEN];
+        b[0] = u8::from(self.add);
+        b[1..9].copy_from_slice(&self.user.to_le_bytes());
+        b[9..].copy_from_slice(&self.at.to_le_bytes());
+        b
+    }
+
+    pub fn decode(write_id: u64, b: &[u8]) -> Option<Change> {
+        if b.len() != CHANGE_LEN || b[0] > 1 {
+            return None;
+        }
+        Some(Change {
+            write_id,
+            add: b[0] == 1,
+            user: u64::from_le_bytes(b[1..9].try_into().ok()?),
+            at: u64::from_le_bytes(b[9..].try_into().ok()?),
+        })
+    }
+}
+
+/// A user's stays in a conversation: `[join, leave]` seq ranges,
+/// inclusive; `leave` is `u64::MAX` while it is a member.
+pub type Stays = Vec<(u64, u64)>;
+
+/// A conversation's kind, its `Created` members and its listed changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Members {
+    pub kind: u8,
+    created: Vec<u64>,
+    changes: Vec<Change>,
+}
+
+impl Members {
+    pub fn new(kind: u8, created: Vec<u64>, changes: Vec<Change>) -> Members {
+        Members {
+            kind,
+            created,
+            changes,
+        }
+    }
+
+    /// As if entry `w`'s own change were not listed yet (its apply was cut
+    /// short by a restart after that first write).
+    pub fn without(mut self, w: u64) -> Members {
+        self.changes.retain(|c| c.write_id != w);
+        self
+    }
+
+    /// The members now.
+    pub fn current(&self) -> Vec<u64> {
+        self.upto(u64::MAX).into_iter().collect()
+    }
+
+    pub fn is_current(&self, user: u64) -> bool {
+        match self.changes.iter().rev().find(|c| c.user == user) {
+            Some(c) => c.add,
+            None => self.created.contains(&user),
+        }
+    }
+
+    /// The members with every change listed below seq `seq` applied.
+    fn upto(&self, seq: u64) -> BTreeSet<u64> {
+        let mut m: BTreeSet<u64> = self.created.iter().copied().collect();
+        for c in self.changes.iter().filter(|c| c.at < seq) {
+            match c.add {
+                true => m.insert(c.user),
+                false => m.remove(&c.user),
+            };
+        }
+        m
+    }
+
+    /// Who receives the event at conv seq `seq`: the members then, and
+    /// the user a change at `seq` names (a removed member receives its
+    /// own removal).
+    pub fn recipients(&self, seq: u64) -> Vec<u64> {
+        let mut m = self.upto(seq);
+        if let Some(c) = self.changes.iter().find(|c| c.at == seq) {
+            m.insert(c.user);
+        }
+        m.into_iter().collect()
+    }
+
+    /// The change stored at conv seq `seq`, if that seq is one.
+    pub fn change_at(&self, seq: u64) -> Option<Change> {
+        self.changes.iter().find(|c| c.at == seq).copied()
+    }
+
+    /// `user`'s stays (empty: never a member).
+    pub fn stays(&self, user: u64) -> Stays {
+        let mut out: Stays = Vec::new();
+        if self.created.contains(&user) {
+            out.push((1, u64::MAX));
+        }
+        for c in self.changes.iter().filter(|c| c.user == user) {
+            match (c.add, out.last_mut()) {
+                (true, _) => out.push((c.at, u64::MAX)),
+                (false, Some(last)) => last.1 = c.at,
+                (false, None) => {} // not listed as a member: nothing to end
+            }
+        }
+        out
+    }
+}
+
+/// Is `seq` inside one of `stays`?
+pub fn covers(stays: &Stays, seq: u64) -> bool {
+    stays.iter().any(|&(a, b)| a <= seq && seq <= b)
+}
+
+/// The last seq `stays` reach, of a conversation whose last seq is
+/// `last` (0: never a member).
+pub fn upper(stays: &Stays, last: u64) -> u64 {
+    stays.last().map_or(0, |s| s.1.min(last))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(w: u64, user: u64, at: u64, add: bool) -> Change {
+        Change {
+            write_id: w,
+            user,
+            at,
+            add,
+        }
+    }
+
+    #[test]
+    fn members_at_a_seq_follow_the_changes_listed_below_it() {
+        let m = Members::new(
+            2,
+            vec![1, 2],
+            vec![
+                change(10, 3, 4, true),
+                change(11, 1, 6, false),
+                change(12, 1, 8, true),
+            ],
+        );
+        assert_eq!(m.recipients(1), vec![1, 2]);
+        assert_eq!(m.recipients(3), vec![1, 2]);
+        assert_eq!(
+            m.recipients(4),
+            vec![1, 2, 3],
+            "the added user gets its join"
+        );
+        assert_eq!(
+            m.recipients(6),
+            vec![1, 2, 3],
+            "the removed user its removal"
+        );
+        assert_eq!(m.recipients(7), vec![2, 3]);
+        assert_eq!(m.recipients(9), vec![1, 2, 3]);
+        assert_eq!(m.current(), vec![1, 2, 3]);
+        assert!(m.is_current(1) && m.is_current(3) && !m.is_current(4));
+        assert_eq!(m.stays(1), vec![(1, 6), (8, u64::MAX)]);
+        assert_eq!(m.stays(3), vec![(4, u64::MAX)]);
+        assert_eq!(m.stays(4), Vec::<(u64, u64)>::new());
+        assert!(covers(&m.stays(1), 6) && !covers(&m.stays(1), 7));
+        assert_eq!(upper(&m.stays(1), 20), 20);
+        let cut = m.clone().without(12);
+        assert!(!cut.is_current(1));
+        assert_eq!(upper(&cut.stays(1), 20), 6);
+        assert_eq!(m.change_at(6), Some(change(11, 1, 6, false)));
+        assert_eq!(m.change_at(5), None);
+    }
+
+    #[test]
+    fn change_records_round_trip_and_bad_ones_are_refused() {
+        let c = change(7, 9, 3, true);
+        assert_eq!(Change::decode(7, &c.record()), Some(c));
+        assert_eq!(Change::decode(7, &c.record()[..16]), None);
+        let mut bad = c.record();
+        bad[0] = 2;
+        assert_eq!(Change::decode(7, &bad), None);
+    }
+}
