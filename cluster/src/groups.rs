@@ -16,8 +16,9 @@
 //!   confirming its leadership of each partition once before reading:
 //!   each page is linearizable on its own.
 //! - Push: the group partition's leader tells every node of each new
-//!   message ([`KIND_GROUP_PUSH`]); a node pushes it to the members
-//!   subscribed there ([`crate::im::DeliveryHook::group_message`]). A hint,
+//!   message and membership change (module [`crate::members`];
+//!   [`KIND_GROUP_PUSH`]); a node pushes it to the members subscribed
+//!   there ([`crate::im::DeliveryHook::group_message`]). A hint,
 //!   as every push: lost with the leader or a peer link.
 //!
 //! [`CONV_READ_GROUP`]: crate::im::CONV_READ_GROUP

@@ -411,7 +411,19 @@ impl Node {
             add,
             ts: now_ms(),
         };
-        self.im_write(conv, cmd, done);
+        // A read-fan-out group's members read the event in their pages;
+        // those subscribed are told, as of a message (a hint).
+        let inner = self.inner.clone();
+        self.im_write(conv, cmd, move |r| {
+            if let Ok(ImOutcome::Done { conv_seq, .. } | ImOutcome::Pending { conv_seq }) = &r {
+                let group = crate::im::read::members(inner.engine(), conv)
+                    .is_ok_and(|m| m.is_ok_and(|m| m.kind == crate::im::CONV_READ_GROUP));
+                if group {
+                    crate::groups::announce(&inner, conv, *conv_seq);
+                }
+            }
+            done(r)
+        });
     }
 
     /// `user`'s read marker or delete-for-me in `conv`, through the user's

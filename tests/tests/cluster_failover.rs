@@ -887,6 +887,45 @@ const USERS: u64 = 18;
 const GROUP: u64 = 3000;
 const GROUP_SIZE: u64 = 501;
 
+/// Conversations whose members change during the IM kill test, each
+/// created with its owner (a user up to [`STABLE`], never removed: it
+/// sends) and one user above it.
+const CHURN: [u64; 3] = [2000, 2001, 2002];
+/// Users up to this one send to the read-fan-out group and own the
+/// churn conversations; the users above it join and leave the group and
+/// the churn conversations during the IM kill test.
+const STABLE: u64 = 9;
+
+fn churn_created(conv: u64) -> Vec<u64> {
+    vec![conv % STABLE + 1, STABLE + 1 + conv % (USERS - STABLE)]
+}
+
+/// `user`'s stays in a conversation (`[join, leave]`, inclusive), from
+/// its history read by a member who never left and the members it was
+/// created with.
+fn stays_in(h: &[timeline_client::protocol::Entry], created: &[u64], user: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    if created.contains(&user) {
+        out.push((1, u64::MAX));
+    }
+    for e in h {
+        match e.body {
+            Body::MemberAdded(u) if u == user => out.push((e.conv_seq, u64::MAX)),
+            Body::MemberRemoved(u) if u == user => {
+                if let Some(l) = out.last_mut() {
+                    l.1 = e.conv_seq;
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn inside(stays: &[(u64, u64)], seq: u64) -> bool {
+    stays.iter().any(|&(a, b)| a <= seq && seq <= b)
+}
+
 /// Conversation `c`'s three members.
 fn members_of(c: u64) -> Vec<u64> {
     let mut m = vec![c % USERS + 1, (c + 5) % USERS + 1, (c + 11) % USERS + 1];
@@ -1163,50 +1202,70 @@ fn settle_sync_timelines(cc: &mut ClusterClient, within: Duration) {
     }
 }
 
-/// `user`'s `CONVERSATIONS` against the histories read back: its
-/// conversations in the order created, each one's last seq, read marker
-/// (its newest `ReadMarker` entry) and unread count (the entries after
-/// it not sent by the user).
+/// `user`'s `CONVERSATIONS` against the histories read back: its fixed
+/// conversations and the group in the order created, then the churn
+/// conversations it was ever in (joined under load: in any order), each
+/// with `member`, its last seq (where its stays end), read marker (its
+/// newest `ReadMarker` entry) and unread count (the entries after it,
+/// inside its stays, not sent by the user).
 fn check_conversations(
     cc: &mut ClusterClient,
     user: u64,
     own: &[&timeline_client::protocol::SyncEntry],
     histories: &HashMap<u64, Vec<timeline_client::protocol::Entry>>,
+    created: &HashMap<u64, Vec<u64>>,
 ) {
     let Ok(Response::Conversations(list)) = cc.call(&Request::Conversations { user }) else {
         panic!("conversations of {user}")
     };
-    let mut convs: Vec<u64> = (0..CONVS)
+    let mut first: Vec<u64> = (0..CONVS)
         .filter(|c| members_of(*c).contains(&user))
         .map(|c| 1000 + c)
         .collect();
-    convs.push(GROUP);
-    let got: Vec<(u64, u64, u64, u64)> = list
+    first.push(GROUP);
+    let got: Vec<(u64, bool, u64, u64, u64)> = list
         .iter()
-        .map(|c| (c.conv, c.last_seq, c.read_seq, c.unread))
+        .map(|c| (c.conv, c.member, c.last_seq, c.read_seq, c.unread))
         .collect();
-    let want: Vec<(u64, u64, u64, u64)> = convs
+    let line = |conv: u64| {
+        let h = &histories[&conv];
+        let stays = stays_in(h, &created[&conv], user);
+        let read = own
+            .iter()
+            .filter(|e| e.entry.conv == conv && e.entry.body == Body::ReadMarker)
+            .map(|e| e.entry.conv_seq)
+            .max()
+            .unwrap_or(0);
+        let sent = |e: &timeline_client::protocol::Entry| {
+            e.sender == user
+                && matches!(
+                    e.body,
+                    Body::Message(_) | Body::Recalled | Body::Recall { .. }
+                )
+        };
+        let unread = h
+            .iter()
+            .filter(|e| e.conv_seq > read && inside(&stays, e.conv_seq) && !sent(e))
+            .count();
+        let end = stays.last().map_or(0, |s| s.1.min(h.len() as u64));
+        let member = stays.last().is_some_and(|s| s.1 == u64::MAX);
+        (conv, member, end, read, unread as u64)
+    };
+    let want: Vec<_> = first.iter().map(|&c| line(c)).collect();
+    assert!(
+        got.len() >= want.len(),
+        "user {user}'s conversations: {got:?}"
+    );
+    assert_eq!(got[..want.len()], want[..], "user {user}'s conversations");
+    let mut rest = got[want.len()..].to_vec();
+    rest.sort_unstable();
+    let mut want_rest: Vec<_> = CHURN
         .iter()
-        .map(|&conv| {
-            let h = &histories[&conv];
-            let read = own
-                .iter()
-                .filter(|e| e.entry.conv == conv && e.entry.body == Body::ReadMarker)
-                .map(|e| e.entry.conv_seq)
-                .max()
-                .unwrap_or(0);
-            let sent = |e: &timeline_client::protocol::Entry| {
-                e.sender == user
-                    && matches!(
-                        e.body,
-                        Body::Message(_) | Body::Recalled | Body::Recall { .. }
-                    )
-            };
-            let unread = h.iter().filter(|e| e.conv_seq > read && !sent(e)).count();
-            (conv, h.len() as u64, read, unread as u64)
-        })
+        .filter(|&&c| !stays_in(&histories[&c], &created[&c], user).is_empty())
+        .map(|&c| line(c))
         .collect();
-    assert_eq!(got, want, "user {user}'s conversations");
+    want_rest.sort_unstable();
+    assert_eq!(rest, want_rest, "user {user}'s churn conversations");
 }
 
 /// `SEND`s to conversations whose members' sync timelines are in other
@@ -1222,6 +1281,10 @@ fn check_conversations(
 /// markers and deletes-for-me meanwhile: every acknowledged mark is in
 /// the user's sync timeline, read markers only rising; each user's
 /// `CONVERSATIONS` then agrees with the histories and its marks.
+/// Meanwhile users join and leave the group and three more groups
+/// (`ADD_MEMBER`, `REMOVE_MEMBER`): every change made is its event in the
+/// history, and each user's sync timeline and group pages hold exactly
+/// the entries inside its stays, as the histories say.
 #[test]
 fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
     let partitions = env_or("CLUSTER_PARTITIONS", 16) as u32;
@@ -1247,6 +1310,14 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
         members: (1..=GROUP_SIZE).collect(),
     });
     assert!(matches!(r, Ok(Response::CreateConversation(1))), "{r:?}");
+    for conv in CHURN {
+        let r = cc.call(&Request::CreateConversation {
+            conv,
+            kind: timeline_client::protocol::ConvKind::Group,
+            members: churn_created(conv),
+        });
+        assert!(matches!(r, Ok(Response::CreateConversation(1))), "{r:?}");
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Arc<Mutex<Acked>> = Arc::default();
     let recalls: Arc<Mutex<Vec<Recalled>>> = Arc::default();
@@ -1262,12 +1333,17 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
             let mut k = 0u64;
             let mut answers = 0usize;
             while !stop.load(Ordering::Relaxed) {
-                let (conv, sender) = if rng.gen_range(0..4) == 0 {
-                    (GROUP, rng.gen_range(1..=USERS))
-                } else {
-                    let c = rng.gen_range(0..CONVS);
-                    let m = members_of(c);
-                    (1000 + c, m[rng.gen_range(0..m.len())])
+                let (conv, sender) = match rng.gen_range(0..8) {
+                    0 | 1 => (GROUP, rng.gen_range(1..=STABLE)),
+                    2 => {
+                        let c = CHURN[rng.gen_range(0..CHURN.len())];
+                        (c, churn_created(c)[0])
+                    }
+                    _ => {
+                        let c = rng.gen_range(0..CONVS);
+                        let m = members_of(c);
+                        (1000 + c, m[rng.gen_range(0..m.len())])
+                    }
                 };
                 k += 1;
                 let cmid = w << 32 | k;
@@ -1318,6 +1394,45 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
             }
         })
     };
+    // Users above STABLE join and leave the group and the churn
+    // conversations: (conv, seq, user, add) of each change made.
+    let churn_done = {
+        let (seeds, stop) = (seeds.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
+            cc.retry_for = Duration::from_secs(5);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(300);
+            let mut made: Vec<(u64, u64, u64, bool)> = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let conv = match rng.gen_range(0..4) {
+                    0 => GROUP,
+                    _ => CHURN[rng.gen_range(0..CHURN.len())],
+                };
+                let user = rng.gen_range(STABLE + 1..=USERS);
+                let add = rng.gen_bool(0.5);
+                let r = match add {
+                    true => cc.call(&Request::AddMember { conv, user }),
+                    false => cc.call(&Request::RemoveMember { conv, user }),
+                };
+                match r {
+                    Ok(Response::AddMember(at) | Response::RemoveMember(at)) => {
+                        made.push((conv, at, user, add))
+                    }
+                    Err(ClientError::Server {
+                        code: ErrorCode::FANOUT_FAILED,
+                        arg,
+                        ..
+                    }) => made.push((conv, arg, user, add)),
+                    Ok(other) => panic!("a membership change answered {other:?}"),
+                    // Already (not) a member, or an unknown outcome: the
+                    // histories say what happened.
+                    Err(_) => {}
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            made
+        })
+    };
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     for cycle in 0..kills {
         std::thread::sleep(Duration::from_millis(rng.gen_range(800..1500)));
@@ -1344,6 +1459,7 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
     stop.store(true, Ordering::Relaxed);
     let retries: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
     marks_done.join().unwrap();
+    let changes = churn_done.join().unwrap();
     let acked = acked.lock().clone();
     let recalls = recalls.lock().clone();
     let marks = std::mem::take(&mut *marks.lock());
@@ -1354,7 +1470,8 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
     // Every acknowledged send: in its history, once, with its bytes.
     let mut histories = HashMap::new();
     let convs = (0..CONVS).map(|c| (1000 + c, members_of(c)[0]));
-    for (conv, member) in convs.chain([(GROUP, 1)]) {
+    let churn = CHURN.iter().map(|&c| (c, churn_created(c)[0]));
+    for (conv, member) in convs.chain([(GROUP, 1)]).chain(churn) {
         let h = history_all(&mut cc, conv, member);
         assert!(matches!(
             h[0].body,
@@ -1393,6 +1510,19 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
             assert_eq!(e.body, Body::Message(payload.clone()), "{conv}/{seq}");
         }
     }
+    // Every change made: its event at its seq.
+    for &(conv, at, user, add) in &changes {
+        let want = match add {
+            true => Body::MemberAdded(user),
+            false => Body::MemberRemoved(user),
+        };
+        assert_eq!(histories[&conv][at as usize - 1].body, want, "{conv}/{at}");
+    }
+    let mut created: HashMap<u64, Vec<u64>> = (0..CONVS)
+        .map(|c| (1000 + c, members_of(c)))
+        .chain(CHURN.iter().map(|&c| (c, churn_created(c))))
+        .collect();
+    created.insert(GROUP, (1..=GROUP_SIZE).collect());
     for r in &recalls {
         let h = &histories[&r.conv];
         assert_eq!(h[r.target as usize - 1].body, Body::Recalled, "{r:?}");
@@ -1416,37 +1546,59 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
             .partition(|e| matches!(e.entry.body, Body::ReadMarker | Body::DeletedMarker));
         check_marks(user, &own, &marks, &histories);
         marked += own.len();
-        check_conversations(&mut cc, user, &own, &histories);
+        check_conversations(&mut cc, user, &own, &histories, &created);
         let mut by_conv: HashMap<u64, Vec<&timeline_client::protocol::Entry>> = HashMap::new();
         for e in others {
             by_conv.entry(e.entry.conv).or_default().push(&e.entry);
         }
-        // The group: its Created event in the sync timeline, the rest of
-        // its history as group pages.
-        let created: Vec<u64> = by_conv
+        // The group: its Created event and the user's own joins and
+        // removals in the sync timeline, the rest of its history inside
+        // the user's stays as group pages.
+        let stays = stays_in(&histories[&GROUP], &created[&GROUP], user);
+        let in_sync: Vec<u64> = by_conv
             .remove(&GROUP)
             .unwrap_or_default()
             .iter()
             .map(|e| e.conv_seq)
             .collect();
-        assert_eq!(created, vec![1], "user {user}: the group's sync entries");
+        let ends: Vec<u64> = histories[&GROUP]
+            .iter()
+            .filter(|e| {
+                matches!(e.body, Body::Created { .. })
+                    || e.body == Body::MemberAdded(user)
+                    || e.body == Body::MemberRemoved(user)
+            })
+            .map(|e| e.conv_seq)
+            .collect();
+        assert_eq!(in_sync, ends, "user {user}: the group's sync entries");
         let got = pages.remove(&GROUP).unwrap_or_default();
-        let want = &histories[&GROUP][1..];
+        let want: Vec<_> = histories[&GROUP]
+            .iter()
+            .filter(|e| stays.iter().any(|&(a, b)| a < e.conv_seq && e.conv_seq < b))
+            .cloned()
+            .collect();
         assert_eq!(
             got.iter().map(|e| e.conv_seq).collect::<Vec<_>>(),
             want.iter().map(|e| e.conv_seq).collect::<Vec<_>>(),
             "user {user}: group pages"
         );
-        for (g, w) in got.iter().zip(want) {
+        for (g, w) in got.iter().zip(&want) {
             assert_eq!(g.sender, w.sender, "user {user}");
             assert!(same_body(&g.body, &w.body), "user {user}: {g:?} for {w:?}");
         }
         assert!(pages.is_empty(), "user {user}: pages of other groups");
         entries += got.len();
-        for c in (0..CONVS).filter(|c| members_of(*c).contains(&user)) {
-            let conv = 1000 + c;
+        let fixed = (0..CONVS)
+            .filter(|c| members_of(*c).contains(&user))
+            .map(|c| 1000 + c);
+        for conv in fixed.chain(CHURN) {
             let got = by_conv.remove(&conv).unwrap_or_default();
-            let want = &histories[&conv];
+            let stays = stays_in(&histories[&conv], &created[&conv], user);
+            let want: Vec<_> = histories[&conv]
+                .iter()
+                .filter(|e| inside(&stays, e.conv_seq))
+                .cloned()
+                .collect();
             let seqs: Vec<u64> = got.iter().map(|e| e.conv_seq).collect();
             let want_seqs: Vec<u64> = want.iter().map(|e| e.conv_seq).collect();
             if seqs != want_seqs {
@@ -1466,7 +1618,7 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
                     cl.logs()
                 );
             }
-            for (g, w) in got.iter().zip(want) {
+            for (g, w) in got.iter().zip(&want) {
                 assert!(same_body(&g.body, &w.body), "user {user}: {g:?} for {w:?}");
                 assert_eq!(g.sender, w.sender);
             }
@@ -1478,16 +1630,21 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
         );
     }
     eprintln!(
-        "{kills} kills: {} sends acknowledged, {retries} answers retried, {entries} sync entries checked; {} recalls, {} read marks and {} deletes acknowledged, {marked} mark entries checked",
+        "{kills} kills: {} sends acknowledged, {retries} answers retried, {entries} sync entries checked; {} recalls, {} read marks, {} deletes and {} membership changes acknowledged, {marked} mark entries checked",
         acked.len(),
         recalls.len(),
         marks.reads.len(),
-        marks.deletes.len()
+        marks.deletes.len(),
+        changes.len()
     );
     assert!(acked.len() > 50, "too little load: {}", acked.len());
     assert!(
         !recalls.is_empty() && !marks.reads.is_empty() && !marks.deletes.is_empty(),
         "no recall, read mark or delete acknowledged"
+    );
+    assert!(
+        changes.iter().any(|c| c.3) && changes.iter().any(|c| !c.3),
+        "no member added or removed: {changes:?}"
     );
     drop(cl.etcd);
 }
@@ -2358,8 +2515,8 @@ fn user_tokens_on_a_cluster_see_their_own_conversations_only() {
 /// its seq (the added and the removed user included) and nothing before a
 /// join or after a removal; `HISTORY`, `MEMBERS`, `CONVERSATIONS` and
 /// marks inside each user's stays; a read-fan-out group's pages from the
-/// join, up to the removal; group pushes to a member who joined, none to
-/// one who left.
+/// join, up to the removal; group pushes (membership events of others
+/// too) to a member who joined, none to one who left.
 #[test]
 fn members_join_and_leave_across_nodes() {
     use timeline_client::protocol::{ConvKind, Push};
@@ -2615,13 +2772,18 @@ fn members_join_and_leave_across_nodes() {
     let mut eve_pushes = Vec::new();
     while let Some((_, push)) = eve_device.next_push(Duration::from_secs(5)).unwrap() {
         if let Push::Group { entry, .. } = push {
-            eve_pushes.push(entry.conv_seq);
+            eve_pushes.push((entry.conv_seq, entry.body));
             if entry.conv_seq == 6 {
                 break;
             }
         }
     }
-    assert!(eve_pushes.contains(&6), "{eve_pushes:?}\n{}", cl.logs());
+    assert_eq!(
+        eve_pushes,
+        vec![(4, m(2)), (5, Body::MemberRemoved(gone)), (6, m(3))],
+        "{}",
+        cl.logs()
+    );
     let mut seen = Vec::new();
     while let Some((_, push)) = gone_device.next_push(Duration::from_secs(1)).unwrap() {
         match push {
@@ -2630,12 +2792,16 @@ fn members_join_and_leave_across_nodes() {
             _ => {}
         }
     }
-    // (A group's membership events reach the other members through
-    // their pages, not as pushes.)
+    // Another's join as a group push, its own removal as an entry.
     seen.sort_by_key(|s| s.0);
     assert_eq!(
         seen,
-        vec![(2, m(1)), (4, m(2)), (5, Body::MemberRemoved(gone))]
+        vec![
+            (2, m(1)),
+            (3, Body::MemberAdded(eve)),
+            (4, m(2)),
+            (5, Body::MemberRemoved(gone))
+        ]
     );
     drop(cl.etcd);
 }

@@ -608,8 +608,15 @@ impl timeline_cluster::im::DeliveryHook for PushHook {
 
     fn group_message(&self, conv: u64, conv_seq: u64, ev: &StoreEvent) {
         let Some(sh) = self.0.upgrade() else { return };
+        // A member's own join or removal reaches it through its sync
+        // timeline (pushed as an entry), not as a group entry.
+        let names =
+            matches!(ev.kind, KIND_MEMBER_ADDED | KIND_MEMBER_REMOVED).then(|| user_of(&ev.body));
         let mut gone = Vec::new();
         for user in sh.group_watch.members(conv) {
+            if names == Some(user) {
+                continue;
+            }
             let pushed = sh.im.push_to(user, || timeline_im::Push::Group {
                 user,
                 entry: timeline_im::Entry {
