@@ -42,6 +42,8 @@ pub struct ConvLine {
     pub unread: u64,
     /// A member now (else a former one: `last_seq` is where it left).
     pub member: bool,
+    /// Read fan-out now (created so, or switched when it grew).
+    pub read_fanout: bool,
 }
 
 /// What one conversation's leader is asked: the entries after `read`.
@@ -53,12 +55,13 @@ struct SummaryRead {
 }
 
 /// Its answer: the last seq the user's stays reach, the unread count,
-/// and whether the user is a member now.
+/// whether the user is a member now and the group read fan-out.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct Summary {
     last: u64,
     unread: u64,
     member: bool,
+    read_fanout: bool,
 }
 
 /// `r` from this node's replica (its leadership confirmed).
@@ -71,6 +74,7 @@ fn summary(e: &timeline_engine::Engine, r: &SummaryRead) -> Result<Summary, read
         last,
         unread,
         member: m.is_current(r.user),
+        read_fanout: m.read_since() != 0,
     })
 }
 
@@ -221,6 +225,7 @@ pub(crate) async fn list(inner: Arc<Inner>, user: u64) -> Result<Vec<ConvLine>, 
             read_seq: r.read,
             unread: s.unread,
             member: s.member,
+            read_fanout: s.read_fanout,
         })
         .collect())
 }

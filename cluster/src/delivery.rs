@@ -17,7 +17,7 @@
 //! idempotent).
 
 use crate::im::read::{self, Pending};
-use crate::im::{Delivery, CONV_READ_GROUP, KIND_CREATED, KIND_MEMBER_ADDED, KIND_MEMBER_REMOVED};
+use crate::im::{Delivery, KIND_CREATED, KIND_MEMBER_ADDED, KIND_MEMBER_REMOVED};
 use crate::members::Members;
 use crate::node::{ClusterError, Inner};
 use crate::partition::{partition_of, PartitionId};
@@ -314,7 +314,9 @@ async fn round(
 /// The members' sync entries of `pending`, by the members' partitions, in
 /// outbox order: each event goes to the members at its seq (module
 /// [`crate::members`]); a read-fan-out group's membership event only to
-/// the user it names (the others read it in the group's pages).
+/// the user it names (the others read it in the group's pages). A
+/// membership event tells the kind after it (read fan-out after a
+/// switch).
 fn deliveries(
     inner: &Inner,
     pending: &[Pending],
@@ -342,17 +344,13 @@ fn deliveries(
             // The user it names, then the conversation's kind.
             KIND_MEMBER_ADDED | KIND_MEMBER_REMOVED => {
                 let mut b = ev.body.clone();
-                b.push(m.kind);
+                b.push(m.kind_after(x.conv_seq));
                 (ev.kind, b)
             }
             // A message, or a recall (its body the recalled seq).
             k => (k, ev.body),
         };
-        let to = match m.change_at(x.conv_seq) {
-            Some(c) if m.kind == CONV_READ_GROUP => vec![c.user],
-            _ => m.recipients(x.conv_seq),
-        };
-        for user in to {
+        for user in m.deliver_to(x.conv_seq) {
             out.entry(partition_of(Keyspace::SYNC.0, user, parts))
                 .or_default()
                 .push(Delivery {

@@ -120,15 +120,20 @@ async fn read_here(
 fn read_local(inner: &Inner, p: PartitionId, req: &GroupRead) -> Result<RawPage, ClusterError> {
     let e = inner.engine();
     let tl = TimelineId::new(Keyspace::STORE, req.conv);
-    let stays = match read::members(e, req.conv).map_err(|e| read_failed(p, e))? {
-        Ok(m) => m.stays(req.user),
+    let (stays, since) = match read::members(e, req.conv).map_err(|e| read_failed(p, e))? {
+        Ok(m) => (m.stays(req.user), m.read_since()),
         Err(r) => return Err(read_failed(p, r)),
     };
     let len = e.last_seq(tl);
-    // Each stay's seqs a page may show: (join, leave), both ends excluded.
+    // Each stay's seqs a page may show: (join, leave), both ends excluded,
+    // from where the group is read fan-out (what came before went to the
+    // members' sync timelines).
     let open: Vec<(u64, u64)> = stays
         .iter()
-        .map(|&(join, leave)| (join + 1, leave.saturating_sub(1).min(len)))
+        .map(|&(join, leave)| {
+            let from = (join + 1).max(since.max(1));
+            (from, leave.saturating_sub(1).min(len))
+        })
         .filter(|&(a, b)| a <= b)
         .collect();
     let last = open.last().map_or(0, |s| s.1);

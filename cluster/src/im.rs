@@ -165,6 +165,17 @@ impl Delivery {
         }
     }
 
+    /// Does this delivery list a read-fan-out group among its user's
+    /// groups: the user joins it (`Created`, its own `MemberAdded`), or
+    /// another's `MemberAdded` switched it to read fan-out (only the
+    /// switching event of a read-fan-out group reaches the other members)?
+    pub fn lists_group(&self) -> bool {
+        match self.kind {
+            KIND_MEMBER_ADDED => self.body.get(8) == Some(&CONV_READ_GROUP),
+            _ => self.joins() == Some(CONV_READ_GROUP),
+        }
+    }
+
     /// The conversation kind, if this delivery is its user's own removal.
     pub fn leaves(&self) -> Option<u8> {
         match self.kind {

@@ -143,11 +143,14 @@ pub enum Command {
     },
     /// `user` joins (`add`) or leaves group `conv` (its partition's
     /// entry): the change listed, then its event stored and delivered to
-    /// the members at its seq, the user included (module [`members`]).
+    /// the members at its seq, the user included (module [`members`]). An
+    /// add that takes a write-fan-out group past `threshold` members (the
+    /// proposing node's hybrid threshold) switches it to read fan-out.
     ImMember {
         conv: u64,
         user: u64,
         add: bool,
+        threshold: u64,
         ts: u64,
     },
 }

@@ -14,39 +14,54 @@
 //!   `CONVERSATIONS` read a user's **stays**: `[join, leave]` seq ranges,
 //!   inclusive (a member receives its own join and removal events), as on
 //!   a single node.
+//! - **Hybrid.** An add that takes a write-fan-out group past the hybrid
+//!   threshold (carried in the entry, so every replica decides alike) is
+//!   listed as the **switch**: from the next seq on the group is read
+//!   fan-out for good ([`Members::read_since`]). The switching event
+//!   itself is delivered to every member, and listing the group among
+//!   each member's read-fan-out groups is part of applying it.
 //!
 //! [`IM_MEMBERS`]: crate::log_store::IM_MEMBERS
 
+use crate::im::CONV_READ_GROUP;
 use std::collections::BTreeSet;
 
-/// One listed change: the entry's write id, whom, at which conv seq.
+/// One listed change: the entry's write id, whom, at which conv seq,
+/// and whether this add switched the group to read fan-out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Change {
     pub write_id: u64,
     pub user: u64,
     pub at: u64,
     pub add: bool,
+    pub switch: bool,
 }
 
 const CHANGE_LEN: usize = 17;
 
 impl Change {
-    /// The record after the write id: `add u8 | user u64 | at u64`.
+    /// The record after the write id: `op u8 | user u64 | at u64`, op 0
+    /// remove, 1 add, 2 add and switch to read fan-out.
     pub fn record(&self) -> [u8; CHANGE_LEN] {
         let mut b = [0u8; CHANGE_LEN];
-        b[0] = u8::from(self.add);
+        b[0] = match (self.add, self.switch) {
+            (false, _) => 0,
+            (true, false) => 1,
+            (true, true) => 2,
+        };
         b[1..9].copy_from_slice(&self.user.to_le_bytes());
         b[9..].copy_from_slice(&self.at.to_le_bytes());
         b
     }
 
     pub fn decode(write_id: u64, b: &[u8]) -> Option<Change> {
-        if b.len() != CHANGE_LEN || b[0] > 1 {
+        if b.len() != CHANGE_LEN || b[0] > 2 {
             return None;
         }
         Some(Change {
             write_id,
-            add: b[0] == 1,
+            add: b[0] >= 1,
+            switch: b[0] == 2,
             user: u64::from_le_bytes(b[1..9].try_into().ok()?),
             at: u64::from_le_bytes(b[9..].try_into().ok()?),
         })
@@ -57,7 +72,8 @@ impl Change {
 /// inclusive; `leave` is `u64::MAX` while it is a member.
 pub type Stays = Vec<(u64, u64)>;
 
-/// A conversation's kind, its `Created` members and its listed changes.
+/// A conversation's kind (as created), its `Created` members and its
+/// listed changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Members {
     pub kind: u8,
@@ -79,6 +95,45 @@ impl Members {
     pub fn without(mut self, w: u64) -> Members {
         self.changes.retain(|c| c.write_id != w);
         self
+    }
+
+    /// The first seq read fan-out (0: write fan-out throughout): 2 for a
+    /// group created read fan-out (its `Created` event is delivered), the
+    /// seq after the switching add for one that grew past the threshold.
+    pub fn read_since(&self) -> u64 {
+        if self.kind == CONV_READ_GROUP {
+            return 2;
+        }
+        self.changes
+            .iter()
+            .find(|c| c.switch)
+            .map_or(0, |c| c.at + 1)
+    }
+
+    /// Is the entry at `seq` read fan-out (stored only)?
+    pub fn read_fanout_at(&self, seq: u64) -> bool {
+        let r = self.read_since();
+        r != 0 && seq >= r
+    }
+
+    /// The conversation kind after the entry at `seq` (what a delivery of
+    /// it tells the member's partition).
+    pub fn kind_after(&self, seq: u64) -> u8 {
+        match self.read_fanout_at(seq + 1) {
+            true => CONV_READ_GROUP,
+            false => self.kind,
+        }
+    }
+
+    /// Who gets the entry at `seq` in its sync timeline: the recipients
+    /// of a write-fan-out entry; of a read-fan-out one, only the user a
+    /// membership change names (the others read it in the group's pages).
+    pub fn deliver_to(&self, seq: u64) -> Vec<u64> {
+        match (self.read_fanout_at(seq), self.change_at(seq)) {
+            (false, _) => self.recipients(seq),
+            (true, Some(c)) => vec![c.user],
+            (true, None) => Vec::new(),
+        }
     }
 
     /// The members now.
@@ -159,6 +214,7 @@ mod tests {
             user,
             at,
             add,
+            switch: false,
         }
     }
 
@@ -202,12 +258,35 @@ mod tests {
     }
 
     #[test]
+    fn a_switching_add_makes_later_entries_read_fanout() {
+        let switch = Change {
+            switch: true,
+            ..change(11, 4, 5, true)
+        };
+        let m = Members::new(2, vec![1, 2], vec![change(10, 3, 3, true), switch]);
+        assert_eq!(m.read_since(), 6);
+        assert!(!m.read_fanout_at(5) && m.read_fanout_at(6));
+        assert_eq!((m.kind_after(4), m.kind_after(5)), (2, CONV_READ_GROUP));
+        assert_eq!(m.deliver_to(4), vec![1, 2, 3]);
+        assert_eq!(m.deliver_to(5), vec![1, 2, 3, 4], "the switch reaches all");
+        assert_eq!(m.deliver_to(6), Vec::<u64>::new(), "a message after it");
+        let later = Members::new(2, vec![1, 2], vec![switch, change(12, 1, 8, false)]);
+        assert_eq!(later.deliver_to(8), vec![1], "a removal after it: its user");
+        let created = Members::new(CONV_READ_GROUP, vec![1, 2], Vec::new());
+        assert_eq!(created.read_since(), 2);
+        assert_eq!(created.deliver_to(1), vec![1, 2]);
+        assert_eq!(Members::new(2, vec![1], Vec::new()).read_since(), 0);
+    }
+
+    #[test]
     fn change_records_round_trip_and_bad_ones_are_refused() {
         let c = change(7, 9, 3, true);
         assert_eq!(Change::decode(7, &c.record()), Some(c));
+        let s = Change { switch: true, ..c };
+        assert_eq!(Change::decode(7, &s.record()), Some(s));
         assert_eq!(Change::decode(7, &c.record()[..16]), None);
         let mut bad = c.record();
-        bad[0] = 2;
+        bad[0] = 3;
         assert_eq!(Change::decode(7, &bad), None);
     }
 }

@@ -396,19 +396,22 @@ impl Node {
     }
 
     /// `user` joins (`add`) or leaves group `conv`: as [`Node::im_send`]
-    /// (module [`crate::members`]); `done` gets the `MemberAdded` or
-    /// `MemberRemoved` event's seq.
+    /// (module [`crate::members`]; an add past `threshold` members switches
+    /// a write-fan-out group to read fan-out); `done` gets the
+    /// `MemberAdded` or `MemberRemoved` event's seq.
     pub fn im_member(
         &self,
         conv: u64,
         user: u64,
         add: bool,
+        threshold: u64,
         done: impl FnOnce(Result<ImOutcome, ClusterError>) + Send + 'static,
     ) {
         let cmd = Command::ImMember {
             conv,
             user,
             add,
+            threshold,
             ts: now_ms(),
         };
         // A read-fan-out group's members read the event in their pages;
@@ -416,8 +419,10 @@ impl Node {
         let inner = self.inner.clone();
         self.im_write(conv, cmd, move |r| {
             if let Ok(ImOutcome::Done { conv_seq, .. } | ImOutcome::Pending { conv_seq }) = &r {
+                // Read fan-out at that seq (not the switching event itself:
+                // every member has it in its sync timeline).
                 let group = crate::im::read::members(inner.engine(), conv)
-                    .is_ok_and(|m| m.is_ok_and(|m| m.kind == crate::im::CONV_READ_GROUP));
+                    .is_ok_and(|m| m.is_ok_and(|m| m.read_fanout_at(*conv_seq)));
                 if group {
                     crate::groups::announce(&inner, conv, *conv_seq);
                 }

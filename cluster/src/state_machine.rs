@@ -498,7 +498,8 @@ impl StateMachine {
                             user: *sender,
                         })))
                     }
-                    Ok(m) => m.kind == im::CONV_READ_GROUP,
+                    // The next seq is read fan-out once the group is.
+                    Ok(m) => m.read_since() != 0,
                 };
                 if let Some(a) = self.recent_send(*conv, *sender, *client_msg_id)? {
                     // A read-fan-out message has nothing to wait for.
@@ -633,23 +634,25 @@ impl StateMachine {
                 conv,
                 user,
                 add,
+                threshold,
                 ts,
-            } => self.apply_member(st, w, *conv, *user, *add, *ts),
+            } => self.apply_member(st, w, (*conv, *user), *add, *threshold, *ts),
             Command::Append { .. } | Command::Batch(_) => Ok(None),
         }
     }
 
     /// A membership change (module [`crate::members`]): `user` joins or
-    /// leaves group `conv`; the change is listed, then its event stored
-    /// with an outbox record (a read-fan-out group's too: its deliverer
-    /// sends it to the user it names only).
+    /// leaves group `conv`; the change is listed (an add past `threshold`
+    /// members of a write-fan-out group as the switch to read fan-out),
+    /// then its event stored with an outbox record (a read-fan-out group's
+    /// too: its deliverer sends it to the user it names only).
     fn apply_member(
         &self,
         st: &mut State,
         w: u64,
-        conv: u64,
-        user: u64,
+        (conv, user): (u64, u64),
         add: bool,
+        threshold: u64,
         ts: u64,
     ) -> Result<ImResult, Error> {
         let t = (Keyspace::STORE.0, conv);
@@ -673,11 +676,13 @@ impl StateMachine {
             _ => {}
         }
         let at = self.engine.last_seq(TimelineId::new(Keyspace::STORE, conv)) + 1;
+        let grows_past = m.current().len() as u64 + 1 > threshold;
         let change = crate::members::Change {
             write_id: w,
             user,
             at,
             add,
+            switch: add && m.read_since() == 0 && grows_past,
         };
         let listed = (crate::log_store::IM_MEMBERS.0, conv);
         self.append_any(st, listed, w, &change.record())?;
@@ -716,7 +721,7 @@ impl StateMachine {
             Ok(m) if !m.is_current(user) => {
                 return Ok(Some(Err(ImRefusal::NotMember { conv, user })))
             }
-            Ok(m) => m.kind == im::CONV_READ_GROUP,
+            Ok(m) => m.read_since() != 0,
         };
         let mine = match im::read::event(&self.engine, conv, target) {
             Ok(Some((_, ev))) => ev.kind == im::KIND_MESSAGE && ev.sender == user,
@@ -823,14 +828,15 @@ impl StateMachine {
     /// Does applying delivery `d` list something besides its sync entry
     /// (its user joins or leaves the conversation)?
     fn lists(&self, d: &Delivery) -> bool {
-        d.joins().is_some() || d.leaves() == Some(im::CONV_READ_GROUP)
+        d.joins().is_some() || d.lists_group() || d.leaves() == Some(im::CONV_READ_GROUP)
     }
 
     /// A delivery at write id `wi` that makes its user a member (`Created`,
     /// its own `MemberAdded`) also lists the conversation among the user's
-    /// (`IM_CONVS`), and a read-fan-out group among the user's groups
-    /// (`IM_GROUPS`); its own removal from a read-fan-out group lists the
-    /// group as left (`conv | 0`), once.
+    /// (`IM_CONVS`), and one that makes it read a read-fan-out group (a
+    /// join, or the switch to read fan-out) the group among the user's
+    /// groups (`IM_GROUPS`); its own removal from a read-fan-out group
+    /// lists the group as left (`conv | 0`), once.
     fn join_group(&self, st: &mut State, wi: u64, d: &Delivery) -> Result<(), Error> {
         let groups = (crate::log_store::IM_GROUPS.0, d.user);
         if let Some(kind) = d.joins() {
@@ -838,9 +844,9 @@ impl StateMachine {
             rec[..8].copy_from_slice(&d.conv.to_le_bytes());
             rec[8] = kind;
             self.append_any(st, (crate::log_store::IM_CONVS.0, d.user), wi, &rec)?;
-            if kind == im::CONV_READ_GROUP {
-                self.append_any(st, groups, wi, &d.conv.to_le_bytes())?;
-            }
+        }
+        if d.lists_group() {
+            self.append_any(st, groups, wi, &d.conv.to_le_bytes())?;
         } else if d.leaves() == Some(im::CONV_READ_GROUP) {
             let mut rec = [0u8; 9];
             rec[..8].copy_from_slice(&d.conv.to_le_bytes());
@@ -1724,6 +1730,7 @@ mod tests {
                 conv: 7,
                 user,
                 add,
+                threshold: 500,
                 ts: 1,
             },
         )
@@ -1789,6 +1796,7 @@ mod tests {
             user: 1,
             at: 6,
             add: true,
+            switch: false,
         };
         let mut rec = write_id(10, 0).to_le_bytes().to_vec();
         rec.extend_from_slice(&change.record());
@@ -1823,16 +1831,88 @@ mod tests {
             conv: 8,
             user: 3,
             add: true,
+            threshold: 500,
             ts: 1,
         };
         let r = im_of(block(sm.apply([entry(12, add)])).unwrap());
         assert!(matches!(r, Some(Err(ImRefusal::Invalid(_)))), "{r:?}");
     }
 
+    /// An add that takes a write-fan-out group past the entry's threshold
+    /// switches it for good: the switching event has an outbox record
+    /// (every member gets it), later messages none (stored only); the
+    /// switch delivered to another member lists the group among its
+    /// read-fan-out groups.
+    #[test]
+    fn an_add_past_the_threshold_switches_the_group_to_read_fanout() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let mut sm = StateMachine::open(e.clone(), 3).unwrap();
+        let add = |index, user, add| {
+            entry(
+                index,
+                Command::ImMember {
+                    conv: 7,
+                    user,
+                    add,
+                    threshold: 3,
+                    ts: 1,
+                },
+            )
+        };
+        block(sm.apply([create(1, im::CONV_GROUP, vec![1, 2])])).unwrap();
+        let r = applied(&mut sm, add(2, 3, true)).unwrap().unwrap();
+        assert_eq!((r.conv_seq, r.group), (2, false));
+        let r = applied(&mut sm, send(3, 1, 1, "a")).unwrap().unwrap();
+        assert_eq!(
+            (r.conv_seq, r.group),
+            (3, false),
+            "3 members: write fan-out"
+        );
+        let r = applied(&mut sm, add(4, 4, true)).unwrap().unwrap();
+        assert_eq!((r.conv_seq, r.outbox, r.group), (4, write_id(4, 0), false));
+        let m = im::read::members(&e, 7).unwrap().unwrap();
+        assert_eq!(m.read_since(), 5);
+        assert_eq!(m.deliver_to(4), vec![1, 2, 3, 4]);
+        let r = applied(&mut sm, send(5, 4, 1, "b")).unwrap().unwrap();
+        assert_eq!((r.conv_seq, r.outbox, r.group), (5, 0, true));
+        let r = applied(&mut sm, add(6, 2, false)).unwrap().unwrap();
+        assert_eq!(
+            (r.conv_seq, r.group),
+            (6, false),
+            "a change still has an outbox record"
+        );
+        assert_eq!(
+            im::read::members(&e, 7).unwrap().unwrap().deliver_to(6),
+            vec![2]
+        );
+        // Below the threshold again: read fan-out for good.
+        let r = applied(&mut sm, send(7, 1, 2, "c")).unwrap().unwrap();
+        assert!(r.group);
+        let mut body = 4u64.to_le_bytes().to_vec();
+        body.push(im::CONV_READ_GROUP);
+        let switch = Delivery {
+            user: 1,
+            conv: 7,
+            conv_seq: 4,
+            sender: 0,
+            ts: 1,
+            kind: im::KIND_MEMBER_ADDED,
+            body,
+        };
+        block(sm.apply([entry(8, Command::Deliver(vec![switch]))])).unwrap();
+        assert_eq!(im::read::groups_of(&e, 1).unwrap(), vec![(7, true)]);
+        assert!(
+            im::read::convs_of(&e, 1).unwrap().is_empty(),
+            "not its join"
+        );
+    }
+
     /// A user's own `MemberAdded` delivery lists the conversation among
     /// its conversations (and a read-fan-out group among its groups); its
     /// own removal from a read-fan-out group lists the group as left;
-    /// another member's join lists nothing for the receiver.
+    /// another member's join in a write-fan-out group lists nothing for
+    /// the receiver.
     #[test]
     fn a_joining_delivery_lists_and_a_leaving_one_unlists_the_group() {
         let dir = tempfile::tempdir().unwrap();
@@ -1851,10 +1931,11 @@ mod tests {
                 body,
             }
         };
-        let joins = vec![
-            d(3, 4, im::KIND_MEMBER_ADDED, 3),
-            d(2, 4, im::KIND_MEMBER_ADDED, 3),
-        ];
+        // Another's join in a write-fan-out group (in a read-fan-out one
+        // only the switching join reaches the others).
+        let mut other = d(2, 4, im::KIND_MEMBER_ADDED, 3);
+        other.body[8] = im::CONV_GROUP;
+        let joins = vec![d(3, 4, im::KIND_MEMBER_ADDED, 3), other];
         block(sm.apply([entry(1, Command::Deliver(joins))])).unwrap();
         assert_eq!(im::read::groups_of(&e, 3).unwrap(), vec![(7, true)]);
         assert_eq!(

@@ -2516,7 +2516,8 @@ fn user_tokens_on_a_cluster_see_their_own_conversations_only() {
 /// join or after a removal; `HISTORY`, `MEMBERS`, `CONVERSATIONS` and
 /// marks inside each user's stays; a read-fan-out group's pages from the
 /// join, up to the removal; group pushes (membership events of others
-/// too) to a member who joined, none to one who left.
+/// too) to a member who joined, none to one who left; a write-fan-out
+/// group that grows past the threshold read fan-out from then on.
 #[test]
 fn members_join_and_leave_across_nodes() {
     use timeline_client::protocol::{ConvKind, Push};
@@ -2729,7 +2730,7 @@ fn members_join_and_leave_across_nodes() {
         Ok(Response::RemoveMember(5))
     ));
     assert_eq!(sent(send(&mut cc, group, first, 3)), 6);
-    let view = |cc: &mut ClusterClient, user| {
+    let view_in = |cc: &mut ClusterClient, group: u64, user| {
         let (s, g) = sync_with_groups(cc, user);
         let s: Vec<(u64, Body)> = s
             .into_iter()
@@ -2742,6 +2743,7 @@ fn members_join_and_leave_across_nodes() {
             .unwrap_or_default();
         (s, g)
     };
+    let view = |cc: &mut ClusterClient, user| view_in(cc, group, user);
     let g_created = (
         1,
         Body::Created {
@@ -2803,5 +2805,55 @@ fn members_join_and_leave_across_nodes() {
             (5, Body::MemberRemoved(gone))
         ]
     );
+
+    // A write-fan-out group at the threshold (500) grows past it: read
+    // fan-out from the entry after the switching add, for good.
+    let grows = 8300u64;
+    let (owner, newcomer, leaver) = (30_000u64, 40_000u64, 30_002u64);
+    let r = cc.call(&Request::CreateConversation {
+        conv: grows,
+        kind: ConvKind::Group,
+        members: (owner..owner + 500).collect(),
+    });
+    assert!(matches!(r, Ok(Response::CreateConversation(1))), "{r:?}");
+    assert_eq!(sent(send(&mut cc, grows, owner, 1)), 2);
+    assert!(matches!(
+        add(&mut cc, grows, newcomer),
+        Ok(Response::AddMember(3))
+    ));
+    assert_eq!(sent(send(&mut cc, grows, owner + 1, 2)), 4);
+    assert!(matches!(
+        remove(&mut cc, grows, leaver),
+        Ok(Response::RemoveMember(5))
+    ));
+    assert_eq!(sent(send(&mut cc, grows, owner + 1, 3)), 6);
+    let created = (
+        1,
+        Body::Created {
+            kind: ConvKind::Group,
+        },
+    );
+    let switch = (3, Body::MemberAdded(newcomer));
+    assert_eq!(
+        view_in(&mut cc, grows, owner),
+        (
+            vec![created.clone(), (2, m(1)), switch.clone()],
+            vec![4, 5, 6]
+        )
+    );
+    assert_eq!(
+        view_in(&mut cc, grows, newcomer),
+        (vec![switch.clone()], vec![4, 5, 6])
+    );
+    assert_eq!(
+        view_in(&mut cc, grows, leaver),
+        (
+            vec![created, (2, m(1)), switch, (5, Body::MemberRemoved(leaver))],
+            vec![4]
+        )
+    );
+    // Read fan-out now; the owner's own message not unread.
+    assert_eq!(line(&mut cc, owner, grows), Some((true, true, 6, 0, 5)));
+    assert_eq!(line(&mut cc, leaver, grows), Some((false, true, 5, 0, 5)));
     drop(cl.etcd);
 }

@@ -240,7 +240,8 @@ pub(crate) fn execute(
         Request::AddMember { conv, user } | Request::RemoveMember { conv, user } => {
             let add = matches!(r, Request::AddMember { .. });
             let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
-            node.im_member(*conv, *user, add, move |r| {
+            let threshold = sh.im.config().hybrid_threshold as u64;
+            node.im_member(*conv, *user, add, threshold, move |r| {
                 a.reply(written(r, |seq, _| match add {
                     true => Response::AddMember(seq),
                     false => Response::RemoveMember(seq),
@@ -368,7 +369,7 @@ fn conv_summary(l: timeline_cluster::conversations::ConvLine) -> crate::protocol
         read_seq: l.read_seq,
         unread: l.unread,
         member: l.member,
-        read_fanout: l.kind == CONV_READ_GROUP,
+        read_fanout: l.read_fanout,
     }
 }
 
@@ -598,7 +599,7 @@ impl timeline_cluster::im::DeliveryHook for PushHook {
                 },
             }
         });
-        if here && d.joins() == Some(CONV_READ_GROUP) {
+        if here && d.lists_group() {
             sh.group_watch.add(d.conv, d.user);
         }
         if d.leaves() == Some(CONV_READ_GROUP) {
