@@ -220,6 +220,10 @@ pub struct ImApplied {
     /// A message to a read-fan-out group (stored in its partition only).
     #[serde(default)]
     pub group: bool,
+    /// A membership change of a read-fan-out group: told to the nodes for
+    /// push once stored (its delivery reaches the user it names only).
+    #[serde(default)]
+    pub announce: bool,
 }
 
 openraft::declare_raft_types!(

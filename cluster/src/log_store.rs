@@ -95,7 +95,7 @@ pub const IM_CONVS: Keyspace = Keyspace(7);
 /// with an index lookup ([`crate::im::read::is_conversation`]).
 pub const IM_CREATED: Keyspace = Keyspace(8);
 /// The keyspace of each conversation's membership changes: timeline
-/// `conv`, one record `add u8 | user u64 | at u64` per `ADD_MEMBER` or
+/// `conv`, one record `op u8 | user u64 | at u64` per `ADD_MEMBER` or
 /// `REMOVE_MEMBER` (written by the conversation's partition with the
 /// event at conv seq `at`: module [`crate::members`]).
 pub const IM_MEMBERS: Keyspace = Keyspace(9);

@@ -4,7 +4,7 @@
 //! - A conversation's members are its `Created` event's (seq 1), changed
 //!   by [`Command::ImMember`](crate::Command::ImMember) entries of its
 //!   partition. Applying one lists the change in the conversation's
-//!   [`IM_MEMBERS`] timeline (`add u8 | user u64 | at u64`: `at` is the
+//!   [`IM_MEMBERS`] timeline (`op u8 | user u64 | at u64`: `at` is the
 //!   conv seq of its event), then stores a `MemberAdded` / `MemberRemoved`
 //!   event at `at`, delivered through the outbox as a message is.
 //! - So "the members at seq s" is the `Created` list with every change
@@ -90,10 +90,13 @@ impl Members {
         }
     }
 
-    /// As if entry `w`'s own change were not listed yet (its apply was cut
-    /// short by a restart after that first write).
-    pub fn without(mut self, w: u64) -> Members {
-        self.changes.retain(|c| c.write_id != w);
+    /// The members as entry `w` is applied: the changes of earlier
+    /// entries only. Not its own (its apply was cut short by a restart
+    /// after that first write), nor a later entry's (a power cut kept a
+    /// later change's list record but lost this entry's writes, which are
+    /// then applied again).
+    pub fn before(mut self, w: u64) -> Members {
+        self.changes.retain(|c| c.write_id < w);
         self
     }
 
@@ -250,7 +253,7 @@ mod tests {
         assert_eq!(m.stays(4), Vec::<(u64, u64)>::new());
         assert!(covers(&m.stays(1), 6) && !covers(&m.stays(1), 7));
         assert_eq!(upper(&m.stays(1), 20), 20);
-        let cut = m.clone().without(12);
+        let cut = m.clone().before(12);
         assert!(!cut.is_current(1));
         assert_eq!(upper(&cut.stays(1), 20), 6);
         assert_eq!(m.change_at(6), Some(change(11, 1, 6, false)));

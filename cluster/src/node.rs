@@ -414,21 +414,7 @@ impl Node {
             threshold,
             ts: now_ms(),
         };
-        // A read-fan-out group's members read the event in their pages;
-        // those subscribed are told, as of a message (a hint).
-        let inner = self.inner.clone();
-        self.im_write(conv, cmd, move |r| {
-            if let Ok(ImOutcome::Done { conv_seq, .. } | ImOutcome::Pending { conv_seq }) = &r {
-                // Read fan-out at that seq (not the switching event itself:
-                // every member has it in its sync timeline).
-                let group = crate::im::read::members(inner.engine(), conv)
-                    .is_ok_and(|m| m.is_ok_and(|m| m.read_fanout_at(*conv_seq)));
-                if group {
-                    crate::groups::announce(&inner, conv, *conv_seq);
-                }
-            }
-            done(r)
-        });
+        self.im_write(conv, cmd, done);
     }
 
     /// `user`'s read marker or delete-for-me in `conv`, through the user's
@@ -496,6 +482,13 @@ impl Node {
                     }))
                 }
                 Some(Ok(ia)) => {
+                    // A read-fan-out group's membership change: its members
+                    // read it in their pages; those subscribed are told at
+                    // once (a removed user is forgotten for push before
+                    // the group's next messages are told).
+                    if ia.announce {
+                        crate::groups::announce(&inner, conv, ia.conv_seq);
+                    }
                     crate::delivery::kick(&inner, p);
                     let wait = crate::delivery::FANOUT_WAIT;
                     crate::delivery::wait(&inner, p, ia.outbox, wait, move |delivered| {

@@ -490,21 +490,23 @@ impl StateMachine {
                 if let Some(r) = self.too_large(payload.len()) {
                     return Ok(Some(Err(r)));
                 }
-                let group = match im::read::members(&self.engine, *conv).map_err(read_err)? {
+                let m = match im::read::members(&self.engine, *conv).map_err(read_err)? {
                     Err(r) => return Ok(Some(Err(r))),
-                    Ok(m) if !m.is_current(*sender) => {
-                        return Ok(Some(Err(ImRefusal::NotMember {
-                            conv: *conv,
-                            user: *sender,
-                        })))
-                    }
-                    // The next seq is read fan-out once the group is.
-                    Ok(m) => m.read_since() != 0,
+                    Ok(m) => m.before(w),
                 };
+                // The next seq is read fan-out once the group is.
+                let group = m.read_since() != 0;
+                // A retry first: its sender may have left since.
                 if let Some(a) = self.recent_send(*conv, *sender, *client_msg_id)? {
                     // A read-fan-out message has nothing to wait for.
                     let outbox = if group { 0 } else { a.outbox };
                     return Ok(Some(Ok(ImApplied { outbox, group, ..a })));
+                }
+                if !m.is_current(*sender) {
+                    return Ok(Some(Err(ImRefusal::NotMember {
+                        conv: *conv,
+                        user: *sender,
+                    })));
                 }
                 let ev = StoreEvent {
                     kind: im::KIND_MESSAGE,
@@ -521,6 +523,7 @@ impl StateMachine {
                         outbox: 0,
                         duplicate: false,
                         group,
+                        announce: false,
                     })));
                 }
                 self.store_with_outbox(st, w, *conv, &ev)
@@ -659,11 +662,11 @@ impl StateMachine {
         if self.last_index(st, t)? >= w {
             return Ok(None); // applied before a restart
         }
-        // Listed by this entry already (a restart between its writes): as
-        // if not, so it is decided as it was the first time.
+        // Listed by this entry already (a restart between its writes), or
+        // a later one: as if not, so it is decided as it was the first time.
         let m = match im::read::members(&self.engine, conv).map_err(read_err)? {
             Err(r) => return Ok(Some(Err(r))),
-            Ok(m) => m.without(w),
+            Ok(m) => m.before(w),
         };
         if m.kind == im::CONV_DIRECT {
             return Ok(Some(Err(ImRefusal::Invalid(
@@ -696,8 +699,10 @@ impl StateMachine {
             client_msg_id: 0,
             body: user.to_le_bytes().to_vec(),
         };
+        // Read fan-out at its seq: told to the nodes for push once stored.
+        let announce = m.read_fanout_at(at);
         self.store_with_outbox(st, w, conv, &ev)
-            .map(|a| Some(Ok(a)))
+            .map(|a| Some(Ok(ImApplied { announce, ..a })))
     }
 
     /// A recall (module [`crate::marks`]): `user`'s message `target`,
@@ -718,10 +723,12 @@ impl StateMachine {
         }
         let group = match im::read::members(&self.engine, conv).map_err(read_err)? {
             Err(r) => return Ok(Some(Err(r))),
-            Ok(m) if !m.is_current(user) => {
-                return Ok(Some(Err(ImRefusal::NotMember { conv, user })))
-            }
-            Ok(m) => m.read_since() != 0,
+            Ok(m) => match m.before(w) {
+                m if !m.is_current(user) => {
+                    return Ok(Some(Err(ImRefusal::NotMember { conv, user })))
+                }
+                m => m.read_since() != 0,
+            },
         };
         let mine = match im::read::event(&self.engine, conv, target) {
             Ok(Some((_, ev))) => ev.kind == im::KIND_MESSAGE && ev.sender == user,
@@ -757,6 +764,7 @@ impl StateMachine {
                 outbox: 0,
                 duplicate: false,
                 group,
+                announce: false,
             })));
         }
         self.store_with_outbox(st, w, conv, &ev)
@@ -879,6 +887,7 @@ impl StateMachine {
             outbox: w,
             duplicate: false,
             group: false,
+            announce: false,
         })
     }
 
@@ -904,6 +913,7 @@ impl StateMachine {
                     outbox: w,
                     duplicate: true,
                     group: false,
+                    announce: false,
                 }));
             }
         }
@@ -1905,6 +1915,15 @@ mod tests {
         assert!(
             im::read::convs_of(&e, 1).unwrap().is_empty(),
             "not its join"
+        );
+        // A sender removed since: its retry is still its message, a new
+        // message refused.
+        applied(&mut sm, add(9, 1, false)).unwrap().unwrap();
+        let r = applied(&mut sm, send(10, 1, 1, "a")).unwrap().unwrap();
+        assert_eq!((r.conv_seq, r.duplicate), (3, true));
+        assert_eq!(
+            applied(&mut sm, send(11, 1, 9, "z")),
+            Some(Err(ImRefusal::NotMember { conv: 7, user: 1 }))
         );
     }
 

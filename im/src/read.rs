@@ -270,9 +270,17 @@ pub(crate) fn history(
         return Ok(page);
     }
     let tl = TimelineId::store(conv);
+    // A start between two stays moves to the nearest stay in the paging
+    // direction, so a page holds an entry whenever one is left (a page
+    // of a gap alone would say `has_more` with nothing to move on from).
     let (recs, dir_fwd) = match from {
         HistoryFrom::Before(s) => {
             let hi = s.saturating_sub(1).min(hi_bound);
+            let hi = iv
+                .iter()
+                .rev()
+                .find(|st| st.0 <= hi)
+                .map_or(0, |st| st.1.min(hi));
             if hi < lo_bound {
                 return Ok(page);
             }
@@ -281,6 +289,10 @@ pub(crate) fn history(
         }
         HistoryFrom::After(s) => {
             let lo = s.saturating_add(1).max(lo_bound);
+            let lo = iv
+                .iter()
+                .find(|st| st.1 >= lo)
+                .map_or(u64::MAX, |st| st.0.max(lo));
             if lo > hi_bound {
                 return Ok(page);
             }

@@ -896,8 +896,15 @@ const CHURN: [u64; 3] = [2000, 2001, 2002];
 /// the churn conversations during the IM kill test.
 const STABLE: u64 = 9;
 
+/// The first churn conversation is created at the hybrid threshold
+/// (500 members, 498 of them never syncing): its first add switches it
+/// to read fan-out, under the kills.
 fn churn_created(conv: u64) -> Vec<u64> {
-    vec![conv % STABLE + 1, STABLE + 1 + conv % (USERS - STABLE)]
+    let mut m = vec![conv % STABLE + 1, STABLE + 1 + conv % (USERS - STABLE)];
+    if conv == CHURN[0] {
+        m.extend(100_000..100_498);
+    }
+    m
 }
 
 /// `user`'s stays in a conversation (`[join, leave]`, inclusive), from
@@ -1268,6 +1275,92 @@ fn check_conversations(
     assert_eq!(rest, want_rest, "user {user}'s churn conversations");
 }
 
+/// The first seq of conversation `h` that is read fan-out (0: none): 2
+/// for the group created so, else the entry after the add that took it
+/// past the hybrid threshold (500).
+fn read_since(h: &[timeline_client::protocol::Entry], created: usize) -> u64 {
+    if created > 500 {
+        return 2;
+    }
+    let mut members = created;
+    for e in h {
+        match e.body {
+            Body::MemberAdded(_) => members += 1,
+            Body::MemberRemoved(_) => members -= 1,
+            _ => continue,
+        }
+        if members > 500 {
+            return e.conv_seq + 1;
+        }
+    }
+    0
+}
+
+/// What `user` must hold of conversation `h` (created with `created`):
+/// in its sync timeline, the entries inside its stays from before the
+/// conversation was read fan-out, and its own joins and removals; in the
+/// group's pages, the entries strictly inside its stays from then on.
+fn expected(
+    h: &[timeline_client::protocol::Entry],
+    created: &[u64],
+    user: u64,
+) -> (
+    Vec<timeline_client::protocol::Entry>,
+    Vec<timeline_client::protocol::Entry>,
+) {
+    let stays = stays_in(h, created, user);
+    let since = read_since(h, created.len());
+    let write = |s: u64| since == 0 || s < since;
+    let own = |b: &Body| *b == Body::MemberAdded(user) || *b == Body::MemberRemoved(user);
+    let sync = h
+        .iter()
+        .filter(|e| inside(&stays, e.conv_seq) && (write(e.conv_seq) || own(&e.body)))
+        .cloned()
+        .collect();
+    let strictly = |s: u64| stays.iter().any(|&(a, b)| a < s && s < b);
+    let pages = h
+        .iter()
+        .filter(|e| !write(e.conv_seq) && strictly(e.conv_seq))
+        .cloned()
+        .collect();
+    (sync, pages)
+}
+
+/// `got` holds exactly `want`'s seqs, in order, with the same senders and
+/// bodies (a recalled message keeps its payload where it was delivered).
+fn same_entries(
+    user: u64,
+    conv: u64,
+    what: &str,
+    got: &[&timeline_client::protocol::Entry],
+    want: &[timeline_client::protocol::Entry],
+    cl: &Cluster,
+) {
+    let seqs: Vec<u64> = got.iter().map(|e| e.conv_seq).collect();
+    let want_seqs: Vec<u64> = want.iter().map(|e| e.conv_seq).collect();
+    if seqs != want_seqs {
+        let at = seqs
+            .iter()
+            .zip(&want_seqs)
+            .position(|(a, b)| a != b)
+            .unwrap_or(seqs.len().min(want_seqs.len()));
+        let around = |v: &[u64]| v[at.saturating_sub(3)..(at + 3).min(v.len())].to_vec();
+        panic!(
+            "user {user}, conversation {conv}: {} {what} for {} expected; first difference at index {at}: got seqs {:?}, expected {:?} (history there: {:?})\n{}",
+            seqs.len(),
+            want_seqs.len(),
+            around(&seqs),
+            around(&want_seqs),
+            want.get(at.saturating_sub(1)..(at + 2).min(want.len())),
+            cl.logs()
+        );
+    }
+    for (g, w) in got.iter().zip(want) {
+        assert!(same_body(&g.body, &w.body), "user {user}: {g:?} for {w:?}");
+        assert_eq!(g.sender, w.sender, "user {user}: {g:?}");
+    }
+}
+
 /// `SEND`s to conversations whose members' sync timelines are in other
 /// partitions (so on other nodes), while conversation leaders are killed
 /// -9 and restarted: every acknowledged send is in its conversation's
@@ -1282,9 +1375,11 @@ fn check_conversations(
 /// the user's sync timeline, read markers only rising; each user's
 /// `CONVERSATIONS` then agrees with the histories and its marks.
 /// Meanwhile users join and leave the group and three more groups
-/// (`ADD_MEMBER`, `REMOVE_MEMBER`): every change made is its event in the
-/// history, and each user's sync timeline and group pages hold exactly
-/// the entries inside its stays, as the histories say.
+/// (`ADD_MEMBER`, `REMOVE_MEMBER`), the first of which starts at the
+/// hybrid threshold and switches to read fan-out at its first add: every
+/// change made is its event in the history, and each user's sync timeline
+/// and group pages hold exactly the entries inside its stays, before and
+/// after the switch, as the histories say.
 #[test]
 fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
     let partitions = env_or("CLUSTER_PARTITIONS", 16) as u32;
@@ -1396,8 +1491,11 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
     };
     // Users above STABLE join and leave the group and the churn
     // conversations: (conv, seq, user, add) of each change made.
+    // The first churn conversation is left alone until the first kill,
+    // so that it switches to read fan-out while a node is down.
+    let killed = Arc::new(AtomicBool::new(false));
     let churn_done = {
-        let (seeds, stop) = (seeds.clone(), stop.clone());
+        let (seeds, stop, killed) = (seeds.clone(), stop.clone(), killed.clone());
         std::thread::spawn(move || {
             let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
             cc.retry_for = Duration::from_secs(5);
@@ -1408,6 +1506,10 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
                     0 => GROUP,
                     _ => CHURN[rng.gen_range(0..CHURN.len())],
                 };
+                if conv == CHURN[0] && !killed.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
                 let user = rng.gen_range(STABLE + 1..=USERS);
                 let add = rng.gen_bool(0.5);
                 let r = match add {
@@ -1450,6 +1552,7 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
             .unwrap();
         let v = cl.nodes.iter().position(|n| n.client == victim).unwrap();
         cl.nodes[v].kill9();
+        killed.store(true, Ordering::Relaxed);
         eprintln!("im cycle {cycle}: killed node {}", cl.nodes[v].id);
         std::thread::sleep(Duration::from_millis(1500));
         cl.nodes[v].spawn(BIN);
@@ -1551,79 +1654,20 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
         for e in others {
             by_conv.entry(e.entry.conv).or_default().push(&e.entry);
         }
-        // The group: its Created event and the user's own joins and
-        // removals in the sync timeline, the rest of its history inside
-        // the user's stays as group pages.
-        let stays = stays_in(&histories[&GROUP], &created[&GROUP], user);
-        let in_sync: Vec<u64> = by_conv
-            .remove(&GROUP)
-            .unwrap_or_default()
-            .iter()
-            .map(|e| e.conv_seq)
-            .collect();
-        let ends: Vec<u64> = histories[&GROUP]
-            .iter()
-            .filter(|e| {
-                matches!(e.body, Body::Created { .. })
-                    || e.body == Body::MemberAdded(user)
-                    || e.body == Body::MemberRemoved(user)
-            })
-            .map(|e| e.conv_seq)
-            .collect();
-        assert_eq!(in_sync, ends, "user {user}: the group's sync entries");
-        let got = pages.remove(&GROUP).unwrap_or_default();
-        let want: Vec<_> = histories[&GROUP]
-            .iter()
-            .filter(|e| stays.iter().any(|&(a, b)| a < e.conv_seq && e.conv_seq < b))
-            .cloned()
-            .collect();
-        assert_eq!(
-            got.iter().map(|e| e.conv_seq).collect::<Vec<_>>(),
-            want.iter().map(|e| e.conv_seq).collect::<Vec<_>>(),
-            "user {user}: group pages"
-        );
-        for (g, w) in got.iter().zip(&want) {
-            assert_eq!(g.sender, w.sender, "user {user}");
-            assert!(same_body(&g.body, &w.body), "user {user}: {g:?} for {w:?}");
-        }
-        assert!(pages.is_empty(), "user {user}: pages of other groups");
-        entries += got.len();
         let fixed = (0..CONVS)
             .filter(|c| members_of(*c).contains(&user))
             .map(|c| 1000 + c);
-        for conv in fixed.chain(CHURN) {
+        for conv in fixed.chain([GROUP]).chain(CHURN) {
+            let h = &histories[&conv];
+            let (want_sync, want_pages) = expected(h, &created[&conv], user);
             let got = by_conv.remove(&conv).unwrap_or_default();
-            let stays = stays_in(&histories[&conv], &created[&conv], user);
-            let want: Vec<_> = histories[&conv]
-                .iter()
-                .filter(|e| inside(&stays, e.conv_seq))
-                .cloned()
-                .collect();
-            let seqs: Vec<u64> = got.iter().map(|e| e.conv_seq).collect();
-            let want_seqs: Vec<u64> = want.iter().map(|e| e.conv_seq).collect();
-            if seqs != want_seqs {
-                let at = seqs
-                    .iter()
-                    .zip(&want_seqs)
-                    .position(|(a, b)| a != b)
-                    .unwrap_or(seqs.len().min(want_seqs.len()));
-                let around = |v: &[u64]| v[at.saturating_sub(3)..(at + 3).min(v.len())].to_vec();
-                panic!(
-                    "user {user}, conversation {conv}: {} sync entries for {} history entries; first difference at index {at}: sync seqs {:?}, history seqs {:?} (history there: {:?})\n{}",
-                    seqs.len(),
-                    want_seqs.len(),
-                    around(&seqs),
-                    around(&want_seqs),
-                    want.get(at.saturating_sub(1)..(at + 2).min(want.len())),
-                    cl.logs()
-                );
-            }
-            for (g, w) in got.iter().zip(&want) {
-                assert!(same_body(&g.body, &w.body), "user {user}: {g:?} for {w:?}");
-                assert_eq!(g.sender, w.sender);
-            }
-            entries += got.len();
+            same_entries(user, conv, "sync entries", &got, &want_sync, &cl);
+            let got = pages.remove(&conv).unwrap_or_default();
+            let got: Vec<_> = got.iter().collect();
+            same_entries(user, conv, "group pages", &got, &want_pages, &cl);
+            entries += want_sync.len() + want_pages.len();
         }
+        assert!(pages.is_empty(), "user {user}: pages of other groups");
         assert!(
             by_conv.is_empty(),
             "user {user} has entries of conversations it is not in"
@@ -1645,6 +1689,18 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
     assert!(
         changes.iter().any(|c| c.3) && changes.iter().any(|c| !c.3),
         "no member added or removed: {changes:?}"
+    );
+    let big = &histories[&CHURN[0]];
+    let since = read_since(big, 500);
+    assert!(
+        since > 0 && since <= big.len() as u64,
+        "conversation {} never switched to read fan-out",
+        CHURN[0]
+    );
+    eprintln!(
+        "conversation {} switched to read fan-out at seq {since} of {}",
+        CHURN[0],
+        big.len()
     );
     drop(cl.etcd);
 }
@@ -2696,6 +2752,32 @@ fn members_join_and_leave_across_nodes() {
         .collect();
     assert_eq!(tail, vec![(7, Body::MemberAdded(alice)), (8, m(5))]);
     assert_eq!(hist(&mut cc, alice), vec![1, 2, 3, 4, 5, 7, 8]);
+    // One entry a page, across the gap (seq 6) both ways.
+    let mut paged = Vec::new();
+    for from in [5, u64::MAX] {
+        let dir = |s| match from {
+            5 => timeline_client::protocol::HistoryFrom::After(s),
+            _ => timeline_client::protocol::HistoryFrom::Before(s),
+        };
+        let mut at = from;
+        for _ in 0..8 {
+            let Ok(Response::History(p)) = cc.call(&Request::History {
+                conv,
+                user: alice,
+                from: dir(at),
+                limit: 1,
+            }) else {
+                panic!("history of alice from {at}")
+            };
+            assert!(!p.entries.is_empty() || !p.has_more, "empty page at {at}");
+            at = p.entries.last().map_or(at, |e| e.conv_seq);
+            paged.extend(p.entries.iter().map(|e| e.conv_seq));
+            if !p.has_more || at <= 4 {
+                break;
+            }
+        }
+    }
+    assert_eq!(paged, vec![7, 8, 8, 7, 5, 4]);
     assert_eq!(line(&mut cc, alice, conv), Some((true, false, 8, 5, 2)));
 
     // A read-fan-out group: 501 members, then eve joins and 10_001 leaves.

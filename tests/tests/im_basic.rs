@@ -143,6 +143,58 @@ fn membership_bounds_what_members_receive() {
     im.close().unwrap();
 }
 
+/// `HISTORY` paged in small pages across the gap between two stays, both
+/// ways: each page holds entries until the end, never an empty page that
+/// says there is more.
+#[test]
+fn history_pages_skip_the_gaps_between_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let im = Im::open(dir.path(), cfg(), im_cfg(500)).unwrap();
+    im.create_conversation(7, ConvKind::Group, &[1, 2]).unwrap(); // 1
+    assert_eq!(im.add_member(7, 3).unwrap(), 2);
+    im.send(7, 1, 1, b"a").unwrap(); // 3
+    assert_eq!(im.remove_member(7, 3).unwrap(), 4);
+    for k in 0..5 {
+        im.send(7, 1, 10 + k, b"missed").unwrap(); // 5..=9
+    }
+    assert_eq!(im.add_member(7, 3).unwrap(), 10);
+    im.send(7, 2, 1, b"b").unwrap(); // 11
+    let page = |from| {
+        let p = im.history(7, 3, from, 2).unwrap();
+        let seqs: Vec<u64> = p.entries.iter().map(|e| e.conv_seq).collect();
+        (seqs, p.has_more)
+    };
+    let (mut fwd, mut at) = (Vec::new(), 0);
+    for _ in 0..10 {
+        let (seqs, more) = page(HistoryFrom::After(at));
+        assert!(
+            !seqs.is_empty() || !more,
+            "an empty page with more after {at}"
+        );
+        at = seqs.last().copied().unwrap_or(at);
+        fwd.extend(seqs);
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(fwd, vec![2, 3, 4, 10, 11]);
+    let (mut back, mut at) = (Vec::new(), u64::MAX);
+    for _ in 0..10 {
+        let (seqs, more) = page(HistoryFrom::Before(at));
+        assert!(
+            !seqs.is_empty() || !more,
+            "an empty page with more before {at}"
+        );
+        at = seqs.last().copied().unwrap_or(at);
+        back.extend(seqs);
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(back, vec![11, 10, 4, 3, 2]);
+    im.close().unwrap();
+}
+
 #[test]
 fn read_fanout_group_is_read_from_the_store() {
     let dir = tempfile::tempdir().unwrap();

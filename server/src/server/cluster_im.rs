@@ -524,9 +524,26 @@ fn history(
         .first_retained_seq(tl)
         .map_err(|e| e.reply())?
         .max(stays[0].0);
+    // A start between two stays moves to the nearest stay in the paging
+    // direction, so a page holds an entry whenever one is left.
     let (start, dir) = match from {
-        HistoryFrom::Before(s) => (s.saturating_sub(1).min(hi), Direction::Backward),
-        HistoryFrom::After(s) => (s.saturating_add(1).max(lo), Direction::Forward),
+        HistoryFrom::Before(s) => {
+            let s = s.saturating_sub(1).min(hi);
+            let s = stays
+                .iter()
+                .rev()
+                .find(|st| st.0 <= s)
+                .map_or(0, |st| st.1.min(s));
+            (s, Direction::Backward)
+        }
+        HistoryFrom::After(s) => {
+            let s = s.saturating_add(1).max(lo);
+            let s = stays
+                .iter()
+                .find(|st| st.1 >= s)
+                .map_or(u64::MAX, |st| st.0.max(s));
+            (s, Direction::Forward)
+        }
     };
     let in_range = start >= lo && start <= hi;
     let recs = if limit == 0 || !in_range {
@@ -610,9 +627,14 @@ impl timeline_cluster::im::DeliveryHook for PushHook {
     fn group_message(&self, conv: u64, conv_seq: u64, ev: &StoreEvent) {
         let Some(sh) = self.0.upgrade() else { return };
         // A member's own join or removal reaches it through its sync
-        // timeline (pushed as an entry), not as a group entry.
+        // timeline (pushed as an entry), not as a group entry; a removed
+        // member gets no push of the group from here on (its own removal's
+        // delivery may come later: its partition may be slower).
         let names =
             matches!(ev.kind, KIND_MEMBER_ADDED | KIND_MEMBER_REMOVED).then(|| user_of(&ev.body));
+        if let (KIND_MEMBER_REMOVED, Some(u)) = (ev.kind, names) {
+            sh.group_watch.forget(conv, &[u]);
+        }
         let mut gone = Vec::new();
         for user in sh.group_watch.members(conv) {
             if names == Some(user) {
