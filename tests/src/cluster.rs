@@ -10,12 +10,26 @@ use std::time::{Duration, Instant};
 use timeline_client::protocol::Request;
 use timeline_client::Client;
 
-/// A loopback port free right now.
+/// A loopback port free right now, below Linux's ephemeral range
+/// (32768–60999): a port the kernel handed out for `bind(0)` and freed
+/// again may be given to any outgoing connection next (the tests open
+/// thousands), and then a node or etcd started on it fails to bind, or a
+/// readiness probe reaches the wrong process. Ports are taken in turn
+/// from a place that differs per test process, each checked free.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port: {e}"))
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LO: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let start = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LO + (start + k) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LO}..{}", LO + SPAN)
 }
 
 pub fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
@@ -82,7 +96,15 @@ impl Etcd {
             });
         self.child = Some(child);
         let addr = self.endpoint();
+        let log = self.dir.join("etcd.log");
+        let child = &mut self.child;
         wait_until("etcd accepting", Duration::from_secs(20), || {
+            // Accepting on its port, and still running (not another
+            // process holding the port while this etcd failed to bind).
+            if let Some(Ok(Some(st))) = child.as_mut().map(|c| c.try_wait()) {
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!("etcd exited: {st}; its log:\n{tail}");
+            }
             TcpStream::connect(&addr).is_ok()
         });
     }
