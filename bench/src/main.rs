@@ -57,8 +57,12 @@
 //!   so this assumes W1's id space), then spot-checks pages of up to 1,000
 //!   timelines (`errors`).
 //! - **`fanout` (W3)**, **`im` (W4)**, **`fanout-sweep` (W5)**: the IM
-//!   workloads, on the IM layer `timeline_im` (`--target engine`
-//!   only), described below.
+//!   workloads, on the IM layer `timeline_im` (`--target engine`), a
+//!   server it starts (`--target server`) or, W3 and W4, a running
+//!   cluster (`--target cluster --addr ...`; its nodes' own
+//!   `--hybrid-threshold` decides the fan-out mode: give W3 the same
+//!   value, a `--fanout-mode` the groups would not get is refused),
+//!   described below.
 //!
 //! # The IM workloads (W3, W4, W5)
 //!
@@ -599,7 +603,12 @@ pub(crate) fn execute(cmd: &Cmd, results: bool) -> Result<(report::Reporter, u64
             Target::Rocksdb,
             Target::Redis,
         ],
-        Cmd::Fanout(_) => &[Target::Engine, Target::Server, Target::Rocksdb],
+        Cmd::Fanout(_) => &[
+            Target::Engine,
+            Target::Server,
+            Target::Cluster,
+            Target::Rocksdb,
+        ],
         Cmd::Im(_) => &[Target::Engine, Target::Server, Target::Cluster],
         Cmd::Devices(_) => &[Target::Server, Target::Cluster, Target::Redis],
         _ => &[Target::Engine],
@@ -708,9 +717,18 @@ fn on_im_target(cmd: &Cmd, flags: &Flags, rep: &mut report::Reporter) -> Result<
     use workloads::{fanout, im};
     match cmd {
         Cmd::Fanout(_) => {
-            let p = fanout::Plan::new(flags)?;
+            let mut p = fanout::Plan::new(flags)?;
             let largest = p.fanout;
             match flags.target {
+                Target::Cluster => {
+                    p.on_cluster(flags)?;
+                    fanout::run(
+                        flags,
+                        targets::cluster_im::ClusterIm::start(flags)?,
+                        &p,
+                        rep,
+                    )
+                }
                 Target::Server => fanout::run(
                     flags,
                     ServerIm::start(flags, p.threshold, largest)?,

@@ -109,3 +109,41 @@ fn im_through_a_cluster_delivers_every_message() {
     assert!(v["deliveries"].as_u64().unwrap_or(0) > 1500, "{v}");
     assert!(v["sync_ops"].as_u64().unwrap_or(0) > 0, "{v}");
 }
+
+/// W3 through the cluster at a small size, write fan-out: every sampled
+/// receiver ends with exactly its groups' messages (`errors` 0); a
+/// `--fanout-mode` the nodes' threshold would not give is refused.
+#[test]
+fn fanout_through_a_cluster_delivers_every_message() {
+    let cl = Cluster::start(BIN, 16);
+    let addr = cl.seeds().join(",");
+    let args = |mode: &'static str| {
+        vec![
+            "fanout",
+            "--target",
+            "cluster",
+            "--addr",
+            addr.as_str(),
+            "--groups",
+            "300",
+            "--fanout",
+            "20",
+            "--timelines",
+            "2000",
+            "--fanout-mode",
+            mode,
+        ]
+    };
+    let v = bench_json(&args("write"), &cl);
+    assert_eq!(v["target"], "cluster");
+    assert_eq!(v["errors"], 0, "{v}");
+    assert_eq!(v["messages"], 300, "{v}");
+    assert_eq!(v["deliveries"], 6000, "{v}");
+    let out = Command::new(bench_bin())
+        .args(args("read"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--hybrid-threshold"), "{err}");
+}

@@ -32,11 +32,13 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use timeline_engine::{Keyspace, SeqId, TimelineId};
 use timeline_im::{ConvId, UserId};
-use timeline_server::protocol::{Request, Response};
+use timeline_server::protocol::{ErrorCode, Request, Response};
 use timeline_server::Client;
 
 /// How long setup waits for the `Created` deliveries to settle.
 const SETTLE_WAIT: Duration = Duration::from_secs(120);
+/// Rounds of creating what an election refused (setup).
+const CREATE_ATTEMPTS: usize = 5;
 
 pub struct ClusterIm {
     routes: Routes,
@@ -130,17 +132,41 @@ impl ImTarget for ClusterIm {
 
     fn create(&mut self, convs: &[ConvSpec]) -> Result<()> {
         let t0 = Instant::now();
-        let mut by_node: Vec<Vec<&ConvSpec>> = vec![Vec::new(); self.routes.nodes.len()];
-        for c in convs {
-            by_node[self.conv_node(c.id)].push(c);
-        }
-        let parts: Vec<&[&ConvSpec]> = by_node.iter().map(Vec::as_slice).collect();
-        let errors = create_pipelined(&parts, &self.shape, |n| connect(&self.routes.nodes[n]))?;
-        if errors > 0 {
-            return Err(format!(
-                "{errors} conversation(s) could not be created (CONVERSATION_EXISTS: the cluster holds an earlier run's; W4 needs a fresh cluster, e.g. local-cluster.sh with a new directory)"
-            )
-            .into());
+        let mut todo: Vec<&ConvSpec> = convs.iter().collect();
+        // A create refused NO_LEADER or MOVED did nothing (an election on
+        // a loaded machine): asked again, where the leaders are now.
+        for attempt in 1..=CREATE_ATTEMPTS {
+            let mut by_node: Vec<Vec<&ConvSpec>> = vec![Vec::new(); self.routes.nodes.len()];
+            for &c in &todo {
+                by_node[self.conv_node(c.id)].push(c);
+            }
+            let parts: Vec<&[&ConvSpec]> = by_node.iter().map(Vec::as_slice).collect();
+            let refused =
+                create_pipelined(&parts, &self.shape, |n| connect(&self.routes.nodes[n]))?;
+            let transient =
+                |code: &ErrorCode| matches!(*code, ErrorCode::NO_LEADER | ErrorCode::MOVED);
+            if refused.is_empty() {
+                break;
+            }
+            if attempt == CREATE_ATTEMPTS || !refused.iter().all(|r| transient(&r.1)) {
+                let exists = refused
+                    .iter()
+                    .any(|r| r.1 == ErrorCode::CONVERSATION_EXISTS);
+                return Err(format!(
+                    "{} conversation(s) could not be created{}",
+                    refused.len(),
+                    if exists {
+                        " (CONVERSATION_EXISTS: the cluster holds an earlier run's; the IM workloads need a fresh cluster, e.g. local-cluster.sh with a new directory)"
+                    } else {
+                        ""
+                    }
+                )
+                .into());
+            }
+            // Setup, untimed: a pause for the election, then the map again.
+            std::thread::sleep(Duration::from_secs(1));
+            self.routes = Routes::fetch(&self.flags)?;
+            todo.retain(|c| refused.iter().any(|r| r.0 == c.id));
         }
         let mut users: Vec<UserId> = convs.iter().flat_map(|c| c.members.clone()).collect();
         users.sort_unstable();

@@ -417,37 +417,39 @@ impl ServerIm {
 }
 
 /// Create `parts` (setup), each on its own connection (`connect(i)` for
-/// part `i`) and thread, pipelined; the creates refused.
+/// part `i`) and thread, pipelined; the creates refused, with the code.
 pub(crate) fn create_pipelined(
     parts: &[&[&ConvSpec]],
     shape: &Shape,
     connect: impl Fn(usize) -> Result<Client> + Sync,
-) -> Result<u64> {
+) -> Result<Vec<(ConvId, ErrorCode)>> {
     let connect = &connect;
-    std::thread::scope(|s| -> Result<u64> {
+    std::thread::scope(|s| -> Result<Vec<(ConvId, ErrorCode)>> {
         let hs: Vec<_> = parts
             .iter()
             .enumerate()
             .filter(|(_, part)| !part.is_empty())
             .map(|(i, part)| {
-                s.spawn(move || -> Result<u64> {
+                s.spawn(move || -> Result<Vec<(ConvId, ErrorCode)>> {
                     let mut cc = CreateConn {
                         c: connect(i)?,
                         next: part.iter(),
-                        errors: 0,
+                        refused: Vec::new(),
                     };
                     let mut h = crate::report::new_histogram()?;
                     drive(&mut cc, part.len() as u64, shape, &mut h)?;
-                    Ok(cc.errors)
+                    Ok(cc.refused)
                 })
             })
             .collect();
-        hs.into_iter()
-            .map(|h| {
+        let mut refused = Vec::new();
+        for h in hs {
+            refused.extend(
                 h.join()
-                    .unwrap_or_else(|_| Err("setup thread panicked".into()))
-            })
-            .sum()
+                    .unwrap_or_else(|_| Err("setup thread panicked".into()))?,
+            );
+        }
+        Ok(refused)
     })
 }
 
@@ -455,7 +457,7 @@ pub(crate) fn create_pipelined(
 struct CreateConn<'a> {
     c: Client,
     next: std::slice::Iter<'a, &'a ConvSpec>,
-    errors: u64,
+    refused: Vec<(ConvId, ErrorCode)>,
 }
 
 impl Pipelined for CreateConn<'_> {
@@ -490,12 +492,12 @@ impl Pipelined for CreateConn<'_> {
                 ..
             }) => {}
             Ok(r) => {
-                self.errors += 1;
+                self.refused.push((conv, ErrorCode::INTERNAL));
                 eprintln!("create error: conversation {conv}: reply {r:?}");
             }
-            Err(e @ ClientError::Server { .. }) => {
-                self.errors += 1;
-                eprintln!("create error: conversation {conv}: {e}");
+            Err(ClientError::Server { code, message, .. }) => {
+                self.refused.push((conv, code));
+                eprintln!("create error: conversation {conv}: {code:?}: {message}");
             }
             Err(e) => return Err(e.into()),
         }
@@ -614,9 +616,9 @@ impl ImTarget for ServerIm {
             .partition(|c| c.kind == ConvKind::Group && c.members.len() > self.threshold);
         let conns = self.shape.sessions;
         let parts: Vec<&[&ConvSpec]> = others.chunks(others.len().div_ceil(conns).max(1)).collect();
-        let errors = create_pipelined(&parts, &self.shape, |_| self.server.connect())?;
-        if errors > 0 {
-            return Err(format!("{errors} conversation(s) could not be created").into());
+        let refused = create_pipelined(&parts, &self.shape, |_| self.server.connect())?;
+        if !refused.is_empty() {
+            return Err(format!("{} conversation(s) could not be created", refused.len()).into());
         }
         let mut c = self.server.connect()?;
         for g in read_groups {

@@ -61,6 +61,31 @@ impl Plan {
         })
     }
 
+    /// On a cluster the nodes' `--hybrid-threshold` decides the mode (the
+    /// bench cannot set it): `--hybrid-threshold` here must name the
+    /// nodes' (default 500, as theirs), and a `--fanout-mode` the groups
+    /// would not get under it is refused rather than mislabelled.
+    pub fn on_cluster(&mut self, flags: &Flags) -> Result<()> {
+        let h = imkit::hybrid_threshold(flags);
+        let read = self.fanout > h;
+        let named = match self.mode {
+            FanoutMode::Write => !read,
+            FanoutMode::Read => read,
+            FanoutMode::Hybrid => true,
+        };
+        if !named {
+            return Err(format!(
+                "on a cluster, groups of {} members are {} fan-out under the nodes' --hybrid-threshold {h} (give the nodes' value with --hybrid-threshold); --fanout-mode {} cannot be run",
+                self.fanout,
+                if read { "read" } else { "write" },
+                mode_name(self.mode)
+            )
+            .into());
+        }
+        self.threshold = h;
+        Ok(())
+    }
+
     pub fn specs(&self) -> Vec<ConvSpec> {
         self.groups
             .iter()
