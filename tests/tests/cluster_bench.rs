@@ -142,7 +142,7 @@ fn fanout_through_a_cluster_delivers_every_message() {
     let out = Command::new(bench_bin())
         .args(args("read"))
         .output()
-        .unwrap();
+        .expect("timeline-bench runs");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--hybrid-threshold"), "{err}");
