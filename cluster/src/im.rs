@@ -456,6 +456,23 @@ pub mod read {
         Ok(out)
     }
 
+    /// The seqs of `conv` that `user` deleted for itself (from this
+    /// node's replica of the user's partition), in the order deleted.
+    pub fn deletes(e: &Engine, user: u64, conv: u64) -> Result<Vec<u64>, ReadError> {
+        let tl = TimelineId::new(crate::log_store::IM_DELETES, user);
+        let mut out = Vec::new();
+        for (seq, _, b) in all(e, tl)? {
+            let (c, at) = (b.len() == 16)
+                .then(|| Some((u64_at(&b, 0)?, u64_at(&b, 8)?)))
+                .flatten()
+                .ok_or_else(|| ReadError::Damaged(format!("user {user}'s delete record {seq}")))?;
+            if c == conv {
+                out.push(at);
+            }
+        }
+        Ok(out)
+    }
+
     /// Every read marker of `user`'s, by conversation.
     pub fn read_markers(
         e: &Engine,

@@ -99,6 +99,11 @@ pub const IM_CREATED: Keyspace = Keyspace(8);
 /// `REMOVE_MEMBER` (written by the conversation's partition with the
 /// event at conv seq `at`: module [`crate::members`]).
 pub const IM_MEMBERS: Keyspace = Keyspace(9);
+/// The keyspace of each user's deletes-for-me: timeline `user`, one
+/// record `conv u64 | seq u64` per `DELETE_FOR_USER` (written by the
+/// user's partition with its `DeletedMarker`; `HISTORY` reads it: module
+/// [`crate::marks`]). Kept when the sync TTL drops the marker.
+pub const IM_DELETES: Keyspace = Keyspace(10);
 
 /// Whether `keyspace` is one of the cluster's own (no client writes it).
 pub fn is_own(keyspace: u8) -> bool {
@@ -111,6 +116,7 @@ pub fn is_own(keyspace: u8) -> bool {
         IM_CONVS.0,
         IM_CREATED.0,
         IM_MEMBERS.0,
+        IM_DELETES.0,
     ]
     .contains(&keyspace)
 }
@@ -120,7 +126,7 @@ const REPLAY_PAGE: usize = 4096;
 
 /// The keyspaces a node's engine needs besides its data keyspaces: kept
 /// forever, in log order (no regroup: the log is read in order).
-pub fn keyspaces() -> [KeyspaceConfig; 8] {
+pub fn keyspaces() -> [KeyspaceConfig; 9] {
     let keep = |id, name| KeyspaceConfig {
         regroup: false,
         segment_window: Duration::from_secs(3600),
@@ -135,6 +141,7 @@ pub fn keyspaces() -> [KeyspaceConfig; 8] {
         keep(IM_CONVS, "im-convs"),
         keep(IM_CREATED, "im-created"),
         keep(IM_MEMBERS, "im-members"),
+        keep(IM_DELETES, "im-deletes"),
     ]
 }
 

@@ -27,7 +27,7 @@ use crate::groups::{ask_peer, no_moved, Confirmed, Refusal};
 use crate::im::read::{self, ReadError};
 use crate::im::ImRefusal;
 use crate::members::{covers, upper};
-use crate::net::KIND_CONV_INFO;
+use crate::net::{KIND_CONV_INFO, KIND_DELETES};
 use crate::node::{now_ms, ClusterError, ImOutcome, Inner};
 use crate::partition::{partition_of, PartitionId};
 use crate::{Command, Mark};
@@ -121,6 +121,79 @@ async fn probe(
         };
         match answer {
             Ok(r) => return Ok(r),
+            Err(Refusal::NotLeader(l)) => hint = l,
+            Err(Refusal::Failed(m)) => return Err(ClusterError::Raft(m)),
+        }
+    }
+    Err(ClusterError::NoLeader { partition: p })
+}
+
+/// A user's deletes in a conversation, as asked of its partition's leader.
+#[derive(Debug, Serialize, Deserialize)]
+struct DeletesRead {
+    user: u64,
+    conv: u64,
+}
+
+type DeletesAnswer = Result<Vec<u64>, Refusal>;
+
+/// Answer `r` here if this node leads the user's partition `p` (and
+/// confirms it with a quorum).
+async fn deletes_here(inner: &Inner, p: PartitionId, r: &DeletesRead) -> DeletesAnswer {
+    if !inner.leads(p) {
+        return Err(Refusal::NotLeader(
+            inner.leader_hint(p).filter(|&l| l != inner.id),
+        ));
+    }
+    inner
+        .linearize(Keyspace::SYNC.0, r.user)
+        .await
+        .map_err(|e| match e {
+            ClusterError::Moved { .. } | ClusterError::NoLeader { .. } => Refusal::NotLeader(None),
+            e => Refusal::Failed(e.to_string()),
+        })?;
+    read::deletes(inner.engine(), r.user, r.conv).map_err(|e| Refusal::Failed(e.to_string()))
+}
+
+/// A peer's request for a user's deletes (the peer RPC's handler).
+pub(crate) async fn serve_deletes(inner: Arc<Inner>, body: Vec<u8>) -> Vec<u8> {
+    let answer: DeletesAnswer = match bincode::deserialize::<DeletesRead>(&body) {
+        Err(e) => Err(Refusal::Failed(format!("undecodable deletes request: {e}"))),
+        Ok(r) => {
+            let p = partition_of(Keyspace::SYNC.0, r.user, inner.map.read().len());
+            deletes_here(&inner, p, &r).await
+        }
+    };
+    bincode::serialize(&answer).unwrap_or_default()
+}
+
+/// The seqs of `conv` that `user` deleted for itself, from the leader of
+/// the user's partition (three attempts, following its hints). Never
+/// `MOVED`: the caller was asked for the conversation's partition.
+pub(crate) async fn deletes(
+    inner: &Arc<Inner>,
+    user: u64,
+    conv: u64,
+) -> Result<Vec<u64>, ClusterError> {
+    let p = partition_of(Keyspace::SYNC.0, user, inner.map.read().len());
+    let r = DeletesRead { user, conv };
+    let mut hint = None;
+    for _ in 0..ATTEMPTS {
+        let answer = if inner.leads(p) {
+            deletes_here(inner, p, &r).await
+        } else {
+            let Some(node) = hint
+                .or_else(|| inner.leader_hint(p))
+                .filter(|&n| n != inner.id)
+            else {
+                return Err(ClusterError::NoLeader { partition: p });
+            };
+            ask_peer::<_, DeletesAnswer>(inner, node, p, KIND_DELETES, &r)
+                .await
+                .map_err(no_moved)?
+        };
+        match answer {
+            Ok(d) => return Ok(d),
             Err(Refusal::NotLeader(l)) => hint = l,
             Err(Refusal::Failed(m)) => return Err(ClusterError::Raft(m)),
         }

@@ -67,6 +67,10 @@ pub const KIND_CONV_INFO: u8 = 7;
 /// ([`crate::conversations`]): bincode `Vec<SummaryRead>`; reply
 /// `Result<Vec<Result<Summary, Refusal>>, String>`, one per read.
 pub const KIND_CONV_SUMMARY: u8 = 8;
+/// A user's deletes-for-me in a conversation, from the leader of the
+/// user's partition ([`crate::marks`]): bincode `DeletesRead`; reply
+/// `Result<Vec<u64>, Refusal>`.
+pub const KIND_DELETES: u8 = 9;
 const DELIVER_TIMEOUT: Duration = Duration::from_secs(5);
 const REPLY: u8 = 0x80;
 const KIND_NO_GROUP: u8 = 0xFF;
@@ -184,7 +188,7 @@ async fn serve_conn(s: TcpStream, groups: Arc<Groups>, im: ImFn) {
             }
         };
         let tx = tx.clone();
-        if (KIND_DELIVER..=KIND_CONV_SUMMARY).contains(&f.kind) {
+        if (KIND_DELIVER..=KIND_DELETES).contains(&f.kind) {
             let answer = im(f.kind, f.partition, f.body);
             tokio::spawn(async move {
                 let body = answer.await;

@@ -434,6 +434,21 @@ impl Node {
         });
     }
 
+    /// The seqs of `conv` that `user` deleted for itself, from the leader
+    /// of the user's partition (here, or asked over the peer link), once
+    /// it confirmed its leadership (module [`crate::marks`]).
+    pub fn user_deletes(
+        &self,
+        user: u64,
+        conv: u64,
+        done: impl FnOnce(Result<Vec<u64>, ClusterError>) + Send + 'static,
+    ) {
+        let inner = self.inner.clone();
+        self.spawn(async move {
+            done(crate::marks::deletes(&inner, user, conv).await);
+        });
+    }
+
     /// `user`'s conversations (module [`crate::conversations`]), once this
     /// node confirmed it leads the user's partition (else `MOVED` or
     /// `NO_LEADER` for it).
@@ -952,6 +967,7 @@ async fn boot(
                 (Some(inner), net::KIND_CONV_SUMMARY) => {
                     crate::conversations::serve(inner, body).await
                 }
+                (Some(inner), net::KIND_DELETES) => crate::marks::serve_deletes(inner, body).await,
                 _ => Vec::new(),
             }
         })

@@ -598,6 +598,12 @@ impl StateMachine {
                         )))))
                     }
                     crate::Mark::Delete => {
+                        // Listed first (kept past the sync TTL, read by
+                        // HISTORY), then the user's sync entry.
+                        let mut rec = [0u8; 16];
+                        rec[..8].copy_from_slice(&conv.to_le_bytes());
+                        rec[8..].copy_from_slice(&seq.to_le_bytes());
+                        self.append_any(st, (crate::log_store::IM_DELETES.0, *user), w, &rec)?;
                         let s = self.write_mark(st, w, &d)?;
                         Ok(Some(Ok(ImApplied {
                             conv_seq: s,
@@ -2059,6 +2065,9 @@ mod tests {
             assert!(matches!(r, Some(Err(ImRefusal::Invalid(_)))), "{r:?}");
         }
         let del = seq_of(got(&mut sm, mark(20, 5, Delete, 12)));
+        // Listed for HISTORY (refused deletes are not).
+        assert_eq!(im::read::deletes(&e, 2, 7).unwrap(), vec![5]);
+        assert!(im::read::deletes(&e, 2, 8).unwrap().is_empty());
         let sync: Vec<(u64, u8, u64)> = sm
             .records(Keyspace::SYNC.0, 2)
             .unwrap()

@@ -203,12 +203,18 @@ pub(crate) fn execute(
             let (conv, user, from) = (*conv, *user, *from);
             let limit = page_limit(sh, conn, *limit);
             let engine = node.engine().clone();
+            let weak = Arc::downgrade(ctx.sh);
             let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
             node.linearize(Keyspace::STORE.0, conv, move |r| {
-                a.reply(
-                    r.map_err(|e| e.reply())
-                        .and_then(|()| history(&engine, conv, user, from, limit)),
-                )
+                let page = r
+                    .map_err(|e| e.reply())
+                    .and_then(|()| history(&engine, conv, user, from, limit));
+                match page {
+                    Ok(p) if p.entries.iter().any(|e| deletable(&e.body)) => {
+                        with_deletes(weak, user, conv, p, a)
+                    }
+                    r => a.reply(r.map(Response::History)),
+                }
             });
         }
         Request::Recall { conv, user, target } => {
@@ -502,6 +508,44 @@ fn sync(
     })
 }
 
+/// A message (recalled or not) the user may have deleted for itself.
+fn deletable(b: &Body) -> bool {
+    matches!(b, Body::Message(_) | Body::Recalled)
+}
+
+/// Answer `page` with the messages `user` deleted for itself shown
+/// `Deleted` (as on a single node), read from the leader of the user's
+/// partition.
+fn with_deletes(
+    weak: std::sync::Weak<super::Shared>,
+    user: u64,
+    conv: u64,
+    mut page: HistoryPage,
+    a: Answer,
+) {
+    let Some(sh) = weak.upgrade() else {
+        return a.reply(Err(ErrorReply::new(
+            ErrorCode::CLOSED,
+            0,
+            "the server is stopping",
+        )));
+    };
+    let Some(node) = sh.cluster.as_ref() else {
+        return a.reply(Ok(Response::History(page)));
+    };
+    node.user_deletes(user, conv, move |r| {
+        a.reply(r.map_err(|e| e.reply()).map(|deleted| {
+            let deleted: HashSet<u64> = deleted.into_iter().collect();
+            for e in &mut page.entries {
+                if deletable(&e.body) && deleted.contains(&e.conv_seq) {
+                    e.body = Body::Deleted;
+                }
+            }
+            Response::History(page)
+        }))
+    });
+}
+
 /// A page of a conversation's history, for a member or a former one:
 /// inside its stays (`[join, leave]`, as on a single node).
 fn history(
@@ -510,7 +554,7 @@ fn history(
     user: u64,
     from: HistoryFrom,
     limit: usize,
-) -> Result<Response, ErrorReply> {
+) -> Result<HistoryPage, ErrorReply> {
     let members = read::members(engine, conv)
         .map_err(read_failed)?
         .map_err(|r| refusal(&r))?;
@@ -589,7 +633,7 @@ fn history(
         (Some(e), Direction::Backward) => e > lo,
         (None, _) => limit == 0 && in_range,
     };
-    Ok(Response::History(HistoryPage { entries, has_more }))
+    Ok(HistoryPage { entries, has_more })
 }
 
 /// Pushes the sync entries this node's replicas apply to the devices
