@@ -498,7 +498,9 @@ impl StateMachine {
                 let group = m.read_since() != 0;
                 // A retry first: its sender may have left since.
                 if let Some(a) = self.recent_send(*conv, *sender, *client_msg_id)? {
-                    // A read-fan-out message has nothing to wait for.
+                    // A read-fan-out message has nothing to wait for; one
+                    // from before a switch still has its deliveries.
+                    let group = m.read_fanout_at(a.conv_seq);
                     let outbox = if group { 0 } else { a.outbox };
                     return Ok(Some(Ok(ImApplied { outbox, group, ..a })));
                 }
@@ -1927,6 +1929,8 @@ mod tests {
         applied(&mut sm, add(9, 1, false)).unwrap().unwrap();
         let r = applied(&mut sm, send(10, 1, 1, "a")).unwrap().unwrap();
         assert_eq!((r.conv_seq, r.duplicate), (3, true));
+        // From before the switch: still waited on through its outbox record.
+        assert_eq!((r.group, r.outbox), (false, write_id(3, 0)));
         assert_eq!(
             applied(&mut sm, send(11, 1, 9, "z")),
             Some(Err(ImRefusal::NotMember { conv: 7, user: 1 }))

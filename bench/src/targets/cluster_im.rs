@@ -166,7 +166,8 @@ impl ImTarget for ClusterIm {
             // Setup, untimed: a pause for the election, then the map again.
             std::thread::sleep(Duration::from_secs(1));
             self.routes = Routes::fetch(&self.flags)?;
-            todo.retain(|c| refused.iter().any(|r| r.0 == c.id));
+            let again: std::collections::HashSet<ConvId> = refused.iter().map(|r| r.0).collect();
+            todo.retain(|c| again.contains(&c.id));
         }
         let mut users: Vec<UserId> = convs.iter().flat_map(|c| c.members.clone()).collect();
         users.sort_unstable();

@@ -181,16 +181,21 @@ pub(crate) fn execute(
             let weak = Arc::downgrade(ctx.sh);
             let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
             node.linearize(Keyspace::SYNC.0, user, move |r| {
-                let reply = r
-                    .map_err(|e| e.reply())
-                    .and_then(|()| sync(&engine, user, checkpoint, limit));
+                // The user's groups are read before its sync timeline: a
+                // group listed meanwhile (a join, a switch to read
+                // fan-out) is paged only once the entries written before
+                // its listing are in this reply or an earlier one.
+                let reply = r.map_err(|e| e.reply()).and_then(|()| {
+                    let mine = read::groups_of(&engine, user).map_err(read_failed)?;
+                    Ok((mine, sync(&engine, user, checkpoint, limit)?))
+                });
                 match reply {
                     // Groups are served once the sync timeline is drained,
                     // as on a single node.
-                    Ok(s) if !s.has_more && s.truncated.is_none() => {
-                        with_groups(weak, user, &asked, limit, s, a)
+                    Ok((mine, s)) if !s.has_more && s.truncated.is_none() => {
+                        with_groups(weak, (user, mine), &asked, limit, s, a)
                     }
-                    r => a.reply(r.map(Response::Sync)),
+                    r => a.reply(r.map(|(_, s)| Response::Sync(s))),
                 }
             });
         }
@@ -387,7 +392,7 @@ fn conv_summary(l: timeline_cluster::conversations::ConvLine) -> crate::protocol
 /// timeline).
 fn with_groups(
     weak: std::sync::Weak<super::Shared>,
-    user: u64,
+    (user, mine): (u64, Vec<(u64, bool)>),
     asked: &[(u64, u64)],
     limit: usize,
     mut s: SyncReply,
@@ -402,10 +407,6 @@ fn with_groups(
     };
     let Some(node) = sh.cluster.as_ref() else {
         return a.reply(Ok(Response::Sync(s)));
-    };
-    let mine = match node.read_groups(user) {
-        Ok(g) => g,
-        Err(e) => return a.reply(Err(read_failed(e))),
     };
     if mine.is_empty() {
         return a.reply(Ok(Response::Sync(s)));
