@@ -138,6 +138,12 @@ fn membership_bounds_what_members_receive() {
         im.send(7, 3, 9, b"x"),
         Err(ImError::NotMember { .. })
     ));
+    // A retry of a message sent before the removal: its seq, not NOT_MEMBER.
+    let again = im.send(7, 2, 1, b"with 3").unwrap();
+    assert!(again.duplicate && again.seq == 4, "{again:?}");
+    im.remove_member(7, 2).unwrap(); // 7
+    let again = im.send(7, 2, 1, b"with 3").unwrap();
+    assert!(again.duplicate && again.seq == 4, "{again:?}");
     let conv = &im.conversations(3).unwrap()[0];
     assert_eq!((conv.last_seq, conv.member), (5, false));
     im.close().unwrap();

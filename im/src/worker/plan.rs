@@ -219,10 +219,8 @@ impl Worker {
         payload: Vec<u8>,
         reply: Reply<SendAck>,
     ) {
-        if let Err(e) = self.check_member(conv, sender) {
-            reply.send(Err(e));
-            return;
-        }
+        // A retry first: its sender may have left since (it gets its
+        // message's seq, not NOT_MEMBER).
         let key = (conv, sender, cmid);
         if let Some(&(seq, batch)) = self.dedup.get(&key) {
             let dup = SendAck {
@@ -235,6 +233,10 @@ impl Worker {
             } else {
                 self.ack_when_done(batch, Ack::Send(reply, dup));
             }
+            return;
+        }
+        if let Err(e) = self.check_member(conv, sender) {
+            reply.send(Err(e));
             return;
         }
         let seq = run.seqs.take(self, conv);
