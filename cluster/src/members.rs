@@ -24,7 +24,8 @@
 //! [`IM_MEMBERS`]: crate::log_store::IM_MEMBERS
 
 use crate::im::CONV_READ_GROUP;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
 
 /// One listed change: the entry's write id, whom, at which conv seq,
 /// and whether this add switched the group to read fan-out.
@@ -73,20 +74,42 @@ impl Change {
 pub type Stays = Vec<(u64, u64)>;
 
 /// A conversation's kind (as created), its `Created` members and its
-/// listed changes.
+/// listed changes, with what an entry's apply asks of them at hand (the
+/// members now, the read-fan-out start): built once per read, so a
+/// state machine that keeps it answers each `SEND` without reading the
+/// list again (`state_machine`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Members {
     pub kind: u8,
     created: Vec<u64>,
     changes: Vec<Change>,
+    now: HashSet<u64>,
+    since: u64,
+    /// The largest write id among the changes (0: none).
+    newest: u64,
 }
 
 impl Members {
     pub fn new(kind: u8, created: Vec<u64>, changes: Vec<Change>) -> Members {
+        let mut now: HashSet<u64> = created.iter().copied().collect();
+        for c in &changes {
+            match c.add {
+                true => now.insert(c.user),
+                false => now.remove(&c.user),
+            };
+        }
+        let since = match kind {
+            CONV_READ_GROUP => 2,
+            _ => changes.iter().find(|c| c.switch).map_or(0, |c| c.at + 1),
+        };
+        let newest = changes.iter().map(|c| c.write_id).max().unwrap_or(0);
         Members {
             kind,
             created,
             changes,
+            now,
+            since,
+            newest,
         }
     }
 
@@ -94,23 +117,36 @@ impl Members {
     /// entries only. Not its own (its apply was cut short by a restart
     /// after that first write), nor a later entry's (a power cut kept a
     /// later change's list record but lost this entry's writes, which are
-    /// then applied again).
-    pub fn before(mut self, w: u64) -> Members {
-        self.changes.retain(|c| c.write_id < w);
-        self
+    /// then applied again). Shared as it is when every change is earlier
+    /// (the usual case).
+    pub fn before(self: &Arc<Members>, w: u64) -> Arc<Members> {
+        if self.newest < w {
+            return self.clone();
+        }
+        let changes = self.changes.iter().filter(|c| c.write_id < w).copied();
+        Arc::new(Members::new(
+            self.kind,
+            self.created.clone(),
+            changes.collect(),
+        ))
+    }
+
+    /// How many members now.
+    pub fn count(&self) -> usize {
+        self.now.len()
+    }
+
+    /// The `Created` members and the changes listed: what holding this
+    /// costs, in ids.
+    pub fn size(&self) -> usize {
+        self.created.len() + self.changes.len()
     }
 
     /// The first seq read fan-out (0: write fan-out throughout): 2 for a
     /// group created read fan-out (its `Created` event is delivered), the
     /// seq after the switching add for one that grew past the threshold.
     pub fn read_since(&self) -> u64 {
-        if self.kind == CONV_READ_GROUP {
-            return 2;
-        }
-        self.changes
-            .iter()
-            .find(|c| c.switch)
-            .map_or(0, |c| c.at + 1)
+        self.since
     }
 
     /// Is the entry at `seq` read fan-out (stored only)?
@@ -139,16 +175,15 @@ impl Members {
         }
     }
 
-    /// The members now.
+    /// The members now, in id order.
     pub fn current(&self) -> Vec<u64> {
-        self.upto(u64::MAX).into_iter().collect()
+        let mut v: Vec<u64> = self.now.iter().copied().collect();
+        v.sort_unstable();
+        v
     }
 
     pub fn is_current(&self, user: u64) -> bool {
-        match self.changes.iter().rev().find(|c| c.user == user) {
-            Some(c) => c.add,
-            None => self.created.contains(&user),
-        }
+        self.now.contains(&user)
     }
 
     /// The members with every change listed below seq `seq` applied.
@@ -253,7 +288,13 @@ mod tests {
         assert_eq!(m.stays(4), Vec::<(u64, u64)>::new());
         assert!(covers(&m.stays(1), 6) && !covers(&m.stays(1), 7));
         assert_eq!(upper(&m.stays(1), 20), 20);
-        let cut = m.clone().before(12);
+        let shared = Arc::new(m.clone());
+        assert!(
+            Arc::ptr_eq(&shared.before(13), &shared),
+            "no copy when all is earlier"
+        );
+        assert_eq!(m.count(), 3);
+        let cut = shared.before(12);
         assert!(!cut.is_current(1));
         assert_eq!(upper(&cut.stays(1), 20), 6);
         assert_eq!(m.change_at(6), Some(change(11, 1, 6, false)));

@@ -83,6 +83,9 @@ pub const DEDUP_WINDOW: usize = 256;
 const HWM_SCAN: usize = 4096;
 const HWM_PAGE: usize = 256;
 const HWM_CACHE: usize = 1 << 20;
+/// Most member ids (`Created` members and listed changes) the members
+/// cache holds (about 8 MB of ids; cleared whole when full).
+const MEMBERS_CACHE: usize = 1 << 20;
 
 fn sm_err(e: impl std::error::Error + 'static) -> Error {
     StorageIOError::write_state_machine(&e).into()
@@ -114,6 +117,12 @@ struct State {
     /// Each (user, conversation)'s read marker and the write id that set
     /// it (a cache of `IM_READS`).
     reads: HashMap<(u64, u64), (u64, u64)>,
+    /// Each conversation's members as read with its `im-members` list at
+    /// a last seq (valid while the list has not grown: a list only grows,
+    /// and every replica's holds the same records at the same seqs), and
+    /// the ids they hold in all.
+    members: HashMap<u64, (u64, Arc<crate::members::Members>)>,
+    member_ids: usize,
     /// The last snapshot built or installed (its data is the engine's).
     current: Option<SnapshotMeta<NodeId, BasicNode>>,
     /// Timelines restored from a snapshot with every record expired: the
@@ -209,6 +218,8 @@ impl StateMachine {
                 last_index: HashMap::new(),
                 hwm: HashMap::new(),
                 reads: HashMap::new(),
+                members: HashMap::new(),
+                member_ids: 0,
                 current,
                 floors,
             })),
@@ -490,7 +501,7 @@ impl StateMachine {
                 if let Some(r) = self.too_large(payload.len()) {
                     return Ok(Some(Err(r)));
                 }
-                let m = match im::read::members(&self.engine, *conv).map_err(read_err)? {
+                let m = match self.members(st, *conv)? {
                     Err(r) => return Ok(Some(Err(r))),
                     Ok(m) => m.before(w),
                 };
@@ -672,7 +683,7 @@ impl StateMachine {
         }
         // Listed by this entry already (a restart between its writes), or
         // a later one: as if not, so it is decided as it was the first time.
-        let m = match im::read::members(&self.engine, conv).map_err(read_err)? {
+        let m = match self.members(st, conv)? {
             Err(r) => return Ok(Some(Err(r))),
             Ok(m) => m.before(w),
         };
@@ -687,7 +698,7 @@ impl StateMachine {
             _ => {}
         }
         let at = self.engine.last_seq(TimelineId::new(Keyspace::STORE, conv)) + 1;
-        let grows_past = m.current().len() as u64 + 1 > threshold;
+        let grows_past = m.count() as u64 + 1 > threshold;
         let change = crate::members::Change {
             write_id: w,
             user,
@@ -729,7 +740,7 @@ impl StateMachine {
         if self.last_index(st, (Keyspace::STORE.0, conv))? >= w {
             return Ok(None);
         }
-        let group = match im::read::members(&self.engine, conv).map_err(read_err)? {
+        let group = match self.members(st, conv)? {
             Err(r) => return Ok(Some(Err(r))),
             Ok(m) => match m.before(w) {
                 m if !m.is_current(user) => {
@@ -787,6 +798,37 @@ impl StateMachine {
             h.delivered(seq, d);
         }
         Ok(seq)
+    }
+
+    /// Conversation `conv`'s members (module [`crate::members`]), or why
+    /// it has none: kept from an earlier read while its `im-members` list
+    /// has not grown (one index lookup), else read again.
+    fn members(
+        &self,
+        st: &mut State,
+        conv: u64,
+    ) -> Result<Result<Arc<crate::members::Members>, ImRefusal>, Error> {
+        let listed = self
+            .engine
+            .last_seq(TimelineId::new(crate::log_store::IM_MEMBERS, conv));
+        if let Some((at, m)) = st.members.get(&conv) {
+            if *at == listed {
+                return Ok(Ok(m.clone()));
+            }
+        }
+        let m = match im::read::members(&self.engine, conv).map_err(read_err)? {
+            Err(r) => return Ok(Err(r)),
+            Ok(m) => Arc::new(m),
+        };
+        if st.member_ids + m.size() > MEMBERS_CACHE {
+            st.members.clear();
+            st.member_ids = 0;
+        }
+        st.member_ids += m.size();
+        if let Some((_, old)) = st.members.insert(conv, (listed, m.clone())) {
+            st.member_ids -= old.size().min(st.member_ids);
+        }
+        Ok(Ok(m))
     }
 
     /// `user`'s read marker in `conv` and the write id that set it ((0, 0):
@@ -1073,6 +1115,8 @@ impl StateMachine {
         // The caches describe what the replica held before.
         st.hwm.clear();
         st.reads.clear();
+        st.members.clear();
+        st.member_ids = 0;
         let mut buf = Vec::new();
         while let Some(sec) = r.section().map_err(bad)? {
             self.restore_section(&mut st, &sec, &mut r, &mut buf)
