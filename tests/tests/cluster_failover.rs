@@ -1327,38 +1327,45 @@ fn expected(
 }
 
 /// `got` holds exactly `want`'s seqs, in order, with the same senders and
-/// bodies (a recalled message keeps its payload where it was delivered).
+/// bodies (a recalled message keeps its payload where it was delivered);
+/// else what differs: the seqs missing and those extra or out of place,
+/// with the history's entries for the missing ones.
 fn same_entries(
     user: u64,
     conv: u64,
     what: &str,
     got: &[&timeline_client::protocol::Entry],
     want: &[timeline_client::protocol::Entry],
-    cl: &Cluster,
-) {
+) -> Result<(), String> {
     let seqs: Vec<u64> = got.iter().map(|e| e.conv_seq).collect();
     let want_seqs: Vec<u64> = want.iter().map(|e| e.conv_seq).collect();
     if seqs != want_seqs {
-        let at = seqs
+        let have: std::collections::HashSet<u64> = seqs.iter().copied().collect();
+        let wanted: std::collections::HashSet<u64> = want_seqs.iter().copied().collect();
+        let missing: Vec<&timeline_client::protocol::Entry> = want
             .iter()
-            .zip(&want_seqs)
-            .position(|(a, b)| a != b)
-            .unwrap_or(seqs.len().min(want_seqs.len()));
-        let around = |v: &[u64]| v[at.saturating_sub(3)..(at + 3).min(v.len())].to_vec();
-        panic!(
-            "user {user}, conversation {conv}: {} {what} for {} expected; first difference at index {at}: got seqs {:?}, expected {:?} (history there: {:?})\n{}",
+            .filter(|e| !have.contains(&e.conv_seq))
+            .collect();
+        let extra: Vec<u64> = seqs
+            .iter()
+            .copied()
+            .filter(|s| !wanted.contains(s))
+            .collect();
+        let dup = seqs.len() - have.len();
+        return Err(format!(
+            "user {user}, conversation {conv}: {} {what} for {} expected; missing {:?}; extra {extra:?}; {dup} duplicated; in order: {}",
             seqs.len(),
             want_seqs.len(),
-            around(&seqs),
-            around(&want_seqs),
-            want.get(at.saturating_sub(1)..(at + 2).min(want.len())),
-            cl.logs()
-        );
+            missing,
+            seqs.windows(2).all(|w| w[0] < w[1])
+        ));
     }
     for (g, w) in got.iter().zip(want) {
-        assert!(same_body(&g.body, &w.body), "user {user}: {g:?} for {w:?}");
-        assert_eq!(g.sender, w.sender, "user {user}: {g:?}");
+        if !same_body(&g.body, &w.body) || g.sender != w.sender {
+            return Err(format!("user {user}: {g:?} for {w:?}"));
+        }
     }
+    Ok(())
 }
 
 /// `SEND`s to conversations whose members' sync timelines are in other
@@ -1658,6 +1665,9 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
     // order, with the same bytes.
     let mut entries = 0;
     let mut marked = 0;
+    // Every user is checked before a difference fails the test, so that
+    // its message says who lacks what.
+    let mut differences: Vec<String> = Vec::new();
     for user in 1..=USERS {
         let (s, mut pages) = sync_with_groups(&mut cc, user);
         // The user's own marks, apart from the conversations' entries.
@@ -1678,10 +1688,14 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
             let h = &histories[&conv];
             let (want_sync, want_pages) = expected(h, &created[&conv], user);
             let got = by_conv.remove(&conv).unwrap_or_default();
-            same_entries(user, conv, "sync entries", &got, &want_sync, &cl);
+            if let Err(e) = same_entries(user, conv, "sync entries", &got, &want_sync) {
+                differences.push(e);
+            }
             let got = pages.remove(&conv).unwrap_or_default();
             let got: Vec<_> = got.iter().collect();
-            same_entries(user, conv, "group pages", &got, &want_pages, &cl);
+            if let Err(e) = same_entries(user, conv, "group pages", &got, &want_pages) {
+                differences.push(e);
+            }
             entries += want_sync.len() + want_pages.len();
         }
         assert!(pages.is_empty(), "user {user}: pages of other groups");
@@ -1690,6 +1704,13 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
             "user {user} has entries of conversations it is not in"
         );
     }
+    assert!(
+        differences.is_empty(),
+        "{} differences:\n{}\n{}",
+        differences.len(),
+        differences.join("\n"),
+        cl.logs()
+    );
     eprintln!(
         "{kills} kills: {} sends acknowledged, {retries} answers retried, {entries} sync entries checked; {} recalls, {} read marks, {} deletes and {} membership changes acknowledged, {marked} mark entries checked",
         acked.len(),
