@@ -234,7 +234,14 @@ async fn run(inner: Arc<Inner>, p: PartitionId) {
                 more
             }
             Err(e) if inner.leads(p) => {
-                tracing::debug!(partition = p, error = %e, "delivery round failed; retrying");
+                match e {
+                    ClusterError::Storage { .. } => {
+                        tracing::warn!(partition = p, error = %e, "delivery round failed; retrying")
+                    }
+                    _ => {
+                        tracing::debug!(partition = p, error = %e, "delivery round failed; retrying")
+                    }
+                }
                 // Start again from the done mark.
                 sent = None;
                 marks.reset().await;
@@ -323,7 +330,7 @@ fn deliveries(
 ) -> Result<BTreeMap<PartitionId, Vec<Delivery>>, read::ReadError> {
     let e = inner.engine();
     let parts = inner.map.read().len();
-    let mut members: HashMap<u64, Option<Members>> = HashMap::new();
+    let mut members: HashMap<u64, Members> = HashMap::new();
     let mut out: BTreeMap<PartitionId, Vec<Delivery>> = BTreeMap::new();
     for x in pending {
         let Some((_, ev)) = read::event(e, x.conv, x.conv_seq)? else {
@@ -333,9 +340,18 @@ fn deliveries(
             )));
         };
         if let std::collections::hash_map::Entry::Vacant(v) = members.entry(x.conv) {
-            v.insert(read::members(e, x.conv)?.ok());
+            // An outbox record stands for an applied entry of an existing
+            // conversation: no members here is a read to retry (the round
+            // fails and starts again), never a delivery to drop.
+            let m = read::members(e, x.conv)?.map_err(|r| {
+                read::ReadError::Damaged(format!(
+                    "outbox names conversation {} seq {}, whose members do not read: {r}",
+                    x.conv, x.conv_seq
+                ))
+            })?;
+            v.insert(m);
         }
-        let Some(m) = &members[&x.conv] else { continue };
+        let m = &members[&x.conv];
         let (kind, body) = match ev.kind {
             KIND_CREATED => (
                 KIND_CREATED,
