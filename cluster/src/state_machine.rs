@@ -461,7 +461,9 @@ impl StateMachine {
                 let t = (Keyspace::STORE.0, *conv);
                 let last = self.last_index(st, t)?;
                 if last >= w {
-                    return Ok(None); // applied before a restart
+                    // Applied before a restart: its outbox record too?
+                    self.complete_outbox(st, w, *conv)?;
+                    return Ok(None);
                 }
                 if last > 0
                     || self
@@ -496,6 +498,7 @@ impl StateMachine {
             } => {
                 let t = (Keyspace::STORE.0, *conv);
                 if self.last_index(st, t)? >= w {
+                    self.complete_outbox(st, w, *conv)?;
                     return Ok(None);
                 }
                 if let Some(r) = self.too_large(payload.len()) {
@@ -679,6 +682,7 @@ impl StateMachine {
     ) -> Result<ImResult, Error> {
         let t = (Keyspace::STORE.0, conv);
         if self.last_index(st, t)? >= w {
+            self.complete_outbox(st, w, conv)?;
             return Ok(None); // applied before a restart
         }
         // Listed by this entry already (a restart between its writes), or
@@ -738,6 +742,7 @@ impl StateMachine {
         ts: u64,
     ) -> Result<ImResult, Error> {
         if self.last_index(st, (Keyspace::STORE.0, conv))? >= w {
+            self.complete_outbox(st, w, conv)?;
             return Ok(None);
         }
         let group = match self.members(st, conv)? {
@@ -851,9 +856,16 @@ impl StateMachine {
     /// search by `get` (a re-apply after a restart only; a record older
     /// than what retention kept counts as absent).
     fn holds(&self, st: &mut State, t: (u8, u64), wi: u64) -> Result<bool, Error> {
+        Ok(self.seq_of(st, t, wi)?.is_some())
+    }
+
+    /// The seq of timeline `t`'s record of write id `wi`, if it has one
+    /// (see [`Self::holds`]).
+    fn seq_of(&self, st: &mut State, t: (u8, u64), wi: u64) -> Result<Option<u64>, Error> {
         let last = self.last_index(st, t)?;
         if last <= wi {
-            return Ok(last == wi);
+            let tl = TimelineId::new(Keyspace(t.0), t.1);
+            return Ok((last == wi && last > 0).then(|| self.engine.last_seq(tl)));
         }
         let tl = TimelineId::new(Keyspace(t.0), t.1);
         let (mut lo, mut hi) = (
@@ -874,13 +886,52 @@ impl StateMachine {
                 Err(e) => return Err(read_err(e)),
             };
             match at.cmp(&wi) {
-                std::cmp::Ordering::Equal => return Ok(true),
+                std::cmp::Ordering::Equal => return Ok(Some(mid)),
                 std::cmp::Ordering::Less => lo = mid + 1,
                 std::cmp::Ordering::Greater if mid == 0 => break,
                 std::cmp::Ordering::Greater => hi = mid - 1,
             }
         }
-        Ok(false)
+        Ok(None)
+    }
+
+    /// Entry `w`'s store record of `conv` is there (applied before a
+    /// restart): its outbox record too, if it has one. A kill between the
+    /// two writes leaves the first without the second, and the message
+    /// would never be delivered; entries are re-applied in order and the
+    /// outbox is one timeline, so it lacks at most this entry's record
+    /// and later ones: appended again with the same write id.
+    fn complete_outbox(&self, st: &mut State, w: u64, conv: u64) -> Result<(), Error> {
+        let ob = im::read::outbox_timeline(self.partition as u32);
+        let obt = (ob.keyspace.0, ob.id);
+        if self.last_index(st, obt)? >= w {
+            return Ok(());
+        }
+        // None: a retry or a refusal, which stored nothing.
+        let Some(seq) = self.seq_of(st, (Keyspace::STORE.0, conv), w)? else {
+            return Ok(());
+        };
+        let kind = match im::read::event(&self.engine, conv, seq) {
+            Ok(Some((_, ev))) => ev.kind,
+            Ok(None) | Err(im::read::ReadError::Damaged(_)) => return Ok(()),
+            Err(e) => return Err(read_err(e)),
+        };
+        // A read-fan-out group's messages and recalls have none.
+        let stored_only = matches!(kind, im::KIND_MESSAGE | im::KIND_RECALL)
+            && match self.members(st, conv)? {
+                Ok(m) => m.before(w).read_fanout_at(seq),
+                Err(_) => false,
+            };
+        if !stored_only {
+            tracing::warn!(
+                partition = self.partition,
+                conv,
+                seq,
+                "an entry cut short by a restart: its outbox record written now"
+            );
+            self.append_any(st, obt, w, &im::outbox_record(conv, seq))?;
+        }
+        Ok(())
     }
 
     /// Does applying delivery `d` list something besides its sync entry
@@ -2076,6 +2127,49 @@ mod tests {
             })
             .collect();
         assert_eq!(sync, vec![(2, im::KIND_READ_MARKER)]);
+    }
+
+    /// A kill between a message's store record and its outbox record: on
+    /// the re-apply the store record is there, and the outbox record is
+    /// written then (before, the message was never delivered).
+    #[test]
+    fn a_send_killed_between_its_two_writes_gets_its_outbox_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let mut sm = StateMachine::open(e.clone(), 3).unwrap();
+        block(sm.apply([create(1, im::CONV_DIRECT, vec![1, 2])])).unwrap();
+        // Entry 2's store record alone, as a kill after its first write
+        // leaves it.
+        let ev = StoreEvent {
+            kind: im::KIND_MESSAGE,
+            sender: 1,
+            ts: 1,
+            client_msg_id: 1,
+            body: b"a".to_vec(),
+        };
+        let mut rec = write_id(2, 0).to_le_bytes().to_vec();
+        rec.extend_from_slice(&ev.encode());
+        e.append_with(
+            TimelineId::new(Keyspace::STORE, 7),
+            &rec,
+            Durability::Buffered,
+        )
+        .unwrap();
+        let outbox = |e: &Arc<Engine>| -> Vec<(u64, u64)> {
+            im::read::outbox_after(e, 3, 0, 10)
+                .unwrap()
+                .iter()
+                .map(|p| (p.conv_seq, p.write_id))
+                .collect()
+        };
+        assert_eq!(outbox(&e), vec![(1, write_id(1, 0))]);
+        let mut sm = StateMachine::open(e.clone(), 3).unwrap();
+        assert_eq!(applied(&mut sm, send(2, 1, 1, "a")), None, "applied before");
+        assert_eq!(outbox(&e), vec![(1, write_id(1, 0)), (2, write_id(2, 0))]);
+        // Applied once more: nothing twice.
+        let mut sm = StateMachine::open(e.clone(), 3).unwrap();
+        block(sm.apply([create(1, im::CONV_DIRECT, vec![1, 2]), send(2, 1, 1, "a")])).unwrap();
+        assert_eq!(outbox(&e).len(), 2);
     }
 
     fn mark(index: u64, seq: u64, mark: crate::Mark, last: u64) -> Entry<TypeConfig> {
