@@ -67,9 +67,13 @@ fn kill9_during_fanout_loses_and_duplicates_nothing() {
             early.is_none() && status.signal() == Some(libc::SIGKILL),
             "cycle {cycle}: child exited by itself ({status:?}): {child_err}"
         );
-        // The log, without a torn last line.
+        // The log, without a torn last line; cut off in the file too, or
+        // the next child's first line would be appended to it.
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        if complete.len() < text.len() {
+            std::fs::write(&log, complete).unwrap();
+        }
         let mut sent: BTreeSet<Key> = BTreeSet::new();
         let mut acked: HashMap<Key, u64> = HashMap::new();
         for line in complete.lines() {
