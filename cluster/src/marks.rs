@@ -106,10 +106,29 @@ async fn probe(
 ) -> Result<Result<ConvInfo, ImRefusal>, ClusterError> {
     let p = partition_of(Keyspace::STORE.0, conv, inner.map.read().len());
     let pr = Probe { conv, user, seq };
+    at_leader(inner, p, KIND_CONV_INFO, &pr, || answer_here(inner, p, &pr)).await
+}
+
+/// `req` answered by partition `p`'s leader: `here` if this node leads
+/// it, else asked over the peer link as `kind`; three attempts, each
+/// following the leader the last one named. Never `MOVED`: the caller
+/// was asked for another partition.
+async fn at_leader<Q, A, Fut>(
+    inner: &Arc<Inner>,
+    p: PartitionId,
+    kind: u8,
+    req: &Q,
+    here: impl Fn() -> Fut,
+) -> Result<A, ClusterError>
+where
+    Q: Serialize,
+    A: serde::de::DeserializeOwned,
+    Fut: std::future::Future<Output = Result<A, Refusal>>,
+{
     let mut hint = None;
     for _ in 0..ATTEMPTS {
         let answer = if inner.leads(p) {
-            answer_here(inner, p, &pr).await
+            here().await
         } else {
             let Some(node) = hint
                 .or_else(|| inner.leader_hint(p))
@@ -117,7 +136,9 @@ async fn probe(
             else {
                 return Err(ClusterError::NoLeader { partition: p });
             };
-            ask_peer::<_, ProbeAnswer>(inner, node, p, KIND_CONV_INFO, &pr).await?
+            ask_peer::<_, Result<A, Refusal>>(inner, node, p, kind, req)
+                .await
+                .map_err(no_moved)?
         };
         match answer {
             Ok(r) => return Ok(r),
@@ -168,8 +189,7 @@ pub(crate) async fn serve_deletes(inner: Arc<Inner>, body: Vec<u8>) -> Vec<u8> {
 }
 
 /// The seqs of `conv` that `user` deleted for itself, from the leader of
-/// the user's partition (three attempts, following its hints). Never
-/// `MOVED`: the caller was asked for the conversation's partition.
+/// the user's partition.
 pub(crate) async fn deletes(
     inner: &Arc<Inner>,
     user: u64,
@@ -177,28 +197,7 @@ pub(crate) async fn deletes(
 ) -> Result<Vec<u64>, ClusterError> {
     let p = partition_of(Keyspace::SYNC.0, user, inner.map.read().len());
     let r = DeletesRead { user, conv };
-    let mut hint = None;
-    for _ in 0..ATTEMPTS {
-        let answer = if inner.leads(p) {
-            deletes_here(inner, p, &r).await
-        } else {
-            let Some(node) = hint
-                .or_else(|| inner.leader_hint(p))
-                .filter(|&n| n != inner.id)
-            else {
-                return Err(ClusterError::NoLeader { partition: p });
-            };
-            ask_peer::<_, DeletesAnswer>(inner, node, p, KIND_DELETES, &r)
-                .await
-                .map_err(no_moved)?
-        };
-        match answer {
-            Ok(d) => return Ok(d),
-            Err(Refusal::NotLeader(l)) => hint = l,
-            Err(Refusal::Failed(m)) => return Err(ClusterError::Raft(m)),
-        }
-    }
-    Err(ClusterError::NoLeader { partition: p })
+    at_leader(inner, p, KIND_DELETES, &r, || deletes_here(inner, p, &r)).await
 }
 
 /// `user`'s `mark` of `seq` in `conv`: proposed to the user's partition
