@@ -20,6 +20,7 @@
 //! Anything undecodable closes the connection (the peer reconnects on its
 //! next RPC); a node never panics on what a peer sends.
 
+use crate::lease::Leases;
 use crate::{NodeId, TypeConfig};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -36,7 +37,7 @@ use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -159,12 +160,18 @@ async fn write_frames(mut w: impl AsyncWriteExt + Unpin, mut rx: mpsc::Unbounded
 // ---------------------------------------------------------------- serving
 
 /// Accept peers on `listener` and answer their RPCs from `groups`.
-pub async fn serve(listener: TcpListener, groups: Arc<Groups>, im: ImFn) {
+///
+/// Vote requests are answered from `votes_from` on, not before: a node
+/// restarted has lost the instant it last heard from its leader, which
+/// openraft's leader lease (and [`crate::lease`]) count on; `votes_from`
+/// is `election_timeout_max` after start-up, when that lease is over
+/// anyway.
+pub async fn serve(listener: TcpListener, groups: Arc<Groups>, im: ImFn, votes_from: Instant) {
     loop {
         match listener.accept().await {
             Ok((s, _)) => {
                 let _ = s.set_nodelay(true);
-                tokio::spawn(serve_conn(s, groups.clone(), im.clone()));
+                tokio::spawn(serve_conn(s, groups.clone(), im.clone(), votes_from));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "peer accept failed");
@@ -174,7 +181,7 @@ pub async fn serve(listener: TcpListener, groups: Arc<Groups>, im: ImFn) {
     }
 }
 
-async fn serve_conn(s: TcpStream, groups: Arc<Groups>, im: ImFn) {
+async fn serve_conn(s: TcpStream, groups: Arc<Groups>, im: ImFn, votes_from: Instant) {
     let (mut r, w) = s.into_split();
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(write_frames(w, rx));
@@ -200,7 +207,7 @@ async fn serve_conn(s: TcpStream, groups: Arc<Groups>, im: ImFn) {
         tokio::spawn(async move {
             let (kind, body) = match raft {
                 None => (KIND_NO_GROUP, Vec::new()),
-                Some(raft) => match answer(&raft, f.kind, &f.body).await {
+                Some(raft) => match answer(&raft, f.kind, &f.body, votes_from).await {
                     Some(body) => (f.kind | REPLY, body),
                     None => return, // undecodable: no answer, the caller times out
                 },
@@ -212,7 +219,12 @@ async fn serve_conn(s: TcpStream, groups: Arc<Groups>, im: ImFn) {
 
 /// Run one RPC on its group; the encoded `Result`, or `None` if the body
 /// does not decode.
-async fn answer(raft: &Raft<TypeConfig>, kind: u8, body: &[u8]) -> Option<Vec<u8>> {
+async fn answer(
+    raft: &Raft<TypeConfig>,
+    kind: u8,
+    body: &[u8],
+    votes_from: Instant,
+) -> Option<Vec<u8>> {
     fn enc<T: Serialize>(v: &T) -> Option<Vec<u8>> {
         bincode::serialize(v).ok()
     }
@@ -223,6 +235,7 @@ async fn answer(raft: &Raft<TypeConfig>, kind: u8, body: &[u8]) -> Option<Vec<u8
         }
         KIND_VOTE => {
             let req: VoteRequest<NodeId> = bincode::deserialize(body).ok()?;
+            tokio::time::sleep_until(votes_from.into()).await;
             enc(&raft.vote(req).await)
         }
         KIND_SNAPSHOT => {
@@ -387,6 +400,7 @@ impl Transport {
 pub struct Network {
     pub transport: Arc<Transport>,
     pub partition: u32,
+    pub(crate) leases: Arc<Leases>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -396,6 +410,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             transport: self.transport.clone(),
             partition: self.partition,
             target,
+            leases: self.leases.clone(),
         }
     }
 }
@@ -405,6 +420,7 @@ pub struct Peer {
     transport: Arc<Transport>,
     partition: u32,
     target: NodeId,
+    leases: Arc<Leases>,
 }
 
 impl Peer {
@@ -446,7 +462,17 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.rpc(KIND_APPEND, &rpc, &option).await
+        let (vote, sent) = (rpc.vote, Instant::now());
+        let r = self.rpc(KIND_APPEND, &rpc, &option).await;
+        // Any answer but a higher vote means the follower took this vote
+        // (and restarted its election clock) on receiving the request.
+        if let Ok(resp) = &r {
+            if !matches!(resp, AppendEntriesResponse::HigherVote(_)) {
+                self.leases
+                    .accepted(self.partition, self.target, &vote, sent);
+            }
+        }
+        r
     }
 
     async fn vote(

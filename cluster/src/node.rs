@@ -226,6 +226,8 @@ struct GroupFactory {
     flusher: Arc<Flusher>,
     transport: Arc<Transport>,
     config: Arc<openraft::Config>,
+    /// The leader leases of this node's groups (reads without a round).
+    leases: Arc<crate::lease::Leases>,
 }
 
 /// A running node. Dropping it stops its groups and tasks.
@@ -591,6 +593,14 @@ impl Node {
         (g(&c.sent), g(&c.bytes_sent), g(&c.installed))
     }
 
+    /// Linearizable reads confirmed by a leader lease, and by a heartbeat
+    /// round (`crate::lease`), since start.
+    pub fn reads(&self) -> (u64, u64) {
+        let l = &self.inner.factory.leases;
+        let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        (g(&l.by_lease), g(&l.by_round))
+    }
+
     /// Groups run, led, and led with a membership change still to make.
     pub fn placement(&self) -> crate::reconcile::PlacementStatus {
         crate::reconcile::status(&self.inner)
@@ -812,6 +822,12 @@ impl Inner {
         let Some(g) = self.group(p) else {
             return Err(self.redirect(p, None));
         };
+        let leases = &self.factory.leases;
+        let held = leases.holds(p, self.id, &g.metrics().borrow(), Instant::now());
+        leases.count(held);
+        if held {
+            return Ok(());
+        }
         // A quorum that does not answer one heartbeat round in time (a busy
         // peer: openraft's deadline is one heartbeat interval) is asked
         // again, a bounded number of times, before the read is refused.
@@ -864,6 +880,7 @@ impl Inner {
         let net = Network {
             transport: f.transport.clone(),
             partition: p,
+            leases: f.leases.clone(),
         };
         let raft = Raft::new(self.id, f.config.clone(), net, ls, sm)
             .await
@@ -917,6 +934,7 @@ async fn boot(
     client_addr: String,
     flusher: Arc<Flusher>,
 ) -> Result<(Arc<Inner>, String), ClusterError> {
+    let started = Instant::now();
     let meta = connect_meta(cfg).await?;
     let listener = tokio::net::TcpListener::bind(&cfg.raft_listen).await?;
     let raft_addr = listener.local_addr()?.to_string();
@@ -949,6 +967,7 @@ async fn boot(
             flusher,
             transport: Transport::new(addrs),
             config: raft_config(cfg)?,
+            leases: Arc::new(crate::lease::Leases::for_timeouts(cfg.election_timeout.0)),
         },
         placement: Default::default(),
         deliveries: Default::default(),
@@ -972,7 +991,8 @@ async fn boot(
             }
         })
     });
-    tokio::spawn(net::serve(listener, inner.groups.clone(), im));
+    let votes_from = started + cfg.election_timeout.1;
+    tokio::spawn(net::serve(listener, inner.groups.clone(), im, votes_from));
     for (p, replicas) in map.partitions.iter().enumerate() {
         if !replicas.contains(&cfg.id) {
             // A replica this node gave up before: its log is released.

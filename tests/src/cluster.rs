@@ -242,6 +242,26 @@ impl NodeProc {
         }
     }
 
+    /// SIGSTOP: the process stays, its sockets open, and does nothing
+    /// until [`NodeProc::resume`] (a long GC pause or a VM stall).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`NodeProc::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let c = self.child.as_ref().expect("the node is not running");
+        let st = Command::new("kill")
+            .args([sig, &c.id().to_string()])
+            .status()
+            .unwrap_or_else(|e| panic!("kill {sig}: {e}"));
+        assert!(st.success(), "kill {sig} {}: {st}", c.id());
+    }
+
     /// The tail of its log (for failure messages).
     pub fn log_tail(&self) -> String {
         let s = std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default();

@@ -337,6 +337,91 @@ fn leader_kill9_loses_no_acknowledged_append() {
     drop(cl.etcd);
 }
 
+/// A leader stopped (SIGSTOP, a VM stall) while the other two elect a new
+/// one and take a write must not answer a read from its old state when it
+/// wakes. Reads are served under a leader lease (`cluster/src/lease.rs`)
+/// that counts from when the followers' acknowledged requests were *sent*,
+/// all before the pause: the woken node's lease is over, so the read takes
+/// a heartbeat round and is refused, or, if answered, sees the write. A
+/// lease counted from when replies arrive, or never lapsing, fails here.
+#[test]
+fn a_leader_paused_past_its_lease_serves_no_stale_read() {
+    let cl = Cluster::start(BIN, 4);
+    let seeds = cl.seeds();
+    let t = 5u64;
+    let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
+    let before = match cc.call(&Request::Append {
+        timeline: TimelineId::store(t),
+        durability: None,
+        payload: b"before the pause",
+    }) {
+        Ok(Response::Append(seq)) => seq,
+        r => panic!("append answered {r:?}"),
+    };
+    let (p, lead) = leaders(&seeds);
+    let part = partition_of(0, t, p);
+    let old = lead[&part].clone();
+    let v = cl.nodes.iter().position(|n| n.client == old).unwrap();
+    // A connection to the old leader, made now; a read through it is
+    // served by the lease (counted in its STATS).
+    let mut direct = timeline_client::Client::connect(old.as_str(), b"").unwrap();
+    let last = |c: &mut timeline_client::Client| {
+        c.call(&Request::LastSeq {
+            timeline: TimelineId::store(t),
+        })
+    };
+    assert!(matches!(last(&mut direct), Ok(Response::LastSeq(s)) if s == before));
+    let by_lease = cl.nodes[v].stats().unwrap()["cluster_reads_by_lease"];
+    assert!(by_lease >= 1, "the read before the pause took no lease");
+
+    cl.nodes[v].pause();
+    let others: Vec<String> = seeds.iter().filter(|s| **s != old).cloned().collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no new leader took a write\n{}",
+            cl.logs()
+        );
+        let (_, lead) = leaders(&others);
+        let Some(new) = lead.get(&part).filter(|a| **a != old) else {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        let mut c = timeline_client::Client::connect(new.as_str(), b"").unwrap();
+        match c.call(&Request::Append {
+            timeline: TimelineId::store(t),
+            durability: None,
+            payload: b"while it sleeps",
+        }) {
+            Ok(Response::Append(seq)) => break seq,
+            Err(ClientError::Server {
+                code: ErrorCode::MOVED | ErrorCode::NO_LEADER,
+                ..
+            }) => std::thread::sleep(Duration::from_millis(100)),
+            r => panic!("append to the new leader answered {r:?}"),
+        }
+    };
+    assert!(after > before);
+    // The read waits in the socket and runs as soon as the node wakes.
+    direct.queue(&Request::LastSeq {
+        timeline: TimelineId::store(t),
+    });
+    direct.flush().unwrap();
+    cl.nodes[v].resume();
+    match direct.recv() {
+        Ok(Response::LastSeq(s)) => assert!(
+            s >= after,
+            "stale read: the woken old leader answered seq {s}, the new one acknowledged {after}"
+        ),
+        Err(ClientError::Server {
+            code: ErrorCode::MOVED | ErrorCode::NO_LEADER,
+            ..
+        }) => {}
+        r => panic!("the woken node answered {r:?}"),
+    }
+}
+
 /// Appends `n` unique payloads to timelines `0..TIMELINES` in turn, each
 /// acknowledged; returns (timeline, payload, seq).
 fn append_all(cc: &mut ClusterClient, tag: &str, n: u64) -> Vec<(u64, Vec<u8>, u64)> {

@@ -8,7 +8,8 @@
 //!   they were queued. `MOVED` or `NO_LEADER` is a refusal: the benchmark
 //!   measures a stable cluster.
 //! - **Setup** (untimed): `CREATE_CONVERSATION`s pipelined on one
-//!   connection per node (a create answered `FANOUT_FAILED` is stored and
+//!   connection per node, those an election refused (`NO_LEADER`, `MOVED`,
+//!   `UNCERTAIN`) made again on a fresh map (a create answered `FANOUT_FAILED` is stored and
 //!   its delivery goes on), then the members' sync timeline ends read
 //!   until they stop moving, so that every `Created` entry is delivered
 //!   before devices start. The nodes decide read fan-out by their own
@@ -134,17 +135,27 @@ impl ImTarget for ClusterIm {
         let t0 = Instant::now();
         let mut todo: Vec<&ConvSpec> = convs.iter().collect();
         // A create refused NO_LEADER or MOVED did nothing (an election on
-        // a loaded machine): asked again, where the leaders are now.
+        // a loaded machine), one answered UNCERTAIN may have been applied:
+        // asked again, where the leaders are now.
         for attempt in 1..=CREATE_ATTEMPTS {
             let mut by_node: Vec<Vec<&ConvSpec>> = vec![Vec::new(); self.routes.nodes.len()];
             for &c in &todo {
                 by_node[self.conv_node(c.id)].push(c);
             }
             let parts: Vec<&[&ConvSpec]> = by_node.iter().map(Vec::as_slice).collect();
-            let refused =
+            let mut refused =
                 create_pipelined(&parts, &self.shape, |n| connect(&self.routes.nodes[n]))?;
-            let transient =
-                |code: &ErrorCode| matches!(*code, ErrorCode::NO_LEADER | ErrorCode::MOVED);
+            if attempt > 1 {
+                // Made again after `UNCERTAIN`: the first try was applied
+                // (an earlier run's conversations fail the first attempt).
+                refused.retain(|r| r.1 != ErrorCode::CONVERSATION_EXISTS);
+            }
+            let transient = |code: &ErrorCode| {
+                matches!(
+                    *code,
+                    ErrorCode::NO_LEADER | ErrorCode::MOVED | ErrorCode::UNCERTAIN
+                )
+            };
             if refused.is_empty() {
                 break;
             }

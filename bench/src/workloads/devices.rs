@@ -33,7 +33,8 @@
 //!   `SYNC` is answered), a sender keeps a connection per node and sends
 //!   each `SEND` to the leader of its conversation's partition. The nodes
 //!   are not the bench's children: no /proc figures (server CPU, RSS,
-//!   threads). The run measures a stable cluster: after a leader change
+//!   threads). Set-up makes the creates an election refused again on a
+//!   fresh map. The run measures a stable cluster: after a leader change
 //!   a refused `SEND` counts as an error, and a device's refused `SYNC`
 //!   or `SUBSCRIBE` ends the run.
 
@@ -57,8 +58,8 @@ use timeline_client::fleet::{Event, Fleet};
 use timeline_server::protocol::{
     self, Hello, Request, RequestFrame, Response, ServerMsg, PROTOCOL_VERSION,
 };
-use timeline_server::protocol::{Body, ConvKind, Keyspace, Push, UserId};
-use timeline_server::Client;
+use timeline_server::protocol::{Body, ConvKind, ErrorCode, Keyspace, Push, UserId};
+use timeline_server::{Client, ClientError};
 
 /// `--devices-total` default.
 pub const DEFAULT_DEVICES: u64 = 10_000;
@@ -72,6 +73,8 @@ const CONNECT_WINDOW: usize = 1024;
 const PAGE: u32 = 100;
 /// How long the drain phase may take before missing entries are errors.
 const DRAIN_LIMIT: Duration = Duration::from_secs(60);
+/// Rounds of creating what an election refused (cluster set-up).
+const SETUP_ATTEMPTS: usize = 5;
 
 struct World {
     members: Vec<Vec<UserId>>,
@@ -139,10 +142,11 @@ pub fn run(flags: &Flags, rep: &mut Reporter) -> Result<u64> {
         Which::Cluster => Backend::Cluster(Routes::fetch(flags)?),
         _ => return Err("devices: --target server, cluster or redis".into()),
     };
-    let dests = Arc::new(backend.dests()?);
+    let mut dests = backend.dests()?;
     let pid = backend.pid();
     let t = Instant::now();
-    backend.setup(&w, &dests)?;
+    backend.setup(flags, &w, &mut dests)?;
+    let dests = Arc::new(dests);
     let setup_secs = t.elapsed().as_secs_f64();
     let sh = Arc::new(Shared {
         base: Instant::now(),
@@ -372,34 +376,31 @@ impl Backend {
         }
     }
     /// Create the conversations (server, cluster; Redis streams need none).
-    fn setup(&self, w: &World, dests: &Dests) -> Result<()> {
+    /// On a cluster, creates an election refused (`NO_LEADER`, `MOVED`,
+    /// `UNCERTAIN`) are made again on a fresh map, where the leaders are
+    /// now (a loaded machine can lose a leader during this untimed
+    /// set-up); a retry answered `CONVERSATION_EXISTS` was applied the
+    /// first time (each run's ids are fresh). `FANOUT_FAILED` is stored,
+    /// its delivery goes on.
+    fn setup(&self, flags: &Flags, w: &World, dests: &mut Dests) -> Result<()> {
         if let Backend::Redis(_) = self {
             return Ok(());
         }
-        let mut conns = dests.connect()?;
-        for chunk in w.members.chunks(1024).enumerate() {
-            let (k, convs) = chunk;
-            let mut order = Vec::with_capacity(convs.len());
-            for (i, m) in convs.iter().enumerate() {
-                let conv = (k * 1024 + i) as u64;
-                let n = dests.store(conv);
-                conns[n].queue(&Request::CreateConversation {
-                    conv: dests.conv_id(conv),
-                    kind: if m.len() == 2 {
-                        ConvKind::Direct
-                    } else {
-                        ConvKind::Group
-                    },
-                    members: m.iter().map(|&u| dests.user_id(u)).collect(),
-                });
-                order.push(n);
+        let mut todo: Vec<u64> = (0..w.members.len() as u64).collect();
+        for attempt in 1..=SETUP_ATTEMPTS {
+            let again = create(w, dests, &todo, attempt > 1)?;
+            if again.is_empty() {
+                return Ok(());
             }
-            for c in &mut conns {
-                c.flush()?;
+            if dests.routes.is_none() || attempt == SETUP_ATTEMPTS {
+                return Err(format!("{} conversation(s) could not be created", again.len()).into());
             }
-            for n in order {
-                conns[n].recv()?;
-            }
+            eprintln!(
+                "devices: {} create(s) refused by an election; again on a fresh map",
+                again.len()
+            );
+            dests.routes = Some(Routes::fetch(flags)?);
+            todo = again;
         }
         Ok(())
     }
@@ -413,6 +414,53 @@ impl Backend {
 }
 
 // ---- senders ----
+
+/// Create conversations `todo` of the world, pipelined in chunks; those
+/// refused by an election (to be made again). `retry`: an earlier try may
+/// have created them.
+fn create(w: &World, dests: &Dests, todo: &[u64], retry: bool) -> Result<Vec<u64>> {
+    let mut conns = dests.connect()?;
+    let mut again = Vec::new();
+    for chunk in todo.chunks(1024) {
+        let mut order = Vec::with_capacity(chunk.len());
+        for &conv in chunk {
+            let m = &w.members[conv as usize];
+            let n = dests.store(conv);
+            conns[n].queue(&Request::CreateConversation {
+                conv: dests.conv_id(conv),
+                kind: if m.len() == 2 {
+                    ConvKind::Direct
+                } else {
+                    ConvKind::Group
+                },
+                members: m.iter().map(|&u| dests.user_id(u)).collect(),
+            });
+            order.push((conv, n));
+        }
+        for c in &mut conns {
+            c.flush()?;
+        }
+        for (conv, n) in order {
+            match conns[n].recv() {
+                Ok(_) => {}
+                Err(ClientError::Server { code, .. })
+                    if code == ErrorCode::FANOUT_FAILED
+                        || (retry && code == ErrorCode::CONVERSATION_EXISTS) => {}
+                Err(ClientError::Server { code, .. })
+                    if dests.routes.is_some()
+                        && matches!(
+                            code,
+                            ErrorCode::NO_LEADER | ErrorCode::MOVED | ErrorCode::UNCERTAIN
+                        ) =>
+                {
+                    again.push(conv)
+                }
+                Err(e) => return Err(format!("creating conversation {conv}: {e}").into()),
+            }
+        }
+    }
+    Ok(again)
+}
 
 #[allow(clippy::too_many_arguments)]
 fn sender(

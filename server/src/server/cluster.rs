@@ -5,9 +5,10 @@
 //!   and this node applied it, or with `MOVED` (another node leads) or
 //!   `NO_LEADER` (an election is on). The request's durability byte is not
 //!   used: a cluster append is durable when a quorum's logs are.
-//! - `GET`, `SCAN`, `LAST_SEQ`: served by the leader after a heartbeat
-//!   round confirms it still leads (linearizable), from its engine, with
-//!   the Raft index stripped from each record.
+//! - `GET`, `SCAN`, `LAST_SEQ`: served by the leader once its lease, or
+//!   else a heartbeat round, confirms it still leads (linearizable;
+//!   `timeline_cluster`'s `lease` module), from its engine, with the Raft
+//!   index stripped from each record.
 //! - `CLUSTER_MAP`: the map version, P and the leaders this node knows.
 //! - `CREATE_CONVERSATION`, `SEND`, `RECALL`, `ADD_MEMBER`,
 //!   `REMOVE_MEMBER`, `SYNC`, `HISTORY`, `MEMBERS`, `MARK_READ`,

@@ -472,6 +472,11 @@ pub(crate) fn stats(sh: &Shared) -> Vec<(String, u64)> {
             kv("cluster_snapshot_bytes_sent", bytes),
             kv("cluster_snapshots_installed", installed),
         ]);
+        let (by_lease, by_round) = n.reads();
+        out.extend([
+            kv("cluster_reads_by_lease", by_lease),
+            kv("cluster_reads_by_round", by_round),
+        ]);
     }
     out
 }
