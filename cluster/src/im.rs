@@ -459,18 +459,30 @@ pub mod read {
     /// The seqs of `conv` that `user` deleted for itself (from this
     /// node's replica of the user's partition), in the order deleted.
     pub fn deletes(e: &Engine, user: u64, conv: u64) -> Result<Vec<u64>, ReadError> {
+        Ok(deleted(e, user)?
+            .into_iter()
+            .filter(|d| d.0 == conv)
+            .map(|d| d.1)
+            .collect())
+    }
+
+    /// Every (conversation, seq) `user` deleted for itself, in the order
+    /// deleted (from this node's replica of the user's partition; an
+    /// index lookup when there is none).
+    pub fn deleted(e: &Engine, user: u64) -> Result<Vec<(u64, u64)>, ReadError> {
         let tl = TimelineId::new(crate::log_store::IM_DELETES, user);
-        let mut out = Vec::new();
-        for (seq, _, b) in all(e, tl)? {
-            let (c, at) = (b.len() == 16)
-                .then(|| Some((u64_at(&b, 0)?, u64_at(&b, 8)?)))
-                .flatten()
-                .ok_or_else(|| ReadError::Damaged(format!("user {user}'s delete record {seq}")))?;
-            if c == conv {
-                out.push(at);
-            }
+        if e.last_seq(tl) == 0 {
+            return Ok(Vec::new());
         }
-        Ok(out)
+        all(e, tl)?
+            .into_iter()
+            .map(|(seq, _, b)| {
+                (b.len() == 16)
+                    .then(|| Some((u64_at(&b, 0)?, u64_at(&b, 8)?)))
+                    .flatten()
+                    .ok_or_else(|| ReadError::Damaged(format!("user {user}'s delete record {seq}")))
+            })
+            .collect()
     }
 
     /// Every read marker of `user`'s, by conversation.

@@ -10,7 +10,8 @@
 //!   stored, and told to every node for push (`timeline_cluster::groups`).
 //! - `SYNC`: the user partition's leader: the sync timeline, then (once
 //!   it is drained) pages of the user's read-fan-out groups, each read
-//!   from its group's leader.
+//!   from its group's leader; messages the user deleted for itself shown
+//!   `Deleted` in both (its deletes are in its own partition).
 //! - `HISTORY`, `MEMBERS`: the conversation partition's leader.
 //! - `RECALL`: as `SEND` (a recall event, delivered like a message).
 //! - `MARK_READ`, `DELETE_FOR_USER`: the user partition's leader, once
@@ -421,11 +422,14 @@ fn with_groups(
         })
         .collect();
     let budget = limit.saturating_sub(s.entries.len());
+    let engine = node.engine().clone();
     node.group_pages(reqs, budget, move |r| {
-        a.reply(r.map_err(|e| e.reply()).map(|(pages, more)| {
+        a.reply(r.map_err(|e| e.reply()).and_then(|(pages, more)| {
             s.has_more |= more;
             s.groups = pages.into_iter().map(group_page).collect();
-            Response::Sync(s)
+            let entries = s.groups.iter_mut().flat_map(|g| g.entries.iter_mut());
+            hide_deleted(&engine, user, entries)?;
+            Ok(Response::Sync(s))
         }))
     });
 }
@@ -497,6 +501,7 @@ fn sync(
             },
         });
     }
+    hide_deleted(engine, user, entries.iter_mut().map(|e| &mut e.entry))?;
     let last = entries
         .last()
         .map_or(from.saturating_sub(1).max(checkpoint), |e| e.seq);
@@ -512,6 +517,29 @@ fn sync(
 /// A message (recalled or not) the user may have deleted for itself.
 fn deletable(b: &Body) -> bool {
     matches!(b, Body::Message(_) | Body::Recalled)
+}
+
+/// Show the messages among `entries` that `user` deleted for itself as
+/// `Deleted`, as on a single node. Its deletes are kept in its own
+/// partition, which this node leads (a `SYNC` is served there): a local
+/// read, an index lookup for a user who deleted nothing.
+fn hide_deleted<'a>(
+    engine: &Engine,
+    user: u64,
+    entries: impl Iterator<Item = &'a mut Entry>,
+) -> Result<(), ErrorReply> {
+    let mut entries = entries.filter(|e| deletable(&e.body)).peekable();
+    if entries.peek().is_none() {
+        return Ok(());
+    }
+    let deleted: HashSet<(u64, u64)> = read::deleted(engine, user)
+        .map_err(read_failed)?
+        .into_iter()
+        .collect();
+    for e in entries.filter(|e| deleted.contains(&(e.conv, e.conv_seq))) {
+        e.body = Body::Deleted;
+    }
+    Ok(())
 }
 
 /// Answer `page` with the messages `user` deleted for itself shown
