@@ -176,6 +176,15 @@ impl Delivery {
         }
     }
 
+    /// The seq a `Recall` delivery recalls (listed among the user's
+    /// recalled messages with its sync entry).
+    pub fn recalls(&self) -> Option<u64> {
+        match self.kind {
+            KIND_RECALL => u64_at(&self.body, 0),
+            _ => None,
+        }
+    }
+
     /// The conversation kind, if this delivery is its user's own removal.
     pub fn leaves(&self) -> Option<u8> {
         match self.kind {
@@ -470,7 +479,26 @@ pub mod read {
     /// deleted (from this node's replica of the user's partition; an
     /// index lookup when there is none).
     pub fn deleted(e: &Engine, user: u64) -> Result<Vec<(u64, u64)>, ReadError> {
-        let tl = TimelineId::new(crate::log_store::IM_DELETES, user);
+        conv_seqs(
+            e,
+            TimelineId::new(crate::log_store::IM_DELETES, user),
+            "delete",
+        )
+    }
+
+    /// Every (conversation, seq) recalled by a `Recall` entry in `user`'s
+    /// sync timeline, in delivery order (from this node's replica of the
+    /// user's partition; an index lookup when there is none).
+    pub fn recalled(e: &Engine, user: u64) -> Result<Vec<(u64, u64)>, ReadError> {
+        conv_seqs(
+            e,
+            TimelineId::new(crate::log_store::IM_RECALLED, user),
+            "recall",
+        )
+    }
+
+    /// The `conv u64 | seq u64` records of a user's timeline `tl`.
+    fn conv_seqs(e: &Engine, tl: TimelineId, what: &str) -> Result<Vec<(u64, u64)>, ReadError> {
         if e.last_seq(tl) == 0 {
             return Ok(Vec::new());
         }
@@ -480,7 +508,9 @@ pub mod read {
                 (b.len() == 16)
                     .then(|| Some((u64_at(&b, 0)?, u64_at(&b, 8)?)))
                     .flatten()
-                    .ok_or_else(|| ReadError::Damaged(format!("user {user}'s delete record {seq}")))
+                    .ok_or_else(|| {
+                        ReadError::Damaged(format!("user {}'s {what} record {seq}", tl.id))
+                    })
             })
             .collect()
     }

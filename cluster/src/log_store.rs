@@ -104,6 +104,12 @@ pub const IM_MEMBERS: Keyspace = Keyspace(9);
 /// user's partition with its `DeletedMarker`; `HISTORY` reads it: module
 /// [`crate::marks`]). Kept when the sync TTL drops the marker.
 pub const IM_DELETES: Keyspace = Keyspace(10);
+/// The keyspace of the messages recalled in each user's sync timeline:
+/// timeline `user`, one record `conv u64 | seq u64` per `Recall` delivered
+/// to the user (written by the user's partition with the `Recall`'s sync
+/// entry), so that `SYNC` shows them `Recalled` as a single node does (the
+/// conversation's own list is in the conversation's partition).
+pub const IM_RECALLED: Keyspace = Keyspace(11);
 
 /// Whether `keyspace` is one of the cluster's own (no client writes it).
 pub fn is_own(keyspace: u8) -> bool {
@@ -117,6 +123,7 @@ pub fn is_own(keyspace: u8) -> bool {
         IM_CREATED.0,
         IM_MEMBERS.0,
         IM_DELETES.0,
+        IM_RECALLED.0,
     ]
     .contains(&keyspace)
 }
@@ -126,7 +133,7 @@ const REPLAY_PAGE: usize = 4096;
 
 /// The keyspaces a node's engine needs besides its data keyspaces: kept
 /// forever, in log order (no regroup: the log is read in order).
-pub fn keyspaces() -> [KeyspaceConfig; 9] {
+pub fn keyspaces() -> [KeyspaceConfig; 10] {
     let keep = |id, name| KeyspaceConfig {
         regroup: false,
         segment_window: Duration::from_secs(3600),
@@ -142,6 +149,7 @@ pub fn keyspaces() -> [KeyspaceConfig; 9] {
         keep(IM_CREATED, "im-created"),
         keep(IM_MEMBERS, "im-members"),
         keep(IM_DELETES, "im-deletes"),
+        keep(IM_RECALLED, "im-recalled"),
     ]
 }
 

@@ -935,9 +935,13 @@ impl StateMachine {
     }
 
     /// Does applying delivery `d` list something besides its sync entry
-    /// (its user joins or leaves the conversation)?
+    /// (its user joins or leaves the conversation, or a message of it is
+    /// recalled)?
     fn lists(&self, d: &Delivery) -> bool {
-        d.joins().is_some() || d.lists_group() || d.leaves() == Some(im::CONV_READ_GROUP)
+        d.joins().is_some()
+            || d.lists_group()
+            || d.leaves() == Some(im::CONV_READ_GROUP)
+            || d.recalls().is_some()
     }
 
     /// A delivery at write id `wi` that makes its user a member (`Created`,
@@ -945,8 +949,15 @@ impl StateMachine {
     /// (`IM_CONVS`), and one that makes it read a read-fan-out group (a
     /// join, or the switch to read fan-out) the group among the user's
     /// groups (`IM_GROUPS`); its own removal from a read-fan-out group
-    /// lists the group as left (`conv | 0`), once.
+    /// lists the group as left (`conv | 0`), once; a `Recall` lists the
+    /// recalled message among the user's (`IM_RECALLED`).
     fn join_group(&self, st: &mut State, wi: u64, d: &Delivery) -> Result<(), Error> {
+        if let Some(target) = d.recalls() {
+            let mut rec = [0u8; 16];
+            rec[..8].copy_from_slice(&d.conv.to_le_bytes());
+            rec[8..].copy_from_slice(&target.to_le_bytes());
+            self.append_any(st, (crate::log_store::IM_RECALLED.0, d.user), wi, &rec)?;
+        }
         let groups = (crate::log_store::IM_GROUPS.0, d.user);
         if let Some(kind) = d.joins() {
             let mut rec = [0u8; 9];
@@ -1739,6 +1750,42 @@ mod tests {
         for ks in [crate::log_store::IM_CONVS, crate::log_store::IM_GROUPS] {
             assert_eq!(e.last_seq(TimelineId::new(ks, 2)), 1, "{ks}");
         }
+        assert_eq!(sm.records(Keyspace::SYNC.0, 2).unwrap().len(), 2);
+    }
+
+    /// A `Recall` delivered to a user lists the recalled message among the
+    /// user's (`IM_RECALLED`, read by `SYNC`) once: not again when a
+    /// re-drive delivers it twice, nor when the entry is re-applied after
+    /// a restart; other deliveries list nothing there.
+    #[test]
+    fn a_delivered_recall_lists_its_message_for_the_user_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let mut sm = StateMachine::open(e.clone(), 3).unwrap();
+        let message = Delivery {
+            user: 2,
+            conv: 7,
+            conv_seq: 4,
+            sender: 5,
+            ts: 1,
+            kind: im::KIND_MESSAGE,
+            body: b"m".to_vec(),
+        };
+        let recall = Delivery {
+            conv_seq: 6,
+            kind: im::KIND_RECALL,
+            body: 4u64.to_le_bytes().to_vec(),
+            ..message.clone()
+        };
+        assert_eq!(recall.recalls(), Some(4));
+        assert_eq!(message.recalls(), None);
+        block(sm.apply([entry(5, Command::Deliver(vec![message]))])).unwrap();
+        assert!(im::read::recalled(&e, 2).unwrap().is_empty());
+        block(sm.apply([entry(6, Command::Deliver(vec![recall.clone()]))])).unwrap();
+        block(sm.apply([entry(7, Command::Deliver(vec![recall.clone()]))])).unwrap();
+        let mut sm = StateMachine::open(e.clone(), 3).unwrap();
+        block(sm.apply([entry(6, Command::Deliver(vec![recall]))])).unwrap();
+        assert_eq!(im::read::recalled(&e, 2).unwrap(), vec![(7, 4)]);
         assert_eq!(sm.records(Keyspace::SYNC.0, 2).unwrap().len(), 2);
     }
 

@@ -1236,10 +1236,17 @@ impl Marks {
     }
 }
 
-/// A sync entry or group page keeps what was delivered: a message
-/// recalled later still carries its payload there.
-fn same_body(got: &Body, history: &Body) -> bool {
-    got == history || (*history == Body::Recalled && matches!(got, Body::Message(_)))
+/// A read entry against its history entry. A recalled message reads
+/// `Recalled` in group pages (read from the store) and in sync entries
+/// once its `Recall` entry was delivered to the user (`recall_here`);
+/// else, delivered before a recall the user never got (it had left, or
+/// the recall went to the group's pages after a switch), it keeps its
+/// payload.
+fn same_body(got: &Body, history: &Body, recall_here: bool) -> bool {
+    match history {
+        Body::Recalled if !recall_here => matches!(got, Body::Message(_)),
+        _ => got == history,
+    }
 }
 
 /// `user`'s mark entries against the acknowledged marks: per conversation
@@ -1434,7 +1441,7 @@ fn expected(
 }
 
 /// `got` holds exactly `want`'s seqs, in order, with the same senders and
-/// bodies (a recalled message keeps its payload where it was delivered; a
+/// bodies (a recalled message reads as [`same_body`] says; a
 /// message `user` deleted for itself reads `Deleted`);
 /// else what differs: the seqs missing and those extra or out of place,
 /// with the history's entries for the missing ones.
@@ -1469,15 +1476,24 @@ fn same_entries(
             seqs.windows(2).all(|w| w[0] < w[1])
         ));
     }
+    let pages = what == "group pages";
+    let recalled: std::collections::HashSet<u64> = want
+        .iter()
+        .filter_map(|e| match e.body {
+            Body::Recall { target } => Some(target),
+            _ => None,
+        })
+        .collect();
     for (g, w) in got.iter().zip(want) {
+        let recall_here = pages || recalled.contains(&w.conv_seq);
         // A message the user deleted for itself reads `Deleted`, as in
         // its HISTORY (the histories are read as a member who never
         // deletes).
         let deletable = matches!(w.body, Body::Message(_) | Body::Recalled);
         let body_ok = match deletable.then(|| marks.deleted(user, conv, w.conv_seq)) {
             Some(Some(true)) => g.body == Body::Deleted,
-            Some(None) => g.body == Body::Deleted || same_body(&g.body, &w.body),
-            _ => same_body(&g.body, &w.body),
+            Some(None) => g.body == Body::Deleted || same_body(&g.body, &w.body, recall_here),
+            _ => same_body(&g.body, &w.body, recall_here),
         };
         if !body_ok || g.sender != w.sender {
             return Err(format!("user {user}: {g:?} for {w:?}"));
@@ -2650,9 +2666,14 @@ fn recalls_read_markers_and_deletes_across_nodes() {
     // message, as on a single node.
     assert_eq!(bob_sync[3].entry.conv_seq, 4);
     assert_eq!(bob_sync[3].entry.body, Body::Deleted);
+    // The message alice recalled reads `Recalled` in both sync timelines
+    // (each got the `Recall` entry), as in HISTORY and on a single node.
+    assert_eq!(bob_sync[2].entry.conv_seq, 3);
+    assert_eq!(bob_sync[2].entry.body, Body::Recalled);
     let alice_sync = of_conv(sync_all(&mut cc, alice));
     assert_eq!(alice_sync.len(), 7, "alice's sync has none of bob's marks");
     assert_eq!(alice_sync[3].entry.body, Body::Message(b"m2".to_vec()));
+    assert_eq!(alice_sync[2].entry.body, Body::Recalled);
     // HISTORY shows bob its own delete (read from bob's partition, led on
     // another node than the conversation's), alice the message.
     let body4 = |cc: &mut ClusterClient, user| history_all(cc, conv, user)[3].body.clone();

@@ -12,6 +12,22 @@
 //! ```
 //! Exits 0 on success, 1 on a server or connection error, 2 on bad usage.
 
+/// `println!` that ends the program quietly once its reader has gone
+/// (`timeline-cli cluster-map | head -3`): a reader that has seen enough
+/// is not an error. (`println!` panics on a closed pipe.)
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($t)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("(error) writing the output: {e}");
+            std::process::exit(1);
+        }
+    }};
+}
+
 use clap::{Parser, Subcommand, ValueEnum};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use timeline_client::cluster::ClusterClient;
@@ -207,7 +223,7 @@ fn main() {
             expires_unix: now + ttl,
             role: if admin { Role::Admin } else { Role::User },
         };
-        println!("{}", token::to_hex(&token::sign(secret.as_bytes(), &c)));
+        out!("{}", token::to_hex(&token::sign(secret.as_bytes(), &c)));
         return;
     }
     match run(a) {
@@ -395,12 +411,12 @@ fn run(a: Args) -> Result<(), ClientError> {
             if let Some((_, p)) = c.next_push(Duration::from_secs(3600))? {
                 match p {
                     Push::Entry { user, entry: e } => {
-                        println!("push user {user} sync seq {}: {}", e.seq, entry(&e.entry))
+                        out!("push user {user} sync seq {}: {}", e.seq, entry(&e.entry))
                     }
                     Push::Group { user, entry: e } => {
-                        println!("push user {user} group: {}", entry(&e))
+                        out!("push user {user} group: {}", entry(&e))
                     }
-                    Push::Resync => println!("push: resync (sync from your checkpoint)"),
+                    Push::Resync => out!("push: resync (sync from your checkpoint)"),
                 }
                 n += 1;
             }
@@ -411,11 +427,11 @@ fn run(a: Args) -> Result<(), ClientError> {
 
 fn print(r: &Response) {
     match r {
-        Response::Hello(h) => println!("hello {h:?}"),
-        Response::Ping(b) => println!("PONG {}", show(b)),
+        Response::Hello(h) => out!("hello {h:?}"),
+        Response::Ping(b) => out!("PONG {}", show(b)),
         Response::Stats(kv) => {
             for (k, v) in kv {
-                println!("{k}: {v}");
+                out!("{k}: {v}");
             }
         }
         Response::ClusterMap {
@@ -423,27 +439,27 @@ fn print(r: &Response) {
             partitions,
             leaders,
         } => {
-            println!("map version {version}, {partitions} partitions");
+            out!("map version {version}, {partitions} partitions");
             for (addr, p) in leaders {
-                println!("partition {p}: leader {addr}");
+                out!("partition {p}: leader {addr}");
             }
         }
-        Response::Append(s) => println!("seq {s}"),
-        Response::AppendBatch(s) => println!("seqs {s:?}"),
-        Response::Get(None) => println!("(nil)"),
+        Response::Append(s) => out!("seq {s}"),
+        Response::AppendBatch(s) => out!("seqs {s:?}"),
+        Response::Get(None) => out!("(nil)"),
         Response::Get(Some(rec)) => {
-            println!("{} @{}: {}", rec.seq, rec.timestamp_ms, show(&rec.payload))
+            out!("{} @{}: {}", rec.seq, rec.timestamp_ms, show(&rec.payload))
         }
         Response::Scan(recs) => {
             if recs.is_empty() {
-                println!("(empty)");
+                out!("(empty)");
             }
             for rec in recs {
-                println!("{} @{}: {}", rec.seq, rec.timestamp_ms, show(&rec.payload));
+                out!("{} @{}: {}", rec.seq, rec.timestamp_ms, show(&rec.payload));
             }
         }
-        Response::LastSeq(s) => println!("last seq {s}"),
-        Response::Send(a) => println!(
+        Response::LastSeq(s) => out!("last seq {s}"),
+        Response::Send(a) => out!(
             "conv {} seq {}{}",
             a.conv,
             a.seq,
@@ -455,26 +471,26 @@ fn print(r: &Response) {
         ),
         Response::Sync(s) => {
             if let Some(f) = s.truncated {
-                println!(
+                out!(
                     "truncated: the TTL dropped entries; roam with history, then sync from {}",
                     f - 1
                 );
             }
             for e in &s.entries {
-                println!("{}: {}", e.seq, entry(&e.entry));
+                out!("{}: {}", e.seq, entry(&e.entry));
             }
             for g in &s.groups {
                 for e in &g.entries {
-                    println!("group {}: {}", g.conv, entry(e));
+                    out!("group {}: {}", g.conv, entry(e));
                 }
-                println!(
+                out!(
                     "group {} checkpoint {}{}",
                     g.conv,
                     g.checkpoint,
                     if g.has_more { " (more)" } else { "" }
                 );
             }
-            println!(
+            out!(
                 "checkpoint {}{}",
                 s.checkpoint,
                 if s.has_more { " (more)" } else { "" }
@@ -482,15 +498,15 @@ fn print(r: &Response) {
         }
         Response::History(h) => {
             for e in &h.entries {
-                println!("{}", entry(e));
+                out!("{}", entry(e));
             }
             if h.has_more {
-                println!("(more)");
+                out!("(more)");
             }
         }
         Response::Conversations(cs) => {
             for c in cs {
-                println!(
+                out!(
                     "conv {} {:?}: last {} read {} unread {}{}{}",
                     c.conv,
                     c.kind,
@@ -502,14 +518,14 @@ fn print(r: &Response) {
                 );
             }
         }
-        Response::MarkRead(s) => println!("read through {s}"),
-        Response::Recall(s) => println!("recalled (event seq {s})"),
-        Response::DeleteForUser(s) => println!("deleted (sync seq {s})"),
-        Response::CreateConversation(s) => println!("created (seq {s})"),
-        Response::AddMember(s) => println!("added (seq {s})"),
-        Response::RemoveMember(s) => println!("removed (seq {s})"),
-        Response::Members(m) => println!("{m:?}"),
-        Response::Subscribe => println!("subscribed; waiting for pushes"),
-        Response::Unsubscribe => println!("unsubscribed"),
+        Response::MarkRead(s) => out!("read through {s}"),
+        Response::Recall(s) => out!("recalled (event seq {s})"),
+        Response::DeleteForUser(s) => out!("deleted (sync seq {s})"),
+        Response::CreateConversation(s) => out!("created (seq {s})"),
+        Response::AddMember(s) => out!("added (seq {s})"),
+        Response::RemoveMember(s) => out!("removed (seq {s})"),
+        Response::Members(m) => out!("{m:?}"),
+        Response::Subscribe => out!("subscribed; waiting for pushes"),
+        Response::Unsubscribe => out!("unsubscribed"),
     }
 }

@@ -428,7 +428,7 @@ fn with_groups(
             s.has_more |= more;
             s.groups = pages.into_iter().map(group_page).collect();
             let entries = s.groups.iter_mut().flat_map(|g| g.entries.iter_mut());
-            hide_deleted(&engine, user, entries)?;
+            hide_recalled_and_deleted(&engine, user, entries)?;
             Ok(Response::Sync(s))
         }))
     });
@@ -501,7 +501,7 @@ fn sync(
             },
         });
     }
-    hide_deleted(engine, user, entries.iter_mut().map(|e| &mut e.entry))?;
+    hide_recalled_and_deleted(engine, user, entries.iter_mut().map(|e| &mut e.entry))?;
     let last = entries
         .last()
         .map_or(from.saturating_sub(1).max(checkpoint), |e| e.seq);
@@ -519,11 +519,12 @@ fn deletable(b: &Body) -> bool {
     matches!(b, Body::Message(_) | Body::Recalled)
 }
 
-/// Show the messages among `entries` that `user` deleted for itself as
-/// `Deleted`, as on a single node. Its deletes are kept in its own
-/// partition, which this node leads (a `SYNC` is served there): a local
-/// read, an index lookup for a user who deleted nothing.
-fn hide_deleted<'a>(
+/// Show the messages among `entries` recalled since they were delivered
+/// as `Recalled`, and those `user` deleted for itself as `Deleted`, as on
+/// a single node. Both lists are kept in the user's own partition, which
+/// this node leads (a `SYNC` is served there): local reads, an index
+/// lookup each for a user with none.
+fn hide_recalled_and_deleted<'a>(
     engine: &Engine,
     user: u64,
     entries: impl Iterator<Item = &'a mut Entry>,
@@ -532,12 +533,16 @@ fn hide_deleted<'a>(
     if entries.peek().is_none() {
         return Ok(());
     }
-    let deleted: HashSet<(u64, u64)> = read::deleted(engine, user)
-        .map_err(read_failed)?
-        .into_iter()
-        .collect();
-    for e in entries.filter(|e| deleted.contains(&(e.conv, e.conv_seq))) {
-        e.body = Body::Deleted;
+    let set = |v: Vec<(u64, u64)>| v.into_iter().collect::<HashSet<(u64, u64)>>();
+    let recalled = set(read::recalled(engine, user).map_err(read_failed)?);
+    let deleted = set(read::deleted(engine, user).map_err(read_failed)?);
+    for e in entries {
+        let at = (e.conv, e.conv_seq);
+        if deleted.contains(&at) {
+            e.body = Body::Deleted;
+        } else if recalled.contains(&at) {
+            e.body = Body::Recalled;
+        }
     }
     Ok(())
 }
