@@ -486,7 +486,7 @@ impl Reporter {
         line.mem_bytes = self.machine.mem_bytes;
         line.set_costs();
         if self.json {
-            println!("{}", serde_json::to_string(&line)?);
+            timeline_client::outln!("{}", serde_json::to_string(&line)?);
         }
         self.lines.push(line);
         Ok(())
@@ -517,11 +517,17 @@ impl Reporter {
         if self.json || self.lines.is_empty() {
             return;
         }
-        println!("{}", self.machine.describe());
+        timeline_client::outln!("{}", self.machine.describe());
         if let Some(l) = self.lines.first() {
-            println!(
+            timeline_client::outln!(
                 "target {}, io {}, keyspace {}, shards {}, threads {}, payload {} B, seed {}",
-                l.target, l.io, l.keyspace, l.shards, l.threads, l.payload, l.seed
+                l.target,
+                l.io,
+                l.keyspace,
+                l.shards,
+                l.threads,
+                l.payload,
+                l.seed
             );
         }
         let head = [
@@ -568,7 +574,7 @@ impl Reporter {
             .collect();
         print_table(&head, &rows, 2);
         if self.lines.iter().any(|l| l.deliveries.is_some()) {
-            println!();
+            timeline_client::outln!();
             let head = [
                 "workload",
                 "deliveries/s",
@@ -706,7 +712,7 @@ impl Reporter {
                 notes.push(format!("close {c:.3} s"));
             }
             if !notes.is_empty() {
-                println!("  {}: {}", l.label(), notes.join(", "));
+                timeline_client::outln!("  {}: {}", l.label(), notes.join(", "));
             }
         }
     }
@@ -734,12 +740,12 @@ fn print_table(head: &[&str], rows: &[Vec<String>], left: usize) {
             .collect::<Vec<_>>()
             .join("  ")
     };
-    println!(
+    timeline_client::outln!(
         "{}",
         fmt_row(&head.iter().map(|s| s.to_string()).collect::<Vec<_>>())
     );
     for r in rows {
-        println!("{}", fmt_row(r));
+        timeline_client::outln!("{}", fmt_row(r));
     }
 }
 

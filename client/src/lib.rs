@@ -8,6 +8,7 @@ pub use timeline_protocol as protocol;
 
 pub mod cluster;
 pub mod fleet;
+pub mod stdout;
 
 use protocol::{
     ErrorCode, ErrorReply, Hello, HelloReply, ProtocolError, Push, Request, RequestFrame, Response,

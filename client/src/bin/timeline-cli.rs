@@ -12,21 +12,7 @@
 //! ```
 //! Exits 0 on success, 1 on a server or connection error, 2 on bad usage.
 
-/// `println!` that ends the program quietly once its reader has gone
-/// (`timeline-cli cluster-map | head -3`): a reader that has seen enough
-/// is not an error. (`println!` panics on a closed pipe.)
-macro_rules! out {
-    ($($t:tt)*) => {{
-        use std::io::Write as _;
-        if let Err(e) = writeln!(std::io::stdout(), $($t)*) {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                std::process::exit(0);
-            }
-            eprintln!("(error) writing the output: {e}");
-            std::process::exit(1);
-        }
-    }};
-}
+use timeline_client::outln as out;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

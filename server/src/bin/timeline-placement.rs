@@ -51,17 +51,17 @@ enum Cmd {
 }
 
 fn print_map(m: &PartitionMap) {
-    println!(
+    timeline_client::outln!(
         "version {}  partitions {}  replicas {}",
         m.version,
         m.len(),
         m.replicas_per_partition
     );
     for (n, c) in m.load() {
-        println!("node {n}: {c} replicas");
+        timeline_client::outln!("node {n}: {c} replicas");
     }
     for (p, r) in m.partitions.iter().enumerate() {
-        println!("partition {p}: {r:?}");
+        timeline_client::outln!("partition {p}: {r:?}");
     }
 }
 
@@ -90,9 +90,9 @@ async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let (map, moves) = reconcile::apply(&meta, change).await?;
     for (p, from, to) in &moves {
-        println!("partition {p}: node {from} -> node {to}");
+        timeline_client::outln!("partition {p}: node {from} -> node {to}");
     }
-    println!("map version {} ({} moves)", map.version, moves.len());
+    timeline_client::outln!("map version {} ({} moves)", map.version, moves.len());
     Ok(())
 }
 
