@@ -225,8 +225,15 @@ impl Shard {
 }
 
 /// How far ahead of the writer the maintenance thread populates the active
-/// buffer's pages.
-const PREFAULT_LEAD: usize = 32 << 20;
+/// buffer's pages: as far as the segment has been written (so the lead
+/// doubles with the writes), from 1 MiB up to 32 MiB. A fixed 32 MiB made
+/// every shard written at all cost 32 MiB of memory, and a node's first
+/// writes to its tens of shards (a cluster node: 12 keyspaces of 4 shards,
+/// most written a little) zeroed a gigabyte of pages in one burst, which
+/// starved its event loops and Raft timers for up to 344 ms.
+fn prefault_lead(written: usize) -> usize {
+    written.clamp(1 << 20, 32 << 20)
+}
 
 /// Sealing writes a checkpoint once this many index entries (or as many as
 /// the shard has timelines, if more) were sealed since the last one, so

@@ -125,7 +125,8 @@ impl Shard {
             Ordering::Relaxed,
         );
         let b = &w.active.buf;
-        let wants_prefault = b.prefaulted() < (b.len() + PREFAULT_LEAD / 2).min(b.capacity());
+        let wants_prefault =
+            b.prefaulted() < (b.len() + prefault_lead(b.len()) / 2).min(b.capacity());
         Ok((w.lsn, froze, wants_prefault))
     }
 
@@ -139,7 +140,7 @@ impl Shard {
             // Not written yet: an idle shard costs no memory.
             return;
         }
-        b.prefault_to(b.len() + PREFAULT_LEAD);
+        b.prefault_to(b.len() + prefault_lead(b.len()));
         let cap = self.cfg.segment_bytes as usize;
         if b.len() > b.capacity() / 2 && self.spare.lock().is_none() {
             if let Ok(n) = Tail::with_capacity(cap) {
