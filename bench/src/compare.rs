@@ -161,10 +161,8 @@ pub fn run(c: &CompareArgs) -> crate::Result<u64> {
         }
     }
     let table = ratio_table(&runs, &c.targets);
-    print!(
-        "{}",
-        render(&table, sweep.as_ref().map(|(n, _)| n.as_str()))
-    );
+    let text = render(&table, sweep.as_ref().map(|(n, _)| n.as_str()));
+    timeline_client::outln!("{}", text.trim_end_matches('\n'));
     let dir = write(c, &runs, &table, &facts, sweep.as_ref())?;
     eprintln!("results: {}", dir.display());
     Ok(errors)

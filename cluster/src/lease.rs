@@ -12,21 +12,29 @@
 //! quorum within the lease.
 //!
 //! Why no other leader can exist while the lease holds, given openraft's
-//! rules and two of ours:
+//! rules and three of ours:
 //! 1. A follower that accepts an append-entries of vote `V` at instant `t`
 //!    (never before the leader sent it) refuses every vote request until
 //!    `t + election_timeout_max` (openraft's `handle_vote_req`, the
 //!    "leader lease").
-//! 2. That clock lives in memory. A follower killed and restarted would
-//!    grant a vote at once, so a node answers no vote request until
-//!    `election_timeout_max` after it started (`net::serve`'s vote gate).
-//! 3. A node stands for election only `election_timeout_min` after it last
-//!    heard from a leader or started.
+//! 2. That clock lives in memory. openraft 0.9.25 starts a restored vote's
+//!    clock when the group opens, so a follower killed and restarted
+//!    refuses too; not to rest on that detail, a node also answers no vote
+//!    request until `election_timeout_max` after it started (`net::serve`'s
+//!    vote gate).
+//! 3. A node stands for election only (at least) `election_timeout_min`
+//!    after it last heard from a leader or started.
+//! 4. The leader's own vote is not protected by (1): once it has led for
+//!    `election_timeout_max` it grants a higher term whose log is as long
+//!    as its own, and its published state may say it leads until its core
+//!    gets round to stepping down. So every vote request that reaches a
+//!    node voids the partition's lease before openraft sees it
+//!    ([`Leases::void`]): only requests sent after it count again.
 //!
-//! A quorum of every voter configuration (this node counted) accepted
-//! requests sent within the last `lease` < `election_timeout_min`: any
-//! other candidate needs the vote of one of them, who refuses it (1, 2) or
-//! cannot have stood yet (3). The local state holds every acknowledged
+//! A quorum of every voter configuration (this node counted, per 4)
+//! accepted requests sent within the last `lease` < `election_timeout_min`:
+//! any other candidate needs the vote of one of them, who refuses it (1, 2)
+//! or cannot have stood yet (3). The local state holds every acknowledged
 //! write once an entry of this leader's term is applied: writes of earlier
 //! terms were committed before it, and this term's writes are acknowledged
 //! only after this node applied them. Otherwise (a lease lapsed under load,
@@ -34,7 +42,10 @@
 //! The lease assumes the nodes' clocks run at the same rate within the
 //! margin between `lease` and `election_timeout_min` (a third of it by
 //! default), the assumption every lease-read implementation makes (TiKV's,
-//! etcd's `ReadOnlyLeaseBased`).
+//! etcd's `ReadOnlyLeaseBased`). `Instant` is the monotonic clock: a host
+//! suspended, or a VM paused so that its monotonic clock stops, breaks it
+//! (a process stopped with SIGSTOP does not: its clock runs on, and the
+//! process test checks that case).
 
 use crate::NodeId;
 use openraft::{BasicNode, RaftMetrics, ServerState, Vote};
@@ -49,6 +60,8 @@ struct Acks {
     vote: Vote<NodeId>,
     /// Per follower, when the newest request it accepted was sent.
     sent: HashMap<NodeId, Instant>,
+    /// Requests sent before this do not count (a vote request arrived).
+    not_before: Option<Instant>,
 }
 
 /// The leases of one node's groups, and how reads were confirmed.
@@ -86,6 +99,7 @@ impl Leases {
         let acks = all.entry(p).or_insert_with(|| Acks {
             vote: *vote,
             sent: HashMap::new(),
+            not_before: None,
         });
         if acks.vote != *vote {
             if *vote > acks.vote {
@@ -95,8 +109,32 @@ impl Leases {
                 return; // a reply to an older leader's request
             }
         }
+        if acks.not_before.is_some_and(|t| sent < t) {
+            return; // sent before a vote request: see `void`
+        }
         let t = acks.sent.entry(from).or_insert(sent);
         *t = (*t).max(sent);
+    }
+
+    /// A vote request for partition `p` arrived at `now`: no read of `p`
+    /// is served under the lease until followers accept requests sent
+    /// after it. openraft's leader lease protects the followers' votes but
+    /// not the leader's own: once it has led for `election_timeout_max`
+    /// it grants a higher term whose log is as long as its own, and steps
+    /// down only when its core gets to it, while its published state may
+    /// still say it leads. Counting itself in the quorum is sound only
+    /// while no vote request has reached it since the acks were sent.
+    pub(crate) fn void(&self, p: u32, now: Instant) {
+        let mut all = self.acks.lock();
+        // With no record yet, one of the lowest vote: the first accepted
+        // request replaces the vote and keeps `not_before`.
+        let acks = all.entry(p).or_insert_with(|| Acks {
+            vote: Vote::default(),
+            sent: HashMap::new(),
+            not_before: None,
+        });
+        acks.sent.clear();
+        acks.not_before = Some(now);
     }
 
     /// Whether node `me`, by its group's `metrics`, may serve a read of
@@ -120,11 +158,15 @@ impl Leases {
             return false;
         }
         let all = self.acks.lock();
-        let Some(acks) = all.get(&p).filter(|a| a.vote == *vote) else {
-            return false;
-        };
         let configs = metrics.membership_config.membership().get_joint_config();
-        quorum_fresh(configs, me, &acks.sent, now, self.lease)
+        match all.get(&p) {
+            Some(acks) if acks.vote == *vote => {
+                quorum_fresh(configs, me, &acks.sent, now, self.lease)
+            }
+            // No follower acknowledged this vote yet (or the record is an
+            // older vote's): only a group of one voter holds.
+            _ => quorum_fresh(configs, me, &HashMap::new(), now, self.lease),
+        }
     }
 
     /// Count a read confirmed one way or the other.
@@ -208,6 +250,47 @@ mod tests {
         let all = l.acks.lock();
         assert_eq!(all[&0].vote, v3);
         assert!(!all[&0].sent.contains_key(&2));
+    }
+
+    #[test]
+    fn a_vote_request_voids_the_lease_until_newer_requests_are_accepted() {
+        let l = Leases::new(LEASE);
+        let t0 = Instant::now();
+        let this_term = openraft::LogId::new(openraft::CommittedLeaderId::new(2, 1), 7);
+        let m = leader(this_term);
+        l.accepted(0, 2, &m.vote, t0);
+        assert!(l.holds(0, 1, &m, t0));
+        l.void(0, t0 + LEASE / 4);
+        assert!(!l.holds(0, 1, &m, t0 + LEASE / 4));
+        // A reply to a request sent before the vote request does not count.
+        l.accepted(0, 3, &m.vote, t0 + LEASE / 8);
+        assert!(!l.holds(0, 1, &m, t0 + LEASE / 4));
+        l.accepted(0, 3, &m.vote, t0 + LEASE / 2);
+        assert!(l.holds(0, 1, &m, t0 + LEASE / 2));
+    }
+
+    #[test]
+    fn a_vote_request_before_any_ack_still_voids_older_requests() {
+        let l = Leases::new(LEASE);
+        let t0 = Instant::now();
+        let this_term = openraft::LogId::new(openraft::CommittedLeaderId::new(2, 1), 7);
+        let m = leader(this_term);
+        l.void(0, t0 + LEASE / 4);
+        l.accepted(0, 2, &m.vote, t0);
+        assert!(!l.holds(0, 1, &m, t0 + LEASE / 4));
+        l.accepted(0, 2, &m.vote, t0 + LEASE / 2);
+        assert!(l.holds(0, 1, &m, t0 + LEASE / 2));
+    }
+
+    #[test]
+    fn a_group_of_one_voter_holds_without_acks() {
+        let l = Leases::new(LEASE);
+        let this_term = openraft::LogId::new(openraft::CommittedLeaderId::new(2, 1), 7);
+        let mut m = leader(this_term);
+        let one = openraft::Membership::new(vec![set(&[1])], None);
+        m.membership_config = std::sync::Arc::new(openraft::StoredMembership::new(None, one));
+        assert!(l.holds(0, 1, &m, Instant::now()));
+        assert!(!l.holds(0, 1, &leader(this_term), Instant::now()));
     }
 
     #[test]

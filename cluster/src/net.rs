@@ -161,17 +161,19 @@ async fn write_frames(mut w: impl AsyncWriteExt + Unpin, mut rx: mpsc::Unbounded
 
 /// Accept peers on `listener` and answer their RPCs from `groups`.
 ///
-/// Vote requests are answered from `votes_from` on, not before: a node
+/// Vote requests are answered from `votes.from` on, not before: a node
 /// restarted has lost the instant it last heard from its leader, which
-/// openraft's leader lease (and [`crate::lease`]) count on; `votes_from`
-/// is `election_timeout_max` after start-up, when that lease is over
-/// anyway.
-pub async fn serve(listener: TcpListener, groups: Arc<Groups>, im: ImFn, votes_from: Instant) {
+/// openraft's leader lease (and [`crate::lease`]) count on (openraft
+/// 0.9.25 restarts that clock when a group opens; the gate does not rest
+/// on it); `votes.from` is `election_timeout_max` after start-up, when
+/// that lease is over anyway. A vote request also voids the partition's
+/// lease before openraft sees it ([`Leases::void`]).
+pub async fn serve(listener: TcpListener, groups: Arc<Groups>, im: ImFn, votes: VoteGate) {
     loop {
         match listener.accept().await {
             Ok((s, _)) => {
                 let _ = s.set_nodelay(true);
-                tokio::spawn(serve_conn(s, groups.clone(), im.clone(), votes_from));
+                tokio::spawn(serve_conn(s, groups.clone(), im.clone(), votes.clone()));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "peer accept failed");
@@ -181,7 +183,15 @@ pub async fn serve(listener: TcpListener, groups: Arc<Groups>, im: ImFn, votes_f
     }
 }
 
-async fn serve_conn(s: TcpStream, groups: Arc<Groups>, im: ImFn, votes_from: Instant) {
+/// How this node takes vote requests: not before `from` (see [`serve`]),
+/// and each voids its partition's lease.
+#[derive(Clone)]
+pub struct VoteGate {
+    pub from: Instant,
+    pub(crate) leases: Arc<Leases>,
+}
+
+async fn serve_conn(s: TcpStream, groups: Arc<Groups>, im: ImFn, votes: VoteGate) {
     let (mut r, w) = s.into_split();
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(write_frames(w, rx));
@@ -204,10 +214,11 @@ async fn serve_conn(s: TcpStream, groups: Arc<Groups>, im: ImFn, votes_from: Ins
             continue;
         }
         let raft = groups.read().get(&f.partition).cloned();
+        let votes = votes.clone();
         tokio::spawn(async move {
             let (kind, body) = match raft {
                 None => (KIND_NO_GROUP, Vec::new()),
-                Some(raft) => match answer(&raft, f.kind, &f.body, votes_from).await {
+                Some(raft) => match answer(&raft, f.kind, f.partition, &f.body, &votes).await {
                     Some(body) => (f.kind | REPLY, body),
                     None => return, // undecodable: no answer, the caller times out
                 },
@@ -222,8 +233,9 @@ async fn serve_conn(s: TcpStream, groups: Arc<Groups>, im: ImFn, votes_from: Ins
 async fn answer(
     raft: &Raft<TypeConfig>,
     kind: u8,
+    partition: u32,
     body: &[u8],
-    votes_from: Instant,
+    votes: &VoteGate,
 ) -> Option<Vec<u8>> {
     fn enc<T: Serialize>(v: &T) -> Option<Vec<u8>> {
         bincode::serialize(v).ok()
@@ -235,7 +247,8 @@ async fn answer(
         }
         KIND_VOTE => {
             let req: VoteRequest<NodeId> = bincode::deserialize(body).ok()?;
-            tokio::time::sleep_until(votes_from.into()).await;
+            tokio::time::sleep_until(votes.from.into()).await;
+            votes.leases.void(partition, Instant::now());
             enc(&raft.vote(req).await)
         }
         KIND_SNAPSHOT => {

@@ -991,8 +991,11 @@ async fn boot(
             }
         })
     });
-    let votes_from = started + cfg.election_timeout.1;
-    tokio::spawn(net::serve(listener, inner.groups.clone(), im, votes_from));
+    let votes = net::VoteGate {
+        from: started + cfg.election_timeout.1,
+        leases: inner.factory.leases.clone(),
+    };
+    tokio::spawn(net::serve(listener, inner.groups.clone(), im, votes));
     for (p, replicas) in map.partitions.iter().enumerate() {
         if !replicas.contains(&cfg.id) {
             // A replica this node gave up before: its log is released.

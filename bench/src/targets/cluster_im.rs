@@ -134,6 +134,8 @@ impl ImTarget for ClusterIm {
     fn create(&mut self, convs: &[ConvSpec]) -> Result<()> {
         let t0 = Instant::now();
         let mut todo: Vec<&ConvSpec> = convs.iter().collect();
+        // Creates the last attempt answered `UNCERTAIN`.
+        let mut uncertain: std::collections::HashSet<ConvId> = Default::default();
         // A create refused NO_LEADER or MOVED did nothing (an election on
         // a loaded machine), one answered UNCERTAIN may have been applied:
         // asked again, where the leaders are now.
@@ -145,11 +147,9 @@ impl ImTarget for ClusterIm {
             let parts: Vec<&[&ConvSpec]> = by_node.iter().map(Vec::as_slice).collect();
             let mut refused =
                 create_pipelined(&parts, &self.shape, |n| connect(&self.routes.nodes[n]))?;
-            if attempt > 1 {
-                // Made again after `UNCERTAIN`: the first try was applied
-                // (an earlier run's conversations fail the first attempt).
-                refused.retain(|r| r.1 != ErrorCode::CONVERSATION_EXISTS);
-            }
+            // Made again after `UNCERTAIN`: the try before was applied.
+            refused
+                .retain(|r| !(r.1 == ErrorCode::CONVERSATION_EXISTS && uncertain.contains(&r.0)));
             let transient = |code: &ErrorCode| {
                 matches!(
                     *code,
@@ -178,6 +178,11 @@ impl ImTarget for ClusterIm {
             std::thread::sleep(Duration::from_secs(1));
             self.routes = Routes::fetch(&self.flags)?;
             let again: std::collections::HashSet<ConvId> = refused.iter().map(|r| r.0).collect();
+            uncertain = refused
+                .iter()
+                .filter(|r| r.1 == ErrorCode::UNCERTAIN)
+                .map(|r| r.0)
+                .collect();
             todo.retain(|c| again.contains(&c.id));
         }
         let mut users: Vec<UserId> = convs.iter().flat_map(|c| c.members.clone()).collect();

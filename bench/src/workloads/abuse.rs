@@ -414,7 +414,7 @@ fn setup(addr: &str) -> Result<()> {
 }
 
 fn print(p: &Phase, base: &Phase) {
-    println!(
+    timeline_client::outln!(
         "abuse: {:<6} {:>9.0} syncs/s ({:.2}x)  reply p50 {:>8.0} us  p99 {:>8.0} us ({:.2}x)  errors {}  server RSS peak {:.1} MiB  CPU server {:.0}% bench {:.0}%",
         p.name, p.rate(), p.rate() / base.rate().max(1e-9), p.p50_us, p.p99_us, p.p99_us / base.p99_us.max(1.0), p.errors,
         p.rss_peak as f64 / (1 << 20) as f64,
@@ -477,11 +477,11 @@ pub fn run(flags: &Flags, _rep: &mut Reporter) -> Result<u64> {
         print(p, &before);
     }
     let nice = flags.abuser_nice.unwrap_or(0);
-    println!(
+    timeline_client::outln!(
         "abuse: abusers at nice {nice}; during the measured phase they made {connects_s:.0} connections/s, sent {garbage_mib_s:.1} MiB/s of garbage and {headers_s:.0} 4 GiB headers/s"
     );
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
-    println!(
+    timeline_client::outln!(
         "abuse: server RSS before {:.1} MiB, peak during {:.1} MiB, after the abusers left {:.1} MiB ({:.2}x before; {open} connections open); during: handshakes_evicted {}, timeouts {}, resyncs {}, request_errors {}",
         mib(rss_before), mib(during.rss_peak), mib(rss_after), rss_after as f64 / rss_before.max(1) as f64,
         stat(&st, "handshakes_evicted"), stat(&st, "timeouts"), stat(&st, "resyncs"), stat(&st, "request_errors")
@@ -502,7 +502,7 @@ pub fn run(flags: &Flags, _rep: &mut Reporter) -> Result<u64> {
             "abuse_garbage_mib_per_sec": garbage_mib_s,
             "abuse_huge_headers_per_sec": headers_s,
         });
-        println!("{j}");
+        timeline_client::outln!("{j}");
     }
     Ok(before.errors + during.errors + after.errors + sender_errors)
 }

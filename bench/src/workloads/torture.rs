@@ -599,7 +599,7 @@ pub fn run(flags: &Flags, _rep: &mut Reporter) -> Result<u64> {
     }
     proc.stop()?;
     let n = cycles.max(1) as f64;
-    println!(
+    timeline_client::outln!(
         "torture: {cycles} SIGKILL cycles in {:.1} s: {} appends acknowledged, {} records checked; {} sends acknowledged, {} messages stored and checked, {} retries, {} deliveries checked; restart avg {:.0} ms, max {:.0} ms; violations {}",
         t0.elapsed().as_secs_f64(),
         l.appends_acked, l.appends_checked, l.sends_acked, l.stored.len(), l.retries, l.deliveries,
@@ -613,7 +613,7 @@ pub fn run(flags: &Flags, _rep: &mut Reporter) -> Result<u64> {
             "restart_avg_ms": restart_sum.as_secs_f64() * 1e3 / n,
             "restart_max_ms": restart_max.as_secs_f64() * 1e3, "violations": l.violations.len(),
         });
-        println!("{j}");
+        timeline_client::outln!("{j}");
     }
     Ok(l.violations.len() as u64)
 }
