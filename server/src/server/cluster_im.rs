@@ -194,9 +194,10 @@ pub(crate) fn execute(
                     // Groups are served once the sync timeline is drained,
                     // as on a single node.
                     Ok((mine, s)) if !s.has_more && s.truncated.is_none() => {
-                        with_groups(weak, (user, mine), &asked, limit, s, a)
+                        with_groups(weak, engine, (user, mine), &asked, limit, s, a)
                     }
-                    r => a.reply(r.map(|(_, s)| Response::Sync(s))),
+                    Ok((_, s)) => answer_sync(&engine, user, s, a),
+                    Err(e) => a.reply(Err(e)),
                 }
             });
         }
@@ -393,25 +394,20 @@ fn conv_summary(l: timeline_cluster::conversations::ConvLine) -> crate::protocol
 /// timeline).
 fn with_groups(
     weak: std::sync::Weak<super::Shared>,
+    engine: Arc<Engine>,
     (user, mine): (u64, Vec<(u64, bool)>),
     asked: &[(u64, u64)],
     limit: usize,
     mut s: SyncReply,
     a: Answer,
 ) {
-    let Some(sh) = weak.upgrade() else {
-        return a.reply(Err(ErrorReply::new(
-            ErrorCode::CLOSED,
-            0,
-            "the server is stopping",
-        )));
+    let sh = match alive(&weak) {
+        Ok(sh) => sh,
+        Err(e) => return a.reply(Err(e)),
     };
-    let Some(node) = sh.cluster.as_ref() else {
-        return a.reply(Ok(Response::Sync(s)));
+    let Some(node) = sh.cluster.as_ref().filter(|_| !mine.is_empty()) else {
+        return answer_sync(&engine, user, s, a);
     };
-    if mine.is_empty() {
-        return a.reply(Ok(Response::Sync(s)));
-    }
     let reqs = mine
         .into_iter()
         .map(|(conv, _)| GroupRead {
@@ -422,16 +418,32 @@ fn with_groups(
         })
         .collect();
     let budget = limit.saturating_sub(s.entries.len());
-    let engine = node.engine().clone();
-    node.group_pages(reqs, budget, move |r| {
-        a.reply(r.map_err(|e| e.reply()).and_then(|(pages, more)| {
+    node.group_pages(reqs, budget, move |r| match r {
+        Ok((pages, more)) => {
             s.has_more |= more;
             s.groups = pages.into_iter().map(group_page).collect();
-            let entries = s.groups.iter_mut().flat_map(|g| g.entries.iter_mut());
-            hide_recalled_and_deleted(&engine, user, entries)?;
-            Ok(Response::Sync(s))
-        }))
+            answer_sync(&engine, user, s, a)
+        }
+        Err(e) => a.reply(Err(e.reply())),
     });
+}
+
+/// Answer a `SYNC` page (sync entries and group pages) with the user's own
+/// recalls and deletes shown, both lists read once.
+fn answer_sync(engine: &Engine, user: u64, mut s: SyncReply, a: Answer) {
+    let entries = s
+        .entries
+        .iter_mut()
+        .map(|e| &mut e.entry)
+        .chain(s.groups.iter_mut().flat_map(|g| g.entries.iter_mut()));
+    let shown = hide_recalled_and_deleted(engine, user, entries);
+    a.reply(shown.map(|()| Response::Sync(s)))
+}
+
+/// The server, unless it is stopping (then the reply to give).
+fn alive(weak: &std::sync::Weak<super::Shared>) -> Result<Arc<super::Shared>, ErrorReply> {
+    weak.upgrade()
+        .ok_or_else(|| ErrorReply::new(ErrorCode::CLOSED, 0, "the server is stopping"))
 }
 
 fn group_page(p: timeline_cluster::groups::GroupPage) -> GroupPage {
@@ -501,7 +513,6 @@ fn sync(
             },
         });
     }
-    hide_recalled_and_deleted(engine, user, entries.iter_mut().map(|e| &mut e.entry))?;
     let last = entries
         .last()
         .map_or(from.saturating_sub(1).max(checkpoint), |e| e.seq);
@@ -557,12 +568,9 @@ fn with_deletes(
     mut page: HistoryPage,
     a: Answer,
 ) {
-    let Some(sh) = weak.upgrade() else {
-        return a.reply(Err(ErrorReply::new(
-            ErrorCode::CLOSED,
-            0,
-            "the server is stopping",
-        )));
+    let sh = match alive(&weak) {
+        Ok(sh) => sh,
+        Err(e) => return a.reply(Err(e)),
     };
     let Some(node) = sh.cluster.as_ref() else {
         return a.reply(Ok(Response::History(page)));
