@@ -34,6 +34,8 @@ pub struct ClusterClient {
     /// How long one call keeps retrying refusals (`MOVED` loops,
     /// elections, nodes that are down).
     pub retry_for: Duration,
+    /// See [`ClusterClient::set_reply_timeout`].
+    reply_timeout: Option<Duration>,
     pub stats: RouteStats,
 }
 
@@ -77,10 +79,23 @@ impl ClusterClient {
             version: 0,
             leaders: Vec::new(),
             retry_for: Duration::from_secs(10),
+            reply_timeout: None,
             stats: RouteStats::default(),
         };
         c.refresh()?;
         Ok(c)
+    }
+
+    /// How long one node may take to answer a request before the call
+    /// gives up on that connection (`None`, the default: forever). A read
+    /// then tries another node; a write fails with
+    /// [`ClientError::TimedOut`](crate::ClientError::TimedOut), its outcome
+    /// unknown.
+    pub fn set_reply_timeout(&mut self, t: Option<Duration>) {
+        self.reply_timeout = t;
+        for c in self.conns.values_mut() {
+            c.set_reply_timeout(t);
+        }
     }
 
     /// P and the map version as last fetched.
@@ -90,7 +105,8 @@ impl ClusterClient {
 
     fn conn(&mut self, addr: &str) -> Result<&mut Client> {
         if !self.conns.contains_key(addr) {
-            let c = Client::connect(addr, &self.token)?;
+            let mut c = Client::connect(addr, &self.token)?;
+            c.set_reply_timeout(self.reply_timeout);
             self.stats.reconnects += 1;
             self.conns.insert(addr.to_string(), c);
         }

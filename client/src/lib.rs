@@ -36,6 +36,11 @@ pub enum ClientError {
     Unexpected(String),
     #[error("the server closed the connection")]
     Closed,
+    /// No reply within the reply timeout ([`Client::set_reply_timeout`]);
+    /// the connection is closed (a late reply could not be matched), and
+    /// the request's outcome is unknown.
+    #[error("no reply within {0:?}; the connection is closed")]
+    TimedOut(Duration),
 }
 
 impl From<ErrorReply> for ClientError {
@@ -70,6 +75,8 @@ pub struct Client {
     inflight: VecDeque<u64>,
     pushes: VecDeque<(u64, Push)>,
     hello: HelloReply,
+    /// How long [`Client::recv`] waits for a reply (`None`: forever).
+    reply_timeout: Option<Duration>,
 }
 
 impl Client {
@@ -83,6 +90,7 @@ impl Client {
             rbuf: Vec::with_capacity(64 << 10),
             rstart: 0,
             next_id: 1,
+            reply_timeout: None,
             inflight: VecDeque::new(),
             pushes: VecDeque::new(),
             hello: HelloReply {
@@ -106,6 +114,13 @@ impl Client {
     /// What the server said in the handshake.
     pub fn hello(&self) -> &HelloReply {
         &self.hello
+    }
+
+    /// Wait at most `t` for each reply (`None`, the default: forever).
+    /// After a timeout the connection is shut down and every later call
+    /// fails: make a new client.
+    pub fn set_reply_timeout(&mut self, t: Option<Duration>) {
+        self.reply_timeout = t;
     }
 
     /// Queue a request (not sent until [`flush`](Self::flush)); returns its id.
@@ -142,8 +157,18 @@ impl Client {
             .pop_front()
             .ok_or_else(|| ClientError::Unexpected("no request in flight".into()))?;
         self.flush()?;
+        let deadline = self.reply_timeout.map(|t| (t, Instant::now() + t));
         loop {
-            match self.read_msg(None)? {
+            let left = deadline.map(|(_, d)| d.saturating_duration_since(Instant::now()));
+            let msg = match self.read_msg(left)? {
+                None if deadline.is_some() => {
+                    let _ = self.stream.shutdown(std::net::Shutdown::Both);
+                    let waited = deadline.map_or(Duration::ZERO, |(t, _)| t);
+                    return Err(ClientError::TimedOut(waited));
+                }
+                m => m,
+            };
+            match msg {
                 Some(ServerMsg::Reply { id, response }) if id == want => return Ok(response),
                 Some(ServerMsg::Error { id, error, .. }) if id == want || id == 0 => {
                     return Err(error.into())

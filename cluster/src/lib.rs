@@ -36,7 +36,9 @@
 //!   of concurrent appends into one entry;
 //! - [`reconcile`]: placement acted on: a new map becomes membership
 //!   changes of the groups (new replicas caught up as learners first), and
-//!   a node that starts outside the map asks for its share.
+//!   a node that starts outside the map asks for its share;
+//! - [`replace`]: a node whose lease has been gone for `replace_after` is
+//!   taken out of the map, its replicas moved to live nodes.
 //!
 //! Not built yet: membership changes across partitions; snapshots as raw segment byte ranges (docs/scaling.md,
 //! "Not built yet").
@@ -54,6 +56,7 @@ pub mod net;
 pub mod node;
 pub mod partition;
 pub mod reconcile;
+pub(crate) mod replace;
 pub mod snapshot;
 pub mod state_machine;
 

@@ -280,6 +280,8 @@ struct State {
     /// The log timeline's records through this seq are purged (released
     /// to the engine).
     released: SeqId,
+    /// The log ends with a retire record: this node gave the replica up.
+    retired: bool,
 }
 
 impl State {
@@ -345,6 +347,11 @@ impl LogStore {
             partition,
             "committed",
         )?;
+        if st.retired {
+            // A committed id an earlier build left on disk may be past
+            // what was applied; with the log gone it cannot be re-applied.
+            st.committed = None;
+        }
         engine.release(log, st.released);
         Ok(LogStore {
             engine,
@@ -356,6 +363,13 @@ impl LogStore {
 
     fn log(&self) -> TimelineId {
         TimelineId::new(RAFT_LOG, self.partition)
+    }
+
+    /// Whether this node had given the replica up (its log ends with the
+    /// retire record, nothing after it): a group opened on it again must
+    /// start as a new replica would.
+    pub fn was_retired(&self) -> bool {
+        self.state.lock().retired
     }
 
     /// Append entries to the log timeline (readable at once; durable when the
@@ -463,6 +477,7 @@ fn replay(st: &mut State, partition: u64, seq: SeqId, rec: &[u8]) -> Result<(), 
         })
     };
     let (tag, body) = rec.split_first().ok_or_else(|| damaged("empty".into()))?;
+    st.retired = false;
     match tag {
         b'E' | b'B' => {
             let e = decode_entry(rec).map_err(damaged)?;
@@ -489,6 +504,7 @@ fn replay(st: &mut State, partition: u64, seq: SeqId, rec: &[u8]) -> Result<(), 
             st.entries.clear();
             st.last_purged = None;
             st.released = seq;
+            st.retired = true;
         }
         t => return Err(damaged(format!("unknown record kind {t}"))),
     }

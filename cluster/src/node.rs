@@ -67,6 +67,10 @@ pub struct NodeConfig {
     /// it had applied one period before (so that the log's disk space is
     /// reclaimed for partitions that never reach `snapshot_every`).
     pub log_reclaim_every: Duration,
+    /// A node of the map whose lease has been gone this long is replaced:
+    /// its replicas move to the live nodes (module `replace`). `None`:
+    /// never (an operator runs `timeline-placement remove-node`).
+    pub replace_after: Option<Duration>,
 }
 
 impl Default for NodeConfig {
@@ -86,9 +90,16 @@ impl Default for NodeConfig {
             keep_in_log: 2_000,
             snapshot_dir: None,
             log_reclaim_every: Duration::from_secs(60),
+            replace_after: Some(DEFAULT_REPLACE_AFTER),
         }
     }
 }
+
+/// How long a node's lease may be gone before it is replaced (as
+/// CockroachDB's `server.time_until_store_dead`): long enough for a
+/// restart or a reboot, short enough that a second failure is unlikely
+/// meanwhile.
+pub const DEFAULT_REPLACE_AFTER: Duration = Duration::from_secs(300);
 
 /// Most appends one entry carries (a bound on an entry's size and on the
 /// replies that wait for it; well under `MAX_BATCH`).
@@ -214,6 +225,8 @@ pub(crate) struct Inner {
     pub(crate) deliveries: crate::delivery::Deliveries,
     /// Read-fan-out group messages being told to peers.
     pub(crate) group_pushes: std::sync::atomic::AtomicUsize,
+    /// Live members seen, and gone nodes replaced (module `replace`).
+    pub(crate) replace: crate::replace::Counters,
 }
 
 /// Opens a partition's Raft group on this node's engine.
@@ -601,6 +614,14 @@ impl Node {
         (g(&l.by_lease), g(&l.by_round))
     }
 
+    /// Members whose lease was alive at the last read (once a second), and
+    /// gone nodes this node replaced since start.
+    pub fn liveness(&self) -> (u64, u64) {
+        let r = &self.inner.replace;
+        let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        (g(&r.live), g(&r.replaced))
+    }
+
     /// Groups run, led, and led with a membership change still to make.
     pub fn placement(&self) -> crate::reconcile::PlacementStatus {
         crate::reconcile::status(&self.inner)
@@ -764,7 +785,10 @@ impl Inner {
         // Not the leader by its own account: nothing is proposed, so the
         // client may go elsewhere. Past this point a failure is uncertain.
         let g = self.check_leads(p)?;
-        match g.client_write(cmd).await {
+        let Some(r) = while_leading(&g, g.client_write(cmd)).await else {
+            return Err(ClusterError::Uncertain { partition: p });
+        };
+        match r {
             Ok(r) => Ok(r.data),
             // Leadership lost, or the group shut down (a placement change
             // took the replica away), with the entry possibly proposed.
@@ -866,14 +890,8 @@ impl Inner {
         p: PartitionId,
     ) -> Result<Raft<TypeConfig>, ClusterError> {
         let f = &self.factory;
-        let storage = |message: String| ClusterError::Storage {
-            partition: p,
-            message,
-        };
-        let ls = LogStore::open(f.engine.clone(), f.flusher.clone(), u64::from(p))
-            .map_err(|e| storage(e.to_string()))?;
-        let sm = StateMachine::open(f.engine.clone(), u64::from(p))
-            .map_err(|e| storage(e.to_string()))?
+        let (ls, sm) = open_storage(&f.engine, &f.flusher, p)?;
+        let sm = sm
             .with_hook(f.hook.clone())
             .with_snapshot_dir(f.snapshot_dir.clone())
             .with_counters(f.snapshots.clone());
@@ -909,6 +927,65 @@ impl Inner {
             }
         }
         Ok(())
+    }
+}
+
+/// Partition `p`'s log and state machine on this node, as its group opens
+/// them. A replica this node gave up (its log retired) and now takes again
+/// starts as a new replica would: its old membership is forgotten
+/// ([`StateMachine::forget_membership`]), so it is a learner until the
+/// leader's entries or snapshot say otherwise.
+pub fn open_storage(
+    engine: &Arc<Engine>,
+    flusher: &Arc<Flusher>,
+    p: PartitionId,
+) -> Result<(LogStore, StateMachine), ClusterError> {
+    let storage = |e: openraft::StorageError<NodeId>| ClusterError::Storage {
+        partition: p,
+        message: e.to_string(),
+    };
+    let ls = LogStore::open(engine.clone(), flusher.clone(), u64::from(p)).map_err(storage)?;
+    let sm = StateMachine::open(engine.clone(), u64::from(p)).map_err(storage)?;
+    if ls.was_retired() {
+        sm.forget_membership().map_err(storage)?;
+        tracing::info!(
+            partition = p,
+            "a replica given up before is taken again: it starts as a learner"
+        );
+    }
+    Ok((ls, sm))
+}
+
+/// `fut` (a write or a membership change proposed through `g`), unless
+/// `g` stops leading under the vote it has now (or shuts down) first:
+/// then `None`, and what was proposed may or may not be committed.
+/// openraft 0.9 answers a pending write when its entry is applied or
+/// truncated, but not when a snapshot from the next leader covers it (a
+/// deposed leader whose log the new one had purged past): that write
+/// would wait forever.
+pub(crate) async fn while_leading<F: std::future::Future>(
+    g: &Raft<TypeConfig>,
+    fut: F,
+) -> Option<F::Output> {
+    let mut server = g.server_metrics();
+    let vote = server.borrow_and_update().vote;
+    let lost = async move {
+        loop {
+            {
+                let m = server.borrow_and_update();
+                if m.state != openraft::ServerState::Leader || m.vote != vote {
+                    return;
+                }
+            }
+            if server.changed().await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        biased;
+        r = fut => Some(r),
+        () = lost => None,
     }
 }
 
@@ -972,6 +1049,7 @@ async fn boot(
         placement: Default::default(),
         deliveries: Default::default(),
         group_pushes: Default::default(),
+        replace: Default::default(),
     });
     inner.refresh(&meta).await?;
     let svc = Arc::downgrade(&inner);
@@ -1038,6 +1116,11 @@ async fn boot(
     tokio::spawn(crate::reconcile::run(inner.clone()));
     tokio::spawn(reclaim_logs(Arc::downgrade(&inner), cfg.log_reclaim_every));
     tokio::spawn(keep_lease(meta.clone(), me, lease, cfg.lease_ttl));
+    tokio::spawn(crate::replace::run(
+        meta.clone(),
+        inner.clone(),
+        cfg.replace_after,
+    ));
     tokio::spawn(watch(meta, inner.clone()));
     tracing::info!(node = cfg.id, %raft_addr, groups = inner.groups.read().len(), version = map.version, "cluster node up");
     Ok((inner, raft_addr))

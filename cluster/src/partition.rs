@@ -27,7 +27,7 @@ pub type PartitionId = u32;
 pub use timeline_protocol::partition_of;
 
 /// Why a placement change was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum PlacementError {
     #[error("node {0} is already a member")]
     NodeExists(NodeId),
@@ -178,33 +178,61 @@ impl PartitionMap {
         n: NodeId,
     ) -> Result<Vec<(PartitionId, NodeId, NodeId)>, PlacementError> {
         let others: Vec<NodeId> = self.nodes().into_iter().filter(|&x| x != n).collect();
+        self.move_all_to(n, &others)
+    }
+
+    /// Replace node `n`, which is gone: each of its replicas moves to the
+    /// least loaded node of the map that is in `live` (the members whose
+    /// leases are alive) and does not hold that partition. A node that is
+    /// down as well, or live but outside the map (being retired), takes
+    /// nothing. Returns the moves made.
+    pub fn replace_node(
+        &mut self,
+        n: NodeId,
+        live: &std::collections::BTreeSet<NodeId>,
+    ) -> Result<Vec<(PartitionId, NodeId, NodeId)>, PlacementError> {
+        let others: Vec<NodeId> = self
+            .nodes()
+            .into_iter()
+            .filter(|&x| x != n && live.contains(&x))
+            .collect();
+        self.move_all_to(n, &others)
+    }
+
+    /// Move every replica of `n` to the least loaded of `to` that does not
+    /// hold its partition; all or nothing.
+    fn move_all_to(
+        &mut self,
+        n: NodeId,
+        to: &[NodeId],
+    ) -> Result<Vec<(PartitionId, NodeId, NodeId)>, PlacementError> {
         if !self.nodes().contains(&n) {
             return Err(PlacementError::NoSuchNode(n));
         }
-        if others.len() < self.replicas_per_partition {
-            return Err(PlacementError::TooFewNodes {
-                nodes: others.len(),
-                replicas: self.replicas_per_partition,
-            });
+        let too_few = PlacementError::TooFewNodes {
+            nodes: to.len(),
+            replicas: self.replicas_per_partition,
+        };
+        if to.len() < self.replicas_per_partition {
+            return Err(too_few);
         }
+        let mut next = self.clone();
         let mut moves = Vec::new();
-        for p in 0..self.len() {
-            if !self.partitions[p as usize].contains(&n) {
+        for p in 0..next.len() {
+            if !next.partitions[p as usize].contains(&n) {
                 continue;
             }
-            let load = self.load();
-            let to = others
+            let load = next.load();
+            let dest = to
                 .iter()
                 .copied()
-                .filter(|o| !self.partitions[p as usize].contains(o))
+                .filter(|o| !next.partitions[p as usize].contains(o))
                 .min_by_key(|o| (load.get(o).copied().unwrap_or(0), *o))
-                .ok_or(PlacementError::TooFewNodes {
-                    nodes: others.len(),
-                    replicas: self.replicas_per_partition,
-                })?;
-            self.move_replica(p, n, to)?;
-            moves.push((p, n, to));
+                .ok_or_else(|| too_few.clone())?;
+            next.move_replica(p, n, dest)?;
+            moves.push((p, n, dest));
         }
+        *self = next;
         Ok(moves)
     }
 }
@@ -266,5 +294,43 @@ mod tests {
         );
         assert!(PartitionMap::new(8, 3, &[1, 2]).is_err());
         assert_eq!(m.add_node(3), Err(PlacementError::NodeExists(3)));
+    }
+
+    #[test]
+    fn a_gone_node_is_replaced_by_live_members_of_the_map_only() {
+        let mut m = PartitionMap::new(64, 3, &[1, 2, 3, 4, 5]).unwrap();
+        let before = m.clone();
+        // 5 is gone; 4 is down too; 9 is live but outside the map.
+        let live = [1, 2, 3, 9].into_iter().collect();
+        let moves = m.replace_node(5, &live).unwrap();
+        assert!(distinct(&m) && !m.nodes().contains(&5) && !m.nodes().contains(&9));
+        assert_eq!(moves.len(), before.load()[&5]);
+        assert!(moves
+            .iter()
+            .all(|&(_, from, to)| from == 5 && to != 4 && to <= 3));
+        assert_eq!(
+            m.load()[&4],
+            before.load()[&4],
+            "a node that is down takes nothing"
+        );
+        // Two live nodes of the map cannot hold three replicas: nothing moves.
+        let mut m = before.clone();
+        let live = [1, 2, 9].into_iter().collect();
+        assert_eq!(
+            m.replace_node(5, &live),
+            Err(PlacementError::TooFewNodes {
+                nodes: 2,
+                replicas: 3
+            })
+        );
+        assert_eq!(m, before);
+        // Three live nodes, but one of them already holds every partition
+        // the gone node shares with it: each move still finds a node.
+        let mut m = PartitionMap::new(8, 3, &[1, 2, 3, 4]).unwrap();
+        let live = [1, 2, 3].into_iter().collect();
+        m.replace_node(4, &live).unwrap();
+        assert!(distinct(&m));
+        assert_eq!(m.nodes(), vec![1, 2, 3]);
+        assert_eq!(m.replace_node(4, &live), Err(PlacementError::NoSuchNode(4)));
     }
 }

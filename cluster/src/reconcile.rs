@@ -68,6 +68,27 @@ pub enum Change {
 /// previous map, retried (on the newer map) if another change got there
 /// first. The new map and the moves: (partition, from, to).
 pub async fn apply(meta: &Meta, change: Change) -> Result<(PartitionMap, Moves), ClusterError> {
+    apply_with(meta, |new| match change {
+        Change::AddNode(n) => new.add_node(n),
+        Change::RemoveNode(n) => new.remove_node(n),
+        Change::Move {
+            partition,
+            from,
+            to,
+        } => {
+            new.move_replica(partition, from, to)?;
+            Ok(vec![(partition, from, to)])
+        }
+    })
+    .await
+}
+
+/// Apply the change `edit` makes to a copy of the current map, as [`apply`]
+/// does (`edit` runs again on a newer map after a conflict).
+pub(crate) async fn apply_with(
+    meta: &Meta,
+    edit: impl Fn(&mut PartitionMap) -> Result<Moves, PlacementError>,
+) -> Result<(PartitionMap, Moves), ClusterError> {
     for _ in 0..16 {
         let Some(old) = meta.map().await? else {
             return Err(ClusterError::Formation(
@@ -75,18 +96,7 @@ pub async fn apply(meta: &Meta, change: Change) -> Result<(PartitionMap, Moves),
             ));
         };
         let mut new = old.clone();
-        let moves = match change {
-            Change::AddNode(n) => new.add_node(n)?,
-            Change::RemoveNode(n) => new.remove_node(n)?,
-            Change::Move {
-                partition,
-                from,
-                to,
-            } => {
-                new.move_replica(partition, from, to)?;
-                vec![(partition, from, to)]
-            }
-        };
+        let moves = edit(&mut new)?;
         match meta.replace_map(&old, &new).await {
             Ok(()) => return Ok((new, moves)),
             Err(MetaError::Conflict(_)) => continue,
@@ -229,8 +239,9 @@ async fn change(
             }
         };
     }
-    g.change_membership(target.clone(), false)
+    crate::node::while_leading(g, g.change_membership(target.clone(), false))
         .await
+        .ok_or_else(|| ClusterError::Raft("leadership lost during the change".into()))?
         .map_err(|e| ClusterError::Raft(e.to_string()))?;
     tracing::info!(partition = p, ?target, "membership is the map's");
     Ok(())

@@ -1079,6 +1079,28 @@ impl StateMachine {
         self.write_applied(&st.applied)
     }
 
+    /// Forget the membership the applied state holds (keeping what was
+    /// applied): for a replica this node gave up and now takes again. With
+    /// the old membership it would count itself a voter of a group that
+    /// removed it, campaign in it, and, if its last vote was a committed
+    /// one for itself, come back *leading* it (openraft restores a leader
+    /// at start) and take writes no quorum will ever commit. With none it
+    /// starts as a learner; the leader's entries or snapshot bring the
+    /// current membership.
+    pub fn forget_membership(&self) -> Result<(), Error> {
+        let _one = self.persisting.lock();
+        let applied = {
+            let mut st = self.state.lock();
+            st.applied.membership = Membership::default();
+            st.current = st
+                .applied
+                .applied
+                .map(|_| meta_of(self.partition, &st.applied));
+            st.applied.clone()
+        };
+        self.write_applied(&applied)
+    }
+
     fn write_applied(&self, a: &AppliedState) -> Result<(), Error> {
         let bytes = serde_json::to_vec(a).map_err(sm_err)?;
         let tl = TimelineId::new(RAFT_META, 4 * self.partition + 2);

@@ -132,6 +132,12 @@ struct Args {
     /// Replicas per partition (R) of a new cluster.
     #[arg(long, default_value_t = 3)]
     replicas: usize,
+    /// Seconds a node of the map may be gone (its membership lease lapsed)
+    /// before its replicas move to the live nodes (with --cluster; the
+    /// lowest-id live node makes the change). 0: never, an operator runs
+    /// `timeline-placement remove-node`.
+    #[arg(long, default_value_t = 300)]
+    replace_after: u64,
 }
 
 /// Raise the soft descriptor limit toward the hard one so that
@@ -229,6 +235,7 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
                 raft_listen: a.raft_listen.clone(),
                 partitions: a.partitions,
                 replicas: a.replicas,
+                replace_after: (a.replace_after > 0).then(|| Duration::from_secs(a.replace_after)),
                 ..Default::default()
             })
         }

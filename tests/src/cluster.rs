@@ -135,6 +135,8 @@ pub struct NodeProc {
     child: Option<Child>,
     /// `--auth`'s secret, if on, and the admin token the harness uses.
     auth: Option<(String, Vec<u8>)>,
+    /// Extra environment of the process (the node binary's test knobs).
+    env: Vec<(String, String)>,
 }
 
 impl NodeProc {
@@ -148,7 +150,14 @@ impl NodeProc {
             partitions,
             child: None,
             auth: None,
+            env: Vec::new(),
         }
+    }
+
+    /// With `key=value` in the process's environment (every start).
+    pub fn with_env(mut self, key: &str, value: &str) -> NodeProc {
+        self.env.push((key.to_string(), value.to_string()));
+        self
     }
 
     /// With `--auth` on, signed by `secret`.
@@ -189,6 +198,7 @@ impl NodeProc {
             .arg(self.id.to_string())
             .arg(self.partitions.to_string())
             .args(self.auth.as_ref().map(|a| a.0.clone()))
+            .envs(self.env.iter().cloned())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .spawn()
@@ -276,7 +286,7 @@ impl Drop for NodeProc {
     }
 }
 
-/// An etcd and three nodes started from `bin` (a `cluster-node`
+/// An etcd and (usually) three nodes started from `bin` (a `cluster-node`
 /// executable) in a temporary directory, stopped when dropped.
 pub struct Cluster {
     _tmp: tempfile::TempDir,
@@ -293,16 +303,24 @@ impl Cluster {
     /// [`Cluster::start`], with `--auth` on and signed by `secret` if given
     /// (the harness then connects with an admin token).
     pub fn start_with(bin: &str, partitions: u32, secret: Option<&str>) -> Cluster {
+        Cluster::start_shaped(bin, partitions, 3, |n| match secret {
+            Some(s) => n.with_auth(s),
+            None => n,
+        })
+    }
+
+    /// `count` nodes (ids 1..=count), each made by `shape` from a plain
+    /// one (auth, environment), started together.
+    pub fn start_shaped(
+        bin: &str,
+        partitions: u32,
+        count: u64,
+        shape: impl Fn(NodeProc) -> NodeProc,
+    ) -> Cluster {
         let tmp = tempfile::tempdir().expect("a temporary directory");
         let etcd = Etcd::start(tmp.path());
-        let mut nodes: Vec<NodeProc> = (1..=3)
-            .map(|id| {
-                let n = NodeProc::new(id, tmp.path(), &etcd.endpoint(), partitions);
-                match secret {
-                    Some(s) => n.with_auth(s),
-                    None => n,
-                }
-            })
+        let mut nodes: Vec<NodeProc> = (1..=count)
+            .map(|id| shape(NodeProc::new(id, tmp.path(), &etcd.endpoint(), partitions)))
             .collect();
         for n in &mut nodes {
             n.spawn(bin);

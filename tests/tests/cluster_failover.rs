@@ -43,10 +43,15 @@ struct History {
     reads: HashMap<u64, Vec<ReadOp>>,
 }
 
+/// A node that has not answered a request in this long never will: the
+/// load's calls fail the test rather than hang it.
+const NEVER_ANSWERED: Duration = Duration::from_secs(20);
+
 /// One writer: appends unique payloads to random timelines until `stop`.
 fn writer(w: usize, seeds: Vec<String>, stop: Arc<AtomicBool>, h: Arc<Mutex<History>>) {
     let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
     cc.retry_for = Duration::from_secs(5);
+    cc.set_reply_timeout(Some(NEVER_ANSWERED));
     let mut rng = rand::rngs::StdRng::seed_from_u64(w as u64);
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -66,6 +71,9 @@ fn writer(w: usize, seeds: Vec<String>, stop: Arc<AtomicBool>, h: Arc<Mutex<Hist
                 code: ErrorCode::MOVED | ErrorCode::NO_LEADER,
                 ..
             }) => Outcome::Refused,
+            Err(ClientError::TimedOut(_)) => {
+                panic!("writer {w}: a node never answered an append to {t} ({NEVER_ANSWERED:?})")
+            }
             Err(e) => {
                 if std::env::var("CLUSTER_DEBUG").is_ok() {
                     eprintln!("writer {w}: {e}");
@@ -128,19 +136,26 @@ fn probe(
 fn reader(seeds: Vec<String>, stop: Arc<AtomicBool>, h: Arc<Mutex<History>>) {
     let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
     cc.retry_for = Duration::from_secs(5);
+    cc.set_reply_timeout(Some(NEVER_ANSWERED));
     let mut rng = rand::rngs::StdRng::seed_from_u64(99);
     while !stop.load(Ordering::Relaxed) {
         let t = rng.gen_range(0..TIMELINES);
         let invoke = Instant::now();
-        if let Ok(Response::LastSeq(last_seq)) = cc.call(&Request::LastSeq {
+        match cc.call(&Request::LastSeq {
             timeline: TimelineId::store(t),
         }) {
-            let op = ReadOp {
-                invoke,
-                complete: Instant::now(),
-                last_seq,
-            };
-            h.lock().reads.entry(t).or_default().push(op);
+            Ok(Response::LastSeq(last_seq)) => {
+                let op = ReadOp {
+                    invoke,
+                    complete: Instant::now(),
+                    last_seq,
+                };
+                h.lock().reads.entry(t).or_default().push(op);
+            }
+            Err(ClientError::TimedOut(_)) => {
+                panic!("reader: a node never answered a LAST_SEQ of {t} ({NEVER_ANSWERED:?})")
+            }
+            _ => {}
         }
     }
 }
@@ -820,6 +835,86 @@ fn a_node_added_under_load_takes_over_replicas_and_a_removed_one_gives_them_up()
         );
     }
     assert!(held > 0, "node 4 holds none of the test's timelines");
+    drop(cl.etcd);
+}
+
+/// The partition map as etcd holds it now.
+fn etcd_map(cl: &Cluster) -> timeline_cluster::partition::PartitionMap {
+    let endpoint = vec![cl.etcd.endpoint()];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let meta = timeline_cluster::meta::Meta::connect(&endpoint, "timeline")
+            .await
+            .unwrap();
+        meta.map().await.unwrap().expect("a partition map")
+    })
+}
+
+/// Four nodes that replace a node gone for 3 s (`replace_after`). Node 1
+/// (the lowest id, so not the one that acts) is killed under load: it is
+/// still in the map while its lease and the 3 s run, then node 2 moves
+/// its replicas to nodes 2–4, which catch them up and take node 1 out of
+/// every group. Restarted on its disk, node 1 is outside the map, adds
+/// itself back and takes its share again. Nothing acknowledged is lost
+/// (the history checker, through all four).
+#[test]
+fn a_node_gone_past_replace_after_is_replaced_and_comes_back_as_new() {
+    let partitions = env_or("CLUSTER_PARTITIONS", 16) as u32;
+    let mut cl = Cluster::start_shaped(BIN, partitions, 4, |n| {
+        n.with_env("CLUSTER_REPLACE_AFTER_MS", "3000")
+    });
+    let share = u64::from(partitions) * 3 / 4;
+    wait_settled(&cl, partitions, "four nodes", |_, m| {
+        m.get("cluster_groups") == Some(&share)
+    });
+    let seeds = cl.seeds();
+    let load = Load::start(&seeds);
+    std::thread::sleep(Duration::from_millis(1000));
+    cl.nodes[0].kill9();
+    let killed = Instant::now();
+    // The lease (3 s) and then replace_after (3 s) must both run out: at
+    // 2 s node 1 is down, not gone.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        etcd_map(&cl).nodes().contains(&1),
+        "node 1 was replaced within 2 s of its death: down is not gone"
+    );
+    let st = wait_settled(&cl, partitions, "node 1 replaced", |_, m| {
+        m.get("cluster_groups") == Some(&u64::from(partitions))
+    });
+    let replaced_in = killed.elapsed();
+    let map = etcd_map(&cl);
+    assert_eq!(map.nodes(), vec![2, 3, 4], "the map after the replacement");
+    let by: Vec<(u64, u64)> = st
+        .iter()
+        .map(|(id, m)| (*id, m["cluster_nodes_replaced"]))
+        .collect();
+    assert_eq!(
+        by,
+        vec![(2, 1), (3, 0), (4, 0)],
+        "node 2, the lowest live node, replaced node 1 once"
+    );
+    assert!(st.iter().all(|(_, m)| m["cluster_members_live"] == 3));
+    eprintln!("node 1 replaced and its replicas caught up {replaced_in:?} after the kill");
+    // Back on its disk, node 1 is a new node to the map.
+    let back = Instant::now();
+    cl.nodes[0].spawn(BIN);
+    cl.nodes[0].wait_ready(Duration::from_secs(60));
+    wait_settled(&cl, partitions, "node 1 back", |_, m| {
+        m.get("cluster_groups") == Some(&share)
+    });
+    eprintln!("node 1 took its share again in {:?}", back.elapsed());
+    std::thread::sleep(Duration::from_millis(1000));
+    let h = load.finish();
+    let (_, total, routing) = check_all(&seeds, &h.lock(), || cl.logs());
+    eprintln!("replaced under load: {total:?}; client routing {routing:?}");
+    assert!(
+        total.acked > 100,
+        "too little load to mean anything: {total:?}"
+    );
     drop(cl.etcd);
 }
 

@@ -2,7 +2,8 @@
 //! `--cluster`'s configuration and test-sized settings.
 //!
 //! Usage: `cluster-node <data dir> <client addr> <raft addr> <etcd> <node id> <partitions> [<auth secret>]`
-//! (with a secret, `--auth` is on with it). Exit codes: 2 bad usage, 3
+//! (with a secret, `--auth` is on with it; `CLUSTER_REPLACE_AFTER_MS` in
+//! the environment sets `replace_after`, 0 for never). Exit codes: 2 bad usage, 3
 //! the server did not start.
 
 use std::time::Duration;
@@ -48,6 +49,19 @@ fn main() {
         snapshot_every: 2_000,
         keep_in_log: 500,
         log_reclaim_every: Duration::from_secs(2),
+        // `CLUSTER_REPLACE_AFTER_MS` (the harness sets it per node): how
+        // long a node may be gone before it is replaced; unset, the default.
+        replace_after: match std::env::var("CLUSTER_REPLACE_AFTER_MS") {
+            Ok(ms) => match ms.parse::<u64>() {
+                Ok(0) => None,
+                Ok(ms) => Some(Duration::from_millis(ms)),
+                Err(_) => {
+                    eprintln!("cluster-node: CLUSTER_REPLACE_AFTER_MS is a number");
+                    std::process::exit(2);
+                }
+            },
+            Err(_) => timeline_cluster::NodeConfig::default().replace_after,
+        },
         ..Default::default()
     });
     match timeline_server::start(cfg) {
