@@ -224,6 +224,10 @@ pub trait DeliveryHook: Send + Sync {
     /// (told on every node, by the conversation partition's leader: a
     /// hint, lost with the leader or a peer link).
     fn group_message(&self, _conv: u64, _conv_seq: u64, _ev: &StoreEvent) {}
+
+    /// This node gave up its replica of `partition` (of `partitions`): it
+    /// applies none of its entries from now on, so it pushes none of them.
+    fn partition_left(&self, _partition: u32, _partitions: u32) {}
 }
 
 /// Where a node's state machines find the hook, once the server set it.

@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | `nodes/<id, 20 digits>` | [`NodeRecord`] (JSON) | the node's lease: gone `lease_ttl` after the node stops renewing |
 //! | `map` | [`PartitionMap`] (JSON) | created once by a transaction that only succeeds if it is absent; changed only by a transaction that compares the whole previous value |
+//! | `initial-map` | the map as it was created (JSON) | written in the same transaction as `map`, never changed: who initializes each partition's group |
 //!
 //! etcd is not on the data path: a node that loses etcd keeps serving the
 //! partitions it leads with the addresses it last saw; only membership and
@@ -70,6 +71,10 @@ impl Meta {
         format!("{}map", self.root)
     }
 
+    fn initial_key(&self) -> String {
+        format!("{}initial-map", self.root)
+    }
+
     /// The prefix every key of this cluster starts with (to watch).
     pub fn root(&self) -> &str {
         &self.root
@@ -126,8 +131,18 @@ impl Meta {
 
     /// The partition map, if the cluster has been formed.
     pub async fn map(&self) -> Result<Option<PartitionMap>, MetaError> {
+        self.read_map(self.map_key()).await
+    }
+
+    /// The map as the cluster was formed with (`None` for a cluster formed
+    /// by a build before it was kept).
+    pub async fn initial_map(&self) -> Result<Option<PartitionMap>, MetaError> {
+        self.read_map(self.initial_key()).await
+    }
+
+    async fn read_map(&self, key: String) -> Result<Option<PartitionMap>, MetaError> {
         let mut c = self.client.clone();
-        let r = c.get(self.map_key(), None).await?;
+        let r = c.get(key, None).await?;
         match r.kvs().first() {
             None => Ok(None),
             Some(kv) => serde_json::from_slice(kv.value())
@@ -149,7 +164,10 @@ impl Meta {
         let key = self.map_key();
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, value, None)]);
+            .and_then([
+                TxnOp::put(key, value.clone(), None),
+                TxnOp::put(self.initial_key(), value, None),
+            ]);
         let mut c = self.client.clone();
         Ok(c.txn(txn).await?.succeeded())
     }

@@ -689,10 +689,27 @@ impl Inner {
     fn leader_of(&self, p: PartitionId, map: &PartitionMap) -> Option<(NodeId, String)> {
         let node = match self.group(p) {
             Some(g) => self.known_leader(&g)?,
-            None => *map.partitions.get(p as usize)?.first()?,
+            None => self.replica_hint(p, map)?,
         };
         let addr = self.members.read().get(&node)?.client.clone();
         Some((node, addr))
+    }
+
+    /// For a partition this node holds no replica of: a replica of the map
+    /// to send its clients to (it leads, or knows who does). The first
+    /// whose lease is alive, else the first with a known address (a node
+    /// placed there may never have registered).
+    fn replica_hint(&self, p: PartitionId, map: &PartitionMap) -> Option<NodeId> {
+        let replicas = map.partitions.get(p as usize)?;
+        let members = self.members.read();
+        let live = self.replace.live_set.read();
+        let known = |n: &&NodeId| members.contains_key(n);
+        replicas
+            .iter()
+            .filter(known)
+            .find(|n| live.contains(n))
+            .or_else(|| replicas.iter().find(known))
+            .copied()
     }
 
     /// The answer for a partition this node does not lead.
@@ -702,7 +719,7 @@ impl Inner {
             if self.group(p).is_some() {
                 None // a replica without a leader: an election is on
             } else {
-                map.partitions.get(p as usize)?.first().copied()
+                self.replica_hint(p, &map)
             }
         });
         match node.and_then(|n| self.members.read().get(&n).map(|r| r.client.clone())) {
@@ -1074,6 +1091,7 @@ async fn boot(
         leases: inner.factory.leases.clone(),
     };
     tokio::spawn(net::serve(listener, inner.groups.clone(), im, votes));
+    let initial = meta.initial_map().await?;
     for (p, replicas) in map.partitions.iter().enumerate() {
         if !replicas.contains(&cfg.id) {
             // A replica this node gave up before: its log is released.
@@ -1082,10 +1100,19 @@ async fn boot(
         }
         let p = p as PartitionId;
         let raft = inner.open_group(p).await?;
-        // Only the map the cluster was formed with says who starts a group:
-        // a replica placed later joins a group that exists, through its
-        // leader (initializing it would start a second, empty group).
-        let first = map.version == 1 && replicas.first() == Some(&cfg.id);
+        // Only the map the cluster was formed with says who starts a group
+        // (a replica placed later joins a group that exists, through its
+        // leader: initializing it would start a second, empty group), and
+        // with which voters: the first of the partition's initial replicas
+        // that the map still places there. Nodes that read different maps
+        // at start may both initialize, with the same voters, which
+        // openraft allows.
+        let voters0 = initial
+            .as_ref()
+            .or(Some(&map))
+            .filter(|m| m.version == 1)
+            .and_then(|m| m.partitions.get(p as usize));
+        let first = voters0.and_then(|r| r.iter().find(|n| replicas.contains(n))) == Some(&cfg.id);
         if first
             && !raft
                 .is_initialized()
@@ -1094,8 +1121,9 @@ async fn boot(
         {
             let members: BTreeMap<NodeId, BasicNode> = {
                 let m = inner.members.read();
-                replicas
-                    .iter()
+                voters0
+                    .into_iter()
+                    .flatten()
                     .map(|n| {
                         (
                             *n,

@@ -255,6 +255,9 @@ async fn retire(inner: &Inner, p: PartitionId, g: Raft<TypeConfig>) {
     if let Err(e) = crate::log_store::retire(inner.engine(), u64::from(p)) {
         tracing::warn!(partition = p, error = %e, "retired log not released");
     }
+    if let Some(h) = inner.hook() {
+        h.partition_left(p, inner.map.read().len());
+    }
     tracing::info!(partition = p, "gave up a replica: the group is shut down");
 }
 

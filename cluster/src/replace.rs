@@ -44,6 +44,8 @@ const EVERY: Duration = Duration::from_secs(1);
 pub(crate) struct Counters {
     /// Members whose lease was alive at the last read.
     pub(crate) live: AtomicU64,
+    /// Who they were (routing prefers them).
+    pub(crate) live_set: parking_lot::RwLock<BTreeSet<NodeId>>,
     /// Gone nodes this node took out of the map.
     pub(crate) replaced: AtomicU64,
 }
@@ -111,6 +113,7 @@ pub(crate) async fn run(meta: Meta, inner: Arc<Inner>, after: Option<Duration>) 
             .replace
             .live
             .store(live.len() as u64, Ordering::Relaxed);
+        inner.replace.live_set.write().clone_from(&live);
         let in_map = inner.map.read().nodes();
         let now = Instant::now();
         absences.observe(&in_map, &live, now);

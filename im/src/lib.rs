@@ -632,6 +632,15 @@ impl Im {
                 .push(self.shared.user_shard(user), user, make)
     }
 
+    /// The users with a subscriber here (a cluster node telling the
+    /// devices of a partition it gave up to sync elsewhere).
+    pub fn subscribed_users(&self) -> Vec<UserId> {
+        if !self.shared.subs.any() {
+            return Vec::new();
+        }
+        self.shared.subs.users()
+    }
+
     /// Push delivery into a sink of the caller's (an event loop's queue):
     /// every new durable sync entry and read-fan-out group entry of `user`
     /// is offered to `sink` on the worker's thread, until `sink.push`

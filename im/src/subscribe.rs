@@ -159,6 +159,15 @@ impl Subscribers {
         list.push(sink);
     }
 
+    /// The users with a registered sink (a gone one counts until its
+    /// user's next push).
+    pub(crate) fn users(&self) -> Vec<UserId> {
+        self.shards
+            .iter()
+            .flat_map(|s| s.lock().keys().copied().collect::<Vec<_>>())
+            .collect()
+    }
+
     /// Any registered sink at all (skips building pushes otherwise).
     pub(crate) fn any(&self) -> bool {
         self.count.load(Ordering::Acquire) > 0

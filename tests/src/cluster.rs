@@ -317,8 +317,21 @@ impl Cluster {
         count: u64,
         shape: impl Fn(NodeProc) -> NodeProc,
     ) -> Cluster {
+        Cluster::start_prepared(bin, partitions, count, shape, |_| {})
+    }
+
+    /// [`Cluster::start_shaped`], with `prepare` run on etcd's endpoint
+    /// before any node starts (to put keys there first).
+    pub fn start_prepared(
+        bin: &str,
+        partitions: u32,
+        count: u64,
+        shape: impl Fn(NodeProc) -> NodeProc,
+        prepare: impl FnOnce(&str),
+    ) -> Cluster {
         let tmp = tempfile::tempdir().expect("a temporary directory");
         let etcd = Etcd::start(tmp.path());
+        prepare(&etcd.endpoint());
         let mut nodes: Vec<NodeProc> = (1..=count)
             .map(|id| shape(NodeProc::new(id, tmp.path(), &etcd.endpoint(), partitions)))
             .collect();

@@ -858,8 +858,10 @@ fn etcd_map(cl: &Cluster) -> timeline_cluster::partition::PartitionMap {
 /// still in the map while its lease and the 3 s run, then node 2 moves
 /// its replicas to nodes 2–4, which catch them up and take node 1 out of
 /// every group. Restarted on its disk, node 1 is outside the map, adds
-/// itself back and takes its share again. Nothing acknowledged is lost
-/// (the history checker, through all four).
+/// itself back and takes its share again; the devices subscribed on node
+/// 2 to users of the partitions node 2 gave up get one `resync` each, the
+/// others none. Nothing acknowledged is lost (the history checker,
+/// through all four).
 #[test]
 fn a_node_gone_past_replace_after_is_replaced_and_comes_back_as_new() {
     let partitions = env_or("CLUSTER_PARTITIONS", 16) as u32;
@@ -899,6 +901,19 @@ fn a_node_gone_past_replace_after_is_replaced_and_comes_back_as_new() {
     );
     assert!(st.iter().all(|(_, m)| m["cluster_members_live"] == 3));
     eprintln!("node 1 replaced and its replicas caught up {replaced_in:?} after the kill");
+    // A device on node 2 (which now holds every partition) per partition:
+    // those whose partition node 2 gives up when node 1 is back get one
+    // `resync` (node 2 pushes nothing of theirs any more), the others none.
+    let mut devices = timeline_client::Client::connect(cl.nodes[1].client.as_str(), b"").unwrap();
+    let mut sub_of = HashMap::new();
+    for p in 0..partitions {
+        let user = (1_000..)
+            .find(|&u| partition_of(1, u, partitions) == p)
+            .unwrap();
+        let id = devices.queue(&Request::Subscribe { user });
+        assert!(matches!(devices.recv(), Ok(Response::Subscribe)));
+        sub_of.insert(id, p);
+    }
     // Back on its disk, node 1 is a new node to the map.
     let back = Instant::now();
     cl.nodes[0].spawn(BIN);
@@ -907,6 +922,26 @@ fn a_node_gone_past_replace_after_is_replaced_and_comes_back_as_new() {
         m.get("cluster_groups") == Some(&share)
     });
     eprintln!("node 1 took its share again in {:?}", back.elapsed());
+    let after = etcd_map(&cl);
+    let left: std::collections::BTreeSet<u32> = (0..partitions)
+        .filter(|&p| !after.partitions[p as usize].contains(&2))
+        .collect();
+    let mut resynced = std::collections::BTreeSet::new();
+    while let Some((sub, push)) = devices.next_push(Duration::from_secs(2)).unwrap() {
+        assert!(
+            matches!(push, timeline_client::protocol::Push::Resync),
+            "a push on an idle user: {push:?}"
+        );
+        assert!(
+            resynced.insert(sub_of[&sub]),
+            "two resyncs for one subscription"
+        );
+    }
+    assert_eq!(
+        resynced, left,
+        "resyncs by partition: the partitions node 2 gave up"
+    );
+    assert_eq!(left.len() as u64, u64::from(partitions) - share);
     std::thread::sleep(Duration::from_millis(1000));
     let h = load.finish();
     let (_, total, routing) = check_all(&seeds, &h.lock(), || cl.logs());
@@ -916,6 +951,92 @@ fn a_node_gone_past_replace_after_is_replaced_and_comes_back_as_new() {
         "too little load to mean anything: {total:?}"
     );
     drop(cl.etcd);
+}
+
+/// A map changed before the nodes it names ever started (as when a fourth
+/// node joins while the first three are still starting): every node reads
+/// version 2, not the version the cluster was formed with. Each partition
+/// is still initialized, by the first of its initial replicas that the map
+/// still places there, with the initial voters (`initial-map` in etcd), and
+/// elects a leader. Before that key, a node initialized a partition only
+/// if it read map version 1: here no partition would have had a leader.
+#[test]
+fn a_map_changed_before_its_nodes_started_still_gets_every_partition_a_leader() {
+    let partitions = 8;
+    let cl = Cluster::start_prepared(
+        BIN,
+        partitions,
+        3,
+        |n| n,
+        |endpoint| {
+            let endpoint = vec![endpoint.to_string()];
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let meta = timeline_cluster::meta::Meta::connect(&endpoint, "timeline")
+                    .await
+                    .unwrap();
+                let map = timeline_cluster::partition::PartitionMap::new(partitions, 3, &[1, 2, 3])
+                    .unwrap();
+                assert!(meta.create_map(&map).await.unwrap());
+                // Partition 0's first replica (node 1) moves to node 4, which
+                // never starts; node 2 is then the one to initialize it.
+                timeline_cluster::reconcile::apply(
+                    &meta,
+                    timeline_cluster::reconcile::Change::Move {
+                        partition: 0,
+                        from: 1,
+                        to: 4,
+                    },
+                )
+                .await
+                .unwrap();
+            });
+        },
+    );
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = all_stats(&cl);
+        let leading: u64 = st
+            .iter()
+            .map(|(_, m)| m.get("cluster_leading").copied().unwrap_or(0))
+            .sum();
+        let version = st
+            .iter()
+            .map(|(_, m)| m.get("cluster_map_version").copied())
+            .collect::<Vec<_>>();
+        if leading == u64::from(partitions) {
+            assert!(version.iter().all(|v| *v == Some(2)), "{version:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "{leading} of {partitions} partitions have a leader after 30 s: {st:?}\n{}",
+            cl.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // And they take writes, partition 0 included (two of its three voters
+    // run; node 4 never registers, so its membership change waits).
+    let mut cc = ClusterClient::connect(&cl.seeds(), b"").unwrap();
+    for t in 0..TIMELINES {
+        let r = cc.call(&Request::Append {
+            timeline: TimelineId::store(t),
+            durability: None,
+            payload: b"x",
+        });
+        assert!(
+            matches!(r, Ok(Response::Append(1))),
+            "timeline {t}: {r:?}\n{}",
+            cl.logs()
+        );
+    }
+    assert!(
+        (0..TIMELINES).any(|t| partition_of(0, t, partitions) == 0),
+        "no timeline of partition 0 was written"
+    );
 }
 
 /// The store timelines `ts` as a (stopped) node's engine holds them:

@@ -710,6 +710,20 @@ impl timeline_cluster::im::DeliveryHook for PushHook {
         }
     }
 
+    /// The devices subscribed here to a user of the partition get one
+    /// `resync`: this node pushes nothing of theirs any more, so they
+    /// should `SYNC` and subscribe again at the partition's leader.
+    fn partition_left(&self, partition: u32, partitions: u32) {
+        let Some(sh) = self.0.upgrade() else { return };
+        let sync = crate::protocol::Keyspace::SYNC.0;
+        for user in sh.im.subscribed_users() {
+            if timeline_cluster::partition::partition_of(sync, user, partitions) == partition {
+                sh.im.push_to(user, || timeline_im::Push::Resync);
+                sh.group_watch.forget_user(user);
+            }
+        }
+    }
+
     fn group_message(&self, conv: u64, conv_seq: u64, ev: &StoreEvent) {
         let Some(sh) = self.0.upgrade() else { return };
         // A member's own join or removal reaches it through its sync
@@ -781,6 +795,15 @@ impl GroupWatch {
                 g.remove(&conv);
             }
         }
+    }
+
+    /// Stop watching any group for `user` (this node no longer applies
+    /// its sync timeline, so it would not see it leave one).
+    fn forget_user(&self, user: u64) {
+        self.lock().retain(|_, set| {
+            set.remove(&user);
+            !set.is_empty()
+        });
     }
 
     /// `user` subscribed on this node: watch the groups it is in (those
