@@ -54,7 +54,8 @@ pub struct PlacementStatus {
 pub enum Change {
     /// Move replicas to a new node until it holds its share.
     AddNode(NodeId),
-    /// Move every replica of a node to the others (then it may be stopped).
+    /// Move every replica of a node to the other live nodes of the map
+    /// (then it may be stopped).
     RemoveNode(NodeId),
     /// Move one replica of a partition.
     Move {
@@ -67,10 +68,17 @@ pub enum Change {
 /// Apply `change` to the map in etcd, as one transaction on the whole
 /// previous map, retried (on the newer map) if another change got there
 /// first. The new map and the moves: (partition, from, to).
+///
+/// `RemoveNode` moves the replicas to live nodes of the map only (those
+/// whose lease is alive now): never onto a node that is down.
 pub async fn apply(meta: &Meta, change: Change) -> Result<(PartitionMap, Moves), ClusterError> {
+    let live: BTreeSet<NodeId> = match change {
+        Change::RemoveNode(_) => meta.nodes().await?.into_keys().collect(),
+        _ => BTreeSet::new(),
+    };
     apply_with(meta, |new| match change {
         Change::AddNode(n) => new.add_node(n),
-        Change::RemoveNode(n) => new.remove_node(n),
+        Change::RemoveNode(n) => new.replace_node(n, &live),
         Change::Move {
             partition,
             from,

@@ -44,13 +44,13 @@ enum Cmd {
     Show,
     /// Move replicas to node NODE until it holds its share.
     AddNode { node: u64 },
-    /// Move every replica of node NODE to the other nodes.
+    /// Move every replica of node NODE to the other live nodes of the map.
     RemoveNode { node: u64 },
     /// Move partition PARTITION's replica from node FROM to node TO.
     Move { partition: u32, from: u64, to: u64 },
 }
 
-fn print_map(m: &PartitionMap) {
+fn print_map(m: &PartitionMap, live: &std::collections::BTreeSet<u64>) {
     timeline_client::outln!(
         "version {}  partitions {}  replicas {}",
         m.version,
@@ -58,7 +58,12 @@ fn print_map(m: &PartitionMap) {
         m.replicas_per_partition
     );
     for (n, c) in m.load() {
-        timeline_client::outln!("node {n}: {c} replicas");
+        let state = if live.contains(&n) {
+            "live"
+        } else {
+            "lease gone"
+        };
+        timeline_client::outln!("node {n}: {c} replicas ({state})");
     }
     for (p, r) in m.partitions.iter().enumerate() {
         timeline_client::outln!("partition {p}: {r:?}");
@@ -73,7 +78,8 @@ async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
                 .map()
                 .await?
                 .ok_or("the cluster has no partition map yet")?;
-            print_map(&m);
+            let live = meta.nodes().await?.into_keys().collect();
+            print_map(&m, &live);
             return Ok(());
         }
         Cmd::AddNode { node } => Change::AddNode(node),
