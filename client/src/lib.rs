@@ -36,9 +36,9 @@ pub enum ClientError {
     Unexpected(String),
     #[error("the server closed the connection")]
     Closed,
-    /// No reply within the reply timeout ([`Client::set_reply_timeout`]);
-    /// the connection is closed (a late reply could not be matched), and
-    /// the request's outcome is unknown.
+    /// No reply (or no room to send) within the reply timeout
+    /// ([`Client::set_reply_timeout`]); the connection is closed (a late
+    /// reply could not be matched), and the request's outcome is unknown.
     #[error("no reply within {0:?}; the connection is closed")]
     TimedOut(Duration),
 }
@@ -116,11 +116,15 @@ impl Client {
         &self.hello
     }
 
-    /// Wait at most `t` for each reply (`None`, the default: forever).
-    /// After a timeout the connection is shut down and every later call
-    /// fails: make a new client.
+    /// Wait at most `t` for each reply, and for each write of requests to
+    /// the socket (`None`, the default: forever). After a timeout the
+    /// connection is shut down and every later call fails: make a new
+    /// client.
     pub fn set_reply_timeout(&mut self, t: Option<Duration>) {
+        let t = t.filter(|d| !d.is_zero());
         self.reply_timeout = t;
+        // Only a zero duration is refused, and it was taken out.
+        let _ = self.stream.set_write_timeout(t);
     }
 
     /// Queue a request (not sent until [`flush`](Self::flush)); returns its id.
@@ -139,7 +143,22 @@ impl Client {
     /// Send everything queued.
     pub fn flush(&mut self) -> Result<()> {
         if !self.wbuf.is_empty() {
-            self.stream.write_all(&self.wbuf)?;
+            match self.stream.write_all(&self.wbuf) {
+                Ok(()) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    // Part of a frame may be out: the stream is unusable.
+                    let _ = self.stream.shutdown(std::net::Shutdown::Both);
+                    return Err(ClientError::TimedOut(
+                        self.reply_timeout.unwrap_or_default(),
+                    ));
+                }
+                Err(e) => return Err(e.into()),
+            }
             self.wbuf.clear();
         }
         Ok(())

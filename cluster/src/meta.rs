@@ -41,6 +41,8 @@ pub enum MetaError {
     },
     #[error("the partition map changed under this change (now version {0}); retry on the new map")]
     Conflict(u64),
+    #[error("node {0} is registered again: it is not gone")]
+    Registered(crate::NodeId),
 }
 
 /// A handle on the cluster's keys in etcd (cheap to clone).
@@ -180,6 +182,18 @@ impl Meta {
         old: &PartitionMap,
         new: &PartitionMap,
     ) -> Result<(), MetaError> {
+        self.replace_map_if(old, new, None).await
+    }
+
+    /// [`Meta::replace_map`], and (with `gone`) only while that node has no
+    /// membership record: a node replaced because it is gone must not be
+    /// replaced once it registered again.
+    pub async fn replace_map_if(
+        &self,
+        old: &PartitionMap,
+        new: &PartitionMap,
+        gone: Option<NodeId>,
+    ) -> Result<(), MetaError> {
         let enc = |m: &PartitionMap| {
             serde_json::to_vec(m).map_err(|source| MetaError::Decode {
                 what: "partition map",
@@ -187,15 +201,22 @@ impl Meta {
             })
         };
         let key = self.map_key();
+        let mut when = vec![Compare::value(key.clone(), CompareOp::Equal, enc(old)?)];
+        if let Some(n) = gone {
+            when.push(Compare::version(self.node_key(n), CompareOp::Equal, 0));
+        }
         let txn = Txn::new()
-            .when([Compare::value(key.clone(), CompareOp::Equal, enc(old)?)])
+            .when(when)
             .and_then([TxnOp::put(key, enc(new)?, None)]);
         let mut c = self.client.clone();
         if c.txn(txn).await?.succeeded() {
             return Ok(());
         }
-        let now = self.map().await?.map(|m| m.version).unwrap_or(0);
-        Err(MetaError::Conflict(now))
+        let now = self.map().await?;
+        match (now, gone) {
+            (Some(m), Some(n)) if m == *old => Err(MetaError::Registered(n)),
+            (now, _) => Err(MetaError::Conflict(now.map_or(0, |m| m.version))),
+        }
     }
 
     /// A stream of the cluster's key changes (any member or the map).

@@ -841,7 +841,7 @@ impl Inner {
     pub(crate) fn leader_hint(&self, p: PartitionId) -> Option<NodeId> {
         match self.group(p) {
             Some(g) => self.known_leader(&g),
-            None => self.map.read().partitions.get(p as usize)?.first().copied(),
+            None => self.replica_hint(p, &self.map.read()),
         }
     }
 
@@ -1103,38 +1103,33 @@ async fn boot(
         // Only the map the cluster was formed with says who starts a group
         // (a replica placed later joins a group that exists, through its
         // leader: initializing it would start a second, empty group), and
-        // with which voters: the first of the partition's initial replicas
-        // that the map still places there. Nodes that read different maps
-        // at start may both initialize, with the same voters, which
-        // openraft allows.
-        let voters0 = initial
+        // with which voters: the initial replicas, with no addresses (the
+        // transport has its own), so that whoever initializes writes the
+        // same first entry, which openraft allows. The first initial
+        // replica that the map it read still places there does it at once
+        // (so leaders start spread as the map's first replicas are); any
+        // other initial replica placed there does it if the group is still
+        // not formed after `FORMATION_FALLBACK` (nodes that read different
+        // maps could each leave it to another).
+        let Some(voters0) = initial
             .as_ref()
             .or(Some(&map))
             .filter(|m| m.version == 1)
-            .and_then(|m| m.partitions.get(p as usize));
-        let first = voters0.and_then(|r| r.iter().find(|n| replicas.contains(n))) == Some(&cfg.id);
-        if first
-            && !raft
-                .is_initialized()
-                .await
-                .map_err(|e| ClusterError::Raft(e.to_string()))?
-        {
-            let members: BTreeMap<NodeId, BasicNode> = {
-                let m = inner.members.read();
-                voters0
-                    .into_iter()
-                    .flatten()
-                    .map(|n| {
-                        (
-                            *n,
-                            BasicNode::new(m.get(n).map(|r| r.raft.clone()).unwrap_or_default()),
-                        )
-                    })
-                    .collect()
-            };
-            raft.initialize(members)
-                .await
-                .map_err(|e| ClusterError::Raft(format!("initialize partition {p}: {e}")))?;
+            .and_then(|m| m.partitions.get(p as usize))
+            .filter(|r| r.contains(&cfg.id))
+            .cloned()
+        else {
+            continue;
+        };
+        if voters0.iter().find(|n| replicas.contains(n)) == Some(&cfg.id) {
+            initialize(&raft, &voters0, p).await?;
+        } else {
+            tokio::spawn(async move {
+                tokio::time::sleep(FORMATION_FALLBACK).await;
+                if let Err(e) = initialize(&raft, &voters0, p).await {
+                    tracing::warn!(partition = p, error = %e, "cannot start the group");
+                }
+            });
         }
     }
     if !map.nodes().contains(&cfg.id) {
@@ -1152,6 +1147,34 @@ async fn boot(
     tokio::spawn(watch(meta, inner.clone()));
     tracing::info!(node = cfg.id, %raft_addr, groups = inner.groups.read().len(), version = map.version, "cluster node up");
     Ok((inner, raft_addr))
+}
+
+/// How long an initial replica that is not the partition's first waits
+/// for the group to be formed before it initializes it itself.
+const FORMATION_FALLBACK: Duration = Duration::from_secs(3);
+
+/// Start partition `p`'s group with `voters` unless it is formed already
+/// (by this node before, or by another initial replica's leader).
+async fn initialize(
+    raft: &Raft<TypeConfig>,
+    voters: &[NodeId],
+    p: PartitionId,
+) -> Result<(), ClusterError> {
+    if raft
+        .is_initialized()
+        .await
+        .map_err(|e| ClusterError::Raft(e.to_string()))?
+    {
+        return Ok(());
+    }
+    let members: BTreeMap<NodeId, BasicNode> =
+        voters.iter().map(|n| (*n, BasicNode::default())).collect();
+    match raft.initialize(members).await {
+        Ok(()) | Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {
+            Ok(())
+        }
+        Err(e) => Err(ClusterError::Raft(format!("initialize partition {p}: {e}"))),
+    }
 }
 
 /// etcd, retried until `formation_timeout` (it may still be starting).

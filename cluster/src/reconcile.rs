@@ -9,8 +9,9 @@
 //! | this node, for partition `p` | it does |
 //! |---|---|
 //! | is a replica in the map, runs no group | opens the group, empty: the leader fills it (log entries, or a snapshot) |
-//! | leads `p`, membership ≠ the map's replicas | adds each new replica as a learner and waits until it has caught up, then changes the membership to the map's replicas (openraft's joint consensus; a leader that removes itself steps down once the change is committed) |
-//! | is not a replica in the map, runs a group it is no longer a voter of (or that has lost its leader: the leader stops sending to a removed replica) | shuts the group down; its records stay on disk |
+//! | leads `p`, membership ≠ the map's replicas | adds each new replica as a learner and waits until it has caught up, then changes the membership to the map's replicas (openraft's joint consensus; a leader that removes itself steps down once the change is committed), then removes learners the map does not place there |
+//! | is not a replica in the map, not a voter of its group's committed or effective membership | shuts the group down and releases its log; its records stay on disk |
+//! | is not a replica in the map, still a voter, knowing no leader for 5 s (the leader stops sending to a removed replica) | shuts the group down, keeping its log (the group may still count it) |
 //!
 //! One change per partition is under way at a time. A node that starts
 //! with an existing map that holds none of its replicas asks for its share
@@ -22,9 +23,9 @@ use crate::node::{ClusterError, Inner};
 use crate::partition::{PartitionId, PartitionMap, PlacementError};
 use crate::{NodeId, TypeConfig};
 use openraft::{BasicNode, Raft, ServerState};
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long a new replica may take to catch up before the change is
 /// abandoned (and tried again on the next round).
@@ -36,7 +37,14 @@ const CATCH_UP: Duration = Duration::from_secs(60);
 pub(crate) struct Placement {
     pub(crate) changed: tokio::sync::Notify,
     busy: parking_lot::Mutex<HashSet<PartitionId>>,
+    /// Groups outside the map that know no leader, since when.
+    leaderless: parking_lot::Mutex<HashMap<PartitionId, Instant>>,
 }
+
+/// How long a voter the map no longer places here may know no leader
+/// before it stops (a leader does not send to a replica it removed; an
+/// election among the replicas takes well under a second).
+const STAND_DOWN_AFTER: Duration = Duration::from_secs(5);
 
 /// What a node's placement looks like now (for `STATS`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -76,7 +84,7 @@ pub async fn apply(meta: &Meta, change: Change) -> Result<(PartitionMap, Moves),
         Change::RemoveNode(_) => meta.nodes().await?.into_keys().collect(),
         _ => BTreeSet::new(),
     };
-    apply_with(meta, |new| match change {
+    apply_with(meta, None, |new| match change {
         Change::AddNode(n) => new.add_node(n),
         Change::RemoveNode(n) => new.replace_node(n, &live),
         Change::Move {
@@ -92,9 +100,11 @@ pub async fn apply(meta: &Meta, change: Change) -> Result<(PartitionMap, Moves),
 }
 
 /// Apply the change `edit` makes to a copy of the current map, as [`apply`]
-/// does (`edit` runs again on a newer map after a conflict).
+/// does (`edit` runs again on a newer map after a conflict); with `gone`,
+/// only while that node has no membership record.
 pub(crate) async fn apply_with(
     meta: &Meta,
+    gone: Option<NodeId>,
     edit: impl Fn(&mut PartitionMap) -> Result<Moves, PlacementError>,
 ) -> Result<(PartitionMap, Moves), ClusterError> {
     for _ in 0..16 {
@@ -105,7 +115,7 @@ pub(crate) async fn apply_with(
         };
         let mut new = old.clone();
         let moves = edit(&mut new)?;
-        match meta.replace_map(&old, &new).await {
+        match meta.replace_map_if(&old, &new, gone).await {
             Ok(()) => return Ok((new, moves)),
             Err(MetaError::Conflict(_)) => continue,
             Err(e) => return Err(e.into()),
@@ -162,7 +172,15 @@ fn target(inner: &Inner, p: PartitionId) -> Option<BTreeSet<NodeId>> {
 fn settled(g: &Raft<TypeConfig>, target: &BTreeSet<NodeId>) -> bool {
     let m = g.metrics().borrow().membership_config.clone();
     let joint = m.membership().get_joint_config();
-    joint.len() == 1 && joint[0] == *target
+    joint.len() == 1 && joint[0] == *target && stray_learners(g, target).is_empty()
+}
+
+/// Learners of `g` the map does not place there (added to catch up, then
+/// placed elsewhere): the leader would replicate to them forever.
+fn stray_learners(g: &Raft<TypeConfig>, target: &BTreeSet<NodeId>) -> BTreeSet<NodeId> {
+    let m = g.metrics().borrow().membership_config.clone();
+    let learners = m.membership().learner_ids().collect::<BTreeSet<_>>();
+    learners.difference(target).copied().collect()
 }
 
 /// One pass over this node's partitions.
@@ -184,15 +202,14 @@ async fn round(inner: &Arc<Inner>) {
             }
             continue;
         };
-        let (state, voter) = {
-            let m = g.metrics().borrow().clone();
-            let voter = m
-                .membership_config
-                .membership()
-                .voter_ids()
-                .any(|v| v == inner.id);
-            (m.state, voter)
+        let (state, leader) = {
+            let m = g.metrics();
+            let m = m.borrow();
+            (m.state, m.current_leader)
         };
+        if mine || leader.is_some() {
+            inner.placement.leaderless.lock().remove(&p);
+        }
         if state == ServerState::Leader {
             // Re-drive what a previous leader left undelivered.
             let e = inner.engine();
@@ -210,9 +227,46 @@ async fn round(inner: &Arc<Inner>) {
                     inner.placement.busy.lock().remove(&p);
                 });
             }
-        } else if !mine && (!voter || state == ServerState::Candidate) {
-            retire(inner, p, g).await;
+        } else if !mine {
+            give_up(inner, p, g).await;
         }
+    }
+}
+
+/// A group this node runs but the map no longer places here, not led
+/// here. A voter of its committed or its effective membership may still
+/// be counted by the group (its acknowledgements made entries committed):
+/// once it has known no leader for `STAND_DOWN_AFTER` (a leader does not
+/// send to a replica it removed) it stops, but its log stays. Otherwise (a
+/// learner, or a replica never added) it stops and its log is released.
+async fn give_up(inner: &Inner, p: PartitionId, g: Raft<TypeConfig>) {
+    let id = inner.id;
+    let voter = g
+        .with_raft_state(move |st| {
+            let ms = &st.membership_state;
+            [ms.committed(), ms.effective()]
+                .iter()
+                .any(|m| m.membership().voter_ids().any(|v| v == id))
+        })
+        .await
+        .unwrap_or(true);
+    if !voter {
+        inner.placement.leaderless.lock().remove(&p);
+        retire(inner, p, g, true).await;
+        return;
+    }
+    if g.metrics().borrow().current_leader.is_some() {
+        return;
+    }
+    let since = *inner
+        .placement
+        .leaderless
+        .lock()
+        .entry(p)
+        .or_insert_with(Instant::now);
+    if since.elapsed() >= STAND_DOWN_AFTER {
+        inner.placement.leaderless.lock().remove(&p);
+        retire(inner, p, g, false).await;
     }
 }
 
@@ -251,22 +305,39 @@ async fn change(
         .await
         .ok_or_else(|| ClusterError::Raft("leadership lost during the change".into()))?
         .map_err(|e| ClusterError::Raft(e.to_string()))?;
+    let stray = stray_learners(g, &target);
+    if !stray.is_empty() {
+        crate::node::while_leading(
+            g,
+            g.change_membership(openraft::ChangeMembers::RemoveNodes(stray), false),
+        )
+        .await
+        .ok_or_else(|| ClusterError::Raft("leadership lost during the change".into()))?
+        .map_err(|e| ClusterError::Raft(e.to_string()))?;
+    }
     tracing::info!(partition = p, ?target, "membership is the map's");
     Ok(())
 }
 
-/// Stop serving a partition this node no longer holds.
-async fn retire(inner: &Inner, p: PartitionId, g: Raft<TypeConfig>) {
+/// Stop serving a partition this node no longer holds; with `release`
+/// (no longer a voter: checked before) its log goes too.
+async fn retire(inner: &Inner, p: PartitionId, g: Raft<TypeConfig>, release: bool) {
     inner.groups.write().remove(&p);
     let _ = g.shutdown().await;
-    // No longer a voter (checked before): its log can go.
-    if let Err(e) = crate::log_store::retire(inner.engine(), u64::from(p)) {
-        tracing::warn!(partition = p, error = %e, "retired log not released");
+    if release {
+        if let Err(e) = crate::log_store::retire(inner.engine(), u64::from(p)) {
+            tracing::warn!(partition = p, error = %e, "retired log not released");
+        }
     }
+    let partitions = inner.map.read().len();
     if let Some(h) = inner.hook() {
-        h.partition_left(p, inner.map.read().len());
+        h.partition_left(p, partitions);
     }
-    tracing::info!(partition = p, "gave up a replica: the group is shut down");
+    tracing::info!(
+        partition = p,
+        release,
+        "gave up a replica: the group is shut down"
+    );
 }
 
 /// This node's groups, those it leads, and those whose change is pending.

@@ -136,7 +136,7 @@ async fn replace(
     after: Duration,
     refused: &mut BTreeSet<NodeId>,
 ) {
-    match crate::reconcile::apply_with(meta, |m| m.replace_node(n, live)).await {
+    match crate::reconcile::apply_with(meta, Some(n), |m| m.replace_node(n, live)).await {
         Ok((map, moves)) => {
             tracing::warn!(
                 node = n,
@@ -149,8 +149,9 @@ async fn replace(
             refused.remove(&n);
             inner.placement.changed.notify_one();
         }
-        // Another node did it first.
-        Err(ClusterError::Placement(PlacementError::NoSuchNode(_))) => {}
+        // Another node did it first, or the node is back.
+        Err(ClusterError::Placement(PlacementError::NoSuchNode(_)))
+        | Err(ClusterError::Meta(crate::meta::MetaError::Registered(_))) => {}
         Err(e) => {
             if refused.insert(n) {
                 tracing::warn!(node = n, error = %e, "cannot replace a gone node (retrying every second)");

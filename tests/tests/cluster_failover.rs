@@ -1039,6 +1039,78 @@ fn a_map_changed_before_its_nodes_started_still_gets_every_partition_a_leader() 
     );
 }
 
+/// Nodes that read different maps at start: nodes 2 and 3 start on map
+/// version 1, where node 1 is partition 0's first replica, so they leave
+/// partition 0 to it; then partition 0's replica moves from node 1 to a
+/// node 4 that never starts, and node 1 starts on version 2, where it
+/// holds no replica of partition 0. Nobody would start partition 0's group
+/// if only the first initial replica placed there did: nodes 2 and 3 do it
+/// after `FORMATION_FALLBACK` (3 s), with the initial voters.
+#[test]
+fn nodes_that_read_different_maps_at_start_still_get_every_partition_a_leader() {
+    let partitions = 8u32;
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = timeline_tests::cluster::Etcd::start(tmp.path());
+    let endpoint = vec![etcd.endpoint()];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let meta = rt.block_on(async {
+        let meta = timeline_cluster::meta::Meta::connect(&endpoint, "timeline")
+            .await
+            .unwrap();
+        let map =
+            timeline_cluster::partition::PartitionMap::new(partitions, 3, &[1, 2, 3]).unwrap();
+        assert_eq!(map.partitions[0], vec![1, 2, 3]);
+        assert!(meta.create_map(&map).await.unwrap());
+        meta
+    });
+    let mut nodes: Vec<NodeProc> = (1..=3)
+        .map(|id| NodeProc::new(id, tmp.path(), &etcd.endpoint(), partitions))
+        .collect();
+    for n in &mut nodes[1..] {
+        n.spawn(BIN);
+    }
+    for n in &mut nodes[1..] {
+        n.wait_ready(Duration::from_secs(60));
+    }
+    rt.block_on(timeline_cluster::reconcile::apply(
+        &meta,
+        timeline_cluster::reconcile::Change::Move {
+            partition: 0,
+            from: 1,
+            to: 4,
+        },
+    ))
+    .unwrap();
+    nodes[0].spawn(BIN);
+    nodes[0].wait_ready(Duration::from_secs(60));
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let leading: u64 = nodes
+            .iter()
+            .map(|n| {
+                n.stats()
+                    .and_then(|m| m.get("cluster_leading").copied())
+                    .unwrap_or(0)
+            })
+            .sum();
+        if leading == u64::from(partitions) {
+            break;
+        }
+        let logs: Vec<String> = nodes.iter().map(|n| n.log_tail()).collect();
+        assert!(
+            Instant::now() < end,
+            "{leading} of {partitions} partitions have a leader after 30 s\n{}",
+            logs.join("\n---\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(nodes);
+    drop(etcd);
+}
+
 /// The store timelines `ts` as a (stopped) node's engine holds them:
 /// (seq, payload without the write id), opened offline from its data
 /// directory with the test node's engine settings.

@@ -1,10 +1,10 @@
 //! A replica given up and taken again starts as a learner, not as the
 //! leader it once was.
 //!
-//! A node that led a partition and then gave its replica up (its log
-//! retired, its vote and applied state left on disk) can be handed the
-//! same partition again: a replaced node that comes back, or a replica
-//! moved away and back. openraft 0.9 restores a node whose last vote is a
+//! A node that led a partition and then gave its replica up while
+//! running (its log retired, its vote and applied state left on disk) can
+//! be handed the same partition again: a node that was replaced and comes
+//! back, for one, or a replica moved away and back. openraft 0.9 restores a node whose last vote is a
 //! committed one for itself *as leader* at start; with the membership it
 //! had then it would lead a group that removed it and take writes no
 //! quorum will ever commit (seen in the replacement test: four clients
