@@ -55,12 +55,18 @@ fn a_retired_leader_taken_again_starts_as_a_learner() {
         for k in 0..5 {
             raft.client_write(write(k)).await.unwrap();
         }
-        let applied = raft.metrics().borrow().last_applied;
         raft.trigger().snapshot().await.unwrap();
-        raft.wait(Some(Duration::from_secs(10)))
-            .metrics(|m| m.snapshot == applied, "snapshot")
+        // (The metrics may trail the writes' answers: wait until the
+        // snapshot covers everything applied.)
+        let applied = raft
+            .wait(Some(Duration::from_secs(10)))
+            .metrics(
+                |m| m.snapshot.is_some_and(|s| s.index >= 6) && m.snapshot == m.last_applied,
+                "a snapshot of every entry",
+            )
             .await
-            .unwrap();
+            .unwrap()
+            .last_applied;
         raft.shutdown().await.unwrap();
 
         // Reopened as it is: it leads again at once (openraft restores it).
