@@ -618,8 +618,8 @@ impl Node {
     /// gone nodes this node replaced since start.
     pub fn liveness(&self) -> (u64, u64) {
         let r = &self.inner.replace;
-        let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-        (g(&r.live), g(&r.replaced))
+        let live = r.live.read().len() as u64;
+        (live, r.replaced.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Groups run, led, and led with a membership change still to make.
@@ -702,7 +702,7 @@ impl Inner {
     fn replica_hint(&self, p: PartitionId, map: &PartitionMap) -> Option<NodeId> {
         let replicas = map.partitions.get(p as usize)?;
         let members = self.members.read();
-        let live = self.replace.live_set.read();
+        let live = self.replace.live.read();
         let known = |n: &&NodeId| members.contains_key(n);
         replicas
             .iter()

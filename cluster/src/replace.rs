@@ -42,10 +42,9 @@ const EVERY: Duration = Duration::from_secs(1);
 /// What `STATS` shows of this.
 #[derive(Default)]
 pub(crate) struct Counters {
-    /// Members whose lease was alive at the last read.
-    pub(crate) live: AtomicU64,
-    /// Who they were (routing prefers them).
-    pub(crate) live_set: parking_lot::RwLock<BTreeSet<NodeId>>,
+    /// Members whose lease was alive at the last read (routing prefers
+    /// them; `STATS` counts them).
+    pub(crate) live: parking_lot::RwLock<BTreeSet<NodeId>>,
     /// Gone nodes this node took out of the map.
     pub(crate) replaced: AtomicU64,
 }
@@ -109,11 +108,7 @@ pub(crate) async fn run(meta: Meta, inner: Arc<Inner>, after: Option<Duration>) 
                 continue;
             }
         };
-        inner
-            .replace
-            .live
-            .store(live.len() as u64, Ordering::Relaxed);
-        inner.replace.live_set.write().clone_from(&live);
+        inner.replace.live.write().clone_from(&live);
         let in_map = inner.map.read().nodes();
         let now = Instant::now();
         absences.observe(&in_map, &live, now);

@@ -763,22 +763,13 @@ fn a_node_added_under_load_takes_over_replicas_and_a_removed_one_gives_them_up()
     eprintln!("node 4 took {share} replicas in {:?}", joined.elapsed());
     std::thread::sleep(Duration::from_millis(500));
     // Remove node 1 (one map transaction); the groups act on it.
-    let endpoint = vec![cl.etcd.endpoint()];
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let (map, moves) = rt.block_on(async {
-        let meta = timeline_cluster::meta::Meta::connect(&endpoint, "timeline")
-            .await
-            .unwrap();
-        timeline_cluster::reconcile::apply(
+    let (rt, meta) = etcd_meta(&cl.etcd.endpoint());
+    let (map, moves) = rt
+        .block_on(timeline_cluster::reconcile::apply(
             &meta,
             timeline_cluster::reconcile::Change::RemoveNode(1),
-        )
-        .await
-        .unwrap()
-    });
+        ))
+        .unwrap();
     assert!(!moves.is_empty() && !map.nodes().contains(&1));
     let removing = Instant::now();
     wait_settled(&cl, partitions, "node 1 removed", |id, m| {
@@ -838,19 +829,26 @@ fn a_node_added_under_load_takes_over_replicas_and_a_removed_one_gives_them_up()
     drop(cl.etcd);
 }
 
-/// The partition map as etcd holds it now.
-fn etcd_map(cl: &Cluster) -> timeline_cluster::partition::PartitionMap {
-    let endpoint = vec![cl.etcd.endpoint()];
+/// A runtime and a handle on the test cluster's keys in etcd at
+/// `endpoint` (for map reads and placement changes from the test).
+fn etcd_meta(endpoint: &str) -> (tokio::runtime::Runtime, timeline_cluster::meta::Meta) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async {
-        let meta = timeline_cluster::meta::Meta::connect(&endpoint, "timeline")
-            .await
-            .unwrap();
-        meta.map().await.unwrap().expect("a partition map")
-    })
+    let meta = rt
+        .block_on(timeline_cluster::meta::Meta::connect(
+            &[endpoint.to_string()],
+            "timeline",
+        ))
+        .unwrap();
+    (rt, meta)
+}
+
+/// The partition map as etcd holds it now.
+fn etcd_map(cl: &Cluster) -> timeline_cluster::partition::PartitionMap {
+    let (rt, meta) = etcd_meta(&cl.etcd.endpoint());
+    rt.block_on(meta.map()).unwrap().expect("a partition map")
 }
 
 /// Four nodes that replace a node gone for 3 s (`replace_after`). Node 1
@@ -969,31 +967,21 @@ fn a_map_changed_before_its_nodes_started_still_gets_every_partition_a_leader() 
         3,
         |n| n,
         |endpoint| {
-            let endpoint = vec![endpoint.to_string()];
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let meta = timeline_cluster::meta::Meta::connect(&endpoint, "timeline")
-                    .await
-                    .unwrap();
-                let map = timeline_cluster::partition::PartitionMap::new(partitions, 3, &[1, 2, 3])
-                    .unwrap();
-                assert!(meta.create_map(&map).await.unwrap());
-                // Partition 0's first replica (node 1) moves to node 4, which
-                // never starts; node 2 is then the one to initialize it.
-                timeline_cluster::reconcile::apply(
-                    &meta,
-                    timeline_cluster::reconcile::Change::Move {
-                        partition: 0,
-                        from: 1,
-                        to: 4,
-                    },
-                )
-                .await
-                .unwrap();
-            });
+            let (rt, meta) = etcd_meta(endpoint);
+            let map =
+                timeline_cluster::partition::PartitionMap::new(partitions, 3, &[1, 2, 3]).unwrap();
+            assert!(rt.block_on(meta.create_map(&map)).unwrap());
+            // Partition 0's first replica (node 1) moves to node 4, which
+            // never starts; node 2 is then the one to initialize it.
+            rt.block_on(timeline_cluster::reconcile::apply(
+                &meta,
+                timeline_cluster::reconcile::Change::Move {
+                    partition: 0,
+                    from: 1,
+                    to: 4,
+                },
+            ))
+            .unwrap();
         },
     );
     let end = Instant::now() + Duration::from_secs(30);
@@ -1051,21 +1039,10 @@ fn nodes_that_read_different_maps_at_start_still_get_every_partition_a_leader() 
     let partitions = 8u32;
     let tmp = tempfile::tempdir().unwrap();
     let etcd = timeline_tests::cluster::Etcd::start(tmp.path());
-    let endpoint = vec![etcd.endpoint()];
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let meta = rt.block_on(async {
-        let meta = timeline_cluster::meta::Meta::connect(&endpoint, "timeline")
-            .await
-            .unwrap();
-        let map =
-            timeline_cluster::partition::PartitionMap::new(partitions, 3, &[1, 2, 3]).unwrap();
-        assert_eq!(map.partitions[0], vec![1, 2, 3]);
-        assert!(meta.create_map(&map).await.unwrap());
-        meta
-    });
+    let (rt, meta) = etcd_meta(&etcd.endpoint());
+    let map = timeline_cluster::partition::PartitionMap::new(partitions, 3, &[1, 2, 3]).unwrap();
+    assert_eq!(map.partitions[0], vec![1, 2, 3]);
+    assert!(rt.block_on(meta.create_map(&map)).unwrap());
     let mut nodes: Vec<NodeProc> = (1..=3)
         .map(|id| NodeProc::new(id, tmp.path(), &etcd.endpoint(), partitions))
         .collect();
