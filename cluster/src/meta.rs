@@ -45,6 +45,21 @@ pub enum MetaError {
     Registered(crate::NodeId),
 }
 
+/// What a map change records about one node, besides the map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeMark {
+    /// Nothing.
+    Unchanged,
+    /// The node is taken out because it is gone: the change applies only
+    /// while the node has no membership record, and leaves a `replaced`
+    /// mark, so that the node, if it was running cut off from etcd, adds
+    /// itself back when it registers again.
+    Replaced(NodeId),
+    /// The node is put back, or an operator decided its place: any
+    /// `replaced` mark goes.
+    Settled(NodeId),
+}
+
 /// A handle on the cluster's keys in etcd (cheap to clone).
 #[derive(Clone)]
 pub struct Meta {
@@ -77,6 +92,10 @@ impl Meta {
         format!("{}initial-map", self.root)
     }
 
+    fn replaced_key(&self, id: NodeId) -> String {
+        format!("{}replaced/{id:020}", self.root)
+    }
+
     /// The prefix every key of this cluster starts with (to watch).
     pub fn root(&self) -> &str {
         &self.root
@@ -102,11 +121,15 @@ impl Meta {
     /// Renew `lease` once; `false` if etcd says it has expired.
     pub async fn renew(&self, lease: i64) -> Result<bool, MetaError> {
         let mut c = self.client.clone();
-        let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
-        keeper.keep_alive().await?;
-        match stream.message().await? {
-            Some(r) => Ok(r.ttl() > 0),
-            None => Ok(false),
+        // Opening etcd-client's keep-alive sends the first renewal, and it
+        // fails (an error, not a TTL of 0) when the lease is gone: ask etcd
+        // which it was, so an expired lease is not taken for etcd away.
+        match c.lease_keep_alive(lease).await {
+            Ok(_) => Ok(true),
+            Err(e) => match c.lease_time_to_live(lease, None).await {
+                Ok(r) if r.ttl() <= 0 => Ok(false),
+                _ => Err(e.into()),
+            },
         }
     }
 
@@ -182,17 +205,17 @@ impl Meta {
         old: &PartitionMap,
         new: &PartitionMap,
     ) -> Result<(), MetaError> {
-        self.replace_map_if(old, new, None).await
+        self.replace_map_marking(old, new, NodeMark::Unchanged)
+            .await
     }
 
-    /// [`Meta::replace_map`], and (with `gone`) only while that node has no
-    /// membership record: a node replaced because it is gone must not be
-    /// replaced once it registered again.
-    pub async fn replace_map_if(
+    /// [`Meta::replace_map`], recording in the same transaction what
+    /// `mark` says about one node.
+    pub async fn replace_map_marking(
         &self,
         old: &PartitionMap,
         new: &PartitionMap,
-        gone: Option<NodeId>,
+        mark: NodeMark,
     ) -> Result<(), MetaError> {
         let enc = |m: &PartitionMap| {
             serde_json::to_vec(m).map_err(|source| MetaError::Decode {
@@ -202,21 +225,37 @@ impl Meta {
         };
         let key = self.map_key();
         let mut when = vec![Compare::value(key.clone(), CompareOp::Equal, enc(old)?)];
-        if let Some(n) = gone {
-            when.push(Compare::version(self.node_key(n), CompareOp::Equal, 0));
+        let mut then = vec![TxnOp::put(key, enc(new)?, None)];
+        match mark {
+            NodeMark::Unchanged => {}
+            NodeMark::Replaced(n) => {
+                when.push(Compare::version(self.node_key(n), CompareOp::Equal, 0));
+                then.push(TxnOp::put(
+                    self.replaced_key(n),
+                    new.version.to_string(),
+                    None,
+                ));
+            }
+            NodeMark::Settled(n) => then.push(TxnOp::delete(self.replaced_key(n), None)),
         }
-        let txn = Txn::new()
-            .when(when)
-            .and_then([TxnOp::put(key, enc(new)?, None)]);
+        let txn = Txn::new().when(when).and_then(then);
         let mut c = self.client.clone();
         if c.txn(txn).await?.succeeded() {
             return Ok(());
         }
         let now = self.map().await?;
-        match (now, gone) {
-            (Some(m), Some(n)) if m == *old => Err(MetaError::Registered(n)),
+        match (now, mark) {
+            (Some(m), NodeMark::Replaced(n)) if m == *old => Err(MetaError::Registered(n)),
             (now, _) => Err(MetaError::Conflict(now.map_or(0, |m| m.version))),
         }
+    }
+
+    /// Whether node `id` was taken out of the map because it was gone, and
+    /// has not been put back (or removed by an operator) since.
+    pub async fn was_replaced(&self, id: NodeId) -> Result<bool, MetaError> {
+        let mut c = self.client.clone();
+        let r = c.get(self.replaced_key(id), None).await?;
+        Ok(!r.kvs().is_empty())
     }
 
     /// A stream of the cluster's key changes (any member or the map).

@@ -614,12 +614,14 @@ impl Node {
         (g(&l.by_lease), g(&l.by_round))
     }
 
-    /// Members whose lease was alive at the last read (once a second), and
-    /// gone nodes this node replaced since start.
-    pub fn liveness(&self) -> (u64, u64) {
+    /// Members whose lease was alive at the last read (once a second), gone
+    /// nodes this node replaced since start, and times this node, replaced
+    /// while it ran cut off, added itself back.
+    pub fn liveness(&self) -> (u64, u64, u64) {
         let r = &self.inner.replace;
         let live = r.live.read().len() as u64;
-        (live, r.replaced.load(std::sync::atomic::Ordering::Relaxed))
+        let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        (live, count(&r.replaced), count(&r.rejoined))
     }
 
     /// Groups run, led, and led with a membership change still to make.
@@ -1138,7 +1140,13 @@ async fn boot(
     }
     tokio::spawn(crate::reconcile::run(inner.clone()));
     tokio::spawn(reclaim_logs(Arc::downgrade(&inner), cfg.log_reclaim_every));
-    tokio::spawn(keep_lease(meta.clone(), me, lease, cfg.lease_ttl));
+    tokio::spawn(keep_lease(
+        meta.clone(),
+        me,
+        lease,
+        cfg.lease_ttl,
+        Arc::downgrade(&inner),
+    ));
     tokio::spawn(crate::replace::run(
         meta.clone(),
         inner.clone(),
@@ -1267,9 +1275,20 @@ async fn reclaim_logs(inner: std::sync::Weak<Inner>, every: Duration) {
 }
 
 /// Renew the lease a third of its TTL apart; if it expired (etcd was away
-/// longer than the TTL), register again under a new one.
-async fn keep_lease(meta: Meta, me: NodeRecord, mut lease: i64, ttl: Duration) {
+/// longer than the TTL, or the process was paused), register again under a
+/// new one. A node that was replaced meanwhile (gone past `replace_after`
+/// while it ran cut off) then adds itself back, as it would on a restart;
+/// one an operator removed stays out.
+async fn keep_lease(
+    meta: Meta,
+    me: NodeRecord,
+    mut lease: i64,
+    ttl: Duration,
+    inner: std::sync::Weak<Inner>,
+) {
     let mut tick = tokio::time::interval(ttl / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rejoin = false;
     loop {
         tick.tick().await;
         match meta.renew(lease).await {
@@ -1278,12 +1297,46 @@ async fn keep_lease(meta: Meta, me: NodeRecord, mut lease: i64, ttl: Duration) {
                 Ok(l) => {
                     tracing::warn!(node = me.id, "lease had expired: registered again");
                     lease = l;
+                    rejoin = true;
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot register again"),
             },
             Err(e) => tracing::warn!(error = %e, "cannot renew the membership lease"),
         }
+        if rejoin {
+            let Some(inner) = inner.upgrade() else { return };
+            match rejoin_if_replaced(&meta, &inner).await {
+                Ok(()) => rejoin = false,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot check whether this node was replaced (retrying)")
+                }
+            }
+        }
     }
+}
+
+/// After registering again: if this node was replaced while it was away
+/// and is still outside the map, put it back in (`add_node`).
+async fn rejoin_if_replaced(meta: &Meta, inner: &Arc<Inner>) -> Result<(), ClusterError> {
+    let in_map = meta
+        .map()
+        .await?
+        .is_some_and(|m| m.nodes().contains(&inner.id));
+    if in_map || !meta.was_replaced(inner.id).await? {
+        return Ok(());
+    }
+    tracing::warn!(
+        node = inner.id,
+        "replaced while cut off: adding itself back to the map"
+    );
+    crate::reconcile::join(meta, inner.id).await?;
+    inner
+        .replace
+        .rejoined
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    inner.refresh(meta).await?;
+    inner.placement.changed.notify_one();
+    Ok(())
 }
 
 /// Follow the cluster's keys: on any change, re-read members and the map.

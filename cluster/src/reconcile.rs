@@ -18,7 +18,7 @@
 //! ([`join`]): replicas move to it from the most loaded nodes, in one map
 //! transaction.
 
-use crate::meta::{Meta, MetaError};
+use crate::meta::{Meta, MetaError, NodeMark};
 use crate::node::{ClusterError, Inner};
 use crate::partition::{PartitionId, PartitionMap, PlacementError};
 use crate::{NodeId, TypeConfig};
@@ -84,7 +84,11 @@ pub async fn apply(meta: &Meta, change: Change) -> Result<(PartitionMap, Moves),
         Change::RemoveNode(_) => meta.nodes().await?.into_keys().collect(),
         _ => BTreeSet::new(),
     };
-    apply_with(meta, None, |new| match change {
+    let mark = match change {
+        Change::AddNode(n) | Change::RemoveNode(n) => NodeMark::Settled(n),
+        Change::Move { .. } => NodeMark::Unchanged,
+    };
+    apply_with(meta, mark, |new| match change {
         Change::AddNode(n) => new.add_node(n),
         Change::RemoveNode(n) => new.replace_node(n, &live),
         Change::Move {
@@ -100,11 +104,11 @@ pub async fn apply(meta: &Meta, change: Change) -> Result<(PartitionMap, Moves),
 }
 
 /// Apply the change `edit` makes to a copy of the current map, as [`apply`]
-/// does (`edit` runs again on a newer map after a conflict); with `gone`,
-/// only while that node has no membership record.
+/// does (`edit` runs again on a newer map after a conflict), recording
+/// `mark` in the same transaction.
 pub(crate) async fn apply_with(
     meta: &Meta,
-    gone: Option<NodeId>,
+    mark: NodeMark,
     edit: impl Fn(&mut PartitionMap) -> Result<Moves, PlacementError>,
 ) -> Result<(PartitionMap, Moves), ClusterError> {
     for _ in 0..16 {
@@ -115,7 +119,7 @@ pub(crate) async fn apply_with(
         };
         let mut new = old.clone();
         let moves = edit(&mut new)?;
-        match meta.replace_map_if(&old, &new, gone).await {
+        match meta.replace_map_marking(&old, &new, mark).await {
             Ok(()) => return Ok((new, moves)),
             Err(MetaError::Conflict(_)) => continue,
             Err(e) => return Err(e.into()),

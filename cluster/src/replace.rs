@@ -23,7 +23,11 @@
 //!   moves; the refusal is logged once per node.
 //! - A replaced node that starts again is outside the map, so it adds
 //!   itself back ([`crate::reconcile::join`]) and takes its share like a new
-//!   node.
+//!   node. So does one that was running all along, cut off from etcd or
+//!   paused: the replacement leaves a `replaced` mark in etcd, and a node
+//!   that registers again after its lease lapsed, finds the mark and is
+//!   outside the map, joins again. An operator's `remove-node` clears the
+//!   mark: a node being retired does not come back.
 //!
 //! [`PartitionMap::replace_node`]: crate::partition::PartitionMap::replace_node
 
@@ -47,6 +51,9 @@ pub(crate) struct Counters {
     pub(crate) live: parking_lot::RwLock<BTreeSet<NodeId>>,
     /// Gone nodes this node took out of the map.
     pub(crate) replaced: AtomicU64,
+    /// Times this node found itself replaced when it registered again, and
+    /// added itself back.
+    pub(crate) rejoined: AtomicU64,
 }
 
 /// Since when each node of the map has been seen absent (this node's clock).
@@ -131,7 +138,11 @@ async fn replace(
     after: Duration,
     refused: &mut BTreeSet<NodeId>,
 ) {
-    match crate::reconcile::apply_with(meta, Some(n), |m| m.replace_node(n, live)).await {
+    match crate::reconcile::apply_with(meta, crate::meta::NodeMark::Replaced(n), |m| {
+        m.replace_node(n, live)
+    })
+    .await
+    {
         Ok((map, moves)) => {
             tracing::warn!(
                 node = n,

@@ -230,9 +230,10 @@ impl NodeProc {
         });
     }
 
-    /// Its `STATS`, if it answers.
+    /// Its `STATS`, if it answers within 5 s (a paused node does not).
     pub fn stats(&self) -> Option<std::collections::HashMap<String, u64>> {
         let mut c = Client::connect(self.client.as_str(), &self.token()).ok()?;
+        c.set_reply_timeout(Some(Duration::from_secs(5)));
         match c.call(&Request::Stats).ok()? {
             timeline_client::protocol::Response::Stats(kv) => Some(kv.into_iter().collect()),
             _ => None,

@@ -23,7 +23,7 @@ use timeline_client::protocol::{
     partition_of, Body, Direction, ErrorCode, Request, Response, TimelineId,
 };
 use timeline_client::ClientError;
-use timeline_tests::cluster::{Cluster, NodeProc};
+use timeline_tests::cluster::{wait_until, Cluster, NodeProc};
 use timeline_tests::history::{self, AppendOp, Outcome, ReadOp};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cluster-node");
@@ -689,9 +689,15 @@ fn bad_appends_are_refused_before_they_reach_a_group() {
 
 /// Every running node's `STATS`.
 fn all_stats(cl: &Cluster) -> Vec<(u64, HashMap<String, u64>)> {
+    stats_except(cl, &[])
+}
+
+/// [`all_stats`] without the nodes in `skip` (paused ones, which would not
+/// answer).
+fn stats_except(cl: &Cluster, skip: &[u64]) -> Vec<(u64, HashMap<String, u64>)> {
     cl.nodes
         .iter()
-        .filter(|n| n.running())
+        .filter(|n| n.running() && !skip.contains(&n.id))
         .map(|n| (n.id, n.stats().unwrap_or_default()))
         .collect()
 }
@@ -706,9 +712,20 @@ fn wait_settled(
     what: &str,
     ok: impl Fn(u64, &HashMap<String, u64>) -> bool,
 ) -> Vec<(u64, HashMap<String, u64>)> {
+    wait_settled_except(cl, &[], partitions, what, ok)
+}
+
+/// [`wait_settled`] among the running nodes not in `skip`.
+fn wait_settled_except(
+    cl: &Cluster,
+    skip: &[u64],
+    partitions: u32,
+    what: &str,
+    ok: impl Fn(u64, &HashMap<String, u64>) -> bool,
+) -> Vec<(u64, HashMap<String, u64>)> {
     let end = Instant::now() + Duration::from_secs(90);
     loop {
-        let st = all_stats(cl);
+        let st = stats_except(cl, skip);
         let get = |m: &HashMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(u64::MAX);
         let versions: Vec<u64> = st
             .iter()
@@ -944,6 +961,95 @@ fn a_node_gone_past_replace_after_is_replaced_and_comes_back_as_new() {
     let h = load.finish();
     let (_, total, routing) = check_all(&seeds, &h.lock(), || cl.logs());
     eprintln!("replaced under load: {total:?}; client routing {routing:?}");
+    assert!(
+        total.acked > 100,
+        "too little load to mean anything: {total:?}"
+    );
+    drop(cl.etcd);
+}
+
+/// Four nodes that replace a node gone for 3 s, as above, but node 1 is
+/// paused (SIGSTOP: a VM stall, or a node cut off from etcd), not killed.
+/// Its lease lapses and node 2 replaces it; resumed, node 1 finds its lease
+/// gone, registers again, finds the `replaced` mark and that it is outside
+/// the map, and adds itself back without a restart. Then an operator
+/// removes it (`remove-node`) and it is paused past its lease again:
+/// resumed, it stays out. Nothing acknowledged is lost (the history
+/// checker).
+#[test]
+fn a_node_replaced_while_paused_adds_itself_back_but_not_after_an_operator_removed_it() {
+    let partitions = env_or("CLUSTER_PARTITIONS", 16) as u32;
+    let cl = Cluster::start_shaped(BIN, partitions, 4, |n| {
+        n.with_env("CLUSTER_REPLACE_AFTER_MS", "3000")
+    });
+    let share = u64::from(partitions) * 3 / 4;
+    wait_settled(&cl, partitions, "four nodes", |_, m| {
+        m.get("cluster_groups") == Some(&share)
+    });
+    let seeds = cl.seeds();
+    let load = Load::start(&seeds);
+    std::thread::sleep(Duration::from_millis(1000));
+    cl.nodes[0].pause();
+    let paused = Instant::now();
+    wait_settled_except(&cl, &[1], partitions, "node 1 replaced", |_, m| {
+        m.get("cluster_groups") == Some(&u64::from(partitions))
+    });
+    assert_eq!(
+        etcd_map(&cl).nodes(),
+        vec![2, 3, 4],
+        "the map with node 1 paused"
+    );
+    eprintln!("node 1 replaced {:?} after the pause", paused.elapsed());
+    let resumed = Instant::now();
+    cl.nodes[0].resume();
+    let st = wait_settled(&cl, partitions, "node 1 back", |_, m| {
+        m.get("cluster_groups") == Some(&share)
+    });
+    eprintln!(
+        "node 1 took its share again {:?} after it resumed",
+        resumed.elapsed()
+    );
+    let rejoins: Vec<(u64, u64)> = st
+        .iter()
+        .map(|(id, m)| (*id, m["cluster_rejoins"]))
+        .collect();
+    assert_eq!(
+        rejoins,
+        vec![(1, 1), (2, 0), (3, 0), (4, 0)],
+        "node 1 added itself back once"
+    );
+    // An operator retires node 1; a later lapse of its lease must not
+    // bring it back.
+    {
+        let (rt, meta) = etcd_meta(&cl.etcd.endpoint());
+        rt.block_on(timeline_cluster::reconcile::apply(
+            &meta,
+            timeline_cluster::reconcile::Change::RemoveNode(1),
+        ))
+        .unwrap();
+    }
+    wait_settled(&cl, partitions, "node 1 removed", |id, m| {
+        m.get("cluster_groups") == Some(&if id == 1 { 0 } else { u64::from(partitions) })
+    });
+    cl.nodes[0].pause();
+    let (rt, meta) = etcd_meta(&cl.etcd.endpoint());
+    wait_until("node 1's lease to lapse", Duration::from_secs(30), || {
+        !rt.block_on(meta.nodes()).unwrap().contains_key(&1)
+    });
+    cl.nodes[0].resume();
+    wait_until("node 1 registered again", Duration::from_secs(30), || {
+        rt.block_on(meta.nodes()).unwrap().contains_key(&1)
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        etcd_map(&cl).nodes(),
+        vec![2, 3, 4],
+        "a removed node added itself back"
+    );
+    assert_eq!(cl.nodes[0].stats().unwrap()["cluster_rejoins"], 1);
+    let h = load.finish();
+    let (_, total, routing) = check_all(&seeds, &h.lock(), || cl.logs());
+    eprintln!("paused, replaced, back: {total:?}; client routing {routing:?}");
     assert!(
         total.acked > 100,
         "too little load to mean anything: {total:?}"

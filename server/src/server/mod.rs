@@ -477,10 +477,11 @@ pub(crate) fn stats(sh: &Shared) -> Vec<(String, u64)> {
             kv("cluster_reads_by_lease", by_lease),
             kv("cluster_reads_by_round", by_round),
         ]);
-        let (live, replaced) = n.liveness();
+        let (live, replaced, rejoined) = n.liveness();
         out.extend([
             kv("cluster_members_live", live),
             kv("cluster_nodes_replaced", replaced),
+            kv("cluster_rejoins", rejoined),
         ]);
     }
     out
