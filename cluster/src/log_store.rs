@@ -282,16 +282,23 @@ struct State {
     released: SeqId,
     /// The log ends with a retire record: this node gave the replica up.
     retired: bool,
+    /// The seq of the last purge record (0: none).
+    purge_seq: SeqId,
+    /// The group gave this log up ([`LogStore::close`]): nothing more is
+    /// written through this handle.
+    closed: bool,
 }
 
 impl State {
-    /// Purge through `id`: what `P` does, live and in replay.
+    /// Purge through `id`: what `P` does, live and in replay. Never
+    /// backward: a purge record written again ([`LogStore::renew_purge`])
+    /// may land after a newer one.
     fn purge(&mut self, id: LogId<NodeId>) {
         if let Some((_, (seq, _))) = self.entries.range(..=id.index).next_back() {
             self.released = self.released.max(*seq);
         }
         self.entries = self.entries.split_off(&(id.index + 1));
-        self.last_purged = Some(id);
+        self.last_purged = self.last_purged.max(Some(id));
     }
 }
 
@@ -396,15 +403,51 @@ impl LogStore {
         Ok(ticket)
     }
 
-    /// Append a marker record (`T` / `P`) with durability `d`.
-    fn marker(&self, tag: u8, body: &[u8], d: Durability) -> Result<(), Error> {
+    /// Append a marker record (`T` / `P`) with durability `d`; its seq.
+    fn marker(&self, tag: u8, body: &[u8], d: Durability) -> Result<SeqId, Error> {
         let mut rec = Vec::with_capacity(1 + body.len());
         rec.push(tag);
         rec.extend_from_slice(body);
         self.engine
             .append_with(self.log(), &rec, d)
-            .map_err(write_err)?;
-        Ok(())
+            .map_err(write_err)
+    }
+
+    /// A log whose every entry is purged (its partition idle) is just its
+    /// last purge record, and that record pins the log segment it sits in,
+    /// and with it every later one of the shard (the engine drops only a
+    /// prefix of segments): an idle partition would keep the whole shard's
+    /// log on disk. So the node's log reclaim calls this for each idle
+    /// group once a period: the purge record is written again at the
+    /// log's end, durably, and the old one released. `false` if the log
+    /// holds entries (its next purge moves it on), no purge yet, or the
+    /// log was given up.
+    pub fn renew_purge(&self) -> std::io::Result<bool> {
+        // Held while writing, so that a retire ([`LogStore::close`] first)
+        // never lands before a renewed purge record.
+        let mut st = self.state.lock();
+        let Some(id) = st.last_purged.filter(|_| st.entries.is_empty()) else {
+            return Ok(false);
+        };
+        if st.closed || st.retired {
+            return Ok(false);
+        }
+        let mut rec = vec![b'P'];
+        serde_json::to_writer(&mut rec, &id)?;
+        let seq = self
+            .engine
+            .append_with(self.log(), &rec, Durability::GroupCommit)
+            .map_err(std::io::Error::other)?;
+        st.released = st.released.max(st.purge_seq);
+        st.purge_seq = st.purge_seq.max(seq);
+        self.engine.release(self.log(), st.released);
+        Ok(true)
+    }
+
+    /// The group is shut down and its log about to be retired or kept:
+    /// [`LogStore::renew_purge`] writes nothing more through this handle.
+    pub fn close(&self) {
+        self.state.lock().closed = true;
     }
 
     fn save_meta<T: serde::Serialize>(&self, id: u64, v: &T, d: Durability) -> std::io::Result<()> {
@@ -435,18 +478,22 @@ pub fn retire(engine: &Engine, partition: u64) -> std::io::Result<()> {
 
 /// At start-up, for a partition this node runs no group of: if its log
 /// ends with a retire record, release all of it again (release points are
-/// kept in memory only).
-pub fn release_if_retired(engine: &Engine, partition: u64) -> std::io::Result<()> {
+/// kept in memory only). Whether a log that is not retired is left: one
+/// this node keeps until the group no longer counts it
+/// ([`crate::reconcile`]).
+pub fn release_if_retired(engine: &Engine, partition: u64) -> std::io::Result<bool> {
     let tl = TimelineId::new(RAFT_LOG, partition);
     let last = engine
         .scan(tl, u64::MAX, 1, Direction::Backward)
         .map_err(std::io::Error::other)?;
-    if let Some(r) = last.first() {
-        if r.payload.as_slice() == b"R" {
+    match last.first() {
+        Some(r) if r.payload.as_slice() == b"R" => {
             engine.release(tl, r.seq);
+            Ok(false)
         }
+        Some(_) => Ok(true),
+        None => Ok(false),
     }
-    Ok(())
 }
 
 /// An entry record: `B` + the entry in bincode.
@@ -496,6 +543,7 @@ fn replay(st: &mut State, partition: u64, seq: SeqId, rec: &[u8]) -> Result<(), 
             let id: LogId<NodeId> =
                 serde_json::from_slice(body).map_err(|e| damaged(e.to_string()))?;
             st.purge(id);
+            st.purge_seq = seq;
         }
         b'R' if body.is_empty() => {
             // The replica was retired: its log is forgotten, all of it
@@ -651,10 +699,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let body = serde_json::to_vec(&log_id).map_err(write_err)?;
         // Durable before the purged records are released (module docs);
         // purges are rare (one per snapshot), so the wait costs little.
-        self.marker(b'P', &body, Durability::GroupCommit)?;
+        let seq = self.marker(b'P', &body, Durability::GroupCommit)?;
         let released = {
             let mut st = self.state.lock();
             st.purge(log_id);
+            st.purge_seq = st.purge_seq.max(seq);
             st.released
         };
         self.engine.release(self.log(), released);
@@ -731,6 +780,78 @@ mod tests {
     /// Purged entries free the log's oldest segments once every partition
     /// sharing them purged past them; a reopened log replays from what is
     /// kept, with the same entries and purge point, and releases again.
+    #[test]
+    fn an_idle_partitions_purge_record_is_renewed_so_it_pins_no_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            let mut cfg = timeline_engine::Config {
+                shards: 1,
+                background: false,
+                max_payload: 4096,
+                ..Default::default()
+            };
+            let mut ks = keyspaces();
+            for k in &mut ks {
+                k.segment_bytes = 64 << 10;
+            }
+            cfg.keyspaces.extend(ks);
+            Arc::new(Engine::open(dir.path(), cfg).unwrap())
+        };
+        let dropped = |e: &Engine| e.stats().total().dropped_segments;
+        let flusher = Flusher::start().unwrap();
+        let e = open();
+        let idle = LogStore::open(e.clone(), flusher.clone(), 1).unwrap();
+        let mut busy = LogStore::open(e.clone(), flusher.clone(), 2).unwrap();
+        let write = |l: &LogStore, from: u64, to: u64| {
+            l.write_entries((from..=to).map(|i| blank_ent::<TypeConfig>(1, 1, i)))
+                .unwrap()
+                .wait()
+                .unwrap();
+        };
+        // Partition 1 writes a little and purges all of it; only its purge
+        // record is left, in the first segment.
+        write(&idle, 1, 10);
+        let mut idle2 = idle.clone();
+        block(idle2.purge(log_id(1, 1, 10))).unwrap();
+        assert!(idle.renew_purge().unwrap());
+        let first = TimelineId::new(RAFT_LOG, 1);
+        let pinned_at = e.first_retained_seq(first).unwrap();
+        // Partition 2 goes on, purging as it goes.
+        let mut next = 1;
+        let mut busy_round = |n: u64| {
+            write(&busy, next, next + n - 1);
+            next += n;
+            block(busy.purge(log_id(1, 1, next - 1))).unwrap();
+            e.seal_active().unwrap();
+            e.maintain().unwrap();
+        };
+        busy_round(2000);
+        // Without a renewal since, partition 1's record pins the prefix.
+        let before = dropped(&e);
+        busy_round(2000);
+        assert_eq!(
+            dropped(&e),
+            before,
+            "the idle log's record pins every later segment"
+        );
+        // Renewed: the old record is released, the new one is at the end.
+        assert!(idle.renew_purge().unwrap());
+        busy_round(10);
+        assert!(dropped(&e) > before, "nothing reclaimed after the renewal");
+        assert!(e.first_retained_seq(first).unwrap() > pinned_at);
+        // It reopens as it was: no entries, purged through 10.
+        let mut reopened = LogStore::open(e.clone(), flusher.clone(), 1).unwrap();
+        let st = block(reopened.get_log_state()).unwrap();
+        assert_eq!(st.last_purged_log_id, Some(log_id(1, 1, 10)));
+        assert_eq!(st.last_log_id, Some(log_id(1, 1, 10)));
+        // A log with entries, or closed, is left alone.
+        write(&idle, 11, 12);
+        assert!(!idle.renew_purge().unwrap());
+        idle.close();
+        block(idle2.purge(log_id(1, 1, 12))).unwrap();
+        assert!(!idle.renew_purge().unwrap());
+    }
+
     #[test]
     fn purged_entries_free_segments_and_the_log_reopens_from_what_is_kept() {
         let dir = tempfile::tempdir().unwrap();

@@ -72,6 +72,11 @@ pub const KIND_CONV_SUMMARY: u8 = 8;
 /// user's partition ([`crate::marks`]): bincode `DeletesRead`; reply
 /// `Result<Vec<u64>, Refusal>`.
 pub const KIND_DELETES: u8 = 9;
+/// The voters of a partition's committed membership as this node's group
+/// knows it ([`crate::reconcile`]: may a node that stood down release its
+/// log?): empty body; reply bincode `Option<Vec<NodeId>>` (`None`: no group
+/// here).
+pub const KIND_MEMBERSHIP: u8 = 10;
 const DELIVER_TIMEOUT: Duration = Duration::from_secs(5);
 const REPLY: u8 = 0x80;
 const KIND_NO_GROUP: u8 = 0xFF;
@@ -85,8 +90,9 @@ pub type Groups = RwLock<HashMap<u32, Raft<TypeConfig>>>;
 /// Where each node's peer port is (from etcd's membership records).
 pub type PeerAddrs = RwLock<BTreeMap<NodeId, String>>;
 
-/// What answers a peer's IM requests (kinds [`KIND_DELIVER`] to
-/// [`KIND_CONV_SUMMARY`]): (kind, partition, body) → the reply's body.
+/// What answers a peer's requests other than openraft's (kinds
+/// [`KIND_DELIVER`] to [`KIND_MEMBERSHIP`]): (kind, partition, body) → the
+/// reply's body.
 pub type ImFn = Arc<
     dyn Fn(u8, u32, Vec<u8>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<u8>> + Send>>
         + Send
@@ -205,7 +211,7 @@ async fn serve_conn(s: TcpStream, groups: Arc<Groups>, im: ImFn, votes: VoteGate
             }
         };
         let tx = tx.clone();
-        if (KIND_DELIVER..=KIND_DELETES).contains(&f.kind) {
+        if (KIND_DELIVER..=KIND_MEMBERSHIP).contains(&f.kind) {
             let answer = im(f.kind, f.partition, f.body);
             tokio::spawn(async move {
                 let body = answer.await;

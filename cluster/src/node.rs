@@ -227,6 +227,9 @@ pub(crate) struct Inner {
     pub(crate) group_pushes: std::sync::atomic::AtomicUsize,
     /// Live members seen, and gone nodes replaced (module `replace`).
     pub(crate) replace: crate::replace::Counters,
+    /// A handle on each open group's log (its reclaim renews an idle
+    /// log's purge record: [`LogStore::renew_purge`]).
+    pub(crate) logs: parking_lot::Mutex<HashMap<PartitionId, LogStore>>,
 }
 
 /// Opens a partition's Raft group on this node's engine.
@@ -919,9 +922,11 @@ impl Inner {
             partition: p,
             leases: f.leases.clone(),
         };
+        let log = ls.clone();
         let raft = Raft::new(self.id, f.config.clone(), net, ls, sm)
             .await
             .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        self.logs.lock().insert(p, log);
         self.groups.write().insert(p, raft.clone());
         Ok(raft)
     }
@@ -1052,6 +1057,7 @@ async fn boot(
         data_keyspaces,
         proposals: (0..map.len()).map(|_| Default::default()).collect(),
         groups: Arc::new(RwLock::new(HashMap::new())),
+        logs: Default::default(),
         addrs: addrs.clone(),
         members: RwLock::new(BTreeMap::new()),
         map: RwLock::new(map.clone()),
@@ -1084,6 +1090,9 @@ async fn boot(
                     crate::conversations::serve(inner, body).await
                 }
                 (Some(inner), net::KIND_DELETES) => crate::marks::serve_deletes(inner, body).await,
+                (Some(inner), net::KIND_MEMBERSHIP) => {
+                    crate::reconcile::serve_membership(inner, p).await
+                }
                 _ => Vec::new(),
             }
         })
@@ -1096,8 +1105,12 @@ async fn boot(
     let initial = meta.initial_map().await?;
     for (p, replicas) in map.partitions.iter().enumerate() {
         if !replicas.contains(&cfg.id) {
-            // A replica this node gave up before: its log is released.
-            crate::log_store::release_if_retired(inner.engine(), p as u64)?;
+            // A replica this node gave up before: its log is released. A
+            // log kept (a voter that stood down, or a replica moved away
+            // while this node was down) waits for the group's word.
+            if crate::log_store::release_if_retired(inner.engine(), p as u64)? {
+                crate::reconcile::keep_log(&inner, p as PartitionId);
+            }
             continue;
         }
         let p = p as PartitionId;
@@ -1262,6 +1275,14 @@ async fn reclaim_logs(inner: std::sync::Weak<Inner>, every: Duration) {
             let index = |l: Option<LogId<NodeId>>| l.map_or(0, |l| l.index);
             let before = prev.insert(p, index(m.last_applied)).unwrap_or(0);
             if before <= index(m.purged) {
+                // Idle: its purge record must not pin the old segments.
+                // (On the blocking pool: it waits for a group commit.)
+                if let Some(log) = strong_log(&inner, p) {
+                    let renewed = tokio::task::spawn_blocking(move || log.renew_purge()).await;
+                    if let Ok(Err(e)) = renewed {
+                        tracing::warn!(partition = p, error = %e, "cannot renew the log's purge record");
+                    }
+                }
                 continue;
             }
             if index(m.snapshot) < before {
@@ -1272,6 +1293,11 @@ async fn reclaim_logs(inner: std::sync::Weak<Inner>, every: Duration) {
             let _ = g.trigger().purge_log(before).await;
         }
     }
+}
+
+/// Partition `p`'s log handle, if the node is still up and runs its group.
+fn strong_log(inner: &std::sync::Weak<Inner>, p: PartitionId) -> Option<LogStore> {
+    inner.upgrade()?.logs.lock().get(&p).cloned()
 }
 
 /// Renew the lease a third of its TTL apart; if it expired (etcd was away

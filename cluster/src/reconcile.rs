@@ -39,6 +39,41 @@ pub(crate) struct Placement {
     busy: parking_lot::Mutex<HashSet<PartitionId>>,
     /// Groups outside the map that know no leader, since when.
     leaderless: parking_lot::Mutex<HashMap<PartitionId, Instant>>,
+    /// Logs of partitions this node runs no group of that it still keeps
+    /// (it stood down as a voter, or the replica moved away while it was
+    /// down): each pins the oldest log segments of its shard, and with
+    /// them every later one, until released.
+    kept: parking_lot::Mutex<HashMap<PartitionId, Kept>>,
+    /// Kept logs released since start.
+    released: std::sync::atomic::AtomicU64,
+}
+
+/// Where a kept log stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kept {
+    /// To ask the map's replicas about from then on.
+    Waiting(Instant),
+    /// Asking.
+    Asking,
+    /// A replica's committed membership leaves this node out: no group
+    /// can count it again, so the log goes (on the placement task, which
+    /// alone opens groups).
+    Unneeded,
+}
+
+/// How often a kept log's partition is asked about.
+const ASK_EVERY: Duration = Duration::from_secs(5);
+
+/// How long one replica gets to answer.
+const ASK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Note that this node keeps partition `p`'s log without running its group.
+pub(crate) fn keep_log(inner: &Inner, p: PartitionId) {
+    inner
+        .placement
+        .kept
+        .lock()
+        .insert(p, Kept::Waiting(Instant::now()));
 }
 
 /// How long a voter the map no longer places here may know no leader
@@ -55,6 +90,11 @@ pub struct PlacementStatus {
     pub leading: u64,
     /// Groups it leads whose membership is not yet the map's replicas.
     pub pending: u64,
+    /// Logs it keeps of partitions it no longer runs, until their groups'
+    /// committed memberships leave it out.
+    pub kept: u64,
+    /// Such logs released since start.
+    pub released: u64,
 }
 
 /// A placement change an operator (or a joining node) asks for.
@@ -196,12 +236,15 @@ async fn round(inner: &Arc<Inner>) {
         };
         let mine = target.contains(&inner.id);
         let Some(g) = inner.group(p) else {
-            if mine {
-                match inner.open_group(p).await {
-                    Ok(_) => tracing::info!(partition = p, "took a replica: the group is open"),
-                    Err(e) => {
-                        tracing::warn!(partition = p, error = %e, "cannot open a new replica")
-                    }
+            if !mine {
+                release_kept(inner, p);
+                continue;
+            }
+            inner.placement.kept.lock().remove(&p);
+            match inner.open_group(p).await {
+                Ok(_) => tracing::info!(partition = p, "took a replica: the group is open"),
+                Err(e) => {
+                    tracing::warn!(partition = p, error = %e, "cannot open a new replica")
                 }
             }
             continue;
@@ -274,6 +317,99 @@ async fn give_up(inner: &Inner, p: PartitionId, g: Raft<TypeConfig>) {
     }
 }
 
+/// Partition `p`, which this node neither runs nor is placed on: if it
+/// keeps its log, ask the map's replicas about it (every `ASK_EVERY`),
+/// and release the log once one said the group's committed membership
+/// leaves this node out. Until then the group may still count this node
+/// (a membership change a dead leader left half done) and its log must
+/// stay; once committed without it, every later membership descends from
+/// one without it, so none can count it again.
+fn release_kept(inner: &Arc<Inner>, p: PartitionId) {
+    let mut kept = inner.placement.kept.lock();
+    match kept.get(&p).copied() {
+        None | Some(Kept::Asking) => {}
+        Some(Kept::Waiting(at)) => {
+            if at <= Instant::now() {
+                kept.insert(p, Kept::Asking);
+                tokio::spawn(ask_about(inner.clone(), p));
+            }
+        }
+        Some(Kept::Unneeded) => {
+            kept.remove(&p);
+            drop(kept);
+            match crate::log_store::retire(inner.engine(), u64::from(p)) {
+                Ok(()) => {
+                    inner
+                        .placement
+                        .released
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(
+                        partition = p,
+                        "released a kept log: the group's committed membership leaves this node out"
+                    )
+                }
+                Err(e) => {
+                    tracing::warn!(partition = p, error = %e, "kept log not released");
+                    keep_log(inner, p);
+                }
+            }
+        }
+    }
+}
+
+/// Ask the map's other replicas of `p` for their committed voters; the
+/// first that knows decides.
+async fn ask_about(inner: Arc<Inner>, p: PartitionId) {
+    let me = inner.id;
+    let replicas = target(&inner, p).unwrap_or_default();
+    let mut verdict = Kept::Waiting(Instant::now() + ASK_EVERY);
+    for n in replicas.into_iter().filter(|&n| n != me) {
+        let call = inner
+            .transport()
+            .im_call(n, crate::net::KIND_MEMBERSHIP, p, Vec::new());
+        let Ok(Ok(body)) = tokio::time::timeout(ASK_TIMEOUT, call).await else {
+            continue;
+        };
+        match bincode::deserialize::<Option<Vec<NodeId>>>(&body) {
+            // A group that knows a committed membership (one reopened
+            // after it was retired knows none until the leader says).
+            Ok(Some(voters)) if !voters.is_empty() => {
+                if !voters.contains(&me) {
+                    verdict = Kept::Unneeded;
+                }
+                break;
+            }
+            _ => continue,
+        }
+    }
+    let mut kept = inner.placement.kept.lock();
+    if kept.get(&p) == Some(&Kept::Asking) {
+        kept.insert(p, verdict);
+    }
+}
+
+/// Answer [`crate::net::KIND_MEMBERSHIP`]: the voters of every config of
+/// `p`'s committed membership here (`None`: no group here).
+pub(crate) async fn serve_membership(inner: Arc<Inner>, p: PartitionId) -> Vec<u8> {
+    let voters = match inner.group(p) {
+        None => None,
+        Some(g) => g
+            .with_raft_state(|st| {
+                let m = st.membership_state.committed().membership();
+                m.get_joint_config()
+                    .iter()
+                    .flatten()
+                    .copied()
+                    .collect::<BTreeSet<NodeId>>()
+                    .into_iter()
+                    .collect::<Vec<NodeId>>()
+            })
+            .await
+            .ok(),
+    };
+    bincode::serialize(&voters).unwrap_or_default()
+}
+
 /// As `p`'s leader: make the group's membership the map's `target`.
 async fn change(
     inner: &Inner,
@@ -328,10 +464,13 @@ async fn change(
 async fn retire(inner: &Inner, p: PartitionId, g: Raft<TypeConfig>, release: bool) {
     inner.groups.write().remove(&p);
     let _ = g.shutdown().await;
-    if release {
-        if let Err(e) = crate::log_store::retire(inner.engine(), u64::from(p)) {
-            tracing::warn!(partition = p, error = %e, "retired log not released");
-        }
+    if let Some(log) = inner.logs.lock().remove(&p) {
+        log.close();
+    }
+    if !release {
+        keep_log(inner, p);
+    } else if let Err(e) = crate::log_store::retire(inner.engine(), u64::from(p)) {
+        tracing::warn!(partition = p, error = %e, "retired log not released");
     }
     let partitions = inner.map.read().len();
     if let Some(h) = inner.hook() {
@@ -354,6 +493,11 @@ pub(crate) fn status(inner: &Inner) -> PlacementStatus {
         .collect();
     let mut s = PlacementStatus {
         groups: groups.len() as u64,
+        kept: inner.placement.kept.lock().len() as u64,
+        released: inner
+            .placement
+            .released
+            .load(std::sync::atomic::Ordering::Relaxed),
         ..Default::default()
     };
     for (p, g) in groups {

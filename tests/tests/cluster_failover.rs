@@ -774,11 +774,42 @@ fn a_node_added_under_load_takes_over_replicas_and_a_removed_one_gives_them_up()
     cl.nodes.push(n4);
     let share = u64::from(partitions) * 3 / 4;
     let joined = Instant::now();
-    wait_settled(&cl, partitions, "node 4 joined", |id, m| {
-        id != 4 || m.get("cluster_groups") == Some(&share)
+    // Nodes 1-3 each gave up voters: those stand down keeping their logs,
+    // then release them once a replica's committed membership leaves them
+    // out (a kept log pins its shard's oldest log segment, and with it
+    // every later one).
+    let st = wait_settled(&cl, partitions, "node 4 joined", |id, m| {
+        (id != 4 || m.get("cluster_groups") == Some(&share))
+            && m.get("cluster_logs_kept") == Some(&0)
     });
-    eprintln!("node 4 took {share} replicas in {:?}", joined.elapsed());
-    std::thread::sleep(Duration::from_millis(500));
+    let released: Vec<(u64, u64)> = st
+        .iter()
+        .map(|(id, m)| (*id, m["cluster_logs_released"]))
+        .collect();
+    eprintln!(
+        "node 4 took {share} replicas, and the logs given up were released, in {:?}; kept logs released by node {released:?}",
+        joined.elapsed()
+    );
+    assert!(
+        released.iter().map(|(_, n)| n).sum::<u64>() > 0,
+        "no voter that stood down released its log (its group's committed membership left it out)"
+    );
+    let dropped = |m: &HashMap<String, u64>| m["raft_log_segments_dropped"];
+    let before: HashMap<u64, u64> = st.iter().map(|(id, m)| (*id, dropped(m))).collect();
+    let mut last = Vec::new();
+    let end = Instant::now() + Duration::from_secs(30);
+    while !last.iter().all(|(id, d, _)| *id == 4 || d > &before[id]) || last.is_empty() {
+        assert!(
+            Instant::now() < end,
+            "log segments not dropped again on nodes 1-3 in 30 s: (node, dropped, files) {last:?} after {before:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        last = all_stats(&cl)
+            .iter()
+            .map(|(id, m)| (*id, dropped(m), m["raft_log_files"]))
+            .collect();
+    }
+    eprintln!("log segments dropped since: (node, dropped, files) {last:?} after {before:?}");
     // Remove node 1 (one map transaction); the groups act on it.
     let (rt, meta) = etcd_meta(&cl.etcd.endpoint());
     let (map, moves) = rt
@@ -790,7 +821,7 @@ fn a_node_added_under_load_takes_over_replicas_and_a_removed_one_gives_them_up()
     assert!(!moves.is_empty() && !map.nodes().contains(&1));
     let removing = Instant::now();
     wait_settled(&cl, partitions, "node 1 removed", |id, m| {
-        id != 1 || m.get("cluster_groups") == Some(&0)
+        (id != 1 || m.get("cluster_groups") == Some(&0)) && m.get("cluster_logs_kept") == Some(&0)
     });
     eprintln!("node 1 gave up its replicas in {:?}", removing.elapsed());
     cl.nodes[0].kill9();

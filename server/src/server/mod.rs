@@ -465,6 +465,8 @@ pub(crate) fn stats(sh: &Shared) -> Vec<(String, u64)> {
             kv("cluster_groups", pl.groups),
             kv("cluster_leading", pl.leading),
             kv("cluster_membership_pending", pl.pending),
+            kv("cluster_logs_kept", pl.kept),
+            kv("cluster_logs_released", pl.released),
         ]);
         let (sent, bytes, installed) = n.snapshots();
         out.extend([
