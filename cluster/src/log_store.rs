@@ -11,7 +11,7 @@
 //! |---|---|---|
 //! | entry | `B` + the entry (bincode; `E` + JSON, the first format, is still read) | drop every entry at or after its index, then add it |
 //! | truncate | `T` + index (u64 LE) | drop every entry at or after the index |
-//! | purge | `P` + the log id (JSON) | drop every entry up to it; it is the last purged id |
+//! | purge | `P` + the log id (JSON) | drop every entry up to it; the last purged id becomes the newer of it and the one before (a renewed record may come after a newer one) |
 //! | retire | `R` | forget the whole log (the node gave the replica up); everything up to here is released |
 //!
 //! An entry's index is always the next one after a truncation (openraft
@@ -284,9 +284,6 @@ struct State {
     retired: bool,
     /// The seq of the last purge record (0: none).
     purge_seq: SeqId,
-    /// The group gave this log up ([`LogStore::close`]): nothing more is
-    /// written through this handle.
-    closed: bool,
 }
 
 impl State {
@@ -310,6 +307,11 @@ pub struct LogStore {
     flusher: Arc<Flusher>,
     partition: u64,
     state: Arc<Mutex<State>>,
+    /// Held by [`LogStore::renew_purge`] while it writes, and by
+    /// [`LogStore::close`]: `true` once the group gave the log up (nothing
+    /// more is renewed through any handle). Apart from `state`, so that a
+    /// renewal's group commit never holds up the group's own log calls.
+    closed: Arc<Mutex<bool>>,
 }
 
 impl Debug for LogStore {
@@ -365,6 +367,7 @@ impl LogStore {
             flusher,
             partition,
             state: Arc::new(Mutex::new(st)),
+            closed: Arc::new(Mutex::new(false)),
         })
     }
 
@@ -423,31 +426,42 @@ impl LogStore {
     /// holds entries (its next purge moves it on), no purge yet, or the
     /// log was given up.
     pub fn renew_purge(&self) -> std::io::Result<bool> {
-        // Held while writing, so that a retire ([`LogStore::close`] first)
-        // never lands before a renewed purge record.
-        let mut st = self.state.lock();
-        let Some(id) = st.last_purged.filter(|_| st.entries.is_empty()) else {
-            return Ok(false);
-        };
-        if st.closed || st.retired {
+        // Held while writing, so that a retire record (written after
+        // [`LogStore::close`]) never comes before a renewed purge record.
+        let closed = self.closed.lock();
+        if *closed {
             return Ok(false);
         }
+        let (id, old) = {
+            let st = self.state.lock();
+            match st.last_purged {
+                Some(id) if st.entries.is_empty() => (id, st.purge_seq),
+                _ => return Ok(false),
+            }
+        };
+        // An entry the group appends meanwhile lands after `old`, so it is
+        // not released; a purge it makes meanwhile is newer than `id`, and
+        // a purge never moves back (`State::purge`).
         let mut rec = vec![b'P'];
         serde_json::to_writer(&mut rec, &id)?;
         let seq = self
             .engine
             .append_with(self.log(), &rec, Durability::GroupCommit)
             .map_err(std::io::Error::other)?;
-        st.released = st.released.max(st.purge_seq);
-        st.purge_seq = st.purge_seq.max(seq);
-        self.engine.release(self.log(), st.released);
+        let released = {
+            let mut st = self.state.lock();
+            st.released = st.released.max(old);
+            st.purge_seq = st.purge_seq.max(seq);
+            st.released
+        };
+        self.engine.release(self.log(), released);
         Ok(true)
     }
 
     /// The group is shut down and its log about to be retired or kept:
     /// [`LogStore::renew_purge`] writes nothing more through this handle.
     pub fn close(&self) {
-        self.state.lock().closed = true;
+        *self.closed.lock() = true;
     }
 
     fn save_meta<T: serde::Serialize>(&self, id: u64, v: &T, d: Durability) -> std::io::Result<()> {
@@ -777,9 +791,8 @@ mod tests {
         assert_eq!(terms(&mut other), vec![(1, 5), (2, 5), (3, 5)]);
     }
 
-    /// Purged entries free the log's oldest segments once every partition
-    /// sharing them purged past them; a reopened log replays from what is
-    /// kept, with the same entries and purge point, and releases again.
+    /// An idle partition's last purge record pins every later segment of
+    /// its shard until it is renewed; the renewed log reopens the same.
     #[test]
     fn an_idle_partitions_purge_record_is_renewed_so_it_pins_no_segment() {
         let dir = tempfile::tempdir().unwrap();
@@ -852,6 +865,9 @@ mod tests {
         assert!(!idle.renew_purge().unwrap());
     }
 
+    /// Purged entries free the log's oldest segments once every partition
+    /// sharing them purged past them; a reopened log replays from what is
+    /// kept, with the same entries and purge point, and releases again.
     #[test]
     fn purged_entries_free_segments_and_the_log_reopens_from_what_is_kept() {
         let dir = tempfile::tempdir().unwrap();

@@ -43,6 +43,8 @@ pub enum MetaError {
     Conflict(u64),
     #[error("node {0} is registered again: it is not gone")]
     Registered(crate::NodeId),
+    #[error("node {0} has no replaced mark (an operator removed it): it stays out")]
+    NotReplaced(crate::NodeId),
 }
 
 /// What a map change records about one node, besides the map.
@@ -58,6 +60,10 @@ pub enum NodeMark {
     /// The node is put back, or an operator decided its place: any
     /// `replaced` mark goes.
     Settled(NodeId),
+    /// The node puts itself back because it was replaced: the change
+    /// applies only while its `replaced` mark is there, and removes it (an
+    /// operator's `remove-node` in between clears the mark: it stays out).
+    Rejoin(NodeId),
 }
 
 /// A handle on the cluster's keys in etcd (cheap to clone).
@@ -237,6 +243,14 @@ impl Meta {
                 ));
             }
             NodeMark::Settled(n) => then.push(TxnOp::delete(self.replaced_key(n), None)),
+            NodeMark::Rejoin(n) => {
+                when.push(Compare::version(
+                    self.replaced_key(n),
+                    CompareOp::Greater,
+                    0,
+                ));
+                then.push(TxnOp::delete(self.replaced_key(n), None));
+            }
         }
         let txn = Txn::new().when(when).and_then(then);
         let mut c = self.client.clone();
@@ -246,8 +260,17 @@ impl Meta {
         let now = self.map().await?;
         match (now, mark) {
             (Some(m), NodeMark::Replaced(n)) if m == *old => Err(MetaError::Registered(n)),
+            (Some(m), NodeMark::Rejoin(n)) if m == *old => Err(MetaError::NotReplaced(n)),
             (now, _) => Err(MetaError::Conflict(now.map_or(0, |m| m.version))),
         }
+    }
+
+    /// Remove node `id`'s `replaced` mark (an operator retires a node that
+    /// was already replaced).
+    pub async fn clear_replaced(&self, id: NodeId) -> Result<(), MetaError> {
+        let mut c = self.client.clone();
+        c.delete(self.replaced_key(id), None).await?;
+        Ok(())
     }
 
     /// Whether node `id` was taken out of the map because it was gone, and

@@ -980,6 +980,31 @@ pub fn open_storage(
     Ok((ls, sm))
 }
 
+/// The newest membership config partition `p`'s log on this node knows
+/// (its applied state's, or a later one among its unpurged entries): the
+/// log id of its entry.
+async fn newest_config(
+    engine: &Arc<Engine>,
+    flusher: &Arc<Flusher>,
+    p: PartitionId,
+) -> Result<Option<LogId<NodeId>>, ClusterError> {
+    use openraft::storage::RaftStateMachine;
+    use openraft::{EntryPayload, RaftLogReader};
+    let storage = |e: openraft::StorageError<NodeId>| ClusterError::Storage {
+        partition: p,
+        message: e.to_string(),
+    };
+    let (mut ls, mut sm) = open_storage(engine, flusher, p)?;
+    let (_, applied) = sm.applied_state().await.map_err(storage)?;
+    let entries = ls.try_get_log_entries(..).await.map_err(storage)?;
+    let in_log = entries
+        .iter()
+        .rev()
+        .find(|e| matches!(e.payload, EntryPayload::Membership(_)))
+        .map(|e| e.log_id);
+    Ok((*applied.log_id()).max(in_log))
+}
+
 /// `fut` (a write or a membership change proposed through `g`), unless
 /// `g` stops leading under the vote it has now (or shuts down) first:
 /// then `None`, and what was proposed may or may not be committed.
@@ -1109,7 +1134,9 @@ async fn boot(
             // log kept (a voter that stood down, or a replica moved away
             // while this node was down) waits for the group's word.
             if crate::log_store::release_if_retired(inner.engine(), p as u64)? {
-                crate::reconcile::keep_log(&inner, p as PartitionId);
+                let p = p as PartitionId;
+                let known = newest_config(inner.engine(), &inner.factory.flusher, p).await?;
+                crate::reconcile::keep_log(&inner, p, known);
             }
             continue;
         }
@@ -1355,7 +1382,19 @@ async fn rejoin_if_replaced(meta: &Meta, inner: &Arc<Inner>) -> Result<(), Clust
         node = inner.id,
         "replaced while cut off: adding itself back to the map"
     );
-    crate::reconcile::join(meta, inner.id).await?;
+    let id = inner.id;
+    let mark = crate::meta::NodeMark::Rejoin(id);
+    match crate::reconcile::apply_with(meta, mark, |m| m.add_node(id)).await {
+        Ok(_) | Err(ClusterError::Placement(PlacementError::NodeExists(_))) => {}
+        Err(ClusterError::Meta(MetaError::NotReplaced(_))) => {
+            tracing::warn!(
+                node = id,
+                "an operator removed this node meanwhile: it stays out"
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    }
     inner
         .replace
         .rejoined

@@ -22,7 +22,7 @@ use crate::meta::{Meta, MetaError, NodeMark};
 use crate::node::{ClusterError, Inner};
 use crate::partition::{PartitionId, PartitionMap, PlacementError};
 use crate::{NodeId, TypeConfig};
-use openraft::{BasicNode, Raft, ServerState};
+use openraft::{BasicNode, LogId, Raft, ServerState};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,9 +43,20 @@ pub(crate) struct Placement {
     /// (it stood down as a voter, or the replica moved away while it was
     /// down): each pins the oldest log segments of its shard, and with
     /// them every later one, until released.
-    kept: parking_lot::Mutex<HashMap<PartitionId, Kept>>,
+    kept: parking_lot::Mutex<HashMap<PartitionId, KeptLog>>,
     /// Kept logs released since start.
     released: std::sync::atomic::AtomicU64,
+}
+
+/// A log kept without its group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct KeptLog {
+    /// The newest membership config this node knows of the group (the log
+    /// id of its entry): an answer is only taken from a committed config
+    /// at or after it, not from a replica that lags behind the config that
+    /// added this node.
+    known: Option<LogId<NodeId>>,
+    stage: Kept,
 }
 
 /// Where a kept log stands.
@@ -67,13 +78,15 @@ const ASK_EVERY: Duration = Duration::from_secs(5);
 /// How long one replica gets to answer.
 const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Note that this node keeps partition `p`'s log without running its group.
-pub(crate) fn keep_log(inner: &Inner, p: PartitionId) {
+/// Note that this node keeps partition `p`'s log without running its
+/// group; `known`: the newest membership config it knows of the group.
+pub(crate) fn keep_log(inner: &Inner, p: PartitionId, known: Option<LogId<NodeId>>) {
+    let stage = Kept::Waiting(Instant::now());
     inner
         .placement
         .kept
         .lock()
-        .insert(p, Kept::Waiting(Instant::now()));
+        .insert(p, KeptLog { known, stage });
 }
 
 /// How long a voter the map no longer places here may know no leader
@@ -128,7 +141,7 @@ pub async fn apply(meta: &Meta, change: Change) -> Result<(PartitionMap, Moves),
         Change::AddNode(n) | Change::RemoveNode(n) => NodeMark::Settled(n),
         Change::Move { .. } => NodeMark::Unchanged,
     };
-    apply_with(meta, mark, |new| match change {
+    let r = apply_with(meta, mark, |new| match change {
         Change::AddNode(n) => new.add_node(n),
         Change::RemoveNode(n) => new.replace_node(n, &live),
         Change::Move {
@@ -140,7 +153,16 @@ pub async fn apply(meta: &Meta, change: Change) -> Result<(PartitionMap, Moves),
             Ok(vec![(partition, from, to)])
         }
     })
-    .await
+    .await;
+    // A node already out of the map (replaced while gone) is refused as
+    // not a member, but the operator's word still clears its mark: if it
+    // was only cut off, it must not add itself back.
+    if let (Change::RemoveNode(n), Err(ClusterError::Placement(PlacementError::NoSuchNode(_)))) =
+        (change, &r)
+    {
+        meta.clear_replaced(n).await?;
+    }
+    r
 }
 
 /// Apply the change `edit` makes to a copy of the current map, as [`apply`]
@@ -237,7 +259,7 @@ async fn round(inner: &Arc<Inner>) {
         let mine = target.contains(&inner.id);
         let Some(g) = inner.group(p) else {
             if !mine {
-                release_kept(inner, p);
+                release_kept(inner, p).await;
                 continue;
             }
             inner.placement.kept.lock().remove(&p);
@@ -318,26 +340,36 @@ async fn give_up(inner: &Inner, p: PartitionId, g: Raft<TypeConfig>) {
 }
 
 /// Partition `p`, which this node neither runs nor is placed on: if it
-/// keeps its log, ask the map's replicas about it (every `ASK_EVERY`),
-/// and release the log once one said the group's committed membership
-/// leaves this node out. Until then the group may still count this node
-/// (a membership change a dead leader left half done) and its log must
-/// stay; once committed without it, every later membership descends from
-/// one without it, so none can count it again.
-fn release_kept(inner: &Arc<Inner>, p: PartitionId) {
-    let mut kept = inner.placement.kept.lock();
-    match kept.get(&p).copied() {
-        None | Some(Kept::Asking) => {}
-        Some(Kept::Waiting(at)) => {
+/// keeps its log, ask the map's replicas about it (every `ASK_EVERY`), and
+/// release the log once one answered with a committed membership config
+/// that leaves this node out and is at or after the newest config this
+/// node knows. Until then the group may still count this node (a change a
+/// dead leader left half done) and its log must stay. A config committed
+/// after every config that counted this node, and without it, ends that:
+/// a later config counts it again only by adding it anew, as a learner,
+/// which the map does by placing the partition here (then this node opens
+/// the group and nothing is kept). An older config (a replica lagging
+/// behind the one that added this node) proves nothing.
+async fn release_kept(inner: &Arc<Inner>, p: PartitionId) {
+    let kept = inner.placement.kept.lock().get(&p).copied();
+    let Some(k) = kept else { return };
+    match k.stage {
+        Kept::Asking => {}
+        Kept::Waiting(at) => {
             if at <= Instant::now() {
-                kept.insert(p, Kept::Asking);
-                tokio::spawn(ask_about(inner.clone(), p));
+                inner.placement.kept.lock().insert(
+                    p,
+                    KeptLog {
+                        stage: Kept::Asking,
+                        ..k
+                    },
+                );
+                tokio::spawn(ask_about(inner.clone(), p, k.known));
             }
         }
-        Some(Kept::Unneeded) => {
-            kept.remove(&p);
-            drop(kept);
-            match crate::log_store::retire(inner.engine(), u64::from(p)) {
+        Kept::Unneeded => {
+            inner.placement.kept.lock().remove(&p);
+            match retire_log(inner, p).await {
                 Ok(()) => {
                     inner
                         .placement
@@ -345,21 +377,35 @@ fn release_kept(inner: &Arc<Inner>, p: PartitionId) {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::info!(
                         partition = p,
-                        "released a kept log: the group's committed membership leaves this node out"
+                        "released a kept log: a committed membership leaves this node out"
                     )
                 }
                 Err(e) => {
                     tracing::warn!(partition = p, error = %e, "kept log not released");
-                    keep_log(inner, p);
+                    keep_log(inner, p, k.known);
                 }
             }
         }
     }
 }
 
-/// Ask the map's other replicas of `p` for their committed voters; the
-/// first that knows decides.
-async fn ask_about(inner: Arc<Inner>, p: PartitionId) {
+/// Write `p`'s retire record and release its log (on the blocking pool:
+/// it waits for a group commit).
+async fn retire_log(inner: &Inner, p: PartitionId) -> std::io::Result<()> {
+    let engine = inner.engine().clone();
+    tokio::task::spawn_blocking(move || crate::log_store::retire(&engine, u64::from(p)))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+/// What [`crate::net::KIND_MEMBERSHIP`] answers: the log id of the group's
+/// committed membership config here and the voters of each of its halves
+/// (`None`: no group here).
+type CommittedVoters = Option<(Option<LogId<NodeId>>, Vec<NodeId>)>;
+
+/// Ask the map's other replicas of `p` about its committed membership
+/// (see [`release_kept`]); `known`: the newest config this node knows.
+async fn ask_about(inner: Arc<Inner>, p: PartitionId, known: Option<LogId<NodeId>>) {
     let me = inner.id;
     let replicas = target(&inner, p).unwrap_or_default();
     let mut verdict = Kept::Waiting(Instant::now() + ASK_EVERY);
@@ -370,44 +416,41 @@ async fn ask_about(inner: Arc<Inner>, p: PartitionId) {
         let Ok(Ok(body)) = tokio::time::timeout(ASK_TIMEOUT, call).await else {
             continue;
         };
-        match bincode::deserialize::<Option<Vec<NodeId>>>(&body) {
-            // A group that knows a committed membership (one reopened
-            // after it was retired knows none until the leader says).
-            Ok(Some(voters)) if !voters.is_empty() => {
-                if !voters.contains(&me) {
-                    verdict = Kept::Unneeded;
-                }
+        // A group that knows no committed config (one reopened after it
+        // was retired, until the leader says) answers no voters.
+        if let Ok(Some((at, voters))) = bincode::deserialize::<CommittedVoters>(&body) {
+            if !voters.is_empty() && !voters.contains(&me) && at >= known {
+                verdict = Kept::Unneeded;
                 break;
             }
-            _ => continue,
         }
     }
     let mut kept = inner.placement.kept.lock();
-    if kept.get(&p) == Some(&Kept::Asking) {
-        kept.insert(p, verdict);
+    if let Some(k) = kept.get_mut(&p).filter(|k| k.stage == Kept::Asking) {
+        k.stage = verdict;
     }
 }
 
-/// Answer [`crate::net::KIND_MEMBERSHIP`]: the voters of every config of
-/// `p`'s committed membership here (`None`: no group here).
+/// Answer [`crate::net::KIND_MEMBERSHIP`] for partition `p`.
 pub(crate) async fn serve_membership(inner: Arc<Inner>, p: PartitionId) -> Vec<u8> {
-    let voters = match inner.group(p) {
+    let answer: CommittedVoters = match inner.group(p) {
         None => None,
         Some(g) => g
             .with_raft_state(|st| {
-                let m = st.membership_state.committed().membership();
-                m.get_joint_config()
+                let c = st.membership_state.committed();
+                let voters = c
+                    .membership()
+                    .get_joint_config()
                     .iter()
                     .flatten()
                     .copied()
-                    .collect::<BTreeSet<NodeId>>()
-                    .into_iter()
-                    .collect::<Vec<NodeId>>()
+                    .collect::<BTreeSet<NodeId>>();
+                (*c.log_id(), voters.into_iter().collect())
             })
             .await
             .ok(),
     };
-    bincode::serialize(&voters).unwrap_or_default()
+    bincode::serialize(&answer).unwrap_or_default()
 }
 
 /// As `p`'s leader: make the group's membership the map's `target`.
@@ -462,14 +505,16 @@ async fn change(
 /// Stop serving a partition this node no longer holds; with `release`
 /// (no longer a voter: checked before) its log goes too.
 async fn retire(inner: &Inner, p: PartitionId, g: Raft<TypeConfig>, release: bool) {
+    // The newest config the group knew here (the effective one).
+    let known = *g.metrics().borrow().membership_config.log_id();
     inner.groups.write().remove(&p);
     let _ = g.shutdown().await;
     if let Some(log) = inner.logs.lock().remove(&p) {
         log.close();
     }
     if !release {
-        keep_log(inner, p);
-    } else if let Err(e) = crate::log_store::retire(inner.engine(), u64::from(p)) {
+        keep_log(inner, p, known);
+    } else if let Err(e) = retire_log(inner, p).await {
         tracing::warn!(partition = p, error = %e, "retired log not released");
     }
     let partitions = inner.map.read().len();

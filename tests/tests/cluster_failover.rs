@@ -806,7 +806,14 @@ fn a_node_added_under_load_takes_over_replicas_and_a_removed_one_gives_them_up()
         std::thread::sleep(Duration::from_millis(200));
         last = all_stats(&cl)
             .iter()
-            .map(|(id, m)| (*id, dropped(m), m["raft_log_files"]))
+            .map(|(id, m)| {
+                let files = m.get("raft_log_files").copied().unwrap_or(0);
+                (
+                    *id,
+                    m.get("raft_log_segments_dropped").copied().unwrap_or(0),
+                    files,
+                )
+            })
             .collect();
     }
     eprintln!("log segments dropped since: (node, dropped, files) {last:?} after {before:?}");
@@ -964,10 +971,18 @@ fn a_node_gone_past_replace_after_is_replaced_and_comes_back_as_new() {
     let back = Instant::now();
     cl.nodes[0].spawn(BIN);
     cl.nodes[0].wait_ready(Duration::from_secs(60));
-    wait_settled(&cl, partitions, "node 1 back", |_, m| {
-        m.get("cluster_groups") == Some(&share)
+    // The logs of the partitions that moved away while node 1 was down are
+    // kept at its start, then released once asked about.
+    let st = wait_settled(&cl, partitions, "node 1 back", |_, m| {
+        m.get("cluster_groups") == Some(&share) && m.get("cluster_logs_kept") == Some(&0)
     });
-    eprintln!("node 1 took its share again in {:?}", back.elapsed());
+    eprintln!(
+        "node 1 took its share again in {:?}; kept logs released {:?}",
+        back.elapsed(),
+        st.iter()
+            .map(|(id, m)| (*id, m["cluster_logs_released"]))
+            .collect::<Vec<_>>()
+    );
     let after = etcd_map(&cl);
     let left: std::collections::BTreeSet<u32> = (0..partitions)
         .filter(|&p| !after.partitions[p as usize].contains(&2))
@@ -1001,10 +1016,11 @@ fn a_node_gone_past_replace_after_is_replaced_and_comes_back_as_new() {
 
 /// Four nodes that replace a node gone for 3 s, as above, but node 1 is
 /// paused (SIGSTOP: a VM stall, or a node cut off from etcd), not killed.
-/// Its lease lapses and node 2 replaces it; resumed, node 1 finds its lease
-/// gone, registers again, finds the `replaced` mark and that it is outside
-/// the map, and adds itself back without a restart. Then an operator
-/// removes it (`remove-node`) and it is paused past its lease again:
+/// Its lease lapses and node 2 replaces it, leaving a `replaced` mark;
+/// resumed, node 1 finds its lease gone, registers again, finds the mark
+/// and that it is outside the map, and adds itself back without a restart.
+/// Paused and replaced once more, it is then retired by an operator
+/// (`remove-node` of a node already out of the map clears the mark):
 /// resumed, it stays out. Nothing acknowledged is lost (the history
 /// checker).
 #[test]
@@ -1019,26 +1035,36 @@ fn a_node_replaced_while_paused_adds_itself_back_but_not_after_an_operator_remov
     });
     let seeds = cl.seeds();
     let load = Load::start(&seeds);
+    let (rt, meta) = etcd_meta(&cl.etcd.endpoint());
+    // Paused until node 2 took it out of the map (then resumed at once:
+    // the load's calls to it wait meanwhile).
+    let replaced_while_paused = || {
+        cl.nodes[0].pause();
+        let paused = Instant::now();
+        wait_until(
+            "node 1 replaced while paused",
+            Duration::from_secs(30),
+            || {
+                let map = rt.block_on(meta.map()).unwrap().unwrap();
+                !map.nodes().contains(&1) && rt.block_on(meta.was_replaced(1)).unwrap()
+            },
+        );
+        paused.elapsed()
+    };
     std::thread::sleep(Duration::from_millis(1000));
-    cl.nodes[0].pause();
-    let paused = Instant::now();
-    wait_settled_except(&cl, &[1], partitions, "node 1 replaced", |_, m| {
-        m.get("cluster_groups") == Some(&u64::from(partitions))
-    });
-    assert_eq!(
-        etcd_map(&cl).nodes(),
-        vec![2, 3, 4],
-        "the map with node 1 paused"
-    );
-    eprintln!("node 1 replaced {:?} after the pause", paused.elapsed());
-    let resumed = Instant::now();
+    let took = replaced_while_paused();
     cl.nodes[0].resume();
+    let resumed = Instant::now();
+    eprintln!("node 1 replaced {took:?} after the pause");
     let st = wait_settled(&cl, partitions, "node 1 back", |_, m| {
-        m.get("cluster_groups") == Some(&share)
+        m.get("cluster_groups") == Some(&share) && m.get("cluster_logs_kept") == Some(&0)
     });
     eprintln!(
-        "node 1 took its share again {:?} after it resumed",
-        resumed.elapsed()
+        "node 1 took its share again {:?} after it resumed; kept logs released {:?}",
+        resumed.elapsed(),
+        st.iter()
+            .map(|(id, m)| (*id, m["cluster_logs_released"]))
+            .collect::<Vec<_>>()
     );
     let rejoins: Vec<(u64, u64)> = st
         .iter()
@@ -1049,24 +1075,29 @@ fn a_node_replaced_while_paused_adds_itself_back_but_not_after_an_operator_remov
         vec![(1, 1), (2, 0), (3, 0), (4, 0)],
         "node 1 added itself back once"
     );
-    // An operator retires node 1; a later lapse of its lease must not
-    // bring it back.
-    {
-        let (rt, meta) = etcd_meta(&cl.etcd.endpoint());
-        rt.block_on(timeline_cluster::reconcile::apply(
-            &meta,
-            timeline_cluster::reconcile::Change::RemoveNode(1),
-        ))
-        .unwrap();
-    }
-    wait_settled(&cl, partitions, "node 1 removed", |id, m| {
-        m.get("cluster_groups") == Some(&if id == 1 { 0 } else { u64::from(partitions) })
-    });
-    cl.nodes[0].pause();
-    let (rt, meta) = etcd_meta(&cl.etcd.endpoint());
-    wait_until("node 1's lease to lapse", Duration::from_secs(30), || {
-        !rt.block_on(meta.nodes()).unwrap().contains_key(&1)
-    });
+    assert!(
+        !rt.block_on(meta.was_replaced(1)).unwrap(),
+        "the mark outlived the rejoin"
+    );
+    // Replaced again; this time an operator retires it while it is away.
+    replaced_while_paused();
+    let r = rt.block_on(timeline_cluster::reconcile::apply(
+        &meta,
+        timeline_cluster::reconcile::Change::RemoveNode(1),
+    ));
+    assert!(
+        matches!(
+            r,
+            Err(timeline_cluster::node::ClusterError::Placement(
+                timeline_cluster::partition::PlacementError::NoSuchNode(1)
+            ))
+        ),
+        "remove-node of a node out of the map: {r:?}"
+    );
+    assert!(
+        !rt.block_on(meta.was_replaced(1)).unwrap(),
+        "remove-node left the mark"
+    );
     cl.nodes[0].resume();
     wait_until("node 1 registered again", Duration::from_secs(30), || {
         rt.block_on(meta.nodes()).unwrap().contains_key(&1)
