@@ -791,25 +791,29 @@ mod tests {
         assert_eq!(terms(&mut other), vec![(1, 5), (2, 5), (3, 5)]);
     }
 
+    /// One shard, 64 KiB segments, no background maintenance: the tests
+    /// call it and see segments dropped.
+    fn small_segments(dir: &std::path::Path) -> Arc<Engine> {
+        let mut cfg = timeline_engine::Config {
+            shards: 1,
+            background: false,
+            max_payload: 4096,
+            ..Default::default()
+        };
+        let mut ks = keyspaces();
+        for k in &mut ks {
+            k.segment_bytes = 64 << 10;
+        }
+        cfg.keyspaces.extend(ks);
+        Arc::new(Engine::open(dir, cfg).unwrap())
+    }
+
     /// An idle partition's last purge record pins every later segment of
     /// its shard until it is renewed; the renewed log reopens the same.
     #[test]
     fn an_idle_partitions_purge_record_is_renewed_so_it_pins_no_segment() {
         let dir = tempfile::tempdir().unwrap();
-        let open = || {
-            let mut cfg = timeline_engine::Config {
-                shards: 1,
-                background: false,
-                max_payload: 4096,
-                ..Default::default()
-            };
-            let mut ks = keyspaces();
-            for k in &mut ks {
-                k.segment_bytes = 64 << 10;
-            }
-            cfg.keyspaces.extend(ks);
-            Arc::new(Engine::open(dir.path(), cfg).unwrap())
-        };
+        let open = || small_segments(dir.path());
         let dropped = |e: &Engine| e.stats().total().dropped_segments;
         let flusher = Flusher::start().unwrap();
         let e = open();
@@ -871,20 +875,7 @@ mod tests {
     #[test]
     fn purged_entries_free_segments_and_the_log_reopens_from_what_is_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let open = || {
-            let mut cfg = timeline_engine::Config {
-                shards: 1,
-                background: false,
-                max_payload: 4096,
-                ..Default::default()
-            };
-            let mut ks = keyspaces();
-            for k in &mut ks {
-                k.segment_bytes = 64 << 10;
-            }
-            cfg.keyspaces.extend(ks);
-            Arc::new(Engine::open(dir.path(), cfg).unwrap())
-        };
+        let open = || small_segments(dir.path());
         let dropped = |e: &Engine| e.stats().total().dropped_segments;
         let flusher = Flusher::start().unwrap();
         let e = open();

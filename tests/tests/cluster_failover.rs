@@ -906,6 +906,44 @@ fn etcd_map(cl: &Cluster) -> timeline_cluster::partition::PartitionMap {
     rt.block_on(meta.map()).unwrap().expect("a partition map")
 }
 
+/// Four nodes that replace a node gone for 3 s, settled: the cluster, P,
+/// and each node's share of replicas.
+fn four_nodes_replacing_after_3s() -> (Cluster, u32, u64) {
+    let partitions = env_or("CLUSTER_PARTITIONS", 16) as u32;
+    let cl = Cluster::start_shaped(BIN, partitions, 4, |n| {
+        n.with_env("CLUSTER_REPLACE_AFTER_MS", "3000")
+    });
+    let share = u64::from(partitions) * 3 / 4;
+    wait_settled(&cl, partitions, "four nodes", |_, m| {
+        m.get("cluster_groups") == Some(&share)
+    });
+    (cl, partitions, share)
+}
+
+/// Wait until node 1, back after a replacement, holds its `share` again
+/// and no node keeps a log of a partition it left; print how long since
+/// `since` (`what`) and the kept logs each node released.
+fn wait_back_with_logs_released(
+    cl: &Cluster,
+    partitions: u32,
+    share: u64,
+    since: Instant,
+    what: &str,
+) -> Vec<(u64, HashMap<String, u64>)> {
+    let st = wait_settled(cl, partitions, "node 1 back", |_, m| {
+        m.get("cluster_groups") == Some(&share) && m.get("cluster_logs_kept") == Some(&0)
+    });
+    let released: Vec<(u64, u64)> = st
+        .iter()
+        .map(|(id, m)| (*id, m["cluster_logs_released"]))
+        .collect();
+    eprintln!(
+        "node 1 took its share again {:?} after {what}; kept logs released {released:?}",
+        since.elapsed()
+    );
+    st
+}
+
 /// Four nodes that replace a node gone for 3 s (`replace_after`). Node 1
 /// (the lowest id, so not the one that acts) is killed under load: it is
 /// still in the map while its lease and the 3 s run, then node 2 moves
@@ -917,14 +955,7 @@ fn etcd_map(cl: &Cluster) -> timeline_cluster::partition::PartitionMap {
 /// through all four).
 #[test]
 fn a_node_gone_past_replace_after_is_replaced_and_comes_back_as_new() {
-    let partitions = env_or("CLUSTER_PARTITIONS", 16) as u32;
-    let mut cl = Cluster::start_shaped(BIN, partitions, 4, |n| {
-        n.with_env("CLUSTER_REPLACE_AFTER_MS", "3000")
-    });
-    let share = u64::from(partitions) * 3 / 4;
-    wait_settled(&cl, partitions, "four nodes", |_, m| {
-        m.get("cluster_groups") == Some(&share)
-    });
+    let (mut cl, partitions, share) = four_nodes_replacing_after_3s();
     let seeds = cl.seeds();
     let load = Load::start(&seeds);
     std::thread::sleep(Duration::from_millis(1000));
@@ -973,16 +1004,7 @@ fn a_node_gone_past_replace_after_is_replaced_and_comes_back_as_new() {
     cl.nodes[0].wait_ready(Duration::from_secs(60));
     // The logs of the partitions that moved away while node 1 was down are
     // kept at its start, then released once asked about.
-    let st = wait_settled(&cl, partitions, "node 1 back", |_, m| {
-        m.get("cluster_groups") == Some(&share) && m.get("cluster_logs_kept") == Some(&0)
-    });
-    eprintln!(
-        "node 1 took its share again in {:?}; kept logs released {:?}",
-        back.elapsed(),
-        st.iter()
-            .map(|(id, m)| (*id, m["cluster_logs_released"]))
-            .collect::<Vec<_>>()
-    );
+    wait_back_with_logs_released(&cl, partitions, share, back, "its restart");
     let after = etcd_map(&cl);
     let left: std::collections::BTreeSet<u32> = (0..partitions)
         .filter(|&p| !after.partitions[p as usize].contains(&2))
@@ -1025,14 +1047,7 @@ fn a_node_gone_past_replace_after_is_replaced_and_comes_back_as_new() {
 /// checker).
 #[test]
 fn a_node_replaced_while_paused_adds_itself_back_but_not_after_an_operator_removed_it() {
-    let partitions = env_or("CLUSTER_PARTITIONS", 16) as u32;
-    let cl = Cluster::start_shaped(BIN, partitions, 4, |n| {
-        n.with_env("CLUSTER_REPLACE_AFTER_MS", "3000")
-    });
-    let share = u64::from(partitions) * 3 / 4;
-    wait_settled(&cl, partitions, "four nodes", |_, m| {
-        m.get("cluster_groups") == Some(&share)
-    });
+    let (cl, partitions, share) = four_nodes_replacing_after_3s();
     let seeds = cl.seeds();
     let load = Load::start(&seeds);
     let (rt, meta) = etcd_meta(&cl.etcd.endpoint());
@@ -1056,16 +1071,7 @@ fn a_node_replaced_while_paused_adds_itself_back_but_not_after_an_operator_remov
     cl.nodes[0].resume();
     let resumed = Instant::now();
     eprintln!("node 1 replaced {took:?} after the pause");
-    let st = wait_settled(&cl, partitions, "node 1 back", |_, m| {
-        m.get("cluster_groups") == Some(&share) && m.get("cluster_logs_kept") == Some(&0)
-    });
-    eprintln!(
-        "node 1 took its share again {:?} after it resumed; kept logs released {:?}",
-        resumed.elapsed(),
-        st.iter()
-            .map(|(id, m)| (*id, m["cluster_logs_released"]))
-            .collect::<Vec<_>>()
-    );
+    let st = wait_back_with_logs_released(&cl, partitions, share, resumed, "it resumed");
     let rejoins: Vec<(u64, u64)> = st
         .iter()
         .map(|(id, m)| (*id, m["cluster_rejoins"]))
