@@ -12,6 +12,7 @@
 //! | leads `p`, membership ≠ the map's replicas | adds each new replica as a learner and waits until it has caught up, then changes the membership to the map's replicas (openraft's joint consensus; a leader that removes itself steps down once the change is committed), then removes learners the map does not place there |
 //! | is not a replica in the map, not a voter of its group's committed or effective membership | shuts the group down and releases its log; its records stay on disk |
 //! | is not a replica in the map, still a voter, knowing no leader for 5 s (the leader stops sending to a removed replica) | shuts the group down, keeping its log (the group may still count it) |
+//! | is not a replica in the map, runs no group, keeps its log (the row above, or a replica moved away while this node was down) | asks the map's replicas every 5 s for their committed membership config; releases the log once one answers with a config without this node, at or after the newest config this node knows ([`release_kept`]) |
 //!
 //! One change per partition is under way at a time. A node that starts
 //! with an existing map that holds none of its replicas asks for its share
@@ -66,9 +67,9 @@ enum Kept {
     Waiting(Instant),
     /// Asking.
     Asking,
-    /// A replica's committed membership leaves this node out: no group
-    /// can count it again, so the log goes (on the placement task, which
-    /// alone opens groups).
+    /// A replica's committed config, at or after the newest this node
+    /// knows, leaves it out: no config can count it again, so the log
+    /// goes (on the placement task, which alone opens groups).
     Unneeded,
 }
 
