@@ -1043,8 +1043,9 @@ fn a_node_gone_past_replace_after_is_replaced_and_comes_back_as_new() {
 /// and that it is outside the map, and adds itself back without a restart.
 /// Paused and replaced once more, it is then retired by an operator
 /// (`remove-node` of a node already out of the map clears the mark):
-/// resumed, it stays out. Nothing acknowledged is lost (the history
-/// checker).
+/// resumed, it stays out. Added back and removed again while alive (no
+/// mark), then paused past its lease: resumed, it stays out too. Nothing
+/// acknowledged is lost (the history checker).
 #[test]
 fn a_node_replaced_while_paused_adds_itself_back_but_not_after_an_operator_removed_it() {
     let (cl, partitions, share) = four_nodes_replacing_after_3s();
@@ -1115,6 +1116,31 @@ fn a_node_replaced_while_paused_adds_itself_back_but_not_after_an_operator_remov
         "a removed node added itself back"
     );
     assert_eq!(cl.nodes[0].stats().unwrap()["cluster_rejoins"], 1);
+    // Put back by an operator, then removed while alive (no mark): a later
+    // lapse of its lease does not bring it back either.
+    let change = |c| rt.block_on(timeline_cluster::reconcile::apply(&meta, c));
+    change(timeline_cluster::reconcile::Change::AddNode(1)).unwrap();
+    wait_settled(&cl, partitions, "node 1 added again", |_, m| {
+        m.get("cluster_groups") == Some(&share)
+    });
+    change(timeline_cluster::reconcile::Change::RemoveNode(1)).unwrap();
+    wait_settled(&cl, partitions, "node 1 removed while alive", |id, m| {
+        m.get("cluster_groups") == Some(&if id == 1 { 0 } else { u64::from(partitions) })
+    });
+    cl.nodes[0].pause();
+    wait_until("node 1's lease to lapse", Duration::from_secs(30), || {
+        !rt.block_on(meta.nodes()).unwrap().contains_key(&1)
+    });
+    cl.nodes[0].resume();
+    wait_until("node 1 registered again", Duration::from_secs(30), || {
+        rt.block_on(meta.nodes()).unwrap().contains_key(&1)
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        etcd_map(&cl).nodes(),
+        vec![2, 3, 4],
+        "a removed node added itself back"
+    );
     let h = load.finish();
     let (_, total, routing) = check_all(&seeds, &h.lock(), || cl.logs());
     eprintln!("paused, replaced, back: {total:?}; client routing {routing:?}");
