@@ -1067,6 +1067,20 @@ fn a_node_replaced_while_paused_adds_itself_back_but_not_after_an_operator_remov
         );
         paused.elapsed()
     };
+    // Resumed after an operator removed it: it registers again, and stays
+    // out of the map.
+    let resumed_stays_out = || {
+        cl.nodes[0].resume();
+        wait_until("node 1 registered again", Duration::from_secs(30), || {
+            rt.block_on(meta.nodes()).unwrap().contains_key(&1)
+        });
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(
+            etcd_map(&cl).nodes(),
+            vec![2, 3, 4],
+            "a removed node added itself back"
+        );
+    };
     std::thread::sleep(Duration::from_millis(1000));
     let took = replaced_while_paused();
     cl.nodes[0].resume();
@@ -1105,16 +1119,7 @@ fn a_node_replaced_while_paused_adds_itself_back_but_not_after_an_operator_remov
         !rt.block_on(meta.was_replaced(1)).unwrap(),
         "remove-node left the mark"
     );
-    cl.nodes[0].resume();
-    wait_until("node 1 registered again", Duration::from_secs(30), || {
-        rt.block_on(meta.nodes()).unwrap().contains_key(&1)
-    });
-    std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(
-        etcd_map(&cl).nodes(),
-        vec![2, 3, 4],
-        "a removed node added itself back"
-    );
+    resumed_stays_out();
     assert_eq!(cl.nodes[0].stats().unwrap()["cluster_rejoins"], 1);
     // Put back by an operator, then removed while alive (no mark): a later
     // lapse of its lease does not bring it back either.
@@ -1131,16 +1136,7 @@ fn a_node_replaced_while_paused_adds_itself_back_but_not_after_an_operator_remov
     wait_until("node 1's lease to lapse", Duration::from_secs(30), || {
         !rt.block_on(meta.nodes()).unwrap().contains_key(&1)
     });
-    cl.nodes[0].resume();
-    wait_until("node 1 registered again", Duration::from_secs(30), || {
-        rt.block_on(meta.nodes()).unwrap().contains_key(&1)
-    });
-    std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(
-        etcd_map(&cl).nodes(),
-        vec![2, 3, 4],
-        "a removed node added itself back"
-    );
+    resumed_stays_out();
     let h = load.finish();
     let (_, total, routing) = check_all(&seeds, &h.lock(), || cl.logs());
     eprintln!("paused, replaced, back: {total:?}; client routing {routing:?}");
@@ -1149,6 +1145,17 @@ fn a_node_replaced_while_paused_adds_itself_back_but_not_after_an_operator_remov
         "too little load to mean anything: {total:?}"
     );
     drop(cl.etcd);
+}
+
+/// Move partition 0's replica on node 1 to node 4 (which never starts).
+fn move_partition_0_to_node_4(rt: &tokio::runtime::Runtime, meta: &timeline_cluster::meta::Meta) {
+    let change = timeline_cluster::reconcile::Change::Move {
+        partition: 0,
+        from: 1,
+        to: 4,
+    };
+    rt.block_on(timeline_cluster::reconcile::apply(meta, change))
+        .unwrap();
 }
 
 /// A map changed before the nodes it names ever started (as when a fourth
@@ -1173,15 +1180,7 @@ fn a_map_changed_before_its_nodes_started_still_gets_every_partition_a_leader() 
             assert!(rt.block_on(meta.create_map(&map)).unwrap());
             // Partition 0's first replica (node 1) moves to node 4, which
             // never starts; node 2 is then the one to initialize it.
-            rt.block_on(timeline_cluster::reconcile::apply(
-                &meta,
-                timeline_cluster::reconcile::Change::Move {
-                    partition: 0,
-                    from: 1,
-                    to: 4,
-                },
-            ))
-            .unwrap();
+            move_partition_0_to_node_4(&rt, &meta);
         },
     );
     let end = Instant::now() + Duration::from_secs(30);
@@ -1252,15 +1251,7 @@ fn nodes_that_read_different_maps_at_start_still_get_every_partition_a_leader() 
     for n in &mut nodes[1..] {
         n.wait_ready(Duration::from_secs(60));
     }
-    rt.block_on(timeline_cluster::reconcile::apply(
-        &meta,
-        timeline_cluster::reconcile::Change::Move {
-            partition: 0,
-            from: 1,
-            to: 4,
-        },
-    ))
-    .unwrap();
+    move_partition_0_to_node_4(&rt, &meta);
     nodes[0].spawn(BIN);
     nodes[0].wait_ready(Duration::from_secs(60));
     let end = Instant::now() + Duration::from_secs(30);
