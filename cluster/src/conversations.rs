@@ -65,8 +65,11 @@ struct Summary {
 }
 
 /// `r` from this node's replica (its leadership confirmed).
-fn summary(e: &timeline_engine::Engine, r: &SummaryRead) -> Result<Summary, read::ReadError> {
-    let m = read::members(e, r.conv)?
+fn summary(inner: &Inner, r: &SummaryRead) -> Result<Summary, read::ReadError> {
+    let e = inner.engine();
+    let m = inner
+        .conv_members
+        .get(e, r.conv)?
         .map_err(|x| read::ReadError::Damaged(format!("conversation {}: {x}", r.conv)))?;
     let stays = m.stays(r.user);
     let (last, unread) = read::unread(e, r.conv, r.user, r.read, &stays)?;
@@ -97,7 +100,7 @@ async fn here(inner: &Inner, reads: &[SummaryRead]) -> Answers {
         let p = partition_of(Keyspace::STORE.0, r.conv, parts);
         out.push(match confirmed.leads(inner, p, r.conv).await {
             Err(e) => Err(e),
-            Ok(()) => summary(inner.engine(), r).map_err(|e| Refusal::Failed(e.to_string())),
+            Ok(()) => summary(inner, r).map_err(|e| Refusal::Failed(e.to_string())),
         });
     }
     out

@@ -16,6 +16,7 @@
 //! messages again, which their partitions skip (deliveries are
 //! idempotent).
 
+use crate::coalesce::Queues;
 use crate::im::read::{self, Pending};
 use crate::im::{Delivery, KIND_CREATED, KIND_MEMBER_ADDED, KIND_MEMBER_REMOVED};
 use crate::members::Members;
@@ -49,7 +50,6 @@ struct Run {
 }
 
 /// A node's deliverers and the `SEND`s waiting on them.
-#[derive(Default)]
 pub(crate) struct Deliveries {
     runs: Mutex<HashMap<PartitionId, Run>>,
     /// Per partition: (message write id, waiter id) → who to tell; and
@@ -60,20 +60,25 @@ pub(crate) struct Deliveries {
     /// The leader last seen for a partition this node does not lead.
     hints: Mutex<HashMap<PartitionId, NodeId>>,
     /// Per member partition this node leads, the deliveries waiting for
-    /// its next `Deliver` entry.
-    queues: Mutex<HashMap<PartitionId, Queue>>,
+    /// its next `Deliver` entry, from every deliverer of this node and
+    /// every peer's: while one `Deliver` entry is in flight the next ones
+    /// gather and go as one entry (one Raft round for many conversation
+    /// partitions' rounds, as `APPEND`s share entries). Each deliverer's
+    /// own batches stay in order: it waits for one before it sends the
+    /// next.
+    queues: Queues<(Vec<Delivery>, Applied)>,
 }
 
-/// Deliveries for one member partition led here, from every deliverer of
-/// this node and every peer's: while one `Deliver` entry is in flight the
-/// next ones gather and go as one entry (one Raft round for many
-/// conversation partitions' rounds, as `APPEND`s share entries). Each
-/// deliverer's own batches stay in order: it waits for one before it sends
-/// the next.
-#[derive(Default)]
-struct Queue {
-    waiting: Vec<(Vec<Delivery>, Applied)>,
-    proposing: bool,
+impl Deliveries {
+    pub(crate) fn new(partitions: u32) -> Deliveries {
+        Deliveries {
+            runs: Default::default(),
+            waiters: Default::default(),
+            next: Default::default(),
+            hints: Default::default(),
+            queues: Queues::new(partitions),
+        }
+    }
 }
 
 /// Who to tell that a queued batch was applied (or why not).
@@ -330,7 +335,7 @@ fn deliveries(
 ) -> Result<BTreeMap<PartitionId, Vec<Delivery>>, read::ReadError> {
     let e = inner.engine();
     let parts = inner.map.read().len();
-    let mut members: HashMap<u64, Members> = HashMap::new();
+    let mut members: HashMap<u64, Arc<Members>> = HashMap::new();
     let mut out: BTreeMap<PartitionId, Vec<Delivery>> = BTreeMap::new();
     for x in pending {
         let Some((_, ev)) = read::event(e, x.conv, x.conv_seq)? else {
@@ -343,7 +348,7 @@ fn deliveries(
             // An outbox record stands for an applied entry of an existing
             // conversation: no members here is a read to retry (the round
             // fails and starts again), never a delivery to drop.
-            let m = read::members(e, x.conv)?.map_err(|r| {
+            let m = inner.conv_members.get(e, x.conv)?.map_err(|r| {
                 read::ReadError::Damaged(format!(
                     "outbox names conversation {} seq {}, whose members do not read: {r}",
                     x.conv, x.conv_seq
@@ -487,15 +492,13 @@ async fn propose(
     items: Vec<Delivery>,
 ) -> Result<(), ClusterError> {
     let (tx, rx) = oneshot::channel();
-    let start = {
-        let mut qs = inner.deliveries.queues.lock();
-        let q = qs.entry(t).or_default();
-        q.waiting.push((items, tx));
-        !std::mem::replace(&mut q.proposing, true)
-    };
-    if start {
-        let i = inner.clone();
-        tokio::spawn(async move { drain(i, t).await });
+    match inner.deliveries.queues.push(t, (items, tx)) {
+        Ok(false) => {}
+        Ok(true) => {
+            let i = inner.clone();
+            tokio::spawn(async move { drain(i, t).await });
+        }
+        Err(_) => return Err(ClusterError::Raft(format!("no partition {t}"))),
     }
     rx.await
         .map_err(|_| ClusterError::Raft("the delivery proposer stopped".into()))?
@@ -505,30 +508,18 @@ async fn propose(
 async fn drain(inner: Arc<Inner>, t: PartitionId) {
     let budget = crate::entry_budget(inner.engine().config().max_payload);
     loop {
-        let batch: Vec<_> = {
-            let mut qs = inner.deliveries.queues.lock();
-            let q = qs.entry(t).or_default();
-            if q.waiting.is_empty() {
-                q.proposing = false;
-                return;
-            }
-            // As many batches as fit one entry (at least one: each was cut
-            // to fit by `chunks`).
-            let (mut bytes, mut count) = (0, 0);
-            let n = q
-                .waiting
+        // As many batches as fit one entry (at least one: each was cut to
+        // fit by `chunks`).
+        let (mut bytes, mut count) = (0, 0);
+        let Some(batch) = inner.deliveries.queues.take(t, usize::MAX, |(items, _)| {
+            bytes += items
                 .iter()
-                .take_while(|(items, _)| {
-                    bytes += items
-                        .iter()
-                        .map(|d| d.body.len() + crate::ITEM_OVERHEAD)
-                        .sum::<usize>();
-                    count += items.len();
-                    bytes <= budget && count <= CHUNK
-                })
-                .count()
-                .max(1);
-            q.waiting.drain(..n).collect()
+                .map(|d| d.body.len() + crate::ITEM_OVERHEAD)
+                .sum::<usize>();
+            count += items.len();
+            bytes <= budget && count <= CHUNK
+        }) else {
+            return;
         };
         let (lists, txs): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         let items: Vec<Delivery> = lists.into_iter().flatten().collect();

@@ -120,7 +120,8 @@ async fn read_here(
 fn read_local(inner: &Inner, p: PartitionId, req: &GroupRead) -> Result<RawPage, ClusterError> {
     let e = inner.engine();
     let tl = TimelineId::new(Keyspace::STORE, req.conv);
-    let (stays, since) = match read::members(e, req.conv).map_err(|e| read_failed(p, e))? {
+    let found = inner.conv_members.get(e, req.conv);
+    let (stays, since) = match found.map_err(|e| read_failed(p, e))? {
         Ok(m) => (m.stays(req.user), m.read_since()),
         Err(r) => return Err(read_failed(p, r)),
     };

@@ -43,6 +43,7 @@
 //! Not built yet: membership changes across partitions; snapshots as raw segment byte ranges (docs/scaling.md,
 //! "Not built yet").
 
+pub(crate) mod coalesce;
 pub mod conversations;
 pub mod delivery;
 pub mod groups;
@@ -157,6 +158,26 @@ pub enum Command {
         threshold: u64,
         ts: u64,
     },
+    /// Conversation writes of the partition (`ImCreate`, `ImSend`,
+    /// `ImRecall`, `ImMember`), applied in order as one entry, item `i`
+    /// with write id (index, `i`) as if each were an entry of its own:
+    /// what a node coalesces from concurrent clients. Anything else in it
+    /// is refused (`Invalid`), never applied.
+    ImBatch(Vec<Command>),
+}
+
+impl Command {
+    /// The conversation a conversation write is for (`None` for other
+    /// commands).
+    pub fn conv(&self) -> Option<u64> {
+        match self {
+            Command::ImCreate { conv, .. }
+            | Command::ImSend { conv, .. }
+            | Command::ImRecall { conv, .. }
+            | Command::ImMember { conv, .. } => Some(*conv),
+            _ => None,
+        }
+    }
 }
 
 /// A user's own mark in a conversation.
@@ -211,6 +232,9 @@ pub struct Applied {
     /// is waited on by), whether it was a retry, or why it was refused.
     #[serde(default)]
     pub im: Option<Result<ImApplied, im::ImRefusal>>,
+    /// A [`Command::ImBatch`]'s answers, in item order (`im` of each).
+    #[serde(default)]
+    pub ims: Vec<Option<Result<ImApplied, im::ImRefusal>>>,
 }
 
 /// What a conversation write became.

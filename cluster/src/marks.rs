@@ -63,7 +63,7 @@ const ATTEMPTS: usize = 3;
 /// The probe from this node's replica (its leadership confirmed).
 fn info_local(inner: &Inner, pr: &Probe) -> Result<Result<ConvInfo, ImRefusal>, ReadError> {
     let e = inner.engine();
-    Ok(read::members(e, pr.conv)?.map(|m| {
+    Ok(inner.conv_members.get(e, pr.conv)?.map(|m| {
         let stays = m.stays(pr.user);
         ConvInfo {
             member: !stays.is_empty(),

@@ -23,9 +23,12 @@
 //!
 //! [`IM_MEMBERS`]: crate::log_store::IM_MEMBERS
 
-use crate::im::CONV_READ_GROUP;
-use std::collections::{BTreeSet, HashSet};
+use crate::im::read::{self, ReadError};
+use crate::im::{ImRefusal, CONV_READ_GROUP};
+use parking_lot::Mutex;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use timeline_engine::{Engine, TimelineId};
 
 /// One listed change: the entry's write id, whom, at which conv seq,
 /// and whether this add switched the group to read fan-out.
@@ -66,6 +69,68 @@ impl Change {
             user: u64::from_le_bytes(b[1..9].try_into().ok()?),
             at: u64::from_le_bytes(b[9..].try_into().ok()?),
         })
+    }
+}
+
+/// Conversations' members as read from one engine, each kept while its
+/// `im-members` list has not grown. A conversation's `Created` record
+/// never changes and its list is only appended to, so the list's last seq
+/// taken before a read names what the read saw (or less: a change listed
+/// meanwhile makes the next lookup read again). A group's members are
+/// read for every page, probe and delivery round of it: rebuilding a
+/// 5,000-member set each time was most of a node's CPU under W4.
+/// Bounded by member ids held, cleared whole when full.
+pub struct MembersCache {
+    most: usize,
+    held: Mutex<Held>,
+}
+
+#[derive(Default)]
+struct Held {
+    by_conv: HashMap<u64, (u64, Arc<Members>)>,
+    ids: usize,
+}
+
+impl MembersCache {
+    /// A cache of at most `most` member ids (`Created` members and listed
+    /// changes).
+    pub fn new(most: usize) -> MembersCache {
+        MembersCache {
+            most,
+            held: Mutex::new(Held::default()),
+        }
+    }
+
+    /// `conv`'s members as `e` holds them now, or why it has none
+    /// ([`read::members`]; refusals are not kept).
+    pub fn get(&self, e: &Engine, conv: u64) -> Result<Result<Arc<Members>, ImRefusal>, ReadError> {
+        let listed = e.last_seq(TimelineId::new(crate::log_store::IM_MEMBERS, conv));
+        if let Some((at, m)) = self.held.lock().by_conv.get(&conv) {
+            if *at == listed {
+                return Ok(Ok(m.clone()));
+            }
+        }
+        let m = match read::members(e, conv)? {
+            Err(r) => return Ok(Err(r)),
+            Ok(m) => Arc::new(m),
+        };
+        let mut h = self.held.lock();
+        if h.ids + m.size() > self.most {
+            h.by_conv.clear();
+            h.ids = 0;
+        }
+        h.ids += m.size();
+        if let Some((_, old)) = h.by_conv.insert(conv, (listed, m.clone())) {
+            h.ids -= old.size().min(h.ids);
+        }
+        Ok(Ok(m))
+    }
+
+    /// Forget everything (the engine's data was replaced).
+    pub fn clear(&self) {
+        let mut h = self.held.lock();
+        h.by_conv.clear();
+        h.ids = 0;
     }
 }
 

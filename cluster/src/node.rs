@@ -15,6 +15,7 @@
 //! The data path ([`Node::append`], [`Node::linearize`]) takes callbacks,
 //! so the server's event loops never wait on the runtime.
 
+use crate::coalesce::Queues;
 use crate::log_store::{Flusher, LogStore};
 use crate::meta::{Meta, MetaError, NodeRecord};
 use crate::net::{self, Groups, Network, PeerAddrs, Transport};
@@ -25,6 +26,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, LogId, Raft, SnapshotPolicy};
 use parking_lot::RwLock;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use timeline_engine::Engine;
@@ -104,6 +106,13 @@ pub const DEFAULT_REPLACE_AFTER: Duration = Duration::from_secs(300);
 /// Most appends one entry carries (a bound on an entry's size and on the
 /// replies that wait for it; well under `MAX_BATCH`).
 const MAX_ENTRY_ITEMS: usize = 1024;
+/// Most conversation writes in one entry: each is applied on its own (a
+/// membership read, a retry check, store and outbox records), all under
+/// the partition's state lock, so fewer than appends.
+const MAX_IM_ITEMS: usize = 128;
+/// Most member ids the node's read-path members cache holds (about 8 MB
+/// of ids, as each partition's state machine).
+const CONV_MEMBERS_CACHE: usize = 1 << 20;
 
 /// Heartbeat rounds a linearizable read tries before `NO_LEADER`.
 const LINEARIZE_ATTEMPTS: usize = 3;
@@ -169,13 +178,17 @@ type Waiting = (
     Box<dyn FnOnce(Result<u64, ClusterError>) + Send>,
 );
 
-/// One partition's appends not yet proposed. While one proposal is in
-/// flight, new appends gather here and go as the next entry: one Raft
-/// entry (one log write, one replication round) for many clients.
+/// A conversation write waiting to be proposed, and who to tell.
+type ImWaiting = (Command, ImDone);
+type ImDone = Box<dyn FnOnce(Result<ImOutcome, ClusterError>) + Send>;
+
+/// Entries this node proposed as a leader, and of them the conversation
+/// writes' entries with the writes they carried.
 #[derive(Default)]
-struct Proposals {
-    waiting: Vec<Waiting>,
-    proposing: bool,
+struct Proposed {
+    entries: AtomicU64,
+    conv_entries: AtomicU64,
+    conv_writes: AtomicU64,
 }
 
 impl ClusterError {
@@ -208,9 +221,15 @@ pub(crate) struct Inner {
     pub(crate) id: NodeId,
     /// The keyspaces raw appends may write: the engine's, less the raft ones.
     data_keyspaces: Vec<u8>,
-    /// Per partition (index = partition), the appends waiting for the next
-    /// entry.
-    proposals: Vec<parking_lot::Mutex<Proposals>>,
+    /// Per partition, the appends waiting for its next entry.
+    proposals: Queues<Waiting>,
+    /// Per partition, the conversation writes waiting for its next entry.
+    im_proposals: Queues<ImWaiting>,
+    /// What this node proposed as a leader since start (`STATS`).
+    proposed: Proposed,
+    /// Conversations' members as this node's engine holds them, for the
+    /// read paths (pages, probes, summaries, delivery rounds, `HISTORY`).
+    pub(crate) conv_members: Arc<crate::members::MembersCache>,
     pub(crate) groups: Arc<Groups>,
     addrs: Arc<PeerAddrs>,
     /// Every member seen since start (kept after its lease goes: a node
@@ -336,21 +355,19 @@ impl Node {
         if let Err(e) = self.check_append(keyspace, payload.len()) {
             return done(Err(e));
         }
-        let p = self.partition_of(keyspace, id) as usize;
-        let Some(slot) = self.inner.proposals.get(p) else {
-            return done(Err(ClusterError::Raft(format!("no partition {p}"))));
-        };
+        let p = self.partition_of(keyspace, id);
         let item = crate::BatchItem {
             keyspace,
             id,
             payload,
         };
-        let mut s = slot.lock();
-        s.waiting.push((item, Box::new(done)));
-        if !s.proposing {
-            s.proposing = true;
-            let inner = self.inner.clone();
-            self.spawn(async move { inner.propose(p as PartitionId).await });
+        match self.inner.proposals.push(p, (item, Box::new(done))) {
+            Ok(false) => {}
+            Ok(true) => {
+                let inner = self.inner.clone();
+                self.spawn(async move { inner.propose(p).await });
+            }
+            Err((_, done)) => done(Err(ClusterError::Raft(format!("no partition {p}")))),
         }
     }
 
@@ -494,51 +511,15 @@ impl Node {
         cmd: Command,
         done: impl FnOnce(Result<ImOutcome, ClusterError>) + Send + 'static,
     ) {
-        let inner = self.inner.clone();
         let p = self.partition_of(timeline_engine::Keyspace::STORE.0, conv);
-        self.spawn(async move {
-            let a = match inner.submit(p, cmd).await {
-                Err(e) => return done(Err(e)),
-                Ok(a) => a,
-            };
-            match a.im {
-                None => done(Err(ClusterError::Raft("the entry answered nothing".into()))),
-                Some(Err(r)) => done(Ok(ImOutcome::Refused(r))),
-                Some(Ok(ia)) if ia.group => {
-                    // A read-fan-out group's message: stored is done.
-                    if !ia.duplicate {
-                        crate::groups::announce(&inner, conv, ia.conv_seq);
-                    }
-                    done(Ok(ImOutcome::Done {
-                        conv_seq: ia.conv_seq,
-                        duplicate: ia.duplicate,
-                    }))
-                }
-                Some(Ok(ia)) => {
-                    // A read-fan-out group's membership change: its members
-                    // read it in their pages; those subscribed are told at
-                    // once (a removed user is forgotten for push before
-                    // the group's next messages are told).
-                    if ia.announce {
-                        crate::groups::announce(&inner, conv, ia.conv_seq);
-                    }
-                    crate::delivery::kick(&inner, p);
-                    let wait = crate::delivery::FANOUT_WAIT;
-                    crate::delivery::wait(&inner, p, ia.outbox, wait, move |delivered| {
-                        done(Ok(if delivered {
-                            ImOutcome::Done {
-                                conv_seq: ia.conv_seq,
-                                duplicate: ia.duplicate,
-                            }
-                        } else {
-                            ImOutcome::Pending {
-                                conv_seq: ia.conv_seq,
-                            }
-                        }))
-                    });
-                }
+        match self.inner.im_proposals.push(p, (cmd, Box::new(done))) {
+            Ok(false) => {}
+            Ok(true) => {
+                let inner = self.inner.clone();
+                self.spawn(im_propose(inner, p));
             }
-        });
+            Err((_, done)) => done(Err(ClusterError::Raft(format!("no partition {p}")))),
+        }
     }
 
     /// The read-fan-out groups `user` was ever in, each with whether it is
@@ -607,6 +588,23 @@ impl Node {
         let c = &self.inner.factory.snapshots;
         let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         (g(&c.sent), g(&c.bytes_sent), g(&c.installed))
+    }
+
+    /// Conversations' members as this node's engine holds them
+    /// ([`crate::members::MembersCache::get`] with [`Node::engine`]: a
+    /// conversation's are current once [`Node::linearize`] confirmed the
+    /// leadership of its partition).
+    pub fn conv_members(&self) -> Arc<crate::members::MembersCache> {
+        self.inner.conv_members.clone()
+    }
+
+    /// Entries this node proposed as a leader since start (every kind),
+    /// and of them the conversation writes' entries and the writes they
+    /// carried (several concurrent writes to a partition share one).
+    pub fn proposed(&self) -> (u64, u64, u64) {
+        let c = &self.inner.proposed;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        (g(&c.entries), g(&c.conv_entries), g(&c.conv_writes))
     }
 
     /// Linearizable reads confirmed by a leader lease, and by a heartbeat
@@ -740,28 +738,16 @@ impl Inner {
     /// Propose partition `p`'s waiting appends, one entry at a time, until
     /// none are left.
     async fn propose(&self, p: PartitionId) {
+        // As many as fit one log record (at least one: a payload alone
+        // always fits, `Node::append` saw to it).
+        let budget = crate::entry_budget(self.engine().config().max_payload);
         loop {
-            let batch: Vec<Waiting> = {
-                let mut s = self.proposals[p as usize].lock();
-                if s.waiting.is_empty() {
-                    s.proposing = false;
-                    return;
-                }
-                // As many as fit one log record (at least one: a payload
-                // alone always fits, `Node::append` saw to it).
-                let budget = crate::entry_budget(self.engine().config().max_payload);
-                let mut used = 0;
-                let n = s
-                    .waiting
-                    .iter()
-                    .take(MAX_ENTRY_ITEMS)
-                    .take_while(|(it, _)| {
-                        used += it.payload.len() + crate::ITEM_OVERHEAD;
-                        used <= budget
-                    })
-                    .count()
-                    .max(1);
-                s.waiting.drain(..n).collect()
+            let mut used = 0;
+            let Some(batch) = self.proposals.take(p, MAX_ENTRY_ITEMS, |(it, _)| {
+                used += it.payload.len() + crate::ITEM_OVERHEAD;
+                used <= budget
+            }) else {
+                return;
             };
             let (items, dones): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
             match self.write(p, items).await {
@@ -807,6 +793,7 @@ impl Inner {
         // Not the leader by its own account: nothing is proposed, so the
         // client may go elsewhere. Past this point a failure is uncertain.
         let g = self.check_leads(p)?;
+        self.proposed.entries.fetch_add(1, Ordering::Relaxed);
         let Some(r) = while_leading(&g, g.client_write(cmd)).await else {
             return Err(ClusterError::Uncertain { partition: p });
         };
@@ -1038,6 +1025,114 @@ pub(crate) async fn while_leading<F: std::future::Future>(
     }
 }
 
+/// Propose partition `p`'s waiting conversation writes, one entry at a
+/// time (a lone write as itself, several as one [`Command::ImBatch`]),
+/// until none are left; then answer each as [`im_written`].
+async fn im_propose(inner: Arc<Inner>, p: PartitionId) {
+    let budget = crate::entry_budget(inner.engine().config().max_payload);
+    loop {
+        let mut used = 0usize;
+        let Some(batch) = inner.im_proposals.take(p, MAX_IM_ITEMS, |(c, _)| {
+            used = used.saturating_add(entry_size(c) + crate::ITEM_OVERHEAD);
+            used <= budget
+        }) else {
+            return;
+        };
+        let (mut cmds, dones): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let count = &inner.proposed;
+        count.conv_entries.fetch_add(1, Ordering::Relaxed);
+        count
+            .conv_writes
+            .fetch_add(cmds.len() as u64, Ordering::Relaxed);
+        let convs: Vec<u64> = cmds.iter().map(|c| c.conv().unwrap_or(0)).collect();
+        let n = cmds.len();
+        let r = match cmds.pop() {
+            Some(cmd) if n == 1 => inner.submit(p, cmd).await.map(|a| vec![a.im]),
+            Some(last) => {
+                cmds.push(last);
+                inner
+                    .submit(p, Command::ImBatch(cmds))
+                    .await
+                    .and_then(|a| match a.ims.len() == n {
+                        true => Ok(a.ims),
+                        false => Err(ClusterError::Raft(format!(
+                            "{n} conversation writes applied as {}",
+                            a.ims.len()
+                        ))),
+                    })
+            }
+            None => continue,
+        };
+        match r {
+            Ok(ims) => {
+                for ((done, conv), im) in dones.into_iter().zip(convs).zip(ims) {
+                    im_written(&inner, p, conv, im, done);
+                }
+            }
+            Err(e) => {
+                for done in dones {
+                    done(Err(e.copy()));
+                }
+            }
+        }
+    }
+}
+
+/// A conversation write of `conv` (partition `p`) applied as `im`: its
+/// answer now (a refusal, a read-fan-out group's message), or once it is
+/// delivered to every member's partition (`Pending` after
+/// [`crate::delivery::FANOUT_WAIT`]: delivery goes on).
+fn im_written(
+    inner: &Arc<Inner>,
+    p: PartitionId,
+    conv: u64,
+    im: Option<Result<crate::ImApplied, crate::im::ImRefusal>>,
+    done: ImDone,
+) {
+    match im {
+        None => done(Err(ClusterError::Raft("the entry answered nothing".into()))),
+        Some(Err(r)) => done(Ok(ImOutcome::Refused(r))),
+        Some(Ok(ia)) if ia.group => {
+            // A read-fan-out group's message: stored is done.
+            if !ia.duplicate {
+                crate::groups::announce(inner, conv, ia.conv_seq);
+            }
+            done(Ok(ImOutcome::Done {
+                conv_seq: ia.conv_seq,
+                duplicate: ia.duplicate,
+            }))
+        }
+        Some(Ok(ia)) => {
+            // A read-fan-out group's membership change: its members read
+            // it in their pages; those subscribed are told at once (a
+            // removed user is forgotten for push before the group's next
+            // messages are told).
+            if ia.announce {
+                crate::groups::announce(inner, conv, ia.conv_seq);
+            }
+            crate::delivery::kick(inner, p);
+            let wait = crate::delivery::FANOUT_WAIT;
+            crate::delivery::wait(inner, p, ia.outbox, wait, move |delivered| {
+                done(Ok(if delivered {
+                    ImOutcome::Done {
+                        conv_seq: ia.conv_seq,
+                        duplicate: ia.duplicate,
+                    }
+                } else {
+                    ImOutcome::Pending {
+                        conv_seq: ia.conv_seq,
+                    }
+                }))
+            });
+        }
+    }
+}
+
+/// The bytes `c` takes in a log record (bincode, as the log writes it).
+fn entry_size(c: &Command) -> usize {
+    bincode::serialized_size(c).map_or(usize::MAX, |n| n as usize)
+}
+
 fn raft_config(cfg: &NodeConfig) -> Result<Arc<openraft::Config>, ClusterError> {
     let c = openraft::Config {
         cluster_name: cfg.cluster.clone(),
@@ -1080,7 +1175,10 @@ async fn boot(
     let inner = Arc::new(Inner {
         id: cfg.id,
         data_keyspaces,
-        proposals: (0..map.len()).map(|_| Default::default()).collect(),
+        proposals: Queues::new(map.len()),
+        im_proposals: Queues::new(map.len()),
+        proposed: Default::default(),
+        conv_members: Arc::new(crate::members::MembersCache::new(CONV_MEMBERS_CACHE)),
         groups: Arc::new(RwLock::new(HashMap::new())),
         logs: Default::default(),
         addrs: addrs.clone(),
@@ -1097,7 +1195,7 @@ async fn boot(
             leases: Arc::new(crate::lease::Leases::for_timeouts(cfg.election_timeout.0)),
         },
         placement: Default::default(),
-        deliveries: Default::default(),
+        deliveries: crate::delivery::Deliveries::new(map.len()),
         group_pushes: Default::default(),
         replace: Default::default(),
     });

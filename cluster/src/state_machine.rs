@@ -121,8 +121,7 @@ struct State {
     /// a last seq (valid while the list has not grown: a list only grows,
     /// and every replica's holds the same records at the same seqs), and
     /// the ids they hold in all.
-    members: HashMap<u64, (u64, Arc<crate::members::Members>)>,
-    member_ids: usize,
+    members: crate::members::MembersCache,
     /// The last snapshot built or installed (its data is the engine's).
     current: Option<SnapshotMeta<NodeId, BasicNode>>,
     /// Timelines restored from a snapshot with every record expired: the
@@ -218,8 +217,7 @@ impl StateMachine {
                 last_index: HashMap::new(),
                 hwm: HashMap::new(),
                 reads: HashMap::new(),
-                members: HashMap::new(),
-                member_ids: 0,
+                members: crate::members::MembersCache::new(MEMBERS_CACHE),
                 current,
                 floors,
             })),
@@ -452,6 +450,124 @@ impl StateMachine {
     fn apply_im(&self, st: &mut State, index: u64, c: &Command) -> Result<ImResult, Error> {
         let w = write_id(index, 0);
         match c {
+            Command::ImCreate { .. }
+            | Command::ImSend { .. }
+            | Command::ImRecall { .. }
+            | Command::ImMember { .. } => self.apply_conv_write(st, w, c),
+            Command::Deliver(items) => {
+                for (i, d) in items.iter().enumerate().take(crate::MAX_BATCH) {
+                    let t = (Keyspace::SYNC.0, d.user);
+                    let wi = write_id(index, i as u64);
+                    let applied = self.last_index(st, t)? >= wi;
+                    if applied || self.hwm(st, d.user, d.conv)? >= d.conv_seq {
+                        // There already: applied before a restart (then its
+                        // list records may not be, if it was written rather
+                        // than skipped as a re-drive), or a re-driven
+                        // delivery.
+                        if applied && self.lists(d) && self.holds(st, t, wi)? {
+                            self.join_group(st, wi, d)?;
+                        }
+                        continue;
+                    }
+                    let seq = self.append_any(st, t, wi, &d.sync_record())?;
+                    st.hwm.insert((d.user, d.conv), d.conv_seq);
+                    self.join_group(st, wi, d)?;
+                    if let Some(h) = self.hook.get() {
+                        h.delivered(seq, d);
+                    }
+                }
+                Ok(None)
+            }
+            Command::Delivered { upto, wid } => {
+                let t = im::read::done_timeline(self.partition as u32);
+                let (done, _) =
+                    im::read::done(&self.engine, self.partition as u32).map_err(read_err)?;
+                if *upto > done {
+                    let mut b = [0u8; 16];
+                    b[..8].copy_from_slice(&upto.to_le_bytes());
+                    b[8..].copy_from_slice(&wid.to_le_bytes());
+                    self.append_any(st, (t.keyspace.0, t.id), w, &b)?;
+                }
+                Ok(None)
+            }
+            Command::ImMark {
+                user,
+                conv,
+                seq,
+                mark,
+                last,
+                ts,
+            } => {
+                if self.last_index(st, (Keyspace::SYNC.0, *user))? >= w {
+                    return Ok(None); // applied before a restart
+                }
+                let d = Delivery {
+                    user: *user,
+                    conv: *conv,
+                    conv_seq: *seq,
+                    sender: *user,
+                    ts: *ts,
+                    kind: im::KIND_DELETED_MARKER,
+                    body: Vec::new(),
+                };
+                match mark {
+                    crate::Mark::Delete if *seq == 0 || seq > last => {
+                        Ok(Some(Err(ImRefusal::Invalid(format!(
+                            "user {user} cannot see seq {seq} of conversation {conv}"
+                        )))))
+                    }
+                    crate::Mark::Delete => {
+                        // Listed first (kept past the sync TTL, read by
+                        // HISTORY), then the user's sync entry.
+                        let mut rec = [0u8; 16];
+                        rec[..8].copy_from_slice(&conv.to_le_bytes());
+                        rec[8..].copy_from_slice(&seq.to_le_bytes());
+                        self.append_any(st, (crate::log_store::IM_DELETES.0, *user), w, &rec)?;
+                        let s = self.write_mark(st, w, &d)?;
+                        Ok(Some(Ok(ImApplied {
+                            conv_seq: s,
+                            ..Default::default()
+                        })))
+                    }
+                    crate::Mark::Read => {
+                        let (by, old) = self.read_marker(st, *user, *conv)?;
+                        // `by` this entry: a restart came between its two
+                        // writes; the marker moved, its sync entry is due.
+                        let new = if by == w {
+                            old
+                        } else {
+                            (*seq).min(*last).max(old)
+                        };
+                        if new != old || by == w {
+                            let mut rec = [0u8; 16];
+                            rec[..8].copy_from_slice(&conv.to_le_bytes());
+                            rec[8..].copy_from_slice(&new.to_le_bytes());
+                            self.append_any(st, (crate::log_store::IM_READS.0, *user), w, &rec)?;
+                            st.reads.insert((*user, *conv), (w, new));
+                            let d = Delivery {
+                                conv_seq: new,
+                                kind: im::KIND_READ_MARKER,
+                                ..d
+                            };
+                            self.write_mark(st, w, &d)?;
+                        }
+                        Ok(Some(Ok(ImApplied {
+                            conv_seq: new,
+                            ..Default::default()
+                        })))
+                    }
+                }
+            }
+            // Applied by `apply` (a batch's items, each at its write id).
+            Command::Append { .. } | Command::Batch(_) | Command::ImBatch(_) => Ok(None),
+        }
+    }
+
+    /// Apply conversation write `c` (its partition's) at write id `w`:
+    /// an entry of its own (`w` = (index, 0)) or item `i` of an
+    /// [`Command::ImBatch`] (`w` = (index, `i`)).
+    fn apply_conv_write(&self, st: &mut State, w: u64, c: &Command) -> Result<ImResult, Error> {
+        match c {
             Command::ImCreate {
                 conv,
                 kind,
@@ -545,116 +661,12 @@ impl StateMachine {
                 self.store_with_outbox(st, w, *conv, &ev)
                     .map(|a| Some(Ok(a)))
             }
-            Command::Deliver(items) => {
-                for (i, d) in items.iter().enumerate().take(crate::MAX_BATCH) {
-                    let t = (Keyspace::SYNC.0, d.user);
-                    let wi = write_id(index, i as u64);
-                    let applied = self.last_index(st, t)? >= wi;
-                    if applied || self.hwm(st, d.user, d.conv)? >= d.conv_seq {
-                        // There already: applied before a restart (then its
-                        // list records may not be, if it was written rather
-                        // than skipped as a re-drive), or a re-driven
-                        // delivery.
-                        if applied && self.lists(d) && self.holds(st, t, wi)? {
-                            self.join_group(st, wi, d)?;
-                        }
-                        continue;
-                    }
-                    let seq = self.append_any(st, t, wi, &d.sync_record())?;
-                    st.hwm.insert((d.user, d.conv), d.conv_seq);
-                    self.join_group(st, wi, d)?;
-                    if let Some(h) = self.hook.get() {
-                        h.delivered(seq, d);
-                    }
-                }
-                Ok(None)
-            }
-            Command::Delivered { upto, wid } => {
-                let t = im::read::done_timeline(self.partition as u32);
-                let (done, _) =
-                    im::read::done(&self.engine, self.partition as u32).map_err(read_err)?;
-                if *upto > done {
-                    let mut b = [0u8; 16];
-                    b[..8].copy_from_slice(&upto.to_le_bytes());
-                    b[8..].copy_from_slice(&wid.to_le_bytes());
-                    self.append_any(st, (t.keyspace.0, t.id), w, &b)?;
-                }
-                Ok(None)
-            }
             Command::ImRecall {
                 conv,
                 user,
                 target,
                 ts,
             } => self.apply_recall(st, w, *conv, *user, *target, *ts),
-            Command::ImMark {
-                user,
-                conv,
-                seq,
-                mark,
-                last,
-                ts,
-            } => {
-                if self.last_index(st, (Keyspace::SYNC.0, *user))? >= w {
-                    return Ok(None); // applied before a restart
-                }
-                let d = Delivery {
-                    user: *user,
-                    conv: *conv,
-                    conv_seq: *seq,
-                    sender: *user,
-                    ts: *ts,
-                    kind: im::KIND_DELETED_MARKER,
-                    body: Vec::new(),
-                };
-                match mark {
-                    crate::Mark::Delete if *seq == 0 || seq > last => {
-                        Ok(Some(Err(ImRefusal::Invalid(format!(
-                            "user {user} cannot see seq {seq} of conversation {conv}"
-                        )))))
-                    }
-                    crate::Mark::Delete => {
-                        // Listed first (kept past the sync TTL, read by
-                        // HISTORY), then the user's sync entry.
-                        let mut rec = [0u8; 16];
-                        rec[..8].copy_from_slice(&conv.to_le_bytes());
-                        rec[8..].copy_from_slice(&seq.to_le_bytes());
-                        self.append_any(st, (crate::log_store::IM_DELETES.0, *user), w, &rec)?;
-                        let s = self.write_mark(st, w, &d)?;
-                        Ok(Some(Ok(ImApplied {
-                            conv_seq: s,
-                            ..Default::default()
-                        })))
-                    }
-                    crate::Mark::Read => {
-                        let (by, old) = self.read_marker(st, *user, *conv)?;
-                        // `by` this entry: a restart came between its two
-                        // writes; the marker moved, its sync entry is due.
-                        let new = if by == w {
-                            old
-                        } else {
-                            (*seq).min(*last).max(old)
-                        };
-                        if new != old || by == w {
-                            let mut rec = [0u8; 16];
-                            rec[..8].copy_from_slice(&conv.to_le_bytes());
-                            rec[8..].copy_from_slice(&new.to_le_bytes());
-                            self.append_any(st, (crate::log_store::IM_READS.0, *user), w, &rec)?;
-                            st.reads.insert((*user, *conv), (w, new));
-                            let d = Delivery {
-                                conv_seq: new,
-                                kind: im::KIND_READ_MARKER,
-                                ..d
-                            };
-                            self.write_mark(st, w, &d)?;
-                        }
-                        Ok(Some(Ok(ImApplied {
-                            conv_seq: new,
-                            ..Default::default()
-                        })))
-                    }
-                }
-            }
             Command::ImMember {
                 conv,
                 user,
@@ -662,7 +674,9 @@ impl StateMachine {
                 threshold,
                 ts,
             } => self.apply_member(st, w, (*conv, *user), *add, *threshold, *ts),
-            Command::Append { .. } | Command::Batch(_) => Ok(None),
+            _ => Ok(Some(Err(ImRefusal::Invalid(
+                "only conversation writes go in a batch of them".into(),
+            )))),
         }
     }
 
@@ -813,27 +827,7 @@ impl StateMachine {
         st: &mut State,
         conv: u64,
     ) -> Result<Result<Arc<crate::members::Members>, ImRefusal>, Error> {
-        let listed = self
-            .engine
-            .last_seq(TimelineId::new(crate::log_store::IM_MEMBERS, conv));
-        if let Some((at, m)) = st.members.get(&conv) {
-            if *at == listed {
-                return Ok(Ok(m.clone()));
-            }
-        }
-        let m = match im::read::members(&self.engine, conv).map_err(read_err)? {
-            Err(r) => return Ok(Err(r)),
-            Ok(m) => Arc::new(m),
-        };
-        if st.member_ids + m.size() > MEMBERS_CACHE {
-            st.members.clear();
-            st.member_ids = 0;
-        }
-        st.member_ids += m.size();
-        if let Some((_, old)) = st.members.insert(conv, (listed, m.clone())) {
-            st.member_ids -= old.size().min(st.member_ids);
-        }
-        Ok(Ok(m))
+        st.members.get(&self.engine, conv).map_err(read_err)
     }
 
     /// `user`'s read marker in `conv` and the write id that set it ((0, 0):
@@ -1200,7 +1194,6 @@ impl StateMachine {
         st.hwm.clear();
         st.reads.clear();
         st.members.clear();
-        st.member_ids = 0;
         let mut buf = Vec::new();
         while let Some(sec) = r.section().map_err(bad)? {
             self.restore_section(&mut st, &sec, &mut r, &mut buf)
@@ -1466,7 +1459,24 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     out.push(Applied {
                         seq: seqs.first().copied().unwrap_or(0),
                         seqs,
-                        im: None,
+                        ..Default::default()
+                    });
+                    continue;
+                }
+                EntryPayload::Normal(Command::ImBatch(cmds)) => {
+                    let ims = cmds
+                        .iter()
+                        .enumerate()
+                        .take(crate::MAX_BATCH)
+                        .map(|(i, c)| {
+                            let w = write_id(e.log_id.index, i as u64);
+                            self.apply_conv_write(&mut st, w, c)
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    st.applied.applied = Some(e.log_id);
+                    out.push(Applied {
+                        ims,
+                        ..Default::default()
                     });
                     continue;
                 }
@@ -1477,8 +1487,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         seq: im
                             .as_ref()
                             .map_or(0, |r| r.as_ref().map_or(0, |a| a.conv_seq)),
-                        seqs: Vec::new(),
                         im,
+                        ..Default::default()
                     });
                     continue;
                 }
@@ -1486,8 +1496,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             st.applied.applied = Some(e.log_id);
             out.push(Applied {
                 seq,
-                seqs: Vec::new(),
-                im: None,
+                ..Default::default()
             });
         }
         Ok(out)
@@ -1739,6 +1748,103 @@ mod tests {
         assert_eq!(im::read::done(&e, 3).unwrap(), (2, a.outbox));
     }
 
+    /// The conversation writes of one `ImBatch` entry answer and store what
+    /// the same writes answer and store as entries of their own: a create,
+    /// a send, its retry, a send by a non-member, a join and the joined
+    /// user's send (seeing the join before it in the same entry); anything
+    /// else in a batch is refused, not applied; applied again after a
+    /// restart, the entry writes nothing twice.
+    #[test]
+    fn a_batch_of_conversation_writes_applies_each_as_its_own_entry_would() {
+        let cmd = |e: Entry<TypeConfig>| match e.payload {
+            EntryPayload::Normal(c) => c,
+            _ => unreachable!(),
+        };
+        let join = Command::ImMember {
+            conv: 7,
+            user: 3,
+            add: true,
+            threshold: 100,
+            ts: 1,
+        };
+        let writes = vec![
+            cmd(create(0, im::CONV_GROUP, vec![1, 2])),
+            cmd(send(0, 1, 42, "hi")),
+            cmd(send(0, 1, 42, "hi")),
+            cmd(send(0, 9, 1, "x")),
+            join,
+            cmd(send(0, 3, 1, "from 3")),
+        ];
+        // Each as its own entry, on one replica.
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (e1, e2) = (engine(d1.path()), engine(d2.path()));
+        let mut one = StateMachine::open(e1.clone(), 3).unwrap();
+        let mut alone = Vec::new();
+        for (i, c) in writes.iter().enumerate() {
+            alone.push(im_of(
+                block(one.apply([entry(i as u64 + 1, c.clone())])).unwrap(),
+            ));
+        }
+        // As one entry, on another.
+        let mut batch = writes.clone();
+        batch.push(Command::Deliver(Vec::new()));
+        let mut two = StateMachine::open(e2.clone(), 3).unwrap();
+        let mut r = block(two.apply([entry(1, Command::ImBatch(batch.clone()))])).unwrap();
+        let together = r.pop().unwrap().ims;
+        assert_eq!(together.len(), writes.len() + 1);
+        assert!(matches!(
+            together[writes.len()],
+            Some(Err(ImRefusal::Invalid(_)))
+        ));
+        // The same answers but for the write ids (the outbox's keys).
+        let seen = |a: &Option<Result<ImApplied, ImRefusal>>| match a {
+            Some(Ok(a)) => Ok((a.conv_seq, a.duplicate, a.group)),
+            Some(Err(r)) => Err(format!("{r:?}")),
+            None => Err("nothing".into()),
+        };
+        let alone: Vec<_> = alone.iter().map(seen).collect();
+        let together: Vec<_> = together[..writes.len()].iter().map(seen).collect();
+        assert_eq!(alone, together);
+        assert_eq!(alone[2], Ok((2, true, false)), "the retry");
+        assert!(alone[3].is_err(), "not a member");
+        assert_eq!(alone[5], Ok((4, false, false)), "the joined user's send");
+        // The same store records and outbox records.
+        let events = |sm: &StateMachine| -> Vec<(u8, u64, Vec<u8>)> {
+            sm.records(Keyspace::STORE.0, 7)
+                .unwrap()
+                .into_iter()
+                .map(|(_, b)| {
+                    let ev = StoreEvent::decode(&b).unwrap();
+                    (ev.kind, ev.sender, ev.body)
+                })
+                .collect()
+        };
+        assert_eq!(events(&one), events(&two));
+        assert_eq!(events(&two).len(), 4);
+        let outbox = |e: &Arc<Engine>| -> Vec<(u64, u64)> {
+            im::read::outbox_after(e, 3, 0, 10)
+                .unwrap()
+                .iter()
+                .map(|p| (p.conv, p.conv_seq))
+                .collect()
+        };
+        assert_eq!(outbox(&e1), outbox(&e2));
+        assert_eq!(outbox(&e2), vec![(7, 1), (7, 2), (7, 3), (7, 4)]);
+        // The outbox keys are the items' write ids, in order.
+        let wids: Vec<u64> = im::read::outbox_after(&e2, 3, 0, 10)
+            .unwrap()
+            .iter()
+            .map(|p| p.write_id)
+            .collect();
+        let want: Vec<u64> = [0, 1, 4, 5].iter().map(|&i| write_id(1, i)).collect();
+        assert_eq!(wids, want);
+        // Applied again after a restart: nothing written twice.
+        let mut two = StateMachine::open(e2.clone(), 3).unwrap();
+        block(two.apply([entry(1, Command::ImBatch(batch))])).unwrap();
+        assert_eq!(events(&two).len(), 4);
+        assert_eq!(outbox(&e2).len(), 4);
+    }
+
     /// A `Created` delivery skipped as a re-drive, re-applied after a
     /// restart once the user's sync timeline has moved past it, lists
     /// nothing (its first delivery did): the lists stay the same on every
@@ -1916,6 +2022,34 @@ mod tests {
                 ts: 1,
             },
         )
+    }
+
+    /// The read paths' members cache answers what a fresh read answers:
+    /// kept (the same `Arc`) while the list is unchanged, read again once a
+    /// change is listed, and a conversation not there yet is not kept.
+    #[test]
+    fn the_members_cache_reads_again_once_the_list_grows() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let mut sm = StateMachine::open(e.clone(), 3).unwrap();
+        let cache = crate::members::MembersCache::new(1 << 10);
+        assert_eq!(
+            cache.get(&e, 7).unwrap().unwrap_err(),
+            ImRefusal::NoConversation(7)
+        );
+        block(sm.apply([create(1, im::CONV_GROUP, vec![1, 2])])).unwrap();
+        let a = cache.get(&e, 7).unwrap().unwrap();
+        assert_eq!(a.current(), vec![1, 2]);
+        let b = cache.get(&e, 7).unwrap().unwrap();
+        assert!(Arc::ptr_eq(&a, &b), "kept while the list is unchanged");
+        applied(&mut sm, member(2, 3, true)).unwrap().unwrap();
+        let c = cache.get(&e, 7).unwrap().unwrap();
+        assert_eq!(c.current(), vec![1, 2, 3]);
+        applied(&mut sm, member(3, 1, false)).unwrap().unwrap();
+        let d = cache.get(&e, 7).unwrap().unwrap();
+        assert_eq!(d.current(), vec![2, 3]);
+        assert_eq!(*d, im::read::members(&e, 7).unwrap().unwrap());
+        assert_eq!(d.stays(1), vec![(1, 3)]);
     }
 
     fn applied(

@@ -47,7 +47,7 @@ use timeline_cluster::im::{
     KIND_DELETED_MARKER, KIND_MEMBER_ADDED, KIND_MEMBER_REMOVED, KIND_MESSAGE, KIND_READ_MARKER,
     KIND_RECALL, RECORD_OVERHEAD,
 };
-use timeline_cluster::members::{covers, upper};
+use timeline_cluster::members::{covers, upper, MembersCache};
 use timeline_cluster::state_machine::payload_of;
 use timeline_cluster::{ImOutcome, Mark, Node};
 use timeline_engine::{Direction, Engine, Keyspace, TimelineId};
@@ -210,12 +210,14 @@ pub(crate) fn execute(
             let (conv, user, from) = (*conv, *user, *from);
             let limit = page_limit(sh, conn, *limit);
             let engine = node.engine().clone();
+            let members = node.conv_members();
             let weak = Arc::downgrade(ctx.sh);
             let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
             node.linearize(Keyspace::STORE.0, conv, move |r| {
-                let page = r
-                    .map_err(|e| e.reply())
-                    .and_then(|()| history(&engine, conv, user, from, limit));
+                let page = r.map_err(|e| e.reply()).and_then(|()| {
+                    let read = (&engine, &*members);
+                    history(read, conv, user, from, limit)
+                });
                 match page {
                     Ok(p) if p.entries.iter().any(|e| deletable(&e.body)) => {
                         with_deletes(weak, user, conv, p, a)
@@ -264,6 +266,7 @@ pub(crate) fn execute(
         Request::Members { conv } => {
             let conv = *conv;
             let engine = node.engine().clone();
+            let members = node.conv_members();
             // A user token lists only the conversations it is in (§12).
             let asker = match conn.session.id {
                 Some(Identity::User(u)) => Some(u),
@@ -272,7 +275,7 @@ pub(crate) fn execute(
             let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
             node.linearize(Keyspace::STORE.0, conv, move |r| {
                 a.reply(r.map_err(|e| e.reply()).and_then(|()| {
-                    let found = read::members(&engine, conv).map_err(read_failed)?;
+                    let found = members.get(&engine, conv).map_err(read_failed)?;
                     match (found, asker) {
                         // A conversation the user is not in is not told
                         // apart from a missing one, as on a single node.
@@ -591,13 +594,14 @@ fn with_deletes(
 /// A page of a conversation's history, for a member or a former one:
 /// inside its stays (`[join, leave]`, as on a single node).
 fn history(
-    engine: &Arc<Engine>,
+    (engine, members): (&Arc<Engine>, &MembersCache),
     conv: u64,
     user: u64,
     from: HistoryFrom,
     limit: usize,
 ) -> Result<HistoryPage, ErrorReply> {
-    let members = read::members(engine, conv)
+    let members = members
+        .get(engine, conv)
         .map_err(read_failed)?
         .map_err(|r| refusal(&r))?;
     let stays = members.stays(user);

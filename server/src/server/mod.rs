@@ -474,6 +474,12 @@ pub(crate) fn stats(sh: &Shared) -> Vec<(String, u64)> {
             kv("cluster_snapshot_bytes_sent", bytes),
             kv("cluster_snapshots_installed", installed),
         ]);
+        let (entries, conv_entries, conv_writes) = n.proposed();
+        out.extend([
+            kv("cluster_entries_proposed", entries),
+            kv("cluster_conv_entries_proposed", conv_entries),
+            kv("cluster_conv_writes_proposed", conv_writes),
+        ]);
         let (by_lease, by_round) = n.reads();
         out.extend([
             kv("cluster_reads_by_lease", by_lease),
