@@ -32,8 +32,11 @@
 //! - [`conversations`]: a user's conversation list, with each one's last
 //!   seq and unread count asked of its leader;
 //! - [`node`]: a running node: its groups, start-up (forming the map),
-//!   routing answers (`MOVED`, `NO_LEADER`, `UNCERTAIN`) and the batching
-//!   of concurrent appends into one entry;
+//!   routing answers (`MOVED`, `NO_LEADER`, `UNCERTAIN`) and the proposing
+//!   of concurrent appends, and of concurrent conversation writes, as one
+//!   entry per partition;
+//! - `coalesce`: the per-partition queues those entries (and the
+//!   deliveries' entries) are taken from, one entry in flight at a time;
 //! - [`reconcile`]: placement acted on: a new map becomes membership
 //!   changes of the groups (new replicas caught up as learners first), and
 //!   a node that starts outside the map asks for its share;
