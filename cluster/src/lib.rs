@@ -40,6 +40,8 @@
 //! - [`reconcile`]: placement acted on: a new map becomes membership
 //!   changes of the groups (new replicas caught up as learners first), and
 //!   a node that starts outside the map asks for its share;
+//! - `rebalance`: a leader hands a partition to its preferred replica
+//!   (the map's first) when that one is alive and caught up;
 //! - [`replace`]: a node whose lease has been gone for `replace_after` is
 //!   taken out of the map, its replicas moved to live nodes.
 //!
@@ -59,6 +61,7 @@ pub mod meta;
 pub mod net;
 pub mod node;
 pub mod partition;
+pub(crate) mod rebalance;
 pub mod reconcile;
 pub(crate) mod replace;
 pub mod snapshot;

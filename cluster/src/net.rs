@@ -77,6 +77,8 @@ pub const KIND_DELETES: u8 = 9;
 /// log?): empty body; reply bincode `Option<Vec<NodeId>>` (`None`: no group
 /// here).
 pub const KIND_MEMBERSHIP: u8 = 10;
+/// A leadership handover (`crate::rebalance`): hold elections, or stand.
+pub const KIND_HANDOVER: u8 = 11;
 const DELIVER_TIMEOUT: Duration = Duration::from_secs(5);
 const REPLY: u8 = 0x80;
 const KIND_NO_GROUP: u8 = 0xFF;
@@ -216,7 +218,7 @@ async fn serve_conn(s: TcpStream, groups: Arc<Groups>, im: ImFn, votes: VoteGate
             }
         };
         let tx = tx.clone();
-        if (KIND_DELIVER..=KIND_MEMBERSHIP).contains(&f.kind) {
+        if (KIND_DELIVER..=KIND_HANDOVER).contains(&f.kind) {
             let answer = im(f.kind, f.partition, f.body);
             tokio::spawn(async move {
                 let body = answer.await;

@@ -73,6 +73,9 @@ pub struct NodeConfig {
     /// its replicas move to the live nodes (module `replace`). `None`:
     /// never (an operator runs `timeline-placement remove-node`).
     pub replace_after: Option<Duration>,
+    /// How often a leader looks for partitions to hand to their preferred
+    /// replica (the map's first; module `rebalance`). `None`: never.
+    pub leader_rebalance_every: Option<Duration>,
 }
 
 impl Default for NodeConfig {
@@ -93,6 +96,7 @@ impl Default for NodeConfig {
             snapshot_dir: None,
             log_reclaim_every: Duration::from_secs(60),
             replace_after: Some(DEFAULT_REPLACE_AFTER),
+            leader_rebalance_every: Some(DEFAULT_LEADER_REBALANCE_EVERY),
         }
     }
 }
@@ -102,6 +106,12 @@ impl Default for NodeConfig {
 /// restart or a reboot, short enough that a second failure is unlikely
 /// meanwhile.
 pub const DEFAULT_REPLACE_AFTER: Duration = Duration::from_secs(300);
+
+/// How often a leader looks for partitions to hand back to their preferred
+/// replica (as Kafka's `leader.imbalance.check.interval.seconds`, 300 s
+/// there): long enough that a node just back has caught up, short enough
+/// that its share of the load returns within a minute.
+pub const DEFAULT_LEADER_REBALANCE_EVERY: Duration = Duration::from_secs(30);
 
 /// Most appends one entry carries (a bound on an entry's size and on the
 /// replies that wait for it; well under `MAX_BATCH`).
@@ -227,6 +237,10 @@ pub(crate) struct Inner {
     im_proposals: Queues<ImWaiting>,
     /// What this node proposed as a leader since start (`STATS`).
     proposed: Proposed,
+    /// Leadership handovers to preferred replicas (module `rebalance`),
+    /// and how often to look for them (`None`: never).
+    pub(crate) handovers: crate::rebalance::Handovers,
+    pub(crate) rebalance_every: Option<Duration>,
     /// Conversations' members as this node's engine holds them, for the
     /// read paths (pages, probes, summaries, delivery rounds, `HISTORY`).
     pub(crate) conv_members: Arc<crate::members::MembersCache>,
@@ -598,6 +612,16 @@ impl Node {
         self.inner.conv_members.clone()
     }
 
+    /// Leadership handovers to a preferred replica since start: done, and
+    /// not done (module `rebalance`).
+    pub fn handovers(&self) -> (u64, u64) {
+        let h = &self.inner.handovers;
+        (
+            h.done.load(Ordering::Relaxed),
+            h.failed.load(Ordering::Relaxed),
+        )
+    }
+
     /// Entries this node proposed as a leader since start (every kind),
     /// and of them the conversation writes' entries and the writes they
     /// carried (several concurrent writes to a partition share one).
@@ -815,6 +839,10 @@ impl Inner {
         let Some(g) = self.group(p) else {
             return Err(self.redirect(p, None));
         };
+        if self.handovers.handing(p) {
+            // Stepping aside for the preferred replica: ask again shortly.
+            return Err(ClusterError::NoLeader { partition: p });
+        }
         let leader = self.known_leader(&g);
         if leader != Some(self.id) {
             return Err(self.redirect(p, leader));
@@ -841,6 +869,12 @@ impl Inner {
         &self.factory.engine
     }
 
+    /// openraft's `election_timeout_max`: also how long a follower keeps
+    /// refusing votes after it last heard from its leader (its lease).
+    pub(crate) fn election_timeout_max(&self) -> Duration {
+        Duration::from_millis(self.factory.config.election_timeout_max)
+    }
+
     pub(crate) fn transport(&self) -> &Arc<Transport> {
         &self.factory.transport
     }
@@ -855,6 +889,11 @@ impl Inner {
         let Some(g) = self.group(p) else {
             return Err(self.redirect(p, None));
         };
+        if self.handovers.handing(p) {
+            // No read either: a heartbeat round would renew the followers'
+            // lease of this leader and hold up the preferred replica.
+            return Err(ClusterError::NoLeader { partition: p });
+        }
         let leases = &self.factory.leases;
         let held = leases.holds(p, self.id, &g.metrics().borrow(), Instant::now());
         leases.count(held);
@@ -1178,6 +1217,8 @@ async fn boot(
         proposals: Queues::new(map.len()),
         im_proposals: Queues::new(map.len()),
         proposed: Default::default(),
+        handovers: Default::default(),
+        rebalance_every: cfg.leader_rebalance_every,
         conv_members: Arc::new(crate::members::MembersCache::new(CONV_MEMBERS_CACHE)),
         groups: Arc::new(RwLock::new(HashMap::new())),
         logs: Default::default(),
@@ -1216,6 +1257,7 @@ async fn boot(
                 (Some(inner), net::KIND_MEMBERSHIP) => {
                     crate::reconcile::serve_membership(inner, p).await
                 }
+                (Some(inner), net::KIND_HANDOVER) => crate::rebalance::serve(inner, p, body).await,
                 _ => Vec::new(),
             }
         })

@@ -37,7 +37,7 @@ const CATCH_UP: Duration = Duration::from_secs(60);
 #[derive(Default)]
 pub(crate) struct Placement {
     pub(crate) changed: tokio::sync::Notify,
-    busy: parking_lot::Mutex<HashSet<PartitionId>>,
+    pub(crate) busy: parking_lot::Mutex<HashSet<PartitionId>>,
     /// Groups outside the map that know no leader, since when.
     leaderless: parking_lot::Mutex<HashMap<PartitionId, Instant>>,
     /// Logs of partitions this node runs no group of that it still keeps
@@ -236,7 +236,7 @@ fn target(inner: &Inner, p: PartitionId) -> Option<BTreeSet<NodeId>> {
 
 /// Whether group `g`'s membership already is `target` (one config, those
 /// voters).
-fn settled(g: &Raft<TypeConfig>, target: &BTreeSet<NodeId>) -> bool {
+pub(crate) fn settled(g: &Raft<TypeConfig>, target: &BTreeSet<NodeId>) -> bool {
     let m = g.metrics().borrow().membership_config.clone();
     let joint = m.membership().get_joint_config();
     joint.len() == 1 && joint[0] == *target && stray_learners(g, target).is_empty()
@@ -252,6 +252,9 @@ fn stray_learners(g: &Raft<TypeConfig>, target: &BTreeSet<NodeId>) -> BTreeSet<N
 
 /// One pass over this node's partitions.
 async fn round(inner: &Arc<Inner>) {
+    if let Some(every) = inner.rebalance_every {
+        crate::rebalance::maybe_start(inner, every);
+    }
     let p_count = inner.map.read().len();
     for p in 0..p_count {
         let Some(target) = target(inner, p) else {

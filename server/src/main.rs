@@ -138,6 +138,11 @@ struct Args {
     /// `timeline-placement remove-node`.
     #[arg(long, default_value_t = 300)]
     replace_after: u64,
+    /// Seconds between a leader's looks for partitions to hand back to
+    /// their preferred replica (the map's first), when that one is alive
+    /// and caught up (with --cluster). 0: never.
+    #[arg(long, default_value_t = 30)]
+    leader_rebalance_every: u64,
 }
 
 /// Raise the soft descriptor limit toward the hard one so that
@@ -236,6 +241,8 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
                 partitions: a.partitions,
                 replicas: a.replicas,
                 replace_after: (a.replace_after > 0).then(|| Duration::from_secs(a.replace_after)),
+                leader_rebalance_every: (a.leader_rebalance_every > 0)
+                    .then(|| Duration::from_secs(a.leader_rebalance_every)),
                 ..Default::default()
             })
         }

@@ -754,6 +754,97 @@ fn wait_settled_except(
     }
 }
 
+/// Each node's count of the partitions it is the preferred leader of (the
+/// map's first replica).
+fn preferred_counts(cl: &Cluster) -> HashMap<u64, u64> {
+    let mut by = HashMap::new();
+    for r in &etcd_map(cl).partitions {
+        *by.entry(r[0]).or_default() += 1;
+    }
+    by
+}
+
+/// Leader rebalancing (`cluster/src/rebalance.rs`), every 2 s here. Node 1
+/// is killed under load: nodes 2 and 3 take over every partition it led.
+/// Restarted on its disk, it leads none until they hand its preferred
+/// partitions (the map's first replica is node 1) back, one at a time,
+/// each leader stepping aside; then every node leads exactly its
+/// preferred share. Nothing acknowledged is lost (the history checker),
+/// and the handovers are counted where they were made.
+#[test]
+fn a_restarted_node_is_handed_back_the_partitions_it_prefers_to_lead() {
+    let partitions = env_or("CLUSTER_PARTITIONS", 16) as u32;
+    let mut cl = Cluster::start_shaped(BIN, partitions, 3, |n| {
+        n.with_env("CLUSTER_REBALANCE_MS", "2000")
+    });
+    let want = preferred_counts(&cl);
+    let share = |id: u64| want.get(&id).copied().unwrap_or(0);
+    assert!(share(1) > 0, "node 1 prefers some partitions: {want:?}");
+    wait_settled(&cl, partitions, "balanced at start", |id, m| {
+        m.get("cluster_leading") == Some(&share(id))
+    });
+    let seeds = cl.seeds();
+    let load = Load::start(&seeds);
+    std::thread::sleep(Duration::from_millis(1000));
+    cl.nodes[0].kill9();
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = stats_except(&cl, &[1]);
+        let leading: u64 = st
+            .iter()
+            .map(|(_, m)| m.get("cluster_leading").copied().unwrap_or(0))
+            .sum();
+        if leading == u64::from(partitions) {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "nodes 2 and 3 did not take over: {st:?}\n{}",
+            cl.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let back = Instant::now();
+    cl.nodes[0].spawn(BIN);
+    cl.nodes[0].wait_ready(Duration::from_secs(60));
+    let st = wait_settled(
+        &cl,
+        partitions,
+        "node 1 handed its partitions back",
+        |id, m| m.get("cluster_leading") == Some(&share(id)),
+    );
+    let handed: Vec<(u64, u64, u64)> = st
+        .iter()
+        .map(|(id, m)| {
+            let g = |k: &str| m.get(k).copied().unwrap_or(0);
+            (
+                *id,
+                g("cluster_leaders_handed_over"),
+                g("cluster_leader_handovers_failed"),
+            )
+        })
+        .collect();
+    eprintln!(
+        "node 1 leads its {} preferred partitions again {:?} after its restart; handed over (node, done, failed): {handed:?}",
+        share(1),
+        back.elapsed()
+    );
+    let done: u64 = handed.iter().map(|h| h.1).sum();
+    assert!(
+        done >= share(1),
+        "at least node 1's share was handed over: {handed:?}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let h = load.finish();
+    let (_, total, routing) = check_all(&seeds, &h.lock(), || cl.logs());
+    eprintln!("rebalanced under load: {total:?}; client routing {routing:?}");
+    assert!(
+        total.acked > 100,
+        "too little load to mean anything: {total:?}"
+    );
+    drop(cl.etcd);
+}
+
 /// A fourth node started under load asks for its share and takes it over
 /// (catching up as a learner, then a voter); then node 1 is removed by a
 /// map change and gives every replica up, and is killed. Nothing

@@ -485,6 +485,11 @@ pub(crate) fn stats(sh: &Shared) -> Vec<(String, u64)> {
             kv("cluster_reads_by_lease", by_lease),
             kv("cluster_reads_by_round", by_round),
         ]);
+        let (handed, not_handed) = n.handovers();
+        out.extend([
+            kv("cluster_leaders_handed_over", handed),
+            kv("cluster_leader_handovers_failed", not_handed),
+        ]);
         let (live, replaced, rejoined) = n.liveness();
         out.extend([
             kv("cluster_members_live", live),

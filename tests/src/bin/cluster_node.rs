@@ -3,7 +3,8 @@
 //!
 //! Usage: `cluster-node <data dir> <client addr> <raft addr> <etcd> <node id> <partitions> [<auth secret>]`
 //! (with a secret, `--auth` is on with it; `CLUSTER_REPLACE_AFTER_MS` in
-//! the environment sets `replace_after`, 0 for never). Exit codes: 2 bad usage, 3
+//! the environment sets `replace_after`, `CLUSTER_REBALANCE_MS`
+//! `leader_rebalance_every`, 0 for never). Exit codes: 2 bad usage, 3
 //! the server did not start.
 
 use std::time::Duration;
@@ -49,19 +50,15 @@ fn main() {
         snapshot_every: 2_000,
         keep_in_log: 500,
         log_reclaim_every: Duration::from_secs(2),
-        // `CLUSTER_REPLACE_AFTER_MS` (the harness sets it per node): how
-        // long a node may be gone before it is replaced; unset, the default.
-        replace_after: match std::env::var("CLUSTER_REPLACE_AFTER_MS") {
-            Ok(ms) => match ms.parse::<u64>() {
-                Ok(0) => None,
-                Ok(ms) => Some(Duration::from_millis(ms)),
-                Err(_) => {
-                    eprintln!("cluster-node: CLUSTER_REPLACE_AFTER_MS is a number");
-                    std::process::exit(2);
-                }
-            },
-            Err(_) => timeline_cluster::NodeConfig::default().replace_after,
-        },
+        // Set per node by the harness; unset, the defaults.
+        replace_after: ms_env(
+            "CLUSTER_REPLACE_AFTER_MS",
+            timeline_cluster::NodeConfig::default().replace_after,
+        ),
+        leader_rebalance_every: ms_env(
+            "CLUSTER_REBALANCE_MS",
+            timeline_cluster::NodeConfig::default().leader_rebalance_every,
+        ),
         ..Default::default()
     });
     match timeline_server::start(cfg) {
@@ -73,6 +70,21 @@ fn main() {
             eprintln!("cluster-node {id}: {e}");
             std::process::exit(3);
         }
+    }
+}
+
+/// A duration in ms from the environment (0: `None`), else `default`.
+fn ms_env(name: &str, default: Option<Duration>) -> Option<Duration> {
+    match std::env::var(name) {
+        Ok(ms) => match ms.parse::<u64>() {
+            Ok(0) => None,
+            Ok(ms) => Some(Duration::from_millis(ms)),
+            Err(_) => {
+                eprintln!("cluster-node: {name} is a number");
+                std::process::exit(2);
+            }
+        },
+        Err(_) => default,
     }
 }
 

@@ -1,0 +1,269 @@
+//! Leader rebalancing: each partition led by its **preferred replica**,
+//! the map's first (docs/scaling.md, "Leader rebalancing").
+//!
+//! After a node restarts, the partitions it led have new leaders on the
+//! other nodes, and it leads none: their load stays on the others.
+//! openraft 0.9 has no leadership transfer (0.10's `transfer_leader`), and
+//! its followers refuse votes while their leader's heartbeats arrive, so a
+//! preferred replica cannot simply stand. So the leader steps aside:
+//!
+//! 1. it stops taking writes and reads for the partition (`NO_LEADER`: the
+//!    client retries) and waits until what it proposed is applied and the
+//!    preferred replica has every entry;
+//! 2. it asks the group's other voters to hold their elections
+//!    ([`HOLD`]; they still vote), so that the preferred replica is the
+//!    only one to stand;
+//! 3. it stops its heartbeats and asks the preferred replica to stand once
+//!    the followers' leases of it have lapsed (openraft's leader lease:
+//!    `election_timeout_max` after the last entry or heartbeat);
+//! 4. it waits up to [`WIN_WAIT`] for another leader, then takes its
+//!    heartbeats back up (and, if none came, its writes: nothing is lost,
+//!    the partition only paused).
+//!
+//! Raft's safety does not rest on any of this: a step that fails leaves an
+//! ordinary group that elects as usual. Each leader looks every
+//! `leader_rebalance_every` (`NodeConfig`) for partitions it leads whose
+//! preferred replica is alive, a voter and caught up, and hands them over
+//! one at a time. A partition pauses for about `election_timeout_max` plus
+//! a vote round while it is handed over.
+
+use crate::node::Inner;
+use crate::partition::PartitionId;
+use crate::{NodeId, TypeConfig};
+use openraft::{Raft, ServerState};
+use parking_lot::Mutex;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long the other voters hold their elections.
+pub(crate) const HOLD: Duration = Duration::from_secs(2);
+/// How long the leader waits for its proposals to apply and the preferred
+/// replica to have them.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
+/// How long the leader waits for the preferred replica to win.
+const WIN_WAIT: Duration = Duration::from_secs(3);
+/// What the preferred replica waits beyond the followers' lease before it
+/// stands.
+const MARGIN: Duration = Duration::from_millis(50);
+
+/// The peer request (`net::KIND_HANDOVER`): what a voter is asked to do.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub(crate) enum Ask {
+    /// Hold elections for this long (ms).
+    Hold(u64),
+    /// Stand for election once this long (ms) has passed.
+    Stand(u64),
+}
+
+/// A node's handovers: the partitions it is handing over (refusing their
+/// requests), the elections it holds for another node's handover, and the
+/// counts `STATS` shows.
+#[derive(Default)]
+pub(crate) struct Handovers {
+    handing: Mutex<HashSet<PartitionId>>,
+    held: Mutex<HashMap<PartitionId, Instant>>,
+    running: AtomicBool,
+    last: Mutex<Option<Instant>>,
+    pub(crate) done: AtomicU64,
+    pub(crate) failed: AtomicU64,
+}
+
+impl Handovers {
+    /// Whether this node is handing `p` over (it takes no request for it).
+    pub(crate) fn handing(&self, p: PartitionId) -> bool {
+        self.handing.lock().contains(&p)
+    }
+}
+
+/// From the placement round (every second): once per `every`, hand over,
+/// one after another, the partitions this node leads whose preferred
+/// replica should lead them.
+pub(crate) fn maybe_start(inner: &Arc<Inner>, every: Duration) {
+    let h = &inner.handovers;
+    {
+        let mut last = h.last.lock();
+        if last.is_some_and(|t| t.elapsed() < every) {
+            return;
+        }
+        *last = Some(Instant::now());
+    }
+    if h.running.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        let p_count = inner.map.read().len();
+        for p in 0..p_count {
+            let Some(to) = preferred_if_ready(&inner, p) else {
+                continue;
+            };
+            // One change per partition at a time: not while its membership
+            // changes.
+            if !inner.placement.busy.lock().insert(p) {
+                continue;
+            }
+            let t0 = Instant::now();
+            let r = hand_over(&inner, p, to).await;
+            inner.placement.busy.lock().remove(&p);
+            let ms = t0.elapsed().as_millis() as u64;
+            match r {
+                Ok(()) => {
+                    inner.handovers.done.fetch_add(1, Ordering::Relaxed);
+                    let what = "leadership handed to the preferred replica";
+                    tracing::info!(partition = p, to, ms, what);
+                }
+                Err(why) => {
+                    inner.handovers.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(partition = p, to, ms, why, "leadership handover not done");
+                }
+            }
+        }
+        inner.handovers.running.store(false, Ordering::Release);
+    });
+}
+
+/// `p`'s preferred replica if this node leads `p` and should hand it over
+/// now: the preferred replica is another node, alive, a voter of the
+/// settled membership, and has every entry of this leader's log.
+fn preferred_if_ready(inner: &Inner, p: PartitionId) -> Option<NodeId> {
+    let (first, target) = {
+        let map = inner.map.read();
+        let r = map.partitions.get(p as usize)?;
+        (*r.first()?, r.iter().copied().collect())
+    };
+    if first == inner.id || !inner.replace.live.read().contains(&first) {
+        return None;
+    }
+    let g = inner.group(p)?;
+    if !crate::reconcile::settled(&g, &target) {
+        return None;
+    }
+    let m = g.metrics().borrow().clone();
+    let caught_up = |m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>| {
+        let matched = m.replication.as_ref()?.get(&first).copied().flatten();
+        Some(matched.map(|l| l.index) >= m.last_log_index)
+    };
+    (m.state == ServerState::Leader && caught_up(&m) == Some(true)).then_some(first)
+}
+
+/// Hand `p`'s leadership from this node to `to` (module docs); `Err` says
+/// which step failed (the partition is led here again, or by whoever the
+/// group elected).
+async fn hand_over(inner: &Arc<Inner>, p: PartitionId, to: NodeId) -> Result<(), String> {
+    let g = inner.group(p).ok_or("the group closed")?;
+    inner.handovers.handing.lock().insert(p);
+    let r = step_aside(inner, p, &g, to).await;
+    g.runtime_config().heartbeat(true);
+    inner.handovers.handing.lock().remove(&p);
+    r
+}
+
+async fn step_aside(
+    inner: &Arc<Inner>,
+    p: PartitionId,
+    g: &Raft<TypeConfig>,
+    to: NodeId,
+) -> Result<(), String> {
+    let me = inner.id;
+    // 1. Everything proposed is applied here and is in `to`'s log.
+    g.wait(Some(CATCH_UP_WAIT))
+        .metrics(
+            |m| {
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&to).copied().flatten());
+                m.state == ServerState::Leader
+                    && m.last_applied.map(|l| l.index) == m.last_log_index
+                    && matched.map(|l| l.index) >= m.last_log_index
+            },
+            "applied here and replicated to the preferred replica",
+        )
+        .await
+        .map_err(|e| format!("catching up: {e}"))?;
+    // 2. The other voters hold their elections.
+    let voters: Vec<NodeId> = g
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .filter(|&v| v != me && v != to)
+        .collect();
+    for v in voters {
+        ask(inner, v, p, Ask::Hold(HOLD.as_millis() as u64)).await?;
+    }
+    // 3. Silence, and `to` stands once the followers' lease of this
+    // leader has lapsed.
+    g.runtime_config().heartbeat(false);
+    let lease = inner.election_timeout_max() + MARGIN;
+    ask(inner, to, p, Ask::Stand(lease.as_millis() as u64)).await?;
+    // 4. Another leader, or give up.
+    g.wait(Some(WIN_WAIT))
+        .metrics(
+            |m| m.state != ServerState::Leader || m.current_leader != Some(me),
+            "another leader",
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("waiting for the preferred replica to win: {e}"))
+}
+
+/// Send `ask` about `p` to `node`; `Err` unless it did it.
+async fn ask(inner: &Inner, node: NodeId, p: PartitionId, ask: Ask) -> Result<(), String> {
+    let body = bincode::serialize(&ask).map_err(|e| e.to_string())?;
+    let reply = inner
+        .transport()
+        .im_call(node, crate::net::KIND_HANDOVER, p, body)
+        .await
+        .map_err(|e| format!("asking node {node} to {ask:?}: {e}"))?;
+    match bincode::deserialize::<bool>(&reply) {
+        Ok(true) => Ok(()),
+        _ => Err(format!("node {node} did not {ask:?}")),
+    }
+}
+
+/// Answer [`crate::net::KIND_HANDOVER`] for partition `p`: `true` if this
+/// node runs a group of `p` and did what it was asked.
+pub(crate) async fn serve(inner: Arc<Inner>, p: PartitionId, body: Vec<u8>) -> Vec<u8> {
+    let done = match (bincode::deserialize::<Ask>(&body), inner.group(p)) {
+        (Ok(Ask::Hold(ms)), Some(g)) => {
+            hold(&inner, p, g, Duration::from_millis(ms).min(HOLD));
+            true
+        }
+        (Ok(Ask::Stand(ms)), Some(g)) => {
+            let after = Duration::from_millis(ms).min(WIN_WAIT);
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                if g.metrics().borrow().state != ServerState::Leader {
+                    let _ = g.trigger().elect().await;
+                }
+            });
+            true
+        }
+        _ => false,
+    };
+    bincode::serialize(&done).unwrap_or_default()
+}
+
+/// Hold `p`'s elections on this node for `d` (a later hold extends it).
+fn hold(inner: &Arc<Inner>, p: PartitionId, g: Raft<TypeConfig>, d: Duration) {
+    let until = Instant::now() + d;
+    {
+        let mut held = inner.handovers.held.lock();
+        let t = held.entry(p).or_insert(until);
+        *t = (*t).max(until);
+    }
+    g.runtime_config().elect(false);
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(d).await;
+        let mut held = inner.handovers.held.lock();
+        if held.get(&p).is_some_and(|t| *t <= Instant::now()) {
+            held.remove(&p);
+            g.runtime_config().elect(true);
+        }
+    });
+}
