@@ -10,7 +10,10 @@
 //! The caller that queues into an idle partition starts its drain; the
 //! drain [`Queues::take`]s an entry's worth at a time until nothing waits,
 //! and the same call that finds the queue empty marks it idle, under the
-//! same lock, so an item is never left with no drain to take it.
+//! same lock, so an item is never left with no drain to take it. A drain
+//! holds a [`Draining`] guard: if it unwinds (a callback panicked), the
+//! queue is marked idle, so the next push starts another drain instead of
+//! waiting forever on a dead one.
 
 use crate::partition::PartitionId;
 use parking_lot::Mutex;
@@ -51,6 +54,11 @@ impl<T> Queues<T> {
         Ok(!std::mem::replace(&mut s.proposing, true))
     }
 
+    /// The guard a drain of `p` holds while it runs.
+    pub(crate) fn draining(&self, p: PartitionId) -> Draining<'_, T> {
+        Draining { q: self, p }
+    }
+
     /// The next entry's items, oldest first: those for which `fits` holds
     /// in order, at most `most`, and at least one; `None` when nothing
     /// waits (the drain ends, and the next push starts another).
@@ -76,6 +84,22 @@ impl<T> Queues<T> {
     }
 }
 
+/// See the module docs.
+pub(crate) struct Draining<'a, T> {
+    q: &'a Queues<T>,
+    p: PartitionId,
+}
+
+impl<T> Drop for Draining<'_, T> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(slot) = self.q.slots.get(self.p as usize) {
+                slot.lock().proposing = false;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,6 +114,25 @@ mod tests {
         assert_eq!(q.take(1, 10, |_| true), Some(vec![10, 11]));
         assert_eq!(q.take(1, 10, |_| true), None);
         assert_eq!(q.push(1, 12), Ok(true), "the drain ended");
+    }
+
+    #[test]
+    fn a_drain_that_panics_leaves_the_queue_to_the_next_push() {
+        let q = Queues::new(1);
+        assert_eq!(q.push(0, 1), Ok(true));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _d = q.draining(0);
+            let _ = q.take(0, 10, |_| true);
+            panic!("a callback panicked");
+        }));
+        assert!(r.is_err());
+        assert_eq!(q.push(0, 2), Ok(true), "a new drain starts");
+        // A drain that ends normally leaves it to `take`.
+        {
+            let _d = q.draining(0);
+            assert_eq!(q.take(0, 10, |_| true), Some(vec![2]));
+        }
+        assert_eq!(q.push(0, 3), Ok(false), "still draining: take saw it first");
     }
 
     #[test]

@@ -506,6 +506,7 @@ async fn propose(
 
 /// Propose `t`'s waiting deliveries, an entry at a time, until none wait.
 async fn drain(inner: Arc<Inner>, t: PartitionId) {
+    let _draining = inner.deliveries.queues.draining(t);
     let budget = crate::entry_budget(inner.engine().config().max_payload);
     loop {
         // As many batches as fit one entry (at least one: each was cut to

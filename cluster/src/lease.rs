@@ -23,7 +23,16 @@
 //!    request until `election_timeout_max` after it started (`net::serve`'s
 //!    vote gate).
 //! 3. A node stands for election only (at least) `election_timeout_min`
-//!    after it last heard from a leader or started.
+//!    after it last heard from a leader or started. One exception, by
+//!    request: a leader handing a partition to its preferred replica
+//!    ([`crate::rebalance`]) asks it to stand (`trigger().elect()`, which
+//!    skips this rule) `election_timeout_max` + 50 ms after the request
+//!    arrives. That leader stops its heartbeats before it asks, and serves
+//!    no read from when it begins stepping aside until its wait for a new
+//!    leader is over, however the request went. A follower it still sends
+//!    entries to (one catching up) refuses the vote by (1), and the vote
+//!    request that reaches the leader voids its lease by (4), so a lease
+//!    it counts again after the wait is never one the new leader broke.
 //! 4. The leader's own vote is not protected by (1): once it has led for
 //!    `election_timeout_max` it grants a higher term whose log is as long
 //!    as its own, and its published state may say it leads until its core

@@ -164,24 +164,111 @@ pub enum Command {
         threshold: u64,
         ts: u64,
     },
-    /// Conversation writes of the partition (`ImCreate`, `ImSend`,
-    /// `ImRecall`, `ImMember`), applied in order as one entry, item `i`
-    /// with write id (index, `i`) as if each were an entry of its own:
-    /// what a node coalesces from concurrent clients. Anything else in it
-    /// is refused (`Invalid`), never applied.
-    ImBatch(Vec<Command>),
+    /// Conversation writes of the partition, applied in order as one
+    /// entry, item `i` with write id (index, `i`) as if each were an entry
+    /// of its own: what a node coalesces from concurrent clients.
+    ImBatch(Vec<ConvWrite>),
 }
 
-impl Command {
-    /// The conversation a conversation write is for (`None` for other
-    /// commands).
-    pub fn conv(&self) -> Option<u64> {
+/// One conversation write of a [`Command::ImBatch`]: the four commands
+/// such a batch holds (as [`Command::ImCreate`], [`Command::ImSend`],
+/// [`Command::ImRecall`], [`Command::ImMember`]) and nothing else, so a
+/// batch cannot nest (a peer's frame of batches within batches would
+/// take the decoder's stack, as deep as it is long).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ConvWrite {
+    Create {
+        conv: u64,
+        kind: u8,
+        members: Vec<u64>,
+        ts: u64,
+    },
+    Send {
+        conv: u64,
+        sender: u64,
+        client_msg_id: u64,
+        payload: Vec<u8>,
+        ts: u64,
+    },
+    Recall {
+        conv: u64,
+        user: u64,
+        target: u64,
+        ts: u64,
+    },
+    Member {
+        conv: u64,
+        user: u64,
+        add: bool,
+        threshold: u64,
+        ts: u64,
+    },
+}
+
+impl ConvWrite {
+    /// The conversation it is for.
+    pub fn conv(&self) -> u64 {
         match self {
-            Command::ImCreate { conv, .. }
-            | Command::ImSend { conv, .. }
-            | Command::ImRecall { conv, .. }
-            | Command::ImMember { conv, .. } => Some(*conv),
-            _ => None,
+            ConvWrite::Create { conv, .. }
+            | ConvWrite::Send { conv, .. }
+            | ConvWrite::Recall { conv, .. }
+            | ConvWrite::Member { conv, .. } => *conv,
+        }
+    }
+}
+
+impl From<ConvWrite> for Command {
+    /// The entry of its own the write would be.
+    fn from(w: ConvWrite) -> Command {
+        match w {
+            ConvWrite::Create {
+                conv,
+                kind,
+                members,
+                ts,
+            } => Command::ImCreate {
+                conv,
+                kind,
+                members,
+                ts,
+            },
+            ConvWrite::Send {
+                conv,
+                sender,
+                client_msg_id,
+                payload,
+                ts,
+            } => Command::ImSend {
+                conv,
+                sender,
+                client_msg_id,
+                payload,
+                ts,
+            },
+            ConvWrite::Recall {
+                conv,
+                user,
+                target,
+                ts,
+            } => Command::ImRecall {
+                conv,
+                user,
+                target,
+                ts,
+            },
+            ConvWrite::Member {
+                conv,
+                user,
+                add,
+                threshold,
+                ts,
+            } => Command::ImMember {
+                conv,
+                user,
+                add,
+                threshold,
+                ts,
+            },
         }
     }
 }

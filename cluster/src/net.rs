@@ -295,7 +295,7 @@ pub struct Transport {
 
 /// Why an RPC got no answer.
 #[derive(Debug, thiserror::Error)]
-enum CallError {
+pub(crate) enum CallError {
     #[error("no address for node {0}")]
     NoAddress(NodeId),
     #[error("connect to node {0}: {1}")]
@@ -419,6 +419,26 @@ impl Transport {
         self.call(target, kind, partition, body, DELIVER_TIMEOUT)
             .await
             .map_err(|e| e.to_string())
+    }
+
+    /// [`Transport::im_call`] with `ttl` and why it failed.
+    pub(crate) async fn call_within(
+        &self,
+        target: NodeId,
+        kind: u8,
+        partition: u32,
+        body: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<Vec<u8>, CallError> {
+        self.call(target, kind, partition, body, ttl).await
+    }
+}
+
+impl CallError {
+    /// The request never left this node (no address, no connection): the
+    /// peer cannot have acted on it.
+    pub(crate) fn never_sent(&self) -> bool {
+        matches!(self, CallError::NoAddress(_) | CallError::Connect(..))
     }
 }
 

@@ -189,7 +189,7 @@ type Waiting = (
 );
 
 /// A conversation write waiting to be proposed, and who to tell.
-type ImWaiting = (Command, ImDone);
+type ImWaiting = (crate::ConvWrite, ImDone);
 type ImDone = Box<dyn FnOnce(Result<ImOutcome, ClusterError>) + Send>;
 
 /// Entries this node proposed as a leader, and of them the conversation
@@ -395,7 +395,7 @@ impl Node {
         members: Vec<u64>,
         done: impl FnOnce(Result<ImOutcome, ClusterError>) + Send + 'static,
     ) {
-        let cmd = Command::ImCreate {
+        let cmd = crate::ConvWrite::Create {
             conv,
             kind,
             members,
@@ -415,7 +415,7 @@ impl Node {
         payload: Vec<u8>,
         done: impl FnOnce(Result<ImOutcome, ClusterError>) + Send + 'static,
     ) {
-        let cmd = Command::ImSend {
+        let cmd = crate::ConvWrite::Send {
             conv,
             sender,
             client_msg_id,
@@ -435,7 +435,7 @@ impl Node {
         target: u64,
         done: impl FnOnce(Result<ImOutcome, ClusterError>) + Send + 'static,
     ) {
-        let cmd = Command::ImRecall {
+        let cmd = crate::ConvWrite::Recall {
             conv,
             user,
             target,
@@ -456,7 +456,7 @@ impl Node {
         threshold: u64,
         done: impl FnOnce(Result<ImOutcome, ClusterError>) + Send + 'static,
     ) {
-        let cmd = Command::ImMember {
+        let cmd = crate::ConvWrite::Member {
             conv,
             user,
             add,
@@ -522,7 +522,7 @@ impl Node {
     fn im_write(
         &self,
         conv: u64,
-        cmd: Command,
+        cmd: crate::ConvWrite,
         done: impl FnOnce(Result<ImOutcome, ClusterError>) + Send + 'static,
     ) {
         let p = self.partition_of(timeline_engine::Keyspace::STORE.0, conv);
@@ -762,6 +762,7 @@ impl Inner {
     /// Propose partition `p`'s waiting appends, one entry at a time, until
     /// none are left.
     async fn propose(&self, p: PartitionId) {
+        let _draining = self.proposals.draining(p);
         // As many as fit one log record (at least one: a payload alone
         // always fits, `Node::append` saw to it).
         let budget = crate::entry_budget(self.engine().config().max_payload);
@@ -1068,6 +1069,7 @@ pub(crate) async fn while_leading<F: std::future::Future>(
 /// time (a lone write as itself, several as one [`Command::ImBatch`]),
 /// until none are left; then answer each as [`im_written`].
 async fn im_propose(inner: Arc<Inner>, p: PartitionId) {
+    let _draining = inner.im_proposals.draining(p);
     let budget = crate::entry_budget(inner.engine().config().max_payload);
     loop {
         let mut used = 0usize;
@@ -1078,15 +1080,25 @@ async fn im_propose(inner: Arc<Inner>, p: PartitionId) {
             return;
         };
         let (mut cmds, dones): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        if let Err(e) = inner.check_leads(p) {
+            // Not led here: nothing proposed, nothing counted.
+            for done in dones {
+                done(Err(e.copy()));
+            }
+            continue;
+        }
         let count = &inner.proposed;
         count.conv_entries.fetch_add(1, Ordering::Relaxed);
         count
             .conv_writes
             .fetch_add(cmds.len() as u64, Ordering::Relaxed);
-        let convs: Vec<u64> = cmds.iter().map(|c| c.conv().unwrap_or(0)).collect();
+        let convs: Vec<u64> = cmds.iter().map(|c| c.conv()).collect();
         let n = cmds.len();
         let r = match cmds.pop() {
-            Some(cmd) if n == 1 => inner.submit(p, cmd).await.map(|a| vec![a.im]),
+            Some(cmd) if n == 1 => inner
+                .submit(p, Command::from(cmd))
+                .await
+                .map(|a| vec![a.im]),
             Some(last) => {
                 cmds.push(last);
                 inner
@@ -1168,7 +1180,7 @@ fn im_written(
 }
 
 /// The bytes `c` takes in a log record (bincode, as the log writes it).
-fn entry_size(c: &Command) -> usize {
+fn entry_size(c: &crate::ConvWrite) -> usize {
     bincode::serialized_size(c).map_or(usize::MAX, |n| n as usize)
 }
 

@@ -37,16 +37,35 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How long the other voters hold their elections.
-pub(crate) const HOLD: Duration = Duration::from_secs(2);
-/// How long the leader waits for its proposals to apply and the preferred
-/// replica to have them.
-const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
-/// How long the leader waits for the preferred replica to win.
-const WIN_WAIT: Duration = Duration::from_secs(3);
+/// The timings of a handover, from openraft's `election_timeout_max`
+/// (`etm`, 500 ms by default): the other voters hold their elections for
+/// 4 etm, the leader waits up to 4 etm for its proposals to apply and the
+/// preferred replica to have them, and up to 6 etm for another leader;
+/// the preferred replica stands etm + [`MARGIN`] after it is asked (once
+/// the followers' lease of the leader has lapsed).
+struct Timings {
+    hold: Duration,
+    catch_up: Duration,
+    win: Duration,
+    stand_after: Duration,
+}
+
+impl Timings {
+    fn of(etm: Duration) -> Timings {
+        Timings {
+            hold: etm * 4,
+            catch_up: etm * 4,
+            win: etm * 6,
+            stand_after: etm + MARGIN,
+        }
+    }
+}
+
 /// What the preferred replica waits beyond the followers' lease before it
 /// stands.
 const MARGIN: Duration = Duration::from_millis(50);
+/// How long the leader waits for a voter's answer to a request.
+const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The peer request (`net::KIND_HANDOVER`): what a voter is asked to do.
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
@@ -167,8 +186,9 @@ async fn step_aside(
     to: NodeId,
 ) -> Result<(), String> {
     let me = inner.id;
+    let t = Timings::of(inner.election_timeout_max());
     // 1. Everything proposed is applied here and is in `to`'s log.
-    g.wait(Some(CATCH_UP_WAIT))
+    g.wait(Some(t.catch_up))
         .metrics(
             |m| {
                 let matched = m
@@ -183,45 +203,88 @@ async fn step_aside(
         )
         .await
         .map_err(|e| format!("catching up: {e}"))?;
-    // 2. The other voters hold their elections.
-    let voters: Vec<NodeId> = g
-        .metrics()
-        .borrow()
-        .membership_config
-        .membership()
-        .voter_ids()
-        .filter(|&v| v != me && v != to)
+    // 2. The other live voters hold their elections, all at once; best
+    // effort: a follower stands only `leader_lease + election_timeout`
+    // after it last heard from this leader, later than `to` will, so the
+    // hold only makes sure.
+    let others: Vec<NodeId> = {
+        let live = inner.replace.live.read();
+        g.metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|&v| v != me && v != to && live.contains(&v))
+            .collect()
+    };
+    let hold = Ask::Hold(t.hold.as_millis() as u64);
+    let holds: Vec<_> = others
+        .into_iter()
+        .map(|v| {
+            let inner = inner.clone();
+            tokio::spawn(async move { ask(&inner, v, p, hold).await })
+        })
         .collect();
-    for v in voters {
-        ask(inner, v, p, Ask::Hold(HOLD.as_millis() as u64)).await?;
+    for h in holds {
+        let _ = h.await;
     }
     // 3. Silence, and `to` stands once the followers' lease of this
     // leader has lapsed.
     g.runtime_config().heartbeat(false);
-    let lease = inner.election_timeout_max() + MARGIN;
-    ask(inner, to, p, Ask::Stand(lease.as_millis() as u64)).await?;
-    // 4. Another leader, or give up.
-    g.wait(Some(WIN_WAIT))
+    match ask(inner, to, p, Ask::Stand(t.stand_after.as_millis() as u64)).await {
+        Answer::Refused => return Err(format!("node {to} did not take the request to stand")),
+        // Done, or unknown: `to` may stand, so this leader stays silent
+        // (and serves nothing) until the wait below is over whatever it
+        // heard: if it spoke again, `to` could stand while its followers
+        // still count this leader's lease.
+        Answer::Done | Answer::Unknown => {}
+    }
+    // 4. Another leader, and which.
+    let m = g
+        .wait(Some(t.win))
         .metrics(
-            |m| m.state != ServerState::Leader || m.current_leader != Some(me),
+            |m| m.current_leader.is_some() && m.current_leader != Some(me),
             "another leader",
         )
         .await
-        .map(|_| ())
-        .map_err(|e| format!("waiting for the preferred replica to win: {e}"))
+        .map_err(|e| format!("waiting for the preferred replica to win: {e}"))?;
+    match m.current_leader {
+        Some(l) if l == to => Ok(()),
+        l => Err(format!("node {l:?} won, not node {to}")),
+    }
 }
 
-/// Send `ask` about `p` to `node`; `Err` unless it did it.
-async fn ask(inner: &Inner, node: NodeId, p: PartitionId, ask: Ask) -> Result<(), String> {
-    let body = bincode::serialize(&ask).map_err(|e| e.to_string())?;
-    let reply = inner
+/// A voter's answer to an [`Ask`].
+enum Answer {
+    Done,
+    /// It runs no group of the partition, or the request never reached it
+    /// (no connection).
+    Refused,
+    /// No answer in time, or the link failed: it may have done it.
+    Unknown,
+}
+
+/// Send `ask` about `p` to `node` (waiting at most [`ASK_TIMEOUT`]).
+async fn ask(inner: &Inner, node: NodeId, p: PartitionId, ask: Ask) -> Answer {
+    let Ok(body) = bincode::serialize(&ask) else {
+        return Answer::Refused;
+    };
+    let call = inner
         .transport()
-        .im_call(node, crate::net::KIND_HANDOVER, p, body)
-        .await
-        .map_err(|e| format!("asking node {node} to {ask:?}: {e}"))?;
-    match bincode::deserialize::<bool>(&reply) {
-        Ok(true) => Ok(()),
-        _ => Err(format!("node {node} did not {ask:?}")),
+        .call_within(node, crate::net::KIND_HANDOVER, p, body, ASK_TIMEOUT);
+    match call.await {
+        Ok(reply) => match bincode::deserialize::<bool>(&reply) {
+            Ok(true) => Answer::Done,
+            Ok(false) => Answer::Refused,
+            Err(_) => Answer::Unknown,
+        },
+        Err(e) => {
+            tracing::debug!(partition = p, node, error = %e, ?ask, "handover request failed");
+            match e.never_sent() {
+                true => Answer::Refused,
+                false => Answer::Unknown,
+            }
+        }
     }
 }
 
@@ -230,11 +293,15 @@ async fn ask(inner: &Inner, node: NodeId, p: PartitionId, ask: Ask) -> Result<()
 pub(crate) async fn serve(inner: Arc<Inner>, p: PartitionId, body: Vec<u8>) -> Vec<u8> {
     let done = match (bincode::deserialize::<Ask>(&body), inner.group(p)) {
         (Ok(Ask::Hold(ms)), Some(g)) => {
-            hold(&inner, p, g, Duration::from_millis(ms).min(HOLD));
+            let most = Timings::of(inner.election_timeout_max()).hold;
+            hold(&inner, p, g, Duration::from_millis(ms).min(most));
             true
         }
         (Ok(Ask::Stand(ms)), Some(g)) => {
-            let after = Duration::from_millis(ms).min(WIN_WAIT);
+            // Never sooner than the followers' lease: a leader that asks
+            // for less is not obeyed beyond what keeps reads safe.
+            let t = Timings::of(inner.election_timeout_max());
+            let after = Duration::from_millis(ms).clamp(t.stand_after, t.win);
             tokio::spawn(async move {
                 tokio::time::sleep(after).await;
                 if g.metrics().borrow().state != ServerState::Leader {
