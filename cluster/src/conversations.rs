@@ -48,7 +48,7 @@ pub struct ConvLine {
 
 /// What one conversation's leader is asked: the entries after `read`.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-struct SummaryRead {
+pub(crate) struct SummaryRead {
     conv: u64,
     user: u64,
     read: u64,

@@ -79,7 +79,7 @@ pub(crate) enum Refusal {
 
 /// A read-fan-out group's new message, as told to every node.
 #[derive(Debug, Serialize, Deserialize)]
-struct GroupEvent {
+pub(crate) struct GroupEvent {
     conv: u64,
     conv_seq: u64,
     ev: StoreEvent,
@@ -98,7 +98,7 @@ fn read_failed(p: PartitionId, e: impl std::fmt::Display) -> ClusterError {
 /// The group reads one node answers in one request: groups whose
 /// partitions it leads, in the user's order, sharing `budget` events.
 #[derive(Debug, Serialize, Deserialize)]
-struct Batch {
+pub(crate) struct Batch {
     reads: Vec<GroupRead>,
     budget: u32,
 }

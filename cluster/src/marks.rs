@@ -49,7 +49,7 @@ pub struct ConvInfo {
 
 /// A conversation probe as it travels.
 #[derive(Debug, Serialize, Deserialize)]
-struct Probe {
+pub(crate) struct Probe {
     conv: u64,
     user: u64,
     seq: u64,
@@ -151,7 +151,7 @@ where
 
 /// A user's deletes in a conversation, as asked of its partition's leader.
 #[derive(Debug, Serialize, Deserialize)]
-struct DeletesRead {
+pub(crate) struct DeletesRead {
     user: u64,
     conv: u64,
 }

@@ -541,3 +541,64 @@ impl RaftNetwork<TypeConfig> for Peer {
         self.rpc(KIND_SNAPSHOT, &rpc, &option).await
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Every decoder a node runs on a body a peer sent (the Raft RPCs and
+    /// the IM and placement requests); each must answer `Err` to bytes
+    /// that are not its type, never panic or abort.
+    fn decode_every_kind(body: &[u8]) {
+        fn try_as<T: DeserializeOwned>(b: &[u8]) {
+            let _ = bincode::deserialize::<T>(b);
+        }
+        try_as::<AppendEntriesRequest<TypeConfig>>(body);
+        try_as::<VoteRequest<NodeId>>(body);
+        try_as::<InstallSnapshotRequest<TypeConfig>>(body);
+        try_as::<Vec<crate::im::Delivery>>(body);
+        try_as::<crate::groups::Batch>(body);
+        try_as::<crate::groups::GroupEvent>(body);
+        try_as::<crate::marks::Probe>(body);
+        try_as::<crate::marks::DeletesRead>(body);
+        try_as::<Vec<crate::conversations::SummaryRead>>(body);
+        try_as::<crate::rebalance::Ask>(body);
+        try_as::<crate::reconcile::CommittedVoters>(body);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+        #[test]
+        fn peer_bodies_that_are_not_their_type_are_refused(
+            body in proptest::collection::vec(any::<u8>(), 0..600)
+        ) {
+            decode_every_kind(&body);
+        }
+    }
+
+    /// Bodies built to hurt: a length prefix of 2^62 elements (bincode
+    /// reads from the slice, so it fails on the missing bytes instead of
+    /// allocating), and an append-entries whose entries are batches of
+    /// conversation writes: a batch holds `ConvWrite`s only, so the
+    /// variant tag of a batch inside one is refused, not recursed into.
+    #[test]
+    fn crafted_lengths_and_nesting_are_refused() {
+        let mut huge = Vec::new();
+        huge.extend_from_slice(&(1u64 << 62).to_le_bytes());
+        huge.extend_from_slice(&[7; 64]);
+        decode_every_kind(&huge);
+        assert!(bincode::deserialize::<Vec<crate::im::Delivery>>(&huge).is_err());
+        // `Command::ImBatch` (its variant index) holding one item whose tag
+        // is `ImBatch`'s again, 10,000 times over.
+        let tag = |c: &crate::Command| bincode::serialize(c).unwrap()[..4].to_vec();
+        let batch_tag = tag(&crate::Command::ImBatch(Vec::new()));
+        let mut nested = Vec::new();
+        for _ in 0..10_000 {
+            nested.extend_from_slice(&batch_tag);
+            nested.extend_from_slice(&1u64.to_le_bytes());
+        }
+        assert!(bincode::deserialize::<crate::Command>(&nested).is_err());
+    }
+}

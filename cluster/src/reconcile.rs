@@ -405,7 +405,7 @@ async fn retire_log(inner: &Inner, p: PartitionId) -> std::io::Result<()> {
 /// What [`crate::net::KIND_MEMBERSHIP`] answers: the log id of the group's
 /// committed membership config here and the voters of each of its halves
 /// (`None`: no group here).
-type CommittedVoters = Option<(Option<LogId<NodeId>>, Vec<NodeId>)>;
+pub(crate) type CommittedVoters = Option<(Option<LogId<NodeId>>, Vec<NodeId>)>;
 
 /// Ask the map's other replicas of `p` about its committed membership
 /// (see [`release_kept`]); `known`: the newest config this node knows.
