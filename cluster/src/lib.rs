@@ -37,6 +37,8 @@
 //!   entry per partition;
 //! - `coalesce`: the per-partition queues those entries (and the
 //!   deliveries' entries) are taken from, one entry in flight at a time;
+//! - `retries`: a `SEND`'s retry check from a kept window of the
+//!   conversation's newest records instead of a scan of them;
 //! - [`reconcile`]: placement acted on: a new map becomes membership
 //!   changes of the groups (new replicas caught up as learners first), and
 //!   a node that starts outside the map asks for its share;
@@ -64,6 +66,7 @@ pub mod partition;
 pub(crate) mod rebalance;
 pub mod reconcile;
 pub(crate) mod replace;
+pub(crate) mod retries;
 pub mod snapshot;
 pub mod state_machine;
 

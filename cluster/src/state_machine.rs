@@ -86,6 +86,9 @@ const HWM_CACHE: usize = 1 << 20;
 /// Most member ids (`Created` members and listed changes) the members
 /// cache holds (about 8 MB of ids; cleared whole when full).
 const MEMBERS_CACHE: usize = 1 << 20;
+/// Most store records the retry-check windows hold per partition (about
+/// 1.5 MB: 128 conversations' full windows; cleared whole when full).
+const RECENT_CACHE: usize = 1 << 15;
 
 fn sm_err(e: impl std::error::Error + 'static) -> Error {
     StorageIOError::write_state_machine(&e).into()
@@ -122,6 +125,9 @@ struct State {
     /// and every replica's holds the same records at the same seqs), and
     /// the ids they hold in all.
     members: crate::members::MembersCache,
+    /// Conversations' newest store records as the retry check reads them
+    /// (valid while the timeline's last seq is theirs).
+    recent: crate::retries::RecentSends,
     /// The last snapshot built or installed (its data is the engine's).
     current: Option<SnapshotMeta<NodeId, BasicNode>>,
     /// Timelines restored from a snapshot with every record expired: the
@@ -218,6 +224,7 @@ impl StateMachine {
                 hwm: HashMap::new(),
                 reads: HashMap::new(),
                 members: crate::members::MembersCache::new(MEMBERS_CACHE),
+                recent: crate::retries::RecentSends::new(RECENT_CACHE),
                 current,
                 floors,
             })),
@@ -627,7 +634,7 @@ impl StateMachine {
                 // The next seq is read fan-out once the group is.
                 let group = m.read_since() != 0;
                 // A retry first: its sender may have left since.
-                if let Some(a) = self.recent_send(*conv, *sender, *client_msg_id)? {
+                if let Some(a) = self.recent_send(st, *conv, (*sender, *client_msg_id))? {
                     // A read-fan-out message has nothing to wait for; one
                     // from before a switch still has its deliveries.
                     let group = m.read_fanout_at(a.conv_seq);
@@ -650,6 +657,7 @@ impl StateMachine {
                 if group {
                     let t = (Keyspace::STORE.0, *conv);
                     let conv_seq = self.append_any(st, t, w, &ev.encode())?;
+                    self.note_stored(st, *conv, conv_seq, w, &ev);
                     return Ok(Some(Ok(ImApplied {
                         conv_seq,
                         outbox: 0,
@@ -987,6 +995,7 @@ impl StateMachine {
         ev: &StoreEvent,
     ) -> Result<ImApplied, Error> {
         let seq = self.append_any(st, (Keyspace::STORE.0, conv), w, &ev.encode())?;
+        self.note_stored(st, conv, seq, w, ev);
         let ob = im::read::outbox_timeline(self.partition as u32);
         self.append_any(st, (ob.keyspace.0, ob.id), w, &im::outbox_record(conv, seq))?;
         Ok(ImApplied {
@@ -998,33 +1007,48 @@ impl StateMachine {
         })
     }
 
-    /// A message of `sender` with `client_msg_id` among the conversation's
-    /// last [`DEDUP_WINDOW`] records: its seq and write id.
-    fn recent_send(&self, conv: u64, sender: u64, cmid: u64) -> Result<Option<ImApplied>, Error> {
-        let recs = self
-            .engine
-            .scan(
-                TimelineId::new(Keyspace::STORE, conv),
-                u64::MAX,
-                DEDUP_WINDOW,
-                Direction::Backward,
-            )
-            .map_err(read_err)?;
-        for r in recs {
-            let Ok((w, ev)) = im::read::decode_event(&r.payload, conv, r.seq) else {
-                continue;
-            };
-            if ev.kind == im::KIND_MESSAGE && ev.sender == sender && ev.client_msg_id == cmid {
-                return Ok(Some(ImApplied {
-                    conv_seq: r.seq,
-                    outbox: w,
-                    duplicate: true,
-                    group: false,
-                    announce: false,
-                }));
+    /// A message of `who` (sender, client_msg_id) among the conversation's
+    /// last [`DEDUP_WINDOW`] records: its seq and write id. Read from the
+    /// window the state keeps while it is current, else by a backward scan
+    /// that becomes the window (module [`crate::retries`]).
+    fn recent_send(
+        &self,
+        st: &mut State,
+        conv: u64,
+        who: (u64, u64),
+    ) -> Result<Option<ImApplied>, Error> {
+        let tl = TimelineId::new(Keyspace::STORE, conv);
+        let last = self.engine.last_seq(tl);
+        let found = match st.recent.find(conv, last, who) {
+            Some(found) => found,
+            None => {
+                let recs = self
+                    .engine
+                    .scan(tl, u64::MAX, DEDUP_WINDOW, Direction::Backward)
+                    .map_err(read_err)?;
+                let window = recs
+                    .iter()
+                    .map(|r| crate::retries::Rec::stored(conv, r.seq, &r.payload));
+                st.recent.fill(conv, last, window);
+                st.recent.find(conv, last, who).flatten()
             }
+        };
+        Ok(found.map(|(seq, w)| ImApplied {
+            conv_seq: seq,
+            outbox: w,
+            duplicate: true,
+            group: false,
+            announce: false,
+        }))
+    }
+
+    /// Event `ev` was stored at `seq` of `conv` with write id `w` (`seq` 0:
+    /// it was there already): the retry check's window moves along.
+    fn note_stored(&self, st: &mut State, conv: u64, seq: u64, w: u64, ev: &StoreEvent) {
+        if seq != 0 {
+            st.recent
+                .appended(conv, crate::retries::Rec::event(seq, w, ev));
         }
-        Ok(None)
     }
 
     /// The last conv seq of `conv` that `user`'s sync timeline holds: the
@@ -1195,6 +1219,7 @@ impl StateMachine {
         st.hwm.clear();
         st.reads.clear();
         st.members.clear();
+        st.recent.clear();
         let mut buf = Vec::new();
         while let Some(sec) = r.section().map_err(bad)? {
             self.restore_section(&mut st, &sec, &mut r, &mut buf)
@@ -2100,6 +2125,47 @@ mod tests {
         e: Entry<TypeConfig>,
     ) -> Option<Result<ImApplied, ImRefusal>> {
         im_of(block(sm.apply([e])).unwrap())
+    }
+
+    /// The retry check answers the same from its kept window as from a
+    /// scan: a replica that keeps it and one reopened before every write
+    /// (nothing kept) store the same records and answer the same, over
+    /// more sends than the window holds, a membership event in between,
+    /// retries inside and just outside the window.
+    #[test]
+    fn the_retry_check_answers_the_same_kept_or_read_again() {
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (e1, e2) = (engine(d1.path()), engine(d2.path()));
+        let mut warm = StateMachine::open(e1.clone(), 3).unwrap();
+        let mut entries = vec![create(1, im::CONV_GROUP, vec![1, 2])];
+        for i in 0..300u64 {
+            entries.push(send(2 + i, 1 + i % 2, i, "m"));
+        }
+        entries.push(member(302, 3, true));
+        // Retries: the newest, one well inside, the oldest still inside
+        // (the window is the last 256 records: seqs 47..=302), one just
+        // outside, and the member just added.
+        for (k, cmid) in [299u64, 150, 45, 44, 0].into_iter().enumerate() {
+            entries.push(send(303 + k as u64, 1 + cmid % 2, cmid, "m"));
+        }
+        entries.push(send(308, 3, 1, "new member"));
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        for e in entries {
+            a.push(applied(&mut warm, e.clone()));
+            let mut cold = StateMachine::open(e2.clone(), 3).unwrap();
+            b.push(applied(&mut cold, e));
+        }
+        assert_eq!(a, b, "kept or read again, the same answers");
+        let dup = |i: usize| a[i].clone().unwrap().unwrap();
+        let retries = 302;
+        assert!(dup(retries).duplicate && dup(retries).conv_seq == 301);
+        assert!(dup(retries + 1).duplicate && dup(retries + 1).conv_seq == 152);
+        assert!(dup(retries + 2).duplicate && dup(retries + 2).conv_seq == 47);
+        assert!(!dup(retries + 3).duplicate, "seq 46 is outside the window");
+        let records = |sm: &StateMachine| sm.records(Keyspace::STORE.0, 7).unwrap();
+        let cold = StateMachine::open(e2.clone(), 3).unwrap();
+        assert_eq!(records(&warm), records(&cold));
     }
 
     /// `ADD_MEMBER` / `REMOVE_MEMBER`: refused as on a single node, else
