@@ -23,16 +23,14 @@
 //!    request until `election_timeout_max` after it started (`net::serve`'s
 //!    vote gate).
 //! 3. A node stands for election only (at least) `election_timeout_min`
-//!    after it last heard from a leader or started. One exception, by
-//!    request: a leader handing a partition to its preferred replica
-//!    ([`crate::rebalance`]) asks it to stand (`trigger().elect()`, which
-//!    skips this rule) `election_timeout_max` + 50 ms after the request
-//!    arrives. That leader stops its heartbeats before it asks, and serves
-//!    no read from when it begins stepping aside until its wait for a new
-//!    leader is over, however the request went. A follower it still sends
-//!    entries to (one catching up) refuses the vote by (1), and the vote
-//!    request that reaches the leader voids its lease by (4), so a lease
-//!    it counts again after the wait is never one the new leader broke.
+//!    after it last heard from a leader or started. A preferred replica
+//!    asked to stand by a leader handing it a partition
+//!    ([`crate::rebalance`]) uses `trigger().elect()`, which skips
+//!    openraft's own timer, so it keeps the rule itself: it stands only
+//!    `election_timeout_max` + 50 ms after it last took an append-entries
+//!    of the partition ([`Leases::last_heard`], recorded by `net::serve`),
+//!    and not at all if they keep coming (a leader that took its heartbeats
+//!    back up).
 //! 4. The leader's own vote is not protected by (1): once it has led for
 //!    `election_timeout_max` it grants a higher term whose log is as long
 //!    as its own, and its published state may say it leads until its core
@@ -79,6 +77,10 @@ pub(crate) struct Leases {
     /// How long an accepted request keeps counting, from its send instant.
     lease: Duration,
     acks: Mutex<HashMap<u32, Acks>>,
+    /// As a follower: when this node last took an append-entries (or
+    /// heartbeat) of each partition from its leader (`crate::rebalance`
+    /// stands only well after it).
+    heard: Mutex<HashMap<u32, Instant>>,
     /// Reads confirmed by the lease, and by a heartbeat round.
     pub(crate) by_lease: AtomicU64,
     pub(crate) by_round: AtomicU64,
@@ -90,6 +92,7 @@ impl Leases {
         Leases {
             lease,
             acks: Mutex::new(HashMap::new()),
+            heard: Mutex::new(HashMap::new()),
             by_lease: AtomicU64::new(0),
             by_round: AtomicU64::new(0),
         }
@@ -133,6 +136,16 @@ impl Leases {
     /// down only when its core gets to it, while its published state may
     /// still say it leads. Counting itself in the quorum is sound only
     /// while no vote request has reached it since the acks were sent.
+    /// This node takes an append-entries of partition `p` at `now`.
+    pub(crate) fn heard(&self, p: u32, now: Instant) {
+        self.heard.lock().insert(p, now);
+    }
+
+    /// When this node last took an append-entries of `p`.
+    pub(crate) fn last_heard(&self, p: u32) -> Option<Instant> {
+        self.heard.lock().get(&p).copied()
+    }
+
     pub(crate) fn void(&self, p: u32, now: Instant) {
         let mut all = self.acks.lock();
         // With no record yet, one of the lowest vote: the first accepted

@@ -256,6 +256,7 @@ async fn answer(
     match kind {
         KIND_APPEND => {
             let req: AppendEntriesRequest<TypeConfig> = bincode::deserialize(body).ok()?;
+            votes.leases.heard(partition, Instant::now());
             enc(&raft.append_entries(req).await)
         }
         KIND_VOTE => {

@@ -870,6 +870,11 @@ impl Inner {
         &self.factory.engine
     }
 
+    /// The node's leader leases (and its followers' last-heard instants).
+    pub(crate) fn leases(&self) -> Arc<crate::lease::Leases> {
+        self.factory.leases.clone()
+    }
+
     /// openraft's `election_timeout_max`: also how long a follower keeps
     /// refusing votes after it last heard from its leader (its lease).
     pub(crate) fn election_timeout_max(&self) -> Duration {

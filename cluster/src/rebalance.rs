@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 /// The timings of a handover, from openraft's `election_timeout_max`
 /// (`etm`, 500 ms by default): the other voters hold their elections for
-/// 4 etm, the leader waits up to 4 etm for its proposals to apply and the
+/// 4 etm plus [`ASK_TIMEOUT`], the leader waits up to 4 etm for its proposals to apply and the
 /// preferred replica to have them, and up to 6 etm for another leader;
 /// the preferred replica stands etm + [`MARGIN`] after it is asked (once
 /// the followers' lease of the leader has lapsed).
@@ -53,7 +53,7 @@ struct Timings {
 impl Timings {
     fn of(etm: Duration) -> Timings {
         Timings {
-            hold: etm * 4,
+            hold: etm * 4 + ASK_TIMEOUT,
             catch_up: etm * 4,
             win: etm * 6,
             stand_after: etm + MARGIN,
@@ -113,6 +113,7 @@ pub(crate) fn maybe_start(inner: &Arc<Inner>, every: Duration) {
     }
     let inner = inner.clone();
     tokio::spawn(async move {
+        let _running = Running(&inner.handovers.running);
         let p_count = inner.map.read().len();
         for p in 0..p_count {
             let Some(to) = preferred_if_ready(&inner, p) else {
@@ -139,7 +140,6 @@ pub(crate) fn maybe_start(inner: &Arc<Inner>, every: Duration) {
                 }
             }
         }
-        inner.handovers.running.store(false, Ordering::Release);
     });
 }
 
@@ -173,10 +173,33 @@ fn preferred_if_ready(inner: &Inner, p: PartitionId) -> Option<NodeId> {
 async fn hand_over(inner: &Arc<Inner>, p: PartitionId, to: NodeId) -> Result<(), String> {
     let g = inner.group(p).ok_or("the group closed")?;
     inner.handovers.handing.lock().insert(p);
-    let r = step_aside(inner, p, &g, to).await;
-    g.runtime_config().heartbeat(true);
-    inner.handovers.handing.lock().remove(&p);
-    r
+    let _aside = Aside { inner, p, g: &g };
+    step_aside(inner, p, &g, to).await
+}
+
+/// While a leader steps aside for `p`; however that ends (an answer, an
+/// error, a panic), its heartbeats come back on and it takes requests for
+/// `p` again.
+struct Aside<'a> {
+    inner: &'a Inner,
+    p: PartitionId,
+    g: &'a Raft<TypeConfig>,
+}
+
+impl Drop for Aside<'_> {
+    fn drop(&mut self) {
+        self.g.runtime_config().heartbeat(true);
+        self.inner.handovers.handing.lock().remove(&self.p);
+    }
+}
+
+/// The flag that one pass of handovers runs, cleared however it ends.
+struct Running<'a>(&'a AtomicBool);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 async fn step_aside(
@@ -302,17 +325,45 @@ pub(crate) async fn serve(inner: Arc<Inner>, p: PartitionId, body: Vec<u8>) -> V
             // for less is not obeyed beyond what keeps reads safe.
             let t = Timings::of(inner.election_timeout_max());
             let after = Duration::from_millis(ms).clamp(t.stand_after, t.win);
-            tokio::spawn(async move {
-                tokio::time::sleep(after).await;
-                if g.metrics().borrow().state != ServerState::Leader {
-                    let _ = g.trigger().elect().await;
-                }
-            });
+            tokio::spawn(stand(inner.clone(), p, g, after, t.win));
             true
         }
         _ => false,
     };
     bincode::serialize(&done).unwrap_or_default()
+}
+
+/// Stand for `p` once `after` has passed since this node last took an
+/// append-entries of it (the request's arrival counting as one), within
+/// `within` of the request: never while the leader still speaks (one that
+/// took its heartbeats back up, or whose request came late), which is
+/// what keeps its lease reads safe (`crate::lease`, rule 3).
+async fn stand(
+    inner: Arc<Inner>,
+    p: PartitionId,
+    g: Raft<TypeConfig>,
+    after: Duration,
+    within: Duration,
+) {
+    let arrived = Instant::now();
+    let end = arrived + within;
+    let leases = inner.leases();
+    let mut at = arrived + after;
+    loop {
+        tokio::time::sleep_until(at.into()).await;
+        match leases.last_heard(p) {
+            Some(h) if h > arrived && h + after > Instant::now() => {
+                if h + after > end {
+                    return;
+                }
+                at = h + after;
+            }
+            _ => break,
+        }
+    }
+    if g.metrics().borrow().state != ServerState::Leader {
+        let _ = g.trigger().elect().await;
+    }
 }
 
 /// Hold `p`'s elections on this node for `d` (a later hold extends it).

@@ -806,6 +806,7 @@ impl StateMachine {
         };
         if group {
             let conv_seq = self.append_any(st, (Keyspace::STORE.0, conv), w, &ev.encode())?;
+            self.note_stored(st, conv, conv_seq, w, &ev);
             return Ok(Some(Ok(ImApplied {
                 conv_seq,
                 outbox: 0,
