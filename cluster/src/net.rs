@@ -363,7 +363,9 @@ impl Transport {
         Ok(link)
     }
 
-    async fn call(
+    /// Send a request of `kind` to node `target` and wait up to `ttl`
+    /// for its answer.
+    pub(crate) async fn call(
         &self,
         target: NodeId,
         kind: u8,
@@ -420,18 +422,6 @@ impl Transport {
         self.call(target, kind, partition, body, DELIVER_TIMEOUT)
             .await
             .map_err(|e| e.to_string())
-    }
-
-    /// [`Transport::im_call`] with `ttl` and why it failed.
-    pub(crate) async fn call_within(
-        &self,
-        target: NodeId,
-        kind: u8,
-        partition: u32,
-        body: Vec<u8>,
-        ttl: Duration,
-    ) -> Result<Vec<u8>, CallError> {
-        self.call(target, kind, partition, body, ttl).await
     }
 }
 

@@ -294,7 +294,7 @@ async fn ask(inner: &Inner, node: NodeId, p: PartitionId, ask: Ask) -> Answer {
     };
     let call = inner
         .transport()
-        .call_within(node, crate::net::KIND_HANDOVER, p, body, ASK_TIMEOUT);
+        .call(node, crate::net::KIND_HANDOVER, p, body, ASK_TIMEOUT);
     match call.await {
         Ok(reply) => match bincode::deserialize::<bool>(&reply) {
             Ok(true) => Answer::Done,
