@@ -45,7 +45,10 @@
 //! - `rebalance`: a leader hands a partition to its preferred replica
 //!   (the map's first) when that one is alive and caught up;
 //! - [`replace`]: a node whose lease has been gone for `replace_after` is
-//!   taken out of the map, its replicas moved to live nodes.
+//!   taken out of the map, its replicas moved to live nodes;
+//! - `space` and `revive`: a full disk: new writes refused below a reserve
+//!   of free space, and groups that stopped on a failed write reopened
+//!   once there is room.
 //!
 //! Not built yet: membership changes across partitions; snapshots as raw segment byte ranges (docs/scaling.md,
 //! "Not built yet").
@@ -67,7 +70,9 @@ pub(crate) mod rebalance;
 pub mod reconcile;
 pub(crate) mod replace;
 pub(crate) mod retries;
+pub(crate) mod revive;
 pub mod snapshot;
+pub(crate) mod space;
 pub mod state_machine;
 
 pub use node::{ClusterError, ImOutcome, Node, NodeConfig};

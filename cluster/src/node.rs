@@ -76,7 +76,17 @@ pub struct NodeConfig {
     /// How often a leader looks for partitions to hand to their preferred
     /// replica (the map's first; module `rebalance`). `None`: never.
     pub leader_rebalance_every: Option<Duration>,
+    /// The data directory whose file system's free space is watched
+    /// (module `space`; `None`: not watched). The server gives its
+    /// `--data-dir`.
+    pub data_dir: Option<std::path::PathBuf>,
+    /// New client writes are refused (`STORAGE_FULL`) while fewer bytes
+    /// than this are free on `data_dir` (0: never).
+    pub min_free_space: u64,
 }
+
+/// The default of [`NodeConfig::min_free_space`]: 64 MiB.
+pub const DEFAULT_MIN_FREE_SPACE: u64 = 64 << 20;
 
 impl Default for NodeConfig {
     fn default() -> Self {
@@ -97,6 +107,8 @@ impl Default for NodeConfig {
             log_reclaim_every: Duration::from_secs(60),
             replace_after: Some(DEFAULT_REPLACE_AFTER),
             leader_rebalance_every: Some(DEFAULT_LEADER_REBALANCE_EVERY),
+            data_dir: None,
+            min_free_space: DEFAULT_MIN_FREE_SPACE,
         }
     }
 }
@@ -162,6 +174,14 @@ pub enum ClusterError {
     Formation(String),
     #[error("storage of partition {partition}: {message}")]
     Storage { partition: u32, message: String },
+    /// The node's data disk has fewer than `reserve` bytes free: new
+    /// writes are refused (module `space`), nothing was done.
+    #[error("partition {partition}: this node's disk is full ({free} bytes free, {reserve} kept in reserve); retry later")]
+    StorageFull {
+        partition: PartitionId,
+        free: u64,
+        reserve: u64,
+    },
 }
 
 /// What a conversation write answered.
@@ -222,6 +242,15 @@ impl ClusterError {
                 partition: *partition,
             },
             ClusterError::InvalidArgument(m) => ClusterError::InvalidArgument(m.clone()),
+            ClusterError::StorageFull {
+                partition,
+                free,
+                reserve,
+            } => ClusterError::StorageFull {
+                partition: *partition,
+                free: *free,
+                reserve: *reserve,
+            },
             other => ClusterError::Raft(other.to_string()),
         }
     }
@@ -263,6 +292,12 @@ pub(crate) struct Inner {
     /// A handle on each open group's log (its reclaim renews an idle
     /// log's purge record: [`LogStore::renew_purge`]).
     pub(crate) logs: parking_lot::Mutex<HashMap<PartitionId, LogStore>>,
+    /// The data disk's free space, and new writes refused below the
+    /// reserve (module `space`).
+    pub(crate) space: crate::space::Space,
+    /// Groups that stopped on a storage error, until reopened (module
+    /// `revive`).
+    pub(crate) stopped: crate::revive::Stopped,
 }
 
 /// Opens a partition's Raft group on this node's engine.
@@ -370,6 +405,9 @@ impl Node {
             return done(Err(e));
         }
         let p = self.partition_of(keyspace, id);
+        if let Err(e) = self.inner.space.admit(p) {
+            return done(Err(e));
+        }
         let item = crate::BatchItem {
             keyspace,
             id,
@@ -477,6 +515,10 @@ impl Node {
         mark: crate::Mark,
         done: impl FnOnce(Result<ImOutcome, ClusterError>) + Send + 'static,
     ) {
+        let p = self.partition_of(timeline_engine::Keyspace::SYNC.0, user);
+        if let Err(e) = self.inner.space.admit(p) {
+            return done(Err(e));
+        }
         let inner = self.inner.clone();
         self.spawn(async move {
             done(crate::marks::mark(inner, user, conv, seq, mark).await);
@@ -526,6 +568,9 @@ impl Node {
         done: impl FnOnce(Result<ImOutcome, ClusterError>) + Send + 'static,
     ) {
         let p = self.partition_of(timeline_engine::Keyspace::STORE.0, conv);
+        if let Err(e) = self.inner.space.admit(p) {
+            return done(Err(e));
+        }
         match self.inner.im_proposals.push(p, (cmd, Box::new(done))) {
             Ok(false) => {}
             Ok(true) => {
@@ -620,6 +665,19 @@ impl Node {
             h.done.load(Ordering::Relaxed),
             h.failed.load(Ordering::Relaxed),
         )
+    }
+
+    /// The data disk as writes see it (module `space`): bytes free as last
+    /// read (`None`: not known), the reserve, and the writes refused for
+    /// want of it since start.
+    pub fn space(&self) -> (Option<u64>, u64, u64) {
+        self.inner.space.counters()
+    }
+
+    /// Groups stopped on a storage error now, and since start stopped and
+    /// reopened (module `revive`).
+    pub fn stopped_groups(&self) -> (u64, u64, u64) {
+        self.inner.stopped.counters()
     }
 
     /// Entries this node proposed as a leader since start (every kind),
@@ -825,11 +883,10 @@ impl Inner {
         match r {
             Ok(r) => Ok(r.data),
             // Leadership lost, or the group shut down (a placement change
-            // took the replica away), with the entry possibly proposed.
+            // took the replica away) or stopped (a failed write: module
+            // `revive`), with the entry possibly proposed.
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))
-            | Err(RaftError::Fatal(openraft::error::Fatal::Stopped)) => {
-                Err(ClusterError::Uncertain { partition: p })
-            }
+            | Err(RaftError::Fatal(_)) => Err(ClusterError::Uncertain { partition: p }),
             Err(e) => Err(ClusterError::Raft(e.to_string())),
         }
     }
@@ -837,6 +894,11 @@ impl Inner {
     /// `p`'s group if this node leads it by its own account; else the
     /// redirect to give (`MOVED`, or `NO_LEADER` in an election).
     pub(crate) fn check_leads(&self, p: PartitionId) -> Result<Raft<TypeConfig>, ClusterError> {
+        if self.stopped.contains(p) {
+            // Its group here stopped on a storage error until it reopens
+            // (module `revive`); a new write meets the disk's reserve first.
+            return Err(ClusterError::NoLeader { partition: p });
+        }
         let Some(g) = self.group(p) else {
             return Err(self.redirect(p, None));
         };
@@ -929,10 +991,10 @@ impl Inner {
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
                 Err(self.redirect(p, f.leader_id.filter(|&l| l != self.id)))
             }
-            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => {
-                Err(ClusterError::NoLeader { partition: p })
-            }
-            Err(e) => Err(ClusterError::Raft(e.to_string())),
+            // Or the group here stopped (a failed write: module `revive`):
+            // nothing was read, ask again.
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))
+            | Err(RaftError::Fatal(_)) => Err(ClusterError::NoLeader { partition: p }),
         }
     }
 
@@ -1256,6 +1318,8 @@ async fn boot(
         deliveries: crate::delivery::Deliveries::new(map.len()),
         group_pushes: Default::default(),
         replace: Default::default(),
+        space: crate::space::Space::new(cfg.data_dir.clone(), cfg.min_free_space),
+        stopped: Default::default(),
     });
     inner.refresh(&meta).await?;
     let svc = Arc::downgrade(&inner);
@@ -1337,6 +1401,7 @@ async fn boot(
     }
     tokio::spawn(crate::reconcile::run(inner.clone()));
     tokio::spawn(reclaim_logs(Arc::downgrade(&inner), cfg.log_reclaim_every));
+    tokio::spawn(crate::revive::supervise(Arc::downgrade(&inner)));
     tokio::spawn(keep_lease(
         meta.clone(),
         me,

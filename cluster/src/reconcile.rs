@@ -257,6 +257,11 @@ async fn round(inner: &Arc<Inner>) {
     }
     let p_count = inner.map.read().len();
     for p in 0..p_count {
+        if inner.stopped.contains(p) {
+            // Its group stopped on a storage error: module `revive` reopens
+            // it (and wakes this loop) once the disk has room.
+            continue;
+        }
         let Some(target) = target(inner, p) else {
             continue;
         };

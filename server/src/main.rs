@@ -6,6 +6,7 @@
 //! acknowledged data durable, exit 0. Logs go to stderr (`RUST_LOG`).
 
 use clap::{Parser, ValueEnum};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 use timeline_engine::{Config, Durability, KeyspaceConfig};
@@ -143,6 +144,12 @@ struct Args {
     /// and caught up (with --cluster). 0: never.
     #[arg(long, default_value_t = 30)]
     leader_rebalance_every: u64,
+    /// MiB of free space a cluster node keeps on its data directory's disk:
+    /// below it, new writes get STORAGE_FULL, and the rest is left for
+    /// entries already under way (with --cluster; docs/scaling.md, "A full
+    /// disk"). 0: never refuse.
+    #[arg(long, default_value_t = 64)]
+    min_free_space: u64,
 }
 
 /// Raise the soft descriptor limit toward the hard one so that
@@ -178,6 +185,10 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
         )
         .with_writer(std::io::stderr)
+        // A log on a full disk (or a closed stderr) loses lines, and must
+        // not take the server with it: tracing-subscriber reports a failed
+        // write with `eprintln!`, which panics when stderr fails too.
+        .log_internal_errors(false)
         .init();
     let a = Args::parse();
     if let Err(e) = run(a) {
@@ -243,6 +254,7 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
                 replace_after: (a.replace_after > 0).then(|| Duration::from_secs(a.replace_after)),
                 leader_rebalance_every: (a.leader_rebalance_every > 0)
                     .then(|| Duration::from_secs(a.leader_rebalance_every)),
+                min_free_space: a.min_free_space.saturating_mul(1 << 20),
                 ..Default::default()
             })
         }
@@ -295,7 +307,8 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
     ])?;
     let server = timeline_server::start(cfg)?;
     // Print the bound address on stdout (scripts starting on port 0 read it).
-    println!("listening {}", server.local_addr());
+    // Not `println!`: it panics if stdout is a file on a full disk.
+    let _ = writeln!(std::io::stdout(), "listening {}", server.local_addr());
     // SIGINT/SIGTERM: a thread blocked on the signal pipe stops the server.
     let stopper = server.stopper();
     std::thread::Builder::new()

@@ -330,11 +330,35 @@ impl Cluster {
         shape: impl Fn(NodeProc) -> NodeProc,
         prepare: impl FnOnce(&str),
     ) -> Cluster {
+        Cluster::start_in(bin, partitions, count, None, shape, prepare)
+    }
+
+    /// Three nodes (shaped by `shape`) whose data directories and logs are
+    /// in `nodes_dir` (a small file system of the test's), etcd's in a
+    /// temporary directory of its own.
+    pub fn start_on(
+        bin: &str,
+        partitions: u32,
+        nodes_dir: &Path,
+        shape: impl Fn(NodeProc) -> NodeProc,
+    ) -> Cluster {
+        Cluster::start_in(bin, partitions, 3, Some(nodes_dir), shape, |_| {})
+    }
+
+    fn start_in(
+        bin: &str,
+        partitions: u32,
+        count: u64,
+        nodes_dir: Option<&Path>,
+        shape: impl Fn(NodeProc) -> NodeProc,
+        prepare: impl FnOnce(&str),
+    ) -> Cluster {
         let tmp = tempfile::tempdir().expect("a temporary directory");
         let etcd = Etcd::start(tmp.path());
         prepare(&etcd.endpoint());
+        let dir = nodes_dir.unwrap_or(tmp.path());
         let mut nodes: Vec<NodeProc> = (1..=count)
-            .map(|id| shape(NodeProc::new(id, tmp.path(), &etcd.endpoint(), partitions)))
+            .map(|id| shape(NodeProc::new(id, dir, &etcd.endpoint(), partitions)))
             .collect();
         for n in &mut nodes {
             n.spawn(bin);
@@ -366,5 +390,71 @@ impl Cluster {
             .map(|n| format!("--- node {}:\n{}", n.id, n.log_tail()))
             .collect::<Vec<_>>()
             .join("\n")
+    }
+}
+
+/// A tmpfs mounted for a test (it needs root, which CI has), unmounted on
+/// drop.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mount one of `size` (`mount`'s syntax: `128m`) at `at`; `None` if
+    /// that is not allowed here.
+    pub fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(at.to_path_buf()))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Bytes free on it now.
+    pub fn free(&self) -> u64 {
+        let out = Command::new("df")
+            .args(["-B1", "--output=avail"])
+            .arg(&self.0)
+            .output()
+            .unwrap_or_else(|e| panic!("df: {e}"));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or_else(|| panic!("df printed {:?}", out.stdout))
+    }
+
+    /// A ballast file `name` taking all but about `leave` bytes, allocated
+    /// in one call (`fallocate`: the writers on the file system meet a
+    /// full disk at once, not as it fills), then, for `leave` 0, topped
+    /// up by writes until they fail.
+    pub fn ballast(&self, name: &str, leave: u64) -> PathBuf {
+        let p = self.0.join(name);
+        // Some margin for what the nodes write meanwhile.
+        let size = self.free().saturating_sub(leave.max(256 << 10));
+        let _ = Command::new("fallocate")
+            .args(["-l", &size.to_string()])
+            .arg(&p)
+            .status();
+        if leave == 0 {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p)
+                .unwrap_or_else(|e| panic!("ballast: {e}"));
+            let chunk = vec![0u8; 4096];
+            while f.write_all(&chunk).is_ok() {}
+        }
+        p
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
     }
 }

@@ -23,7 +23,7 @@ use timeline_client::protocol::{
     partition_of, Body, Direction, ErrorCode, Request, Response, TimelineId,
 };
 use timeline_client::ClientError;
-use timeline_tests::cluster::{wait_until, Cluster, NodeProc};
+use timeline_tests::cluster::{wait_until, Cluster, NodeProc, Tmpfs};
 use timeline_tests::history::{self, AppendOp, Outcome, ReadOp};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cluster-node");
@@ -41,6 +41,8 @@ fn env_or(name: &str, default: u64) -> u64 {
 struct History {
     appends: HashMap<u64, Vec<AppendOp>>,
     reads: HashMap<u64, Vec<ReadOp>>,
+    /// Appends refused with `STORAGE_FULL` (a full disk: nothing written).
+    storage_full: u64,
 }
 
 /// A node that has not answered a request in this long never will: the
@@ -71,6 +73,16 @@ fn writer(w: usize, seeds: Vec<String>, stop: Arc<AtomicBool>, h: Arc<Mutex<Hist
                 code: ErrorCode::MOVED | ErrorCode::NO_LEADER,
                 ..
             }) => Outcome::Refused,
+            Err(ClientError::Server {
+                code: ErrorCode::STORAGE_FULL,
+                ..
+            }) => {
+                h.lock().storage_full += 1;
+                // The client's pause before it tries again (a full disk
+                // stays full for a while).
+                std::thread::sleep(Duration::from_millis(10));
+                Outcome::Refused
+            }
             Err(ClientError::TimedOut(_)) => {
                 panic!("writer {w}: a node never answered an append to {t} ({NEVER_ANSWERED:?})")
             }
@@ -350,6 +362,203 @@ fn leader_kill9_loses_no_acknowledged_append() {
         "too little load to mean anything: {total:?}"
     );
     drop(cl.etcd);
+}
+
+/// Acknowledged appends so far, per timeline: the count and the time of
+/// the last one.
+fn acked_by_timeline(h: &History) -> HashMap<u64, (usize, Instant)> {
+    h.appends
+        .iter()
+        .filter_map(|(t, ops)| {
+            let acked: Vec<&AppendOp> = ops
+                .iter()
+                .filter(|o| matches!(o.outcome, Outcome::Acked(_)))
+                .collect();
+            let last = acked.iter().map(|o| o.complete).max()?;
+            Some((*t, (acked.len(), last)))
+        })
+        .collect()
+}
+
+/// The sum of one `STATS` counter over the nodes.
+fn stat_sum(cl: &Cluster, key: &str) -> u64 {
+    all_stats(cl)
+        .iter()
+        .map(|(_, m)| m.get(key).copied().unwrap_or(0))
+        .sum()
+}
+
+/// A full disk under an append load, as on one machine: the three nodes'
+/// data directories and logs on one small tmpfs (etcd elsewhere), four
+/// writers and a reader running throughout (docs/scaling.md, "A full
+/// disk"). First a ballast leaves less than the nodes' reserve free: new
+/// appends are refused with `STORAGE_FULL` and no group stops. Then, with
+/// writes flowing again, a ballast takes every byte at once: entries in
+/// flight fail to write and their groups stop, on every node; no request
+/// waits unanswered (the writers fail the test after 20 s). Once the
+/// ballast goes, the stopped groups reopen and every timeline takes
+/// appends again without a restart; the history checker then finds every
+/// acknowledged append with its bytes, seqs consecutive, nothing refused
+/// written.
+#[test]
+fn a_full_disk_refuses_writes_and_the_stopped_groups_reopen_when_it_has_room() {
+    let root = tempfile::tempdir().unwrap();
+    let at = root.path().join("disk");
+    std::fs::create_dir(&at).unwrap();
+    let Some(disk) = Tmpfs::mount(&at, "128m") else {
+        eprintln!("cluster disk full: SKIPPED: cannot mount a tmpfs (needs root; CI runs as root)");
+        return;
+    };
+    const RESERVE: u64 = 8 << 20;
+    let cl = Cluster::start_on(BIN, 8, disk.path(), |n| {
+        n.with_env("CLUSTER_MIN_FREE", &RESERVE.to_string())
+    });
+    let seeds = cl.seeds();
+    let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
+    cc.retry_for = Duration::from_secs(10);
+    for c in 0..CONVS {
+        let r = cc.call(&Request::CreateConversation {
+            conv: 1000 + c,
+            kind: timeline_client::protocol::ConvKind::Group,
+            members: members_of(c),
+        });
+        assert!(
+            matches!(r, Ok(Response::CreateConversation(1))),
+            "create {c}: {r:?}"
+        );
+    }
+    let load = Load::start(&seeds);
+    let h = load.h.clone();
+    let acked = |h: &Mutex<History>| acked_by_timeline(&h.lock());
+    // Sends beside the appends, each retried with its id until acknowledged.
+    let sent: Arc<Mutex<Acked>> = Arc::default();
+    let sender = {
+        let (seeds, stop, sent) = (seeds.clone(), load.stop.clone(), sent.clone());
+        std::thread::spawn(move || {
+            let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
+            cc.retry_for = Duration::from_secs(5);
+            let mut k = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                k += 1;
+                let c = k % CONVS;
+                let from = members_of(c)[(k % 3) as usize];
+                let payload = format!("full-m{k}-c{c}").into_bytes();
+                let (seq, _) = send_until_acked(&mut cc, 1000 + c, from, k, &payload);
+                sent.lock().insert((1000 + c, seq), payload);
+            }
+        })
+    };
+    wait_until("appends to every timeline", Duration::from_secs(30), || {
+        acked(&h).len() as u64 == TIMELINES
+    });
+
+    // Below the reserve, not empty: refused, nothing stops.
+    let low = disk.ballast("ballast-low", 2 << 20);
+    wait_until("STORAGE_FULL refusals", Duration::from_secs(10), || {
+        h.lock().storage_full > 20
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let refused = stat_sum(&cl, "cluster_writes_refused_disk_full");
+    assert!(refused > 0, "no node counted a refusal\n{}", cl.logs());
+    assert_eq!(
+        stat_sum(&cl, "cluster_group_stops"),
+        0,
+        "a group stopped although the reserve was left\n{}",
+        cl.logs()
+    );
+    std::fs::remove_file(&low).unwrap();
+    let freed = Instant::now();
+    wait_until(
+        "appends after the reserve's refusals",
+        Duration::from_secs(10),
+        || acked(&h).values().filter(|(_, t)| *t > freed).count() as u64 == TIMELINES,
+    );
+
+    // Every byte at once: entries in flight fail, their groups stop.
+    let full = disk.ballast("ballast-full", 0);
+    assert_eq!(disk.free(), 0, "the ballast left room");
+    wait_until(
+        "groups stopped by the full disk",
+        Duration::from_secs(10),
+        || stat_sum(&cl, "cluster_group_stops") > 0,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let stopped = stat_sum(&cl, "cluster_groups_stopped");
+    std::fs::remove_file(&full).unwrap();
+    let freed = Instant::now();
+    wait_until(
+        "every timeline taking appends after the disk has room",
+        Duration::from_secs(30),
+        || acked(&h).values().filter(|(_, t)| *t > freed).count() as u64 == TIMELINES,
+    );
+    let back = freed.elapsed();
+    wait_until(
+        "every stopped group reopened",
+        Duration::from_secs(10),
+        || stat_sum(&cl, "cluster_groups_stopped") == 0,
+    );
+    let (stops, reopened) = (
+        stat_sum(&cl, "cluster_group_stops"),
+        stat_sum(&cl, "cluster_groups_reopened"),
+    );
+    assert_eq!(
+        stops,
+        reopened,
+        "stopped and reopened groups differ\n{}",
+        cl.logs()
+    );
+    let h = load.finish();
+    sender.join().unwrap();
+    let (_, total, _) = check_all(&seeds, &h.lock(), || cl.logs());
+    // Every acknowledged send in its history once, and in each member's
+    // sync timeline once (the deliveries a full disk held up re-driven).
+    settle_sync_timelines(&mut cc, Duration::from_secs(30));
+    let sent = sent.lock().clone();
+    let syncs: HashMap<u64, Vec<timeline_client::protocol::SyncEntry>> =
+        (1..=USERS).map(|u| (u, sync_all(&mut cc, u))).collect();
+    for c in 0..CONVS {
+        let conv = 1000 + c;
+        let hist = history_all(&mut cc, conv, members_of(c)[0]);
+        let seqs: Vec<u64> = hist.iter().map(|e| e.conv_seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=hist.len() as u64).collect::<Vec<_>>(),
+            "{conv}: seqs"
+        );
+        for ((sc, seq), payload) in sent.iter().filter(|((sc, _), _)| *sc == conv) {
+            let e = hist.get(*seq as usize - 1);
+            assert!(
+                matches!(e.map(|e| &e.body), Some(Body::Message(p)) if p == payload),
+                "{sc}/{seq}: acknowledged, history has {e:?}"
+            );
+        }
+        for m in members_of(c) {
+            let got: Vec<u64> = syncs[&m]
+                .iter()
+                .filter(|s| s.entry.conv == conv)
+                .map(|s| s.entry.conv_seq)
+                .collect();
+            assert_eq!(
+                got,
+                seqs,
+                "user {m}'s sync entries of {conv}\n{}",
+                cl.logs()
+            );
+        }
+    }
+    eprintln!(
+        "disk full: {} refused with STORAGE_FULL ({refused} counted by the nodes while below the reserve); \
+         {stops} group stops ({stopped} still stopped 2 s into the full disk), all reopened; \
+         every timeline took appends {back:?} after the ballast went; {total:?}; \
+         {} sends acknowledged, each in its members' sync timelines once",
+        h.lock().storage_full,
+        sent.len()
+    );
+    assert!(
+        total.acked > 100,
+        "too little load to mean anything: {total:?}"
+    );
+    drop(cl);
 }
 
 /// A leader stopped (SIGSTOP, a VM stall) while the other two elect a new

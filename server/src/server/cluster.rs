@@ -58,6 +58,11 @@ impl ToReply for ClusterError {
             ClusterError::InvalidArgument(m) => {
                 ErrorReply::new(ErrorCode::INVALID_ARGUMENT, 0, m.clone())
             }
+            ClusterError::StorageFull { partition, .. } => ErrorReply::new(
+                ErrorCode::STORAGE_FULL,
+                u64::from(*partition),
+                self.to_string(),
+            ),
             _ => ErrorReply::new(ErrorCode::INTERNAL, 0, self.to_string()),
         }
     }

@@ -318,6 +318,9 @@ pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
             if c.snapshot_dir.is_none() {
                 c.snapshot_dir = Some(cfg.data_dir.join("raft-snapshots"));
             }
+            if c.data_dir.is_none() {
+                c.data_dir = Some(cfg.data_dir.clone());
+            }
             Some(timeline_cluster::Node::start(
                 im.engine_handle(),
                 c,
@@ -489,6 +492,18 @@ pub(crate) fn stats(sh: &Shared) -> Vec<(String, u64)> {
         out.extend([
             kv("cluster_leaders_handed_over", handed),
             kv("cluster_leader_handovers_failed", not_handed),
+        ]);
+        let (free, reserve, refused) = n.space();
+        let (stopped, stops, reopened) = n.stopped_groups();
+        if let Some(free) = free {
+            out.push(kv("cluster_disk_free_bytes", free));
+        }
+        out.extend([
+            kv("cluster_disk_reserve_bytes", reserve),
+            kv("cluster_writes_refused_disk_full", refused),
+            kv("cluster_groups_stopped", stopped),
+            kv("cluster_group_stops", stops),
+            kv("cluster_groups_reopened", reopened),
         ]);
         let (live, replaced, rejoined) = n.liveness();
         out.extend([

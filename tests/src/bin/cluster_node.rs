@@ -4,7 +4,8 @@
 //! Usage: `cluster-node <data dir> <client addr> <raft addr> <etcd> <node id> <partitions> [<auth secret>]`
 //! (with a secret, `--auth` is on with it; `CLUSTER_REPLACE_AFTER_MS` in
 //! the environment sets `replace_after`, `CLUSTER_REBALANCE_MS`
-//! `leader_rebalance_every`, 0 for never). Exit codes: 2 bad usage, 3
+//! `leader_rebalance_every`, 0 for never, `CLUSTER_MIN_FREE`
+//! `min_free_space` in bytes). Exit codes: 2 bad usage, 3
 //! the server did not start.
 
 use std::time::Duration;
@@ -59,6 +60,10 @@ fn main() {
             "CLUSTER_REBALANCE_MS",
             timeline_cluster::NodeConfig::default().leader_rebalance_every,
         ),
+        min_free_space: std::env::var("CLUSTER_MIN_FREE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(timeline_cluster::node::DEFAULT_MIN_FREE_SPACE),
         ..Default::default()
     });
     match timeline_server::start(cfg) {
@@ -93,5 +98,6 @@ fn tracing_subscriber_init() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        .log_internal_errors(false)
         .try_init();
 }
