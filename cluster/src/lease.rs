@@ -81,6 +81,9 @@ pub(crate) struct Leases {
     /// heartbeat) of each partition from its leader (`crate::rebalance`
     /// stands only well after it).
     heard: Mutex<HashMap<u32, Instant>>,
+    /// Partitions whose group reopened (module `revive`): no vote is
+    /// granted before the instant, as after a restart (`net::VoteGate`).
+    votes_from: Mutex<HashMap<u32, Instant>>,
     /// Reads confirmed by the lease, and by a heartbeat round.
     pub(crate) by_lease: AtomicU64,
     pub(crate) by_round: AtomicU64,
@@ -93,6 +96,7 @@ impl Leases {
             lease,
             acks: Mutex::new(HashMap::new()),
             heard: Mutex::new(HashMap::new()),
+            votes_from: Mutex::new(HashMap::new()),
             by_lease: AtomicU64::new(0),
             by_round: AtomicU64::new(0),
         }
@@ -139,6 +143,26 @@ impl Leases {
     /// This node takes an append-entries of partition `p` at `now`.
     pub(crate) fn heard(&self, p: u32, now: Instant) {
         self.heard.lock().insert(p, now);
+    }
+
+    /// No vote for `p` is granted before `t` (its group reopened).
+    pub(crate) fn no_votes_before(&self, p: u32, t: Instant) {
+        let mut all = self.votes_from.lock();
+        let at = all.entry(p).or_insert(t);
+        *at = (*at).max(t);
+    }
+
+    /// Until when votes for `p` wait, if they do.
+    pub(crate) fn votes_from(&self, p: u32) -> Option<Instant> {
+        let mut all = self.votes_from.lock();
+        match all.get(&p) {
+            Some(&t) if t > Instant::now() => Some(t),
+            Some(_) => {
+                all.remove(&p);
+                None
+            }
+            None => None,
+        }
     }
 
     /// When this node last took an append-entries of `p`.

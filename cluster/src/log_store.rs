@@ -321,6 +321,13 @@ impl Debug for LogStore {
 }
 
 impl LogStore {
+    /// A handle that is dead once every handle on this log is dropped
+    /// (its group gone: module `revive`).
+    pub(crate) fn alive(&self) -> std::sync::Weak<dyn std::any::Any + Send + Sync> {
+        let w: std::sync::Weak<Mutex<State>> = Arc::downgrade(&self.state);
+        w
+    }
+
     /// Open partition `partition`'s log, replaying its records.
     pub fn open(
         engine: Arc<Engine>,

@@ -262,6 +262,9 @@ async fn answer(
         KIND_VOTE => {
             let req: VoteRequest<NodeId> = bincode::deserialize(body).ok()?;
             tokio::time::sleep_until(votes.from.into()).await;
+            if let Some(t) = votes.leases.votes_from(partition) {
+                tokio::time::sleep_until(t.into()).await;
+            }
             votes.leases.void(partition, Instant::now());
             enc(&raft.vote(req).await)
         }

@@ -405,7 +405,7 @@ impl Node {
             return done(Err(e));
         }
         let p = self.partition_of(keyspace, id);
-        if let Err(e) = self.inner.space.admit(p) {
+        if let Err(e) = self.inner.admit(p) {
             return done(Err(e));
         }
         let item = crate::BatchItem {
@@ -516,7 +516,7 @@ impl Node {
         done: impl FnOnce(Result<ImOutcome, ClusterError>) + Send + 'static,
     ) {
         let p = self.partition_of(timeline_engine::Keyspace::SYNC.0, user);
-        if let Err(e) = self.inner.space.admit(p) {
+        if let Err(e) = self.inner.admit(p) {
             return done(Err(e));
         }
         let inner = self.inner.clone();
@@ -568,7 +568,7 @@ impl Node {
         done: impl FnOnce(Result<ImOutcome, ClusterError>) + Send + 'static,
     ) {
         let p = self.partition_of(timeline_engine::Keyspace::STORE.0, conv);
-        if let Err(e) = self.inner.space.admit(p) {
+        if let Err(e) = self.inner.admit(p) {
             return done(Err(e));
         }
         match self.inner.im_proposals.push(p, (cmd, Box::new(done))) {
@@ -637,6 +637,9 @@ impl Node {
     pub fn leaders(&self) -> (u64, u32, Vec<(PartitionId, String)>) {
         let map = self.inner.map.read().clone();
         let out = (0..map.len())
+            // A partition whose group here stopped is left out, as in an
+            // election (module `revive`).
+            .filter(|&p| !self.inner.stopped.contains(p))
             .filter_map(|p| self.inner.leader_of(p, &map).map(|(_, addr)| (p, addr)))
             .collect();
         (map.version, map.len(), out)
@@ -665,6 +668,12 @@ impl Node {
             h.done.load(Ordering::Relaxed),
             h.failed.load(Ordering::Relaxed),
         )
+    }
+
+    /// Partitions this node handed to another voter because its own disk
+    /// was below the reserve, since start (module `rebalance`).
+    pub fn leaders_shed(&self) -> u64 {
+        self.inner.handovers.shed.load(Ordering::Relaxed)
     }
 
     /// The data disk as writes see it (module `space`): bytes free as last
@@ -891,6 +900,18 @@ impl Inner {
         }
     }
 
+    /// Whether a new client write to `p` may be taken here: while the disk
+    /// is below its reserve (module `space`), `STORAGE_FULL` if this node
+    /// leads `p`, else the redirect a write would get anyway (the leader
+    /// elsewhere may have room).
+    pub(crate) fn admit(&self, p: PartitionId) -> Result<(), ClusterError> {
+        if !self.space.low() {
+            return Ok(());
+        }
+        self.check_leads(p)?;
+        self.space.admit(p)
+    }
+
     /// `p`'s group if this node leads it by its own account; else the
     /// redirect to give (`MOVED`, or `NO_LEADER` in an election).
     pub(crate) fn check_leads(&self, p: PartitionId) -> Result<Raft<TypeConfig>, ClusterError> {
@@ -954,6 +975,9 @@ impl Inner {
 
     pub(crate) async fn linearize(&self, keyspace: u8, id: u64) -> Result<(), ClusterError> {
         let p = partition_of(keyspace, id, self.map.read().len());
+        if self.stopped.contains(p) {
+            return Err(ClusterError::NoLeader { partition: p });
+        }
         let Some(g) = self.group(p) else {
             return Err(self.redirect(p, None));
         };
@@ -1001,12 +1025,29 @@ impl Inner {
     /// Open partition `p`'s group on this node (its log, its state machine)
     /// and add it to the groups served; it has whatever state its storage
     /// holds (none for a replica this node just took: the leader fills it).
+    /// Refused if the node serves a group of `p` already, or if `p`'s group
+    /// stopped on a storage error and this is not `revive` reopening it
+    /// (`reopening`): two instances would write the same log and timelines.
     pub(crate) async fn open_group(
         &self,
         p: PartitionId,
+        reopening: bool,
     ) -> Result<Raft<TypeConfig>, ClusterError> {
+        let refused = |why: &str| ClusterError::Raft(format!("partition {p}: {why}"));
+        {
+            let groups = self.groups.read();
+            if groups.contains_key(&p) {
+                return Err(refused("its group is open here already"));
+            }
+            if self.stopped.contains(p) != reopening {
+                return Err(refused(
+                    "its stopped group is reopened by the supervisor only",
+                ));
+            }
+        }
         let f = &self.factory;
         let (ls, sm) = open_storage(&f.engine, &f.flusher, p)?;
+        let alive = crate::revive::Instance::of(&ls, &sm);
         let sm = sm
             .with_hook(f.hook.clone())
             .with_snapshot_dir(f.snapshot_dir.clone())
@@ -1020,8 +1061,20 @@ impl Inner {
         let raft = Raft::new(self.id, f.config.clone(), net, ls, sm)
             .await
             .map_err(|e| ClusterError::Raft(e.to_string()))?;
-        self.logs.lock().insert(p, log);
-        self.groups.write().insert(p, raft.clone());
+        let taken = {
+            let mut groups = self.groups.write();
+            let taken = groups.contains_key(&p);
+            if !taken {
+                self.stopped.opened(p, alive);
+                self.logs.lock().insert(p, log);
+                groups.insert(p, raft.clone());
+            }
+            taken
+        };
+        if taken {
+            let _ = raft.shutdown().await;
+            return Err(refused("another instance was opened meanwhile"));
+        }
         Ok(raft)
     }
 
@@ -1362,7 +1415,7 @@ async fn boot(
             continue;
         }
         let p = p as PartitionId;
-        let raft = inner.open_group(p).await?;
+        let raft = inner.open_group(p, false).await?;
         // Only the map the cluster was formed with says who starts a group
         // (a replica placed later joins a group that exists, through its
         // leader: initializing it would start a second, empty group), and

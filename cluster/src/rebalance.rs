@@ -72,9 +72,16 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 pub(crate) enum Ask {
     /// Hold elections for this long (ms).
     Hold(u64),
-    /// Stand for election once this long (ms) has passed.
+    /// Stand for election once this long (ms) has passed. Refused by a
+    /// node whose disk is below its reserve (module `space`).
     Stand(u64),
+    /// Whether its disk is above its reserve (nothing done): asked before a
+    /// leader whose own disk is full sheds a partition to it.
+    HasRoom,
 }
+
+/// Between two passes of shedding leadership off a full disk.
+const SHED_EVERY: Duration = Duration::from_secs(2);
 
 /// A node's handovers: the partitions it is handing over (refusing their
 /// requests), the elections it holds for another node's handover, and the
@@ -82,11 +89,16 @@ pub(crate) enum Ask {
 #[derive(Default)]
 pub(crate) struct Handovers {
     handing: Mutex<HashSet<PartitionId>>,
-    held: Mutex<HashMap<PartitionId, Instant>>,
+    /// Elections held here, until when, and on which instance of the
+    /// group (the latest: one reopened meanwhile gets them back).
+    held: Mutex<HashMap<PartitionId, (Instant, Raft<TypeConfig>)>>,
     running: AtomicBool,
     last: Mutex<Option<Instant>>,
+    last_shed: Mutex<Option<Instant>>,
     pub(crate) done: AtomicU64,
     pub(crate) failed: AtomicU64,
+    /// Partitions handed off a full disk ([`maybe_shed`]).
+    pub(crate) shed: AtomicU64,
 }
 
 impl Handovers {
@@ -141,6 +153,97 @@ pub(crate) fn maybe_start(inner: &Arc<Inner>, every: Duration) {
             }
         }
     });
+}
+
+/// From the supervisor (module `revive`), while this node's disk is below
+/// its reserve: it refuses its partitions' writes (`STORAGE_FULL`), though
+/// their other replicas may have room. So, every [`SHED_EVERY`], it hands
+/// each partition it leads to another voter that is alive, caught up and
+/// says its disk has room ([`Ask::HasRoom`]), the map's order first. When
+/// every disk is full (one machine), no voter says so and nothing moves.
+/// Rebalancing brings the partitions back to their preferred replica once
+/// its disk has room again (before, its `Stand` refuses).
+pub(crate) fn maybe_shed(inner: &Arc<Inner>) {
+    let h = &inner.handovers;
+    {
+        let mut last = h.last_shed.lock();
+        if last.is_some_and(|t| t.elapsed() < SHED_EVERY) {
+            return;
+        }
+        *last = Some(Instant::now());
+    }
+    if h.running.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        let _running = Running(&inner.handovers.running);
+        let p_count = inner.map.read().len();
+        for p in 0..p_count {
+            if !inner.space.low() {
+                return;
+            }
+            let candidates = voters_ready(&inner, p);
+            if candidates.is_empty() || !inner.placement.busy.lock().insert(p) {
+                continue;
+            }
+            for to in candidates {
+                if !matches!(ask(&inner, to, p, Ask::HasRoom).await, Answer::Done) {
+                    continue;
+                }
+                match hand_over(&inner, p, to).await {
+                    Ok(()) => {
+                        inner.handovers.shed.fetch_add(1, Ordering::Relaxed);
+                        let what = "leadership handed off this node's full disk";
+                        tracing::info!(partition = p, to, what);
+                        break;
+                    }
+                    Err(why) => {
+                        inner.handovers.failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            partition = p,
+                            to,
+                            why,
+                            "leadership not handed off the full disk"
+                        );
+                    }
+                }
+            }
+            inner.placement.busy.lock().remove(&p);
+        }
+    });
+}
+
+/// The voters `p`'s leadership could go to if this node leads it: the
+/// other live voters of the settled membership that have every entry of
+/// this leader's log, in the map's order.
+fn voters_ready(inner: &Inner, p: PartitionId) -> Vec<NodeId> {
+    let target: Vec<NodeId> = match inner.map.read().partitions.get(p as usize) {
+        Some(r) => r.clone(),
+        None => return Vec::new(),
+    };
+    let Some(g) = inner.group(p) else {
+        return Vec::new();
+    };
+    if !crate::reconcile::settled(&g, &target.iter().copied().collect()) {
+        return Vec::new();
+    }
+    let m = g.metrics().borrow().clone();
+    if m.state != ServerState::Leader {
+        return Vec::new();
+    }
+    let live = inner.replace.live.read();
+    target
+        .into_iter()
+        .filter(|&n| n != inner.id && live.contains(&n))
+        .filter(|n| {
+            let matched = m
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(n).copied().flatten());
+            matched.map(|l| l.index) >= m.last_log_index
+        })
+        .collect()
 }
 
 /// `p`'s preferred replica if this node leads `p` and should hand it over
@@ -320,6 +423,9 @@ pub(crate) async fn serve(inner: Arc<Inner>, p: PartitionId, body: Vec<u8>) -> V
             hold(&inner, p, g, Duration::from_millis(ms).min(most));
             true
         }
+        // A node whose disk is full would lead and refuse every write.
+        (Ok(Ask::Stand(_)), Some(_)) if inner.space.low() => false,
+        (Ok(Ask::HasRoom), _) => !inner.space.low(),
         (Ok(Ask::Stand(ms)), Some(g)) => {
             // Never sooner than the followers' lease: a leader that asks
             // for less is not obeyed beyond what keeps reads safe.
@@ -369,19 +475,20 @@ async fn stand(
 /// Hold `p`'s elections on this node for `d` (a later hold extends it).
 fn hold(inner: &Arc<Inner>, p: PartitionId, g: Raft<TypeConfig>, d: Duration) {
     let until = Instant::now() + d;
+    g.runtime_config().elect(false);
     {
         let mut held = inner.handovers.held.lock();
-        let t = held.entry(p).or_insert(until);
-        *t = (*t).max(until);
+        let t = held.entry(p).or_insert((until, g.clone()));
+        *t = (t.0.max(until), g);
     }
-    g.runtime_config().elect(false);
     let inner = inner.clone();
     tokio::spawn(async move {
         tokio::time::sleep(d).await;
         let mut held = inner.handovers.held.lock();
-        if held.get(&p).is_some_and(|t| *t <= Instant::now()) {
-            held.remove(&p);
-            g.runtime_config().elect(true);
+        if held.get(&p).is_some_and(|t| t.0 <= Instant::now()) {
+            if let Some((_, g)) = held.remove(&p) {
+                g.runtime_config().elect(true);
+            }
         }
     });
 }

@@ -39,7 +39,7 @@ pub(crate) struct Placement {
     pub(crate) changed: tokio::sync::Notify,
     pub(crate) busy: parking_lot::Mutex<HashSet<PartitionId>>,
     /// Groups outside the map that know no leader, since when.
-    leaderless: parking_lot::Mutex<HashMap<PartitionId, Instant>>,
+    pub(crate) leaderless: parking_lot::Mutex<HashMap<PartitionId, Instant>>,
     /// Logs of partitions this node runs no group of that it still keeps
     /// (it stood down as a voter, or the replica moved away while it was
     /// down): each pins the oldest log segments of its shard, and with
@@ -272,7 +272,7 @@ async fn round(inner: &Arc<Inner>) {
                 continue;
             }
             inner.placement.kept.lock().remove(&p);
-            match inner.open_group(p).await {
+            match inner.open_group(p, false).await {
                 Ok(_) => tracing::info!(partition = p, "took a replica: the group is open"),
                 Err(e) => {
                     tracing::warn!(partition = p, error = %e, "cannot open a new replica")

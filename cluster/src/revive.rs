@@ -13,43 +13,72 @@
 //!    `NO_LEADER` (new writes `STORAGE_FULL` while the disk is below the
 //!    reserve); the other replicas elect a leader meanwhile if their disks
 //!    have room;
-//! 3. once the disk is above the reserve again (and the old instance has
-//!    finished shutting down), makes everything written
+//! 3. once the disk is above the reserve again and the old instance is
+//!    gone (its core shut down, and every handle on its log and state
+//!    machine dropped: its state-machine worker may still be applying what
+//!    was queued when the core quit), makes everything written
 //!    so far durable (`Engine::sync`: a shard whose fdatasync failed is
 //!    poisoned and refuses it, and then only a restart, which recovers from
 //!    the files, brings the node's groups back) and reopens each stopped
 //!    group from its storage, as a restart would: its log replayed, the
 //!    entries after its applied state applied again (skipped by write id
-//!    where they were), the rest from the leader.
+//!    where they were), the rest from the leader. A reopened replica
+//!    grants no vote for `election_timeout_max` (as after a restart:
+//!    `net::VoteGate`), since it lost when it last heard from its leader.
+//!
+//! Only a group that stopped on a storage error (or panicked) is taken
+//! out: one shut down on purpose (the node stopping, a replica given up)
+//! also reads as stopped, and is left alone.
 //!
 //! Step 3's sync is what makes reopening safe: an entry the stopped log
 //! had written but whose flush never completed is in the engine's files,
 //! and the reopened group would report it as in its log (a leader counts
 //! it toward a quorum) only once it is on disk.
 
+use crate::log_store::LogStore;
 use crate::node::Inner;
 use crate::partition::PartitionId;
+use crate::state_machine::StateMachine;
+use openraft::error::Fatal;
+use openraft::Raft;
 use parking_lot::Mutex;
-use std::collections::BTreeMap;
+use std::any::Any;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How often the supervisor looks (a timer, not a poll of a hot path:
 /// it bounds how long a stopped group keeps its requests waiting).
 pub(crate) const EVERY: Duration = Duration::from_millis(250);
 
-/// A group taken out: whether its old instance has finished shutting
-/// down (until then nothing reopens it: two instances would apply to the
-/// same timelines).
-struct Stop {
+/// Whether one opened instance of a group is still around: its core (shut
+/// down), and the handles on its log and state machine.
+pub(crate) struct Instance {
     down: Arc<AtomicBool>,
+    handles: Vec<Weak<dyn Any + Send + Sync>>,
 }
 
-/// The partitions whose group on this node stopped.
+impl Instance {
+    /// The instance that opens with `ls` and `sm`.
+    pub(crate) fn of(ls: &LogStore, sm: &StateMachine) -> Instance {
+        Instance {
+            down: Arc::new(AtomicBool::new(false)),
+            handles: vec![ls.alive(), sm.alive()],
+        }
+    }
+
+    fn gone(&self) -> bool {
+        self.down.load(Ordering::Acquire) && self.handles.iter().all(|h| h.strong_count() == 0)
+    }
+}
+
+/// The open instances of this node's groups (as opened), and the
+/// partitions whose group stopped, with their last instance.
 #[derive(Default)]
 pub(crate) struct Stopped {
-    groups: Mutex<BTreeMap<PartitionId, Stop>>,
+    open: Mutex<HashMap<PartitionId, Instance>>,
+    groups: Mutex<BTreeMap<PartitionId, Instance>>,
     /// Groups stopped on a storage error, and reopened, since start.
     stops: AtomicU64,
     revived: AtomicU64,
@@ -60,6 +89,11 @@ pub(crate) struct Stopped {
 impl Stopped {
     pub(crate) fn contains(&self, p: PartitionId) -> bool {
         self.groups.lock().contains_key(&p)
+    }
+
+    /// `p`'s group opened as `instance` (`Inner::open_group`).
+    pub(crate) fn opened(&self, p: PartitionId, instance: Instance) {
+        self.open.lock().insert(p, instance);
     }
 
     /// `STATS`: groups stopped now, stops and reopenings since start.
@@ -82,45 +116,69 @@ pub(crate) async fn supervise(inner: Weak<Inner>) {
             return;
         };
         inner.space.refresh();
-        take_out_stopped(&inner).await;
-        if !inner.space.low() {
+        take_out_stopped(&inner);
+        if inner.space.low() {
+            crate::rebalance::maybe_shed(&inner);
+        } else {
             reopen(&inner).await;
         }
     }
 }
 
-/// Step 2 of the module docs, for every group whose core has stopped.
-async fn take_out_stopped(inner: &Arc<Inner>) {
-    let stopped: Vec<(PartitionId, openraft::Raft<crate::TypeConfig>, String)> = inner
+/// Whether a group's core quit on an error of its own (not shut down on
+/// purpose).
+fn failed(m: &openraft::RaftMetrics<crate::NodeId, openraft::BasicNode>) -> Option<String> {
+    match &m.running_state {
+        Err(e @ (Fatal::StorageError(_) | Fatal::Panicked)) => Some(e.to_string()),
+        _ => None,
+    }
+}
+
+/// Step 2 of the module docs, for every group whose core has failed.
+fn take_out_stopped(inner: &Arc<Inner>) {
+    let stopped: Vec<(PartitionId, Raft<crate::TypeConfig>, String)> = inner
         .groups
         .read()
         .iter()
-        .filter_map(|(p, g)| {
-            let why = g.metrics().borrow().running_state.clone().err()?;
-            Some((*p, g.clone(), why.to_string()))
-        })
+        .filter_map(|(p, g)| Some((*p, g.clone(), failed(&g.metrics().borrow())?)))
         .collect();
     for (p, g, why) in stopped {
+        {
+            // Under the groups' lock: `open_group` sees either the group
+            // or the stop, never neither.
+            let mut groups = inner.groups.write();
+            if groups
+                .get(&p)
+                .is_none_or(|x| failed(&x.metrics().borrow()).is_none())
+            {
+                continue;
+            }
+            let instance = inner
+                .stopped
+                .open
+                .lock()
+                .remove(&p)
+                .unwrap_or_else(|| Instance {
+                    down: Arc::new(AtomicBool::new(false)),
+                    handles: Vec::new(),
+                });
+            let down = instance.down.clone();
+            inner.stopped.groups.lock().insert(p, instance);
+            groups.remove(&p);
+            // Its core has quit; the rest (its timer) winds down apart, so
+            // that no stopped group holds up the others.
+            let g = g.clone();
+            tokio::spawn(async move {
+                let _ = g.shutdown().await;
+                down.store(true, Ordering::Release);
+            });
+        }
+        inner.stopped.stops.fetch_add(1, Ordering::Relaxed);
         tracing::error!(
             partition = p,
             error = %why,
             "the group stopped on a storage error: taken out until the disk has room"
         );
-        let down = Arc::new(AtomicBool::new(false));
-        inner
-            .stopped
-            .groups
-            .lock()
-            .insert(p, Stop { down: down.clone() });
-        inner.stopped.stops.fetch_add(1, Ordering::Relaxed);
-        inner.groups.write().remove(&p);
-        // Its core has quit; the rest (its timer, its state machine's
-        // worker) winds down apart, so that no stopped group holds up the
-        // others, and it is reopened only once that is done.
-        tokio::spawn(async move {
-            let _ = g.shutdown().await;
-            down.store(true, Ordering::Release);
-        });
         if let Some(log) = inner.logs.lock().remove(&p) {
             log.close();
         }
@@ -137,7 +195,7 @@ async fn reopen(inner: &Arc<Inner>) {
         .groups
         .lock()
         .iter()
-        .filter(|(_, s)| s.down.load(Ordering::Acquire))
+        .filter(|(_, i)| i.gone())
         .map(|(p, _)| *p)
         .collect();
     if waiting.is_empty() {
@@ -158,7 +216,12 @@ async fn reopen(inner: &Arc<Inner>) {
         Err(_) => return,
     }
     for p in waiting {
-        match inner.open_group(p).await {
+        // As after a restart: no vote until the leases this replica's
+        // last acknowledgements gave its leader are over.
+        let leases = inner.leases();
+        leases.no_votes_before(p, Instant::now() + inner.election_timeout_max());
+        inner.placement.leaderless.lock().remove(&p);
+        match inner.open_group(p, true).await {
             Ok(_) => {
                 inner.stopped.groups.lock().remove(&p);
                 inner.stopped.revived.fetch_add(1, Ordering::Relaxed);

@@ -168,6 +168,13 @@ pub struct StateMachine {
 }
 
 impl StateMachine {
+    /// A handle that is dead once every handle on this state machine is
+    /// dropped (its group's worker done applying: module `revive`).
+    pub(crate) fn alive(&self) -> std::sync::Weak<dyn std::any::Any + Send + Sync> {
+        let w: std::sync::Weak<Mutex<State>> = Arc::downgrade(&self.state);
+        w
+    }
+
     /// Open partition `partition`'s state machine: its applied state as of
     /// its last snapshot, and its list of timelines.
     pub fn open(engine: Arc<Engine>, partition: u64) -> Result<StateMachine, Error> {

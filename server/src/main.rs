@@ -192,7 +192,8 @@ fn main() {
         .init();
     let a = Args::parse();
     if let Err(e) = run(a) {
-        eprintln!("timeline-server: error: {e}");
+        // Not `eprintln!`: it panics if stderr is a file on a full disk.
+        let _ = writeln!(std::io::stderr(), "timeline-server: error: {e}");
         std::process::exit(1);
     }
 }

@@ -492,6 +492,7 @@ pub(crate) fn stats(sh: &Shared) -> Vec<(String, u64)> {
         out.extend([
             kv("cluster_leaders_handed_over", handed),
             kv("cluster_leader_handovers_failed", not_handed),
+            kv("cluster_leaders_shed_disk_full", n.leaders_shed()),
         ]);
         let (free, reserve, refused) = n.space();
         let (stopped, stops, reopened) = n.stopped_groups();
