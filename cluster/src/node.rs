@@ -912,16 +912,23 @@ impl Inner {
         self.space.admit(p)
     }
 
+    /// The answer for `p` when this node runs no group of it: `NO_LEADER`
+    /// while its group here is stopped by a failed write (module
+    /// `revive`), else where it may be led. Asked after the lookup: a
+    /// group is in the stopped set before it leaves the groups (both
+    /// under the groups' lock), so a lookup that missed it sees the stop.
+    fn redirect_missing(&self, p: PartitionId) -> ClusterError {
+        if self.stopped.contains(p) {
+            return ClusterError::NoLeader { partition: p };
+        }
+        self.redirect(p, None)
+    }
+
     /// `p`'s group if this node leads it by its own account; else the
     /// redirect to give (`MOVED`, or `NO_LEADER` in an election).
     pub(crate) fn check_leads(&self, p: PartitionId) -> Result<Raft<TypeConfig>, ClusterError> {
-        if self.stopped.contains(p) {
-            // Its group here stopped on a storage error until it reopens
-            // (module `revive`); a new write meets the disk's reserve first.
-            return Err(ClusterError::NoLeader { partition: p });
-        }
         let Some(g) = self.group(p) else {
-            return Err(self.redirect(p, None));
+            return Err(self.redirect_missing(p));
         };
         if self.handovers.handing(p) {
             // Stepping aside for the preferred replica: ask again shortly.
@@ -975,11 +982,8 @@ impl Inner {
 
     pub(crate) async fn linearize(&self, keyspace: u8, id: u64) -> Result<(), ClusterError> {
         let p = partition_of(keyspace, id, self.map.read().len());
-        if self.stopped.contains(p) {
-            return Err(ClusterError::NoLeader { partition: p });
-        }
         let Some(g) = self.group(p) else {
-            return Err(self.redirect(p, None));
+            return Err(self.redirect_missing(p));
         };
         if self.handovers.handing(p) {
             // No read either: a heartbeat round would renew the followers'

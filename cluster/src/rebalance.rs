@@ -131,6 +131,11 @@ pub(crate) fn maybe_start(inner: &Arc<Inner>, every: Duration) {
             let Some(to) = preferred_if_ready(&inner, p) else {
                 continue;
             };
+            // Not to a node whose disk is full (its `Stand` would refuse,
+            // but only after the other voters held their elections).
+            if !matches!(ask(&inner, to, p, Ask::HasRoom).await, Answer::Done) {
+                continue;
+            }
             // One change per partition at a time: not while its membership
             // changes.
             if !inner.placement.busy.lock().insert(p) {
@@ -188,6 +193,11 @@ pub(crate) fn maybe_shed(inner: &Arc<Inner>) {
                 continue;
             }
             for to in candidates {
+                // A failed handover may still have ended with another
+                // leader (an election the group held meanwhile).
+                if !inner.leads(p) {
+                    break;
+                }
                 if !matches!(ask(&inner, to, p, Ask::HasRoom).await, Answer::Done) {
                     continue;
                 }
@@ -199,7 +209,6 @@ pub(crate) fn maybe_shed(inner: &Arc<Inner>) {
                         break;
                     }
                     Err(why) => {
-                        inner.handovers.failed.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(
                             partition = p,
                             to,
@@ -467,7 +476,8 @@ async fn stand(
             _ => break,
         }
     }
-    if g.metrics().borrow().state != ServerState::Leader {
+    // Not if its disk filled meanwhile: it would lead and refuse writes.
+    if g.metrics().borrow().state != ServerState::Leader && !inner.space.low() {
         let _ = g.trigger().elect().await;
     }
 }
@@ -475,9 +485,11 @@ async fn stand(
 /// Hold `p`'s elections on this node for `d` (a later hold extends it).
 fn hold(inner: &Arc<Inner>, p: PartitionId, g: Raft<TypeConfig>, d: Duration) {
     let until = Instant::now() + d;
-    g.runtime_config().elect(false);
     {
+        // Under the lock: an earlier hold's timer takes its entry and
+        // turns elections back on under it too, so it cannot undo this.
         let mut held = inner.handovers.held.lock();
+        g.runtime_config().elect(false);
         let t = held.entry(p).or_insert((until, g.clone()));
         *t = (t.0.max(until), g);
     }

@@ -517,6 +517,7 @@ async fn retire(inner: &Inner, p: PartitionId, g: Raft<TypeConfig>, release: boo
     // The newest config the group knew here (the effective one).
     let known = *g.metrics().borrow().membership_config.log_id();
     inner.groups.write().remove(&p);
+    inner.stopped.closed(p);
     let _ = g.shutdown().await;
     if let Some(log) = inner.logs.lock().remove(&p) {
         log.close();

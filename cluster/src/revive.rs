@@ -10,9 +10,8 @@
 //! 2. takes each stopped group out of the groups served: shut down (what
 //!    waited on it ends `UNCERTAIN`), its log handle closed, its
 //!    subscribed devices told to `resync`; requests for the partition get
-//!    `NO_LEADER` (new writes `STORAGE_FULL` while the disk is below the
-//!    reserve); the other replicas elect a leader meanwhile if their disks
-//!    have room;
+//!    `NO_LEADER`; the other replicas elect a leader meanwhile if their
+//!    disks have room;
 //! 3. once the disk is above the reserve again and the old instance is
 //!    gone (its core shut down, and every handle on its log and state
 //!    machine dropped: its state-machine worker may still be applying what
@@ -26,9 +25,14 @@
 //!    grants no vote for `election_timeout_max` (as after a restart:
 //!    `net::VoteGate`), since it lost when it last heard from its leader.
 //!
-//! Only a group that stopped on a storage error (or panicked) is taken
-//! out: one shut down on purpose (the node stopping, a replica given up)
-//! also reads as stopped, and is left alone.
+//! Only a group whose core failed is taken out: one that quit on a
+//! storage error, or whose core task ended without saying why (a panic:
+//! openraft 0.9 then leaves `running_state` as it was, and only the
+//! metrics channel closing tells). One shut down on purpose (the node
+//! stopping, a replica given up) reads as `Fatal::Stopped` and is left
+//! alone. A group that fails again soon after it was reopened waits
+//! longer each time ([`backoff`]), so one that cannot run does not cost
+//! a sync and a reopen every quarter of a second.
 //!
 //! Step 3's sync is what makes reopening safe: an entry the stopped log
 //! had written but whose flush never completed is in the engine's files,
@@ -78,7 +82,11 @@ impl Instance {
 #[derive(Default)]
 pub(crate) struct Stopped {
     open: Mutex<HashMap<PartitionId, Instance>>,
-    groups: Mutex<BTreeMap<PartitionId, Instance>>,
+    /// Each stopped group's last instance, and when it may reopen.
+    groups: Mutex<BTreeMap<PartitionId, (Instance, Instant)>>,
+    /// Per partition, its stops in a row (each within [`MAX_BACKOFF`] of
+    /// the one before) and when the last was.
+    streak: Mutex<HashMap<PartitionId, (u32, Instant)>>,
     /// Groups stopped on a storage error, and reopened, since start.
     stops: AtomicU64,
     revived: AtomicU64,
@@ -94,6 +102,11 @@ impl Stopped {
     /// `p`'s group opened as `instance` (`Inner::open_group`).
     pub(crate) fn opened(&self, p: PartitionId, instance: Instance) {
         self.open.lock().insert(p, instance);
+    }
+
+    /// `p`'s group was shut down on purpose (its replica given up).
+    pub(crate) fn closed(&self, p: PartitionId) {
+        self.open.lock().remove(&p);
     }
 
     /// `STATS`: groups stopped now, stops and reopenings since start.
@@ -125,14 +138,31 @@ pub(crate) async fn supervise(inner: Weak<Inner>) {
     }
 }
 
-/// Whether a group's core quit on an error of its own (not shut down on
-/// purpose).
-fn failed(m: &openraft::RaftMetrics<crate::NodeId, openraft::BasicNode>) -> Option<String> {
-    match &m.running_state {
+/// Whether `g`'s core quit on an error of its own (not shut down on
+/// purpose): why.
+fn failed(g: &Raft<crate::TypeConfig>) -> Option<String> {
+    let rx = g.metrics();
+    let gone = rx.has_changed().is_err();
+    let state = rx.borrow().running_state.clone();
+    match state {
         Err(e @ (Fatal::StorageError(_) | Fatal::Panicked)) => Some(e.to_string()),
-        _ => None,
+        Err(_) => None,
+        Ok(()) if gone => Some("its core task ended without a result (a panic)".into()),
+        Ok(()) => None,
     }
 }
+
+/// How long a group stopped for the `n`th time in a row (each within a
+/// minute of the one before) waits before it is reopened: nothing at
+/// first, then doubling from half a second up to a minute.
+fn backoff(n: u32) -> Duration {
+    match n {
+        0 | 1 => Duration::ZERO,
+        n => (Duration::from_millis(500) * 2u32.saturating_pow(n.min(9) - 2)).min(MAX_BACKOFF),
+    }
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// Step 2 of the module docs, for every group whose core has failed.
 fn take_out_stopped(inner: &Arc<Inner>) {
@@ -140,17 +170,14 @@ fn take_out_stopped(inner: &Arc<Inner>) {
         .groups
         .read()
         .iter()
-        .filter_map(|(p, g)| Some((*p, g.clone(), failed(&g.metrics().borrow())?)))
+        .filter_map(|(p, g)| Some((*p, g.clone(), failed(g)?)))
         .collect();
     for (p, g, why) in stopped {
         {
             // Under the groups' lock: `open_group` sees either the group
             // or the stop, never neither.
             let mut groups = inner.groups.write();
-            if groups
-                .get(&p)
-                .is_none_or(|x| failed(&x.metrics().borrow()).is_none())
-            {
+            if groups.get(&p).is_none_or(|x| failed(x).is_none()) {
                 continue;
             }
             let instance = inner
@@ -163,7 +190,23 @@ fn take_out_stopped(inner: &Arc<Inner>) {
                     handles: Vec::new(),
                 });
             let down = instance.down.clone();
-            inner.stopped.groups.lock().insert(p, instance);
+            let now = Instant::now();
+            let n = {
+                let mut streak = inner.stopped.streak.lock();
+                let s = streak.entry(p).or_insert((0, now));
+                s.0 = if now.duration_since(s.1) < MAX_BACKOFF {
+                    s.0 + 1
+                } else {
+                    1
+                };
+                s.1 = now;
+                s.0
+            };
+            inner
+                .stopped
+                .groups
+                .lock()
+                .insert(p, (instance, now + backoff(n)));
             groups.remove(&p);
             // Its core has quit; the rest (its timer) winds down apart, so
             // that no stopped group holds up the others.
@@ -195,7 +238,7 @@ async fn reopen(inner: &Arc<Inner>) {
         .groups
         .lock()
         .iter()
-        .filter(|(_, i)| i.gone())
+        .filter(|(_, (i, at))| i.gone() && *at <= Instant::now())
         .map(|(p, _)| *p)
         .collect();
     if waiting.is_empty() {
@@ -238,4 +281,19 @@ async fn reopen(inner: &Arc<Inner>) {
     // Placement acts on the reopened groups as on any (a change made
     // while they were down).
     inner.placement.changed.notify_one();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_that_keeps_failing_waits_longer_each_time_up_to_a_minute() {
+        assert_eq!(backoff(1), Duration::ZERO, "a first stop reopens at once");
+        assert_eq!(backoff(2), Duration::from_millis(500));
+        assert_eq!(backoff(3), Duration::from_secs(1));
+        assert_eq!(backoff(8), Duration::from_secs(32));
+        assert_eq!(backoff(9), MAX_BACKOFF);
+        assert_eq!(backoff(u32::MAX), MAX_BACKOFF);
+    }
 }
