@@ -73,10 +73,11 @@ pub(crate) enum Ask {
     /// Hold elections for this long (ms).
     Hold(u64),
     /// Stand for election once this long (ms) has passed. Refused by a
-    /// node whose disk is below its reserve (module `space`).
+    /// node whose disk has not room enough to lead (module `space`:
+    /// `Space::roomy`).
     Stand(u64),
-    /// Whether its disk is above its reserve (nothing done): asked before a
-    /// leader whose own disk is full sheds a partition to it.
+    /// Whether its disk has room enough to lead (`Space::roomy`; nothing
+    /// done): asked before a handover to it.
     HasRoom,
 }
 
@@ -433,8 +434,8 @@ pub(crate) async fn serve(inner: Arc<Inner>, p: PartitionId, body: Vec<u8>) -> V
             true
         }
         // A node whose disk is full would lead and refuse every write.
-        (Ok(Ask::Stand(_)), Some(_)) if inner.space.low() => false,
-        (Ok(Ask::HasRoom), _) => !inner.space.low(),
+        (Ok(Ask::Stand(_)), Some(_)) if !inner.space.roomy() => false,
+        (Ok(Ask::HasRoom), _) => inner.space.roomy(),
         (Ok(Ask::Stand(ms)), Some(g)) => {
             // Never sooner than the followers' lease: a leader that asks
             // for less is not obeyed beyond what keeps reads safe.
@@ -477,7 +478,7 @@ async fn stand(
         }
     }
     // Not if its disk filled meanwhile: it would lead and refuse writes.
-    if g.metrics().borrow().state != ServerState::Leader && !inner.space.low() {
+    if g.metrics().borrow().state != ServerState::Leader && inner.space.roomy() {
         let _ = g.trigger().elect().await;
     }
 }

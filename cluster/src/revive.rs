@@ -84,9 +84,9 @@ pub(crate) struct Stopped {
     open: Mutex<HashMap<PartitionId, Instance>>,
     /// Each stopped group's last instance, and when it may reopen.
     groups: Mutex<BTreeMap<PartitionId, (Instance, Instant)>>,
-    /// Per partition, its stops in a row (each within [`MAX_BACKOFF`] of
-    /// the one before) and when the last was.
-    streak: Mutex<HashMap<PartitionId, (u32, Instant)>>,
+    /// Per partition, its stops in a row (each within [`SOON`] of the
+    /// reopening before it) and when it was last reopened.
+    streak: Mutex<HashMap<PartitionId, (u32, Option<Instant>)>>,
     /// Groups stopped on a storage error, and reopened, since start.
     stops: AtomicU64,
     revived: AtomicU64,
@@ -152,9 +152,13 @@ fn failed(g: &Raft<crate::TypeConfig>) -> Option<String> {
     }
 }
 
-/// How long a group stopped for the `n`th time in a row (each within a
-/// minute of the one before) waits before it is reopened: nothing at
-/// first, then doubling from half a second up to a minute.
+/// A stop this soon after the group was reopened counts as failing again
+/// (it could not run), not as a new episode of a full disk.
+const SOON: Duration = Duration::from_secs(5);
+
+/// How long a group stopped for the `n`th time in a row (each within
+/// [`SOON`] of its reopening) waits before it is reopened again: nothing
+/// at first, then doubling from half a second up to a minute.
 fn backoff(n: u32) -> Duration {
     match n {
         0 | 1 => Duration::ZERO,
@@ -193,13 +197,9 @@ fn take_out_stopped(inner: &Arc<Inner>) {
             let now = Instant::now();
             let n = {
                 let mut streak = inner.stopped.streak.lock();
-                let s = streak.entry(p).or_insert((0, now));
-                s.0 = if now.duration_since(s.1) < MAX_BACKOFF {
-                    s.0 + 1
-                } else {
-                    1
-                };
-                s.1 = now;
+                let s = streak.entry(p).or_insert((0, None));
+                let again = s.1.is_some_and(|r| now.duration_since(r) < SOON);
+                s.0 = if again { s.0 + 1 } else { 1 };
                 s.0
             };
             inner
@@ -268,6 +268,8 @@ async fn reopen(inner: &Arc<Inner>) {
             Ok(_) => {
                 inner.stopped.groups.lock().remove(&p);
                 inner.stopped.revived.fetch_add(1, Ordering::Relaxed);
+                let mut streak = inner.stopped.streak.lock();
+                streak.entry(p).or_insert((0, None)).1 = Some(Instant::now());
                 tracing::info!(
                     partition = p,
                     "the disk has room again: the group is reopened"

@@ -64,6 +64,14 @@ impl Space {
         self.free.load(Ordering::Relaxed) < self.reserve
     }
 
+    /// Whether the disk has room enough to take leadership: a quarter of
+    /// the reserve above it, so that a node near the line neither sheds
+    /// its partitions nor takes them back (no handover back and forth as
+    /// its free space moves about the reserve).
+    pub(crate) fn roomy(&self) -> bool {
+        self.free.load(Ordering::Relaxed) >= self.reserve.saturating_add(self.reserve / 4)
+    }
+
     /// `Ok` if a new write to partition `p` may go ahead; `StorageFull`
     /// (counted) if the disk is below the reserve.
     pub(crate) fn admit(&self, p: PartitionId) -> Result<(), ClusterError> {
@@ -119,6 +127,9 @@ mod tests {
         assert!(s.admit(3).is_ok(), "unknown free space refuses nothing");
         s.set_free(1000);
         assert!(s.admit(3).is_ok(), "exactly the reserve is enough");
+        assert!(!s.roomy(), "but not room enough to take leadership");
+        s.set_free(1250);
+        assert!(s.roomy());
         s.set_free(999);
         match s.admit(3) {
             Err(ClusterError::StorageFull {
