@@ -622,10 +622,12 @@ fn stat_of(cl: &Cluster, id: u64, key: &str) -> u64 {
 /// of the partitions it leads (`STORAGE_FULL`) only until it has handed
 /// each to a replica with room: it soon leads nothing, every timeline
 /// takes appends again, and the other leaders' handovers back to it
-/// (rebalancing every second) are refused while it is full. Once the
-/// ballast goes, its stopped groups reopen, it leads its preferred
-/// partitions again, and the history checker finds every acknowledged
-/// append with its bytes.
+/// (rebalancing every second) are refused while it is full. Then a second
+/// ballast takes its last byte: as a follower it fails the entries sent to
+/// it, its groups stop, and the partitions go on with the other two
+/// replicas. Once the ballasts go, its stopped groups reopen (catching up
+/// from their leaders), it leads its preferred partitions again, and the
+/// history checker finds every acknowledged append with its bytes.
 #[test]
 fn a_node_whose_disk_is_full_hands_its_partitions_to_replicas_with_room() {
     let root = tempfile::tempdir().unwrap();
@@ -674,6 +676,21 @@ fn a_node_whose_disk_is_full_hands_its_partitions_to_replicas_with_room() {
         "node 1 took a partition back while its disk was full\n{}",
         cl.logs()
     );
+    // Now every byte: as a follower, node 1 fails the entries its leaders
+    // send; its groups stop, and the partitions go on with the other two.
+    let rest = disk.ballast("ballast-rest", 0);
+    wait_until(
+        "node 1's follower groups stopped by its full disk",
+        Duration::from_secs(20),
+        || stat_of(&cl, 1, "cluster_group_stops") > 0,
+    );
+    let on_two = Instant::now();
+    wait_until(
+        "every timeline taking appends with node 1's groups stopped",
+        Duration::from_secs(20),
+        || acked(&h).values().filter(|(_, t)| *t > on_two).count() as u64 == TIMELINES,
+    );
+    std::fs::remove_file(&rest).unwrap();
     std::fs::remove_file(&ballast).unwrap();
     wait_until(
         "node 1 leading again, no group stopped",
