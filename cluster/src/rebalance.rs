@@ -107,21 +107,27 @@ impl Handovers {
     pub(crate) fn handing(&self, p: PartitionId) -> bool {
         self.handing.lock().contains(&p)
     }
+
+    /// Whether a pass is due (`every` since the `last` of its kind) and
+    /// none is running: if so the caller runs one (the running flag is
+    /// set; its [`Running`] guard clears it).
+    fn due(&self, last: &Mutex<Option<Instant>>, every: Duration) -> bool {
+        {
+            let mut last = last.lock();
+            if last.is_some_and(|t| t.elapsed() < every) {
+                return false;
+            }
+            *last = Some(Instant::now());
+        }
+        !self.running.swap(true, Ordering::AcqRel)
+    }
 }
 
 /// From the placement round (every second): once per `every`, hand over,
 /// one after another, the partitions this node leads whose preferred
 /// replica should lead them.
 pub(crate) fn maybe_start(inner: &Arc<Inner>, every: Duration) {
-    let h = &inner.handovers;
-    {
-        let mut last = h.last.lock();
-        if last.is_some_and(|t| t.elapsed() < every) {
-            return;
-        }
-        *last = Some(Instant::now());
-    }
-    if h.running.swap(true, Ordering::AcqRel) {
+    if !inner.handovers.due(&inner.handovers.last, every) {
         return;
     }
     let inner = inner.clone();
@@ -170,15 +176,7 @@ pub(crate) fn maybe_start(inner: &Arc<Inner>, every: Duration) {
 /// Rebalancing brings the partitions back to their preferred replica once
 /// its disk has room again (before, its `Stand` refuses).
 pub(crate) fn maybe_shed(inner: &Arc<Inner>) {
-    let h = &inner.handovers;
-    {
-        let mut last = h.last_shed.lock();
-        if last.is_some_and(|t| t.elapsed() < SHED_EVERY) {
-            return;
-        }
-        *last = Some(Instant::now());
-    }
-    if h.running.swap(true, Ordering::AcqRel) {
+    if !inner.handovers.due(&inner.handovers.last_shed, SHED_EVERY) {
         return;
     }
     let inner = inner.clone();

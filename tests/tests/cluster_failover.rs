@@ -439,17 +439,7 @@ fn a_full_disk_refuses_writes_and_the_stopped_groups_reopen_when_it_has_room() {
     let seeds = cl.seeds();
     let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
     cc.retry_for = Duration::from_secs(10);
-    for c in 0..CONVS {
-        let r = cc.call(&Request::CreateConversation {
-            conv: 1000 + c,
-            kind: timeline_client::protocol::ConvKind::Group,
-            members: members_of(c),
-        });
-        assert!(
-            matches!(r, Ok(Response::CreateConversation(1))),
-            "create {c}: {r:?}"
-        );
-    }
+    create_convs(&mut cc);
     let load = Load::start(&seeds);
     let h = load.h.clone();
     let acked = |h: &Mutex<History>| acked_by_timeline(&h.lock());
@@ -1881,6 +1871,21 @@ fn a_replica_behind_the_purged_log_catches_up_from_a_streamed_snapshot() {
     drop(cl.etcd);
 }
 
+/// Create the [`CONVS`] group conversations 1000.. (members [`members_of`]).
+fn create_convs(cc: &mut ClusterClient) {
+    for c in 0..CONVS {
+        let r = cc.call(&Request::CreateConversation {
+            conv: 1000 + c,
+            kind: timeline_client::protocol::ConvKind::Group,
+            members: members_of(c),
+        });
+        assert!(
+            matches!(r, Ok(Response::CreateConversation(1))),
+            "create {c}: {r:?}"
+        );
+    }
+}
+
 /// Acknowledged sends: (conversation, seq) → payload.
 type Acked = HashMap<(u64, u64), Vec<u8>>;
 
@@ -2448,17 +2453,7 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
     let seeds = cl.seeds();
     let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
     cc.retry_for = Duration::from_secs(10);
-    for c in 0..CONVS {
-        let r = cc.call(&Request::CreateConversation {
-            conv: 1000 + c,
-            kind: timeline_client::protocol::ConvKind::Group,
-            members: members_of(c),
-        });
-        assert!(
-            matches!(r, Ok(Response::CreateConversation(1))),
-            "create {c}: {r:?}"
-        );
-    }
+    create_convs(&mut cc);
     let r = cc.call(&Request::CreateConversation {
         conv: GROUP,
         kind: timeline_client::protocol::ConvKind::Group,
