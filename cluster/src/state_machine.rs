@@ -1787,72 +1787,36 @@ mod tests {
     /// a send, its retry, a send by a non-member, a join and the joined
     /// user's send (seeing the join before it in the same entry); applied
     /// again after a restart, the entry writes nothing twice.
-    /// `c` (a conversation write) as a batch item.
-    fn conv_write(c: Command) -> crate::ConvWrite {
-        use crate::ConvWrite as W;
-        match c {
-            Command::ImCreate {
-                conv,
-                kind,
-                members,
-                ts,
-            } => W::Create {
-                conv,
-                kind,
-                members,
-                ts,
-            },
-            Command::ImSend {
-                conv,
-                sender,
-                client_msg_id,
-                payload,
-                ts,
-            } => W::Send {
-                conv,
-                sender,
-                client_msg_id,
-                payload,
-                ts,
-            },
-            Command::ImMember {
-                conv,
-                user,
-                add,
-                threshold,
-                ts,
-            } => W::Member {
-                conv,
-                user,
-                add,
-                threshold,
-                ts,
-            },
-            other => panic!("not a batched write: {other:?}"),
-        }
-    }
-
     #[test]
     fn a_batch_of_conversation_writes_applies_each_as_its_own_entry_would() {
-        let cmd = |e: Entry<TypeConfig>| match e.payload {
-            EntryPayload::Normal(c) => c,
-            _ => unreachable!(),
-        };
-        let join = Command::ImMember {
+        use crate::ConvWrite as W;
+        let send = |sender, client_msg_id, p: &str| W::Send {
             conv: 7,
-            user: 3,
-            add: true,
-            threshold: 100,
+            sender,
+            client_msg_id,
+            payload: p.as_bytes().to_vec(),
             ts: 1,
         };
-        let writes = [
-            cmd(create(0, im::CONV_GROUP, vec![1, 2])),
-            cmd(send(0, 1, 42, "hi")),
-            cmd(send(0, 1, 42, "hi")),
-            cmd(send(0, 9, 1, "x")),
-            join,
-            cmd(send(0, 3, 1, "from 3")),
+        let batch = vec![
+            W::Create {
+                conv: 7,
+                kind: im::CONV_GROUP,
+                members: vec![1, 2],
+                ts: 1,
+            },
+            send(1, 42, "hi"),
+            send(1, 42, "hi"),
+            send(9, 1, "x"),
+            W::Member {
+                conv: 7,
+                user: 3,
+                add: true,
+                threshold: 100,
+                ts: 1,
+            },
+            send(3, 1, "from 3"),
         ];
+        let writes: Vec<Command> = batch.iter().cloned().map(Command::from).collect();
         // Each as its own entry, on one replica.
         let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let (e1, e2) = (engine(d1.path()), engine(d2.path()));
@@ -1864,10 +1828,6 @@ mod tests {
             ));
         }
         // As one entry, on another.
-        let batch: Vec<crate::ConvWrite> = writes.iter().cloned().map(conv_write).collect();
-        for (c, w) in writes.iter().zip(&batch) {
-            assert_eq!(*c, Command::from(w.clone()), "the same write either way");
-        }
         let mut two = StateMachine::open(e2.clone(), 3).unwrap();
         let mut r = block(two.apply([entry(1, Command::ImBatch(batch.clone()))])).unwrap();
         let together = r.pop().unwrap().ims;
