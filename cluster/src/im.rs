@@ -23,8 +23,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Raft-meta timeline ids (plus the partition) of each partition's outbox
-/// and done mark.
+/// Timeline ids (plus the partition) of each partition's outbox and done
+/// mark, in keyspace `im-outbox` (module [`crate::outbox`]; before it,
+/// in `raft-meta`, where [`crate::state_machine`] still finds them once).
 pub const OUTBOX_BASE: u64 = 1 << 40;
 pub const DONE_BASE: u64 = 2 << 40;
 
@@ -235,13 +236,23 @@ pub type HookSlot = std::sync::Arc<std::sync::OnceLock<std::sync::Arc<dyn Delive
 
 /// An outbox record (after the write id): `conv u64 | conv_seq u64`.
 pub fn outbox_record(conv: u64, conv_seq: u64) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&conv.to_le_bytes());
-    b[8..].copy_from_slice(&conv_seq.to_le_bytes());
-    b
+    pair(conv, conv_seq)
 }
 
 pub fn decode_outbox(b: &[u8]) -> Option<(u64, u64)> {
+    unpair(b)
+}
+
+/// Two u64s, little-endian (an outbox record, a done mark).
+pub(crate) fn pair(a: u64, b: u64) -> [u8; 16] {
+    let mut r = [0u8; 16];
+    r[..8].copy_from_slice(&a.to_le_bytes());
+    r[8..].copy_from_slice(&b.to_le_bytes());
+    r
+}
+
+/// [`pair`]'s two u64s, if `b` is exactly that.
+pub(crate) fn unpair(b: &[u8]) -> Option<(u64, u64)> {
     if b.len() != 16 {
         return None;
     }
@@ -280,7 +291,6 @@ pub const RECORD_OVERHEAD: usize = crate::ENTRY_OVERHEAD + crate::ITEM_OVERHEAD;
 /// deliverer, the server's reads, the state machine's checks).
 pub mod read {
     use super::*;
-    use crate::log_store::RAFT_META;
     use crate::members::{Change, Members};
     use crate::state_machine::payload_of;
     use timeline_engine::{Direction, Engine, Keyspace, TimelineId};
@@ -299,13 +309,7 @@ pub mod read {
         Some((u64_at(b, 0)?, payload_of(b)?))
     }
 
-    pub fn outbox_timeline(partition: u32) -> TimelineId {
-        TimelineId::new(RAFT_META, OUTBOX_BASE + u64::from(partition))
-    }
-
-    pub fn done_timeline(partition: u32) -> TimelineId {
-        TimelineId::new(RAFT_META, DONE_BASE + u64::from(partition))
-    }
+    pub use crate::outbox::{done_timeline, outbox_timeline};
 
     /// The done mark: (outbox seq, write id) delivered through; (0, 0) if none.
     pub fn done(e: &Engine, partition: u32) -> Result<(u64, u64), ReadError> {
@@ -313,10 +317,9 @@ pub mod read {
         let Some(r) = recs.first() else {
             return Ok((0, 0));
         };
-        let b = payload_of(&r.payload)
-            .filter(|b| b.len() == 16)
-            .ok_or_else(|| ReadError::Damaged(format!("done mark {}", r.seq)))?;
-        Ok((u64_at(b, 0).unwrap_or(0), u64_at(b, 8).unwrap_or(0)))
+        payload_of(&r.payload)
+            .and_then(unpair)
+            .ok_or_else(|| ReadError::Damaged(format!("done mark {}", r.seq)))
     }
 
     /// One outbox record: its seq, its write id (the message's), and the
@@ -329,19 +332,18 @@ pub mod read {
         pub conv_seq: u64,
     }
 
-    /// Up to `limit` outbox records after seq `after`.
+    /// Up to `limit` outbox records after seq `after` (from the first one
+    /// kept, if records after it were released and dropped: a replica
+    /// given up and taken again without its done mark).
     pub fn outbox_after(
         e: &Engine,
         partition: u32,
         after: u64,
         limit: usize,
     ) -> Result<Vec<Pending>, ReadError> {
-        let recs = e.scan(
-            outbox_timeline(partition),
-            after + 1,
-            limit,
-            Direction::Forward,
-        )?;
+        let tl = outbox_timeline(partition);
+        let from = (after + 1).max(e.first_retained_seq(tl)?);
+        let recs = e.scan(tl, from, limit, Direction::Forward)?;
         recs.iter()
             .map(|r| {
                 let (w, b) = split(&r.payload)

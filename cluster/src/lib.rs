@@ -22,6 +22,8 @@
 //! - [`im`]: conversations across partitions: store events, outbox
 //!   records and deliveries to members' partitions, and the hook that
 //!   tells the server of each sync entry applied (push);
+//! - [`outbox`]: a partition's outbox and done mark on a replica, seqs
+//!   local and write ids shared, and what of them is released;
 //! - [`delivery`]: a conversation partition leader's deliverer, and the
 //!   queue that merges deliveries into a member partition's entries;
 //! - [`groups`]: read fan-out across nodes: a user's groups, pages read
@@ -65,6 +67,7 @@ pub mod members;
 pub mod meta;
 pub mod net;
 pub mod node;
+pub mod outbox;
 pub mod partition;
 pub(crate) mod rebalance;
 pub mod reconcile;
@@ -88,6 +91,23 @@ pub(crate) mod testkit {
     pub fn engine(dir: &std::path::Path) -> Arc<Engine> {
         let mut cfg = timeline_engine::Config::default();
         cfg.keyspaces.extend(crate::log_store::keyspaces());
+        Arc::new(Engine::open(dir, cfg).unwrap())
+    }
+
+    /// One shard, 64 KiB segments, no background maintenance: the tests
+    /// call it and see segments dropped.
+    pub fn small_segments(dir: &std::path::Path) -> Arc<Engine> {
+        let mut cfg = timeline_engine::Config {
+            shards: 1,
+            background: false,
+            max_payload: 4096,
+            ..Default::default()
+        };
+        let mut ks = crate::log_store::keyspaces();
+        for k in &mut ks {
+            k.segment_bytes = 64 << 10;
+        }
+        cfg.keyspaces.extend(ks);
         Arc::new(Engine::open(dir, cfg).unwrap())
     }
 

@@ -110,6 +110,13 @@ pub const IM_DELETES: Keyspace = Keyspace(10);
 /// entry), so that `SYNC` shows them `Recalled` as a single node does (the
 /// conversation's own list is in the conversation's partition).
 pub const IM_RECALLED: Keyspace = Keyspace(11);
+/// The keyspace of each conversation partition's outbox (timeline
+/// [`crate::im::OUTBOX_BASE`] + p: one record per message to deliver) and
+/// done mark ([`crate::im::DONE_BASE`] + p), apart from everything kept
+/// for good: delivered records and old marks are released, and the
+/// engine drops segments that hold nothing else (module
+/// [`crate::outbox`]).
+pub const IM_OUTBOX: Keyspace = Keyspace(12);
 
 /// Whether `keyspace` is one of the cluster's own (no client writes it).
 pub fn is_own(keyspace: u8) -> bool {
@@ -124,6 +131,7 @@ pub fn is_own(keyspace: u8) -> bool {
         IM_MEMBERS.0,
         IM_DELETES.0,
         IM_RECALLED.0,
+        IM_OUTBOX.0,
     ]
     .contains(&keyspace)
 }
@@ -132,8 +140,9 @@ pub fn is_own(keyspace: u8) -> bool {
 const REPLAY_PAGE: usize = 4096;
 
 /// The keyspaces a node's engine needs besides its data keyspaces: kept
-/// forever, in log order (no regroup: the log is read in order).
-pub fn keyspaces() -> [KeyspaceConfig; 10] {
+/// forever, in log order (no regroup: the log is read in order). The Raft
+/// logs and the outboxes lose what their owners release.
+pub fn keyspaces() -> [KeyspaceConfig; 11] {
     let keep = |id, name| KeyspaceConfig {
         regroup: false,
         segment_window: Duration::from_secs(3600),
@@ -150,6 +159,12 @@ pub fn keyspaces() -> [KeyspaceConfig; 10] {
         keep(IM_MEMBERS, "im-members"),
         keep(IM_DELETES, "im-deletes"),
         keep(IM_RECALLED, "im-recalled"),
+        // Released within seconds of being written: sealed every ten
+        // minutes, so that delivered records go soon after.
+        KeyspaceConfig {
+            segment_window: Duration::from_secs(600),
+            ..keep(IM_OUTBOX, "im-outbox")
+        },
     ]
 }
 
@@ -739,7 +754,7 @@ mod tests {
     use openraft::testing::{blank_ent, log_id};
     use openraft::CommittedLeaderId;
 
-    use crate::testkit::{block, engine};
+    use crate::testkit::{block, engine, small_segments};
 
     fn terms(ls: &mut LogStore) -> Vec<(u64, u64)> {
         block(ls.try_get_log_entries(..))
@@ -796,23 +811,6 @@ mod tests {
         assert_eq!(block(ls.read_committed()).unwrap(), None);
         let mut other = LogStore::open(e, flusher, 4).unwrap();
         assert_eq!(terms(&mut other), vec![(1, 5), (2, 5), (3, 5)]);
-    }
-
-    /// One shard, 64 KiB segments, no background maintenance: the tests
-    /// call it and see segments dropped.
-    fn small_segments(dir: &std::path::Path) -> Arc<Engine> {
-        let mut cfg = timeline_engine::Config {
-            shards: 1,
-            background: false,
-            max_payload: 4096,
-            ..Default::default()
-        };
-        let mut ks = keyspaces();
-        for k in &mut ks {
-            k.segment_bytes = 64 << 10;
-        }
-        cfg.keyspaces.extend(ks);
-        Arc::new(Engine::open(dir, cfg).unwrap())
     }
 
     /// An idle partition's last purge record pins every later segment of

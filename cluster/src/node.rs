@@ -289,9 +289,10 @@ pub(crate) struct Inner {
     pub(crate) group_pushes: std::sync::atomic::AtomicUsize,
     /// Live members seen, and gone nodes replaced (module `replace`).
     pub(crate) replace: crate::replace::Counters,
-    /// A handle on each open group's log (its reclaim renews an idle
-    /// log's purge record: [`LogStore::renew_purge`]).
-    pub(crate) logs: parking_lot::Mutex<HashMap<PartitionId, LogStore>>,
+    /// A handle on each open group's log and state machine (its reclaim
+    /// renews an idle log's purge record, [`LogStore::renew_purge`], and
+    /// an idle outbox's done mark, [`StateMachine::renew_done`]).
+    pub(crate) storage: parking_lot::Mutex<HashMap<PartitionId, GroupStorage>>,
     /// The data disk's free space, and new writes refused below the
     /// reserve (module `space`).
     pub(crate) space: crate::space::Space,
@@ -1061,7 +1062,10 @@ impl Inner {
             partition: p,
             leases: f.leases.clone(),
         };
-        let log = ls.clone();
+        let storage = GroupStorage {
+            log: ls.clone(),
+            sm: sm.clone(),
+        };
         let raft = Raft::new(self.id, f.config.clone(), net, ls, sm)
             .await
             .map_err(|e| ClusterError::Raft(e.to_string()))?;
@@ -1070,7 +1074,7 @@ impl Inner {
             let taken = groups.contains_key(&p);
             if !taken {
                 self.stopped.opened(p, alive);
-                self.logs.lock().insert(p, log);
+                self.storage.lock().insert(p, storage);
                 groups.insert(p, raft.clone());
             }
             taken
@@ -1103,6 +1107,14 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// An open group's log and state machine, as the node keeps them besides
+/// its Raft handle.
+#[derive(Clone)]
+pub(crate) struct GroupStorage {
+    pub(crate) log: LogStore,
+    pub(crate) sm: StateMachine,
 }
 
 /// Partition `p`'s log and state machine on this node, as its group opens
@@ -1357,7 +1369,7 @@ async fn boot(
         rebalance_every: cfg.leader_rebalance_every,
         conv_members: Arc::new(crate::members::MembersCache::new(CONV_MEMBERS_CACHE)),
         groups: Arc::new(RwLock::new(HashMap::new())),
-        logs: Default::default(),
+        storage: Default::default(),
         addrs: addrs.clone(),
         members: RwLock::new(BTreeMap::new()),
         map: RwLock::new(map.clone()),
@@ -1408,6 +1420,10 @@ async fn boot(
     let initial = meta.initial_map().await?;
     for (p, replicas) in map.partitions.iter().enumerate() {
         if !replicas.contains(&cfg.id) {
+            // Its outbox would pin `im-outbox`'s segments for ever.
+            if let Err(e) = crate::outbox::release_all(inner.engine(), p as u32) {
+                tracing::warn!(partition = p, error = %e, "outbox of a partition not held here not released");
+            }
             // A replica this node gave up before: its log is released. A
             // log kept (a voter that stood down, or a replica moved away
             // while this node was down) waits for the group's word.
@@ -1580,10 +1596,19 @@ async fn reclaim_logs(inner: std::sync::Weak<Inner>, every: Duration) {
             let m = g.metrics().borrow().clone();
             let index = |l: Option<LogId<NodeId>>| l.map_or(0, |l| l.index);
             let before = prev.insert(p, index(m.last_applied)).unwrap_or(0);
+            let storage = strong_storage(&inner, p);
+            if let Some(s) = &storage {
+                // An idle outbox's done mark must not pin the old
+                // segments of `im-outbox` either.
+                if let Err(e) = s.sm.renew_done() {
+                    tracing::warn!(partition = p, error = %e, "cannot renew the outbox's done mark");
+                }
+            }
+            let log = storage.map(|s| s.log);
             if before <= index(m.purged) {
                 // Idle: its purge record must not pin the old segments.
                 // (On the blocking pool: it waits for a group commit.)
-                if let Some(log) = strong_log(&inner, p) {
+                if let Some(log) = log {
                     let renewed = tokio::task::spawn_blocking(move || log.renew_purge()).await;
                     if let Ok(Err(e)) = renewed {
                         tracing::warn!(partition = p, error = %e, "cannot renew the log's purge record");
@@ -1601,9 +1626,10 @@ async fn reclaim_logs(inner: std::sync::Weak<Inner>, every: Duration) {
     }
 }
 
-/// Partition `p`'s log handle, if the node is still up and runs its group.
-fn strong_log(inner: &std::sync::Weak<Inner>, p: PartitionId) -> Option<LogStore> {
-    inner.upgrade()?.logs.lock().get(&p).cloned()
+/// Partition `p`'s log and state machine, if the node is still up and
+/// runs its group.
+fn strong_storage(inner: &std::sync::Weak<Inner>, p: PartitionId) -> Option<GroupStorage> {
+    inner.upgrade()?.storage.lock().get(&p).cloned()
 }
 
 /// Renew the lease a third of its TTL apart; if it expired (etcd was away

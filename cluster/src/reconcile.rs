@@ -519,8 +519,12 @@ async fn retire(inner: &Inner, p: PartitionId, g: Raft<TypeConfig>, release: boo
     inner.groups.write().remove(&p);
     inner.stopped.closed(p);
     let _ = g.shutdown().await;
-    if let Some(log) = inner.logs.lock().remove(&p) {
-        log.close();
+    if let Some(s) = inner.storage.lock().remove(&p) {
+        s.log.close();
+    }
+    // Nothing renews its done mark here now (module `outbox`).
+    if let Err(e) = crate::outbox::release_all(inner.engine(), p) {
+        tracing::warn!(partition = p, error = %e, "outbox of a replica given up not released");
     }
     if !release {
         keep_log(inner, p, known);

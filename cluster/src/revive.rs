@@ -222,8 +222,8 @@ fn take_out_stopped(inner: &Arc<Inner>) {
             error = %why,
             "the group stopped on a storage error: taken out until the disk has room"
         );
-        if let Some(log) = inner.logs.lock().remove(&p) {
-            log.close();
+        if let Some(s) = inner.storage.lock().remove(&p) {
+            s.log.close();
         }
         if let Some(h) = inner.hook() {
             h.partition_left(p, inner.map.read().len());

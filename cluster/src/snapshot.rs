@@ -54,11 +54,13 @@ pub struct Counters {
 /// One timeline to snapshot: its id, its last seq when the snapshot was
 /// taken (records after it are left out: the cut is consistent), and the
 /// last seq it is known to have reached if it holds no record (a timeline
-/// restored with every record expired).
+/// restored with every record expired); `from`, the first seq worth
+/// sending (1: all that is kept; an outbox sends what is not delivered).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry {
     pub timeline: (u8, u64),
     pub last: u64,
+    pub from: u64,
 }
 
 /// Write the snapshot of `manifest`'s timelines from `engine` to `out`.
@@ -74,6 +76,7 @@ pub fn write(engine: &Engine, manifest: &[Entry], mut out: impl Write) -> io::Re
             engine
                 .first_retained_seq(tl)
                 .map_err(io::Error::other)?
+                .max(m.from)
                 .min(m.last + 1)
         };
         if m.last == 0 {
@@ -448,15 +451,18 @@ mod tests {
             Entry {
                 timeline: a,
                 last: 2400, // a cut: later records left out
+                from: 1,
             },
             Entry {
                 timeline: b,
                 last: 1,
+                from: 1,
             },
             // A timeline with no record here but a known last seq.
             Entry {
                 timeline: (1, 3),
                 last: 77,
+                from: 1,
             },
         ];
         let mut out = Vec::new();

@@ -49,6 +49,7 @@
 
 use crate::im::{self, Delivery, ImRefusal, StoreEvent};
 use crate::log_store::RAFT_META;
+use crate::outbox;
 use crate::snapshot::{self, SnapshotFile};
 use crate::{Applied, Command, ImApplied, NodeId, TypeConfig};
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -128,6 +129,9 @@ struct State {
     /// Conversations' newest store records as the retry check reads them
     /// (valid while the timeline's last seq is theirs).
     recent: crate::retries::RecentSends,
+    /// The done mark's last seq when [`StateMachine::renew_done`] last
+    /// looked (or renewed it).
+    done_seen: u64,
     /// The last snapshot built or installed (its data is the engine's).
     current: Option<SnapshotMeta<NodeId, BasicNode>>,
     /// Timelines restored from a snapshot with every record expired: the
@@ -216,7 +220,7 @@ impl StateMachine {
         // The persisted applied state is the last snapshot's meta: it is
         // written only when one is built or installed.
         let current = applied.applied.map(|_| meta_of(partition, &applied));
-        Ok(StateMachine {
+        let sm = StateMachine {
             engine,
             partition,
             hook: Default::default(),
@@ -232,10 +236,14 @@ impl StateMachine {
                 reads: HashMap::new(),
                 members: crate::members::MembersCache::new(MEMBERS_CACHE),
                 recent: crate::retries::RecentSends::new(RECENT_CACHE),
+                done_seen: 0,
                 current,
                 floors,
             })),
-        })
+        };
+        sm.migrate_outbox()?;
+        outbox::release(&sm.engine, partition as u32).map_err(read_err)?;
+        Ok(sm)
     }
 
     /// Make snapshot files in `dir` (default: the system's temporary
@@ -493,15 +501,7 @@ impl StateMachine {
                 Ok(None)
             }
             Command::Delivered { upto, wid } => {
-                let t = im::read::done_timeline(self.partition as u32);
-                let (done, _) =
-                    im::read::done(&self.engine, self.partition as u32).map_err(read_err)?;
-                if *upto > done {
-                    let mut b = [0u8; 16];
-                    b[..8].copy_from_slice(&upto.to_le_bytes());
-                    b[8..].copy_from_slice(&wid.to_le_bytes());
-                    self.append_any(st, (t.keyspace.0, t.id), w, &b)?;
-                }
+                self.mark_delivered(st, w, *upto, *wid)?;
                 Ok(None)
             }
             Command::ImMark {
@@ -906,6 +906,125 @@ impl StateMachine {
         Ok(None)
     }
 
+    /// A data directory of a build before `im-outbox` keeps the outbox
+    /// and done mark in `raft-meta`: carry what is not delivered, and the
+    /// mark, over to `im-outbox` (write ids kept; the new outbox starts at
+    /// seq 1, so the mark's seq is 0), once, durably. The old timelines
+    /// stay as they are (`raft-meta` keeps everything; nothing writes or
+    /// sends them any more).
+    fn migrate_outbox(&self) -> Result<(), Error> {
+        let p = self.partition;
+        let (old_ob, old_done) = (
+            TimelineId::new(RAFT_META, im::OUTBOX_BASE + p),
+            TimelineId::new(RAFT_META, im::DONE_BASE + p),
+        );
+        let (new_ob, new_done) = (
+            outbox::outbox_timeline(p as u32),
+            outbox::done_timeline(p as u32),
+        );
+        let e = &self.engine;
+        if e.last_seq(old_ob) == 0 || e.last_seq(new_ob) > 0 || e.last_seq(new_done) > 0 {
+            return Ok(());
+        }
+        let mut st = self.state.lock();
+        let mark = e
+            .scan(old_done, u64::MAX, 1, Direction::Backward)
+            .map_err(read_err)?;
+        let (w, upto, wid) = match mark.first() {
+            None => (0, 0, 0),
+            Some(r) => {
+                let (w, b) = split(&r.payload)
+                    .and_then(|(w, b)| Some((w, outbox::decode_done(b)?)))
+                    .ok_or_else(|| damaged(format!("partition {p}: old done mark {}", r.seq)))?;
+                (w, b.0, b.1)
+            }
+        };
+        let mut from = upto + 1;
+        let mut carried = 0u64;
+        loop {
+            let page = e
+                .scan(old_ob, from, PAGE, Direction::Forward)
+                .map_err(read_err)?;
+            for r in &page {
+                let (rw, b) = split(&r.payload)
+                    .filter(|(_, b)| im::decode_outbox(b).is_some())
+                    .ok_or_else(|| {
+                        damaged(format!("partition {p}: old outbox record {}", r.seq))
+                    })?;
+                self.append_any(&mut st, (new_ob.keyspace.0, new_ob.id), rw, b)?;
+                carried += 1;
+            }
+            match page.last() {
+                Some(r) if page.len() == PAGE => from = r.seq + 1,
+                _ => break,
+            }
+        }
+        if w > 0 {
+            let t = (new_done.keyspace.0, new_done.id);
+            self.append_any(&mut st, t, w, &outbox::done_record(0, wid))?;
+        }
+        e.sync().map_err(sm_err)?;
+        tracing::info!(
+            partition = p,
+            carried,
+            delivered_through = wid,
+            "outbox moved from raft-meta to im-outbox"
+        );
+        Ok(())
+    }
+
+    /// Move the done mark (at write id `w`) to the outbox record with
+    /// write id `wid`, which the leader has at seq `upto` (this replica's
+    /// may differ: module [`crate::outbox`]), unless it is there already;
+    /// then release what it covers.
+    fn mark_delivered(&self, st: &mut State, w: u64, upto: u64, wid: u64) -> Result<(), Error> {
+        let p = self.partition as u32;
+        let (_, done) = im::read::done(&self.engine, p).map_err(read_err)?;
+        if wid <= done {
+            return Ok(());
+        }
+        let local = outbox::seq_through(&self.engine, p, wid, upto).map_err(read_err)?;
+        let t = outbox::done_timeline(p);
+        let seq = self.append_any(
+            st,
+            (t.keyspace.0, t.id),
+            w,
+            &outbox::done_record(local, wid),
+        )?;
+        if seq > 0 {
+            self.engine.release(outbox::outbox_timeline(p), local);
+            self.engine.release(t, seq - 1);
+        }
+        Ok(())
+    }
+
+    /// Write the done mark again at the end of its timeline if no mark
+    /// was written since the last call (a reclaim period ago): an idle
+    /// partition's mark would otherwise pin the oldest segment of
+    /// `im-outbox` it sits in, and every later one of its shard (module
+    /// [`crate::outbox`]). Whether it was written.
+    pub fn renew_done(&self) -> Result<bool, Error> {
+        let p = self.partition as u32;
+        let t = outbox::done_timeline(p);
+        let mut st = self.state.lock();
+        let last = self.engine.last_seq(t);
+        if last == 0 || std::mem::replace(&mut st.done_seen, last) != last {
+            return Ok(false);
+        }
+        let Some(rec) = outbox::last_done(&self.engine, p).map_err(read_err)? else {
+            return Ok(false);
+        };
+        // The same bytes, write id included: the mark and the cache of
+        // the timeline's last write id stay what they were.
+        let seq = self
+            .engine
+            .append_with(t, &rec, Durability::Buffered)
+            .map_err(sm_err)?;
+        st.done_seen = seq;
+        self.engine.release(t, seq - 1);
+        Ok(true)
+    }
+
     /// Entry `w`'s store record of `conv` is there (applied before a
     /// restart): its outbox record too, if it has one. A kill between the
     /// two writes leaves the first without the second, and the message
@@ -913,9 +1032,14 @@ impl StateMachine {
     /// outbox is one timeline, so it lacks at most this entry's record
     /// and later ones: appended again with the same write id.
     fn complete_outbox(&self, st: &mut State, w: u64, conv: u64) -> Result<(), Error> {
-        let ob = im::read::outbox_timeline(self.partition as u32);
+        let p = self.partition as u32;
+        let ob = im::read::outbox_timeline(p);
         let obt = (ob.keyspace.0, ob.id);
         if self.last_index(st, obt)? >= w {
+            return Ok(());
+        }
+        // Delivered already (its record may be released and dropped).
+        if im::read::done(&self.engine, p).map_err(read_err)?.1 >= w {
             return Ok(());
         }
         // None: a retry or a refusal, which stored nothing.
@@ -1236,6 +1360,7 @@ impl StateMachine {
                     Restore::Apply(e) => *e,
                 })?;
         }
+        outbox::release(&self.engine, self.partition as u32).map_err(read_err)?;
         st.applied = AppliedState {
             applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
@@ -1258,6 +1383,9 @@ impl StateMachine {
         buf: &mut Vec<u8>,
     ) -> Result<(), Restore> {
         let t = sec.timeline;
+        if t.0 == crate::log_store::IM_OUTBOX.0 {
+            return self.restore_outbox(st, sec, r, buf);
+        }
         let tl = TimelineId::new(Keyspace(t.0), t.1);
         let stored = self.engine.last_seq(tl);
         let have = stored.max(st.floors.get(&t).copied().unwrap_or(0));
@@ -1307,6 +1435,42 @@ impl StateMachine {
         Ok(())
     }
 
+    /// An outbox or done-mark section: its records by write id, each one
+    /// newer than this replica's last appended at this replica's next
+    /// seq; a done mark's outbox seq made this replica's (module
+    /// [`crate::outbox`]).
+    fn restore_outbox(
+        &self,
+        st: &mut State,
+        sec: &snapshot::Section,
+        r: &mut snapshot::Reader<impl std::io::Read>,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), Restore> {
+        let t = sec.timeline;
+        let apply = |e: Error| Restore::Apply(Box::new(e));
+        let bad = |seq: u64| {
+            Restore::Read(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("timeline {}/{} seq {seq}: not an outbox record", t.0, t.1),
+            ))
+        };
+        for seq in sec.first..=sec.last {
+            r.record(buf).map_err(Restore::Read)?;
+            let (w, payload) = split(buf).ok_or_else(|| bad(seq))?;
+            if !outbox::is_done(t) {
+                im::decode_outbox(payload).ok_or_else(|| bad(seq))?;
+                self.append_any(st, t, w, payload).map_err(apply)?;
+                continue;
+            }
+            let (_, wid) = outbox::decode_done(payload).ok_or_else(|| bad(seq))?;
+            let local = outbox::seq_through(&self.engine, self.partition as u32, wid, 0)
+                .map_err(|e| apply(read_err(e)))?;
+            self.append_any(st, t, w, &outbox::done_record(local, wid))
+                .map_err(apply)?;
+        }
+        Ok(())
+    }
+
     /// Add `t` to the partition's list of timelines (once).
     fn list(&self, st: &mut State, t: (u8, u64)) -> Result<(), Error> {
         if st.timelines.insert(t) {
@@ -1336,16 +1500,33 @@ impl StateMachine {
     }
 
     /// The consistent cut a snapshot sends: every timeline's last seq now.
+    /// Of the outbox, only what is not delivered; of the done mark, its
+    /// last record (module [`crate::outbox`]). Not the outbox and mark a
+    /// data directory of an older build kept in `raft-meta` (carried over
+    /// to `im-outbox` when the partition opened).
     fn manifest(&self) -> Vec<snapshot::Entry> {
         let st = self.state.lock();
+        let p = self.partition as u32;
+        // Unreadable: everything kept (the receiver takes it by write id).
+        let done = im::read::done(&self.engine, p).map_or(0, |d| d.0);
         st.timelines
             .iter()
-            .map(|&t| snapshot::Entry {
-                timeline: t,
-                last: self
+            .filter(|t| t.0 != RAFT_META.0)
+            .map(|&t| {
+                let last = self
                     .engine
                     .last_seq(TimelineId::new(Keyspace(t.0), t.1))
-                    .max(st.floors.get(&t).copied().unwrap_or(0)),
+                    .max(st.floors.get(&t).copied().unwrap_or(0));
+                let from = match t.0 == crate::log_store::IM_OUTBOX.0 {
+                    false => 1,
+                    true if outbox::is_done(t) => last,
+                    true => done + 1,
+                };
+                snapshot::Entry {
+                    timeline: t,
+                    last,
+                    from,
+                }
             })
             .collect()
     }
@@ -2715,5 +2896,148 @@ mod tests {
         let snap = block(a.get_current_snapshot()).unwrap().unwrap();
         let err = block(c.install_snapshot(&snap.meta, snap.snapshot)).unwrap_err();
         assert!(err.to_string().contains("rebuild it empty"), "{err}");
+    }
+
+    fn delivered(index: u64, upto: u64, wid: u64) -> Entry<TypeConfig> {
+        entry(index, Command::Delivered { upto, wid })
+    }
+
+    /// Partition 3's undelivered outbox: (conv seq, write id) of each.
+    fn pending(e: &Engine) -> Vec<(u64, u64)> {
+        let (done, _) = im::read::done(e, 3).unwrap();
+        im::read::outbox_after(e, 3, done, 10_000)
+            .unwrap()
+            .iter()
+            .map(|p| (p.conv_seq, p.write_id))
+            .collect()
+    }
+
+    /// Delivered outbox records and old done marks free their segments of
+    /// `im-outbox`; a replica that lagged past what the leader dropped is
+    /// restored from its snapshot by write id (at its own seqs: under
+    /// seq-for-seq restore it could not be, the leader's delivered records
+    /// being gone), and follows the leader's later marks from there.
+    #[test]
+    fn delivered_outbox_records_go_and_a_lagging_replica_takes_the_rest_by_write_id() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (ea, eb) = (
+            crate::testkit::small_segments(da.path()),
+            crate::testkit::small_segments(db.path()),
+        );
+        let mut a = StateMachine::open(ea.clone(), 3).unwrap();
+        let mut b = StateMachine::open(eb.clone(), 3).unwrap();
+        let mut es = vec![create(1, im::CONV_GROUP, vec![1, 2])];
+        es.extend((2..=3000).map(|i| send(i, 1, i, "m")));
+        block(a.apply(es.clone())).unwrap();
+        block(b.apply(es[..100].to_vec())).unwrap(); // b lags
+                                                     // Everything but the last ten messages delivered: the mark names
+                                                     // the leader's outbox seq (the Created event is seq 1).
+        block(a.apply([delivered(3001, 2990, write_id(2990, 0))])).unwrap();
+        let ob = im::read::outbox_timeline(3);
+        assert_eq!(ea.last_seq(ob), 3000);
+        ea.seal_active().unwrap();
+        let m = ea.maintain().unwrap();
+        assert!(m.dropped > 0, "delivered records free their segments");
+        let first = ea.first_retained_seq(ob).unwrap();
+        assert!(first > 101 && first <= 2991, "first kept {first}");
+        let rest: Vec<_> = (2991..=3000).map(|i| (i, write_id(i, 0))).collect();
+        assert_eq!(pending(&ea), rest);
+        // b's outbox ends (at 100) before a's first kept record.
+        let mut builder = block(a.get_snapshot_builder());
+        let built = block(builder.build_snapshot()).unwrap();
+        let snap = block(a.get_current_snapshot()).unwrap().unwrap();
+        assert_eq!(snap.meta, built.meta);
+        block(b.install_snapshot(&snap.meta, snap.snapshot)).unwrap();
+        assert_eq!(pending(&eb), rest, "b delivers what a has not");
+        assert_eq!(eb.last_seq(ob), 110, "at b's own seqs");
+        assert_eq!(
+            im::read::done(&eb, 3).unwrap(),
+            (100, write_id(2990, 0)),
+            "b's mark at b's seq"
+        );
+        let store = TimelineId::new(Keyspace::STORE, 7);
+        assert_eq!(eb.last_seq(store), 3000, "the store has the same seqs");
+        // The leader's next mark (its seq 2995) lands on b's seq 105.
+        let next = delivered(3002, 2995, write_id(2995, 0));
+        block(a.apply([next.clone()])).unwrap();
+        block(b.apply([next])).unwrap();
+        assert_eq!(im::read::done(&eb, 3).unwrap(), (105, write_id(2995, 0)));
+        assert_eq!(pending(&eb), pending(&ea));
+        assert_eq!(pending(&eb).len(), 5);
+        // A stale mark (an old leader's) moves nothing back.
+        block(b.apply([delivered(3003, 2990, write_id(2990, 0))])).unwrap();
+        assert_eq!(im::read::done(&eb, 3).unwrap(), (105, write_id(2995, 0)));
+        // Reopened: the same mark and pending records.
+        let b2 = StateMachine::open(eb.clone(), 3).unwrap();
+        assert_eq!(pending(&eb).len(), 5);
+        drop(b2);
+    }
+
+    /// An idle partition's last done mark pins the segment it sits in,
+    /// and with it every later one of the shard, however busy the other
+    /// partitions are; written again at the end, it frees them.
+    #[test]
+    fn an_idle_partitions_done_mark_is_renewed_and_frees_the_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = crate::testkit::small_segments(dir.path());
+        let mut idle = StateMachine::open(e.clone(), 3).unwrap();
+        block(idle.apply([
+            create(1, im::CONV_DIRECT, vec![1, 2]),
+            delivered(2, 1, write_id(1, 0)),
+        ]))
+        .unwrap();
+        // Partition 4 (its own conversation 7: another partition's
+        // timelines) fills segments and delivers them all.
+        let mut busy = StateMachine::open(e.clone(), 4).unwrap();
+        let mut es = vec![create(1, im::CONV_GROUP, vec![1, 2])];
+        es.extend((2..=3000).map(|i| send(i, 1, i, "m")));
+        es.push(delivered(3001, 3000, write_id(3000, 0)));
+        block(busy.apply(es)).unwrap();
+        e.seal_active().unwrap();
+        assert_eq!(e.maintain().unwrap().dropped, 0, "the idle mark pins them");
+        // Renewed only once a period has passed without a mark.
+        assert!(!idle.renew_done().unwrap());
+        assert!(idle.renew_done().unwrap());
+        assert!(!busy.renew_done().unwrap());
+        assert!(busy.renew_done().unwrap());
+        assert_eq!(im::read::done(&e, 3).unwrap(), (1, write_id(1, 0)));
+        e.seal_active().unwrap();
+        assert!(e.maintain().unwrap().dropped > 0, "renewed: they go");
+        // What is left reads, also after a reopen.
+        drop(idle);
+        let _idle = StateMachine::open(e.clone(), 3).unwrap();
+        assert_eq!(im::read::done(&e, 3).unwrap(), (1, write_id(1, 0)));
+        assert_eq!(im::read::done(&e, 4).unwrap(), (3000, write_id(3000, 0)));
+        assert!(pending(&e).is_empty());
+    }
+
+    /// A data directory of a build before `im-outbox`: the outbox records
+    /// not delivered and the mark move over once, write ids kept.
+    #[test]
+    fn an_outbox_kept_in_raft_meta_moves_to_its_keyspace_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let old = |base: u64| TimelineId::new(RAFT_META, base + 3);
+        let stored = |w: u64, b: &[u8]| {
+            let mut r = w.to_le_bytes().to_vec();
+            r.extend_from_slice(b);
+            r
+        };
+        for i in 1..=5u64 {
+            let rec = stored(write_id(i, 0), &im::outbox_record(7, i));
+            e.append_with(old(im::OUTBOX_BASE), &rec, Durability::Buffered)
+                .unwrap();
+        }
+        // Delivered through the third (the old mark's seq is the outbox's).
+        let mark = stored(write_id(9, 0), &outbox::done_record(3, write_id(3, 0)));
+        e.append_with(old(im::DONE_BASE), &mark, Durability::Buffered)
+            .unwrap();
+        let want = vec![(4, write_id(4, 0)), (5, write_id(5, 0))];
+        let _sm = StateMachine::open(e.clone(), 3).unwrap();
+        assert_eq!(pending(&e), want);
+        assert_eq!(im::read::done(&e, 3).unwrap(), (0, write_id(3, 0)));
+        let _again = StateMachine::open(e.clone(), 3).unwrap();
+        assert_eq!(pending(&e), want, "once");
+        assert_eq!(e.last_seq(im::read::outbox_timeline(3)), 2);
     }
 }

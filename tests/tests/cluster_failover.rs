@@ -2789,6 +2789,31 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
         CHURN[0],
         big.len()
     );
+    // Delivered outbox records went with their segments (128 KiB on the
+    // test nodes), through the kills (counted since each node's start).
+    let outbox = || -> Vec<(u64, u64, u64, u64)> {
+        answered_stats(&cl)
+            .iter()
+            .map(|(id, m)| {
+                let n = |k: &str| m[k];
+                (
+                    *id,
+                    n("im_outbox_segments_dropped"),
+                    n("im_outbox_files"),
+                    n("cluster_snapshots_installed"),
+                )
+            })
+            .collect()
+    };
+    timeline_tests::cluster::wait_until(
+        "an outbox segment dropped",
+        Duration::from_secs(20),
+        || outbox().iter().any(|o| o.1 > 0),
+    );
+    eprintln!(
+        "outbox segments (node, dropped, files now, snapshots installed): {:?}",
+        outbox()
+    );
     drop(cl.etcd);
 }
 

@@ -456,6 +456,11 @@ pub(crate) fn stats(sh: &Shared) -> Vec<(String, u64)> {
             "raft_log_segments_dropped",
             st.keyspace(Keyspace(2)).dropped_segments,
         ),
+        kv("im_outbox_files", st.keyspace(Keyspace(12)).files),
+        kv(
+            "im_outbox_segments_dropped",
+            st.keyspace(Keyspace(12)).dropped_segments,
+        ),
         kv("fsyncs", st.total().fsyncs),
         kv("im_messages", im.messages),
         kv("im_sync_writes", im.sync_writes),

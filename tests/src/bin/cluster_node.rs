@@ -34,11 +34,15 @@ fn main() {
     };
     cfg.engine.shards = 1;
     cfg.engine.keyspaces = vec![KeyspaceConfig::store(), KeyspaceConfig::sync()];
-    // Small Raft log segments, so that the tests see purged ones dropped.
+    // Small Raft log and outbox segments, so that the tests see purged
+    // and delivered ones dropped.
     cfg.engine
         .keyspaces
         .extend(timeline_cluster::log_store::keyspaces().map(|mut k| {
-            k.segment_bytes = 256 << 10;
+            k.segment_bytes = match k.id == timeline_cluster::log_store::IM_OUTBOX {
+                true => 128 << 10,
+                false => 256 << 10,
+            };
             k
         }));
     cfg.cluster = Some(timeline_cluster::NodeConfig {

@@ -1,0 +1,122 @@
+//! A conversation partition's outbox and done mark on one replica, and
+//! what of them the replica lets go (docs/scaling.md, "The outbox is
+//! released").
+//!
+//! Both live in [`IM_OUTBOX`], a keyspace of their own: the outbox
+//! (timeline [`OUTBOX_BASE`] + p) holds one record per message still to
+//! deliver or delivered, in write-id order; the done mark (timeline
+//! [`DONE_BASE`] + p) one record `upto u64 | wid u64` per move: the
+//! outbox is delivered through the record with write id `wid`, which is
+//! at seq `upto` of *this replica's* outbox.
+//!
+//! - **Write ids rule, seqs are local.** A replica restored from a
+//!   snapshot takes the leader's undelivered outbox records and its mark
+//!   by write id, at its own next seqs (the leader's delivered records are
+//!   not shipped, and the engine cannot leave a hole in a timeline), so
+//!   its outbox seqs may differ from the leader's. A `Delivered` entry
+//!   names the leader's seq and the write id; each replica finds its own
+//!   seq of that write id ([`seq_through`]).
+//! - **Released.** The outbox through the done mark, and every done
+//!   record but the last, are released ([`Engine::release`]): the engine
+//!   drops the keyspace's oldest sealed segments once everything in them
+//!   is released. An idle partition's last done record would pin its
+//!   segment (and every later one of the shard) for ever, so it is
+//!   written again at the end once a reclaim period passed without a
+//!   new one ([`crate::state_machine::StateMachine::renew_done`]).
+//!   Release points are in memory only: a replica declares them again
+//!   when its state machine opens ([`release`]), and a node for each
+//!   partition it holds no replica of ([`release_all`]).
+
+use crate::im::read::ReadError;
+use crate::im::{DONE_BASE, OUTBOX_BASE};
+use crate::log_store::IM_OUTBOX;
+use timeline_engine::{Direction, Engine, TimelineId};
+
+pub fn outbox_timeline(partition: u32) -> TimelineId {
+    TimelineId::new(IM_OUTBOX, OUTBOX_BASE + u64::from(partition))
+}
+
+pub fn done_timeline(partition: u32) -> TimelineId {
+    TimelineId::new(IM_OUTBOX, DONE_BASE + u64::from(partition))
+}
+
+/// Whether `t` (keyspace, id) is a done-mark timeline (else, in
+/// [`IM_OUTBOX`], an outbox).
+pub fn is_done(t: (u8, u64)) -> bool {
+    t.0 == IM_OUTBOX.0 && t.1 >= DONE_BASE
+}
+
+/// The u64 at the start of `b` (of a stored record: its write id).
+fn u64_le(b: &[u8]) -> Option<u64> {
+    b.get(..8)?.try_into().ok().map(u64::from_le_bytes)
+}
+
+/// This replica's last outbox seq whose record's write id is at most
+/// `wid` (0: none). `hint`, the seq the leader named, is tried first:
+/// replicas that were never restored from a snapshot have the leader's
+/// seqs. Records dropped already count as at most `wid` (only delivered
+/// records are released).
+pub fn seq_through(e: &Engine, partition: u32, wid: u64, hint: u64) -> Result<u64, ReadError> {
+    let tl = outbox_timeline(partition);
+    let at = |seq: u64| -> Result<Option<u64>, ReadError> {
+        match e.get(tl, seq) {
+            Ok(Some(r)) => u64_le(&r.payload)
+                .map(Some)
+                .ok_or_else(|| ReadError::Damaged(format!("outbox record {seq}"))),
+            Ok(None) | Err(timeline_engine::Error::Truncated { .. }) => Ok(None),
+            Err(x) => Err(x.into()),
+        }
+    };
+    let last = e.last_seq(tl);
+    if hint > 0 && hint <= last && at(hint)? == Some(wid) {
+        return Ok(hint);
+    }
+    // Binary search over what is kept: the answer is in lo - 1 ..= hi.
+    let (mut lo, mut hi) = (e.first_retained_seq(tl)?.max(1), last);
+    while lo <= hi {
+        let mid = lo + (hi - lo) / 2;
+        match at(mid)? {
+            Some(w) if w > wid => hi = mid - 1,
+            _ => lo = mid + 1,
+        }
+    }
+    Ok(lo - 1)
+}
+
+/// The done mark's record: (this replica's outbox seq, write id).
+pub fn done_record(upto: u64, wid: u64) -> [u8; 16] {
+    crate::im::pair(upto, wid)
+}
+
+/// A done mark's record: (outbox seq, write id).
+pub fn decode_done(b: &[u8]) -> Option<(u64, u64)> {
+    crate::im::unpair(b)
+}
+
+/// Declare what partition `partition`'s outbox and marks no longer need:
+/// the outbox through the done mark, the marks before the last.
+pub fn release(e: &Engine, partition: u32) -> Result<(), ReadError> {
+    let (upto, _) = crate::im::read::done(e, partition)?;
+    e.release(outbox_timeline(partition), upto);
+    let done = done_timeline(partition);
+    e.release(done, e.last_seq(done).saturating_sub(1));
+    Ok(())
+}
+
+/// A partition this node holds no replica of: its delivered records and
+/// every mark go (the last one too: nothing renews it here). A replica
+/// taken again without a mark delivers its outbox from the start of what
+/// is kept, which the members' partitions skip as already there.
+pub fn release_all(e: &Engine, partition: u32) -> Result<(), ReadError> {
+    release(e, partition)?;
+    let done = done_timeline(partition);
+    e.release(done, e.last_seq(done));
+    Ok(())
+}
+
+/// The last record of done timeline `partition`, stored (write id
+/// first), if it has one.
+pub fn last_done(e: &Engine, partition: u32) -> Result<Option<Vec<u8>>, ReadError> {
+    let recs = e.scan(done_timeline(partition), u64::MAX, 1, Direction::Backward)?;
+    Ok(recs.into_iter().next().map(|r| r.payload))
+}
