@@ -309,18 +309,7 @@ pub mod read {
         Some((u64_at(b, 0)?, payload_of(b)?))
     }
 
-    pub use crate::outbox::{done_timeline, outbox_timeline};
-
-    /// The done mark: (outbox seq, write id) delivered through; (0, 0) if none.
-    pub fn done(e: &Engine, partition: u32) -> Result<(u64, u64), ReadError> {
-        let recs = e.scan(done_timeline(partition), u64::MAX, 1, Direction::Backward)?;
-        let Some(r) = recs.first() else {
-            return Ok((0, 0));
-        };
-        payload_of(&r.payload)
-            .and_then(unpair)
-            .ok_or_else(|| ReadError::Damaged(format!("done mark {}", r.seq)))
-    }
+    pub use crate::outbox::{done, done_timeline, outbox_timeline};
 
     /// One outbox record: its seq, its write id (the message's), and the
     /// message it stands for.
@@ -342,7 +331,7 @@ pub mod read {
         limit: usize,
     ) -> Result<Vec<Pending>, ReadError> {
         let tl = outbox_timeline(partition);
-        let from = (after + 1).max(e.first_retained_seq(tl)?);
+        let from = after.saturating_add(1).max(e.first_retained_seq(tl)?);
         let recs = e.scan(tl, from, limit, Direction::Forward)?;
         recs.iter()
             .map(|r| {

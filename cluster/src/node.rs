@@ -1420,17 +1420,17 @@ async fn boot(
     let initial = meta.initial_map().await?;
     for (p, replicas) in map.partitions.iter().enumerate() {
         if !replicas.contains(&cfg.id) {
-            // Its outbox would pin `im-outbox`'s segments for ever.
-            if let Err(e) = crate::outbox::release_all(inner.engine(), p as u32) {
-                tracing::warn!(partition = p, error = %e, "outbox of a partition not held here not released");
-            }
-            // A replica this node gave up before: its log is released. A
-            // log kept (a voter that stood down, or a replica moved away
-            // while this node was down) waits for the group's word.
-            if crate::log_store::release_if_retired(inner.engine(), p as u64)? {
-                let p = p as PartitionId;
+            // A replica this node gave up before: its log is released, and
+            // its outbox closed (module `outbox`). A log kept (a voter that
+            // stood down, or a replica moved away while this node was
+            // down) waits for the group's word, its outbox too.
+            let p = p as PartitionId;
+            if crate::log_store::release_if_retired(inner.engine(), u64::from(p))? {
                 let known = newest_config(inner.engine(), &inner.factory.flusher, p).await?;
                 crate::reconcile::keep_log(&inner, p, known);
+                crate::reconcile::keep_outbox(&inner, p);
+            } else {
+                crate::reconcile::give_up_outbox(&inner, p).await;
             }
             continue;
         }

@@ -24,13 +24,27 @@
 //!   written again at the end once a reclaim period passed without a
 //!   new one ([`crate::state_machine::StateMachine::renew_done`]).
 //!   Release points are in memory only: a replica declares them again
-//!   when its state machine opens ([`release`]), and a node for each
-//!   partition it holds no replica of ([`release_all`]).
+//!   when its state machine opens ([`release`]).
+//! - **Closed.** A replica the node gave up is no longer applied here, so
+//!   nothing moves or renews its mark. Once every record of its outbox is
+//!   known delivered (its own mark covers the last one, or a replica that
+//!   runs the group says its mark does: `Ask::Delivered`), the outbox is
+//!   closed ([`close`]): a close mark, (the outbox's last seq, the write
+//!   id delivered through), goes to `raft-meta` (kept for good, one record
+//!   per close), and all of the outbox and its marks are released. The
+//!   done mark is the later of the two ([`done`]). A replica taken again
+//!   starts from that mark: every record at or below it is delivered, so
+//!   entries or a snapshot re-sent to it add only later ones, and its
+//!   outbox stays in write-id order.
 
 use crate::im::read::ReadError;
 use crate::im::{DONE_BASE, OUTBOX_BASE};
-use crate::log_store::IM_OUTBOX;
-use timeline_engine::{Direction, Engine, TimelineId};
+use crate::log_store::{IM_OUTBOX, RAFT_META};
+use timeline_engine::{Direction, Durability, Engine, TimelineId};
+
+/// Raft-meta timeline id (plus the partition) of each partition's close
+/// marks.
+const CLOSED_BASE: u64 = 4 << 40;
 
 pub fn outbox_timeline(partition: u32) -> TimelineId {
     TimelineId::new(IM_OUTBOX, OUTBOX_BASE + u64::from(partition))
@@ -38,6 +52,47 @@ pub fn outbox_timeline(partition: u32) -> TimelineId {
 
 pub fn done_timeline(partition: u32) -> TimelineId {
     TimelineId::new(IM_OUTBOX, DONE_BASE + u64::from(partition))
+}
+
+fn closed_timeline(partition: u32) -> TimelineId {
+    TimelineId::new(RAFT_META, CLOSED_BASE + u64::from(partition))
+}
+
+/// The last record of `tl`, as stored, if any.
+fn last_record(e: &Engine, tl: TimelineId) -> Result<Option<(u64, Vec<u8>)>, ReadError> {
+    let recs = e.scan(tl, u64::MAX, 1, Direction::Backward)?;
+    Ok(recs.into_iter().next().map(|r| (r.seq, r.payload)))
+}
+
+/// The done mark: (this replica's outbox seq, write id) delivered
+/// through, (0, 0) if none: the done timeline's last mark or the last
+/// close mark, whichever has the later write id.
+pub fn done(e: &Engine, partition: u32) -> Result<(u64, u64), ReadError> {
+    let damaged = |what: &str, seq: u64| ReadError::Damaged(format!("{what} {seq}"));
+    let mark = match last_record(e, done_timeline(partition))? {
+        None => (0, 0),
+        Some((seq, r)) => r
+            .get(8..)
+            .and_then(crate::im::unpair)
+            .ok_or_else(|| damaged("done mark", seq))?,
+    };
+    let closed = match last_record(e, closed_timeline(partition))? {
+        None => (0, 0),
+        Some((seq, r)) => crate::im::unpair(&r).ok_or_else(|| damaged("close mark", seq))?,
+    };
+    // The later write id; at the same, the later seq (a close of an
+    // outbox restored past its mark).
+    Ok(match (closed.1, closed.0) > (mark.1, mark.0) {
+        true => closed,
+        false => mark,
+    })
+}
+
+/// The write id of the outbox's last record (0: none, or dropped).
+pub fn last_wid(e: &Engine, partition: u32) -> Result<u64, ReadError> {
+    Ok(last_record(e, outbox_timeline(partition))?
+        .and_then(|(_, r)| u64_le(&r))
+        .unwrap_or(0))
 }
 
 /// Whether `t` (keyspace, id) is a done-mark timeline (else, in
@@ -53,8 +108,8 @@ fn u64_le(b: &[u8]) -> Option<u64> {
 
 /// This replica's last outbox seq whose record's write id is at most
 /// `wid` (0: none). `hint`, the seq the leader named, is tried first:
-/// replicas that were never restored from a snapshot have the leader's
-/// seqs. Records dropped already count as at most `wid` (only delivered
+/// replicas that were never restored from a snapshot (nor closed and
+/// taken again, nor moved over from `raft-meta`) have the leader's seqs. Records dropped already count as at most `wid` (only delivered
 /// records are released).
 pub fn seq_through(e: &Engine, partition: u32, wid: u64, hint: u64) -> Result<u64, ReadError> {
     let tl = outbox_timeline(partition);
@@ -96,27 +151,43 @@ pub fn decode_done(b: &[u8]) -> Option<(u64, u64)> {
 /// Declare what partition `partition`'s outbox and marks no longer need:
 /// the outbox through the done mark, the marks before the last.
 pub fn release(e: &Engine, partition: u32) -> Result<(), ReadError> {
-    let (upto, _) = crate::im::read::done(e, partition)?;
+    let (upto, _) = done(e, partition)?;
     e.release(outbox_timeline(partition), upto);
     let done = done_timeline(partition);
     e.release(done, e.last_seq(done).saturating_sub(1));
     Ok(())
 }
 
-/// A partition this node holds no replica of: its delivered records and
-/// every mark go (the last one too: nothing renews it here). A replica
-/// taken again without a mark delivers its outbox from the start of what
-/// is kept, which the members' partitions skip as already there.
-pub fn release_all(e: &Engine, partition: u32) -> Result<(), ReadError> {
-    release(e, partition)?;
-    let done = done_timeline(partition);
-    e.release(done, e.last_seq(done));
-    Ok(())
+/// Close partition `partition`'s outbox on this node, whose records are
+/// all delivered through write id `wid` (at least the last one's): a
+/// close mark, unless the done mark says as much already, made durable
+/// (group commit: blocking), then all of the outbox and its marks
+/// released. For a replica this node gave up (module docs). Whether
+/// there was anything (a partition never held here has no outbox).
+pub fn close(e: &Engine, partition: u32, wid: u64) -> Result<bool, ReadError> {
+    let (ob, dn) = (outbox_timeline(partition), done_timeline(partition));
+    let last = e.last_seq(ob);
+    if last == 0 && e.last_seq(dn) == 0 {
+        return Ok(false);
+    }
+    let mark = done(e, partition)?;
+    if mark.0 < last || mark.1 < wid {
+        let rec = done_record(last, wid.max(mark.1));
+        e.append_with(closed_timeline(partition), &rec, Durability::GroupCommit)?;
+    }
+    e.release(ob, last);
+    e.release(dn, e.last_seq(dn));
+    Ok(true)
+}
+
+/// Whether partition `partition`'s outbox here has a record past its done
+/// mark (then closing it needs a replica's word that it was delivered).
+pub fn pending(e: &Engine, partition: u32) -> Result<bool, ReadError> {
+    Ok(e.last_seq(outbox_timeline(partition)) > done(e, partition)?.0)
 }
 
 /// The last record of done timeline `partition`, stored (write id
 /// first), if it has one.
 pub fn last_done(e: &Engine, partition: u32) -> Result<Option<Vec<u8>>, ReadError> {
-    let recs = e.scan(done_timeline(partition), u64::MAX, 1, Direction::Backward)?;
-    Ok(recs.into_iter().next().map(|r| r.payload))
+    Ok(last_record(e, done_timeline(partition))?.map(|(_, r)| r))
 }

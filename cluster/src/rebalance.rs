@@ -79,6 +79,10 @@ pub(crate) enum Ask {
     /// Whether its disk has room enough to lead (`Space::roomy`; nothing
     /// done): asked before a handover to it.
     HasRoom,
+    /// Whether it runs a group of the partition whose done mark covers
+    /// this write id (nothing done): asked before a replica given up
+    /// closes its outbox (module `outbox`).
+    Delivered(u64),
 }
 
 /// Between two passes of shedding leadership off a full disk.
@@ -389,7 +393,7 @@ async fn step_aside(
 }
 
 /// A voter's answer to an [`Ask`].
-enum Answer {
+pub(crate) enum Answer {
     Done,
     /// It runs no group of the partition, or the request never reached it
     /// (no connection).
@@ -399,7 +403,7 @@ enum Answer {
 }
 
 /// Send `ask` about `p` to `node` (waiting at most [`ASK_TIMEOUT`]).
-async fn ask(inner: &Inner, node: NodeId, p: PartitionId, ask: Ask) -> Answer {
+pub(crate) async fn ask(inner: &Inner, node: NodeId, p: PartitionId, ask: Ask) -> Answer {
     let Ok(body) = bincode::serialize(&ask) else {
         return Answer::Refused;
     };
@@ -434,6 +438,9 @@ pub(crate) async fn serve(inner: Arc<Inner>, p: PartitionId, body: Vec<u8>) -> V
         // A node whose disk is full would lead and refuse every write.
         (Ok(Ask::Stand(_)), Some(_)) if !inner.space.roomy() => false,
         (Ok(Ask::HasRoom), _) => inner.space.roomy(),
+        (Ok(Ask::Delivered(wid)), Some(_)) => {
+            crate::outbox::done(inner.engine(), p).is_ok_and(|(_, done)| done >= wid)
+        }
         (Ok(Ask::Stand(ms)), Some(g)) => {
             // Never sooner than the followers' lease: a leader that asks
             // for less is not obeyed beyond what keeps reads safe.

@@ -47,6 +47,12 @@ pub(crate) struct Placement {
     kept: parking_lot::Mutex<HashMap<PartitionId, KeptLog>>,
     /// Kept logs released since start.
     released: std::sync::atomic::AtomicU64,
+    /// Outboxes of replicas given up here with records past their done
+    /// mark, and when to ask again whether those were delivered (module
+    /// `outbox`: until closed, they pin `im-outbox`'s oldest segments).
+    closing: parking_lot::Mutex<HashMap<PartitionId, Instant>>,
+    /// Outboxes closed since start.
+    closed: std::sync::atomic::AtomicU64,
 }
 
 /// A log kept without its group.
@@ -109,6 +115,11 @@ pub struct PlacementStatus {
     pub kept: u64,
     /// Such logs released since start.
     pub released: u64,
+    /// Outboxes of replicas it gave up that wait for a replica's word that
+    /// their last records were delivered (module `outbox`).
+    pub outboxes_closing: u64,
+    /// Outboxes of replicas it gave up closed since start.
+    pub outboxes_closed: u64,
 }
 
 /// A placement change an operator (or a joining node) asks for.
@@ -269,9 +280,11 @@ async fn round(inner: &Arc<Inner>) {
         let Some(g) = inner.group(p) else {
             if !mine {
                 release_kept(inner, p).await;
+                close_outbox(inner, p);
                 continue;
             }
             inner.placement.kept.lock().remove(&p);
+            inner.placement.closing.lock().remove(&p);
             match inner.open_group(p, false).await {
                 Ok(_) => tracing::info!(partition = p, "took a replica: the group is open"),
                 Err(e) => {
@@ -380,6 +393,7 @@ async fn release_kept(inner: &Arc<Inner>, p: PartitionId) {
             inner.placement.kept.lock().remove(&p);
             match retire_log(inner, p).await {
                 Ok(()) => {
+                    give_up_outbox(inner, p).await;
                     inner
                         .placement
                         .released
@@ -396,6 +410,101 @@ async fn release_kept(inner: &Arc<Inner>, p: PartitionId) {
             }
         }
     }
+}
+
+/// Partition `p`'s replica kept with its log (the group may count this
+/// node again): its delivered outbox records go, the rest stays.
+pub(crate) fn keep_outbox(inner: &Inner, p: PartitionId) {
+    if let Err(e) = crate::outbox::release(inner.engine(), p) {
+        tracing::warn!(partition = p, error = %e, "kept outbox not released");
+    }
+}
+
+/// Partition `p`'s replica is given up here (its log retired): close its
+/// outbox now if its own done mark covers every record, else once a
+/// replica of the group says they were delivered ([`close_outbox`]).
+pub(crate) async fn give_up_outbox(inner: &Inner, p: PartitionId) {
+    let e = inner.engine().clone();
+    // Some(whether there was an outbox): closed; None: records pending.
+    let closed = tokio::task::spawn_blocking(move || {
+        if crate::outbox::pending(&e, p)? {
+            return Ok(None);
+        }
+        let (_, wid) = crate::outbox::done(&e, p)?;
+        crate::outbox::close(&e, p, wid).map(Some)
+    })
+    .await;
+    match closed {
+        Ok(Ok(Some(had))) => {
+            if had {
+                inner
+                    .placement
+                    .closed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        Ok(Ok(None)) => {
+            inner.placement.closing.lock().insert(p, Instant::now());
+        }
+        Ok(Err(e)) => tracing::warn!(partition = p, error = %e, "outbox not closed"),
+        Err(e) => tracing::warn!(partition = p, error = %e, "outbox not closed"),
+    }
+}
+
+/// A given-up replica's outbox with records past its done mark: every
+/// `ASK_EVERY`, ask the map's replicas of `p` whether its last record was
+/// delivered, and close it once one says so. Its records are then known
+/// delivered: a replica taken again later skips them by the close mark.
+fn close_outbox(inner: &Arc<Inner>, p: PartitionId) {
+    {
+        let mut closing = inner.placement.closing.lock();
+        match closing.get_mut(&p) {
+            Some(at) if *at <= Instant::now() => *at = Instant::now() + ASK_EVERY,
+            _ => return,
+        }
+    }
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        let e = inner.engine().clone();
+        let wid = match crate::outbox::last_wid(&e, p) {
+            Ok(w) => w,
+            Err(x) => {
+                tracing::warn!(partition = p, error = %x, "outbox not closed");
+                return;
+            }
+        };
+        for node in target(&inner, p).unwrap_or_default() {
+            if node == inner.id {
+                continue;
+            }
+            let ask = crate::rebalance::Ask::Delivered(wid);
+            if !matches!(
+                crate::rebalance::ask(&inner, node, p, ask).await,
+                crate::rebalance::Answer::Done
+            ) {
+                continue;
+            }
+            let closed =
+                tokio::task::spawn_blocking(move || crate::outbox::close(&e, p, wid)).await;
+            match closed {
+                Ok(Ok(_)) => {
+                    inner.placement.closing.lock().remove(&p);
+                    inner
+                        .placement
+                        .closed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(
+                        partition = p,
+                        node,
+                        "closed the outbox of a replica given up"
+                    );
+                }
+                Ok(Err(x)) => tracing::warn!(partition = p, error = %x, "outbox not closed"),
+                Err(x) => tracing::warn!(partition = p, error = %x, "outbox not closed"),
+            }
+            return;
+        }
+    });
 }
 
 /// Write `p`'s retire record and release its log (on the blocking pool:
@@ -522,14 +631,13 @@ async fn retire(inner: &Inner, p: PartitionId, g: Raft<TypeConfig>, release: boo
     if let Some(s) = inner.storage.lock().remove(&p) {
         s.log.close();
     }
-    // Nothing renews its done mark here now (module `outbox`).
-    if let Err(e) = crate::outbox::release_all(inner.engine(), p) {
-        tracing::warn!(partition = p, error = %e, "outbox of a replica given up not released");
-    }
     if !release {
         keep_log(inner, p, known);
+        keep_outbox(inner, p);
     } else if let Err(e) = retire_log(inner, p).await {
         tracing::warn!(partition = p, error = %e, "retired log not released");
+    } else {
+        give_up_outbox(inner, p).await;
     }
     let partitions = inner.map.read().len();
     if let Some(h) = inner.hook() {
@@ -556,6 +664,11 @@ pub(crate) fn status(inner: &Inner) -> PlacementStatus {
         released: inner
             .placement
             .released
+            .load(std::sync::atomic::Ordering::Relaxed),
+        outboxes_closing: inner.placement.closing.lock().len() as u64,
+        outboxes_closed: inner
+            .placement
+            .closed
             .load(std::sync::atomic::Ordering::Relaxed),
         ..Default::default()
     };

@@ -103,6 +103,15 @@ pub fn write(engine: &Engine, manifest: &[Entry], mut out: impl Write) -> io::Re
                 r => r.map_err(io::Error::other)?,
             };
         }
+        // Asked to start at `from` (an outbox past its mark, a mark's
+        // last record): what the cut named went meanwhile (a newer mark
+        // released it), so this is no longer the cut: make a fresh one.
+        if m.from > 1 && m.from <= m.last && next != m.from {
+            return Err(io::Error::other(format!(
+                "timeline {ks}/{id}: seq {} dropped while snapshotting",
+                m.from
+            )));
+        }
         out.write_all(&[SECTION, ks])?;
         for v in [id, next, m.last] {
             out.write_all(&v.to_le_bytes())?;

@@ -241,8 +241,15 @@ impl StateMachine {
                 floors,
             })),
         };
-        sm.migrate_outbox()?;
-        outbox::release(&sm.engine, partition as u32).map_err(read_err)?;
+        // A damaged outbox record or mark fails the deliverer with a
+        // message (as before the outbox had a keyspace), not the opening
+        // of the group: the partition's other writes go on.
+        if let Err(e) = sm.migrate_outbox() {
+            tracing::error!(partition, error = %e, "the outbox in raft-meta was not moved over");
+        }
+        if let Err(e) = outbox::release(&sm.engine, partition as u32) {
+            tracing::error!(partition, error = %e, "the outbox's delivered records not released");
+        }
         Ok(sm)
     }
 
@@ -907,39 +914,57 @@ impl StateMachine {
     }
 
     /// A data directory of a build before `im-outbox` keeps the outbox
-    /// and done mark in `raft-meta`: carry what is not delivered, and the
-    /// mark, over to `im-outbox` (write ids kept; the new outbox starts at
-    /// seq 1, so the mark's seq is 0), once, durably. The old timelines
-    /// stay as they are (`raft-meta` keeps everything; nothing writes or
-    /// sends them any more).
+    /// and done mark in `raft-meta`: carry the mark, then what is not
+    /// delivered, over to `im-outbox` (write ids kept; the new outbox
+    /// starts at seq 1, so the mark's seq is 0), then sync. Decided by
+    /// write id, so a move cut short (a power cut before the sync) is
+    /// finished at the next open and nothing is carried twice. The old
+    /// timelines stay as they are (`raft-meta` keeps everything; nothing
+    /// writes or sends them any more).
     fn migrate_outbox(&self) -> Result<(), Error> {
         let p = self.partition;
         let (old_ob, old_done) = (
             TimelineId::new(RAFT_META, im::OUTBOX_BASE + p),
             TimelineId::new(RAFT_META, im::DONE_BASE + p),
         );
-        let (new_ob, new_done) = (
-            outbox::outbox_timeline(p as u32),
-            outbox::done_timeline(p as u32),
-        );
         let e = &self.engine;
-        if e.last_seq(old_ob) == 0 || e.last_seq(new_ob) > 0 || e.last_seq(new_done) > 0 {
+        if e.last_seq(old_ob) == 0 {
             return Ok(());
         }
-        let mut st = self.state.lock();
-        let mark = e
-            .scan(old_done, u64::MAX, 1, Direction::Backward)
-            .map_err(read_err)?;
-        let (w, upto, wid) = match mark.first() {
-            None => (0, 0, 0),
-            Some(r) => {
-                let (w, b) = split(&r.payload)
-                    .and_then(|(w, b)| Some((w, outbox::decode_done(b)?)))
-                    .ok_or_else(|| damaged(format!("partition {p}: old done mark {}", r.seq)))?;
-                (w, b.0, b.1)
-            }
+        let last_of = |tl: TimelineId| -> Result<Option<(u64, Vec<u8>)>, Error> {
+            let recs = e
+                .scan(tl, u64::MAX, 1, Direction::Backward)
+                .map_err(read_err)?;
+            Ok(recs.into_iter().next().map(|r| (r.seq, r.payload)))
         };
-        let mut from = upto + 1;
+        let (w, upto, wid) = match last_of(old_done)? {
+            None => (0, 0, 0),
+            Some((seq, r)) => split(&r)
+                .and_then(|(w, b)| Some((w, outbox::decode_done(b)?)))
+                .map(|(w, (upto, wid))| (w, upto, wid))
+                .ok_or_else(|| damaged(format!("partition {p}: old done mark {seq}")))?,
+        };
+        let old_last = last_of(old_ob)?
+            .and_then(|(_, r)| split(&r).map(|x| x.0))
+            .unwrap_or(0);
+        let (_, new_mark) = outbox::done(e, p as u32).map_err(read_err)?;
+        let new_ob = outbox::outbox_timeline(p as u32);
+        let obt = (new_ob.keyspace.0, new_ob.id);
+        let mut st = self.state.lock();
+        let new_last = self.last_index(&mut st, obt)?;
+        if new_mark >= wid && new_mark.max(new_last) >= old_last {
+            return Ok(()); // moved over before
+        }
+        if w > 0 {
+            let t = outbox::done_timeline(p as u32);
+            self.append_any(
+                &mut st,
+                (t.keyspace.0, t.id),
+                w,
+                &outbox::done_record(0, wid),
+            )?;
+        }
+        let mut from = upto.saturating_add(1);
         let mut carried = 0u64;
         loop {
             let page = e
@@ -951,17 +976,14 @@ impl StateMachine {
                     .ok_or_else(|| {
                         damaged(format!("partition {p}: old outbox record {}", r.seq))
                     })?;
-                self.append_any(&mut st, (new_ob.keyspace.0, new_ob.id), rw, b)?;
-                carried += 1;
+                if self.append_any(&mut st, obt, rw, b)? > 0 {
+                    carried += 1;
+                }
             }
             match page.last() {
                 Some(r) if page.len() == PAGE => from = r.seq + 1,
                 _ => break,
             }
-        }
-        if w > 0 {
-            let t = (new_done.keyspace.0, new_done.id);
-            self.append_any(&mut st, t, w, &outbox::done_record(0, wid))?;
         }
         e.sync().map_err(sm_err)?;
         tracing::info!(
@@ -1006,7 +1028,11 @@ impl StateMachine {
     pub fn renew_done(&self) -> Result<bool, Error> {
         let p = self.partition as u32;
         let t = outbox::done_timeline(p);
-        let mut st = self.state.lock();
+        // Busy (an entry or a snapshot install): next period. The reclaim
+        // pass runs on the runtime and must not wait behind an install.
+        let Some(mut st) = self.state.try_lock() else {
+            return Ok(false);
+        };
         let last = self.engine.last_seq(t);
         if last == 0 || std::mem::replace(&mut st.done_seen, last) != last {
             return Ok(false);
@@ -1459,7 +1485,12 @@ impl StateMachine {
             let (w, payload) = split(buf).ok_or_else(|| bad(seq))?;
             if !outbox::is_done(t) {
                 im::decode_outbox(payload).ok_or_else(|| bad(seq))?;
-                self.append_any(st, t, w, payload).map_err(apply)?;
+                // At or below this replica's mark (a close): delivered.
+                let (_, done) = outbox::done(&self.engine, self.partition as u32)
+                    .map_err(|e| apply(read_err(e)))?;
+                if w > done {
+                    self.append_any(st, t, w, payload).map_err(apply)?;
+                }
                 continue;
             }
             let (_, wid) = outbox::decode_done(payload).ok_or_else(|| bad(seq))?;
@@ -1520,7 +1551,7 @@ impl StateMachine {
                 let from = match t.0 == crate::log_store::IM_OUTBOX.0 {
                     false => 1,
                     true if outbox::is_done(t) => last,
-                    true => done + 1,
+                    true => done.saturating_add(1),
                 };
                 snapshot::Entry {
                     timeline: t,
@@ -3009,6 +3040,57 @@ mod tests {
         assert_eq!(im::read::done(&e, 3).unwrap(), (1, write_id(1, 0)));
         assert_eq!(im::read::done(&e, 4).unwrap(), (3000, write_id(3000, 0)));
         assert!(pending(&e).is_empty());
+    }
+
+    /// A replica given up with records past its mark: once they are known
+    /// delivered, its outbox is closed (a close mark in raft-meta) and all
+    /// of it goes. Taken again, it skips what the close mark covers,
+    /// whether the entries are applied again or a snapshot sends them,
+    /// and takes later ones as a replica always does.
+    #[test]
+    fn a_closed_outbox_goes_whole_and_a_replica_taken_again_adds_only_later_records() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (ea, eb) = (
+            crate::testkit::small_segments(da.path()),
+            crate::testkit::small_segments(db.path()),
+        );
+        let mut a = StateMachine::open(ea.clone(), 3).unwrap();
+        let mut b = StateMachine::open(eb.clone(), 3).unwrap();
+        let mut es = vec![create(1, im::CONV_GROUP, vec![1, 2])];
+        es.extend((2..=3000).map(|i| send(i, 1, i, "m")));
+        es.push(delivered(3001, 2990, write_id(2990, 0)));
+        block(a.apply(es.clone())).unwrap();
+        block(b.apply(es.clone())).unwrap();
+        assert!(outbox::pending(&eb, 3).unwrap());
+        // b gives its replica up; a replica says the last one is delivered.
+        drop(b);
+        assert!(outbox::close(&eb, 3, write_id(3000, 0)).unwrap());
+        assert!(!outbox::pending(&eb, 3).unwrap());
+        assert_eq!(outbox::done(&eb, 3).unwrap(), (3000, write_id(3000, 0)));
+        eb.seal_active().unwrap();
+        let m = eb.maintain().unwrap();
+        assert!(m.dropped > 0);
+        let ob = im::read::outbox_timeline(3);
+        assert_eq!(eb.first_retained_seq(ob).unwrap(), 3001, "all of it went");
+        // Taken again: the entries applied again add nothing to deliver.
+        let mut b = StateMachine::open(eb.clone(), 3).unwrap();
+        block(b.apply(es[2990..].to_vec())).unwrap();
+        assert!(pending(&eb).is_empty(), "{:?}", pending(&eb));
+        // Nor does a snapshot of a leader whose mark was behind the close.
+        let mut builder = block(a.get_snapshot_builder());
+        block(builder.build_snapshot()).unwrap();
+        let snap = block(a.get_current_snapshot()).unwrap().unwrap();
+        block(b.install_snapshot(&snap.meta, snap.snapshot)).unwrap();
+        assert!(pending(&eb).is_empty(), "{:?}", pending(&eb));
+        // A later message is delivered as always, and its mark lands.
+        let later = [send(3002, 1, 3002, "n")];
+        block(a.apply(later.clone())).unwrap();
+        block(b.apply(later)).unwrap();
+        assert_eq!(pending(&eb), vec![(3001, write_id(3002, 0))]);
+        let mark = delivered(3003, 3001, write_id(3002, 0));
+        block(b.apply([mark])).unwrap();
+        assert_eq!(outbox::done(&eb, 3).unwrap(), (3001, write_id(3002, 0)));
+        assert!(pending(&eb).is_empty());
     }
 
     /// A data directory of a build before `im-outbox`: the outbox records

@@ -1208,6 +1208,8 @@ fn a_node_added_under_load_takes_over_replicas_and_a_removed_one_gives_them_up()
     let mut cl = Cluster::start(BIN, partitions);
     let seeds = cl.seeds();
     let load = Load::start(&seeds);
+    // Sends too, so that replicas given up have outboxes in delivery.
+    let sends = Sends::start(&seeds);
     std::thread::sleep(Duration::from_millis(1000));
     let tmp = cl.dir().to_path_buf();
     let mut n4 = NodeProc::new(4, &tmp, &cl.etcd.endpoint(), partitions);
@@ -1273,6 +1275,8 @@ fn a_node_added_under_load_takes_over_replicas_and_a_removed_one_gives_them_up()
         (id != 1 || m.get("cluster_groups") == Some(&0)) && m.get("cluster_logs_kept") == Some(&0)
     });
     eprintln!("node 1 gave up its replicas in {:?}", removing.elapsed());
+    wait_outboxes_closed(&cl, 1);
+    sends.finish();
     cl.nodes[0].kill9();
     std::thread::sleep(Duration::from_millis(1000));
     let h = load.finish();
@@ -1324,6 +1328,89 @@ fn a_node_added_under_load_takes_over_replicas_and_a_removed_one_gives_them_up()
     }
     assert!(held > 0, "node 4 holds none of the test's timelines");
     drop(cl.etcd);
+}
+
+/// Three threads sending to the conversations of [`create_convs`] (made
+/// here), each send retried until acknowledged, until finished.
+struct Sends {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<u64>>,
+}
+
+impl Sends {
+    fn start(seeds: &[String]) -> Sends {
+        let mut cc = ClusterClient::connect(seeds, b"").unwrap();
+        cc.retry_for = Duration::from_secs(10);
+        create_convs(&mut cc);
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..3u64)
+            .map(|w| {
+                let (seeds, s) = (seeds.to_vec(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
+                    cc.retry_for = Duration::from_secs(5);
+                    let mut k = 0u64;
+                    while !s.load(Ordering::Relaxed) {
+                        k += 1;
+                        let c = (k + w * 4) % CONVS;
+                        let m = members_of(c);
+                        let sender = m[(k as usize) % m.len()];
+                        let p = format!("w{w}-m{k}");
+                        send_until_acked(&mut cc, 1000 + c, sender, w << 32 | k, p.as_bytes());
+                    }
+                    k
+                })
+            })
+            .collect();
+        Sends { stop, threads }
+    }
+
+    fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let sent: u64 = self.threads.into_iter().map(|t| t.join().unwrap()).sum();
+        eprintln!("{sent} sends acknowledged");
+        assert!(sent > 20, "too few sends: {sent}");
+    }
+}
+
+/// Wait until node `id` closed the outboxes of the replicas it gave up
+/// (at once where its own done mark covered them, else once a replica
+/// said they were delivered: module `outbox`), and it had some; print
+/// each node's counts and how many closed on a replica's word.
+fn wait_outboxes_closed(cl: &Cluster, id: u64) {
+    let outboxes = || -> Vec<(u64, u64, u64)> {
+        all_stats(cl)
+            .iter()
+            .map(|(id, m)| {
+                let n = |k: &str| m.get(k).copied().unwrap_or(u64::MAX);
+                (
+                    *id,
+                    n("cluster_outboxes_closing"),
+                    n("cluster_outboxes_closed"),
+                )
+            })
+            .collect()
+    };
+    let what = format!("node {id}'s outboxes closed");
+    timeline_tests::cluster::wait_until(&what, Duration::from_secs(30), || {
+        outboxes()
+            .iter()
+            .all(|o| o.0 != id || (o.1 == 0 && o.2 > 0))
+    });
+    let asked: usize = cl
+        .nodes
+        .iter()
+        .map(|n| {
+            let log = std::fs::read_to_string(n.data_dir().with_extension("log"));
+            log.unwrap_or_default()
+                .matches("closed the outbox of a replica given up")
+                .count()
+        })
+        .sum();
+    eprintln!(
+        "outboxes (node, closing, closed): {:?}; {asked} closed on a replica's word",
+        outboxes()
+    );
 }
 
 /// A runtime and a handle on the test cluster's keys in etcd at
@@ -1400,6 +1487,7 @@ fn a_node_gone_past_replace_after_is_replaced_and_comes_back_as_new() {
     let (mut cl, partitions, share) = four_nodes_replacing_after_3s();
     let seeds = cl.seeds();
     let load = Load::start(&seeds);
+    let sends = Sends::start(&seeds);
     std::thread::sleep(Duration::from_millis(1000));
     cl.nodes[0].kill9();
     let killed = Instant::now();
@@ -1447,6 +1535,8 @@ fn a_node_gone_past_replace_after_is_replaced_and_comes_back_as_new() {
     // The logs of the partitions that moved away while node 1 was down are
     // kept at its start, then released once asked about.
     wait_back_with_logs_released(&cl, partitions, share, back, "its restart");
+    wait_outboxes_closed(&cl, 1);
+    sends.finish();
     let after = etcd_map(&cl);
     let left: std::collections::BTreeSet<u32> = (0..partitions)
         .filter(|&p| !after.partitions[p as usize].contains(&2))

@@ -475,6 +475,8 @@ pub(crate) fn stats(sh: &Shared) -> Vec<(String, u64)> {
             kv("cluster_membership_pending", pl.pending),
             kv("cluster_logs_kept", pl.kept),
             kv("cluster_logs_released", pl.released),
+            kv("cluster_outboxes_closing", pl.outboxes_closing),
+            kv("cluster_outboxes_closed", pl.outboxes_closed),
         ]);
         let (sent, bytes, installed) = n.snapshots();
         out.extend([
