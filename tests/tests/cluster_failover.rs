@@ -1888,6 +1888,21 @@ fn a_replica_behind_the_purged_log_catches_up_from_a_streamed_snapshot() {
         }
     };
     cl.nodes[2].kill9();
+    // Messages too: node 3's snapshots carry outboxes and done marks
+    // (by write id: docs/scaling.md, "The outbox is released").
+    create_convs(&mut cc);
+    let mut messages: Vec<(u64, u64)> = Vec::new();
+    let mut send = |cc: &mut ClusterClient, tag: &str, n: u64| {
+        for k in 0..n {
+            let c = k % CONVS;
+            let m = members_of(c);
+            let cmid = (messages.len() as u64) + 1;
+            let body = format!("{tag}-{k}");
+            let (seq, _) = send_until_acked(cc, 1000 + c, m[0], cmid, body.as_bytes());
+            messages.push((1000 + c, seq));
+        }
+    };
+    send(&mut cc, "while-3-down", 120);
     write(&mut cc, &mut acked, "while-3-down", 3000);
     let before: HashMap<u64, usize> = ts.iter().map(|t| (*t, acked[t].len())).collect();
     cl.nodes[2].spawn(BIN);
@@ -1937,6 +1952,20 @@ fn a_replica_behind_the_purged_log_catches_up_from_a_streamed_snapshot() {
         },
     );
     write(&mut cc, &mut acked, "with-1-down", 200);
+    send(&mut cc, "with-1-down", 60);
+    // Every acknowledged message is in each member's sync once.
+    for user in 1..=USERS {
+        let mut got: HashMap<(u64, u64), usize> = HashMap::new();
+        for e in sync_all(&mut cc, user) {
+            *got.entry((e.entry.conv, e.entry.conv_seq)).or_default() += 1;
+        }
+        for &(conv, seq) in &messages {
+            if members_of(conv - 1000).contains(&user) {
+                let n = got.get(&(conv, seq)).copied().unwrap_or(0);
+                assert_eq!(n, 1, "user {user}: {conv}/{seq} in its sync {n} times");
+            }
+        }
+    }
     cl.nodes[2].kill9();
     cl.nodes[1].kill9();
     let local = offline_store_records(cl.nodes[2].data_dir(), &ts);
