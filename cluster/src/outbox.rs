@@ -27,15 +27,16 @@
 //!   when its state machine opens ([`release`]).
 //! - **Closed.** A replica the node gave up is no longer applied here, so
 //!   nothing moves or renews its mark. Once every record of its outbox is
-//!   known delivered (its own mark covers the last one, or a replica that
-//!   runs the group says its mark does: `Ask::Delivered`), the outbox is
+//!   known delivered (a replica that runs the group says its mark covers
+//!   the last one: `Ask::Delivered`), the outbox is
 //!   closed ([`close`]): a close mark, (the outbox's last seq, the write
 //!   id delivered through), goes to `raft-meta` (kept for good, one record
 //!   per close), and all of the outbox and its marks are released. The
 //!   done mark is the later of the two ([`done`]). A replica taken again
-//!   starts from that mark: every record at or below it is delivered, so
-//!   entries or a snapshot re-sent to it add only later ones, and its
-//!   outbox stays in write-id order.
+//!   starts from that mark, copied back into its done timeline when it
+//!   opens ([`carry_close_mark`]): every record at or below it is
+//!   delivered, so entries or a snapshot re-sent to it add only later
+//!   ones, and its outbox stays in write-id order.
 
 use crate::im::read::ReadError;
 use crate::im::{DONE_BASE, OUTBOX_BASE};
@@ -76,10 +77,7 @@ pub fn done(e: &Engine, partition: u32) -> Result<(u64, u64), ReadError> {
             .and_then(crate::im::unpair)
             .ok_or_else(|| damaged("done mark", seq))?,
     };
-    let closed = match last_record(e, closed_timeline(partition))? {
-        None => (0, 0),
-        Some((seq, r)) => crate::im::unpair(&r).ok_or_else(|| damaged("close mark", seq))?,
-    };
+    let closed = closed_mark(e, partition).unwrap_or((0, 0));
     // The later write id; at the same, the later seq (a close of an
     // outbox restored past its mark).
     Ok(match (closed.1, closed.0) > (mark.1, mark.0) {
@@ -88,11 +86,69 @@ pub fn done(e: &Engine, partition: u32) -> Result<(u64, u64), ReadError> {
     })
 }
 
-/// The write id of the outbox's last record (0: none, or dropped).
+/// The last close mark, if any. One that does not read is taken as none
+/// (and logged): the done mark may then be an older one, and a replica
+/// taken again delivers again what the members' partitions skip, which
+/// is better than a group that cannot apply a mark.
+fn closed_mark(e: &Engine, partition: u32) -> Option<(u64, u64)> {
+    match last_record(e, closed_timeline(partition)) {
+        Ok(None) => None,
+        Ok(Some((seq, r))) => {
+            let m = crate::im::unpair(&r);
+            if m.is_none() {
+                tracing::warn!(partition, seq, "close mark damaged: taken as none");
+            }
+            m
+        }
+        Err(x) => {
+            tracing::warn!(partition, error = %x, "close mark unreadable: taken as none");
+            None
+        }
+    }
+}
+
+/// The write id of the outbox's last record (0: no record). An error if
+/// that record is gone or does not read: a close must never take it for
+/// nothing to deliver.
 pub fn last_wid(e: &Engine, partition: u32) -> Result<u64, ReadError> {
-    Ok(last_record(e, outbox_timeline(partition))?
-        .and_then(|(_, r)| u64_le(&r))
-        .unwrap_or(0))
+    let tl = outbox_timeline(partition);
+    let last = e.last_seq(tl);
+    if last == 0 {
+        return Ok(0);
+    }
+    match last_record(e, tl)? {
+        Some((seq, r)) if seq == last => {
+            u64_le(&r).ok_or_else(|| ReadError::Damaged(format!("outbox record {seq}")))
+        }
+        _ => Err(ReadError::Damaged(format!("outbox record {last} is gone"))),
+    }
+}
+
+/// A replica opening: make the done timeline's last record the done mark
+/// (a close mark later than it is copied in), so that `renew_done` and a
+/// snapshot find it there after the close released the timeline. The
+/// copy's write id is the later of the timeline's last record's (0 if
+/// gone) and the mark's own (every `Delivered` entry covering it came
+/// after the message), so entries applied again skip as before.
+pub fn carry_close_mark(e: &Engine, partition: u32) -> Result<(), ReadError> {
+    let mark = done(e, partition)?;
+    let tl = done_timeline(partition);
+    let (w, have) = match last_record(e, tl)? {
+        Some((seq, r)) if seq == e.last_seq(tl) => (
+            u64_le(&r).unwrap_or(0),
+            r.get(8..).and_then(crate::im::unpair),
+        ),
+        _ => (0, None),
+    };
+    if mark.1 == 0 || have == Some(mark) {
+        return Ok(());
+    }
+    // A write id above none of the marks' entries it stands for: a
+    // snapshot's receiver takes it as new.
+    let mut rec = w.max(mark.1).to_le_bytes().to_vec();
+    rec.extend_from_slice(&done_record(mark.0, mark.1));
+    e.append_with(tl, &rec, Durability::Buffered)?;
+    Ok(())
 }
 
 /// Whether `t` (keyspace, id) is a done-mark timeline (else, in
@@ -159,31 +215,45 @@ pub fn release(e: &Engine, partition: u32) -> Result<(), ReadError> {
 }
 
 /// Close partition `partition`'s outbox on this node, whose records are
-/// all delivered through write id `wid` (at least the last one's): a
-/// close mark, unless the done mark says as much already, made durable
-/// (group commit: blocking), then all of the outbox and its marks
-/// released. For a replica this node gave up (module docs). Whether
-/// there was anything (a partition never held here has no outbox).
-pub fn close(e: &Engine, partition: u32, wid: u64) -> Result<bool, ReadError> {
+/// all delivered through write id `wid` (at least the last one's) and
+/// whose last seq is still `last`: a close mark (the outbox's last seq,
+/// the later of `wid` and the done mark's), unless the last close mark
+/// is that already, made durable (group commit: blocking), then all of
+/// the outbox and its marks released. For a replica this node gave up
+/// (module docs). Whether a close mark was written (not for a partition
+/// never held here, nor for one closed before; nor if the outbox grew:
+/// its group is open here again).
+pub fn close(e: &Engine, partition: u32, wid: u64, last: u64) -> Result<bool, ReadError> {
     let (ob, dn) = (outbox_timeline(partition), done_timeline(partition));
-    let last = e.last_seq(ob);
-    if last == 0 && e.last_seq(dn) == 0 {
+    if e.last_seq(ob) != last {
         return Ok(false);
     }
     let mark = done(e, partition)?;
-    if mark.0 < last || mark.1 < wid {
-        let rec = done_record(last, wid.max(mark.1));
+    let close = (last, wid.max(mark.1));
+    let wrote = close != (0, 0) && closed_mark(e, partition) != Some(close);
+    if wrote {
+        let rec = done_record(close.0, close.1);
         e.append_with(closed_timeline(partition), &rec, Durability::GroupCommit)?;
     }
     e.release(ob, last);
     e.release(dn, e.last_seq(dn));
-    Ok(true)
+    Ok(wrote)
 }
 
 /// Whether partition `partition`'s outbox here has a record past its done
-/// mark (then closing it needs a replica's word that it was delivered).
+/// mark.
 pub fn pending(e: &Engine, partition: u32) -> Result<bool, ReadError> {
     Ok(e.last_seq(outbox_timeline(partition)) > done(e, partition)?.0)
+}
+
+/// Whether partition `partition`'s outbox here needs no close: it never
+/// had a record or a mark, or its last close mark is its done mark and
+/// covers its last record (closed before; nothing was added since).
+pub fn closed(e: &Engine, partition: u32) -> Result<bool, ReadError> {
+    let (ob, dn) = (outbox_timeline(partition), done_timeline(partition));
+    let mark = done(e, partition)?;
+    let never = e.last_seq(ob) == 0 && e.last_seq(dn) == 0 && mark == (0, 0);
+    Ok(never || (mark.0 == e.last_seq(ob) && closed_mark(e, partition) == Some(mark)))
 }
 
 /// The last record of done timeline `partition`, stored (write id

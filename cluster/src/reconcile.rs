@@ -25,6 +25,7 @@ use crate::partition::{PartitionId, PartitionMap, PlacementError};
 use crate::{NodeId, TypeConfig};
 use openraft::{BasicNode, LogId, Raft, ServerState};
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,10 +48,10 @@ pub(crate) struct Placement {
     kept: parking_lot::Mutex<HashMap<PartitionId, KeptLog>>,
     /// Kept logs released since start.
     released: std::sync::atomic::AtomicU64,
-    /// Outboxes of replicas given up here with records past their done
-    /// mark, and when to ask again whether those were delivered (module
-    /// `outbox`: until closed, they pin `im-outbox`'s oldest segments).
-    closing: parking_lot::Mutex<HashMap<PartitionId, Instant>>,
+    /// Outboxes of replicas given up here not closed yet, and when to ask
+    /// again whether their records were delivered (module `outbox`: until
+    /// closed, they pin `im-outbox`'s oldest segments).
+    closing: parking_lot::Mutex<HashMap<PartitionId, Closing>>,
     /// Outboxes closed since start.
     closed: std::sync::atomic::AtomicU64,
 }
@@ -283,8 +284,15 @@ async fn round(inner: &Arc<Inner>) {
                 close_outbox(inner, p);
                 continue;
             }
+            {
+                // A close under way: open next round, not under it.
+                let mut closing = inner.placement.closing.lock();
+                if closing.get(&p) == Some(&Closing::Asking) {
+                    continue;
+                }
+                closing.remove(&p);
+            }
             inner.placement.kept.lock().remove(&p);
-            inner.placement.closing.lock().remove(&p);
             match inner.open_group(p, false).await {
                 Ok(_) => tracing::info!(partition = p, "took a replica: the group is open"),
                 Err(e) => {
@@ -421,90 +429,121 @@ pub(crate) fn keep_outbox(inner: &Inner, p: PartitionId) {
 }
 
 /// Partition `p`'s replica is given up here (its log retired): close its
-/// outbox now if its own done mark covers every record, else once a
-/// replica of the group says they were delivered ([`close_outbox`]).
+/// outbox once a replica of the group says its last record was delivered
+/// ([`close_outbox`]; asked even where this replica's own mark covers it,
+/// which is the usual case: one path, and one peer round per replica
+/// given up). One closed before has its releases declared again (they
+/// are in memory only).
 pub(crate) async fn give_up_outbox(inner: &Inner, p: PartitionId) {
     let e = inner.engine().clone();
-    // Some(whether there was an outbox): closed; None: records pending.
+    // Ok(true): closed before; Ok(false): to close.
     let closed = tokio::task::spawn_blocking(move || {
-        if crate::outbox::pending(&e, p)? {
-            return Ok(None);
+        if !crate::outbox::closed(&e, p)? {
+            return Ok(false);
         }
         let (_, wid) = crate::outbox::done(&e, p)?;
-        crate::outbox::close(&e, p, wid).map(Some)
+        let last = e.last_seq(crate::outbox::outbox_timeline(p));
+        crate::outbox::close(&e, p, wid, last).map(|_| true)
     })
     .await;
     match closed {
-        Ok(Ok(Some(had))) => {
-            if had {
-                inner
-                    .placement
-                    .closed
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-        Ok(Ok(None)) => {
-            inner.placement.closing.lock().insert(p, Instant::now());
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => {
+            let due = Closing::Due(Instant::now());
+            inner.placement.closing.lock().insert(p, due);
         }
         Ok(Err(e)) => tracing::warn!(partition = p, error = %e, "outbox not closed"),
         Err(e) => tracing::warn!(partition = p, error = %e, "outbox not closed"),
     }
 }
 
-/// A given-up replica's outbox with records past its done mark: every
-/// `ASK_EVERY`, ask the map's replicas of `p` whether its last record was
-/// delivered, and close it once one says so. Its records are then known
+/// Where a given-up replica's outbox not closed yet stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closing {
+    /// Ask the group's replicas from then on.
+    Due(Instant),
+    /// Asking, or closing: the partition's group is not opened here
+    /// meanwhile (a close releases the outbox as it was when asked about).
+    Asking,
+}
+
+/// A given-up replica's outbox not closed yet: every `ASK_EVERY`, ask the
+/// map's replicas of `p` whether its last record was delivered, and close
+/// it once one says so. Its records are then known
 /// delivered: a replica taken again later skips them by the close mark.
 fn close_outbox(inner: &Arc<Inner>, p: PartitionId) {
     {
         let mut closing = inner.placement.closing.lock();
         match closing.get_mut(&p) {
-            Some(at) if *at <= Instant::now() => *at = Instant::now() + ASK_EVERY,
+            Some(c) if matches!(*c, Closing::Due(at) if at <= Instant::now()) => {
+                *c = Closing::Asking
+            }
             _ => return,
         }
     }
     let inner = inner.clone();
     tokio::spawn(async move {
-        let e = inner.engine().clone();
-        let wid = match crate::outbox::last_wid(&e, p) {
-            Ok(w) => w,
-            Err(x) => {
-                tracing::warn!(partition = p, error = %x, "outbox not closed");
-                return;
+        let closed = ask_and_close(&inner, p).await;
+        let mut closing = inner.placement.closing.lock();
+        match closed {
+            true => {
+                closing.remove(&p);
             }
-        };
-        for node in target(&inner, p).unwrap_or_default() {
-            if node == inner.id {
-                continue;
+            false => {
+                closing.insert(p, Closing::Due(Instant::now() + ASK_EVERY));
             }
-            let ask = crate::rebalance::Ask::Delivered(wid);
-            if !matches!(
-                crate::rebalance::ask(&inner, node, p, ask).await,
-                crate::rebalance::Answer::Done
-            ) {
-                continue;
-            }
-            let closed =
-                tokio::task::spawn_blocking(move || crate::outbox::close(&e, p, wid)).await;
-            match closed {
-                Ok(Ok(_)) => {
-                    inner.placement.closing.lock().remove(&p);
-                    inner
-                        .placement
-                        .closed
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::info!(
-                        partition = p,
-                        node,
-                        "closed the outbox of a replica given up"
-                    );
-                }
-                Ok(Err(x)) => tracing::warn!(partition = p, error = %x, "outbox not closed"),
-                Err(x) => tracing::warn!(partition = p, error = %x, "outbox not closed"),
-            }
-            return;
         }
     });
+}
+
+/// [`close_outbox`]'s asking and closing: whether it is closed.
+async fn ask_and_close(inner: &Arc<Inner>, p: PartitionId) -> bool {
+    let e = inner.engine().clone();
+    let last = e.last_seq(crate::outbox::outbox_timeline(p));
+    let wid = match crate::outbox::last_wid(&e, p) {
+        Ok(w) => w,
+        Err(x) => {
+            tracing::warn!(partition = p, error = %x, "outbox not closed");
+            return false;
+        }
+    };
+    for node in target(inner, p).unwrap_or_default() {
+        if node == inner.id {
+            continue;
+        }
+        let ask = crate::rebalance::Ask::Delivered(wid);
+        if !matches!(
+            crate::rebalance::ask(inner, node, p, ask).await,
+            crate::rebalance::Answer::Done
+        ) {
+            continue;
+        }
+        let e = e.clone();
+        let closed =
+            tokio::task::spawn_blocking(move || crate::outbox::close(&e, p, wid, last)).await;
+        return match closed {
+            Ok(Ok(wrote)) => {
+                if wrote {
+                    inner.placement.closed.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::info!(
+                    partition = p,
+                    node,
+                    "closed the outbox of a replica given up"
+                );
+                true
+            }
+            Ok(Err(x)) => {
+                tracing::warn!(partition = p, error = %x, "outbox not closed");
+                false
+            }
+            Err(x) => {
+                tracing::warn!(partition = p, error = %x, "outbox not closed");
+                false
+            }
+        };
+    }
+    false
 }
 
 /// Write `p`'s retire record and release its log (on the blocking pool:

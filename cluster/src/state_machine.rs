@@ -247,6 +247,9 @@ impl StateMachine {
         if let Err(e) = sm.migrate_outbox() {
             tracing::error!(partition, error = %e, "the outbox in raft-meta was not moved over");
         }
+        if let Err(e) = outbox::carry_close_mark(&sm.engine, partition as u32) {
+            tracing::error!(partition, error = %e, "the outbox's close mark not carried over");
+        }
         if let Err(e) = outbox::release(&sm.engine, partition as u32) {
             tracing::error!(partition, error = %e, "the outbox's delivered records not released");
         }
@@ -1005,7 +1008,17 @@ impl StateMachine {
         if wid <= done {
             return Ok(());
         }
-        let local = outbox::seq_through(&self.engine, p, wid, upto).map_err(read_err)?;
+        let ob = outbox::outbox_timeline(p);
+        let local = match outbox::seq_through(&self.engine, p, wid, upto) {
+            Ok(s) => s,
+            // A damaged outbox record must not stop the group (the
+            // deliverer names it): the leader's seq, within this outbox.
+            Err(im::read::ReadError::Damaged(m)) => {
+                tracing::error!(partition = p, error = %m, "outbox damaged: the mark taken at the leader's seq");
+                upto.min(self.engine.last_seq(ob))
+            }
+            Err(e) => return Err(read_err(e)),
+        };
         let t = outbox::done_timeline(p);
         let seq = self.append_any(
             st,
@@ -1014,7 +1027,7 @@ impl StateMachine {
             &outbox::done_record(local, wid),
         )?;
         if seq > 0 {
-            self.engine.release(outbox::outbox_timeline(p), local);
+            self.engine.release(ob, local);
             self.engine.release(t, seq - 1);
         }
         Ok(())
@@ -1480,14 +1493,14 @@ impl StateMachine {
                 format!("timeline {}/{} seq {seq}: not an outbox record", t.0, t.1),
             ))
         };
+        // Records at or below this replica's mark (a close) are delivered.
+        let (_, done) =
+            outbox::done(&self.engine, self.partition as u32).map_err(|e| apply(read_err(e)))?;
         for seq in sec.first..=sec.last {
             r.record(buf).map_err(Restore::Read)?;
             let (w, payload) = split(buf).ok_or_else(|| bad(seq))?;
             if !outbox::is_done(t) {
                 im::decode_outbox(payload).ok_or_else(|| bad(seq))?;
-                // At or below this replica's mark (a close): delivered.
-                let (_, done) = outbox::done(&self.engine, self.partition as u32)
-                    .map_err(|e| apply(read_err(e)))?;
                 if w > done {
                     self.append_any(st, t, w, payload).map_err(apply)?;
                 }
@@ -1540,6 +1553,12 @@ impl StateMachine {
         let p = self.partition as u32;
         // Unreadable: everything kept (the receiver takes it by write id).
         let done = im::read::done(&self.engine, p).map_or(0, |d| d.0);
+        // Of a timeline released by retention or a mark, from the first
+        // record kept (records before it are delivered or old marks).
+        let kept = |t: (u8, u64)| {
+            let tl = TimelineId::new(Keyspace(t.0), t.1);
+            self.engine.first_retained_seq(tl).unwrap_or(1)
+        };
         st.timelines
             .iter()
             .filter(|t| t.0 != RAFT_META.0)
@@ -1550,8 +1569,8 @@ impl StateMachine {
                     .max(st.floors.get(&t).copied().unwrap_or(0));
                 let from = match t.0 == crate::log_store::IM_OUTBOX.0 {
                     false => 1,
-                    true if outbox::is_done(t) => last,
-                    true => done.saturating_add(1),
+                    true if outbox::is_done(t) => last.max(kept(t)),
+                    true => done.saturating_add(1).max(kept(t)),
                 };
                 snapshot::Entry {
                     timeline: t,
@@ -3064,7 +3083,11 @@ mod tests {
         assert!(outbox::pending(&eb, 3).unwrap());
         // b gives its replica up; a replica says the last one is delivered.
         drop(b);
-        assert!(outbox::close(&eb, 3, write_id(3000, 0)).unwrap());
+        assert!(outbox::close(&eb, 3, write_id(3000, 0), 3000).unwrap());
+        assert!(
+            !outbox::close(&eb, 3, write_id(3000, 0), 3000).unwrap(),
+            "closed before: no second close mark"
+        );
         assert!(!outbox::pending(&eb, 3).unwrap());
         assert_eq!(outbox::done(&eb, 3).unwrap(), (3000, write_id(3000, 0)));
         eb.seal_active().unwrap();
@@ -3091,6 +3114,57 @@ mod tests {
         block(b.apply([mark])).unwrap();
         assert_eq!(outbox::done(&eb, 3).unwrap(), (3001, write_id(3002, 0)));
         assert!(pending(&eb).is_empty());
+    }
+
+    /// The usual close: the replica's own mark covers its outbox. The
+    /// close mark keeps the mark when its timeline goes with the outbox:
+    /// taken again, the replica has its mark (copied back to the done
+    /// timeline when it opens), adds nothing to deliver from entries
+    /// applied again, and builds and sends snapshots that carry the mark.
+    #[test]
+    fn an_outbox_closed_on_its_own_mark_keeps_the_mark_through_a_reopen_and_a_snapshot() {
+        let (db, dc) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let eb = crate::testkit::small_segments(db.path());
+        let mut b = StateMachine::open(eb.clone(), 3).unwrap();
+        let mut es = vec![create(1, im::CONV_GROUP, vec![1, 2])];
+        es.extend((2..=3000).map(|i| send(i, 1, i, "m")));
+        es.push(delivered(3001, 3000, write_id(3000, 0)));
+        block(b.apply(es.clone())).unwrap();
+        drop(b);
+        assert!(!outbox::pending(&eb, 3).unwrap());
+        assert!(outbox::close(&eb, 3, write_id(3000, 0), 3000).unwrap());
+        eb.seal_active().unwrap();
+        assert!(eb.maintain().unwrap().dropped > 0);
+        let dn = im::read::done_timeline(3);
+        assert!(
+            eb.first_retained_seq(dn).unwrap() > eb.last_seq(dn),
+            "the done timeline went too"
+        );
+        let mark = (3000, write_id(3000, 0));
+        assert_eq!(
+            outbox::done(&eb, 3).unwrap(),
+            mark,
+            "kept by the close mark"
+        );
+        // Taken again.
+        let mut b = StateMachine::open(eb.clone(), 3).unwrap();
+        let last = outbox::last_done(&eb, 3).unwrap().unwrap();
+        assert_eq!(outbox::decode_done(&last[8..]), Some(mark), "copied back");
+        block(b.apply(es[2990..].to_vec())).unwrap();
+        assert!(pending(&eb).is_empty(), "{:?}", pending(&eb));
+        // A snapshot of it is built, sent and carries the mark.
+        let mut builder = block(b.get_snapshot_builder());
+        block(builder.build_snapshot()).unwrap();
+        let snap = block(b.get_current_snapshot()).unwrap().unwrap();
+        let ec = crate::testkit::small_segments(dc.path());
+        let mut c = StateMachine::open(ec.clone(), 3).unwrap();
+        block(c.install_snapshot(&snap.meta, snap.snapshot)).unwrap();
+        assert_eq!(outbox::done(&ec, 3).unwrap().1, mark.1);
+        assert!(pending(&ec).is_empty());
+        // Its mark is renewed as any idle partition's.
+        assert!(!b.renew_done().unwrap());
+        assert!(b.renew_done().unwrap());
+        assert_eq!(outbox::done(&eb, 3).unwrap(), mark);
     }
 
     /// A data directory of a build before `im-outbox`: the outbox records
