@@ -107,9 +107,11 @@ fn closed_mark(e: &Engine, partition: u32) -> Option<(u64, u64)> {
     }
 }
 
-/// The write id of the outbox's last record (0: no record). An error if
-/// that record is gone or does not read: a close must never take it for
-/// nothing to deliver.
+/// The write id the outbox is delivered through once its last record is
+/// (0: no record): that record's, or, if it is gone (released, so
+/// delivered, and dropped), the done mark's, which covers it. An error if
+/// the record does not read or is gone without a mark covering it: a
+/// close must never take it for nothing to deliver.
 pub fn last_wid(e: &Engine, partition: u32) -> Result<u64, ReadError> {
     let tl = outbox_timeline(partition);
     let last = e.last_seq(tl);
@@ -120,7 +122,10 @@ pub fn last_wid(e: &Engine, partition: u32) -> Result<u64, ReadError> {
         Some((seq, r)) if seq == last => {
             u64_le(&r).ok_or_else(|| ReadError::Damaged(format!("outbox record {seq}")))
         }
-        _ => Err(ReadError::Damaged(format!("outbox record {last} is gone"))),
+        _ => match done(e, partition)? {
+            (upto, wid) if upto >= last => Ok(wid),
+            _ => Err(ReadError::Damaged(format!("outbox record {last} is gone"))),
+        },
     }
 }
 
@@ -140,7 +145,9 @@ pub fn carry_close_mark(e: &Engine, partition: u32) -> Result<(), ReadError> {
         ),
         _ => (0, None),
     };
-    if mark.1 == 0 || have == Some(mark) {
+    // After a close the timeline's last record is released (and goes
+    // with its segment) even when it is the mark: copied then too.
+    if mark.1 == 0 || (have == Some(mark) && closed_mark(e, partition) != Some(mark)) {
         return Ok(());
     }
     // A write id above none of the marks' entries it stands for: a
@@ -220,13 +227,11 @@ pub fn release(e: &Engine, partition: u32) -> Result<(), ReadError> {
 /// the later of `wid` and the done mark's), unless the last close mark
 /// is that already, made durable (group commit: blocking), then all of
 /// the outbox and its marks released. For a replica this node gave up
-/// (module docs). Whether a close mark was written (not for a partition
-/// never held here, nor for one closed before; nor if the outbox grew:
-/// its group is open here again).
-pub fn close(e: &Engine, partition: u32, wid: u64, last: u64) -> Result<bool, ReadError> {
+/// (module docs).
+pub fn close(e: &Engine, partition: u32, wid: u64, last: u64) -> Result<Closed, ReadError> {
     let (ob, dn) = (outbox_timeline(partition), done_timeline(partition));
     if e.last_seq(ob) != last {
-        return Ok(false);
+        return Ok(Closed::Grew);
     }
     let mark = done(e, partition)?;
     let close = (last, wid.max(mark.1));
@@ -237,7 +242,22 @@ pub fn close(e: &Engine, partition: u32, wid: u64, last: u64) -> Result<bool, Re
     }
     e.release(ob, last);
     e.release(dn, e.last_seq(dn));
-    Ok(wrote)
+    Ok(match wrote {
+        true => Closed::Now,
+        false => Closed::Before,
+    })
+}
+
+/// What [`close`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// A close mark was written.
+    Now,
+    /// Closed before, or never held here: its releases declared again.
+    Before,
+    /// The outbox grew since it was asked about (its group opened here
+    /// again): nothing done.
+    Grew,
 }
 
 /// Whether partition `partition`'s outbox here has a record past its done

@@ -443,7 +443,7 @@ pub(crate) async fn give_up_outbox(inner: &Inner, p: PartitionId) {
         }
         let (_, wid) = crate::outbox::done(&e, p)?;
         let last = e.last_seq(crate::outbox::outbox_timeline(p));
-        crate::outbox::close(&e, p, wid, last).map(|_| true)
+        crate::outbox::close(&e, p, wid, last).map(|c| c == crate::outbox::Closed::Before)
     })
     .await;
     match closed {
@@ -522,8 +522,9 @@ async fn ask_and_close(inner: &Arc<Inner>, p: PartitionId) -> bool {
         let closed =
             tokio::task::spawn_blocking(move || crate::outbox::close(&e, p, wid, last)).await;
         return match closed {
-            Ok(Ok(wrote)) => {
-                if wrote {
+            Ok(Ok(crate::outbox::Closed::Grew)) => false,
+            Ok(Ok(c)) => {
+                if c == crate::outbox::Closed::Now {
                     inner.placement.closed.fetch_add(1, Ordering::Relaxed);
                 }
                 tracing::info!(

@@ -1012,10 +1012,12 @@ impl StateMachine {
         let local = match outbox::seq_through(&self.engine, p, wid, upto) {
             Ok(s) => s,
             // A damaged outbox record must not stop the group (the
-            // deliverer names it): the leader's seq, within this outbox.
+            // deliverer names it), nor move the mark over records this
+            // replica cannot place: the mark stays (delivering again is
+            // the safe failure).
             Err(im::read::ReadError::Damaged(m)) => {
-                tracing::error!(partition = p, error = %m, "outbox damaged: the mark taken at the leader's seq");
-                upto.min(self.engine.last_seq(ob))
+                tracing::error!(partition = p, error = %m, "outbox damaged: the done mark not moved");
+                return Ok(());
             }
             Err(e) => return Err(read_err(e)),
         };
@@ -3083,10 +3085,17 @@ mod tests {
         assert!(outbox::pending(&eb, 3).unwrap());
         // b gives its replica up; a replica says the last one is delivered.
         drop(b);
-        assert!(outbox::close(&eb, 3, write_id(3000, 0), 3000).unwrap());
-        assert!(
-            !outbox::close(&eb, 3, write_id(3000, 0), 3000).unwrap(),
-            "closed before: no second close mark"
+        let close = |e: &Engine, last| outbox::close(e, 3, write_id(3000, 0), last).unwrap();
+        assert_eq!(
+            close(&eb, 2999),
+            outbox::Closed::Grew,
+            "not the outbox asked about"
+        );
+        assert_eq!(close(&eb, 3000), outbox::Closed::Now);
+        assert_eq!(
+            close(&eb, 3000),
+            outbox::Closed::Before,
+            "no second close mark"
         );
         assert!(!outbox::pending(&eb, 3).unwrap());
         assert_eq!(outbox::done(&eb, 3).unwrap(), (3000, write_id(3000, 0)));
@@ -3132,22 +3141,25 @@ mod tests {
         block(b.apply(es.clone())).unwrap();
         drop(b);
         assert!(!outbox::pending(&eb, 3).unwrap());
-        assert!(outbox::close(&eb, 3, write_id(3000, 0), 3000).unwrap());
+        // Delivered records go before the replica is given up: what the
+        // close asks about is then the mark's write id.
         eb.seal_active().unwrap();
         assert!(eb.maintain().unwrap().dropped > 0);
-        let dn = im::read::done_timeline(3);
-        assert!(
-            eb.first_retained_seq(dn).unwrap() > eb.last_seq(dn),
-            "the done timeline went too"
-        );
         let mark = (3000, write_id(3000, 0));
+        assert_eq!(outbox::last_wid(&eb, 3).unwrap(), mark.1);
+        let close = outbox::close(&eb, 3, mark.1, 3000).unwrap();
+        assert_eq!(close, outbox::Closed::Now);
+        assert!(outbox::closed(&eb, 3).unwrap());
         assert_eq!(
             outbox::done(&eb, 3).unwrap(),
             mark,
             "kept by the close mark"
         );
-        // Taken again.
+        // Taken again in the same process, before the released mark's
+        // segment goes: the mark is copied back all the same.
         let mut b = StateMachine::open(eb.clone(), 3).unwrap();
+        eb.seal_active().unwrap();
+        assert!(eb.maintain().unwrap().dropped > 0);
         let last = outbox::last_done(&eb, 3).unwrap().unwrap();
         assert_eq!(outbox::decode_done(&last[8..]), Some(mark), "copied back");
         block(b.apply(es[2990..].to_vec())).unwrap();
