@@ -260,12 +260,6 @@ pub enum Closed {
     Grew,
 }
 
-/// Whether partition `partition`'s outbox here has a record past its done
-/// mark.
-pub fn pending(e: &Engine, partition: u32) -> Result<bool, ReadError> {
-    Ok(e.last_seq(outbox_timeline(partition)) > done(e, partition)?.0)
-}
-
 /// Whether partition `partition`'s outbox here needs no close: it never
 /// had a record or a mark, or its last close mark is its done mark and
 /// covers its last record (closed before; nothing was added since).
