@@ -69,6 +69,7 @@ pub mod net;
 pub mod node;
 pub mod outbox;
 pub mod partition;
+pub mod raft_state;
 pub(crate) mod rebalance;
 pub mod reconcile;
 pub(crate) mod replace;

@@ -22,13 +22,13 @@
 //! not have. Purges are group-committed before what they purge is
 //! released (below).
 //!
-//! The vote is the last record of timeline `4p` of [`RAFT_META`] (`4p + 1`
-//! held the committed log id in the first build, and is still read; the
-//! committed id is now kept in memory only, see `save_committed`; `4p + 2`
-//! and `4p + 3` are the state machine's, see `state_machine`); the vote is
-//! written with
-//! `Durability::Sync`, so it is on disk when `save_vote` returns, as Raft
-//! requires.
+//! The vote is the last record of timeline `2p` of [`RAFT_STATE`] (module
+//! [`crate::raft_state`]: the copies before it are released; an earlier
+//! build's, in timeline `4p` of [`RAFT_META`], is read if there is none);
+//! `4p + 1` of `RAFT_META` held the committed log id in the first build,
+//! and is still read (the committed id is now kept in memory only, see
+//! `save_committed`). The vote is written with `Durability::Sync`, so it
+//! is on disk when `save_vote` returns, as Raft requires.
 //!
 //! Appends are group-committed: [`append`](RaftLogStorage::append) hands the
 //! entries to `Engine::append_async` (readable at once) and the ticket to
@@ -53,7 +53,7 @@
 // return the same type so that `?` carries it unchanged.
 #![allow(clippy::result_large_err)]
 
-use crate::{NodeId, TypeConfig};
+use crate::{raft_state, NodeId, TypeConfig};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, RaftLogId, RaftLogReader, StorageError, StorageIOError, Vote};
 use parking_lot::Mutex;
@@ -69,8 +69,11 @@ use timeline_engine::{
 
 /// The keyspace of the Raft logs: timeline `p` is partition `p`'s log.
 pub const RAFT_LOG: Keyspace = Keyspace(2);
-/// The keyspace of partition `p`'s vote (`4p`), committed id (`4p + 1`),
-/// applied state (`4p + 2`) and timeline list (`4p + 3`).
+/// The keyspace of partition `p`'s timeline list (`4p + 3`), the floors
+/// and close marks of its timelines (modules `state_machine`, `outbox`),
+/// all kept for good; `4p`, `4p + 1` and `4p + 2` held the vote, the
+/// committed id and the applied state in earlier builds, and are still
+/// read where [`RAFT_STATE`] has nothing.
 pub const RAFT_META: Keyspace = Keyspace(3);
 /// The keyspace of the read-fan-out groups each user belongs to: timeline
 /// `user`, one record per group (written by the user's partition; module
@@ -117,6 +120,10 @@ pub const IM_RECALLED: Keyspace = Keyspace(11);
 /// engine drops segments that hold nothing else (module
 /// [`crate::outbox`]).
 pub const IM_OUTBOX: Keyspace = Keyspace(12);
+/// The keyspace of partition `p`'s vote (timeline `2p`) and applied state
+/// (`2p + 1`): only the last record of each counts, and the copies before
+/// it are released (module [`crate::raft_state`]).
+pub const RAFT_STATE: Keyspace = Keyspace(13);
 
 /// Whether `keyspace` is one of the cluster's own (no client writes it).
 pub fn is_own(keyspace: u8) -> bool {
@@ -132,6 +139,7 @@ pub fn is_own(keyspace: u8) -> bool {
         IM_DELETES.0,
         IM_RECALLED.0,
         IM_OUTBOX.0,
+        RAFT_STATE.0,
     ]
     .contains(&keyspace)
 }
@@ -141,8 +149,9 @@ const REPLAY_PAGE: usize = 4096;
 
 /// The keyspaces a node's engine needs besides its data keyspaces: kept
 /// forever, in log order (no regroup: the log is read in order). The Raft
-/// logs and the outboxes lose what their owners release.
-pub fn keyspaces() -> [KeyspaceConfig; 11] {
+/// logs, the outboxes and the votes and applied states lose what their
+/// owners release.
+pub fn keyspaces() -> [KeyspaceConfig; 12] {
     let keep = |id, name| KeyspaceConfig {
         regroup: false,
         segment_window: Duration::from_secs(3600),
@@ -164,6 +173,11 @@ pub fn keyspaces() -> [KeyspaceConfig; 11] {
         KeyspaceConfig {
             segment_window: Duration::from_secs(600),
             ..keep(IM_OUTBOX, "im-outbox")
+        },
+        // Renewed once a reclaim period: sealed every ten minutes too.
+        KeyspaceConfig {
+            segment_window: Duration::from_secs(600),
+            ..keep(RAFT_STATE, "raft-state")
         },
     ]
 }
@@ -366,12 +380,18 @@ impl LogStore {
                 _ => break,
             }
         }
-        st.vote = last_json(
-            &engine,
-            TimelineId::new(RAFT_META, 4 * partition),
-            partition,
-            "vote",
-        )?;
+        st.vote =
+            match raft_state::last(&engine, raft_state::Kind::Vote, partition).map_err(read_err)? {
+                Some(r) => Some(serde_json::from_slice(&r.payload).map_err(|e| {
+                    read_err(Damaged {
+                        partition,
+                        seq: r.seq,
+                        what: "vote",
+                        why: e.to_string(),
+                    })
+                })?),
+                None => None,
+            };
         st.committed = last_json(
             &engine,
             TimelineId::new(RAFT_META, 4 * partition + 1),
@@ -484,14 +504,6 @@ impl LogStore {
     /// [`LogStore::renew_purge`] writes nothing more through this handle.
     pub fn close(&self) {
         *self.closed.lock() = true;
-    }
-
-    fn save_meta<T: serde::Serialize>(&self, id: u64, v: &T, d: Durability) -> std::io::Result<()> {
-        let bytes = serde_json::to_vec(v)?;
-        self.engine
-            .append_with(TimelineId::new(RAFT_META, id), &bytes, d)
-            .map_err(std::io::Error::other)?;
-        Ok(())
     }
 }
 
@@ -689,7 +701,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), Error> {
-        self.save_meta(4 * self.partition, vote, Durability::Sync)
+        let bytes = serde_json::to_vec(vote).map_err(|e| StorageIOError::write_vote(&e))?;
+        raft_state::write(&self.engine, raft_state::Kind::Vote, self.partition, &bytes)
             .map_err(|e| StorageIOError::write_vote(&e))?;
         self.state.lock().vote = Some(*vote);
         Ok(())

@@ -19,6 +19,17 @@
 //!
 //! Anything undecodable closes the connection (the peer reconnects on its
 //! next RPC); a node never panics on what a peer sends.
+//!
+//! **The hello.** A connection starts with one frame each way, kind
+//! [`KIND_HELLO`], partition 0, id 0, body the sender's build fingerprint
+//! ([`build`], u64): the one who connects sends it and waits for the
+//! answer's before its first request. The nodes of a cluster must run the
+//! same build (their bincode has no version field), so a node that finds
+//! another build (or a first frame that is not a hello: a build from
+//! before the hello) closes the connection, counts it
+//! ([`Refusals`]) and logs it once a minute per peer, instead of
+//! misreading the other's messages. The one who connected also waits a
+//! second before trying that peer again.
 
 use crate::lease::Leases;
 use crate::{NodeId, TypeConfig};
@@ -79,6 +90,74 @@ pub const KIND_DELETES: u8 = 9;
 pub const KIND_MEMBERSHIP: u8 = 10;
 /// A leadership handover (`crate::rebalance`): hold elections, or stand.
 pub const KIND_HANDOVER: u8 = 11;
+/// The first frame each way on a connection: the sender's [`build`]
+/// (u64 LE).
+const KIND_HELLO: u8 = 0x7E;
+/// How long the side that accepted waits for the hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the side that connected waits for the answer's (the peer's
+/// runtime may be busy: more than the connect timeout).
+const HELLO_WAIT: Duration = Duration::from_secs(2);
+/// How long a peer of another build is not tried again.
+const OTHER_BUILD_BACKOFF: Duration = Duration::from_secs(1);
+
+/// This build's fingerprint (`build.rs`: the sources that decide what
+/// nodes send each other, and `Cargo.lock`).
+pub fn build() -> u64 {
+    env!("TIMELINE_PEER_BUILD").parse().unwrap_or(0)
+}
+
+/// The hello this node sends.
+fn hello() -> Vec<u8> {
+    frame(KIND_HELLO, 0, 0, &build().to_le_bytes())
+}
+
+/// Why a peer's first frame does not let the connection go on: `None` if
+/// it is a hello of this build.
+fn other_build(f: &Frame) -> Option<String> {
+    match (f.kind, <[u8; 8]>::try_from(f.body.as_slice())) {
+        (KIND_HELLO, Ok(b)) if u64::from_le_bytes(b) == build() => None,
+        (KIND_HELLO, Ok(b)) => Some(format!(
+            "it runs build {}, this node {}; the nodes of a cluster must run the same build",
+            u64::from_le_bytes(b),
+            build()
+        )),
+        _ => Some(format!(
+            "its first frame (kind {}, {} bytes) is not a hello: a build from before the hello?",
+            f.kind,
+            f.body.len()
+        )),
+    }
+}
+
+/// Connections refused for another build, both ways (`STATS`
+/// `cluster_peers_refused`), and when each peer was last logged.
+#[derive(Default)]
+pub struct Refusals {
+    count: AtomicU64,
+    logged: Mutex<HashMap<String, Instant>>,
+}
+
+impl Refusals {
+    /// One refusal of `peer` (a node, or an address without its port: one
+    /// entry per host, however many connections it makes).
+    fn note(&self, peer: &str, why: &str) {
+        const EVERY: Duration = Duration::from_secs(60);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut logged = self.logged.lock();
+        logged.retain(|_, t| now.duration_since(*t) < EVERY);
+        if !logged.contains_key(peer) {
+            logged.insert(peer.to_string(), now);
+            tracing::error!(peer, "peer connection refused: {why}");
+        }
+    }
+
+    /// Connections refused since start.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
 const DELIVER_TIMEOUT: Duration = Duration::from_secs(5);
 const REPLY: u8 = 0x80;
 const KIND_NO_GROUP: u8 = 0xFF;
@@ -180,12 +259,28 @@ async fn write_frames(mut w: impl AsyncWriteExt + Unpin, mut rx: mpsc::Unbounded
 /// on it); `votes.from` is `election_timeout_max` after start-up, when
 /// that lease is over anyway. A vote request also voids the partition's
 /// lease before openraft sees it ([`Leases::void`]).
-pub async fn serve(listener: TcpListener, groups: Arc<Groups>, im: ImFn, votes: VoteGate) {
+pub async fn serve(
+    listener: TcpListener,
+    groups: Arc<Groups>,
+    im: ImFn,
+    votes: VoteGate,
+    refusals: Arc<Refusals>,
+) {
     loop {
         match listener.accept().await {
-            Ok((s, _)) => {
+            Ok((s, from)) => {
                 let _ = s.set_nodelay(true);
-                tokio::spawn(serve_conn(s, groups.clone(), im.clone(), votes.clone()));
+                let conn = Conn {
+                    groups: groups.clone(),
+                    im: im.clone(),
+                    votes: votes.clone(),
+                };
+                let refusals = refusals.clone();
+                tokio::spawn(async move {
+                    if let Some(s) = greet(s, &from.ip().to_string(), &refusals).await {
+                        serve_conn(s, conn).await;
+                    }
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "peer accept failed");
@@ -203,7 +298,45 @@ pub struct VoteGate {
     pub(crate) leases: Arc<Leases>,
 }
 
-async fn serve_conn(s: TcpStream, groups: Arc<Groups>, im: ImFn, votes: VoteGate) {
+/// What a connection a peer made is served with.
+struct Conn {
+    groups: Arc<Groups>,
+    im: ImFn,
+    votes: VoteGate,
+}
+
+/// The accepting side of the hello: read the peer's, answer with this
+/// node's, and hand the connection on if the builds are the same (`None`:
+/// closed).
+async fn greet(mut s: TcpStream, from: &str, refusals: &Refusals) -> Option<TcpStream> {
+    let first = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut s)).await;
+    let f = match first {
+        Ok(Ok(Some(f))) => f,
+        Ok(Ok(None)) => return None,
+        Ok(Err(e)) => {
+            tracing::debug!(peer = from, error = %e, "peer connection dropped before its hello");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!(peer = from, "no hello within {HELLO_TIMEOUT:?}");
+            return None;
+        }
+    };
+    // Answered either way, so that the peer can say why it was refused.
+    if s.write_all(&hello()).await.is_err() {
+        return None;
+    }
+    match other_build(&f) {
+        None => Some(s),
+        Some(why) => {
+            refusals.note(from, &why);
+            None
+        }
+    }
+}
+
+async fn serve_conn(s: TcpStream, conn: Conn) {
+    let Conn { groups, im, votes } = conn;
     let (r, w) = s.into_split();
     let mut r = BufReader::with_capacity(READ_BUF, r);
     let (tx, rx) = mpsc::unbounded_channel();
@@ -286,8 +419,9 @@ struct Link {
 }
 
 /// A peer's connection, made by whoever finds it missing first (others
-/// wait for that attempt instead of connecting too).
-type LinkSlot = tokio::sync::Mutex<Option<Arc<Link>>>;
+/// wait for that attempt instead of connecting too), and when and why the
+/// last attempt found another build there.
+type LinkSlot = tokio::sync::Mutex<(Option<Arc<Link>>, Option<(Instant, String)>)>;
 
 /// The connections of this node to its peers: one per peer, made on first
 /// use and again after it failed.
@@ -295,6 +429,8 @@ pub struct Transport {
     addrs: Arc<PeerAddrs>,
     links: Mutex<HashMap<NodeId, Arc<LinkSlot>>>,
     next_id: AtomicU64,
+    /// Peers of another build, found here or by [`serve`].
+    pub refusals: Arc<Refusals>,
 }
 
 /// Why an RPC got no answer.
@@ -312,6 +448,8 @@ pub(crate) enum CallError {
     NoGroup(NodeId, u32),
     #[error("node {0} sent an undecodable reply")]
     Garbled(NodeId),
+    #[error("node {0} refused: {1}")]
+    OtherBuild(NodeId, String),
 }
 
 impl Transport {
@@ -320,15 +458,21 @@ impl Transport {
             addrs,
             links: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            refusals: Default::default(),
         })
     }
 
     async fn link(&self, target: NodeId) -> Result<Arc<Link>, CallError> {
         let slot = self.links.lock().entry(target).or_default().clone();
         let mut slot = slot.lock().await;
-        if let Some(l) = slot.as_ref() {
+        if let Some(l) = slot.0.as_ref() {
             if !l.dead.load(Ordering::Acquire) {
                 return Ok(l.clone());
+            }
+        }
+        if let Some((at, why)) = &slot.1 {
+            if at.elapsed() < OTHER_BUILD_BACKOFF {
+                return Err(CallError::OtherBuild(target, why.clone()));
             }
         }
         let addr = self
@@ -337,11 +481,16 @@ impl Transport {
             .get(&target)
             .cloned()
             .ok_or(CallError::NoAddress(target))?;
-        let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
-            .await
-            .map_err(|_| CallError::Connect(target, "timed out".into()))?
-            .map_err(|e| CallError::Connect(target, e.to_string()))?;
-        let _ = s.set_nodelay(true);
+        let s = match self.connect(target, &addr).await {
+            Err(CallError::OtherBuild(_, why)) => {
+                self.refusals
+                    .note(&format!("node {target} at {addr}"), &why);
+                slot.1 = Some((Instant::now(), why.clone()));
+                return Err(CallError::OtherBuild(target, why));
+            }
+            other => other?,
+        };
+        slot.1 = None;
         let (r, w) = s.into_split();
         let mut r = BufReader::with_capacity(READ_BUF, r);
         let (tx, rx) = mpsc::unbounded_channel();
@@ -362,8 +511,35 @@ impl Transport {
             // Dropping the waiters fails their calls at once.
             reader.pending.lock().clear();
         });
-        *slot = Some(link.clone());
+        slot.0 = Some(link.clone());
         Ok(link)
+    }
+
+    /// Connect to `target` at `addr` and exchange hellos.
+    async fn connect(&self, target: NodeId, addr: &str) -> Result<TcpStream, CallError> {
+        let gone = |e: std::io::Error| CallError::Connect(target, e.to_string());
+        let mut s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| CallError::Connect(target, "timed out".into()))?
+            .map_err(gone)?;
+        let _ = s.set_nodelay(true);
+        s.write_all(&hello()).await.map_err(gone)?;
+        // An older build never answers a hello: a peer down, for this node.
+        let answer = tokio::time::timeout(HELLO_WAIT, read_frame(&mut s))
+            .await
+            .map_err(|_| {
+                CallError::Connect(
+                    target,
+                    format!("no hello within {HELLO_WAIT:?} (a build from before the hello?)"),
+                )
+            })?;
+        match answer.map_err(gone)? {
+            None => Err(CallError::Connect(target, "closed before its hello".into())),
+            Some(f) => match other_build(&f) {
+                None => Ok(s),
+                Some(why) => Err(CallError::OtherBuild(target, why)),
+            },
+        }
     }
 
     /// Send a request of `kind` to node `target` and wait up to `ttl`
@@ -432,7 +608,10 @@ impl CallError {
     /// The request never left this node (no address, no connection): the
     /// peer cannot have acted on it.
     pub(crate) fn never_sent(&self) -> bool {
-        matches!(self, CallError::NoAddress(_) | CallError::Connect(..))
+        matches!(
+            self,
+            CallError::NoAddress(_) | CallError::Connect(..) | CallError::OtherBuild(..)
+        )
     }
 }
 
@@ -486,9 +665,10 @@ impl Peer {
             .await
             .map_err(|e| match e {
                 // A peer that is down or not (yet) hosting the group: back off.
-                CallError::NoAddress(_) | CallError::Connect(..) | CallError::NoGroup(..) => {
-                    RPCError::Unreachable(Unreachable::new(&e))
-                }
+                CallError::NoAddress(_)
+                | CallError::Connect(..)
+                | CallError::NoGroup(..)
+                | CallError::OtherBuild(..) => RPCError::Unreachable(Unreachable::new(&e)),
                 _ => RPCError::Network(NetworkError::new(&e)),
             })?;
         let r: Result<Resp, RaftError<NodeId, E>> =
@@ -570,6 +750,90 @@ mod tests {
         ) {
             decode_every_kind(&body);
         }
+    }
+
+    /// A node that accepts a connection answers a hello of another build,
+    /// or a first frame that is no hello, with its own hello and closes;
+    /// a hello of its build and the connection goes on. A node that
+    /// connects to another build gets `OtherBuild` (an RPC never sent),
+    /// and does not connect there again for a second. Each refusal is
+    /// counted.
+    #[test]
+    fn peers_of_another_build_are_refused_both_ways() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let refusals = Arc::new(Refusals::default());
+            let im: ImFn = Arc::new(|_, _, _| Box::pin(async { Vec::new() }));
+            let votes = VoteGate {
+                from: Instant::now(),
+                leases: Arc::new(Leases::for_timeouts(Duration::from_millis(300))),
+            };
+            let groups: Arc<Groups> = Default::default();
+            tokio::spawn(serve(listener, groups, im, votes, refusals.clone()));
+            let mine = build().to_le_bytes();
+            let other = (build() ^ 1).to_le_bytes();
+            // First frame, then what comes back until the end.
+            let exchange = |first: Vec<u8>, then: Option<Vec<u8>>| async move {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                s.write_all(&first).await.unwrap();
+                let mut got = vec![read_frame(&mut s).await.unwrap()];
+                if let Some(f) = then {
+                    s.write_all(&f).await.unwrap();
+                }
+                got.push(read_frame(&mut s).await.unwrap_or(None));
+                got
+            };
+            let got = exchange(frame(KIND_HELLO, 0, 0, &other), None).await;
+            let hello = got[0].as_ref().unwrap();
+            assert_eq!((hello.kind, &hello.body[..]), (KIND_HELLO, &mine[..]));
+            assert!(got[1].is_none(), "closed after another build's hello");
+            let got = exchange(frame(KIND_APPEND, 9, 1, b"old"), None).await;
+            assert_eq!(got[0].as_ref().unwrap().kind, KIND_HELLO);
+            assert!(
+                got[1].is_none(),
+                "closed after a first frame that is no hello"
+            );
+            assert_eq!(refusals.count(), 2);
+            let next = Some(frame(KIND_APPEND, 9, 1, b"x"));
+            let got = exchange(frame(KIND_HELLO, 0, 0, &mine), next).await;
+            let reply = got[1].as_ref().expect("the same build is served");
+            assert_eq!((reply.kind, reply.id), (KIND_NO_GROUP, 1));
+            assert_eq!(refusals.count(), 2);
+
+            // The connecting side, against a node of another build.
+            let fake = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let fake_addr = fake.local_addr().unwrap().to_string();
+            let accepted = Arc::new(AtomicU64::new(0));
+            let n = accepted.clone();
+            tokio::spawn(async move {
+                while let Ok((mut s, _)) = fake.accept().await {
+                    n.fetch_add(1, Ordering::Relaxed);
+                    let _ = read_frame(&mut s).await;
+                    let _ = s.write_all(&frame(KIND_HELLO, 0, 0, &other)).await;
+                }
+            });
+            let addrs: Arc<PeerAddrs> = Default::default();
+            addrs.write().insert(4, fake_addr);
+            let t = Transport::new(addrs);
+            let call = || t.call(4, KIND_VOTE, 0, Vec::new(), Duration::from_secs(1));
+            let e = call().await.unwrap_err();
+            assert!(
+                matches!(e, CallError::OtherBuild(4, _)) && e.never_sent(),
+                "{e}"
+            );
+            assert!(matches!(call().await, Err(CallError::OtherBuild(4, _))));
+            assert_eq!(
+                accepted.load(Ordering::Relaxed),
+                1,
+                "no new connection within a second"
+            );
+            assert_eq!(t.refusals.count(), 1);
+        });
     }
 
     /// Bodies built to hurt: a length prefix of 2^62 elements (bincode

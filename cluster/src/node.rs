@@ -291,7 +291,9 @@ pub(crate) struct Inner {
     pub(crate) replace: crate::replace::Counters,
     /// A handle on each open group's log and state machine (its reclaim
     /// renews an idle log's purge record, [`LogStore::renew_purge`], and
-    /// an idle outbox's done mark, [`StateMachine::renew_done`]).
+    /// an idle outbox's done mark, [`StateMachine::renew_done`]; the votes
+    /// and applied states are renewed for every partition,
+    /// [`crate::raft_state::Renewal`]).
     pub(crate) storage: parking_lot::Mutex<HashMap<PartitionId, GroupStorage>>,
     /// The data disk's free space, and new writes refused below the
     /// reserve (module `space`).
@@ -669,6 +671,12 @@ impl Node {
             h.done.load(Ordering::Relaxed),
             h.failed.load(Ordering::Relaxed),
         )
+    }
+
+    /// This build's fingerprint, and the peer connections refused since
+    /// start for another build (module `net`, "the hello").
+    pub fn peer_builds(&self) -> (u64, u64) {
+        (net::build(), self.inner.factory.transport.refusals.count())
     }
 
     /// Partitions this node handed to another voter because its own disk
@@ -1416,7 +1424,14 @@ async fn boot(
         from: started + cfg.election_timeout.1,
         leases: inner.factory.leases.clone(),
     };
-    tokio::spawn(net::serve(listener, inner.groups.clone(), im, votes));
+    let refusals = inner.factory.transport.refusals.clone();
+    tokio::spawn(net::serve(
+        listener,
+        inner.groups.clone(),
+        im,
+        votes,
+        refusals,
+    ));
     let initial = meta.initial_map().await?;
     for (p, replicas) in map.partitions.iter().enumerate() {
         if !replicas.contains(&cfg.id) {
@@ -1570,9 +1585,12 @@ async fn form(meta: &Meta, cfg: &NodeConfig) -> Result<PartitionMap, ClusterErro
 /// reaches `snapshot_every`, and its old entries would pin the log's
 /// oldest segments forever (the engine reclaims only a prefix of them):
 /// this bounds how long any entry stays, at the cost of a snapshot for a
-/// replica more than a period behind.
+/// replica more than a period behind. Then every vote and applied state
+/// that did not change over the period is written again, so that the old
+/// copies go (module `raft_state`).
 async fn reclaim_logs(inner: std::sync::Weak<Inner>, every: Duration) {
     let mut prev: HashMap<PartitionId, u64> = HashMap::new();
+    let mut renewal = crate::raft_state::Renewal::default();
     loop {
         let Some(strong) = inner.upgrade() else {
             return;
@@ -1583,10 +1601,11 @@ async fn reclaim_logs(inner: std::sync::Weak<Inner>, every: Duration) {
             .iter()
             .map(|(p, g)| (*p, g.clone()))
             .collect();
+        let engine = strong.factory.engine.clone();
+        let partitions = strong.map.read().len();
         drop(strong);
         if groups.is_empty() {
             tokio::time::sleep(every).await;
-            continue;
         }
         // Spread over the period: one group's snapshot (an engine sync)
         // at a time, not every group's at once.
@@ -1623,6 +1642,22 @@ async fn reclaim_logs(inner: std::sync::Weak<Inner>, every: Duration) {
             // still being built is purged through next time.
             let _ = g.trigger().purge_log(before).await;
         }
+        // Every partition's, held here or not: a replica given up keeps
+        // its vote and applied state, and they must not pin segments
+        // either. (On the blocking pool: an engine sync.)
+        let renewed = tokio::task::spawn_blocking(move || {
+            let n = renewal.pass(&engine, partitions);
+            (renewal, n)
+        })
+        .await;
+        renewal = match renewed {
+            Ok((r, Ok(_))) => r,
+            Ok((r, Err(e))) => {
+                tracing::warn!(error = %e, "cannot renew the votes and applied states");
+                r
+            }
+            Err(_) => crate::raft_state::Renewal::default(), // it panicked
+        };
     }
 }
 

@@ -21,9 +21,9 @@
 //!
 //! **What is persisted, and when.**
 //! - Data appends are buffered: the log already holds the entry durably.
-//! - The applied state (last applied id and membership, `raft-meta` timeline
-//!   `4p + 2`) is written only when a snapshot is built or installed, after
-//!   `Engine::sync`. So it is never on disk ahead of the data it covers, and
+//! - The applied state (last applied id and membership, `raft-state`
+//!   timeline `2p + 1`: module [`crate::raft_state`]) is written only when
+//!   a snapshot is built or installed, after `Engine::sync`. So it is never on disk ahead of the data it covers, and
 //!   the log is purged only up to a snapshot whose data is on disk.
 //! - A restart re-applies the entries since the last snapshot; idempotence
 //!   makes that safe.
@@ -50,6 +50,7 @@
 use crate::im::{self, Delivery, ImRefusal, StoreEvent};
 use crate::log_store::RAFT_META;
 use crate::outbox;
+use crate::raft_state;
 use crate::snapshot::{self, SnapshotFile};
 use crate::{Applied, Command, ImApplied, NodeId, TypeConfig};
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -182,11 +183,8 @@ impl StateMachine {
     /// Open partition `partition`'s state machine: its applied state as of
     /// its last snapshot, and its list of timelines.
     pub fn open(engine: Arc<Engine>, partition: u64) -> Result<StateMachine, Error> {
-        let applied_tl = TimelineId::new(RAFT_META, 4 * partition + 2);
-        let applied = match engine
-            .scan(applied_tl, u64::MAX, 1, Direction::Backward)
+        let applied = match raft_state::last(&engine, raft_state::Kind::Applied, partition)
             .map_err(read_err)?
-            .first()
         {
             Some(r) => serde_json::from_slice(&r.payload).map_err(|e| {
                 damaged(format!(
@@ -1295,10 +1293,13 @@ impl StateMachine {
 
     fn write_applied(&self, a: &AppliedState) -> Result<(), Error> {
         let bytes = serde_json::to_vec(a).map_err(sm_err)?;
-        let tl = TimelineId::new(RAFT_META, 4 * self.partition + 2);
-        self.engine
-            .append_with(tl, &bytes, Durability::Sync)
-            .map_err(sm_err)?;
+        raft_state::write(
+            &self.engine,
+            raft_state::Kind::Applied,
+            self.partition,
+            &bytes,
+        )
+        .map_err(sm_err)?;
         Ok(())
     }
 

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::format;
 use crate::index::table::hash_id;
 use crate::io::{default_io, Io, OpenMode};
-use crate::shard::Shard;
+use crate::shard::{At, Shard};
 pub use crate::stats::{KeyspaceStats, Stats};
 use crate::Record;
 use parking_lot::Mutex;
@@ -345,7 +345,7 @@ impl Engine {
     /// Items of one shard are written with one write; the batch is not atomic
     /// across shards (on error, some shards may hold their part).
     pub fn append_batch(&self, items: &[(TimelineId, &[u8])], d: Durability) -> Result<Vec<SeqId>> {
-        let t = self.append_inner(items, d, None)?;
+        let t = self.append_inner(items, d, At::Next)?;
         match d {
             Durability::GroupCommit => t.wait(),
             _ => Ok(t.seqs),
@@ -366,7 +366,7 @@ impl Engine {
         payload: &[u8],
         d: Durability,
     ) -> Result<SeqId> {
-        let t = self.append_inner(&[(tl, payload)], d, Some(seq))?;
+        let t = self.append_inner(&[(tl, payload)], d, At::Start(seq))?;
         let seqs = match d {
             Durability::GroupCommit => t.wait()?,
             _ => t.seqs,
@@ -376,22 +376,48 @@ impl Engine {
             .ok_or_else(|| Error::InvalidArgument("empty append".into()))
     }
 
+    /// Append `payload` to `tl` only if the timeline's last SeqId is still
+    /// `last` (0: empty): a compare-and-append. `Ok(None)`, nothing
+    /// written, if another append came first. What an owner rewriting a
+    /// timeline's last record at its end needs (so that the record's old
+    /// copy can be released) when the timeline's writer may append a newer
+    /// one meanwhile: the copy must never land after the newer record.
+    pub fn append_after(
+        &self,
+        tl: TimelineId,
+        last: SeqId,
+        payload: &[u8],
+        d: Durability,
+    ) -> Result<Option<SeqId>> {
+        let t = match self.append_inner(&[(tl, payload)], d, At::After(last)) {
+            Ok(t) => t,
+            Err(Error::NotLast { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let seqs = match d {
+            Durability::GroupCommit => t.wait()?,
+            _ => t.seqs,
+        };
+        Ok(seqs.first().copied())
+    }
+
     /// Append and return at once (the bytes are with the OS); the ticket
     /// makes them durable with a shared fdatasync. Keep many tickets in
     /// flight from one thread to get group-commit throughput without a
     /// thread per append.
     pub fn append_async(&self, items: &[(TimelineId, &[u8])]) -> Result<AppendTicket> {
-        self.append_inner(items, Durability::Buffered, None)
+        self.append_inner(items, Durability::Buffered, At::Next)
     }
 
-    /// `first`: the SeqId of `items[0]` (one item, an empty timeline:
-    /// [`Engine::append_at`]).
+    /// `first`: where `items[0]` goes (one item: [`Engine::append_at`],
+    /// [`Engine::append_after`]).
     fn append_inner(
         &self,
         items: &[(TimelineId, &[u8])],
         d: Durability,
-        first: Option<SeqId>,
+        first: At,
     ) -> Result<AppendTicket> {
+        debug_assert!(first == At::Next || items.len() == 1, "one item only");
         self.check_open()?;
         for (_, p) in items {
             self.check_payload(p)?;
@@ -430,7 +456,7 @@ impl Engine {
                     idxs.iter().map(|&i| (items[i].0.id, items[i].1)).collect();
                 let mut out = Vec::with_capacity(list.len());
                 // `first` comes with one item: the single-shard path.
-                let (lsn, froze, wake) = shard.append(&list, &mut out, d, None)?;
+                let (lsn, froze, wake) = shard.append(&list, &mut out, d, At::Next)?;
                 froze_any |= froze;
                 wake_any |= wake;
                 for (k, &i) in idxs.iter().enumerate() {

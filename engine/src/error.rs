@@ -43,6 +43,14 @@ pub enum Error {
         requested: u64,
         first_retained: u64,
     },
+    /// `Engine::append_after` found the timeline's last SeqId moved on
+    /// (another append came first); the engine answers that as `Ok(None)`.
+    #[error("timeline {timeline}: last seq is {last}, not {expected}")]
+    NotLast {
+        timeline: u64,
+        expected: u64,
+        last: u64,
+    },
     /// An argument outside its domain (seq 0, an empty batch where one is needed, ...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -123,6 +131,15 @@ impl Error {
             Error::PayloadTooLarge { len, max } => Error::PayloadTooLarge {
                 len: *len,
                 max: *max,
+            },
+            Error::NotLast {
+                timeline,
+                expected,
+                last,
+            } => Error::NotLast {
+                timeline: *timeline,
+                expected: *expected,
+                last: *last,
             },
             Error::Truncated {
                 timeline,

@@ -365,6 +365,20 @@ fn leader_kill9_loses_no_acknowledged_append() {
         total.acked > 100,
         "too little load to mean anything: {total:?}"
     );
+    // Votes and applied states written through the kills (5 s
+    // segments on the test nodes) do not pile up: renewed copies let the
+    // old segments go (counted since each node's start).
+    let keys = ["raft_state_segments_dropped", "raft_state_files"];
+    let state = || stats_of(&cl, &keys);
+    timeline_tests::cluster::wait_until(
+        "raft-state segments dropped, a few files left on every node",
+        Duration::from_secs(30),
+        || state().iter().all(|(_, s)| s[0] > 0 && s[1] <= 4),
+    );
+    eprintln!(
+        "raft-state segments (node, dropped, files now): {:?}",
+        state()
+    );
     drop(cl.etcd);
 }
 
@@ -400,15 +414,27 @@ fn answered_stats(cl: &Cluster) -> Vec<(u64, HashMap<String, u64>)> {
         .collect()
 }
 
+/// Each running node's id and its `STATS` counters `keys`, in order (each
+/// must have them).
+fn stats_of(cl: &Cluster, keys: &[&str]) -> Vec<(u64, Vec<u64>)> {
+    answered_stats(cl)
+        .into_iter()
+        .map(|(id, m)| {
+            let v = keys
+                .iter()
+                .map(|k| {
+                    *m.get(*k)
+                        .unwrap_or_else(|| panic!("node {id}: no {k} in STATS"))
+                })
+                .collect();
+            (id, v)
+        })
+        .collect()
+}
+
 /// The sum of one `STATS` counter over the nodes (each must have it).
 fn stat_sum(cl: &Cluster, key: &str) -> u64 {
-    answered_stats(cl)
-        .iter()
-        .map(|(id, m)| {
-            *m.get(key)
-                .unwrap_or_else(|| panic!("node {id}: no {key} in STATS"))
-        })
-        .sum()
+    stats_of(cl, &[key]).iter().map(|(_, v)| v[0]).sum()
 }
 
 /// A full disk under an append load, as on one machine: the three nodes'
@@ -2923,24 +2949,16 @@ fn sends_survive_leader_kills_with_every_sync_entry_exactly_once() {
     );
     // Delivered outbox records went with their segments (128 KiB on the
     // test nodes), through the kills (counted since each node's start).
-    let outbox = || -> Vec<(u64, u64, u64, u64)> {
-        answered_stats(&cl)
-            .iter()
-            .map(|(id, m)| {
-                let n = |k: &str| m[k];
-                (
-                    *id,
-                    n("im_outbox_segments_dropped"),
-                    n("im_outbox_files"),
-                    n("cluster_snapshots_installed"),
-                )
-            })
-            .collect()
-    };
+    let keys = [
+        "im_outbox_segments_dropped",
+        "im_outbox_files",
+        "cluster_snapshots_installed",
+    ];
+    let outbox = || stats_of(&cl, &keys);
     timeline_tests::cluster::wait_until(
         "an outbox segment dropped",
         Duration::from_secs(20),
-        || outbox().iter().any(|o| o.1 > 0),
+        || outbox().iter().any(|(_, o)| o[0] > 0),
     );
     eprintln!(
         "outbox segments (node, dropped, files now, snapshots installed): {:?}",

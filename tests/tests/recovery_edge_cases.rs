@@ -187,6 +187,46 @@ fn append_at_starts_an_empty_timeline_at_a_seq_that_survives_sealing_and_reopen(
     assert_eq!(e.first_retained_seq(t).unwrap(), 1000);
 }
 
+/// `append_after` appends only while the timeline's last SeqId is the one
+/// given (0: empty): after another append it writes nothing and says so;
+/// what it wrote with `Sync` is there after a kill.
+#[test]
+fn append_after_writes_only_while_the_last_seq_is_the_one_given() {
+    let mem = MemIo::new();
+    let e = Engine::open("/after", cfg(&mem, false)).unwrap();
+    let t = TimelineId::sync(3);
+    assert_eq!(
+        e.append_after(t, 1, b"x", Durability::Buffered).unwrap(),
+        None
+    );
+    assert_eq!(
+        e.append_after(t, 0, b"a", Durability::GroupCommit).unwrap(),
+        Some(1)
+    );
+    assert_eq!(e.append_with(t, b"b", Durability::Buffered).unwrap(), 2);
+    // A renewal that read seq 1 comes too late: nothing lands after "b".
+    assert_eq!(e.append_after(t, 1, b"a", Durability::Sync).unwrap(), None);
+    assert_eq!(e.last_seq(t), 2);
+    assert_eq!(
+        e.append_after(t, 2, b"b", Durability::Sync).unwrap(),
+        Some(3)
+    );
+    let all: Vec<Vec<u8>> = e
+        .scan(t, 1, 10, Direction::Forward)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.payload)
+        .collect();
+    assert_eq!(all, vec![b"a".to_vec(), b"b".to_vec(), b"b".to_vec()]);
+    std::mem::forget(e); // kill -9: the synced copy is there
+    let e = Engine::open("/after", cfg(&mem, false)).unwrap();
+    assert_eq!(e.last_seq(t), 3);
+    assert_eq!(
+        e.append_after(t, 3, b"c", Durability::Buffered).unwrap(),
+        Some(4)
+    );
+}
+
 /// `release` lets maintenance drop the oldest sealed segments whose every
 /// record was released, and only those (a prefix: a segment holding a
 /// record still needed keeps itself and every newer one). What was

@@ -14,6 +14,7 @@ mod read;
 mod recovery;
 mod seal;
 mod write;
+pub(crate) use write::At;
 
 use crate::clock::Clock;
 use crate::commit::Commit;

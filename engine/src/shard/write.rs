@@ -3,20 +3,32 @@
 
 use super::*;
 
+/// Where the first item of an append goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum At {
+    /// After its timeline's last record (every append but the two below).
+    Next,
+    /// At this SeqId, its timeline being empty (`Engine::append_at`).
+    Start(u64),
+    /// After its timeline's last record, only if that is this SeqId
+    /// (`Engine::append_after`); `Error::NotLast` otherwise.
+    After(u64),
+}
+
 impl Shard {
     /// Append `items` (timeline id, payload) in order; pushes each SeqId to
     /// `seqs`. Returns the shard LSN just past the last byte written, whether
     /// a segment was frozen (and needs sealing), and whether the maintenance
     /// thread should populate the active buffer further ahead.
     ///
-    /// `first`: the SeqId the first item gets, its timeline being empty
-    /// (`Engine::append_at`); `None`: the next one.
+    /// `first`: where the first item goes ([`At`]); every later one goes
+    /// after its timeline's last record.
     pub fn append(
         &self,
         items: &[(u64, &[u8])],
         seqs: &mut Vec<u64>,
         durability: Durability,
-        first: Option<u64>,
+        first: At,
     ) -> Result<(u64, bool, bool)> {
         let mut w = self.writer.lock();
         self.check_poison()?;
@@ -75,13 +87,20 @@ impl Shard {
             // end of the seq space; refuse rather than wrap.
             let seq = match first {
                 // Checked before anything of the batch is staged.
-                Some(f) if k == 0 => {
+                At::Start(f) if k == 0 => {
                     if last != 0 || f == 0 || f == u64::MAX {
                         return Err(Error::InvalidArgument(format!(
                             "timeline {id} cannot start at seq {f} (its last seq is {last})"
                         )));
                     }
                     f
+                }
+                At::After(expected) if k == 0 && last != expected => {
+                    return Err(Error::NotLast {
+                        timeline: id,
+                        expected,
+                        last,
+                    });
                 }
                 _ => last.checked_add(1).ok_or_else(|| {
                     Error::InvalidArgument(format!("timeline {id} has no SeqIds left"))

@@ -29,7 +29,9 @@ impl ToReply for timeline_engine::Error {
             E::Corruption { .. } | E::UnsupportedVersion { .. } => (ErrorCode::CORRUPTION, 0),
             E::PayloadTooLarge { max, .. } => (ErrorCode::PAYLOAD_TOO_LARGE, *max as u64),
             E::Truncated { first_retained, .. } => (ErrorCode::TRUNCATED, *first_retained),
-            E::InvalidArgument(_) => (ErrorCode::INVALID_ARGUMENT, 0),
+            // `NotLast` is answered inside the engine (`append_after`); no
+            // request reaches it.
+            E::InvalidArgument(_) | E::NotLast { .. } => (ErrorCode::INVALID_ARGUMENT, 0),
             E::Poisoned { .. } => (ErrorCode::POISONED, 0),
             E::Closed => (ErrorCode::CLOSED, 0),
         };

@@ -461,6 +461,11 @@ pub(crate) fn stats(sh: &Shared) -> Vec<(String, u64)> {
             "im_outbox_segments_dropped",
             st.keyspace(Keyspace(12)).dropped_segments,
         ),
+        kv("raft_state_files", st.keyspace(Keyspace(13)).files),
+        kv(
+            "raft_state_segments_dropped",
+            st.keyspace(Keyspace(13)).dropped_segments,
+        ),
         kv("fsyncs", st.total().fsyncs),
         kv("im_messages", im.messages),
         kv("im_sync_writes", im.sync_writes),
@@ -512,6 +517,11 @@ pub(crate) fn stats(sh: &Shared) -> Vec<(String, u64)> {
             kv("cluster_groups_stopped", stopped),
             kv("cluster_group_stops", stops),
             kv("cluster_groups_reopened", reopened),
+        ]);
+        let (build, refused) = n.peer_builds();
+        out.extend([
+            kv("cluster_peer_build", build),
+            kv("cluster_peers_refused", refused),
         ]);
         let (live, replaced, rejoined) = n.liveness();
         out.extend([

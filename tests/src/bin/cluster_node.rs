@@ -34,15 +34,20 @@ fn main() {
     };
     cfg.engine.shards = 1;
     cfg.engine.keyspaces = vec![KeyspaceConfig::store(), KeyspaceConfig::sync()];
-    // Small Raft log and outbox segments, so that the tests see purged
-    // and delivered ones dropped.
+    // Small Raft log and outbox segments, and raft-state segments sealed
+    // every 5 s, so that the tests see purged, delivered and renewed ones
+    // dropped.
     cfg.engine
         .keyspaces
         .extend(timeline_cluster::log_store::keyspaces().map(|mut k| {
-            k.segment_bytes = match k.id == timeline_cluster::log_store::IM_OUTBOX {
+            use timeline_cluster::log_store::{IM_OUTBOX, RAFT_STATE};
+            k.segment_bytes = match k.id == IM_OUTBOX {
                 true => 128 << 10,
                 false => 256 << 10,
             };
+            if k.id == RAFT_STATE {
+                k.segment_window = Duration::from_secs(5);
+            }
             k
         }));
     cfg.cluster = Some(timeline_cluster::NodeConfig {
