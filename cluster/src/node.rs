@@ -1618,8 +1618,14 @@ async fn reclaim_logs(inner: std::sync::Weak<Inner>, every: Duration) {
             let storage = strong_storage(&inner, p);
             if let Some(s) = &storage {
                 // An idle outbox's done mark must not pin the old
-                // segments of `im-outbox` either.
-                if let Err(e) = s.sm.renew_done() {
+                // segments of `im-outbox` either. (On the blocking pool:
+                // it waits for a group commit.)
+                let sm = s.sm.clone();
+                // The error as text: openraft's is large to move around.
+                let renewed =
+                    tokio::task::spawn_blocking(move || sm.renew_done().map_err(|e| e.to_string()))
+                        .await;
+                if let Ok(Err(e)) = renewed {
                     tracing::warn!(partition = p, error = %e, "cannot renew the outbox's done mark");
                 }
             }

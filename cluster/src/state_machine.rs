@@ -1041,26 +1041,32 @@ impl StateMachine {
     pub fn renew_done(&self) -> Result<bool, Error> {
         let p = self.partition as u32;
         let t = outbox::done_timeline(p);
-        // Busy (an entry or a snapshot install): next period. The reclaim
-        // pass runs on the runtime and must not wait behind an install.
-        let Some(mut st) = self.state.try_lock() else {
-            return Ok(false);
+        let ticket = {
+            // Busy (an entry or a snapshot install): next period. The
+            // reclaim pass must not wait behind an install.
+            let Some(mut st) = self.state.try_lock() else {
+                return Ok(false);
+            };
+            let last = self.engine.last_seq(t);
+            if last == 0 || std::mem::replace(&mut st.done_seen, last) != last {
+                return Ok(false);
+            }
+            let Some(rec) = outbox::last_done(&self.engine, p).map_err(read_err)? else {
+                return Ok(false);
+            };
+            // The same bytes, write id included: the mark and the cache of
+            // the timeline's last write id stay what they were.
+            let ticket = self.engine.append_async(&[(t, &rec)]).map_err(sm_err)?;
+            st.done_seen = ticket.seqs().first().copied().unwrap_or(last);
+            ticket
         };
-        let last = self.engine.last_seq(t);
-        if last == 0 || std::mem::replace(&mut st.done_seen, last) != last {
-            return Ok(false);
+        // Durable before the mark it copies may be dropped: a copy is in
+        // no Raft entry, so a power cut would not bring it back. (Blocking:
+        // a group commit; the state lock is not held.)
+        let seqs = ticket.wait().map_err(sm_err)?;
+        if let Some(&seq) = seqs.first() {
+            self.engine.release(t, seq - 1);
         }
-        let Some(rec) = outbox::last_done(&self.engine, p).map_err(read_err)? else {
-            return Ok(false);
-        };
-        // The same bytes, write id included: the mark and the cache of
-        // the timeline's last write id stay what they were.
-        let seq = self
-            .engine
-            .append_with(t, &rec, Durability::Buffered)
-            .map_err(sm_err)?;
-        st.done_seen = seq;
-        self.engine.release(t, seq - 1);
         Ok(true)
     }
 

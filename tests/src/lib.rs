@@ -206,3 +206,74 @@ mod tests {
         assert_ne!(payload(0, 7, 3), payload(1, 7, 3));
     }
 }
+
+/// A `STATS` key as docs/protocol.md lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocumentedStat {
+    /// "a cluster node only" (absent on a single node).
+    pub cluster_only: bool,
+    /// The docs say when it may be absent ("absent if ...").
+    pub may_be_absent: bool,
+}
+
+/// The `STATS` keys docs/protocol.md lists: the first column of the table
+/// after "STATS keys", each row's backquoted names.
+pub fn documented_stats() -> std::collections::BTreeMap<String, DocumentedStat> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/protocol.md");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    let table = text
+        .lines()
+        .skip_while(|l| !l.starts_with("STATS keys"))
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .skip(2); // the header and its rule
+    let mut out = std::collections::BTreeMap::new();
+    for row in table {
+        let cells: Vec<&str> = row.split(" | ").collect();
+        let what = cells.get(1).copied().unwrap_or_default();
+        let stat = DocumentedStat {
+            cluster_only: what.contains("a cluster node only"),
+            may_be_absent: what.contains("absent if"),
+        };
+        for key in cells[0].split('`').skip(1).step_by(2) {
+            out.insert(key.to_string(), stat.clone());
+        }
+    }
+    assert!(out.len() > 20, "no STATS table found in {path:?}");
+    out
+}
+
+/// Check a node's `STATS` keys against docs/protocol.md: every key it
+/// reports is documented, and every documented key it should report (all
+/// but the cluster-only ones on a single node, and those that may be
+/// absent) is there.
+pub fn check_stats_documented<'a>(keys: impl IntoIterator<Item = &'a String>, cluster: bool) {
+    let docs = documented_stats();
+    let got: std::collections::BTreeSet<&String> = keys.into_iter().collect();
+    let undocumented: Vec<&&String> = got.iter().filter(|k| !docs.contains_key(**k)).collect();
+    assert!(
+        undocumented.is_empty(),
+        "STATS keys not in docs/protocol.md: {undocumented:?}"
+    );
+    let missing: Vec<&String> = docs
+        .iter()
+        .filter(|(k, d)| (cluster || !d.cluster_only) && !d.may_be_absent && !got.contains(k))
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "STATS keys docs/protocol.md lists but a {} does not report: {missing:?}",
+        if cluster {
+            "cluster node"
+        } else {
+            "single node"
+        }
+    );
+    if !cluster {
+        let wrong: Vec<&&String> = got.iter().filter(|k| docs[**k].cluster_only).collect();
+        assert!(
+            wrong.is_empty(),
+            "a single node reports keys documented as cluster-only: {wrong:?}"
+        );
+    }
+}

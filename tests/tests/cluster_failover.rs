@@ -379,6 +379,10 @@ fn leader_kill9_loses_no_acknowledged_append() {
         "raft-state segments (node, dropped, files now): {:?}",
         state()
     );
+    // Every key a cluster node reports is documented, and the reverse.
+    for (_, m) in answered_stats(&cl) {
+        timeline_tests::check_stats_documented(m.keys(), true);
+    }
     drop(cl.etcd);
 }
 
