@@ -398,8 +398,16 @@ pub mod read {
 
     /// Every record of `tl` (write id and the rest), oldest first.
     fn all(e: &Engine, tl: TimelineId) -> Result<Vec<(u64, u64, Vec<u8>)>, ReadError> {
+        all_from(e, tl, 1)
+    }
+
+    /// Every record of `tl` from seq `from` on: (seq, write id, the rest).
+    fn all_from(
+        e: &Engine,
+        tl: TimelineId,
+        mut from: u64,
+    ) -> Result<Vec<(u64, u64, Vec<u8>)>, ReadError> {
         let mut out = Vec::new();
-        let mut from = 1;
         loop {
             let page = e.scan(tl, from, GROUPS_PAGE, Direction::Forward)?;
             for r in &page {
@@ -616,22 +624,34 @@ pub mod read {
             Err(ReadError::Damaged(_)) => return Ok(Err(ImRefusal::Damaged(conv))),
             Err(e) => return Err(e),
         };
+        let (changes, listed) = changes_from(e, conv, 1)?;
+        Ok(Ok(Members::new(kind, created, changes).through(listed)))
+    }
+
+    /// `base` (conversation `conv`'s members as read before) with the
+    /// changes listed since it was read.
+    pub fn members_since(e: &Engine, conv: u64, base: &Members) -> Result<Members, ReadError> {
+        let (more, listed) = changes_from(e, conv, base.listed() + 1)?;
+        Ok(base.extended(&more, listed.max(base.listed())))
+    }
+
+    /// The membership changes of `conv` listed from seq `from` on, and the
+    /// last seq read (0: none).
+    fn changes_from(e: &Engine, conv: u64, from: u64) -> Result<(Vec<Change>, u64), ReadError> {
         let tl = TimelineId::new(crate::log_store::IM_MEMBERS, conv);
-        if e.last_seq(tl) == 0 {
-            return Ok(Ok(Members::new(kind, created, Vec::new())));
+        if e.last_seq(tl) < from {
+            return Ok((Vec::new(), 0));
         }
         let mut changes = Vec::new();
-        for (seq, w, b) in all(e, tl)? {
-            match Change::decode(w, &b) {
-                Some(c) => changes.push(c),
-                None => {
-                    return Err(ReadError::Damaged(format!(
-                        "conversation {conv}'s membership record {seq}"
-                    )))
-                }
-            }
+        let mut listed = 0;
+        for (seq, w, b) in all_from(e, tl, from)? {
+            let c = Change::decode(w, &b).ok_or_else(|| {
+                ReadError::Damaged(format!("conversation {conv}'s membership record {seq}"))
+            })?;
+            changes.push(c);
+            listed = seq;
         }
-        Ok(Ok(Members::new(kind, created, changes)))
+        Ok((changes, listed))
     }
 }
 

@@ -72,14 +72,16 @@ impl Change {
     }
 }
 
-/// Conversations' members as read from one engine, each kept while its
-/// `im-members` list has not grown. A conversation's `Created` record
-/// never changes and its list is only appended to, so the list's last seq
-/// taken before a read names what the read saw (or less: a change listed
-/// meanwhile makes the next lookup read again). A group's members are
-/// read for every page, probe and delivery round of it: rebuilding a
-/// 5,000-member set each time was most of a node's CPU under W4.
-/// Bounded by member ids held, cleared whole when full.
+/// Conversations' members as read from one engine. A conversation's
+/// `Created` record never changes and its `im-members` list is only
+/// appended to, so what was read stays true: each [`Members`] knows the
+/// last seq of the list it holds, a lookup that finds the list longer
+/// reads only the records past it and extends a copy, and one that finds
+/// it the same length takes it as is. A group's members are read for
+/// every page, probe and delivery round of it: rebuilding a 5,000-member
+/// set each time was most of a node's CPU under W4, and reading the whole
+/// list again after each change made growing a group member by member
+/// quadratic. Bounded by member ids held, cleared whole when full.
 pub struct MembersCache {
     most: usize,
     held: Mutex<Held>,
@@ -87,7 +89,7 @@ pub struct MembersCache {
 
 #[derive(Default)]
 struct Held {
-    by_conv: HashMap<u64, (u64, Arc<Members>)>,
+    by_conv: HashMap<u64, Arc<Members>>,
     ids: usize,
 }
 
@@ -105,14 +107,15 @@ impl MembersCache {
     /// ([`read::members`]; refusals are not kept).
     pub fn get(&self, e: &Engine, conv: u64) -> Result<Result<Arc<Members>, ImRefusal>, ReadError> {
         let listed = e.last_seq(TimelineId::new(crate::log_store::IM_MEMBERS, conv));
-        if let Some((at, m)) = self.held.lock().by_conv.get(&conv) {
-            if *at == listed {
-                return Ok(Ok(m.clone()));
-            }
-        }
-        let m = match read::members(e, conv)? {
-            Err(r) => return Ok(Err(r)),
-            Ok(m) => Arc::new(m),
+        let held = self.held.lock().by_conv.get(&conv).cloned();
+        let m = match held {
+            Some(m) if m.listed == listed => return Ok(Ok(m)),
+            // Only the changes listed since.
+            Some(m) if m.listed < listed => Arc::new(read::members_since(e, conv, &m)?),
+            _ => match read::members(e, conv)? {
+                Err(r) => return Ok(Err(r)),
+                Ok(m) => Arc::new(m),
+            },
         };
         let mut h = self.held.lock();
         if h.ids + m.size() > self.most {
@@ -120,7 +123,7 @@ impl MembersCache {
             h.ids = 0;
         }
         h.ids += m.size();
-        if let Some((_, old)) = h.by_conv.insert(conv, (listed, m.clone())) {
+        if let Some(old) = h.by_conv.insert(conv, m.clone()) {
             h.ids -= old.size().min(h.ids);
         }
         Ok(Ok(m))
@@ -152,6 +155,9 @@ pub struct Members {
     since: u64,
     /// The largest write id among the changes (0: none).
     newest: u64,
+    /// The last seq of the `im-members` list the changes are read through
+    /// (0: none read).
+    listed: u64,
 }
 
 impl Members {
@@ -175,7 +181,36 @@ impl Members {
             now,
             since,
             newest,
+            listed: 0,
         }
+    }
+
+    /// These members, read through seq `listed` of the `im-members` list.
+    pub fn through(mut self, listed: u64) -> Members {
+        self.listed = listed;
+        self
+    }
+
+    /// These members with `more` changes, listed after the ones held, read
+    /// through seq `listed` of the list: what [`Members::new`] would make
+    /// of all the changes, without going over the earlier ones again.
+    pub fn extended(&self, more: &[Change], listed: u64) -> Members {
+        let mut m = self.clone();
+        for c in more {
+            match c.add {
+                true => m.now.insert(c.user),
+                false => m.now.remove(&c.user),
+            };
+            // The first switch decides (a group created read fan-out is
+            // read fan-out from 2 already).
+            if m.since == 0 && c.switch {
+                m.since = c.at + 1;
+            }
+            m.newest = m.newest.max(c.write_id);
+        }
+        m.changes.extend_from_slice(more);
+        m.listed = listed;
+        m
     }
 
     /// The members as entry `w` is applied: the changes of earlier
@@ -199,6 +234,11 @@ impl Members {
     /// How many members now.
     pub fn count(&self) -> usize {
         self.now.len()
+    }
+
+    /// The last seq of the `im-members` list read into this (0: none).
+    pub fn listed(&self) -> u64 {
+        self.listed
     }
 
     /// The `Created` members and the changes listed: what holding this
@@ -397,5 +437,37 @@ mod tests {
         let mut bad = c.record();
         bad[0] = 3;
         assert_eq!(Change::decode(7, &bad), None);
+    }
+
+    proptest::proptest! {
+        /// Extending what was read with the changes listed later makes
+        /// what reading them all at once makes: the same members now, the
+        /// same read-fan-out start (the first switch), stays and newest
+        /// write id, whatever the split.
+        #[test]
+        fn extending_equals_reading_everything(
+            kind in proptest::sample::select(vec![1u8, 2, CONV_READ_GROUP]),
+            ops in proptest::collection::vec((1u64..12, 0u8..3), 0..60),
+            split in 0usize..61,
+        ) {
+            let changes: Vec<Change> = ops
+                .iter()
+                .enumerate()
+                .map(|(i, &(user, op))| Change {
+                    write_id: 100 + i as u64,
+                    user,
+                    at: 2 + i as u64,
+                    add: op >= 1,
+                    switch: op == 2,
+                })
+                .collect();
+            let k = split.min(changes.len());
+            let n = changes.len() as u64;
+            let whole = Members::new(kind, vec![1, 2], changes.clone()).through(n);
+            let first = Members::new(kind, vec![1, 2], changes[..k].to_vec()).through(k as u64);
+            let extended = first.extended(&changes[k..], n);
+            proptest::prop_assert_eq!(&extended, &whole);
+            proptest::prop_assert_eq!(extended.read_since(), whole.read_since());
+        }
     }
 }

@@ -386,7 +386,9 @@ fn leader_kill9_loses_no_acknowledged_append() {
     // One build, one fingerprint: every connection's hello was taken.
     let builds = stats_of(&cl, &["cluster_peer_build", "cluster_peers_refused"]);
     assert!(
-        builds.iter().all(|(_, b)| b[0] == builds[0].1[0] && b[1] == 0),
+        builds
+            .iter()
+            .all(|(_, b)| b[0] == builds[0].1[0] && b[1] == 0),
         "(node, [build, refused]): {builds:?}"
     );
     drop(cl.etcd);
