@@ -109,7 +109,9 @@ impl MembersCache {
         let listed = e.last_seq(TimelineId::new(crate::log_store::IM_MEMBERS, conv));
         let held = self.held.lock().by_conv.get(&conv).cloned();
         let m = match held {
-            Some(m) if m.listed == listed => return Ok(Ok(m)),
+            // The same length, or longer: read since `listed` was taken,
+            // by another reader (a result newer than asked is as good).
+            Some(m) if m.listed >= listed => return Ok(Ok(m)),
             // Only the changes listed since.
             Some(m) if m.listed < listed => Arc::new(read::members_since(e, conv, &m)?),
             _ => match read::members(e, conv)? {

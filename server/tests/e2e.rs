@@ -1005,3 +1005,52 @@ fn deferred_errors_count_and_pages_and_unread_mean_what_the_document_says() {
     }
     srv.shutdown().unwrap();
 }
+
+/// A burst of connections that each sent `HELLO` right after connecting,
+/// more than `--max-handshaking` of them, all waiting in the listen backlog
+/// (the server stopped with SIGSTOP meanwhile): once it runs again it
+/// accepts them in one go and serves every one, evicting none. (It used to
+/// count them against the limit before reading them, and closed the
+/// oldest with `TIMEOUT` although their `HELLO` was there: W6's 10,000
+/// devices connecting at once lost some.)
+#[test]
+fn a_burst_of_connections_each_sending_hello_is_served_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_timeline-server"))
+        .args(["--listen", "127.0.0.1:0", "--io-threads", "2"])
+        .args(["--max-handshaking", "128", "--data-dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().strip_prefix("listening ").unwrap().to_string();
+    unsafe_free_kill(child.id(), libc::SIGSTOP);
+    let mut burst: Vec<TcpStream> = (0..600)
+        .map(|i| {
+            let mut s = TcpStream::connect(addr.as_str()).unwrap();
+            s.write_all(&hello_bytes(i + 1, &[])).unwrap();
+            s
+        })
+        .collect();
+    unsafe_free_kill(child.id(), libc::SIGCONT);
+    for (i, s) in burst.iter_mut().enumerate() {
+        match read_frame(s) {
+            Some(ServerMsg::Reply { .. }) => {}
+            m => panic!("connection {i} of the burst: {m:?}"),
+        }
+    }
+    let mut c = Client::connect(addr.as_str(), &[]).unwrap();
+    let evicted = match c.call(&Request::Stats).unwrap() {
+        Response::Stats(kv) => kv.into_iter().find(|(k, _)| k == "handshakes_evicted"),
+        r => panic!("{r:?}"),
+    };
+    assert_eq!(evicted.map(|(_, v)| v), Some(0));
+    drop((burst, c));
+    unsafe_free_kill(child.id(), libc::SIGKILL);
+    let _ = child.wait();
+}

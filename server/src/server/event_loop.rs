@@ -246,6 +246,7 @@ impl EventLoop {
             for idx in again {
                 self.pump(idx, now);
             }
+            self.evict_handshaking();
             self.fire_timers(now);
             self.retry_accept(now);
             self.flush_dirty(now);
@@ -361,15 +362,18 @@ impl EventLoop {
             conn.draining = true;
         }
         entry.insert(conn);
+        // Counted against `--max-handshaking` at the end of this turn, once
+        // its first bytes were read: a `HELLO` already there is served.
         self.handshaking.push_back(key);
-        self.evict_handshaking();
         self.arm(idx);
         // Its first bytes may be there already (an edge we must not miss).
         self.again.push(idx);
     }
 
     /// Over this loop's share of `--max-handshaking`: close the connections
-    /// that have waited longest for their `HELLO`.
+    /// that have waited longest for their `HELLO`. Once a turn, after the
+    /// connections accepted in it were read: a burst of clients that each
+    /// sent `HELLO` at once is served, not evicted unread.
     fn evict_handshaking(&mut self) {
         let budget = self
             .sh
