@@ -1590,7 +1590,7 @@ async fn form(meta: &Meta, cfg: &NodeConfig) -> Result<PartitionMap, ClusterErro
 /// copies go (module `raft_state`).
 async fn reclaim_logs(inner: std::sync::Weak<Inner>, every: Duration) {
     let mut prev: HashMap<PartitionId, u64> = HashMap::new();
-    let mut renewal = crate::raft_state::Renewal::default();
+    let mut renewal = None;
     loop {
         let Some(strong) = inner.upgrade() else {
             return;
@@ -1625,8 +1625,14 @@ async fn reclaim_logs(inner: std::sync::Weak<Inner>, every: Duration) {
                 let renewed =
                     tokio::task::spawn_blocking(move || sm.renew_done().map_err(|e| e.to_string()))
                         .await;
-                if let Ok(Err(e)) = renewed {
-                    tracing::warn!(partition = p, error = %e, "cannot renew the outbox's done mark");
+                match renewed {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(partition = p, error = %e, "cannot renew the outbox's done mark")
+                    }
+                    Err(e) => {
+                        tracing::warn!(partition = p, error = %e, "renewing the outbox's done mark panicked")
+                    }
                 }
             }
             let log = storage.map(|s| s.log);
@@ -1652,17 +1658,21 @@ async fn reclaim_logs(inner: std::sync::Weak<Inner>, every: Duration) {
         // its vote and applied state, and they must not pin segments
         // either. (On the blocking pool: an engine sync.)
         let renewed = tokio::task::spawn_blocking(move || {
-            let n = renewal.pass(&engine, partitions);
-            (renewal, n)
+            let mut r = renewal.unwrap_or_else(|| crate::raft_state::Renewal::for_engine(&engine));
+            let n = r.pass(&engine, partitions);
+            (r, n)
         })
         .await;
         renewal = match renewed {
-            Ok((r, Ok(_))) => r,
+            Ok((r, Ok(_))) => Some(r),
             Ok((r, Err(e))) => {
                 tracing::warn!(error = %e, "cannot renew the votes and applied states");
-                r
+                Some(r)
             }
-            Err(_) => crate::raft_state::Renewal::default(), // it panicked
+            Err(e) => {
+                tracing::warn!(error = %e, "renewing the votes and applied states panicked");
+                None
+            }
         };
     }
 }

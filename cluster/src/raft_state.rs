@@ -12,9 +12,10 @@
 //!   nothing in it is the last record of its timeline;
 //! - an idle partition's one record would pin its segment, and with it
 //!   every later one of the shard (the engine drops only a prefix): once a
-//!   period, [`Renewal::pass`] writes each record that did not change over
-//!   the period again at its timeline's end, syncs, and releases the old
-//!   copy. It appends with `Engine::append_after`, only if the timeline's
+//!   period, [`Renewal::pass`] writes each record that has not changed for
+//!   half the keyspace's segment window (5 minutes by default: a copy then
+//!   never sits in a segment more than a window older than the newest)
+//!   again at its timeline's end, syncs, and releases the old copy. It appends with `Engine::append_after`, only if the timeline's
 //!   last seq is still the one it read, so a vote saved meanwhile is never
 //!   followed by an older copy;
 //! - the engine keeps release points in memory only: each pass declares
@@ -30,6 +31,7 @@
 
 use crate::log_store::{RAFT_META, RAFT_STATE};
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 use timeline_engine::{Direction, Durability, Engine, Record, SeqId, TimelineId};
 
 /// Which of a partition's records.
@@ -80,14 +82,30 @@ pub fn write(engine: &Engine, kind: Kind, p: u64, bytes: &[u8]) -> timeline_engi
     Ok(seq)
 }
 
-/// The node's renewals of idle records: what each timeline's last seq was
-/// at the pass before.
+/// The node's renewals of idle records: each timeline's last seq as seen,
+/// and since when.
 #[derive(Debug, Default)]
 pub struct Renewal {
-    seen: HashMap<TimelineId, SeqId>,
+    seen: HashMap<TimelineId, (SeqId, Instant)>,
+    /// How long a record stays unchanged before it is copied (0: from the
+    /// pass after it is first seen).
+    age: Duration,
 }
 
 impl Renewal {
+    /// Renewals of records unchanged for half of `engine`'s `raft-state`
+    /// segment window.
+    pub fn for_engine(engine: &Engine) -> Renewal {
+        let window = engine
+            .config()
+            .find(RAFT_STATE)
+            .map_or(Duration::ZERO, |k| k.segment_window);
+        Renewal {
+            seen: HashMap::new(),
+            age: window / 2,
+        }
+    }
+
     /// One pass over partitions `0..partitions` (blocking: an engine sync
     /// when anything was copied): every record unchanged since the pass
     /// before is written again at its timeline's end and its old copy
@@ -113,9 +131,10 @@ impl Renewal {
         if !copies.is_empty() {
             // The copies durable before their originals can be dropped.
             engine.sync()?;
+            let now = Instant::now();
             for &(tl, seq) in &copies {
                 engine.release(tl, seq - 1);
-                self.seen.insert(tl, seq);
+                self.seen.insert(tl, (seq, now));
             }
         }
         failed.map_or(Ok(copies.len()), Err)
@@ -136,8 +155,17 @@ impl Renewal {
         // Again after a restart (the engine forgot), and harmless
         // otherwise: a release point only moves forward.
         engine.release(tl, last - 1);
-        if self.seen.insert(tl, last) != Some(last) {
-            return Ok(None); // written this period (or first seen)
+        let now = Instant::now();
+        match self.seen.get(&tl) {
+            // Unchanged, for long enough: copied below.
+            Some(&(seq, since)) if seq == last && now.duration_since(since) >= self.age => {}
+            // Unchanged, not for long enough yet.
+            Some(&(seq, _)) if seq == last => return Ok(None),
+            // Written since (or first seen).
+            _ => {
+                self.seen.insert(tl, (last, now));
+                return Ok(None);
+            }
         }
         let Some(r) = engine.get(tl, last)? else {
             return Ok(None);
@@ -215,6 +243,29 @@ mod tests {
         assert_eq!(last_bytes(&e, Kind::Vote, 0), b"new vote");
         assert_eq!(r.pass(&e, 8).unwrap(), 4);
         assert_eq!(last_bytes(&e, Kind::Vote, 0), b"new vote");
+    }
+
+    /// A record is copied only once it has been unchanged for the age
+    /// asked (half the segment window on a node): an idle cluster does
+    /// not rewrite its votes every period.
+    #[test]
+    fn records_younger_than_the_age_are_not_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = small_segments(dir.path());
+        write(&e, Kind::Vote, 0, b"vote").unwrap();
+        let mut young = Renewal {
+            age: Duration::from_secs(3600),
+            ..Renewal::default()
+        };
+        for _ in 0..3 {
+            assert_eq!(young.pass(&e, 1).unwrap(), 0);
+        }
+        assert_eq!(e.last_seq(Kind::Vote.timeline(0)), 1);
+        let window = e.config().keyspace(RAFT_STATE).segment_window;
+        assert_eq!(Renewal::for_engine(&e).age, window / 2);
+        let mut old = Renewal::default();
+        old.pass(&e, 1).unwrap();
+        assert_eq!(old.pass(&e, 1).unwrap(), 1);
     }
 
     /// A data directory of an earlier build: the records are read from
