@@ -1586,8 +1586,8 @@ async fn form(meta: &Meta, cfg: &NodeConfig) -> Result<PartitionMap, ClusterErro
 /// oldest segments forever (the engine reclaims only a prefix of them):
 /// this bounds how long any entry stays, at the cost of a snapshot for a
 /// replica more than a period behind. Then every vote and applied state
-/// that did not change over the period is written again, so that the old
-/// copies go (module `raft_state`).
+/// unchanged for half a `raft-state` segment window is written again, so
+/// that the old copies go (module `raft_state`).
 async fn reclaim_logs(inner: std::sync::Weak<Inner>, every: Duration) {
     let mut prev: HashMap<PartitionId, u64> = HashMap::new();
     let mut renewal = None;
