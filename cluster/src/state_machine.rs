@@ -2997,6 +2997,28 @@ mod tests {
         entry(index, Command::Delivered { upto, wid })
     }
 
+    /// Two replicas of partition 3, each on its own small-segment engine.
+    struct Replicas {
+        _dirs: (tempfile::TempDir, tempfile::TempDir),
+        ea: Arc<Engine>,
+        eb: Arc<Engine>,
+        a: StateMachine,
+        b: StateMachine,
+    }
+
+    fn two_replicas() -> Replicas {
+        let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let ea = crate::testkit::small_segments(dirs.0.path());
+        let eb = crate::testkit::small_segments(dirs.1.path());
+        Replicas {
+            a: StateMachine::open(ea.clone(), 3).unwrap(),
+            b: StateMachine::open(eb.clone(), 3).unwrap(),
+            _dirs: dirs,
+            ea,
+            eb,
+        }
+    }
+
     /// Conversation 7 created as a group at index 1, then 2,999 messages
     /// at indexes 2..=3000 (its seqs and its outbox's are the same).
     fn group_of_3000() -> Vec<Entry<TypeConfig>> {
@@ -3022,13 +3044,13 @@ mod tests {
     /// being gone), and follows the leader's later marks from there.
     #[test]
     fn delivered_outbox_records_go_and_a_lagging_replica_takes_the_rest_by_write_id() {
-        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (ea, eb) = (
-            crate::testkit::small_segments(da.path()),
-            crate::testkit::small_segments(db.path()),
-        );
-        let mut a = StateMachine::open(ea.clone(), 3).unwrap();
-        let mut b = StateMachine::open(eb.clone(), 3).unwrap();
+        let Replicas {
+            _dirs,
+            ea,
+            eb,
+            mut a,
+            mut b,
+        } = two_replicas();
         let es = group_of_3000();
         block(a.apply(es.clone())).unwrap();
         // b lags.
@@ -3120,13 +3142,13 @@ mod tests {
     /// and takes later ones as a replica always does.
     #[test]
     fn a_closed_outbox_goes_whole_and_a_replica_taken_again_adds_only_later_records() {
-        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (ea, eb) = (
-            crate::testkit::small_segments(da.path()),
-            crate::testkit::small_segments(db.path()),
-        );
-        let mut a = StateMachine::open(ea.clone(), 3).unwrap();
-        let mut b = StateMachine::open(eb.clone(), 3).unwrap();
+        let Replicas {
+            _dirs,
+            ea: _,
+            eb,
+            mut a,
+            mut b,
+        } = two_replicas();
         let mut es = group_of_3000();
         es.push(delivered(3001, 2990, write_id(2990, 0)));
         block(a.apply(es.clone())).unwrap();

@@ -722,21 +722,7 @@ fn connection_limit_and_idle_timeout() {
 #[test]
 fn sigterm_shuts_down_gracefully_and_acknowledged_appends_survive() {
     let dir = tempfile::tempdir().unwrap();
-    let spawn = || {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_timeline-server"))
-            .args(["--listen", "127.0.0.1:0", "--shards", "2", "--data-dir"])
-            .arg(dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line.trim().strip_prefix("listening ").unwrap().to_string();
-        (child, addr)
-    };
+    let spawn = || spawn_server(dir.path(), &["--shards", "2"]);
     let (mut child, addr) = spawn();
     let mut c = Client::connect(addr.as_str(), &[]).unwrap();
     let t = TimelineId::store(5);
@@ -781,6 +767,25 @@ fn sigterm_shuts_down_gracefully_and_acknowledged_appends_survive() {
 }
 
 /// Send a signal with the `kill` command (the workspace denies `unsafe`).
+/// The server binary on `dir` with `args`, listening on a free port; the
+/// child and the address it printed.
+fn spawn_server(dir: &std::path::Path, args: &[&str]) -> (std::process::Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_timeline-server"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().strip_prefix("listening ").unwrap().to_string();
+    (child, addr)
+}
+
 fn unsafe_free_kill(pid: u32, sig: i32) {
     let st = Command::new("kill")
         .arg(format!("-{sig}"))
@@ -1016,19 +1021,8 @@ fn deferred_errors_count_and_pages_and_unread_mean_what_the_document_says() {
 #[test]
 fn a_burst_of_connections_each_sending_hello_is_served_whole() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_timeline-server"))
-        .args(["--listen", "127.0.0.1:0", "--io-threads", "2"])
-        .args(["--max-handshaking", "128", "--data-dir"])
-        .arg(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line.trim().strip_prefix("listening ").unwrap().to_string();
+    let args = ["--io-threads", "2", "--max-handshaking", "128"];
+    let (mut child, addr) = spawn_server(dir.path(), &args);
     unsafe_free_kill(child.id(), libc::SIGSTOP);
     let mut burst: Vec<TcpStream> = (0..600)
         .map(|i| {

@@ -451,26 +451,18 @@ pub(crate) fn stats(sh: &Shared) -> Vec<(String, u64)> {
             "raft_meta_bytes_written",
             st.keyspace(Keyspace(3)).bytes_written,
         ),
-        kv("raft_log_files", st.keyspace(Keyspace(2)).files),
-        kv(
-            "raft_log_segments_dropped",
-            st.keyspace(Keyspace(2)).dropped_segments,
-        ),
-        kv("im_outbox_files", st.keyspace(Keyspace(12)).files),
-        kv(
-            "im_outbox_segments_dropped",
-            st.keyspace(Keyspace(12)).dropped_segments,
-        ),
-        kv("raft_state_files", st.keyspace(Keyspace(13)).files),
-        kv(
-            "raft_state_segments_dropped",
-            st.keyspace(Keyspace(13)).dropped_segments,
-        ),
         kv("fsyncs", st.total().fsyncs),
         kv("im_messages", im.messages),
         kv("im_sync_writes", im.sync_writes),
         kv("im_sync_calls", im.sync_calls),
     ];
+    // The cluster's keyspaces whose owners release records: segment files
+    // now, and those dropped since start (0 on a single node).
+    for (name, ks) in [("raft_log", 2), ("im_outbox", 12), ("raft_state", 13)] {
+        let k = st.keyspace(Keyspace(ks));
+        out.push(kv(&format!("{name}_files"), k.files));
+        out.push(kv(&format!("{name}_segments_dropped"), k.dropped_segments));
+    }
     if let Some(n) = &sh.cluster {
         let pl = n.placement();
         out.extend([
