@@ -106,10 +106,10 @@ impl Renewal {
         }
     }
 
-    /// One pass over partitions `0..partitions` (blocking: an engine sync
-    /// when anything was copied): every record unchanged since the pass
-    /// before is written again at its timeline's end and its old copy
-    /// released. How many were.
+    /// One pass over partitions `0..partitions` (blocking: an engine sync,
+    /// and another when anything was copied): every record unchanged for
+    /// the renewal age is written again at its timeline's end and its old
+    /// copy released. How many were.
     pub fn pass(&mut self, engine: &Engine, partitions: u32) -> timeline_engine::Result<usize> {
         // Every last record durable (a copy left by a pass that failed
         // included) before anything before it is released.
@@ -141,7 +141,7 @@ impl Renewal {
     }
 
     /// Release what is before `tl`'s last record, and copy that record
-    /// (not yet durable) if it did not change since the pass before: the
+    /// (not yet durable) if it has been unchanged for the renewal age: the
     /// copy's seq.
     fn copy(
         &mut self,
