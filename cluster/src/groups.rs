@@ -15,9 +15,10 @@
 //!   or over the peer connection: [`KIND_GROUP_READ`]), each node
 //!   confirming its leadership of each partition once before reading:
 //!   each page is linearizable on its own.
-//! - Push: the group partition's leader tells every node of each new
-//!   message and membership change (module [`crate::members`];
-//!   [`KIND_GROUP_PUSH`]); a node pushes it to the members subscribed
+//! - Push: the group partition's leader tells the nodes with members
+//!   subscribed of each new message and membership change (module
+//!   [`crate::members`]; [`KIND_GROUP_PUSH`]; who they are: module
+//!   [`crate::interest`]); a node pushes it to the members subscribed
 //!   there ([`crate::im::DeliveryHook::group_message`]). A hint,
 //!   as every push: lost with the leader or a peer link.
 //!
@@ -453,8 +454,10 @@ pub(crate) fn groups_of(inner: &Inner, user: u64) -> Result<Vec<(u64, bool)>, Re
     read::groups_of(inner.engine(), user)
 }
 
-/// Tell every node (this one too) of group `conv`'s new message at
-/// `conv_seq`, so that each pushes it to the members subscribed there.
+/// Tell the nodes with subscribers in group `conv` (this one too) of its
+/// new message at `conv_seq`, so that each pushes it to the members
+/// subscribed there; every node while this one's interest table may lack
+/// someone (module [`crate::interest`]).
 pub(crate) fn announce(inner: &Arc<Inner>, conv: u64, conv_seq: u64) {
     let ev = match read::event(inner.engine(), conv, conv_seq) {
         Ok(Some((_, ev))) => ev,
@@ -470,13 +473,21 @@ pub(crate) fn announce(inner: &Arc<Inner>, conv: u64, conv_seq: u64) {
     let Ok(body) = bincode::serialize(&GroupEvent { conv, conv_seq, ev }) else {
         return;
     };
-    let peers: Vec<NodeId> = inner
-        .members
-        .read()
-        .keys()
-        .copied()
-        .filter(|&n| n != inner.id)
-        .collect();
+    let peers: Vec<NodeId> = {
+        let map = inner.map.read();
+        let (p, replicas) = map.replicas_of(Keyspace::STORE.0, conv);
+        let in_map = replicas.contains(&inner.id);
+        match inner.interest.targets(conv, p, in_map, inner.id) {
+            Some(nodes) => nodes,
+            None => inner
+                .members
+                .read()
+                .keys()
+                .copied()
+                .filter(|&n| n != inner.id)
+                .collect(),
+        }
+    };
     for node in peers {
         // A hint: with this many already in flight (a peer slow or gone,
         // each call up to its 5 s deadline) it is dropped, not queued.
@@ -484,6 +495,7 @@ pub(crate) fn announce(inner: &Arc<Inner>, conv: u64, conv_seq: u64) {
             inner.group_pushes.fetch_sub(1, Ordering::AcqRel);
             continue;
         }
+        inner.interest.counters.sent.fetch_add(1, Ordering::Relaxed);
         let (inner, body) = (inner.clone(), body.clone());
         tokio::spawn(async move {
             let _ = inner

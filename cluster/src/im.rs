@@ -229,6 +229,13 @@ pub trait DeliveryHook: Send + Sync {
     /// This node gave up its replica of `partition` (of `partitions`): it
     /// applies none of its entries from now on, so it pushes none of them.
     fn partition_left(&self, _partition: u32, _partitions: u32) {}
+
+    /// The read-fan-out groups with a member subscribed on this node (its
+    /// interest, registered with their partitions: module
+    /// `crate::interest`).
+    fn watched_groups(&self) -> Vec<u64> {
+        Vec::new()
+    }
 }
 
 /// Where a node's state machines find the hook, once the server set it.

@@ -60,6 +60,7 @@ pub mod conversations;
 pub mod delivery;
 pub mod groups;
 pub mod im;
+pub(crate) mod interest;
 pub(crate) mod lease;
 pub mod log_store;
 pub mod marks;

@@ -90,6 +90,9 @@ pub const KIND_DELETES: u8 = 9;
 pub const KIND_MEMBERSHIP: u8 = 10;
 /// A leadership handover (`crate::rebalance`): hold elections, or stand.
 pub const KIND_HANDOVER: u8 = 11;
+/// The read-fan-out groups a node has subscribers in ([`crate::interest`]):
+/// bincode `Register`; the reply is empty.
+pub const KIND_INTEREST: u8 = 12;
 /// The first frame each way on a connection: the sender's [`build`]
 /// (u64 LE).
 const KIND_HELLO: u8 = 0x7E;
@@ -351,7 +354,7 @@ async fn serve_conn(s: TcpStream, conn: Conn) {
             }
         };
         let tx = tx.clone();
-        if (KIND_DELIVER..=KIND_HANDOVER).contains(&f.kind) {
+        if (KIND_DELIVER..=KIND_INTEREST).contains(&f.kind) {
             let answer = im(f.kind, f.partition, f.body);
             tokio::spawn(async move {
                 let body = answer.await;
@@ -740,6 +743,7 @@ mod tests {
         try_as::<Vec<crate::conversations::SummaryRead>>(body);
         try_as::<crate::rebalance::Ask>(body);
         try_as::<crate::reconcile::CommittedVoters>(body);
+        try_as::<crate::interest::Register>(body);
     }
 
     proptest! {
@@ -848,6 +852,7 @@ mod tests {
         huge.extend_from_slice(&[7; 64]);
         decode_every_kind(&huge);
         assert!(bincode::deserialize::<Vec<crate::im::Delivery>>(&huge).is_err());
+        assert!(bincode::deserialize::<crate::interest::Register>(&huge).is_err());
         // `Command::ImBatch` (its variant index) holding one item whose tag
         // is `ImBatch`'s again, 10,000 times over.
         let tag = |c: &crate::Command| bincode::serialize(c).unwrap()[..4].to_vec();

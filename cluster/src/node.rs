@@ -76,6 +76,10 @@ pub struct NodeConfig {
     /// How often a leader looks for partitions to hand to their preferred
     /// replica (the map's first; module `rebalance`). `None`: never.
     pub leader_rebalance_every: Option<Duration>,
+    /// How often a node registers again the read-fan-out groups it has
+    /// subscribers in with their partitions' replicas (module `interest`;
+    /// unrenewed for three periods, an interest lapses).
+    pub interest_renew: Duration,
     /// The data directory whose file system's free space is watched
     /// (module `space`; `None`: not watched). The server gives its
     /// `--data-dir`.
@@ -107,6 +111,7 @@ impl Default for NodeConfig {
             log_reclaim_every: Duration::from_secs(60),
             replace_after: Some(DEFAULT_REPLACE_AFTER),
             leader_rebalance_every: Some(DEFAULT_LEADER_REBALANCE_EVERY),
+            interest_renew: Duration::from_secs(5),
             data_dir: None,
             min_free_space: DEFAULT_MIN_FREE_SPACE,
         }
@@ -287,6 +292,8 @@ pub(crate) struct Inner {
     pub(crate) deliveries: crate::delivery::Deliveries,
     /// Read-fan-out group messages being told to peers.
     pub(crate) group_pushes: std::sync::atomic::AtomicUsize,
+    /// Which nodes want which groups' pushes (module `interest`).
+    pub(crate) interest: crate::interest::Interest,
     /// Live members seen, and gone nodes replaced (module `replace`).
     pub(crate) replace: crate::replace::Counters,
     /// A handle on each open group's log and state machine (its reclaim
@@ -605,6 +612,30 @@ impl Node {
         self.spawn(async move {
             done(crate::groups::pages(inner, reqs, budget).await);
         });
+    }
+
+    /// Register this node's interest in read-fan-out groups `convs` with
+    /// their partitions' replicas (module `interest`: a group a subscriber
+    /// here is the first to need); `done` runs once each replica answered
+    /// or after `interest::REGISTER_WAIT`.
+    pub fn watch_groups(&self, convs: Vec<u64>, done: impl FnOnce() + Send + 'static) {
+        let inner = self.inner.clone();
+        self.spawn(async move {
+            crate::interest::register(&inner, convs).await;
+            done();
+        });
+    }
+
+    /// Group pushes (module `interest`): peer calls telling a node of a
+    /// group message and messages told to every node, since start; groups
+    /// this node registered at its last renewal.
+    pub fn group_interest(&self) -> (u64, u64, u64) {
+        let c = &self.inner.interest.counters;
+        (
+            c.sent.load(Ordering::Relaxed),
+            c.broadcast.load(Ordering::Relaxed),
+            c.watched.load(Ordering::Relaxed),
+        )
     }
 
     /// Have `hook` told of every sync entry applied on this node from now
@@ -1082,6 +1113,7 @@ impl Inner {
             let taken = groups.contains_key(&p);
             if !taken {
                 self.stopped.opened(p, alive);
+                self.interest.opened(p);
                 self.storage.lock().insert(p, storage);
                 groups.insert(p, raft.clone());
             }
@@ -1394,6 +1426,7 @@ async fn boot(
         placement: Default::default(),
         deliveries: crate::delivery::Deliveries::new(map.len()),
         group_pushes: Default::default(),
+        interest: crate::interest::Interest::new(cfg.interest_renew),
         replace: Default::default(),
         space: crate::space::Space::new(cfg.data_dir.clone(), cfg.min_free_space),
         stopped: Default::default(),
@@ -1416,6 +1449,7 @@ async fn boot(
                     crate::reconcile::serve_membership(inner, p).await
                 }
                 (Some(inner), net::KIND_HANDOVER) => crate::rebalance::serve(inner, p, body).await,
+                (Some(inner), net::KIND_INTEREST) => crate::interest::serve(inner, body).await,
                 _ => Vec::new(),
             }
         })
@@ -1490,6 +1524,7 @@ async fn boot(
     tokio::spawn(crate::reconcile::run(inner.clone()));
     tokio::spawn(reclaim_logs(Arc::downgrade(&inner), cfg.log_reclaim_every));
     tokio::spawn(crate::revive::supervise(Arc::downgrade(&inner)));
+    tokio::spawn(crate::interest::renew(Arc::downgrade(&inner)));
     tokio::spawn(keep_lease(
         meta.clone(),
         me,

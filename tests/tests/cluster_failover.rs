@@ -3205,6 +3205,17 @@ fn read_fanout_groups_sync_and_push_across_nodes() {
     assert!(first.groups.is_empty(), "{first:?}");
     let cp = first.checkpoint;
 
+    // Group pushes go only to the nodes with a member subscribed (bob's
+    // device, on `at`), once the group leader's table is warm: 2 × the
+    // test nodes' interest renewal (500 ms) after its group opened.
+    std::thread::sleep(Duration::from_millis(1_100));
+    let pushes_of_leader = || {
+        let n = cl.nodes.iter().find(|n| n.client == group_leader).unwrap();
+        let m = n.stats().expect("the group leader's STATS");
+        let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("no {k} in STATS"));
+        (get("cluster_group_pushes_sent"), get("cluster_group_pushes_broadcast"))
+    };
+    let before = pushes_of_leader();
     let mut read_acks = Vec::new();
     for k in 0..40u64 {
         let payload = format!("g{k}").into_bytes();
@@ -3232,6 +3243,12 @@ fn read_fanout_groups_sync_and_push_across_nodes() {
             other => panic!("push {k}: {other:?}"),
         }
     }
+    let after = pushes_of_leader();
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (40, 0),
+        "40 messages told to one node (bob's), none to every node: {before:?} {after:?}"
+    );
     // A retry is recognised (and not pushed again).
     let r = cc.call(&Request::Send {
         conv: big,

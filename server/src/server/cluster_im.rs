@@ -706,8 +706,11 @@ impl timeline_cluster::im::DeliveryHook for PushHook {
                 },
             }
         });
-        if here && d.lists_group() {
-            sh.group_watch.add(d.conv, d.user);
+        if here && d.lists_group() && sh.group_watch.add(d.conv, d.user) {
+            // The first subscriber here in this group: register the interest.
+            if let Some(node) = &sh.cluster {
+                node.watch_groups(vec![d.conv], || {});
+            }
         }
         if d.leaves() == Some(CONV_READ_GROUP) {
             sh.group_watch.forget(d.conv, &[d.user]);
@@ -726,6 +729,13 @@ impl timeline_cluster::im::DeliveryHook for PushHook {
                 sh.group_watch.forget_user(user);
             }
         }
+    }
+
+    fn watched_groups(&self) -> Vec<u64> {
+        self.0
+            .upgrade()
+            .map(|sh| sh.group_watch.watched())
+            .unwrap_or_default()
     }
 
     fn group_message(&self, conv: u64, conv_seq: u64, ev: &StoreEvent) {
@@ -775,8 +785,18 @@ impl GroupWatch {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn add(&self, conv: u64, user: u64) {
-        self.lock().entry(conv).or_default().insert(user);
+    /// Watch `conv` for `user`: `true` if no one here watched it before.
+    fn add(&self, conv: u64, user: u64) -> bool {
+        let mut g = self.lock();
+        let set = g.entry(conv).or_default();
+        let fresh = set.is_empty();
+        set.insert(user);
+        fresh
+    }
+
+    /// The groups watched here (this node's interest).
+    fn watched(&self) -> Vec<u64> {
+        self.lock().keys().copied().collect()
     }
 
     fn members(&self, conv: u64) -> Vec<u64> {
@@ -812,16 +832,37 @@ impl GroupWatch {
 
     /// `user` subscribed on this node: watch the groups it is in (those
     /// this node's replica of the user's partition lists; none without
-    /// one).
-    pub(crate) fn subscribed(&self, node: &Node, user: u64) {
-        match node.read_groups(user) {
-            Ok(groups) => {
-                let mut g = self.lock();
-                for (conv, _) in groups.into_iter().filter(|g| g.1) {
-                    g.entry(conv).or_default().insert(user);
-                }
+    /// one). Returns those no one here watched before.
+    pub(crate) fn subscribed(&self, node: &Node, user: u64) -> Vec<u64> {
+        let mut fresh = Vec::new();
+        for conv in groups_listed(node, user) {
+            if self.add(conv, user) {
+                fresh.push(conv);
             }
-            Err(e) => tracing::warn!(user, error = %e, "read-fan-out groups not watched"),
+        }
+        fresh
+    }
+
+    /// The groups `user` is in that no one here watches yet (what a
+    /// `SUBSCRIBE` registers before it is answered).
+    pub(crate) fn unwatched(&self, node: &Node, user: u64) -> Vec<u64> {
+        let listed = groups_listed(node, user);
+        let g = self.lock();
+        listed
+            .into_iter()
+            .filter(|c| g.get(c).is_none_or(|s| s.is_empty()))
+            .collect()
+    }
+}
+
+/// The read-fan-out groups this node's replica of `user`'s partition
+/// lists as current (none without a replica; logged if unreadable).
+fn groups_listed(node: &Node, user: u64) -> Vec<u64> {
+    match node.read_groups(user) {
+        Ok(groups) => groups.into_iter().filter(|g| g.1).map(|g| g.0).collect(),
+        Err(e) => {
+            tracing::warn!(user, error = %e, "read-fan-out groups not watched");
+            Vec::new()
         }
     }
 }

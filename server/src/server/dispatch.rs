@@ -832,9 +832,45 @@ fn subscribe(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, user: u64) -> Result<(), E
     if conn.subs.iter().any(|s| s.id == id) {
         return invalid(format!("a live subscription already uses request id {id}"));
     }
+    // A cluster node first registers its interest in the user's
+    // read-fan-out groups that no subscriber here watches yet with their
+    // partitions (docs/scaling.md, "Interest"), so that their messages
+    // are pushed here from the reply on; nothing read after the
+    // `SUBSCRIBE` runs before it.
+    if let Some(node) = &ctx.sh.cluster {
+        let fresh = ctx.sh.group_watch.unwatched(node, user);
+        if !fresh.is_empty() {
+            let slot = conn.defer_barrier();
+            let (lp, key) = (ctx.lp.clone(), conn.key);
+            node.watch_groups(fresh.clone(), move || {
+                lp.post(Msg::Subscribed {
+                    key,
+                    slot,
+                    id,
+                    user,
+                    registered: fresh,
+                })
+            });
+            return Ok(());
+        }
+    }
+    start_subscription(ctx, conn, id, user, None, &[]);
+    Ok(())
+}
+
+/// Open subscription `id` to `user` and answer it, in `slot` if it was
+/// deferred; `registered`: groups whose interest the caller registered.
+pub(crate) fn start_subscription(
+    ctx: &Ctx<'_>,
+    conn: &mut Conn,
+    id: u64,
+    user: u64,
+    slot: Option<u64>,
+    registered: &[u64],
+) {
     // The reply goes first; pushes follow it (they queue behind it while
     // it waits behind earlier replies).
-    let reply_slot = (conn.owed() > 0).then(|| conn.defer());
+    let reply_slot = slot.or_else(|| (conn.owed() > 0).then(|| conn.defer()));
     match reply_slot {
         Some(slot) => {
             let mut b = Vec::new();
@@ -853,14 +889,18 @@ fn subscribe(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, user: u64) -> Result<(), E
     ));
     ctx.sh.im.subscribe_sink(user, sink.clone());
     if let Some(node) = &ctx.sh.cluster {
-        ctx.sh.group_watch.subscribed(node, user);
+        // A group the user joined meanwhile: registered now, not waited for.
+        let mut fresh = ctx.sh.group_watch.subscribed(node, user);
+        fresh.retain(|c| !registered.contains(c));
+        if !fresh.is_empty() {
+            node.watch_groups(fresh, || {});
+        }
     }
     conn.subs.push(Sub {
         id,
         sink,
         reply_slot,
     });
-    Ok(())
 }
 
 /// Entries a SYNC or HISTORY page may hold so that its reply fits the

@@ -69,6 +69,15 @@ pub(crate) enum Msg {
     Look {
         key: Key,
     },
+    /// A cluster node registered its interest in a subscribing user's
+    /// groups: open subscription `id` (the `SUBSCRIBE` in `slot`).
+    Subscribed {
+        key: Key,
+        slot: u64,
+        id: u64,
+        user: u64,
+        registered: Vec<u64>,
+    },
     /// An IM worker that was full has room: run the connections that
     /// stopped on it again.
     Room,
@@ -572,6 +581,23 @@ impl EventLoop {
                         c.complete(slot, frame);
                         // A barrier or a held write may have lifted:
                         // continue the input (pump ends in after_change).
+                        self.again.push(key.idx);
+                    }
+                }
+                Msg::Subscribed {
+                    key,
+                    slot,
+                    id,
+                    user,
+                    registered,
+                } => {
+                    if let Some(c) = self.conns.get_mut(key.idx).filter(|c| c.key.gen == key.gen) {
+                        let ctx = dispatch::Ctx {
+                            sh: &self.sh,
+                            lp: &self.handle,
+                        };
+                        dispatch::start_subscription(&ctx, c, id, user, Some(slot), &registered);
+                        // The barrier lifted: continue the input.
                         self.again.push(key.idx);
                     }
                 }

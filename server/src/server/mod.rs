@@ -510,6 +510,12 @@ pub(crate) fn stats(sh: &Shared) -> Vec<(String, u64)> {
             kv("cluster_group_stops", stops),
             kv("cluster_groups_reopened", reopened),
         ]);
+        let (told, broadcast, watched) = n.group_interest();
+        out.extend([
+            kv("cluster_group_pushes_sent", told),
+            kv("cluster_group_pushes_broadcast", broadcast),
+            kv("cluster_groups_watched", watched),
+        ]);
         let (build, refused) = n.peer_builds();
         out.extend([
             kv("cluster_peer_build", build),

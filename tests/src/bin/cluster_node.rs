@@ -60,6 +60,7 @@ fn main() {
         snapshot_every: 2_000,
         keep_in_log: 500,
         log_reclaim_every: Duration::from_secs(2),
+        interest_renew: Duration::from_millis(500),
         // Set per node by the harness; unset, the defaults.
         replace_after: ms_env(
             "CLUSTER_REPLACE_AFTER_MS",
