@@ -207,10 +207,7 @@ pub(crate) async fn renew(inner: Weak<Inner>) {
             return;
         };
         inner.interest.sweep(Instant::now());
-        let convs = inner
-            .hook()
-            .map(|h| h.watched_groups())
-            .unwrap_or_default();
+        let convs = inner.hook().map(|h| h.watched_groups()).unwrap_or_default();
         inner
             .interest
             .counters
@@ -251,7 +248,11 @@ async fn tell(inner: &Arc<Inner>, node: NodeId, convs: Vec<u64>) {
     let Ok(body) = bincode::serialize(&req) else {
         return;
     };
-    if let Err(e) = inner.transport().im_call(node, KIND_INTEREST, 0, body).await {
+    if let Err(e) = inner
+        .transport()
+        .im_call(node, KIND_INTEREST, 0, body)
+        .await
+    {
         tracing::debug!(node, error = %e, "group interest not registered");
     }
 }
@@ -308,8 +309,14 @@ mod tests {
         assert_eq!(i.targets(7, 4, false, 1), None, "not a replica in the map");
         assert_eq!(i.targets(7, 4, true, 1), Some(vec![2]));
         assert_eq!(i.counters.broadcast.load(Ordering::Relaxed), 2);
-        i.opened.lock().insert(5, Instant::now() - Duration::from_millis(250));
-        assert_eq!(i.targets(7, 5, true, 1), Some(vec![2]), "warm after 2 renewals");
+        i.opened
+            .lock()
+            .insert(5, Instant::now() - Duration::from_millis(250));
+        assert_eq!(
+            i.targets(7, 5, true, 1),
+            Some(vec![2]),
+            "warm after 2 renewals"
+        );
         i.sweep(Instant::now());
         assert!(i.opened.lock().is_empty());
     }

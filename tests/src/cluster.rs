@@ -179,6 +179,11 @@ impl NodeProc {
         self.auth.as_ref().map(|a| a.1.clone()).unwrap_or_default()
     }
 
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn running(&self) -> bool {
         self.child.is_some()
     }

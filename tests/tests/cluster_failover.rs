@@ -3213,7 +3213,10 @@ fn read_fanout_groups_sync_and_push_across_nodes() {
         let n = cl.nodes.iter().find(|n| n.client == group_leader).unwrap();
         let m = n.stats().expect("the group leader's STATS");
         let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("no {k} in STATS"));
-        (get("cluster_group_pushes_sent"), get("cluster_group_pushes_broadcast"))
+        (
+            get("cluster_group_pushes_sent"),
+            get("cluster_group_pushes_broadcast"),
+        )
     };
     let before = pushes_of_leader();
     let mut read_acks = Vec::new();
@@ -4271,4 +4274,131 @@ fn members_join_and_leave_across_nodes() {
     assert_eq!(line(&mut cc, owner, grows), Some((true, true, 6, 0, 5)));
     assert_eq!(line(&mut cc, leaver, grows), Some((false, true, 5, 0, 5)));
     drop(cl.etcd);
+}
+
+/// A node's resident memory, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS");
+    kb << 10
+}
+
+/// Raw client frames on a socket: write requests, read server frames.
+struct Raw {
+    s: std::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    fn connect(addr: &str, max_frame: u32) -> Raw {
+        use timeline_client::protocol::{Hello, ServerMsg};
+        let s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut r = Raw { s, buf: Vec::new() };
+        r.send(&[(
+            1,
+            Request::Hello(Hello {
+                version: timeline_client::protocol::PROTOCOL_VERSION,
+                max_frame,
+                token: b"",
+            }),
+        )]);
+        assert!(matches!(r.next(), ServerMsg::Reply { id: 1, .. }));
+        r
+    }
+
+    fn send(&mut self, reqs: &[(u64, Request<'_>)]) {
+        use std::io::Write;
+        let mut b = Vec::new();
+        for (id, request) in reqs {
+            timeline_client::protocol::RequestFrame {
+                id: *id,
+                request: request.clone(),
+            }
+            .encode_into(&mut b);
+        }
+        self.s.write_all(&b).unwrap();
+    }
+
+    fn next(&mut self) -> timeline_client::protocol::ServerMsg {
+        use std::io::Read;
+        let mut chunk = vec![0u8; 256 << 10];
+        loop {
+            if let Some((f, used)) = timeline_client::protocol::decode(&self.buf, 1 << 24).unwrap()
+            {
+                let m = timeline_client::protocol::ServerMsg::decode(&f).unwrap();
+                self.buf.drain(..used);
+                return m;
+            }
+            let n = self.s.read(&mut chunk).expect("a frame within 10 s");
+            assert!(n > 0, "the node closed the connection");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// A cluster node bounds what a client makes it hold, as a single node
+/// does: a reply past the client's `HELLO` `max_frame` is
+/// `RESPONSE_TOO_LARGE` (and the connection goes on), and a client that
+/// pipelines thousands of reads without reading their answers has the
+/// node stop reading it (16 reads in flight, a 4 MiB output bound), not
+/// hold every answer: the node's memory stays flat.
+#[test]
+fn a_cluster_node_holds_no_more_for_a_client_than_it_takes() {
+    use timeline_client::protocol::ServerMsg;
+    let cl = Cluster::start(BIN, 16);
+    let seeds = cl.seeds();
+    let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
+    let t = TimelineId::store(77);
+    let payload = vec![5u8; 60_000];
+    let seq = match cc.call(&Request::Append {
+        timeline: t,
+        durability: None,
+        payload: &payload,
+    }) {
+        Ok(Response::Append(s)) => s,
+        r => panic!("{r:?}"),
+    };
+    let (p, lead) = leaders(&seeds);
+    let at = lead[&partition_of(0, 77, p)].clone();
+    let get = Request::Get { timeline: t, seq };
+
+    let mut small = Raw::connect(&at, 4096);
+    small.send(&[(2, get.clone()), (3, Request::Ping(b"on"))]);
+    match small.next() {
+        ServerMsg::Error { id: 2, error, .. } => {
+            assert_eq!(
+                (error.code, error.arg),
+                (ErrorCode::RESPONSE_TOO_LARGE, 4096)
+            )
+        }
+        m => panic!("{m:?}"),
+    }
+    assert!(matches!(small.next(), ServerMsg::Reply { id: 3, .. }));
+
+    let node = cl.nodes.iter().find(|n| n.client == at).unwrap();
+    let pid = node.pid().unwrap();
+    let mut greedy = Raw::connect(&at, 0);
+    let before = rss_bytes(pid);
+    // 4,000 answers of 60 kB: 240 MB if the node held them all.
+    const N: u64 = 4_000;
+    let reqs: Vec<(u64, Request<'_>)> = (0..N).map(|i| (10 + i, get.clone())).collect();
+    greedy.send(&reqs);
+    std::thread::sleep(Duration::from_secs(2));
+    let held = rss_bytes(pid).saturating_sub(before);
+    assert!(
+        held < 64 << 20,
+        "the node grew {held} bytes for a client that reads nothing"
+    );
+    for i in 0..N {
+        match greedy.next() {
+            ServerMsg::Reply { id, .. } => assert_eq!(id, 10 + i),
+            m => panic!("{m:?}"),
+        }
+    }
+    println!("node RSS grew {} KiB while 4,000 reads waited", held >> 10);
 }

@@ -158,7 +158,7 @@ pub(crate) fn execute(
             check_raw_write(sh, timeline)?;
             check_not_conversation(node, timeline)?;
             check_payload(sh, payload.len())?;
-            let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
+            let a = Answer::deferred(ctx, conn, id, op);
             let t = timeline.native();
             node.append(t.keyspace.0, t.id, payload.to_vec(), move |r| {
                 a.send(r, Response::Append)
@@ -167,10 +167,7 @@ pub(crate) fn execute(
         Request::AppendBatch { items, .. } => {
             let max_frame = conn.session.client_max;
             let items = batch_items(sh, node, max_frame, &items)?;
-            let gather = Gather::new(
-                Answer::new(ctx, conn.key, conn.defer(), id, op),
-                items.len(),
-            );
+            let gather = Gather::new(Answer::deferred(ctx, conn, id, op), items.len());
             for (i, (t, payload)) in items.into_iter().enumerate() {
                 let g = gather.clone();
                 node.append(t.keyspace.0, t.id, payload, move |r| g.done(i, r));
@@ -178,7 +175,7 @@ pub(crate) fn execute(
         }
         Request::Get { timeline, seq } => {
             let engine = engine();
-            let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
+            let a = Answer::read(ctx, conn, id, op);
             let t = timeline.native();
             node.linearize(t.keyspace.0, t.id, move |r| {
                 a.reply(r.map_err(|e| e.reply()).and_then(|()| {
@@ -194,7 +191,7 @@ pub(crate) fn execute(
             direction,
         } => {
             let engine = engine();
-            let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
+            let a = Answer::read(ctx, conn, id, op);
             let (t, max) = (timeline.native(), conn.session.client_max);
             node.linearize(t.keyspace.0, t.id, move |r| {
                 a.reply(r.map_err(|e| e.reply()).and_then(|()| {
@@ -207,7 +204,7 @@ pub(crate) fn execute(
         }
         Request::LastSeq { timeline } => {
             let engine = engine();
-            let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
+            let a = Answer::read(ctx, conn, id, op);
             let t = timeline.native();
             node.linearize(t.keyspace.0, t.id, move |r| {
                 a.reply(

@@ -130,7 +130,7 @@ pub(crate) fn execute(
                 )));
             }
             let conv = *conv;
-            let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
+            let a = Answer::deferred(ctx, conn, id, op);
             node.im_create(conv, kind, m, move |r| {
                 a.reply(written(r, |seq, _| Response::CreateConversation(seq)))
             });
@@ -158,7 +158,7 @@ pub(crate) fn execute(
                 )));
             }
             let conv = *conv;
-            let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
+            let a = Answer::deferred(ctx, conn, id, op);
             node.im_send(conv, *sender, *client_msg_id, payload.to_vec(), move |r| {
                 a.reply(written(r, |seq, duplicate| {
                     Response::Send(SendAck {
@@ -180,7 +180,7 @@ pub(crate) fn execute(
             let engine = node.engine().clone();
             let asked = groups.clone();
             let weak = Arc::downgrade(ctx.sh);
-            let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
+            let a = Answer::read(ctx, conn, id, op);
             node.linearize(Keyspace::SYNC.0, user, move |r| {
                 // The user's groups are read before its sync timeline: a
                 // group listed meanwhile (a join, a switch to read
@@ -212,7 +212,7 @@ pub(crate) fn execute(
             let engine = node.engine().clone();
             let members = node.conv_members();
             let weak = Arc::downgrade(ctx.sh);
-            let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
+            let a = Answer::read(ctx, conn, id, op);
             node.linearize(Keyspace::STORE.0, conv, move |r| {
                 let page = r.map_err(|e| e.reply()).and_then(|()| {
                     let read = (&engine, &*members);
@@ -227,25 +227,25 @@ pub(crate) fn execute(
             });
         }
         Request::Recall { conv, user, target } => {
-            let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
+            let a = Answer::deferred(ctx, conn, id, op);
             node.im_recall(*conv, *user, *target, move |r| {
                 a.reply(written(r, |seq, _| Response::Recall(seq)))
             });
         }
         Request::MarkRead { user, conv, seq } => {
-            let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
+            let a = Answer::deferred(ctx, conn, id, op);
             node.im_mark(*user, *conv, *seq, Mark::Read, move |r| {
                 a.reply(written(r, |seq, _| Response::MarkRead(seq)))
             });
         }
         Request::DeleteForUser { user, conv, seq } => {
-            let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
+            let a = Answer::deferred(ctx, conn, id, op);
             node.im_mark(*user, *conv, *seq, Mark::Delete, move |r| {
                 a.reply(written(r, |seq, _| Response::DeleteForUser(seq)))
             });
         }
         Request::Conversations { user } => {
-            let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
+            let a = Answer::read(ctx, conn, id, op);
             node.conversations(*user, move |r| {
                 a.reply(r.map_err(|e| e.reply()).map(|lines| {
                     Response::Conversations(lines.into_iter().map(conv_summary).collect())
@@ -254,7 +254,7 @@ pub(crate) fn execute(
         }
         Request::AddMember { conv, user } | Request::RemoveMember { conv, user } => {
             let add = matches!(r, Request::AddMember { .. });
-            let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
+            let a = Answer::deferred(ctx, conn, id, op);
             let threshold = sh.im.config().hybrid_threshold as u64;
             node.im_member(*conv, *user, add, threshold, move |r| {
                 a.reply(written(r, |seq, _| match add {
@@ -272,7 +272,7 @@ pub(crate) fn execute(
                 Some(Identity::User(u)) => Some(u),
                 _ => None,
             };
-            let a = Answer::new(ctx, conn.key, conn.defer(), id, op);
+            let a = Answer::read(ctx, conn, id, op);
             node.linearize(Keyspace::STORE.0, conv, move |r| {
                 a.reply(r.map_err(|e| e.reply()).and_then(|()| {
                     let found = members.get(&engine, conv).map_err(read_failed)?;

@@ -44,8 +44,12 @@ pub(crate) struct Answer {
     slot: u64,
     id: u64,
     op: Opcode,
-    /// A read from the read pool.
+    /// A read (counted in the connection's reads in flight until it is
+    /// answered: `MAX_READS_IN_FLIGHT`).
     read: bool,
+    /// The client's frame limit, if the answer is checked against it
+    /// here (`RESPONSE_TOO_LARGE`) rather than by the caller.
+    max_frame: Option<usize>,
 }
 
 impl Answer {
@@ -58,7 +62,26 @@ impl Answer {
             id,
             op,
             read: false,
+            max_frame: None,
         }
+    }
+
+    /// A deferred answer whose response is checked against the client's
+    /// frame limit (a cluster node's answers).
+    pub(crate) fn deferred(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, op: Opcode) -> Answer {
+        let mut a = Answer::new(ctx, conn.key, conn.defer(), id, op);
+        a.max_frame = Some(conn.session.client_max);
+        a
+    }
+
+    /// [`Answer::deferred`] for a read: the connection has at most
+    /// `MAX_READS_IN_FLIGHT` of them out, and a write sent after it waits
+    /// for its answer (as reads on the read pool).
+    pub(crate) fn read(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, op: Opcode) -> Answer {
+        let mut a = Answer::new(ctx, conn.key, conn.defer_read(), id, op);
+        a.read = true;
+        a.max_frame = Some(conn.session.client_max);
+        a
     }
 
     /// Encode the outcome and hand it to the connection's loop.
@@ -68,6 +91,10 @@ impl Answer {
 
     /// Encode a response or an error and hand it to the connection's loop.
     pub(crate) fn reply(self, r: Result<Response, ErrorReply>) {
+        let r = match self.max_frame {
+            Some(max) => r.and_then(|resp| fits(resp, max)),
+            None => r,
+        };
         let mut frame = Vec::new();
         match r {
             Ok(resp) => resp.encode_frame(self.id, &mut frame),
