@@ -164,6 +164,10 @@ pub enum ClusterError {
     /// proposed, since every replica would fail to apply it.
     #[error("{0}")]
     InvalidArgument(String),
+    /// A raw write to a conversation's store timeline, refused when it
+    /// was applied (the conversation was created first).
+    #[error("{0}")]
+    Forbidden(String),
     /// The partition is electing a leader; retry shortly.
     #[error("partition {partition} has no leader at the moment (an election is under way)")]
     NoLeader { partition: PartitionId },
@@ -247,6 +251,7 @@ impl ClusterError {
                 partition: *partition,
             },
             ClusterError::InvalidArgument(m) => ClusterError::InvalidArgument(m.clone()),
+            ClusterError::Forbidden(m) => ClusterError::Forbidden(m.clone()),
             ClusterError::StorageFull {
                 partition,
                 free,
@@ -882,10 +887,18 @@ impl Inner {
                 return;
             };
             let (items, dones): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            let kept: Vec<(u8, u64)> = items.iter().map(|it| (it.keyspace, it.id)).collect();
             match self.write(p, items).await {
                 Ok(seqs) => {
-                    for (done, seq) in dones.into_iter().zip(seqs) {
-                        done(Ok(seq));
+                    for ((done, it), seq) in dones.into_iter().zip(&kept).zip(seqs) {
+                        // 0: nothing written (`StateMachine::a_conversation`).
+                        done(match seq {
+                            0 => Err(ClusterError::Forbidden(format!(
+                                "timeline {}:{} is conversation {}'s store timeline (raw writes go to other ids or keyspaces)",
+                                it.0, it.1, it.1
+                            ))),
+                            seq => Ok(seq),
+                        });
                     }
                 }
                 Err(e) => {

@@ -346,7 +346,20 @@ impl StateMachine {
                 t.0
             ))));
         }
+        if self.a_conversation(t) {
+            return Ok(0);
+        }
         self.append_any(st, t, index, payload)
+    }
+
+    /// Is `t` a conversation's store timeline (created by an entry applied
+    /// before)? A raw append to it is refused when it is applied, not
+    /// only when it is proposed: one proposed while the conversation's
+    /// create was still under way would otherwise land among its events
+    /// (seq 0 in the answer; the node answers `FORBIDDEN`). The same on
+    /// every replica: they apply the same entries in the same order.
+    fn a_conversation(&self, t: (u8, u64)) -> bool {
+        t.0 == Keyspace::STORE.0 && im::read::is_conversation(&self.engine, t.1)
     }
 
     /// [`Self::append`] to any timeline, the cluster's own (the outbox,
@@ -419,6 +432,9 @@ impl StateMachine {
                         ))));
                     }
                     let t = (it.keyspace, it.id);
+                    if self.a_conversation(t) {
+                        return Ok(0);
+                    }
                     self.append_any(st, t, write_id(index, i as u64), &it.payload)
                 })
                 .collect();
@@ -434,6 +450,10 @@ impl StateMachine {
                     "keyspace {} is the cluster's own",
                     t.0
                 ))));
+            }
+            if self.a_conversation(t) {
+                at.push(None);
+                continue;
             }
             let w = write_id(index, i as u64);
             // Listed before the skip (see `append_any`).
@@ -2864,6 +2884,18 @@ mod tests {
         let r = block(sm.apply(vec![batch])).unwrap();
         assert_eq!(r[0].seqs, vec![0, 0, 0]);
         assert_eq!(e.last_seq(TimelineId::new(Keyspace(0), 10)), 5);
+        // A raw append applied after its timeline became a conversation's
+        // store timeline writes nothing (seq 0), beside one that is not.
+        let r = block(sm.apply([create(6, im::CONV_GROUP, vec![1, 2])])).unwrap();
+        assert!(matches!(r[0].im, Some(Ok(_))), "{:?}", r[0].im);
+        let conv_last = e.last_seq(TimelineId::new(Keyspace::STORE, 7));
+        let raced = Entry {
+            log_id: log_id(1, 1, 7),
+            payload: EntryPayload::Normal(Command::Batch(vec![item(7, "raw"), item(10, "h")])),
+        };
+        assert_eq!(block(sm.apply([raced])).unwrap()[0].seqs, vec![0, 6]);
+        assert_eq!(seqs(block(sm.apply([append(8, 7, "raw")])).unwrap()), vec![0]);
+        assert_eq!(e.last_seq(TimelineId::new(Keyspace::STORE, 7)), conv_last);
         // The cluster's own keyspaces are not the state machine's to write.
         let bad = Entry {
             log_id: log_id(1, 1, 5),

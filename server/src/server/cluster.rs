@@ -58,6 +58,7 @@ impl ToReply for ClusterError {
             ClusterError::InvalidArgument(m) => {
                 ErrorReply::new(ErrorCode::INVALID_ARGUMENT, 0, m.clone())
             }
+            ClusterError::Forbidden(m) => ErrorReply::new(ErrorCode::FORBIDDEN, 0, m.clone()),
             ClusterError::StorageFull { partition, .. } => ErrorReply::new(
                 ErrorCode::STORAGE_FULL,
                 u64::from(*partition),
@@ -104,8 +105,8 @@ fn not_supported(op: Opcode) -> ErrorReply {
 
 /// A raw write stays out of a conversation's store timeline (§8), as
 /// this node's replica knows it: the leader's, since a write is taken
-/// only there. (A write racing the conversation's creation, sent before
-/// the create is acknowledged, can land after its `Created` event.)
+/// only there. (One racing the conversation's creation passes here and
+/// is refused where it is applied: `StateMachine::a_conversation`.)
 fn check_not_conversation(node: &Node, t: crate::protocol::TimelineId) -> Result<(), ErrorReply> {
     let t = t.native();
     if t.keyspace == Keyspace::STORE && im_read::is_conversation(node.engine(), t.id) {
