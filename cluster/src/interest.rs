@@ -276,6 +276,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, body: Vec<u8>) -> Vec<u8> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -59,6 +59,7 @@ pub(crate) mod coalesce;
 pub mod conversations;
 pub mod delivery;
 pub mod groups;
+pub mod hello;
 pub mod im;
 pub(crate) mod interest;
 pub(crate) mod lease;

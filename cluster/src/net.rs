@@ -12,7 +12,7 @@
 //! | bytes | field |
 //! |---|---|
 //! | 4 | `len`: bytes after this field (at most [`MAX_PEER_FRAME`]) |
-//! | 1 | `kind`: 1 append-entries, 2 vote, 3 install-snapshot, 4 deliveries, 5 group read, 6 group push (IM); a reply is the request's kind + 0x80; 0xFF "no such group here" |
+//! | 1 | `kind`: 1 append-entries, 2 vote, 3 install-snapshot, 4 deliveries, 5 group read, 6 group push, 7–9 IM reads, 10 committed voters, 11 handover, 12 group interest; 0x7E hello, 0x7D proof; a reply is the request's kind + 0x80; 0xFF "no such group here" |
 //! | 4 | partition |
 //! | 8 | request id (chosen by the caller, echoed in the reply) |
 //! | len − 13 | body: the openraft request, or `Result<reply, RaftError>`, in bincode |
@@ -22,15 +22,19 @@
 //!
 //! **The hello.** A connection starts with one frame each way, kind
 //! [`KIND_HELLO`], partition 0, id 0, body the sender's build fingerprint
-//! ([`build`], u64): the one who connects sends it and waits for the
-//! answer's before its first request. The nodes of a cluster must run the
-//! same build (their bincode has no version field), so a node that finds
-//! another build (or a first frame that is not a hello: a build from
-//! before the hello) closes the connection, counts it
-//! ([`Refusals`]) and logs it once a minute per peer, instead of
-//! misreading the other's messages. The one who connected also waits a
-//! second before trying that peer again.
+//! ([`build`], u64), a nonce and (the accepting side's) proof, then the
+//! connecting side's proof ([`KIND_PROOF`]; module [`crate::hello`]): the
+//! one who connects waits for the answer's hello before its proof and its
+//! first request. The nodes of a cluster must run the same build (their
+//! bincode has no version field) and, with `--auth`, prove the same
+//! secret, so a node that finds another build (or a first frame that is
+//! not a hello: a build from before the hello) or a wrong proof closes
+//! the connection, counts it ([`Refusals`]) and logs it once a minute per
+//! peer, instead of misreading the other's messages or serving a stranger.
+//! The one who connected also waits a second before trying that peer
+//! again.
 
+use crate::hello::{Hello, PeerSecret, Side};
 use crate::lease::Leases;
 use crate::{NodeId, TypeConfig};
 use openraft::error::{
@@ -96,6 +100,8 @@ pub const KIND_INTEREST: u8 = 12;
 /// The first frame each way on a connection: the sender's [`build`]
 /// (u64 LE).
 const KIND_HELLO: u8 = 0x7E;
+/// The connecting node's proof, right after the hellos (module `hello`).
+const KIND_PROOF: u8 = 0x7D;
 /// How long the side that accepted waits for the hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the side that connected waits for the answer's (the peer's
@@ -110,23 +116,28 @@ pub fn build() -> u64 {
     env!("TIMELINE_PEER_BUILD").parse().unwrap_or(0)
 }
 
-/// The hello this node sends.
-fn hello() -> Vec<u8> {
-    frame(KIND_HELLO, 0, 0, &build().to_le_bytes())
+/// This node's hello frame, over `nonce`, with `proof` (module `hello`).
+fn hello_frame(nonce: [u8; 16], proof: Vec<u8>) -> Vec<u8> {
+    let h = Hello {
+        build: build(),
+        nonce,
+        proof,
+    };
+    frame(KIND_HELLO, 0, 0, &h.encode())
 }
 
-/// Why a peer's first frame does not let the connection go on: `None` if
-/// it is a hello of this build.
-fn other_build(f: &Frame) -> Option<String> {
-    match (f.kind, <[u8; 8]>::try_from(f.body.as_slice())) {
-        (KIND_HELLO, Ok(b)) if u64::from_le_bytes(b) == build() => None,
-        (KIND_HELLO, Ok(b)) => Some(format!(
+/// A peer's first frame as a hello of this build, or why the connection
+/// does not go on.
+fn their_hello(f: &Frame) -> Result<Hello, String> {
+    match (f.kind, Hello::decode(&f.body)) {
+        (KIND_HELLO, Some(h)) if h.build == build() => Ok(h),
+        (KIND_HELLO, Some(h)) => Err(format!(
             "it runs build {}, this node {}; the nodes of a cluster must run the same build",
-            u64::from_le_bytes(b),
+            h.build,
             build()
         )),
-        _ => Some(format!(
-            "its first frame (kind {}, {} bytes) is not a hello: a build from before the hello?",
+        _ => Err(format!(
+            "its first frame (kind {}, {} bytes) is not a hello of this build: a build from before?",
             f.kind,
             f.body.len()
         )),
@@ -268,6 +279,7 @@ pub async fn serve(
     im: ImFn,
     votes: VoteGate,
     refusals: Arc<Refusals>,
+    secret: PeerSecret,
 ) {
     loop {
         match listener.accept().await {
@@ -278,9 +290,9 @@ pub async fn serve(
                     im: im.clone(),
                     votes: votes.clone(),
                 };
-                let refusals = refusals.clone();
+                let (refusals, secret) = (refusals.clone(), secret.clone());
                 tokio::spawn(async move {
-                    if let Some(s) = greet(s, &from.ip().to_string(), &refusals).await {
+                    if let Some(s) = greet(s, &from.ip().to_string(), &refusals, &secret).await {
                         serve_conn(s, conn).await;
                     }
                 });
@@ -309,30 +321,58 @@ struct Conn {
 }
 
 /// The accepting side of the hello: read the peer's, answer with this
-/// node's, and hand the connection on if the builds are the same (`None`:
-/// closed).
-async fn greet(mut s: TcpStream, from: &str, refusals: &Refusals) -> Option<TcpStream> {
-    let first = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut s)).await;
-    let f = match first {
-        Ok(Ok(Some(f))) => f,
-        Ok(Ok(None)) => return None,
-        Ok(Err(e)) => {
-            tracing::debug!(peer = from, error = %e, "peer connection dropped before its hello");
-            return None;
-        }
-        Err(_) => {
-            tracing::debug!(peer = from, "no hello within {HELLO_TIMEOUT:?}");
-            return None;
-        }
+/// node's, then read the peer's proof; hand the connection on if the
+/// builds are the same and the proof holds (`None`: closed).
+async fn greet(
+    mut s: TcpStream,
+    from: &str,
+    refusals: &Refusals,
+    secret: &PeerSecret,
+) -> Option<TcpStream> {
+    let f = first_frame(&mut s, from, "hello").await?;
+    let ours = crate::hello::nonce();
+    let theirs = their_hello(&f);
+    let proof = match &theirs {
+        Ok(h) => secret.prove(Side::Accepting, &h.nonce, &ours),
+        Err(_) => Vec::new(),
     };
     // Answered either way, so that the peer can say why it was refused.
-    if s.write_all(&hello()).await.is_err() {
+    if s.write_all(&hello_frame(ours, proof)).await.is_err() {
         return None;
     }
-    match other_build(&f) {
+    let refused = |why: String| {
+        refusals.note(from, &why);
+        None
+    };
+    let h = match theirs {
+        Ok(h) => h,
+        Err(why) => return refused(why),
+    };
+    let f = first_frame(&mut s, from, "proof").await?;
+    if f.kind != KIND_PROOF {
+        return refused(format!(
+            "its second frame (kind {}) is not its proof",
+            f.kind
+        ));
+    }
+    match secret.check(Side::Connecting, &f.body, &h.nonce, &ours) {
         None => Some(s),
-        Some(why) => {
-            refusals.note(from, &why);
+        Some(why) => refused(why),
+    }
+}
+
+/// The next frame of a connection being greeted, within [`HELLO_TIMEOUT`]
+/// (`None`: it closed, failed or said nothing; logged at debug).
+async fn first_frame(s: &mut TcpStream, from: &str, what: &str) -> Option<Frame> {
+    match tokio::time::timeout(HELLO_TIMEOUT, read_frame(s)).await {
+        Ok(Ok(Some(f))) => Some(f),
+        Ok(Ok(None)) => None,
+        Ok(Err(e)) => {
+            tracing::debug!(peer = from, error = %e, "peer connection dropped before its {what}");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(peer = from, "no {what} within {HELLO_TIMEOUT:?}");
             None
         }
     }
@@ -434,6 +474,8 @@ pub struct Transport {
     next_id: AtomicU64,
     /// Peers of another build, found here or by [`serve`].
     pub refusals: Arc<Refusals>,
+    /// What this node proves to the peers it connects to.
+    secret: PeerSecret,
 }
 
 /// Why an RPC got no answer.
@@ -452,16 +494,17 @@ pub(crate) enum CallError {
     #[error("node {0} sent an undecodable reply")]
     Garbled(NodeId),
     #[error("node {0} refused: {1}")]
-    OtherBuild(NodeId, String),
+    Refused(NodeId, String),
 }
 
 impl Transport {
-    pub fn new(addrs: Arc<PeerAddrs>) -> Arc<Transport> {
+    pub fn new(addrs: Arc<PeerAddrs>, secret: PeerSecret) -> Arc<Transport> {
         Arc::new(Transport {
             addrs,
             links: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             refusals: Default::default(),
+            secret,
         })
     }
 
@@ -475,7 +518,7 @@ impl Transport {
         }
         if let Some((at, why)) = &slot.1 {
             if at.elapsed() < OTHER_BUILD_BACKOFF {
-                return Err(CallError::OtherBuild(target, why.clone()));
+                return Err(CallError::Refused(target, why.clone()));
             }
         }
         let addr = self
@@ -485,11 +528,11 @@ impl Transport {
             .cloned()
             .ok_or(CallError::NoAddress(target))?;
         let s = match self.connect(target, &addr).await {
-            Err(CallError::OtherBuild(_, why)) => {
+            Err(CallError::Refused(_, why)) => {
                 self.refusals
                     .note(&format!("node {target} at {addr}"), &why);
                 slot.1 = Some((Instant::now(), why.clone()));
-                return Err(CallError::OtherBuild(target, why));
+                return Err(CallError::Refused(target, why));
             }
             other => other?,
         };
@@ -526,7 +569,10 @@ impl Transport {
             .map_err(|_| CallError::Connect(target, "timed out".into()))?
             .map_err(gone)?;
         let _ = s.set_nodelay(true);
-        s.write_all(&hello()).await.map_err(gone)?;
+        let ours = crate::hello::nonce();
+        s.write_all(&hello_frame(ours, Vec::new()))
+            .await
+            .map_err(gone)?;
         // An older build never answers a hello: a peer down, for this node.
         let answer = tokio::time::timeout(HELLO_WAIT, read_frame(&mut s))
             .await
@@ -536,13 +582,21 @@ impl Transport {
                     format!("no hello within {HELLO_WAIT:?} (a build from before the hello?)"),
                 )
             })?;
-        match answer.map_err(gone)? {
-            None => Err(CallError::Connect(target, "closed before its hello".into())),
-            Some(f) => match other_build(&f) {
-                None => Ok(s),
-                Some(why) => Err(CallError::OtherBuild(target, why)),
-            },
+        let f = answer
+            .map_err(gone)?
+            .ok_or_else(|| CallError::Connect(target, "closed before its hello".into()))?;
+        let h = their_hello(&f).map_err(|why| CallError::Refused(target, why))?;
+        if let Some(why) = self
+            .secret
+            .check(Side::Accepting, &h.proof, &h.nonce, &ours)
+        {
+            return Err(CallError::Refused(target, why));
         }
+        let proof = self.secret.prove(Side::Connecting, &h.nonce, &ours);
+        s.write_all(&frame(KIND_PROOF, 0, 0, &proof))
+            .await
+            .map_err(gone)?;
+        Ok(s)
     }
 
     /// Send a request of `kind` to node `target` and wait up to `ttl`
@@ -613,7 +667,7 @@ impl CallError {
     pub(crate) fn never_sent(&self) -> bool {
         matches!(
             self,
-            CallError::NoAddress(_) | CallError::Connect(..) | CallError::OtherBuild(..)
+            CallError::NoAddress(_) | CallError::Connect(..) | CallError::Refused(..)
         )
     }
 }
@@ -671,7 +725,7 @@ impl Peer {
                 CallError::NoAddress(_)
                 | CallError::Connect(..)
                 | CallError::NoGroup(..)
-                | CallError::OtherBuild(..) => RPCError::Unreachable(Unreachable::new(&e)),
+                | CallError::Refused(..) => RPCError::Unreachable(Unreachable::new(&e)),
                 _ => RPCError::Network(NetworkError::new(&e)),
             })?;
         let r: Result<Resp, RaftError<NodeId, E>> =
@@ -758,10 +812,10 @@ mod tests {
 
     /// A node that accepts a connection answers a hello of another build,
     /// or a first frame that is no hello, with its own hello and closes;
-    /// a hello of its build and the connection goes on. A node that
-    /// connects to another build gets `OtherBuild` (an RPC never sent),
-    /// and does not connect there again for a second. Each refusal is
-    /// counted.
+    /// a hello of its build, then the proof, and the connection goes on.
+    /// A node that connects to another build gets `Refused` (an RPC
+    /// never sent), and does not connect there again for a second. Each
+    /// refusal is counted.
     #[test]
     fn peers_of_another_build_are_refused_both_ways() {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -769,42 +823,31 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let refusals = Arc::new(Refusals::default());
-            let im: ImFn = Arc::new(|_, _, _| Box::pin(async { Vec::new() }));
-            let votes = VoteGate {
-                from: Instant::now(),
-                leases: Arc::new(Leases::for_timeouts(Duration::from_millis(300))),
+            let (addr, refusals) = test_server(PeerSecret::default()).await;
+            let mine = hello_frame([1; 16], Vec::new());
+            let other = {
+                let h = Hello {
+                    build: build() ^ 1,
+                    nonce: [1; 16],
+                    proof: Vec::new(),
+                };
+                frame(KIND_HELLO, 0, 0, &h.encode())
             };
-            let groups: Arc<Groups> = Default::default();
-            tokio::spawn(serve(listener, groups, im, votes, refusals.clone()));
-            let mine = build().to_le_bytes();
-            let other = (build() ^ 1).to_le_bytes();
-            // First frame, then what comes back until the end.
-            let exchange = |first: Vec<u8>, then: Option<Vec<u8>>| async move {
-                let mut s = TcpStream::connect(addr).await.unwrap();
-                s.write_all(&first).await.unwrap();
-                let mut got = vec![read_frame(&mut s).await.unwrap()];
-                if let Some(f) = then {
-                    s.write_all(&f).await.unwrap();
-                }
-                got.push(read_frame(&mut s).await.unwrap_or(None));
-                got
-            };
-            let got = exchange(frame(KIND_HELLO, 0, 0, &other), None).await;
+            let got = exchange(addr, std::slice::from_ref(&other)).await;
             let hello = got[0].as_ref().unwrap();
-            assert_eq!((hello.kind, &hello.body[..]), (KIND_HELLO, &mine[..]));
+            assert_eq!(hello.kind, KIND_HELLO);
+            assert_eq!(their_hello(hello).map(|h| h.proof), Ok(Vec::new()));
             assert!(got[1].is_none(), "closed after another build's hello");
-            let got = exchange(frame(KIND_APPEND, 9, 1, b"old"), None).await;
+            let got = exchange(addr, &[frame(KIND_APPEND, 9, 1, b"old")]).await;
             assert_eq!(got[0].as_ref().unwrap().kind, KIND_HELLO);
             assert!(
                 got[1].is_none(),
                 "closed after a first frame that is no hello"
             );
             assert_eq!(refusals.count(), 2);
-            let next = Some(frame(KIND_APPEND, 9, 1, b"x"));
-            let got = exchange(frame(KIND_HELLO, 0, 0, &mine), next).await;
+            let proof = frame(KIND_PROOF, 0, 0, &[]);
+            let next = frame(KIND_APPEND, 9, 1, b"x");
+            let got = exchange(addr, &[mine, proof, next]).await;
             let reply = got[1].as_ref().expect("the same build is served");
             assert_eq!((reply.kind, reply.id), (KIND_NO_GROUP, 1));
             assert_eq!(refusals.count(), 2);
@@ -818,19 +861,17 @@ mod tests {
                 while let Ok((mut s, _)) = fake.accept().await {
                     n.fetch_add(1, Ordering::Relaxed);
                     let _ = read_frame(&mut s).await;
-                    let _ = s.write_all(&frame(KIND_HELLO, 0, 0, &other)).await;
+                    let _ = s.write_all(&other).await;
                 }
             });
-            let addrs: Arc<PeerAddrs> = Default::default();
-            addrs.write().insert(4, fake_addr);
-            let t = Transport::new(addrs);
+            let t = transport_to(4, fake_addr, PeerSecret::default());
             let call = || t.call(4, KIND_VOTE, 0, Vec::new(), Duration::from_secs(1));
             let e = call().await.unwrap_err();
             assert!(
-                matches!(e, CallError::OtherBuild(4, _)) && e.never_sent(),
+                matches!(e, CallError::Refused(4, _)) && e.never_sent(),
                 "{e}"
             );
-            assert!(matches!(call().await, Err(CallError::OtherBuild(4, _))));
+            assert!(matches!(call().await, Err(CallError::Refused(4, _))));
             assert_eq!(
                 accepted.load(Ordering::Relaxed),
                 1,
@@ -838,6 +879,111 @@ mod tests {
             );
             assert_eq!(t.refusals.count(), 1);
         });
+    }
+
+    /// With a secret (the server's `--auth`), a node serves only a peer
+    /// that proves the same secret over this connection's nonces, and
+    /// connects only to one that does: another secret, none, or a proof
+    /// played back from another connection is refused and counted, both
+    /// ways; the same secret is served.
+    #[test]
+    fn peers_without_the_cluster_secret_are_refused_both_ways() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let secret = PeerSecret::new(Some(b"cluster secret"));
+            let (addr, refusals) = test_server(secret.clone()).await;
+            let next = frame(KIND_APPEND, 9, 1, b"x");
+            // A raw peer: its hello, then the proof `prove` makes from the
+            // accepting node's nonce.
+            // The proof a peer makes from (the accepting nonce, its own).
+            type Prove = Box<dyn Fn(&[u8; 16], &[u8; 16]) -> Vec<u8>>;
+            let attempt = |prove: Prove| {
+                let next = next.clone();
+                async move {
+                    let mut s = TcpStream::connect(addr).await.unwrap();
+                    let ours = [7u8; 16];
+                    s.write_all(&hello_frame(ours, Vec::new())).await.unwrap();
+                    let f = read_frame(&mut s).await.unwrap().unwrap();
+                    let h = their_hello(&f).unwrap();
+                    let proof = prove(&h.nonce, &ours);
+                    s.write_all(&frame(KIND_PROOF, 0, 0, &proof)).await.unwrap();
+                    s.write_all(&next).await.unwrap();
+                    read_frame(&mut s).await.unwrap_or(None)
+                }
+            };
+            let s2 = secret.clone();
+            let served = attempt(Box::new(move |a, c| s2.prove(Side::Connecting, a, c))).await;
+            assert_eq!(served.map(|f| f.kind), Some(KIND_NO_GROUP));
+            let other = PeerSecret::new(Some(b"another"));
+            let wrong = attempt(Box::new(move |a, c| other.prove(Side::Connecting, a, c))).await;
+            assert!(wrong.is_none(), "another secret: closed");
+            let none = attempt(Box::new(|_, _| Vec::new())).await;
+            assert!(none.is_none(), "no proof: closed");
+            let s3 = secret.clone();
+            let stale = attempt(Box::new(move |_, c| {
+                s3.prove(Side::Connecting, &[0; 16], c)
+            }))
+            .await;
+            assert!(stale.is_none(), "a proof over another nonce: closed");
+            assert_eq!(refusals.count(), 3);
+
+            // The connecting side: to a node with the same secret, with
+            // none, with another.
+            let t = transport_to(1, addr.to_string(), secret.clone());
+            let vote = || t.call(1, KIND_VOTE, 0, Vec::new(), Duration::from_secs(1));
+            assert!(
+                matches!(vote().await, Err(CallError::NoGroup(1, 0))),
+                "the same secret is served"
+            );
+            let t = transport_to(1, addr.to_string(), PeerSecret::default());
+            let e = t
+                .call(1, KIND_VOTE, 0, Vec::new(), Duration::from_secs(1))
+                .await;
+            assert!(matches!(e, Err(CallError::Refused(1, _))), "{e:?}");
+            let (addr2, _) = test_server(PeerSecret::new(Some(b"another"))).await;
+            let t = transport_to(2, addr2.to_string(), secret);
+            let e = t
+                .call(2, KIND_VOTE, 0, Vec::new(), Duration::from_secs(1))
+                .await;
+            assert!(matches!(e, Err(CallError::Refused(2, _))), "{e:?}");
+        });
+    }
+
+    /// A peer server with no groups, serving with `secret`.
+    async fn test_server(secret: PeerSecret) -> (std::net::SocketAddr, Arc<Refusals>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let refusals = Arc::new(Refusals::default());
+        let im: ImFn = Arc::new(|_, _, _| Box::pin(async { Vec::new() }));
+        let votes = VoteGate {
+            from: Instant::now(),
+            leases: Arc::new(Leases::for_timeouts(Duration::from_millis(300))),
+        };
+        let groups: Arc<Groups> = Default::default();
+        tokio::spawn(serve(listener, groups, im, votes, refusals.clone(), secret));
+        (addr, refusals)
+    }
+
+    /// Send `frames` on a new connection to `addr`: the first frame back,
+    /// and the next (`None` once closed).
+    async fn exchange(addr: std::net::SocketAddr, frames: &[Vec<u8>]) -> Vec<Option<Frame>> {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&frames[0]).await.unwrap();
+        let mut got = vec![read_frame(&mut s).await.unwrap()];
+        for f in &frames[1..] {
+            s.write_all(f).await.unwrap();
+        }
+        got.push(read_frame(&mut s).await.unwrap_or(None));
+        got
+    }
+
+    fn transport_to(node: NodeId, addr: String, secret: PeerSecret) -> Arc<Transport> {
+        let addrs: Arc<PeerAddrs> = Default::default();
+        addrs.write().insert(node, addr);
+        Transport::new(addrs, secret)
     }
 
     /// Bodies built to hurt: a length prefix of 2^62 elements (bincode

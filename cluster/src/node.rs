@@ -80,6 +80,9 @@ pub struct NodeConfig {
     /// subscribers in with their partitions' replicas (module `interest`;
     /// unrenewed for three periods, an interest lapses).
     pub interest_renew: Duration,
+    /// The secret nodes prove to each other on every peer connection (the
+    /// server gives its `--auth` secret; none: no proof, module `hello`).
+    pub peer_secret: crate::hello::PeerSecret,
     /// The data directory whose file system's free space is watched
     /// (module `space`; `None`: not watched). The server gives its
     /// `--data-dir`.
@@ -112,6 +115,7 @@ impl Default for NodeConfig {
             replace_after: Some(DEFAULT_REPLACE_AFTER),
             leader_rebalance_every: Some(DEFAULT_LEADER_REBALANCE_EVERY),
             interest_renew: Duration::from_secs(5),
+            peer_secret: Default::default(),
             data_dir: None,
             min_free_space: DEFAULT_MIN_FREE_SPACE,
         }
@@ -1432,7 +1436,7 @@ async fn boot(
             snapshot_dir: cfg.snapshot_dir.clone().unwrap_or_else(std::env::temp_dir),
             snapshots: Default::default(),
             flusher,
-            transport: Transport::new(addrs),
+            transport: Transport::new(addrs, cfg.peer_secret.clone()),
             config: raft_config(cfg)?,
             leases: Arc::new(crate::lease::Leases::for_timeouts(cfg.election_timeout.0)),
         },
@@ -1478,6 +1482,7 @@ async fn boot(
         im,
         votes,
         refusals,
+        cfg.peer_secret.clone(),
     ));
     let initial = meta.initial_map().await?;
     for (p, replicas) in map.partitions.iter().enumerate() {

@@ -2894,7 +2894,10 @@ mod tests {
             payload: EntryPayload::Normal(Command::Batch(vec![item(7, "raw"), item(10, "h")])),
         };
         assert_eq!(block(sm.apply([raced])).unwrap()[0].seqs, vec![0, 6]);
-        assert_eq!(seqs(block(sm.apply([append(8, 7, "raw")])).unwrap()), vec![0]);
+        assert_eq!(
+            seqs(block(sm.apply([append(8, 7, "raw")])).unwrap()),
+            vec![0]
+        );
         assert_eq!(e.last_seq(TimelineId::new(Keyspace::STORE, 7)), conv_last);
         // The cluster's own keyspaces are not the state machine's to write.
         let bad = Entry {

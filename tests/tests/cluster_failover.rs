@@ -3898,6 +3898,11 @@ fn user_tokens_on_a_cluster_see_their_own_conversations_only() {
     ] {
         assert_eq!(code(three.call(&r)), ErrorCode::FORBIDDEN, "{r:?}");
     }
+    // The nodes proved the --auth secret to each other on every peer
+    // connection (the sends above crossed partitions): none was refused.
+    for (id, refused) in stats_of(&cl, &["cluster_peers_refused"]) {
+        assert_eq!(refused, vec![0], "node {id}");
+    }
     drop(cl.etcd);
 }
 

@@ -321,6 +321,9 @@ pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
             if c.data_dir.is_none() {
                 c.data_dir = Some(cfg.data_dir.clone());
             }
+            // With --auth, the nodes prove the same secret to each other
+            // at every peer connection (docs/scaling.md, "The hello").
+            c.peer_secret = timeline_cluster::hello::PeerSecret::new(cfg.auth_secret.as_deref());
             Some(timeline_cluster::Node::start(
                 im.engine_handle(),
                 c,
