@@ -107,12 +107,26 @@ pub(crate) struct Batch {
 /// Read `req` from this node's replica, once this node confirmed it leads
 /// the group's partition.
 async fn read_here(
-    inner: &Inner,
+    inner: &Arc<Inner>,
     p: PartitionId,
     req: &GroupRead,
 ) -> Result<RawPage, ClusterError> {
     inner.linearize(Keyspace::STORE.0, req.conv).await?;
-    read_local(inner, p, req)
+    read_blocking(inner, p, *req).await
+}
+
+/// [`read_local`] on the runtime's blocking pool: a page can be
+/// megabytes, and the runtime's worker threads run every group's Raft
+/// timers and heartbeats (docs/scaling.md, "Reads and the Raft runtime").
+async fn read_blocking(
+    inner: &Arc<Inner>,
+    p: PartitionId,
+    req: GroupRead,
+) -> Result<RawPage, ClusterError> {
+    let inner = inner.clone();
+    tokio::task::spawn_blocking(move || read_local(&inner, p, &req))
+        .await
+        .unwrap_or_else(|e| Err(read_failed(p, e)))
 }
 
 /// Read `req` from this node's engine (its leadership confirmed): from
@@ -181,7 +195,7 @@ fn read_local(inner: &Inner, p: PartitionId, req: &GroupRead) -> Result<RawPage,
 /// once per partition), in order, sharing `budget`: once it is spent, a
 /// group is read for its last seq only.
 async fn read_batch_here(
-    inner: &Inner,
+    inner: &Arc<Inner>,
     reads: &[GroupRead],
     budget: usize,
 ) -> Vec<Result<RawPage, Refusal>> {
@@ -199,7 +213,7 @@ async fn read_batch_here(
             limit: r.limit.min(left.min(u32::MAX as usize) as u32),
             ..*r
         };
-        match read_local(inner, p, &req) {
+        match read_blocking(inner, p, req).await {
             Ok(raw) => {
                 left -= raw.records.len().min(left);
                 out.push(Ok(raw));

@@ -102,6 +102,9 @@ pub const KIND_INTEREST: u8 = 12;
 const KIND_HELLO: u8 = 0x7E;
 /// The connecting node's proof, right after the hellos (module `hello`).
 const KIND_PROOF: u8 = 0x7D;
+/// The largest hello or proof frame (after its length): what a peer may
+/// make a node allocate before it proved anything.
+const MAX_HELLO_FRAME: usize = 256;
 /// How long the side that accepted waits for the hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the side that connected waits for the answer's (the peer's
@@ -218,6 +221,15 @@ struct Frame {
 
 /// Read one frame; `None` at a clean end of stream.
 async fn read_frame(r: &mut (impl AsyncReadExt + Unpin)) -> std::io::Result<Option<Frame>> {
+    read_frame_within(r, MAX_PEER_FRAME).await
+}
+
+/// [`read_frame`], of at most `max` bytes after the length (a hello or a
+/// proof, read before the peer proved anything: [`MAX_HELLO_FRAME`]).
+async fn read_frame_within(
+    r: &mut (impl AsyncReadExt + Unpin),
+    max: usize,
+) -> std::io::Result<Option<Frame>> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -225,10 +237,10 @@ async fn read_frame(r: &mut (impl AsyncReadExt + Unpin)) -> std::io::Result<Opti
         Err(e) => return Err(e),
     }
     let len = u32::from_le_bytes(len) as usize;
-    if !(HEAD..=MAX_PEER_FRAME).contains(&len) {
+    if !(HEAD..=max).contains(&len) {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("peer frame of {len} bytes (limits {HEAD}..={MAX_PEER_FRAME})"),
+            format!("peer frame of {len} bytes (limits {HEAD}..={max})"),
         ));
     }
     let mut buf = vec![0u8; len];
@@ -364,7 +376,7 @@ async fn greet(
 /// The next frame of a connection being greeted, within [`HELLO_TIMEOUT`]
 /// (`None`: it closed, failed or said nothing; logged at debug).
 async fn first_frame(s: &mut TcpStream, from: &str, what: &str) -> Option<Frame> {
-    match tokio::time::timeout(HELLO_TIMEOUT, read_frame(s)).await {
+    match tokio::time::timeout(HELLO_TIMEOUT, read_frame_within(s, MAX_HELLO_FRAME)).await {
         Ok(Ok(Some(f))) => Some(f),
         Ok(Ok(None)) => None,
         Ok(Err(e)) => {
@@ -574,7 +586,7 @@ impl Transport {
             .await
             .map_err(gone)?;
         // An older build never answers a hello: a peer down, for this node.
-        let answer = tokio::time::timeout(HELLO_WAIT, read_frame(&mut s))
+        let answer = tokio::time::timeout(HELLO_WAIT, read_frame_within(&mut s, MAX_HELLO_FRAME))
             .await
             .map_err(|_| {
                 CallError::Connect(

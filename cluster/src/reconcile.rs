@@ -109,6 +109,10 @@ pub struct PlacementStatus {
     pub groups: u64,
     /// Groups it leads.
     pub leading: u64,
+    /// The sum of its groups' current Raft terms: it grows by one with
+    /// each election a group here takes part in (a new replica starts
+    /// at its group's term).
+    pub terms: u64,
     /// Groups it leads whose membership is not yet the map's replicas.
     pub pending: u64,
     /// Logs it keeps of partitions it no longer runs, until their groups'
@@ -713,7 +717,13 @@ pub(crate) fn status(inner: &Inner) -> PlacementStatus {
         ..Default::default()
     };
     for (p, g) in groups {
-        if g.metrics().borrow().state != ServerState::Leader {
+        let (state, term) = {
+            let rx = g.metrics();
+            let m = rx.borrow();
+            (m.state, m.current_term)
+        };
+        s.terms = s.terms.saturating_add(term);
+        if state != ServerState::Leader {
             continue;
         }
         s.leading += 1;

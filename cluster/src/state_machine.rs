@@ -619,7 +619,14 @@ impl StateMachine {
                 let t = (Keyspace::STORE.0, *conv);
                 let last = self.last_index(st, t)?;
                 if last >= w {
-                    // Applied before a restart: its outbox record too?
+                    // Applied before a restart: its registration and its
+                    // outbox record too? (Other keyspaces: a power cut can
+                    // keep the Created event and lose its registration,
+                    // which raw appends are refused by.)
+                    let reg = (crate::log_store::IM_CREATED.0, *conv);
+                    if self.holds(st, t, w)? {
+                        self.append_any(st, reg, w, &[*kind])?;
+                    }
                     self.complete_outbox(st, w, *conv)?;
                     return Ok(None);
                 }
@@ -2909,6 +2916,36 @@ mod tests {
             }),
         };
         assert!(block(sm.apply([bad])).is_err());
+    }
+
+    /// A power cut can keep a create's Created event (the store keyspace)
+    /// and lose its registration (another keyspace): applying the create
+    /// again after the restart registers it, so raw appends stay out of
+    /// the conversation on this replica as on the others.
+    #[test]
+    fn a_create_applied_again_registers_its_conversation_if_a_power_cut_lost_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let w = write_id(1, 0);
+        let mut rec = w.to_le_bytes().to_vec();
+        rec.extend_from_slice(b"created");
+        let store7 = TimelineId::new(Keyspace::STORE, 7);
+        e.append(store7, &rec).unwrap();
+        assert!(!im::read::is_conversation(&e, 7));
+        let mut sm = StateMachine::open(e.clone(), 3).unwrap();
+        let r = block(sm.apply([create(1, im::CONV_GROUP, vec![1, 2])])).unwrap();
+        assert!(r[0].im.is_none(), "applied before: {:?}", r[0].im);
+        assert!(im::read::is_conversation(&e, 7), "registered again");
+        let raw = Entry {
+            log_id: log_id(1, 1, 2),
+            payload: EntryPayload::Normal(Command::Batch(vec![crate::BatchItem {
+                keyspace: Keyspace::STORE.0,
+                id: 7,
+                payload: b"raw".to_vec(),
+            }])),
+        };
+        assert_eq!(block(sm.apply([raw])).unwrap()[0].seqs, vec![0]);
+        assert_eq!(e.last_seq(store7), 1);
     }
 
     #[test]

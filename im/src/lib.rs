@@ -632,6 +632,11 @@ impl Im {
                 .push(self.shared.user_shard(user), user, make)
     }
 
+    /// Whether `user` has a subscriber here now.
+    pub fn has_subscriber(&self, user: UserId) -> bool {
+        self.shared.subs.any() && self.shared.subs.has(self.shared.user_shard(user), user)
+    }
+
     /// The users with a subscriber here (a cluster node telling the
     /// devices of a partition it gave up to sync elsewhere).
     pub fn subscribed_users(&self) -> Vec<UserId> {

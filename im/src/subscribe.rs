@@ -168,6 +168,11 @@ impl Subscribers {
             .collect()
     }
 
+    /// Does `user` have a registered sink now?
+    pub(crate) fn has(&self, shard: usize, user: UserId) -> bool {
+        self.shards[shard].lock().contains_key(&user)
+    }
+
     /// Any registered sink at all (skips building pushes otherwise).
     pub(crate) fn any(&self) -> bool {
         self.count.load(Ordering::Acquire) > 0

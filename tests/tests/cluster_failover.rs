@@ -4407,3 +4407,120 @@ fn a_cluster_node_holds_no_more_for_a_client_than_it_takes() {
     }
     println!("node RSS grew {} KiB while 4,000 reads waited", held >> 10);
 }
+
+/// Clients paging through large records on a node again and again do
+/// not cost it its leaderships: the node's Raft timers and heartbeats
+/// keep their pace (no group on any node takes part in an election while
+/// the reads run), and appends to the other partitions go on.
+#[test]
+fn heavy_reads_do_not_hold_up_the_raft_timers() {
+    use timeline_client::protocol::ServerMsg;
+    let cl = Cluster::start(BIN, 16);
+    let seeds = cl.seeds();
+    wait_until("every partition led", Duration::from_secs(20), || {
+        let (p, lead) = leaders(&seeds);
+        lead.len() == p as usize
+    });
+    let (p, lead) = leaders(&seeds);
+    // Four timelines of 255 records of 60 kB (15 MB a page), one per
+    // partition, all led by one node.
+    let node = lead[&partition_of(0, 1, p)].clone();
+    let mut big: Vec<u64> = Vec::new();
+    let mut parts = std::collections::HashSet::new();
+    for t in 1u64..10_000 {
+        let q = partition_of(0, t, p);
+        if big.len() < 4 && lead[&q] == node && parts.insert(q) {
+            big.push(t);
+        }
+    }
+    assert_eq!(big.len(), 4);
+    let payload: &'static [u8] = vec![6u8; 60_000].leak();
+    std::thread::scope(|s| {
+        for &t in &big {
+            let seeds = seeds.clone();
+            s.spawn(move || {
+                let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
+                for _ in 0..255 {
+                    let r = cc.call(&Request::Append {
+                        timeline: TimelineId::store(t),
+                        durability: None,
+                        payload,
+                    });
+                    assert!(matches!(r, Ok(Response::Append(_))), "{r:?}");
+                }
+            });
+        }
+    });
+    let terms = |cl: &Cluster| -> u64 {
+        stats_of(cl, &["cluster_terms"])
+            .iter()
+            .map(|(_, v)| v[0])
+            .sum()
+    };
+    let before = terms(&cl);
+    let stop = Arc::new(AtomicBool::new(false));
+    let secs = Duration::from_secs(6);
+    let (pages, append_lat) = std::thread::scope(|s| {
+        let readers: Vec<_> = (0..6)
+            .map(|i| {
+                let (node, t, stop) = (node.clone(), big[i % big.len()], stop.clone());
+                s.spawn(move || {
+                    let mut c = Raw::connect(&node, 0);
+                    let scan = Request::Scan {
+                        timeline: TimelineId::store(t),
+                        from: 1,
+                        limit: 255,
+                        direction: Direction::Forward,
+                    };
+                    let window: Vec<(u64, Request<'_>)> =
+                        (0..16).map(|k| (10 + k, scan.clone())).collect();
+                    c.send(&window);
+                    let (mut next, mut pages) = (100u64, 0u64);
+                    while !stop.load(Ordering::Relaxed) {
+                        match c.next() {
+                            ServerMsg::Reply { .. } => pages += 1,
+                            m => panic!("{m:?}"),
+                        }
+                        c.send(&[(next, scan.clone())]);
+                        next += 1;
+                    }
+                    pages
+                })
+            })
+            .collect();
+        let appender = {
+            let (seeds, stop) = (seeds.clone(), stop.clone());
+            s.spawn(move || {
+                let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
+                let mut lat = Vec::new();
+                let mut t = 20_000u64;
+                while !stop.load(Ordering::Relaxed) {
+                    t += 1;
+                    let at = Instant::now();
+                    let r = cc.call(&Request::Append {
+                        timeline: TimelineId::store(t),
+                        durability: None,
+                        payload: b"small",
+                    });
+                    assert!(matches!(r, Ok(Response::Append(_))), "{r:?}");
+                    lat.push(at.elapsed());
+                }
+                lat
+            })
+        };
+        std::thread::sleep(secs);
+        stop.store(true, Ordering::Relaxed);
+        let pages: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+        (pages, appender.join().unwrap())
+    });
+    let mut lat = append_lat;
+    let after = terms(&cl);
+    println!(
+        "{pages} pages of 15 MB read in {secs:?} from one node; {} appends elsewhere, p50 {:?} p99 {:?} max {:?}; terms {before} -> {after}",
+        lat.len(),
+        pct(&mut lat, 0.5),
+        pct(&mut lat, 0.99),
+        lat.iter().max().unwrap()
+    );
+    assert_eq!(before, after, "no group took part in an election");
+}

@@ -69,6 +69,20 @@ impl ToReply for ClusterError {
     }
 }
 
+/// `f`, to be called with a cluster node's answer, made to run on the
+/// server's read pool (its blocking pool with `--reads inline`) rather
+/// than where the answer lands: the node's runtime, whose two threads
+/// also run every group's Raft timers and heartbeats. Reading and
+/// encoding pages there held them up for seconds under heavy reads, and
+/// the node's groups lost their leaders (docs/scaling.md, "Reads and the Raft runtime").
+pub(crate) fn off_runtime<T: Send + 'static>(
+    sh: &super::Shared,
+    f: impl FnOnce(T) + Send + 'static,
+) -> impl FnOnce(T) + Send + 'static {
+    let pool = sh.read_pool.as_ref().unwrap_or(&sh.pool).spawner();
+    move |r| pool.spawn(move || f(r))
+}
+
 /// Does a cluster node route this request (rather than answer it itself)?
 pub(crate) fn routed(r: &Request<'_>) -> bool {
     !matches!(
@@ -178,12 +192,16 @@ pub(crate) fn execute(
             let engine = engine();
             let a = Answer::read(ctx, conn, id, op);
             let t = timeline.native();
-            node.linearize(t.keyspace.0, t.id, move |r| {
-                a.reply(r.map_err(|e| e.reply()).and_then(|()| {
-                    let rec = engine.get(t, seq).map_err(|e| e.reply())?;
-                    Ok(Response::Get(rec.map(strip).transpose()?.wire()))
-                }))
-            });
+            node.linearize(
+                t.keyspace.0,
+                t.id,
+                off_runtime(sh, move |r: Result<(), ClusterError>| {
+                    a.reply(r.map_err(|e| e.reply()).and_then(|()| {
+                        let rec = engine.get(t, seq).map_err(|e| e.reply())?;
+                        Ok(Response::Get(rec.map(strip).transpose()?.wire()))
+                    }))
+                }),
+            );
         }
         Request::Scan {
             timeline,
@@ -194,25 +212,33 @@ pub(crate) fn execute(
             let engine = engine();
             let a = Answer::read(ctx, conn, id, op);
             let (t, max) = (timeline.native(), conn.session.client_max);
-            node.linearize(t.keyspace.0, t.id, move |r| {
-                a.reply(r.map_err(|e| e.reply()).and_then(|()| {
-                    let recs = scan(&engine, max, t, from, limit, direction.native())?;
-                    let recs: Result<Vec<Record>, ErrorReply> =
-                        recs.into_iter().map(strip).collect();
-                    Ok(Response::Scan(recs?.wire()))
-                }))
-            });
+            node.linearize(
+                t.keyspace.0,
+                t.id,
+                off_runtime(sh, move |r: Result<(), ClusterError>| {
+                    a.reply(r.map_err(|e| e.reply()).and_then(|()| {
+                        let recs = scan(&engine, max, t, from, limit, direction.native())?;
+                        let recs: Result<Vec<Record>, ErrorReply> =
+                            recs.into_iter().map(strip).collect();
+                        Ok(Response::Scan(recs?.wire()))
+                    }))
+                }),
+            );
         }
         Request::LastSeq { timeline } => {
             let engine = engine();
             let a = Answer::read(ctx, conn, id, op);
             let t = timeline.native();
-            node.linearize(t.keyspace.0, t.id, move |r| {
-                a.reply(
-                    r.map_err(|e| e.reply())
-                        .map(|()| Response::LastSeq(engine.last_seq(t))),
-                )
-            });
+            node.linearize(
+                t.keyspace.0,
+                t.id,
+                off_runtime(sh, move |r: Result<(), ClusterError>| {
+                    a.reply(
+                        r.map_err(|e| e.reply())
+                            .map(|()| Response::LastSeq(engine.last_seq(t))),
+                    )
+                }),
+            );
         }
         _ => return Err(not_supported(op)),
     }

@@ -27,9 +27,11 @@
 //!   there). A push is a hint, as everywhere: `SYNC` from the device's
 //!   checkpoint is the truth.
 //!
-//! Reads run after the leader confirmed its leadership (linearizable), on
-//! the runtime's threads, from the node's engine.
+//! Reads run after the leader confirmed its leadership (linearizable),
+//! on the server's read pool (not the node's runtime:
+//! [`super::cluster::off_runtime`]), from the node's engine.
 
+use super::cluster::off_runtime;
 use super::conn::Conn;
 use super::convert::ToWire;
 use super::dispatch::{page_limit, Answer, Ctx};
@@ -40,6 +42,7 @@ use crate::protocol::{
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use timeline_cluster::conversations::ConvLine;
 use timeline_cluster::groups::GroupRead;
 use timeline_cluster::im::read::{self, ReadError};
 use timeline_cluster::im::{
@@ -49,6 +52,7 @@ use timeline_cluster::im::{
 };
 use timeline_cluster::members::{covers, upper, MembersCache};
 use timeline_cluster::state_machine::payload_of;
+use timeline_cluster::ClusterError;
 use timeline_cluster::{ImOutcome, Mark, Node};
 use timeline_engine::{Direction, Engine, Keyspace, TimelineId};
 
@@ -181,25 +185,29 @@ pub(crate) fn execute(
             let asked = groups.clone();
             let weak = Arc::downgrade(ctx.sh);
             let a = Answer::read(ctx, conn, id, op);
-            node.linearize(Keyspace::SYNC.0, user, move |r| {
-                // The user's groups are read before its sync timeline: a
-                // group listed meanwhile (a join, a switch to read
-                // fan-out) is paged only once the entries written before
-                // its listing are in this reply or an earlier one.
-                let reply = r.map_err(|e| e.reply()).and_then(|()| {
-                    let mine = read::groups_of(&engine, user).map_err(read_failed)?;
-                    Ok((mine, sync(&engine, user, checkpoint, limit)?))
-                });
-                match reply {
-                    // Groups are served once the sync timeline is drained,
-                    // as on a single node.
-                    Ok((mine, s)) if !s.has_more && s.truncated.is_none() => {
-                        with_groups(weak, engine, (user, mine), &asked, limit, s, a)
+            node.linearize(
+                Keyspace::SYNC.0,
+                user,
+                off_runtime(sh, move |r: Result<(), ClusterError>| {
+                    // The user's groups are read before its sync timeline: a
+                    // group listed meanwhile (a join, a switch to read
+                    // fan-out) is paged only once the entries written before
+                    // its listing are in this reply or an earlier one.
+                    let reply = r.map_err(|e| e.reply()).and_then(|()| {
+                        let mine = read::groups_of(&engine, user).map_err(read_failed)?;
+                        Ok((mine, sync(&engine, user, checkpoint, limit)?))
+                    });
+                    match reply {
+                        // Groups are served once the sync timeline is drained,
+                        // as on a single node.
+                        Ok((mine, s)) if !s.has_more && s.truncated.is_none() => {
+                            with_groups(weak, engine, (user, mine), &asked, limit, s, a)
+                        }
+                        Ok((_, s)) => answer_sync(&engine, user, s, a),
+                        Err(e) => a.reply(Err(e)),
                     }
-                    Ok((_, s)) => answer_sync(&engine, user, s, a),
-                    Err(e) => a.reply(Err(e)),
-                }
-            });
+                }),
+            );
         }
         Request::History {
             conv,
@@ -213,18 +221,22 @@ pub(crate) fn execute(
             let members = node.conv_members();
             let weak = Arc::downgrade(ctx.sh);
             let a = Answer::read(ctx, conn, id, op);
-            node.linearize(Keyspace::STORE.0, conv, move |r| {
-                let page = r.map_err(|e| e.reply()).and_then(|()| {
-                    let read = (&engine, &*members);
-                    history(read, conv, user, from, limit)
-                });
-                match page {
-                    Ok(p) if p.entries.iter().any(|e| deletable(&e.body)) => {
-                        with_deletes(weak, user, conv, p, a)
+            node.linearize(
+                Keyspace::STORE.0,
+                conv,
+                off_runtime(sh, move |r: Result<(), ClusterError>| {
+                    let page = r.map_err(|e| e.reply()).and_then(|()| {
+                        let read = (&engine, &*members);
+                        history(read, conv, user, from, limit)
+                    });
+                    match page {
+                        Ok(p) if p.entries.iter().any(|e| deletable(&e.body)) => {
+                            with_deletes(weak, user, conv, p, a)
+                        }
+                        r => a.reply(r.map(Response::History)),
                     }
-                    r => a.reply(r.map(Response::History)),
-                }
-            });
+                }),
+            );
         }
         Request::Recall { conv, user, target } => {
             let a = Answer::deferred(ctx, conn, id, op);
@@ -246,11 +258,14 @@ pub(crate) fn execute(
         }
         Request::Conversations { user } => {
             let a = Answer::read(ctx, conn, id, op);
-            node.conversations(*user, move |r| {
-                a.reply(r.map_err(|e| e.reply()).map(|lines| {
-                    Response::Conversations(lines.into_iter().map(conv_summary).collect())
-                }))
-            });
+            node.conversations(
+                *user,
+                off_runtime(sh, move |r: Result<Vec<ConvLine>, ClusterError>| {
+                    a.reply(r.map_err(|e| e.reply()).map(|lines| {
+                        Response::Conversations(lines.into_iter().map(conv_summary).collect())
+                    }))
+                }),
+            );
         }
         Request::AddMember { conv, user } | Request::RemoveMember { conv, user } => {
             let add = matches!(r, Request::AddMember { .. });
@@ -273,19 +288,23 @@ pub(crate) fn execute(
                 _ => None,
             };
             let a = Answer::read(ctx, conn, id, op);
-            node.linearize(Keyspace::STORE.0, conv, move |r| {
-                a.reply(r.map_err(|e| e.reply()).and_then(|()| {
-                    let found = members.get(&engine, conv).map_err(read_failed)?;
-                    match (found, asker) {
-                        // A conversation the user is not in is not told
-                        // apart from a missing one, as on a single node.
-                        (Ok(m), Some(u)) if !m.is_current(u) => Err(not_in(u)),
-                        (Err(_), Some(u)) => Err(not_in(u)),
-                        (Ok(m), _) => Ok(Response::Members(m.current())),
-                        (Err(r), None) => Err(refusal(&r)),
-                    }
-                }))
-            });
+            node.linearize(
+                Keyspace::STORE.0,
+                conv,
+                off_runtime(sh, move |r: Result<(), ClusterError>| {
+                    a.reply(r.map_err(|e| e.reply()).and_then(|()| {
+                        let found = members.get(&engine, conv).map_err(read_failed)?;
+                        match (found, asker) {
+                            // A conversation the user is not in is not told
+                            // apart from a missing one, as on a single node.
+                            (Ok(m), Some(u)) if !m.is_current(u) => Err(not_in(u)),
+                            (Err(_), Some(u)) => Err(not_in(u)),
+                            (Ok(m), _) => Ok(Response::Members(m.current())),
+                            (Err(r), None) => Err(refusal(&r)),
+                        }
+                    }))
+                }),
+            );
         }
         _ => return None,
     }
@@ -421,14 +440,22 @@ fn with_groups(
         })
         .collect();
     let budget = limit.saturating_sub(s.entries.len());
-    node.group_pages(reqs, budget, move |r| match r {
-        Ok((pages, more)) => {
-            s.has_more |= more;
-            s.groups = pages.into_iter().map(group_page).collect();
-            answer_sync(&engine, user, s, a)
-        }
-        Err(e) => a.reply(Err(e.reply())),
-    });
+    node.group_pages(
+        reqs,
+        budget,
+        off_runtime(
+            &sh,
+            move |r: Result<(Vec<timeline_cluster::groups::GroupPage>, bool), ClusterError>| match r
+            {
+                Ok((pages, more)) => {
+                    s.has_more |= more;
+                    s.groups = pages.into_iter().map(group_page).collect();
+                    answer_sync(&engine, user, s, a)
+                }
+                Err(e) => a.reply(Err(e.reply())),
+            },
+        ),
+    );
 }
 
 /// Answer a `SYNC` page (sync entries and group pages) with the user's own
@@ -578,17 +605,21 @@ fn with_deletes(
     let Some(node) = sh.cluster.as_ref() else {
         return a.reply(Ok(Response::History(page)));
     };
-    node.user_deletes(user, conv, move |r| {
-        a.reply(r.map_err(|e| e.reply()).map(|deleted| {
-            let deleted: HashSet<u64> = deleted.into_iter().collect();
-            for e in &mut page.entries {
-                if deletable(&e.body) && deleted.contains(&e.conv_seq) {
-                    e.body = Body::Deleted;
+    node.user_deletes(
+        user,
+        conv,
+        off_runtime(&sh, move |r: Result<Vec<u64>, ClusterError>| {
+            a.reply(r.map_err(|e| e.reply()).map(|deleted| {
+                let deleted: HashSet<u64> = deleted.into_iter().collect();
+                for e in &mut page.entries {
+                    if deletable(&e.body) && deleted.contains(&e.conv_seq) {
+                        e.body = Body::Deleted;
+                    }
                 }
-            }
-            Response::History(page)
-        }))
-    });
+                Response::History(page)
+            }))
+        }),
+    );
 }
 
 /// A page of a conversation's history, for a member or a former one:
@@ -768,7 +799,10 @@ impl timeline_cluster::im::DeliveryHook for PushHook {
                 gone.push(user);
             }
         }
-        sh.group_watch.forget(conv, &gone);
+        // Not one that subscribed again meanwhile (its subscription adds
+        // it back to the watch after registering its sink).
+        sh.group_watch
+            .forget_unless(conv, &gone, |u| sh.im.has_subscriber(u));
     }
 }
 
@@ -814,6 +848,27 @@ impl GroupWatch {
         if let Some(set) = g.get_mut(&conv) {
             for u in users {
                 set.remove(u);
+            }
+            if set.is_empty() {
+                g.remove(&conv);
+            }
+        }
+    }
+
+    /// [`GroupWatch::forget`] those of `users` for whom `keep` is false,
+    /// asked under the watch's lock: a user whose subscription registered
+    /// its sink before this runs is kept, one that registers after it is
+    /// added back by that subscription.
+    fn forget_unless(&self, conv: u64, users: &[u64], keep: impl Fn(u64) -> bool) {
+        if users.is_empty() {
+            return;
+        }
+        let mut g = self.lock();
+        if let Some(set) = g.get_mut(&conv) {
+            for &u in users {
+                if !keep(u) {
+                    set.remove(&u);
+                }
             }
             if set.is_empty() {
                 g.remove(&conv);

@@ -472,6 +472,7 @@ pub(crate) fn stats(sh: &Shared) -> Vec<(String, u64)> {
             kv("cluster_map_version", n.shape().1),
             kv("cluster_groups", pl.groups),
             kv("cluster_leading", pl.leading),
+            kv("cluster_terms", pl.terms),
             kv("cluster_membership_pending", pl.pending),
             kv("cluster_logs_kept", pl.kept),
             kv("cluster_logs_released", pl.released),

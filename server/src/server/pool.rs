@@ -48,14 +48,17 @@ impl Pool {
 
     /// Run `job` on a pool thread (on the caller's once the pool is gone).
     pub(crate) fn spawn(&self, job: impl FnOnce() + Send + 'static) {
-        if let Err(e) = self.tx.send(Some(Box::new(job))) {
-            if let Some(job) = e.into_inner() {
-                job();
-            }
-        }
+        spawn_on(&self.tx, job);
     }
 
-    /// Finish the queued jobs and stop the threads.
+    /// A handle that queues jobs here from anywhere (a cluster node's
+    /// callbacks, which hold no `Shared`).
+    pub(crate) fn spawner(&self) -> Spawner {
+        Spawner(self.tx.clone())
+    }
+
+    /// Finish the queued jobs and stop the threads (a job a [`Spawner`]
+    /// queues afterwards runs on its caller's thread).
     pub(crate) fn close(&self) {
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         for _ in &threads {
@@ -63,6 +66,24 @@ impl Pool {
         }
         for t in threads {
             let _ = t.join();
+        }
+    }
+}
+
+/// Queues jobs on a [`Pool`]: [`Pool::spawn`] from a handle.
+#[derive(Clone)]
+pub(crate) struct Spawner(Sender<Option<Job>>);
+
+impl Spawner {
+    pub(crate) fn spawn(&self, job: impl FnOnce() + Send + 'static) {
+        spawn_on(&self.0, job);
+    }
+}
+
+fn spawn_on(tx: &Sender<Option<Job>>, job: impl FnOnce() + Send + 'static) {
+    if let Err(e) = tx.send(Some(Box::new(job))) {
+        if let Some(job) = e.into_inner() {
+            job();
         }
     }
 }
