@@ -1408,7 +1408,8 @@ async fn boot(
         client: client_addr,
         raft: raft_addr.clone(),
     };
-    let lease = meta.register(&me, cfg.lease_ttl).await?;
+    let deadline = Instant::now() + cfg.formation_timeout;
+    let lease = until_reached(deadline, || meta.register(&me, cfg.lease_ttl)).await?;
     let map = form(&meta, cfg).await?;
     let data_keyspaces = engine
         .keyspaces()
@@ -1603,18 +1604,40 @@ async fn connect_meta(cfg: &NodeConfig) -> Result<Meta, ClusterError> {
     }
 }
 
+/// `call` again while etcd cannot be reached (it may be starting, or
+/// restarting), until `deadline`: a start-up wait, not a serving path.
+/// Any other error, or one at the deadline, is returned.
+async fn until_reached<T, F, Fut>(deadline: Instant, mut call: F) -> Result<T, MetaError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, MetaError>>,
+{
+    loop {
+        match call().await {
+            Err(MetaError::Etcd(e)) if Instant::now() < deadline => {
+                tracing::info!(error = %e, "etcd not reachable; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// The map: read it, or create it once `R` members are registered. A
 /// start-up wait (bounded by `formation_timeout`), not a serving path.
 async fn form(meta: &Meta, cfg: &NodeConfig) -> Result<PartitionMap, ClusterError> {
     let deadline = Instant::now() + cfg.formation_timeout;
     loop {
-        if let Some(m) = meta.map().await? {
+        if let Some(m) = until_reached(deadline, || meta.map()).await? {
             return Ok(m);
         }
-        let nodes: Vec<NodeId> = meta.nodes().await?.into_keys().collect();
+        let nodes: Vec<NodeId> = until_reached(deadline, || meta.nodes())
+            .await?
+            .into_keys()
+            .collect();
         if nodes.len() >= cfg.replicas {
             let m = PartitionMap::new(cfg.partitions, cfg.replicas, &nodes)?;
-            if meta.create_map(&m).await? {
+            if until_reached(deadline, || meta.create_map(&m)).await? {
                 tracing::info!(version = m.version, ?nodes, "created the partition map");
                 return Ok(m);
             }

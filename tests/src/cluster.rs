@@ -40,6 +40,22 @@ pub fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     }
 }
 
+/// etcd at `addr` answers its health check (`GET /health`): serving,
+/// not only accepting on the port.
+fn healthy(addr: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /health HTTP/1.0\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    reply.contains("\"health\":\"true\"")
+}
+
 /// A single-member etcd (Debian's `etcd-server`).
 pub struct Etcd {
     child: Option<Child>,
@@ -105,7 +121,7 @@ impl Etcd {
                 let tail = std::fs::read_to_string(&log).unwrap_or_default();
                 panic!("etcd exited: {st}; its log:\n{tail}");
             }
-            TcpStream::connect(&addr).is_ok()
+            healthy(&addr)
         });
     }
 
