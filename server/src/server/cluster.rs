@@ -72,7 +72,10 @@ impl ToReply for ClusterError {
 /// `f`, to be called with a cluster node's answer, made to run on the
 /// server's read pool (its blocking pool with `--reads inline`) rather
 /// than where the answer lands: the node's runtime, whose two threads
-/// also run every group's Raft timers and heartbeats. Reading and
+/// also run every group's Raft timers and heartbeats. For reads of pages
+/// (`SCAN`, `SYNC`, `HISTORY`, `MEMBERS`, `CONVERSATIONS`; a `GET` or a
+/// `LAST_SEQ` reads one record or a number, and stays: the hand-off
+/// would cost more than the read). Reading and
 /// encoding pages there held them up for seconds under heavy reads, and
 /// the node's groups lost their leaders (docs/scaling.md, "Reads and the Raft runtime").
 pub(crate) fn off_runtime<T: Send + 'static>(
@@ -192,16 +195,14 @@ pub(crate) fn execute(
             let engine = engine();
             let a = Answer::read(ctx, conn, id, op);
             let t = timeline.native();
-            node.linearize(
-                t.keyspace.0,
-                t.id,
-                off_runtime(sh, move |r: Result<(), ClusterError>| {
-                    a.reply(r.map_err(|e| e.reply()).and_then(|()| {
-                        let rec = engine.get(t, seq).map_err(|e| e.reply())?;
-                        Ok(Response::Get(rec.map(strip).transpose()?.wire()))
-                    }))
-                }),
-            );
+            // One record (at most the payload limit): read where the
+            // confirmation lands, as `LAST_SEQ`; pages go to the pool.
+            node.linearize(t.keyspace.0, t.id, move |r| {
+                a.reply(r.map_err(|e| e.reply()).and_then(|()| {
+                    let rec = engine.get(t, seq).map_err(|e| e.reply())?;
+                    Ok(Response::Get(rec.map(strip).transpose()?.wire()))
+                }))
+            });
         }
         Request::Scan {
             timeline,
@@ -229,16 +230,12 @@ pub(crate) fn execute(
             let engine = engine();
             let a = Answer::read(ctx, conn, id, op);
             let t = timeline.native();
-            node.linearize(
-                t.keyspace.0,
-                t.id,
-                off_runtime(sh, move |r: Result<(), ClusterError>| {
-                    a.reply(
-                        r.map_err(|e| e.reply())
-                            .map(|()| Response::LastSeq(engine.last_seq(t))),
-                    )
-                }),
-            );
+            node.linearize(t.keyspace.0, t.id, move |r| {
+                a.reply(
+                    r.map_err(|e| e.reply())
+                        .map(|()| Response::LastSeq(engine.last_seq(t))),
+                )
+            });
         }
         _ => return Err(not_supported(op)),
     }
