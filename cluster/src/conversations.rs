@@ -91,19 +91,31 @@ const ROUNDS: usize = 3;
 const MAX_READS: usize = 65_536;
 
 /// `reads` from this node's replicas (each partition's leadership
-/// confirmed once).
-async fn here(inner: &Inner, reads: &[SummaryRead]) -> Answers {
+/// confirmed once, then every summary read on the blocking pool: counting
+/// unread entries can take long, and the runtime's worker threads run
+/// every group's Raft timers; docs/scaling.md, "Reads and the Raft
+/// runtime").
+async fn here(inner: &Arc<Inner>, reads: &[SummaryRead]) -> Answers {
     let parts = inner.map.read().len();
     let mut confirmed = Confirmed::default();
-    let mut out = Vec::with_capacity(reads.len());
+    let mut leads = Vec::with_capacity(reads.len());
     for r in reads {
         let p = partition_of(Keyspace::STORE.0, r.conv, parts);
-        out.push(match confirmed.leads(inner, p, r.conv).await {
-            Err(e) => Err(e),
-            Ok(()) => summary(inner, r).map_err(|e| Refusal::Failed(e.to_string())),
-        });
+        leads.push(confirmed.leads(inner, p, r.conv).await);
     }
-    out
+    let (inner, reads) = (inner.clone(), reads.to_vec());
+    let n = reads.len();
+    tokio::task::spawn_blocking(move || {
+        reads
+            .iter()
+            .zip(leads)
+            .map(|(r, led)| {
+                led.and_then(|()| summary(&inner, r).map_err(|e| Refusal::Failed(e.to_string())))
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_else(|e| vec![Err(Refusal::Failed(e.to_string())); n])
 }
 
 /// A peer's summaries (the peer RPC's handler).
