@@ -103,6 +103,7 @@ async fn here(inner: &Arc<Inner>, reads: &[SummaryRead]) -> Answers {
         let p = partition_of(Keyspace::STORE.0, r.conv, parts);
         leads.push(confirmed.leads(inner, p, r.conv).await);
     }
+    let _slot = inner.blocking_reads.acquire().await;
     let (inner, reads) = (inner.clone(), reads.to_vec());
     let n = reads.len();
     tokio::task::spawn_blocking(move || {

@@ -123,6 +123,11 @@ async fn read_blocking(
     p: PartitionId,
     req: GroupRead,
 ) -> Result<RawPage, ClusterError> {
+    if req.limit == 0 {
+        // Its last seq only: no page to read.
+        return read_local(inner, p, &req);
+    }
+    let _slot = inner.blocking_reads.acquire().await;
     let inner = inner.clone();
     tokio::task::spawn_blocking(move || read_local(&inner, p, &req))
         .await

@@ -303,6 +303,10 @@ pub(crate) struct Inner {
     pub(crate) group_pushes: std::sync::atomic::AtomicUsize,
     /// Which nodes want which groups' pushes (module `interest`).
     pub(crate) interest: crate::interest::Interest,
+    /// Page reads on the blocking pool at once, at most (module
+    /// `groups`, `conversations`): more wait here, so that they cannot
+    /// take the pool's threads from the storage work that also runs there.
+    pub(crate) blocking_reads: tokio::sync::Semaphore,
     /// Live members seen, and gone nodes replaced (module `replace`).
     pub(crate) replace: crate::replace::Counters,
     /// A handle on each open group's log and state machine (its reclaim
@@ -1400,7 +1404,9 @@ async fn boot(
     flusher: Arc<Flusher>,
 ) -> Result<(Arc<Inner>, String), ClusterError> {
     let started = Instant::now();
-    let meta = connect_meta(cfg).await?;
+    // One deadline for every etcd wait of the start-up.
+    let deadline = started + cfg.formation_timeout;
+    let meta = connect_meta(cfg, deadline).await?;
     let listener = tokio::net::TcpListener::bind(&cfg.raft_listen).await?;
     let raft_addr = listener.local_addr()?.to_string();
     let me = NodeRecord {
@@ -1408,9 +1414,8 @@ async fn boot(
         client: client_addr,
         raft: raft_addr.clone(),
     };
-    let deadline = Instant::now() + cfg.formation_timeout;
     let lease = until_reached(deadline, || meta.register(&me, cfg.lease_ttl)).await?;
-    let map = form(&meta, cfg).await?;
+    let map = form(&meta, cfg, deadline).await?;
     let data_keyspaces = engine
         .keyspaces()
         .map(|(k, _)| k.0)
@@ -1445,6 +1450,7 @@ async fn boot(
         deliveries: crate::delivery::Deliveries::new(map.len()),
         group_pushes: Default::default(),
         interest: crate::interest::Interest::new(cfg.interest_renew),
+        blocking_reads: tokio::sync::Semaphore::new(BLOCKING_READS),
         replace: Default::default(),
         space: crate::space::Space::new(cfg.data_dir.clone(), cfg.min_free_space),
         stopped: Default::default(),
@@ -1561,6 +1567,9 @@ async fn boot(
     Ok((inner, raft_addr))
 }
 
+/// Page reads a node runs on its blocking pool at once.
+const BLOCKING_READS: usize = 16;
+
 /// How long an initial replica that is not the partition's first waits
 /// for the group to be formed before it initializes it itself.
 const FORMATION_FALLBACK: Duration = Duration::from_secs(3);
@@ -1590,8 +1599,7 @@ async fn initialize(
 }
 
 /// etcd, retried until `formation_timeout` (it may still be starting).
-async fn connect_meta(cfg: &NodeConfig) -> Result<Meta, ClusterError> {
-    let deadline = Instant::now() + cfg.formation_timeout;
+async fn connect_meta(cfg: &NodeConfig, deadline: Instant) -> Result<Meta, ClusterError> {
     loop {
         match Meta::connect(&cfg.etcd, &cfg.cluster).await {
             Ok(m) => return Ok(m),
@@ -1614,7 +1622,7 @@ where
 {
     loop {
         match call().await {
-            Err(MetaError::Etcd(e)) if Instant::now() < deadline => {
+            Err(MetaError::Etcd(e)) if unreachable(&e) && Instant::now() < deadline => {
                 tracing::info!(error = %e, "etcd not reachable; retrying");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -1623,10 +1631,24 @@ where
     }
 }
 
+/// An etcd error that says it could not be reached or did not answer in
+/// time (worth a retry), rather than that it refused the request.
+fn unreachable(e: &etcd_client::Error) -> bool {
+    // gRPC status codes: 4 deadline exceeded, 14 unavailable.
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => matches!(i32::from(s.code()), 4 | 14),
+        _ => false,
+    }
+}
+
 /// The map: read it, or create it once `R` members are registered. A
 /// start-up wait (bounded by `formation_timeout`), not a serving path.
-async fn form(meta: &Meta, cfg: &NodeConfig) -> Result<PartitionMap, ClusterError> {
-    let deadline = Instant::now() + cfg.formation_timeout;
+async fn form(
+    meta: &Meta,
+    cfg: &NodeConfig,
+    deadline: Instant,
+) -> Result<PartitionMap, ClusterError> {
     loop {
         if let Some(m) = until_reached(deadline, || meta.map()).await? {
             return Ok(m);

@@ -167,7 +167,8 @@ pub(crate) fn execute(
     }
     let sh = ctx.sh;
     let op = r.opcode();
-    // Reads finish on the runtime's threads and hold the engine there.
+    // Reads hold the engine where they finish (the runtime, or the pool:
+    // `off_runtime`).
     let engine = || -> Arc<Engine> { sh.im.engine_handle() };
     match r {
         Request::Append {

@@ -57,8 +57,10 @@ impl Pool {
         Spawner(self.tx.clone())
     }
 
-    /// Finish the queued jobs and stop the threads (a job a [`Spawner`]
-    /// queues afterwards runs on its caller's thread).
+    /// Finish the queued jobs and stop the threads. A job a [`Spawner`]
+    /// queues afterwards runs on its caller's thread once the threads
+    /// are gone, and is dropped if it lands behind their stop marks
+    /// (only while the server stops, after its loops: nobody waits).
     pub(crate) fn close(&self) {
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         for _ in &threads {
