@@ -120,7 +120,7 @@ impl Interest {
             nodes.retain(|(_, until)| *until > now);
             !nodes.is_empty()
         });
-        let warm = 2 * self.renew;
+        let warm = self.warm_up();
         self.opened
             .lock()
             .retain(|_, at| now.duration_since(*at) < warm);
@@ -142,7 +142,7 @@ impl Interest {
             .opened
             .lock()
             .get(&p)
-            .is_some_and(|at| now.duration_since(*at) < 2 * self.renew);
+            .is_some_and(|at| now.duration_since(*at) < self.warm_up());
         if warming || !in_map {
             self.counters.broadcast.fetch_add(1, Ordering::Relaxed);
             return None;
@@ -167,6 +167,12 @@ impl Interest {
 
     fn lapse(&self) -> Duration {
         self.renew * LAPSE_RENEWALS
+    }
+
+    /// How long after opening a group its table may still lack a node:
+    /// every node's renewal has reached it within two periods.
+    fn warm_up(&self) -> Duration {
+        2 * self.renew
     }
 }
 
