@@ -620,8 +620,14 @@ pub mod read {
     /// Conversation `conv`'s kind and members (module
     /// [`crate::members`]), or why it has none.
     pub fn members(e: &Engine, conv: u64) -> Result<Result<Members, ImRefusal>, ReadError> {
-        // A record that does not decode (a raw APPEND to the timeline) is a
-        // refusal, never an error: applying must not fail on user data.
+        // Only a registered conversation (its create applied here) is one:
+        // a raw APPEND to another store id is a timeline, whatever its
+        // first record's bytes look like.
+        if !is_conversation(e, conv) {
+            return Ok(Err(ImRefusal::NoConversation(conv)));
+        }
+        // A record that does not decode (a damaged file) is a refusal,
+        // never an error: applying must not fail on stored data.
         let (kind, created) = match event(e, conv, 1) {
             Ok(None) => return Ok(Err(ImRefusal::NoConversation(conv))),
             Ok(Some((_, ev))) => match ev.created() {

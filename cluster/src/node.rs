@@ -845,12 +845,13 @@ impl Inner {
     /// For a partition this node holds no replica of: a replica of the map
     /// to send its clients to (it leads, or knows who does). The first
     /// whose lease is alive, else the first with a known address (a node
-    /// placed there may never have registered).
+    /// placed there may never have registered). Never this node: placed
+    /// here but not opened yet, it would send a client back to itself.
     fn replica_hint(&self, p: PartitionId, map: &PartitionMap) -> Option<NodeId> {
         let replicas = map.partitions.get(p as usize)?;
         let members = self.members.read();
         let live = self.replace.live.read();
-        let known = |n: &&NodeId| members.contains_key(n);
+        let known = |n: &&NodeId| **n != self.id && members.contains_key(n);
         replicas
             .iter()
             .filter(known)

@@ -4524,3 +4524,187 @@ fn heavy_reads_do_not_hold_up_the_raft_timers() {
     );
     assert_eq!(before, after, "no group took part in an election");
 }
+
+/// protocol.md §4: a connection's requests take effect in order where
+/// order matters. On a cluster node, as on a single node, a
+/// `CREATE_CONVERSATION`, `ADD_MEMBER`, `REMOVE_MEMBER` (and `RECALL`,
+/// `MARK_READ`, `DELETE_FOR_USER`) holds the reads pipelined behind it
+/// until it is answered (before, they ran at once and answered
+/// `NO_SUCH_CONVERSATION`). And a store timeline written by raw
+/// `APPEND`s is no conversation, whatever its bytes: `SEND`, `HISTORY`
+/// and `MEMBERS` answer `NO_SUCH_CONVERSATION` (before: `CORRUPTION`, or,
+/// for a record shaped as a `Created` event, a conversation nobody
+/// created).
+#[test]
+fn pipelined_reads_see_the_im_writes_before_them_and_raw_timelines_are_no_conversations() {
+    use timeline_client::protocol::{ConvKind, ErrorCode, HistoryFrom, ServerMsg};
+    let cl = Cluster::start(BIN, 8);
+    let seeds = cl.seeds();
+    wait_until("every partition led", Duration::from_secs(20), || {
+        let (p, lead) = leaders(&seeds);
+        lead.len() == p as usize
+    });
+    let (p, lead) = leaders(&seeds);
+    for (round, conv) in (9_000u64..9_010).enumerate() {
+        let node = &lead[&partition_of(0, conv, p)];
+        let mut c = Raw::connect(node, 0);
+        let (a, b, d) = (100 + round as u64, 200 + round as u64, 300 + round as u64);
+        let history = Request::History {
+            conv,
+            user: a,
+            from: HistoryFrom::After(0),
+            limit: 10,
+        };
+        c.send(&[
+            (
+                10,
+                Request::CreateConversation {
+                    conv,
+                    kind: ConvKind::Group,
+                    members: vec![a, b],
+                },
+            ),
+            (11, Request::Members { conv }),
+            (12, history.clone()),
+            (13, Request::AddMember { conv, user: d }),
+            (14, Request::Members { conv }),
+            (15, Request::RemoveMember { conv, user: b }),
+            (16, Request::Members { conv }),
+            (17, history),
+        ]);
+        let mut replies = Vec::new();
+        for id in 10..18u64 {
+            match c.next() {
+                ServerMsg::Reply { id: got, response } if got == id => replies.push(response),
+                m => panic!("conv {conv}, request {id}: {m:?}"),
+            }
+        }
+        assert!(
+            matches!(replies[0], Response::CreateConversation(1)),
+            "{replies:?}"
+        );
+        assert_eq!(replies[1], Response::Members(vec![a, b]));
+        assert!(
+            matches!(&replies[2], Response::History(h) if h.entries.len() == 1),
+            "{:?}",
+            replies[2]
+        );
+        assert!(matches!(replies[3], Response::AddMember(2)), "{replies:?}");
+        assert_eq!(replies[4], Response::Members(vec![a, b, d]));
+        assert!(
+            matches!(replies[5], Response::RemoveMember(3)),
+            "{replies:?}"
+        );
+        assert_eq!(replies[6], Response::Members(vec![a, d]));
+        assert!(
+            matches!(&replies[7], Response::History(h) if h.entries.len() == 3),
+            "{:?}",
+            replies[7]
+        );
+    }
+
+    // Raw store timelines: one of bytes, one shaped as a `Created` event.
+    let mut cc = ClusterClient::connect(&seeds, b"").unwrap();
+    let fake = timeline_cluster::im::StoreEvent {
+        kind: timeline_cluster::im::KIND_CREATED,
+        sender: 0,
+        ts: 0,
+        client_msg_id: 0,
+        body: timeline_cluster::im::StoreEvent::created_body(
+            timeline_cluster::im::CONV_GROUP,
+            &[1, 2],
+        ),
+    }
+    .encode();
+    for (t, payload) in [(9_100u64, b"raw bytes".to_vec()), (9_101, fake)] {
+        let r = cc.call(&Request::Append {
+            timeline: TimelineId::store(t),
+            durability: None,
+            payload: &payload,
+        });
+        assert!(matches!(r, Ok(Response::Append(1))), "{r:?}");
+        let asks = [
+            Request::Send {
+                conv: t,
+                sender: 1,
+                client_msg_id: 1,
+                payload: b"x",
+            },
+            Request::History {
+                conv: t,
+                user: 1,
+                from: HistoryFrom::After(0),
+                limit: 10,
+            },
+            Request::Members { conv: t },
+            Request::AddMember { conv: t, user: 3 },
+        ];
+        for ask in &asks {
+            match cc.call(ask) {
+                Err(ClientError::Server {
+                    code: ErrorCode::NO_SUCH_CONVERSATION,
+                    arg,
+                    ..
+                }) => assert_eq!(arg, t),
+                r => panic!("timeline {t}, {ask:?}: {r:?}"),
+            }
+        }
+        // Still a raw timeline: it takes appends, and nothing was added.
+        let r = cc.call(&Request::Append {
+            timeline: TimelineId::store(t),
+            durability: None,
+            payload: b"more",
+        });
+        assert!(matches!(r, Ok(Response::Append(2))), "{r:?}");
+    }
+
+    // STATS counts a cluster's IM traffic too (protocol.md §8): the
+    // messages stored (where their conversation is led), the `SYNC`s
+    // served, the sync entries applied (on every replica).
+    let sum = |key: &str| stat_sum(&cl, key);
+    // Followers apply the membership changes' deliveries on their own time.
+    let mut writes_before = sum("im_sync_writes");
+    wait_until("the sync writes settle", Duration::from_secs(10), || {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = sum("im_sync_writes");
+        std::mem::replace(&mut writes_before, now) == now
+    });
+    let calls_before = sum("im_sync_calls");
+    for k in 0..5u64 {
+        let r = cc.call(&Request::Send {
+            conv: 9_000,
+            sender: 100,
+            client_msg_id: k + 1,
+            payload: b"counted",
+        });
+        assert!(matches!(r, Ok(Response::Send(_))), "{r:?}");
+    }
+    let r = cc.call(&Request::Send {
+        conv: 9_000,
+        sender: 100,
+        client_msg_id: 5,
+        payload: b"counted",
+    });
+    assert!(
+        matches!(r, Ok(Response::Send(ack)) if ack.duplicate),
+        "{r:?}"
+    );
+    let synced = sync_all(&mut cc, 300);
+    assert_eq!(
+        sum("im_messages"),
+        5,
+        "five stored; the duplicate not again"
+    );
+    // Two members (100 and 300) × five messages × three replicas.
+    wait_until(
+        "every replica applied the deliveries",
+        Duration::from_secs(10),
+        || sum("im_sync_writes") - writes_before == 30,
+    );
+    assert!(
+        sum("im_sync_calls") - calls_before >= 1,
+        "{} entries synced",
+        synced.len()
+    );
+    drop(cl.etcd);
+}

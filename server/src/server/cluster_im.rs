@@ -41,6 +41,7 @@ use crate::protocol::{
     Request, Response, SendAck, SyncEntry, SyncReply,
 };
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use timeline_cluster::conversations::ConvLine;
 use timeline_cluster::groups::GroupRead;
@@ -62,7 +63,7 @@ fn refusal(r: &ImRefusal) -> ErrorReply {
         ImRefusal::NoConversation(c) => (ErrorCode::NO_SUCH_CONVERSATION, *c),
         ImRefusal::NotMember { user, .. } => (ErrorCode::NOT_MEMBER, *user),
         ImRefusal::AlreadyMember { user, .. } => (ErrorCode::ALREADY_MEMBER, *user),
-        ImRefusal::Damaged(c) => (ErrorCode::CORRUPTION, *c),
+        ImRefusal::Damaged(_) => (ErrorCode::CORRUPTION, 0),
         ImRefusal::TooLarge { max, .. } => (ErrorCode::PAYLOAD_TOO_LARGE, *max as u64),
         ImRefusal::Invalid(_) => (ErrorCode::INVALID_ARGUMENT, 0),
     };
@@ -129,12 +130,12 @@ pub(crate) fn execute(
             if m.is_empty() || (direct && m.len() != 2) || m.len() > most {
                 return Some(Err(ErrorReply::new(
                     ErrorCode::INVALID_ARGUMENT,
-                    m.len() as u64,
+                    0,
                     format!("a direct conversation has exactly two members, a group 1 to {most} on this node"),
                 )));
             }
             let conv = *conv;
-            let a = Answer::deferred(ctx, conn, id, op);
+            let a = Answer::barrier(ctx, conn, id, op);
             node.im_create(conv, kind, m, move |r| {
                 a.reply(written(r, |seq, _| Response::CreateConversation(seq)))
             });
@@ -163,7 +164,17 @@ pub(crate) fn execute(
             }
             let conv = *conv;
             let a = Answer::deferred(ctx, conn, id, op);
+            let counters = sh.counters.clone();
             node.im_send(conv, *sender, *client_msg_id, payload.to_vec(), move |r| {
+                if let Ok(
+                    ImOutcome::Done {
+                        duplicate: false, ..
+                    }
+                    | ImOutcome::Pending { .. },
+                ) = &r
+                {
+                    counters.cluster_im.messages.fetch_add(1, Ordering::Relaxed);
+                }
                 a.reply(written(r, |seq, duplicate| {
                     Response::Send(SendAck {
                         conv,
@@ -185,10 +196,18 @@ pub(crate) fn execute(
             let asked = groups.clone();
             let weak = Arc::downgrade(ctx.sh);
             let a = Answer::read(ctx, conn, id, op);
+            let counters = sh.counters.clone();
             node.linearize(
                 Keyspace::SYNC.0,
                 user,
                 off_runtime(sh, move |r: Result<(), ClusterError>| {
+                    // Served here (a node that does not lead answers MOVED).
+                    if r.is_ok() {
+                        counters
+                            .cluster_im
+                            .sync_calls
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
                     // The user's groups are read before its sync timeline: a
                     // group listed meanwhile (a join, a switch to read
                     // fan-out) is paged only once the entries written before
@@ -239,19 +258,19 @@ pub(crate) fn execute(
             );
         }
         Request::Recall { conv, user, target } => {
-            let a = Answer::deferred(ctx, conn, id, op);
+            let a = Answer::barrier(ctx, conn, id, op);
             node.im_recall(*conv, *user, *target, move |r| {
                 a.reply(written(r, |seq, _| Response::Recall(seq)))
             });
         }
         Request::MarkRead { user, conv, seq } => {
-            let a = Answer::deferred(ctx, conn, id, op);
+            let a = Answer::barrier(ctx, conn, id, op);
             node.im_mark(*user, *conv, *seq, Mark::Read, move |r| {
                 a.reply(written(r, |seq, _| Response::MarkRead(seq)))
             });
         }
         Request::DeleteForUser { user, conv, seq } => {
-            let a = Answer::deferred(ctx, conn, id, op);
+            let a = Answer::barrier(ctx, conn, id, op);
             node.im_mark(*user, *conv, *seq, Mark::Delete, move |r| {
                 a.reply(written(r, |seq, _| Response::DeleteForUser(seq)))
             });
@@ -269,7 +288,7 @@ pub(crate) fn execute(
         }
         Request::AddMember { conv, user } | Request::RemoveMember { conv, user } => {
             let add = matches!(r, Request::AddMember { .. });
-            let a = Answer::deferred(ctx, conn, id, op);
+            let a = Answer::barrier(ctx, conn, id, op);
             let threshold = sh.im.config().hybrid_threshold as u64;
             node.im_member(*conv, *user, add, threshold, move |r| {
                 a.reply(written(r, |seq, _| match add {
@@ -511,15 +530,25 @@ fn sync(
     limit: usize,
 ) -> Result<SyncReply, ErrorReply> {
     let tl = TimelineId::new(Keyspace::SYNC, user);
-    let first = engine.first_retained_seq(tl).map_err(|e| e.reply())?;
-    let truncated = (first > checkpoint.saturating_add(1)).then_some(first);
-    let from = checkpoint.saturating_add(1).max(first);
-    let recs = if limit == 0 {
-        Vec::new()
-    } else {
-        engine
-            .scan(tl, from, limit, Direction::Forward)
-            .map_err(|e| e.reply())?
+    let from = checkpoint.saturating_add(1);
+    // No up-front `first_retained_seq` (it walks the timeline's segments):
+    // a scan from below what the sync TTL kept says where data starts, and
+    // the reply says so with no entries and the checkpoint unchanged, as
+    // on a single node (the device roams with HISTORY, then syncs on).
+    let recs = match limit {
+        0 => Vec::new(),
+        _ => match engine.scan(tl, from, limit, Direction::Forward) {
+            Err(timeline_engine::Error::Truncated { first_retained, .. }) => {
+                return Ok(SyncReply {
+                    has_more: true,
+                    checkpoint,
+                    entries: Vec::new(),
+                    truncated: Some(first_retained),
+                    groups: Vec::new(),
+                });
+            }
+            r => r.map_err(|e| e.reply())?,
+        },
     };
     let mut entries = Vec::with_capacity(recs.len());
     for r in recs {
@@ -528,7 +557,7 @@ fn sync(
             .ok_or_else(|| {
                 ErrorReply::new(
                     ErrorCode::CORRUPTION,
-                    r.seq,
+                    0,
                     format!("user {user}'s sync entry {} does not decode", r.seq),
                 )
             })?;
@@ -543,14 +572,12 @@ fn sync(
             },
         });
     }
-    let last = entries
-        .last()
-        .map_or(from.saturating_sub(1).max(checkpoint), |e| e.seq);
+    let last = entries.last().map_or(checkpoint, |e| e.seq);
     Ok(SyncReply {
         has_more: engine.last_seq(tl) > last,
         checkpoint: last,
         entries,
-        truncated,
+        truncated: None,
         groups: Vec::new(),
     })
 }
@@ -720,6 +747,10 @@ pub(crate) struct PushHook(pub(crate) std::sync::Weak<super::Shared>);
 impl timeline_cluster::im::DeliveryHook for PushHook {
     fn delivered(&self, seq: u64, d: &Delivery) {
         let Some(sh) = self.0.upgrade() else { return };
+        sh.counters
+            .cluster_im
+            .sync_writes
+            .fetch_add(1, Ordering::Relaxed);
         // Built only for a user with a device subscribed here.
         let here = sh.im.push_to(d.user, || {
             let body = im_body(d.kind, d.body.clone());
@@ -919,5 +950,78 @@ fn groups_listed(node: &Node, user: u64) -> Vec<u64> {
             tracing::warn!(user, error = %e, "read-fan-out groups not watched");
             Vec::new()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::time::Duration;
+    use timeline_engine::{Config, Durability, ManualClock};
+
+    /// A user's sync record as a cluster replica stores it (write id, then
+    /// the delivery).
+    fn record(conv_seq: u64) -> Vec<u8> {
+        let d = Delivery {
+            user: 5,
+            conv: 9,
+            conv_seq,
+            sender: 1,
+            ts: 0,
+            kind: KIND_MESSAGE,
+            body: b"hi".to_vec(),
+        };
+        let mut b = conv_seq.to_le_bytes().to_vec();
+        b.extend_from_slice(&d.sync_record());
+        b
+    }
+
+    #[test]
+    fn a_sync_below_what_the_ttl_kept_is_truncated_with_no_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(1_700_000_000_000);
+        let mut c = Config::default();
+        c.background = false;
+        c.shards = 1;
+        c.clock = Arc::new(clock.clone());
+        *c.keyspace_mut(Keyspace::SYNC) = c
+            .keyspace(Keyspace::SYNC)
+            .clone()
+            .with_ttl(Some(Duration::from_secs(80)));
+        let e = Arc::new(Engine::open(dir.path(), c).unwrap());
+        let tl = TimelineId::new(Keyspace::SYNC, 5);
+        // Seqs 1–3 in one window, 4–6 in the next; then the first expires.
+        for round in 0..2u64 {
+            for i in 1..=3 {
+                e.append_batch(&[(tl, &record(round * 3 + i))], Durability::Buffered)
+                    .unwrap();
+            }
+            clock.advance_ms(10_000);
+        }
+        clock.advance_ms(65_000);
+        e.maintain().unwrap();
+        assert_eq!(e.first_retained_seq(tl).unwrap(), 4, "seqs 1-3 expired");
+
+        // As on a single node (protocol §8): no entries, the checkpoint
+        // where it was, has_more, and where the data starts.
+        for checkpoint in [0, 2] {
+            let r = sync(&e, 5, checkpoint, 10).unwrap();
+            assert_eq!(r.truncated, Some(4), "checkpoint {checkpoint}");
+            assert!(r.entries.is_empty());
+            assert_eq!(r.checkpoint, checkpoint);
+            assert!(r.has_more);
+        }
+        // From first_retained - 1 (what the reply tells the device): the rest.
+        let r = sync(&e, 5, 3, 10).unwrap();
+        assert_eq!(r.truncated, None);
+        let seqs: Vec<u64> = r.entries.iter().map(|x| x.seq).collect();
+        assert_eq!(seqs, vec![4, 5, 6]);
+        assert_eq!((r.checkpoint, r.has_more), (6, false));
+        // Paged, and past the end.
+        let r = sync(&e, 5, 3, 2).unwrap();
+        assert_eq!((r.checkpoint, r.has_more, r.entries.len()), (5, true, 2));
+        let r = sync(&e, 5, 6, 10).unwrap();
+        assert_eq!((r.checkpoint, r.has_more, r.entries.len()), (6, false, 0));
     }
 }

@@ -74,6 +74,15 @@ impl Answer {
         a
     }
 
+    /// [`Answer::deferred`] for a write whose effect the connection's next
+    /// requests must see: nothing read after it runs until it is answered
+    /// (as the single node's IM barriers).
+    pub(crate) fn barrier(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, op: Opcode) -> Answer {
+        let mut a = Answer::new(ctx, conn.key, conn.defer_barrier(), id, op);
+        a.max_frame = Some(conn.session.client_max);
+        a
+    }
+
     /// [`Answer::deferred`] for a read: the connection has at most
     /// `MAX_READS_IN_FLIGHT` of them out, and a write sent after it waits
     /// for its answer (as reads on the read pool).

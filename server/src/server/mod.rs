@@ -163,6 +163,21 @@ pub(crate) struct Counters {
     pub im_full: AtomicU64,
     /// Connections closed without `HELLO` to make room for newer ones.
     pub evicted: AtomicU64,
+    /// A cluster node's `im_messages`, `im_sync_writes`, `im_sync_calls`
+    /// (its IM runs in the cluster, not in the single-node IM layer).
+    pub cluster_im: ClusterImCounters,
+}
+
+/// What a cluster node counts of its IM traffic (`STATS`, docs/protocol.md §8).
+#[derive(Default)]
+pub(crate) struct ClusterImCounters {
+    /// Messages it stored as their conversation partition's leader
+    /// (`SEND`s answered stored; a retried duplicate is not counted again).
+    pub messages: AtomicU64,
+    /// Sync entries its replicas applied (every replica counts its own).
+    pub sync_writes: AtomicU64,
+    /// `SYNC` requests it served.
+    pub sync_calls: AtomicU64,
 }
 
 /// What every loop and pool thread shares.
@@ -455,10 +470,20 @@ pub(crate) fn stats(sh: &Shared) -> Vec<(String, u64)> {
             st.keyspace(Keyspace(3)).bytes_written,
         ),
         kv("fsyncs", st.total().fsyncs),
-        kv("im_messages", im.messages),
-        kv("im_sync_writes", im.sync_writes),
-        kv("im_sync_calls", im.sync_calls),
     ];
+    let ci = &c.cluster_im;
+    out.extend(match sh.cluster {
+        None => [
+            kv("im_messages", im.messages),
+            kv("im_sync_writes", im.sync_writes),
+            kv("im_sync_calls", im.sync_calls),
+        ],
+        Some(_) => [
+            kv("im_messages", g(&ci.messages)),
+            kv("im_sync_writes", g(&ci.sync_writes)),
+            kv("im_sync_calls", g(&ci.sync_calls)),
+        ],
+    });
     // The cluster's keyspaces whose owners release records: segment files
     // now, and those dropped since start (0 on a single node).
     for (name, ks) in [("raft_log", 2), ("im_outbox", 12), ("raft_state", 13)] {
