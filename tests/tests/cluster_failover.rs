@@ -4466,6 +4466,10 @@ fn heavy_reads_do_not_hold_up_the_raft_timers() {
                 let (node, t, stop) = (node.clone(), big[i % big.len()], stop.clone());
                 s.spawn(move || {
                     let mut c = Raw::connect(&node, 0);
+                    // 96 pages of 15 MB queue on the node's one read
+                    // thread: on a machine busy with another test, a
+                    // connection's next one can take longer than 10 s.
+                    c.s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
                     let scan = Request::Scan {
                         timeline: TimelineId::store(t),
                         from: 1,
