@@ -128,6 +128,14 @@ impl ClusterClient {
         for addr in tried {
             let r = self.conn(&addr).and_then(|c| c.call(&Request::ClusterMap));
             match r {
+                Ok(Response::ClusterMap { partitions, .. })
+                    if partitions > routing::MAX_PARTITIONS =>
+                {
+                    last = Some(ClientError::Unexpected(format!(
+                        "{addr} sent a map of {partitions} partitions (at most {})",
+                        routing::MAX_PARTITIONS
+                    )));
+                }
                 Ok(Response::ClusterMap {
                     version,
                     partitions,

@@ -6,6 +6,11 @@
 //! SplitMix64's finalizer over `id ^ (keyspace << 56)`, not `std`'s
 //! `DefaultHasher`, whose output may change between Rust releases.
 
+/// The most partitions a cluster has (P is fixed at its creation; the
+/// partition map is one etcd value, and a client keeps a leader per
+/// partition). A `CLUSTER_MAP` naming more is refused by the client.
+pub const MAX_PARTITIONS: u32 = 1 << 16;
+
 /// The partition of timeline (`keyspace`, `id`) among `partitions` (P).
 pub fn partition_of(keyspace: u8, id: u64, partitions: u32) -> u32 {
     let mut x = id ^ (u64::from(keyspace) << 56) ^ 0x9E37_79B9_7F4A_7C15;

@@ -236,6 +236,13 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
             if a.partitions == 0 || a.replicas == 0 {
                 return Err("--partitions and --replicas must be at least 1".into());
             }
+            if a.partitions > timeline_protocol::routing::MAX_PARTITIONS {
+                return Err(format!(
+                    "--partitions is at most {} (the partition map is one etcd value; docs/scaling.md, \"Partitions\")",
+                    timeline_protocol::routing::MAX_PARTITIONS
+                )
+                .into());
+            }
             // Applying a conversation entry reads the conversation's
             // records (its members, a recalled message); replicas whose
             // retention dropped different segments would decide apart.
