@@ -202,9 +202,10 @@ pub enum ClusterError {
 pub enum ImOutcome {
     /// Stored at `conv_seq` and in every member's sync timeline.
     Done { conv_seq: u64, duplicate: bool },
-    /// Stored at `conv_seq`; its deliveries are still under way (they go
-    /// on, and a new leader re-drives them).
-    Pending { conv_seq: u64 },
+    /// Stored at `conv_seq` (`duplicate`: by an earlier try); its
+    /// deliveries are still under way (they go on, and a new leader
+    /// re-drives them).
+    Pending { conv_seq: u64, duplicate: bool },
     /// Refused: nothing written.
     Refused(crate::im::ImRefusal),
 }
@@ -1370,6 +1371,7 @@ fn im_written(
                 } else {
                     ImOutcome::Pending {
                         conv_seq: ia.conv_seq,
+                        duplicate: ia.duplicate,
                     }
                 }))
             });

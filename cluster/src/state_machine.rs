@@ -144,6 +144,10 @@ struct State {
 /// (records `keyspace u8 | id u64 | last seq u64`).
 const FLOOR_BASE: u64 = 3 << 40;
 
+/// `raft-meta` `5·2^40 + p`: one record once partition `p`'s conversations
+/// are all registered in `im-created` ([`StateMachine::register_earlier_conversations`]).
+const REGISTERED_BASE: u64 = 5 << 40;
+
 fn meta_of(partition: u64, a: &AppliedState) -> SnapshotMeta<NodeId, BasicNode> {
     SnapshotMeta {
         last_log_id: a.applied,
@@ -245,6 +249,9 @@ impl StateMachine {
         if let Err(e) = sm.migrate_outbox() {
             tracing::error!(partition, error = %e, "the outbox in raft-meta was not moved over");
         }
+        if let Err(e) = sm.register_earlier_conversations() {
+            tracing::error!(partition, error = %e, "conversations of an earlier build not registered");
+        }
         if let Err(e) = outbox::carry_close_mark(&sm.engine, partition as u32) {
             tracing::error!(partition, error = %e, "the outbox's close mark not carried over");
         }
@@ -252,6 +259,56 @@ impl StateMachine {
             tracing::error!(partition, error = %e, "the outbox's delivered records not released");
         }
         Ok(sm)
+    }
+
+    /// Register the conversations a build before `im-created` made (before
+    /// 2026-12-06 evening): a store timeline of the partition whose first
+    /// record is a `Created` event and that is not registered, with the
+    /// event's write id. Since 2026-12-07 only a registered timeline is a
+    /// conversation (a raw `APPEND` is never one), so without this an
+    /// older data directory's conversations would answer
+    /// `NO_SUCH_CONVERSATION`. Once per partition: a mark in `raft-meta`
+    /// says it is done (written at a fresh partition's first open too),
+    /// durable after the registrations it covers.
+    fn register_earlier_conversations(&self) -> Result<(), Error> {
+        let mark = TimelineId::new(RAFT_META, REGISTERED_BASE + self.partition);
+        if self.engine.last_seq(mark) > 0 {
+            return Ok(());
+        }
+        let mut st = self.state.lock();
+        let stores: Vec<u64> = st
+            .timelines
+            .iter()
+            .filter(|t| t.0 == Keyspace::STORE.0)
+            .map(|t| t.1)
+            .collect();
+        let mut registered = 0u64;
+        for id in stores {
+            if im::read::is_conversation(&self.engine, id) {
+                continue;
+            }
+            let Ok(Some((w, ev))) = im::read::event(&self.engine, id, 1) else {
+                continue;
+            };
+            if let Some((kind, _)) = ev.created() {
+                let reg = (crate::log_store::IM_CREATED.0, id);
+                self.append_any(&mut st, reg, w, &[kind])?;
+                registered += 1;
+            }
+        }
+        drop(st);
+        if registered > 0 {
+            self.engine.sync().map_err(sm_err)?;
+            tracing::info!(
+                partition = self.partition,
+                registered,
+                "registered conversations an earlier build created"
+            );
+        }
+        self.engine
+            .append_with(mark, &[1], Durability::Sync)
+            .map_err(sm_err)?;
+        Ok(())
     }
 
     /// Make snapshot files in `dir` (default: the system's temporary
@@ -2916,6 +2973,60 @@ mod tests {
             }),
         };
         assert!(block(sm.apply([bad])).is_err());
+    }
+
+    /// A data directory of a build before `im-created`: its conversations
+    /// (a listed store timeline whose first record is a `Created` event)
+    /// are registered when the partition opens, once; a raw timeline of
+    /// other bytes is not; and a timeline shaped as one after that first
+    /// open is not taken for a conversation at the next.
+    #[test]
+    fn conversations_of_an_earlier_build_are_registered_once_when_the_partition_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let list = TimelineId::new(RAFT_META, 4 * 3 + 3);
+        let created = |id: u64| {
+            let ev = StoreEvent {
+                kind: im::KIND_CREATED,
+                sender: 0,
+                ts: 0,
+                client_msg_id: 0,
+                body: StoreEvent::created_body(im::CONV_GROUP, &[1, 2]),
+            };
+            let mut rec = write_id(id, 0).to_le_bytes().to_vec();
+            rec.extend_from_slice(&ev.encode());
+            e.append(TimelineId::new(Keyspace::STORE, id), &rec)
+                .unwrap();
+            e.append(list, &encode_timeline((Keyspace::STORE.0, id)))
+                .unwrap();
+        };
+        created(7);
+        let mut raw = write_id(8, 0).to_le_bytes().to_vec();
+        raw.extend_from_slice(b"raw bytes");
+        e.append(TimelineId::new(Keyspace::STORE, 8), &raw).unwrap();
+        e.append(list, &encode_timeline((Keyspace::STORE.0, 8)))
+            .unwrap();
+        assert!(!im::read::is_conversation(&e, 7));
+        assert!(matches!(
+            im::read::members(&e, 7).unwrap(),
+            Err(ImRefusal::NoConversation(7))
+        ));
+
+        drop(StateMachine::open(e.clone(), 3).unwrap());
+        assert!(im::read::is_conversation(&e, 7), "registered");
+        let m = im::read::members(&e, 7).unwrap().unwrap();
+        assert!(m.is_current(1) && m.is_current(2));
+        assert!(
+            !im::read::is_conversation(&e, 8),
+            "raw bytes are no conversation"
+        );
+
+        // Shaped as a Created event by a raw APPEND of this build: the
+        // partition was registered already, so it stays a raw timeline.
+        created(9);
+        drop(StateMachine::open(e.clone(), 3).unwrap());
+        assert!(!im::read::is_conversation(&e, 9));
+        assert!(im::read::is_conversation(&e, 7));
     }
 
     /// A power cut can keep a create's Created event (the store keyspace)

@@ -4703,12 +4703,79 @@ fn pipelined_reads_see_the_im_writes_before_them_and_raw_timelines_are_no_conver
     wait_until(
         "every replica applied the deliveries",
         Duration::from_secs(10),
-        || sum("im_sync_writes") - writes_before == 30,
+        || sum("im_sync_writes") - writes_before >= 30,
     );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(sum("im_sync_writes") - writes_before, 30);
+    // User 300: its join, 200's leave, five messages; one SYNC page.
+    assert_eq!(synced.len(), 7, "{synced:?}");
+    let calls = sum("im_sync_calls") - calls_before;
     assert!(
-        sum("im_sync_calls") - calls_before >= 1,
-        "{} entries synced",
-        synced.len()
+        (1..=3).contains(&calls),
+        "{calls} SYNCs served for one sync_all"
     );
+
+    // RECALL and MARK_READ are barriers too: the reads behind them see them.
+    let (p, lead) = leaders(&seeds);
+    let mut c = Raw::connect(&lead[&partition_of(0, 9_000, p)], 0);
+    c.send(&[
+        (
+            20,
+            Request::Recall {
+                conv: 9_000,
+                user: 100,
+                target: 4,
+            },
+        ),
+        (
+            21,
+            Request::History {
+                conv: 9_000,
+                user: 100,
+                from: HistoryFrom::After(3),
+                limit: 1,
+            },
+        ),
+    ]);
+    match c.next() {
+        ServerMsg::Reply {
+            id: 20,
+            response: Response::Recall(9),
+        } => {}
+        m => panic!("{m:?}"),
+    }
+    match c.next() {
+        ServerMsg::Reply {
+            id: 21,
+            response: Response::History(h),
+        } => assert_eq!(h.entries[0].body, timeline_client::protocol::Body::Recalled),
+        m => panic!("{m:?}"),
+    }
+    let mut c = Raw::connect(&lead[&partition_of(1, 100, p)], 0);
+    c.send(&[
+        (
+            30,
+            Request::MarkRead {
+                user: 100,
+                conv: 9_000,
+                seq: 8,
+            },
+        ),
+        (31, Request::Conversations { user: 100 }),
+    ]);
+    match c.next() {
+        ServerMsg::Reply { id: 30, .. } => {}
+        m => panic!("{m:?}"),
+    }
+    match c.next() {
+        ServerMsg::Reply {
+            id: 31,
+            response: Response::Conversations(list),
+        } => {
+            let s = list.iter().find(|s| s.conv == 9_000);
+            assert_eq!(s.map(|s| s.read_seq), Some(8), "{list:?}");
+        }
+        m => panic!("{m:?}"),
+    }
     drop(cl.etcd);
 }

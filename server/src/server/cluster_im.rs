@@ -87,7 +87,7 @@ fn written(
             conv_seq,
             duplicate,
         } => Ok(ok(conv_seq, duplicate)),
-        ImOutcome::Pending { conv_seq } => Err(ErrorReply::new(
+        ImOutcome::Pending { conv_seq, .. } => Err(ErrorReply::new(
             ErrorCode::FANOUT_FAILED,
             conv_seq,
             "stored; delivery to the members' sync timelines is still under way and goes on (a SEND retried with the same client_msg_id answers once it is delivered)",
@@ -170,7 +170,9 @@ pub(crate) fn execute(
                     ImOutcome::Done {
                         duplicate: false, ..
                     }
-                    | ImOutcome::Pending { .. },
+                    | ImOutcome::Pending {
+                        duplicate: false, ..
+                    },
                 ) = &r
                 {
                     counters.cluster_im.messages.fetch_add(1, Ordering::Relaxed);

@@ -171,8 +171,8 @@ pub(crate) struct Counters {
 /// What a cluster node counts of its IM traffic (`STATS`, docs/protocol.md §8).
 #[derive(Default)]
 pub(crate) struct ClusterImCounters {
-    /// Messages it stored as their conversation partition's leader
-    /// (`SEND`s answered stored; a retried duplicate is not counted again).
+    /// `SEND`s it answered as their conversation partition's leader that
+    /// stored a new message (not a retry's duplicate).
     pub messages: AtomicU64,
     /// Sync entries its replicas applied (every replica counts its own).
     pub sync_writes: AtomicU64,
