@@ -657,6 +657,12 @@ impl Im {
             .register(user, self.shared.user_shard(user), sink)
     }
 
+    /// Forget `user`'s sinks that are closed (call after closing one): a
+    /// user subscribed once and never pushed to holds nothing after.
+    pub fn release_sinks(&self, user: UserId) {
+        self.shared.subs.release(self.shared.user_shard(user), user)
+    }
+
     pub fn stats(&self) -> ImStats {
         let c = &self.shared.stats;
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);

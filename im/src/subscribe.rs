@@ -34,9 +34,9 @@ pub trait PushSink: Send + Sync {
     fn push(&self, p: Push) -> bool;
 
     /// Gone for good (unsubscribed, connection closed): the registry drops
-    /// it at the next registration for the same user as well as at the
-    /// next push, so subscribing and unsubscribing a quiet user does not
-    /// grow it.
+    /// it at the next registration for the same user, at the next push,
+    /// or when its owner calls [`crate::Im::release_sinks`] after closing
+    /// it, so subscribing and unsubscribing quiet users does not grow it.
     fn is_closed(&self) -> bool {
         false
     }
@@ -159,6 +159,21 @@ impl Subscribers {
         list.push(sink);
     }
 
+    /// Drop `user`'s closed sinks now (its last one gone: the user too),
+    /// rather than at its next push or subscription, which may never come.
+    pub(crate) fn release(&self, shard: usize, user: UserId) {
+        let mut g = self.shards[shard].lock();
+        let Some(list) = g.get_mut(&user) else {
+            return;
+        };
+        let before = list.len();
+        list.retain(|s| !s.is_closed());
+        self.count.fetch_sub(before - list.len(), Ordering::AcqRel);
+        if list.is_empty() {
+            g.remove(&user);
+        }
+    }
+
     /// The users with a registered sink (a gone one counts until its
     /// user's next push).
     pub(crate) fn users(&self) -> Vec<UserId> {
@@ -193,5 +208,49 @@ impl Subscribers {
             return false;
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[derive(Default)]
+    struct Sink(AtomicBool);
+
+    impl PushSink for Sink {
+        fn push(&self, _: Push) -> bool {
+            !self.0.load(Ordering::Acquire)
+        }
+        fn is_closed(&self) -> bool {
+            self.0.load(Ordering::Acquire)
+        }
+    }
+
+    /// Quiet users subscribed and unsubscribed one after another (each a
+    /// new user, none ever pushed to) leave nothing behind once released;
+    /// a user's open sink stays.
+    #[test]
+    fn released_users_leave_nothing_behind() {
+        let subs = Subscribers::new(4, 8);
+        let kept = Arc::new(Sink::default());
+        subs.register(7, 7 % 4, kept.clone());
+        for user in 100..10_100u64 {
+            let sink = Arc::new(Sink::default());
+            subs.register(user, (user % 4) as usize, sink.clone());
+            sink.0.store(true, Ordering::Release);
+            subs.release((user % 4) as usize, user);
+        }
+        let closed_too = Arc::new(Sink::default());
+        subs.register(7, 7 % 4, closed_too.clone());
+        closed_too.0.store(true, Ordering::Release);
+        subs.release(7 % 4, 7);
+        assert_eq!(subs.users(), vec![7]);
+        assert_eq!(subs.count.load(Ordering::Acquire), 1);
+        kept.0.store(true, Ordering::Release);
+        subs.release(7 % 4, 7);
+        assert!(subs.users().is_empty());
+        assert!(!subs.any());
     }
 }

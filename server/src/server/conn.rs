@@ -52,6 +52,8 @@ const KEEP_IN: usize = 64 << 10;
 pub(crate) struct Sub {
     /// The subscription id: the request id of its SUBSCRIBE.
     pub id: u64,
+    /// Whose pushes it takes.
+    pub user: u64,
     pub sink: Arc<SubSink>,
     /// Its SUBSCRIBE reply's slot while that reply waits behind earlier
     /// ones: pushes queue behind it until then (they follow the reply).

@@ -598,7 +598,9 @@ fn execute(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, r: Request<'_>) -> Result<()
                 ));
             };
             // Pushes of it still on their way are dropped by serial.
-            conn.subs.swap_remove(i).sink.close();
+            let sub = conn.subs.swap_remove(i);
+            sub.sink.close();
+            ctx.sh.im.release_sinks(sub.user);
             Response::Unsubscribe
         }
     };
@@ -934,6 +936,7 @@ pub(crate) fn start_subscription(
     }
     conn.subs.push(Sub {
         id,
+        user,
         sink,
         reply_slot,
     });

@@ -748,8 +748,9 @@ impl EventLoop {
             return;
         }
         let mut c = self.conns.remove(idx);
-        for Sub { sink, .. } in c.subs.drain(..) {
+        for Sub { sink, user, .. } in c.subs.drain(..) {
             sink.close();
+            self.sh.im.release_sinks(user);
         }
         let _ = self.poll.registry().deregister(&mut c.stream);
         let _ = c.stream.shutdown(std::net::Shutdown::Both);
