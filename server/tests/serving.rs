@@ -13,7 +13,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use timeline_server::protocol::token::{self, Claims, Role};
-use timeline_server::protocol::{self, ErrorCode, Request, RequestFrame, Response, ServerMsg};
+use timeline_server::protocol::{
+    self, ErrorCode, Opcode, Request, RequestFrame, Response, ServerMsg,
+};
 use timeline_server::protocol::{Body, Direction, Durability, Push, TimelineId};
 use timeline_server::{start, Client};
 
@@ -767,4 +769,151 @@ fn a_half_sent_frame_ends_its_connection_after_the_write_timeout() {
     assert!(t0.elapsed() >= Duration::from_millis(900));
     assert!(r.next(Duration::from_secs(5)).is_none(), "closed after");
     srv.shutdown().unwrap();
+}
+
+fn error_of(m: Option<ServerMsg>) -> (u64, ErrorCode, u64) {
+    match m {
+        Some(ServerMsg::Error { id, error, .. }) => (id, error.code, error.arg),
+        m => panic!("expected an error, got {m:?}"),
+    }
+}
+
+/// protocol.md §3: before a successful HELLO the server reads headers
+/// only. A 1 MiB frame of another opcode is refused at its header (not
+/// after its body, which never comes); a HELLO frame over 256 bytes is
+/// FRAME_TOO_LARGE with arg 256; both close the connection. A HELLO
+/// max_frame below 1,024 is INVALID_ARGUMENT and closes; 0 is capped at
+/// the server's own limit. After the handshake, request id 0 is
+/// MALFORMED_FRAME and a second HELLO, whatever its body, is
+/// INVALID_ARGUMENT; the connection stays for both.
+#[test]
+fn a_handshake_is_read_by_its_header_and_its_limits_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = server(dir.path());
+    let addr = srv.local_addr();
+    let header = |len: u32, op: u16, id: u64| {
+        let mut b = len.to_le_bytes().to_vec();
+        b.extend_from_slice(&op.to_le_bytes());
+        b.extend_from_slice(&0u16.to_le_bytes());
+        b.extend_from_slice(&id.to_le_bytes());
+        b
+    };
+    // A PING header announcing a frame of the server's limit (1 MiB
+    // here), then nothing: the server need not wait for (or hold) it.
+    let mut r = Raw::connect(addr);
+    r.s.write_all(&header((1 << 20) - 16, Opcode::PING.0, 5))
+        .unwrap();
+    let at = std::time::Instant::now();
+    let (id, code, _) = error_of(r.next(Duration::from_secs(5)));
+    assert_eq!((id, code), (5, ErrorCode::HANDSHAKE_REQUIRED));
+    assert!(
+        at.elapsed() < Duration::from_secs(2),
+        "answered at the header"
+    );
+    assert!(closed(&mut r.s));
+    // A HELLO frame of 1,000 bytes.
+    let mut r = Raw::connect(addr);
+    r.s.write_all(&header(984, Opcode::HELLO.0, 1)).unwrap();
+    assert_eq!(
+        error_of(r.next(Duration::from_secs(5))),
+        (1, ErrorCode::FRAME_TOO_LARGE, 256)
+    );
+    assert!(closed(&mut r.s));
+    // max_frame too small to take even an error.
+    let mut r = Raw::connect(addr);
+    r.hello(100, &[]);
+    let (_, code, _) = error_of(r.next(Duration::from_secs(5)));
+    assert_eq!(code, ErrorCode::INVALID_ARGUMENT);
+    assert!(closed(&mut r.s));
+
+    // max_frame 0 is the server's 1 MiB here: a 1.2 MiB SCAN is refused
+    // with that limit, not sent.
+    let mut c = Client::connect(addr, b"").unwrap();
+    let big = vec![7u8; 60 << 10];
+    for _ in 0..20 {
+        c.call(&Request::Append {
+            timeline: protocol::TimelineId::store(77),
+            durability: None,
+            payload: &big,
+        })
+        .unwrap();
+    }
+    let mut r = Raw::connect(addr);
+    r.hello(0, &[]);
+    assert!(matches!(r.reply(), ServerMsg::Reply { id: 1, .. }));
+    r.send(
+        2,
+        Request::Scan {
+            timeline: protocol::TimelineId::store(77),
+            from: 1,
+            limit: 20,
+            direction: protocol::Direction::Forward,
+        },
+    );
+    assert_eq!(
+        error_of(r.next(Duration::from_secs(5))),
+        (2, ErrorCode::RESPONSE_TOO_LARGE, 1 << 20)
+    );
+    // Request id 0, a known and an unknown opcode: MALFORMED_FRAME.
+    r.s.write_all(&header(0, Opcode::PING.0, 0)).unwrap();
+    assert_eq!(
+        error_of(r.next(Duration::from_secs(5))).1,
+        ErrorCode::MALFORMED_FRAME
+    );
+    r.s.write_all(&header(0, 0x7777, 0)).unwrap();
+    assert_eq!(
+        error_of(r.next(Duration::from_secs(5))).1,
+        ErrorCode::MALFORMED_FRAME
+    );
+    // A second HELLO of garbage.
+    let mut bad = header(5, Opcode::HELLO.0, 3);
+    bad.extend_from_slice(b"junk!");
+    r.s.write_all(&bad).unwrap();
+    assert_eq!(
+        error_of(r.next(Duration::from_secs(5))),
+        (3, ErrorCode::INVALID_ARGUMENT, 0)
+    );
+    r.send(4, Request::Ping(b"still here"));
+    assert!(matches!(r.reply(), ServerMsg::Reply { id: 4, .. }));
+}
+
+/// protocol.md §11: a SCAN reply is refused only if it would exceed the
+/// client's max_frame: 16 + 4 + 8 × (20 + 100) = 980 bytes fit 1,024.
+#[test]
+fn a_scan_that_fits_the_clients_frame_exactly_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = server(dir.path());
+    let addr = srv.local_addr();
+    let mut c = Client::connect(addr, b"").unwrap();
+    for _ in 0..9 {
+        c.call(&Request::Append {
+            timeline: protocol::TimelineId::store(5),
+            durability: None,
+            payload: &[1u8; 100],
+        })
+        .unwrap();
+    }
+    let mut r = Raw::connect(addr);
+    r.hello(1024, &[]);
+    assert!(matches!(r.reply(), ServerMsg::Reply { id: 1, .. }));
+    let scan = |limit| Request::Scan {
+        timeline: protocol::TimelineId::store(5),
+        from: 1,
+        limit,
+        direction: protocol::Direction::Forward,
+    };
+    r.send(2, scan(8));
+    match r.reply() {
+        ServerMsg::Reply {
+            id: 2,
+            response: Response::Scan(recs),
+        } => assert_eq!(recs.len(), 8),
+        m => panic!("{m:?}"),
+    }
+    // Nine: 1,100 bytes.
+    r.send(3, scan(9));
+    assert_eq!(
+        error_of(r.next(Duration::from_secs(5))),
+        (3, ErrorCode::RESPONSE_TOO_LARGE, 1024)
+    );
 }

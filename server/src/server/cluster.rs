@@ -219,7 +219,7 @@ pub(crate) fn execute(
                 t.id,
                 off_runtime(sh, move |r: Result<(), ClusterError>| {
                     a.reply(r.map_err(|e| e.reply()).and_then(|()| {
-                        let recs = scan(&engine, max, t, from, limit, direction.native())?;
+                        let recs = scan(&engine, max, 8, t, from, limit, direction.native())?;
                         let recs: Result<Vec<Record>, ErrorReply> =
                             recs.into_iter().map(strip).collect();
                         Ok(Response::Scan(recs?.wire()))

@@ -65,8 +65,8 @@ pub(crate) struct Session {
     pub id: Option<Identity>,
     /// The largest frame the client accepts (HELLO `max_frame`).
     pub client_max: usize,
-    /// The token's expiry (seconds since the epoch), with auth on.
-    pub expires_unix: Option<u64>,
+    /// When the token expires, with auth on (fixed at the `HELLO`).
+    pub token_deadline: Option<Instant>,
 }
 
 /// Why a deadline fired.
@@ -142,7 +142,7 @@ impl Conn {
             session: Session {
                 id: None,
                 client_max: default_max,
-                expires_unix: None,
+                token_deadline: None,
             },
             subs: Vec::new(),
             next_serial: 0,
@@ -431,22 +431,15 @@ impl Conn {
         if let Some(since) = self.partial_since.filter(|_| !self.closing) {
             consider(since + t.write, Deadline::PartialFrame);
         }
-        if let Some(exp) = self.session.expires_unix {
-            if !self.closing {
-                let left = exp.saturating_sub(super::dispatch::now_unix());
-                // A token valid for centuries has no deadline worth a timer.
-                if let Some(at) = t.now.checked_add(Duration::from_secs(left.min(1 << 32))) {
-                    consider(at, Deadline::TokenExpired);
-                }
-            }
+        if let Some(at) = self.session.token_deadline.filter(|_| !self.closing) {
+            consider(at, Deadline::TokenExpired);
         }
         best
     }
 }
 
-/// The timeouts of the configuration, and the time they are measured from.
+/// The timeouts of the configuration.
 pub(crate) struct Timeouts {
-    pub now: Instant,
     pub handshake: Duration,
     pub idle: Duration,
     pub write: Duration,

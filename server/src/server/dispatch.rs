@@ -24,7 +24,7 @@ use crate::protocol::{
 };
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use timeline_engine::{AppendTicket, Durability, Engine, SeqId, TimelineId};
 use timeline_im::{ImError, Pending};
 
@@ -50,6 +50,28 @@ pub(crate) struct Answer {
     /// The client's frame limit, if the answer is checked against it
     /// here (`RESPONSE_TOO_LARGE`) rather than by the caller.
     max_frame: Option<usize>,
+    /// Posted: an answer dropped unposted (a callback never called, a job
+    /// that panicked) posts `INTERNAL` instead, so the connection's later
+    /// replies, which wait behind its slot, are not held for good.
+    posted: bool,
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        if self.posted {
+            return;
+        }
+        tracing::error!(request = self.id, op = %self.op, "a request's answer was lost (a bug): answered INTERNAL");
+        let e = ErrorReply::new(
+            ErrorCode::INTERNAL,
+            0,
+            "the request's answer was lost (a server bug): it may or may not have taken effect",
+        );
+        let mut frame = Vec::new();
+        e.encode_frame(self.id, self.op, &mut frame);
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        self.post(frame);
+    }
 }
 
 impl Answer {
@@ -63,6 +85,7 @@ impl Answer {
             op,
             read: false,
             max_frame: None,
+            posted: false,
         }
     }
 
@@ -99,7 +122,7 @@ impl Answer {
     }
 
     /// Encode a response or an error and hand it to the connection's loop.
-    pub(crate) fn reply(self, r: Result<Response, ErrorReply>) {
+    pub(crate) fn reply(mut self, r: Result<Response, ErrorReply>) {
         let r = match self.max_frame {
             Some(max) => r.and_then(|resp| fits(resp, max)),
             None => r,
@@ -111,6 +134,14 @@ impl Answer {
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
                 e.encode_frame(self.id, self.op, &mut frame);
             }
+        }
+        self.post(frame);
+    }
+
+    /// Hand the answer's frame to the connection's loop (once).
+    fn post(&mut self, frame: Vec<u8>) {
+        if std::mem::replace(&mut self.posted, true) {
+            return;
         }
         self.lp.post(Msg::Done {
             key: self.key,
@@ -130,6 +161,17 @@ impl Answer {
     }
 }
 
+/// When a token that expires at `exp_unix` (seconds since the epoch)
+/// runs out, as an instant: computed once, at the `HELLO`, so the
+/// connection's deadline does not move (`None`: beyond any timer, 2^32 s).
+fn token_deadline(exp_unix: u64) -> Option<Instant> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let left = Duration::from_secs(exp_unix).saturating_sub(now);
+    (left < Duration::from_secs(1 << 32)).then(|| Instant::now() + left)
+}
+
 pub(crate) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -146,6 +188,12 @@ pub(crate) fn execute_input(ctx: &Ctx<'_>, conn: &mut Conn, input: &[u8]) -> usi
         // Writes wait for the connection's reads on the read pool.
         if conn.reads_in_flight() > 0 && is_write(&input[pos..]) {
             break;
+        }
+        // Before the handshake a header is enough: another opcode is
+        // refused without waiting for its body, and a HELLO may be small
+        // only, so a stranger cannot make the server hold a large frame.
+        if conn.session.id.is_none() && refused_before_hello(ctx, conn, &input[pos..]) {
+            return input.len();
         }
         // Pipelined single APPENDs become one engine batch.
         let used = append_run(ctx, conn, &input[pos..]);
@@ -183,6 +231,39 @@ pub(crate) fn execute_input(ctx: &Ctx<'_>, conn: &mut Conn, input: &[u8]) -> usi
     pos
 }
 
+/// The largest frame a connection may send before its `HELLO` succeeded
+/// (a `HELLO` is at most 16 + 63 bytes: protocol.md §3).
+pub(crate) const MAX_FRAME_BEFORE_HELLO: usize = 256;
+
+/// Before the handshake: the frame at the start of `input` ends the
+/// connection at its header if it is not a `HELLO` (`HANDSHAKE_REQUIRED`)
+/// or is a `HELLO` over [`MAX_FRAME_BEFORE_HELLO`] (`FRAME_TOO_LARGE`).
+/// `true` if it did (the rest of the input is discarded).
+fn refused_before_hello(ctx: &Ctx<'_>, conn: &mut Conn, input: &[u8]) -> bool {
+    let Some(h) = input.get(..protocol::HEADER_LEN) else {
+        return false;
+    };
+    let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+    let op = Opcode(u16::from_le_bytes([h[4], h[5]]));
+    let id = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+    let total = protocol::HEADER_LEN + len;
+    let reply = if op != Opcode::HELLO {
+        ErrorReply::new(ErrorCode::HANDSHAKE_REQUIRED, 0, "send HELLO first")
+    } else if total > MAX_FRAME_BEFORE_HELLO {
+        ErrorReply::new(
+            ErrorCode::FRAME_TOO_LARGE,
+            MAX_FRAME_BEFORE_HELLO as u64,
+            format!("a HELLO frame of {total} bytes (at most {MAX_FRAME_BEFORE_HELLO})"),
+        )
+    } else {
+        return false;
+    };
+    ctx.sh.counters.errors.fetch_add(1, Ordering::Relaxed);
+    conn.error(id, op, reply);
+    conn.close_after();
+    true
+}
+
 /// Does the frame at the start of `input` change data? (Its opcode; a
 /// partial header is not a write yet.)
 pub(crate) fn is_write(input: &[u8]) -> bool {
@@ -209,6 +290,17 @@ pub(crate) fn is_write(input: &[u8]) -> bool {
 fn handle(ctx: &Ctx<'_>, conn: &mut Conn, f: &protocol::Frame<'_>) {
     let sh = ctx.sh;
     let (id, op) = (f.header.request_id, f.header.opcode);
+    if id == 0 {
+        // Reserved for the server's errors about the connection (§2),
+        // whatever the opcode; before a handshake, a bad HELLO: closed.
+        sh.counters.errors.fetch_add(1, Ordering::Relaxed);
+        let e = ErrorReply::new(ErrorCode::MALFORMED_FRAME, 0, "request id 0 is reserved");
+        conn.error(id, op, e);
+        if conn.session.id.is_none() {
+            conn.close_after();
+        }
+        return;
+    }
     let req = match RequestFrame::decode(f) {
         Ok(r) => r,
         Err(e) => {
@@ -217,7 +309,14 @@ fn handle(ctx: &Ctx<'_>, conn: &mut Conn, f: &protocol::Frame<'_>) {
             // a bad HELLO says what was wrong with it, any other opcode
             // (known or not) that HELLO comes first (protocol.md §3).
             let shook = conn.session.id.is_some();
-            let reply = if shook || op == Opcode::HELLO {
+            let reply = if shook && op == Opcode::HELLO {
+                // The first HELLO stands, whatever this one holds.
+                ErrorReply::new(
+                    ErrorCode::INVALID_ARGUMENT,
+                    0,
+                    "a second HELLO on this connection",
+                )
+            } else if shook || op == Opcode::HELLO {
                 ErrorReply::from(&e)
             } else {
                 ErrorReply::new(ErrorCode::HANDSHAKE_REQUIRED, 0, "send HELLO first")
@@ -261,13 +360,15 @@ fn hello(sh: &Shared, conn: &mut Conn, id: u64, h: &protocol::Hello<'_>) {
     match reply {
         Ok((identity, expires, reply)) => {
             conn.session.id = Some(identity);
-            conn.session.expires_unix = expires;
-            if h.max_frame != 0 {
-                // Clamped to the server's own limit (0 keeps the
-                // protocol's 16 MiB): reply sizing (SCAN, SYNC pages)
-                // trusts this number.
-                conn.session.client_max = (h.max_frame as usize).min(sh.cfg.max_frame);
-            }
+            conn.session.token_deadline = expires.and_then(token_deadline);
+            // 0 is the protocol's 16 MiB; either way clamped to the
+            // server's own limit: reply sizing (SCAN, SYNC pages) trusts
+            // this number.
+            let asked = match h.max_frame {
+                0 => protocol::DEFAULT_MAX_FRAME,
+                n => n as usize,
+            };
+            conn.session.client_max = asked.min(sh.cfg.max_frame);
             conn.reply(|b| Response::Hello(reply).encode_frame(id, b));
         }
         Err(e) => {
@@ -280,6 +381,10 @@ fn hello(sh: &Shared, conn: &mut Conn, id: u64, h: &protocol::Hello<'_>) {
 
 type HelloOk = (Identity, Option<u64>, protocol::HelloReply);
 
+/// The smallest `max_frame` a client may ask for in its `HELLO` (0 aside):
+/// the server's own replies (errors, `resync`) must fit it.
+pub(crate) const MIN_CLIENT_MAX_FRAME: usize = 1024;
+
 fn check_hello(sh: &Shared, h: &protocol::Hello<'_>) -> Result<HelloOk, ErrorReply> {
     if h.version != protocol::PROTOCOL_VERSION {
         return Err(ErrorReply::new(
@@ -288,6 +393,16 @@ fn check_hello(sh: &Shared, h: &protocol::Hello<'_>) -> Result<HelloOk, ErrorRep
             format!(
                 "this server speaks protocol version {}",
                 protocol::PROTOCOL_VERSION
+            ),
+        ));
+    }
+    if h.max_frame != 0 && (h.max_frame as usize) < MIN_CLIENT_MAX_FRAME {
+        return Err(ErrorReply::new(
+            ErrorCode::INVALID_ARGUMENT,
+            0,
+            format!(
+                "max_frame {} is below {MIN_CLIENT_MAX_FRAME}: not even an error reply would fit",
+                h.max_frame
             ),
         ));
     }
@@ -445,7 +560,7 @@ fn execute(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, r: Request<'_>) -> Result<()
             let max = conn.session.client_max;
             return off_loop(ctx, conn, id, Opcode::SCAN, move |sh| {
                 let (t, d) = (timeline.native(), direction.native());
-                scan(sh.im.engine(), max, t, from, limit, d).map(|r| Response::Scan(r.wire()))
+                scan(sh.im.engine(), max, 0, t, from, limit, d).map(|r| Response::Scan(r.wire()))
             });
         }
         Request::Scan {
@@ -457,6 +572,7 @@ fn execute(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, r: Request<'_>) -> Result<()
             scan(
                 engine,
                 conn.session.client_max,
+                0,
                 timeline.native(),
                 from,
                 limit,
@@ -568,7 +684,7 @@ fn execute(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, r: Request<'_>) -> Result<()
             let slot = conn.defer_barrier();
             let a = Answer::new(ctx, key, slot, id, Opcode::CREATE_CONVERSATION);
             let sh2 = sh.clone();
-            sh.pool.spawn(move || {
+            sh.creates.spawn(move || {
                 let r = sh2.im.create_conversation(conv, kind.native(), &members);
                 a.send(r, Response::CreateConversation);
             });
@@ -817,18 +933,13 @@ fn append_run(ctx: &Ctx<'_>, conn: &mut Conn, input: &[u8]) -> usize {
         Ok(Ok(ticket)) => {
             let slot = conn.defer();
             let a = Answer::new(ctx, conn.key, slot, 0, Opcode::APPEND);
-            let done = move |r: timeline_engine::Result<Vec<SeqId>>, a: Answer| {
+            let done = move |r: timeline_engine::Result<Vec<SeqId>>, mut a: Answer| {
                 let mut frame = Vec::with_capacity(ids.len() * 24);
                 match r {
                     Ok(seqs) => many_appends(seqs, &ids, &mut frame),
                     Err(e) => append_errors(&ids, &e, &a.counters, &mut frame),
                 }
-                a.lp.post(Msg::Done {
-                    key: a.key,
-                    slot: a.slot,
-                    frame,
-                    read: false,
-                });
+                a.post(frame);
             };
             if ticket.is_durable() {
                 done(ticket.wait(), a);
@@ -952,9 +1063,14 @@ pub(crate) fn page_limit(sh: &Shared, conn: &Conn, asked: u32) -> usize {
 
 /// A SCAN read in pages, refused with RESPONSE_TOO_LARGE as soon as the
 /// records exceed what the client accepts (never built whole first).
+///
+/// The reply is exactly 16 (header) + 4 (count) + Σ (20 + payload) bytes;
+/// `hidden` is what each stored record holds that the reply leaves out (a
+/// cluster node's 8-byte write id).
 pub(crate) fn scan(
     engine: &Engine,
     client_max: usize,
+    hidden: usize,
     timeline: TimelineId,
     from: u64,
     limit: u32,
@@ -962,7 +1078,7 @@ pub(crate) fn scan(
 ) -> Result<Vec<timeline_engine::Record>, ErrorReply> {
     use timeline_engine::Direction;
     let mut out: Vec<timeline_engine::Record> = Vec::new();
-    let mut bytes = 64usize;
+    let mut bytes = protocol::HEADER_LEN + 4;
     let mut next = from;
     let mut left = limit as usize;
     while left > 0 {
@@ -977,7 +1093,7 @@ pub(crate) fn scan(
             Direction::Backward => last.seq.saturating_sub(1),
         };
         for r in page {
-            bytes += r.payload.len() + 24;
+            bytes += 20 + r.payload.len().saturating_sub(hidden);
             if bytes > client_max {
                 return Err(ErrorReply::new(
                     ErrorCode::RESPONSE_TOO_LARGE,

@@ -664,10 +664,9 @@ impl EventLoop {
 
     // ---- deadlines ----
 
-    fn timeouts(&self, now: Instant) -> Timeouts {
+    fn timeouts(&self) -> Timeouts {
         let cfg = &self.sh.cfg;
         Timeouts {
-            now,
             handshake: cfg.handshake_timeout,
             idle: cfg.idle_timeout,
             write: cfg.write_timeout,
@@ -678,7 +677,7 @@ impl EventLoop {
     /// earlier entry of it is there already (stale entries are skipped
     /// when they come up).
     fn arm(&mut self, idx: usize) {
-        let t = self.timeouts(Instant::now());
+        let t = self.timeouts();
         let Some(c) = self.conns.get_mut(idx) else {
             return;
         };
@@ -705,7 +704,7 @@ impl EventLoop {
                 break;
             }
             self.timers.pop();
-            let t = self.timeouts(now);
+            let t = self.timeouts();
             let Some(c) = self.conns.get_mut(idx).filter(|c| c.key.gen == gen) else {
                 continue;
             };

@@ -186,6 +186,11 @@ pub(crate) struct Shared {
     pub cfg: ServerConfig,
     pub counters: Arc<Counters>,
     pub pool: pool::Pool,
+    /// Runs `CREATE_CONVERSATION`s: a group with more members than one
+    /// record holds adds the rest one durable step at a time, so a create
+    /// of a million members takes minutes; on its own pool it cannot hold
+    /// up the group-commit acknowledgements the blocking pool gives.
+    pub creates: pool::Pool,
     /// Runs reads with `Reads::Pool` (empty otherwise).
     pub read_pool: Option<pool::Pool>,
     pub io_threads: usize,
@@ -289,6 +294,7 @@ impl ServerHandle {
         // The loops are gone; the pool threads finish what they hold and
         // drop their references.
         shared.pool.close();
+        shared.creates.close();
         if let Some(p) = &shared.read_pool {
             p.close();
         }
@@ -349,6 +355,7 @@ pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
     let per_core = |n: usize| if n == 0 { cores() } else { n };
     let io_threads = per_core(cfg.io_threads);
     let pool = pool::Pool::start(per_core(cfg.blocking_threads), "blocking")?;
+    let creates = pool::Pool::start(per_core(cfg.blocking_threads), "creates")?;
     let read_pool = match cfg.reads {
         Reads::Pool => Some(pool::Pool::start(per_core(cfg.read_threads), "reads")?),
         Reads::Inline => None,
@@ -358,6 +365,7 @@ pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
         cfg,
         counters: Arc::new(Counters::default()),
         pool,
+        creates,
         read_pool,
         io_threads,
         cluster,

@@ -1,9 +1,10 @@
 //! A pool: a fixed set of threads. The blocking pool takes the few waits that have
 //! no completion callback, so that no event loop ever blocks on them:
-//! a group-commit ticket (whose waiter may lead the shared fdatasync), an
-//! `APPEND` with its own fdatasync, and `CREATE_CONVERSATION` (several IM
-//! steps). A job answers through its connection's loop like any other
-//! completion.
+//! a group-commit ticket (whose waiter may lead the shared fdatasync) and
+//! an `APPEND` with its own fdatasync. `CREATE_CONVERSATION` (several IM
+//! steps, one per member past the first record's: minutes for a million)
+//! has a pool of its own, so it never holds those up. A job answers
+//! through its connection's loop like any other completion.
 //!
 //! Tickets queue here in arrival order; a thread waiting on the first one
 //! leads an fdatasync that covers everything written before it, so the
@@ -35,7 +36,13 @@ impl Pool {
                     .name(format!("{name}-{i}"))
                     .spawn(move || {
                         while let Ok(Some(job)) = rx.recv() {
-                            job();
+                            // A job that panics (a bug) loses its own
+                            // work, not the thread: its answer, dropped
+                            // unposted, says INTERNAL (`dispatch::Answer`).
+                            let run = std::panic::AssertUnwindSafe(job);
+                            if std::panic::catch_unwind(run).is_err() {
+                                tracing::error!("a pool job panicked");
+                            }
                         }
                     })?,
             );
@@ -87,5 +94,37 @@ fn spawn_on(tx: &Sender<Option<Job>>, job: impl FnOnce() + Send + 'static) {
         if let Some(job) = e.into_inner() {
             job();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A job that panics takes neither its thread nor the jobs behind it.
+    #[test]
+    fn a_panicking_job_leaves_the_pool_running() {
+        let pool = Pool::start(1, "test").unwrap();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        pool.spawn(|| panic!("a bug in one job"));
+        for i in 0..3 {
+            let tx = tx.clone();
+            // Run on the pool's thread (a pool whose threads died runs
+            // jobs on the caller's).
+            pool.spawn(move || {
+                let name = std::thread::current().name().map(str::to_owned);
+                tx.send((i, name)).unwrap()
+            });
+        }
+        let got: Vec<(i32, Option<String>)> = (0..3)
+            .map(|_| rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap())
+            .collect();
+        let on_pool = Some("test-0".to_string());
+        assert_eq!(
+            got,
+            vec![(0, on_pool.clone()), (1, on_pool.clone()), (2, on_pool)]
+        );
+        pool.close();
     }
 }
