@@ -120,7 +120,8 @@ type Subs = HashMap<UserId, Vec<Arc<dyn PushSink>>>;
 
 pub(crate) struct Subscribers {
     shards: Vec<Mutex<Subs>>,
-    /// Registered sinks (a gone one counts until its user's next push).
+    /// Registered sinks (a gone one counts until released, or its user's
+    /// next push or subscription).
     count: AtomicUsize,
     capacity: usize,
 }
@@ -174,8 +175,8 @@ impl Subscribers {
         }
     }
 
-    /// The users with a registered sink (a gone one counts until its
-    /// user's next push).
+    /// The users with a registered sink (a gone one counts until
+    /// released, or its user's next push or subscription).
     pub(crate) fn users(&self) -> Vec<UserId> {
         self.shards
             .iter()

@@ -79,8 +79,9 @@ struct Args {
     /// Event-loop threads serving the connections (0: one per core).
     #[arg(long, default_value_t = 0)]
     io_threads: usize,
-    /// Threads that wait on group-commit and own-fdatasync appends (0: one
-    /// per core).
+    /// Threads that wait on group-commit and own-fdatasync appends, and
+    /// as many again for CREATE_CONVERSATION on a single node (0: one per
+    /// core).
     #[arg(long, default_value_t = 0)]
     blocking_threads: usize,
     /// Where SYNC, HISTORY and SCAN run: on a read pool (every core serves

@@ -917,3 +917,47 @@ fn a_scan_that_fits_the_clients_frame_exactly_is_sent() {
         (3, ErrorCode::RESPONSE_TOO_LARGE, 1024)
     );
 }
+
+/// protocol.md §5: closing a connection drops its subscriptions, and so
+/// does `UNSUBSCRIBE`: the server keeps nothing of a user whose devices
+/// all left, even one never pushed to (before, each such user stayed in
+/// the registry for good).
+#[test]
+fn unsubscribed_and_disconnected_users_leave_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = server(dir.path());
+    let addr = srv.local_addr();
+    let im = srv.im().unwrap();
+    let mut r = Raw::connect(addr);
+    r.hello(0, &[]);
+    assert!(matches!(r.reply(), ServerMsg::Reply { id: 1, .. }));
+    for user in 1..=200u64 {
+        r.send(2 * user, Request::Subscribe { user });
+        r.send(
+            2 * user + 1,
+            Request::Unsubscribe {
+                subscription: 2 * user,
+            },
+        );
+    }
+    for _ in 0..400 {
+        assert!(matches!(r.reply(), ServerMsg::Reply { .. }));
+    }
+    assert_eq!(im.subscribed_users(), Vec::<u64>::new());
+    // Subscribed on a connection that then goes away.
+    let mut gone = Raw::connect(addr);
+    gone.hello(0, &[]);
+    for user in 500..510u64 {
+        gone.send(user, Request::Subscribe { user });
+    }
+    for _ in 0..11 {
+        gone.reply();
+    }
+    assert_eq!(im.subscribed_users().len(), 10);
+    drop(gone);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !im.subscribed_users().is_empty() {
+        assert!(Instant::now() < deadline, "{:?}", im.subscribed_users());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

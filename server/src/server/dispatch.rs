@@ -54,6 +54,9 @@ pub(crate) struct Answer {
     /// that panicked) posts `INTERNAL` instead, so the connection's later
     /// replies, which wait behind its slot, are not held for good.
     posted: bool,
+    /// The request ids a run of pipelined `APPEND`s answers in this one
+    /// slot (empty: the answer is `id`'s alone).
+    run: Vec<u64>,
 }
 
 impl Drop for Answer {
@@ -61,16 +64,27 @@ impl Drop for Answer {
         if self.posted {
             return;
         }
-        tracing::error!(request = self.id, op = %self.op, "a request's answer was lost (a bug): answered INTERNAL");
         let e = ErrorReply::new(
             ErrorCode::INTERNAL,
             0,
             "the request's answer was lost (a server bug): it may or may not have taken effect",
         );
+        let ids = match self.run.is_empty() {
+            true => vec![self.id],
+            false => std::mem::take(&mut self.run),
+        };
         let mut frame = Vec::new();
-        e.encode_frame(self.id, self.op, &mut frame);
-        self.counters.errors.fetch_add(1, Ordering::Relaxed);
-        self.post(frame);
+        for &id in &ids {
+            e.clone().encode_frame(id, self.op, &mut frame);
+        }
+        // A loop that is gone (the server stopping, a cluster node's
+        // runtime dropping what it held) has nobody to tell.
+        if self.post(frame) {
+            tracing::error!(request = self.id, op = %self.op, "a request's answer was lost (a bug): answered INTERNAL");
+            self.counters
+                .errors
+                .fetch_add(ids.len() as u64, Ordering::Relaxed);
+        }
     }
 }
 
@@ -86,6 +100,7 @@ impl Answer {
             read: false,
             max_frame: None,
             posted: false,
+            run: Vec::new(),
         }
     }
 
@@ -138,17 +153,18 @@ impl Answer {
         self.post(frame);
     }
 
-    /// Hand the answer's frame to the connection's loop (once).
-    fn post(&mut self, frame: Vec<u8>) {
+    /// Hand the answer's frame to the connection's loop (once): `false`
+    /// if the loop is gone.
+    fn post(&mut self, frame: Vec<u8>) -> bool {
         if std::mem::replace(&mut self.posted, true) {
-            return;
+            return false;
         }
         self.lp.post(Msg::Done {
             key: self.key,
             slot: self.slot,
             frame,
             read: self.read,
-        });
+        })
     }
 
     /// Answer when the IM layer's handle completes.
@@ -684,7 +700,7 @@ fn execute(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, r: Request<'_>) -> Result<()
             let slot = conn.defer_barrier();
             let a = Answer::new(ctx, key, slot, id, Opcode::CREATE_CONVERSATION);
             let sh2 = sh.clone();
-            sh.creates.spawn(move || {
+            sh.creates.as_ref().unwrap_or(&sh.pool).spawn(move || {
                 let r = sh2.im.create_conversation(conv, kind.native(), &members);
                 a.send(r, Response::CreateConversation);
             });
@@ -932,7 +948,8 @@ fn append_run(ctx: &Ctx<'_>, conn: &mut Conn, input: &[u8]) -> usize {
     match r {
         Ok(Ok(ticket)) => {
             let slot = conn.defer();
-            let a = Answer::new(ctx, conn.key, slot, 0, Opcode::APPEND);
+            let mut a = Answer::new(ctx, conn.key, slot, 0, Opcode::APPEND);
+            a.run = ids.clone();
             let done = move |r: timeline_engine::Result<Vec<SeqId>>, mut a: Answer| {
                 let mut frame = Vec::with_capacity(ids.len() * 24);
                 match r {
@@ -998,7 +1015,7 @@ fn subscribe(ctx: &Ctx<'_>, conn: &mut Conn, id: u64, user: u64) -> Result<(), E
                     id,
                     user,
                     registered: fresh,
-                })
+                });
             });
             return Ok(());
         }

@@ -117,15 +117,17 @@ pub(crate) struct LoopHandle {
 }
 
 impl LoopHandle {
-    pub(crate) fn post(&self, m: Msg) {
+    /// `false` if the loop is gone (nothing to tell).
+    pub(crate) fn post(&self, m: Msg) -> bool {
         if self.tx.send(m).is_err() {
-            return; // the loop is gone; nothing to tell
+            return false;
         }
         if !self.armed.swap(true, Ordering::AcqRel) {
             if let Err(e) = self.waker.wake() {
                 tracing::error!(error = %e, "cannot wake an event loop");
             }
         }
+        true
     }
 
     pub(crate) fn stop(&self) {

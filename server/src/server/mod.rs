@@ -76,8 +76,9 @@ pub struct ServerConfig {
     pub max_queued_replies: usize,
     /// Event-loop threads (0: one per core).
     pub io_threads: usize,
-    /// Threads that wait on group-commit tickets and own-fdatasync appends
-    /// (0: one per core).
+    /// Threads that wait on group-commit tickets and own-fdatasync appends,
+    /// and as many again for `CREATE_CONVERSATION` on a single node (0: one
+    /// per core).
     pub blocking_threads: usize,
     /// Where `SYNC`, `HISTORY` and `SCAN` run.
     pub reads: Reads,
@@ -189,8 +190,9 @@ pub(crate) struct Shared {
     /// Runs `CREATE_CONVERSATION`s: a group with more members than one
     /// record holds adds the rest one durable step at a time, so a create
     /// of a million members takes minutes; on its own pool it cannot hold
-    /// up the group-commit acknowledgements the blocking pool gives.
-    pub creates: pool::Pool,
+    /// up the group-commit acknowledgements the blocking pool gives. None
+    /// on a cluster node, whose creates go through its groups.
+    pub creates: Option<pool::Pool>,
     /// Runs reads with `Reads::Pool` (empty otherwise).
     pub read_pool: Option<pool::Pool>,
     pub io_threads: usize,
@@ -294,7 +296,9 @@ impl ServerHandle {
         // The loops are gone; the pool threads finish what they hold and
         // drop their references.
         shared.pool.close();
-        shared.creates.close();
+        if let Some(p) = &shared.creates {
+            p.close();
+        }
         if let Some(p) = &shared.read_pool {
             p.close();
         }
@@ -355,7 +359,13 @@ pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
     let per_core = |n: usize| if n == 0 { cores() } else { n };
     let io_threads = per_core(cfg.io_threads);
     let pool = pool::Pool::start(per_core(cfg.blocking_threads), "blocking")?;
-    let creates = pool::Pool::start(per_core(cfg.blocking_threads), "creates")?;
+    let creates = match cfg.cluster {
+        None => Some(pool::Pool::start(
+            per_core(cfg.blocking_threads),
+            "creates",
+        )?),
+        Some(_) => None,
+    };
     let read_pool = match cfg.reads {
         Reads::Pool => Some(pool::Pool::start(per_core(cfg.read_threads), "reads")?),
         Reads::Inline => None,

@@ -67,8 +67,8 @@ impl SubSink {
         }
     }
 
-    /// Unsubscribed or the connection closed: the IM layer forgets the
-    /// sink at the user's next push.
+    /// Unsubscribed or the connection closed: the server then has the IM
+    /// layer forget it (`Im::release_sinks`).
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::Release);
     }
