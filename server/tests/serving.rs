@@ -961,3 +961,49 @@ fn unsubscribed_and_disconnected_users_leave_nothing_behind() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// protocol.md §5: every new durable entry of a user's read-fan-out groups
+/// within its stays is pushed, its own removal included (a stay is
+/// `[join, leave]`, inclusive). Before, a user removed from a read-fan-out
+/// group got no push of it.
+#[test]
+fn a_member_removed_from_a_read_fanout_group_is_pushed_its_removal() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.im.hybrid_threshold = 2;
+    let srv = start(cfg).unwrap();
+    let addr = srv.local_addr();
+    let mut c = Client::connect(addr, b"").unwrap();
+    let r = c.call(&Request::CreateConversation {
+        conv: 40,
+        kind: protocol::ConvKind::Group,
+        members: vec![1, 2, 3],
+    });
+    assert_eq!(r.unwrap(), Response::CreateConversation(1));
+    let mut dev = subscribed(addr, 3);
+    assert!(matches!(dev.reply(), ServerMsg::Reply { id: 1, .. }));
+    assert!(matches!(dev.reply(), ServerMsg::Reply { id: 2, .. }));
+    let r = c.call(&Request::Send {
+        conv: 40,
+        sender: 1,
+        client_msg_id: 1,
+        payload: b"before",
+    });
+    assert!(r.is_ok(), "{r:?}");
+    let r = c.call(&Request::RemoveMember { conv: 40, user: 3 });
+    assert_eq!(r.unwrap(), Response::RemoveMember(3));
+    let mut bodies = Vec::new();
+    while bodies.len() < 2 {
+        match dev.next(Duration::from_secs(5)) {
+            Some(ServerMsg::Push {
+                push: Push::Group { user: 3, entry },
+                ..
+            }) => bodies.push(entry.body),
+            m => panic!("after {bodies:?}: {m:?}"),
+        }
+    }
+    assert_eq!(
+        bodies,
+        vec![Body::Message(b"before".to_vec()), Body::MemberRemoved(3)]
+    );
+}

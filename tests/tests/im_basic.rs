@@ -519,3 +519,21 @@ fn one_sync_page_is_one_budget_for_the_timeline_and_every_group() {
     assert_eq!(msgs, 3 * 8, "{seen:?}");
     im.close().unwrap();
 }
+
+/// protocol.md §8: a message already recalled is `INVALID_ARGUMENT`, also
+/// when two recalls of it arrive together (from two devices) and land in
+/// one worker pass: exactly one of them is stored.
+#[test]
+fn a_message_is_recalled_once_even_by_two_recalls_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let im = Im::open(dir.path(), cfg(), im_cfg(500)).unwrap();
+    im.create_conversation(9, ConvKind::Direct, &[1, 2])
+        .unwrap();
+    for round in 0..20u64 {
+        let ack = im.send(9, 1, round + 1, b"oops").unwrap();
+        let a = im.recall_async(9, 1, ack.seq).unwrap();
+        let b = im.recall_async(9, 1, ack.seq).unwrap();
+        let ok = [a.wait(), b.wait()].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(ok, 1, "round {round}: both recalls of {} stored", ack.seq);
+    }
+}

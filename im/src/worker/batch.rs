@@ -287,11 +287,22 @@ impl Worker {
                 if !c.is_write_fanout(o.seq) {
                     read_deliveries += c.current as u64;
                     if let Some(e) = &entry {
-                        let members = c
+                        let mut members: Vec<UserId> = c
                             .recipients
                             .iter()
                             .flat_map(|v| v.iter().map(|r| r.0))
                             .collect();
+                        // A user removed here is no member any more, but
+                        // its removal is inside its stay: pushed to it
+                        // too (as a write-fan-out group's, `with_removed`).
+                        if matches!(o.event, Event::Member { .. }) {
+                            members.extend(
+                                removed
+                                    .iter()
+                                    .filter(|(rc, _)| *rc == o.conv)
+                                    .map(|&(_, u)| u),
+                            );
+                        }
                         group_push.push(GroupPush {
                             members,
                             entry: (**e).clone(),

@@ -154,7 +154,20 @@ impl Worker {
                     user,
                     target,
                     reply,
-                } => match self.check_recall(conv, user, target) {
+                } => match self.check_recall(conv, user, target).and_then(|()| {
+                    // A recall of the same message earlier in this run (on
+                    // another connection) is not in the recalled set yet.
+                    let twice = run.ops.iter().any(|o| {
+                        o.conv == conv
+                            && matches!(o.event, Event::Recall { target: t, .. } if t == target)
+                    });
+                    match twice {
+                        true => Err(ImError::InvalidArgument(format!(
+                            "message {target} is already recalled"
+                        ))),
+                        false => Ok(()),
+                    }
+                }) {
                     Err(e) => {
                         reply.send(Err(e));
                     }
