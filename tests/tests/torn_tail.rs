@@ -442,3 +442,56 @@ fn copy_file(mem: &MemIo, from: &Path, to: &Path, len: u64) {
     dst.write_and_sync(&bytes[..len as usize], 0).unwrap();
     mem.sync_dir(to.parent().unwrap()).unwrap();
 }
+
+/// A multi-record write cut short (a full disk's short write) can leave
+/// whole records of it in the file, checksums and all. They are not
+/// acknowledged, so they must not come back: not when the engine stops
+/// right after (before, recovery kept them), and not behind a later,
+/// shorter write (before, recovery found them chained on and either
+/// brought them back or refused to open).
+#[test]
+fn a_torn_batch_leaves_none_of_its_records() {
+    let tl = TimelineId::store(3);
+    for next_write in [false, true] {
+        let mem = MemIo::new();
+        let e = Engine::open(root(), cfg(&mem, 1 << 20)).unwrap();
+        let mut model = Model::new();
+        for r in 0..3 {
+            append_round(&e, &mut model, r, 10, Durability::Buffered);
+        }
+        e.sync().unwrap();
+        let before = e.last_seq(tl);
+        // Four records of one timeline in one write (about 260 bytes
+        // each); torn after two whole ones.
+        let recs: Vec<Vec<u8>> = (1..=4).map(|i| vec![i as u8; 200]).collect();
+        let items: Vec<(TimelineId, &[u8])> = recs.iter().map(|p| (tl, p.as_slice())).collect();
+        mem.set_faults(MemFaults {
+            tear_next_write: Some(580),
+            ..MemFaults::default()
+        });
+        assert!(e.append_batch(&items, Durability::Buffered).is_err());
+        assert_eq!(e.last_seq(tl), before, "nothing published");
+        if next_write {
+            // One shorter record where the batch began.
+            let seq = e.append_with(tl, b"after", Durability::Buffered).unwrap();
+            assert_eq!(seq, before + 1);
+        }
+        // A kill -9: every byte written stays (the page cache survives).
+        let image = mem.crash_with(|_, _, now| now.to_vec());
+        drop(e);
+        let e = Engine::open(root(), cfg(&image, 1 << 20))
+            .unwrap_or_else(|err| panic!("next write {next_write}: reopen: {err}"));
+        let want = before + u64::from(next_write);
+        assert_eq!(
+            e.last_seq(tl),
+            want,
+            "next write {next_write}: a refused record came back"
+        );
+        if next_write {
+            assert_eq!(e.get(tl, want).unwrap().unwrap().payload, b"after".to_vec());
+        }
+        assert!(e.get(tl, want + 1).unwrap().is_none());
+        let seq = e.append_with(tl, b"goes on", Durability::Buffered).unwrap();
+        assert_eq!(seq, want + 1);
+    }
+}

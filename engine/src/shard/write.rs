@@ -199,8 +199,13 @@ impl Shard {
                 self.commit
                     .mark_failed(format!("write+fdatasync failed: {e}"));
             }
-            // Nothing was published: the bytes past `start` are garbage that
-            // the next write overwrites or recovery truncates.
+            // Nothing was published. A short write may have left whole
+            // records of this batch in the file, checksums and all: were
+            // they left there, recovery would bring them back (a refused
+            // write come back), or, behind a later shorter write, find a
+            // broken chain and refuse to open. So they are zeroed: over
+            // what the short write wrote that needs no new space.
+            invalidate(&*seg.file, start as u64, end - start);
             return Err(Error::io(&seg.path, e));
         }
         w.tail.publish(end);
@@ -330,5 +335,21 @@ impl Shard {
             shard: self.id,
             reason,
         })
+    }
+}
+
+/// Zero `[at, at + len)` of `file`, front to back in pages, stopping at
+/// the first write that fails (on a full disk: past what a short write
+/// left, where nothing valid can be). Recovery cuts a log at the first
+/// record whose checksum fails, and a zeroed header's does.
+fn invalidate(file: &dyn crate::io::IoFile, at: u64, len: usize) {
+    let zeros = [0u8; 4096];
+    let mut done = 0usize;
+    while done < len {
+        let k = (len - done).min(zeros.len());
+        if file.write_at(&zeros[..k], at + done as u64).is_err() {
+            return;
+        }
+        done += k;
     }
 }
