@@ -495,3 +495,38 @@ fn a_torn_batch_leaves_none_of_its_records() {
         assert_eq!(seq, want + 1);
     }
 }
+
+/// An own-fdatasync append first syncs the segments a roll retired. If
+/// that fdatasync fails, a full disk's `ENOSPC` included, the kernel may
+/// have dropped their dirty pages: the shard is poisoned (before, a full
+/// disk's failure there was taken for a failed write, and a later group
+/// sync could vouch for pages that were gone).
+#[test]
+fn a_failed_sync_of_retired_segments_poisons_the_shard_even_on_a_full_disk() {
+    use timeline_engine::io::{FailAt, IoOp};
+    let mem = MemIo::new();
+    // Segments of 64 KiB: the rounds below roll some.
+    let e = Engine::open(root(), cfg(&mem, 64 << 10)).unwrap();
+    let mut model = Model::new();
+    let tl = timeline(0, 3);
+    let mut r = 0;
+    // Roll at least once without syncing, so that a retired segment waits.
+    while e.stats().keyspace(Keyspace::STORE).sealed_segments == 0 && r < 400 {
+        append_round(&e, &mut model, r, 10, Durability::Buffered);
+        r += 1;
+    }
+    mem.set_faults(MemFaults {
+        fail_at: Some(FailAt {
+            nth: 1,
+            ops: vec![IoOp::Sync],
+            sticky: false,
+            full: true,
+        }),
+        ..MemFaults::default()
+    });
+    let got = e.append_with(tl, b"own sync", Durability::Sync);
+    assert!(got.is_err(), "{got:?}");
+    mem.set_faults(MemFaults::default());
+    let next = e.append_with(tl, b"next", Durability::GroupCommit);
+    assert!(matches!(next, Err(Error::Poisoned { .. })), "{next:?}");
+}

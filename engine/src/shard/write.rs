@@ -186,11 +186,17 @@ impl Shard {
         }
         let seg = w.active.clone();
         let bytes = w.tail.staged(start, end);
+        if durability == Durability::Sync {
+            // An fdatasync of earlier files: any failure, a full disk's
+            // included, may have dropped their dirty pages: poisoned.
+            if let Err(e) = self.commit.sync_retired() {
+                self.commit
+                    .mark_failed(format!("fdatasync of a retired segment failed: {e}"));
+                return Err(Error::io(&seg.path, e));
+            }
+        }
         let r = match durability {
-            Durability::Sync => self
-                .commit
-                .sync_retired()
-                .and_then(|()| seg.file.write_and_sync(bytes, start as u64)),
+            Durability::Sync => seg.file.write_and_sync(bytes, start as u64),
             _ => seg.file.write_at(bytes, start as u64),
         };
         if let Err(e) = r {
