@@ -118,29 +118,33 @@ pub fn peek_len(buf: &[u8]) -> Option<u64> {
     Some(HEADER_LEN as u64 + u64::from(u32::from_le_bytes(a)))
 }
 
+/// The header of the frame at the start of `buf` and the frame's total
+/// length (header + body), once its 16 header bytes are there: enough to
+/// route or refuse a frame before its body arrives.
+pub fn peek_header(buf: &[u8]) -> Option<(Header, u64)> {
+    let mut r = super::wire::Reader::new(buf.get(..HEADER_LEN)?);
+    // Infallible: the reader holds exactly HEADER_LEN bytes.
+    let (len, opcode, flags, request_id) =
+        (r.u32().ok()?, r.u16().ok()?, r.u16().ok()?, r.u64().ok()?);
+    let header = Header {
+        opcode: Opcode(opcode),
+        flags,
+        request_id,
+    };
+    Some((header, HEADER_LEN as u64 + u64::from(len)))
+}
+
 /// Cut the frame at the start of `buf`: `Ok(Some((frame, bytes consumed)))`,
 /// `Ok(None)` if more bytes are needed, `Err(FrameTooLarge)` once the header
 /// shows a frame (header + body) above `max_frame` bytes; that error is
 /// fatal for the connection. Never panics, whatever `buf` holds.
 pub fn decode(buf: &[u8], max_frame: usize) -> Result<Option<(Frame<'_>, usize)>, ProtocolError> {
-    let Some(h) = buf.get(..HEADER_LEN) else {
+    let Some((header, total)) = peek_header(buf) else {
         return Ok(None);
     };
-    let mut r = super::wire::Reader::new(h);
-    // Infallible: `h` holds exactly HEADER_LEN bytes.
-    let (len, opcode, fl, request_id) = match (r.u32(), r.u16(), r.u16(), r.u64()) {
-        (Ok(a), Ok(b), Ok(c), Ok(d)) => (a, b, c, d),
-        _ => return Ok(None),
-    };
-    let header = Header {
-        opcode: Opcode(opcode),
-        flags: fl,
-        request_id,
-    };
-    let total = HEADER_LEN as u64 + u64::from(len);
     if total > max_frame as u64 {
         return Err(ProtocolError::FrameTooLarge {
-            request_id,
+            request_id: header.request_id,
             opcode: header.opcode,
             len: total,
             max: max_frame as u64,

@@ -54,7 +54,9 @@ mod tests;
 
 pub use codes::{ErrorCode, Opcode, RETIRED_ERRORS, RETIRED_OPCODES};
 pub use error::ProtocolError;
-pub use frame::{decode, flags, peek_len, Frame, FrameKind, Header, DEFAULT_MAX_FRAME, HEADER_LEN};
+pub use frame::{
+    decode, flags, peek_header, peek_len, Frame, FrameKind, Header, DEFAULT_MAX_FRAME, HEADER_LEN,
+};
 pub use msg::{
     decode_push_body, encode_push_body, encode_push_frame, push_body_len, push_frame_len,
     ErrorReply, Hello, HelloReply, Identity, Request, RequestFrame, Response, ServerMsg,

@@ -256,16 +256,13 @@ pub(crate) const MAX_FRAME_BEFORE_HELLO: usize = 256;
 /// or is a `HELLO` over [`MAX_FRAME_BEFORE_HELLO`] (`FRAME_TOO_LARGE`).
 /// `true` if it did (the rest of the input is discarded).
 fn refused_before_hello(ctx: &Ctx<'_>, conn: &mut Conn, input: &[u8]) -> bool {
-    let Some(h) = input.get(..protocol::HEADER_LEN) else {
+    let Some((h, total)) = protocol::peek_header(input) else {
         return false;
     };
-    let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
-    let op = Opcode(u16::from_le_bytes([h[4], h[5]]));
-    let id = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
-    let total = protocol::HEADER_LEN + len;
+    let (op, id) = (h.opcode, h.request_id);
     let reply = if op != Opcode::HELLO {
         ErrorReply::new(ErrorCode::HANDSHAKE_REQUIRED, 0, "send HELLO first")
-    } else if total > MAX_FRAME_BEFORE_HELLO {
+    } else if total > MAX_FRAME_BEFORE_HELLO as u64 {
         ErrorReply::new(
             ErrorCode::FRAME_TOO_LARGE,
             MAX_FRAME_BEFORE_HELLO as u64,
@@ -949,12 +946,14 @@ fn append_run(ctx: &Ctx<'_>, conn: &mut Conn, input: &[u8]) -> usize {
         Ok(Ok(ticket)) => {
             let slot = conn.defer();
             let mut a = Answer::new(ctx, conn.key, slot, 0, Opcode::APPEND);
-            a.run = ids.clone();
-            let done = move |r: timeline_engine::Result<Vec<SeqId>>, mut a: Answer| {
-                let mut frame = Vec::with_capacity(ids.len() * 24);
+            // The run's ids travel in its answer (a lost one says INTERNAL
+            // to each).
+            a.run = ids;
+            let done = |r: timeline_engine::Result<Vec<SeqId>>, mut a: Answer| {
+                let mut frame = Vec::with_capacity(a.run.len() * 24);
                 match r {
-                    Ok(seqs) => many_appends(seqs, &ids, &mut frame),
-                    Err(e) => append_errors(&ids, &e, &a.counters, &mut frame),
+                    Ok(seqs) => many_appends(seqs, &a.run, &mut frame),
+                    Err(e) => append_errors(&a.run, &e, &a.counters, &mut frame),
                 }
                 a.post(frame);
             };
