@@ -14,7 +14,7 @@
 
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -1499,12 +1499,26 @@ fn etcd_map(cl: &Cluster) -> timeline_cluster::partition::PartitionMap {
 }
 
 /// Four nodes that replace a node gone for 3 s, settled: the cluster, P,
-/// and each node's share of replicas.
+/// and each node's share of replicas. The map is put in etcd before they
+/// start, over all four: formed by the nodes, it would be over the first
+/// three to register, and if node 1 were the late one it would be added
+/// to a full map of 2–4, taking the very replicas it takes when it comes
+/// back after a replacement (placement is deterministic), so it would
+/// give up none.
 fn four_nodes_replacing_after_3s() -> (Cluster, u32, u64) {
     let partitions = env_or("CLUSTER_PARTITIONS", 16) as u32;
-    let cl = Cluster::start_shaped(BIN, partitions, 4, |n| {
-        n.with_env("CLUSTER_REPLACE_AFTER_MS", "3000")
-    });
+    let cl = Cluster::start_prepared(
+        BIN,
+        partitions,
+        4,
+        |n| n.with_env("CLUSTER_REPLACE_AFTER_MS", "3000"),
+        |endpoint| {
+            let (rt, meta) = etcd_meta(endpoint);
+            let map = timeline_cluster::partition::PartitionMap::new(partitions, 3, &[1, 2, 3, 4])
+                .unwrap();
+            assert!(rt.block_on(meta.create_map(&map)).unwrap());
+        },
+    );
     let share = u64::from(partitions) * 3 / 4;
     wait_settled(&cl, partitions, "four nodes", |_, m| {
         m.get("cluster_groups") == Some(&share)
@@ -1549,6 +1563,12 @@ fn wait_back_with_logs_released(
 fn a_node_gone_past_replace_after_is_replaced_and_comes_back_as_new() {
     let (mut cl, partitions, share) = four_nodes_replacing_after_3s();
     let seeds = cl.seeds();
+    let of_node_1 = |map: &timeline_cluster::partition::PartitionMap| -> BTreeSet<u32> {
+        (0..partitions)
+            .filter(|&p| map.partitions[p as usize].contains(&1))
+            .collect()
+    };
+    let held = of_node_1(&etcd_map(&cl));
     let load = Load::start(&seeds);
     let sends = Sends::start(&seeds);
     std::thread::sleep(Duration::from_millis(1000));
@@ -1598,13 +1618,19 @@ fn a_node_gone_past_replace_after_is_replaced_and_comes_back_as_new() {
     // The logs of the partitions that moved away while node 1 was down are
     // kept at its start, then released once asked about.
     wait_back_with_logs_released(&cl, partitions, share, back, "its restart");
+    let after = etcd_map(&cl);
+    let given_up: Vec<u32> = held.difference(&of_node_1(&after)).copied().collect();
+    eprintln!("node 1 held {held:?} before its death and gave up {given_up:?} when back");
+    assert!(
+        !given_up.is_empty(),
+        "node 1 came back to the very replicas it held: no outbox of its to close"
+    );
     wait_outboxes_closed(&cl, 1);
     sends.finish(&seeds);
-    let after = etcd_map(&cl);
-    let left: std::collections::BTreeSet<u32> = (0..partitions)
+    let left: BTreeSet<u32> = (0..partitions)
         .filter(|&p| !after.partitions[p as usize].contains(&2))
         .collect();
-    let mut resynced = std::collections::BTreeSet::new();
+    let mut resynced = BTreeSet::new();
     while let Some((sub, push)) = devices.next_push(Duration::from_secs(2)).unwrap() {
         assert!(
             matches!(push, timeline_client::protocol::Push::Resync),
