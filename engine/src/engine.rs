@@ -582,17 +582,28 @@ impl Engine {
                 }
             }
         }
+        // Every step runs whatever an earlier one hit: a seal failing on a
+        // full disk must not hold up the drops that would free it, nor
+        // another shard's work. The first error is returned.
+        let mut failed = None;
+        let mut ok = |r: Result<usize>| {
+            r.unwrap_or_else(|e| {
+                failed.get_or_insert(e);
+                0
+            })
+        };
         for ks in &self.inner.keyspaces {
             for s in &ks.shards {
-                if s.roll_if_due(false)? {
-                    m.rolled += 1;
-                }
-                m.sealed += s.seal_pending()?;
-                m.dropped += s.drop_expired()?;
-                m.dropped += s.drop_released()?;
+                m.rolled += ok(s.roll_if_due(false).map(usize::from));
+                m.sealed += ok(s.seal_pending());
+                m.dropped += ok(s.drop_expired());
+                m.dropped += ok(s.drop_released());
             }
         }
-        Ok(m)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(m),
+        }
     }
 
     /// The records of `tl` through seq `upto` are no longer needed (a

@@ -70,6 +70,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether this is a full disk's I/O error (`ENOSPC`).
+    pub fn is_storage_full(&self) -> bool {
+        matches!(self, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull)
+    }
+
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

@@ -15,6 +15,9 @@ pub struct KeyspaceStats {
     /// Every byte written to files (log, sealed copies, indexes, headers).
     pub bytes_written: u64,
     pub sealed_segments: u64,
+    /// Of `sealed_segments`, those a keyspace that regroups sealed in log
+    /// order because the disk had no room for the regrouped copy.
+    pub seals_in_log_order: u64,
     pub dropped_segments: u64,
     /// Segment files the keyspace holds now.
     pub files: u64,
@@ -50,6 +53,7 @@ impl Stats {
             t.record_bytes += k.record_bytes;
             t.bytes_written += k.bytes_written;
             t.sealed_segments += k.sealed_segments;
+            t.seals_in_log_order += k.seals_in_log_order;
             t.dropped_segments += k.dropped_segments;
             t.files += k.files;
             t.index_bytes += k.index_bytes;

@@ -388,3 +388,86 @@ fn close_while_full_with_sends_in_flight_returns_and_recovery_delivers() {
         im.close().unwrap();
     }
 }
+
+/// A read marker or a delete-for-me refused on a full disk, then a power
+/// cut: after recovery the mark is either not applied, or applied and in
+/// the user's sync timeline for its other devices to learn. The two
+/// records (sync entry, catalog record) are two writes; the write that
+/// fails is the first, then the second. Regression: the catalog record
+/// went first, so a sync write refused after it left a mark that recovery
+/// applied and no device ever learned.
+#[test]
+fn a_mark_refused_on_a_full_disk_is_never_applied_unannounced() {
+    use timeline_engine::io::{FailAt, IoOp};
+    const USER: UserId = 10;
+    for (nth, delete) in [(1, false), (2, false), (1, true), (2, true)] {
+        let mem = MemIo::new();
+        let im = open(&mem);
+        create(&im);
+        for cmid in 1..=3 {
+            im.send(GROUP, 11, cmid, &body(GROUP, 11, cmid)).unwrap();
+        }
+        let seq = 2;
+        // Closed and opened again: no journal mark of the sends is still to
+        // be written, and the mark's two writes are the next ones (user 13
+        // shows it).
+        im.close().unwrap();
+        let im = open(&mem);
+        mem.set_faults(MemFaults::default());
+        im.mark_read(13, GROUP, 1).unwrap();
+        assert_eq!(mem.calls(&[IoOp::Write]), 2, "a read mark's writes");
+        mem.set_faults(MemFaults {
+            fail_at: Some(FailAt {
+                nth,
+                ops: vec![IoOp::Write],
+                sticky: false,
+                full: true,
+            }),
+            ..MemFaults::default()
+        });
+        let got = match delete {
+            true => im.delete_for_user(USER, GROUP, seq),
+            false => im.mark_read(USER, GROUP, seq),
+        };
+        let what = format!(
+            "write {nth} of a {} fails",
+            if delete { "delete" } else { "read mark" }
+        );
+        assert!(got.as_ref().is_err_and(is_storage_full), "{what}: {got:?}");
+        let im = Im::open(
+            root(),
+            cfg(&mem.crash()),
+            ImConfig {
+                durability: Durability::GroupCommit,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let applied = match delete {
+            true => im
+                .history(GROUP, USER, HistoryFrom::After(0), 10)
+                .unwrap()
+                .entries
+                .iter()
+                .any(|e| e.conv_seq == seq && e.body == Body::Deleted),
+            false => im
+                .conversations(USER)
+                .unwrap()
+                .iter()
+                .any(|c| c.conv == GROUP && c.read_seq >= seq),
+        };
+        let marker = match delete {
+            true => Body::DeletedMarker,
+            false => Body::ReadMarker,
+        };
+        let announced =
+            im.sync(USER, 0, 100, &[]).unwrap().entries.iter().any(|e| {
+                e.entry.conv == GROUP && e.entry.conv_seq == seq && e.entry.body == marker
+            });
+        eprintln!("{what}: applied after recovery {applied}, in the sync timeline {announced}");
+        assert!(
+            !applied || announced,
+            "{what}: applied after recovery, but not in the user's sync timeline"
+        );
+    }
+}

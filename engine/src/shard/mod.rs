@@ -48,6 +48,9 @@ struct ShardStats {
     pub record_bytes: AtomicU64,
     pub records: AtomicU64,
     pub sealed_segments: AtomicU64,
+    /// Of those, sealed in log order in a keyspace that regroups (no room
+    /// for the copy).
+    pub seals_in_log_order: AtomicU64,
     pub dropped_segments: AtomicU64,
 }
 
@@ -207,6 +210,7 @@ impl Shard {
         k.record_bytes += x.record_bytes.load(Ordering::Relaxed);
         k.bytes_written += x.bytes_written.load(Ordering::Relaxed);
         k.sealed_segments += x.sealed_segments.load(Ordering::Relaxed);
+        k.seals_in_log_order += x.seals_in_log_order.load(Ordering::Relaxed);
         k.dropped_segments += x.dropped_segments.load(Ordering::Relaxed);
         k.files += self.file_count() as u64;
         k.index_bytes += self.memory_bytes() as u64;

@@ -38,6 +38,14 @@ impl Shard {
     }
 
     /// Seal one frozen segment; returns its number of index entries.
+    ///
+    /// A keyspace that regroups copies the segment into a new file. When
+    /// the disk has no room for that copy (`ENOSPC`), the segment is sealed
+    /// in log order instead: its index appended to the log file itself, a
+    /// few dozen bytes per timeline. Otherwise a nearly full disk would
+    /// hold up sealing, and with it every append behind it, until a whole
+    /// segment's worth were free. Reads of it walk its records' chains, as
+    /// in a keyspace that does not regroup.
     fn seal_one(&self, f: &Arc<LogSeg>) -> Result<u64> {
         let bytes = f.buf.published();
         let header = SegmentHeader {
@@ -47,36 +55,36 @@ impl Shard {
             gen: f.gen,
             created_ms: f.created_ms,
         };
-        let (out, footer) = build_sealed(bytes, header, self.cfg.regroup)
-            .map_err(|e| Error::corruption(&f.path, 0, e.to_string()))?;
+        let build = |regroup| {
+            build_sealed(bytes, header, regroup)
+                .map_err(|e| Error::corruption(&f.path, 0, e.to_string()))
+        };
         let seg_path = self.seg_path(f.gen);
-        match &out {
+        let (out, mut footer) = build(self.cfg.regroup)?;
+        let grouped = match out {
             SealOutput::Grouped(v) => {
-                self.write_new_file(&format::tmp_file_name(f.gen), &seg_path, v)?;
-            }
-            // A previous attempt got as far as the rename: only the rest is left.
-            SealOutput::Appendix(_) if !self.exists(&f.path)? => {}
-            SealOutput::Appendix(v) => {
-                // A failed write may have left garbage past the published end;
-                // the footer must be the file's last bytes.
-                f.file.set_len(bytes.len() as u64).map_err(ioe(&f.path))?;
-                f.file
-                    .write_at(v, bytes.len() as u64)
-                    .map_err(ioe(&f.path))?;
-                if let Err(e) = f.file.sync_data() {
-                    // The log's dirty pages may be gone (fsyncgate): nothing
-                    // later may be acknowledged on top of them.
-                    self.commit
-                        .mark_failed(format!("fdatasync failed while sealing: {e}"));
-                    return Err(Error::io(&f.path, e));
+                match self.write_new_file(&format::tmp_file_name(f.gen), &seg_path, &v) {
+                    Ok(()) => true,
+                    Err(e) if e.is_storage_full() => {
+                        tracing::warn!(segment = %f.path.display(), error = %e,
+                            "no room to regroup a segment: sealed in log order");
+                        let (SealOutput::Grouped(v) | SealOutput::Appendix(v), log_order) =
+                            build(false)?;
+                        footer = log_order;
+                        self.append_index(f, bytes.len(), &seg_path, &v)?;
+                        self.stats
+                            .seals_in_log_order
+                            .fetch_add(1, Ordering::Relaxed);
+                        false
+                    }
+                    Err(e) => return Err(e),
                 }
-                self.io.rename(&f.path, &seg_path).map_err(ioe(&f.path))?;
-                self.io.sync_dir(&self.dir).map_err(ioe(&self.dir))?;
-                self.stats
-                    .bytes_written
-                    .fetch_add(v.len() as u64, Ordering::Relaxed);
             }
-        }
+            SealOutput::Appendix(v) => {
+                self.append_index(f, bytes.len(), &seg_path, &v)?;
+                false
+            }
+        };
         let file = self
             .io
             .open(&seg_path, OpenMode::Existing)
@@ -102,7 +110,7 @@ impl Shard {
         if f.buf.capacity() == self.cfg.segment_bytes as usize {
             *self.spare.lock() = Some(f.buf.clone());
         }
-        if let SealOutput::Grouped(_) = out {
+        if grouped {
             // A stale .log beside a valid .seg is removed by recovery, so no
             // directory sync is needed here.
             match self.io.remove_file(&f.path) {
@@ -116,19 +124,55 @@ impl Shard {
         Ok(footer.entries as u64)
     }
 
+    /// Seal log segment `f` (`len` bytes published) in log order: append
+    /// its index and footer (`appendix`) to the file itself, fdatasync,
+    /// rename it to `seg_path`.
+    fn append_index(&self, f: &LogSeg, len: usize, seg_path: &Path, appendix: &[u8]) -> Result<()> {
+        // A previous attempt got as far as the rename: only the rest is left.
+        if !self.exists(&f.path)? {
+            return Ok(());
+        }
+        // A failed write may have left garbage past the published end; the
+        // footer must be the file's last bytes.
+        f.file.set_len(len as u64).map_err(ioe(&f.path))?;
+        f.file
+            .write_at(appendix, len as u64)
+            .map_err(ioe(&f.path))?;
+        if let Err(e) = f.file.sync_data() {
+            // The log's dirty pages may be gone (fsyncgate): nothing later
+            // may be acknowledged on top of them.
+            self.commit
+                .mark_failed(format!("fdatasync failed while sealing: {e}"));
+            return Err(Error::io(&f.path, e));
+        }
+        self.io.rename(&f.path, seg_path).map_err(ioe(&f.path))?;
+        self.io.sync_dir(&self.dir).map_err(ioe(&self.dir))?;
+        self.stats
+            .bytes_written
+            .fetch_add(appendix.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Create `path` with `bytes` so that a crash leaves either no file or
     /// the whole file: write under the temporary name `tmp` (removed by
-    /// recovery), fdatasync, rename, fsync the directory.
+    /// recovery, and at once if the write fails: on a full disk, what it
+    /// wrote would take the space appends need), fdatasync, rename, fsync
+    /// the directory.
     fn write_new_file(&self, tmp: &str, path: &Path, bytes: &[u8]) -> Result<()> {
         const CHUNK: usize = 8 << 20;
         let tmp = self.dir.join(tmp);
         let _ = self.io.remove_file(&tmp);
         let file = self.io.open(&tmp, OpenMode::CreateNew).map_err(ioe(&tmp))?;
-        for (i, chunk) in bytes.chunks(CHUNK).enumerate() {
-            file.write_at(chunk, (i * CHUNK) as u64)
-                .map_err(ioe(&tmp))?;
+        let written = bytes
+            .chunks(CHUNK)
+            .enumerate()
+            .try_for_each(|(i, chunk)| file.write_at(chunk, (i * CHUNK) as u64))
+            .and_then(|()| file.sync_data());
+        if let Err(e) = written {
+            drop(file);
+            let _ = self.io.remove_file(&tmp);
+            return Err(Error::io(&tmp, e));
         }
-        file.sync_data().map_err(ioe(&tmp))?;
         self.io.rename(&tmp, path).map_err(ioe(&tmp))?;
         self.io.sync_dir(&self.dir).map_err(ioe(&self.dir))?;
         self.stats

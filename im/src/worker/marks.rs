@@ -85,15 +85,29 @@ impl Worker {
                 Body::ReadMarker,
             ),
         };
-        let mut cb = Vec::with_capacity(32);
-        cat.encode_into(&mut cb);
-        write_engine(sh, &[(TimelineId::store(sh.catalog[q]), &cb)])?;
+        // The sync entry first, then the catalog record (two keyspaces: two
+        // writes). A failure or a crash between them leaves at most a
+        // marker the devices were shown and the catalog does not hold: the
+        // request was not answered as done, its retry writes both, and a
+        // second marker of the same seq changes nothing on a device. The
+        // other order could leave a mark applied (replayed from the catalog
+        // on open) that the user's other devices never learn.
         let mut sb = Vec::with_capacity(17);
         rec.encode_into(&mut sb);
         let s = write_engine(sh, &[(TimelineId::sync(user), &sb)])?;
-        bump(&sh.stats.meta_writes, 1);
         bump(&sh.stats.sync_writes, 1);
         let sync_seq = s.first().copied().unwrap_or(0);
+        let mut cb = Vec::with_capacity(32);
+        cat.encode_into(&mut cb);
+        let catalogued = write_engine(sh, &[(TimelineId::store(sh.catalog[q]), &cb)]);
+        if catalogued.is_err() {
+            // The entry is durable: let the user's syncs see it (and what
+            // follows it) rather than hold it back until its next entry.
+            let mut users = sh.dir.users[q].write();
+            users.entry(user).or_default().visible.publish(sync_seq);
+        }
+        catalogued?;
+        bump(&sh.stats.meta_writes, 1);
         {
             let mut users = sh.dir.users[q].write();
             let u = users.entry(user).or_default();
