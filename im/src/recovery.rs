@@ -50,6 +50,21 @@ pub(crate) fn recover(sh: &Shared) -> Result<Vec<Recovered>> {
     Ok(states)
 }
 
+/// `decoded`, or the open refused with the record's place logged. A record
+/// recovery cannot read is never skipped: a lost membership change or
+/// recall would change who may read what.
+fn placed<T>(
+    tl: TimelineId,
+    seq: u64,
+    decoded: std::result::Result<T, crate::entry::DecodeError>,
+) -> Result<T> {
+    decoded.map_err(|e| {
+        tracing::error!(keyspace = tl.keyspace.0, timeline = tl.id, seq, error = %e,
+            "an IM record does not decode: the open is refused");
+        e.into()
+    })
+}
+
 fn replay_catalog(sh: &Shared, p: usize) -> Result<()> {
     let tl = TimelineId::store(sh.catalog[p]);
     let mut from = 1;
@@ -58,7 +73,7 @@ fn replay_catalog(sh: &Shared, p: usize) -> Result<()> {
         let Some(last) = recs.last() else { break };
         from = last.seq + 1;
         for r in &recs {
-            let rec = CatalogRecord::decode(&r.payload)?;
+            let rec = placed(tl, r.seq, CatalogRecord::decode(&r.payload))?;
             match rec {
                 CatalogRecord::Member { conv, .. } | CatalogRecord::Recall { conv, .. } => {
                     apply_op(sh, p, conv, &rec)
@@ -110,7 +125,7 @@ fn scan_journal(sh: &Shared, p: usize) -> Result<(Recovered, Vec<PendingBatch>)>
         let Some(oldest) = recs.last() else { break };
         cursor = oldest.seq - 1;
         for r in &recs {
-            match JournalRecord::decode(&r.payload)? {
+            match placed(tl, r.seq, JournalRecord::decode(&r.payload))? {
                 JournalRecord::Done { batch } => {
                     if done.is_none() {
                         done = Some(batch);
@@ -203,7 +218,7 @@ fn complete(sh: &Shared, p: usize, pending: &[PendingBatch]) -> Result<()> {
             let Some(rec) = sh.engine.get(tl, o.seq)? else {
                 continue;
             };
-            let se = StoreEntry::decode(&rec.payload)?;
+            let se = placed(tl, o.seq, StoreEntry::decode(&rec.payload))?;
             if se.kind != o.kind || se.sender != o.sender || se.cmid != o.cmid || se.arg != o.arg {
                 continue; // a stale claim: the seq was reused by a later batch
             }
@@ -279,7 +294,7 @@ fn recent_entries(sh: &Shared, user: UserId, since_ms: u64) -> Result<HashSet<(C
             if r.timestamp_ms < since_ms {
                 return Ok(set);
             }
-            match SyncRecord::decode(&r.payload)? {
+            match placed(tl, r.seq, SyncRecord::decode(&r.payload))? {
                 SyncRecord::Copy { conv, seq, .. } | SyncRecord::Ref { conv, seq } => {
                     set.insert((conv, seq));
                 }
