@@ -584,11 +584,15 @@ impl Engine {
         }
         // Every step runs whatever an earlier one hit: a seal failing on a
         // full disk must not hold up the drops that would free it, nor
-        // another shard's work. The first error is returned.
-        let mut failed = None;
+        // another shard's work. The first error is returned, later ones
+        // logged.
+        let mut failed: Option<Error> = None;
         let mut ok = |r: Result<usize>| {
             r.unwrap_or_else(|e| {
-                failed.get_or_insert(e);
+                match &failed {
+                    None => failed = Some(e),
+                    Some(_) => tracing::warn!(error = %e, "maintenance step failed"),
+                }
                 0
             })
         };

@@ -103,11 +103,12 @@ struct Args {
     /// Replies and pushes a connection may have waiting to be written.
     #[arg(long, default_value_t = 4096)]
     max_queued_replies: usize,
-    /// Require a signed token in HELLO (the secret comes from
-    /// $TIMELINE_SECRET or --secret-file).
+    /// Require a signed token in HELLO (the secret, at least 16 bytes,
+    /// comes from $TIMELINE_SECRET or --secret-file).
     #[arg(long)]
     auth: bool,
-    /// File holding the HMAC secret (with --auth).
+    /// File holding the HMAC secret (with --auth; one trailing newline is
+    /// not part of it).
     #[arg(long)]
     secret_file: Option<PathBuf>,
     /// Run as a node of a cluster (docs/scaling.md): raw timelines are
@@ -199,6 +200,18 @@ fn main() {
     }
 }
 
+/// A secret file's bytes less one trailing newline (`\n` or `\r\n`), as
+/// `echo "$S" > file` leaves it: the same secret as `TIMELINE_SECRET=$S`.
+fn without_newline(mut s: Vec<u8>) -> Vec<u8> {
+    if s.last() == Some(&b'\n') {
+        s.pop();
+        if s.last() == Some(&b'\r') {
+            s.pop();
+        }
+    }
+    s
+}
+
 fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
     let d = match a.durability {
         DurabilityArg::None => Durability::Buffered,
@@ -207,7 +220,7 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let secret = if a.auth {
         let s = match (&a.secret_file, std::env::var("TIMELINE_SECRET")) {
-            (Some(f), _) => std::fs::read(f)?,
+            (Some(f), _) => without_newline(std::fs::read(f)?),
             (None, Ok(s)) => s.into_bytes(),
             (None, Err(_)) => {
                 return Err("--auth needs a secret: $TIMELINE_SECRET or --secret-file".into())
@@ -330,4 +343,30 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         })?;
     server.wait()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_newline;
+
+    #[test]
+    fn a_secret_file_loses_one_trailing_newline_only() {
+        assert_eq!(
+            without_newline(b"0123456789abcdef\n".to_vec()),
+            b"0123456789abcdef"
+        );
+        assert_eq!(
+            without_newline(b"0123456789abcdef\r\n".to_vec()),
+            b"0123456789abcdef"
+        );
+        assert_eq!(
+            without_newline(b"0123456789abcdef\n\n".to_vec()),
+            b"0123456789abcdef\n"
+        );
+        assert_eq!(
+            without_newline(b"0123456789abcdef".to_vec()),
+            b"0123456789abcdef"
+        );
+        assert_eq!(without_newline(b"x\r".to_vec()), b"x\r");
+    }
 }

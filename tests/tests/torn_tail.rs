@@ -530,3 +530,50 @@ fn a_failed_sync_of_retired_segments_poisons_the_shard_even_on_a_full_disk() {
     let next = e.append_with(tl, b"next", Durability::GroupCommit);
     assert!(matches!(next, Err(Error::Poisoned { .. })), "{next:?}");
 }
+
+/// A shard poisoned by a failed fdatasync does not seal a segment in log
+/// order: after that failure its log's pages on disk are unknown, and a
+/// new fdatasync of the same file would report success (fsyncgate). Left
+/// a log, recovery cuts it at its first bad record; renamed a sealed
+/// segment, it would be trusted whole. Regression: the retry after the
+/// failed seal appended the index, synced and renamed the log.
+#[test]
+fn a_poisoned_shard_seals_no_segment_in_log_order() {
+    use timeline_engine::io::{FailAt, IoOp};
+    let mem = MemIo::new();
+    let e = Engine::open(root(), cfg(&mem, 64 << 10)).unwrap();
+    let tl = TimelineId::sync(7);
+    let dir = root()
+        .join("sync")
+        .join(format!("{:03}", e.shard_index(tl)));
+    let has = |ext: &str| {
+        mem.file_names(&dir)
+            .iter()
+            .filter(|n| n.ends_with(ext))
+            .count()
+    };
+    // Every fdatasync fails: the roll's inline seal (log order: the sync
+    // keyspace does not regroup) fails at its fdatasync and poisons.
+    mem.set_faults(MemFaults {
+        fail_at: Some(FailAt {
+            nth: 1,
+            ops: vec![IoOp::Sync],
+            sticky: true,
+            full: false,
+        }),
+        ..MemFaults::default()
+    });
+    let mut n = 0;
+    while has(".log") < 2 {
+        let got = e.append_with(tl, &payload(1, 7, n + 1), Durability::Buffered);
+        assert!(got.is_ok(), "append {n}: {got:?}");
+        n += 1;
+        assert!(n < 10_000, "no roll");
+    }
+    assert_eq!(has(".seg"), 0, "sealed despite the failed fdatasync");
+    mem.set_faults(MemFaults::default());
+    let m = e.maintain();
+    assert!(matches!(m, Err(Error::Poisoned { .. })), "{m:?}");
+    assert_eq!(has(".seg"), 0, "a poisoned shard sealed its log in place");
+    assert_eq!(has(".log"), 2);
+}

@@ -93,6 +93,9 @@ pub(crate) struct Shard {
     /// records (`Engine::release`; in memory, declared again after a
     /// restart).
     released: Mutex<HashMap<u64, u64>>,
+    /// Until then (clock ms), seals go in log order without trying the
+    /// regrouped copy: one found no room (`seal.rs`).
+    no_room_until_ms: AtomicU64,
     stats: ShardStats,
 }
 

@@ -227,6 +227,7 @@ impl Recovery {
             spare: Mutex::new(None),
             ckpt: Mutex::new((self.ckpt_gen, self.entries_since)),
             released: Mutex::new(HashMap::new()),
+            no_room_until_ms: AtomicU64::new(0),
             stats: ShardStats::default(),
         })
     }

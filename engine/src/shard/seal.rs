@@ -4,6 +4,10 @@
 use super::recovery::read_checkpoint;
 use super::*;
 
+/// How long a shard seals in log order after a regrouped copy found no
+/// room (see `seal_one`).
+const NO_ROOM_BACKOFF_MS: u64 = 60_000;
+
 impl Shard {
     /// Seal every frozen segment, oldest first.
     pub fn seal_pending(&self) -> Result<usize> {
@@ -45,7 +49,10 @@ impl Shard {
     /// few dozen bytes per timeline. Otherwise a nearly full disk would
     /// hold up sealing, and with it every append behind it, until a whole
     /// segment's worth were free. Reads of it walk its records' chains, as
-    /// in a keyspace that does not regroup.
+    /// in a keyspace that does not regroup. For [`NO_ROOM_BACKOFF_MS`]
+    /// after that, the shard's seals go in log order at once: each copy
+    /// tried on a nearly full disk takes all the room there is until it
+    /// fails, and other writes meet a full disk meanwhile.
     fn seal_one(&self, f: &Arc<LogSeg>) -> Result<u64> {
         let bytes = f.buf.published();
         let header = SegmentHeader {
@@ -60,7 +67,9 @@ impl Shard {
                 .map_err(|e| Error::corruption(&f.path, 0, e.to_string()))
         };
         let seg_path = self.seg_path(f.gen);
-        let (out, mut footer) = build(self.cfg.regroup)?;
+        let now = self.clock.now_ms();
+        let room = now >= self.no_room_until_ms.load(Ordering::Relaxed);
+        let (out, mut footer) = build(self.cfg.regroup && room)?;
         let grouped = match out {
             SealOutput::Grouped(v) => {
                 match self.write_new_file(&format::tmp_file_name(f.gen), &seg_path, &v) {
@@ -68,6 +77,8 @@ impl Shard {
                     Err(e) if e.is_storage_full() => {
                         tracing::warn!(segment = %f.path.display(), error = %e,
                             "no room to regroup a segment: sealed in log order");
+                        self.no_room_until_ms
+                            .store(now.saturating_add(NO_ROOM_BACKOFF_MS), Ordering::Relaxed);
                         let (SealOutput::Grouped(v) | SealOutput::Appendix(v), log_order) =
                             build(false)?;
                         footer = log_order;
@@ -82,6 +93,11 @@ impl Shard {
             }
             SealOutput::Appendix(v) => {
                 self.append_index(f, bytes.len(), &seg_path, &v)?;
+                if self.cfg.regroup {
+                    self.stats
+                        .seals_in_log_order
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 false
             }
         };
@@ -132,6 +148,11 @@ impl Shard {
         if !self.exists(&f.path)? {
             return Ok(());
         }
+        // After a failed fdatasync the file's pages on disk are unknown (the
+        // kernel may have dropped them, and a new fdatasync on the same
+        // file would report success): left a log, recovery cuts it at its
+        // first bad record; renamed a segment, it would be trusted whole.
+        self.check_poison()?;
         // A failed write may have left garbage past the published end; the
         // footer must be the file's last bytes.
         f.file.set_len(len as u64).map_err(ioe(&f.path))?;
@@ -168,12 +189,14 @@ impl Shard {
             .enumerate()
             .try_for_each(|(i, chunk)| file.write_at(chunk, (i * CHUNK) as u64))
             .and_then(|()| file.sync_data());
-        if let Err(e) = written {
+        let written = written.and_then(|()| {
             drop(file);
+            self.io.rename(&tmp, path)
+        });
+        if let Err(e) = written {
             let _ = self.io.remove_file(&tmp);
             return Err(Error::io(&tmp, e));
         }
-        self.io.rename(&tmp, path).map_err(ioe(&tmp))?;
         self.io.sync_dir(&self.dir).map_err(ioe(&self.dir))?;
         self.stats
             .bytes_written
