@@ -577,3 +577,42 @@ fn a_poisoned_shard_seals_no_segment_in_log_order() {
     assert_eq!(has(".seg"), 0, "a poisoned shard sealed its log in place");
     assert_eq!(has(".log"), 2);
 }
+
+/// An append with its own fdatasync (`Durability::Sync`): a full disk's
+/// `ENOSPC` from its fdatasync poisons the shard, like any failed
+/// fdatasync (the kernel may have dropped dirty pages); the same error
+/// from its write does not (the append fails, the next one goes in).
+/// Regression: the write and its fdatasync could not be told apart, and
+/// an `ENOSPC` from either was taken for the write's.
+#[test]
+fn an_own_sync_append_is_poisoned_by_its_fdatasync_not_by_its_write() {
+    use timeline_engine::io::{FailAt, IoOp};
+    for op in [IoOp::Write, IoOp::Sync] {
+        let mem = MemIo::new();
+        let e = Engine::open(root(), cfg(&mem, 64 << 10)).unwrap();
+        let tl = timeline(0, 3);
+        e.append_with(tl, b"first", Durability::Sync).unwrap();
+        mem.set_faults(MemFaults {
+            fail_at: Some(FailAt {
+                nth: 1,
+                ops: vec![op],
+                sticky: false,
+                full: true,
+            }),
+            ..MemFaults::default()
+        });
+        let got = e.append_with(tl, b"refused", Durability::Sync);
+        assert!(
+            matches!(&got, Err(x) if x.is_storage_full()),
+            "{op:?}: {got:?}"
+        );
+        let next = e.append_with(tl, b"next", Durability::Sync);
+        match op {
+            IoOp::Sync => assert!(
+                matches!(next, Err(Error::Poisoned { .. })),
+                "{op:?}: {next:?}"
+            ),
+            _ => assert_eq!(next.unwrap(), 2, "{op:?}"),
+        }
+    }
+}

@@ -85,6 +85,26 @@ impl std::fmt::Debug for Mapping {
     }
 }
 
+/// Which step of [`IoFile::write_and_sync`] failed. They differ for what
+/// is on disk: a failed write leaves the file's earlier pages as they
+/// were, a failed fdatasync may have dropped dirty pages, and a later
+/// fdatasync of the same file would not say so ("fsyncgate").
+#[derive(Debug, thiserror::Error)]
+pub enum WriteSyncError {
+    #[error("write failed: {0}")]
+    Write(#[source] io::Error),
+    #[error("fdatasync failed: {0}")]
+    Sync(#[source] io::Error),
+}
+
+impl From<WriteSyncError> for io::Error {
+    fn from(e: WriteSyncError) -> io::Error {
+        match e {
+            WriteSyncError::Write(e) | WriteSyncError::Sync(e) => e,
+        }
+    }
+}
+
 #[allow(clippy::len_without_is_empty)]
 /// One open file. Implementations are shared between threads; `write_at`
 /// calls on disjoint ranges may run concurrently.
@@ -99,10 +119,11 @@ pub trait IoFile: Send + Sync + std::fmt::Debug {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// fdatasync: once it returns, every completed `write_at` survives a power cut.
     fn sync_data(&self) -> io::Result<()>;
-    /// `write_at` then `sync_data`; backends that can submit both at once do.
-    fn write_and_sync(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.write_at(buf, offset)?;
-        self.sync_data()
+    /// `write_at` then `sync_data`; backends that can submit both at once
+    /// do. The error says which of the two failed.
+    fn write_and_sync(&self, buf: &[u8], offset: u64) -> Result<(), WriteSyncError> {
+        self.write_at(buf, offset).map_err(WriteSyncError::Write)?;
+        self.sync_data().map_err(WriteSyncError::Sync)
     }
     /// A read-only view of the whole file as it is now.
     fn map(&self) -> io::Result<Mapping>;

@@ -9,7 +9,7 @@
 //! it submitted, and puts the ring back.
 
 use super::std_io::{list_dir_std, open_std, sync_dir_std, StdFile};
-use super::{Io, IoFile, Mapping, OpenMode};
+use super::{Io, IoFile, Mapping, OpenMode, WriteSyncError};
 use io_uring::{opcode, squeue, types, IoUring};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -308,38 +308,43 @@ impl IoFile for UringFile {
         self.plain.sync_data()
     }
 
-    fn write_and_sync(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+    fn write_and_sync(&self, buf: &[u8], offset: u64) -> Result<(), WriteSyncError> {
         if buf.is_empty() {
-            return self.sync_data();
+            return self.sync_data().map_err(WriteSyncError::Sync);
         }
         let fd = self.plain.file.as_raw_fd();
         let first = &buf[..buf.len().min(MAX_WRITE_CHUNK)];
         // The fdatasync is linked to the write: it starts only after the
-        // write completed in full (a failed or short write cancels it).
-        let res = self.shared.run(&[
-            Op::Write {
-                fd,
-                buf: first,
-                offset,
-                link: true,
-            },
-            Op::Fdatasync { fd },
-        ])?;
+        // write completed in full (a failed or short write cancels it), so
+        // each completion says which step failed.
+        let res = self
+            .shared
+            .run(&[
+                Op::Write {
+                    fd,
+                    buf: first,
+                    offset,
+                    link: true,
+                },
+                Op::Fdatasync { fd },
+            ])
+            .map_err(WriteSyncError::Write)?;
         let w = res.first().copied().unwrap_or(-libc::EIO);
         let s = res.get(1).copied().unwrap_or(-libc::ECANCELED);
         let written = if w == -libc::EINTR || w == -libc::EAGAIN {
             0
         } else {
-            cqe_result(w)?
+            cqe_result(w).map_err(WriteSyncError::Write)?
         };
         if written == buf.len() && s != -libc::ECANCELED {
-            return cqe_result(s).map(|_| ());
+            return cqe_result(s).map(|_| ()).map_err(WriteSyncError::Sync);
         }
         // Short write (or a buffer larger than one op): finish with plain
         // writes, then a separate fdatasync.
         self.plain
-            .write_at(&buf[written..], offset + written as u64)?;
-        self.sync_data()
+            .write_at(&buf[written..], offset + written as u64)
+            .map_err(WriteSyncError::Write)?;
+        self.sync_data().map_err(WriteSyncError::Sync)
     }
 
     fn map(&self) -> io::Result<Mapping> {

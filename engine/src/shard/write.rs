@@ -2,6 +2,7 @@
 //! publish, roll to a new segment, wait for group commit.
 
 use super::*;
+use crate::io::WriteSyncError;
 
 /// Where the first item of an append goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,15 +197,17 @@ impl Shard {
             }
         }
         let r = match durability {
-            Durability::Sync => seg.file.write_and_sync(bytes, start as u64),
+            Durability::Sync => seg.file.write_and_sync(bytes, start as u64).map_err(|e| {
+                if let WriteSyncError::Sync(e) = &e {
+                    // Any failure, a full disk's included, may have
+                    // dropped dirty pages: poisoned.
+                    self.commit.mark_failed(format!("fdatasync failed: {e}"));
+                }
+                std::io::Error::from(e)
+            }),
             _ => seg.file.write_at(bytes, start as u64),
         };
         if let Err(e) = r {
-            if durability == Durability::Sync && e.kind() != std::io::ErrorKind::StorageFull {
-                // We cannot tell whether the write or the sync failed: treat as a failed sync.
-                self.commit
-                    .mark_failed(format!("write+fdatasync failed: {e}"));
-            }
             // Nothing was published. A short write may have left whole
             // records of this batch in the file, checksums and all: were
             // they left there, recovery would bring them back (a refused
