@@ -200,6 +200,37 @@ fn main() {
     }
 }
 
+/// Lock `dir`'s `LOCK` file (created with the directory if missing) for
+/// this process: a second server on the same data directory (one started
+/// while a stopping one still writes, or by mistake) would recover files
+/// the first is still writing. Refused at once if another holds it.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, String> {
+    let path = dir.join("LOCK");
+    let file = std::fs::create_dir_all(dir)
+        .and_then(|()| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+        })
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(format!(
+                "the data directory {} is in use by another process (it holds {})",
+                dir.display(),
+                path.display()
+            ))
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(format!("{}: lock: {e}", path.display()))
+        }
+    }
+    Ok(file)
+}
+
 /// A secret file's bytes less one trailing newline (`\n` or `\r\n`), as
 /// `echo "$S" > file` leaves it: the same secret as `TIMELINE_SECRET=$S`.
 fn without_newline(mut s: Vec<u8>) -> Vec<u8> {
@@ -315,6 +346,9 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         cluster,
     };
     raise_fd_limit(cfg.max_connections);
+    // Held until the process exits (the kernel drops it then, kill -9
+    // included).
+    let _lock = lock_data_dir(&cfg.data_dir)?;
     tracing::info!(
         data_dir = %cfg.data_dir.display(),
         auth = cfg.auth_secret.is_some(),
@@ -346,8 +380,24 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
-    use super::without_newline;
+    use super::{lock_data_dir, without_newline};
+
+    #[test]
+    fn a_data_directory_takes_one_server_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock_data_dir(dir.path()).unwrap();
+        let second = lock_data_dir(dir.path());
+        assert!(
+            second
+                .as_ref()
+                .is_err_and(|e| e.contains("in use by another process")),
+            "{second:?}"
+        );
+        drop(held);
+        lock_data_dir(dir.path()).unwrap();
+    }
 
     #[test]
     fn a_secret_file_loses_one_trailing_newline_only() {

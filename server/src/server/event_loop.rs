@@ -28,7 +28,8 @@ const LISTENER: Token = Token(usize::MAX - 1);
 const READ_CHUNK: usize = 64 << 10;
 /// Reads one connection gets per turn before the others get theirs.
 const READS_PER_TURN: usize = 4;
-/// A shutdown waits this long for answers in flight, then closes anyway.
+/// A shutdown waits this long for connections to take their output, then
+/// closes those owed no more answers (`fire_timers`).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// After accept fails for want of descriptors, try again this much later
 /// (the pending connection stays in the backlog; no new edge would come).
@@ -164,6 +165,8 @@ pub(crate) struct EventLoop {
     /// connections since closed or handshaken are dropped lazily).
     handshaking: VecDeque<Key>,
     stopping: Option<Instant>,
+    /// The shutdown's grace ran out (its sweep is done).
+    past_grace: bool,
 }
 
 impl EventLoop {
@@ -199,6 +202,7 @@ impl EventLoop {
             dirty: Vec::new(),
             again: Vec::new(),
             stopping: None,
+            past_grace: false,
         })
     }
 
@@ -273,10 +277,11 @@ impl EventLoop {
         }
         let mut next = self.timers.peek().map(|Reverse((t, _, _))| *t);
         let retry = self.acceptor.as_ref().and_then(|a| a.retry_at);
-        for t in [retry, self.stopping.map(|s| s + SHUTDOWN_GRACE)]
-            .into_iter()
-            .flatten()
-        {
+        let grace = self
+            .stopping
+            .filter(|_| !self.past_grace)
+            .map(|s| s + SHUTDOWN_GRACE);
+        for t in [retry, grace].into_iter().flatten() {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
         next.map(|t| t.saturating_duration_since(Instant::now()))
@@ -692,13 +697,23 @@ impl EventLoop {
     }
 
     fn fire_timers(&mut self, now: Instant) {
-        if let Some(s) = self.stopping {
+        if let Some(s) = self.stopping.filter(|_| !self.past_grace) {
             if now >= s + SHUTDOWN_GRACE {
-                let idxs: Vec<usize> = self.conns.iter().map(|(i, _)| i).collect();
-                for idx in idxs {
+                // A connection owed no answer is only waiting for its client
+                // to take its output: closed. One still owed answers (a
+                // request that takes minutes, a million-member create) keeps
+                // it until they and `CLOSED` are written; a client that
+                // stops reading them meets the write deadline.
+                self.past_grace = true;
+                let idle: Vec<usize> = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| c.owed() == 0)
+                    .map(|(i, _)| i)
+                    .collect();
+                for idx in idle {
                     self.close(idx);
                 }
-                return;
             }
         }
         while let Some(Reverse((at, idx, gen))) = self.timers.peek().copied() {
