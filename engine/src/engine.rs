@@ -352,6 +352,47 @@ impl Engine {
         }
     }
 
+    /// [`append_batch`](Self::append_batch) only if every item lands at the
+    /// SeqId `expect` names for it (0: wherever it lands): else
+    /// `Error::NotLast` for the first item that would not, and nothing of
+    /// the batch is written. The items must share one shard (one write; the
+    /// check and the write happen under its writer lock): `InvalidArgument`
+    /// otherwise. What an owner of timelines that others may append to by
+    /// mistake needs (the IM layer's batches), so that a foreign record
+    /// never leaves part of its batch stored.
+    pub fn append_batch_expecting(
+        &self,
+        items: &[(TimelineId, &[u8])],
+        expect: &[SeqId],
+        d: Durability,
+    ) -> Result<Vec<SeqId>> {
+        if expect.len() != items.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} expected seqs for {} items",
+                expect.len(),
+                items.len()
+            )));
+        }
+        if !self.one_shard(items) {
+            return Err(Error::InvalidArgument(
+                "a batch with expected seqs must stay within one shard".into(),
+            ));
+        }
+        let t = self.append_inner(items, d, At::Seqs(expect))?;
+        match d {
+            Durability::GroupCommit => t.wait(),
+            _ => Ok(t.seqs),
+        }
+    }
+
+    /// Whether every item of `items` is in one shard of one keyspace.
+    fn one_shard(&self, items: &[(TimelineId, &[u8])]) -> bool {
+        items.windows(2).all(|w| {
+            w[0].0.keyspace == w[1].0.keyspace
+                && self.shard_index(w[0].0) == self.shard_index(w[1].0)
+        })
+    }
+
     /// Append `payload` to an empty timeline as its SeqId `seq` (≥ 1). The
     /// timeline then reads as one whose records before `seq` are gone:
     /// `first_retained_seq` is `seq`, a scan from below it starts at it,
@@ -415,9 +456,12 @@ impl Engine {
         &self,
         items: &[(TimelineId, &[u8])],
         d: Durability,
-        first: At,
+        first: At<'_>,
     ) -> Result<AppendTicket> {
-        debug_assert!(first == At::Next || items.len() == 1, "one item only");
+        debug_assert!(
+            matches!(first, At::Next | At::Seqs(_)) || items.len() == 1,
+            "one item only"
+        );
         self.check_open()?;
         for (_, p) in items {
             self.check_payload(p)?;
@@ -425,10 +469,7 @@ impl Engine {
         let mut seqs = vec![0u64; items.len()];
         let mut waits = Vec::new();
         // Group by shard, keeping item order within a shard.
-        let single_shard = items.windows(2).all(|w| {
-            w[0].0.keyspace == w[1].0.keyspace
-                && self.shard_index(w[0].0) == self.shard_index(w[1].0)
-        });
+        let single_shard = self.one_shard(items);
         let mut froze_any = false;
         let mut wake_any = false;
         if single_shard {

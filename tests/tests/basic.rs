@@ -103,3 +103,55 @@ fn ttl_drops_old_segments_and_reports_truncation() {
     // The store keyspace keeps everything.
     assert_eq!(e.first_retained_seq(TimelineId::store(9)).unwrap(), 1);
 }
+
+/// `append_batch_expecting`: a batch whose every item lands where it was
+/// expected is written; one item that would not (a record appended
+/// meanwhile) refuses the whole batch with `NotLast`, nothing of it
+/// written; a batch over two shards is refused. What the IM layer's
+/// batches rely on so that a record appended to a conversation from
+/// outside never leaves part of a batch stored.
+#[test]
+fn a_batch_with_expected_seqs_is_written_whole_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = Engine::open(dir.path(), small_cfg()).unwrap();
+    // Timelines of one shard.
+    let shard = e.shard_index(TimelineId::store(1));
+    let ids: Vec<u64> = (1..)
+        .filter(|&i| e.shard_index(TimelineId::store(i)) == shard)
+        .take(3)
+        .collect();
+    let (a, b, c) = (
+        TimelineId::store(ids[0]),
+        TimelineId::store(ids[1]),
+        TimelineId::store(ids[2]),
+    );
+    let d = Durability::GroupCommit;
+    let got = e.append_batch_expecting(&[(a, b"a1"), (b, b"b1"), (b, b"b2")], &[0, 1, 2], d);
+    assert_eq!(got.unwrap(), vec![1, 1, 2]);
+    // Someone appends to `b` meanwhile: `b` is not where it was expected.
+    assert_eq!(e.append_with(b, b"foreign", d).unwrap(), 3);
+    let got = e.append_batch_expecting(&[(a, b"a2"), (b, b"b3"), (c, b"c1")], &[0, 3, 0], d);
+    assert!(
+        matches!(got, Err(Error::NotLast { timeline, expected: 2, last: 3 }) if timeline == b.id),
+        "{got:?}"
+    );
+    for (tl, last) in [(a, 1), (b, 3), (c, 0)] {
+        assert_eq!(
+            e.last_seq(tl),
+            last,
+            "{tl:?}: part of a refused batch was written"
+        );
+    }
+    // Where it stands now, it goes in.
+    let got = e.append_batch_expecting(&[(a, b"a2"), (b, b"b4"), (c, b"c1")], &[2, 4, 1], d);
+    assert_eq!(got.unwrap(), vec![2, 4, 1]);
+    assert_eq!(e.get(b, 4).unwrap().unwrap().payload, b"b4");
+    let other = (1..)
+        .map(TimelineId::store)
+        .find(|&t| e.shard_index(t) != shard)
+        .unwrap();
+    let got = e.append_batch_expecting(&[(a, b"x"), (other, b"y")], &[0, 0], d);
+    assert!(matches!(got, Err(Error::InvalidArgument(_))), "{got:?}");
+    let got = e.append_batch_expecting(&[(a, b"x")], &[0, 0], d);
+    assert!(matches!(got, Err(Error::InvalidArgument(_))), "{got:?}");
+}

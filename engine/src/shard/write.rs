@@ -4,9 +4,9 @@
 use super::*;
 use crate::io::WriteSyncError;
 
-/// Where the first item of an append goes.
+/// Where the first item of an append goes (or, `Seqs`, every item).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum At {
+pub(crate) enum At<'a> {
     /// After its timeline's last record (every append but the two below).
     Next,
     /// At this SeqId, its timeline being empty (`Engine::append_at`).
@@ -14,6 +14,39 @@ pub(crate) enum At {
     /// After its timeline's last record, only if that is this SeqId
     /// (`Engine::append_after`); `Error::NotLast` otherwise.
     After(u64),
+    /// Each item at the SeqId of the same index (0: wherever it lands);
+    /// `Error::NotLast` before anything is staged if one would not
+    /// (`Engine::append_batch_expecting`).
+    Seqs(&'a [u64]),
+}
+
+/// Each item's SeqId in a batch (the last of its timeline, as
+/// `resolve_batch_state` gave it in `idxs`, plus the items before it of
+/// the same timeline) against `expect` (0: any).
+fn check_expected(
+    items: &[(u64, &[u8])],
+    idxs: &[(u32, (u64, Pos, u32))],
+    expect: &[u64],
+) -> Result<()> {
+    let mut last: HashMap<u32, u64> = HashMap::new();
+    for (k, &(id, _)) in items.iter().enumerate() {
+        let (idx, state) = idxs[k];
+        let prev = last.get(&idx).copied().unwrap_or(state.0);
+        let seq = prev.saturating_add(1);
+        match expect.get(k).copied().unwrap_or(0) {
+            0 => {}
+            e if e == seq => {}
+            e => {
+                return Err(Error::NotLast {
+                    timeline: id,
+                    expected: e - 1,
+                    last: prev,
+                })
+            }
+        }
+        last.insert(idx, seq);
+    }
+    Ok(())
 }
 
 impl Shard {
@@ -29,7 +62,7 @@ impl Shard {
         items: &[(u64, &[u8])],
         seqs: &mut Vec<u64>,
         durability: Durability,
-        first: At,
+        first: At<'_>,
     ) -> Result<(u64, bool, bool)> {
         let mut w = self.writer.lock();
         self.check_poison()?;
@@ -61,6 +94,12 @@ impl Shard {
         let mut payload_bytes = 0u64;
         self.table
             .resolve_batch_state(items.iter().map(|(id, _)| *id), &mut idxs);
+        if let At::Seqs(expect) = first {
+            if let Err(e) = check_expected(items, &idxs, expect) {
+                w.idxs = idxs;
+                return Err(e);
+            }
+        }
         for (k, &(id, payload)) in items.iter().enumerate() {
             let rl = record::encoded_len(payload.len());
             if cursor + rl > w.active.buf.capacity() {

@@ -7,7 +7,7 @@
 
 use super::deliver::{Delivery, Item};
 use super::plan::{Event, Op};
-use super::{write_engine, Ack, MemberChange, Worker};
+use super::{Ack, MemberChange, Worker};
 use crate::directory::{self, Recipient};
 use crate::entry::{self, CatalogRecord, ConvKind, JournalRecord, SyncRecord};
 use crate::fanout::watermark::Latch;
@@ -187,27 +187,30 @@ impl Worker {
         }
         let catalog_tl = TimelineId::store(sh.catalog[self.p]);
         items.extend(cat.iter().map(|b| (catalog_tl, &b[..])));
+        // The worker is the only writer of these timelines, and the intent
+        // announced each record's seq: the engine writes the batch only if
+        // every record lands there. A record appended to a conversation's
+        // timeline from outside (a raw `APPEND` racing its create) makes
+        // the whole batch refused, nothing of it stored: its catalog
+        // records must not make recovery apply what was refused.
+        let mut expect = vec![0; items.len()];
+        for (k, o) in ops.iter().enumerate() {
+            expect[1 + k] = o.seq;
+        }
         let res = if items.is_empty() {
             Ok(Vec::new())
         } else {
-            write_engine(sh, &items)
+            sh.engine
+                .append_batch_expecting(&items, &expect, sh.cfg.durability)
         };
         drop(items);
-        let res = res.map_err(ImError::from).and_then(|seqs| {
-            // The worker is the only writer of these timelines: the engine
-            // must have assigned exactly the seqs the intent announced.
-            match ops
-                .iter()
-                .enumerate()
-                .find(|(k, o)| seqs.get(1 + k) != Some(&o.seq))
-            {
-                Some((_, o)) => Err(ImError::InvalidArgument(format!(
-                    "conversation {} was appended to outside the IM layer",
-                    o.conv
-                ))),
-                None => Ok(()),
-            }
-        });
+        let res = match res {
+            Ok(_) => Ok(()),
+            Err(timeline_engine::Error::NotLast { timeline, .. }) => Err(ImError::InvalidArgument(
+                format!("conversation {timeline} was appended to outside the IM layer"),
+            )),
+            Err(e) => Err(ImError::from(e)),
+        };
         match res {
             Ok(()) => Ok(Written {
                 ops,
