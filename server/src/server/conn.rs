@@ -374,6 +374,18 @@ impl Conn {
 
     // ---- the socket ----
 
+    /// Let go of the written front of the output once it is at least half
+    /// of it: a client that reads steadily but never quite catches up
+    /// would otherwise keep every byte ever sent to it in the buffer (the
+    /// 4 MiB bound counts only unsent bytes). Each byte is moved at most
+    /// once per halving, so the cost stays linear in the bytes sent.
+    fn drop_written(&mut self) {
+        if self.wpos >= KEEP_OUT && self.wpos * 2 >= self.out.len() {
+            self.out.drain(..self.wpos);
+            self.wpos = 0;
+        }
+    }
+
     /// Write what the output holds; `Err` = the connection is dead.
     /// Returns the resyncs it queued (they go out with the next write).
     pub(crate) fn flush(&mut self, now: Instant) -> std::io::Result<u64> {
@@ -390,6 +402,7 @@ impl Conn {
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         self.stalled_since.get_or_insert(now);
+                        self.drop_written();
                         return Ok(resyncs);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}

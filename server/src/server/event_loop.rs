@@ -391,10 +391,12 @@ impl EventLoop {
     /// connections accepted in it were read: a burst of clients that each
     /// sent `HELLO` at once is served, not evicted unread.
     fn evict_handshaking(&mut self) {
-        let budget = self
-            .sh
-            .cfg
+        let cfg = &self.sh.cfg;
+        // Never more than half the connection limit: silent sockets must
+        // leave room under it for clients that speak.
+        let budget = cfg
             .max_handshaking
+            .min(cfg.max_connections / 2)
             .div_ceil(self.sh.io_threads)
             .max(1);
         if self.handshaking.len() <= budget {
