@@ -155,18 +155,30 @@ struct Args {
 }
 
 /// Raise the soft descriptor limit toward the hard one so that
-/// `max_connections` fit (plus room for the engine's files); warn if they
-/// cannot.
-fn raise_fd_limit(max_connections: usize) {
-    let want = max_connections as u64 + 1024;
+/// `max_connections` fit, plus 1,024 for the engine's files; where they
+/// cannot, the connection limit comes down to fit (with a warning): a
+/// connection over it is then refused with `TOO_MANY_CONNECTIONS`, where
+/// it would have waited in the backlog, and the engine keeps descriptors
+/// for its segments. Returns the connection limit to use.
+fn fit_fd_limit(max_connections: usize) -> usize {
+    const RESERVE: u64 = 1024;
+    let want = max_connections as u64 + RESERVE;
     match rlimit::increase_nofile_limit(want) {
-        Ok(got) if got >= want => {}
-        Ok(got) => tracing::warn!(
-            limit = got,
-            max_connections,
-            "the descriptor limit is below --max-connections plus 1024; accepts will fail before the connection limit"
-        ),
-        Err(e) => tracing::warn!(error = %e, "cannot raise the descriptor limit"),
+        Ok(got) if got >= want => max_connections,
+        Ok(got) => {
+            let fits = got.saturating_sub(RESERVE).max(got / 2) as usize;
+            tracing::warn!(
+                limit = got,
+                max_connections,
+                lowered_to = fits,
+                "the descriptor limit is below --max-connections plus 1024: the connection limit is lowered to fit"
+            );
+            fits.min(max_connections)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the descriptor limit");
+            max_connections
+        }
     }
 }
 
@@ -174,6 +186,12 @@ fn raise_fd_limit(max_connections: usize) {
 enum ReadsArg {
     Pool,
     Inline,
+}
+
+/// A connection timeout of `secs` (at least 1 s, at most a year: a
+/// deadline must stay a representable instant).
+fn timeout(secs: u64) -> Duration {
+    Duration::from_secs(secs.clamp(1, 365 * 86_400))
 }
 
 fn ttl(secs: u64) -> Option<Duration> {
@@ -332,9 +350,9 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         max_frame: a.max_frame,
         max_connections: a.max_connections,
         max_handshaking: a.max_handshaking.max(1),
-        idle_timeout: Duration::from_secs(a.idle_timeout.max(1)),
-        write_timeout: Duration::from_secs(a.write_timeout.max(1)),
-        handshake_timeout: Duration::from_secs(a.handshake_timeout.max(1)),
+        idle_timeout: timeout(a.idle_timeout),
+        write_timeout: timeout(a.write_timeout),
+        handshake_timeout: timeout(a.handshake_timeout),
         max_queued_replies: a.max_queued_replies,
         io_threads: a.io_threads,
         blocking_threads: a.blocking_threads,
@@ -345,7 +363,8 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         read_threads: a.read_threads,
         cluster,
     };
-    raise_fd_limit(cfg.max_connections);
+    let mut cfg = cfg;
+    cfg.max_connections = fit_fd_limit(cfg.max_connections);
     // Held until the process exits (the kernel drops it then, kill -9
     // included).
     let _lock = lock_data_dir(&cfg.data_dir)?;

@@ -142,6 +142,9 @@ struct Acceptor {
     loops: Arc<Vec<Arc<LoopHandle>>>,
     next: usize,
     retry_at: Option<Instant>,
+    /// Accepts are failing for want of descriptors or memory (logged once
+    /// when it starts and once when it ends, not at every retry).
+    starved: bool,
 }
 
 pub(crate) struct EventLoop {
@@ -228,6 +231,7 @@ impl EventLoop {
             loops,
             next: 0,
             retry_at: None,
+            starved: false,
         });
         Ok(())
     }
@@ -305,6 +309,10 @@ impl EventLoop {
         loop {
             match a.listener.accept() {
                 Ok((stream, _peer)) => {
+                    if a.starved {
+                        a.starved = false;
+                        tracing::info!("accepting connections again");
+                    }
                     if c.open.load(Ordering::Acquire) >= sh.cfg.max_connections {
                         c.refused.fetch_add(1, Ordering::Relaxed);
                         refuse(stream, sh.cfg.max_connections);
@@ -327,7 +335,10 @@ impl EventLoop {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) if is_resource_error(&e) => {
-                    tracing::warn!(error = %e, "accept failed; retrying shortly");
+                    if !a.starved {
+                        a.starved = true;
+                        tracing::warn!(error = %e, "accept failed; retrying every 100 ms until it works");
+                    }
                     a.retry_at = Some(now + ACCEPT_RETRY);
                     return;
                 }
@@ -771,8 +782,24 @@ impl EventLoop {
             self.sh.im.release_sinks(user);
         }
         let _ = self.poll.registry().deregister(&mut c.stream);
+        discard_unread(&mut c.stream);
         let _ = c.stream.shutdown(std::net::Shutdown::Both);
         self.sh.counters.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Read and drop what the client sent that was not read (bounded: 64 KiB),
+/// before the socket closes. A socket closed with unread input sends the
+/// client a reset instead of an orderly end, and a reset can make the
+/// client lose what it had not read yet: the last replies, the `CLOSED`
+/// or `TIMEOUT` or `TOO_MANY_CONNECTIONS` that says why.
+fn discard_unread(stream: &mut TcpStream) {
+    let mut buf = [0u8; 4096];
+    for _ in 0..16 {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
     }
 }
 
@@ -804,4 +831,5 @@ fn refuse(mut stream: TcpStream, max: usize) {
     )
     .encode_frame(0, Opcode(0), &mut b);
     let _ = stream.write(&b);
+    discard_unread(&mut stream);
 }
