@@ -696,13 +696,21 @@ impl Engine {
 
     /// Make every append so far durable: one fdatasync per shard with
     /// unsynced bytes, all submitted at once (`Io::sync_many`: one io_uring
-    /// submission on the io_uring backend).
+    /// submission on the io_uring backend). A poisoned shard is skipped and
+    /// its error returned once the others are synced.
     pub fn sync(&self) -> Result<()> {
         let mut files = Vec::new();
         let mut marks = Vec::new();
+        // A poisoned shard cannot vouch for its data; the others are still
+        // synced (a shutdown's last sync must not leave them to it), and
+        // the first poisoned shard's error is returned after.
+        let mut poisoned = None;
         for ks in &self.inner.keyspaces {
             for s in &ks.shards {
-                s.check_poison()?;
+                if let Err(e) = s.check_poison() {
+                    poisoned.get_or_insert(e);
+                    continue;
+                }
                 if let Some((f, lsn)) = s.unsynced() {
                     files.extend(f);
                     marks.push((s, lsn));
@@ -719,7 +727,10 @@ impl Engine {
         for (s, lsn) in marks {
             s.note_synced(lsn);
         }
-        Ok(())
+        match poisoned {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     pub fn stats(&self) -> Stats {

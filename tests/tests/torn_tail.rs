@@ -616,3 +616,44 @@ fn an_own_sync_append_is_poisoned_by_its_fdatasync_not_by_its_write() {
         }
     }
 }
+
+/// `Engine::sync` with one shard poisoned still makes the others' appends
+/// durable (a shutdown's last sync), then reports the poisoned one.
+/// Regression: it returned at the first poisoned shard, and appends of the
+/// shards after it were lost to a power cut.
+#[test]
+fn a_poisoned_shard_does_not_keep_the_others_from_a_sync() {
+    use timeline_engine::io::{FailAt, IoOp};
+    let mem = MemIo::new();
+    let e = Engine::open(root(), cfg(&mem, 64 << 10)).unwrap();
+    // Shard 0 of the store keyspace is poisoned by a failed own-sync append.
+    let bad = (0..)
+        .map(|i| timeline(0, i))
+        .find(|&t| e.shard_index(t) == 0)
+        .unwrap();
+    e.append_with(bad, b"first", Durability::Sync).unwrap();
+    mem.set_faults(MemFaults {
+        fail_at: Some(FailAt {
+            nth: 1,
+            ops: vec![IoOp::Sync],
+            sticky: false,
+            full: false,
+        }),
+        ..MemFaults::default()
+    });
+    assert!(e.append_with(bad, b"lost", Durability::Sync).is_err());
+    mem.set_faults(MemFaults::default());
+    // Buffered appends to every shard of the sync keyspace, after it.
+    let good: Vec<TimelineId> = (0..8).map(|i| timeline(1, i)).collect();
+    for &t in &good {
+        e.append_with(t, b"kept", Durability::Buffered).unwrap();
+    }
+    let synced = e.sync();
+    assert!(matches!(synced, Err(Error::Poisoned { .. })), "{synced:?}");
+    let after = mem.crash();
+    drop(e);
+    let e = Engine::open(root(), cfg(&after, 64 << 10)).unwrap();
+    for &t in &good {
+        assert_eq!(e.last_seq(t), 1, "{t:?}: lost to the cut though synced");
+    }
+}
