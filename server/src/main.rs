@@ -162,7 +162,7 @@ struct Args {
 /// for its segments. Returns the connection limit to use.
 fn fit_fd_limit(max_connections: usize) -> usize {
     const RESERVE: u64 = 1024;
-    let want = max_connections as u64 + RESERVE;
+    let want = (max_connections as u64).saturating_add(RESERVE);
     match rlimit::increase_nofile_limit(want) {
         Ok(got) if got >= want => max_connections,
         Ok(got) => {

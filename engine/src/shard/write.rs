@@ -66,6 +66,17 @@ impl Shard {
     ) -> Result<(u64, bool, bool)> {
         let mut w = self.writer.lock();
         self.check_poison()?;
+        let mut idxs = std::mem::take(&mut w.idxs);
+        self.table
+            .resolve_batch_state(items.iter().map(|(id, _)| *id), &mut idxs);
+        // Before anything changes (a roll included): a refused batch leaves
+        // the shard as it was.
+        if let At::Seqs(expect) = first {
+            if let Err(e) = check_expected(items, &idxs, expect) {
+                w.idxs = idxs;
+                return Err(e);
+            }
+        }
         let now = self.clock.now_ms();
         let mut froze = false;
         if self.time_roll_due(&w.active, now) {
@@ -90,16 +101,7 @@ impl Shard {
         let mut cursor = start;
         w.pending.clear();
         w.updates.clear();
-        let mut idxs = std::mem::take(&mut w.idxs);
         let mut payload_bytes = 0u64;
-        self.table
-            .resolve_batch_state(items.iter().map(|(id, _)| *id), &mut idxs);
-        if let At::Seqs(expect) = first {
-            if let Err(e) = check_expected(items, &idxs, expect) {
-                w.idxs = idxs;
-                return Err(e);
-            }
-        }
         for (k, &(id, payload)) in items.iter().enumerate() {
             let rl = record::encoded_len(payload.len());
             if cursor + rl > w.active.buf.capacity() {

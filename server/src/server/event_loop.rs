@@ -31,6 +31,10 @@ const READS_PER_TURN: usize = 4;
 /// A shutdown waits this long for connections to take their output, then
 /// closes those owed no more answers (`fire_timers`).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// ... and this long, from its start, for the answers still owed (a
+/// request that runs for minutes; a cluster write whose leader lost its
+/// quorum may never be answered): then closes every connection.
+const SHUTDOWN_LIMIT: Duration = Duration::from_secs(300);
 /// After accept fails for want of descriptors, try again this much later
 /// (the pending connection stays in the backlog; no new edge would come).
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
@@ -243,7 +247,7 @@ impl EventLoop {
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != std::io::ErrorKind::Interrupted {
                     tracing::error!(error = %e, "event loop poll failed");
-                    self.stopping.get_or_insert_with(Instant::now);
+                    self.begin_stop(Instant::now());
                 }
             }
             let now = Instant::now();
@@ -281,10 +285,10 @@ impl EventLoop {
         }
         let mut next = self.timers.peek().map(|Reverse((t, _, _))| *t);
         let retry = self.acceptor.as_ref().and_then(|a| a.retry_at);
-        let grace = self
-            .stopping
-            .filter(|_| !self.past_grace)
-            .map(|s| s + SHUTDOWN_GRACE);
+        let grace = self.stopping.map(|s| match self.past_grace {
+            false => s + SHUTDOWN_GRACE,
+            true => s + SHUTDOWN_LIMIT,
+        });
         for t in [retry, grace].into_iter().flatten() {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
@@ -402,12 +406,10 @@ impl EventLoop {
     /// connections accepted in it were read: a burst of clients that each
     /// sent `HELLO` at once is served, not evicted unread.
     fn evict_handshaking(&mut self) {
-        let cfg = &self.sh.cfg;
-        // Never more than half the connection limit: silent sockets must
-        // leave room under it for clients that speak.
-        let budget = cfg
+        let budget = self
+            .sh
+            .cfg
             .max_handshaking
-            .min(cfg.max_connections / 2)
             .div_ceil(self.sh.io_threads)
             .max(1);
         if self.handshaking.len() <= budget {
@@ -710,6 +712,18 @@ impl EventLoop {
     }
 
     fn fire_timers(&mut self, now: Instant) {
+        if let Some(s) = self.stopping.filter(|&s| now >= s + SHUTDOWN_LIMIT) {
+            tracing::warn!(
+                after = ?now.duration_since(s),
+                connections = self.conns.len(),
+                "shutdown: answers still owed; closing the connections"
+            );
+            let idxs: Vec<usize> = self.conns.iter().map(|(i, _)| i).collect();
+            for idx in idxs {
+                self.close(idx);
+            }
+            return;
+        }
         if let Some(s) = self.stopping.filter(|_| !self.past_grace) {
             if now >= s + SHUTDOWN_GRACE {
                 // A connection owed no answer is only waiting for its client
