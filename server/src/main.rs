@@ -420,22 +420,15 @@ mod tests {
 
     #[test]
     fn a_secret_file_loses_one_trailing_newline_only() {
-        assert_eq!(
-            without_newline(b"0123456789abcdef\n".to_vec()),
-            b"0123456789abcdef"
-        );
-        assert_eq!(
-            without_newline(b"0123456789abcdef\r\n".to_vec()),
-            b"0123456789abcdef"
-        );
-        assert_eq!(
-            without_newline(b"0123456789abcdef\n\n".to_vec()),
-            b"0123456789abcdef\n"
-        );
-        assert_eq!(
-            without_newline(b"0123456789abcdef".to_vec()),
-            b"0123456789abcdef"
-        );
-        assert_eq!(without_newline(b"x\r".to_vec()), b"x\r");
+        let s = b"0123456789abcdef";
+        for (file, secret) in [
+            (&b"0123456789abcdef\n"[..], &s[..]),
+            (b"0123456789abcdef\r\n", s),
+            (b"0123456789abcdef\n\n", b"0123456789abcdef\n"),
+            (s, s),
+            (b"x\r", b"x\r"),
+        ] {
+            assert_eq!(without_newline(file.to_vec()), secret, "{file:?}");
+        }
     }
 }
